@@ -1,0 +1,231 @@
+//! A typed client of the server's JSON API (`/api/v1`), shared by every CLI verb.
+//!
+//! Errors keep what the server said (`{"error": "…"}`) and the HTTP status, so the CLI can
+//! print the server's reason and a hint that fits the status.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid server URL {0:?} (expected http://HOST:PORT or https://…)")]
+    InvalidUrl(String),
+    #[error("cannot reach the server at {url}")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("the server answered {status}: {message}")]
+    Status { status: u16, message: String },
+    #[error("unexpected answer from the server for {what}")]
+    Decode {
+        what: String,
+        #[source]
+        source: reqwest::Error,
+    },
+}
+
+impl ClientError {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// A client of one server, with an optional token.
+#[derive(Debug, Clone)]
+pub struct ApiClient {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CacheInfo {
+    pub name: String,
+    pub url: String,
+    pub public_key: Option<String>,
+    pub private: bool,
+    pub priority: i64,
+    pub compression: String,
+    pub max_size: Option<i64>,
+    pub signing_mode: String,
+    pub size: i64,
+    pub nar_size: i64,
+    pub paths: i64,
+    pub nix_conf: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenInfo {
+    pub id: String,
+    pub label: String,
+    pub perms: Vec<String>,
+    pub caches: Option<Vec<String>>,
+    pub expires_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+    pub created_at: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WhoAmI {
+    pub authenticated: bool,
+    pub token_id: Option<String>,
+    pub label: Option<String>,
+    pub perms: Vec<String>,
+    pub caches: Option<Vec<String>>,
+    pub server_admin: bool,
+    pub expires_at: Option<i64>,
+}
+
+impl ApiClient {
+    pub fn new(base: &str, token: Option<String>) -> Result<Self> {
+        let base = base.trim_end_matches('/').to_owned();
+        if !(base.starts_with("http://") || base.starts_with("https://")) || base.len() < 10 {
+            return Err(ClientError::InvalidUrl(base));
+        }
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("larder/", env!("CARGO_PKG_VERSION")))
+            .tcp_nodelay(true)
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .build()
+            .map_err(|source| ClientError::Unreachable {
+                url: base.clone(),
+                source,
+            })?;
+        Ok(ApiClient { base, token, http })
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// A request to `path` (relative to the server root) with the token attached.
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let rb = self.http.request(method, format!("{}{}", self.base, path));
+        match &self.token {
+            Some(t) => rb.bearer_auth(t),
+            None => rb,
+        }
+    }
+
+    /// Send, and turn a non-2xx answer into [`ClientError::Status`] with the server's reason.
+    pub async fn send(&self, rb: reqwest::RequestBuilder) -> Result<reqwest::Response> {
+        let resp = rb.send().await.map_err(|source| ClientError::Unreachable {
+            url: self.base.clone(),
+            source,
+        })?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let text = resp.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_owned))
+            .unwrap_or_else(|| {
+                let t = text.trim();
+                if t.is_empty() {
+                    status.canonical_reason().unwrap_or("error").to_owned()
+                } else {
+                    t.chars().take(300).collect()
+                }
+            });
+        Err(ClientError::Status {
+            status: status.as_u16(),
+            message,
+        })
+    }
+
+    async fn json<T: DeserializeOwned>(&self, rb: reqwest::RequestBuilder, what: &str) -> Result<T> {
+        let resp = self.send(rb).await?;
+        resp.json().await.map_err(|source| ClientError::Decode {
+            what: what.to_owned(),
+            source,
+        })
+    }
+
+    pub async fn whoami(&self) -> Result<WhoAmI> {
+        self.json(self.request(reqwest::Method::GET, "/api/v1/whoami"), "whoami")
+            .await
+    }
+
+    /// GET `/<cache>/nix-cache-info` (what Nix checks first).
+    pub async fn nix_cache_info(&self, cache: &str) -> Result<String> {
+        let resp = self
+            .send(self.request(reqwest::Method::GET, &format!("/{cache}/nix-cache-info")))
+            .await?;
+        resp.text().await.map_err(|source| ClientError::Decode {
+            what: "nix-cache-info".into(),
+            source,
+        })
+    }
+
+    pub async fn list_caches(&self) -> Result<Vec<CacheInfo>> {
+        self.json(self.request(reqwest::Method::GET, "/api/v1/caches"), "cache list")
+            .await
+    }
+
+    pub async fn cache_info(&self, name: &str) -> Result<CacheInfo> {
+        self.json(
+            self.request(reqwest::Method::GET, &format!("/api/v1/caches/{name}")),
+            "cache info",
+        )
+        .await
+    }
+
+    /// Create a cache. `body` holds `name`, `private`, `priority`, `compression`, `max_size`.
+    pub async fn create_cache(&self, body: &Value) -> Result<CacheInfo> {
+        self.json(
+            self.request(reqwest::Method::POST, "/api/v1/caches").json(body),
+            "cache create",
+        )
+        .await
+    }
+
+    pub async fn configure_cache(&self, name: &str, body: &Value) -> Result<CacheInfo> {
+        self.json(
+            self.request(reqwest::Method::PATCH, &format!("/api/v1/caches/{name}"))
+                .json(body),
+            "cache configure",
+        )
+        .await
+    }
+
+    pub async fn delete_cache(&self, name: &str) -> Result<()> {
+        self.send(self.request(reqwest::Method::DELETE, &format!("/api/v1/caches/{name}")))
+            .await?;
+        Ok(())
+    }
+
+    pub async fn create_token(&self, body: &Value) -> Result<TokenInfo> {
+        self.json(
+            self.request(reqwest::Method::POST, "/api/v1/tokens").json(body),
+            "token create",
+        )
+        .await
+    }
+
+    pub async fn list_tokens(&self) -> Result<Vec<TokenInfo>> {
+        self.json(self.request(reqwest::Method::GET, "/api/v1/tokens"), "token list")
+            .await
+    }
+
+    pub async fn revoke_token(&self, id: &str) -> Result<()> {
+        self.send(self.request(reqwest::Method::DELETE, &format!("/api/v1/tokens/{id}")))
+            .await?;
+        Ok(())
+    }
+}

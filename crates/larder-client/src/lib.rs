@@ -1,0 +1,6 @@
+//! larder's client library: a typed client of the server's JSON API ([`api`]). The local Nix
+//! store reader and the push pipeline live here too as they arrive.
+
+pub mod api;
+
+pub use api::{ApiClient, ClientError};

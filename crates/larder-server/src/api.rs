@@ -1,0 +1,650 @@
+//! The JSON API under `/api/v1`: what the `larder` client uses (cache and token
+//! administration, the bulk "which paths are missing" query, NAR + path upload).
+//!
+//! Uploads take two requests: `POST /caches/{c}/nars?compression=…` streams a NAR and returns
+//! what the server measured (upload id, NarHash, NarSize, FileHash, FileSize); then
+//! `POST /caches/{c}/paths` publishes a store path whose metadata must match that NAR. This is
+//! the same two-step shape as Nix's own uploader (NAR first, then narinfo), so both go through
+//! one publishing path.
+
+use std::io::Write;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::StreamExt;
+use larder_nix::hash::{Sha256, Sha256Hasher};
+use larder_nix::signing::{Signature, SigningKey, VerifyingKey};
+use larder_nix::store_path::StorePath;
+use larder_store::meta::{CacheRow, CacheUpdate, NewCache, Publish, TokenRow};
+use larder_store::now_unix;
+use serde::{Deserialize, Serialize};
+
+use crate::auth::{new_token, principal, token_hash, Perm, Principal};
+use crate::config::{parse_duration, parse_size, DEFAULT_PRIORITY};
+use crate::error::ApiError;
+use crate::ingest::{ingest, truncate, Compression};
+use crate::publish::{load_cache, publish, store_upload, PathInfo};
+use crate::{valid_cache_name, AppState};
+
+/// Most paths one `missing` query may ask about.
+const MAX_MISSING_QUERY: usize = 100_000;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/whoami", get(whoami))
+        .route("/caches", get(list_caches).post(create_cache))
+        .route(
+            "/caches/{cache}",
+            get(cache_info).patch(configure_cache).delete(delete_cache),
+        )
+        .route("/caches/{cache}/missing", post(missing))
+        .route("/caches/{cache}/nars", post(upload_nar))
+        .route("/caches/{cache}/paths", post(publish_path))
+        .route("/caches/{cache}/public-key", post(register_public_key))
+        .route("/tokens", get(list_tokens).post(create_token))
+        .route("/tokens/{id}", axum::routing::delete(revoke_token))
+        .fallback(|| async { ApiError::not_found("no such API endpoint") })
+}
+
+/// A JSON body extractor whose rejections are our 4xx errors.
+pub struct JsonBody<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(JsonBody(v)),
+            Err(e) => Err(ApiError::bad(format!("invalid JSON body: {}", e.body_text()))),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct WhoAmI {
+    authenticated: bool,
+    token_id: Option<String>,
+    label: Option<String>,
+    perms: Vec<Perm>,
+    caches: Option<Vec<String>>,
+    server_admin: bool,
+    expires_at: Option<i64>,
+}
+
+async fn whoami(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<WhoAmI>, ApiError> {
+    let p = principal(&state, &headers).await?;
+    Ok(Json(match p.grant() {
+        None => WhoAmI {
+            authenticated: false,
+            token_id: None,
+            label: None,
+            perms: vec![],
+            caches: None,
+            server_admin: false,
+            expires_at: None,
+        },
+        Some(g) => WhoAmI {
+            authenticated: true,
+            token_id: Some(g.id.clone()),
+            label: Some(g.label.clone()),
+            perms: g.perms.clone(),
+            caches: g.caches.clone(),
+            server_admin: g.is_server_admin(),
+            expires_at: g.expires_at,
+        },
+    }))
+}
+
+/// A cache as the API shows it.
+#[derive(Serialize)]
+pub struct CacheJson {
+    pub name: String,
+    pub url: String,
+    pub public_key: Option<String>,
+    pub private: bool,
+    pub priority: i64,
+    pub compression: String,
+    pub max_size: Option<i64>,
+    pub signing_mode: String,
+    pub size: i64,
+    pub nar_size: i64,
+    pub paths: i64,
+    pub nix_conf: String,
+}
+
+async fn cache_json(state: &AppState, c: &CacheRow) -> Result<CacheJson, ApiError> {
+    let stats = state.meta.cache_stats(c.id).await?;
+    let url = format!("{}/{}", state.config.public_url, c.name);
+    let key = c.public_key.clone().unwrap_or_default();
+    Ok(CacheJson {
+        nix_conf: format!("extra-substituters = {url}\nextra-trusted-public-keys = {key}\n"),
+        name: c.name.clone(),
+        url,
+        public_key: c.public_key.clone(),
+        private: c.private,
+        priority: c.priority,
+        compression: c.compression.clone(),
+        max_size: c.max_size,
+        signing_mode: c.signing_mode.clone(),
+        size: stats.size,
+        nar_size: stats.nar_size,
+        paths: stats.paths,
+    })
+}
+
+fn can_see(p: &Principal, c: &CacheRow) -> bool {
+    !c.private || p.grant().is_some_and(|g| g.allows(Perm::Pull, &c.name))
+}
+
+async fn list_caches(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<CacheJson>>, ApiError> {
+    let p = principal(&state, &headers).await?;
+    let mut out = Vec::new();
+    for c in state.meta.list_caches().await? {
+        if can_see(&p, &c) {
+            out.push(cache_json(&state, &c).await?);
+        }
+    }
+    Ok(Json(out))
+}
+
+/// A size given as bytes or as text such as "5GiB".
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SizeArg {
+    Bytes(u64),
+    Text(String),
+}
+
+impl SizeArg {
+    fn bytes(&self) -> Result<i64, ApiError> {
+        let b = match self {
+            SizeArg::Bytes(b) => *b,
+            SizeArg::Text(t) => parse_size(t).map_err(|e| ApiError::bad(e.to_string()))?,
+        };
+        i64::try_from(b).map_err(|_| ApiError::bad("size too large"))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateCache {
+    name: String,
+    #[serde(default)]
+    private: bool,
+    priority: Option<i64>,
+    compression: Option<String>,
+    max_size: Option<SizeArg>,
+}
+
+fn check_priority(p: i64) -> Result<i64, ApiError> {
+    if (0..=1_000_000).contains(&p) {
+        Ok(p)
+    } else {
+        Err(ApiError::bad("priority must be between 0 and 1000000"))
+    }
+}
+
+fn random_seed() -> Result<[u8; 32], ApiError> {
+    let mut seed = [0u8; 32];
+    getrandom::getrandom(&mut seed).map_err(|e| ApiError::internal(std::io::Error::other(e)))?;
+    Ok(seed)
+}
+
+async fn create_cache(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    JsonBody(req): JsonBody<CreateCache>,
+) -> Result<(StatusCode, Json<CacheJson>), ApiError> {
+    principal(&state, &headers).await?.require_server_admin()?;
+    if !valid_cache_name(&req.name) {
+        return Err(ApiError::bad(format!(
+            "invalid cache name {:?}: use 1-63 of [a-z0-9-], starting with a letter or digit, \
+             not one of {}",
+            truncate(&req.name),
+            crate::RESERVED_NAMES.join(", ")
+        )));
+    }
+    let compression = Compression::parse(
+        req.compression
+            .as_deref()
+            .unwrap_or(&state.config.compression),
+    )?;
+    let key_name = format!("{}.{}-1", req.name, state.config.public_host());
+    let key = SigningKey::from_seed(&key_name, random_seed()?).map_err(ApiError::internal)?;
+    let new = NewCache {
+        name: req.name.clone(),
+        private: req.private,
+        priority: check_priority(req.priority.unwrap_or(DEFAULT_PRIORITY))?,
+        compression: compression.as_str().to_owned(),
+        max_size: req.max_size.as_ref().map(SizeArg::bytes).transpose()?,
+        signing_mode: "managed".into(),
+        public_key: Some(key.verifying_key().to_string()),
+        secret_key: Some(key.to_secret_string()),
+    };
+    let row = state
+        .meta
+        .create_cache(&new)
+        .await?
+        .ok_or_else(|| ApiError::Conflict(format!("cache {:?} already exists", req.name)))?;
+    Ok((StatusCode::CREATED, Json(cache_json(&state, &row).await?)))
+}
+
+async fn cache_info(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<CacheJson>, ApiError> {
+    let c = load_cache(&state, &name).await?;
+    if c.private {
+        principal(&state, &headers).await?.require(Perm::Pull, &c.name)?;
+    }
+    Ok(Json(cache_json(&state, &c).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigureCache {
+    private: Option<bool>,
+    priority: Option<i64>,
+    compression: Option<String>,
+    /// A size, or null to remove the limit.
+    #[serde(default, deserialize_with = "double_option")]
+    max_size: Option<Option<SizeArg>>,
+}
+
+fn double_option<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<SizeArg>>, D::Error> {
+    Ok(Some(Option::deserialize(d)?))
+}
+
+async fn configure_cache(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    JsonBody(req): JsonBody<ConfigureCache>,
+) -> Result<Json<CacheJson>, ApiError> {
+    let c = load_cache(&state, &name).await?;
+    principal(&state, &headers).await?.require(Perm::Admin, &c.name)?;
+    let update = CacheUpdate {
+        private: req.private,
+        priority: req.priority.map(check_priority).transpose()?,
+        compression: req
+            .compression
+            .as_deref()
+            .map(|c| Compression::parse(c).map(|c| c.as_str().to_owned()))
+            .transpose()?,
+        max_size: req
+            .max_size
+            .map(|m| m.as_ref().map(SizeArg::bytes).transpose())
+            .transpose()?,
+        client_public_key: None,
+    };
+    let row = state
+        .meta
+        .update_cache(&name, &update)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no cache named {name:?}")))?;
+    Ok(Json(cache_json(&state, &row).await?))
+}
+
+async fn delete_cache(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let c = load_cache(&state, &name).await?;
+    principal(&state, &headers).await?.require(Perm::Admin, &c.name)?;
+    state.meta.delete_cache(&name).await?;
+    if let Err(e) = crate::publish::collect_garbage(&state).await {
+        tracing::warn!(error = %e, "garbage collection after deleting a cache failed");
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterKey {
+    public_key: String,
+}
+
+/// Switch a cache to client-side signing with this public key (`larder generate-keypair`).
+async fn register_public_key(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    JsonBody(req): JsonBody<RegisterKey>,
+) -> Result<Json<CacheJson>, ApiError> {
+    let c = load_cache(&state, &name).await?;
+    principal(&state, &headers).await?.require(Perm::Admin, &c.name)?;
+    let key = VerifyingKey::parse(req.public_key.trim())
+        .map_err(|e| ApiError::bad(format!("invalid public key: {e}")))?;
+    let update = CacheUpdate {
+        client_public_key: Some(key.to_string()),
+        ..Default::default()
+    };
+    let row = state
+        .meta
+        .update_cache(&name, &update)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no cache named {name:?}")))?;
+    Ok(Json(cache_json(&state, &row).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MissingReq {
+    /// Store paths (absolute) or their 32-character hash parts.
+    paths: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct MissingResp {
+    missing: Vec<String>,
+}
+
+async fn missing(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    JsonBody(req): JsonBody<MissingReq>,
+) -> Result<Json<MissingResp>, ApiError> {
+    let c = load_cache(&state, &name).await?;
+    if c.private {
+        principal(&state, &headers).await?.require(Perm::Pull, &c.name)?;
+    }
+    if req.paths.len() > MAX_MISSING_QUERY {
+        return Err(ApiError::bad(format!(
+            "at most {MAX_MISSING_QUERY} paths per query"
+        )));
+    }
+    let mut hashes = Vec::with_capacity(req.paths.len());
+    for p in &req.paths {
+        let hash = if p.starts_with('/') {
+            StorePath::from_absolute(p)
+                .map_err(|e| ApiError::bad(format!("invalid store path: {e}")))?
+                .hash_part()
+        } else {
+            larder_nix::store_path::validate_hash_part(p)
+                .map_err(|e| ApiError::bad(format!("invalid store path hash: {e}")))?;
+            p.clone()
+        };
+        hashes.push(hash);
+    }
+    let missing: std::collections::HashSet<String> =
+        state.meta.missing_hashes(c.id, &hashes).await?.into_iter().collect();
+    Ok(Json(MissingResp {
+        missing: req
+            .paths
+            .iter()
+            .zip(&hashes)
+            .filter(|(_, h)| missing.contains(*h))
+            .map(|(p, _)| p.clone())
+            .collect(),
+    }))
+}
+
+#[derive(Deserialize)]
+struct UploadQuery {
+    compression: String,
+}
+
+#[derive(Serialize)]
+struct UploadResp {
+    upload_id: String,
+    nar_hash: String,
+    nar_size: i64,
+    file_hash: String,
+    file_size: i64,
+    compression: String,
+}
+
+async fn upload_nar(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    query: Result<Query<UploadQuery>, axum::extract::rejection::QueryRejection>,
+    body: Body,
+) -> Result<(StatusCode, Json<UploadResp>), ApiError> {
+    let c = load_cache(&state, &name).await?;
+    principal(&state, &headers).await?.require(Perm::Push, &c.name)?;
+    let Query(q) = query.map_err(|_| ApiError::bad("missing ?compression=zstd|xz|none"))?;
+    let compression = Compression::parse(&q.compression)?;
+    let up = ingest(
+        body,
+        compression,
+        state.config.max_upload_size,
+        state.objects.staging_dir(),
+    )
+    .await?;
+    let (upload_id, nar) = store_upload(&state, &c, None, up).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(UploadResp {
+            upload_id,
+            nar_hash: format!("sha256:{}", nar.nar_hash),
+            nar_size: nar.nar_size,
+            file_hash: format!("sha256:{}", nar.file_hash),
+            file_size: nar.file_size,
+            compression: nar.compression,
+        }),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishReq {
+    upload_id: String,
+    store_path: String,
+    nar_hash: String,
+    nar_size: u64,
+    #[serde(default)]
+    references: Vec<String>,
+    deriver: Option<String>,
+    ca: Option<String>,
+    #[serde(default)]
+    sigs: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct PublishResp {
+    store_path: String,
+    status: &'static str,
+}
+
+async fn publish_path(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    JsonBody(req): JsonBody<PublishReq>,
+) -> Result<(StatusCode, Json<PublishResp>), ApiError> {
+    let c = load_cache(&state, &name).await?;
+    principal(&state, &headers).await?.require(Perm::Push, &c.name)?;
+    let path = |s: &str| {
+        StorePath::from_absolute(s)
+            .or_else(|_| StorePath::from_basename(s))
+            .map_err(|e| ApiError::bad(format!("invalid store path: {e}")))
+    };
+    let info = PathInfo {
+        store_path: path(&req.store_path)?,
+        nar_hash: Sha256::parse(&req.nar_hash)
+            .map_err(|e| ApiError::bad(format!("invalid nar_hash: {e}")))?,
+        nar_size: req.nar_size,
+        references: req
+            .references
+            .iter()
+            .map(|r| path(r))
+            .collect::<Result<_, _>>()?,
+        deriver: req.deriver.as_deref().map(path).transpose()?,
+        ca: req.ca,
+        sigs: req
+            .sigs
+            .iter()
+            .map(|s| {
+                Signature::parse(s).map_err(|e| ApiError::bad(format!("invalid signature: {e}")))
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    let nar = state
+        .meta
+        .upload_nar(c.id, &req.upload_id)
+        .await?
+        .ok_or_else(|| {
+            ApiError::bad(format!(
+                "unknown upload id {:?} (uploads expire after {} hours)",
+                truncate(&req.upload_id),
+                crate::config::PENDING_UPLOAD_TTL.as_secs() / 3600
+            ))
+        })?;
+    let store_path = info.store_path.to_absolute();
+    let outcome = publish(&state, &c, info, &nar, &req.upload_id).await?;
+    let (code, status) = match outcome {
+        Publish::Created => (StatusCode::CREATED, "created"),
+        _ => (StatusCode::OK, "already_present"),
+    };
+    Ok((code, Json(PublishResp { store_path, status })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateToken {
+    perms: Vec<Perm>,
+    /// Caches the token applies to; absent or null: every cache.
+    caches: Option<Vec<String>>,
+    /// Lifetime such as "30d"; absent: never expires.
+    expires_in: Option<String>,
+    #[serde(default)]
+    label: String,
+}
+
+#[derive(Serialize)]
+struct TokenJson {
+    id: String,
+    label: String,
+    perms: Vec<String>,
+    caches: Option<Vec<String>>,
+    expires_at: Option<i64>,
+    revoked_at: Option<i64>,
+    created_at: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token: Option<String>,
+}
+
+fn token_json(t: &TokenRow, secret: Option<String>) -> TokenJson {
+    TokenJson {
+        id: t.id.clone(),
+        label: t.label.clone(),
+        perms: t.perms.split(',').map(str::to_owned).collect(),
+        caches: t
+            .caches
+            .as_ref()
+            .map(|c| c.split(',').map(str::to_owned).collect()),
+        expires_at: t.expires_at,
+        revoked_at: t.revoked_at,
+        created_at: t.created_at,
+        token: secret,
+    }
+}
+
+async fn create_token(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    JsonBody(req): JsonBody<CreateToken>,
+) -> Result<(StatusCode, Json<TokenJson>), ApiError> {
+    principal(&state, &headers).await?.require_server_admin()?;
+    if req.perms.is_empty() {
+        return Err(ApiError::bad("a token needs at least one permission"));
+    }
+    if let Some(caches) = &req.caches {
+        if caches.is_empty() {
+            return Err(ApiError::bad("an empty cache list would grant nothing"));
+        }
+        for c in caches {
+            if !valid_cache_name(c) {
+                return Err(ApiError::bad(format!("invalid cache name {:?}", truncate(c))));
+            }
+        }
+    }
+    if req.label.len() > 200 || req.label.chars().any(char::is_control) {
+        return Err(ApiError::bad("label: at most 200 printable characters"));
+    }
+    let expires_at = req
+        .expires_in
+        .as_deref()
+        .map(|e| parse_duration(e).map_err(|e| ApiError::bad(e.to_string())))
+        .transpose()?
+        .map(|d| now_unix().saturating_add(d.as_secs() as i64));
+    let mut perms = req.perms.clone();
+    perms.sort();
+    perms.dedup();
+    let (secret, id) = new_token()?;
+    let row = TokenRow {
+        id,
+        secret_hash: token_hash(&secret),
+        label: req.label,
+        perms: perms.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(","),
+        caches: req.caches.map(|c| c.join(",")),
+        expires_at,
+        revoked_at: None,
+        created_at: now_unix(),
+    };
+    state.meta.create_token(&row).await?;
+    Ok((StatusCode::CREATED, Json(token_json(&row, Some(secret)))))
+}
+
+async fn list_tokens(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<TokenJson>>, ApiError> {
+    principal(&state, &headers).await?.require_server_admin()?;
+    let rows = state.meta.list_tokens().await?;
+    Ok(Json(rows.iter().map(|t| token_json(t, None)).collect()))
+}
+
+async fn revoke_token(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    principal(&state, &headers).await?.require_server_admin()?;
+    if state.meta.revoke_token(&id).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found(format!(
+            "no active token with id {:?}",
+            truncate(&id)
+        )))
+    }
+}
+
+/// Stream a body into a staging file (at most `limit` bytes), returning its path, SHA-256
+/// and size.
+pub async fn spool_body(
+    body: Body,
+    limit: u64,
+    staging: &std::path::Path,
+) -> Result<(tempfile::TempPath, Sha256, u64), ApiError> {
+    let tmp = tempfile::Builder::new()
+        .prefix("spool-")
+        .tempfile_in(staging)
+        .map_err(ApiError::internal)?;
+    let (file, path) = tmp.into_parts();
+    let mut out = std::io::BufWriter::new(file);
+    let mut hasher = Sha256Hasher::new();
+    let mut size = 0u64;
+    let mut stream = body.into_data_stream();
+    while let Some(block) = stream.next().await {
+        let block = block.map_err(|e| ApiError::bad(format!("upload interrupted: {e}")))?;
+        size += block.len() as u64;
+        if size > limit {
+            return Err(ApiError::PayloadTooLarge(limit));
+        }
+        hasher.update(&block);
+        out.write_all(&block).map_err(ApiError::internal)?;
+    }
+    out.flush().map_err(ApiError::internal)?;
+    Ok((path, hasher.finalize(), size))
+}

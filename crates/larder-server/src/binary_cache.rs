@@ -1,0 +1,439 @@
+//! The Nix binary cache protocol, per cache under `/<cache>/`: what Nix's `http://`
+//! substituter reads (`nix-cache-info`, `<hash>.narinfo`, `nar/<file>`, `<hash>.ls`,
+//! `log/<drv>`) and what Nix's own uploader (`nix copy --to http://…`) writes with `PUT`.
+//! See Nix's src/libstore/http-binary-cache-store.cc and binary-cache-store.cc.
+//!
+//! Read access: public caches are open to anyone; private caches answer 401 to anonymous
+//! requests and 403 to tokens without `pull`, before looking at the requested path, so the
+//! answer never reveals whether a path exists. `nix-cache-info` is always readable (Nix gives
+//! up on a substituter whose `nix-cache-info` fails).
+
+use std::ops::Range;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use futures::{StreamExt, TryStreamExt};
+use larder_nix::cache_info::CacheInfo;
+use larder_nix::narinfo::NarInfo;
+use larder_nix::store_path::{validate_hash_part, StorePath};
+use larder_store::meta::{CacheRow, ChunkRow, NarRow};
+
+use crate::auth::{principal, Perm};
+use crate::error::ApiError;
+use crate::ingest::{ingest, truncate, Compression};
+use crate::publish::{load_cache, publish, render_narinfo, store_upload, PathInfo};
+use crate::AppState;
+
+/// Largest narinfo accepted by `PUT` (thousands of references fit easily).
+const MAX_NARINFO_BYTES: usize = 4 << 20;
+/// Largest build log accepted by `PUT`.
+const MAX_LOG_BYTES: u64 = 256 << 20;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/{cache}/nix-cache-info",
+            get(get_cache_info).put(put_cache_info),
+        )
+        .route("/{cache}/{file}", get(get_file).put(put_narinfo))
+        .route("/{cache}/nar/{file}", get(get_nar).put(put_nar))
+        .route("/{cache}/log/{drv}", get(get_log).put(put_log))
+}
+
+/// Load a cache and check the requester may `perm` it.
+async fn cache_for(
+    state: &AppState,
+    headers: &HeaderMap,
+    name: &str,
+    perm: Perm,
+) -> Result<CacheRow, ApiError> {
+    let cache = load_cache(state, name).await?;
+    if perm == Perm::Pull && !cache.private {
+        return Ok(cache);
+    }
+    principal(state, headers).await?.require(perm, &cache.name)?;
+    Ok(cache)
+}
+
+async fn get_cache_info(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let cache = load_cache(&state, &name).await?;
+    let info = CacheInfo {
+        store_dir: larder_nix::store_path::STORE_DIR.to_owned(),
+        want_mass_query: true,
+        priority: Some(cache.priority.clamp(0, u32::MAX as i64) as u32),
+    };
+    Ok(([(header::CONTENT_TYPE, "text/x-nix-cache-info")], info.to_string()).into_response())
+}
+
+/// Nix's uploader writes `nix-cache-info` when it initialises a cache: accepted (from a
+/// pusher) and ignored, since the server owns it.
+async fn put_cache_info(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Body,
+) -> Result<StatusCode, ApiError> {
+    cache_for(&state, &headers, &name, Perm::Push).await?;
+    let _ = axum::body::to_bytes(body, 64 * 1024).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Split `<hash>.<ext>` and validate the hash part.
+fn hash_file<'a>(file: &'a str, ext: &str) -> Result<Option<&'a str>, ApiError> {
+    let Some(hash) = file.strip_suffix(ext) else {
+        return Ok(None);
+    };
+    validate_hash_part(hash)
+        .map_err(|_| ApiError::bad(format!("invalid store path hash {:?}", truncate(hash))))?;
+    Ok(Some(hash))
+}
+
+async fn get_file(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((name, file)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let cache = cache_for(&state, &headers, &name, Perm::Pull).await?;
+    if let Some(hash) = hash_file(&file, ".narinfo")? {
+        let path = state
+            .meta
+            .get_path(cache.id, hash)
+            .await?
+            .ok_or_else(|| ApiError::not_found("no such path in this cache"))?;
+        let text = render_narinfo(&path)?;
+        return Ok(([(header::CONTENT_TYPE, "text/x-nix-narinfo")], text).into_response());
+    }
+    if let Some(hash) = hash_file(&file, ".ls")? {
+        let path = state
+            .meta
+            .get_path(cache.id, hash)
+            .await?
+            .ok_or_else(|| ApiError::not_found("no such path in this cache"))?;
+        let listing = nar_listing(&state, &path.nar).await?;
+        return Ok(([(header::CONTENT_TYPE, "application/json")], listing).into_response());
+    }
+    Err(ApiError::not_found(format!("no such file {:?}", truncate(&file))))
+}
+
+/// Produce a NAR's `.ls` listing by streaming and parsing its stored file (no buffering).
+async fn nar_listing(state: &AppState, nar: &NarRow) -> Result<String, ApiError> {
+    let compression = Compression::parse(&nar.compression)?;
+    let chunks = state.meta.nar_chunks(nar.id).await?;
+    let body = chunk_stream(state, chunks, 0..nar.file_size as u64);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
+    let worker = tokio::task::spawn_blocking(move || -> Result<String, ApiError> {
+        use std::io::Write;
+        struct Sink(larder_nix::nar::parse::NarParser);
+        impl Write for Sink {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.feed(b).map_err(std::io::Error::other)?;
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = Sink(larder_nix::nar::parse::NarParser::new());
+        let parser = match compression {
+            Compression::None => {
+                let mut s = sink;
+                while let Some(b) = rx.blocking_recv() {
+                    s.write_all(&b).map_err(ApiError::internal)?;
+                }
+                s.0
+            }
+            Compression::Xz => {
+                let mut d = xz2::write::XzDecoder::new_multi_decoder(sink);
+                while let Some(b) = rx.blocking_recv() {
+                    d.write_all(&b).map_err(ApiError::internal)?;
+                }
+                d.finish().map_err(ApiError::internal)?.0
+            }
+            Compression::Zstd => {
+                let mut d = zstd::stream::write::Decoder::new(sink).map_err(ApiError::internal)?;
+                while let Some(b) = rx.blocking_recv() {
+                    d.write_all(&b).map_err(ApiError::internal)?;
+                }
+                d.flush().map_err(ApiError::internal)?;
+                d.into_inner().0
+            }
+        };
+        let summary = parser.finish().map_err(ApiError::internal)?;
+        Ok(summary.listing.to_ls_json())
+    });
+    let mut body = body;
+    while let Some(block) = body.next().await {
+        let block = block.map_err(ApiError::internal)?;
+        if tx.send(block).await.is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    worker
+        .await
+        .map_err(|e| ApiError::internal(std::io::Error::other(e)))?
+}
+
+/// Stream `range` of the concatenation of `chunks`' objects.
+fn chunk_stream(
+    state: &AppState,
+    chunks: Vec<ChunkRow>,
+    range: Range<u64>,
+) -> futures::stream::BoxStream<'static, std::io::Result<bytes::Bytes>> {
+    let mut parts = Vec::new();
+    let mut offset = 0u64;
+    for c in chunks {
+        let len = c.file_size as u64;
+        let (start, end) = (offset, offset + len);
+        offset = end;
+        if end <= range.start || start >= range.end {
+            continue;
+        }
+        let from = range.start.max(start) - start;
+        let to = range.end.min(end) - start;
+        parts.push((c.object_key(), from..to));
+    }
+    let objects = state.objects.clone();
+    futures::stream::iter(parts)
+        .then(move |(key, r)| {
+            let objects = objects.clone();
+            async move {
+                objects
+                    .get(&key, Some(r))
+                    .await
+                    .map(|b| b.stream)
+                    .map_err(std::io::Error::other)
+            }
+        })
+        .try_flatten()
+        .boxed()
+}
+
+/// Parse a single `Range: bytes=…` against `len`. `Ok(None)`: serve everything.
+fn parse_range(headers: &HeaderMap, len: u64) -> Result<Option<Range<u64>>, ()> {
+    let Some(v) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
+        return Ok(None);
+    };
+    let Some(spec) = v.trim().strip_prefix("bytes=") else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        return Ok(None); // multiple ranges: serve the whole file, which is allowed
+    }
+    let (a, b) = spec.split_once('-').ok_or(())?;
+    let (a, b) = (a.trim(), b.trim());
+    let range = if a.is_empty() {
+        let n: u64 = b.parse().map_err(|_| ())?;
+        if n == 0 {
+            return Err(());
+        }
+        len.saturating_sub(n)..len
+    } else {
+        let start: u64 = a.parse().map_err(|_| ())?;
+        let end = if b.is_empty() {
+            len
+        } else {
+            b.parse::<u64>().map_err(|_| ())?.saturating_add(1).min(len)
+        };
+        if start >= len || start >= end {
+            return Err(());
+        }
+        start..end
+    };
+    Ok(Some(range))
+}
+
+async fn get_nar(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((name, file)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let cache = cache_for(&state, &headers, &name, Perm::Pull).await?;
+    let (file_hash, compression) = Compression::parse_nar_file_name(&file)?;
+    let nar = state
+        .meta
+        .cache_nar_by_file_hash(cache.id, &file_hash.to_nix32())
+        .await?
+        .filter(|n| n.compression == compression.as_str())
+        .ok_or_else(|| ApiError::not_found("no such NAR in this cache"))?;
+    let len = nar.file_size as u64;
+    let range = match parse_range(&headers, len) {
+        Ok(r) => r,
+        Err(()) => {
+            return Ok((
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                [(header::CONTENT_RANGE, format!("bytes */{len}"))],
+            )
+                .into_response())
+        }
+    };
+    let chunks = state.meta.nar_chunks(nar.id).await?;
+    let (status, r) = match range {
+        Some(r) => (StatusCode::PARTIAL_CONTENT, r),
+        None => (StatusCode::OK, 0..len),
+    };
+    let mut resp = Response::new(Body::from_stream(chunk_stream(&state, chunks, r.clone())));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-nix-nar"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(r.end - r.start));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    // Content-addressed: the file under this name never changes.
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=31536000, immutable"),
+    );
+    if status == StatusCode::PARTIAL_CONTENT {
+        h.insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_str(&format!("bytes {}-{}/{len}", r.start, r.end - 1))
+                .map_err(ApiError::internal)?,
+        );
+    }
+    Ok(resp)
+}
+
+/// `PUT /<cache>/nar/<filehash>.nar[.xz|.zst]` from Nix's uploader: verified and staged until
+/// the narinfo that names it arrives.
+async fn put_nar(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((name, file)): Path<(String, String)>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let cache = cache_for(&state, &headers, &name, Perm::Push).await?;
+    let (claimed, compression) = Compression::parse_nar_file_name(&file)?;
+    let up = ingest(
+        body,
+        compression,
+        state.config.max_upload_size,
+        state.objects.staging_dir(),
+    )
+    .await?;
+    if up.file_hash != claimed {
+        return Err(ApiError::bad(format!(
+            "NAR file name {:?} does not match its content (FileHash {})",
+            truncate(&file),
+            up.file_hash
+        )));
+    }
+    store_upload(&state, &cache, Some(&file), up).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `PUT /<cache>/<hash>.narinfo` from Nix's uploader: publishes the path whose NAR was
+/// uploaded just before (or is already published in this cache).
+async fn put_narinfo(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((name, file)): Path<(String, String)>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let cache = cache_for(&state, &headers, &name, Perm::Push).await?;
+    let hash = hash_file(&file, ".narinfo")?
+        .ok_or_else(|| ApiError::bad("only <hash>.narinfo, nar/…, log/… can be uploaded"))?;
+    let bytes = axum::body::to_bytes(body, MAX_NARINFO_BYTES)
+        .await
+        .map_err(|e| ApiError::bad(format!("cannot read narinfo: {e}")))?;
+    let text = std::str::from_utf8(&bytes).map_err(|_| ApiError::bad("narinfo is not UTF-8"))?;
+    let ni = NarInfo::parse(text).map_err(|e| ApiError::bad(format!("invalid narinfo: {e}")))?;
+    if ni.store_path.hash_part() != hash {
+        return Err(ApiError::bad(format!(
+            "narinfo StorePath {} does not match its file name {file}",
+            ni.store_path
+        )));
+    }
+    let key = ni
+        .url
+        .strip_prefix("nar/")
+        .ok_or_else(|| ApiError::bad(format!("narinfo URL {:?} is not nar/…", truncate(&ni.url))))?;
+    let (upload_id, nar) = match state.meta.upload_by_key(cache.id, key).await? {
+        Some(found) => found,
+        None => {
+            // Nix skips the NAR upload when the file already exists in this cache.
+            let (file_hash, _) = Compression::parse_nar_file_name(key)?;
+            let nar = state
+                .meta
+                .cache_nar_by_file_hash(cache.id, &file_hash.to_nix32())
+                .await?
+                .ok_or_else(|| {
+                    ApiError::bad(format!(
+                        "narinfo names {} but that NAR was not uploaded to cache {:?}",
+                        truncate(&ni.url),
+                        cache.name
+                    ))
+                })?;
+            (String::new(), nar)
+        }
+    };
+    let info = PathInfo {
+        store_path: ni.store_path,
+        nar_hash: ni.nar_hash,
+        nar_size: ni.nar_size,
+        references: ni.references,
+        deriver: ni.deriver,
+        ca: ni.ca,
+        sigs: ni.sigs,
+    };
+    publish(&state, &cache, info, &nar, &upload_id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+fn drv_name(drv: &str) -> Result<StorePath, ApiError> {
+    StorePath::from_basename(drv)
+        .ok()
+        .filter(StorePath::is_derivation)
+        .ok_or_else(|| ApiError::bad(format!("invalid derivation name {:?}", truncate(drv))))
+}
+
+async fn get_log(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((name, drv)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let cache = cache_for(&state, &headers, &name, Perm::Pull).await?;
+    let drv = drv_name(&drv)?;
+    let (key, _size) = state
+        .meta
+        .get_log(cache.id, &drv.basename())
+        .await?
+        .ok_or_else(|| ApiError::not_found("no build log for this derivation"))?;
+    let obj = state.objects.get(&key, None).await?;
+    let mut resp = Response::new(Body::from_stream(obj.stream));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(obj.len));
+    Ok(resp)
+}
+
+async fn put_log(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((name, drv)): Path<(String, String)>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let cache = cache_for(&state, &headers, &name, Perm::Push).await?;
+    let drv = drv_name(&drv)?;
+    let (path, hash, size) =
+        crate::api::spool_body(body, MAX_LOG_BYTES, state.objects.staging_dir()).await?;
+    let key = format!("log/{}", hash.to_nix32());
+    state.objects.put_file(&key, &path).await?;
+    state
+        .meta
+        .put_log(cache.id, &drv.basename(), &key, size as i64)
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

@@ -1,0 +1,253 @@
+//! Server configuration: the TOML file's keys, their defaults, and size/duration parsing.
+//!
+//! Resolution order (flag > `LARDER_*` env > file > default) is done by the `larder` binary;
+//! this module owns the file format and the defaults, each a named constant.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Address `larder serve` listens on by default.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Preferred compression of new caches.
+pub const DEFAULT_COMPRESSION: &str = "zstd";
+/// zstd level clients use by default (fast, about 450 MB/s on two cores here).
+pub const DEFAULT_COMPRESSION_LEVEL: i32 = 3;
+/// Largest single upload body accepted (a compressed NAR): 64 GiB.
+pub const DEFAULT_MAX_UPLOAD_SIZE: u64 = 64 << 30;
+/// How often garbage collection (expired uploads, unreferenced NARs) runs.
+pub const DEFAULT_GC_INTERVAL: Duration = Duration::from_secs(3600);
+/// How long an uploaded NAR waits for its narinfo before it is garbage.
+pub const PENDING_UPLOAD_TTL: Duration = Duration::from_secs(6 * 3600);
+/// Priority of new caches in `nix-cache-info` (cache.nixos.org is 40; lower wins).
+pub const DEFAULT_PRIORITY: i64 = 41;
+
+/// The config file, as written by users. Every key is optional.
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// `HOST:PORT` to listen on. Default: [`DEFAULT_LISTEN`].
+    pub listen: Option<String>,
+    /// Data directory. Default: `$XDG_DATA_HOME/larder` (`~/.local/share/larder`).
+    pub data_dir: Option<PathBuf>,
+    /// Base URL clients use to reach this server. Default: `http://<listen>`.
+    pub public_url: Option<String>,
+    /// `sqlite://PATH` or `postgres://…`. Default: `sqlite://<data_dir>/larder.db`.
+    pub database: Option<String>,
+    /// `file:///DIR`. Default: `file://<data_dir>/store`.
+    pub storage: Option<String>,
+    /// Preferred compression of new caches: `zstd`, `xz` or `none`. Default: `zstd`.
+    pub compression: Option<String>,
+    /// Compression level clients use by default. Default: 3.
+    pub compression_level: Option<i32>,
+    /// Largest accepted upload, e.g. `64GiB` or a number of bytes. Default: 64 GiB.
+    pub max_upload_size: Option<SizeValue>,
+    /// Garbage collection interval, e.g. `1h`, `30m`, `90s`. Default: 1h.
+    pub gc_interval: Option<String>,
+}
+
+/// A size written as a number of bytes or a string like `5GiB`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(untagged)]
+pub enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+impl SizeValue {
+    pub fn bytes(&self) -> Result<u64, ConfigError> {
+        match self {
+            SizeValue::Bytes(b) => Ok(*b),
+            SizeValue::Text(t) => parse_size(t),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid size {0:?} (examples: 5GiB, 500MB, 1048576)")]
+    Size(String),
+    #[error("invalid duration {0:?} (examples: 90s, 30m, 1h, 7d)")]
+    Duration(String),
+    #[error("invalid {key}: {value:?}")]
+    Value { key: &'static str, value: String },
+}
+
+impl ConfigFile {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+}
+
+/// The resolved configuration the server runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: String,
+    pub data_dir: PathBuf,
+    pub public_url: String,
+    pub database: String,
+    pub storage: String,
+    pub compression: String,
+    pub compression_level: i32,
+    pub max_upload_size: u64,
+    pub gc_interval: Duration,
+}
+
+impl Config {
+    /// Fill every unset key with its default.
+    pub fn resolve(file: ConfigFile, default_data_dir: PathBuf) -> Result<Config, ConfigError> {
+        let listen = file.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+        let data_dir = file.data_dir.unwrap_or(default_data_dir);
+        let public_url = file
+            .public_url
+            .unwrap_or_else(|| format!("http://{listen}"))
+            .trim_end_matches('/')
+            .to_owned();
+        let database = file
+            .database
+            .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("larder.db").display()));
+        let storage = file
+            .storage
+            .unwrap_or_else(|| format!("file://{}", data_dir.join("store").display()));
+        let compression = file
+            .compression
+            .unwrap_or_else(|| DEFAULT_COMPRESSION.to_owned());
+        if !matches!(compression.as_str(), "zstd" | "xz" | "none") {
+            return Err(ConfigError::Value {
+                key: "compression",
+                value: compression,
+            });
+        }
+        let max_upload_size = match file.max_upload_size {
+            Some(s) => s.bytes()?,
+            None => DEFAULT_MAX_UPLOAD_SIZE,
+        };
+        let gc_interval = match file.gc_interval {
+            Some(s) => parse_duration(&s)?,
+            None => DEFAULT_GC_INTERVAL,
+        };
+        Ok(Config {
+            listen,
+            data_dir,
+            public_url,
+            database,
+            storage,
+            compression,
+            compression_level: file
+                .compression_level
+                .unwrap_or(DEFAULT_COMPRESSION_LEVEL),
+            max_upload_size,
+            gc_interval,
+        })
+    }
+
+    /// The host part of `public_url`, used to name managed signing keys.
+    pub fn public_host(&self) -> String {
+        let rest = self
+            .public_url
+            .split_once("://")
+            .map(|(_, r)| r)
+            .unwrap_or(&self.public_url);
+        let authority = rest.split('/').next().unwrap_or(rest);
+        let authority = authority.rsplit_once('@').map(|(_, h)| h).unwrap_or(authority);
+        if let Some(v6) = authority.strip_prefix('[') {
+            return v6.split(']').next().unwrap_or(v6).to_owned();
+        }
+        authority.split(':').next().unwrap_or(authority).to_owned()
+    }
+}
+
+/// Parse `5GiB`, `500MB`, `1.5G`, `1048576` (binary units for `KiB/MiB/GiB/TiB` and the bare
+/// `K/M/G/T`, decimal for `KB/MB/GB/TB`).
+pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
+    let err = || ConfigError::Size(s.to_owned());
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let num: f64 = num.parse().map_err(|_| err())?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        _ => return Err(err()),
+    };
+    let v = num * mult as f64;
+    if !v.is_finite() || v < 0.0 || v > u64::MAX as f64 {
+        return Err(err());
+    }
+    Ok(v as u64)
+}
+
+/// Parse `90s`, `30m`, `1h`, `7d`, `2w` or a number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
+    let err = || ConfigError::Duration(s.to_owned());
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| err())?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        "w" => 7 * 86400,
+        _ => return Err(err()),
+    };
+    n.checked_mul(mult).map(Duration::from_secs).ok_or_else(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("5GiB").unwrap(), 5 << 30);
+        assert_eq!(parse_size("500MB").unwrap(), 500_000_000);
+        assert_eq!(parse_size("1024").unwrap(), 1024);
+        assert!(parse_size("5 parsecs").is_err());
+        assert!(parse_size("").is_err());
+        assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        assert!(toml::from_str::<ConfigFile>("listn = \"x\"").is_err());
+        let f: ConfigFile = toml::from_str("listen = \"0.0.0.0:1\"\nmax_upload_size = \"1GiB\"").unwrap();
+        let c = Config::resolve(f, "/d".into()).unwrap();
+        assert_eq!(c.public_url, "http://0.0.0.0:1");
+        assert_eq!(c.max_upload_size, 1 << 30);
+        assert_eq!(c.database, "sqlite:///d/larder.db");
+    }
+
+    #[test]
+    fn public_host() {
+        let mut c = Config::resolve(ConfigFile::default(), "/d".into()).unwrap();
+        assert_eq!(c.public_host(), "127.0.0.1");
+        c.public_url = "https://user@cache.example.org:8443/x".into();
+        assert_eq!(c.public_host(), "cache.example.org");
+    }
+}

@@ -1,0 +1,275 @@
+//! The upload pipeline: a (compressed) NAR body streamed from the network into a staging file.
+//!
+//! On a blocking thread, each received block is written to the staging file, hashed into the
+//! FileHash, decompressed, and fed to the NAR validator, which computes NarHash and NarSize.
+//! Nothing the client claims is trusted: the caller compares these figures with the narinfo.
+//! Memory is bounded by the channel (a few blocks) and the decoders' windows, whatever the NAR
+//! size. A rejected or interrupted upload leaves only the staging file, which is deleted.
+
+use std::io::{self, Write};
+use std::path::Path;
+
+use axum::body::Body;
+use bytes::Bytes;
+use futures::StreamExt;
+use larder_nix::hash::{Sha256, Sha256Hasher};
+use larder_nix::nar::parse::{NarError, NarParser};
+use tempfile::TempPath;
+
+use crate::error::ApiError;
+
+/// Blocks in flight between the network task and the hashing thread.
+const CHANNEL_BLOCKS: usize = 16;
+
+/// How a NAR file is compressed, as named in narinfo `Compression:` and file extensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Xz,
+    Zstd,
+}
+
+impl Compression {
+    pub fn parse(s: &str) -> Result<Self, ApiError> {
+        match s {
+            "none" => Ok(Compression::None),
+            "xz" => Ok(Compression::Xz),
+            "zstd" => Ok(Compression::Zstd),
+            other => Err(ApiError::UnsupportedMedia(format!(
+                "unsupported compression {:?} (supported: zstd, xz, none)",
+                truncate(other)
+            ))),
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Xz => "xz",
+            Compression::Zstd => "zstd",
+        }
+    }
+    /// The file extension after `.nar`.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Compression::None => "",
+            Compression::Xz => ".xz",
+            Compression::Zstd => ".zst",
+        }
+    }
+    /// Parse a NAR file name `<52 nix32>.nar[.xz|.zst]` into its FileHash and compression.
+    pub fn parse_nar_file_name(name: &str) -> Result<(Sha256, Compression), ApiError> {
+        let bad = || ApiError::bad(format!("invalid NAR file name {:?}", truncate(name)));
+        let (hash, ext) = name.split_once('.').ok_or_else(bad)?;
+        let compression = match ext {
+            "nar" => Compression::None,
+            "nar.xz" => Compression::Xz,
+            "nar.zst" => Compression::Zstd,
+            "nar.bz2" | "nar.br" | "nar.lz4" | "nar.lzip" | "nar.gz" => {
+                return Err(ApiError::UnsupportedMedia(format!(
+                    "unsupported NAR compression in {:?} (supported: zstd, xz, none; \
+                     hint: nix copy --to 'http://…?compression=zstd')",
+                    truncate(name)
+                )))
+            }
+            _ => return Err(bad()),
+        };
+        if hash.len() != 52 {
+            return Err(bad());
+        }
+        let bytes = larder_nix::nixbase32::decode_fixed::<32>(hash).map_err(|_| bad())?;
+        Ok((Sha256::from_bytes(bytes), compression))
+    }
+}
+
+pub fn truncate(s: &str) -> String {
+    let mut t: String = s.chars().take(64).collect();
+    if t.len() < s.len() {
+        t.push('…');
+    }
+    t
+}
+
+/// A verified upload waiting in the staging directory.
+#[derive(Debug)]
+pub struct Ingested {
+    pub nar_hash: Sha256,
+    pub nar_size: u64,
+    pub file_hash: Sha256,
+    pub file_size: u64,
+    pub compression: Compression,
+    pub file: TempPath,
+}
+
+/// Feeds decompressed bytes to the NAR validator, remembering its error for reporting.
+struct NarSink {
+    parser: NarParser,
+    error: Option<NarError>,
+}
+
+impl Write for NarSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Err(e) = self.parser.feed(buf) {
+            self.error = Some(e);
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "invalid NAR"));
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+enum Decoder {
+    None(NarSink),
+    Xz(xz2::write::XzDecoder<NarSink>),
+    Zstd(zstd::stream::write::Decoder<'static, NarSink>),
+}
+
+impl Decoder {
+    fn sink(&mut self) -> &mut NarSink {
+        match self {
+            Decoder::None(s) => s,
+            Decoder::Xz(d) => d.get_mut(),
+            Decoder::Zstd(d) => d.get_mut(),
+        }
+    }
+}
+
+struct Pipeline {
+    out: io::BufWriter<std::fs::File>,
+    file_hasher: Sha256Hasher,
+    file_size: u64,
+    decoder: Decoder,
+    compression: Compression,
+}
+
+impl Pipeline {
+    fn new(file: std::fs::File, compression: Compression) -> io::Result<Self> {
+        let sink = NarSink {
+            parser: NarParser::new(),
+            error: None,
+        };
+        let decoder = match compression {
+            Compression::None => Decoder::None(sink),
+            Compression::Xz => Decoder::Xz(xz2::write::XzDecoder::new_multi_decoder(sink)),
+            Compression::Zstd => Decoder::Zstd(zstd::stream::write::Decoder::new(sink)?),
+        };
+        Ok(Pipeline {
+            out: io::BufWriter::with_capacity(256 * 1024, file),
+            file_hasher: Sha256Hasher::new(),
+            file_size: 0,
+            decoder,
+            compression,
+        })
+    }
+
+    fn write(&mut self, block: &[u8]) -> Result<(), ApiError> {
+        self.out.write_all(block).map_err(ApiError::internal)?;
+        self.file_hasher.update(block);
+        self.file_size += block.len() as u64;
+        let res = match &mut self.decoder {
+            Decoder::None(s) => s.write_all(block),
+            Decoder::Xz(d) => d.write_all(block),
+            Decoder::Zstd(d) => d.write_all(block),
+        };
+        res.map_err(|e| self.decode_error(e))
+    }
+
+    fn decode_error(&mut self, e: io::Error) -> ApiError {
+        match self.decoder.sink().error.take() {
+            Some(nar) => ApiError::bad(format!("upload is not a valid NAR: {nar}")),
+            None => ApiError::bad(format!(
+                "upload is not a valid {} stream: {e}",
+                self.compression.as_str()
+            )),
+        }
+    }
+
+    fn finish(mut self) -> Result<(Sha256, u64, Sha256, u64), ApiError> {
+        let flushed = match &mut self.decoder {
+            Decoder::None(_) => Ok(()),
+            Decoder::Xz(_) => Ok(()), // finished below
+            Decoder::Zstd(d) => d.flush(),
+        };
+        flushed.map_err(|e| self.decode_error(e))?;
+        let sink = match self.decoder {
+            Decoder::None(s) => s,
+            Decoder::Xz(mut d) => d.finish().map_err(|e| {
+                ApiError::bad(format!("upload is not a valid xz stream: {e}"))
+            })?,
+            Decoder::Zstd(d) => d.into_inner(),
+        };
+        let summary = sink
+            .parser
+            .finish()
+            .map_err(|e| ApiError::bad(format!("upload is not a valid NAR: {e}")))?;
+        let file = self.out.into_inner().map_err(|e| ApiError::internal(e.into_error()))?;
+        file.sync_all().map_err(ApiError::internal)?;
+        Ok((
+            summary.nar_hash,
+            summary.nar_size,
+            self.file_hasher.finalize(),
+            self.file_size,
+        ))
+    }
+}
+
+/// Stream `body` into a staging file under `staging`, verifying it is a `compression`-compressed
+/// NAR of at most `limit` stored bytes.
+pub async fn ingest(
+    body: Body,
+    compression: Compression,
+    limit: u64,
+    staging: &Path,
+) -> Result<Ingested, ApiError> {
+    let tmp = tempfile::Builder::new()
+        .prefix("upload-")
+        .tempfile_in(staging)
+        .map_err(ApiError::internal)?;
+    let (file, path) = tmp.into_parts();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(CHANNEL_BLOCKS);
+    let worker = tokio::task::spawn_blocking(move || {
+        let mut pipeline = Pipeline::new(file, compression).map_err(ApiError::internal)?;
+        while let Some(block) = rx.blocking_recv() {
+            pipeline.write(&block)?;
+        }
+        pipeline.finish()
+    });
+
+    let mut stream = body.into_data_stream();
+    let mut received: u64 = 0;
+    let mut failure = None;
+    while let Some(block) = stream.next().await {
+        let block = match block {
+            Ok(b) => b,
+            Err(e) => {
+                failure = Some(ApiError::bad(format!("upload interrupted: {e}")));
+                break;
+            }
+        };
+        received += block.len() as u64;
+        if received > limit {
+            failure = Some(ApiError::PayloadTooLarge(limit));
+            break;
+        }
+        if tx.send(block).await.is_err() {
+            break; // the worker stopped on an error, reported below
+        }
+    }
+    drop(tx);
+    let result = worker
+        .await
+        .map_err(|e| ApiError::internal(io::Error::other(e)))?;
+    if let Some(f) = failure {
+        return Err(f);
+    }
+    let (nar_hash, nar_size, file_hash, file_size) = result?;
+    Ok(Ingested {
+        nar_hash,
+        nar_size,
+        file_hash,
+        file_size,
+        compression,
+        file: path,
+    })
+}

@@ -1,0 +1,164 @@
+//! larder's HTTP server.
+//!
+//! [`router`] builds the whole HTTP surface over an [`AppState`]: the Nix binary cache
+//! protocol per cache ([`binary_cache`]), the JSON API under `/api/v1` ([`api`]), and
+//! `/healthz`. [`serve`] runs it with graceful shutdown. The server composes the lower crates
+//! (`larder-nix` for formats, `larder-store` for bytes and metadata) and never re-parses what
+//! they already validated.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use larder_store::{Metadata, ObjectStore};
+
+pub mod api;
+pub mod auth;
+pub mod binary_cache;
+pub mod config;
+pub mod error;
+pub mod ingest;
+pub mod publish;
+
+pub use config::Config;
+pub use error::ApiError;
+
+/// Shared state of every handler (cheap to clone).
+#[derive(Clone)]
+pub struct AppState {
+    pub meta: Metadata,
+    pub objects: ObjectStore,
+    pub config: Arc<Config>,
+}
+
+/// Names a cache may not take: they are top-level routes.
+pub const RESERVED_NAMES: &[&str] = &["api", "ui", "static", "metrics", "healthz"];
+
+/// Whether `name` is a valid cache name: `^[a-z0-9][a-z0-9-]{0,62}$`, not reserved.
+pub fn valid_cache_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b
+            .iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && !RESERVED_NAMES.contains(&name)
+}
+
+/// The whole HTTP surface.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .nest("/api/v1", api::routes())
+        .merge(binary_cache::routes())
+        .layer(axum::middleware::from_fn(log_request))
+        .with_state(state)
+}
+
+async fn healthz(State(state): State<AppState>) -> Response {
+    match state.meta.ping().await {
+        Ok(()) => "ok\n".into_response(),
+        Err(e) => ApiError::Unavailable(Box::new(e)).into_response(),
+    }
+}
+
+async fn log_request(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned());
+    let start = std::time::Instant::now();
+    let resp = next.run(req).await;
+    tracing::debug!(
+        %method,
+        route = route.as_deref().unwrap_or("-"),
+        status = resp.status().as_u16(),
+        micros = start.elapsed().as_micros() as u64,
+        "request"
+    );
+    resp
+}
+
+/// Open the backends named in `config` and prepare the data directory.
+pub async fn open_state(config: Config) -> Result<AppState, Box<dyn std::error::Error + Send + Sync>> {
+    std::fs::create_dir_all(&config.data_dir)?;
+    let meta = Metadata::connect(&config.database).await?;
+    let objects = ObjectStore::open(&config.storage)?;
+    Ok(AppState {
+        meta,
+        objects,
+        config: Arc::new(config),
+    })
+}
+
+/// On an empty database, create a server admin token and write it to `DATA/admin-token`
+/// (mode 0600). Returns the file's path when it did.
+pub async fn bootstrap_admin_token(
+    state: &AppState,
+) -> Result<Option<std::path::PathBuf>, Box<dyn std::error::Error + Send + Sync>> {
+    if state.meta.token_count().await? > 0 {
+        return Ok(None);
+    }
+    let (token, id) = auth::new_token()?;
+    let path = state.config.data_dir.join("admin-token");
+    write_secret_file(&path, &format!("{token}\n"))?;
+    state
+        .meta
+        .create_token(&larder_store::meta::TokenRow {
+            id,
+            secret_hash: auth::token_hash(&token),
+            label: "bootstrap admin".into(),
+            perms: "admin".into(),
+            caches: None,
+            expires_at: None,
+            revoked_at: None,
+            created_at: larder_store::now_unix(),
+        })
+        .await?;
+    Ok(Some(path))
+}
+
+/// Write a file only its owner can read (mode 0600 from creation, never world-readable).
+pub fn write_secret_file(path: &std::path::Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()
+}
+
+/// Serve until `shutdown` resolves, then finish in-flight requests. `on_listening` is called
+/// with the bound address once connections are accepted.
+pub async fn serve(
+    state: AppState,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    let gc_state = state.clone();
+    let gc = tokio::spawn(async move { publish::gc_loop(gc_state).await });
+    let app = router(state);
+    let listener = listener.tap_io(|tcp| {
+        // Nix issues thousands of small requests: never let Nagle delay a response.
+        let _ = tcp.set_nodelay(true);
+    });
+    let res = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await;
+    gc.abort();
+    res
+}

@@ -1,0 +1,279 @@
+//! Storing uploads and publishing store paths: the integrity rules of every upload path.
+//!
+//! 1. [`store_upload`]: a verified [`Ingested`] NAR becomes a pending upload of a cache. An
+//!    identical NAR (same NarHash) already stored anywhere is reused and the new bytes dropped,
+//!    so identical NARs are stored once across caches.
+//! 2. [`publish`]: a path's metadata is checked against the NAR the *server* measured
+//!    (NarHash, NarSize), its signature checked (client-signed caches) or made (managed
+//!    caches), and the path published atomically with its references checked present.
+//!
+//! The server never trusts a client's NarHash, NarSize, FileHash or FileSize.
+
+use larder_nix::hash::Sha256;
+use larder_nix::narinfo::NarInfo;
+use larder_nix::signing::{Signature, SigningKey, VerifyingKey};
+use larder_nix::store_path::StorePath;
+use larder_store::meta::{CacheRow, ChunkRow, NarRow, NewPath, PathRow, Publish};
+
+use crate::error::ApiError;
+use crate::ingest::{truncate, Compression, Ingested};
+use crate::{valid_cache_name, AppState};
+
+/// Look a cache up by name: 400 for a malformed name, 404 for an unknown one.
+pub async fn load_cache(state: &AppState, name: &str) -> Result<CacheRow, ApiError> {
+    if !valid_cache_name(name) {
+        return Err(ApiError::bad(format!("invalid cache name {:?}", truncate(name))));
+    }
+    state
+        .meta
+        .get_cache(name)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no cache named {name:?}")))
+}
+
+fn random_id() -> Result<String, ApiError> {
+    let mut b = [0u8; 16];
+    getrandom::getrandom(&mut b).map_err(|e| ApiError::internal(std::io::Error::other(e)))?;
+    Ok(hex::encode(b))
+}
+
+/// Make a verified NAR a pending upload of `cache`, under `key` (the file name Nix's uploader
+/// used) if given. Returns the upload id and the stored NAR.
+pub async fn store_upload(
+    state: &AppState,
+    cache: &CacheRow,
+    key: Option<&str>,
+    up: Ingested,
+) -> Result<(String, NarRow), ApiError> {
+    let upload_id = random_id()?;
+    let nar_hash = up.nar_hash.to_nix32();
+    if let Some(nar) = state
+        .meta
+        .reuse_nar_for_upload(&upload_id, cache.id, key, &nar_hash)
+        .await?
+    {
+        return Ok((upload_id, nar)); // `up.file` is deleted on drop
+    }
+    let file_hash = up.file_hash.to_nix32();
+    let chunk = ChunkRow {
+        chunk_hash: file_hash.clone(),
+        file_size: up.file_size as i64,
+    };
+    state.objects.put_file(&chunk.object_key(), &up.file).await?;
+    let row = NarRow {
+        id: 0,
+        nar_hash,
+        nar_size: up.nar_size as i64,
+        compression: up.compression.as_str().to_owned(),
+        file_hash,
+        file_size: up.file_size as i64,
+    };
+    let (nar, _inserted) = state
+        .meta
+        .insert_nar_for_upload(&upload_id, cache.id, key, &row, std::slice::from_ref(&chunk))
+        .await?;
+    if nar.file_hash != row.file_hash {
+        // The same NAR was stored concurrently in another form; ours is redundant.
+        state.objects.delete(&chunk.object_key()).await?;
+    }
+    Ok((upload_id, nar))
+}
+
+/// A store path's metadata as a client declares it, already parsed and validated.
+#[derive(Debug, Clone)]
+pub struct PathInfo {
+    pub store_path: StorePath,
+    pub nar_hash: Sha256,
+    pub nar_size: u64,
+    pub references: Vec<StorePath>,
+    pub deriver: Option<StorePath>,
+    pub ca: Option<String>,
+    pub sigs: Vec<Signature>,
+}
+
+/// The managed signing key of a cache, if it has one.
+pub fn managed_key(cache: &CacheRow) -> Result<Option<SigningKey>, ApiError> {
+    match (&cache.signing_mode[..], &cache.secret_key) {
+        ("managed", Some(sk)) => SigningKey::parse(sk)
+            .map(Some)
+            .map_err(ApiError::internal),
+        _ => Ok(None),
+    }
+}
+
+/// Check `info` against the measured `nar`, sign, and publish it in `cache`.
+pub async fn publish(
+    state: &AppState,
+    cache: &CacheRow,
+    info: PathInfo,
+    nar: &NarRow,
+    upload_id: &str,
+) -> Result<Publish, ApiError> {
+    if info.nar_hash.to_nix32() != nar.nar_hash {
+        return Err(ApiError::bad(format!(
+            "NarHash mismatch for {}: declared {}, but the uploaded NAR hashes to sha256:{}",
+            info.store_path, info.nar_hash, nar.nar_hash
+        )));
+    }
+    if info.nar_size != nar.nar_size as u64 {
+        return Err(ApiError::bad(format!(
+            "NarSize mismatch for {}: declared {}, but the uploaded NAR has {} bytes",
+            info.store_path, info.nar_size, nar.nar_size
+        )));
+    }
+    if let Some(ca) = &info.ca {
+        if ca.len() > 1024 || !ca.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ApiError::bad("invalid CA field"));
+        }
+    }
+    let fingerprint = larder_nix::signing::fingerprint(
+        &info.store_path,
+        &info.nar_hash,
+        info.nar_size,
+        &info.references,
+    );
+    let mut sigs: Vec<String> = Vec::new();
+    match managed_key(cache)? {
+        Some(key) => {
+            // Our own signature replaces any that claims our key's name.
+            for s in &info.sigs {
+                if s.key_name() != key.name() && !sigs.contains(&s.to_string()) {
+                    sigs.push(s.to_string());
+                }
+            }
+            sigs.push(key.sign(&fingerprint).to_string());
+        }
+        None => {
+            let pk = cache
+                .public_key
+                .as_deref()
+                .ok_or_else(|| ApiError::Conflict(format!(
+                    "cache {:?} has no signing key registered (hint: larder generate-keypair {})",
+                    cache.name, cache.name
+                )))?;
+            let pk = VerifyingKey::parse(pk).map_err(ApiError::internal)?;
+            if !info.sigs.iter().any(|s| pk.verify(&fingerprint, s)) {
+                return Err(ApiError::Forbidden(format!(
+                    "{} must be signed by the cache's key {} (hint: set LARDER_SIGNING_KEY)",
+                    info.store_path,
+                    pk.name()
+                )));
+            }
+            for s in &info.sigs {
+                if !sigs.contains(&s.to_string()) {
+                    sigs.push(s.to_string());
+                }
+            }
+        }
+    }
+    let new = NewPath {
+        cache_id: cache.id,
+        hash: info.store_path.hash_part(),
+        name: info.store_path.name().to_owned(),
+        refs: info.references.iter().map(StorePath::basename).collect(),
+        deriver: info.deriver.as_ref().map(StorePath::basename),
+        ca: info.ca.clone(),
+        sigs,
+        nar_id: nar.id,
+    };
+    match state.meta.publish_path(&new, upload_id).await? {
+        Publish::Conflict { existing_nar_hash } => Err(ApiError::Conflict(format!(
+            "{} is already in cache {:?} with different content (NarHash sha256:{}); \
+             an existing path is never overwritten",
+            info.store_path, cache.name, existing_nar_hash
+        ))),
+        Publish::MissingReferences(missing) => Err(ApiError::bad(format!(
+            "{} references {} path(s) not in cache {:?} (push references first): {}",
+            info.store_path,
+            missing.len(),
+            cache.name,
+            missing
+                .iter()
+                .take(5)
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .join(" ")
+        ))),
+        ok => Ok(ok),
+    }
+}
+
+/// The narinfo of a published path, as served.
+pub fn render_narinfo(path: &PathRow) -> Result<String, ApiError> {
+    let corrupt = |what: &str| {
+        ApiError::internal(std::io::Error::other(format!(
+            "stored {what} of path {} is invalid",
+            path.id
+        )))
+    };
+    let compression = Compression::parse(&path.nar.compression).map_err(|_| corrupt("compression"))?;
+    let store_path = StorePath::from_basename(&format!("{}-{}", path.hash, path.name))
+        .map_err(|_| corrupt("store path"))?;
+    let references = path
+        .refs
+        .split(' ')
+        .filter(|r| !r.is_empty())
+        .map(StorePath::from_basename)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| corrupt("references"))?;
+    let deriver = path
+        .deriver
+        .as_deref()
+        .map(StorePath::from_basename)
+        .transpose()
+        .map_err(|_| corrupt("deriver"))?;
+    let sigs = path
+        .sigs
+        .lines()
+        .filter(|s| !s.is_empty())
+        .map(Signature::parse)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| corrupt("signatures"))?;
+    let hash = |h: &str, what| {
+        larder_nix::nixbase32::decode_fixed::<32>(h)
+            .map(Sha256::from_bytes)
+            .map_err(|_| corrupt(what))
+    };
+    let info = NarInfo {
+        store_path,
+        url: format!(
+            "nar/{}.nar{}",
+            path.nar.file_hash,
+            compression.extension()
+        ),
+        compression: compression.as_str().to_owned(),
+        file_hash: Some(hash(&path.nar.file_hash, "file hash")?),
+        file_size: Some(path.nar.file_size as u64),
+        nar_hash: hash(&path.nar.nar_hash, "nar hash")?,
+        nar_size: path.nar.nar_size as u64,
+        references,
+        deriver,
+        sigs,
+        ca: path.ca.clone(),
+    };
+    Ok(info.to_string())
+}
+
+/// Delete what nothing refers to any more: expired pending uploads, their NARs, and the
+/// chunks' objects. Returns how many objects were deleted.
+pub async fn collect_garbage(state: &AppState) -> Result<usize, ApiError> {
+    let ttl = crate::config::PENDING_UPLOAD_TTL.as_secs() as i64;
+    let keys = state.meta.collect_garbage(ttl).await?;
+    for key in &keys {
+        state.objects.delete(key).await?;
+    }
+    Ok(keys.len())
+}
+
+pub(crate) async fn gc_loop(state: AppState) {
+    let mut interval = tokio::time::interval(state.config.gc_interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        match collect_garbage(&state).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(objects = n, "garbage collected"),
+            Err(e) => tracing::warn!(error = %e, "garbage collection failed"),
+        }
+    }
+}

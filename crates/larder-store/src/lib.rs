@@ -1,0 +1,23 @@
+//! Where larder's bytes and metadata live.
+//!
+//! - [`objects`]: the object store holding NAR chunks and build logs (a local directory today;
+//!   S3-compatible stores slot in as another backend of the same type).
+//! - [`meta`]: the metadata database (caches, tokens, NARs and their chunks, store paths,
+//!   pending uploads), behind one query layer (`sqlx`'s `Any` driver) so SQLite and PostgreSQL
+//!   share every query.
+//!
+//! Nothing here knows about HTTP: the server maps these errors to status codes.
+
+pub mod meta;
+pub mod objects;
+
+pub use meta::{Metadata, MetaError};
+pub use objects::{ObjectBody, ObjectError, ObjectStore};
+
+/// Seconds since the Unix epoch, the unit of every timestamp in the metadata.
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,879 @@
+//! The metadata database: caches, tokens, NARs and their chunks, store paths, pending uploads
+//! and build logs.
+//!
+//! One query layer for every engine: `sqlx`'s `Any` driver with queries written in the SQL both
+//! SQLite and PostgreSQL accept (`$N` parameters, `ON CONFLICT`, `RETURNING`, `BIGINT` columns,
+//! sums cast back to `BIGINT`). Only the DDL differs, in [`schema`].
+//!
+//! Invariants kept here:
+//! - a `paths` row exists only for a published store path: its NAR is stored and (checked in the
+//!   same transaction) every reference other than itself is a published path of the same cache;
+//! - an existing path is never replaced: publishing different content under the same store path
+//!   is reported as [`Publish::Conflict`];
+//! - a NAR row is referenced by `paths` or by a pending `uploads` row, or it is garbage.
+
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+
+use crate::now_unix;
+
+mod schema;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("unsupported database URL {0:?} (expected sqlite://PATH or postgres://…)")]
+    UnsupportedUrl(String),
+    #[error("database error")]
+    Db(#[from] sqlx::Error),
+    #[error("stored value of {field} is invalid: {value:?}")]
+    Corrupt { field: &'static str, value: String },
+}
+
+type Result<T, E = MetaError> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Sqlite,
+    Postgres,
+}
+
+/// Handle to the metadata database (a connection pool; cheap to clone).
+#[derive(Debug, Clone)]
+pub struct Metadata {
+    pool: AnyPool,
+    engine: Engine,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CacheRow {
+    pub id: i64,
+    pub name: String,
+    pub private: bool,
+    pub priority: i64,
+    pub compression: String,
+    pub max_size: Option<i64>,
+    /// `managed` (the server holds `secret_key`) or `client` (only `public_key` is known).
+    pub signing_mode: String,
+    pub public_key: Option<String>,
+    #[serde(skip)]
+    pub secret_key: Option<String>,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct NewCache {
+    pub name: String,
+    pub private: bool,
+    pub priority: i64,
+    pub compression: String,
+    pub max_size: Option<i64>,
+    pub signing_mode: String,
+    pub public_key: Option<String>,
+    pub secret_key: Option<String>,
+}
+
+/// Changes to a cache; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct CacheUpdate {
+    pub private: Option<bool>,
+    pub priority: Option<i64>,
+    pub compression: Option<String>,
+    /// `Some(None)` removes the limit.
+    pub max_size: Option<Option<i64>>,
+    /// Switch to client signing with this public key (`Some`), dropping the managed secret.
+    pub client_public_key: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRow {
+    /// Public identifier (shown in `token list`, used to revoke); not a secret.
+    pub id: String,
+    /// SHA-256 (hex) of the secret token; the token itself is never stored.
+    pub secret_hash: String,
+    pub label: String,
+    /// Comma-separated permissions: `pull`, `push`, `admin`.
+    pub perms: String,
+    /// Comma-separated cache names, or `None` for every cache.
+    pub caches: Option<String>,
+    pub expires_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NarRow {
+    pub id: i64,
+    /// nix32, no `sha256:` prefix.
+    pub nar_hash: String,
+    pub nar_size: i64,
+    pub compression: String,
+    /// nix32 SHA-256 of the stored (compressed) file, no prefix.
+    pub file_hash: String,
+    pub file_size: i64,
+}
+
+/// One stored chunk of a NAR file: an independently decompressible frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkRow {
+    /// nix32 SHA-256 of the chunk's stored bytes; also names its object.
+    pub chunk_hash: String,
+    /// Stored (compressed) size in bytes.
+    pub file_size: i64,
+}
+
+impl ChunkRow {
+    /// The object key of a chunk.
+    pub fn object_key(&self) -> String {
+        chunk_object_key(&self.chunk_hash)
+    }
+}
+
+pub fn chunk_object_key(chunk_hash: &str) -> String {
+    let prefix = chunk_hash.get(..2).unwrap_or("00");
+    format!("chunk/{prefix}/{chunk_hash}")
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathRow {
+    pub id: i64,
+    pub cache_id: i64,
+    /// The 32-character hash part of the store path.
+    pub hash: String,
+    /// The name part of the store path.
+    pub name: String,
+    /// Space-separated basenames of the references.
+    pub refs: String,
+    /// Basename of the deriver.
+    pub deriver: Option<String>,
+    pub ca: Option<String>,
+    /// Newline-separated signatures (`name:base64`).
+    pub sigs: String,
+    pub created_at: i64,
+    pub nar: NarRow,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewPath {
+    pub cache_id: i64,
+    pub hash: String,
+    pub name: String,
+    pub refs: Vec<String>,
+    pub deriver: Option<String>,
+    pub ca: Option<String>,
+    pub sigs: Vec<String>,
+    pub nar_id: i64,
+}
+
+/// What happened when publishing a path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Publish {
+    Created,
+    /// The same store path with the same NAR was already there (idempotent re-upload).
+    AlreadyPresent,
+    /// The store path exists with a different NAR hash (given here); nothing was changed.
+    Conflict { existing_nar_hash: String },
+    /// These references (basenames) are not published in the cache; nothing was stored.
+    MissingReferences(Vec<String>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct CacheStats {
+    pub paths: i64,
+    /// Bytes stored for the cache (compressed NAR files).
+    pub size: i64,
+    /// Uncompressed NAR bytes.
+    pub nar_size: i64,
+}
+
+/// The largest `IN (…)` list sent in one query (SQLite's default limit is 32766 parameters).
+const IN_BATCH: usize = 500;
+
+fn flag(row: &AnyRow, col: &str) -> Result<bool> {
+    Ok(row.try_get::<i64, _>(col)? != 0)
+}
+
+fn cache_from_row(row: &AnyRow) -> Result<CacheRow> {
+    Ok(CacheRow {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        private: flag(row, "private")?,
+        priority: row.try_get("priority")?,
+        compression: row.try_get("compression")?,
+        max_size: row.try_get("max_size")?,
+        signing_mode: row.try_get("signing_mode")?,
+        public_key: row.try_get("public_key")?,
+        secret_key: row.try_get("secret_key")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn token_from_row(row: &AnyRow) -> Result<TokenRow> {
+    Ok(TokenRow {
+        id: row.try_get("id")?,
+        secret_hash: row.try_get("secret_hash")?,
+        label: row.try_get("label")?,
+        perms: row.try_get("perms")?,
+        caches: row.try_get("caches")?,
+        expires_at: row.try_get("expires_at")?,
+        revoked_at: row.try_get("revoked_at")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn nar_from_row(row: &AnyRow) -> Result<NarRow> {
+    Ok(NarRow {
+        id: row.try_get("nar_id")?,
+        nar_hash: row.try_get("nar_hash")?,
+        nar_size: row.try_get("nar_size")?,
+        compression: row.try_get("compression")?,
+        file_hash: row.try_get("file_hash")?,
+        file_size: row.try_get("file_size")?,
+    })
+}
+
+fn path_from_row(row: &AnyRow) -> Result<PathRow> {
+    Ok(PathRow {
+        id: row.try_get("id")?,
+        cache_id: row.try_get("cache_id")?,
+        hash: row.try_get("hash")?,
+        name: row.try_get("name")?,
+        refs: row.try_get("refs")?,
+        deriver: row.try_get("deriver")?,
+        ca: row.try_get("ca")?,
+        sigs: row.try_get("sigs")?,
+        created_at: row.try_get("created_at")?,
+        nar: nar_from_row(row)?,
+    })
+}
+
+const CACHE_COLS: &str = "id, name, private, priority, compression, max_size, signing_mode, \
+                          public_key, secret_key, created_at";
+const TOKEN_COLS: &str =
+    "id, secret_hash, label, perms, caches, expires_at, revoked_at, created_at";
+const NAR_COLS: &str = "n.id AS nar_id, n.nar_hash, n.nar_size, n.compression, n.file_hash, \
+                        n.file_size";
+
+fn placeholders(from: usize, n: usize) -> String {
+    (from..from + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Metadata {
+    /// Connect and apply migrations. `sqlite://PATH` (created if missing) or `postgres://…`.
+    pub async fn connect(url: &str) -> Result<Self> {
+        sqlx::any::install_default_drivers();
+        let engine = if url.starts_with("sqlite:") {
+            Engine::Sqlite
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Engine::Postgres
+        } else {
+            return Err(MetaError::UnsupportedUrl(url.to_owned()));
+        };
+        let url = match engine {
+            Engine::Sqlite if !url.contains('?') => format!("{url}?mode=rwc"),
+            _ => url.to_owned(),
+        };
+        let opts = AnyPoolOptions::new().max_connections(match engine {
+            Engine::Sqlite => 8,
+            Engine::Postgres => 16,
+        });
+        let opts = if engine == Engine::Sqlite {
+            opts.after_connect(|conn, _meta| {
+                Box::pin(async move {
+                    // WAL: readers never block the writer; NORMAL sync is durable in WAL mode
+                    // except for the last transactions on power loss, never corrupting.
+                    for pragma in [
+                        "PRAGMA journal_mode = WAL",
+                        "PRAGMA synchronous = NORMAL",
+                        "PRAGMA busy_timeout = 10000",
+                        "PRAGMA foreign_keys = ON",
+                    ] {
+                        sqlx::query(pragma).execute(&mut *conn).await?;
+                    }
+                    Ok(())
+                })
+            })
+        } else {
+            opts
+        };
+        let pool = opts.connect(&url).await?;
+        let meta = Metadata { pool, engine };
+        schema::migrate(&meta.pool, engine).await?;
+        Ok(meta)
+    }
+
+    pub fn engine(&self) -> Engine {
+        self.engine
+    }
+
+    /// A cheap round trip, for health checks.
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    // ---- caches -------------------------------------------------------------------------
+
+    /// Create a cache; `Ok(None)` if the name is taken.
+    pub async fn create_cache(&self, c: &NewCache) -> Result<Option<CacheRow>> {
+        let sql = format!(
+            "INSERT INTO caches (name, private, priority, compression, max_size, signing_mode, \
+             public_key, secret_key, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             ON CONFLICT (name) DO NOTHING RETURNING {CACHE_COLS}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(&c.name)
+            .bind(c.private as i64)
+            .bind(c.priority)
+            .bind(&c.compression)
+            .bind(c.max_size)
+            .bind(&c.signing_mode)
+            .bind(&c.public_key)
+            .bind(&c.secret_key)
+            .bind(now_unix())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(cache_from_row).transpose()
+    }
+
+    pub async fn get_cache(&self, name: &str) -> Result<Option<CacheRow>> {
+        let sql = format!("SELECT {CACHE_COLS} FROM caches WHERE name = $1");
+        let row = sqlx::query(&sql)
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(cache_from_row).transpose()
+    }
+
+    pub async fn list_caches(&self) -> Result<Vec<CacheRow>> {
+        let sql = format!("SELECT {CACHE_COLS} FROM caches ORDER BY name");
+        let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
+        rows.iter().map(cache_from_row).collect()
+    }
+
+    pub async fn update_cache(&self, name: &str, u: &CacheUpdate) -> Result<Option<CacheRow>> {
+        let mut tx = self.pool.begin().await?;
+        if let Some(p) = u.private {
+            sqlx::query("UPDATE caches SET private = $1 WHERE name = $2")
+                .bind(p as i64)
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if let Some(p) = u.priority {
+            sqlx::query("UPDATE caches SET priority = $1 WHERE name = $2")
+                .bind(p)
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if let Some(c) = &u.compression {
+            sqlx::query("UPDATE caches SET compression = $1 WHERE name = $2")
+                .bind(c)
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if let Some(m) = u.max_size {
+            sqlx::query("UPDATE caches SET max_size = $1 WHERE name = $2")
+                .bind(m)
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if let Some(pk) = &u.client_public_key {
+            sqlx::query(
+                "UPDATE caches SET signing_mode = 'client', public_key = $1, secret_key = NULL \
+                 WHERE name = $2",
+            )
+            .bind(pk)
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let sql = format!("SELECT {CACHE_COLS} FROM caches WHERE name = $1");
+        let row = sqlx::query(&sql).bind(name).fetch_optional(&mut *tx).await?;
+        tx.commit().await?;
+        row.as_ref().map(cache_from_row).transpose()
+    }
+
+    /// Delete a cache and everything published in it. NARs it alone used become garbage, to
+    /// be collected by [`Metadata::collect_garbage`]. Returns whether the cache existed.
+    pub async fn delete_cache(&self, name: &str) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let id: Option<i64> = sqlx::query_scalar("SELECT id FROM caches WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(id) = id else {
+            return Ok(false);
+        };
+        for table in ["paths", "uploads", "logs"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE cache_id = $1"))
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("DELETE FROM caches WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub async fn cache_stats(&self, cache_id: i64) -> Result<CacheStats> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS paths, CAST(COALESCE(SUM(n.file_size), 0) AS BIGINT) AS size, \
+             CAST(COALESCE(SUM(n.nar_size), 0) AS BIGINT) AS nar_size \
+             FROM paths p JOIN nars n ON n.id = p.nar_id WHERE p.cache_id = $1",
+        )
+        .bind(cache_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(CacheStats {
+            paths: row.try_get("paths")?,
+            size: row.try_get("size")?,
+            nar_size: row.try_get("nar_size")?,
+        })
+    }
+
+    // ---- tokens -------------------------------------------------------------------------
+
+    pub async fn create_token(&self, t: &TokenRow) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO tokens (id, secret_hash, label, perms, caches, expires_at, revoked_at, \
+             created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(&t.id)
+        .bind(&t.secret_hash)
+        .bind(&t.label)
+        .bind(&t.perms)
+        .bind(&t.caches)
+        .bind(t.expires_at)
+        .bind(t.revoked_at)
+        .bind(t.created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn token_count(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM tokens")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    pub async fn find_token(&self, secret_hash: &str) -> Result<Option<TokenRow>> {
+        let sql = format!("SELECT {TOKEN_COLS} FROM tokens WHERE secret_hash = $1");
+        let row = sqlx::query(&sql)
+            .bind(secret_hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(token_from_row).transpose()
+    }
+
+    pub async fn get_token(&self, id: &str) -> Result<Option<TokenRow>> {
+        let sql = format!("SELECT {TOKEN_COLS} FROM tokens WHERE id = $1");
+        let row = sqlx::query(&sql).bind(id).fetch_optional(&self.pool).await?;
+        row.as_ref().map(token_from_row).transpose()
+    }
+
+    pub async fn list_tokens(&self) -> Result<Vec<TokenRow>> {
+        let sql = format!("SELECT {TOKEN_COLS} FROM tokens ORDER BY created_at, id");
+        let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
+        rows.iter().map(token_from_row).collect()
+    }
+
+    /// Revoke a token; returns false if no unrevoked token has this id.
+    pub async fn revoke_token(&self, id: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+        )
+        .bind(now_unix())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    // ---- NARs and uploads ---------------------------------------------------------------
+
+    /// Record a pending upload in `cache_id` that reuses the stored NAR with `nar_hash`, if
+    /// one exists. One statement, so garbage collection cannot slip in between the lookup
+    /// and the reference. Returns the NAR if it was reused.
+    pub async fn reuse_nar_for_upload(
+        &self,
+        upload_id: &str,
+        cache_id: i64,
+        key: Option<&str>,
+        nar_hash: &str,
+    ) -> Result<Option<NarRow>> {
+        if let Some(key) = key {
+            self.drop_upload_key(cache_id, key).await?;
+        }
+        let done = sqlx::query(
+            "INSERT INTO uploads (id, cache_id, nar_id, key, created_at) \
+             SELECT $1, $2, id, $3, $4 FROM nars WHERE nar_hash = $5",
+        )
+        .bind(upload_id)
+        .bind(cache_id)
+        .bind(key)
+        .bind(now_unix())
+        .bind(nar_hash)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Ok(None);
+        }
+        self.upload_nar(cache_id, upload_id).await
+    }
+
+    async fn drop_upload_key(&self, cache_id: i64, key: &str) -> Result<()> {
+        sqlx::query("DELETE FROM uploads WHERE cache_id = $1 AND key = $2")
+            .bind(cache_id)
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Record a newly stored NAR (its chunks' objects already durably stored) and a pending
+    /// upload referencing it. If the same NAR was recorded concurrently, the upload references
+    /// that one instead and `Ok((nar, false))` says ours is redundant.
+    pub async fn insert_nar_for_upload(
+        &self,
+        upload_id: &str,
+        cache_id: i64,
+        key: Option<&str>,
+        nar: &NarRow,
+        chunks: &[ChunkRow],
+    ) -> Result<(NarRow, bool)> {
+        if let Some(key) = key {
+            self.drop_upload_key(cache_id, key).await?;
+        }
+        let now = now_unix();
+        let mut tx = self.pool.begin().await?;
+        let new_id: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO nars (nar_hash, nar_size, compression, file_hash, file_size, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING id",
+        )
+        .bind(&nar.nar_hash)
+        .bind(nar.nar_size)
+        .bind(&nar.compression)
+        .bind(&nar.file_hash)
+        .bind(nar.file_size)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let inserted = new_id.is_some();
+        if let Some(nar_id) = new_id {
+            for (seq, chunk) in chunks.iter().enumerate() {
+                sqlx::query(
+                    "INSERT INTO chunks (chunk_hash, file_size, created_at) VALUES ($1, $2, $3) \
+                     ON CONFLICT (chunk_hash) DO NOTHING",
+                )
+                .bind(&chunk.chunk_hash)
+                .bind(chunk.file_size)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "INSERT INTO nar_chunks (nar_id, seq, chunk_hash) VALUES ($1, $2, $3)",
+                )
+                .bind(nar_id)
+                .bind(seq as i64)
+                .bind(&chunk.chunk_hash)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        let linked = sqlx::query(
+            "INSERT INTO uploads (id, cache_id, nar_id, key, created_at) \
+             SELECT $1, $2, id, $3, $4 FROM nars WHERE nar_hash = $5",
+        )
+        .bind(upload_id)
+        .bind(cache_id)
+        .bind(key)
+        .bind(now)
+        .bind(&nar.nar_hash)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        if linked.rows_affected() == 0 {
+            // Only possible if a file hash collided with a different NAR's; treat as corrupt.
+            return Err(MetaError::Corrupt {
+                field: "nars.file_hash",
+                value: nar.file_hash.clone(),
+            });
+        }
+        let row = self
+            .upload_nar(cache_id, upload_id)
+            .await?
+            .ok_or_else(|| MetaError::Corrupt {
+                field: "uploads.id",
+                value: upload_id.to_owned(),
+            })?;
+        Ok((row, inserted))
+    }
+
+    /// The NAR of a pending upload.
+    pub async fn upload_nar(&self, cache_id: i64, upload_id: &str) -> Result<Option<NarRow>> {
+        let sql = format!(
+            "SELECT {NAR_COLS} FROM uploads u JOIN nars n ON n.id = u.nar_id \
+             WHERE u.cache_id = $1 AND u.id = $2"
+        );
+        let row = sqlx::query(&sql)
+            .bind(cache_id)
+            .bind(upload_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(nar_from_row).transpose()
+    }
+
+    /// The pending upload that Nix's uploader stored under `nar/<key>`.
+    pub async fn upload_by_key(&self, cache_id: i64, key: &str) -> Result<Option<(String, NarRow)>> {
+        let sql = format!(
+            "SELECT u.id AS upload_id, {NAR_COLS} FROM uploads u JOIN nars n ON n.id = u.nar_id \
+             WHERE u.cache_id = $1 AND u.key = $2 ORDER BY u.created_at DESC"
+        );
+        let row = sqlx::query(&sql)
+            .bind(cache_id)
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(row) => Ok(Some((row.try_get("upload_id")?, nar_from_row(&row)?))),
+            None => Ok(None),
+        }
+    }
+
+    /// The NAR whose stored file has `file_hash`, if `cache_id` publishes a path using it.
+    pub async fn cache_nar_by_file_hash(
+        &self,
+        cache_id: i64,
+        file_hash: &str,
+    ) -> Result<Option<NarRow>> {
+        let sql = format!(
+            "SELECT {NAR_COLS} FROM nars n WHERE n.file_hash = $1 AND EXISTS \
+             (SELECT 1 FROM paths p WHERE p.cache_id = $2 AND p.nar_id = n.id)"
+        );
+        let row = sqlx::query(&sql)
+            .bind(file_hash)
+            .bind(cache_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(nar_from_row).transpose()
+    }
+
+    /// The chunks of a NAR, in order.
+    pub async fn nar_chunks(&self, nar_id: i64) -> Result<Vec<ChunkRow>> {
+        let rows = sqlx::query(
+            "SELECT c.chunk_hash, c.file_size FROM nar_chunks nc \
+             JOIN chunks c ON c.chunk_hash = nc.chunk_hash WHERE nc.nar_id = $1 ORDER BY nc.seq",
+        )
+        .bind(nar_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ChunkRow {
+                    chunk_hash: r.try_get("chunk_hash")?,
+                    file_size: r.try_get("file_size")?,
+                })
+            })
+            .collect()
+    }
+
+    // ---- paths --------------------------------------------------------------------------
+
+    pub async fn get_path(&self, cache_id: i64, hash: &str) -> Result<Option<PathRow>> {
+        let sql = format!(
+            "SELECT p.id, p.cache_id, p.hash, p.name, p.refs, p.deriver, p.ca, p.sigs, \
+             p.created_at, {NAR_COLS} FROM paths p JOIN nars n ON n.id = p.nar_id \
+             WHERE p.cache_id = $1 AND p.hash = $2"
+        );
+        let row = sqlx::query(&sql)
+            .bind(cache_id)
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(path_from_row).transpose()
+    }
+
+    /// Which of `hashes` (32-character hash parts) the cache does not publish, in input order.
+    pub async fn missing_hashes(&self, cache_id: i64, hashes: &[String]) -> Result<Vec<String>> {
+        let mut present = std::collections::HashSet::new();
+        for batch in hashes.chunks(IN_BATCH) {
+            let sql = format!(
+                "SELECT hash FROM paths WHERE cache_id = $1 AND hash IN ({})",
+                placeholders(2, batch.len())
+            );
+            let mut q = sqlx::query_scalar::<_, String>(&sql).bind(cache_id);
+            for h in batch {
+                q = q.bind(h);
+            }
+            present.extend(q.fetch_all(&self.pool).await?);
+        }
+        Ok(hashes
+            .iter()
+            .filter(|h| !present.contains(*h))
+            .cloned()
+            .collect())
+    }
+
+    /// Publish a path from a pending upload, atomically: the path row is created, its
+    /// references are checked to be published in the same cache, and the upload is consumed,
+    /// or nothing changes.
+    pub async fn publish_path(&self, p: &NewPath, upload_id: &str) -> Result<Publish> {
+        let self_basename = format!("{}-{}", p.hash, p.name);
+        let mut tx = self.pool.begin().await?;
+        // The write comes first so that SQLite takes its write lock at once (a deferred
+        // transaction that reads first can fail to upgrade under concurrency).
+        let new_id: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO paths (cache_id, hash, name, nar_id, refs, deriver, ca, sigs, \
+             created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             ON CONFLICT (cache_id, hash) DO NOTHING RETURNING id",
+        )
+        .bind(p.cache_id)
+        .bind(&p.hash)
+        .bind(&p.name)
+        .bind(p.nar_id)
+        .bind(p.refs.join(" "))
+        .bind(&p.deriver)
+        .bind(&p.ca)
+        .bind(p.sigs.join("\n"))
+        .bind(now_unix())
+        .fetch_optional(&mut *tx)
+        .await?;
+        if new_id.is_none() {
+            let existing: Option<String> = sqlx::query_scalar(
+                "SELECT n.nar_hash FROM paths p JOIN nars n ON n.id = p.nar_id \
+                 WHERE p.cache_id = $1 AND p.hash = $2",
+            )
+            .bind(p.cache_id)
+            .bind(&p.hash)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let nar_hash: Option<String> =
+                sqlx::query_scalar("SELECT nar_hash FROM nars WHERE id = $1")
+                    .bind(p.nar_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            tx.rollback().await?;
+            return Ok(match existing {
+                Some(e) if Some(&e) == nar_hash.as_ref() => Publish::AlreadyPresent,
+                Some(e) => Publish::Conflict {
+                    existing_nar_hash: e,
+                },
+                None => Publish::Conflict {
+                    existing_nar_hash: String::new(),
+                },
+            });
+        }
+        let wanted: Vec<String> = p
+            .refs
+            .iter()
+            .filter(|r| **r != self_basename)
+            .map(|r| r.get(..32).unwrap_or(r).to_owned())
+            .collect();
+        let mut present = std::collections::HashSet::new();
+        for batch in wanted.chunks(IN_BATCH) {
+            let sql = format!(
+                "SELECT hash || '-' || name FROM paths WHERE cache_id = $1 AND hash IN ({})",
+                placeholders(2, batch.len())
+            );
+            let mut q = sqlx::query_scalar::<_, String>(&sql).bind(p.cache_id);
+            for h in batch {
+                q = q.bind(h);
+            }
+            present.extend(q.fetch_all(&mut *tx).await?);
+        }
+        let missing: Vec<String> = p
+            .refs
+            .iter()
+            .filter(|r| **r != self_basename && !present.contains(*r))
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            tx.rollback().await?;
+            return Ok(Publish::MissingReferences(missing));
+        }
+        sqlx::query("DELETE FROM uploads WHERE cache_id = $1 AND id = $2")
+            .bind(p.cache_id)
+            .bind(upload_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Publish::Created)
+    }
+
+    // ---- build logs ---------------------------------------------------------------------
+
+    pub async fn put_log(&self, cache_id: i64, drv: &str, object_key: &str, size: i64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO logs (cache_id, drv, object_key, size, created_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (cache_id, drv) DO UPDATE \
+             SET object_key = excluded.object_key, size = excluded.size, \
+             created_at = excluded.created_at",
+        )
+        .bind(cache_id)
+        .bind(drv)
+        .bind(object_key)
+        .bind(size)
+        .bind(now_unix())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn get_log(&self, cache_id: i64, drv: &str) -> Result<Option<(String, i64)>> {
+        let row = sqlx::query("SELECT object_key, size FROM logs WHERE cache_id = $1 AND drv = $2")
+            .bind(cache_id)
+            .bind(drv)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(r) => Ok(Some((r.try_get("object_key")?, r.try_get("size")?))),
+            None => Ok(None),
+        }
+    }
+
+    // ---- garbage ------------------------------------------------------------------------
+
+    /// Forget pending uploads older than `max_age_secs`, NARs nothing refers to, and chunks
+    /// no NAR uses. Returns the object keys that are now unreferenced, for the caller to
+    /// delete from object storage (after this commit, so a crash leaks objects at worst, and
+    /// never leaves a row pointing to a deleted object).
+    pub async fn collect_garbage(&self, max_upload_age_secs: i64) -> Result<Vec<String>> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM uploads WHERE created_at < $1")
+            .bind(now_unix() - max_upload_age_secs)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "DELETE FROM nar_chunks WHERE nar_id IN (SELECT id FROM nars n WHERE \
+             NOT EXISTS (SELECT 1 FROM paths p WHERE p.nar_id = n.id) AND \
+             NOT EXISTS (SELECT 1 FROM uploads u WHERE u.nar_id = n.id))",
+        )
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "DELETE FROM nars WHERE NOT EXISTS (SELECT 1 FROM paths p WHERE p.nar_id = nars.id) \
+             AND NOT EXISTS (SELECT 1 FROM uploads u WHERE u.nar_id = nars.id)",
+        )
+        .execute(&mut *tx)
+        .await?;
+        let chunks: Vec<String> = sqlx::query_scalar(
+            "DELETE FROM chunks WHERE NOT EXISTS \
+             (SELECT 1 FROM nar_chunks nc WHERE nc.chunk_hash = chunks.chunk_hash) \
+             RETURNING chunk_hash",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(chunks.iter().map(|h| chunk_object_key(h)).collect())
+    }
+}

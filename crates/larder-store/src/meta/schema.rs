@@ -1,0 +1,114 @@
+//! The schema and its migrations. Columns use types both engines share (`BIGINT`, `TEXT`);
+//! only the auto-increment primary key is spelled per engine. Each migration runs once, in
+//! order, recorded in `larder_schema`.
+
+use sqlx::AnyPool;
+
+use super::{Engine, MetaError};
+
+/// Migrations in order; `{ID}` is the engine's auto-increment primary key.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE caches (
+    id {ID},
+    name TEXT NOT NULL UNIQUE,
+    private BIGINT NOT NULL,
+    priority BIGINT NOT NULL,
+    compression TEXT NOT NULL,
+    max_size BIGINT,
+    signing_mode TEXT NOT NULL,
+    public_key TEXT,
+    secret_key TEXT,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE tokens (
+    id TEXT PRIMARY KEY,
+    secret_hash TEXT NOT NULL UNIQUE,
+    label TEXT NOT NULL,
+    perms TEXT NOT NULL,
+    caches TEXT,
+    expires_at BIGINT,
+    revoked_at BIGINT,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE nars (
+    id {ID},
+    nar_hash TEXT NOT NULL UNIQUE,
+    nar_size BIGINT NOT NULL,
+    compression TEXT NOT NULL,
+    file_hash TEXT NOT NULL UNIQUE,
+    file_size BIGINT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE chunks (
+    chunk_hash TEXT PRIMARY KEY,
+    file_size BIGINT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE nar_chunks (
+    nar_id BIGINT NOT NULL REFERENCES nars (id),
+    seq BIGINT NOT NULL,
+    chunk_hash TEXT NOT NULL REFERENCES chunks (chunk_hash),
+    PRIMARY KEY (nar_id, seq)
+);
+CREATE INDEX nar_chunks_chunk ON nar_chunks (chunk_hash);
+CREATE TABLE paths (
+    id {ID},
+    cache_id BIGINT NOT NULL REFERENCES caches (id),
+    hash TEXT NOT NULL,
+    name TEXT NOT NULL,
+    nar_id BIGINT NOT NULL REFERENCES nars (id),
+    refs TEXT NOT NULL,
+    deriver TEXT,
+    ca TEXT,
+    sigs TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    last_used_at BIGINT,
+    UNIQUE (cache_id, hash)
+);
+CREATE INDEX paths_nar ON paths (nar_id);
+CREATE TABLE uploads (
+    id TEXT PRIMARY KEY,
+    cache_id BIGINT NOT NULL REFERENCES caches (id),
+    nar_id BIGINT NOT NULL REFERENCES nars (id),
+    key TEXT,
+    created_at BIGINT NOT NULL
+);
+CREATE INDEX uploads_nar ON uploads (nar_id);
+CREATE INDEX uploads_key ON uploads (cache_id, key);
+CREATE TABLE logs (
+    cache_id BIGINT NOT NULL REFERENCES caches (id),
+    drv TEXT NOT NULL,
+    object_key TEXT NOT NULL,
+    size BIGINT NOT NULL,
+    created_at BIGINT NOT NULL,
+    PRIMARY KEY (cache_id, drv)
+);
+"#];
+
+pub(super) async fn migrate(pool: &AnyPool, engine: Engine) -> Result<(), MetaError> {
+    let id = match engine {
+        Engine::Sqlite => "INTEGER PRIMARY KEY AUTOINCREMENT",
+        Engine::Postgres => "BIGSERIAL PRIMARY KEY",
+    };
+    let mut tx = pool.begin().await?;
+    sqlx::query("CREATE TABLE IF NOT EXISTS larder_schema (version BIGINT NOT NULL)")
+        .execute(&mut *tx)
+        .await?;
+    let current: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM larder_schema")
+        .fetch_one(&mut *tx)
+        .await?;
+    let current = current.unwrap_or(0) as usize;
+    for (i, migration) in MIGRATIONS.iter().enumerate().skip(current) {
+        for stmt in migration.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+            sqlx::query(&stmt.replace("{ID}", id))
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("INSERT INTO larder_schema (version) VALUES ($1)")
+            .bind((i + 1) as i64)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}

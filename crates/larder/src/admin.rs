@@ -1,0 +1,470 @@
+//! Admin verbs: `login`, `authtoken`, `cache …`, `token …`. Each is a thin client of the JSON
+//! API; the server enforces every permission.
+
+use std::io::{BufRead, IsTerminal};
+
+use anyhow::Context;
+use larder_client::api::{CacheInfo, TokenInfo};
+use larder_client::ApiClient;
+use serde_json::json;
+
+use crate::client_config::{config_path, connect, target, ClientConfig, ServerEntry};
+use crate::output::{fail_with_hint, human_size, print, print_json};
+
+#[derive(clap::Args)]
+pub struct LoginArgs {
+    /// Server URL, e.g. http://shoshin:8080
+    url: String,
+    /// The token (omit it to read it from standard input, which keeps it out of shell history).
+    token: Option<String>,
+    /// Name of this server in the client config. [default: default]
+    #[arg(long)]
+    name: Option<String>,
+    /// Read the token from standard input.
+    #[arg(long)]
+    stdin: bool,
+}
+
+#[derive(clap::Args)]
+pub struct AuthtokenArgs {
+    /// The token (omit it, or pass --stdin, to read it from standard input).
+    token: Option<String>,
+    /// Read the token from standard input.
+    #[arg(long)]
+    stdin: bool,
+}
+
+fn read_token(arg: Option<String>, stdin: bool) -> anyhow::Result<String> {
+    let token = match arg {
+        Some(t) if !stdin => t,
+        _ => {
+            if std::io::stdin().is_terminal() {
+                eprint!("token: ");
+            }
+            let mut line = String::new();
+            std::io::stdin()
+                .lock()
+                .read_line(&mut line)
+                .context("cannot read the token from standard input")?;
+            line
+        }
+    };
+    let token = token.trim().to_owned();
+    if token.is_empty() {
+        return Err(fail_with_hint(
+            "no token given",
+            "pass it as an argument or on standard input (e.g. `larder login URL --stdin < token-file`)",
+        ));
+    }
+    Ok(token)
+}
+
+pub async fn login(args: LoginArgs) -> anyhow::Result<()> {
+    let token = read_token(args.token, args.stdin)?;
+    let name = args.name.unwrap_or_else(|| "default".to_owned());
+    let client = ApiClient::new(&args.url, Some(token.clone()))?;
+    let who = client
+        .whoami()
+        .await
+        .with_context(|| format!("cannot check the token against {}", args.url))?;
+    let mut cfg = ClientConfig::load()?;
+    cfg.servers.insert(
+        name.clone(),
+        ServerEntry {
+            url: client.base_url().to_owned(),
+            token: Some(token),
+        },
+    );
+    if cfg.default_server.is_none() || name == "default" {
+        cfg.default_server = Some(name.clone());
+    }
+    let path = cfg.save()?;
+    let scope = match &who.caches {
+        None => "all caches".to_owned(),
+        Some(c) => format!("caches {}", c.join(", ")),
+    };
+    eprintln!(
+        "logged in to {} as {:?} ({} on {scope}); saved as server {name:?} in {}",
+        client.base_url(),
+        who.label.unwrap_or_default(),
+        who.perms.join("+"),
+        path.display()
+    );
+    Ok(())
+}
+
+pub async fn authtoken(args: AuthtokenArgs) -> anyhow::Result<()> {
+    let token = read_token(args.token, args.stdin)?;
+    let mut cfg = ClientConfig::load()?;
+    let name = match cfg.default_server.clone() {
+        Some(n) => n,
+        None => {
+            let url = crate::env::var(crate::env::SERVER).ok_or_else(|| {
+                fail_with_hint(
+                    "no default server to set the token of",
+                    "run `larder login URL TOKEN` first (or set LARDER_SERVER)",
+                )
+            })?;
+            cfg.servers.insert(
+                "default".into(),
+                ServerEntry {
+                    url,
+                    token: None,
+                },
+            );
+            cfg.default_server = Some("default".into());
+            "default".into()
+        }
+    };
+    let entry = cfg
+        .servers
+        .get_mut(&name)
+        .ok_or_else(|| anyhow::anyhow!("the default server {name:?} is missing from the config"))?;
+    let client = ApiClient::new(&entry.url, Some(token.clone()))?;
+    client
+        .whoami()
+        .await
+        .with_context(|| format!("cannot check the token against {}", entry.url))?;
+    entry.token = Some(token);
+    let path = cfg.save()?;
+    eprintln!("token of server {name:?} saved in {}", path.display());
+    Ok(())
+}
+
+#[derive(clap::Subcommand)]
+pub enum CacheCommand {
+    /// Create a cache (server admin). It gets a managed signing key named
+    /// `<cache>.<host>-1`; see `larder generate-keypair` for client-held keys.
+    Create {
+        /// Cache name: 1-63 of [a-z0-9-], starting with a letter or digit.
+        name: String,
+        /// Only tokens with pull permission may read it.
+        #[arg(long)]
+        private: bool,
+        /// Storage limit, e.g. 5GiB (least recently used paths are evicted beyond it).
+        #[arg(long)]
+        max_size: Option<String>,
+        /// Priority advertised to Nix (lower is preferred; cache.nixos.org is 40). [default: 41]
+        #[arg(long)]
+        priority: Option<i64>,
+        /// Preferred compression of pushed NARs. [default: the server's, zstd]
+        #[arg(long, value_parser = ["zstd", "xz", "none"])]
+        compression: Option<String>,
+        /// Print the new cache as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the caches you can see.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show size, limit, path count, public key and the nix.conf lines of a cache.
+    Info {
+        /// CACHE or SERVER:CACHE
+        cache: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a cache's settings (admin on the cache).
+    Configure {
+        /// CACHE or SERVER:CACHE
+        cache: String,
+        /// Make the cache private.
+        #[arg(long, conflicts_with = "public")]
+        private: bool,
+        /// Make the cache public.
+        #[arg(long)]
+        public: bool,
+        /// Storage limit, e.g. 5GiB, or `none` to remove it.
+        #[arg(long)]
+        max_size: Option<String>,
+        #[arg(long)]
+        priority: Option<i64>,
+        #[arg(long, value_parser = ["zstd", "xz", "none"])]
+        compression: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a cache and everything in it (admin on the cache).
+    Delete {
+        /// CACHE or SERVER:CACHE
+        cache: String,
+        /// Confirm the deletion (required: there is no undo).
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+fn print_cache(c: &CacheInfo) -> anyhow::Result<()> {
+    let limit = match c.max_size {
+        Some(m) if m > 0 => format!(
+            " of {} ({:.0}%)",
+            human_size(m),
+            c.size as f64 * 100.0 / m as f64
+        ),
+        _ => " (no limit)".to_owned(),
+    };
+    let conf: String = c.nix_conf.lines().map(|l| format!("  {l}\n")).collect();
+    print(&format!(
+        "cache:       {}\nurl:         {}\nvisibility:  {}\npriority:    {}\ncompression: {}\n\
+         size:        {}{limit}\npaths:       {}\nsigning:     {}\npublic key:  {}\nnix.conf:\n{conf}",
+        c.name,
+        c.url,
+        if c.private { "private" } else { "public" },
+        c.priority,
+        c.compression,
+        human_size(c.size),
+        c.paths,
+        c.signing_mode,
+        c.public_key.as_deref().unwrap_or("(none registered)"),
+    ))
+}
+
+pub async fn cache(cmd: CacheCommand) -> anyhow::Result<()> {
+    match cmd {
+        CacheCommand::Create {
+            name,
+            private,
+            max_size,
+            priority,
+            compression,
+            json,
+        } => {
+            let t = target(&name)?;
+            let c = t
+                .client
+                .create_cache(&json!({
+                    "name": t.cache, "private": private, "max_size": max_size,
+                    "priority": priority, "compression": compression,
+                }))
+                .await
+                .with_context(|| format!("cannot create cache {:?}", t.cache))?;
+            if json {
+                print_json(&c)?;
+            } else {
+                eprintln!("created cache {:?}", c.name);
+                print_cache(&c)?;
+            }
+        }
+        CacheCommand::List { json } => {
+            let caches = connect(None)?.list_caches().await.context("cannot list caches")?;
+            if json {
+                print_json(&caches)?;
+            } else if caches.is_empty() {
+                eprintln!("no caches (create one with `larder cache create NAME`)");
+            } else {
+                let mut out = format!("{:<24} {:<8} {:>8} {:>12}  {}\n", "NAME", "ACCESS", "PATHS", "SIZE", "URL");
+                for c in &caches {
+                    out.push_str(&format!(
+                        "{:<24} {:<8} {:>8} {:>12}  {}\n",
+                        c.name,
+                        if c.private { "private" } else { "public" },
+                        c.paths,
+                        human_size(c.size),
+                        c.url
+                    ));
+                }
+                print(&out)?;
+            }
+        }
+        CacheCommand::Info { cache, json } => {
+            let t = target(&cache)?;
+            let c = t
+                .client
+                .cache_info(&t.cache)
+                .await
+                .with_context(|| format!("cannot get cache {:?}", t.cache))?;
+            if json {
+                print_json(&c)?;
+            } else {
+                print_cache(&c)?;
+            }
+        }
+        CacheCommand::Configure {
+            cache,
+            private,
+            public,
+            max_size,
+            priority,
+            compression,
+            json,
+        } => {
+            let t = target(&cache)?;
+            let mut body = serde_json::Map::new();
+            if private || public {
+                body.insert("private".into(), json!(private));
+            }
+            if let Some(m) = max_size {
+                let v = if m == "none" { json!(null) } else { json!(m) };
+                body.insert("max_size".into(), v);
+            }
+            if let Some(p) = priority {
+                body.insert("priority".into(), json!(p));
+            }
+            if let Some(c) = compression {
+                body.insert("compression".into(), json!(c));
+            }
+            if body.is_empty() {
+                return Err(fail_with_hint(
+                    "nothing to change",
+                    "pass --private/--public, --max-size, --priority or --compression",
+                ));
+            }
+            let c = t
+                .client
+                .configure_cache(&t.cache, &body.into())
+                .await
+                .with_context(|| format!("cannot configure cache {:?}", t.cache))?;
+            if json {
+                print_json(&c)?;
+            } else {
+                print_cache(&c)?;
+            }
+        }
+        CacheCommand::Delete { cache, yes } => {
+            let t = target(&cache)?;
+            if !yes {
+                return Err(fail_with_hint(
+                    format!("not deleting cache {:?} without confirmation", t.cache),
+                    format!("this deletes every path in it; run `larder cache delete {cache} --yes`"),
+                ));
+            }
+            t.client
+                .delete_cache(&t.cache)
+                .await
+                .with_context(|| format!("cannot delete cache {:?}", t.cache))?;
+            eprintln!("deleted cache {:?}", t.cache);
+        }
+    }
+    Ok(())
+}
+
+#[derive(clap::Subcommand)]
+pub enum TokenCommand {
+    /// Create a token and print it (once: the server keeps only its hash).
+    Create {
+        /// Permission: pull, push or admin (repeatable; push implies pull, admin implies push).
+        #[arg(long = "perm", required = true, value_parser = ["pull", "push", "admin"])]
+        perms: Vec<String>,
+        /// Restrict to this cache (repeatable); without it the token covers every cache.
+        #[arg(long = "cache")]
+        caches: Vec<String>,
+        /// Lifetime, e.g. 30d, 12h. [default: never expires]
+        #[arg(long)]
+        expires: Option<String>,
+        /// A label to recognise the token by, e.g. shoshin-desktop.
+        #[arg(long)]
+        label: Option<String>,
+        /// Print the token's record as JSON (the token is its `token` field).
+        #[arg(long)]
+        json: bool,
+        /// Server name from the client config. [default: the default server]
+        #[arg(long)]
+        server: Option<String>,
+    },
+    /// List tokens (never their secrets).
+    List {
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        server: Option<String>,
+    },
+    /// Revoke a token by its id (from `token list`).
+    Revoke {
+        id: String,
+        #[arg(long)]
+        server: Option<String>,
+    },
+}
+
+fn fmt_time(t: Option<i64>) -> String {
+    match t {
+        None => "-".into(),
+        Some(t) => {
+            let now = larder_store::now_unix();
+            let d = (t - now).abs();
+            let span = if d >= 86400 {
+                format!("{}d", d / 86400)
+            } else if d >= 3600 {
+                format!("{}h", d / 3600)
+            } else {
+                format!("{}m", d / 60)
+            };
+            if t >= now {
+                format!("in {span}")
+            } else {
+                format!("{span} ago")
+            }
+        }
+    }
+}
+
+pub async fn token(cmd: TokenCommand) -> anyhow::Result<()> {
+    match cmd {
+        TokenCommand::Create {
+            perms,
+            caches,
+            expires,
+            label,
+            json,
+            server,
+        } => {
+            let client = connect(server.as_deref())?;
+            let caches = if caches.is_empty() { None } else { Some(caches) };
+            let t: TokenInfo = client
+                .create_token(&json!({
+                    "perms": perms, "caches": caches, "expires_in": expires,
+                    "label": label.unwrap_or_default(),
+                }))
+                .await
+                .context("cannot create the token")?;
+            if json {
+                print_json(&t)?;
+            } else {
+                print(&format!("{}\n", t.token.clone().unwrap_or_default()))?;
+                eprintln!(
+                    "created token {} ({} on {}); it is shown only once",
+                    t.id,
+                    t.perms.join("+"),
+                    t.caches.as_ref().map(|c| c.join(", ")).unwrap_or_else(|| "all caches".into())
+                );
+            }
+        }
+        TokenCommand::List { json, server } => {
+            let tokens = connect(server.as_deref())?
+                .list_tokens()
+                .await
+                .context("cannot list tokens")?;
+            if json {
+                print_json(&tokens)?;
+            } else {
+                let mut out = format!(
+                    "{:<16} {:<20} {:<16} {:<20} {:<10} {}\n",
+                    "ID", "LABEL", "PERMS", "CACHES", "EXPIRES", "STATE"
+                );
+                for t in &tokens {
+                    out.push_str(&format!(
+                        "{:<16} {:<20} {:<16} {:<20} {:<10} {}\n",
+                        t.id,
+                        t.label,
+                        t.perms.join("+"),
+                        t.caches.as_ref().map(|c| c.join(",")).unwrap_or_else(|| "*".into()),
+                        fmt_time(t.expires_at),
+                        if t.revoked_at.is_some() { "revoked" } else { "active" }
+                    ));
+                }
+                print(&out)?;
+            }
+        }
+        TokenCommand::Revoke { id, server } => {
+            connect(server.as_deref())?
+                .revoke_token(&id)
+                .await
+                .with_context(|| format!("cannot revoke token {id}"))?;
+            eprintln!("revoked token {id}");
+        }
+    }
+    let _ = config_path;
+    Ok(())
+}

@@ -1,0 +1,23 @@
+//! Every environment variable larder reads, in one place.
+//!
+//! Client: `LARDER_SERVER` (server URL), `LARDER_TOKEN`, `LARDER_SIGNING_KEY` (Nix secret key
+//! `name:base64`), `LARDER_CONFIG` (client config file). With `LARDER_SERVER` and
+//! `LARDER_TOKEN` no config file is needed.
+//!
+//! Server (`larder serve`; flags override these, these override the config file):
+//! `LARDER_SERVE_CONFIG`, `LARDER_LISTEN`, `LARDER_DATA_DIR`, `LARDER_PUBLIC_URL`,
+//! `LARDER_DATABASE`, `LARDER_STORAGE`, `LARDER_COMPRESSION`, `LARDER_COMPRESSION_LEVEL`,
+//! `LARDER_MAX_UPLOAD_SIZE`, `LARDER_GC_INTERVAL`.
+//!
+//! Both: `LARDER_LOG` (a tracing filter such as `debug` or `larder_server=debug`), `NO_COLOR`,
+//! `XDG_CONFIG_HOME`, `XDG_DATA_HOME`, `HOME`.
+
+pub const SERVER: &str = "LARDER_SERVER";
+pub const TOKEN: &str = "LARDER_TOKEN";
+pub const CONFIG: &str = "LARDER_CONFIG";
+pub const LOG: &str = "LARDER_LOG";
+
+/// A variable's value, treating empty as unset.
+pub fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}

@@ -1,0 +1,79 @@
+//! `larder`: a self-hosted Nix binary cache. `larder serve` runs the server; every other verb
+//! is a client of a server's HTTP API.
+//!
+//! Exit status: 0 success, 1 failure, 2 usage error. Data goes to stdout, diagnostics to
+//! stderr. Every environment variable larder reads is listed in [`env`].
+
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand};
+
+mod admin;
+mod client_config;
+mod env;
+mod output;
+mod serve;
+
+/// A self-hosted Nix binary cache: build once on a strong machine, push to a signed cache,
+/// substitute everywhere else.
+///
+/// Quick start on the server: `larder serve`, then `larder login http://HOST:8080
+/// $(cat ~/.local/share/larder/admin-token)` and `larder cache create NAME`.
+#[derive(Parser)]
+#[command(name = "larder", version, propagate_version = true, max_term_width = 100)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (zero-config: SQLite + a local directory under the data dir).
+    Serve(serve::ServeArgs),
+    /// Save a server and a token in the client config, checking the token against the server.
+    Login(admin::LoginArgs),
+    /// Set the token of the default server (the Cachix habit).
+    Authtoken(admin::AuthtokenArgs),
+    /// Create, list, inspect, configure and delete caches.
+    #[command(subcommand)]
+    Cache(admin::CacheCommand),
+    /// Create, list and revoke access tokens (server admin).
+    #[command(subcommand)]
+    Token(admin::TokenCommand),
+    /// Print shell completions, e.g. `larder completions bash > /etc/bash_completion.d/larder`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell
+        shell: clap_complete::Shell,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let is_serve = matches!(cli.command, Command::Serve(_));
+    output::init_tracing(is_serve);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve::run(args).await,
+            Command::Login(args) => admin::login(args).await,
+            Command::Authtoken(args) => admin::authtoken(args).await,
+            Command::Cache(cmd) => admin::cache(cmd).await,
+            Command::Token(cmd) => admin::token(cmd).await,
+            Command::Completions { shell } => {
+                let mut cmd = Cli::command();
+                clap_complete::generate(shell, &mut cmd, "larder", &mut std::io::stdout());
+                Ok(())
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => output::report_error(&e),
+    }
+}

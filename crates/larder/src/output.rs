@@ -1,0 +1,112 @@
+//! Terminal output: logging setup, error reports, human-readable sizes and times.
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+
+use tracing_subscriber::EnvFilter;
+
+pub fn init_tracing(server: bool) {
+    let default = if server { "info" } else { "warn" };
+    let filter = crate::env::var(crate::env::LOG)
+        .map(EnvFilter::new)
+        .unwrap_or_else(|| EnvFilter::new(default));
+    let ansi = std::io::stderr().is_terminal() && crate::env::var("NO_COLOR").is_none();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .with_target(false)
+        .init();
+}
+
+/// Print to stdout; a closed pipe (`larder … | head`) is not an error worth a message.
+pub fn print(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    Ok(())
+}
+
+pub fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    print(&(serde_json::to_string_pretty(value)? + "\n"))
+}
+
+/// Print an error chain and a hint; exit 1.
+pub fn report_error(e: &anyhow::Error) -> ExitCode {
+    if e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    }) {
+        return ExitCode::SUCCESS;
+    }
+    let mut msg = format!("error: {e}");
+    for cause in e.chain().skip(1) {
+        msg.push_str(&format!("\n  caused by: {cause}"));
+    }
+    if let Some(hint) = hint_for(e) {
+        msg.push_str(&format!("\nhint: {hint}"));
+    }
+    eprintln!("{msg}");
+    ExitCode::FAILURE
+}
+
+fn hint_for(e: &anyhow::Error) -> Option<String> {
+    for cause in e.chain() {
+        if let Some(h) = cause.downcast_ref::<Hinted>() {
+            return Some(h.hint.clone());
+        }
+        if let Some(ce) = cause.downcast_ref::<larder_client::ClientError>() {
+            return match ce {
+                larder_client::ClientError::Unreachable { url, .. } => Some(format!(
+                    "is `larder serve` running at {url}? Check the URL with `larder login` or LARDER_SERVER"
+                )),
+                larder_client::ClientError::Status { status: 401, .. } => Some(
+                    "set a valid token: `larder login URL TOKEN`, `larder authtoken TOKEN` or LARDER_TOKEN".into(),
+                ),
+                larder_client::ClientError::Status { status: 403, .. } => Some(
+                    "ask a server admin for a token with this permission (`larder token create`)".into(),
+                ),
+                _ => None,
+            };
+        }
+    }
+    None
+}
+
+/// An error whose message comes with a specific hint.
+#[derive(Debug)]
+pub struct Hinted {
+    pub msg: String,
+    pub hint: String,
+}
+
+impl std::fmt::Display for Hinted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.msg)
+    }
+}
+impl std::error::Error for Hinted {}
+
+/// Fail with `msg`, adding `hint`.
+pub fn fail_with_hint(msg: impl std::fmt::Display, hint: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(Hinted {
+        msg: msg.to_string(),
+        hint: hint.into(),
+    })
+}
+
+/// `1.5 GiB`-style sizes.
+pub fn human_size(bytes: i64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < units.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", units[i])
+    }
+}

@@ -1,0 +1,129 @@
+//! `larder serve`: resolve the configuration (flag > env > file > default, in
+//! [`resolve_config`]), open the backends, bootstrap the admin token, and serve until SIGTERM
+//! or Ctrl-C, finishing in-flight requests.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use larder_server::config::{Config, ConfigFile, SizeValue};
+
+use crate::env;
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// TOML config file (keys: listen, data_dir, public_url, database, storage, compression,
+    /// compression_level, max_upload_size, gc_interval; see the README).
+    #[arg(long, env = "LARDER_SERVE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on; `127.0.0.1:0` picks a free port. [default: 127.0.0.1:8080]
+    #[arg(long, env = "LARDER_LISTEN")]
+    listen: Option<String>,
+    /// Data directory (SQLite database, NAR objects, admin token).
+    /// [default: $XDG_DATA_HOME/larder]
+    #[arg(long = "data", env = "LARDER_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Base URL clients use to reach this server. [default: http://<listen>]
+    #[arg(long, env = "LARDER_PUBLIC_URL")]
+    public_url: Option<String>,
+    /// Metadata database: sqlite://PATH or postgres://… [default: sqlite://DATA/larder.db]
+    #[arg(long, env = "LARDER_DATABASE")]
+    database: Option<String>,
+    /// NAR storage: file:///DIR [default: file://DATA/store]
+    #[arg(long, env = "LARDER_STORAGE")]
+    storage: Option<String>,
+    /// Preferred compression of new caches: zstd, xz or none. [default: zstd]
+    #[arg(long, env = "LARDER_COMPRESSION")]
+    compression: Option<String>,
+    /// Compression level clients use by default. [default: 3]
+    #[arg(long, env = "LARDER_COMPRESSION_LEVEL")]
+    compression_level: Option<i32>,
+    /// Largest accepted upload, e.g. 64GiB. [default: 64GiB]
+    #[arg(long, env = "LARDER_MAX_UPLOAD_SIZE")]
+    max_upload_size: Option<String>,
+    /// Garbage collection interval, e.g. 1h. [default: 1h]
+    #[arg(long, env = "LARDER_GC_INTERVAL")]
+    gc_interval: Option<String>,
+}
+
+fn default_data_dir() -> anyhow::Result<PathBuf> {
+    if let Some(x) = env::var("XDG_DATA_HOME") {
+        return Ok(PathBuf::from(x).join("larder"));
+    }
+    let home = env::var("HOME").context("neither XDG_DATA_HOME nor HOME is set; pass --data DIR")?;
+    Ok(PathBuf::from(home).join(".local/share/larder"))
+}
+
+/// The one place where flags and env (clap merges those two) override the file.
+fn resolve_config(args: ServeArgs) -> anyhow::Result<(ConfigFile, PathBuf)> {
+    let mut file = match &args.config {
+        Some(p) => ConfigFile::load(p)?,
+        None => ConfigFile::default(),
+    };
+    macro_rules! over {
+        ($($field:ident),*) => { $( if args.$field.is_some() { file.$field = args.$field; } )* };
+    }
+    over!(listen, data_dir, public_url, database, storage, compression, compression_level, gc_interval);
+    if let Some(s) = args.max_upload_size {
+        file.max_upload_size = Some(SizeValue::Text(s));
+    }
+    Ok((file, default_data_dir()?))
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let (mut file, default_data) = resolve_config(args)?;
+    let listen = file
+        .listen
+        .clone()
+        .unwrap_or_else(|| larder_server::config::DEFAULT_LISTEN.to_owned());
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    file.listen = Some(addr.to_string());
+    if file.public_url.is_none() {
+        file.public_url = Some(format!("http://{addr}"));
+    }
+    let config = Config::resolve(file, default_data)?;
+    let data_dir = config.data_dir.clone();
+    let state = larder_server::open_state(config)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))
+        .with_context(|| format!("cannot open the data in {}", data_dir.display()))?;
+    if let Some(path) = larder_server::bootstrap_admin_token(&state)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))
+        .context("cannot create the bootstrap admin token")?
+    {
+        eprintln!(
+            "larder: created a server admin token in {} (mode 0600); use it with:\n  \
+             larder login http://{addr} \"$(cat {})\"",
+            path.display(),
+            path.display()
+        );
+    }
+    eprintln!("larder: listening on http://{addr}");
+    larder_server::serve(state, listener, shutdown_signal())
+        .await
+        .context("server failed")?;
+    eprintln!("larder: stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    eprintln!("larder: shutting down, finishing in-flight requests");
+}

@@ -1,0 +1,181 @@
+//! Shared harness of the end-to-end tests: a real `larder serve` process on a free loopback
+//! port with its own data directory, the `larder` CLI run against it with env-only
+//! configuration, and real Nix (which these tests require: a missing `nix` fails them).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const NIX_CONFIG: &str = "build-users-group =\nexperimental-features = nix-command\nsubstituters =";
+
+pub fn larder_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_larder")
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Fail (not skip) when real Nix is missing: the end-to-end tests are required.
+pub fn require_nix() {
+    let ok = Command::new("nix")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "real Nix is required for the end-to-end tests (apt-get install nix-bin); `.ci/run` installs it"
+    );
+}
+
+pub struct Server {
+    pub child: Child,
+    pub url: String,
+    pub port: u16,
+    pub data: tempfile::TempDir,
+    pub admin_token: String,
+}
+
+impl Server {
+    pub fn start() -> Server {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Server {
+        let data = tempfile::tempdir().expect("tempdir");
+        let mut child = Command::new(larder_bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(data.path())
+            .args(extra)
+            .env_remove("LARDER_SERVE_CONFIG")
+            .env("LARDER_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn larder serve");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if !sent {
+                    if let Some(url) = line.strip_prefix("larder: listening on ") {
+                        let _ = tx.send(url.to_owned());
+                        sent = true;
+                    }
+                }
+                if std::env::var_os("LARDER_TEST_VERBOSE").is_some() {
+                    eprintln!("[server] {line}");
+                }
+            }
+        });
+        let url = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("server did not print its listening line");
+        let port = url.rsplit(':').next().unwrap().parse().unwrap();
+        let admin_token = std::fs::read_to_string(data.path().join("admin-token"))
+            .expect("admin-token written at first start")
+            .trim()
+            .to_owned();
+        Server {
+            child,
+            url,
+            port,
+            data,
+            admin_token,
+        }
+    }
+
+    /// Run the CLI against this server with `token` (env-only configuration).
+    pub fn cli(&self, token: &str, args: &[&str]) -> Output {
+        let home = self.data.path().join("client-home");
+        std::fs::create_dir_all(&home).unwrap();
+        Command::new(larder_bin())
+            .args(args)
+            .env("LARDER_SERVER", &self.url)
+            .env("LARDER_TOKEN", token)
+            .env("HOME", &home)
+            .env("XDG_CONFIG_HOME", home.join(".config"))
+            .env_remove("LARDER_CONFIG")
+            .output()
+            .expect("run larder")
+    }
+
+    /// Run the CLI and require success; returns stdout.
+    pub fn cli_ok(&self, token: &str, args: &[&str]) -> String {
+        let out = self.cli(token, args);
+        assert!(
+            out.status.success(),
+            "larder {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn create_cache(&self, name: &str, extra: &[&str]) -> serde_json::Value {
+        let mut args = vec!["cache", "create", name, "--json"];
+        args.extend_from_slice(extra);
+        serde_json::from_str(&self.cli_ok(&self.admin_token, &args)).unwrap()
+    }
+
+    pub fn token(&self, perm: &str, cache: &str) -> String {
+        self.cli_ok(
+            &self.admin_token,
+            &["token", "create", "--perm", perm, "--cache", cache, "--label", "test"],
+        )
+        .trim()
+        .to_owned()
+    }
+
+    /// A netrc file granting `token` on this server (what Nix reads).
+    pub fn netrc(&self, dir: &Path, name: &str, token: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, format!("machine 127.0.0.1 login larder password {token}\n")).unwrap();
+        p
+    }
+
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "server did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Run the Nix oracle (tests/oracle/nix-oracle.sh, a copy of the project's judge) with `env`.
+pub fn oracle(args: &[&str], workdir: &Path, env: &[(&str, String)]) -> Output {
+    let script = repo_root().join("tests/oracle/nix-oracle.sh");
+    let mut cmd = Command::new("bash");
+    cmd.arg(script).args(args).env("WORKDIR", workdir);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run nix-oracle.sh")
+}
+
+pub fn nix(args: &[&str], xdg: &Path) -> Output {
+    Command::new("nix")
+        .args(args)
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .env("XDG_CACHE_HOME", xdg)
+        .output()
+        .expect("run nix")
+}
