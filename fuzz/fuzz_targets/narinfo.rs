@@ -10,7 +10,11 @@ fuzz_target!(|data: &[u8]| {
     };
     if let Ok(ni) = NarInfo::parse(text) {
         let printed = ni.to_string();
-        assert_eq!(NarInfo::parse(&printed).as_ref(), Ok(&ni), "print/parse mismatch:\n{printed}");
+        assert_eq!(
+            NarInfo::parse(&printed).as_ref(),
+            Ok(&ni),
+            "print/parse mismatch:\n{printed}"
+        );
         let _ = ni.fingerprint();
     }
 });

@@ -84,10 +84,12 @@ impl CacheInfo {
                 }
                 "WantMassQuery" => info.want_mass_query = value == "1",
                 "Priority" => {
-                    let p = value.parse::<u32>().map_err(|source| CacheInfoError::Priority {
-                        value: shorten(value),
-                        source,
-                    })?;
+                    let p = value
+                        .parse::<u32>()
+                        .map_err(|source| CacheInfoError::Priority {
+                            value: shorten(value),
+                            source,
+                        })?;
                     info.priority = Some(p);
                 }
                 _ => {}
@@ -127,7 +129,10 @@ mod tests {
         assert_eq!(info, CacheInfo::new(Some(41)));
         assert_eq!(info.to_string(), text);
         let no_prio = CacheInfo::new(None);
-        assert_eq!(no_prio.to_string(), "StoreDir: /nix/store\nWantMassQuery: 1\n");
+        assert_eq!(
+            no_prio.to_string(),
+            "StoreDir: /nix/store\nWantMassQuery: 1\n"
+        );
     }
 
     #[test]
@@ -137,19 +142,36 @@ mod tests {
         assert_eq!(info.store_dir, "/nix/store");
         assert!(!info.want_mass_query);
         assert_eq!(info.priority, None);
-        let info = CacheInfo::parse("garbage\nWantMassQuery:  1  \r\nX-Other: y\nPriority:40").unwrap();
+        let info =
+            CacheInfo::parse("garbage\nWantMassQuery:  1  \r\nX-Other: y\nPriority:40").unwrap();
         assert!(info.want_mass_query);
         assert_eq!(info.priority, Some(40));
         assert_eq!(CacheInfo::parse("").unwrap().store_dir, STORE_DIR);
-        assert!(!CacheInfo::parse("WantMassQuery: true\n").unwrap().want_mass_query);
+        assert!(
+            !CacheInfo::parse("WantMassQuery: true\n")
+                .unwrap()
+                .want_mass_query
+        );
     }
 
     #[test]
     fn rejects() {
-        assert!(matches!(CacheInfo::parse("Priority: high\n"), Err(CacheInfoError::Priority { .. })));
-        assert!(matches!(CacheInfo::parse("Priority: -1\n"), Err(CacheInfoError::Priority { .. })));
-        assert!(matches!(CacheInfo::parse("StoreDir: nix/store\n"), Err(CacheInfoError::StoreDir { .. })));
-        assert!(matches!(CacheInfo::parse("StoreDir: /a b\n"), Err(CacheInfoError::StoreDir { .. })));
+        assert!(matches!(
+            CacheInfo::parse("Priority: high\n"),
+            Err(CacheInfoError::Priority { .. })
+        ));
+        assert!(matches!(
+            CacheInfo::parse("Priority: -1\n"),
+            Err(CacheInfoError::Priority { .. })
+        ));
+        assert!(matches!(
+            CacheInfo::parse("StoreDir: nix/store\n"),
+            Err(CacheInfoError::StoreDir { .. })
+        ));
+        assert!(matches!(
+            CacheInfo::parse("StoreDir: /a b\n"),
+            Err(CacheInfoError::StoreDir { .. })
+        ));
     }
 
     proptest! {

@@ -103,7 +103,10 @@ impl Sha256 {
 
     /// Subresource-integrity spelling: `sha256-<base64>`.
     pub fn to_sri(&self) -> String {
-        format!("sha256-{}", base64::engine::general_purpose::STANDARD.encode(self.0))
+        format!(
+            "sha256-{}",
+            base64::engine::general_purpose::STANDARD.encode(self.0)
+        )
     }
 
     /// `sha256:<nix32>`, the spelling narinfo files and fingerprints use.
@@ -362,7 +365,10 @@ mod tests {
         let json = serde_json::to_string(&h).unwrap();
         assert_eq!(json, format!("\"sha256:{EMPTY_NIX32}\""));
         assert_eq!(serde_json::from_str::<Sha256>(&json).unwrap(), h);
-        assert_eq!(serde_json::from_str::<Sha256>(&format!("\"sha256-{EMPTY_B64}\"")).unwrap(), h);
+        assert_eq!(
+            serde_json::from_str::<Sha256>(&format!("\"sha256-{EMPTY_B64}\"")).unwrap(),
+            h
+        );
         assert!(serde_json::from_str::<Sha256>("\"sha256:nope\"").is_err());
         assert_eq!(format!("{h:?}"), format!("Sha256(sha256:{EMPTY_NIX32})"));
     }

@@ -1,7 +1,7 @@
 //! The Nix formats a binary cache speaks, as pure Rust: store paths, nixbase32, SHA-256 hashes,
 //! NAR reading/writing and listings, narinfo, nix-cache-info and ed25519 signing.
 //!
-//! Nothing here does I/O except [`nar::dump`] (behind the `fs` feature), and no input makes any
+//! Nothing here does I/O except `nar::dump` (behind the `fs` feature), and no input makes any
 //! function panic: every parser returns a module-specific error saying which field and value
 //! was wrong. Each module documents the Nix source file whose format it follows (Nix 2.8).
 

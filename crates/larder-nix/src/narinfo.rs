@@ -278,30 +278,27 @@ impl NarInfo {
                             .collect::<Result<Vec<_>, _>>()?,
                     );
                 }
-                "Deriver" => {
-                    if value != "unknown-deriver" {
-                        deriver = Some(parse_path("Deriver", value, false)?);
-                    }
-                }
+                "Deriver" if value == "unknown-deriver" => {}
+                "Deriver" => deriver = Some(parse_path("Deriver", value, false)?),
                 "Sig" => sigs.push(Signature::parse(value).map_err(|source| {
                     NarInfoError::Signature {
                         value: shorten(value),
                         source,
                     }
                 })?),
+                // Nix reads an empty CA as none.
+                "CA" if value.is_empty() => {}
                 "CA" => {
-                    if !value.is_empty() {
-                        if has_control(value)
-                            || !(value.starts_with("fixed:") || value.starts_with("text:"))
-                        {
-                            return Err(NarInfoError::InvalidValue {
-                                field: "CA",
-                                value: shorten(value),
-                                reason: "expected \"fixed:…\" or \"text:…\"",
-                            });
-                        }
-                        ca = Some(value.to_owned());
+                    if has_control(value)
+                        || !(value.starts_with("fixed:") || value.starts_with("text:"))
+                    {
+                        return Err(NarInfoError::InvalidValue {
+                            field: "CA",
+                            value: shorten(value),
+                            reason: "expected \"fixed:…\" or \"text:…\"",
+                        });
                     }
+                    ca = Some(value.to_owned());
                 }
                 _ => {}
             }
@@ -334,7 +331,12 @@ impl NarInfo {
 
     /// The text that signatures sign; see [`signing::fingerprint`].
     pub fn fingerprint(&self) -> String {
-        signing::fingerprint(&self.store_path, &self.nar_hash, self.nar_size, &self.references)
+        signing::fingerprint(
+            &self.store_path,
+            &self.nar_hash,
+            self.nar_size,
+            &self.references,
+        )
     }
 
     /// Sign with `key`, replacing any signature by a key of the same name.
@@ -423,7 +425,10 @@ Sig: cache.nixos.org-1:TsTTb3WGTZKphvYdBHXwo6weVILmTytUjLB+vcX89fOjjRicCHmKA4RCP
         assert_eq!(ni.file_size, Some(68852));
         assert_eq!(ni.nar_size, 196040);
         assert_eq!(ni.references.len(), 2);
-        assert_eq!(ni.deriver.as_ref().map(StorePath::name), Some("curl-7.82.0.drv"));
+        assert_eq!(
+            ni.deriver.as_ref().map(StorePath::name),
+            Some("curl-7.82.0.drv")
+        );
         assert_eq!(ni.sigs.len(), 1);
         assert_eq!(ni.sigs[0].key_name(), "cache.nixos.org-1");
         assert_eq!(ni.to_string(), SAMPLE);
@@ -452,7 +457,10 @@ Sig: cache.nixos.org-1:TsTTb3WGTZKphvYdBHXwo6weVILmTytUjLB+vcX89fOjjRicCHmKA4RCP
              Compression: bzip2\nNarHash: sha256:1b4sb93wp679q4zx9k1ignby1yna3z7c4c2ri3wphylbc2dwsys0\n\
              NarSize: 8\nReferences: \n"
         );
-        let with_ca = format!("{text}").replace("CA: \n", "CA: fixed:r:sha256:1b4sb93wp679q4zx9k1ignby1yna3z7c4c2ri3wphylbc2dwsys0\n");
+        let with_ca = text.replace(
+            "CA: \n",
+            "CA: fixed:r:sha256:1b4sb93wp679q4zx9k1ignby1yna3z7c4c2ri3wphylbc2dwsys0\n",
+        );
         let ni = NarInfo::parse(&with_ca).unwrap();
         assert!(ni.to_string().ends_with("References: \nCA: fixed:r:sha256:1b4sb93wp679q4zx9k1ignby1yna3z7c4c2ri3wphylbc2dwsys0\n"));
     }
@@ -460,26 +468,77 @@ Sig: cache.nixos.org-1:TsTTb3WGTZKphvYdBHXwo6weVILmTytUjLB+vcX89fOjjRicCHmKA4RCP
     #[test]
     fn rejects() {
         let cases: Vec<(String, &str)> = vec![
-            (SAMPLE.replace("StorePath: /nix/store/", "StorePath: /nix/sto/"), "StorePath"),
+            (
+                SAMPLE.replace("StorePath: /nix/store/", "StorePath: /nix/sto/"),
+                "StorePath",
+            ),
             (SAMPLE.replace("URL: nar/", "URL: /nar/"), "URL absolute"),
             (SAMPLE.replace("URL: nar/", "URL: ../nar/"), "URL dotdot"),
             (SAMPLE.replace("URL: nar/", "URL: nar/../../"), "URL dotdot"),
             (SAMPLE.replace("URL: nar/", "URL: nar\0/"), "URL nul"),
-            (SAMPLE.replace("NarHash: sha256:1", "NarHash: sha256:e"), "NarHash"),
-            (SAMPLE.replace("NarSize: 196040", "NarSize: +196040"), "NarSize plus"),
+            (
+                SAMPLE.replace("NarHash: sha256:1", "NarHash: sha256:e"),
+                "NarHash",
+            ),
+            (
+                SAMPLE.replace("NarSize: 196040", "NarSize: +196040"),
+                "NarSize plus",
+            ),
             (SAMPLE.replace("NarSize: 196040", "NarSize: 0"), "NarSize 0"),
-            (SAMPLE.replace("NarSize: 196040", "NarSize: -1"), "NarSize neg"),
-            (SAMPLE.replace("NarSize: 196040", "NarSize: 99999999999999999999999"), "NarSize big"),
-            (SAMPLE.replace("FileSize: 68852", "FileSize: 6x"), "FileSize"),
-            (SAMPLE.replace("References: 0jqd", "References: 0jqe"), "References"),
-            (SAMPLE.replace("Deriver: 5rwx", "Deriver: /nix/store/5rwx"), "Deriver"),
-            (SAMPLE.replace("Sig: cache.nixos.org-1:", "Sig: cache.nixos.org-1:x"), "Sig"),
-            (SAMPLE.replace("Compression: xz\n", "Compression: xz\nCompression: xz\n"), "dup"),
-            (SAMPLE.replace("Compression: xz\n", "Compression: x z\n"), "compression"),
+            (
+                SAMPLE.replace("NarSize: 196040", "NarSize: -1"),
+                "NarSize neg",
+            ),
+            (
+                SAMPLE.replace("NarSize: 196040", "NarSize: 99999999999999999999999"),
+                "NarSize big",
+            ),
+            (
+                SAMPLE.replace("FileSize: 68852", "FileSize: 6x"),
+                "FileSize",
+            ),
+            (
+                SAMPLE.replace("References: 0jqd", "References: 0jqe"),
+                "References",
+            ),
+            (
+                SAMPLE.replace("Deriver: 5rwx", "Deriver: /nix/store/5rwx"),
+                "Deriver",
+            ),
+            (
+                SAMPLE.replace("Sig: cache.nixos.org-1:", "Sig: cache.nixos.org-1:x"),
+                "Sig",
+            ),
+            (
+                SAMPLE.replace("Compression: xz\n", "Compression: xz\nCompression: xz\n"),
+                "dup",
+            ),
+            (
+                SAMPLE.replace("Compression: xz\n", "Compression: x z\n"),
+                "compression",
+            ),
             (SAMPLE.replace("NarSize: 196040\n", ""), "no NarSize"),
-            (SAMPLE.replace("NarHash: sha256:1b4sb93wp679q4zx9k1ignby1yna3z7c4c2ri3wphylbc2dwsys0\n", ""), "no NarHash"),
-            (SAMPLE.replace("URL: nar/05ra3y72i3qjri7xskf9qj8kb29r6naqy1sqpbs3azi3xcigmj56.nar.xz\n", ""), "no URL"),
-            (SAMPLE.replace("StorePath: /nix/store/syd87l2rxw8cbsxmxl853h0r6pdwhwjr-curl-7.82.0-bin\n", ""), "no StorePath"),
+            (
+                SAMPLE.replace(
+                    "NarHash: sha256:1b4sb93wp679q4zx9k1ignby1yna3z7c4c2ri3wphylbc2dwsys0\n",
+                    "",
+                ),
+                "no NarHash",
+            ),
+            (
+                SAMPLE.replace(
+                    "URL: nar/05ra3y72i3qjri7xskf9qj8kb29r6naqy1sqpbs3azi3xcigmj56.nar.xz\n",
+                    "",
+                ),
+                "no URL",
+            ),
+            (
+                SAMPLE.replace(
+                    "StorePath: /nix/store/syd87l2rxw8cbsxmxl853h0r6pdwhwjr-curl-7.82.0-bin\n",
+                    "",
+                ),
+                "no StorePath",
+            ),
             (SAMPLE.replace("FileSize:", "FileSize"), "no colon"),
             (SAMPLE.replace("FileSize: ", "FileSize:"), "no space"),
             (SAMPLE.trim_end().to_owned(), "no final newline"),
@@ -509,14 +568,24 @@ Sig: cache.nixos.org-1:TsTTb3WGTZKphvYdBHXwo6weVILmTytUjLB+vcX89fOjjRicCHmKA4RCP
     }
 
     fn arb_path() -> impl Strategy<Value = StorePath> {
-        (any::<[u8; 20]>(), "[a-zA-Z0-9+_?=][a-zA-Z0-9+\\-._?=]{0,40}")
+        (
+            any::<[u8; 20]>(),
+            "[a-zA-Z0-9+_?=][a-zA-Z0-9+\\-._?=]{0,40}",
+        )
             .prop_map(|(d, n)| StorePath::from_parts(d, &n).unwrap())
     }
 
     fn arb_narinfo() -> impl Strategy<Value = NarInfo> {
         (
-            (arb_path(), "[a-z0-9]{1,8}(/[a-z0-9_-][a-z0-9._-]{0,19}){0,3}", "[a-z0-9]{1,8}"),
-            (proptest::option::of(any::<[u8; 32]>()), proptest::option::of(any::<u64>())),
+            (
+                arb_path(),
+                "[a-z0-9]{1,8}(/[a-z0-9_-][a-z0-9._-]{0,19}){0,3}",
+                "[a-z0-9]{1,8}",
+            ),
+            (
+                proptest::option::of(any::<[u8; 32]>()),
+                proptest::option::of(any::<u64>()),
+            ),
             (any::<[u8; 32]>(), 1..u64::MAX),
             (
                 proptest::collection::vec(arb_path(), 0..5),
@@ -528,7 +597,13 @@ Sig: cache.nixos.org-1:TsTTb3WGTZKphvYdBHXwo6weVILmTytUjLB+vcX89fOjjRicCHmKA4RCP
             ),
         )
             .prop_map(
-                |((store_path, url, compression), (fh, fs), (nh, ns), (references, deriver), (sigs, ca))| NarInfo {
+                |(
+                    (store_path, url, compression),
+                    (fh, fs),
+                    (nh, ns),
+                    (references, deriver),
+                    (sigs, ca),
+                )| NarInfo {
                     store_path,
                     url,
                     compression,

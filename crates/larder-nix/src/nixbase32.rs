@@ -131,7 +131,9 @@ fn decode_into(s: &str, out: &mut [u8]) -> Result<(), DecodeError> {
                 .char_indices()
                 .enumerate()
                 .find(|(_, (start, ch))| *start <= byte_pos && byte_pos < start + ch.len_utf8())
-                .map_or((byte_pos, char::REPLACEMENT_CHARACTER), |(i, (_, ch))| (i, ch));
+                .map_or((byte_pos, char::REPLACEMENT_CHARACTER), |(i, (_, ch))| {
+                    (i, ch)
+                });
             return Err(DecodeError::InvalidCharacter {
                 character,
                 position,
@@ -209,25 +211,42 @@ mod tests {
     fn rejects() {
         assert!(matches!(
             decode("0e"),
-            Err(DecodeError::InvalidCharacter { character: 'e', position: 1, .. })
+            Err(DecodeError::InvalidCharacter {
+                character: 'e',
+                position: 1,
+                ..
+            })
         ));
         assert!(matches!(
             decode(&format!("ü{}", "0".repeat(50))),
-            Err(DecodeError::InvalidCharacter { character: 'ü', position: 0, .. })
+            Err(DecodeError::InvalidCharacter {
+                character: 'ü',
+                position: 0,
+                ..
+            })
         ));
-        assert!(matches!(decode("0é"), Err(DecodeError::InvalidLength { .. })));
-        assert!(matches!(decode("0"), Err(DecodeError::InvalidLength { .. })));
-        // 2 chars = 10 bits for 1 byte: the top two bits of the first digit must be zero.
-        assert!(matches!(decode("8z"), Err(DecodeError::NonZeroOverflow { .. })));
         assert!(matches!(
-            decode_fixed::<32>(&format!("1{}", "0".repeat(51))),
-            Ok(_)
+            decode("0é"),
+            Err(DecodeError::InvalidLength { .. })
         ));
+        assert!(matches!(
+            decode("0"),
+            Err(DecodeError::InvalidLength { .. })
+        ));
+        // 2 chars = 10 bits for 1 byte: the top two bits of the first digit must be zero.
+        assert!(matches!(
+            decode("8z"),
+            Err(DecodeError::NonZeroOverflow { .. })
+        ));
+        assert!(decode_fixed::<32>(&format!("1{}", "0".repeat(51))).is_ok());
         assert!(matches!(
             decode_fixed::<32>(&format!("2{}", "0".repeat(51))),
             Err(DecodeError::NonZeroOverflow { .. })
         ));
-        assert!(matches!(decode_fixed::<20>("00"), Err(DecodeError::InvalidLength { .. })));
+        assert!(matches!(
+            decode_fixed::<20>("00"),
+            Err(DecodeError::InvalidLength { .. })
+        ));
         assert!(matches!(
             decode_fixed::<20>(&"Z".repeat(32)),
             Err(DecodeError::InvalidCharacter { .. })

@@ -107,7 +107,10 @@ fn check_name(what: &'static str, name: &str) -> Result<(), KeyError> {
 }
 
 /// Split `name:base64`, check the name, decode exactly `N` bytes.
-fn split_decode<const N: usize>(what: &'static str, s: &str) -> Result<(String, [u8; N]), KeyError> {
+fn split_decode<const N: usize>(
+    what: &'static str,
+    s: &str,
+) -> Result<(String, [u8; N]), KeyError> {
     let (name, b64) = s.split_once(':').ok_or(KeyError::MissingName { what })?;
     check_name(what, name)?;
     let bytes = LENIENT_BASE64
@@ -158,7 +161,11 @@ impl SigningKey {
 
     /// Nix's secret key text. Deliberately not `Display`, so it is not logged by accident.
     pub fn to_secret_string(&self) -> String {
-        format!("{}:{}", self.name, STANDARD.encode(self.key.to_keypair_bytes()))
+        format!(
+            "{}:{}",
+            self.name,
+            STANDARD.encode(self.key.to_keypair_bytes())
+        )
     }
 
     /// The key name.
@@ -187,7 +194,10 @@ impl fmt::Debug for SigningKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SigningKey")
             .field("name", &self.name)
-            .field("public", &STANDARD.encode(self.key.verifying_key().as_bytes()))
+            .field(
+                "public",
+                &STANDARD.encode(self.key.verifying_key().as_bytes()),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -343,7 +353,10 @@ mod tests {
         let pk = VerifyingKey::parse(NIX_PUBLIC).unwrap();
         assert_eq!(pk, sk.verifying_key());
         let debug = format!("{sk:?}");
-        assert!(!debug.contains(NIX_SECRET.split(':').nth(1).unwrap()), "{debug}");
+        assert!(
+            !debug.contains(NIX_SECRET.split(':').nth(1).unwrap()),
+            "{debug}"
+        );
         assert!(!debug.contains(&NIX_SECRET[10..30]), "{debug}");
     }
 
@@ -360,16 +373,26 @@ mod tests {
         let other = SigningKey::from_seed("cache.example-1", [8; 32]).unwrap();
         assert!(!other.verifying_key().verify("hello", &sig));
         // Same key bytes under another name: names select keys, so this fails.
-        let renamed = SigningKey::from_seed("other-1", [7; 32]).unwrap().verifying_key();
+        let renamed = SigningKey::from_seed("other-1", [7; 32])
+            .unwrap()
+            .verifying_key();
         assert!(!renamed.verify("hello", &sig));
-        assert_eq!(SigningKey::parse(&sk.to_secret_string()).unwrap().verifying_key(), pk);
+        assert_eq!(
+            SigningKey::parse(&sk.to_secret_string())
+                .unwrap()
+                .verifying_key(),
+            pk
+        );
     }
 
     #[test]
     fn rejects() {
         let b64_32 = STANDARD.encode([1u8; 32]);
         let b64_64 = STANDARD.encode([1u8; 64]);
-        assert!(matches!(SigningKey::parse("nocolon"), Err(KeyError::MissingName { .. })));
+        assert!(matches!(
+            SigningKey::parse("nocolon"),
+            Err(KeyError::MissingName { .. })
+        ));
         assert!(matches!(
             SigningKey::parse(&format!(":{b64_64}")),
             Err(KeyError::InvalidName { .. })
@@ -380,7 +403,11 @@ mod tests {
         ));
         assert!(matches!(
             SigningKey::parse(&format!("k:{b64_32}")),
-            Err(KeyError::WrongLength { len: 32, expected: 64, .. })
+            Err(KeyError::WrongLength {
+                len: 32,
+                expected: 64,
+                ..
+            })
         ));
         // Seed and public half that do not belong together.
         assert!(matches!(
@@ -389,10 +416,22 @@ mod tests {
         ));
         let err = SigningKey::parse("k:!!!secret!!!").unwrap_err();
         assert!(!err.to_string().contains("secret!!!"), "{err}");
-        assert!(matches!(VerifyingKey::parse(&format!("k:{b64_64}")), Err(KeyError::WrongLength { .. })));
-        assert!(matches!(VerifyingKey::parse("k:@@@@"), Err(KeyError::Base64 { .. })));
-        assert!(matches!(Signature::parse(&format!("k:{b64_32}")), Err(KeyError::WrongLength { .. })));
-        assert!(matches!(Signature::parse(&format!("k\n:{b64_64}")), Err(KeyError::InvalidName { .. })));
+        assert!(matches!(
+            VerifyingKey::parse(&format!("k:{b64_64}")),
+            Err(KeyError::WrongLength { .. })
+        ));
+        assert!(matches!(
+            VerifyingKey::parse("k:@@@@"),
+            Err(KeyError::Base64 { .. })
+        ));
+        assert!(matches!(
+            Signature::parse(&format!("k:{b64_32}")),
+            Err(KeyError::WrongLength { .. })
+        ));
+        assert!(matches!(
+            Signature::parse(&format!("k\n:{b64_64}")),
+            Err(KeyError::InvalidName { .. })
+        ));
         assert!(SigningKey::from_seed("a:b", [0; 32]).is_err());
         assert!(SigningKey::from_seed("", [0; 32]).is_err());
         // Unpadded base64 is accepted like Nix does.

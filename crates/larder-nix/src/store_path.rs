@@ -78,7 +78,9 @@ pub enum StorePathError {
         character: char,
     },
     /// The name is `.`/`..` or starts with `.-`/`..-`.
-    #[error("store path name {name:?} is not allowed: its first dash-separated component is . or ..")]
+    #[error(
+        "store path name {name:?} is not allowed: its first dash-separated component is . or .."
+    )]
     DotName {
         /// The name (shortened).
         name: String,
@@ -103,9 +105,10 @@ pub fn validate_name(name: &str) -> Result<(), StorePathError> {
             len: name.chars().count(),
         });
     }
-    if let Some(character) = name.chars().find(|&c| {
-        !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.' | '_' | '?' | '='))
-    }) {
+    if let Some(character) = name
+        .chars()
+        .find(|&c| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.' | '_' | '?' | '=')))
+    {
         return Err(StorePathError::InvalidNameCharacter {
             name: shorten(name),
             character,
@@ -146,9 +149,11 @@ impl StorePath {
         match (hash, rest) {
             (Some(hash), Some(rest)) => {
                 let digest = validate_hash_part(hash)?;
-                let name = rest.strip_prefix('-').ok_or_else(|| StorePathError::MissingDash {
-                    basename: shorten(s),
-                })?;
+                let name = rest
+                    .strip_prefix('-')
+                    .ok_or_else(|| StorePathError::MissingDash {
+                        basename: shorten(s),
+                    })?;
                 Self::from_parts(digest, name)
             }
             _ => {
@@ -295,7 +300,9 @@ mod tests {
             let p = StorePath::from_basename(&format!("{HASH}-{name}")).unwrap();
             assert_eq!(p.name(), name);
         }
-        assert!(StorePath::from_basename(&format!("{HASH}-x.drv")).unwrap().is_derivation());
+        assert!(StorePath::from_basename(&format!("{HASH}-x.drv"))
+            .unwrap()
+            .is_derivation());
     }
 
     #[test]
@@ -317,7 +324,7 @@ mod tests {
         }
         let bad_base = [
             format!("{HASH}-"),
-            format!("{HASH}"),
+            HASH.to_owned(),
             format!("{HASH}a"),
             format!("{HASH}_a"),
             format!("{}-a", &HASH[1..]),

@@ -14,7 +14,9 @@ pub(crate) fn shorten(s: &str) -> String {
 
 /// Like [`shorten`] for raw bytes (names in a NAR need not be UTF-8).
 pub(crate) fn shorten_bytes(b: &[u8]) -> String {
-    shorten(&String::from_utf8_lossy(b.get(..SHOWN_CHARS * 4).unwrap_or(b)))
+    shorten(&String::from_utf8_lossy(
+        b.get(..SHOWN_CHARS * 4).unwrap_or(b),
+    ))
 }
 
 #[cfg(test)]

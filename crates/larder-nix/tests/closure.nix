@@ -1,5 +1,5 @@
 # Test closure for tests/real_nix.rs: every shape of file system object a NAR can hold, built
-# with /bin/sh only (no nixpkgs). `salt` makes the store paths unique to one test run.
+# with /bin/sh only (no nixpkgs). `salt` is part of every name, to start afresh when needed.
 { salt }:
 let
   mk = name: script: derivation {

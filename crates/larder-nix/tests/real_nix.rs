@@ -25,7 +25,8 @@ use larder_nix::signing::{Signature, SigningKey, VerifyingKey};
 use larder_nix::store_path::StorePath;
 use larder_nix::{CacheInfo, NarInfo};
 
-const NIX_CONFIG: &str = "build-users-group =\nexperimental-features = nix-command\nsubstituters =\nrequire-sigs = true";
+const NIX_CONFIG: &str =
+    "build-users-group =\nexperimental-features = nix-command\nsubstituters =\nrequire-sigs = true";
 
 /// Whether to run; panics when Nix is missing unless the user opted out.
 fn have_nix() -> bool {
@@ -38,7 +39,9 @@ fn have_nix() -> bool {
             eprintln!("nix not found: skipping because LARDER_ALLOW_NO_NIX=1");
             return false;
         }
-        panic!("`nix` is not installed or not on PATH; set LARDER_ALLOW_NO_NIX=1 to skip these tests");
+        panic!(
+            "`nix` is not installed or not on PATH; set LARDER_ALLOW_NO_NIX=1 to skip these tests"
+        );
     }
     true
 }
@@ -88,21 +91,15 @@ fn fixture() -> &'static Fixture {
     F.get_or_init(|| {
         let dir = tempfile::tempdir().expect("temp dir");
         let expr = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/closure.nix");
-        let salt = format!(
-            "{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0)
-        );
+        // A fixed salt: later runs reuse the built paths (the tests only read them).
+        let salt = "larder-nix-tests-1";
         let top = nix_text(
             "nix-build",
             &[
                 expr.to_str().expect("utf-8 path"),
                 "--argstr",
                 "salt",
-                &salt,
+                salt,
                 "--no-out-link",
             ],
         )
@@ -158,14 +155,29 @@ fn path_infos(paths: &[String], store: Option<&str>) -> BTreeMap<String, serde_j
 fn check_dump_matches(path: &Path) -> Vec<u8> {
     let theirs = nix("nix-store", &["--dump", path.to_str().expect("utf-8 path")]);
     let ours = dump_path(path, Vec::new()).expect("dump_path");
-    assert_eq!(ours.len(), theirs.len(), "NAR length differs for {}", path.display());
+    assert_eq!(
+        ours.len(),
+        theirs.len(),
+        "NAR length differs for {}",
+        path.display()
+    );
     assert!(ours == theirs, "NAR bytes differ for {}", path.display());
     let base32 = nix_text(
         "nix-hash",
-        &["--type", "sha256", "--base32", path.to_str().expect("utf-8 path")],
+        &[
+            "--type",
+            "sha256",
+            "--base32",
+            path.to_str().expect("utf-8 path"),
+        ],
     );
     let summary = summarize(&ours).expect("our parser accepts Nix's NAR");
-    assert_eq!(summary.nar_hash.to_nix32(), base32.trim(), "{}", path.display());
+    assert_eq!(
+        summary.nar_hash.to_nix32(),
+        base32.trim(),
+        "{}",
+        path.display()
+    );
     assert_eq!(summary.nar_size, ours.len() as u64);
     ours
 }
@@ -211,11 +223,18 @@ fn dump_matches_nix_for_plain_temp_dirs() {
     std::fs::write(mk("empty-file"), b"").expect("write");
     let big: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
     std::fs::write(mk("big"), &big).expect("write");
-    for (name, mode) in [("exec-user", 0o700), ("exec-group-only", 0o650), ("exec-other-only", 0o601), ("ro-exec", 0o500)] {
+    for (name, mode) in [
+        ("exec-user", 0o700),
+        ("exec-group-only", 0o650),
+        ("exec-other-only", 0o601),
+        ("ro-exec", 0o500),
+    ] {
         std::fs::write(mk(name), name.as_bytes()).expect("write");
         std::fs::set_permissions(mk(name), std::fs::Permissions::from_mode(mode)).expect("chmod");
     }
-    for name in ["B", "a", "A", "b", "a.b", "a-b", "a0", "Z", "z", "_", "~", "é", "e\u{301}"] {
+    for name in [
+        "B", "a", "A", "b", "a.b", "a-b", "a0", "Z", "z", "_", "~", "é", "e\u{301}",
+    ] {
         std::fs::write(mk(&format!("order-{name}")), name.as_bytes()).expect("write");
     }
     // A name that is not UTF-8: valid on Linux and in NARs.
@@ -224,8 +243,13 @@ fn dump_matches_nix_for_plain_temp_dirs() {
     symlink("plain", mk("rel-link")).expect("symlink");
     symlink("/does/not/exist", mk("dangling")).expect("symlink");
     symlink("sub/deeper", mk("dir-link")).expect("symlink");
-    symlink(std::ffi::OsStr::from_bytes(b"\xff-target"), mk("non-utf8-target")).expect("symlink");
-    std::fs::set_permissions(mk("sub/deeper"), std::fs::Permissions::from_mode(0o555)).expect("chmod");
+    symlink(
+        std::ffi::OsStr::from_bytes(b"\xff-target"),
+        mk("non-utf8-target"),
+    )
+    .expect("symlink");
+    std::fs::set_permissions(mk("sub/deeper"), std::fs::Permissions::from_mode(0o555))
+        .expect("chmod");
 
     check_dump_matches(&root);
     check_dump_matches(&mk("plain"));
@@ -233,7 +257,8 @@ fn dump_matches_nix_for_plain_temp_dirs() {
     check_dump_matches(&mk("empty-file"));
     check_dump_matches(&mk("rel-link"));
     check_dump_matches(&mk("empty"));
-    std::fs::set_permissions(mk("sub/deeper"), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(mk("sub/deeper"), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
 }
 
 /// Copy the fixture closure into a fresh file:// cache with `query` options; returns the dir.
@@ -271,7 +296,8 @@ fn narinfos_written_by_nix_copy_roundtrip_and_verify() {
 
     for compression in ["none", "xz", "bzip2", "zstd"] {
         let cache = nix_copy_to_file_cache(f, &format!("compression={compression}"));
-        let cache_info_text = std::fs::read_to_string(cache.path().join("nix-cache-info")).expect("nix-cache-info");
+        let cache_info_text =
+            std::fs::read_to_string(cache.path().join("nix-cache-info")).expect("nix-cache-info");
         let ci = CacheInfo::parse(&cache_info_text).expect("nix-cache-info parses");
         assert_eq!(ci.store_dir, "/nix/store");
 
@@ -281,8 +307,14 @@ fn narinfos_written_by_nix_copy_roundtrip_and_verify() {
         let mut saw_refs = false;
         for file in files {
             let text = std::fs::read_to_string(&file).expect("narinfo");
-            let ni = NarInfo::parse(&text).unwrap_or_else(|e| panic!("{}: {e}\n{text}", file.display()));
-            assert_eq!(ni.to_string(), text, "print(parse(t)) != t for {}", file.display());
+            let ni =
+                NarInfo::parse(&text).unwrap_or_else(|e| panic!("{}: {e}\n{text}", file.display()));
+            assert_eq!(
+                ni.to_string(),
+                text,
+                "print(parse(t)) != t for {}",
+                file.display()
+            );
             assert_eq!(ni.compression, compression);
             assert_eq!(ni.sigs.len(), 1);
             assert!(ni.verify(&nix_key), "Nix's Sig does not verify:\n{text}");
@@ -317,11 +349,16 @@ fn narinfos_written_by_nix_copy_roundtrip_and_verify() {
             let s = summarize(&nar).expect("NAR parses");
             assert_eq!(s.nar_hash, ni.nar_hash);
             assert_eq!(s.nar_size, ni.nar_size);
-            let ls = std::fs::read_to_string(cache.path().join(format!("{}.ls", ni.store_path.hash_part())))
-                .expect(".ls file");
+            let ls = std::fs::read_to_string(
+                cache
+                    .path()
+                    .join(format!("{}.ls", ni.store_path.hash_part())),
+            )
+            .expect(".ls file");
             let ours = s.listing.to_ls_json();
             let theirs_json: serde_json::Value = serde_json::from_str(&ls).expect(".ls is JSON");
-            let ours_json: serde_json::Value = serde_json::from_str(&ours).expect("our .ls is JSON");
+            let ours_json: serde_json::Value =
+                serde_json::from_str(&ours).expect("our .ls is JSON");
             assert_eq!(ours_json, theirs_json, "listing differs for {p}");
             assert_eq!(ours, ls, "listing bytes differ for {p}");
         }
@@ -342,7 +379,16 @@ fn resign_cache(dir: &Path, key: &SigningKey) {
 fn nix_verify(store: &str, key: &str, top: &str) -> Output {
     nix_raw(
         "nix",
-        &["store", "verify", "--store", store, "--trusted-public-keys", key.trim(), "-r", top],
+        &[
+            "store",
+            "verify",
+            "--store",
+            store,
+            "--trusted-public-keys",
+            key.trim(),
+            "-r",
+            top,
+        ],
     )
 }
 
@@ -356,25 +402,48 @@ fn nix_accepts_our_signatures() {
     let our_public = ours.verifying_key().to_string();
     // Our secret key text is what Nix reads too: Nix-signed narinfos verify against the key
     // parsed back from our text, and vice versa below.
-    assert_eq!(SigningKey::parse(&ours.to_secret_string()).expect("parse").verifying_key().to_string(), our_public);
+    assert_eq!(
+        SigningKey::parse(&ours.to_secret_string())
+            .expect("parse")
+            .verifying_key()
+            .to_string(),
+        our_public
+    );
 
     let cache = nix_copy_to_file_cache(f, "compression=none");
     let store = format!("file://{}", cache.path().display());
-    assert!(nix_verify(&store, &f.nix_public, &f.top).status.success(), "Nix's own signatures");
+    assert!(
+        nix_verify(&store, &f.nix_public, &f.top).status.success(),
+        "Nix's own signatures"
+    );
 
     resign_cache(cache.path(), &ours);
     let ok = nix_verify(&store, &our_public, &f.top);
-    assert!(ok.status.success(), "nix store verify rejected our signatures:\n{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "nix store verify rejected our signatures:\n{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     let bad = nix_verify(&store, &f.wrong_public, &f.top);
-    assert!(!bad.status.success(), "nix store verify accepted a wrong key");
+    assert!(
+        !bad.status.success(),
+        "nix store verify accepted a wrong key"
+    );
     let bad = nix_verify(&store, &f.nix_public, &f.top);
-    assert!(!bad.status.success(), "nix store verify accepted the replaced signer");
+    assert!(
+        !bad.status.success(),
+        "nix store verify accepted the replaced signer"
+    );
 
     // Nix also accepts a secret key file we wrote: sign with it via nix copy, verify with ours.
     let key_file = cache.path().join("ours.sec");
     std::fs::write(&key_file, ours.to_secret_string()).expect("write key");
     let cache2 = tempfile::tempdir().expect("temp dir");
-    let url = format!("file://{}?compression=none&secret-key={}", cache2.path().display(), key_file.display());
+    let url = format!(
+        "file://{}?compression=none&secret-key={}",
+        cache2.path().display(),
+        key_file.display()
+    );
     nix("nix", &["copy", "--to", &url, &f.top]);
     for file in narinfo_files(cache2.path()) {
         let ni = NarInfo::parse(&std::fs::read_to_string(&file).expect("read")).expect("parse");
@@ -391,7 +460,11 @@ fn nix_reads_a_cache_we_write_by_hand() {
     let key = SigningKey::from_seed("larder-hand-1", [9; 32]).expect("key");
     let cache = tempfile::tempdir().expect("temp dir");
     std::fs::create_dir(cache.path().join("nar")).expect("mkdir");
-    std::fs::write(cache.path().join("nix-cache-info"), CacheInfo::new(Some(41)).to_string()).expect("write");
+    std::fs::write(
+        cache.path().join("nix-cache-info"),
+        CacheInfo::new(Some(41)).to_string(),
+    )
+    .expect("write");
     let infos = path_infos(&f.closure, None);
     for p in &f.closure {
         let sp = StorePath::from_absolute(p).expect("store path");
@@ -429,12 +502,20 @@ fn nix_reads_a_cache_we_write_by_hand() {
             ca: None,
         };
         ni.sign(&key);
-        std::fs::write(cache.path().join(format!("{}.narinfo", sp.hash_part())), ni.to_string()).expect("write");
+        std::fs::write(
+            cache.path().join(format!("{}.narinfo", sp.hash_part())),
+            ni.to_string(),
+        )
+        .expect("write");
     }
     let store = format!("file://{}", cache.path().display());
     let public = key.verifying_key().to_string();
     let ok = nix_verify(&store, &public, &f.top);
-    assert!(ok.status.success(), "nix store verify on our cache:\n{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "nix store verify on our cache:\n{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     assert!(!nix_verify(&store, &f.wrong_public, &f.top).status.success());
 
     // Nix agrees on the metadata, and can substitute the whole closure from our cache.
@@ -471,10 +552,21 @@ fn nix_reads_a_cache_we_write_by_hand() {
     for p in &f.closure {
         let copied = nix(
             "nix-store",
-            &["--store", target_store.to_str().expect("utf-8"), "--dump", p],
+            &[
+                "--store",
+                target_store.to_str().expect("utf-8"),
+                "--dump",
+                p,
+            ],
         );
-        assert!(copied == nix("nix-store", &["--dump", p]), "{p} differs after copy");
+        assert!(
+            copied == nix("nix-store", &["--dump", p]),
+            "{p} differs after copy"
+        );
     }
     // Nix's local store makes some files read-only; let the temp dir be removed.
-    let _ = Command::new("chmod").args(["-R", "u+w"]).arg(target.path()).status();
+    let _ = Command::new("chmod")
+        .args(["-R", "u+w"])
+        .arg(target.path())
+        .status();
 }

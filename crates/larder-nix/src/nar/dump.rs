@@ -5,8 +5,8 @@
 //! `lstat` each path (symlinks are never followed), a regular file is executable when its
 //! owner-execute bit (`S_IXUSR`) is set, directory entries are sorted by the raw bytes of their
 //! names, and anything other than a regular file, directory or symlink is an error. File contents
-//! are streamed, so memory use does not depend on file sizes. A file that changes size while
-//! being read makes the dump fail rather than produce a NAR whose sizes lie.
+//! are streamed, so memory use does not depend on file sizes. Like Nix, exactly the `lstat` size
+//! is read; a file that shrinks meanwhile makes the dump fail rather than produce an invalid NAR.
 //!
 //! This is the only module of the crate that touches the filesystem (feature `fs`).
 
@@ -20,7 +20,9 @@ use super::write::NarWriter;
 pub fn dump_path<W: Write>(path: &Path, out: W) -> io::Result<W> {
     let mut w = NarWriter::new(BufWriter::with_capacity(64 * 1024, out))?;
     dump_node(path, &mut w)?;
-    w.finish()?.into_inner().map_err(io::IntoInnerError::into_error)
+    w.finish()?
+        .into_inner()
+        .map_err(io::IntoInnerError::into_error)
 }
 
 fn dump_node<W: Write>(path: &Path, w: &mut NarWriter<W>) -> io::Result<()> {
@@ -50,7 +52,10 @@ fn dump_node<W: Write>(path: &Path, w: &mut NarWriter<W>) -> io::Result<()> {
     } else {
         Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("{}: unsupported file type (not a file, directory or symlink)", path.display()),
+            format!(
+                "{}: unsupported file type (not a file, directory or symlink)",
+                path.display()
+            ),
         ))
     }
 }
@@ -79,7 +84,10 @@ fn os_bytes(s: &std::ffi::OsStr) -> io::Result<&[u8]> {
 #[cfg(not(unix))]
 fn os_bytes(s: &std::ffi::OsStr) -> io::Result<&[u8]> {
     s.to_str().map(str::as_bytes).ok_or_else(|| {
-        io::Error::new(io::ErrorKind::InvalidData, format!("{s:?} is not valid Unicode"))
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{s:?} is not valid Unicode"),
+        )
     })
 }
 

@@ -184,7 +184,10 @@ mod tests {
         );
         // It is valid JSON that means the same thing.
         let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-        assert_eq!(v["root"]["entries"]["b\"\\\n\r\t\u{1}é"]["target"], "../x y");
+        assert_eq!(
+            v["root"]["entries"]["b\"\\\n\r\t\u{1}é"]["target"],
+            "../x y"
+        );
         assert_eq!(root.total_file_size(), 3);
     }
 }

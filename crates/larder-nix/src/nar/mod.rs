@@ -14,7 +14,7 @@
 //! ```
 //!
 //! Directory entries are sorted by the raw bytes of their names and unique, so a tree has exactly
-//! one NAR and one NAR hash. [`write`] produces NARs, [`parse`] checks and hashes them without
+//! one NAR and one NAR hash. [`write`](mod@write) produces NARs, [`parse`] checks and hashes them without
 //! buffering file contents, and [`listing`] is the `.ls` JSON that describes one.
 
 pub mod listing;

@@ -207,7 +207,10 @@ enum Lex {
     /// Streaming file contents.
     Contents { remaining: u64 },
     /// Checking zero padding; then `token` (if any) goes to the grammar.
-    Pad { remaining: u64, token: Option<Vec<u8>> },
+    Pad {
+        remaining: u64,
+        token: Option<Vec<u8>>,
+    },
 }
 
 /// A directory being parsed.
@@ -533,12 +536,18 @@ impl NarParser {
                 Expect::NodeClose
             }
             (Expect::NodeClose, b")") => {
-                let leaf = self.leaf.take().ok_or_else(|| unexpected(Expect::NodeClose))?;
+                let leaf = self
+                    .leaf
+                    .take()
+                    .ok_or_else(|| unexpected(Expect::NodeClose))?;
                 self.node_done(leaf)
             }
             (Expect::EntryOrClose, b"entry") => Expect::EntryOpen,
             (Expect::EntryOrClose, b")") => {
-                let frame = self.stack.pop().ok_or_else(|| unexpected(Expect::EntryOrClose))?;
+                let frame = self
+                    .stack
+                    .pop()
+                    .ok_or_else(|| unexpected(Expect::EntryOrClose))?;
                 self.node_done(Node::Directory {
                     entries: frame.entries,
                 })
@@ -709,7 +718,10 @@ mod tests {
         };
         assert!(executable);
         let start = nar_offset as usize;
-        assert_eq!(&nar[start..start + size as usize], b"#!/bin/sh\necho hello\n");
+        assert_eq!(
+            &nar[start..start + size as usize],
+            b"#!/bin/sh\necho hello\n"
+        );
         assert_eq!(
             entries.get("link"),
             Some(&Node::Symlink {
@@ -757,7 +769,10 @@ mod tests {
             NarError::BadMagic { .. }
         ));
         assert!(matches!(expect_err(&[0xff; 8]), NarError::BadMagic { .. }));
-        assert!(matches!(expect_err(b"\x0d\0\0\0\0\0\0\0nix-archive-1\0\0\x01"), NarError::NonZeroPadding { offset: 23 }));
+        assert!(matches!(
+            expect_err(b"\x0d\0\0\0\0\0\0\0nix-archive-1\0\0\x01"),
+            NarError::NonZeroPadding { offset: 23 }
+        ));
     }
 
     #[test]
@@ -779,14 +794,20 @@ mod tests {
         ));
         for bad in [&b""[..], b".", b"..", b"a/b", b"/", b"a\0b"] {
             assert!(
-                matches!(expect_err(&dir_of_links(&[bad])), NarError::InvalidName { .. }),
+                matches!(
+                    expect_err(&dir_of_links(&[bad])),
+                    NarError::InvalidName { .. }
+                ),
                 "{bad:?}"
             );
         }
         let long = vec![b'n'; MAX_NAME_LEN + 1];
         assert!(matches!(
             expect_err(&dir_of_links(&[&long])),
-            NarError::StringTooLong { what: "entry name", .. }
+            NarError::StringTooLong {
+                what: "entry name",
+                ..
+            }
         ));
         assert!(summarize(&dir_of_links(&[&long[1..]])).is_ok());
     }
@@ -794,17 +815,103 @@ mod tests {
     #[test]
     fn rejects_bad_nodes() {
         let bad: Vec<(Vec<u8>, &str)> = vec![
-            (tokens(&[b"nix-archive-1", b"(", b"type", b"fifo", b")"]), "unknown type"),
-            (tokens(&[b"nix-archive-1", b"(", b"type", b"regular", b"executable", b"x", b"contents", b"", b")"]), "exec value"),
-            (tokens(&[b"nix-archive-1", b"(", b"type", b"regular", b")"]), "no contents"),
-            (tokens(&[b"nix-archive-1", b"(", b"type", b"regular", b"contents", b"", b"executable", b"", b")"]), "exec after contents"),
-            (tokens(&[b"nix-archive-1", b"(", b"type", b"regular", b"contents", b"", b"contents", b"", b")"]), "two contents"),
-            (tokens(&[b"nix-archive-1", b"(", b"type", b"symlink", b")"]), "no target"),
-            (tokens(&[b"nix-archive-1", b"(", b"type", b"symlink", b"target", b"x", b"target", b"y", b")"]), "two targets"),
-            (tokens(&[b"nix-archive-1", b"(", b"type", b"directory", b"type", b"directory", b")"]), "two types"),
-            (tokens(&[b"nix-archive-1", b"(", b"contents", b"x", b")"]), "no type"),
+            (
+                tokens(&[b"nix-archive-1", b"(", b"type", b"fifo", b")"]),
+                "unknown type",
+            ),
+            (
+                tokens(&[
+                    b"nix-archive-1",
+                    b"(",
+                    b"type",
+                    b"regular",
+                    b"executable",
+                    b"x",
+                    b"contents",
+                    b"",
+                    b")",
+                ]),
+                "exec value",
+            ),
+            (
+                tokens(&[b"nix-archive-1", b"(", b"type", b"regular", b")"]),
+                "no contents",
+            ),
+            (
+                tokens(&[
+                    b"nix-archive-1",
+                    b"(",
+                    b"type",
+                    b"regular",
+                    b"contents",
+                    b"",
+                    b"executable",
+                    b"",
+                    b")",
+                ]),
+                "exec after contents",
+            ),
+            (
+                tokens(&[
+                    b"nix-archive-1",
+                    b"(",
+                    b"type",
+                    b"regular",
+                    b"contents",
+                    b"",
+                    b"contents",
+                    b"",
+                    b")",
+                ]),
+                "two contents",
+            ),
+            (
+                tokens(&[b"nix-archive-1", b"(", b"type", b"symlink", b")"]),
+                "no target",
+            ),
+            (
+                tokens(&[
+                    b"nix-archive-1",
+                    b"(",
+                    b"type",
+                    b"symlink",
+                    b"target",
+                    b"x",
+                    b"target",
+                    b"y",
+                    b")",
+                ]),
+                "two targets",
+            ),
+            (
+                tokens(&[
+                    b"nix-archive-1",
+                    b"(",
+                    b"type",
+                    b"directory",
+                    b"type",
+                    b"directory",
+                    b")",
+                ]),
+                "two types",
+            ),
+            (
+                tokens(&[b"nix-archive-1", b"(", b"contents", b"x", b")"]),
+                "no type",
+            ),
             (tokens(&[b"nix-archive-1", b")"]), "no open"),
-            (tokens(&[b"nix-archive-1", b"(", b"type", b"directory", b"entry", b"(", b"node"]), "entry without name"),
+            (
+                tokens(&[
+                    b"nix-archive-1",
+                    b"(",
+                    b"type",
+                    b"directory",
+                    b"entry",
+                    b"(",
+                    b"node",
+                ]),
+                "entry without name",
+            ),
         ];
         for (nar, what) in bad {
             let e = expect_err(&nar);
@@ -816,12 +923,37 @@ mod tests {
         ));
         let long_target = vec![b't'; MAX_TARGET_LEN + 1];
         assert!(matches!(
-            expect_err(&tokens(&[b"nix-archive-1", b"(", b"type", b"symlink", b"target", &long_target, b")"])),
-            NarError::StringTooLong { what: "symlink target", .. }
+            expect_err(&tokens(&[
+                b"nix-archive-1",
+                b"(",
+                b"type",
+                b"symlink",
+                b"target",
+                &long_target,
+                b")"
+            ])),
+            NarError::StringTooLong {
+                what: "symlink target",
+                ..
+            }
         ));
         // Non-UTF-8 targets and names are valid NAR; they are decoded lossily in the listing.
-        let s = summarize(&tokens(&[b"nix-archive-1", b"(", b"type", b"symlink", b"target", b"\xff", b")"])).unwrap();
-        assert_eq!(s.listing, Node::Symlink { target: "\u{fffd}".to_owned() });
+        let s = summarize(&tokens(&[
+            b"nix-archive-1",
+            b"(",
+            b"type",
+            b"symlink",
+            b"target",
+            b"\xff",
+            b")",
+        ]))
+        .unwrap();
+        assert_eq!(
+            s.listing,
+            Node::Symlink {
+                target: "\u{fffd}".to_owned()
+            }
+        );
     }
 
     #[test]
@@ -858,14 +990,29 @@ mod tests {
         nar.extend_from_slice(&[7; 4096]);
         let mut p = NarParser::new();
         p.feed(&nar).unwrap();
-        assert!(matches!(p.finish(), Err(NarError::Truncated { expected: "file contents", .. })));
+        assert!(matches!(
+            p.finish(),
+            Err(NarError::Truncated {
+                expected: "file contents",
+                ..
+            })
+        ));
     }
 
     #[test]
     fn depth_is_bounded() {
         let mut ts: Vec<&[u8]> = vec![b"nix-archive-1"];
         for _ in 0..=MAX_DEPTH {
-            ts.extend_from_slice(&[b"(", b"type", b"directory", b"entry", b"(", b"name", b"d", b"node"]);
+            ts.extend_from_slice(&[
+                b"(",
+                b"type",
+                b"directory",
+                b"entry",
+                b"(",
+                b"name",
+                b"d",
+                b"node",
+            ]);
         }
         assert!(matches!(expect_err(&tokens(&ts)), NarError::TooDeep { .. }));
 
@@ -919,8 +1066,13 @@ mod tests {
             "[^\0]{1,30}".prop_map(Tree::Link),
         ];
         leaf.prop_recursive(5, 64, 8, |inner| {
-            proptest::collection::btree_map("[a-zA-Z0-9 ._é-]{1,12}", inner, 0..8)
-                .prop_map(|m| Tree::Dir(m.into_iter().filter(|(k, _)| k != "." && k != "..").collect()))
+            proptest::collection::btree_map("[a-zA-Z0-9 ._é-]{1,12}", inner, 0..8).prop_map(|m| {
+                Tree::Dir(
+                    m.into_iter()
+                        .filter(|(k, _)| k != "." && k != "..")
+                        .collect(),
+                )
+            })
         })
     }
 
@@ -942,7 +1094,14 @@ mod tests {
     /// Check `listing` describes `t`, with each file's contents at its narOffset in `nar`.
     fn check(t: &Tree, listing: &Node, nar: &[u8]) -> Result<(), TestCaseError> {
         match (t, listing) {
-            (Tree::File(x, c), Node::Regular { size, executable, nar_offset }) => {
+            (
+                Tree::File(x, c),
+                Node::Regular {
+                    size,
+                    executable,
+                    nar_offset,
+                },
+            ) => {
                 prop_assert_eq!(x, executable);
                 prop_assert_eq!(c.len() as u64, *size);
                 let start = *nar_offset as usize;
@@ -950,7 +1109,10 @@ mod tests {
             }
             (Tree::Link(a), Node::Symlink { target }) => prop_assert_eq!(a, target),
             (Tree::Dir(m), Node::Directory { entries }) => {
-                prop_assert_eq!(m.keys().collect::<Vec<_>>(), entries.keys().collect::<Vec<_>>());
+                prop_assert_eq!(
+                    m.keys().collect::<Vec<_>>(),
+                    entries.keys().collect::<Vec<_>>()
+                );
                 for (k, v) in m {
                     check(v, &entries[k], nar)?;
                 }

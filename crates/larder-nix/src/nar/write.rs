@@ -132,7 +132,12 @@ impl<W: Write> NarWriter<W> {
 
     /// A regular file of `size` bytes read from `contents` (exactly `size` bytes are read;
     /// fewer is an error).
-    pub fn regular(&mut self, executable: bool, size: u64, contents: &mut impl Read) -> io::Result<()> {
+    pub fn regular(
+        &mut self,
+        executable: bool,
+        size: u64,
+        contents: &mut impl Read,
+    ) -> io::Result<()> {
         self.guard(|w| {
             w.expect_node()?;
             w.strings(&[b"(", b"type", b"regular"])?;
@@ -234,7 +239,12 @@ impl<W: Write> NarWriter<W> {
         self.guard(|w| {
             match w.stack.last() {
                 Some(f) if !f.pending => {}
-                _ => return Err(WriteError::NotInDirectory { call: "end_directory" }.into()),
+                _ => {
+                    return Err(WriteError::NotInDirectory {
+                        call: "end_directory",
+                    }
+                    .into())
+                }
             }
             w.stack.pop();
             w.string(b")")?;
@@ -349,7 +359,15 @@ mod tests {
         w.regular_bytes(false, b"hi").unwrap();
         let nar = w.finish().unwrap();
         let mut want = Vec::new();
-        for s in [&b"nix-archive-1"[..], b"(", b"type", b"regular", b"contents", b"hi", b")"] {
+        for s in [
+            &b"nix-archive-1"[..],
+            b"(",
+            b"type",
+            b"regular",
+            b"contents",
+            b"hi",
+            b")",
+        ] {
             want.extend_from_slice(&(s.len() as u64).to_le_bytes());
             want.extend_from_slice(s);
             want.resize(want.len() + padding(s.len() as u64) as usize, 0);
@@ -363,28 +381,46 @@ mod tests {
         w.begin_directory().unwrap();
         w.entry("b").unwrap();
         w.symlink("x").unwrap();
-        assert!(matches!(kind_of(w.entry("a").unwrap_err()), WriteError::Unsorted { .. }));
-        assert!(matches!(kind_of(w.entry("c").unwrap_err()), WriteError::Poisoned));
+        assert!(matches!(
+            kind_of(w.entry("a").unwrap_err()),
+            WriteError::Unsorted { .. }
+        ));
+        assert!(matches!(
+            kind_of(w.entry("c").unwrap_err()),
+            WriteError::Poisoned
+        ));
 
         for name in [&b""[..], b".", b"..", b"a/b", b"a\0"] {
             let mut w = NarWriter::new(Vec::new()).unwrap();
             w.begin_directory().unwrap();
-            assert!(matches!(kind_of(w.entry(name).unwrap_err()), WriteError::InvalidName { .. }));
+            assert!(matches!(
+                kind_of(w.entry(name).unwrap_err()),
+                WriteError::InvalidName { .. }
+            ));
         }
 
         let mut w = NarWriter::new(Vec::new()).unwrap();
         w.begin_directory().unwrap();
         w.entry("a").unwrap();
         w.symlink("x").unwrap();
-        assert!(matches!(kind_of(w.entry("a").unwrap_err()), WriteError::Unsorted { .. }));
+        assert!(matches!(
+            kind_of(w.entry("a").unwrap_err()),
+            WriteError::Unsorted { .. }
+        ));
 
         let mut w = NarWriter::new(Vec::new()).unwrap();
         w.begin_directory().unwrap();
-        assert!(matches!(kind_of(w.symlink("x").unwrap_err()), WriteError::UnexpectedNode));
+        assert!(matches!(
+            kind_of(w.symlink("x").unwrap_err()),
+            WriteError::UnexpectedNode
+        ));
 
         let mut w = NarWriter::new(Vec::new()).unwrap();
         w.symlink("x").unwrap();
-        assert!(matches!(kind_of(w.symlink("y").unwrap_err()), WriteError::UnexpectedNode));
+        assert!(matches!(
+            kind_of(w.symlink("y").unwrap_err()),
+            WriteError::UnexpectedNode
+        ));
 
         let mut w = NarWriter::new(Vec::new()).unwrap();
         assert!(matches!(
@@ -394,12 +430,18 @@ mod tests {
 
         let mut w = NarWriter::new(Vec::new()).unwrap();
         w.begin_directory().unwrap();
-        assert!(matches!(kind_of(w.finish().unwrap_err()), WriteError::Incomplete));
+        assert!(matches!(
+            kind_of(w.finish().unwrap_err()),
+            WriteError::Incomplete
+        ));
 
         let mut w = NarWriter::new(Vec::new()).unwrap();
         let e = w.regular(false, 10, &mut &b"short"[..]).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
-        assert!(matches!(kind_of(e), WriteError::ShortContents { got: 5, size: 10 }));
+        assert!(matches!(
+            kind_of(e),
+            WriteError::ShortContents { got: 5, size: 10 }
+        ));
     }
 
     #[test]
