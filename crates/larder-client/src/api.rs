@@ -18,7 +18,12 @@ pub enum ClientError {
         source: reqwest::Error,
     },
     #[error("the server answered {status}: {message}")]
-    Status { status: u16, message: String },
+    Status {
+        status: u16,
+        message: String,
+        /// The server's `Retry-After`, when it sent one.
+        retry_after: Option<std::time::Duration>,
+    },
     #[error("unexpected answer from the server for {what}")]
     Decode {
         what: String,
@@ -108,6 +113,11 @@ impl ApiClient {
         &self.base
     }
 
+    /// The token this client sends, if any (`larder use` writes it into a netrc for Nix).
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
     pub fn http(&self) -> &reqwest::Client {
         &self.http
     }
@@ -131,6 +141,12 @@ impl ApiClient {
         if status.is_success() {
             return Ok(resp);
         }
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(std::time::Duration::from_secs);
         let text = resp.text().await.unwrap_or_default();
         let message = serde_json::from_str::<Value>(&text)
             .ok()
@@ -146,6 +162,7 @@ impl ApiClient {
         Err(ClientError::Status {
             status: status.as_u16(),
             message,
+            retry_after,
         })
     }
 

@@ -57,7 +57,10 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(JsonBody(v)),
-            Err(e) => Err(ApiError::bad(format!("invalid JSON body: {}", e.body_text()))),
+            Err(e) => Err(ApiError::bad(format!(
+                "invalid JSON body: {}",
+                e.body_text()
+            ))),
         }
     }
 }
@@ -73,7 +76,10 @@ struct WhoAmI {
     expires_at: Option<i64>,
 }
 
-async fn whoami(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<WhoAmI>, ApiError> {
+async fn whoami(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<WhoAmI>, ApiError> {
     let p = principal(&state, &headers).await?;
     Ok(Json(match p.grant() {
         None => WhoAmI {
@@ -241,7 +247,9 @@ async fn cache_info(
 ) -> Result<Json<CacheJson>, ApiError> {
     let c = load_cache(&state, &name).await?;
     if c.private {
-        principal(&state, &headers).await?.require(Perm::Pull, &c.name)?;
+        principal(&state, &headers)
+            .await?
+            .require(Perm::Pull, &c.name)?;
     }
     Ok(Json(cache_json(&state, &c).await?))
 }
@@ -257,7 +265,9 @@ struct ConfigureCache {
     max_size: Option<Option<SizeArg>>,
 }
 
-fn double_option<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<SizeArg>>, D::Error> {
+fn double_option<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<SizeArg>>, D::Error> {
     Ok(Some(Option::deserialize(d)?))
 }
 
@@ -268,7 +278,9 @@ async fn configure_cache(
     JsonBody(req): JsonBody<ConfigureCache>,
 ) -> Result<Json<CacheJson>, ApiError> {
     let c = load_cache(&state, &name).await?;
-    principal(&state, &headers).await?.require(Perm::Admin, &c.name)?;
+    principal(&state, &headers)
+        .await?
+        .require(Perm::Admin, &c.name)?;
     let update = CacheUpdate {
         private: req.private,
         priority: req.priority.map(check_priority).transpose()?,
@@ -288,6 +300,7 @@ async fn configure_cache(
         .update_cache(&name, &update)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no cache named {name:?}")))?;
+    state.hot.forget_cache(&name);
     Ok(Json(cache_json(&state, &row).await?))
 }
 
@@ -297,8 +310,11 @@ async fn delete_cache(
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let c = load_cache(&state, &name).await?;
-    principal(&state, &headers).await?.require(Perm::Admin, &c.name)?;
+    principal(&state, &headers)
+        .await?
+        .require(Perm::Admin, &c.name)?;
     state.meta.delete_cache(&name).await?;
+    state.hot.forget_cache(&name);
     if let Err(e) = crate::publish::collect_garbage(&state).await {
         tracing::warn!(error = %e, "garbage collection after deleting a cache failed");
     }
@@ -319,7 +335,9 @@ async fn register_public_key(
     JsonBody(req): JsonBody<RegisterKey>,
 ) -> Result<Json<CacheJson>, ApiError> {
     let c = load_cache(&state, &name).await?;
-    principal(&state, &headers).await?.require(Perm::Admin, &c.name)?;
+    principal(&state, &headers)
+        .await?
+        .require(Perm::Admin, &c.name)?;
     let key = VerifyingKey::parse(req.public_key.trim())
         .map_err(|e| ApiError::bad(format!("invalid public key: {e}")))?;
     let update = CacheUpdate {
@@ -331,6 +349,7 @@ async fn register_public_key(
         .update_cache(&name, &update)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no cache named {name:?}")))?;
+    state.hot.forget_cache(&name);
     Ok(Json(cache_json(&state, &row).await?))
 }
 
@@ -354,7 +373,9 @@ async fn missing(
 ) -> Result<Json<MissingResp>, ApiError> {
     let c = load_cache(&state, &name).await?;
     if c.private {
-        principal(&state, &headers).await?.require(Perm::Pull, &c.name)?;
+        principal(&state, &headers)
+            .await?
+            .require(Perm::Pull, &c.name)?;
     }
     if req.paths.len() > MAX_MISSING_QUERY {
         return Err(ApiError::bad(format!(
@@ -374,8 +395,12 @@ async fn missing(
         };
         hashes.push(hash);
     }
-    let missing: std::collections::HashSet<String> =
-        state.meta.missing_hashes(c.id, &hashes).await?.into_iter().collect();
+    let missing: std::collections::HashSet<String> = state
+        .meta
+        .missing_hashes(c.id, &hashes)
+        .await?
+        .into_iter()
+        .collect();
     Ok(Json(MissingResp {
         missing: req
             .paths
@@ -410,7 +435,9 @@ async fn upload_nar(
     body: Body,
 ) -> Result<(StatusCode, Json<UploadResp>), ApiError> {
     let c = load_cache(&state, &name).await?;
-    principal(&state, &headers).await?.require(Perm::Push, &c.name)?;
+    principal(&state, &headers)
+        .await?
+        .require(Perm::Push, &c.name)?;
     let Query(q) = query.map_err(|_| ApiError::bad("missing ?compression=zstd|xz|none"))?;
     let compression = Compression::parse(&q.compression)?;
     let up = ingest(
@@ -462,7 +489,9 @@ async fn publish_path(
     JsonBody(req): JsonBody<PublishReq>,
 ) -> Result<(StatusCode, Json<PublishResp>), ApiError> {
     let c = load_cache(&state, &name).await?;
-    principal(&state, &headers).await?.require(Perm::Push, &c.name)?;
+    principal(&state, &headers)
+        .await?
+        .require(Perm::Push, &c.name)?;
     let path = |s: &str| {
         StorePath::from_absolute(s)
             .or_else(|_| StorePath::from_basename(s))
@@ -564,7 +593,10 @@ async fn create_token(
         }
         for c in caches {
             if !valid_cache_name(c) {
-                return Err(ApiError::bad(format!("invalid cache name {:?}", truncate(c))));
+                return Err(ApiError::bad(format!(
+                    "invalid cache name {:?}",
+                    truncate(c)
+                )));
             }
         }
     }
@@ -585,7 +617,11 @@ async fn create_token(
         id,
         secret_hash: token_hash(&secret),
         label: req.label,
-        perms: perms.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(","),
+        perms: perms
+            .iter()
+            .map(|p| p.as_str())
+            .collect::<Vec<_>>()
+            .join(","),
         caches: req.caches.map(|c| c.join(",")),
         expires_at,
         revoked_at: None,
@@ -611,6 +647,7 @@ async fn revoke_token(
 ) -> Result<StatusCode, ApiError> {
     principal(&state, &headers).await?.require_server_admin()?;
     if state.meta.revoke_token(&id).await? {
+        state.hot.forget_tokens();
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found(format!(

@@ -18,7 +18,9 @@ use sha2::Digest;
 use crate::error::ApiError;
 use crate::AppState;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Perm {
     Pull,
@@ -68,10 +70,12 @@ impl Grant {
             id: row.id.clone(),
             label: row.label.clone(),
             perms: row.perms.split(',').filter_map(Perm::parse).collect(),
-            caches: row
-                .caches
-                .as_ref()
-                .map(|c| c.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect()),
+            caches: row.caches.as_ref().map(|c| {
+                c.split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            }),
             expires_at: row.expires_at,
         }
     }
@@ -177,18 +181,29 @@ pub async fn principal(state: &AppState, headers: &HeaderMap) -> Result<Principa
     if token.is_empty() || token.len() > 256 {
         return Err(ApiError::InvalidToken("invalid token"));
     }
-    let row = state.meta.find_token(&token_hash(&token)).await?;
-    match row {
-        None => Err(ApiError::InvalidToken("invalid token")),
-        Some(r) if r.revoked_at.is_some() => Err(ApiError::InvalidToken("token revoked")),
-        Some(r) if r.expires_at.is_some_and(|t| t <= now_unix()) => {
-            Err(ApiError::InvalidToken("token expired"))
-        }
-        Some(r) => Ok(Principal::Token(Grant::from_row(&r))),
+    let hash = token_hash(&token);
+    let grant = match state.hot.token(&hash) {
+        Some(g) => g,
+        None => match state.meta.find_token(&hash).await? {
+            None => return Err(ApiError::InvalidToken("invalid token")),
+            Some(r) if r.revoked_at.is_some() => {
+                return Err(ApiError::InvalidToken("token revoked"))
+            }
+            Some(r) => {
+                let g = Grant::from_row(&r);
+                state.hot.put_token(&hash, g.clone());
+                g
+            }
+        },
+    };
+    if grant.expires_at.is_some_and(|t| t <= now_unix()) {
+        return Err(ApiError::InvalidToken("token expired"));
     }
+    Ok(Principal::Token(grant))
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic is how a test fails
 mod tests {
     use super::*;
 
@@ -219,7 +234,10 @@ mod tests {
     fn basic_auth_password_is_the_token() {
         let mut h = HeaderMap::new();
         let creds = base64::engine::general_purpose::STANDARD.encode("nix:secret");
-        h.insert(header::AUTHORIZATION, format!("Basic {creds}").parse().unwrap());
+        h.insert(
+            header::AUTHORIZATION,
+            format!("Basic {creds}").parse().unwrap(),
+        );
         assert_eq!(token_from_headers(&h).unwrap().as_deref(), Some("secret"));
         h.insert(header::AUTHORIZATION, "Bearer tok".parse().unwrap());
         assert_eq!(token_from_headers(&h).unwrap().as_deref(), Some("tok"));

@@ -50,12 +50,14 @@ async fn cache_for(
     headers: &HeaderMap,
     name: &str,
     perm: Perm,
-) -> Result<CacheRow, ApiError> {
+) -> Result<std::sync::Arc<CacheRow>, ApiError> {
     let cache = load_cache(state, name).await?;
     if perm == Perm::Pull && !cache.private {
         return Ok(cache);
     }
-    principal(state, headers).await?.require(perm, &cache.name)?;
+    principal(state, headers)
+        .await?
+        .require(perm, &cache.name)?;
     Ok(cache)
 }
 
@@ -69,7 +71,11 @@ async fn get_cache_info(
         want_mass_query: true,
         priority: Some(cache.priority.clamp(0, u32::MAX as i64) as u32),
     };
-    Ok(([(header::CONTENT_TYPE, "text/x-nix-cache-info")], info.to_string()).into_response())
+    Ok((
+        [(header::CONTENT_TYPE, "text/x-nix-cache-info")],
+        info.to_string(),
+    )
+        .into_response())
 }
 
 /// Nix's uploader writes `nix-cache-info` when it initialises a cache: accepted (from a
@@ -102,13 +108,21 @@ async fn get_file(
 ) -> Result<Response, ApiError> {
     let cache = cache_for(&state, &headers, &name, Perm::Pull).await?;
     if let Some(hash) = hash_file(&file, ".narinfo")? {
-        let path = state
-            .meta
-            .get_path(cache.id, hash)
-            .await?
-            .ok_or_else(|| ApiError::not_found("no such path in this cache"))?;
-        let text = render_narinfo(&path)?;
-        return Ok(([(header::CONTENT_TYPE, "text/x-nix-narinfo")], text).into_response());
+        let text = match state.hot.narinfo(cache.id, hash) {
+            Some(t) => t,
+            None => {
+                let path = state
+                    .meta
+                    .get_path(cache.id, hash)
+                    .await?
+                    .ok_or_else(|| ApiError::not_found("no such path in this cache"))?;
+                let text: std::sync::Arc<str> = render_narinfo(&path)?.into();
+                state.hot.put_narinfo(cache.id, hash, text.clone());
+                text
+            }
+        };
+        let body = Body::from(bytes::Bytes::from_owner(ArcStr(text)));
+        return Ok(([(header::CONTENT_TYPE, "text/x-nix-narinfo")], body).into_response());
     }
     if let Some(hash) = hash_file(&file, ".ls")? {
         let path = state
@@ -119,7 +133,19 @@ async fn get_file(
         let listing = nar_listing(&state, &path.nar).await?;
         return Ok(([(header::CONTENT_TYPE, "application/json")], listing).into_response());
     }
-    Err(ApiError::not_found(format!("no such file {:?}", truncate(&file))))
+    Err(ApiError::not_found(format!(
+        "no such file {:?}",
+        truncate(&file)
+    )))
+}
+
+/// Shares a cached narinfo with the response body without copying it.
+struct ArcStr(std::sync::Arc<str>);
+
+impl AsRef<[u8]> for ArcStr {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
 }
 
 /// Produce a NAR's `.ls` listing by streaming and parsing its stored file (no buffering).
@@ -353,10 +379,9 @@ async fn put_narinfo(
             ni.store_path
         )));
     }
-    let key = ni
-        .url
-        .strip_prefix("nar/")
-        .ok_or_else(|| ApiError::bad(format!("narinfo URL {:?} is not nar/…", truncate(&ni.url))))?;
+    let key = ni.url.strip_prefix("nar/").ok_or_else(|| {
+        ApiError::bad(format!("narinfo URL {:?} is not nar/…", truncate(&ni.url)))
+    })?;
     let (upload_id, nar) = match state.meta.upload_by_key(cache.id, key).await? {
         Some(found) => found,
         None => {

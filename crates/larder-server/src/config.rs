@@ -147,9 +147,7 @@ impl Config {
             database,
             storage,
             compression,
-            compression_level: file
-                .compression_level
-                .unwrap_or(DEFAULT_COMPRESSION_LEVEL),
+            compression_level: file.compression_level.unwrap_or(DEFAULT_COMPRESSION_LEVEL),
             max_upload_size,
             gc_interval,
         })
@@ -163,7 +161,10 @@ impl Config {
             .map(|(_, r)| r)
             .unwrap_or(&self.public_url);
         let authority = rest.split('/').next().unwrap_or(rest);
-        let authority = authority.rsplit_once('@').map(|(_, h)| h).unwrap_or(authority);
+        let authority = authority
+            .rsplit_once('@')
+            .map(|(_, h)| h)
+            .unwrap_or(authority);
         if let Some(v6) = authority.strip_prefix('[') {
             return v6.split(']').next().unwrap_or(v6).to_owned();
         }
@@ -219,6 +220,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic is how a test fails
 mod tests {
     use super::*;
 
@@ -236,7 +238,8 @@ mod tests {
     #[test]
     fn unknown_keys_are_rejected() {
         assert!(toml::from_str::<ConfigFile>("listn = \"x\"").is_err());
-        let f: ConfigFile = toml::from_str("listen = \"0.0.0.0:1\"\nmax_upload_size = \"1GiB\"").unwrap();
+        let f: ConfigFile =
+            toml::from_str("listen = \"0.0.0.0:1\"\nmax_upload_size = \"1GiB\"").unwrap();
         let c = Config::resolve(f, "/d".into()).unwrap();
         assert_eq!(c.public_url, "http://0.0.0.0:1");
         assert_eq!(c.max_upload_size, 1 << 30);

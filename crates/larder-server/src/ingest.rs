@@ -189,21 +189,26 @@ impl Pipeline {
         let flushed = match &mut self.decoder {
             Decoder::None(_) => Ok(()),
             Decoder::Xz(_) => Ok(()), // finished below
-            Decoder::Zstd(d) => d.flush(),
+            // Not just a flush: a stream that stops inside a frame is truncated, even when
+            // the NAR it carries happens to be complete (clients would fail to decode it).
+            Decoder::Zstd(d) => d.do_finish(),
         };
         flushed.map_err(|e| self.decode_error(e))?;
         let sink = match self.decoder {
             Decoder::None(s) => s,
-            Decoder::Xz(mut d) => d.finish().map_err(|e| {
-                ApiError::bad(format!("upload is not a valid xz stream: {e}"))
-            })?,
+            Decoder::Xz(mut d) => d
+                .finish()
+                .map_err(|e| ApiError::bad(format!("upload is not a valid xz stream: {e}")))?,
             Decoder::Zstd(d) => d.into_inner(),
         };
         let summary = sink
             .parser
             .finish()
             .map_err(|e| ApiError::bad(format!("upload is not a valid NAR: {e}")))?;
-        let file = self.out.into_inner().map_err(|e| ApiError::internal(e.into_error()))?;
+        let file = self
+            .out
+            .into_inner()
+            .map_err(|e| ApiError::internal(e.into_error()))?;
         file.sync_all().map_err(ApiError::internal)?;
         Ok((
             summary.nar_hash,

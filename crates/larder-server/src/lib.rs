@@ -21,6 +21,7 @@ pub mod auth;
 pub mod binary_cache;
 pub mod config;
 pub mod error;
+pub mod hot;
 pub mod ingest;
 pub mod publish;
 
@@ -33,6 +34,8 @@ pub struct AppState {
     pub meta: Metadata,
     pub objects: ObjectStore,
     pub config: Arc<Config>,
+    /// In-memory caches of the hot read path.
+    pub hot: Arc<hot::HotCache>,
 }
 
 /// Names a cache may not take: they are top-level routes.
@@ -44,8 +47,7 @@ pub fn valid_cache_name(name: &str) -> bool {
     !b.is_empty()
         && b.len() <= 63
         && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-        && b
-            .iter()
+        && b.iter()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         && !RESERVED_NAMES.contains(&name)
 }
@@ -86,7 +88,9 @@ async fn log_request(req: Request, next: Next) -> Response {
 }
 
 /// Open the backends named in `config` and prepare the data directory.
-pub async fn open_state(config: Config) -> Result<AppState, Box<dyn std::error::Error + Send + Sync>> {
+pub async fn open_state(
+    config: Config,
+) -> Result<AppState, Box<dyn std::error::Error + Send + Sync>> {
     std::fs::create_dir_all(&config.data_dir)?;
     let meta = Metadata::connect(&config.database).await?;
     let objects = ObjectStore::open(&config.storage)?;
@@ -94,6 +98,7 @@ pub async fn open_state(config: Config) -> Result<AppState, Box<dyn std::error::
         meta,
         objects,
         config: Arc::new(config),
+        hot: Arc::default(),
     })
 }
 

@@ -9,6 +9,8 @@
 //!
 //! The server never trusts a client's NarHash, NarSize, FileHash or FileSize.
 
+use std::sync::Arc;
+
 use larder_nix::hash::Sha256;
 use larder_nix::narinfo::NarInfo;
 use larder_nix::signing::{Signature, SigningKey, VerifyingKey};
@@ -20,15 +22,24 @@ use crate::ingest::{truncate, Compression, Ingested};
 use crate::{valid_cache_name, AppState};
 
 /// Look a cache up by name: 400 for a malformed name, 404 for an unknown one.
-pub async fn load_cache(state: &AppState, name: &str) -> Result<CacheRow, ApiError> {
+pub async fn load_cache(state: &AppState, name: &str) -> Result<Arc<CacheRow>, ApiError> {
     if !valid_cache_name(name) {
-        return Err(ApiError::bad(format!("invalid cache name {:?}", truncate(name))));
+        return Err(ApiError::bad(format!(
+            "invalid cache name {:?}",
+            truncate(name)
+        )));
     }
-    state
+    if let Some(c) = state.hot.cache(name) {
+        return Ok(c);
+    }
+    let row = state
         .meta
         .get_cache(name)
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("no cache named {name:?}")))
+        .ok_or_else(|| ApiError::not_found(format!("no cache named {name:?}")))?;
+    let row = Arc::new(row);
+    state.hot.put_cache(row.clone());
+    Ok(row)
 }
 
 fn random_id() -> Result<String, ApiError> {
@@ -59,7 +70,10 @@ pub async fn store_upload(
         chunk_hash: file_hash.clone(),
         file_size: up.file_size as i64,
     };
-    state.objects.put_file(&chunk.object_key(), &up.file).await?;
+    state
+        .objects
+        .put_file(&chunk.object_key(), &up.file)
+        .await?;
     let row = NarRow {
         id: 0,
         nar_hash,
@@ -70,7 +84,13 @@ pub async fn store_upload(
     };
     let (nar, _inserted) = state
         .meta
-        .insert_nar_for_upload(&upload_id, cache.id, key, &row, std::slice::from_ref(&chunk))
+        .insert_nar_for_upload(
+            &upload_id,
+            cache.id,
+            key,
+            &row,
+            std::slice::from_ref(&chunk),
+        )
         .await?;
     if nar.file_hash != row.file_hash {
         // The same NAR was stored concurrently in another form; ours is redundant.
@@ -94,9 +114,7 @@ pub struct PathInfo {
 /// The managed signing key of a cache, if it has one.
 pub fn managed_key(cache: &CacheRow) -> Result<Option<SigningKey>, ApiError> {
     match (&cache.signing_mode[..], &cache.secret_key) {
-        ("managed", Some(sk)) => SigningKey::parse(sk)
-            .map(Some)
-            .map_err(ApiError::internal),
+        ("managed", Some(sk)) => SigningKey::parse(sk).map(Some).map_err(ApiError::internal),
         _ => Ok(None),
     }
 }
@@ -144,13 +162,12 @@ pub async fn publish(
             sigs.push(key.sign(&fingerprint).to_string());
         }
         None => {
-            let pk = cache
-                .public_key
-                .as_deref()
-                .ok_or_else(|| ApiError::Conflict(format!(
+            let pk = cache.public_key.as_deref().ok_or_else(|| {
+                ApiError::Conflict(format!(
                     "cache {:?} has no signing key registered (hint: larder generate-keypair {})",
                     cache.name, cache.name
-                )))?;
+                ))
+            })?;
             let pk = VerifyingKey::parse(pk).map_err(ApiError::internal)?;
             if !info.sigs.iter().any(|s| pk.verify(&fingerprint, s)) {
                 return Err(ApiError::Forbidden(format!(
@@ -206,7 +223,8 @@ pub fn render_narinfo(path: &PathRow) -> Result<String, ApiError> {
             path.id
         )))
     };
-    let compression = Compression::parse(&path.nar.compression).map_err(|_| corrupt("compression"))?;
+    let compression =
+        Compression::parse(&path.nar.compression).map_err(|_| corrupt("compression"))?;
     let store_path = StorePath::from_basename(&format!("{}-{}", path.hash, path.name))
         .map_err(|_| corrupt("store path"))?;
     let references = path
@@ -236,11 +254,7 @@ pub fn render_narinfo(path: &PathRow) -> Result<String, ApiError> {
     };
     let info = NarInfo {
         store_path,
-        url: format!(
-            "nar/{}.nar{}",
-            path.nar.file_hash,
-            compression.extension()
-        ),
+        url: format!("nar/{}.nar{}", path.nar.file_hash, compression.extension()),
         compression: compression.as_str().to_owned(),
         file_hash: Some(hash(&path.nar.file_hash, "file hash")?),
         file_size: Some(path.nar.file_size as u64),

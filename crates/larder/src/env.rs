@@ -4,6 +4,12 @@
 //! `name:base64`), `LARDER_CONFIG` (client config file). With `LARDER_SERVER` and
 //! `LARDER_TOKEN` no config file is needed.
 //!
+//! `larder use` / `remove` / `doctor`: `LARDER_NIX_CONF` (the nix.conf to edit instead of the
+//! mode's default; tests point it at a temp file), `LARDER_NETRC` (the netrc to write when
+//! nix.conf names none). They also read Nix's own `NIX_CONF_DIR` (system nix.conf directory),
+//! `NIX_USER_CONF_FILES` (the first one is the user nix.conf edited) and `NIX_REMOTE` (daemon
+//! or not).
+//!
 //! Server (`larder serve`; flags override these, these override the config file):
 //! `LARDER_SERVE_CONFIG`, `LARDER_LISTEN`, `LARDER_DATA_DIR`, `LARDER_PUBLIC_URL`,
 //! `LARDER_DATABASE`, `LARDER_STORAGE`, `LARDER_COMPRESSION`, `LARDER_COMPRESSION_LEVEL`,
@@ -16,6 +22,8 @@ pub const SERVER: &str = "LARDER_SERVER";
 pub const TOKEN: &str = "LARDER_TOKEN";
 pub const CONFIG: &str = "LARDER_CONFIG";
 pub const LOG: &str = "LARDER_LOG";
+pub const NIX_CONF: &str = "LARDER_NIX_CONF";
+pub const NETRC: &str = "LARDER_NETRC";
 
 /// A variable's value, treating empty as unset.
 pub fn var(name: &str) -> Option<String> {

@@ -10,9 +10,12 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 mod admin;
 mod client_config;
+mod doctor;
 mod env;
+mod nixconf;
 mod output;
 mod serve;
+mod use_cmd;
 
 /// A self-hosted Nix binary cache: build once on a strong machine, push to a signed cache,
 /// substitute everywhere else.
@@ -40,6 +43,17 @@ enum Command {
     /// Create, list and revoke access tokens (server admin).
     #[command(subcommand)]
     Token(admin::TokenCommand),
+    /// Make Nix substitute from a cache: its URL in `extra-substituters`, its key in
+    /// `extra-trusted-public-keys`, and for a private cache the token in a netrc (0600) that
+    /// `netrc-file` points at. Idempotent. Default mode: user-nixconf
+    /// (~/.config/nix/nix.conf); as root root-nixconf (/etc/nix/nix.conf), or nixos on NixOS.
+    /// Warns when nix-daemon will ignore your substituters and says what works instead.
+    Use(use_cmd::UseArgs),
+    /// Undo `larder use`: take the cache's URL, key and netrc entry out again.
+    Remove(use_cmd::RemoveArgs),
+    /// Check the setup, line by line with fixes: nix, config and token, server, and with CACHE
+    /// whether Nix will substitute from it. Exit 1 if a check fails.
+    Doctor(doctor::DoctorArgs),
     /// Print shell completions, e.g. `larder completions bash > /etc/bash_completion.d/larder`.
     Completions {
         /// bash, zsh, fish, elvish or powershell
@@ -65,6 +79,9 @@ fn main() -> ExitCode {
             Command::Authtoken(args) => admin::authtoken(args).await,
             Command::Cache(cmd) => admin::cache(cmd).await,
             Command::Token(cmd) => admin::token(cmd).await,
+            Command::Use(args) => use_cmd::use_cache(args).await,
+            Command::Remove(args) => use_cmd::remove_cache(args).await,
+            Command::Doctor(args) => doctor::doctor(args).await,
             Command::Completions { shell } => {
                 let mut cmd = Cli::command();
                 clap_complete::generate(shell, &mut cmd, "larder", &mut std::io::stdout());

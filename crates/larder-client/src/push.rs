@@ -1,0 +1,609 @@
+//! The push pipeline: local store → (closure, filters, one bulk "missing" query) → parallel
+//! streaming uploads, published in dependency order.
+//!
+//! Each path's NAR is serialised by larder from the filesystem ([`dump_verified`], which checks
+//! the NarHash against the store's record while streaming), compressed on the client, and
+//! streamed to `POST /api/v1/caches/<c>/nars`; memory stays bounded by a few blocks per job
+//! whatever the NAR size. The server measures the NAR itself; publishing
+//! (`POST …/paths`) then happens only after every reference of the path is published, so an
+//! interrupted push never leaves a path without its references. Uploads run in parallel
+//! (`jobs`); a path waits only for its own references.
+//!
+//! Paths signed by an upstream key (default `cache.nixos.org-1`) are skipped: Nix substitutes
+//! them from upstream. Their signed metadata is sent along with the paths that reference them
+//! so the server can check the upstream signature instead of the reference's presence.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{self, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use larder_nix::signing::SigningKey;
+use larder_nix::store_path::StorePath;
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch, Semaphore};
+
+use crate::api::{ApiClient, ClientError};
+use crate::local_store::{dump_verified, LocalStore, LocalStoreError, PathInfo};
+
+/// Blocks of compressed NAR in flight per upload.
+const CHANNEL_BLOCKS: usize = 8;
+/// Size of one block sent to the network.
+const BLOCK: usize = 256 * 1024;
+/// Paths per bulk `missing` query.
+const MISSING_BATCH: usize = 5000;
+/// NARs larger than this are compressed with zstd's worker threads.
+const MT_THRESHOLD: u64 = 8 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Xz,
+    Zstd,
+}
+
+impl Compression {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "none" => Some(Self::None),
+            "xz" => Some(Self::Xz),
+            "zstd" => Some(Self::Zstd),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Xz => "xz",
+            Self::Zstd => "zstd",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    #[error(transparent)]
+    Store(#[from] LocalStoreError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct PushOptions {
+    pub jobs: usize,
+    pub compression: Compression,
+    pub level: i32,
+    /// Push the closures of the given paths (default) or just the paths.
+    pub closure: bool,
+    pub exclude: Vec<Regex>,
+    pub include_upstream: bool,
+    /// Key names whose signature marks a path as available upstream.
+    pub upstream_keys: Vec<String>,
+    pub omit_deriver: bool,
+    pub signing_key: Option<SigningKey>,
+    /// Attempts per path on network errors, 5xx and 429.
+    pub attempts: u32,
+}
+
+impl Default for PushOptions {
+    fn default() -> Self {
+        PushOptions {
+            jobs: 8,
+            compression: Compression::Zstd,
+            level: 3,
+            closure: true,
+            exclude: Vec::new(),
+            include_upstream: false,
+            upstream_keys: vec!["cache.nixos.org-1".into()],
+            omit_deriver: false,
+            signing_key: None,
+            attempts: 4,
+        }
+    }
+}
+
+/// What a push will do, decided before any byte is uploaded.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// Paths to upload, in dependency order.
+    pub paths: Vec<PathInfo>,
+    /// Paths considered (closure size after `--no-closure`).
+    pub total: usize,
+    /// Already in the cache.
+    pub present: usize,
+    /// Skipped because an upstream key signed them.
+    pub upstream: Vec<PathInfo>,
+    /// Skipped by `--exclude`.
+    pub excluded: usize,
+}
+
+impl Plan {
+    pub fn nar_bytes(&self) -> u64 {
+        self.paths.iter().map(|p| p.nar_size).sum()
+    }
+}
+
+#[derive(Deserialize)]
+struct MissingResp {
+    missing: Vec<String>,
+}
+
+/// Compute what to push: closure, filters, and one bulk query for what the cache lacks.
+pub async fn plan(
+    client: &ApiClient,
+    cache: &str,
+    store: LocalStore,
+    roots: Vec<StorePath>,
+    opts: &PushOptions,
+) -> Result<(Plan, LocalStore), PushError> {
+    let closure = opts.closure;
+    let (infos, store) = tokio::task::spawn_blocking(move || {
+        let mut store = store;
+        let r = if closure {
+            store.closure(&roots)
+        } else {
+            store.query_path_infos(&roots).and_then(|v| {
+                v.into_iter()
+                    .zip(&roots)
+                    .map(|(i, p)| {
+                        i.ok_or_else(|| LocalStoreError::NotValid {
+                            path: p.clone(),
+                            referrer: None,
+                        })
+                    })
+                    .collect()
+            })
+        };
+        (r, store)
+    })
+    .await
+    .map_err(|e| PushError::Internal(e.to_string()))?;
+    let infos = infos?;
+    let mut plan = Plan {
+        total: infos.len(),
+        ..Plan::default()
+    };
+    let mut candidates = Vec::new();
+    for info in infos {
+        let abs = info.path.to_absolute();
+        if opts.exclude.iter().any(|r| r.is_match(&abs)) {
+            plan.excluded += 1;
+        } else if !opts.include_upstream
+            && info.sigs.iter().any(|s| {
+                let name = s.split(':').next().unwrap_or("");
+                opts.upstream_keys.iter().any(|k| k == name)
+            })
+        {
+            plan.upstream.push(info);
+        } else {
+            candidates.push(info);
+        }
+    }
+    let mut missing = HashSet::new();
+    for batch in candidates.chunks(MISSING_BATCH) {
+        let body = serde_json::json!({
+            "paths": batch.iter().map(|i| i.path.to_absolute()).collect::<Vec<_>>()
+        });
+        let resp: MissingResp = client
+            .send(
+                client
+                    .request(reqwest::Method::POST, &format!("/api/v1/caches/{cache}/missing"))
+                    .json(&body),
+            )
+            .await?
+            .json()
+            .await
+            .map_err(|e| PushError::Internal(format!("bad answer to the missing query: {e}")))?;
+        missing.extend(resp.missing);
+    }
+    for info in candidates {
+        if missing.contains(&info.path.to_absolute()) {
+            plan.paths.push(info);
+        } else {
+            plan.present += 1;
+        }
+    }
+    Ok((plan, store))
+}
+
+/// How one path ended.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Pushed { file_size: u64, secs: f64 },
+    /// The server already had it (pushed concurrently by someone else).
+    AlreadyPresent,
+    /// Deleted from the local store after planning (e.g. by garbage collection).
+    Vanished,
+    Failed(String),
+}
+
+/// Receives progress as the push runs (called from several tasks).
+pub trait Observer: Send + Sync {
+    fn started(&self, _path: &PathInfo) {}
+    /// Compressed bytes handed to the network.
+    fn bytes(&self, _n: u64) {}
+    fn finished(&self, _path: &PathInfo, _outcome: &Outcome) {}
+    /// A retry after a transient error.
+    fn retrying(&self, _path: &PathInfo, _error: &str, _attempt: u32) {}
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    pub pushed: usize,
+    pub skipped: usize,
+    pub failed: usize,
+    /// NAR bytes of the pushed paths.
+    pub bytes: u64,
+    /// Compressed bytes uploaded.
+    pub file_bytes: u64,
+    pub seconds: f64,
+    pub failures: Vec<Failure>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Failure {
+    pub path: String,
+    pub error: String,
+}
+
+/// Upload `plan.paths` with up to `opts.jobs` in parallel, publishing each after its
+/// references. `skipped` in the summary counts present, upstream, excluded and vanished paths.
+pub async fn execute(
+    client: &ApiClient,
+    cache: &str,
+    plan: &Plan,
+    opts: &PushOptions,
+    observer: Arc<dyn Observer>,
+) -> Summary {
+    let start = Instant::now();
+    let upstream: Arc<HashMap<String, UpstreamRef>> = Arc::new(
+        plan.upstream
+            .iter()
+            .map(|i| (i.path.to_absolute(), UpstreamRef::from(i)))
+            .collect(),
+    );
+    let mut done: HashMap<String, watch::Receiver<Option<bool>>> = HashMap::new();
+    let sem = Arc::new(Semaphore::new(opts.jobs.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for info in &plan.paths {
+        // Spawned in dependency order: a task only ever waits for earlier tasks, which hold
+        // permits or are finished, so the semaphore cannot deadlock.
+        let permit = match sem.clone().acquire_owned().await {
+            Ok(p) => p,
+            Err(_) => break,
+        };
+        let deps: Vec<watch::Receiver<Option<bool>>> = info
+            .references
+            .iter()
+            .filter(|r| **r != info.path)
+            .filter_map(|r| done.get(&r.to_absolute()).cloned())
+            .collect();
+        let (tx, rx) = watch::channel(None);
+        done.insert(info.path.to_absolute(), rx);
+        let (client, cache, info, opts, observer, upstream) = (
+            client.clone(),
+            cache.to_owned(),
+            info.clone(),
+            opts.clone(),
+            observer.clone(),
+            upstream.clone(),
+        );
+        tasks.spawn(async move {
+            let _permit = permit;
+            observer.started(&info);
+            let t0 = Instant::now();
+            let outcome =
+                push_one(&client, &cache, &info, &opts, &observer, deps, &upstream).await;
+            let outcome = match outcome {
+                Ok(Some(file_size)) => Outcome::Pushed {
+                    file_size,
+                    secs: t0.elapsed().as_secs_f64(),
+                },
+                Ok(None) => Outcome::AlreadyPresent,
+                Err(PushError::Store(LocalStoreError::Vanished(_))) => Outcome::Vanished,
+                Err(e) => Outcome::Failed(error_line(&e)),
+            };
+            let _ = tx.send(Some(matches!(
+                outcome,
+                Outcome::Pushed { .. } | Outcome::AlreadyPresent
+            )));
+            observer.finished(&info, &outcome);
+            (info, outcome)
+        });
+    }
+    let mut s = Summary {
+        skipped: plan.present + plan.upstream.len() + plan.excluded,
+        ..Summary::default()
+    };
+    while let Some(res) = tasks.join_next().await {
+        match res {
+            Ok((info, Outcome::Pushed { file_size, .. })) => {
+                s.pushed += 1;
+                s.bytes += info.nar_size;
+                s.file_bytes += file_size;
+            }
+            Ok((_, Outcome::AlreadyPresent | Outcome::Vanished)) => s.skipped += 1,
+            Ok((info, Outcome::Failed(e))) => {
+                s.failed += 1;
+                s.failures.push(Failure {
+                    path: info.path.to_absolute(),
+                    error: e,
+                });
+            }
+            Err(e) => {
+                s.failed += 1;
+                s.failures.push(Failure {
+                    path: String::new(),
+                    error: format!("internal error: {e}"),
+                });
+            }
+        }
+    }
+    s.seconds = start.elapsed().as_secs_f64();
+    s
+}
+
+/// An error on one line: the error and its causes.
+fn error_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s.replace('\n', " ")
+}
+
+/// Metadata of an upstream path a pushed path refers to, with its upstream signatures.
+#[derive(Debug, Clone, Serialize)]
+struct UpstreamRef {
+    store_path: String,
+    nar_hash: String,
+    nar_size: u64,
+    references: Vec<String>,
+    sigs: Vec<String>,
+}
+
+impl From<&PathInfo> for UpstreamRef {
+    fn from(i: &PathInfo) -> Self {
+        UpstreamRef {
+            store_path: i.path.to_absolute(),
+            nar_hash: i.nar_hash.to_typed_nix32(),
+            nar_size: i.nar_size,
+            references: i.references.iter().map(StorePath::to_absolute).collect(),
+            sigs: i.sigs.clone(),
+        }
+    }
+}
+
+fn transient(e: &PushError) -> Option<Option<Duration>> {
+    match e {
+        PushError::Client(ClientError::Unreachable { .. }) => Some(None),
+        PushError::Client(ClientError::Status { status, retry_after, .. })
+            if *status == 429 || (*status >= 500 && *status != 507 && *status != 501) =>
+        {
+            Some(*retry_after)
+        }
+        _ => None,
+    }
+}
+
+/// Upload and publish one path, retrying transient failures. `Ok(None)`: already present.
+async fn push_one(
+    client: &ApiClient,
+    cache: &str,
+    info: &PathInfo,
+    opts: &PushOptions,
+    observer: &Arc<dyn Observer>,
+    deps: Vec<watch::Receiver<Option<bool>>>,
+    upstream: &HashMap<String, UpstreamRef>,
+) -> Result<Option<u64>, PushError> {
+    let mut attempt = 1;
+    let upload = loop {
+        match upload_nar(client, cache, info, opts, observer).await {
+            Ok(u) => break u,
+            Err(e) => match transient(&e) {
+                Some(wait) if attempt < opts.attempts => {
+                    observer.retrying(info, &error_line(&e), attempt);
+                    tokio::time::sleep(wait.unwrap_or(Duration::from_millis(500 << attempt))).await;
+                    attempt += 1;
+                }
+                _ => return Err(e),
+            },
+        }
+    };
+    for mut d in deps {
+        let ok = match d.wait_for(|v| v.is_some()).await {
+            Ok(v) => v.unwrap_or(false),
+            Err(_) => false,
+        };
+        if !ok {
+            return Err(PushError::Internal(
+                "not published because one of its references failed to push".into(),
+            ));
+        }
+    }
+    let refs: Vec<String> = info.references.iter().map(StorePath::to_absolute).collect();
+    let mut sigs = info.sigs.clone();
+    if let Some(key) = &opts.signing_key {
+        let fp = larder_nix::signing::fingerprint(
+            &info.path,
+            &info.nar_hash,
+            info.nar_size,
+            &info.references,
+        );
+        let sig = key.sign(&fp).to_string();
+        sigs.retain(|s| !s.starts_with(&format!("{}:", key.name())));
+        sigs.push(sig);
+    }
+    let upstream_refs: Vec<&UpstreamRef> =
+        refs.iter().filter_map(|r| upstream.get(r)).collect();
+    let body = serde_json::json!({
+        "upload_id": upload.upload_id,
+        "store_path": info.path.to_absolute(),
+        "nar_hash": info.nar_hash.to_typed_nix32(),
+        "nar_size": info.nar_size,
+        "references": refs,
+        "deriver": if opts.omit_deriver { None } else { info.deriver.as_ref().map(StorePath::to_absolute) },
+        "ca": info.ca,
+        "sigs": sigs,
+        "upstream": upstream_refs,
+    });
+    let mut attempt = 1;
+    loop {
+        let r = client
+            .send(
+                client
+                    .request(reqwest::Method::POST, &format!("/api/v1/caches/{cache}/paths"))
+                    .json(&body),
+            )
+            .await;
+        match r {
+            Ok(resp) => {
+                let created = resp.status() == reqwest::StatusCode::CREATED;
+                return Ok(created.then_some(upload.file_size));
+            }
+            Err(e) => {
+                let e = PushError::Client(e);
+                match transient(&e) {
+                    Some(wait) if attempt < opts.attempts => {
+                        observer.retrying(info, &error_line(&e), attempt);
+                        tokio::time::sleep(wait.unwrap_or(Duration::from_millis(500 << attempt)))
+                            .await;
+                        attempt += 1;
+                    }
+                    _ => return Err(e),
+                }
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct UploadResp {
+    upload_id: String,
+    file_size: u64,
+}
+
+/// Sends compressed NAR bytes to the network in blocks, counting them.
+struct ChannelWriter {
+    tx: mpsc::Sender<io::Result<Bytes>>,
+    buf: Vec<u8>,
+    observer: Arc<dyn Observer>,
+}
+
+impl ChannelWriter {
+    fn send(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let block = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(BLOCK)));
+        self.observer.bytes(block.len() as u64);
+        self.tx
+            .blocking_send(Ok(block))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "upload connection closed"))
+    }
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= BLOCK {
+            self.send()?;
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.send()
+    }
+}
+
+/// Serialise, compress and stream one NAR to the server; returns what the server measured.
+async fn upload_nar(
+    client: &ApiClient,
+    cache: &str,
+    info: &PathInfo,
+    opts: &PushOptions,
+    observer: &Arc<dyn Observer>,
+) -> Result<UploadResp, PushError> {
+    let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(CHANNEL_BLOCKS);
+    let body = reqwest::Body::wrap_stream(receiver_stream(rx));
+    let request = client
+        .request(
+            reqwest::Method::POST,
+            &format!(
+                "/api/v1/caches/{cache}/nars?compression={}",
+                opts.compression.as_str()
+            ),
+        )
+        .body(body);
+    let (compression, level, info2) = (opts.compression, opts.level, info.clone());
+    let observer = observer.clone();
+    let producer = tokio::task::spawn_blocking(move || -> Result<(), PushError> {
+        let err_tx = tx.clone();
+        let w = ChannelWriter {
+            tx,
+            buf: Vec::with_capacity(BLOCK),
+            observer,
+        };
+        let werr = |source| LocalStoreError::Write {
+            path: info2.path.clone(),
+            source,
+        };
+        let r = (|| -> Result<(), PushError> {
+            match compression {
+                Compression::None => {
+                    let mut w = dump_verified(&info2, w)?;
+                    w.flush().map_err(werr)?;
+                }
+                Compression::Zstd => {
+                    let mut enc = zstd::Encoder::new(w, level).map_err(werr)?;
+                    if info2.nar_size > MT_THRESHOLD {
+                        let n = std::thread::available_parallelism()
+                            .map(|n| n.get())
+                            .unwrap_or(1);
+                        let _ = enc.multithread(n as u32);
+                    }
+                    let enc = dump_verified(&info2, enc)?;
+                    let mut w = enc.finish().map_err(werr)?;
+                    w.flush().map_err(werr)?;
+                }
+                Compression::Xz => {
+                    let enc = xz2::write::XzEncoder::new(w, level.clamp(0, 9) as u32);
+                    let enc = dump_verified(&info2, enc)?;
+                    let mut w = enc.finish().map_err(werr)?;
+                    w.flush().map_err(werr)?;
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = &r {
+            // Abort the HTTP body so that the server discards the partial upload.
+            let _ = err_tx.blocking_send(Err(io::Error::other(e.to_string())));
+        }
+        r
+    });
+    let sent = client.send(request).await;
+    let produced = producer
+        .await
+        .map_err(|e| PushError::Internal(e.to_string()))?;
+    produced?; // a local error (corrupt or vanished path) explains a failed request best
+    let resp = sent?;
+    resp.json()
+        .await
+        .map_err(|e| PushError::Internal(format!("bad answer to the NAR upload: {e}")))
+}
+
+fn receiver_stream(
+    mut rx: mpsc::Receiver<io::Result<Bytes>>,
+) -> impl futures::Stream<Item = io::Result<Bytes>> + Send + 'static {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

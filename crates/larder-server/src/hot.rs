@@ -1,0 +1,102 @@
+//! In-memory caches of the hot read path: cache rows by name, rendered narinfos, and resolved
+//! tokens. Nix asks for thousands of narinfos per closure; answering most of them without a
+//! database round trip is what lets larder keep up with a static file server.
+//!
+//! Entries expire after a short TTL so that changes made through another replica (a cache made
+//! private, a token revoked, a path evicted) take effect within seconds everywhere; changes
+//! made through this process invalidate the entries at once. Negative answers (404) are never
+//! cached, so a freshly published path is visible immediately.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use larder_store::meta::CacheRow;
+use quick_cache::sync::Cache;
+
+use crate::auth::Grant;
+
+/// How long a cache row or a token stays in memory before it is read again.
+pub const SETTINGS_TTL: Duration = Duration::from_secs(2);
+/// How long a rendered narinfo stays in memory.
+pub const NARINFO_TTL: Duration = Duration::from_secs(5);
+/// Most narinfos kept (about 1 KiB each).
+const NARINFO_CAPACITY: usize = 100_000;
+const SETTINGS_CAPACITY: usize = 10_000;
+
+#[derive(Clone)]
+struct Timed<T> {
+    at: Instant,
+    value: T,
+}
+
+fn fresh<T: Clone>(t: Option<Timed<T>>, ttl: Duration) -> Option<T> {
+    t.filter(|t| t.at.elapsed() < ttl).map(|t| t.value)
+}
+
+pub struct HotCache {
+    caches: Cache<String, Timed<Arc<CacheRow>>>,
+    narinfos: Cache<(i64, String), Timed<Arc<str>>>,
+    tokens: Cache<String, Timed<Grant>>,
+}
+
+impl Default for HotCache {
+    fn default() -> Self {
+        HotCache {
+            caches: Cache::new(SETTINGS_CAPACITY),
+            narinfos: Cache::new(NARINFO_CAPACITY),
+            tokens: Cache::new(SETTINGS_CAPACITY),
+        }
+    }
+}
+
+impl HotCache {
+    pub fn cache(&self, name: &str) -> Option<Arc<CacheRow>> {
+        fresh(self.caches.get(name), SETTINGS_TTL)
+    }
+    pub fn put_cache(&self, row: Arc<CacheRow>) {
+        self.caches.insert(
+            row.name.clone(),
+            Timed {
+                at: Instant::now(),
+                value: row,
+            },
+        );
+    }
+    /// Forget a cache's row (after it changed or was deleted here).
+    pub fn forget_cache(&self, name: &str) {
+        self.caches.remove(name);
+    }
+
+    pub fn narinfo(&self, cache_id: i64, hash: &str) -> Option<Arc<str>> {
+        fresh(self.narinfos.get(&(cache_id, hash.to_owned())), NARINFO_TTL)
+    }
+    pub fn put_narinfo(&self, cache_id: i64, hash: &str, text: Arc<str>) {
+        self.narinfos.insert(
+            (cache_id, hash.to_owned()),
+            Timed {
+                at: Instant::now(),
+                value: text,
+            },
+        );
+    }
+    pub fn forget_narinfo(&self, cache_id: i64, hash: &str) {
+        self.narinfos.remove(&(cache_id, hash.to_owned()));
+    }
+
+    pub fn token(&self, secret_hash: &str) -> Option<Grant> {
+        fresh(self.tokens.get(secret_hash), SETTINGS_TTL)
+    }
+    pub fn put_token(&self, secret_hash: &str, grant: Grant) {
+        self.tokens.insert(
+            secret_hash.to_owned(),
+            Timed {
+                at: Instant::now(),
+                value: grant,
+            },
+        );
+    }
+    /// Forget every resolved token (after a revocation here; revocations are rare).
+    pub fn forget_tokens(&self) {
+        self.tokens.clear();
+    }
+}

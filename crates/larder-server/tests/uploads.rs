@@ -1,0 +1,768 @@
+//! Uploads that should work, through both paths (Nix's uploader and the JSON API), and what a
+//! substituter then reads: narinfo fields that match the served bytes, signatures that verify
+//! with the cache's key, ranges, `.ls` listings, logs, deduplication across caches, the bulk
+//! `missing` query, reference checks, conflicts, idempotence and client-signed caches.
+
+mod common;
+
+use std::io::Read;
+
+use axum::http::{header, Method, StatusCode};
+use common::{nar_url, request, Auth, Comp, Server, TestPath};
+use larder_nix::hash::Sha256;
+use larder_nix::NarInfo;
+use serde_json::{json, Value};
+
+const ALL: [Comp; 3] = [Comp::Zstd, Comp::Xz, Comp::None];
+
+fn decompress(comp: Comp, bytes: &[u8]) -> Vec<u8> {
+    match comp {
+        Comp::None => bytes.to_vec(),
+        Comp::Zstd => zstd::decode_all(bytes).expect("served zstd decodes"),
+        Comp::Xz => {
+            let mut out = Vec::new();
+            xz2::read::XzDecoder::new_multi_decoder(bytes)
+                .read_to_end(&mut out)
+                .expect("served xz decodes");
+            out
+        }
+    }
+}
+
+/// Fetch `tp`'s narinfo from `cache` as a substituter would and check it against the NAR the
+/// cache serves: FileHash/FileSize of the served bytes, NarHash/NarSize of their
+/// decompression, our references and deriver, and a signature by the cache's public key.
+/// Returns the narinfo and the served NAR file.
+async fn check_served(srv: &Server, cache: &str, tp: &TestPath) -> (NarInfo, Vec<u8>) {
+    let r = srv
+        .get(&format!("/{cache}/{}.narinfo", tp.hash()), Auth::Anon)
+        .await
+        .expect(200);
+    assert_eq!(r.header(header::CONTENT_TYPE), Some("text/x-nix-narinfo"));
+    let text = r.text();
+    let ni = NarInfo::parse(&text).expect("served narinfo parses");
+    assert_eq!(ni.to_string(), text, "served narinfo is in canonical form");
+    assert!(
+        text.contains("\nCompression: "),
+        "Compression is always present: {text}"
+    );
+    assert_eq!(ni.store_path, tp.path);
+    assert_eq!(ni.nar_hash, tp.nar_hash());
+    assert_eq!(ni.nar_size, tp.nar_size());
+    assert_eq!(ni.references, tp.references);
+    assert_eq!(ni.deriver, tp.deriver);
+    let key = srv.public_key(cache).await;
+    assert!(ni.verify(&key), "Sig does not verify with {key}: {text}");
+
+    let comp = match ni.compression.as_str() {
+        "zstd" => Comp::Zstd,
+        "xz" => Comp::Xz,
+        "none" => Comp::None,
+        other => panic!("unexpected Compression {other}"),
+    };
+    let nar = srv
+        .get(&format!("/{cache}/{}", ni.url), Auth::Anon)
+        .await
+        .expect(200);
+    assert_eq!(
+        nar.header(header::CONTENT_TYPE),
+        Some("application/x-nix-nar")
+    );
+    let len = nar.body.len().to_string();
+    assert_eq!(nar.header(header::CONTENT_LENGTH), Some(len.as_str()));
+    assert_eq!(ni.file_hash, Some(Sha256::digest(&nar.body)), "FileHash");
+    assert_eq!(ni.file_size, Some(nar.body.len() as u64), "FileSize");
+    assert_eq!(ni.url, nar_url(&nar.body, comp));
+    assert_eq!(
+        decompress(comp, &nar.body),
+        tp.nar,
+        "served NAR decompresses to ours"
+    );
+    (ni, nar.body)
+}
+
+#[tokio::test]
+async fn nix_uploader_round_trip() {
+    let srv = Server::new().await;
+    srv.create_cache("c", false).await;
+    let key = srv.public_key("c").await;
+    assert_eq!(
+        key.name(),
+        "c.127.0.0.1-1",
+        "managed key named <cache>.<host>-1"
+    );
+    for comp in ALL {
+        let tp = TestPath::new(&format!("hello-{}", comp.name()), comp.name());
+        let (nar, info) = srv.push_nix("c", srv.admin(), &tp, comp).await;
+        nar.expect(204);
+        info.expect(204);
+        let (ni, body) = check_served(&srv, "c", &tp).await;
+        assert_eq!(ni.compression, comp.name());
+        assert_eq!(body, tp.compressed(comp), "served the uploaded file as is");
+        // HEAD: same headers, no body.
+        let h = srv
+            .head(&format!("/c/{}.narinfo", tp.hash()), Auth::Anon)
+            .await
+            .expect(200);
+        assert!(h.body.is_empty());
+        let h = srv
+            .head(&format!("/c/{}", ni.url), Auth::Anon)
+            .await
+            .expect(200);
+        assert!(h.body.is_empty());
+        let len = body.len().to_string();
+        assert_eq!(h.header(header::CONTENT_LENGTH), Some(len.as_str()));
+    }
+    assert_eq!(srv.path_count("c").await, 3);
+    assert_eq!(srv.staging_files(), 0);
+}
+
+#[tokio::test]
+async fn json_api_round_trip() {
+    let srv = Server::new().await;
+    srv.create_cache("c", false).await;
+    let push = srv.token(&["push"], Some(&["c"])).await;
+    for comp in ALL {
+        let tp = TestPath::new(&format!("api-{}", comp.name()), comp.name());
+        let bytes = tp.compressed(comp);
+        let up = srv
+            .upload_api("c", push.bearer(), &bytes, comp.name())
+            .await
+            .expect(201)
+            .json();
+        assert_eq!(up["nar_hash"], json!(tp.nar_hash().to_string()));
+        assert_eq!(up["nar_size"], json!(tp.nar_size()));
+        assert_eq!(up["file_hash"], json!(Sha256::digest(&bytes).to_string()));
+        assert_eq!(up["file_size"], json!(bytes.len()));
+        assert_eq!(up["compression"], json!(comp.name()));
+        let id = up["upload_id"].as_str().expect("upload id");
+        let r = srv
+            .publish_api("c", push.bearer(), &tp.publish_body(id, None))
+            .await
+            .expect(201)
+            .json();
+        assert_eq!(r["status"], json!("created"));
+        assert_eq!(r["store_path"], json!(tp.path.to_absolute()));
+        check_served(&srv, "c", &tp).await;
+        // Publishing the same path again is idempotent.
+        let r = srv
+            .push_api("c", push.basic(), &tp, comp)
+            .await
+            .expect(200)
+            .json();
+        assert_eq!(r["status"], json!("already_present"));
+    }
+    assert_eq!(srv.path_count("c").await, 3);
+}
+
+/// Concatenated zstd frames (or xz streams) are one valid stream: the shape of a NAR stored
+/// as a list of independently compressed chunks (SPEC §2.7).
+#[tokio::test]
+async fn multi_frame_streams_are_accepted() {
+    let srv = Server::new().await;
+    srv.create_cache("c", false).await;
+    for comp in [Comp::Zstd, Comp::Xz] {
+        let tp = TestPath::with_nar(
+            "chunked",
+            comp.name(),
+            common::file_nar(&common::noise(100_000, comp.name())),
+        );
+        let (a, b) = tp.nar.split_at(tp.nar.len() / 3);
+        let (b, c) = b.split_at(b.len() / 2);
+        let file = [comp.compress(a), comp.compress(b), comp.compress(c)].concat();
+        let up = srv
+            .upload_api("c", srv.admin(), &file, comp.name())
+            .await
+            .expect(201)
+            .json();
+        assert_eq!(up["nar_hash"], json!(tp.nar_hash().to_string()));
+        let id = up["upload_id"].as_str().expect("upload id");
+        srv.publish_api("c", srv.admin(), &tp.publish_body(id, None))
+            .await
+            .expect(201);
+        let (_, served) = check_served(&srv, "c", &tp).await;
+        assert_eq!(served, file);
+        srv.get(&format!("/c/{}.ls", tp.hash()), Auth::Anon)
+            .await
+            .expect(200);
+    }
+}
+
+#[tokio::test]
+async fn client_file_hash_and_size_are_not_trusted() {
+    let srv = Server::new().await;
+    srv.create_cache("c", false).await;
+    let tp = TestPath::new("p", "file-hash-lie");
+    let other = TestPath::new("q", "file-hash-lie-other");
+    srv.put_nar("c", srv.admin(), &tp.compressed(Comp::Zstd), Comp::Zstd)
+        .await
+        .expect(204);
+    let fields = tp.narinfo_fields(Comp::Zstd, None);
+    let mut lying = Vec::new();
+    for (k, v) in fields {
+        let v = match k.as_str() {
+            "FileHash" => other.nar_hash().to_string(),
+            "FileSize" => "1".to_owned(),
+            _ => v,
+        };
+        lying.push((k, v));
+    }
+    srv.put_narinfo("c", srv.admin(), &tp, &common::render_fields(&lying))
+        .await
+        .expect(204);
+    let (ni, _) = check_served(&srv, "c", &tp).await;
+    assert_ne!(ni.file_size, Some(1));
+}
+
+#[tokio::test]
+async fn nar_ranges() {
+    let srv = Server::new().await;
+    srv.create_cache("c", false).await;
+    let tp = TestPath::with_nar(
+        "big",
+        "ranges",
+        common::file_nar(&common::noise(200_000, "r")),
+    );
+    srv.push_api("c", srv.admin(), &tp, Comp::Zstd)
+        .await
+        .expect(201);
+    let file = tp.compressed(Comp::Zstd);
+    let len = file.len();
+    let uri = format!("/c/{}", nar_url(&file, Comp::Zstd));
+    let ranged = |range: String| {
+        let mut req = request(Method::GET, &uri, Auth::Anon, "");
+        req.headers_mut()
+            .insert(header::RANGE, range.parse().expect("header value"));
+        req
+    };
+    let full = srv.get(&uri, Auth::Anon).await.expect(200);
+    assert_eq!(full.header(header::ACCEPT_RANGES), Some("bytes"));
+    for (range, want) in [
+        ("bytes=0-9".to_owned(), 0..10),
+        ("bytes=100-199".to_owned(), 100..200),
+        (format!("bytes={}-", len - 7), len - 7..len),
+        ("bytes=-5".to_owned(), len - 5..len),
+        (format!("bytes=10-{}", len * 2), 10..len),
+        (format!("bytes={}-{}", len - 1, len - 1), len - 1..len),
+        (format!("bytes=-{}", len * 3), 0..len),
+    ] {
+        let r = srv.send(ranged(range.clone())).await;
+        assert_eq!(r.status, StatusCode::PARTIAL_CONTENT, "{range}");
+        assert_eq!(
+            r.header(header::CONTENT_RANGE),
+            Some(format!("bytes {}-{}/{len}", want.start, want.end - 1).as_str()),
+            "{range}"
+        );
+        assert_eq!(
+            r.header(header::CONTENT_LENGTH),
+            Some((want.end - want.start).to_string().as_str())
+        );
+        assert_eq!(r.body, file[want.clone()], "{range}");
+    }
+    for range in [
+        format!("bytes={len}-"),
+        format!("bytes={}-", len + 100),
+        "bytes=10-5".to_owned(),
+        "bytes=-0".to_owned(),
+        "bytes=abc".to_owned(),
+        "bytes=x-y".to_owned(),
+        "bytes=--1".to_owned(),
+    ] {
+        let r = srv.send(ranged(range.clone())).await;
+        assert_eq!(
+            r.status,
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            "{range}: {}",
+            r.text()
+        );
+        assert_eq!(
+            r.header(header::CONTENT_RANGE),
+            Some(format!("bytes */{len}").as_str()),
+            "{range}"
+        );
+    }
+    // Units other than bytes, and multiple ranges, get the whole file.
+    for range in ["items=0-1", "bytes=0-1,5-6"] {
+        let r = srv.send(ranged(range.to_owned())).await.expect(200);
+        assert_eq!(r.body, file, "{range}");
+    }
+}
+
+#[tokio::test]
+async fn ls_listing_matches_the_nar() {
+    let srv = Server::new().await;
+    srv.create_cache("c", false).await;
+    for comp in ALL {
+        let tp = TestPath::new("tree", &format!("ls-{}", comp.name()));
+        let (nar, info) = srv.push_nix("c", srv.admin(), &tp, comp).await;
+        nar.expect(204);
+        info.expect(204);
+        let r = srv
+            .get(&format!("/c/{}.ls", tp.hash()), Auth::Anon)
+            .await
+            .expect(200);
+        let expected = larder_nix::nar::parse::summarize(&tp.nar)
+            .expect("our NAR parses")
+            .listing
+            .to_ls_json();
+        assert_eq!(r.text(), expected);
+        let ls: Value = r.json();
+        assert_eq!(ls["version"], json!(1));
+        let root = &ls["root"];
+        assert_eq!(root["type"], json!("directory"));
+        let hello = &root["entries"]["bin"]["entries"]["hello"];
+        assert_eq!(hello["type"], json!("regular"));
+        assert_eq!(hello["executable"], json!(true));
+        let script = format!("#!/bin/sh\necho ls-{}\n", comp.name());
+        assert_eq!(hello["size"], json!(script.len()));
+        let at = hello["narOffset"].as_u64().expect("narOffset") as usize;
+        assert_eq!(&tp.nar[at..at + script.len()], script.as_bytes());
+        assert_eq!(
+            root["entries"]["lib"],
+            json!({ "type": "symlink", "target": "bin" })
+        );
+        assert_eq!(root["entries"]["empty"]["size"], json!(0));
+        assert!(root["entries"]["empty"].get("executable").is_none());
+        assert_eq!(root["entries"]["share"]["type"], json!("directory"));
+    }
+    let absent = TestPath::new("absent", "ls-absent");
+    srv.get(&format!("/c/{}.ls", absent.hash()), Auth::Anon)
+        .await
+        .expect(404);
+}
+
+#[tokio::test]
+async fn build_logs() {
+    let srv = Server::new().await;
+    srv.create_cache("c", false).await;
+    srv.create_cache("p", true).await;
+    let drv = common::store_path("hello.drv", "logs").basename();
+    let log = "building '/nix/store/…-hello.drv'...\nunpacking sources\n";
+    for cache in ["c", "p"] {
+        srv.put(&format!("/{cache}/log/{drv}"), srv.admin(), log)
+            .await
+            .expect(204);
+        let r = srv
+            .get(&format!("/{cache}/log/{drv}"), srv.admin())
+            .await
+            .expect(200);
+        assert_eq!(r.text(), log);
+        assert!(r
+            .header(header::CONTENT_TYPE)
+            .is_some_and(|t| t.starts_with("text/plain")));
+    }
+    srv.get(&format!("/c/log/{drv}"), Auth::Anon)
+        .await
+        .expect(200);
+    srv.get(&format!("/p/log/{drv}"), Auth::Anon)
+        .await
+        .expect(401);
+    // A new log replaces the old one.
+    srv.put(&format!("/c/log/{drv}"), srv.admin(), "second run\n")
+        .await
+        .expect(204);
+    let r = srv
+        .get(&format!("/c/log/{drv}"), Auth::Anon)
+        .await
+        .expect(200);
+    assert_eq!(r.text(), "second run\n");
+    let other = common::store_path("other.drv", "logs").basename();
+    srv.get(&format!("/c/log/{other}"), Auth::Anon)
+        .await
+        .expect(404);
+    // Logs are per cache.
+    srv.create_cache("d", false).await;
+    srv.get(&format!("/d/log/{drv}"), Auth::Anon)
+        .await
+        .expect(404);
+}
+
+#[tokio::test]
+async fn identical_nars_are_stored_once() {
+    let srv = Server::new().await;
+    for c in ["a", "b", "x"] {
+        srv.create_cache(c, false).await;
+    }
+    let tp = TestPath::new("shared", "dedup");
+    let (nar, info) = srv.push_nix("a", srv.admin(), &tp, Comp::Zstd).await;
+    nar.expect(204);
+    info.expect(204);
+    assert_eq!(srv.chunk_files(), 1);
+    srv.push_api("b", srv.admin(), &tp, Comp::Zstd)
+        .await
+        .expect(201);
+    assert_eq!(srv.chunk_files(), 1, "same file in a second cache");
+    // The same NAR compressed differently is still the same NAR: stored once, in its
+    // first form, which the third cache then advertises.
+    let (nar, info) = srv.push_nix("x", srv.admin(), &tp, Comp::Xz).await;
+    nar.expect(204);
+    info.expect(204);
+    assert_eq!(srv.chunk_files(), 1, "same NAR as xz");
+    let (ni, _) = check_served(&srv, "x", &tp).await;
+    assert_eq!(ni.compression, "zstd");
+    // Another store path with identical contents, in the same cache: Nix skips the NAR upload
+    // because the file already exists there, and sends only the narinfo.
+    let twin = TestPath::with_nar("twin", "dedup-twin", tp.nar.clone());
+    srv.put_narinfo("a", srv.admin(), &twin, &twin.narinfo(Comp::Zstd, None))
+        .await
+        .expect(204);
+    check_served(&srv, "a", &twin).await;
+    assert_eq!(srv.chunk_files(), 1);
+    for c in ["a", "b", "x"] {
+        check_served(&srv, c, &tp).await;
+    }
+    // The object goes away when the last cache using it does.
+    srv.delete("/api/v1/caches/a", srv.admin())
+        .await
+        .expect(204);
+    srv.delete("/api/v1/caches/b", srv.admin())
+        .await
+        .expect(204);
+    assert_eq!(srv.chunk_files(), 1);
+    check_served(&srv, "x", &tp).await;
+    srv.delete("/api/v1/caches/x", srv.admin())
+        .await
+        .expect(204);
+    assert_eq!(srv.chunk_files(), 0);
+}
+
+#[tokio::test]
+async fn missing_reports_exactly_the_absent_paths() {
+    let srv = Server::new().await;
+    srv.create_cache("c", false).await;
+    let paths: Vec<TestPath> = (0..5)
+        .map(|i| TestPath::new(&format!("p{i}"), &format!("missing-{i}")))
+        .collect();
+    for tp in [&paths[1], &paths[3]] {
+        srv.push_api("c", srv.admin(), tp, Comp::Zstd)
+            .await
+            .expect(201);
+    }
+    let query: Vec<String> = vec![
+        paths[0].path.to_absolute(),
+        paths[1].hash(),
+        paths[2].hash(),
+        paths[3].path.to_absolute(),
+        paths[4].path.to_absolute(),
+    ];
+    let r = srv
+        .post_json(
+            "/api/v1/caches/c/missing",
+            Auth::Anon,
+            &json!({ "paths": query }),
+        )
+        .await
+        .expect(200)
+        .json();
+    assert_eq!(
+        r["missing"],
+        json!([query[0], query[2], query[4]]),
+        "absent paths, in the spelling and order asked"
+    );
+    let r = srv
+        .post_json(
+            "/api/v1/caches/c/missing",
+            Auth::Anon,
+            &json!({ "paths": [] }),
+        )
+        .await
+        .expect(200)
+        .json();
+    assert_eq!(r["missing"], json!([]));
+    // An upload that was never published is still missing.
+    let pending = &paths[0];
+    srv.upload_api("c", srv.admin(), &pending.compressed(Comp::Zstd), "zstd")
+        .await
+        .expect(201);
+    assert_eq!(
+        srv.missing("c", &[pending.hash()]).await,
+        vec![pending.hash()]
+    );
+    // Many at once.
+    let many: Vec<String> = (0..2000)
+        .map(|i| common::store_path("x", &format!("many-{i}")).hash_part())
+        .chain([paths[1].hash()])
+        .collect();
+    assert_eq!(srv.missing("c", &many).await, many[..2000].to_vec());
+}
+
+#[tokio::test]
+async fn references_must_be_present_first() {
+    let srv = Server::new().await;
+    srv.create_cache("c", false).await;
+    let lib = TestPath::new("lib", "refs-lib");
+    let mut app = TestPath::new("app", "refs-app");
+    app.references = vec![lib.path.clone(), app.path.clone()]; // a self-reference is fine
+    app.references.sort();
+    let api_app = {
+        let mut t = TestPath::new("api-app", "refs-api-app");
+        t.references = vec![lib.path.clone()];
+        t
+    };
+
+    // Nix's uploader: the NAR is accepted, the narinfo is not (yet).
+    srv.put_nar("c", srv.admin(), &app.compressed(Comp::Zstd), Comp::Zstd)
+        .await
+        .expect(204);
+    let r = srv
+        .put_narinfo("c", srv.admin(), &app, &app.narinfo(Comp::Zstd, None))
+        .await
+        .expect(400);
+    assert!(
+        r.text().contains(&lib.path.basename()),
+        "names the missing path: {}",
+        r.text()
+    );
+    srv.assert_absent("c", &app).await;
+    // The JSON API: same rule.
+    let up = srv
+        .upload_api("c", srv.admin(), &api_app.compressed(Comp::Zstd), "zstd")
+        .await
+        .expect(201)
+        .json();
+    let id = up["upload_id"].as_str().expect("upload id").to_owned();
+    srv.publish_api("c", srv.admin(), &api_app.publish_body(&id, None))
+        .await
+        .expect(400);
+    srv.assert_absent("c", &api_app).await;
+    assert_eq!(srv.path_count("c").await, 0);
+
+    // A reference present in another cache does not count.
+    srv.create_cache("d", false).await;
+    srv.push_api("d", srv.admin(), &lib, Comp::Zstd)
+        .await
+        .expect(201);
+    srv.put_narinfo("c", srv.admin(), &app, &app.narinfo(Comp::Zstd, None))
+        .await
+        .expect(400);
+
+    // Once the reference is in, the same requests succeed.
+    srv.push_api("c", srv.admin(), &lib, Comp::Zstd)
+        .await
+        .expect(201);
+    srv.put_narinfo("c", srv.admin(), &app, &app.narinfo(Comp::Zstd, None))
+        .await
+        .expect(204);
+    srv.publish_api("c", srv.admin(), &api_app.publish_body(&id, None))
+        .await
+        .expect(201);
+    check_served(&srv, "c", &app).await;
+    check_served(&srv, "c", &api_app).await;
+    assert_eq!(srv.path_count("c").await, 3);
+}
+
+#[tokio::test]
+async fn existing_paths_are_never_overwritten() {
+    let srv = Server::new().await;
+    srv.create_cache("c", false).await;
+    let original = TestPath::new("p", "conflict");
+    srv.push_api("c", srv.admin(), &original, Comp::Zstd)
+        .await
+        .expect(201);
+    let before_info = srv
+        .get(&format!("/c/{}.narinfo", original.hash()), Auth::Anon)
+        .await
+        .expect(200)
+        .body;
+    let (_, before_nar) = check_served(&srv, "c", &original).await;
+
+    // Same store path, different contents.
+    let mut impostor = TestPath::new("p", "conflict-impostor");
+    impostor.path = original.path.clone();
+    assert_ne!(impostor.nar, original.nar);
+    for comp in ALL {
+        srv.put_nar("c", srv.admin(), &impostor.compressed(comp), comp)
+            .await
+            .expect(204);
+        srv.put_narinfo("c", srv.admin(), &impostor, &impostor.narinfo(comp, None))
+            .await
+            .expect(409);
+        srv.push_api("c", srv.admin(), &impostor, comp)
+            .await
+            .expect(409);
+    }
+    assert_eq!(srv.path_count("c").await, 1);
+    let after_info = srv
+        .get(&format!("/c/{}.narinfo", original.hash()), Auth::Anon)
+        .await
+        .expect(200)
+        .body;
+    assert_eq!(after_info, before_info, "narinfo unchanged");
+    let (_, after_nar) = check_served(&srv, "c", &original).await;
+    assert_eq!(after_nar, before_nar, "NAR served byte for byte as before");
+
+    // Same contents again, by either path and any compression: success, nothing changes.
+    for comp in ALL {
+        let (nar, info) = srv.push_nix("c", srv.admin(), &original, comp).await;
+        nar.expect(204);
+        info.expect(204);
+        let r = srv
+            .push_api("c", srv.admin(), &original, comp)
+            .await
+            .expect(200)
+            .json();
+        assert_eq!(r["status"], json!("already_present"));
+    }
+    assert_eq!(srv.path_count("c").await, 1);
+    let again = srv
+        .get(&format!("/c/{}.narinfo", original.hash()), Auth::Anon)
+        .await
+        .expect(200)
+        .body;
+    assert_eq!(again, before_info);
+}
+
+#[tokio::test]
+async fn client_signed_caches_need_valid_signatures() {
+    let srv = Server::new().await;
+    srv.create_cache("c", false).await;
+    let push = srv.token(&["push"], Some(&["c"])).await;
+    let key = common::signing_key("c.example.org-1", 1);
+    let impostor_key = common::signing_key("c.example.org-1", 2); // same name, other key
+    let stranger_key = common::signing_key("stranger-1", 3);
+    let body = json!({ "public_key": key.verifying_key().to_string() });
+    srv.post_json("/api/v1/caches/c/public-key", push.bearer(), &body)
+        .await
+        .expect(403);
+    let info = srv
+        .post_json("/api/v1/caches/c/public-key", srv.admin(), &body)
+        .await
+        .expect(200)
+        .json();
+    assert_eq!(info["signing_mode"], json!("client"));
+    assert_eq!(info["public_key"], json!(key.verifying_key().to_string()));
+    assert!(info["nix_conf"]
+        .as_str()
+        .is_some_and(|c| c.contains(&key.verifying_key().to_string())));
+
+    for comp in [Comp::Zstd, Comp::Xz] {
+        let tp = TestPath::new("signed", &format!("client-signed-{}", comp.name()));
+        let other = TestPath::new("other", &format!("client-signed-other-{}", comp.name()));
+        srv.put_nar("c", push.bearer(), &tp.compressed(comp), comp)
+            .await
+            .expect(204);
+        let wrong_fingerprint = {
+            let mut fields = tp.narinfo_fields(comp, None);
+            fields.push(("Sig".into(), key.sign(&other.fingerprint()).to_string()));
+            common::render_fields(&fields)
+        };
+        for (what, text) in [
+            ("unsigned", tp.narinfo(comp, None)),
+            (
+                "signed by an impostor key",
+                tp.narinfo(comp, Some(&impostor_key)),
+            ),
+            (
+                "signed by a stranger",
+                tp.narinfo(comp, Some(&stranger_key)),
+            ),
+            ("signature of another path", wrong_fingerprint),
+        ] {
+            let r = srv.put_narinfo("c", push.bearer(), &tp, &text).await;
+            assert_eq!(r.status, StatusCode::FORBIDDEN, "{what}: {}", r.text());
+            srv.assert_absent("c", &tp).await;
+        }
+        // A stranger's signature next to ours is kept; ours makes it valid.
+        let mut fields = tp.narinfo_fields(comp, Some(&key));
+        fields.push((
+            "Sig".into(),
+            stranger_key.sign(&tp.fingerprint()).to_string(),
+        ));
+        srv.put_narinfo("c", push.bearer(), &tp, &common::render_fields(&fields))
+            .await
+            .expect(204);
+        let (ni, _) = check_served(&srv, "c", &tp).await;
+        assert!(ni.verify(&key.verifying_key()));
+        let names: Vec<&str> = ni.sigs.iter().map(|s| s.key_name()).collect();
+        assert_eq!(
+            names,
+            ["c.example.org-1", "stranger-1"],
+            "no server signature added"
+        );
+
+        // The JSON API follows the same rule.
+        let up = srv
+            .upload_api("c", push.bearer(), &other.compressed(comp), comp.name())
+            .await
+            .expect(201)
+            .json();
+        let id = up["upload_id"].as_str().expect("upload id").to_owned();
+        for signer in [None, Some(&impostor_key), Some(&stranger_key)] {
+            srv.publish_api("c", push.bearer(), &other.publish_body(&id, signer))
+                .await
+                .expect(403);
+            srv.assert_absent("c", &other).await;
+        }
+        srv.publish_api("c", push.bearer(), &other.publish_body(&id, Some(&key)))
+            .await
+            .expect(201);
+        check_served(&srv, "c", &other).await;
+    }
+    assert_eq!(srv.path_count("c").await, 4);
+}
+
+#[tokio::test]
+async fn managed_caches_sign_with_their_own_key() {
+    let srv = Server::new().await;
+    srv.create_cache("c", false).await;
+    let key = srv.public_key("c").await;
+    let upstream = common::signing_key("cache.nixos.org-1", 7);
+    let forger = common::signing_key(key.name(), 8); // claims the cache's key name
+    let tp = TestPath::new("p", "managed");
+    let mut fields = tp.narinfo_fields(Comp::Zstd, Some(&upstream));
+    fields.push(("Sig".into(), forger.sign(&tp.fingerprint()).to_string()));
+    srv.put_nar("c", srv.admin(), &tp.compressed(Comp::Zstd), Comp::Zstd)
+        .await
+        .expect(204);
+    srv.put_narinfo("c", srv.admin(), &tp, &common::render_fields(&fields))
+        .await
+        .expect(204);
+    let (ni, _) = check_served(&srv, "c", &tp).await;
+    let names: Vec<&str> = ni.sigs.iter().map(|s| s.key_name()).collect();
+    assert_eq!(
+        names,
+        ["cache.nixos.org-1", key.name()],
+        "upstream kept, forgery replaced"
+    );
+    assert!(ni.verify(&upstream.verifying_key()));
+    assert!(ni
+        .sigs
+        .iter()
+        .all(|s| s.key_name() != key.name() || key.verify(&ni.fingerprint(), s)));
+}
+
+#[tokio::test]
+async fn nix_cache_info_follows_the_cache() {
+    let srv = Server::new().await;
+    srv.create_cache("c", true).await;
+    let r = srv.get("/c/nix-cache-info", Auth::Anon).await.expect(200);
+    assert_eq!(
+        r.header(header::CONTENT_TYPE),
+        Some("text/x-nix-cache-info")
+    );
+    let text = r.text();
+    for line in ["StoreDir: /nix/store", "WantMassQuery: 1", "Priority: 41"] {
+        assert!(text.lines().any(|l| l == line), "{line:?} missing: {text}");
+    }
+    srv.patch_json("/api/v1/caches/c", srv.admin(), &json!({ "priority": 30 }))
+        .await
+        .expect(200);
+    // Nix's uploader writes nix-cache-info: accepted, ignored.
+    srv.put(
+        "/c/nix-cache-info",
+        srv.admin(),
+        "StoreDir: /elsewhere\nPriority: 1\n",
+    )
+    .await
+    .expect(204);
+    let text = srv
+        .get("/c/nix-cache-info", Auth::Anon)
+        .await
+        .expect(200)
+        .text();
+    assert!(
+        text.contains("Priority: 30") && text.contains("StoreDir: /nix/store"),
+        "{text}"
+    );
+    srv.get("/healthz", Auth::Anon).await.expect(200);
+}

@@ -1,0 +1,376 @@
+//! `larder doctor [CACHE]`: the seed's verification checklist as a command. Each check prints
+//! `ok`, `warn` or `fail` with what it saw and, when not ok, the fix; any `fail` exits 1.
+//!
+//! Nix's view comes from `nix show-config --json` (so `NIX_CONFIG`, `NIX_USER_CONF_FILES` and
+//! every include are honoured exactly as Nix applies them); whether a daemon will accept the
+//! user's substituters from the system nix.conf, which is what the daemon reads.
+
+use std::path::Path;
+use std::process::Command;
+
+use larder_client::ClientError;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::client_config::{connect, split_cache_arg};
+use crate::nixconf::{self, same_value, Trust};
+use crate::output::{fail_with_hint, print, print_json};
+
+#[derive(clap::Args)]
+pub struct DoctorArgs {
+    /// CACHE or SERVER:CACHE: also check that Nix is set up to substitute from it.
+    cache: Option<String>,
+    /// Print the checks as a JSON array of {check, status, detail, fix}.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Status {
+    Ok,
+    Warn,
+    Fail,
+}
+
+#[derive(Debug, Serialize)]
+struct Check {
+    check: &'static str,
+    status: Status,
+    detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fix: Option<String>,
+}
+
+#[derive(Default)]
+struct Report(Vec<Check>);
+
+impl Report {
+    fn ok(&mut self, check: &'static str, detail: impl Into<String>) {
+        self.push(check, Status::Ok, detail, None);
+    }
+    fn warn(&mut self, check: &'static str, detail: impl Into<String>, fix: impl Into<String>) {
+        self.push(check, Status::Warn, detail, Some(fix.into()));
+    }
+    fn fail(&mut self, check: &'static str, detail: impl Into<String>, fix: impl Into<String>) {
+        self.push(check, Status::Fail, detail, Some(fix.into()));
+    }
+    fn push(&mut self, check: &'static str, status: Status, detail: impl Into<String>, fix: Option<String>) {
+        self.0.push(Check {
+            check,
+            status,
+            detail: detail.into(),
+            fix,
+        });
+    }
+}
+
+fn nix_version() -> Result<String, String> {
+    match Command::new("nix").arg("--version").output() {
+        Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).trim().to_owned()),
+        Ok(o) => Err(String::from_utf8_lossy(&o.stderr).trim().to_owned()),
+        Err(e) => Err(format!("cannot run `nix`: {e}")),
+    }
+}
+
+/// Nix's effective settings (`nix show-config --json`, `nix config show --json` on newer Nix).
+fn nix_settings() -> Result<Value, String> {
+    let mut last = String::new();
+    for sub in [&["show-config", "--json"][..], &["config", "show", "--json"][..]] {
+        match Command::new("nix")
+            .args(["--extra-experimental-features", "nix-command"])
+            .args(sub)
+            .output()
+        {
+            Ok(o) if o.status.success() => {
+                return serde_json::from_slice(&o.stdout)
+                    .map_err(|e| format!("cannot parse `nix show-config --json`: {e}"));
+            }
+            Ok(o) => last = String::from_utf8_lossy(&o.stderr).trim().to_owned(),
+            Err(e) => return Err(format!("cannot run `nix`: {e}")),
+        }
+    }
+    Err(last)
+}
+
+/// A setting's value as a list (`{"value": [...]}`, or a space-separated string).
+fn setting_list(settings: &Value, name: &str) -> Vec<String> {
+    let v = settings.get(name).and_then(|s| s.get("value")).unwrap_or(&Value::Null);
+    match v {
+        Value::Array(a) => a.iter().filter_map(Value::as_str).map(str::to_owned).collect(),
+        Value::String(s) => s.split_whitespace().map(str::to_owned).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn setting_str(settings: &Value, name: &str) -> Option<String> {
+    settings
+        .get(name)
+        .and_then(|s| s.get("value"))
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+}
+
+pub async fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
+    let r = run_checks(args.cache.as_deref()).await;
+    if args.json {
+        print_json(&r.0)?;
+    } else {
+        let mut out = String::new();
+        for c in &r.0 {
+            let tag = match c.status {
+                Status::Ok => "ok",
+                Status::Warn => "warn",
+                Status::Fail => "fail",
+            };
+            out.push_str(&format!("{tag:<5} {:<20} {}\n", c.check, c.detail));
+            if let Some(fix) = &c.fix {
+                for (i, line) in fix.lines().enumerate() {
+                    let lead = if i == 0 { "fix: " } else { "     " };
+                    out.push_str(&format!("{:27}{lead}{line}\n", ""));
+                }
+            }
+        }
+        print(&out)?;
+    }
+    let failed = r.0.iter().filter(|c| c.status == Status::Fail).count();
+    if failed > 0 {
+        return Err(fail_with_hint(
+            format!("{failed} of {} checks failed", r.0.len()),
+            "apply the fixes above, then run `larder doctor` again",
+        ));
+    }
+    Ok(())
+}
+
+async fn run_checks(cache_arg: Option<&str>) -> Report {
+    let mut r = Report::default();
+    let nix = nix_version();
+    match &nix {
+        Ok(v) => r.ok("nix", v.clone()),
+        Err(e) => r.fail(
+            "nix",
+            format!("nix not found ({e})"),
+            "install Nix (https://nixos.org/download, or `apt-get install nix-bin`) and put `nix` on PATH",
+        ),
+    }
+
+    let (server, cache) = match cache_arg {
+        Some(a) => {
+            let (s, c) = split_cache_arg(a);
+            (s, Some(c))
+        }
+        None => (None, None),
+    };
+    let client = match connect(server) {
+        Ok(c) => {
+            r.ok("client config", format!("server {}", c.base_url()));
+            c
+        }
+        Err(e) => {
+            r.fail(
+                "client config",
+                format!("{e:#}"),
+                "run `larder login URL TOKEN`, or set LARDER_SERVER and LARDER_TOKEN",
+            );
+            return r;
+        }
+    };
+
+    let who = client.whoami().await;
+    match &who {
+        Ok(w) => {
+            r.ok("server", format!("{} answers", client.base_url()));
+            if w.authenticated {
+                let scope = match &w.caches {
+                    None => "all caches".to_owned(),
+                    Some(c) => format!("caches {}", c.join(", ")),
+                };
+                r.ok(
+                    "token",
+                    format!("{:?}: {} on {scope}", w.label.clone().unwrap_or_default(), w.perms.join("+")),
+                );
+            } else {
+                r.warn(
+                    "token",
+                    "no token: anonymous (enough for public caches only)",
+                    "`larder login URL TOKEN`, `larder authtoken TOKEN` or LARDER_TOKEN",
+                );
+            }
+        }
+        Err(ClientError::Status { status: 401, message, .. }) => {
+            r.ok("server", format!("{} answers", client.base_url()));
+            r.fail(
+                "token",
+                format!("the server rejects the token: {message}"),
+                "set a valid token: `larder login URL TOKEN`, `larder authtoken TOKEN` or LARDER_TOKEN",
+            );
+        }
+        Err(e) => {
+            r.fail(
+                "server",
+                format!("{e}"),
+                format!(
+                    "is `larder serve` running at {}? check with `curl -I {}/api/v1/whoami`; fix the URL with `larder login` or LARDER_SERVER",
+                    client.base_url(),
+                    client.base_url()
+                ),
+            );
+            return r;
+        }
+    }
+
+    let Some(cache) = cache else { return r };
+    let info = match client.cache_info(cache).await {
+        Ok(i) => {
+            r.ok(
+                "cache",
+                format!(
+                    "{} ({}, {} paths)",
+                    i.name,
+                    if i.private { "private" } else { "public" },
+                    i.paths
+                ),
+            );
+            i
+        }
+        Err(e) => {
+            let fix = match e.status() {
+                Some(404) => format!(
+                    "`larder cache list` shows the caches you can see; a server admin runs `larder cache create {cache}`"
+                ),
+                Some(401 | 403) => format!(
+                    "use a token with pull on {cache}: `larder token create --perm pull --cache {cache}` (server admin)"
+                ),
+                _ => "check the server with `larder doctor` (no cache argument)".to_owned(),
+            };
+            r.fail("cache", format!("{cache}: {e}"), fix);
+            return r;
+        }
+    };
+
+    match client.nix_cache_info(cache).await {
+        Ok(_) => r.ok("nix-cache-info", format!("GET {}/nix-cache-info: 200", info.url)),
+        Err(e) => r.fail(
+            "nix-cache-info",
+            format!("GET {}/nix-cache-info: {e}", info.url),
+            format!("check with `curl -I {}/nix-cache-info`; a proxy in front of larder must pass /{cache}/", info.url),
+        ),
+    }
+
+    if info.private {
+        let can_pull = who.as_ref().is_ok_and(|w| {
+            !w.perms.is_empty() && w.caches.as_ref().is_none_or(|c| c.iter().any(|x| x == cache))
+        });
+        if can_pull {
+            r.ok("pull", format!("the token can pull from {cache}"));
+        } else {
+            r.fail(
+                "pull",
+                format!("{cache} is private and the current token cannot pull from it"),
+                format!("a server admin runs `larder token create --perm pull --cache {cache}`; then `larder authtoken TOKEN`"),
+            );
+        }
+    }
+
+    let key = info.public_key.clone().filter(|k| !k.is_empty());
+    let use_fix = format!("larder use {}", cache_arg.unwrap_or(cache));
+    let settings = match (&nix, nix_settings()) {
+        (Ok(_), Ok(s)) => Some(s),
+        (Ok(_), Err(e)) => {
+            r.fail("nix config", format!("cannot read Nix's settings: {e}"), "check nix.conf syntax with `nix show-config`");
+            None
+        }
+        (Err(_), _) => None,
+    };
+    if let Some(s) = &settings {
+        let subs = setting_list(s, "substituters");
+        if subs.iter().any(|v| same_value(v, &info.url)) {
+            r.ok("substituters", format!("{} is in Nix's substituters", info.url));
+        } else {
+            r.fail(
+                "substituters",
+                format!("{} is not in Nix's substituters ({})", info.url, subs.join(" ")),
+                format!("`{use_fix}` (or add `extra-substituters = {}` to nix.conf)", info.url),
+            );
+        }
+        match &key {
+            Some(k) if setting_list(s, "trusted-public-keys").iter().any(|v| v == k) => {
+                r.ok("trusted-public-keys", format!("{k} is trusted"))
+            }
+            Some(k) => r.fail(
+                "trusted-public-keys",
+                format!("{k} is not in Nix's trusted-public-keys"),
+                format!("`{use_fix}` (or add `extra-trusted-public-keys = {k}` to nix.conf)"),
+            ),
+            None => r.fail(
+                "trusted-public-keys",
+                format!("cache {cache} has no public key registered"),
+                format!("`larder generate-keypair {}`", cache_arg.unwrap_or(cache)),
+            ),
+        }
+    }
+
+    let trust = nixconf::decide_trust(&nixconf::probe_trust(), &info.url, key.as_deref());
+    let advice = || nixconf::untrusted_advice(cache_arg.unwrap_or(cache), &info.url, key.as_deref());
+    match trust {
+        Trust::SingleUser => r.ok("trusted user", "single-user install: Nix uses your nix.conf"),
+        Trust::Root => r.ok("trusted user", "root"),
+        Trust::TrustedUser(e) => r.ok("trusted user", format!("in trusted-users ({e})")),
+        Trust::TrustedSubstituter { key_trusted: true } => r.ok(
+            "trusted user",
+            format!("{} is in the daemon's trusted-substituters", info.url),
+        ),
+        Trust::TrustedSubstituter { key_trusted: false } => r.fail(
+            "trusted user",
+            format!(
+                "{} is in trusted-substituters but the daemon does not trust its key",
+                info.url
+            ),
+            advice(),
+        ),
+        Trust::Untrusted { user } => r.fail(
+            "trusted user",
+            format!("nix-daemon ignores the substituters of {user:?} (not in trusted-users)"),
+            advice(),
+        ),
+    }
+
+    if info.private {
+        check_netrc(&mut r, settings.as_ref(), &info.url, client.token(), &use_fix);
+    }
+    r
+}
+
+fn check_netrc(r: &mut Report, settings: Option<&Value>, url: &str, token: Option<&str>, use_fix: &str) {
+    let Some(host) = nixconf::url_host(url) else { return };
+    let netrc = settings
+        .and_then(|s| setting_str(s, "netrc-file"))
+        .unwrap_or_else(|| "/etc/nix/netrc".to_owned());
+    let Some(text) = nixconf::read_optional(Path::new(&netrc)) else {
+        r.fail(
+            "netrc",
+            format!("{netrc} (Nix's netrc-file) is missing or unreadable"),
+            format!("`{use_fix}` writes it with the token"),
+        );
+        return;
+    };
+    match nixconf::netrc_lookup(&text, host) {
+        None => r.fail(
+            "netrc",
+            format!("{netrc} has no entry for {host}"),
+            format!("`{use_fix}` adds `machine {host} login larder password TOKEN`"),
+        ),
+        Some(e) if e.password.is_none() => r.fail(
+            "netrc",
+            format!("the entry for {host} in {netrc} has no password"),
+            format!("`{use_fix}` rewrites it"),
+        ),
+        Some(e) if token.is_some() && e.password.as_deref() != token => r.warn(
+            "netrc",
+            format!("{netrc} has an entry for {host} with another token than the current one"),
+            format!("`{use_fix}` writes the current token, if that is the one Nix should use"),
+        ),
+        Some(_) => r.ok("netrc", format!("{netrc} has an entry for {host}")),
+    }
+}

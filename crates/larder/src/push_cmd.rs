@@ -1,0 +1,357 @@
+//! `larder push` and `larder generate-keypair`: push closures from the local Nix store, and
+//! make a client-held signing key for a cache.
+
+use std::io::{BufRead, IsTerminal};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use larder_client::local_store::{LocalStore, PathInfo};
+use larder_client::push::{self, Compression, Observer, Outcome, PushOptions};
+use larder_nix::signing::SigningKey;
+use larder_nix::store_path::StorePath;
+
+use crate::client_config::{split_cache_arg, target, ClientConfig};
+use crate::output::{fail_with_hint, human_size, print};
+
+#[derive(clap::Args)]
+pub struct PushArgs {
+    /// CACHE or SERVER:CACHE
+    cache: String,
+    /// Store paths, paths inside the store, or symlinks to them such as ./result. Without any,
+    /// paths are read from standard input (whitespace-separated), e.g.
+    /// `nix-store -qR ./result | larder push CACHE`.
+    paths: Vec<String>,
+    /// Uploads in parallel.
+    #[arg(short = 'j', long, default_value_t = 8)]
+    jobs: usize,
+    /// Compression of uploaded NARs. [default: the cache's preferred compression]
+    #[arg(long, value_parser = ["zstd", "xz", "none"])]
+    compression: Option<String>,
+    /// Compression level. [default: 3 for zstd, 6 for xz]
+    #[arg(long)]
+    level: Option<i32>,
+    /// Push only the given paths, not their closures (their references must be in the cache).
+    #[arg(long)]
+    no_closure: bool,
+    /// Skip store paths matching this regular expression (repeatable).
+    #[arg(long, value_name = "REGEX")]
+    exclude: Vec<String>,
+    /// Also push paths signed by an upstream key (by default they are skipped: Nix gets them
+    /// from upstream).
+    #[arg(long)]
+    include_upstream: bool,
+    /// Key name that marks a path as available upstream (repeatable).
+    /// [default: cache.nixos.org-1]
+    #[arg(long, value_name = "NAME")]
+    upstream_key: Vec<String>,
+    /// Do not record the deriver (.drv) of pushed paths.
+    #[arg(long)]
+    omit_deriver: bool,
+    /// Show what would be uploaded and its size, without uploading.
+    #[arg(long)]
+    dry_run: bool,
+    /// One JSON object per line (events), the last one the summary.
+    #[arg(long)]
+    json: bool,
+}
+
+fn read_stdin_paths() -> anyhow::Result<Vec<String>> {
+    if std::io::stdin().is_terminal() {
+        return Err(fail_with_hint(
+            "no store paths given",
+            "pass paths (e.g. `larder push CACHE ./result`) or pipe them in \
+             (`nix-store -qR ./result | larder push CACHE`)",
+        ));
+    }
+    let mut out = Vec::new();
+    for line in std::io::stdin().lock().lines() {
+        let line = line.context("cannot read paths from standard input")?;
+        out.extend(line.split_whitespace().map(str::to_owned));
+    }
+    Ok(out)
+}
+
+/// The signing key for `SERVER:CACHE`: `LARDER_SIGNING_KEY`, else the client config.
+fn signing_key(cache_arg: &str, url: &str) -> anyhow::Result<Option<SigningKey>> {
+    if let Some(k) = crate::env::var("LARDER_SIGNING_KEY") {
+        return Ok(Some(
+            SigningKey::parse(&k).context("LARDER_SIGNING_KEY is not a Nix secret key")?,
+        ));
+    }
+    let cfg = ClientConfig::load()?;
+    let (_, cache) = split_cache_arg(cache_arg);
+    match cfg.signing_keys.get(&key_slot(url, cache)) {
+        Some(k) => Ok(Some(
+            SigningKey::parse(k).context("the signing key in the client config is invalid")?,
+        )),
+        None => Ok(None),
+    }
+}
+
+/// Where a cache's client-held key is kept in the config: `URL/CACHE`.
+fn key_slot(url: &str, cache: &str) -> String {
+    format!("{}/{cache}", url.trim_end_matches('/'))
+}
+
+struct Display {
+    json: bool,
+    bar: Option<ProgressBar>,
+    bytes: AtomicU64,
+    lines: Mutex<()>,
+}
+
+impl Display {
+    fn line(&self, text: String) {
+        let _guard = self.lines.lock();
+        match &self.bar {
+            Some(bar) => bar.println(text),
+            None => eprintln!("{text}"),
+        }
+    }
+    fn json(&self, v: serde_json::Value) {
+        let _guard = self.lines.lock();
+        let _ = print(&(v.to_string() + "\n"));
+    }
+}
+
+impl Observer for Display {
+    fn bytes(&self, n: u64) {
+        self.bytes.fetch_add(n, Ordering::Relaxed);
+        if let Some(bar) = &self.bar {
+            bar.inc(n);
+        }
+    }
+    fn retrying(&self, path: &PathInfo, error: &str, attempt: u32) {
+        self.line(format!("retrying {} (attempt {attempt}): {error}", path.path));
+    }
+    fn finished(&self, path: &PathInfo, outcome: &Outcome) {
+        let p = path.path.to_absolute();
+        if self.json {
+            let v = match outcome {
+                Outcome::Pushed { file_size, secs } => serde_json::json!({
+                    "event": "pushed", "path": p, "nar_size": path.nar_size,
+                    "file_size": file_size, "seconds": secs }),
+                Outcome::AlreadyPresent => serde_json::json!({"event": "skipped", "path": p, "reason": "already in cache"}),
+                Outcome::Vanished => serde_json::json!({"event": "skipped", "path": p, "reason": "vanished from the local store"}),
+                Outcome::Failed(e) => serde_json::json!({"event": "failed", "path": p, "error": e}),
+            };
+            self.json(v);
+        } else {
+            match outcome {
+                Outcome::Pushed { file_size, secs } if self.bar.is_none() => self.line(format!(
+                    "pushed {p} ({} NAR, {} uploaded, {secs:.1}s)",
+                    human_size(path.nar_size as i64),
+                    human_size(*file_size as i64)
+                )),
+                Outcome::Pushed { .. } | Outcome::AlreadyPresent => {}
+                Outcome::Vanished => self.line(format!(
+                    "warning: skipped {p}: it vanished from the local store (garbage-collected?)"
+                )),
+                Outcome::Failed(e) => self.line(format!("error: {p}: {e}")),
+            }
+        }
+    }
+}
+
+pub async fn push(args: PushArgs) -> anyhow::Result<()> {
+    let t = target(&args.cache)?;
+    let cache = t
+        .client
+        .cache_info(&t.cache)
+        .await
+        .with_context(|| format!("cannot use cache {:?}", t.cache))?;
+    let compression = match args.compression.as_deref().unwrap_or(&cache.compression) {
+        s => Compression::parse(s).ok_or_else(|| anyhow::anyhow!("unknown compression {s:?}"))?,
+    };
+    let level = args.level.unwrap_or(match compression {
+        Compression::Xz => 6,
+        _ => 3,
+    });
+    let signing_key = signing_key(&args.cache, t.client.base_url())?;
+    if cache.signing_mode == "client" && signing_key.is_none() {
+        return Err(fail_with_hint(
+            format!("cache {:?} requires uploads signed by its key {}", cache.name,
+                    cache.public_key.clone().unwrap_or_default()),
+            format!("set LARDER_SIGNING_KEY, or run `larder generate-keypair {}` on the machine that pushes", args.cache),
+        ));
+    }
+    let exclude = args
+        .exclude
+        .iter()
+        .map(|r| regex::Regex::new(r).with_context(|| format!("invalid --exclude regex {r:?}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let opts = PushOptions {
+        jobs: args.jobs.max(1),
+        compression,
+        level,
+        closure: !args.no_closure,
+        exclude,
+        include_upstream: args.include_upstream,
+        upstream_keys: if args.upstream_key.is_empty() {
+            vec!["cache.nixos.org-1".into()]
+        } else {
+            args.upstream_key.clone()
+        },
+        omit_deriver: args.omit_deriver,
+        signing_key,
+        ..PushOptions::default()
+    };
+    let raw = if args.paths.is_empty() {
+        read_stdin_paths()?
+    } else {
+        args.paths.clone()
+    };
+    if raw.is_empty() {
+        return Err(fail_with_hint("no store paths given", "pass at least one store path"));
+    }
+    let mut roots: Vec<StorePath> = Vec::new();
+    for a in &raw {
+        let p = LocalStore::resolve_arg(a)?;
+        if !roots.contains(&p) {
+            roots.push(p);
+        }
+    }
+    let store = tokio::task::spawn_blocking(LocalStore::open_default)
+        .await
+        .context("cannot open the local store")??;
+    let (plan, _store) = push::plan(&t.client, &t.cache, store, roots, &opts)
+        .await
+        .context("cannot plan the push")?;
+
+    let summary_skips = format!(
+        "{} already in the cache, {} signed by an upstream key{}, {} excluded",
+        plan.present,
+        plan.upstream.len(),
+        if plan.upstream.is_empty() || args.include_upstream { "" } else { " (--include-upstream pushes them)" },
+        plan.excluded
+    );
+    if args.json {
+        print(&(serde_json::json!({
+            "event": "plan", "paths": plan.total, "to_push": plan.paths.len(),
+            "nar_bytes": plan.nar_bytes(), "present": plan.present,
+            "upstream": plan.upstream.len(), "excluded": plan.excluded,
+            "dry_run": args.dry_run,
+        }).to_string() + "\n"))?;
+    } else {
+        eprintln!(
+            "{} paths: {} to push ({} NAR), {summary_skips}",
+            plan.total,
+            plan.paths.len(),
+            human_size(plan.nar_bytes() as i64)
+        );
+    }
+    if args.dry_run {
+        if args.json {
+            for p in &plan.paths {
+                print(&(serde_json::json!({"event": "would-push", "path": p.path.to_absolute(), "nar_size": p.nar_size}).to_string() + "\n"))?;
+            }
+            print(&(serde_json::json!({"event": "summary", "pushed": 0, "skipped": plan.total - plan.paths.len(), "failed": 0, "bytes": 0, "dry_run": true}).to_string() + "\n"))?;
+        } else {
+            let mut out = String::new();
+            for p in &plan.paths {
+                out.push_str(&format!("{}\t{}\n", p.path, human_size(p.nar_size as i64)));
+            }
+            print(&out)?;
+        }
+        return Ok(());
+    }
+
+    let bar = (!args.json && std::io::stderr().is_terminal() && !plan.paths.is_empty()).then(|| {
+        let bar = ProgressBar::new(plan.nar_bytes());
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:30.cyan/blue} {bytes}/{total_bytes} (compressed bytes sent vs NAR size) {bytes_per_sec} ETA {eta} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let display = Arc::new(Display {
+        json: args.json,
+        bar,
+        bytes: AtomicU64::new(0),
+        lines: Mutex::new(()),
+    });
+    let summary = push::execute(&t.client, &t.cache, &plan, &opts, display.clone()).await;
+    if let Some(bar) = &display.bar {
+        bar.finish_and_clear();
+    }
+    if args.json {
+        print(&(serde_json::json!({
+            "event": "summary", "pushed": summary.pushed, "skipped": summary.skipped,
+            "failed": summary.failed, "bytes": summary.bytes, "file_bytes": summary.file_bytes,
+            "seconds": summary.seconds,
+        }).to_string() + "\n"))?;
+    } else {
+        let rate = if summary.seconds > 0.0 { summary.bytes as f64 / summary.seconds } else { 0.0 };
+        eprintln!(
+            "pushed {} paths ({} NAR, {} uploaded) in {:.1}s ({}/s); skipped {} ({summary_skips}); failed {}",
+            summary.pushed,
+            human_size(summary.bytes as i64),
+            human_size(summary.file_bytes as i64),
+            summary.seconds,
+            human_size(rate as i64),
+            summary.skipped,
+            summary.failed
+        );
+    }
+    if summary.failed > 0 {
+        return Err(fail_with_hint(
+            format!("{} of {} paths failed to push", summary.failed, plan.paths.len()),
+            "the errors above say why; pushing again uploads only what is still missing",
+        ));
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct KeypairArgs {
+    /// CACHE or SERVER:CACHE (you need admin on it).
+    cache: String,
+}
+
+/// Make a signing key locally, register its public half with the cache (switching it to
+/// client signing), and keep the secret in the client config (mode 0600).
+pub async fn generate_keypair(args: KeypairArgs) -> anyhow::Result<()> {
+    let t = target(&args.cache)?;
+    let host = t
+        .client
+        .base_url()
+        .split("://")
+        .nth(1)
+        .unwrap_or("")
+        .split(['/', ':'])
+        .next()
+        .unwrap_or("")
+        .to_owned();
+    let mut seed = [0u8; 32];
+    getrandom::getrandom(&mut seed).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    let key = SigningKey::from_seed(&format!("{}.{host}-client-1", t.cache), seed)
+        .context("cannot make a key")?;
+    let public = key.verifying_key().to_string();
+    t.client
+        .send(
+            t.client
+                .request(
+                    reqwest::Method::POST,
+                    &format!("/api/v1/caches/{}/public-key", t.cache),
+                )
+                .json(&serde_json::json!({ "public_key": public })),
+        )
+        .await
+        .with_context(|| format!("cannot register the public key with cache {:?}", t.cache))?;
+    let mut cfg = ClientConfig::load()?;
+    cfg.signing_keys
+        .insert(key_slot(t.client.base_url(), &t.cache), key.to_secret_string());
+    let path = cfg.save()?;
+    eprintln!(
+        "cache {:?} now requires uploads signed by {public}\nthe secret key is in {} (mode 0600); \
+         substituters must trust the public key above (larder use {} does this)",
+        t.cache,
+        path.display(),
+        args.cache
+    );
+    print(&format!("export LARDER_SIGNING_KEY={}\n", key.to_secret_string()))
+}

@@ -1,0 +1,545 @@
+//! `larder use CACHE` and `larder remove CACHE`: make Nix substitute from a cache, and undo it.
+//!
+//! Modes (see the README's "Using a cache"):
+//! - `user-nixconf`: the user's nix.conf — `LARDER_NIX_CONF`, else the first file of
+//!   `NIX_USER_CONF_FILES` (the one Nix gives the last word), else
+//!   `$XDG_CONFIG_HOME/nix/nix.conf`. Default for everyone but root.
+//! - `root-nixconf`: `$NIX_CONF_DIR/nix.conf` (`/etc/nix/nix.conf`), read by the daemon too.
+//!   Default for root, except on NixOS.
+//! - `nixos`: a module file `<folder>/larder-<cache>.nix` to import. Default for root on NixOS,
+//!   where `/etc/nix/nix.conf` is generated and read-only.
+//! - `print`: the nix.conf lines, one-shot `--option` flags and a flake `nixConfig` block.
+//!
+//! A private cache also gets a netrc entry (`machine HOST login larder password TOKEN`, mode
+//! 0600) in the file nix.conf's `netrc-file` names, or in larder's own netrc which `netrc-file`
+//! is then pointed at. The edits themselves live in [`crate::nixconf`].
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use larder_client::api::CacheInfo;
+use larder_client::ApiClient;
+
+use crate::client_config::target;
+use crate::env;
+use crate::nixconf::{self, same_value, NixConf, Trust};
+use crate::output::{fail_with_hint, print};
+
+/// The login written into netrc entries (the server only looks at the password).
+const NETRC_LOGIN: &str = "larder";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// The user's nix.conf ($XDG_CONFIG_HOME/nix/nix.conf).
+    UserNixconf,
+    /// The system nix.conf (/etc/nix/nix.conf), which the daemon reads too.
+    RootNixconf,
+    /// A NixOS module file to import from configuration.nix.
+    Nixos,
+    /// Print the lines; write nothing.
+    Print,
+}
+
+#[derive(clap::Args)]
+pub struct UseArgs {
+    /// CACHE or SERVER:CACHE
+    cache: String,
+    /// Where to configure the cache. [default: user-nixconf; as root root-nixconf, or nixos on
+    /// NixOS]
+    #[arg(long, value_enum)]
+    mode: Option<Mode>,
+    /// Folder for the NixOS module file (`--mode nixos`).
+    #[arg(long, default_value = "/etc/nixos")]
+    nixos_folder: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct RemoveArgs {
+    /// CACHE or SERVER:CACHE
+    cache: String,
+    /// Where `use` configured the cache (print is not accepted). [default: as for `use`]
+    #[arg(long, value_enum)]
+    mode: Option<Mode>,
+    /// Folder of the NixOS module file (`--mode nixos`).
+    #[arg(long, default_value = "/etc/nixos")]
+    nixos_folder: PathBuf,
+}
+
+fn is_root() -> bool {
+    nixconf::current_uid() == Some(0)
+}
+
+/// The default mode: what works without sudo for a user, and what the daemon reads for root.
+fn default_mode() -> Mode {
+    if !is_root() {
+        Mode::UserNixconf
+    } else if Path::new("/etc/NIXOS").exists() {
+        Mode::Nixos
+    } else {
+        Mode::RootNixconf
+    }
+}
+
+fn xdg_config_home() -> anyhow::Result<PathBuf> {
+    match env::var("XDG_CONFIG_HOME") {
+        Some(x) => Ok(PathBuf::from(x)),
+        None => Ok(PathBuf::from(
+            env::var("HOME").context("neither XDG_CONFIG_HOME nor HOME is set")?,
+        )
+        .join(".config")),
+    }
+}
+
+/// The nix.conf a mode edits.
+fn conf_path(mode: Mode) -> anyhow::Result<PathBuf> {
+    if let Some(p) = env::var(env::NIX_CONF) {
+        return Ok(PathBuf::from(p));
+    }
+    match mode {
+        Mode::RootNixconf => Ok(nixconf::system_conf_path()),
+        _ => {
+            if let Some(first) = env::var("NIX_USER_CONF_FILES")
+                .as_deref()
+                .and_then(|f| f.split(':').find(|s| !s.is_empty()))
+            {
+                return Ok(PathBuf::from(first));
+            }
+            Ok(xdg_config_home()?.join("nix").join("nix.conf"))
+        }
+    }
+}
+
+/// The netrc larder writes when nix.conf names none.
+fn default_netrc(mode: Mode) -> anyhow::Result<PathBuf> {
+    if let Some(p) = env::var(env::NETRC) {
+        return Ok(PathBuf::from(p));
+    }
+    match mode {
+        Mode::UserNixconf => Ok(xdg_config_home()?.join("larder").join("netrc")),
+        _ => Ok(nixconf::system_conf_path()
+            .parent()
+            .map(|d| d.join("netrc"))
+            .unwrap_or_else(|| PathBuf::from("/etc/nix/netrc"))),
+    }
+}
+
+/// The file to write for `path`: a symlink is followed, unless it points into the Nix store
+/// (home-manager or NixOS generated it, and writing there fails or is undone at the next switch).
+fn writable_target(path: &Path) -> anyhow::Result<PathBuf> {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(path.to_path_buf());
+    };
+    if !meta.file_type().is_symlink() {
+        return Ok(path.to_path_buf());
+    }
+    let real = std::fs::canonicalize(path)
+        .with_context(|| format!("cannot follow the symlink {}", path.display()))?;
+    if real.starts_with("/nix/store") {
+        return Err(fail_with_hint(
+            format!(
+                "{} is generated by Nix (a link to {}) and cannot be edited",
+                path.display(),
+                real.display()
+            ),
+            "add the lines of `larder use CACHE --mode print` to your home-manager `nix.settings` \
+             or flake `nixConfig`, or use `--mode nixos` on NixOS",
+        ));
+    }
+    Ok(real)
+}
+
+fn read_existing(path: &Path) -> anyhow::Result<Option<String>> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Ok(Some(t)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// Replace `path` atomically (temp file + rename) with mode `mode`, creating parent folders.
+fn write_atomic(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.larder-tmp"));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Keep a nix.conf's permissions when rewriting it (0644 for a new one).
+fn file_mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .map(|m| m.permissions().mode() & 0o7777)
+        .unwrap_or(0o644)
+}
+
+/// What `use` and `remove` need to know about the cache.
+struct Facts {
+    arg: String,
+    cache: String,
+    url: String,
+    key: Option<String>,
+    private: bool,
+    host: String,
+    client: ApiClient,
+}
+
+impl Facts {
+    fn from_info(arg: &str, client: ApiClient, info: CacheInfo) -> anyhow::Result<Facts> {
+        let host = nixconf::url_host(&info.url)
+            .ok_or_else(|| anyhow::anyhow!("the server gave an invalid cache URL {:?}", info.url))?
+            .to_owned();
+        Ok(Facts {
+            arg: arg.to_owned(),
+            cache: info.name,
+            url: info.url,
+            key: info.public_key.filter(|k| !k.is_empty()),
+            private: info.private,
+            host,
+            client,
+        })
+    }
+}
+
+async fn facts(arg: &str) -> anyhow::Result<Facts> {
+    let t = target(arg)?;
+    let info = t
+        .client
+        .cache_info(&t.cache)
+        .await
+        .with_context(|| format!("cannot look up cache {:?}", t.cache))?;
+    Facts::from_info(arg, t.client, info)
+}
+
+pub async fn use_cache(args: UseArgs) -> anyhow::Result<()> {
+    let f = facts(&args.cache).await?;
+    if f.key.is_none() {
+        eprintln!(
+            "warning: cache {} has no public key registered; Nix will refuse its paths \
+             (require-sigs)\nhint: `larder generate-keypair {}`",
+            f.cache, f.arg
+        );
+    }
+    let mode = args.mode.unwrap_or_else(default_mode);
+    if f.private && mode != Mode::Print {
+        check_pull(&f).await?;
+    }
+    match mode {
+        Mode::Print => print(&print_lines(&f)),
+        Mode::Nixos => use_nixos(&f, &args.nixos_folder),
+        Mode::UserNixconf | Mode::RootNixconf => {
+            use_nixconf(&f, mode)?;
+            if mode == Mode::UserNixconf {
+                warn_if_untrusted(&f);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A private cache needs a token Nix can send; warn when it cannot read the cache.
+async fn check_pull(f: &Facts) -> anyhow::Result<()> {
+    if f.client.token().is_none() {
+        return Err(fail_with_hint(
+            format!("cache {} is private and no token is configured", f.cache),
+            "run `larder login URL TOKEN` or set LARDER_TOKEN to a token with pull on it",
+        ));
+    }
+    match f.client.whoami().await {
+        Ok(w) => {
+            let scoped = w.caches.as_ref().is_none_or(|c| c.contains(&f.cache));
+            if w.perms.is_empty() || !scoped {
+                eprintln!(
+                    "warning: the current token cannot pull from {}; Nix will get 401/403\n\
+                     hint: ask an admin for `larder token create --perm pull --cache {}`",
+                    f.cache, f.cache
+                );
+            }
+        }
+        Err(e) => eprintln!("warning: cannot check the token: {e}"),
+    }
+    Ok(())
+}
+
+fn use_nixconf(f: &Facts, mode: Mode) -> anyhow::Result<()> {
+    let path = conf_path(mode)?;
+    let real = writable_target(&path)?;
+    let original = read_existing(&real)?.unwrap_or_default();
+    let mut conf = NixConf::parse(&original);
+    let dir = real.parent().map(Path::to_path_buf).unwrap_or_default();
+    let has = |conf: &NixConf, key: &str, value: &str| {
+        conf.list(key, vec![], &dir, &nixconf::read_optional)
+            .iter()
+            .any(|v| same_value(v, value))
+    };
+    let present = has(&conf, "substituters", &f.url);
+    conf.add_value("substituters", &f.url, present);
+    if let Some(key) = &f.key {
+        let present = has(&conf, "trusted-public-keys", key);
+        conf.add_value("trusted-public-keys", key, present);
+    }
+    if f.private {
+        let netrc = match conf.single("netrc-file") {
+            Some(p) => PathBuf::from(p),
+            None => {
+                let p = default_netrc(mode)?;
+                conf.set_if_absent("netrc-file", &p.to_string_lossy());
+                p
+            }
+        };
+        write_netrc_entry(f, &netrc)?;
+    }
+    let text = conf.render();
+    if text == original {
+        eprintln!("{} is already configured in {}", f.url, path.display());
+    } else {
+        write_atomic(&real, &text, file_mode(&real))?;
+        eprintln!(
+            "configured {} (key {}) in {}",
+            f.url,
+            f.key.as_deref().unwrap_or("none"),
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+fn write_netrc_entry(f: &Facts, netrc: &Path) -> anyhow::Result<()> {
+    let token = f.client.token().unwrap_or_default();
+    let text = read_existing(netrc)?.unwrap_or_default();
+    if let Some(new) = nixconf::netrc_upsert(&text, &f.host, NETRC_LOGIN, token) {
+        write_atomic(netrc, &new, 0o600)?;
+        eprintln!(
+            "wrote the token for {} to {} (mode 0600)",
+            f.host,
+            netrc.display()
+        );
+    }
+    Ok(())
+}
+
+fn warn_if_untrusted(f: &Facts) {
+    let trust = nixconf::decide_trust(&nixconf::probe_trust(), &f.url, f.key.as_deref());
+    match trust {
+        Trust::Untrusted { user } => eprintln!(
+            "warning: Nix runs through nix-daemon here and {user:?} is not in `trusted-users`, \
+             so the daemon ignores the substituter and key of your nix.conf\n{}",
+            nixconf::untrusted_advice(&f.arg, &f.url, f.key.as_deref())
+        ),
+        Trust::TrustedSubstituter { key_trusted: false } => eprintln!(
+            "warning: {} is in the daemon's `trusted-substituters`, but its key is not in the \
+             daemon's `trusted-public-keys`, which only an admin can change\n{}",
+            f.url,
+            nixconf::untrusted_advice(&f.arg, &f.url, f.key.as_deref())
+        ),
+        _ => {}
+    }
+}
+
+fn module_path(f: &Facts, folder: &Path) -> PathBuf {
+    folder.join(format!("larder-{}.nix", f.cache))
+}
+
+fn use_nixos(f: &Facts, folder: &Path) -> anyhow::Result<()> {
+    let path = module_path(f, folder);
+    let mut body = format!(
+        "# Written by `larder use {} --mode nixos`: substitute from {}.\n\
+         # Import it from configuration.nix: imports = [ ./larder-{}.nix ];\n\
+         {{\n  nix.settings = {{\n    substituters = [ \"{}\" ];\n",
+        f.arg, f.url, f.cache, f.url
+    );
+    if let Some(key) = &f.key {
+        body.push_str(&format!("    trusted-public-keys = [ \"{key}\" ];\n"));
+    }
+    if f.private {
+        let netrc = default_netrc(Mode::Nixos)?;
+        body.push_str(&format!(
+            "    # The token is in this file (mode 0600), outside the world-readable store.\n    \
+             netrc-file = \"{}\";\n",
+            netrc.display()
+        ));
+        write_netrc_entry(f, &netrc)?;
+    }
+    body.push_str("  };\n}\n");
+    if read_existing(&path)?.as_deref() == Some(body.as_str()) {
+        eprintln!("{} is already up to date", path.display());
+    } else {
+        write_atomic(&path, &body, 0o644)?;
+        eprintln!("wrote {}", path.display());
+    }
+    eprintln!(
+        "add it to `imports` in configuration.nix, then run `sudo nixos-rebuild switch`:\n  \
+         imports = [ ./larder-{}.nix ];",
+        f.cache
+    );
+    Ok(())
+}
+
+/// nix.conf lines, one-shot flags and a flake `nixConfig` block (the seed's Step 1.1).
+fn print_lines(f: &Facts) -> String {
+    let key = f.key.as_deref().unwrap_or("<no key registered>");
+    let mut out = format!(
+        "# nix.conf (~/.config/nix/nix.conf, or /etc/nix/nix.conf for every user):\n\
+         extra-substituters = {url}\nextra-trusted-public-keys = {key}\n",
+        url = f.url
+    );
+    if f.private {
+        out.push_str(&format!(
+            "netrc-file = /etc/nix/netrc\n\
+             # and in that netrc file (mode 0600), a token with pull on {cache}:\n\
+             # machine {host} login {NETRC_LOGIN} password <TOKEN>\n",
+            cache = f.cache,
+            host = f.host
+        ));
+    }
+    out.push_str(&format!(
+        "\n# one command only (e.g. the first `sudo nixos-rebuild switch`, or `nix build`):\n\
+         --option extra-substituters {url} --option extra-trusted-public-keys {key}\n\
+         \n# flake.nix (used for trusted users, or with accept-flake-config):\n\
+         {{\n  nixConfig = {{\n    extra-substituters = [\n      \"{url}\"\n    ];\n    \
+         extra-trusted-public-keys = [\n      \"{key}\"\n    ];\n  }};\n}}\n",
+        url = f.url
+    ));
+    out
+}
+
+pub async fn remove_cache(args: RemoveArgs) -> anyhow::Result<()> {
+    let mode = args.mode.unwrap_or_else(default_mode);
+    if mode == Mode::Print {
+        return Err(fail_with_hint(
+            "`--mode print` wrote nothing, so there is nothing to remove",
+            "pick the mode `use` ran with: user-nixconf, root-nixconf or nixos",
+        ));
+    }
+    let t = target(&args.cache)?;
+    // The server may be gone or the cache deleted: removal must still work from the URL.
+    let f = match t.client.cache_info(&t.cache).await {
+        Ok(info) => Facts::from_info(&args.cache, t.client, info)?,
+        Err(e) => {
+            let url = format!("{}/{}", t.client.base_url(), t.cache);
+            eprintln!(
+                "warning: cannot look up cache {:?} ({e}); removing {url} but not its key",
+                t.cache
+            );
+            Facts {
+                arg: args.cache.clone(),
+                host: nixconf::url_host(&url).unwrap_or_default().to_owned(),
+                cache: t.cache,
+                url,
+                key: None,
+                private: true,
+                client: t.client,
+            }
+        }
+    };
+    match mode {
+        Mode::Nixos => remove_nixos(&f, &args.nixos_folder),
+        _ => remove_nixconf(&f, mode),
+    }
+}
+
+fn remove_nixconf(f: &Facts, mode: Mode) -> anyhow::Result<()> {
+    let path = conf_path(mode)?;
+    let real = writable_target(&path)?;
+    let Some(original) = read_existing(&real)? else {
+        eprintln!("{} does not exist; nothing to remove", path.display());
+        return Ok(());
+    };
+    let mut conf = NixConf::parse(&original);
+    conf.remove_value("substituters", &f.url);
+    if let Some(key) = &f.key {
+        conf.remove_value("trusted-public-keys", key);
+    }
+    let dir = real.parent().map(Path::to_path_buf).unwrap_or_default();
+    let remaining = conf.list("substituters", vec![], &dir, &nixconf::read_optional);
+    if remaining.iter().any(|v| same_value(v, &f.url)) {
+        eprintln!(
+            "warning: {} is still configured by a file {} includes ({}); edit it by hand",
+            f.url,
+            path.display(),
+            conf.includes(&dir)
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    // The netrc entry serves every cache of the host: keep it while one is still configured.
+    let host_still_used = remaining
+        .iter()
+        .any(|v| nixconf::url_host(v) == Some(f.host.as_str()));
+    if !host_still_used {
+        let netrc = match conf.single("netrc-file") {
+            Some(p) => PathBuf::from(p),
+            None => default_netrc(mode)?,
+        };
+        if remove_netrc_entry(f, &netrc)? {
+            conf.remove_setting("netrc-file", &netrc.to_string_lossy());
+        }
+    }
+    let text = conf.render();
+    if text == original {
+        eprintln!("{} is not configured in {}; nothing changed", f.url, path.display());
+    } else {
+        write_atomic(&real, &text, file_mode(&real))?;
+        eprintln!("removed {} from {}", f.url, path.display());
+    }
+    Ok(())
+}
+
+/// Remove larder's entry for the host; returns true when the netrc file was left empty and
+/// deleted.
+fn remove_netrc_entry(f: &Facts, netrc: &Path) -> anyhow::Result<bool> {
+    let Some(text) = read_existing(netrc)? else {
+        return Ok(false);
+    };
+    let ours = nixconf::netrc_lookup(&text, &f.host)
+        .is_some_and(|e| e.login.as_deref() == Some(NETRC_LOGIN));
+    if !ours {
+        return Ok(false);
+    }
+    let Some(new) = nixconf::netrc_remove(&text, &f.host) else {
+        return Ok(false);
+    };
+    if new.trim().is_empty() {
+        std::fs::remove_file(netrc).with_context(|| format!("cannot remove {}", netrc.display()))?;
+        eprintln!("removed {} (it held only {}'s token)", netrc.display(), f.host);
+        Ok(true)
+    } else {
+        write_atomic(netrc, &new, 0o600)?;
+        eprintln!("removed the token for {} from {}", f.host, netrc.display());
+        Ok(false)
+    }
+}
+
+fn remove_nixos(f: &Facts, folder: &Path) -> anyhow::Result<()> {
+    let path = module_path(f, folder);
+    match std::fs::remove_file(&path) {
+        Ok(()) => eprintln!(
+            "removed {}; take `./larder-{}.nix` out of `imports`, then run `sudo nixos-rebuild \
+             switch`",
+            path.display(),
+            f.cache
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("{} does not exist; nothing to remove", path.display())
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot remove {}", path.display())),
+    }
+    remove_netrc_entry(f, &default_netrc(Mode::Nixos)?)?;
+    Ok(())
+}

@@ -1,0 +1,285 @@
+//! `larder use` / `remove` / `doctor` against a running server, with real Nix as the judge:
+//! `nix show-config` must see what `use` wrote (through `NIX_USER_CONF_FILES`), a private
+//! cache must be readable by Nix through the netrc `use` wrote, and `doctor` must agree.
+//! Everything lives in a temporary home; the host's nix.conf is never touched.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::*;
+
+/// Settings every Nix call here needs (root without build users), without `substituters` so
+/// the user nix.conf under test decides them.
+const NIX_ENV_CONFIG: &str = "build-users-group =\nexperimental-features = nix-command";
+
+struct Home {
+    dir: tempfile::TempDir,
+}
+
+impl Home {
+    fn new() -> Home {
+        Home {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+    fn config(&self) -> PathBuf {
+        self.path().join(".config")
+    }
+    fn nix_conf(&self) -> PathBuf {
+        self.config().join("nix/nix.conf")
+    }
+    fn netrc(&self) -> PathBuf {
+        self.config().join("larder/netrc")
+    }
+
+    /// Environment shared by larder and nix: this home, its nix.conf as the user's config.
+    fn env(&self, cmd: &mut Command) {
+        cmd.env("HOME", self.path())
+            .env("XDG_CONFIG_HOME", self.config())
+            .env("XDG_CACHE_HOME", self.path().join(".cache"))
+            .env("NIX_USER_CONF_FILES", self.nix_conf())
+            .env("NIX_CONFIG", NIX_ENV_CONFIG)
+            .env_remove("LARDER_CONFIG")
+            .env_remove("LARDER_NIX_CONF")
+            .env_remove("LARDER_NETRC")
+            .env_remove("NIX_REMOTE");
+    }
+
+    fn larder(&self, server: &Server, token: &str, args: &[&str]) -> Output {
+        let mut cmd = Command::new(larder_bin());
+        cmd.args(args)
+            .env("LARDER_SERVER", &server.url)
+            .env("LARDER_TOKEN", token);
+        self.env(&mut cmd);
+        cmd.output().expect("run larder")
+    }
+
+    fn larder_ok(&self, server: &Server, token: &str, args: &[&str]) -> String {
+        let out = self.larder(server, token, args);
+        assert!(
+            out.status.success(),
+            "larder {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn nix(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new("nix");
+        cmd.args(args);
+        self.env(&mut cmd);
+        cmd.output().expect("run nix")
+    }
+
+    fn show_config(&self) -> String {
+        let o = self.nix(&["show-config"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    }
+}
+
+fn setting<'a>(show_config: &'a str, name: &str) -> Vec<&'a str> {
+    show_config
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} = ")))
+        .map(|v| v.split_whitespace().collect())
+        .unwrap_or_default()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn use_public_cache_then_remove() {
+    require_nix();
+    let server = Server::start();
+    let info = server.create_cache("public", &[]);
+    let key = info["public_key"].as_str().unwrap().to_owned();
+    let url = format!("{}/public", server.url);
+    let token = server.token("pull", "public");
+    let home = Home::new();
+    let original = "# my own settings\nextra-substituters = https://nix-community.cachix.org  # community\nmax-jobs = 2\n";
+    std::fs::create_dir_all(home.nix_conf().parent().unwrap()).unwrap();
+    std::fs::write(home.nix_conf(), original).unwrap();
+
+    // Before `use`: doctor fails and says how to fix it.
+    let o = home.larder(&server, &token, &["doctor", "public"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    let out = stdout(&o);
+    assert!(out.contains("fail  substituters"), "{out}");
+    assert!(out.contains("fix: `larder use public`"), "{out}");
+    assert!(out.contains("ok    nix "), "{out}");
+
+    home.larder_ok(&server, &token, &["use", "public", "--mode", "user-nixconf"]);
+    let written = std::fs::read_to_string(home.nix_conf()).unwrap();
+    assert!(written.starts_with("# my own settings\n"), "{written}");
+    assert!(written.contains("max-jobs = 2\n"), "{written}");
+
+    // Real Nix sees the substituter and the key, next to the ones already configured.
+    let cfg = home.show_config();
+    let subs = setting(&cfg, "substituters");
+    assert!(subs.contains(&url.as_str()), "{subs:?}");
+    assert!(subs.contains(&"https://nix-community.cachix.org"), "{subs:?}");
+    assert!(subs.contains(&"https://cache.nixos.org/"), "{subs:?}");
+    assert!(setting(&cfg, "trusted-public-keys").contains(&key.as_str()), "{cfg}");
+    assert_eq!(setting(&cfg, "max-jobs"), vec!["2"]);
+
+    // A second `use` changes nothing, byte for byte.
+    home.larder_ok(&server, &token, &["use", "public", "--mode", "user-nixconf"]);
+    assert_eq!(std::fs::read_to_string(home.nix_conf()).unwrap(), written);
+
+    // doctor agrees now; --json gives the same checks.
+    let out = home.larder_ok(&server, &token, &["doctor", "public"]);
+    assert!(!out.contains("fail"), "{out}");
+    let json: serde_json::Value =
+        serde_json::from_str(&home.larder_ok(&server, &token, &["doctor", "public", "--json"])).unwrap();
+    let checks = json.as_array().unwrap();
+    for name in ["nix", "server", "token", "cache", "nix-cache-info", "substituters", "trusted-public-keys", "trusted user"] {
+        let c = checks.iter().find(|c| c["check"] == name).unwrap_or_else(|| panic!("no {name}: {json}"));
+        assert_eq!(c["status"], "ok", "{c}");
+    }
+
+    // remove gives back the original file exactly, and Nix no longer lists the cache.
+    home.larder_ok(&server, &token, &["remove", "public", "--mode", "user-nixconf"]);
+    assert_eq!(std::fs::read_to_string(home.nix_conf()).unwrap(), original);
+    let cfg = home.show_config();
+    assert!(!setting(&cfg, "substituters").contains(&url.as_str()));
+    assert!(!setting(&cfg, "trusted-public-keys").contains(&key.as_str()));
+}
+
+#[test]
+fn use_private_cache_writes_netrc_that_nix_reads() {
+    require_nix();
+    let server = Server::start();
+    server.create_cache("secret", &["--private"]);
+    let url = format!("{}/secret", server.url);
+    // push ⊇ pull: the same netrc lets Nix upload a path and read it back.
+    let token = server.token("push", "secret");
+    let home = Home::new();
+
+    home.larder_ok(&server, &token, &["use", "secret", "--mode", "user-nixconf"]);
+    let conf = std::fs::read_to_string(home.nix_conf()).unwrap();
+    let netrc = home.netrc();
+    assert!(conf.contains(&format!("netrc-file = {}\n", netrc.display())), "{conf}");
+    let text = std::fs::read_to_string(&netrc).unwrap();
+    assert_eq!(text, format!("machine 127.0.0.1 login larder password {token}\n"));
+    let mode = std::fs::metadata(&netrc).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "netrc mode {mode:o}");
+
+    // Idempotent for both files.
+    home.larder_ok(&server, &token, &["use", "secret", "--mode", "user-nixconf"]);
+    assert_eq!(std::fs::read_to_string(home.nix_conf()).unwrap(), conf);
+    assert_eq!(std::fs::read_to_string(&netrc).unwrap(), text);
+
+    // Real Nix through the written config: ping, upload a path, read its narinfo back.
+    let o = home.nix(&["store", "ping", "--store", &url]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let file = home.path().join("hello.txt");
+    std::fs::write(&file, format!("larder use test {}\n", server.port)).unwrap();
+    let o = Command::new("nix-store")
+        .arg("--add")
+        .arg(&file)
+        .env("NIX_CONFIG", NIX_ENV_CONFIG)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let path = String::from_utf8(o.stdout).unwrap().trim().to_owned();
+    let o = home.nix(&["copy", "--to", &url, &path]);
+    assert!(o.status.success(), "nix copy: {}", String::from_utf8_lossy(&o.stderr));
+    let o = home.nix(&["path-info", "--store", &url, &path]);
+    assert!(o.status.success(), "nix path-info: {}", String::from_utf8_lossy(&o.stderr));
+
+    let out = home.larder_ok(&server, &token, &["doctor", "secret"]);
+    assert!(out.contains("ok    netrc"), "{out}");
+    assert!(out.contains("ok    pull"), "{out}");
+
+    // remove: nix.conf back to nothing, the netrc (which held only this token) gone.
+    home.larder_ok(&server, &token, &["remove", "secret", "--mode", "user-nixconf"]);
+    assert_eq!(std::fs::read_to_string(home.nix_conf()).unwrap(), "");
+    assert!(!netrc.exists());
+    // Without the netrc Nix cannot read the private cache any more.
+    let o = home.nix(&["path-info", "--store", &url, &path]);
+    assert!(!o.status.success(), "anonymous read of a private cache succeeded");
+    let o = home.larder(&server, &token, &["doctor", "secret"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stdout(&o).contains("fail  netrc"), "{}", stdout(&o));
+}
+
+#[test]
+fn print_mode_writes_nothing_and_shows_the_flake_block() {
+    require_nix();
+    let server = Server::start();
+    let info = server.create_cache("printed", &[]);
+    let key = info["public_key"].as_str().unwrap();
+    let url = format!("{}/printed", server.url);
+    let home = Home::new();
+    let out = home.larder_ok(&server, &server.admin_token, &["use", "printed", "--mode", "print"]);
+    assert!(out.contains(&format!("extra-substituters = {url}\n")), "{out}");
+    assert!(out.contains(&format!("extra-trusted-public-keys = {key}\n")), "{out}");
+    assert!(
+        out.contains(&format!("--option extra-substituters {url} --option extra-trusted-public-keys {key}")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "  nixConfig = {{\n    extra-substituters = [\n      \"{url}\"\n    ];\n    extra-trusted-public-keys = [\n      \"{key}\"\n    ];\n  }};\n"
+        )),
+        "{out}"
+    );
+    assert!(!home.nix_conf().exists());
+}
+
+#[test]
+fn nixos_mode_writes_a_module_nix_can_evaluate() {
+    require_nix();
+    let server = Server::start();
+    let info = server.create_cache("nixos", &[]);
+    let key = info["public_key"].as_str().unwrap();
+    let url = format!("{}/nixos", server.url);
+    let home = Home::new();
+    let folder = home.path().join("etc-nixos");
+    let args = ["use", "nixos", "--mode", "nixos", "--nixos-folder", folder.to_str().unwrap()];
+    let o = home.larder(&server, &server.admin_token, &args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("imports = [ ./larder-nixos.nix ];"));
+    let module = folder.join("larder-nixos.nix");
+    let text = std::fs::read_to_string(&module).unwrap();
+    home.larder_ok(&server, &server.admin_token, &args);
+    assert_eq!(std::fs::read_to_string(&module).unwrap(), text, "second use is a no-op");
+
+    let o = Command::new("nix-instantiate")
+        .args(["--eval", "--strict", "--json", "-E"])
+        .arg(format!("(import {}).nix.settings", module.display()))
+        .env("NIX_CONFIG", NIX_ENV_CONFIG)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["substituters"], serde_json::json!([url]));
+    assert_eq!(v["trusted-public-keys"], serde_json::json!([key]));
+
+    let rm = ["remove", "nixos", "--mode", "nixos", "--nixos-folder", folder.to_str().unwrap()];
+    home.larder_ok(&server, &server.admin_token, &rm);
+    assert!(!module.exists());
+}
+
+#[test]
+fn doctor_without_server_fails_with_a_fix() {
+    let home = Home::new();
+    let mut cmd = Command::new(larder_bin());
+    cmd.args(["doctor"]).env_remove("LARDER_SERVER").env_remove("LARDER_TOKEN");
+    home.env(&mut cmd);
+    let o = cmd.output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let out = stdout(&o);
+    assert!(out.contains("fail  client config"), "{out}");
+    assert!(out.contains("fix: run `larder login URL TOKEN`"), "{out}");
+}
