@@ -68,6 +68,8 @@ pub enum PushError {
     Store(#[from] LocalStoreError),
     #[error(transparent)]
     Client(#[from] ClientError),
+    #[error("not published: a path it references failed to push")]
+    DependencyFailed,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -426,9 +428,7 @@ async fn push_one(
             Err(_) => false,
         };
         if !ok {
-            return Err(PushError::Internal(
-                "not published because one of its references failed to push".into(),
-            ));
+            return Err(PushError::DependencyFailed);
         }
     }
     let refs: Vec<String> = info.references.iter().map(StorePath::to_absolute).collect();

@@ -26,7 +26,7 @@ use crate::auth::{new_token, principal, token_hash, Perm, Principal};
 use crate::config::{parse_duration, parse_size, DEFAULT_PRIORITY};
 use crate::error::ApiError;
 use crate::ingest::{ingest, truncate, Compression};
-use crate::publish::{load_cache, publish, store_upload, PathInfo};
+use crate::publish::{load_cache, publish, store_upload, PathInfo, UpstreamRef};
 use crate::{valid_cache_name, AppState};
 
 /// Most paths one `missing` query may ask about.
@@ -474,6 +474,21 @@ struct PublishReq {
     ca: Option<String>,
     #[serde(default)]
     sigs: Vec<String>,
+    /// Signed metadata of references available upstream (not pushed).
+    #[serde(default)]
+    upstream: Vec<UpstreamReq>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpstreamReq {
+    store_path: String,
+    nar_hash: String,
+    nar_size: u64,
+    #[serde(default)]
+    references: Vec<String>,
+    #[serde(default)]
+    sigs: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -497,7 +512,27 @@ async fn publish_path(
             .or_else(|_| StorePath::from_basename(s))
             .map_err(|e| ApiError::bad(format!("invalid store path: {e}")))
     };
+    let sig = |s: &String| {
+        Signature::parse(s).map_err(|e| ApiError::bad(format!("invalid signature: {e}")))
+    };
+    let upstream = req
+        .upstream
+        .iter()
+        .take(10_000)
+        .map(|u| {
+            Ok(UpstreamRef {
+                store_path: path(&u.store_path)?,
+                nar_hash: Sha256::parse(&u.nar_hash)
+                    .map_err(|e| ApiError::bad(format!("invalid nar_hash: {e}")))?,
+                nar_size: u.nar_size,
+                references: u.references.iter().map(|r| path(r)).collect::<Result<_, _>>()?,
+                // Unparsable upstream signatures simply do not count.
+                sigs: u.sigs.iter().filter_map(|s| sig(s).ok()).collect(),
+            })
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
     let info = PathInfo {
+        upstream,
         store_path: path(&req.store_path)?,
         nar_hash: Sha256::parse(&req.nar_hash)
             .map_err(|e| ApiError::bad(format!("invalid nar_hash: {e}")))?,

@@ -409,6 +409,7 @@ async fn put_narinfo(
         deriver: ni.deriver,
         ca: ni.ca,
         sigs: ni.sigs,
+        upstream: Vec::new(),
     };
     publish(&state, &cache, info, &nar, &upload_id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())

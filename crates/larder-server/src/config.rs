@@ -18,6 +18,10 @@ pub const DEFAULT_MAX_UPLOAD_SIZE: u64 = 64 << 30;
 pub const DEFAULT_GC_INTERVAL: Duration = Duration::from_secs(3600);
 /// How long an uploaded NAR waits for its narinfo before it is garbage.
 pub const PENDING_UPLOAD_TTL: Duration = Duration::from_secs(6 * 3600);
+/// Keys whose signature marks a store path as available upstream: a pushed path may reference
+/// such a path without it being in the cache (Nix substitutes it from upstream).
+pub const DEFAULT_UPSTREAM_KEYS: &[&str] =
+    &["cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="];
 /// Priority of new caches in `nix-cache-info` (cache.nixos.org is 40; lower wins).
 pub const DEFAULT_PRIORITY: i64 = 41;
 
@@ -43,6 +47,8 @@ pub struct ConfigFile {
     pub max_upload_size: Option<SizeValue>,
     /// Garbage collection interval, e.g. `1h`, `30m`, `90s`. Default: 1h.
     pub gc_interval: Option<String>,
+    /// Public keys (`name:base64`) of upstream caches. Default: cache.nixos.org's key.
+    pub upstream_keys: Option<Vec<String>>,
 }
 
 /// A size written as a number of bytes or a string like `5GiB`.
@@ -105,6 +111,7 @@ pub struct Config {
     pub compression_level: i32,
     pub max_upload_size: u64,
     pub gc_interval: Duration,
+    pub upstream_keys: Vec<larder_nix::signing::VerifyingKey>,
 }
 
 impl Config {
@@ -140,7 +147,20 @@ impl Config {
             Some(s) => parse_duration(&s)?,
             None => DEFAULT_GC_INTERVAL,
         };
+        let upstream_keys = match file.upstream_keys {
+            Some(keys) => keys,
+            None => DEFAULT_UPSTREAM_KEYS.iter().map(|k| k.to_string()).collect(),
+        }
+        .iter()
+        .map(|k| {
+            larder_nix::signing::VerifyingKey::parse(k).map_err(|_| ConfigError::Value {
+                key: "upstream_keys",
+                value: k.clone(),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
         Ok(Config {
+            upstream_keys,
             listen,
             data_dir,
             public_url,

@@ -109,6 +109,37 @@ pub struct PathInfo {
     pub deriver: Option<StorePath>,
     pub ca: Option<String>,
     pub sigs: Vec<Signature>,
+    /// Signed metadata of references that are not in the cache but upstream.
+    pub upstream: Vec<UpstreamRef>,
+}
+
+/// A reference available from an upstream cache, as the pushing client describes it.
+#[derive(Debug, Clone)]
+pub struct UpstreamRef {
+    pub store_path: StorePath,
+    pub nar_hash: Sha256,
+    pub nar_size: u64,
+    pub references: Vec<StorePath>,
+    pub sigs: Vec<Signature>,
+}
+
+/// The references of `info` whose upstream metadata carries a valid signature by a key in
+/// `keys` (basenames).
+fn verified_upstream(info: &PathInfo, keys: &[VerifyingKey]) -> Vec<String> {
+    info.upstream
+        .iter()
+        .filter(|u| info.references.contains(&u.store_path))
+        .filter(|u| {
+            let fp = larder_nix::signing::fingerprint(
+                &u.store_path,
+                &u.nar_hash,
+                u.nar_size,
+                &u.references,
+            );
+            u.sigs.iter().any(|s| keys.iter().any(|k| k.verify(&fp, s)))
+        })
+        .map(|u| u.store_path.basename())
+        .collect()
 }
 
 /// The managed signing key of a cache, if it has one.
@@ -192,6 +223,7 @@ pub async fn publish(
         ca: info.ca.clone(),
         sigs,
         nar_id: nar.id,
+        upstream_refs: verified_upstream(&info, &state.config.upstream_keys),
     };
     match state.meta.publish_path(&new, upload_id).await? {
         Publish::Conflict { existing_nar_hash } => Err(ApiError::Conflict(format!(

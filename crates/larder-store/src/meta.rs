@@ -162,6 +162,9 @@ pub struct NewPath {
     pub ca: Option<String>,
     pub sigs: Vec<String>,
     pub nar_id: i64,
+    /// References (basenames) accepted without being in the cache: their metadata carried a
+    /// valid signature by a trusted upstream key, so Nix gets them from upstream.
+    pub upstream_refs: Vec<String>,
 }
 
 /// What happened when publishing a path.
@@ -794,7 +797,9 @@ impl Metadata {
         let missing: Vec<String> = p
             .refs
             .iter()
-            .filter(|r| **r != self_basename && !present.contains(*r))
+            .filter(|r| {
+                **r != self_basename && !present.contains(*r) && !p.upstream_refs.contains(r)
+            })
             .cloned()
             .collect();
         if !missing.is_empty() {

@@ -14,6 +14,7 @@ mod doctor;
 mod env;
 mod nixconf;
 mod output;
+mod push_cmd;
 mod serve;
 mod use_cmd;
 
@@ -43,6 +44,10 @@ enum Command {
     /// Create, list and revoke access tokens (server admin).
     #[command(subcommand)]
     Token(admin::TokenCommand),
+    /// Push store paths and their closures to a cache (reads the local Nix store directly).
+    Push(push_cmd::PushArgs),
+    /// Make a signing key locally and make CACHE accept only uploads signed by it.
+    GenerateKeypair(push_cmd::KeypairArgs),
     /// Make Nix substitute from a cache: its URL in `extra-substituters`, its key in
     /// `extra-trusted-public-keys`, and for a private cache the token in a netrc (0600) that
     /// `netrc-file` points at. Idempotent. Default mode: user-nixconf
@@ -79,6 +84,8 @@ fn main() -> ExitCode {
             Command::Authtoken(args) => admin::authtoken(args).await,
             Command::Cache(cmd) => admin::cache(cmd).await,
             Command::Token(cmd) => admin::token(cmd).await,
+            Command::Push(args) => push_cmd::push(args).await,
+            Command::GenerateKeypair(args) => push_cmd::generate_keypair(args).await,
             Command::Use(args) => use_cmd::use_cache(args).await,
             Command::Remove(args) => use_cmd::remove_cache(args).await,
             Command::Doctor(args) => doctor::doctor(args).await,
