@@ -179,3 +179,28 @@ pub fn nix(args: &[&str], xdg: &Path) -> Output {
         .output()
         .expect("run nix")
 }
+
+/// Build a one-file test derivation with real Nix; returns its output path.
+pub fn build_file(name: &str, content: &str) -> String {
+    let unique = format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let expr = format!(
+        "derivation {{ name = \"{unique}\"; system = builtins.currentSystem; builder = \"/bin/sh\"; \
+         args = [\"-c\" \"echo {content} > $out\"]; }}"
+    );
+    let xdg = tempfile::tempdir().unwrap();
+    let o = Command::new("nix-build")
+        .args(["--no-out-link", "-E", &expr])
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .env("XDG_CACHE_HOME", xdg.path())
+        .output()
+        .expect("run nix-build");
+    assert!(o.status.success(), "nix-build: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout).unwrap().trim().to_owned()
+}

@@ -1,0 +1,207 @@
+//! `larder push` judged by real Nix: the oracle builds a closure, `larder push` uploads it with
+//! env-only configuration, and real Nix substitutes it into fresh stores and verifies
+//! signatures (the cache's managed key, or a client-held key from `generate-keypair`).
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn run_oracle_with_push(server: &Server, cache: &str, key: &str, push_env: &str) -> std::path::PathBuf {
+    let work = tempfile::tempdir().unwrap().keep();
+    let push_token = server.token("push", cache);
+    let cache_url = format!("{}/{cache}", server.url);
+    let env = vec![
+        ("CACHE_URL", cache_url.clone()),
+        ("TRUSTED_PUBLIC_KEY", key.to_owned()),
+        (
+            "PUSH_CMD",
+            format!(
+                "env -u LARDER_CONFIG HOME={home} LARDER_SERVER={url} LARDER_TOKEN={push_token} {push_env} {bin} push {cache} \"$TOP\"",
+                home = work.display(),
+                url = server.url,
+                bin = larder_bin(),
+            ),
+        ),
+    ];
+    let out = oracle(&["run"], &work.join("oracle"), &env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "oracle failed:\n{stderr}");
+    assert!(stderr.contains(&format!("PASS {cache_url}")), "{stderr}");
+    work
+}
+
+fn top_of(work: &std::path::Path) -> String {
+    std::fs::read_to_string(work.join("oracle/top")).unwrap().trim().to_owned()
+}
+
+fn summary(stdout: &str) -> serde_json::Value {
+    let last = stdout.lines().last().expect("json lines");
+    let v: serde_json::Value = serde_json::from_str(last).unwrap();
+    assert_eq!(v["event"], "summary", "{stdout}");
+    v
+}
+
+#[test]
+fn push_managed_cache_then_second_push_uploads_nothing() {
+    require_nix();
+    let server = Server::start();
+    let info = server.create_cache("managed", &[]);
+    let key = info["public_key"].as_str().unwrap();
+    let work = run_oracle_with_push(&server, "managed", key, "");
+    let top = top_of(&work);
+    let push = server.token("push", "managed");
+    let out = server.cli_ok(&push, &["push", "managed", &top, "--json"]);
+    let s = summary(&out);
+    assert_eq!(s["pushed"], 0, "{out}");
+    assert_eq!(s["failed"], 0);
+    assert_eq!(s["bytes"], 0);
+    assert!(s["skipped"].as_u64().unwrap() >= 20);
+    let info = server.create_cache("managed2", &[]);
+    assert_eq!(info["paths"], 0);
+    // Dry run: lists, uploads nothing.
+    let out = server.cli_ok(&push, &["push", "managed", &top, "--dry-run", "--json"]);
+    assert!(out.contains("\"dry_run\":true"), "{out}");
+    let _ = std::fs::remove_dir_all(work);
+}
+
+#[test]
+fn push_client_signed_cache_with_generated_key() {
+    require_nix();
+    let server = Server::start();
+    server.create_cache("signed", &[]);
+    // generate-keypair prints the export line; the cache then refuses unsigned uploads.
+    let out = server.cli_ok(&server.admin_token, &["generate-keypair", "signed"]);
+    let secret = out
+        .trim()
+        .strip_prefix("export LARDER_SIGNING_KEY=")
+        .expect("export line")
+        .to_owned();
+    let info: serde_json::Value =
+        serde_json::from_str(&server.cli_ok(&server.admin_token, &["cache", "info", "signed", "--json"])).unwrap();
+    assert_eq!(info["signing_mode"], "client");
+    let key = info["public_key"].as_str().unwrap().to_owned();
+    // Without the key: a clear error before anything is uploaded.
+    let p = build_file("unsigned", "x");
+    let push = server.token("push", "signed");
+    // The key is in the client config that generate-keypair wrote: that push signs.
+    let out = server.cli_ok(&push, &["push", "signed", &p, "--json"]);
+    assert_eq!(summary(&out)["pushed"], 1, "{out}");
+    // On another machine (a fresh HOME) without the key: refused before uploading.
+    let p = build_file("unsigned2", "z");
+    let home = tempfile::tempdir().unwrap();
+    let o = Command::new(larder_bin())
+        .args(["push", "signed", &p])
+        .env("LARDER_SERVER", &server.url)
+        .env("LARDER_TOKEN", &push)
+        .env("HOME", home.path())
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("LARDER_SIGNING_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("LARDER_SIGNING_KEY"), "{err}");
+    // With the key (env only), the oracle passes with the client key as the trusted key.
+    let work = run_oracle_with_push(&server, "signed", &key, &format!("LARDER_SIGNING_KEY={secret}"));
+    let _ = std::fs::remove_dir_all(work);
+}
+
+#[test]
+fn push_through_a_nix_daemon() {
+    require_nix();
+    let server = Server::start();
+    let info = server.create_cache("viadaemon", &[]);
+    let key = info["public_key"].as_str().unwrap();
+    let sockdir = tempfile::tempdir().unwrap();
+    let socket = sockdir.path().join("socket");
+    let mut daemon = Command::new("nix-daemon")
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .env("NIX_DAEMON_SOCKET_PATH", &socket)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start nix-daemon");
+    for _ in 0..100 {
+        if socket.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let env = format!("NIX_REMOTE=unix://{}", socket.display());
+    let work = run_oracle_with_push(&server, "viadaemon", key, &env);
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let _ = std::fs::remove_dir_all(work);
+}
+
+#[test]
+fn push_bad_input_fails_clearly_and_stores_nothing() {
+    require_nix();
+    let server = Server::start();
+    server.create_cache("strict", &[]);
+    let push = server.token("push", "strict");
+    let pull = server.token("pull", "strict");
+    let cases: Vec<(Vec<&str>, &str, String)> = vec![
+        (vec!["push", "strict", "/etc/passwd"], "not in the Nix store", push.clone()),
+        (vec!["push", "strict", "/nix/store/00000000000000000000000000000000-missing"], "", push.clone()),
+        (vec!["push", "nosuchcache", "/etc/passwd"], "nosuchcache", push.clone()),
+        (vec!["push", "strict", "--exclude", "("], "regex", push.clone()),
+    ];
+    for (args, needle, token) in cases {
+        let o = server.cli(&token, &args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.starts_with("error: "), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    // A token without push: 403 with a hint, nothing stored.
+    let xdg = tempfile::tempdir().unwrap();
+    let p = build_file("badinput", "y");
+    let o = server.cli(&pull, &["push", "strict", &p]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("403") && err.contains("hint:"), "{err}");
+    // An unreachable server.
+    let o = Command::new(larder_bin())
+        .args(["push", "strict", &p])
+        .env("LARDER_SERVER", "http://127.0.0.1:9")
+        .env("LARDER_TOKEN", &push)
+        .env("HOME", xdg.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot reach") && err.contains("hint:"), "{err}");
+    let info: serde_json::Value =
+        serde_json::from_str(&server.cli_ok(&server.admin_token, &["cache", "info", "strict", "--json"])).unwrap();
+    assert_eq!(info["paths"], 0);
+}
+
+#[test]
+fn corrupted_store_path_is_refused_and_nothing_is_visible() {
+    require_nix();
+    let server = Server::start();
+    server.create_cache("corrupt", &[]);
+    let push = server.token("push", "corrupt");
+    let p = build_file("tamper", "original");
+    // Tamper with the store path's contents (same size, different bytes).
+    let _ = Command::new("chmod").args(["u+w", &p]).status();
+    std::fs::write(&p, "tampered\n").unwrap();
+    let o = server.cli(&push, &["push", "corrupt", &p]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("corrupt") && err.contains("--repair-path"), "{err}");
+    let info: serde_json::Value =
+        serde_json::from_str(&server.cli_ok(&server.admin_token, &["cache", "info", "corrupt", "--json"])).unwrap();
+    assert_eq!(info["paths"], 0);
+    let hash = &p["/nix/store/".len()..][..32];
+    let o = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("{}/corrupt/{hash}.narinfo", server.url)])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "404");
+    // Clean up the tampered path so later runs are not confused by it.
+    let _ = Command::new("nix-store").env("NIX_CONFIG", NIX_CONFIG).args(["--delete", &p]).output();
+}
