@@ -166,7 +166,11 @@ impl ApiClient {
         })
     }
 
-    async fn json<T: DeserializeOwned>(&self, rb: reqwest::RequestBuilder, what: &str) -> Result<T> {
+    async fn json<T: DeserializeOwned>(
+        &self,
+        rb: reqwest::RequestBuilder,
+        what: &str,
+    ) -> Result<T> {
         let resp = self.send(rb).await?;
         resp.json().await.map_err(|source| ClientError::Decode {
             what: what.to_owned(),
@@ -175,8 +179,11 @@ impl ApiClient {
     }
 
     pub async fn whoami(&self) -> Result<WhoAmI> {
-        self.json(self.request(reqwest::Method::GET, "/api/v1/whoami"), "whoami")
-            .await
+        self.json(
+            self.request(reqwest::Method::GET, "/api/v1/whoami"),
+            "whoami",
+        )
+        .await
     }
 
     /// GET `/<cache>/nix-cache-info` (what Nix checks first).
@@ -191,8 +198,11 @@ impl ApiClient {
     }
 
     pub async fn list_caches(&self) -> Result<Vec<CacheInfo>> {
-        self.json(self.request(reqwest::Method::GET, "/api/v1/caches"), "cache list")
-            .await
+        self.json(
+            self.request(reqwest::Method::GET, "/api/v1/caches"),
+            "cache list",
+        )
+        .await
     }
 
     pub async fn cache_info(&self, name: &str) -> Result<CacheInfo> {
@@ -206,7 +216,8 @@ impl ApiClient {
     /// Create a cache. `body` holds `name`, `private`, `priority`, `compression`, `max_size`.
     pub async fn create_cache(&self, body: &Value) -> Result<CacheInfo> {
         self.json(
-            self.request(reqwest::Method::POST, "/api/v1/caches").json(body),
+            self.request(reqwest::Method::POST, "/api/v1/caches")
+                .json(body),
             "cache create",
         )
         .await
@@ -229,15 +240,19 @@ impl ApiClient {
 
     pub async fn create_token(&self, body: &Value) -> Result<TokenInfo> {
         self.json(
-            self.request(reqwest::Method::POST, "/api/v1/tokens").json(body),
+            self.request(reqwest::Method::POST, "/api/v1/tokens")
+                .json(body),
             "token create",
         )
         .await
     }
 
     pub async fn list_tokens(&self) -> Result<Vec<TokenInfo>> {
-        self.json(self.request(reqwest::Method::GET, "/api/v1/tokens"), "token list")
-            .await
+        self.json(
+            self.request(reqwest::Method::GET, "/api/v1/tokens"),
+            "token list",
+        )
+        .await
     }
 
     pub async fn revoke_token(&self, id: &str) -> Result<()> {

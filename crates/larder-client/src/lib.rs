@@ -2,7 +2,7 @@
 //! store reader and the push pipeline live here too as they arrive.
 
 pub mod api;
-pub mod push;
 pub mod local_store;
+pub mod push;
 
 pub use api::{ApiClient, ClientError};

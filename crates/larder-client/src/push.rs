@@ -193,7 +193,10 @@ pub async fn plan(
         let resp: MissingResp = client
             .send(
                 client
-                    .request(reqwest::Method::POST, &format!("/api/v1/caches/{cache}/missing"))
+                    .request(
+                        reqwest::Method::POST,
+                        &format!("/api/v1/caches/{cache}/missing"),
+                    )
                     .json(&body),
             )
             .await?
@@ -215,7 +218,10 @@ pub async fn plan(
 /// How one path ended.
 #[derive(Debug, Clone)]
 pub enum Outcome {
-    Pushed { file_size: u64, secs: f64 },
+    Pushed {
+        file_size: u64,
+        secs: f64,
+    },
     /// The server already had it (pushed concurrently by someone else).
     AlreadyPresent,
     /// Deleted from the local store after planning (e.g. by garbage collection).
@@ -298,8 +304,7 @@ pub async fn execute(
             let _permit = permit;
             observer.started(&info);
             let t0 = Instant::now();
-            let outcome =
-                push_one(&client, &cache, &info, &opts, &observer, deps, &upstream).await;
+            let outcome = push_one(&client, &cache, &info, &opts, &observer, deps, &upstream).await;
             let outcome = match outcome {
                 Ok(Some(file_size)) => Outcome::Pushed {
                     file_size,
@@ -389,9 +394,11 @@ impl From<&PathInfo> for UpstreamRef {
 fn transient(e: &PushError) -> Option<Option<Duration>> {
     match e {
         PushError::Client(ClientError::Unreachable { .. }) => Some(None),
-        PushError::Client(ClientError::Status { status, retry_after, .. })
-            if *status == 429 || (*status >= 500 && *status != 507 && *status != 501) =>
-        {
+        PushError::Client(ClientError::Status {
+            status,
+            retry_after,
+            ..
+        }) if *status == 429 || (*status >= 500 && *status != 507 && *status != 501) => {
             Some(*retry_after)
         }
         _ => None,
@@ -444,8 +451,7 @@ async fn push_one(
         sigs.retain(|s| !s.starts_with(&format!("{}:", key.name())));
         sigs.push(sig);
     }
-    let upstream_refs: Vec<&UpstreamRef> =
-        refs.iter().filter_map(|r| upstream.get(r)).collect();
+    let upstream_refs: Vec<&UpstreamRef> = refs.iter().filter_map(|r| upstream.get(r)).collect();
     let body = serde_json::json!({
         "upload_id": upload.upload_id,
         "store_path": info.path.to_absolute(),
@@ -462,7 +468,10 @@ async fn push_one(
         let r = client
             .send(
                 client
-                    .request(reqwest::Method::POST, &format!("/api/v1/caches/{cache}/paths"))
+                    .request(
+                        reqwest::Method::POST,
+                        &format!("/api/v1/caches/{cache}/paths"),
+                    )
                     .json(&body),
             )
             .await;
@@ -595,8 +604,13 @@ async fn upload_nar(
     let produced = producer
         .await
         .map_err(|e| PushError::Internal(e.to_string()))?;
-    produced?; // a local error (corrupt or vanished path) explains a failed request best
-    let resp = sent?;
+    let resp = match (produced, sent) {
+        (Ok(()), sent) => sent?,
+        // The server stopped reading (it refused the upload): its answer says why.
+        (Err(PushError::Store(LocalStoreError::Write { .. })), Err(e)) => return Err(e.into()),
+        // A local error (corrupt or vanished path) explains a failed request best.
+        (Err(e), _) => return Err(e),
+    };
     resp.json()
         .await
         .map_err(|e| PushError::Internal(format!("bad answer to the NAR upload: {e}")))

@@ -525,7 +525,11 @@ async fn publish_path(
                 nar_hash: Sha256::parse(&u.nar_hash)
                     .map_err(|e| ApiError::bad(format!("invalid nar_hash: {e}")))?,
                 nar_size: u.nar_size,
-                references: u.references.iter().map(|r| path(r)).collect::<Result<_, _>>()?,
+                references: u
+                    .references
+                    .iter()
+                    .map(|r| path(r))
+                    .collect::<Result<_, _>>()?,
                 // Unparsable upstream signatures simply do not count.
                 sigs: u.sigs.iter().filter_map(|s| sig(s).ok()).collect(),
             })

@@ -149,7 +149,10 @@ impl Config {
         };
         let upstream_keys = match file.upstream_keys {
             Some(keys) => keys,
-            None => DEFAULT_UPSTREAM_KEYS.iter().map(|k| k.to_string()).collect(),
+            None => DEFAULT_UPSTREAM_KEYS
+                .iter()
+                .map(|k| k.to_string())
+                .collect(),
         }
         .iter()
         .map(|k| {

@@ -23,6 +23,15 @@ pub const NARINFO_TTL: Duration = Duration::from_secs(5);
 const NARINFO_CAPACITY: usize = 100_000;
 const SETTINGS_CAPACITY: usize = 10_000;
 
+/// A narinfo key without allocating: the 32-character hash part as bytes.
+fn key(hash: &str) -> [u8; 32] {
+    let mut k = [0u8; 32];
+    for (d, s) in k.iter_mut().zip(hash.bytes()) {
+        *d = s;
+    }
+    k
+}
+
 #[derive(Clone)]
 struct Timed<T> {
     at: Instant,
@@ -35,7 +44,7 @@ fn fresh<T: Clone>(t: Option<Timed<T>>, ttl: Duration) -> Option<T> {
 
 pub struct HotCache {
     caches: Cache<String, Timed<Arc<CacheRow>>>,
-    narinfos: Cache<(i64, String), Timed<Arc<str>>>,
+    narinfos: Cache<(i64, [u8; 32]), Timed<Arc<str>>>,
     tokens: Cache<String, Timed<Grant>>,
 }
 
@@ -68,11 +77,11 @@ impl HotCache {
     }
 
     pub fn narinfo(&self, cache_id: i64, hash: &str) -> Option<Arc<str>> {
-        fresh(self.narinfos.get(&(cache_id, hash.to_owned())), NARINFO_TTL)
+        fresh(self.narinfos.get(&(cache_id, key(hash))), NARINFO_TTL)
     }
     pub fn put_narinfo(&self, cache_id: i64, hash: &str, text: Arc<str>) {
         self.narinfos.insert(
-            (cache_id, hash.to_owned()),
+            (cache_id, key(hash)),
             Timed {
                 at: Instant::now(),
                 value: text,
@@ -80,7 +89,7 @@ impl HotCache {
         );
     }
     pub fn forget_narinfo(&self, cache_id: i64, hash: &str) {
-        self.narinfos.remove(&(cache_id, hash.to_owned()));
+        self.narinfos.remove(&(cache_id, key(hash)));
     }
 
     pub fn token(&self, secret_hash: &str) -> Option<Grant> {

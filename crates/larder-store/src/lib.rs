@@ -11,7 +11,7 @@
 pub mod meta;
 pub mod objects;
 
-pub use meta::{Metadata, MetaError};
+pub use meta::{MetaError, Metadata};
 pub use objects::{ObjectBody, ObjectError, ObjectStore};
 
 /// Seconds since the Unix epoch, the unit of every timestamp in the metadata.

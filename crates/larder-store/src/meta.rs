@@ -174,7 +174,9 @@ pub enum Publish {
     /// The same store path with the same NAR was already there (idempotent re-upload).
     AlreadyPresent,
     /// The store path exists with a different NAR hash (given here); nothing was changed.
-    Conflict { existing_nar_hash: String },
+    Conflict {
+        existing_nar_hash: String,
+    },
     /// These references (basenames) are not published in the cache; nothing was stored.
     MissingReferences(Vec<String>),
 }
@@ -397,7 +399,10 @@ impl Metadata {
             .await?;
         }
         let sql = format!("SELECT {CACHE_COLS} FROM caches WHERE name = $1");
-        let row = sqlx::query(&sql).bind(name).fetch_optional(&mut *tx).await?;
+        let row = sqlx::query(&sql)
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?;
         tx.commit().await?;
         row.as_ref().map(cache_from_row).transpose()
     }
@@ -480,7 +485,10 @@ impl Metadata {
 
     pub async fn get_token(&self, id: &str) -> Result<Option<TokenRow>> {
         let sql = format!("SELECT {TOKEN_COLS} FROM tokens WHERE id = $1");
-        let row = sqlx::query(&sql).bind(id).fetch_optional(&self.pool).await?;
+        let row = sqlx::query(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
         row.as_ref().map(token_from_row).transpose()
     }
 
@@ -492,13 +500,12 @@ impl Metadata {
 
     /// Revoke a token; returns false if no unrevoked token has this id.
     pub async fn revoke_token(&self, id: &str) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
-        )
-        .bind(now_unix())
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
+        let done =
+            sqlx::query("UPDATE tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
+                .bind(now_unix())
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -583,14 +590,12 @@ impl Metadata {
                 .bind(now)
                 .execute(&mut *tx)
                 .await?;
-                sqlx::query(
-                    "INSERT INTO nar_chunks (nar_id, seq, chunk_hash) VALUES ($1, $2, $3)",
-                )
-                .bind(nar_id)
-                .bind(seq as i64)
-                .bind(&chunk.chunk_hash)
-                .execute(&mut *tx)
-                .await?;
+                sqlx::query("INSERT INTO nar_chunks (nar_id, seq, chunk_hash) VALUES ($1, $2, $3)")
+                    .bind(nar_id)
+                    .bind(seq as i64)
+                    .bind(&chunk.chunk_hash)
+                    .execute(&mut *tx)
+                    .await?;
             }
         }
         let linked = sqlx::query(
@@ -612,13 +617,13 @@ impl Metadata {
                 value: nar.file_hash.clone(),
             });
         }
-        let row = self
-            .upload_nar(cache_id, upload_id)
-            .await?
-            .ok_or_else(|| MetaError::Corrupt {
-                field: "uploads.id",
-                value: upload_id.to_owned(),
-            })?;
+        let row =
+            self.upload_nar(cache_id, upload_id)
+                .await?
+                .ok_or_else(|| MetaError::Corrupt {
+                    field: "uploads.id",
+                    value: upload_id.to_owned(),
+                })?;
         Ok((row, inserted))
     }
 
@@ -637,7 +642,11 @@ impl Metadata {
     }
 
     /// The pending upload that Nix's uploader stored under `nar/<key>`.
-    pub async fn upload_by_key(&self, cache_id: i64, key: &str) -> Result<Option<(String, NarRow)>> {
+    pub async fn upload_by_key(
+        &self,
+        cache_id: i64,
+        key: &str,
+    ) -> Result<Option<(String, NarRow)>> {
         let sql = format!(
             "SELECT u.id AS upload_id, {NAR_COLS} FROM uploads u JOIN nars n ON n.id = u.nar_id \
              WHERE u.cache_id = $1 AND u.key = $2 ORDER BY u.created_at DESC"
@@ -817,7 +826,13 @@ impl Metadata {
 
     // ---- build logs ---------------------------------------------------------------------
 
-    pub async fn put_log(&self, cache_id: i64, drv: &str, object_key: &str, size: i64) -> Result<()> {
+    pub async fn put_log(
+        &self,
+        cache_id: i64,
+        drv: &str,
+        object_key: &str,
+        size: i64,
+    ) -> Result<()> {
         sqlx::query(
             "INSERT INTO logs (cache_id, drv, object_key, size, created_at) \
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT (cache_id, drv) DO UPDATE \

@@ -77,7 +77,11 @@ impl ObjectStore {
     }
 
     /// Stream an object, or `range` of it (clamped by the caller to the object's length).
-    pub async fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<ObjectBody, ObjectError> {
+    pub async fn get(
+        &self,
+        key: &str,
+        range: Option<Range<u64>>,
+    ) -> Result<ObjectBody, ObjectError> {
         match self {
             ObjectStore::Fs(fs) => fs.get(key, range).await,
         }
@@ -104,7 +108,9 @@ fn check_key(key: &str) -> Result<(), ObjectError> {
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"/._-".contains(&b))
         && !key.starts_with('/')
-        && key.split('/').all(|seg| !seg.is_empty() && seg != "." && seg != "..");
+        && key
+            .split('/')
+            .all(|seg| !seg.is_empty() && seg != "." && seg != "..");
     if ok {
         Ok(())
     } else {

@@ -105,13 +105,8 @@ pub async fn authtoken(args: AuthtokenArgs) -> anyhow::Result<()> {
                     "run `larder login URL TOKEN` first (or set LARDER_SERVER)",
                 )
             })?;
-            cfg.servers.insert(
-                "default".into(),
-                ServerEntry {
-                    url,
-                    token: None,
-                },
-            );
+            cfg.servers
+                .insert("default".into(), ServerEntry { url, token: None });
             cfg.default_server = Some("default".into());
             "default".into()
         }
@@ -248,13 +243,19 @@ pub async fn cache(cmd: CacheCommand) -> anyhow::Result<()> {
             }
         }
         CacheCommand::List { json } => {
-            let caches = connect(None)?.list_caches().await.context("cannot list caches")?;
+            let caches = connect(None)?
+                .list_caches()
+                .await
+                .context("cannot list caches")?;
             if json {
                 print_json(&caches)?;
             } else if caches.is_empty() {
                 eprintln!("no caches (create one with `larder cache create NAME`)");
             } else {
-                let mut out = format!("{:<24} {:<8} {:>8} {:>12}  {}\n", "NAME", "ACCESS", "PATHS", "SIZE", "URL");
+                let mut out = format!(
+                    "{:<24} {:<8} {:>8} {:>12}  {}\n",
+                    "NAME", "ACCESS", "PATHS", "SIZE", "URL"
+                );
                 for c in &caches {
                     out.push_str(&format!(
                         "{:<24} {:<8} {:>8} {:>12}  {}\n",
@@ -327,7 +328,9 @@ pub async fn cache(cmd: CacheCommand) -> anyhow::Result<()> {
             if !yes {
                 return Err(fail_with_hint(
                     format!("not deleting cache {:?} without confirmation", t.cache),
-                    format!("this deletes every path in it; run `larder cache delete {cache} --yes`"),
+                    format!(
+                        "this deletes every path in it; run `larder cache delete {cache} --yes`"
+                    ),
                 ));
             }
             t.client
@@ -411,7 +414,11 @@ pub async fn token(cmd: TokenCommand) -> anyhow::Result<()> {
             server,
         } => {
             let client = connect(server.as_deref())?;
-            let caches = if caches.is_empty() { None } else { Some(caches) };
+            let caches = if caches.is_empty() {
+                None
+            } else {
+                Some(caches)
+            };
             let t: TokenInfo = client
                 .create_token(&json!({
                     "perms": perms, "caches": caches, "expires_in": expires,
@@ -427,7 +434,10 @@ pub async fn token(cmd: TokenCommand) -> anyhow::Result<()> {
                     "created token {} ({} on {}); it is shown only once",
                     t.id,
                     t.perms.join("+"),
-                    t.caches.as_ref().map(|c| c.join(", ")).unwrap_or_else(|| "all caches".into())
+                    t.caches
+                        .as_ref()
+                        .map(|c| c.join(", "))
+                        .unwrap_or_else(|| "all caches".into())
                 );
             }
         }
@@ -449,9 +459,16 @@ pub async fn token(cmd: TokenCommand) -> anyhow::Result<()> {
                         t.id,
                         t.label,
                         t.perms.join("+"),
-                        t.caches.as_ref().map(|c| c.join(",")).unwrap_or_else(|| "*".into()),
+                        t.caches
+                            .as_ref()
+                            .map(|c| c.join(","))
+                            .unwrap_or_else(|| "*".into()),
                         fmt_time(t.expires_at),
-                        if t.revoked_at.is_some() { "revoked" } else { "active" }
+                        if t.revoked_at.is_some() {
+                            "revoked"
+                        } else {
+                            "active"
+                        }
                     ));
                 }
                 print(&out)?;

@@ -115,7 +115,12 @@ pub fn connect(server: Option<&str>) -> anyhow::Result<ApiClient> {
     };
     let entry = cfg.servers.get(&name).ok_or_else(|| {
         fail_with_hint(
-            format!("no server named {name:?} in {}", config_path().map(|p| p.display().to_string()).unwrap_or_default()),
+            format!(
+                "no server named {name:?} in {}",
+                config_path()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            ),
             format!("run `larder login URL TOKEN --name {name}`"),
         )
     })?;

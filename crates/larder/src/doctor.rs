@@ -55,7 +55,13 @@ impl Report {
     fn fail(&mut self, check: &'static str, detail: impl Into<String>, fix: impl Into<String>) {
         self.push(check, Status::Fail, detail, Some(fix.into()));
     }
-    fn push(&mut self, check: &'static str, status: Status, detail: impl Into<String>, fix: Option<String>) {
+    fn push(
+        &mut self,
+        check: &'static str,
+        status: Status,
+        detail: impl Into<String>,
+        fix: Option<String>,
+    ) {
         self.0.push(Check {
             check,
             status,
@@ -76,7 +82,10 @@ fn nix_version() -> Result<String, String> {
 /// Nix's effective settings (`nix show-config --json`, `nix config show --json` on newer Nix).
 fn nix_settings() -> Result<Value, String> {
     let mut last = String::new();
-    for sub in [&["show-config", "--json"][..], &["config", "show", "--json"][..]] {
+    for sub in [
+        &["show-config", "--json"][..],
+        &["config", "show", "--json"][..],
+    ] {
         match Command::new("nix")
             .args(["--extra-experimental-features", "nix-command"])
             .args(sub)
@@ -95,9 +104,16 @@ fn nix_settings() -> Result<Value, String> {
 
 /// A setting's value as a list (`{"value": [...]}`, or a space-separated string).
 fn setting_list(settings: &Value, name: &str) -> Vec<String> {
-    let v = settings.get(name).and_then(|s| s.get("value")).unwrap_or(&Value::Null);
+    let v = settings
+        .get(name)
+        .and_then(|s| s.get("value"))
+        .unwrap_or(&Value::Null);
     match v {
-        Value::Array(a) => a.iter().filter_map(Value::as_str).map(str::to_owned).collect(),
+        Value::Array(a) => a
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect(),
         Value::String(s) => s.split_whitespace().map(str::to_owned).collect(),
         _ => Vec::new(),
     }
@@ -188,7 +204,11 @@ async fn run_checks(cache_arg: Option<&str>) -> Report {
                 };
                 r.ok(
                     "token",
-                    format!("{:?}: {} on {scope}", w.label.clone().unwrap_or_default(), w.perms.join("+")),
+                    format!(
+                        "{:?}: {} on {scope}",
+                        w.label.clone().unwrap_or_default(),
+                        w.perms.join("+")
+                    ),
                 );
             } else {
                 r.warn(
@@ -198,7 +218,11 @@ async fn run_checks(cache_arg: Option<&str>) -> Report {
                 );
             }
         }
-        Err(ClientError::Status { status: 401, message, .. }) => {
+        Err(ClientError::Status {
+            status: 401,
+            message,
+            ..
+        }) => {
             r.ok("server", format!("{} answers", client.base_url()));
             r.fail(
                 "token",
@@ -260,7 +284,10 @@ async fn run_checks(cache_arg: Option<&str>) -> Report {
 
     if info.private {
         let can_pull = who.as_ref().is_ok_and(|w| {
-            !w.perms.is_empty() && w.caches.as_ref().is_none_or(|c| c.iter().any(|x| x == cache))
+            !w.perms.is_empty()
+                && w.caches
+                    .as_ref()
+                    .is_none_or(|c| c.iter().any(|x| x == cache))
         });
         if can_pull {
             r.ok("pull", format!("the token can pull from {cache}"));
@@ -278,7 +305,11 @@ async fn run_checks(cache_arg: Option<&str>) -> Report {
     let settings = match (&nix, nix_settings()) {
         (Ok(_), Ok(s)) => Some(s),
         (Ok(_), Err(e)) => {
-            r.fail("nix config", format!("cannot read Nix's settings: {e}"), "check nix.conf syntax with `nix show-config`");
+            r.fail(
+                "nix config",
+                format!("cannot read Nix's settings: {e}"),
+                "check nix.conf syntax with `nix show-config`",
+            );
             None
         }
         (Err(_), _) => None,
@@ -286,16 +317,30 @@ async fn run_checks(cache_arg: Option<&str>) -> Report {
     if let Some(s) = &settings {
         let subs = setting_list(s, "substituters");
         if subs.iter().any(|v| same_value(v, &info.url)) {
-            r.ok("substituters", format!("{} is in Nix's substituters", info.url));
+            r.ok(
+                "substituters",
+                format!("{} is in Nix's substituters", info.url),
+            );
         } else {
             r.fail(
                 "substituters",
-                format!("{} is not in Nix's substituters ({})", info.url, subs.join(" ")),
-                format!("`{use_fix}` (or add `extra-substituters = {}` to nix.conf)", info.url),
+                format!(
+                    "{} is not in Nix's substituters ({})",
+                    info.url,
+                    subs.join(" ")
+                ),
+                format!(
+                    "`{use_fix}` (or add `extra-substituters = {}` to nix.conf)",
+                    info.url
+                ),
             );
         }
         match &key {
-            Some(k) if setting_list(s, "trusted-public-keys").iter().any(|v| v == k) => {
+            Some(k)
+                if setting_list(s, "trusted-public-keys")
+                    .iter()
+                    .any(|v| v == k) =>
+            {
                 r.ok("trusted-public-keys", format!("{k} is trusted"))
             }
             Some(k) => r.fail(
@@ -312,9 +357,13 @@ async fn run_checks(cache_arg: Option<&str>) -> Report {
     }
 
     let trust = nixconf::decide_trust(&nixconf::probe_trust(), &info.url, key.as_deref());
-    let advice = || nixconf::untrusted_advice(cache_arg.unwrap_or(cache), &info.url, key.as_deref());
+    let advice =
+        || nixconf::untrusted_advice(cache_arg.unwrap_or(cache), &info.url, key.as_deref());
     match trust {
-        Trust::SingleUser => r.ok("trusted user", "single-user install: Nix uses your nix.conf"),
+        Trust::SingleUser => r.ok(
+            "trusted user",
+            "single-user install: Nix uses your nix.conf",
+        ),
         Trust::Root => r.ok("trusted user", "root"),
         Trust::TrustedUser(e) => r.ok("trusted user", format!("in trusted-users ({e})")),
         Trust::TrustedSubstituter { key_trusted: true } => r.ok(
@@ -337,13 +386,27 @@ async fn run_checks(cache_arg: Option<&str>) -> Report {
     }
 
     if info.private {
-        check_netrc(&mut r, settings.as_ref(), &info.url, client.token(), &use_fix);
+        check_netrc(
+            &mut r,
+            settings.as_ref(),
+            &info.url,
+            client.token(),
+            &use_fix,
+        );
     }
     r
 }
 
-fn check_netrc(r: &mut Report, settings: Option<&Value>, url: &str, token: Option<&str>, use_fix: &str) {
-    let Some(host) = nixconf::url_host(url) else { return };
+fn check_netrc(
+    r: &mut Report,
+    settings: Option<&Value>,
+    url: &str,
+    token: Option<&str>,
+    use_fix: &str,
+) {
+    let Some(host) = nixconf::url_host(url) else {
+        return;
+    };
     let netrc = settings
         .and_then(|s| setting_str(s, "netrc-file"))
         .unwrap_or_else(|| "/etc/nix/netrc".to_owned());

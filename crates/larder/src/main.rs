@@ -24,7 +24,12 @@ mod use_cmd;
 /// Quick start on the server: `larder serve`, then `larder login http://HOST:8080
 /// $(cat ~/.local/share/larder/admin-token)` and `larder cache create NAME`.
 #[derive(Parser)]
-#[command(name = "larder", version, propagate_version = true, max_term_width = 100)]
+#[command(
+    name = "larder",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -70,7 +75,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let is_serve = matches!(cli.command, Command::Serve(_));
     output::init_tracing(is_serve);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -37,7 +37,10 @@ struct Line {
 #[derive(Debug, PartialEq, Eq)]
 enum Parsed<'a> {
     Blank,
-    Include { path: &'a str, ignore_missing: bool },
+    Include {
+        path: &'a str,
+        ignore_missing: bool,
+    },
     /// `name = v1 v2 …`: `values` are byte spans of the value tokens within the line.
     Setting {
         name: &'a str,
@@ -252,9 +255,10 @@ impl NixConf {
             let line = &mut self.lines[i];
             if let Parsed::Setting { values, end, .. } = parse_line(&line.text) {
                 // After the last value (or after `=`), before any trailing blanks and comment.
-                let at = values.last().map(|&(_, e)| e).unwrap_or_else(|| {
-                    line.text[..end].find('=').map(|p| p + 1).unwrap_or(end)
-                });
+                let at = values
+                    .last()
+                    .map(|&(_, e)| e)
+                    .unwrap_or_else(|| line.text[..end].find('=').map(|p| p + 1).unwrap_or(end));
                 line.text.insert_str(at, &format!(" {value}"));
                 return true;
             }
@@ -424,7 +428,11 @@ pub fn netrc_upsert(text: &str, host: &str, login: &str, password: &str) -> Opti
         }
         Some(e) => Some(format!("{}{line}{}", &text[..e.start], &text[e.end..])),
         None => {
-            let sep = if text.is_empty() || text.ends_with('\n') { "" } else { "\n" };
+            let sep = if text.is_empty() || text.ends_with('\n') {
+                ""
+            } else {
+                "\n"
+            };
             Some(format!("{text}{sep}{line}\n"))
         }
     }
@@ -456,7 +464,8 @@ pub fn user_matches(entries: &[String], user: &str, groups: &[String]) -> Option
         .find(|e| {
             e.as_str() == "*"
                 || e.as_str() == user
-                || e.strip_prefix('@').is_some_and(|g| groups.iter().any(|x| x == g))
+                || e.strip_prefix('@')
+                    .is_some_and(|g| groups.iter().any(|x| x == g))
         })
         .cloned()
 }
@@ -471,9 +480,13 @@ pub enum Trust {
     TrustedUser(String),
     /// The URL is in the daemon's `trusted-substituters`; `key_trusted` says whether the daemon
     /// also trusts the cache's key (untrusted users cannot add keys).
-    TrustedSubstituter { key_trusted: bool },
+    TrustedSubstituter {
+        key_trusted: bool,
+    },
     /// The daemon ignores this user's extra substituters.
-    Untrusted { user: String },
+    Untrusted {
+        user: String,
+    },
 }
 
 impl Trust {
@@ -612,7 +625,12 @@ mod tests {
     }
 
     fn subs(c: &NixConf) -> Vec<String> {
-        c.list("substituters", vec!["https://cache.nixos.org".into()], Path::new("/"), &no_includes)
+        c.list(
+            "substituters",
+            vec!["https://cache.nixos.org".into()],
+            Path::new("/"),
+            &no_includes,
+        )
     }
 
     fn use_(text: &str) -> String {
@@ -636,7 +654,13 @@ mod tests {
 
     #[test]
     fn parse_render_is_byte_exact() {
-        for t in ["", "\n", "a = b", "a = b\n\n# c\r\n  x  =  y   # z\n", "garbage line\n"] {
+        for t in [
+            "",
+            "\n",
+            "a = b",
+            "a = b\n\n# c\r\n  x  =  y   # z\n",
+            "garbage line\n",
+        ] {
             assert_eq!(NixConf::parse(t).render(), t);
         }
     }
@@ -644,14 +668,18 @@ mod tests {
     #[test]
     fn add_to_empty_file_then_idempotent_then_remove() {
         let once = use_("");
-        assert_eq!(once, format!("extra-substituters = {URL}\nextra-trusted-public-keys = {KEY}\n"));
+        assert_eq!(
+            once,
+            format!("extra-substituters = {URL}\nextra-trusted-public-keys = {KEY}\n")
+        );
         assert_eq!(use_(&once), once, "second use changes nothing");
         assert_eq!(remove(&once), "");
     }
 
     #[test]
     fn preserves_comments_and_unrelated_lines() {
-        let orig = "# my config\nsubstituters = https://cache.nixos.org  # official\n\nmax-jobs = 4\n";
+        let orig =
+            "# my config\nsubstituters = https://cache.nixos.org  # official\n\nmax-jobs = 4\n";
         let once = use_(orig);
         assert!(once.starts_with(orig), "{once}");
         assert!(once.contains(&format!("extra-substituters = {URL}\n")));
@@ -679,14 +707,20 @@ mod tests {
         let c = NixConf::parse(&orig);
         assert!(subs(&c).iter().any(|v| same_value(v, URL)));
         // Already there (with a trailing slash): nothing added.
-        assert_eq!(use_(&orig), format!("{orig}extra-trusted-public-keys = {KEY}\n"));
+        assert_eq!(
+            use_(&orig),
+            format!("{orig}extra-trusted-public-keys = {KEY}\n")
+        );
         // remove keeps the plain line and its other values.
         assert_eq!(
             remove(&orig),
             "substituters = https://cache.nixos.org https://x\n"
         );
         // A plain line left empty stays (it means "no substituters").
-        assert_eq!(remove(&format!("substituters = {URL}\n")), "substituters =\n");
+        assert_eq!(
+            remove(&format!("substituters = {URL}\n")),
+            "substituters =\n"
+        );
     }
 
     #[test]
@@ -697,22 +731,32 @@ mod tests {
         assert!(!subs(&c).iter().any(|v| same_value(v, URL)));
         let once = use_(&orig);
         // Not appended to the overridden line: a new extra- line at the end.
-        assert!(once.ends_with(&format!("extra-substituters = {URL}\nextra-trusted-public-keys = {KEY}\n")));
+        assert!(once.ends_with(&format!(
+            "extra-substituters = {URL}\nextra-trusted-public-keys = {KEY}\n"
+        )));
         assert_eq!(use_(&once), once);
     }
 
     #[test]
     fn old_names_are_aliases() {
-        let orig = format!("binary-caches = https://cache.nixos.org {URL}\nbinary-cache-public-keys = {KEY}\n");
+        let orig = format!(
+            "binary-caches = https://cache.nixos.org {URL}\nbinary-cache-public-keys = {KEY}\n"
+        );
         assert_eq!(use_(&orig), orig);
-        assert_eq!(remove(&orig), "binary-caches = https://cache.nixos.org\nbinary-cache-public-keys =\n");
+        assert_eq!(
+            remove(&orig),
+            "binary-caches = https://cache.nixos.org\nbinary-cache-public-keys =\n"
+        );
     }
 
     #[test]
     fn no_final_newline_round_trips() {
         let orig = "max-jobs = 4";
         let once = use_(orig);
-        assert_eq!(once, format!("max-jobs = 4\nextra-substituters = {URL}\nextra-trusted-public-keys = {KEY}"));
+        assert_eq!(
+            once,
+            format!("max-jobs = 4\nextra-substituters = {URL}\nextra-trusted-public-keys = {KEY}")
+        );
         assert_eq!(use_(&once), once);
         assert_eq!(remove(&once), orig);
     }
@@ -720,9 +764,18 @@ mod tests {
     #[test]
     fn include_lines_are_kept_and_followed_for_presence() {
         let files: HashMap<PathBuf, String> = [
-            (PathBuf::from("/etc/nix/caches.conf"), format!("extra-substituters = {URL}\n")),
-            (PathBuf::from("/etc/nix/sub/deeper.conf"), format!("extra-trusted-public-keys = {KEY}\n")),
-            (PathBuf::from("/etc/nix/sub.conf"), "include sub/deeper.conf\n".to_owned()),
+            (
+                PathBuf::from("/etc/nix/caches.conf"),
+                format!("extra-substituters = {URL}\n"),
+            ),
+            (
+                PathBuf::from("/etc/nix/sub/deeper.conf"),
+                format!("extra-trusted-public-keys = {KEY}\n"),
+            ),
+            (
+                PathBuf::from("/etc/nix/sub.conf"),
+                "include sub/deeper.conf\n".to_owned(),
+            ),
         ]
         .into_iter()
         .collect();
@@ -740,7 +793,10 @@ mod tests {
         assert!(!c2.add_value("trusted-public-keys", KEY, true));
         assert_eq!(c2.render(), orig);
         // Without following includes the lines stay and the values go at the end.
-        assert_eq!(use_(orig), format!("{orig}extra-substituters = {URL}\nextra-trusted-public-keys = {KEY}\n"));
+        assert_eq!(
+            use_(orig),
+            format!("{orig}extra-substituters = {URL}\nextra-trusted-public-keys = {KEY}\n")
+        );
         assert_eq!(remove(&use_(orig)), orig);
     }
 
@@ -755,7 +811,10 @@ mod tests {
         let mut c = NixConf::parse("# x\n");
         assert!(c.set_if_absent("netrc-file", "/home/u/.config/larder/netrc"));
         assert!(!c.set_if_absent("netrc-file", "/other"));
-        assert_eq!(c.single("netrc-file").as_deref(), Some("/home/u/.config/larder/netrc"));
+        assert_eq!(
+            c.single("netrc-file").as_deref(),
+            Some("/home/u/.config/larder/netrc")
+        );
         assert!(c.remove_setting("netrc-file", "/home/u/.config/larder/netrc"));
         assert_eq!(c.render(), "# x\n");
     }
@@ -767,25 +826,46 @@ mod tests {
         assert_eq!(netrc_upsert(&t, "shoshin", "larder", "tok1"), None);
         let other = "machine github.com\n  login me\n  password gh\n";
         let both = netrc_upsert(other, "shoshin", "larder", "tok1").unwrap();
-        assert_eq!(both, format!("{other}machine shoshin login larder password tok1\n"));
+        assert_eq!(
+            both,
+            format!("{other}machine shoshin login larder password tok1\n")
+        );
         let updated = netrc_upsert(&both, "shoshin", "larder", "tok2").unwrap();
         assert!(updated.ends_with("password tok2\n") && updated.starts_with(other));
         let e = netrc_lookup(&updated, "github.com").unwrap();
-        assert_eq!((e.login.as_deref(), e.password.as_deref()), (Some("me"), Some("gh")));
+        assert_eq!(
+            (e.login.as_deref(), e.password.as_deref()),
+            (Some("me"), Some("gh"))
+        );
         assert_eq!(netrc_remove(&updated, "shoshin").unwrap(), other);
         assert_eq!(netrc_remove(&t, "shoshin").unwrap(), "");
         assert_eq!(netrc_remove(other, "shoshin"), None);
         // Multi-line entry replaced in place, the rest untouched.
-        let m = netrc_upsert("machine shoshin\n login a\n password b\nmachine x login y password z\n", "shoshin", "larder", "t").unwrap();
-        assert_eq!(m, "machine shoshin login larder password t\nmachine x login y password z\n");
+        let m = netrc_upsert(
+            "machine shoshin\n login a\n password b\nmachine x login y password z\n",
+            "shoshin",
+            "larder",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(
+            m,
+            "machine shoshin login larder password t\nmachine x login y password z\n"
+        );
         // No final newline.
-        assert_eq!(netrc_upsert("machine x login y password z", "h", "l", "p").unwrap(), "machine x login y password z\nmachine h login l password p\n");
+        assert_eq!(
+            netrc_upsert("machine x login y password z", "h", "l", "p").unwrap(),
+            "machine x login y password z\nmachine h login l password p\n"
+        );
     }
 
     #[test]
     fn hosts() {
         assert_eq!(url_host("http://127.0.0.1:8080/c"), Some("127.0.0.1"));
-        assert_eq!(url_host("https://u:p@cache.example.org/c?x"), Some("cache.example.org"));
+        assert_eq!(
+            url_host("https://u:p@cache.example.org/c?x"),
+            Some("cache.example.org")
+        );
         assert_eq!(url_host("http://[::1]:80/c"), Some("::1"));
         assert_eq!(url_host("nope"), None);
     }
@@ -805,18 +885,64 @@ mod tests {
     #[test]
     fn trust_decisions() {
         let t = inputs();
-        assert_eq!(decide_trust(&t, URL, Some(KEY)), Trust::Untrusted { user: "alice".into() });
-        assert_eq!(decide_trust(&TrustInputs { multi_user: false, ..t.clone() }, URL, None), Trust::SingleUser);
-        assert_eq!(decide_trust(&TrustInputs { uid: Some(0), ..t.clone() }, URL, None), Trust::Root);
-        let g = TrustInputs { trusted_users: vec!["root".into(), "@wheel".into()], ..t.clone() };
-        assert_eq!(decide_trust(&g, URL, None), Trust::TrustedUser("@wheel".into()));
-        let other_group = TrustInputs { trusted_users: vec!["@admin".into()], ..t.clone() };
+        assert_eq!(
+            decide_trust(&t, URL, Some(KEY)),
+            Trust::Untrusted {
+                user: "alice".into()
+            }
+        );
+        assert_eq!(
+            decide_trust(
+                &TrustInputs {
+                    multi_user: false,
+                    ..t.clone()
+                },
+                URL,
+                None
+            ),
+            Trust::SingleUser
+        );
+        assert_eq!(
+            decide_trust(
+                &TrustInputs {
+                    uid: Some(0),
+                    ..t.clone()
+                },
+                URL,
+                None
+            ),
+            Trust::Root
+        );
+        let g = TrustInputs {
+            trusted_users: vec!["root".into(), "@wheel".into()],
+            ..t.clone()
+        };
+        assert_eq!(
+            decide_trust(&g, URL, None),
+            Trust::TrustedUser("@wheel".into())
+        );
+        let other_group = TrustInputs {
+            trusted_users: vec!["@admin".into()],
+            ..t.clone()
+        };
         assert!(!decide_trust(&other_group, URL, None).works());
-        let star = TrustInputs { trusted_users: vec!["*".into()], ..t.clone() };
+        let star = TrustInputs {
+            trusted_users: vec!["*".into()],
+            ..t.clone()
+        };
         assert!(decide_trust(&star, URL, None).works());
-        let ts = TrustInputs { trusted_substituters: vec![format!("{URL}/")], ..t.clone() };
-        assert_eq!(decide_trust(&ts, URL, Some(KEY)), Trust::TrustedSubstituter { key_trusted: false });
-        let tsk = TrustInputs { trusted_public_keys: vec![KEY.into()], ..ts };
+        let ts = TrustInputs {
+            trusted_substituters: vec![format!("{URL}/")],
+            ..t.clone()
+        };
+        assert_eq!(
+            decide_trust(&ts, URL, Some(KEY)),
+            Trust::TrustedSubstituter { key_trusted: false }
+        );
+        let tsk = TrustInputs {
+            trusted_public_keys: vec![KEY.into()],
+            ..ts
+        };
         assert!(decide_trust(&tsk, URL, Some(KEY)).works());
     }
 }

@@ -124,7 +124,10 @@ impl Observer for Display {
         }
     }
     fn retrying(&self, path: &PathInfo, error: &str, attempt: u32) {
-        self.line(format!("retrying {} (attempt {attempt}): {error}", path.path));
+        self.line(format!(
+            "retrying {} (attempt {attempt}): {error}",
+            path.path
+        ));
     }
     fn finished(&self, path: &PathInfo, outcome: &Outcome) {
         let p = path.path.to_absolute();
@@ -133,8 +136,12 @@ impl Observer for Display {
                 Outcome::Pushed { file_size, secs } => serde_json::json!({
                     "event": "pushed", "path": p, "nar_size": path.nar_size,
                     "file_size": file_size, "seconds": secs }),
-                Outcome::AlreadyPresent => serde_json::json!({"event": "skipped", "path": p, "reason": "already in cache"}),
-                Outcome::Vanished => serde_json::json!({"event": "skipped", "path": p, "reason": "vanished from the local store"}),
+                Outcome::AlreadyPresent => {
+                    serde_json::json!({"event": "skipped", "path": p, "reason": "already in cache"})
+                }
+                Outcome::Vanished => {
+                    serde_json::json!({"event": "skipped", "path": p, "reason": "vanished from the local store"})
+                }
                 Outcome::Failed(e) => serde_json::json!({"event": "failed", "path": p, "error": e}),
             };
             self.json(v);
@@ -162,9 +169,9 @@ pub async fn push(args: PushArgs) -> anyhow::Result<()> {
         .cache_info(&t.cache)
         .await
         .with_context(|| format!("cannot use cache {:?}", t.cache))?;
-    let compression = match args.compression.as_deref().unwrap_or(&cache.compression) {
-        s => Compression::parse(s).ok_or_else(|| anyhow::anyhow!("unknown compression {s:?}"))?,
-    };
+    let requested = args.compression.as_deref().unwrap_or(&cache.compression);
+    let compression = Compression::parse(requested)
+        .ok_or_else(|| anyhow::anyhow!("unknown compression {requested:?}"))?;
     let level = args.level.unwrap_or(match compression {
         Compression::Xz => 6,
         _ => 3,
@@ -204,7 +211,10 @@ pub async fn push(args: PushArgs) -> anyhow::Result<()> {
         args.paths.clone()
     };
     if raw.is_empty() {
-        return Err(fail_with_hint("no store paths given", "pass at least one store path"));
+        return Err(fail_with_hint(
+            "no store paths given",
+            "pass at least one store path",
+        ));
     }
     let mut roots: Vec<StorePath> = Vec::new();
     for a in &raw {
@@ -224,16 +234,24 @@ pub async fn push(args: PushArgs) -> anyhow::Result<()> {
         "{} already in the cache, {} signed by an upstream key{}, {} excluded",
         plan.present,
         plan.upstream.len(),
-        if plan.upstream.is_empty() || args.include_upstream { "" } else { " (--include-upstream pushes them)" },
+        if plan.upstream.is_empty() || args.include_upstream {
+            ""
+        } else {
+            " (--include-upstream pushes them)"
+        },
         plan.excluded
     );
     if args.json {
-        print(&(serde_json::json!({
-            "event": "plan", "paths": plan.total, "to_push": plan.paths.len(),
-            "nar_bytes": plan.nar_bytes(), "present": plan.present,
-            "upstream": plan.upstream.len(), "excluded": plan.excluded,
-            "dry_run": args.dry_run,
-        }).to_string() + "\n"))?;
+        print(
+            &(serde_json::json!({
+                "event": "plan", "paths": plan.total, "to_push": plan.paths.len(),
+                "nar_bytes": plan.nar_bytes(), "present": plan.present,
+                "upstream": plan.upstream.len(), "excluded": plan.excluded,
+                "dry_run": args.dry_run,
+            })
+            .to_string()
+                + "\n"),
+        )?;
     } else {
         eprintln!(
             "{} paths: {} to push ({} NAR), {summary_skips}",
@@ -279,13 +297,21 @@ pub async fn push(args: PushArgs) -> anyhow::Result<()> {
         bar.finish_and_clear();
     }
     if args.json {
-        print(&(serde_json::json!({
-            "event": "summary", "pushed": summary.pushed, "skipped": summary.skipped,
-            "failed": summary.failed, "bytes": summary.bytes, "file_bytes": summary.file_bytes,
-            "seconds": summary.seconds,
-        }).to_string() + "\n"))?;
+        print(
+            &(serde_json::json!({
+                "event": "summary", "pushed": summary.pushed, "skipped": summary.skipped,
+                "failed": summary.failed, "bytes": summary.bytes, "file_bytes": summary.file_bytes,
+                "seconds": summary.seconds,
+            })
+            .to_string()
+                + "\n"),
+        )?;
     } else {
-        let rate = if summary.seconds > 0.0 { summary.bytes as f64 / summary.seconds } else { 0.0 };
+        let rate = if summary.seconds > 0.0 {
+            summary.bytes as f64 / summary.seconds
+        } else {
+            0.0
+        };
         eprintln!(
             "pushed {} paths ({} NAR, {} uploaded) in {:.1}s ({}/s); skipped {} ({summary_skips}); failed {}",
             summary.pushed,
@@ -299,7 +325,11 @@ pub async fn push(args: PushArgs) -> anyhow::Result<()> {
     }
     if summary.failed > 0 {
         return Err(fail_with_hint(
-            format!("{} of {} paths failed to push", summary.failed, plan.paths.len()),
+            format!(
+                "{} of {} paths failed to push",
+                summary.failed,
+                plan.paths.len()
+            ),
             "the errors above say why; pushing again uploads only what is still missing",
         ));
     }
@@ -343,8 +373,10 @@ pub async fn generate_keypair(args: KeypairArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot register the public key with cache {:?}", t.cache))?;
     let mut cfg = ClientConfig::load()?;
-    cfg.signing_keys
-        .insert(key_slot(t.client.base_url(), &t.cache), key.to_secret_string());
+    cfg.signing_keys.insert(
+        key_slot(t.client.base_url(), &t.cache),
+        key.to_secret_string(),
+    );
     let path = cfg.save()?;
     eprintln!(
         "cache {:?} now requires uploads signed by {public}\nthe secret key is in {} (mode 0600); \
@@ -353,5 +385,8 @@ pub async fn generate_keypair(args: KeypairArgs) -> anyhow::Result<()> {
         path.display(),
         args.cache
     );
-    print(&format!("export LARDER_SIGNING_KEY={}\n", key.to_secret_string()))
+    print(&format!(
+        "export LARDER_SIGNING_KEY={}\n",
+        key.to_secret_string()
+    ))
 }

@@ -49,7 +49,8 @@ fn default_data_dir() -> anyhow::Result<PathBuf> {
     if let Some(x) = env::var("XDG_DATA_HOME") {
         return Ok(PathBuf::from(x).join("larder"));
     }
-    let home = env::var("HOME").context("neither XDG_DATA_HOME nor HOME is set; pass --data DIR")?;
+    let home =
+        env::var("HOME").context("neither XDG_DATA_HOME nor HOME is set; pass --data DIR")?;
     Ok(PathBuf::from(home).join(".local/share/larder"))
 }
 
@@ -62,7 +63,16 @@ fn resolve_config(args: ServeArgs) -> anyhow::Result<(ConfigFile, PathBuf)> {
     macro_rules! over {
         ($($field:ident),*) => { $( if args.$field.is_some() { file.$field = args.$field; } )* };
     }
-    over!(listen, data_dir, public_url, database, storage, compression, compression_level, gc_interval);
+    over!(
+        listen,
+        data_dir,
+        public_url,
+        database,
+        storage,
+        compression,
+        compression_level,
+        gc_interval
+    );
     if let Some(s) = args.max_upload_size {
         file.max_upload_size = Some(SizeValue::Text(s));
     }

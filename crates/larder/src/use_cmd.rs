@@ -162,7 +162,10 @@ fn write_atomic(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.larder-tmp"));
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::OpenOptions::new()
@@ -334,6 +337,9 @@ fn write_netrc_entry(f: &Facts, netrc: &Path) -> anyhow::Result<()> {
 
 fn warn_if_untrusted(f: &Facts) {
     let trust = nixconf::decide_trust(&nixconf::probe_trust(), &f.url, f.key.as_deref());
+    if trust.works() {
+        return;
+    }
     match trust {
         Trust::Untrusted { user } => eprintln!(
             "warning: Nix runs through nix-daemon here and {user:?} is not in `trusted-users`, \
@@ -460,7 +466,7 @@ fn remove_nixconf(f: &Facts, mode: Mode) -> anyhow::Result<()> {
         return Ok(());
     };
     let mut conf = NixConf::parse(&original);
-    conf.remove_value("substituters", &f.url);
+    let removed = conf.remove_value("substituters", &f.url);
     if let Some(key) = &f.key {
         conf.remove_value("trusted-public-keys", key);
     }
@@ -478,11 +484,12 @@ fn remove_nixconf(f: &Facts, mode: Mode) -> anyhow::Result<()> {
                 .join(", ")
         );
     }
-    // The netrc entry serves every cache of the host: keep it while one is still configured.
+    // The netrc entry serves every cache of the host: keep it while one is still configured,
+    // and leave it alone when this file did not configure the cache (another mode did).
     let host_still_used = remaining
         .iter()
         .any(|v| nixconf::url_host(v) == Some(f.host.as_str()));
-    if !host_still_used {
+    if removed && !host_still_used {
         let netrc = match conf.single("netrc-file") {
             Some(p) => PathBuf::from(p),
             None => default_netrc(mode)?,
@@ -493,7 +500,11 @@ fn remove_nixconf(f: &Facts, mode: Mode) -> anyhow::Result<()> {
     }
     let text = conf.render();
     if text == original {
-        eprintln!("{} is not configured in {}; nothing changed", f.url, path.display());
+        eprintln!(
+            "{} is not configured in {}; nothing changed",
+            f.url,
+            path.display()
+        );
     } else {
         write_atomic(&real, &text, file_mode(&real))?;
         eprintln!("removed {} from {}", f.url, path.display());
@@ -516,8 +527,13 @@ fn remove_netrc_entry(f: &Facts, netrc: &Path) -> anyhow::Result<bool> {
         return Ok(false);
     };
     if new.trim().is_empty() {
-        std::fs::remove_file(netrc).with_context(|| format!("cannot remove {}", netrc.display()))?;
-        eprintln!("removed {} (it held only {}'s token)", netrc.display(), f.host);
+        std::fs::remove_file(netrc)
+            .with_context(|| format!("cannot remove {}", netrc.display()))?;
+        eprintln!(
+            "removed {} (it held only {}'s token)",
+            netrc.display(),
+            f.host
+        );
         Ok(true)
     } else {
         write_atomic(netrc, &new, 0o600)?;
@@ -540,6 +556,20 @@ fn remove_nixos(f: &Facts, folder: &Path) -> anyhow::Result<()> {
         }
         Err(e) => return Err(e).with_context(|| format!("cannot remove {}", path.display())),
     }
-    remove_netrc_entry(f, &default_netrc(Mode::Nixos)?)?;
+    // Another larder module of the same host still needs the netrc entry.
+    let host_still_used = std::fs::read_dir(folder)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n.starts_with("larder-") && n.ends_with(".nix")
+        })
+        .filter_map(|e| nixconf::read_optional(&e.path()))
+        .any(|text| text.contains(&format!("://{}", f.host)));
+    if !host_still_used {
+        remove_netrc_entry(f, &default_netrc(Mode::Nixos)?)?;
+    }
     Ok(())
 }

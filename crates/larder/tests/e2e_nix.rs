@@ -3,6 +3,8 @@
 //! fresh stores, checks NARs byte for byte, signatures by the cache's managed key, and that a
 //! wrong key is rejected.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly on any unexpected error
+
 mod common;
 
 use common::*;
@@ -36,7 +38,10 @@ fn oracle_with_nix_copy(private: bool) {
         let pull = server.token("pull", name);
         env.push((
             "NETRC_FILE",
-            server.netrc(work.path(), "pull.netrc", &pull).display().to_string(),
+            server
+                .netrc(work.path(), "pull.netrc", &pull)
+                .display()
+                .to_string(),
         ));
     }
     let out = oracle(&["run"], &work.path().join("oracle"), &env);
@@ -48,8 +53,14 @@ fn oracle_with_nix_copy(private: bool) {
         // Anonymous Nix cannot read the private cache's narinfos, but nix-cache-info stays open.
         let top = std::fs::read_to_string(work.path().join("oracle/top")).unwrap();
         let xdg = tempfile::tempdir().unwrap();
-        let o = nix(&["path-info", "--store", &cache_url, top.trim()], xdg.path());
-        assert!(!o.status.success(), "anonymous read of a private cache succeeded");
+        let o = nix(
+            &["path-info", "--store", &cache_url, top.trim()],
+            xdg.path(),
+        );
+        assert!(
+            !o.status.success(),
+            "anonymous read of a private cache succeeded"
+        );
         let o = nix(&["store", "ping", "--store", &cache_url], xdg.path());
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }

@@ -2,13 +2,20 @@
 //! env-only configuration, and real Nix substitutes it into fresh stores and verifies
 //! signatures (the cache's managed key, or a client-held key from `generate-keypair`).
 
+#![allow(clippy::unwrap_used)] // tests fail loudly on any unexpected error
+
 mod common;
 
 use std::process::Command;
 
 use common::*;
 
-fn run_oracle_with_push(server: &Server, cache: &str, key: &str, push_env: &str) -> std::path::PathBuf {
+fn run_oracle_with_push(
+    server: &Server,
+    cache: &str,
+    key: &str,
+    push_env: &str,
+) -> std::path::PathBuf {
     let work = tempfile::tempdir().unwrap().keep();
     let push_token = server.token("push", cache);
     let cache_url = format!("{}/{cache}", server.url);
@@ -33,7 +40,10 @@ fn run_oracle_with_push(server: &Server, cache: &str, key: &str, push_env: &str)
 }
 
 fn top_of(work: &std::path::Path) -> String {
-    std::fs::read_to_string(work.join("oracle/top")).unwrap().trim().to_owned()
+    std::fs::read_to_string(work.join("oracle/top"))
+        .unwrap()
+        .trim()
+        .to_owned()
 }
 
 fn summary(stdout: &str) -> serde_json::Value {
@@ -78,8 +88,10 @@ fn push_client_signed_cache_with_generated_key() {
         .strip_prefix("export LARDER_SIGNING_KEY=")
         .expect("export line")
         .to_owned();
-    let info: serde_json::Value =
-        serde_json::from_str(&server.cli_ok(&server.admin_token, &["cache", "info", "signed", "--json"])).unwrap();
+    let info: serde_json::Value = serde_json::from_str(
+        &server.cli_ok(&server.admin_token, &["cache", "info", "signed", "--json"]),
+    )
+    .unwrap();
     assert_eq!(info["signing_mode"], "client");
     let key = info["public_key"].as_str().unwrap().to_owned();
     // Without the key: a clear error before anything is uploaded.
@@ -104,7 +116,12 @@ fn push_client_signed_cache_with_generated_key() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("LARDER_SIGNING_KEY"), "{err}");
     // With the key (env only), the oracle passes with the client key as the trusted key.
-    let work = run_oracle_with_push(&server, "signed", &key, &format!("LARDER_SIGNING_KEY={secret}"));
+    let work = run_oracle_with_push(
+        &server,
+        "signed",
+        &key,
+        &format!("LARDER_SIGNING_KEY={secret}"),
+    );
     let _ = std::fs::remove_dir_all(work);
 }
 
@@ -144,10 +161,30 @@ fn push_bad_input_fails_clearly_and_stores_nothing() {
     let push = server.token("push", "strict");
     let pull = server.token("pull", "strict");
     let cases: Vec<(Vec<&str>, &str, String)> = vec![
-        (vec!["push", "strict", "/etc/passwd"], "not in the Nix store", push.clone()),
-        (vec!["push", "strict", "/nix/store/00000000000000000000000000000000-missing"], "", push.clone()),
-        (vec!["push", "nosuchcache", "/etc/passwd"], "nosuchcache", push.clone()),
-        (vec!["push", "strict", "--exclude", "("], "regex", push.clone()),
+        (
+            vec!["push", "strict", "/etc/passwd"],
+            "not in the Nix store",
+            push.clone(),
+        ),
+        (
+            vec![
+                "push",
+                "strict",
+                "/nix/store/00000000000000000000000000000000-missing",
+            ],
+            "",
+            push.clone(),
+        ),
+        (
+            vec!["push", "nosuchcache", "/etc/passwd"],
+            "nosuchcache",
+            push.clone(),
+        ),
+        (
+            vec!["push", "strict", "--exclude", "("],
+            "regex",
+            push.clone(),
+        ),
     ];
     for (args, needle, token) in cases {
         let o = server.cli(&token, &args);
@@ -173,9 +210,14 @@ fn push_bad_input_fails_clearly_and_stores_nothing() {
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(err.contains("cannot reach") && err.contains("hint:"), "{err}");
-    let info: serde_json::Value =
-        serde_json::from_str(&server.cli_ok(&server.admin_token, &["cache", "info", "strict", "--json"])).unwrap();
+    assert!(
+        err.contains("cannot reach") && err.contains("hint:"),
+        "{err}"
+    );
+    let info: serde_json::Value = serde_json::from_str(
+        &server.cli_ok(&server.admin_token, &["cache", "info", "strict", "--json"]),
+    )
+    .unwrap();
     assert_eq!(info["paths"], 0);
 }
 
@@ -192,16 +234,31 @@ fn corrupted_store_path_is_refused_and_nothing_is_visible() {
     let o = server.cli(&push, &["push", "corrupt", &p]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(err.contains("corrupt") && err.contains("--repair-path"), "{err}");
-    let info: serde_json::Value =
-        serde_json::from_str(&server.cli_ok(&server.admin_token, &["cache", "info", "corrupt", "--json"])).unwrap();
+    assert!(
+        err.contains("corrupt") && err.contains("--repair-path"),
+        "{err}"
+    );
+    let info: serde_json::Value = serde_json::from_str(
+        &server.cli_ok(&server.admin_token, &["cache", "info", "corrupt", "--json"]),
+    )
+    .unwrap();
     assert_eq!(info["paths"], 0);
     let hash = &p["/nix/store/".len()..][..32];
     let o = Command::new("curl")
-        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("{}/corrupt/{hash}.narinfo", server.url)])
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("{}/corrupt/{hash}.narinfo", server.url),
+        ])
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&o.stdout), "404");
     // Clean up the tampered path so later runs are not confused by it.
-    let _ = Command::new("nix-store").env("NIX_CONFIG", NIX_CONFIG).args(["--delete", &p]).output();
+    let _ = Command::new("nix-store")
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .args(["--delete", &p])
+        .output();
 }

@@ -3,6 +3,8 @@
 //! cache must be readable by Nix through the netrc `use` wrote, and `doctor` must agree.
 //! Everything lives in a temporary home; the host's nix.conf is never touched.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
@@ -11,9 +13,11 @@ use std::process::{Command, Output};
 
 use common::*;
 
-/// Settings every Nix call here needs (root without build users), without `substituters` so
-/// the user nix.conf under test decides them.
-const NIX_ENV_CONFIG: &str = "build-users-group =\nexperimental-features = nix-command";
+/// Settings every Nix call here needs (root without build users; no narinfo disk cache, so
+/// each lookup reaches the server), without `substituters` so the user nix.conf under test
+/// decides them.
+const NIX_ENV_CONFIG: &str = "build-users-group =\nexperimental-features = nix-command\n\
+    narinfo-cache-positive-ttl = 0\nnarinfo-cache-negative-ttl = 0";
 
 struct Home {
     dir: tempfile::TempDir,
@@ -118,7 +122,11 @@ fn use_public_cache_then_remove() {
     assert!(out.contains("fix: `larder use public`"), "{out}");
     assert!(out.contains("ok    nix "), "{out}");
 
-    home.larder_ok(&server, &token, &["use", "public", "--mode", "user-nixconf"]);
+    home.larder_ok(
+        &server,
+        &token,
+        &["use", "public", "--mode", "user-nixconf"],
+    );
     let written = std::fs::read_to_string(home.nix_conf()).unwrap();
     assert!(written.starts_with("# my own settings\n"), "{written}");
     assert!(written.contains("max-jobs = 2\n"), "{written}");
@@ -127,28 +135,55 @@ fn use_public_cache_then_remove() {
     let cfg = home.show_config();
     let subs = setting(&cfg, "substituters");
     assert!(subs.contains(&url.as_str()), "{subs:?}");
-    assert!(subs.contains(&"https://nix-community.cachix.org"), "{subs:?}");
+    assert!(
+        subs.contains(&"https://nix-community.cachix.org"),
+        "{subs:?}"
+    );
     assert!(subs.contains(&"https://cache.nixos.org/"), "{subs:?}");
-    assert!(setting(&cfg, "trusted-public-keys").contains(&key.as_str()), "{cfg}");
+    assert!(
+        setting(&cfg, "trusted-public-keys").contains(&key.as_str()),
+        "{cfg}"
+    );
     assert_eq!(setting(&cfg, "max-jobs"), vec!["2"]);
 
     // A second `use` changes nothing, byte for byte.
-    home.larder_ok(&server, &token, &["use", "public", "--mode", "user-nixconf"]);
+    home.larder_ok(
+        &server,
+        &token,
+        &["use", "public", "--mode", "user-nixconf"],
+    );
     assert_eq!(std::fs::read_to_string(home.nix_conf()).unwrap(), written);
 
     // doctor agrees now; --json gives the same checks.
     let out = home.larder_ok(&server, &token, &["doctor", "public"]);
     assert!(!out.contains("fail"), "{out}");
     let json: serde_json::Value =
-        serde_json::from_str(&home.larder_ok(&server, &token, &["doctor", "public", "--json"])).unwrap();
+        serde_json::from_str(&home.larder_ok(&server, &token, &["doctor", "public", "--json"]))
+            .unwrap();
     let checks = json.as_array().unwrap();
-    for name in ["nix", "server", "token", "cache", "nix-cache-info", "substituters", "trusted-public-keys", "trusted user"] {
-        let c = checks.iter().find(|c| c["check"] == name).unwrap_or_else(|| panic!("no {name}: {json}"));
+    for name in [
+        "nix",
+        "server",
+        "token",
+        "cache",
+        "nix-cache-info",
+        "substituters",
+        "trusted-public-keys",
+        "trusted user",
+    ] {
+        let c = checks
+            .iter()
+            .find(|c| c["check"] == name)
+            .unwrap_or_else(|| panic!("no {name}: {json}"));
         assert_eq!(c["status"], "ok", "{c}");
     }
 
     // remove gives back the original file exactly, and Nix no longer lists the cache.
-    home.larder_ok(&server, &token, &["remove", "public", "--mode", "user-nixconf"]);
+    home.larder_ok(
+        &server,
+        &token,
+        &["remove", "public", "--mode", "user-nixconf"],
+    );
     assert_eq!(std::fs::read_to_string(home.nix_conf()).unwrap(), original);
     let cfg = home.show_config();
     assert!(!setting(&cfg, "substituters").contains(&url.as_str()));
@@ -165,17 +200,31 @@ fn use_private_cache_writes_netrc_that_nix_reads() {
     let token = server.token("push", "secret");
     let home = Home::new();
 
-    home.larder_ok(&server, &token, &["use", "secret", "--mode", "user-nixconf"]);
+    home.larder_ok(
+        &server,
+        &token,
+        &["use", "secret", "--mode", "user-nixconf"],
+    );
     let conf = std::fs::read_to_string(home.nix_conf()).unwrap();
     let netrc = home.netrc();
-    assert!(conf.contains(&format!("netrc-file = {}\n", netrc.display())), "{conf}");
+    assert!(
+        conf.contains(&format!("netrc-file = {}\n", netrc.display())),
+        "{conf}"
+    );
     let text = std::fs::read_to_string(&netrc).unwrap();
-    assert_eq!(text, format!("machine 127.0.0.1 login larder password {token}\n"));
+    assert_eq!(
+        text,
+        format!("machine 127.0.0.1 login larder password {token}\n")
+    );
     let mode = std::fs::metadata(&netrc).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "netrc mode {mode:o}");
 
     // Idempotent for both files.
-    home.larder_ok(&server, &token, &["use", "secret", "--mode", "user-nixconf"]);
+    home.larder_ok(
+        &server,
+        &token,
+        &["use", "secret", "--mode", "user-nixconf"],
+    );
     assert_eq!(std::fs::read_to_string(home.nix_conf()).unwrap(), conf);
     assert_eq!(std::fs::read_to_string(&netrc).unwrap(), text);
 
@@ -193,21 +242,36 @@ fn use_private_cache_writes_netrc_that_nix_reads() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let path = String::from_utf8(o.stdout).unwrap().trim().to_owned();
     let o = home.nix(&["copy", "--to", &url, &path]);
-    assert!(o.status.success(), "nix copy: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "nix copy: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let o = home.nix(&["path-info", "--store", &url, &path]);
-    assert!(o.status.success(), "nix path-info: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "nix path-info: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 
     let out = home.larder_ok(&server, &token, &["doctor", "secret"]);
     assert!(out.contains("ok    netrc"), "{out}");
     assert!(out.contains("ok    pull"), "{out}");
 
     // remove: nix.conf back to nothing, the netrc (which held only this token) gone.
-    home.larder_ok(&server, &token, &["remove", "secret", "--mode", "user-nixconf"]);
+    home.larder_ok(
+        &server,
+        &token,
+        &["remove", "secret", "--mode", "user-nixconf"],
+    );
     assert_eq!(std::fs::read_to_string(home.nix_conf()).unwrap(), "");
     assert!(!netrc.exists());
     // Without the netrc Nix cannot read the private cache any more.
     let o = home.nix(&["path-info", "--store", &url, &path]);
-    assert!(!o.status.success(), "anonymous read of a private cache succeeded");
+    assert!(
+        !o.status.success(),
+        "anonymous read of a private cache succeeded"
+    );
     let o = home.larder(&server, &token, &["doctor", "secret"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stdout(&o).contains("fail  netrc"), "{}", stdout(&o));
@@ -221,11 +285,23 @@ fn print_mode_writes_nothing_and_shows_the_flake_block() {
     let key = info["public_key"].as_str().unwrap();
     let url = format!("{}/printed", server.url);
     let home = Home::new();
-    let out = home.larder_ok(&server, &server.admin_token, &["use", "printed", "--mode", "print"]);
-    assert!(out.contains(&format!("extra-substituters = {url}\n")), "{out}");
-    assert!(out.contains(&format!("extra-trusted-public-keys = {key}\n")), "{out}");
+    let out = home.larder_ok(
+        &server,
+        &server.admin_token,
+        &["use", "printed", "--mode", "print"],
+    );
     assert!(
-        out.contains(&format!("--option extra-substituters {url} --option extra-trusted-public-keys {key}")),
+        out.contains(&format!("extra-substituters = {url}\n")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("extra-trusted-public-keys = {key}\n")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "--option extra-substituters {url} --option extra-trusted-public-keys {key}"
+        )),
         "{out}"
     );
     assert!(
@@ -246,14 +322,25 @@ fn nixos_mode_writes_a_module_nix_can_evaluate() {
     let url = format!("{}/nixos", server.url);
     let home = Home::new();
     let folder = home.path().join("etc-nixos");
-    let args = ["use", "nixos", "--mode", "nixos", "--nixos-folder", folder.to_str().unwrap()];
+    let args = [
+        "use",
+        "nixos",
+        "--mode",
+        "nixos",
+        "--nixos-folder",
+        folder.to_str().unwrap(),
+    ];
     let o = home.larder(&server, &server.admin_token, &args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("imports = [ ./larder-nixos.nix ];"));
     let module = folder.join("larder-nixos.nix");
     let text = std::fs::read_to_string(&module).unwrap();
     home.larder_ok(&server, &server.admin_token, &args);
-    assert_eq!(std::fs::read_to_string(&module).unwrap(), text, "second use is a no-op");
+    assert_eq!(
+        std::fs::read_to_string(&module).unwrap(),
+        text,
+        "second use is a no-op"
+    );
 
     let o = Command::new("nix-instantiate")
         .args(["--eval", "--strict", "--json", "-E"])
@@ -266,7 +353,14 @@ fn nixos_mode_writes_a_module_nix_can_evaluate() {
     assert_eq!(v["substituters"], serde_json::json!([url]));
     assert_eq!(v["trusted-public-keys"], serde_json::json!([key]));
 
-    let rm = ["remove", "nixos", "--mode", "nixos", "--nixos-folder", folder.to_str().unwrap()];
+    let rm = [
+        "remove",
+        "nixos",
+        "--mode",
+        "nixos",
+        "--nixos-folder",
+        folder.to_str().unwrap(),
+    ];
     home.larder_ok(&server, &server.admin_token, &rm);
     assert!(!module.exists());
 }
@@ -275,7 +369,9 @@ fn nixos_mode_writes_a_module_nix_can_evaluate() {
 fn doctor_without_server_fails_with_a_fix() {
     let home = Home::new();
     let mut cmd = Command::new(larder_bin());
-    cmd.args(["doctor"]).env_remove("LARDER_SERVER").env_remove("LARDER_TOKEN");
+    cmd.args(["doctor"])
+        .env_remove("LARDER_SERVER")
+        .env_remove("LARDER_TOKEN");
     home.env(&mut cmd);
     let o = cmd.output().unwrap();
     assert_eq!(o.status.code(), Some(1));

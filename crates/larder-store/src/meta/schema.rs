@@ -99,7 +99,11 @@ pub(super) async fn migrate(pool: &AnyPool, engine: Engine) -> Result<(), MetaEr
         .await?;
     let current = current.unwrap_or(0) as usize;
     for (i, migration) in MIGRATIONS.iter().enumerate().skip(current) {
-        for stmt in migration.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+        for stmt in migration
+            .split(';')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
             sqlx::query(&stmt.replace("{ID}", id))
                 .execute(&mut *tx)
                 .await?;

@@ -1,14 +1,15 @@
 //! Shared harness of the end-to-end tests: a real `larder serve` process on a free loopback
 //! port with its own data directory, the `larder` CLI run against it with env-only
 //! configuration, and real Nix (which these tests require: a missing `nix` fails them).
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-pub const NIX_CONFIG: &str = "build-users-group =\nexperimental-features = nix-command\nsubstituters =";
+pub const NIX_CONFIG: &str =
+    "build-users-group =\nexperimental-features = nix-command\nsubstituters =";
 
 pub fn larder_bin() -> &'static str {
     env!("CARGO_BIN_EXE_larder")
@@ -125,7 +126,9 @@ impl Server {
     pub fn token(&self, perm: &str, cache: &str) -> String {
         self.cli_ok(
             &self.admin_token,
-            &["token", "create", "--perm", perm, "--cache", cache, "--label", "test"],
+            &[
+                "token", "create", "--perm", perm, "--cache", cache, "--label", "test",
+            ],
         )
         .trim()
         .to_owned()
@@ -134,7 +137,11 @@ impl Server {
     /// A netrc file granting `token` on this server (what Nix reads).
     pub fn netrc(&self, dir: &Path, name: &str, token: &str) -> PathBuf {
         let p = dir.join(name);
-        std::fs::write(&p, format!("machine 127.0.0.1 login larder password {token}\n")).unwrap();
+        std::fs::write(
+            &p,
+            format!("machine 127.0.0.1 login larder password {token}\n"),
+        )
+        .unwrap();
         p
     }
 
@@ -201,6 +208,10 @@ pub fn build_file(name: &str, content: &str) -> String {
         .env("XDG_CACHE_HOME", xdg.path())
         .output()
         .expect("run nix-build");
-    assert!(o.status.success(), "nix-build: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "nix-build: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8(o.stdout).unwrap().trim().to_owned()
 }
