@@ -46,7 +46,10 @@ check() { # the pushed closure is complete on the server
   XDG_CACHE_HOME=$(mktemp -d "$WORK/xdg.XXXX") nix path-info --store "$1" -r "$TOP" | wc -l
 }
 
-start_server larder; T_LARDER=$(timed env LARDER_SERVER=$URL LARDER_TOKEN=$PUSH "$BIN" push bench "$TOP")
+start_server larder; SERVER_PID=${PIDS[-1]}
+T_LARDER=$(timed /usr/bin/time -f %M -o "$WORK/client-rss" env LARDER_SERVER=$URL LARDER_TOKEN=$PUSH "$BIN" push bench "$TOP")
+CLIENT_RSS_MIB=$(( $(cat "$WORK/client-rss") / 1024 ))
+SERVER_RSS_MIB=$(( $(awk '/VmHWM/ {print $2}' /proc/$SERVER_PID/status) / 1024 ))
 [ "$(check "$URL/bench")" = "$N" ] || { echo "larder push: incomplete" >&2; exit 1; }
 if [ "${SKIP_XZ:-0}" != 1 ]; then
   start_server nixxz; T_NIXXZ=$(timed env XDG_CACHE_HOME=$WORK/x1 nix copy --option netrc-file "$WORK/nixxz/netrc" --to "$URL/bench" "$TOP")
@@ -56,6 +59,7 @@ start_server nixzstd; T_NIXZSTD=$(timed env XDG_CACHE_HOME=$WORK/x2 nix copy --o
 [ "$(check "$URL/bench")" = "$N" ] || { echo "nix copy (zstd): incomplete" >&2; exit 1; }
 T_FILE=$(timed env XDG_CACHE_HOME=$WORK/x3 nix copy --to "file://$WORK/filecache?compression=zstd" "$TOP")
 
+echo "peak RSS during larder push: client $CLIENT_RSS_MIB MiB, server $SERVER_RSS_MIB MiB"
 python3 - "$N" "$NAR_MIB" "$T_LARDER" "$T_NIXXZ" "$T_NIXZSTD" "$T_FILE" <<'PY'
 import sys, math
 n, mib, l, xz, zs, f = sys.argv[1], float(sys.argv[2]), *map(float, sys.argv[3:])
