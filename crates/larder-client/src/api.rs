@@ -64,6 +64,9 @@ pub struct CacheInfo {
     pub size: i64,
     pub nar_size: i64,
     pub paths: i64,
+    /// Whether `size` has passed 85 % of `max_size` (older servers: absent, false).
+    #[serde(default)]
+    pub near_limit: bool,
     pub nix_conf: String,
 }
 

@@ -4,5 +4,6 @@
 pub mod api;
 pub mod local_store;
 pub mod push;
+pub mod queue;
 
 pub use api::{ApiClient, ClientError};

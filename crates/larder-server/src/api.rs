@@ -29,6 +29,8 @@ use crate::ingest::{ingest, truncate, Compression};
 use crate::publish::{load_cache, publish, store_upload, PathInfo, UpstreamRef};
 use crate::{valid_cache_name, AppState};
 
+mod retention;
+
 /// Most paths one `missing` query may ask about.
 const MAX_MISSING_QUERY: usize = 100_000;
 
@@ -44,6 +46,15 @@ pub fn routes() -> Router<AppState> {
         .route("/caches/{cache}/nars", post(upload_nar))
         .route("/caches/{cache}/paths", post(publish_path))
         .route("/caches/{cache}/public-key", post(register_public_key))
+        .route("/caches/{cache}/gc", post(retention::gc))
+        .route(
+            "/caches/{cache}/pins",
+            get(retention::list_pins).post(retention::create_pin),
+        )
+        .route(
+            "/caches/{cache}/pins/{pin}",
+            axum::routing::delete(retention::delete_pin),
+        )
         .route("/tokens", get(list_tokens).post(create_token))
         .route("/tokens/{id}", axum::routing::delete(revoke_token))
         .fallback(|| async { ApiError::not_found("no such API endpoint") })
@@ -117,6 +128,8 @@ pub struct CacheJson {
     pub size: i64,
     pub nar_size: i64,
     pub paths: i64,
+    /// Whether `size` has passed 85 % of `max_size`.
+    pub near_limit: bool,
     pub nix_conf: String,
 }
 
@@ -137,6 +150,7 @@ async fn cache_json(state: &AppState, c: &CacheRow) -> Result<CacheJson, ApiErro
         size: stats.size,
         nar_size: stats.nar_size,
         paths: stats.paths,
+        near_limit: crate::retention::over_warning(c, stats.size),
     })
 }
 

@@ -121,6 +121,7 @@ async fn get_file(
                 text
             }
         };
+        state.retention.usage.narinfo(cache.id, hash);
         let body = Body::from(bytes::Bytes::from_owner(ArcStr(text)));
         return Ok(([(header::CONTENT_TYPE, "text/x-nix-narinfo")], body).into_response());
     }
@@ -285,10 +286,11 @@ async fn get_nar(
     let (file_hash, compression) = Compression::parse_nar_file_name(&file)?;
     let nar = state
         .meta
-        .cache_nar_by_file_hash(cache.id, &file_hash.to_nix32())
+        .servable_nar_by_file_hash(cache.id, &file_hash.to_nix32(), evicted_since(&state))
         .await?
         .filter(|n| n.compression == compression.as_str())
         .ok_or_else(|| ApiError::not_found("no such NAR in this cache"))?;
+    state.retention.usage.nar(cache.id, nar.id);
     let len = nar.file_size as u64;
     let range = match parse_range(&headers, len) {
         Ok(r) => r,
@@ -385,20 +387,29 @@ async fn put_narinfo(
     let (upload_id, nar) = match state.meta.upload_by_key(cache.id, key).await? {
         Some(found) => found,
         None => {
-            // Nix skips the NAR upload when the file already exists in this cache.
+            // Nix skips the NAR upload when the file already exists in this cache (which
+            // includes the NAR of a recently evicted path). A pending upload row keeps that
+            // NAR from garbage collection until the path is published.
             let (file_hash, _) = Compression::parse_nar_file_name(key)?;
+            let not_uploaded = || {
+                ApiError::bad(format!(
+                    "narinfo names {} but that NAR was not uploaded to cache {:?}",
+                    truncate(&ni.url),
+                    cache.name
+                ))
+            };
             let nar = state
                 .meta
-                .cache_nar_by_file_hash(cache.id, &file_hash.to_nix32())
+                .servable_nar_by_file_hash(cache.id, &file_hash.to_nix32(), evicted_since(&state))
                 .await?
-                .ok_or_else(|| {
-                    ApiError::bad(format!(
-                        "narinfo names {} but that NAR was not uploaded to cache {:?}",
-                        truncate(&ni.url),
-                        cache.name
-                    ))
-                })?;
-            (String::new(), nar)
+                .ok_or_else(not_uploaded)?;
+            let upload_id = crate::publish::random_id()?;
+            let nar = state
+                .meta
+                .reuse_nar_for_upload(&upload_id, cache.id, None, &nar.nar_hash)
+                .await?
+                .ok_or_else(not_uploaded)?;
+            (upload_id, nar)
         }
     };
     let info = PathInfo {
@@ -413,6 +424,11 @@ async fn put_narinfo(
     };
     publish(&state, &cache, info, &nar, &upload_id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Evicted paths' NARs stay servable when evicted at or after this time.
+fn evicted_since(state: &AppState) -> i64 {
+    larder_store::now_unix() - state.config.evicted_nar_grace.as_secs() as i64
 }
 
 fn drv_name(drv: &str) -> Result<StorePath, ApiError> {

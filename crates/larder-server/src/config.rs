@@ -18,6 +18,12 @@ pub const DEFAULT_MAX_UPLOAD_SIZE: u64 = 64 << 30;
 pub const DEFAULT_GC_INTERVAL: Duration = Duration::from_secs(3600);
 /// How long an uploaded NAR waits for its narinfo before it is garbage.
 pub const PENDING_UPLOAD_TTL: Duration = Duration::from_secs(6 * 3600);
+/// How long the NAR of an evicted path stays servable (and safe from garbage collection):
+/// a narinfo served just before the eviction, by this server or a proxy, must not name a
+/// deleted NAR. Longer than the narinfo TTL of the hot cache by far.
+pub const DEFAULT_EVICTED_NAR_GRACE: Duration = Duration::from_secs(3600);
+/// The shortest grace accepted: the hot cache's narinfo TTL plus a margin.
+pub const MIN_EVICTED_NAR_GRACE: Duration = Duration::from_secs(10);
 /// Keys whose signature marks a store path as available upstream: a pushed path may reference
 /// such a path without it being in the cache (Nix substitutes it from upstream).
 pub const DEFAULT_UPSTREAM_KEYS: &[&str] =
@@ -47,6 +53,8 @@ pub struct ConfigFile {
     pub max_upload_size: Option<SizeValue>,
     /// Garbage collection interval, e.g. `1h`, `30m`, `90s`. Default: 1h.
     pub gc_interval: Option<String>,
+    /// How long evicted paths' NARs stay servable, e.g. `1h`. Default: 1h; at least 10s.
+    pub evicted_nar_grace: Option<String>,
     /// Public keys (`name:base64`) of upstream caches. Default: cache.nixos.org's key.
     pub upstream_keys: Option<Vec<String>>,
 }
@@ -111,6 +119,7 @@ pub struct Config {
     pub compression_level: i32,
     pub max_upload_size: u64,
     pub gc_interval: Duration,
+    pub evicted_nar_grace: Duration,
     pub upstream_keys: Vec<larder_nix::signing::VerifyingKey>,
 }
 
@@ -147,6 +156,16 @@ impl Config {
             Some(s) => parse_duration(&s)?,
             None => DEFAULT_GC_INTERVAL,
         };
+        let evicted_nar_grace = match file.evicted_nar_grace {
+            Some(s) => parse_duration(&s)?,
+            None => DEFAULT_EVICTED_NAR_GRACE,
+        };
+        if evicted_nar_grace < MIN_EVICTED_NAR_GRACE {
+            return Err(ConfigError::Value {
+                key: "evicted_nar_grace (at least 10s)",
+                value: format!("{}s", evicted_nar_grace.as_secs()),
+            });
+        }
         let upstream_keys = match file.upstream_keys {
             Some(keys) => keys,
             None => DEFAULT_UPSTREAM_KEYS
@@ -173,6 +192,7 @@ impl Config {
             compression_level: file.compression_level.unwrap_or(DEFAULT_COMPRESSION_LEVEL),
             max_upload_size,
             gc_interval,
+            evicted_nar_grace,
         })
     }
 

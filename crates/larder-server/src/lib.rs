@@ -24,6 +24,7 @@ pub mod error;
 pub mod hot;
 pub mod ingest;
 pub mod publish;
+pub mod retention;
 
 pub use config::Config;
 pub use error::ApiError;
@@ -36,6 +37,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// In-memory caches of the hot read path.
     pub hot: Arc<hot::HotCache>,
+    /// Usage recording and eviction ([`retention`]).
+    pub retention: Arc<retention::Retention>,
 }
 
 /// Names a cache may not take: they are top-level routes.
@@ -102,6 +105,7 @@ pub async fn open_state(
         objects,
         config: Arc::new(config),
         hot: Arc::default(),
+        retention: Arc::default(),
     })
 }
 
@@ -146,27 +150,74 @@ pub fn write_secret_file(path: &std::path::Path, contents: &str) -> std::io::Res
     f.sync_all()
 }
 
-/// Serve until `shutdown` resolves, then finish in-flight requests. `on_listening` is called
-/// with the bound address once connections are accepted.
+/// Serve until `shutdown` resolves, then finish in-flight requests.
+///
+/// Connections are served by one single-threaded runtime per core, all accepting on the same
+/// listening socket (the model of nginx's workers): a request is read, answered and written by
+/// one thread, with no wake-ups across threads, which is most of the cost of a small response.
+/// Blocking work (upload verification, file I/O) still goes to each runtime's blocking pool.
+/// `LARDER_WORKERS` overrides the number of serving threads.
 pub async fn serve(
     state: AppState,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
     let gc_state = state.clone();
     let gc = tokio::spawn(async move { publish::gc_loop(gc_state).await });
-    let app = router(state);
-    let listener = listener.tap_io(|tcp| {
-        // Nix issues thousands of small requests: never let Nagle delay a response.
-        let _ = tcp.set_nodelay(true);
-    });
-    let res = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await;
+    let usage = tokio::spawn(retention::usage_loop(state.clone()));
+    let workers = std::env::var("LARDER_WORKERS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .min(64);
+    let listener = listener.into_std()?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut threads = Vec::with_capacity(workers);
+    for i in 0..workers {
+        let listener = listener.try_clone()?;
+        let app = router(state.clone());
+        let mut stop = stop_rx.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("larder-http-{i}"))
+            .spawn(move || -> std::io::Result<()> {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(async move {
+                    use axum::serve::ListenerExt;
+                    let listener = tokio::net::TcpListener::from_std(listener)?.tap_io(|tcp| {
+                        // Nix issues thousands of small requests: never let Nagle delay one.
+                        let _ = tcp.set_nodelay(true);
+                    });
+                    axum::serve(
+                        listener,
+                        app.into_make_service_with_connect_info::<SocketAddr>(),
+                    )
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.wait_for(|stopped| *stopped).await;
+                    })
+                    .await
+                })
+            })?;
+        threads.push(thread);
+    }
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    let joined = tokio::task::spawn_blocking(move || {
+        let mut result = Ok(());
+        for t in threads {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => result = Err(e),
+                Err(_) => result = Err(std::io::Error::other("a serving thread panicked")),
+            }
+        }
+        result
+    })
+    .await
+    .map_err(std::io::Error::other)?;
     gc.abort();
-    res
+    usage.abort();
+    joined
 }

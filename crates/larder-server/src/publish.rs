@@ -42,7 +42,7 @@ pub async fn load_cache(state: &AppState, name: &str) -> Result<Arc<CacheRow>, A
     Ok(row)
 }
 
-fn random_id() -> Result<String, ApiError> {
+pub(crate) fn random_id() -> Result<String, ApiError> {
     let mut b = [0u8; 16];
     getrandom::getrandom(&mut b).map_err(|e| ApiError::internal(std::io::Error::other(e)))?;
     Ok(hex::encode(b))
@@ -243,6 +243,10 @@ pub async fn publish(
                 .collect::<Vec<_>>()
                 .join(" ")
         ))),
+        Publish::Created => {
+            crate::retention::after_publish(state, cache, nar.file_size);
+            Ok(Publish::Created)
+        }
         ok => Ok(ok),
     }
 }
@@ -300,11 +304,12 @@ pub fn render_narinfo(path: &PathRow) -> Result<String, ApiError> {
     Ok(info.to_string())
 }
 
-/// Delete what nothing refers to any more: expired pending uploads, their NARs, and the
-/// chunks' objects. Returns how many objects were deleted.
+/// Delete what nothing refers to any more: expired pending uploads, their NARs, NARs of paths
+/// evicted longer than the grace period ago, and the chunks' objects. Returns how many objects were deleted.
 pub async fn collect_garbage(state: &AppState) -> Result<usize, ApiError> {
     let ttl = crate::config::PENDING_UPLOAD_TTL.as_secs() as i64;
-    let keys = state.meta.collect_garbage(ttl).await?;
+    let grace = state.config.evicted_nar_grace.as_secs() as i64;
+    let keys = state.meta.collect_garbage(ttl, grace).await?;
     for key in &keys {
         state.objects.delete(key).await?;
     }
@@ -316,6 +321,9 @@ pub(crate) async fn gc_loop(state: AppState) {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
+        if let Err(e) = crate::retention::evict_all(&state).await {
+            tracing::warn!(error = %e, "eviction failed");
+        }
         match collect_garbage(&state).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(objects = n, "garbage collected"),

@@ -10,7 +10,12 @@
 //!   same transaction) every reference other than itself is a published path of the same cache;
 //! - an existing path is never replaced: publishing different content under the same store path
 //!   is reported as [`Publish::Conflict`];
-//! - a NAR row is referenced by `paths` or by a pending `uploads` row, or it is garbage.
+//! - a NAR row is referenced by `paths`, by a pending `uploads` row, or by an `evicted_nars`
+//!   row younger than the grace period, or it is garbage;
+//! - `path_refs` holds exactly the references (other than itself) of every `paths` row, written
+//!   in the same transaction, so referrers can be queried by index;
+//! - eviction removes a path only together with, or after, every path of the cache that
+//!   references it, and never a pinned path (checked in the evicting transaction).
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
@@ -188,6 +193,61 @@ pub struct CacheStats {
     pub size: i64,
     /// Uncompressed NAR bytes.
     pub nar_size: i64,
+}
+
+/// A path as eviction sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LruPath {
+    /// Row id: increases with upload order.
+    pub id: i64,
+    pub hash: String,
+    pub name: String,
+    pub nar_id: i64,
+    /// Stored (compressed) bytes of its NAR file.
+    pub file_size: i64,
+    pub created_at: i64,
+    pub last_used_at: Option<i64>,
+}
+
+/// What [`Metadata::evict_paths`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Evicted {
+    /// The paths are gone.
+    Done,
+    /// A path was published or pinned concurrently that needs one of them: nothing changed.
+    Raced,
+}
+
+/// How long the revisions of a pin are kept. The newest revision is always kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Keep {
+    Forever,
+    /// The newest N revisions.
+    Revisions(i64),
+    /// Revisions younger than N days.
+    Days(i64),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PinRow {
+    pub name: String,
+    pub revision: i64,
+    pub hash: String,
+    /// Absolute store path.
+    pub store_path: String,
+    pub keep: Keep,
+    pub created_at: i64,
+}
+
+/// The hash parts of `refs` (basenames), other than `own_hash`, deduplicated.
+pub(crate) fn ref_hashes<'a>(
+    own_hash: &str,
+    refs: impl Iterator<Item = &'a str>,
+) -> std::collections::BTreeSet<&'a str> {
+    refs.filter_map(|r| r.get(..32))
+        .filter(|h| *h != own_hash)
+        .collect()
 }
 
 /// The largest `IN (…)` list sent in one query (SQLite's default limit is 32766 parameters).
@@ -418,7 +478,14 @@ impl Metadata {
         let Some(id) = id else {
             return Ok(false);
         };
-        for table in ["paths", "uploads", "logs"] {
+        for table in [
+            "paths",
+            "path_refs",
+            "uploads",
+            "logs",
+            "pins",
+            "evicted_nars",
+        ] {
             sqlx::query(&format!("DELETE FROM {table} WHERE cache_id = $1"))
                 .bind(id)
                 .execute(&mut *tx)
@@ -791,10 +858,18 @@ impl Metadata {
             .filter(|r| **r != self_basename)
             .map(|r| r.get(..32).unwrap_or(r).to_owned())
             .collect();
+        // On PostgreSQL the references are share-locked, so a concurrent eviction deleting one
+        // either waits for this transaction (and then sees the new referrer and gives up) or
+        // has already deleted it (and the reference counts as missing). SQLite serialises
+        // writers, which gives the same guarantee.
+        let lock = match self.engine {
+            Engine::Postgres => " FOR SHARE",
+            Engine::Sqlite => "",
+        };
         let mut present = std::collections::HashSet::new();
         for batch in wanted.chunks(IN_BATCH) {
             let sql = format!(
-                "SELECT hash || '-' || name FROM paths WHERE cache_id = $1 AND hash IN ({})",
+                "SELECT hash || '-' || name FROM paths WHERE cache_id = $1 AND hash IN ({}){lock}",
                 placeholders(2, batch.len())
             );
             let mut q = sqlx::query_scalar::<_, String>(&sql).bind(p.cache_id);
@@ -814,6 +889,17 @@ impl Metadata {
         if !missing.is_empty() {
             tx.rollback().await?;
             return Ok(Publish::MissingReferences(missing));
+        }
+        for r in ref_hashes(&p.hash, p.refs.iter().map(String::as_str)) {
+            sqlx::query(
+                "INSERT INTO path_refs (cache_id, referrer, ref_hash) VALUES ($1, $2, $3) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(p.cache_id)
+            .bind(&p.hash)
+            .bind(r)
+            .execute(&mut *tx)
+            .await?;
         }
         sqlx::query("DELETE FROM uploads WHERE cache_id = $1 AND id = $2")
             .bind(p.cache_id)
@@ -867,22 +953,36 @@ impl Metadata {
     /// no NAR uses. Returns the object keys that are now unreferenced, for the caller to
     /// delete from object storage (after this commit, so a crash leaks objects at worst, and
     /// never leaves a row pointing to a deleted object).
-    pub async fn collect_garbage(&self, max_upload_age_secs: i64) -> Result<Vec<String>> {
+    ///
+    /// The NAR of an evicted path stays for `evicted_grace_secs` after its eviction (see
+    /// [`Metadata::evict_paths`]), so a narinfo served just before the eviction still works.
+    pub async fn collect_garbage(
+        &self,
+        max_upload_age_secs: i64,
+        evicted_grace_secs: i64,
+    ) -> Result<Vec<String>> {
+        let now = now_unix();
         let mut tx = self.pool.begin().await?;
         sqlx::query("DELETE FROM uploads WHERE created_at < $1")
-            .bind(now_unix() - max_upload_age_secs)
+            .bind(now - max_upload_age_secs)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM evicted_nars WHERE evicted_at < $1")
+            .bind(now - evicted_grace_secs)
             .execute(&mut *tx)
             .await?;
         sqlx::query(
             "DELETE FROM nar_chunks WHERE nar_id IN (SELECT id FROM nars n WHERE \
              NOT EXISTS (SELECT 1 FROM paths p WHERE p.nar_id = n.id) AND \
-             NOT EXISTS (SELECT 1 FROM uploads u WHERE u.nar_id = n.id))",
+             NOT EXISTS (SELECT 1 FROM uploads u WHERE u.nar_id = n.id) AND \
+             NOT EXISTS (SELECT 1 FROM evicted_nars e WHERE e.nar_id = n.id))",
         )
         .execute(&mut *tx)
         .await?;
         sqlx::query(
             "DELETE FROM nars WHERE NOT EXISTS (SELECT 1 FROM paths p WHERE p.nar_id = nars.id) \
-             AND NOT EXISTS (SELECT 1 FROM uploads u WHERE u.nar_id = nars.id)",
+             AND NOT EXISTS (SELECT 1 FROM uploads u WHERE u.nar_id = nars.id) \
+             AND NOT EXISTS (SELECT 1 FROM evicted_nars e WHERE e.nar_id = nars.id)",
         )
         .execute(&mut *tx)
         .await?;
@@ -895,5 +995,279 @@ impl Metadata {
         .await?;
         tx.commit().await?;
         Ok(chunks.iter().map(|h| chunk_object_key(h)).collect())
+    }
+
+    // ---- usage, eviction and pins -------------------------------------------------------
+
+    /// Mark paths of a cache used at `at`: those with these hash parts and those whose NAR is
+    /// one of `nar_ids`. One statement per [`IN_BATCH`] of each.
+    pub async fn record_usage(
+        &self,
+        cache_id: i64,
+        hashes: &[String],
+        nar_ids: &[i64],
+        at: i64,
+    ) -> Result<()> {
+        for batch in hashes.chunks(IN_BATCH) {
+            let sql = format!(
+                "UPDATE paths SET last_used_at = $1 WHERE cache_id = $2 AND hash IN ({})",
+                placeholders(3, batch.len())
+            );
+            let mut q = sqlx::query(&sql).bind(at).bind(cache_id);
+            for h in batch {
+                q = q.bind(h);
+            }
+            q.execute(&self.pool).await?;
+        }
+        for batch in nar_ids.chunks(IN_BATCH) {
+            let sql = format!(
+                "UPDATE paths SET last_used_at = $1 WHERE cache_id = $2 AND nar_id IN ({})",
+                placeholders(3, batch.len())
+            );
+            let mut q = sqlx::query(&sql).bind(at).bind(cache_id);
+            for n in batch {
+                q = q.bind(n);
+            }
+            q.execute(&self.pool).await?;
+        }
+        Ok(())
+    }
+
+    /// Every path of a cache with what eviction needs to order it.
+    pub async fn lru_paths(&self, cache_id: i64) -> Result<Vec<LruPath>> {
+        let rows = sqlx::query(
+            "SELECT p.id, p.hash, p.name, p.nar_id, n.file_size, p.created_at, p.last_used_at \
+             FROM paths p JOIN nars n ON n.id = p.nar_id WHERE p.cache_id = $1",
+        )
+        .bind(cache_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(LruPath {
+                    id: r.try_get("id")?,
+                    hash: r.try_get("hash")?,
+                    name: r.try_get("name")?,
+                    nar_id: r.try_get("nar_id")?,
+                    file_size: r.try_get("file_size")?,
+                    created_at: r.try_get("created_at")?,
+                    last_used_at: r.try_get("last_used_at")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Every reference edge of a cache: `(referrer hash, referenced hash)`.
+    pub async fn cache_refs(&self, cache_id: i64) -> Result<Vec<(String, String)>> {
+        let rows = sqlx::query("SELECT referrer, ref_hash FROM path_refs WHERE cache_id = $1")
+            .bind(cache_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("referrer")?, r.try_get("ref_hash")?)))
+            .collect()
+    }
+
+    /// Remove these paths from a cache in one transaction, keeping their NARs servable (and
+    /// safe from garbage collection) for a grace period. Refused ([`Evicted::Raced`]) if a
+    /// path that stays references one of them or a pin names one of them: the caller's
+    /// plan was made before that path or pin appeared.
+    pub async fn evict_paths(&self, cache_id: i64, hashes: &[String]) -> Result<Evicted> {
+        let now = now_unix();
+        let mut tx = self.pool.begin().await?;
+        // Writes first, so SQLite takes its write lock at once.
+        for batch in hashes.chunks(IN_BATCH) {
+            let sql = format!(
+                "INSERT INTO evicted_nars (cache_id, nar_id, evicted_at) \
+                 SELECT DISTINCT cache_id, nar_id, $1 FROM paths WHERE cache_id = $2 AND hash IN ({}) \
+                 ON CONFLICT (cache_id, nar_id) DO UPDATE SET evicted_at = excluded.evicted_at",
+                placeholders(3, batch.len())
+            );
+            let mut q = sqlx::query(&sql).bind(now).bind(cache_id);
+            for h in batch {
+                q = q.bind(h);
+            }
+            q.execute(&mut *tx).await?;
+            let ph = placeholders(2, batch.len());
+            for sql in [
+                format!("DELETE FROM path_refs WHERE cache_id = $1 AND referrer IN ({ph})"),
+                format!("DELETE FROM paths WHERE cache_id = $1 AND hash IN ({ph})"),
+            ] {
+                let mut q = sqlx::query(&sql).bind(cache_id);
+                for h in batch {
+                    q = q.bind(h);
+                }
+                q.execute(&mut *tx).await?;
+            }
+        }
+        for batch in hashes.chunks(IN_BATCH) {
+            let ph = placeholders(2, batch.len());
+            for sql in [
+                format!(
+                    "SELECT COUNT(*) FROM path_refs WHERE cache_id = $1 AND ref_hash IN ({ph})"
+                ),
+                format!("SELECT COUNT(*) FROM pins WHERE cache_id = $1 AND hash IN ({ph})"),
+            ] {
+                let mut q = sqlx::query_scalar::<_, i64>(&sql).bind(cache_id);
+                for h in batch {
+                    q = q.bind(h);
+                }
+                if q.fetch_one(&mut *tx).await? > 0 {
+                    tx.rollback().await?;
+                    return Ok(Evicted::Raced);
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(Evicted::Done)
+    }
+
+    /// The NAR served as `nar/<file_hash>…` in a cache: one a published path uses, or one of a
+    /// path evicted at or after `evicted_since` (a narinfo naming it may still be cached).
+    pub async fn servable_nar_by_file_hash(
+        &self,
+        cache_id: i64,
+        file_hash: &str,
+        evicted_since: i64,
+    ) -> Result<Option<NarRow>> {
+        let sql = format!(
+            "SELECT {NAR_COLS} FROM nars n WHERE n.file_hash = $1 AND (EXISTS \
+             (SELECT 1 FROM paths p WHERE p.cache_id = $2 AND p.nar_id = n.id) OR EXISTS \
+             (SELECT 1 FROM evicted_nars e WHERE e.cache_id = $2 AND e.nar_id = n.id \
+             AND e.evicted_at >= $3))"
+        );
+        let row = sqlx::query(&sql)
+            .bind(file_hash)
+            .bind(cache_id)
+            .bind(evicted_since)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(nar_from_row).transpose()
+    }
+
+    /// Pin `store_path` (hash part `hash`) as a new revision of `name`, if the cache publishes
+    /// it (in the same transaction). `Ok(None)`: the path is not in the cache.
+    pub async fn add_pin(
+        &self,
+        cache_id: i64,
+        name: &str,
+        hash: &str,
+        store_path: &str,
+        keep: Keep,
+    ) -> Result<Option<PinRow>> {
+        let (kind, n) = match keep {
+            Keep::Forever => ("forever", None),
+            Keep::Revisions(n) => ("revisions", Some(n)),
+            Keep::Days(n) => ("days", Some(n)),
+        };
+        let now = now_unix();
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(
+            "INSERT INTO pins (cache_id, name, revision, hash, store_path, keep, keep_n, \
+             created_at) SELECT $1, $2, COALESCE((SELECT MAX(revision) FROM pins \
+             WHERE cache_id = $1 AND name = $2), 0) + 1, $3, $4, $5, $6, $7 \
+             WHERE EXISTS (SELECT 1 FROM paths WHERE cache_id = $1 AND hash = $3)",
+        )
+        .bind(cache_id)
+        .bind(name)
+        .bind(hash)
+        .bind(store_path)
+        .bind(kind)
+        .bind(n)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        tx.commit().await?;
+        self.prune_pins(cache_id).await?;
+        Ok(self
+            .list_pins(cache_id)
+            .await?
+            .into_iter()
+            .find(|p| p.name == name))
+    }
+
+    /// Every kept revision of every pin of a cache, by name, newest revision first.
+    pub async fn list_pins(&self, cache_id: i64) -> Result<Vec<PinRow>> {
+        let rows = sqlx::query(
+            "SELECT name, revision, hash, store_path, keep, keep_n, created_at FROM pins \
+             WHERE cache_id = $1 ORDER BY name, revision DESC",
+        )
+        .bind(cache_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let kind: String = r.try_get("keep")?;
+                let n: Option<i64> = r.try_get("keep_n")?;
+                let keep = match (kind.as_str(), n) {
+                    ("forever", _) => Keep::Forever,
+                    ("revisions", Some(n)) => Keep::Revisions(n),
+                    ("days", Some(n)) => Keep::Days(n),
+                    _ => {
+                        return Err(MetaError::Corrupt {
+                            field: "pins.keep",
+                            value: kind,
+                        })
+                    }
+                };
+                Ok(PinRow {
+                    name: r.try_get("name")?,
+                    revision: r.try_get("revision")?,
+                    hash: r.try_get("hash")?,
+                    store_path: r.try_get("store_path")?,
+                    keep,
+                    created_at: r.try_get("created_at")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Delete every revision of a pin; false if there was none.
+    pub async fn delete_pin(&self, cache_id: i64, name: &str) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM pins WHERE cache_id = $1 AND name = $2")
+            .bind(cache_id)
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Drop the revisions that their pin's newest revision's policy no longer keeps.
+    pub async fn prune_pins(&self, cache_id: i64) -> Result<u64> {
+        let pins = self.list_pins(cache_id).await?;
+        let now = now_unix();
+        let mut dropped = 0;
+        let mut i = 0;
+        while i < pins.len() {
+            let newest = &pins[i];
+            let group: Vec<&PinRow> = pins[i..]
+                .iter()
+                .take_while(|p| p.name == newest.name)
+                .collect();
+            i += group.len();
+            for (age, p) in group.iter().enumerate().skip(1) {
+                let keep = match newest.keep {
+                    Keep::Forever => true,
+                    Keep::Revisions(n) => (age as i64) < n.max(1),
+                    Keep::Days(d) => p.created_at >= now - d.saturating_mul(86400),
+                };
+                if !keep {
+                    dropped += sqlx::query(
+                        "DELETE FROM pins WHERE cache_id = $1 AND name = $2 AND revision = $3",
+                    )
+                    .bind(cache_id)
+                    .bind(&p.name)
+                    .bind(p.revision)
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected();
+                }
+            }
+        }
+        Ok(dropped)
     }
 }

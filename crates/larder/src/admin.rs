@@ -200,6 +200,13 @@ fn print_cache(c: &CacheInfo) -> anyhow::Result<()> {
         ),
         _ => " (no limit)".to_owned(),
     };
+    if c.near_limit {
+        eprintln!(
+            "warning: cache {:?} is over 85% of its limit; least recently used paths will be \
+             evicted (see `larder gc {} --dry-run`)",
+            c.name, c.name
+        );
+    }
     let conf: String = c.nix_conf.lines().map(|l| format!("  {l}\n")).collect();
     print(&format!(
         "cache:       {}\nurl:         {}\nvisibility:  {}\npriority:    {}\ncompression: {}\n\

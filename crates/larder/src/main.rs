@@ -15,6 +15,7 @@ mod env;
 mod nixconf;
 mod output;
 mod push_cmd;
+mod retention_cmd;
 mod serve;
 mod use_cmd;
 
@@ -64,6 +65,12 @@ enum Command {
     /// Check the setup, line by line with fixes: nix, config and token, server, and with CACHE
     /// whether Nix will substitute from it. Exit 1 if a check fails.
     Doctor(doctor::DoctorArgs),
+    /// Evict least recently used closures until CACHE fits its limit (admin on the cache);
+    /// --dry-run lists what would go first, and why.
+    Gc(retention_cmd::GcArgs),
+    /// Pin a store path's closure in a cache so eviction never removes it: `pin CACHE NAME
+    /// PATH`, `pin list CACHE`, `pin delete CACHE NAME`. Re-pinning NAME makes a new revision.
+    Pin(retention_cmd::PinArgs),
     /// Print shell completions, e.g. `larder completions bash > /etc/bash_completion.d/larder`.
     Completions {
         /// bash, zsh, fish, elvish or powershell
@@ -97,6 +104,8 @@ fn main() -> ExitCode {
             Command::Use(args) => use_cmd::use_cache(args).await,
             Command::Remove(args) => use_cmd::remove_cache(args).await,
             Command::Doctor(args) => doctor::doctor(args).await,
+            Command::Gc(args) => retention_cmd::gc(args).await,
+            Command::Pin(args) => retention_cmd::pin(args).await,
             Command::Completions { shell } => {
                 let mut cmd = Cli::command();
                 clap_complete::generate(shell, &mut cmd, "larder", &mut std::io::stdout());

@@ -58,6 +58,11 @@ impl DbStore {
         })
     }
 
+    /// The open connection (read-only).
+    pub(super) fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path

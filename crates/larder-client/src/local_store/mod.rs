@@ -19,6 +19,7 @@
 pub mod daemon;
 pub mod db;
 mod nar;
+mod watch;
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
@@ -30,6 +31,7 @@ use larder_nix::store_path::{StorePath, STORE_DIR};
 pub use daemon::DaemonStore;
 pub use db::DbStore;
 pub use nar::dump_verified;
+pub use watch::NewPath;
 
 /// Where Nix keeps its state when `NIX_STATE_DIR` is unset.
 pub const DEFAULT_STATE_DIR: &str = "/nix/var/nix";

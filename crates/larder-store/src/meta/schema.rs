@@ -1,13 +1,18 @@
 //! The schema and its migrations. Columns use types both engines share (`BIGINT`, `TEXT`);
 //! only the auto-increment primary key is spelled per engine. Each migration runs once, in
-//! order, recorded in `larder_schema`.
+//! order, recorded in `larder_schema`. A migration is never edited once released; changes
+//! are new entries. Version 2 adds `path_refs` (who references whom, for eviction's referrer
+//! queries), `evicted_nars` (the grace period of evicted paths' NARs) and `pins`; its
+//! `path_refs` rows are filled from `paths.refs` in Rust, since splitting a list is not
+//! portable SQL.
 
 use sqlx::AnyPool;
 
 use super::{Engine, MetaError};
 
 /// Migrations in order; `{ID}` is the engine's auto-increment primary key.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE caches (
     id {ID},
     name TEXT NOT NULL UNIQUE,
@@ -83,7 +88,40 @@ CREATE TABLE logs (
     created_at BIGINT NOT NULL,
     PRIMARY KEY (cache_id, drv)
 );
-"#];
+"#,
+    r#"
+CREATE TABLE path_refs (
+    cache_id BIGINT NOT NULL,
+    referrer TEXT NOT NULL,
+    ref_hash TEXT NOT NULL,
+    PRIMARY KEY (cache_id, referrer, ref_hash)
+);
+CREATE INDEX path_refs_ref ON path_refs (cache_id, ref_hash);
+CREATE TABLE evicted_nars (
+    cache_id BIGINT NOT NULL,
+    nar_id BIGINT NOT NULL,
+    evicted_at BIGINT NOT NULL,
+    PRIMARY KEY (cache_id, nar_id)
+);
+CREATE INDEX evicted_nars_nar ON evicted_nars (nar_id);
+CREATE TABLE pins (
+    id {ID},
+    cache_id BIGINT NOT NULL REFERENCES caches (id),
+    name TEXT NOT NULL,
+    revision BIGINT NOT NULL,
+    hash TEXT NOT NULL,
+    store_path TEXT NOT NULL,
+    keep TEXT NOT NULL,
+    keep_n BIGINT,
+    created_at BIGINT NOT NULL,
+    UNIQUE (cache_id, name, revision)
+);
+CREATE INDEX pins_hash ON pins (cache_id, hash)
+"#,
+];
+
+/// Version after which `path_refs` exists and must be filled from `paths.refs`.
+const PATH_REFS_VERSION: usize = 2;
 
 pub(super) async fn migrate(pool: &AnyPool, engine: Engine) -> Result<(), MetaError> {
     let id = match engine {
@@ -108,11 +146,38 @@ pub(super) async fn migrate(pool: &AnyPool, engine: Engine) -> Result<(), MetaEr
                 .execute(&mut *tx)
                 .await?;
         }
+        if i + 1 == PATH_REFS_VERSION {
+            backfill_path_refs(&mut tx).await?;
+        }
         sqlx::query("INSERT INTO larder_schema (version) VALUES ($1)")
             .bind((i + 1) as i64)
             .execute(&mut *tx)
             .await?;
     }
     tx.commit().await?;
+    Ok(())
+}
+
+async fn backfill_path_refs(tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> Result<(), MetaError> {
+    use sqlx::Row;
+    let rows = sqlx::query("SELECT cache_id, hash, refs FROM paths")
+        .fetch_all(&mut **tx)
+        .await?;
+    for row in rows {
+        let cache_id: i64 = row.try_get("cache_id")?;
+        let hash: String = row.try_get("hash")?;
+        let refs: String = row.try_get("refs")?;
+        for r in super::ref_hashes(&hash, refs.split(' ')) {
+            sqlx::query(
+                "INSERT INTO path_refs (cache_id, referrer, ref_hash) VALUES ($1, $2, $3) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(cache_id)
+            .bind(&hash)
+            .bind(r)
+            .execute(&mut **tx)
+            .await?;
+        }
+    }
     Ok(())
 }

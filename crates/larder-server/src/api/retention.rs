@@ -1,0 +1,172 @@
+//! Retention endpoints: `POST /caches/{c}/gc[?dry_run=true]` (admin on the cache) runs or
+//! previews an eviction; `/caches/{c}/pins[/{name}]` creates (push), lists (pull) and deletes
+//! (push) pins. See [`crate::retention`].
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+use larder_nix::store_path::StorePath;
+use larder_store::meta::{Keep, PinRow};
+use serde::{Deserialize, Serialize};
+
+use super::JsonBody;
+use crate::auth::{principal, Perm};
+use crate::error::ApiError;
+use crate::ingest::truncate;
+use crate::publish::load_cache;
+use crate::retention::{evict, GcReport};
+use crate::AppState;
+
+#[derive(Deserialize)]
+pub(super) struct GcQuery {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+pub(super) async fn gc(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    query: Result<Query<GcQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<GcReport>, ApiError> {
+    let c = load_cache(&state, &name).await?;
+    principal(&state, &headers)
+        .await?
+        .require(Perm::Admin, &c.name)?;
+    let Query(q) = query.map_err(|_| ApiError::bad("dry_run must be true or false"))?;
+    let report = evict(&state, &c, q.dry_run).await?;
+    if !q.dry_run {
+        if let Err(e) = crate::publish::collect_garbage(&state).await {
+            tracing::warn!(error = %e, "garbage collection after an eviction failed");
+        }
+    }
+    Ok(Json(report))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PinReq {
+    name: String,
+    /// Absolute store path or basename.
+    store_path: String,
+    keep_revisions: Option<i64>,
+    keep_days: Option<i64>,
+    #[serde(default)]
+    keep_forever: bool,
+}
+
+#[derive(Serialize)]
+pub(super) struct PinJson {
+    name: String,
+    revision: i64,
+    store_path: String,
+    /// `forever`, or `{"revisions": N}` / `{"days": N}`.
+    keep: Keep,
+    created_at: i64,
+}
+
+fn pin_json(p: PinRow) -> PinJson {
+    PinJson {
+        name: p.name,
+        revision: p.revision,
+        store_path: p.store_path,
+        keep: p.keep,
+        created_at: p.created_at,
+    }
+}
+
+fn valid_pin_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 100
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'+'))
+}
+
+pub(super) async fn create_pin(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    JsonBody(req): JsonBody<PinReq>,
+) -> Result<(StatusCode, Json<PinJson>), ApiError> {
+    let c = load_cache(&state, &name).await?;
+    principal(&state, &headers)
+        .await?
+        .require(Perm::Push, &c.name)?;
+    if !valid_pin_name(&req.name) {
+        return Err(ApiError::bad(format!(
+            "invalid pin name {:?}: use 1-100 of [A-Za-z0-9._+-]",
+            truncate(&req.name)
+        )));
+    }
+    let keep = match (req.keep_revisions, req.keep_days, req.keep_forever) {
+        (None, None, _) => Keep::Forever,
+        (Some(n), None, false) if n >= 1 => Keep::Revisions(n),
+        (None, Some(n), false) if n >= 1 => Keep::Days(n),
+        (Some(_), None, false) | (None, Some(_), false) => {
+            return Err(ApiError::bad(
+                "keep_revisions and keep_days must be at least 1",
+            ))
+        }
+        _ => {
+            return Err(ApiError::bad(
+                "give at most one of keep_revisions, keep_days, keep_forever",
+            ))
+        }
+    };
+    let path = StorePath::from_absolute(&req.store_path)
+        .or_else(|_| StorePath::from_basename(&req.store_path))
+        .map_err(|e| ApiError::bad(format!("invalid store path: {e}")))?;
+    let pin = state
+        .meta
+        .add_pin(
+            c.id,
+            &req.name,
+            &path.hash_part(),
+            &path.to_absolute(),
+            keep,
+        )
+        .await?
+        .ok_or_else(|| {
+            ApiError::bad(format!(
+                "{path} is not in cache {:?}: only paths in the cache can be pinned \
+                 (hint: larder push {} {path})",
+                c.name, c.name
+            ))
+        })?;
+    Ok((StatusCode::CREATED, Json(pin_json(pin))))
+}
+
+pub(super) async fn list_pins(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<Vec<PinJson>>, ApiError> {
+    let c = load_cache(&state, &name).await?;
+    if c.private {
+        principal(&state, &headers)
+            .await?
+            .require(Perm::Pull, &c.name)?;
+    }
+    let pins = state.meta.list_pins(c.id).await?;
+    Ok(Json(pins.into_iter().map(pin_json).collect()))
+}
+
+pub(super) async fn delete_pin(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((name, pin)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let c = load_cache(&state, &name).await?;
+    principal(&state, &headers)
+        .await?
+        .require(Perm::Push, &c.name)?;
+    if state.meta.delete_pin(c.id, &pin).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found(format!(
+            "no pin named {:?} in cache {:?}",
+            truncate(&pin),
+            c.name
+        )))
+    }
+}

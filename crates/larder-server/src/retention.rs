@@ -1,0 +1,420 @@
+//! Retention: usage recording, closure-safe least-recently-used eviction under a cache's
+//! `max_size`, and the pins that protect closures from it (SPEC §2.6).
+//!
+//! - **Usage.** A narinfo or NAR fetch marks the path used. The request only inserts into an
+//!   in-memory set under a mutex; [`Usage::flush`] writes each batch with one `UPDATE` per
+//!   cache (every [`USAGE_FLUSH_INTERVAL`], and before every eviction). Never-used paths age
+//!   from their upload (`created_at`).
+//! - **Order.** A path's *closure recency* is the latest use of the path or of any path in the
+//!   cache that (transitively) references it: a library stays as long as something that needs
+//!   it is used. Paths are evicted oldest closure recency first, each together with every path
+//!   that references it, so no remaining narinfo ever names a missing reference. The closures
+//!   of pinned paths are never evicted.
+//! - **Safety against concurrency.** The plan is made from a snapshot; the evicting
+//!   transaction re-checks that no remaining path references an evicted one and no pin names
+//!   one ([`larder_store::meta::Metadata::evict_paths`]), and retries otherwise. Evicted paths'
+//!   narinfos are dropped from the hot cache at once; their NARs stay servable and safe from
+//!   garbage collection for `evicted_nar_grace` (longer than the narinfo TTL), so a narinfo
+//!   served just before an eviction never points at a deleted NAR.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use larder_store::meta::{CacheRow, Evicted, LruPath, PinRow};
+use larder_store::now_unix;
+use serde::Serialize;
+
+use crate::error::ApiError;
+use crate::AppState;
+
+/// How often recorded uses are written to the database.
+pub const USAGE_FLUSH_INTERVAL: Duration = Duration::from_secs(2);
+/// Share of `max_size` past which a cache is reported as nearly full.
+pub const WARN_FRACTION: f64 = 0.85;
+/// Attempts of one eviction when concurrent publishing invalidates its plan.
+const EVICT_ATTEMPTS: usize = 5;
+
+#[derive(Default)]
+struct Batch {
+    narinfos: HashSet<(i64, [u8; 32])>,
+    nars: HashSet<(i64, i64)>,
+}
+
+/// Uses recorded since the last flush.
+#[derive(Default)]
+pub struct Usage {
+    batch: Mutex<Batch>,
+}
+
+impl Usage {
+    /// A narinfo of `cache_id` was served (hot path: one set insert).
+    pub fn narinfo(&self, cache_id: i64, hash: &str) {
+        let mut k = [0u8; 32];
+        for (d, s) in k.iter_mut().zip(hash.bytes()) {
+            *d = s;
+        }
+        if let Ok(mut b) = self.batch.lock() {
+            b.narinfos.insert((cache_id, k));
+        }
+    }
+
+    /// A NAR of `cache_id` was served.
+    pub fn nar(&self, cache_id: i64, nar_id: i64) {
+        if let Ok(mut b) = self.batch.lock() {
+            b.nars.insert((cache_id, nar_id));
+        }
+    }
+
+    /// Write the recorded uses, stamped `at`.
+    pub async fn flush_at(&self, meta: &larder_store::Metadata, at: i64) -> Result<(), ApiError> {
+        let batch = match self.batch.lock() {
+            Ok(mut b) => std::mem::take(&mut *b),
+            Err(_) => return Ok(()),
+        };
+        let mut by_cache: HashMap<i64, (Vec<String>, Vec<i64>)> = HashMap::new();
+        for (cache, hash) in batch.narinfos {
+            by_cache
+                .entry(cache)
+                .or_default()
+                .0
+                .push(String::from_utf8_lossy(&hash).into_owned());
+        }
+        for (cache, nar) in batch.nars {
+            by_cache.entry(cache).or_default().1.push(nar);
+        }
+        for (cache, (hashes, nars)) in by_cache {
+            meta.record_usage(cache, &hashes, &nars, at).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn flush(&self, meta: &larder_store::Metadata) -> Result<(), ApiError> {
+        self.flush_at(meta, now_unix()).await
+    }
+}
+
+/// Retention state shared by the handlers and the background loops.
+#[derive(Default)]
+pub struct Retention {
+    pub usage: Usage,
+    /// One eviction at a time (they read and delete the same rows).
+    evicting: tokio::sync::Mutex<()>,
+    /// Caches with an eviction check queued after an upload.
+    queued: Mutex<HashSet<i64>>,
+}
+
+/// Why a path is evicted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reason {
+    /// Its closure recency is the oldest of what remains.
+    LeastRecentlyUsed,
+    /// It references a path that goes (`because_of`), so it must go with it.
+    ReferencesEvicted,
+}
+
+/// One path in an eviction, in order.
+#[derive(Debug, Clone, Serialize)]
+pub struct Victim {
+    pub store_path: String,
+    /// Stored (compressed) bytes freed.
+    pub file_size: i64,
+    /// Last use of the path or of anything referencing it (upload time if never used).
+    pub last_used_at: i64,
+    pub reason: Reason,
+    /// For [`Reason::ReferencesEvicted`]: the least recently used path it depends on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub because_of: Option<String>,
+    #[serde(skip)]
+    hash: String,
+}
+
+/// What an eviction did or, in a dry run, would do.
+#[derive(Debug, Clone, Serialize)]
+pub struct GcReport {
+    pub cache: String,
+    pub dry_run: bool,
+    pub max_size: Option<i64>,
+    pub size_before: i64,
+    pub size_after: i64,
+    pub paths_before: usize,
+    pub paths_after: usize,
+    /// Paths in the closures of pins (never evicted).
+    pub pinned_paths: usize,
+    pub evicted: Vec<Victim>,
+    /// Set when the cache is (still) over 85 % of its limit, or cannot get under it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+}
+
+fn store_path(p: &LruPath) -> String {
+    format!(
+        "{}/{}-{}",
+        larder_nix::store_path::STORE_DIR,
+        p.hash,
+        p.name
+    )
+}
+
+/// Choose what to evict so that the cache's paths fit in `max_size`. Pure: the snapshot in,
+/// the ordered victims out.
+pub fn plan(
+    paths: &[LruPath],
+    refs: &[(String, String)],
+    pins: &[PinRow],
+    max_size: i64,
+) -> (Vec<Victim>, usize) {
+    let n = paths.len();
+    let index: HashMap<&str, usize> = paths
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.hash.as_str(), i))
+        .collect();
+    let mut referrers = vec![Vec::new(); n];
+    let mut references = vec![Vec::new(); n];
+    for (from, to) in refs {
+        if let (Some(&f), Some(&t)) = (index.get(from.as_str()), index.get(to.as_str())) {
+            if f != t {
+                referrers[t].push(f);
+                references[f].push(t);
+            }
+        }
+    }
+    // Pinned closures, following references.
+    let mut pinned = vec![false; n];
+    let mut queue: VecDeque<usize> = pins
+        .iter()
+        .filter_map(|p| index.get(p.hash.as_str()).copied())
+        .collect();
+    while let Some(i) = queue.pop_front() {
+        if !std::mem::replace(&mut pinned[i], true) {
+            queue.extend(references[i].iter().copied());
+        }
+    }
+    // Closure recency, from the top (unreferenced paths) down the references.
+    let own: Vec<i64> = paths
+        .iter()
+        .map(|p| p.last_used_at.unwrap_or(p.created_at).max(p.created_at))
+        .collect();
+    let mut recency = own.clone();
+    let mut pending: Vec<usize> = referrers.iter().map(Vec::len).collect();
+    let mut ready: VecDeque<usize> = (0..n).filter(|&i| pending[i] == 0).collect();
+    let mut ordered = vec![false; n];
+    while let Some(i) = ready.pop_front() {
+        ordered[i] = true;
+        for &r in &references[i] {
+            recency[r] = recency[r].max(recency[i]);
+            pending[r] -= 1;
+            if pending[r] == 0 {
+                ready.push_back(r);
+            }
+        }
+    }
+    // Anything left is on a reference cycle (Nix never makes one): never evicted.
+    for (p, o) in pinned.iter_mut().zip(&ordered) {
+        *p |= !*o;
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    // Ties (one-second timestamps) go to the older upload.
+    order.sort_by_key(|&i| (recency[i], own[i], paths[i].id));
+    let mut size: i64 = paths.iter().map(|p| p.file_size).sum();
+    let mut gone = vec![false; n];
+    let mut victims = Vec::new();
+    for &c in &order {
+        if size <= max_size {
+            break;
+        }
+        if gone[c] || pinned[c] {
+            continue;
+        }
+        // The path and everything that (transitively) references it.
+        let mut group = vec![c];
+        let mut seen = HashSet::from([c]);
+        let mut k = 0;
+        while k < group.len() {
+            for &r in &referrers[group[k]] {
+                if !gone[r] && seen.insert(r) {
+                    group.push(r);
+                }
+            }
+            k += 1;
+        }
+        if group.iter().any(|&g| pinned[g]) {
+            continue; // unreachable: pinned closures are closed under references
+        }
+        let root = store_path(&paths[c]);
+        for (k, &g) in group.iter().enumerate() {
+            gone[g] = true;
+            size -= paths[g].file_size;
+            victims.push(Victim {
+                store_path: store_path(&paths[g]),
+                file_size: paths[g].file_size,
+                last_used_at: recency[g],
+                reason: if k == 0 {
+                    Reason::LeastRecentlyUsed
+                } else {
+                    Reason::ReferencesEvicted
+                },
+                because_of: (k > 0).then(|| root.clone()),
+                hash: paths[g].hash.clone(),
+            });
+        }
+    }
+    (victims, pinned.iter().filter(|p| **p).count())
+}
+
+fn near_limit(size: i64, max: i64) -> bool {
+    max > 0 && size as f64 >= max as f64 * WARN_FRACTION
+}
+
+/// Whether a cache of `size` bytes is past [`WARN_FRACTION`] of its limit.
+pub fn over_warning(cache: &CacheRow, size: i64) -> bool {
+    cache.max_size.is_some_and(|m| near_limit(size, m))
+}
+
+/// Evict least recently used closures of `cache` until it fits its limit (or, with
+/// `dry_run`, say what would go). A cache without a limit loses nothing.
+pub async fn evict(
+    state: &AppState,
+    cache: &CacheRow,
+    dry_run: bool,
+) -> Result<GcReport, ApiError> {
+    let _one_at_a_time = state.retention.evicting.lock().await;
+    state.retention.usage.flush(&state.meta).await?;
+    if !dry_run {
+        state.meta.prune_pins(cache.id).await?;
+    }
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let paths = state.meta.lru_paths(cache.id).await?;
+        let refs = state.meta.cache_refs(cache.id).await?;
+        let pins = state.meta.list_pins(cache.id).await?;
+        let size_before: i64 = paths.iter().map(|p| p.file_size).sum();
+        let (victims, pinned_paths) = match cache.max_size {
+            Some(max) => plan(&paths, &refs, &pins, max),
+            None => (Vec::new(), 0),
+        };
+        let freed: i64 = victims.iter().map(|v| v.file_size).sum();
+        let size_after = size_before - freed;
+        let mut report = GcReport {
+            cache: cache.name.clone(),
+            dry_run,
+            max_size: cache.max_size,
+            size_before,
+            size_after,
+            paths_before: paths.len(),
+            paths_after: paths.len() - victims.len(),
+            pinned_paths,
+            evicted: victims,
+            warning: None,
+        };
+        if let Some(max) = cache.max_size {
+            if size_after > max {
+                report.warning = Some(format!(
+                    "cache stays over its limit: {size_after} of {max} bytes are pinned"
+                ));
+            } else if near_limit(size_after, max) {
+                report.warning = Some(format!(
+                    "cache uses {size_after} of {max} bytes (over {:.0} %)",
+                    WARN_FRACTION * 100.0
+                ));
+            }
+        }
+        if dry_run || report.evicted.is_empty() {
+            return Ok(report);
+        }
+        let hashes: Vec<String> = report.evicted.iter().map(|v| v.hash.clone()).collect();
+        match state.meta.evict_paths(cache.id, &hashes).await? {
+            Evicted::Done => {
+                for h in &hashes {
+                    state.hot.forget_narinfo(cache.id, h);
+                }
+                tracing::info!(
+                    cache = %cache.name,
+                    paths = hashes.len(),
+                    bytes = freed,
+                    size = size_after,
+                    "evicted least recently used paths"
+                );
+                return Ok(report);
+            }
+            Evicted::Raced if attempt < EVICT_ATTEMPTS => continue,
+            Evicted::Raced => {
+                report.evicted.clear();
+                report.size_after = size_before;
+                report.paths_after = report.paths_before;
+                report.warning = Some("eviction raced with uploads; will retry later".into());
+                return Ok(report);
+            }
+        }
+    }
+}
+
+/// After a path of `cache` was published: if the cache has a limit, check it (in the
+/// background, coalesced per cache) and evict when it is crossed.
+pub fn after_publish(state: &AppState, cache: &CacheRow, file_size: i64) {
+    let Some(max) = cache.max_size else {
+        return;
+    };
+    match state.retention.queued.lock() {
+        Ok(mut q) => {
+            if !q.insert(cache.id) {
+                return; // a check is already queued and will see this path
+            }
+        }
+        Err(_) => return,
+    }
+    let state = state.clone();
+    let cache = cache.clone();
+    tokio::spawn(async move {
+        // Wait for a running eviction: its plan may predate this path.
+        drop(state.retention.evicting.lock().await);
+        if let Ok(mut q) = state.retention.queued.lock() {
+            q.remove(&cache.id);
+        }
+        let size = match state.meta.cache_stats(cache.id).await {
+            Ok(s) => s.size,
+            Err(e) => {
+                tracing::warn!(cache = %cache.name, error = %e, "cannot check the cache size");
+                return;
+            }
+        };
+        if near_limit(size, max) && !near_limit(size - file_size, max) {
+            tracing::warn!(cache = %cache.name, size, max_size = max, "cache is over 85 % of its limit");
+        }
+        if size > max {
+            if let Err(e) = evict(&state, &cache, false).await {
+                tracing::warn!(cache = %cache.name, error = %e, "eviction failed");
+            }
+        }
+    });
+}
+
+/// The periodic part: prune pins and evict in every cache with a limit.
+pub async fn evict_all(state: &AppState) -> Result<(), ApiError> {
+    for cache in state.meta.list_caches().await? {
+        if cache.max_size.is_none() {
+            state.meta.prune_pins(cache.id).await?;
+            continue;
+        }
+        let report = evict(state, &cache, false).await?;
+        if let Some(w) = &report.warning {
+            tracing::warn!(cache = %cache.name, "{w}");
+        }
+    }
+    Ok(())
+}
+
+/// Write recorded uses every [`USAGE_FLUSH_INTERVAL`].
+pub(crate) async fn usage_loop(state: AppState) {
+    let mut interval = tokio::time::interval(USAGE_FLUSH_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        if let Err(e) = state.retention.usage.flush(&state.meta).await {
+            tracing::warn!(error = %e, "recording path usage failed");
+        }
+    }
+}

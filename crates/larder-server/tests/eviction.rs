@@ -1,0 +1,475 @@
+//! Storage limits: closure-safe least-recently-used eviction, pins, usage recording, and
+//! eviction racing uploads and downloads (SPEC §2.6).
+#![allow(clippy::unwrap_used)] // a panic is how a test fails
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use common::{noise, Comp, Server, TestPath};
+use larder_nix::NarInfo;
+use serde_json::{json, Value};
+
+fn sized(name: &str, seed: &str, len: usize) -> TestPath {
+    TestPath::with_nar(name, seed, common::file_nar(&noise(len, seed)))
+}
+
+async fn push(srv: &Server, cache: &str, tp: &TestPath) {
+    srv.push_api(cache, srv.admin(), tp, Comp::None)
+        .await
+        .expect(201);
+}
+
+/// Fetch a narinfo and its NAR, as Nix does (both count as uses).
+async fn fetch(srv: &Server, cache: &str, tp: &TestPath) {
+    let ni = srv
+        .get(&format!("/{cache}/{}.narinfo", tp.hash()), srv.admin())
+        .await
+        .expect(200);
+    let ni = NarInfo::parse(&ni.text()).unwrap();
+    srv.get(&format!("/{cache}/{}", ni.url), srv.admin())
+        .await
+        .expect(200);
+}
+
+/// Every narinfo the cache serves among `all`: its NAR and every reference are served too.
+/// Returns the hashes served.
+async fn walk(srv: &Server, cache: &str, all: &[&TestPath]) -> HashSet<String> {
+    let mut served = HashSet::new();
+    for tp in all {
+        let r = srv
+            .get(&format!("/{cache}/{}.narinfo", tp.hash()), srv.admin())
+            .await;
+        if r.status == 404 {
+            continue;
+        }
+        let ni = NarInfo::parse(&r.expect(200).text()).unwrap();
+        srv.get(&format!("/{cache}/{}", ni.url), srv.admin())
+            .await
+            .expect(200);
+        for reference in &ni.references {
+            srv.get(
+                &format!("/{cache}/{}.narinfo", reference.hash_part()),
+                srv.admin(),
+            )
+            .await
+            .expect(200);
+        }
+        served.insert(tp.hash());
+    }
+    served
+}
+
+async fn gc(srv: &Server, cache: &str, dry_run: bool) -> Value {
+    srv.post_json(
+        &format!("/api/v1/caches/{cache}/gc?dry_run={dry_run}"),
+        srv.admin(),
+        &json!({}),
+    )
+    .await
+    .expect(200)
+    .json()
+}
+
+fn evicted_paths(report: &Value) -> Vec<String> {
+    report["evicted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["store_path"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn least_recently_used_closures_go_first_and_pins_stay() {
+    let srv = Server::new().await;
+    srv.create_cache("c", false).await;
+    const N: usize = 10_000;
+    let base = sized("base", "base", N / 2);
+    let stale = sized("stale", "stale", N);
+    let libs: Vec<TestPath> = (0..6)
+        .map(|k| sized(&format!("lib{k}"), &format!("lib{k}"), N))
+        .collect();
+    let apps: Vec<TestPath> = (0..6)
+        .map(|k| sized(&format!("app{k}"), &format!("app{k}"), N).referencing(&[&libs[k], &base]))
+        .collect();
+    let pinlib = sized("pinlib", "pinlib", N);
+    let pinapp = sized("pinapp", "pinapp", N).referencing(&[&pinlib]);
+    for tp in [&base, &stale, &pinlib, &pinapp]
+        .into_iter()
+        .chain(libs.iter())
+        .chain(apps.iter())
+    {
+        push(&srv, "c", tp).await;
+    }
+    let pin = srv
+        .post_json(
+            "/api/v1/caches/c/pins",
+            srv.admin(),
+            &json!({ "name": "release", "store_path": pinapp.path.to_absolute() }),
+        )
+        .await
+        .expect(201)
+        .json();
+    assert_eq!(pin["revision"], 1);
+    assert_eq!(pin["keep"], "forever");
+
+    // Known access pattern: apps 3, 0, 5, 1, 4, 2, each in its own second. The pinned
+    // closure and `stale` are never used (they age from their upload, the oldest time).
+    let t0 = larder_store::now_unix();
+    for (i, k) in [3, 0, 5, 1, 4, 2].into_iter().enumerate() {
+        fetch(&srv, "c", &apps[k]).await;
+        srv.state
+            .retention
+            .usage
+            .flush_at(&srv.state.meta, t0 + 10 * (i as i64 + 1))
+            .await
+            .unwrap();
+    }
+
+    // A limit that forces out `stale` and the closures of apps 3, 0 and 5, exactly.
+    let size = |tps: &[&TestPath]| tps.iter().map(|t| t.nar.len() as i64).sum::<i64>();
+    let total = srv.cache_info("c").await["size"].as_i64().unwrap();
+    let must_go = size(&[
+        &stale, &libs[3], &apps[3], &libs[0], &apps[0], &libs[5], &apps[5],
+    ]);
+    let limit = total - must_go;
+    srv.patch_json(
+        "/api/v1/caches/c",
+        srv.admin(),
+        &json!({ "max_size": limit }),
+    )
+    .await
+    .expect(200);
+    let info = srv.cache_info("c").await;
+    assert_eq!(info["near_limit"], true, "{info}");
+
+    let expected: Vec<String> = [
+        &stale, &libs[3], &apps[3], &libs[0], &apps[0], &libs[5], &apps[5],
+    ]
+    .iter()
+    .map(|t| t.path.to_absolute())
+    .collect();
+    let objects = srv.chunk_files();
+    let paths = srv.path_count("c").await;
+
+    let dry = gc(&srv, "c", true).await;
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(evicted_paths(&dry), expected, "{dry:#}");
+    assert_eq!(dry["evicted"][0]["reason"], "least-recently-used");
+    assert_eq!(dry["evicted"][2]["reason"], "references-evicted");
+    assert_eq!(dry["evicted"][2]["because_of"], libs[3].path.to_absolute());
+    assert_eq!(
+        srv.path_count("c").await,
+        paths,
+        "a dry run deletes nothing"
+    );
+
+    let done = gc(&srv, "c", false).await;
+    assert_eq!(evicted_paths(&done), expected, "{done:#}");
+    let info = srv.cache_info("c").await;
+    assert!(info["size"].as_i64().unwrap() <= limit, "{info}");
+    assert_eq!(info["paths"].as_i64().unwrap(), paths - 7);
+    // The NARs stay for the grace period (a narinfo served just before may name them).
+    assert_eq!(srv.chunk_files(), objects);
+
+    for tp in [
+        &stale, &libs[3], &apps[3], &libs[0], &apps[0], &libs[5], &apps[5],
+    ] {
+        srv.assert_absent("c", tp).await;
+    }
+    let mut all: Vec<&TestPath> = vec![&base, &stale, &pinlib, &pinapp];
+    all.extend(libs.iter());
+    all.extend(apps.iter());
+    let served = walk(&srv, "c", &all).await;
+    for tp in [
+        &base, &pinlib, &pinapp, &libs[1], &apps[1], &libs[4], &apps[4], &libs[2], &apps[2],
+    ] {
+        assert!(served.contains(&tp.hash()), "{} was evicted", tp.path);
+    }
+
+    // Under the limit now: nothing more goes.
+    assert_eq!(
+        evicted_paths(&gc(&srv, "c", false).await),
+        Vec::<String>::new()
+    );
+}
+
+#[tokio::test]
+async fn a_pinned_closure_survives_a_limit_it_alone_exceeds() {
+    let srv = Server::new().await;
+    srv.create_cache("c", false).await;
+    let lib = sized("lib", "lib", 5000);
+    let app = sized("app", "app", 5000).referencing(&[&lib]);
+    let other = sized("other", "other", 5000);
+    for tp in [&lib, &app, &other] {
+        push(&srv, "c", tp).await;
+    }
+    srv.post_json(
+        "/api/v1/caches/c/pins",
+        srv.admin(),
+        &json!({ "name": "app", "store_path": app.path.to_string() }),
+    )
+    .await
+    .expect(201);
+    srv.patch_json("/api/v1/caches/c", srv.admin(), &json!({ "max_size": 100 }))
+        .await
+        .expect(200);
+    let report = gc(&srv, "c", false).await;
+    assert_eq!(evicted_paths(&report), vec![other.path.to_absolute()]);
+    assert_eq!(report["pinned_paths"], 2);
+    assert!(report["warning"].as_str().unwrap().contains("pinned"));
+    srv.assert_present("c", &lib).await;
+    srv.assert_present("c", &app).await;
+}
+
+#[tokio::test]
+async fn pins_are_revisioned_and_must_name_a_path_in_the_cache() {
+    let srv = Server::new().await;
+    srv.create_cache("c", false).await;
+    let paths: Vec<TestPath> = (0..4)
+        .map(|k| sized(&format!("p{k}"), &format!("p{k}"), 100))
+        .collect();
+    for tp in &paths {
+        push(&srv, "c", tp).await;
+    }
+    let absent = sized("absent", "absent", 100);
+    let r = srv
+        .post_json(
+            "/api/v1/caches/c/pins",
+            srv.admin(),
+            &json!({ "name": "x", "store_path": absent.path.to_absolute() }),
+        )
+        .await
+        .expect(400);
+    assert!(r.text().contains("not in cache"), "{}", r.text());
+    srv.post_json(
+        "/api/v1/caches/c/pins",
+        srv.admin(),
+        &json!({ "name": "x", "store_path": paths[0].path.to_absolute(), "keep_revisions": 2, "keep_days": 3 }),
+    )
+    .await
+    .expect(400);
+    for (k, tp) in paths.iter().enumerate() {
+        let pin = srv
+            .post_json(
+                "/api/v1/caches/c/pins",
+                srv.admin(),
+                &json!({ "name": "x", "store_path": tp.path.to_absolute(), "keep_revisions": 2 }),
+            )
+            .await
+            .expect(201)
+            .json();
+        assert_eq!(pin["revision"], k as i64 + 1);
+        assert_eq!(pin["keep"], json!({ "revisions": 2 }));
+    }
+    let list = srv
+        .get("/api/v1/caches/c/pins", srv.admin())
+        .await
+        .expect(200)
+        .json();
+    let revs: Vec<(i64, String)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["revision"].as_i64().unwrap(),
+                p["store_path"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        revs,
+        vec![
+            (4, paths[3].path.to_absolute()),
+            (3, paths[2].path.to_absolute())
+        ]
+    );
+    // Anonymous users may read the pins of a public cache, not change them.
+    srv.get("/api/v1/caches/c/pins", common::Auth::Anon)
+        .await
+        .expect(200);
+    srv.delete("/api/v1/caches/c/pins/x", common::Auth::Anon)
+        .await
+        .expect(401);
+    srv.delete("/api/v1/caches/c/pins/x", srv.admin())
+        .await
+        .expect(204);
+    srv.delete("/api/v1/caches/c/pins/x", srv.admin())
+        .await
+        .expect(404);
+    let list = srv
+        .get("/api/v1/caches/c/pins", srv.admin())
+        .await
+        .expect(200)
+        .json();
+    assert_eq!(list, json!([]));
+}
+
+#[tokio::test]
+async fn gc_needs_admin_on_the_cache() {
+    let srv = Server::new().await;
+    srv.create_cache("c", false).await;
+    let push_token = srv.token(&["push"], Some(&["c"])).await;
+    srv.post_json(
+        "/api/v1/caches/c/gc?dry_run=true",
+        common::Auth::Anon,
+        &json!({}),
+    )
+    .await
+    .expect(401);
+    srv.post_json(
+        "/api/v1/caches/c/gc?dry_run=true",
+        push_token.bearer(),
+        &json!({}),
+    )
+    .await
+    .expect(403);
+    let admin = srv.token(&["admin"], Some(&["c"])).await;
+    srv.post_json("/api/v1/caches/c/gc", admin.bearer(), &json!({}))
+        .await
+        .expect(200);
+}
+
+#[tokio::test]
+async fn an_upload_that_crosses_the_limit_triggers_eviction() {
+    let srv = Server::new().await;
+    srv.post_json(
+        "/api/v1/caches",
+        srv.admin(),
+        &json!({ "name": "c", "max_size": 30_000 }),
+    )
+    .await
+    .expect(201);
+    let paths: Vec<TestPath> = (0..6)
+        .map(|k| sized(&format!("p{k}"), &format!("p{k}"), 10_000))
+        .collect();
+    for tp in &paths {
+        push(&srv, "c", tp).await;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let size = srv.cache_info("c").await["size"].as_i64().unwrap();
+        if size <= 30_000 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still {size} bytes");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // The newest upload survives.
+    srv.assert_present("c", &paths[5]).await;
+}
+
+/// Eviction running while paths are pushed and pulled: a narinfo that is served never names a
+/// NAR that 404s, and the closure of every served narinfo is complete at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn eviction_racing_uploads_and_downloads_never_breaks_a_served_narinfo() {
+    let srv = Arc::new(Server::new().await);
+    srv.post_json(
+        "/api/v1/caches",
+        srv.admin(),
+        &json!({ "name": "c", "max_size": 40_000 }),
+    )
+    .await
+    .expect(201);
+    let base = sized("base", "base", 2000);
+    push(&srv, "c", &base).await;
+    let closures: Arc<Vec<(TestPath, TestPath)>> = Arc::new(
+        (0..40)
+            .map(|k| {
+                let lib = sized(&format!("lib{k}"), &format!("rlib{k}"), 3000);
+                let app = sized(&format!("app{k}"), &format!("rapp{k}"), 3000)
+                    .referencing(&[&lib, &base]);
+                (lib, app)
+            })
+            .collect(),
+    );
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+
+    let pusher = {
+        let (srv, closures, base) = (srv.clone(), closures.clone(), base.clone());
+        tokio::spawn(async move {
+            for (lib, app) in closures.iter() {
+                // The base may have been evicted: push the whole closure, as a client does.
+                for tp in [&base, lib, app] {
+                    let r = srv.push_api("c", srv.admin(), tp, Comp::None).await;
+                    assert!(
+                        r.status.is_success() || r.status == 400,
+                        "push: {} {}",
+                        r.status,
+                        r.text()
+                    );
+                }
+            }
+        })
+    };
+    let mut readers = Vec::new();
+    for _ in 0..2 {
+        let (srv, closures, stop) = (srv.clone(), closures.clone(), stop.clone());
+        readers.push(tokio::spawn(async move {
+            let mut checked = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for (lib, app) in closures.iter() {
+                    for tp in [app, lib] {
+                        let r = srv
+                            .get(&format!("/c/{}.narinfo", tp.hash()), srv.admin())
+                            .await;
+                        if r.status == 404 {
+                            continue;
+                        }
+                        let ni = NarInfo::parse(&r.expect(200).text()).unwrap();
+                        let nar = srv.get(&format!("/c/{}", ni.url), srv.admin()).await;
+                        assert_eq!(
+                            nar.status, 200,
+                            "{} names a NAR that is gone",
+                            ni.store_path
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+            checked
+        }));
+    }
+    let evictor = {
+        let (srv, stop) = (srv.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let cache = srv.state.meta.get_cache("c").await.unwrap().unwrap();
+                larder_server::retention::evict(&srv.state, &cache, false)
+                    .await
+                    .unwrap();
+                larder_server::publish::collect_garbage(&srv.state)
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    pusher.await.unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    evictor.await.unwrap();
+    let mut checked = 0;
+    for r in readers {
+        checked += r.await.unwrap();
+    }
+    assert!(checked > 0);
+
+    let cache = srv.state.meta.get_cache("c").await.unwrap().unwrap();
+    larder_server::retention::evict(&srv.state, &cache, false)
+        .await
+        .unwrap();
+    let info = srv.cache_info("c").await;
+    assert!(info["size"].as_i64().unwrap() <= 40_000, "{info}");
+    let mut all: Vec<&TestPath> = vec![&base];
+    for (lib, app) in closures.iter() {
+        all.push(lib);
+        all.push(app);
+    }
+    let served = walk(&srv, "c", &all).await;
+    assert!(
+        served.contains(&closures[39].1.hash()),
+        "the newest closure was evicted"
+    );
+}

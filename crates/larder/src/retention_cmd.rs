@@ -1,0 +1,269 @@
+//! `larder gc CACHE [--dry-run]` and `larder pin …`: the retention verbs, thin clients of
+//! `POST /api/v1/caches/{c}/gc` and `/api/v1/caches/{c}/pins` (see the README's Retention).
+
+use anyhow::Context;
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::client_config::target;
+use crate::output::{fail_with_hint, human_size, print, print_json};
+
+#[derive(clap::Args)]
+pub struct GcArgs {
+    /// CACHE or SERVER:CACHE
+    cache: String,
+    /// Only list what would be evicted, in order, and why.
+    #[arg(long)]
+    dry_run: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct PinArgs {
+    #[command(subcommand)]
+    command: Option<PinCommand>,
+    /// CACHE or SERVER:CACHE
+    #[arg(required = true)]
+    cache: Option<String>,
+    /// Pin name; pinning the same name again makes a new revision.
+    #[arg(required = true)]
+    name: Option<String>,
+    /// The store path (or a symlink to it, such as ./result); it must be in the cache.
+    #[arg(required = true)]
+    path: Option<String>,
+    /// Keep the newest N revisions of this pin.
+    #[arg(long, conflicts_with_all = ["keep_days", "keep_forever"])]
+    keep_revisions: Option<i64>,
+    /// Keep the revisions of the last N days (the newest is always kept).
+    #[arg(long, conflicts_with = "keep_forever")]
+    keep_days: Option<i64>,
+    /// Keep every revision (the default).
+    #[arg(long)]
+    keep_forever: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Subcommand)]
+enum PinCommand {
+    /// List the pins of a cache and their kept revisions.
+    List {
+        /// CACHE or SERVER:CACHE
+        cache: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a pin (every revision); its closure may then be evicted.
+    Delete {
+        /// CACHE or SERVER:CACHE
+        cache: String,
+        name: String,
+    },
+}
+
+async fn call(
+    client: &larder_client::ApiClient,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> anyhow::Result<Option<Value>> {
+    let mut rb = client.request(method, path);
+    if let Some(b) = body {
+        rb = rb.json(&b);
+    }
+    let resp = client.send(rb).await?;
+    if resp.status() == reqwest::StatusCode::NO_CONTENT {
+        return Ok(None);
+    }
+    Ok(Some(
+        resp.json()
+            .await
+            .context("cannot decode the server's answer")?,
+    ))
+}
+
+fn when(t: i64) -> String {
+    let d = larder_store::now_unix() - t;
+    if d < 120 {
+        format!("{d}s ago")
+    } else if d < 7200 {
+        format!("{}m ago", d / 60)
+    } else if d < 2 * 86400 {
+        format!("{}h ago", d / 3600)
+    } else {
+        format!("{}d ago", d / 86400)
+    }
+}
+
+pub async fn gc(args: GcArgs) -> anyhow::Result<()> {
+    let t = target(&args.cache)?;
+    let report = call(
+        &t.client,
+        Method::POST,
+        &format!("/api/v1/caches/{}/gc?dry_run={}", t.cache, args.dry_run),
+        None,
+    )
+    .await
+    .with_context(|| format!("cannot collect garbage in cache {:?}", t.cache))?
+    .unwrap_or_default();
+    if args.json {
+        return print_json(&report);
+    }
+    let n = |k: &str| report[k].as_i64().unwrap_or(0);
+    let evicted = report["evicted"].as_array().cloned().unwrap_or_default();
+    let mut out = String::new();
+    for v in &evicted {
+        let why = match v["reason"].as_str() {
+            Some("references-evicted") => {
+                format!("references {}", v["because_of"].as_str().unwrap_or("?"))
+            }
+            _ => format!(
+                "least recently used (closure last used {})",
+                when(v["last_used_at"].as_i64().unwrap_or(0))
+            ),
+        };
+        out.push_str(&format!(
+            "{:>10}  {}  {why}\n",
+            human_size(v["file_size"].as_i64().unwrap_or(0)),
+            v["store_path"].as_str().unwrap_or("?"),
+        ));
+    }
+    print(&out)?;
+    let limit = match report["max_size"].as_i64() {
+        Some(m) => human_size(m),
+        None => "none".into(),
+    };
+    eprintln!(
+        "{} {} path(s); size {} -> {} (limit {limit}; {} pinned path(s))",
+        if args.dry_run {
+            "would evict"
+        } else {
+            "evicted"
+        },
+        evicted.len(),
+        human_size(n("size_before")),
+        human_size(n("size_after")),
+        n("pinned_paths"),
+    );
+    if let Some(w) = report["warning"].as_str() {
+        eprintln!("warning: {w}");
+    }
+    Ok(())
+}
+
+/// The store path named by `arg`: a store path (or a path inside one), or a symlink to one.
+fn store_path_arg(arg: &str) -> anyhow::Result<String> {
+    let store = larder_nix::store_path::STORE_DIR;
+    let abs = if arg.starts_with(&format!("{store}/")) {
+        arg.to_owned()
+    } else {
+        std::fs::canonicalize(arg)
+            .with_context(|| format!("cannot resolve {arg:?}"))?
+            .to_string_lossy()
+            .into_owned()
+    };
+    let rest = abs.strip_prefix(&format!("{store}/")).ok_or_else(|| {
+        fail_with_hint(
+            format!("{arg:?} is not in the Nix store"),
+            "give a store path such as /nix/store/…-hello-2.12 or a ./result symlink",
+        )
+    })?;
+    let base = rest.split('/').next().unwrap_or(rest);
+    Ok(format!("{store}/{base}"))
+}
+
+pub async fn pin(args: PinArgs) -> anyhow::Result<()> {
+    match args.command {
+        Some(PinCommand::List { cache, json }) => {
+            let t = target(&cache)?;
+            let pins = call(
+                &t.client,
+                Method::GET,
+                &format!("/api/v1/caches/{}/pins", t.cache),
+                None,
+            )
+            .await
+            .with_context(|| format!("cannot list the pins of cache {:?}", t.cache))?
+            .unwrap_or_default();
+            if json {
+                return print_json(&pins);
+            }
+            let pins = pins.as_array().cloned().unwrap_or_default();
+            if pins.is_empty() {
+                eprintln!("no pins in cache {:?}", t.cache);
+                return Ok(());
+            }
+            let mut out = format!(
+                "{:<24} {:>4} {:<14} {:<10} {}\n",
+                "NAME", "REV", "KEEP", "CREATED", "STORE PATH"
+            );
+            for p in &pins {
+                let keep = match &p["keep"] {
+                    Value::String(s) => s.clone(),
+                    Value::Object(m) => m
+                        .iter()
+                        .map(|(k, v)| format!("{v} {k}"))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    _ => "?".into(),
+                };
+                out.push_str(&format!(
+                    "{:<24} {:>4} {:<14} {:<10} {}\n",
+                    p["name"].as_str().unwrap_or("?"),
+                    p["revision"].as_i64().unwrap_or(0),
+                    keep,
+                    when(p["created_at"].as_i64().unwrap_or(0)),
+                    p["store_path"].as_str().unwrap_or("?"),
+                ));
+            }
+            print(&out)
+        }
+        Some(PinCommand::Delete { cache, name }) => {
+            let t = target(&cache)?;
+            call(
+                &t.client,
+                Method::DELETE,
+                &format!("/api/v1/caches/{}/pins/{name}", t.cache),
+                None,
+            )
+            .await
+            .with_context(|| format!("cannot delete pin {name:?} of cache {:?}", t.cache))?;
+            eprintln!("deleted pin {name:?} of cache {:?}", t.cache);
+            Ok(())
+        }
+        None => {
+            let (Some(cache), Some(name), Some(path)) = (args.cache, args.name, args.path) else {
+                return Err(fail_with_hint(
+                    "missing arguments",
+                    "usage: larder pin CACHE NAME PATH (or `larder pin list CACHE`)",
+                ));
+            };
+            let t = target(&cache)?;
+            let store_path = store_path_arg(&path)?;
+            let pin = call(
+                &t.client,
+                Method::POST,
+                &format!("/api/v1/caches/{}/pins", t.cache),
+                Some(json!({
+                    "name": name, "store_path": store_path,
+                    "keep_revisions": args.keep_revisions, "keep_days": args.keep_days,
+                    "keep_forever": args.keep_forever,
+                })),
+            )
+            .await
+            .with_context(|| format!("cannot pin {store_path} in cache {:?}", t.cache))?
+            .unwrap_or_default();
+            if args.json {
+                return print_json(&pin);
+            }
+            eprintln!(
+                "pinned {store_path} as {name:?} revision {} in cache {:?}",
+                pin["revision"].as_i64().unwrap_or(0),
+                t.cache
+            );
+            Ok(())
+        }
+    }
+}
