@@ -34,6 +34,10 @@ const CHANNEL_BLOCKS: usize = 8;
 const BLOCK: usize = 256 * 1024;
 /// Paths per bulk `missing` query.
 const MISSING_BATCH: usize = 5000;
+/// Default part size of multi-part uploads (NAR bytes per part).
+pub const DEFAULT_PART_SIZE: u64 = 64 << 20;
+/// Compressed parts waiting to be sent, per upload (bounds memory to about two parts).
+const PARTS_IN_FLIGHT: usize = 1;
 /// NARs larger than this are compressed with zstd's worker threads.
 const MT_THRESHOLD: u64 = 8 << 20;
 
@@ -87,8 +91,11 @@ pub struct PushOptions {
     pub upstream_keys: Vec<String>,
     pub omit_deriver: bool,
     pub signing_key: Option<SigningKey>,
-    /// Attempts per path on network errors, 5xx and 429.
+    /// Attempts per path (or part) on network errors, 5xx and 429.
     pub attempts: u32,
+    /// NARs larger than this are uploaded in parts of this many NAR bytes, each retried on its
+    /// own, so a dropped connection or a proxy's body limit costs one part.
+    pub part_size: u64,
 }
 
 impl Default for PushOptions {
@@ -104,6 +111,7 @@ impl Default for PushOptions {
             omit_deriver: false,
             signing_key: None,
             attempts: 4,
+            part_size: DEFAULT_PART_SIZE,
         }
     }
 }
@@ -417,7 +425,12 @@ async fn push_one(
 ) -> Result<Option<u64>, PushError> {
     let mut attempt = 1;
     let upload = loop {
-        match upload_nar(client, cache, info, opts, observer).await {
+        let r = if info.nar_size > opts.part_size {
+            upload_parts(client, cache, info, opts, observer).await
+        } else {
+            upload_nar(client, cache, info, opts, observer).await
+        };
+        match r {
             Ok(u) => break u,
             Err(e) => match transient(&e) {
                 Some(wait) if attempt < opts.attempts => {
@@ -620,4 +633,199 @@ fn receiver_stream(
     mut rx: mpsc::Receiver<io::Result<Bytes>>,
 ) -> impl futures::Stream<Item = io::Result<Bytes>> + Send + 'static {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// Splits a NAR stream into parts of `part_size` NAR bytes, each compressed as an independent
+/// frame (so their concatenation is one valid stream), handing each finished part to `tx`.
+struct PartSplitter {
+    compression: Compression,
+    level: i32,
+    part_size: u64,
+    in_part: u64,
+    current: Option<PartEncoder>,
+    tx: mpsc::Sender<Bytes>,
+}
+
+enum PartEncoder {
+    None(Vec<u8>),
+    Zstd(zstd::Encoder<'static, Vec<u8>>),
+    Xz(xz2::write::XzEncoder<Vec<u8>>),
+}
+
+impl PartSplitter {
+    fn encoder(&self) -> io::Result<PartEncoder> {
+        Ok(match self.compression {
+            Compression::None => PartEncoder::None(Vec::new()),
+            Compression::Zstd => {
+                let mut e = zstd::Encoder::new(Vec::new(), self.level)?;
+                let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+                let _ = e.multithread(n as u32);
+                PartEncoder::Zstd(e)
+            }
+            Compression::Xz => PartEncoder::Xz(xz2::write::XzEncoder::new(
+                Vec::new(),
+                self.level.clamp(0, 9) as u32,
+            )),
+        })
+    }
+
+    /// Finish the current part (if any) and send it.
+    fn flush_part(&mut self) -> io::Result<()> {
+        let Some(enc) = self.current.take() else {
+            return Ok(());
+        };
+        let bytes = match enc {
+            PartEncoder::None(v) => v,
+            PartEncoder::Zstd(e) => e.finish()?,
+            PartEncoder::Xz(e) => e.finish()?,
+        };
+        self.in_part = 0;
+        self.tx
+            .blocking_send(Bytes::from(bytes))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "upload stopped"))
+    }
+}
+
+impl Write for PartSplitter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.in_part >= self.part_size {
+            self.flush_part()?;
+        }
+        if self.current.is_none() {
+            self.current = Some(self.encoder()?);
+        }
+        let room = (self.part_size - self.in_part).min(data.len() as u64) as usize;
+        let chunk = data.get(..room).unwrap_or(data);
+        match self.current.as_mut() {
+            Some(PartEncoder::None(v)) => v.extend_from_slice(chunk),
+            Some(PartEncoder::Zstd(e)) => e.write_all(chunk)?,
+            Some(PartEncoder::Xz(e)) => e.write_all(chunk)?,
+            None => {}
+        }
+        self.in_part += chunk.len() as u64;
+        Ok(chunk.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[derive(Deserialize)]
+struct Opened {
+    upload_id: String,
+}
+
+/// Upload a large NAR in parts: each part is sent (and on a transient failure re-sent) on its
+/// own; the server verifies the whole at completion.
+async fn upload_parts(
+    client: &ApiClient,
+    cache: &str,
+    info: &PathInfo,
+    opts: &PushOptions,
+    observer: &Arc<dyn Observer>,
+) -> Result<UploadResp, PushError> {
+    let opened: Opened = client
+        .send(client.request(
+            reqwest::Method::POST,
+            &format!(
+                "/api/v1/caches/{cache}/multipart?compression={}",
+                opts.compression.as_str()
+            ),
+        ))
+        .await?
+        .json()
+        .await
+        .map_err(|e| PushError::Internal(format!("bad answer opening an upload: {e}")))?;
+    let (tx, mut rx) = mpsc::channel::<Bytes>(PARTS_IN_FLIGHT);
+    let (compression, level, part_size, info2) = (
+        opts.compression,
+        opts.level,
+        opts.part_size.max(1),
+        info.clone(),
+    );
+    let producer = tokio::task::spawn_blocking(move || -> Result<(), PushError> {
+        let splitter = PartSplitter {
+            compression,
+            level,
+            part_size,
+            in_part: 0,
+            current: None,
+            tx,
+        };
+        let mut splitter = dump_verified(&info2, splitter)?;
+        splitter
+            .flush_part()
+            .map_err(|source| LocalStoreError::Write {
+                path: info2.path.clone(),
+                source,
+            })?;
+        Ok(())
+    });
+    let mut n = 0u32;
+    let mut failure = None;
+    while let Some(part) = rx.recv().await {
+        let url = format!(
+            "/api/v1/caches/{cache}/multipart/{}/parts/{n}",
+            opened.upload_id
+        );
+        let mut attempt = 1;
+        loop {
+            let r = client
+                .send(
+                    client
+                        .request(reqwest::Method::PUT, &url)
+                        .body(part.clone()),
+                )
+                .await;
+            match r {
+                Ok(_) => break,
+                Err(e) => {
+                    let e = PushError::Client(e);
+                    match transient(&e) {
+                        Some(wait) if attempt < opts.attempts => {
+                            observer.retrying(
+                                info,
+                                &format!("part {n}: {}", error_line(&e)),
+                                attempt,
+                            );
+                            tokio::time::sleep(
+                                wait.unwrap_or(Duration::from_millis(500 << attempt)),
+                            )
+                            .await;
+                            attempt += 1;
+                        }
+                        _ => {
+                            failure = Some(e);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        if failure.is_some() {
+            break;
+        }
+        observer.bytes(part.len() as u64);
+        n += 1;
+    }
+    drop(rx);
+    let produced = producer
+        .await
+        .map_err(|e| PushError::Internal(e.to_string()))?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    produced?;
+    client
+        .send(client.request(
+            reqwest::Method::POST,
+            &format!(
+                "/api/v1/caches/{cache}/multipart/{}/complete",
+                opened.upload_id
+            ),
+        ))
+        .await?
+        .json()
+        .await
+        .map_err(|e| PushError::Internal(format!("bad answer completing an upload: {e}")))
 }

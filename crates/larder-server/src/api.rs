@@ -29,6 +29,7 @@ use crate::ingest::{ingest, truncate, Compression};
 use crate::publish::{load_cache, publish, store_upload, PathInfo, UpstreamRef};
 use crate::{valid_cache_name, AppState};
 
+mod multipart;
 mod retention;
 
 /// Most paths one `missing` query may ask about.
@@ -45,6 +46,15 @@ pub fn routes() -> Router<AppState> {
         .route("/caches/{cache}/missing", post(missing))
         .route("/caches/{cache}/nars", post(upload_nar))
         .route("/caches/{cache}/paths", post(publish_path))
+        .route("/caches/{cache}/multipart", post(multipart::open))
+        .route(
+            "/caches/{cache}/multipart/{id}/parts/{n}",
+            axum::routing::put(multipart::put_part),
+        )
+        .route(
+            "/caches/{cache}/multipart/{id}/complete",
+            post(multipart::complete),
+        )
         .route("/caches/{cache}/public-key", post(register_public_key))
         .route("/caches/{cache}/gc", post(retention::gc))
         .route(
@@ -431,6 +441,7 @@ struct UploadQuery {
     compression: String,
 }
 
+/// What the server measured of an uploaded NAR.
 #[derive(Serialize)]
 struct UploadResp {
     upload_id: String,
@@ -439,6 +450,19 @@ struct UploadResp {
     file_hash: String,
     file_size: i64,
     compression: String,
+}
+
+impl UploadResp {
+    fn from_nar(upload_id: String, nar: larder_store::meta::NarRow) -> Self {
+        UploadResp {
+            upload_id,
+            nar_hash: format!("sha256:{}", nar.nar_hash),
+            nar_size: nar.nar_size,
+            file_hash: format!("sha256:{}", nar.file_hash),
+            file_size: nar.file_size,
+            compression: nar.compression,
+        }
+    }
 }
 
 async fn upload_nar(
@@ -464,14 +488,7 @@ async fn upload_nar(
     let (upload_id, nar) = store_upload(&state, &c, None, up).await?;
     Ok((
         StatusCode::CREATED,
-        Json(UploadResp {
-            upload_id,
-            nar_hash: format!("sha256:{}", nar.nar_hash),
-            nar_size: nar.nar_size,
-            file_hash: format!("sha256:{}", nar.file_hash),
-            file_size: nar.file_size,
-            compression: nar.compression,
-        }),
+        Json(UploadResp::from_nar(upload_id, nar)),
     ))
 }
 

@@ -136,7 +136,8 @@ impl Decoder {
 }
 
 struct Pipeline {
-    out: io::BufWriter<std::fs::File>,
+    /// Where the received bytes are kept; `None` when they are already on disk (parts).
+    out: Option<io::BufWriter<std::fs::File>>,
     file_hasher: Sha256Hasher,
     file_size: u64,
     decoder: Decoder,
@@ -144,7 +145,7 @@ struct Pipeline {
 }
 
 impl Pipeline {
-    fn new(file: std::fs::File, compression: Compression) -> io::Result<Self> {
+    fn new(file: Option<std::fs::File>, compression: Compression) -> io::Result<Self> {
         let sink = NarSink {
             parser: NarParser::new(),
             error: None,
@@ -155,7 +156,7 @@ impl Pipeline {
             Compression::Zstd => Decoder::Zstd(zstd::stream::write::Decoder::new(sink)?),
         };
         Ok(Pipeline {
-            out: io::BufWriter::with_capacity(256 * 1024, file),
+            out: file.map(|f| io::BufWriter::with_capacity(256 * 1024, f)),
             file_hasher: Sha256Hasher::new(),
             file_size: 0,
             decoder,
@@ -164,7 +165,9 @@ impl Pipeline {
     }
 
     fn write(&mut self, block: &[u8]) -> Result<(), ApiError> {
-        self.out.write_all(block).map_err(ApiError::internal)?;
+        if let Some(out) = &mut self.out {
+            out.write_all(block).map_err(ApiError::internal)?;
+        }
         self.file_hasher.update(block);
         self.file_size += block.len() as u64;
         let res = match &mut self.decoder {
@@ -205,11 +208,12 @@ impl Pipeline {
             .parser
             .finish()
             .map_err(|e| ApiError::bad(format!("upload is not a valid NAR: {e}")))?;
-        let file = self
-            .out
-            .into_inner()
-            .map_err(|e| ApiError::internal(e.into_error()))?;
-        file.sync_all().map_err(ApiError::internal)?;
+        if let Some(out) = self.out {
+            let file = out
+                .into_inner()
+                .map_err(|e| ApiError::internal(e.into_error()))?;
+            file.sync_all().map_err(ApiError::internal)?;
+        }
         Ok((
             summary.nar_hash,
             summary.nar_size,
@@ -234,7 +238,7 @@ pub async fn ingest(
     let (file, path) = tmp.into_parts();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(CHANNEL_BLOCKS);
     let worker = tokio::task::spawn_blocking(move || {
-        let mut pipeline = Pipeline::new(file, compression).map_err(ApiError::internal)?;
+        let mut pipeline = Pipeline::new(Some(file), compression).map_err(ApiError::internal)?;
         while let Some(block) = rx.blocking_recv() {
             pipeline.write(&block)?;
         }
@@ -276,5 +280,52 @@ pub async fn ingest(
         file_size,
         compression,
         file: path,
+    })
+}
+
+/// What verifying a multi-part upload measured: the whole file's figures and each part's hash.
+#[derive(Debug)]
+pub struct VerifiedParts {
+    pub nar_hash: Sha256,
+    pub nar_size: u64,
+    pub file_hash: Sha256,
+    pub file_size: u64,
+    /// SHA-256 and size of each part, in order: each part becomes one stored chunk.
+    pub parts: Vec<(Sha256, u64)>,
+}
+
+/// Verify the concatenation of `parts` (files, in order) as one `compression`-compressed NAR,
+/// exactly like a single upload. Blocking: call from a blocking thread.
+pub fn verify_parts(
+    parts: &[std::path::PathBuf],
+    compression: Compression,
+) -> Result<VerifiedParts, ApiError> {
+    use std::io::Read;
+    let mut pipeline = Pipeline::new(None, compression).map_err(ApiError::internal)?;
+    let mut hashes = Vec::with_capacity(parts.len());
+    let mut buf = vec![0u8; 256 * 1024];
+    for part in parts {
+        let mut f = std::fs::File::open(part).map_err(ApiError::internal)?;
+        let mut h = Sha256Hasher::new();
+        let mut size = 0u64;
+        loop {
+            let n = f.read(&mut buf).map_err(ApiError::internal)?;
+            if n == 0 {
+                break;
+            }
+            let block = buf.get(..n).unwrap_or_default();
+            h.update(block);
+            size += n as u64;
+            pipeline.write(block)?;
+        }
+        hashes.push((h.finalize(), size));
+    }
+    let (nar_hash, nar_size, file_hash, file_size) = pipeline.finish()?;
+    Ok(VerifiedParts {
+        nar_hash,
+        nar_size,
+        file_hash,
+        file_size,
+        parts: hashes,
     })
 }

@@ -307,6 +307,7 @@ pub fn render_narinfo(path: &PathRow) -> Result<String, ApiError> {
 /// Delete what nothing refers to any more: expired pending uploads, their NARs, NARs of paths
 /// evicted longer than the grace period ago, and the chunks' objects. Returns how many objects were deleted.
 pub async fn collect_garbage(state: &AppState) -> Result<usize, ApiError> {
+    remove_stale_multipart(state).await;
     let ttl = crate::config::PENDING_UPLOAD_TTL.as_secs() as i64;
     let grace = state.config.evicted_nar_grace.as_secs() as i64;
     let keys = state.meta.collect_garbage(ttl, grace).await?;
@@ -328,6 +329,32 @@ pub(crate) async fn gc_loop(state: AppState) {
             Ok(0) => {}
             Ok(n) => tracing::info!(objects = n, "garbage collected"),
             Err(e) => tracing::warn!(error = %e, "garbage collection failed"),
+        }
+    }
+}
+
+/// Delete multi-part uploads never completed within the pending-upload TTL.
+async fn remove_stale_multipart(state: &AppState) {
+    let Ok(mut dir) = tokio::fs::read_dir(state.objects.staging_dir()).await else {
+        return;
+    };
+    while let Ok(Some(entry)) = dir.next_entry().await {
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with("multipart-")
+        {
+            continue;
+        }
+        let stale = entry
+            .metadata()
+            .await
+            .ok()
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > crate::config::PENDING_UPLOAD_TTL);
+        if stale {
+            let _ = tokio::fs::remove_dir_all(entry.path()).await;
         }
     }
 }

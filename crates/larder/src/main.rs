@@ -9,15 +9,19 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser, Subcommand};
 
 mod admin;
+mod build_cmd;
 mod client_config;
+mod daemon;
 mod doctor;
 mod env;
 mod nixconf;
 mod output;
 mod push_cmd;
+mod pusher;
 mod retention_cmd;
 mod serve;
 mod use_cmd;
+mod watch;
 
 /// A self-hosted Nix binary cache: build once on a strong machine, push to a signed cache,
 /// substitute everywhere else.
@@ -71,6 +75,24 @@ enum Command {
     /// Pin a store path's closure in a cache so eviction never removes it: `pin CACHE NAME
     /// PATH`, `pin list CACHE`, `pin delete CACHE NAME`. Re-pinning NAME makes a new revision.
     Pin(retention_cmd::PinArgs),
+    /// Push queue for Nix's post-build-hook: `daemon run CACHE`, `daemon push PATH…`,
+    /// `daemon stop`, `daemon status`, and `daemon hook` (writes the hook script).
+    #[command(subcommand)]
+    Daemon(daemon::DaemonCommand),
+    /// Push every new valid store path until stopped (SIGINT/SIGTERM push what is pending
+    /// first). Reads the Nix database.
+    WatchStore(watch::WatchArgs),
+    /// Run CMD and push every store path that becomes valid while it runs; exit with its
+    /// status once everything is pushed. Example: `larder watch-exec CACHE -- nix build .#app`.
+    WatchExec(watch::WatchExecArgs),
+    /// The seed's `cachix-build-all`: check prerequisites, then build each installable in
+    /// turn and push its closure, reporting build time, push time, paths and bytes; a log
+    /// per run in $XDG_CACHE_HOME/larder/builds. Exit 1 if any installable failed.
+    Build(build_cmd::BuildArgs),
+    /// The seed's `cachix-pull`: check the cache is configured and reachable, report what
+    /// will be fetched and what built, realise the installables, report what was fetched and
+    /// built, then run CMD (after `--`).
+    Pull(build_cmd::PullArgs),
     /// Print shell completions, e.g. `larder completions bash > /etc/bash_completion.d/larder`.
     Completions {
         /// bash, zsh, fish, elvish or powershell
@@ -106,6 +128,11 @@ fn main() -> ExitCode {
             Command::Doctor(args) => doctor::doctor(args).await,
             Command::Gc(args) => retention_cmd::gc(args).await,
             Command::Pin(args) => retention_cmd::pin(args).await,
+            Command::Daemon(cmd) => daemon::daemon(cmd).await,
+            Command::WatchStore(args) => watch::watch_store(args).await,
+            Command::WatchExec(args) => watch::watch_exec(args).await,
+            Command::Build(args) => build_cmd::build(args).await,
+            Command::Pull(args) => build_cmd::pull(args).await,
             Command::Completions { shell } => {
                 let mut cmd = Cli::command();
                 clap_complete::generate(shell, &mut cmd, "larder", &mut std::io::stdout());

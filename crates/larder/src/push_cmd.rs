@@ -55,6 +55,9 @@ pub struct PushArgs {
     /// One JSON object per line (events), the last one the summary.
     #[arg(long)]
     json: bool,
+    /// NARs larger than this are uploaded in parts of this size (each retried on its own).
+    #[arg(long, env = "LARDER_PUSH_PART_SIZE", default_value = "64MiB")]
+    part_size: String,
 }
 
 fn read_stdin_paths() -> anyhow::Result<Vec<String>> {
@@ -74,7 +77,7 @@ fn read_stdin_paths() -> anyhow::Result<Vec<String>> {
 }
 
 /// The signing key for `SERVER:CACHE`: `LARDER_SIGNING_KEY`, else the client config.
-fn signing_key(cache_arg: &str, url: &str) -> anyhow::Result<Option<SigningKey>> {
+pub(crate) fn signing_key(cache_arg: &str, url: &str) -> anyhow::Result<Option<SigningKey>> {
     if let Some(k) = crate::env::var("LARDER_SIGNING_KEY") {
         return Ok(Some(
             SigningKey::parse(&k).context("LARDER_SIGNING_KEY is not a Nix secret key")?,
@@ -203,6 +206,9 @@ pub async fn push(args: PushArgs) -> anyhow::Result<()> {
         },
         omit_deriver: args.omit_deriver,
         signing_key,
+        part_size: larder_server::config::parse_size(&args.part_size)
+            .context("invalid --part-size")?
+            .max(4096),
         ..PushOptions::default()
     };
     let raw = if args.paths.is_empty() {

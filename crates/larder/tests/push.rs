@@ -262,3 +262,33 @@ fn corrupted_store_path_is_refused_and_nothing_is_visible() {
         .args(["--delete", &p])
         .output();
 }
+
+#[test]
+fn large_nars_are_pushed_in_parts() {
+    require_nix();
+    let server = Server::start();
+    let info = server.create_cache("parts", &[]);
+    let key = info["public_key"].as_str().unwrap();
+    // 64 KiB parts: the oracle's 1 MiB path goes up in 16+ parts, stored as as many chunks,
+    // and real Nix must still substitute it byte for byte.
+    let work = run_oracle_with_push(&server, "parts", key, "LARDER_PUSH_PART_SIZE=64KiB");
+    let chunks = walk_files(&server.data.path().join("store/objects"));
+    assert!(
+        chunks > 30,
+        "expected the big NAR split into many chunks, found {chunks} objects"
+    );
+    let _ = std::fs::remove_dir_all(work);
+}
+
+fn walk_files(dir: &std::path::Path) -> usize {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            n += walk_files(&e.path());
+        } else {
+            n += 1;
+        }
+    }
+    n
+}

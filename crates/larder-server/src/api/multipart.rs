@@ -1,0 +1,176 @@
+//! Multi-part NAR uploads: a large NAR sent as several parts, each an independently compressed
+//! frame of consecutive NAR bytes, so that a proxy's body limit or a dropped connection costs
+//! one part, not the whole path.
+//!
+//! `POST /caches/{c}/multipart?compression=…` opens an upload; `PUT …/multipart/{id}/parts/{n}`
+//! stores part `n` (re-sending a part replaces it); `POST …/multipart/{id}/complete` verifies
+//! the concatenation exactly like a single upload (FileHash, NarHash, NarSize, NAR structure)
+//! and stores each part as one chunk of the NAR: concatenated frames are one valid stream, so
+//! the chunks are served back to back as the NAR file. Parts wait in the staging directory of
+//! the replica that received them until completion or expiry.
+
+use std::path::PathBuf;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+use larder_store::meta::{ChunkRow, NarRow};
+use serde::{Deserialize, Serialize};
+
+use super::UploadResp;
+use crate::auth::{principal, Perm};
+use crate::error::ApiError;
+use crate::ingest::{verify_parts, Compression};
+use crate::publish::load_cache;
+use crate::AppState;
+
+/// Most parts one upload may have.
+const MAX_PARTS: u32 = 100_000;
+
+#[derive(Deserialize)]
+pub struct OpenQuery {
+    compression: String,
+}
+
+#[derive(Serialize)]
+pub struct Opened {
+    upload_id: String,
+}
+
+fn upload_dir(state: &AppState, cache_id: i64, id: &str) -> Result<PathBuf, ApiError> {
+    if id.len() != 32
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    {
+        return Err(ApiError::bad("invalid multi-part upload id"));
+    }
+    Ok(state
+        .objects
+        .staging_dir()
+        .join(format!("multipart-{cache_id}-{id}")))
+}
+
+pub async fn open(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    query: Result<Query<OpenQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<(StatusCode, Json<Opened>), ApiError> {
+    let c = load_cache(&state, &name).await?;
+    principal(&state, &headers)
+        .await?
+        .require(Perm::Push, &c.name)?;
+    let Query(q) = query.map_err(|_| ApiError::bad("missing ?compression=zstd|xz|none"))?;
+    let compression = Compression::parse(&q.compression)?;
+    let mut id = [0u8; 16];
+    getrandom::getrandom(&mut id).map_err(|e| ApiError::internal(std::io::Error::other(e)))?;
+    let id = hex::encode(id);
+    let dir = upload_dir(&state, c.id, &id)?;
+    tokio::fs::create_dir_all(&dir)
+        .await
+        .map_err(ApiError::internal)?;
+    tokio::fs::write(dir.join("compression"), compression.as_str())
+        .await
+        .map_err(ApiError::internal)?;
+    Ok((StatusCode::CREATED, Json(Opened { upload_id: id })))
+}
+
+pub async fn put_part(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((name, id, n)): Path<(String, String, u32)>,
+    body: Body,
+) -> Result<StatusCode, ApiError> {
+    let c = load_cache(&state, &name).await?;
+    principal(&state, &headers)
+        .await?
+        .require(Perm::Push, &c.name)?;
+    if n >= MAX_PARTS {
+        return Err(ApiError::bad(format!(
+            "part number must be below {MAX_PARTS}"
+        )));
+    }
+    let dir = upload_dir(&state, c.id, &id)?;
+    if !tokio::fs::try_exists(&dir).await.unwrap_or(false) {
+        return Err(ApiError::not_found(
+            "no such multi-part upload (expired or completed?)",
+        ));
+    }
+    let (tmp, _hash, _size) = super::spool_body(body, state.config.max_upload_size, &dir).await?;
+    // Atomic: a part is either absent or complete, and re-sending one replaces it.
+    tmp.persist(dir.join(format!("part-{n:06}")))
+        .map_err(|e| ApiError::internal(e.error))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn complete(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((name, id)): Path<(String, String)>,
+) -> Result<(StatusCode, Json<UploadResp>), ApiError> {
+    let c = load_cache(&state, &name).await?;
+    principal(&state, &headers)
+        .await?
+        .require(Perm::Push, &c.name)?;
+    let dir = upload_dir(&state, c.id, &id)?;
+    let compression = tokio::fs::read_to_string(dir.join("compression"))
+        .await
+        .map_err(|_| ApiError::not_found("no such multi-part upload (expired or completed?)"))?;
+    let compression = Compression::parse(compression.trim())?;
+    let mut parts = Vec::new();
+    while tokio::fs::try_exists(dir.join(format!("part-{:06}", parts.len())))
+        .await
+        .unwrap_or(false)
+    {
+        parts.push(dir.join(format!("part-{:06}", parts.len())));
+    }
+    if parts.is_empty() {
+        return Err(ApiError::bad(
+            "no parts uploaded (parts are numbered from 0)",
+        ));
+    }
+    let to_verify = parts.clone();
+    let verified = tokio::task::spawn_blocking(move || verify_parts(&to_verify, compression))
+        .await
+        .map_err(|e| ApiError::internal(std::io::Error::other(e)))??;
+    let upload_id = id.clone();
+    let nar_hash = verified.nar_hash.to_nix32();
+    let nar = match state
+        .meta
+        .reuse_nar_for_upload(&upload_id, c.id, None, &nar_hash)
+        .await?
+    {
+        Some(nar) => nar,
+        None => {
+            let mut chunks = Vec::with_capacity(parts.len());
+            for (path, (hash, size)) in parts.iter().zip(&verified.parts) {
+                let chunk = ChunkRow {
+                    chunk_hash: hash.to_nix32(),
+                    file_size: *size as i64,
+                };
+                state.objects.put_file(&chunk.object_key(), path).await?;
+                chunks.push(chunk);
+            }
+            let row = NarRow {
+                id: 0,
+                nar_hash,
+                nar_size: verified.nar_size as i64,
+                compression: compression.as_str().to_owned(),
+                file_hash: verified.file_hash.to_nix32(),
+                file_size: verified.file_size as i64,
+            };
+            state
+                .meta
+                .insert_nar_for_upload(&upload_id, c.id, None, &row, &chunks)
+                .await?
+                .0
+        }
+    };
+    let _ = tokio::fs::remove_dir_all(&dir).await;
+    Ok((
+        StatusCode::CREATED,
+        Json(UploadResp::from_nar(upload_id, nar)),
+    ))
+}

@@ -1,0 +1,571 @@
+//! `larder build` (the seed's `cachix-build-all`) and `larder pull` (the seed's
+//! `cachix-pull`): build installables and push their closures with a per-installable report,
+//! and realise installables from a cache with a report of what was fetched and what built.
+//!
+//! Both drive the `nix` command (`nix build --json`, which Nix 2.4+ prints with the outputs of
+//! each installable; `--dry-run --json` evaluates without building). Installables are flake
+//! references (`.#homeConfigurations.host.activationPackage`, `path:/dir#pkg`) or, with
+//! `-f FILE`, attributes of a Nix file.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::Context;
+use larder_client::local_store::PathInfo;
+use larder_client::push::{Observer, Outcome};
+use larder_nix::store_path::StorePath;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::output::{fail_with_hint, human_size, print};
+use crate::pusher::Pusher;
+
+/// Below this much free space in the store a build run warns.
+const MIN_FREE_BYTES: u64 = 1 << 30;
+const RULE: &str = "━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━";
+
+#[derive(clap::Args)]
+pub struct BuildArgs {
+    /// CACHE or SERVER:CACHE
+    cache: String,
+    /// What to build, in turn: flake references (`.#homeConfigurations.shoshin.activationPackage`)
+    /// or, with -f, attribute paths. [default: `.`, the flake's default package]
+    installables: Vec<String>,
+    /// Take the installables as attributes of this Nix file (like `nix build -f`).
+    #[arg(short = 'f', long, value_name = "FILE")]
+    file: Option<PathBuf>,
+    /// Show what would be built and pushed; build and push nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Stream Nix's build log to the terminal (it always goes to the log file).
+    #[arg(short, long)]
+    verbose: bool,
+    /// Where to write the run's log. [default: $XDG_CACHE_HOME/larder/builds]
+    #[arg(long, value_name = "DIR")]
+    log_dir: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct PullArgs {
+    /// CACHE or SERVER:CACHE
+    cache: String,
+    /// What to realise: flake references or, with -f, attribute paths.
+    #[arg(required = true)]
+    installables: Vec<String>,
+    /// Take the installables as attributes of this Nix file (like `nix build -f`).
+    #[arg(short = 'f', long, value_name = "FILE")]
+    file: Option<PathBuf>,
+    /// Report what would be fetched and built; realise nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Show Nix's build logs.
+    #[arg(short, long)]
+    verbose: bool,
+    /// A command to run after a successful pull, e.g. `-- home-manager switch --flake .#host`.
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+/// A run's log file.
+#[derive(Clone)]
+struct Log(Arc<Mutex<std::fs::File>>);
+
+impl Log {
+    fn line(&self, s: &str) {
+        let mut f = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = writeln!(f, "{s}");
+    }
+}
+
+fn cache_home() -> anyhow::Result<PathBuf> {
+    Ok(match crate::env::var("XDG_CACHE_HOME") {
+        Some(x) => PathBuf::from(x),
+        None => PathBuf::from(
+            crate::env::var("HOME").context("neither XDG_CACHE_HOME nor HOME is set")?,
+        )
+        .join(".cache"),
+    })
+}
+
+/// Local time as `YYYYMMDD-HHMMSS` (from `date`, which knows the time zone).
+fn stamp() -> String {
+    std::process::Command::new("date")
+        .arg("+%Y%m%d-%H%M%S")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_owned())
+        .filter(|s| s.len() == 15)
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+                .to_string()
+        })
+}
+
+fn duration(secs: f64) -> String {
+    let s = secs.round() as u64;
+    match s {
+        0 if secs < 1.0 => format!("{secs:.1}s"),
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m {}s", s / 60, s % 60),
+        _ => format!("{}h {}m {}s", s / 3600, (s / 60) % 60, s % 60),
+    }
+}
+
+async fn nix_version() -> anyhow::Result<String> {
+    let o = tokio::process::Command::new("nix")
+        .arg("--version")
+        .output()
+        .await
+        .map_err(|e| {
+            fail_with_hint(
+                format!("cannot run nix: {e}"),
+                "install Nix (https://nixos.org/download) and make sure `nix` is on PATH",
+            )
+        })?;
+    Ok(String::from_utf8_lossy(&o.stdout).trim().to_owned())
+}
+
+/// Free bytes in the filesystem of the Nix store (`df`), if known.
+fn free_bytes() -> Option<u64> {
+    let o = std::process::Command::new("df")
+        .args(["-Pk", "/nix/store"])
+        .output()
+        .ok()?;
+    let text = String::from_utf8(o.stdout).ok()?;
+    let kb: u64 = text
+        .lines()
+        .nth(1)?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// `nix build ARGS --json` for one installable; stderr to the log (and the terminal when
+/// `echo`). Returns the outputs, or the last lines of Nix's error.
+async fn nix_build(
+    file: Option<&Path>,
+    installables: &[String],
+    extra: &[&str],
+    log: &Log,
+    echo: bool,
+) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    let mut cmd = tokio::process::Command::new("nix");
+    cmd.args(["build", "--json", "--no-link", "-L"]).args(extra);
+    if let Some(f) = file {
+        cmd.arg("--file").arg(f);
+    }
+    cmd.args(installables)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    log.line(&format!("$ nix build {extra:?} {installables:?}"));
+    let mut child = cmd.spawn().context("cannot run nix build")?;
+    let stderr = child.stderr.take().context("no stderr")?;
+    let (log2, echo2) = (log.clone(), echo);
+    let reader = tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        let mut all = Vec::new();
+        while let Ok(Some(l)) = lines.next_line().await {
+            log2.line(&l);
+            if echo2 {
+                eprintln!("{l}");
+            }
+            all.push(l);
+        }
+        all
+    });
+    let out = child.wait_with_output().await.context("nix build")?;
+    let err_lines = reader.await.unwrap_or_default();
+    if !out.status.success() {
+        let tail: Vec<&String> = err_lines
+            .iter()
+            .filter(|l| l.starts_with("error") || l.contains("error:"))
+            .collect();
+        anyhow::bail!(
+            "nix build failed: {}",
+            tail.last()
+                .map_or_else(|| "see the log".to_owned(), |l| l.to_string())
+        );
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("nix build --json printed something else")?;
+    let mut outs = Vec::new();
+    for item in v.as_array().into_iter().flatten() {
+        for (_, p) in item["outputs"].as_object().into_iter().flatten() {
+            if let Some(p) = p.as_str() {
+                outs.push(p.to_owned());
+            }
+        }
+    }
+    Ok((outs, err_lines))
+}
+
+/// Failures only: the report has the numbers.
+struct Quiet(Log);
+
+impl Observer for Quiet {
+    fn finished(&self, path: &PathInfo, outcome: &Outcome) {
+        match outcome {
+            Outcome::Failed(e) => {
+                self.0.line(&format!("push failed: {}: {e}", path.path));
+                eprintln!("  error: {}: {e}", path.path);
+            }
+            Outcome::Pushed { .. } => self.0.line(&format!("pushed {}", path.path)),
+            _ => {}
+        }
+    }
+}
+
+pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
+    let t_all = Instant::now();
+    let dir = match &args.log_dir {
+        Some(d) => d.clone(),
+        None => cache_home()?.join("larder/builds"),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let log_path = dir.join(format!("build-{}.log", stamp()));
+    let log = Log(Arc::new(Mutex::new(
+        std::fs::File::create(&log_path)
+            .with_context(|| format!("cannot write {}", log_path.display()))?,
+    )));
+    let installables = if args.installables.is_empty() {
+        vec![if args.file.is_some() {
+            String::new()
+        } else {
+            ".".into()
+        }]
+    } else {
+        args.installables.clone()
+    };
+
+    let mut out = format!("{RULE}\nlarder build → {}\n{RULE}\n", args.cache);
+    // Prerequisites first: nothing is built if the push cannot happen.
+    let version = nix_version().await?;
+    out.push_str(&format!("✓ {version}\n"));
+    let mut pusher = Pusher::connect(&args.cache).await?;
+    let who = pusher.client.whoami().await.ok();
+    if let Some(w) = &who {
+        let can_push = w.server_admin
+            || (w.perms.iter().any(|p| p == "push" || p == "admin")
+                && w.caches.as_ref().is_none_or(|c| c.contains(&pusher.cache)));
+        if !can_push {
+            return Err(fail_with_hint(
+                format!("the token cannot push to {:?}", pusher.cache),
+                format!(
+                    "create one with `larder token create --perm push --cache {}`",
+                    pusher.cache
+                ),
+            ));
+        }
+    }
+    out.push_str(&format!(
+        "✓ server {} reachable, token can push to {}\n",
+        pusher.client.base_url(),
+        pusher.cache
+    ));
+    match free_bytes() {
+        Some(b) if b < MIN_FREE_BYTES => out.push_str(&format!(
+            "! only {} free in /nix/store; builds may fail (nix-collect-garbage frees space)\n",
+            human_size(b as i64)
+        )),
+        Some(b) => out.push_str(&format!("✓ {} free in /nix/store\n", human_size(b as i64))),
+        None => {}
+    }
+    print(&(out + "\n"))?;
+
+    let n = installables.len();
+    let mut failed = 0;
+    let (mut total_paths, mut total_bytes) = (0usize, 0u64);
+    for (i, inst) in installables.iter().enumerate() {
+        let shown = if inst.is_empty() {
+            args.file
+                .as_ref()
+                .map_or(String::new(), |f| f.display().to_string())
+        } else {
+            inst.clone()
+        };
+        let verb = if args.dry_run {
+            "Would build"
+        } else {
+            "Building"
+        };
+        print(&format!("[{}/{n}] {verb}: {shown}\n", i + 1))?;
+        log.line(&format!("== [{}/{n}] {shown}", i + 1));
+        let t0 = Instant::now();
+        let extra: &[&str] = if args.dry_run { &["--dry-run"] } else { &[] };
+        let r = nix_build(
+            args.file.as_deref(),
+            std::slice::from_ref(inst),
+            extra,
+            &log,
+            args.verbose || args.dry_run,
+        )
+        .await;
+        let outs = match r {
+            Ok((outs, _)) => outs,
+            Err(e) => {
+                failed += 1;
+                log.line(&format!("failed: {e:#}"));
+                print(&format!("  └─ ✗ {e:#}\n\n"))?;
+                continue;
+            }
+        };
+        if args.dry_run {
+            for o in &outs {
+                print(&format!("  └─ output: {o}\n"))?;
+            }
+            print("  └─ would push their closures (paths already in the cache are skipped)\n\n")?;
+            continue;
+        }
+        let build_secs = t0.elapsed().as_secs_f64();
+        print(&format!("  └─ Build time: {}\n", duration(build_secs)))?;
+        let roots: Vec<StorePath> = outs
+            .iter()
+            .filter_map(|o| StorePath::from_absolute(o).ok())
+            .collect();
+        let t1 = Instant::now();
+        match pusher.push(roots, Arc::new(Quiet(log.clone()))).await {
+            Ok(batch) => {
+                let s = &batch.summary;
+                print(&format!(
+                    "  └─ Push time: {}\n  └─ Artifacts: {} paths pushed (~{}), {} already in the cache\n\n",
+                    duration(t1.elapsed().as_secs_f64()),
+                    s.pushed,
+                    human_size(s.bytes as i64),
+                    batch.present
+                ))?;
+                log.line(&format!("pushed {} paths, {} bytes", s.pushed, s.bytes));
+                total_paths += s.pushed;
+                total_bytes += s.bytes;
+                if s.failed > 0 || !batch.invalid.is_empty() {
+                    failed += 1;
+                    print(&format!("  └─ ✗ {} paths failed to push\n\n", s.failed))?;
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                log.line(&format!("push failed: {e:#}"));
+                print(&format!("  └─ ✗ push failed: {e:#}\n\n"))?;
+            }
+        }
+    }
+    let head = if failed == 0 {
+        if args.dry_run {
+            "✅ Dry run: nothing built or pushed".to_owned()
+        } else {
+            format!("✅ All {n} builds completed and pushed")
+        }
+    } else {
+        format!("❌ {failed} of {n} installables failed")
+    };
+    print(&format!(
+        "{RULE}\n{head}\nPushed: {total_paths} paths (~{})\nTotal time: {}\nLogs: {}\n{RULE}\n",
+        human_size(total_bytes as i64),
+        duration(t_all.elapsed().as_secs_f64()),
+        log_path.display()
+    ))?;
+    if failed > 0 {
+        return Err(fail_with_hint(
+            format!("{failed} of {n} installables failed"),
+            format!("the log says why: {}", log_path.display()),
+        ));
+    }
+    Ok(())
+}
+
+/// `these N paths will be fetched (X MiB download, …)` and `… will be built:` from Nix's
+/// dry-run output: (to build, to fetch, download text).
+fn parse_dry_run(lines: &[String]) -> (Vec<String>, Vec<String>, Option<String>) {
+    let (mut build, mut fetch, mut size) = (Vec::new(), Vec::new(), None);
+    let mut section = 0;
+    for l in lines {
+        if l.contains("will be built") {
+            section = 1;
+        } else if l.contains("will be fetched") {
+            section = 2;
+            size = l
+                .split_once('(')
+                .and_then(|(_, r)| r.split_once(')'))
+                .map(|(s, _)| s.to_owned());
+        } else if let Some(p) = l.strip_prefix("  ").filter(|p| p.starts_with('/')) {
+            match section {
+                1 => build.push(p.trim().to_owned()),
+                2 => fetch.push(p.trim().to_owned()),
+                _ => {}
+            }
+        } else {
+            section = 0;
+        }
+    }
+    (build, fetch, size)
+}
+
+pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let t = crate::client_config::target(&args.cache)?;
+    let url = format!("{}/{}", t.client.base_url().trim_end_matches('/'), t.cache);
+    let mut out = format!("{RULE}\nlarder pull ← {url}\n{RULE}\n");
+    nix_version().await?;
+    let conf = tokio::process::Command::new("nix")
+        .args(["show-config", "--json"])
+        .output()
+        .await
+        .context("cannot run nix show-config")?;
+    let conf: serde_json::Value = serde_json::from_slice(&conf.stdout)
+        .context("nix show-config --json printed something else")?;
+    let subs: Vec<&str> = conf["substituters"]["value"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str())
+        .collect();
+    if !subs.iter().any(|s| s.trim_end_matches('/') == url) {
+        return Err(fail_with_hint(
+            format!("{url} is not among Nix's substituters, so Nix would build everything"),
+            format!(
+                "run `larder use {}` (then `larder doctor {}`)",
+                args.cache, args.cache
+            ),
+        ));
+    }
+    out.push_str(&format!("✓ Cache configured: {url}\n"));
+    t.client
+        .nix_cache_info(&t.cache)
+        .await
+        .with_context(|| format!("cache {url} is not reachable"))?;
+    out.push_str("✓ Cache reachable\n");
+    print(&out)?;
+
+    let null_log = Log(Arc::new(Mutex::new(
+        std::fs::File::create("/dev/null").context("cannot open /dev/null")?,
+    )));
+    let (_, dry) = nix_build(
+        args.file.as_deref(),
+        &args.installables,
+        &["--dry-run"],
+        &null_log,
+        false,
+    )
+    .await?;
+    let (to_build, to_fetch, size) = parse_dry_run(&dry);
+    print(&format!(
+        "Plan: {} paths to fetch{}, {} derivations to build locally\n",
+        to_fetch.len(),
+        size.map(|s| format!(" ({s})")).unwrap_or_default(),
+        to_build.len()
+    ))?;
+    if !to_build.is_empty() {
+        eprintln!(
+            "warning: {} derivations are not in any cache and will be built locally (cache miss):",
+            to_build.len()
+        );
+        for d in &to_build {
+            eprintln!("  {d}");
+        }
+    }
+    if args.dry_run {
+        for p in &to_fetch {
+            print(&format!("  fetch {p}\n"))?;
+        }
+        return Ok(());
+    }
+    print("✓ Starting pull...\n")?;
+    let (fetched_from, built): (Vec<String>, Vec<String>) = {
+        let (_, lines) = nix_build(
+            args.file.as_deref(),
+            &args.installables,
+            &[],
+            &null_log,
+            true,
+        )
+        .await
+        .map_err(|e| {
+            if args.verbose {
+                e
+            } else {
+                e.context("realising the installables")
+            }
+        })?;
+        let mut fetched = Vec::new();
+        let mut built = Vec::new();
+        for l in &lines {
+            if let Some(rest) = l.strip_prefix("copying path '") {
+                if let Some((p, from)) = rest.split_once("' from '") {
+                    fetched.push(format!("{p}\t{}", from.trim_end_matches("'...")));
+                }
+            } else if let Some(rest) = l.strip_prefix("building '") {
+                built.push(rest.trim_end_matches("'...").to_owned());
+            }
+        }
+        (fetched, built)
+    };
+    let from_us = fetched_from
+        .iter()
+        .filter(|l| {
+            l.split_once('\t')
+                .is_some_and(|(_, f)| f.trim_end_matches('/') == url)
+        })
+        .count();
+    print(&format!(
+        "\n✅ Pull completed\nFetched: {} paths ({from_us} from {url})\nBuilt locally: {}\nTime: {}\n{RULE}\n",
+        fetched_from.len(),
+        built.len(),
+        duration(t0.elapsed().as_secs_f64())
+    ))?;
+    if !built.is_empty() {
+        eprintln!(
+            "warning: {} derivations were built locally: the cache did not have them",
+            built.len()
+        );
+    }
+    if let Some((cmd, rest)) = args.command.split_first() {
+        let st = tokio::process::Command::new(cmd)
+            .args(rest)
+            .status()
+            .await
+            .with_context(|| format!("cannot run {cmd:?}"))?;
+        if !st.success() {
+            std::process::exit(st.code().unwrap_or(1));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dry_run_lists_are_parsed() {
+        let lines: Vec<String> = [
+            "these 2 derivations will be built:",
+            "  /nix/store/a.drv",
+            "  /nix/store/b.drv",
+            "these 3 paths will be fetched (0.01 MiB download, 0.02 MiB unpacked):",
+            "  /nix/store/x",
+            "  /nix/store/y",
+            "  /nix/store/z",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let (b, f, s) = parse_dry_run(&lines);
+        assert_eq!(b.len(), 2);
+        assert_eq!(f.len(), 3);
+        assert_eq!(s.as_deref(), Some("0.01 MiB download, 0.02 MiB unpacked"));
+    }
+
+    #[test]
+    fn durations_read_like_the_seed() {
+        assert_eq!(duration(2723.0), "45m 23s");
+        assert_eq!(duration(6278.0), "1h 44m 38s");
+        assert_eq!(duration(5.2), "5s");
+    }
+}

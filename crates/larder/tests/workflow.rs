@@ -1,0 +1,425 @@
+//! The seed's automation (Part 5) and cross-machine workflow (Part 6) with real Nix: the
+//! post-build-hook daemon survives `kill -9`, `watch-store` pushes what Nix builds.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly on any unexpected error
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn unique() -> String {
+    format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
+}
+
+/// `n` independent test derivations in one expression.
+fn many_expr(tag: &str, n: usize) -> String {
+    format!(
+        "builtins.genList (i: derivation {{ name = \"{tag}-${{toString i}}\"; \
+         system = builtins.currentSystem; builder = \"/bin/sh\"; \
+         args = [\"-c\" \"echo ${{toString i}} {tag} > $out\"]; }}) {n}"
+    )
+}
+
+fn larder(server: &Server, token: &str, args: &[&str]) -> Command {
+    let home = server.data.path().join("client-home");
+    std::fs::create_dir_all(&home).unwrap();
+    let mut c = Command::new(larder_bin());
+    c.args(args)
+        .env("LARDER_SERVER", &server.url)
+        .env("LARDER_TOKEN", token)
+        .env("HOME", &home)
+        .env("XDG_CONFIG_HOME", home.join(".config"))
+        .env("XDG_STATE_HOME", home.join(".state"))
+        .env_remove("LARDER_CONFIG");
+    c
+}
+
+fn start_daemon(server: &Server, token: &str, cache: &str, socket: &Path, log: &Path) -> Child {
+    let log = std::fs::File::create(log).unwrap();
+    let child = larder(server, token, &["daemon", "run", cache, "--socket"])
+        .arg(socket)
+        .stderr(log)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "daemon did not create its socket"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+fn in_cache(url: &str, path: &str) -> bool {
+    let xdg = tempfile::tempdir().unwrap();
+    nix(&["path-info", "--store", url, path], xdg.path())
+        .status
+        .success()
+}
+
+#[test]
+fn daemon_queue_survives_kill_9_and_pushes_everything_after_restart() {
+    require_nix();
+    let server = Server::start();
+    server.create_cache("auto", &[]);
+    let token = server.token("push", "auto");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("daemon.sock");
+    let hook = dir.path().join("post-build-hook");
+
+    // The hook in one step: the script and the nix.conf line.
+    let o = larder(&server, &token, &["daemon", "hook", "--socket"])
+        .arg(&socket)
+        .arg("--path")
+        .arg(&hook)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let line = String::from_utf8(o.stdout).unwrap();
+    assert_eq!(line.trim(), format!("post-build-hook = {}", hook.display()));
+
+    let mut daemon = start_daemon(&server, &token, "auto", &socket, &dir.path().join("d1.log"));
+    // Freeze the server: the daemon's pushes hang, so the queue is still full at kill -9.
+    assert!(Command::new("kill")
+        .args(["-STOP", &server.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+
+    // 20 builds, each queued by the real post-build-hook (root is trusted with it).
+    let tag = format!("hooked-{}", unique());
+    let xdg = tempfile::tempdir().unwrap();
+    let t0 = Instant::now();
+    let o = Command::new("nix-build")
+        .args(["--no-out-link", "-E", &many_expr(&tag, 20)])
+        .env(
+            "NIX_CONFIG",
+            format!("{NIX_CONFIG}\npost-build-hook = {}", hook.display()),
+        )
+        .env("XDG_CACHE_HOME", xdg.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let build_secs = t0.elapsed().as_secs_f64();
+    let outs: Vec<String> = String::from_utf8(o.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(outs.len(), 20);
+    // The hook never waited for the (frozen) network.
+    assert!(build_secs < 60.0, "builds took {build_secs}s");
+
+    daemon.kill().unwrap(); // SIGKILL
+    daemon.wait().unwrap();
+    let o = larder(&server, &token, &["daemon", "status", "--json", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(status["running"], false, "{status}");
+    assert_eq!(status["queued"], 20, "{status}");
+
+    assert!(Command::new("kill")
+        .args(["-CONT", &server.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let url = format!("{}/auto", server.url);
+    assert!(outs.iter().all(|p| !in_cache(&url, p)));
+
+    // Restart (the stale socket is replaced); `stop` drains the queue before exiting.
+    let mut daemon = start_daemon(&server, &token, "auto", &socket, &dir.path().join("d2.log"));
+    // And `--wait` reports a push result: a fresh path, pushed before the wait returns.
+    let extra = build_file("waited", "w");
+    let o = larder(&server, &token, &["daemon", "push", "--wait", "--socket"])
+        .arg(&socket)
+        .arg(&extra)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(in_cache(&url, &extra));
+    let o = larder(&server, &token, &["daemon", "stop", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let st = daemon.wait().unwrap();
+    assert!(st.success());
+    assert!(!socket.exists());
+    for p in &outs {
+        assert!(
+            in_cache(&url, p),
+            "{p} not in the cache after restart; daemon log:\n{}",
+            std::fs::read_to_string(dir.path().join("d2.log")).unwrap_or_default()
+        );
+    }
+}
+
+#[test]
+fn daemon_push_wait_fails_for_a_path_that_is_not_valid() {
+    require_nix();
+    let server = Server::start();
+    server.create_cache("auto", &[]);
+    let token = server.token("push", "auto");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("d.sock");
+    // Without a daemon, --wait refuses with a hint.
+    let o = larder(&server, &token, &["daemon", "push", "--wait", "--socket"])
+        .arg(&socket)
+        .arg("/nix/store/00000000000000000000000000000000-nope")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("larder daemon run"));
+    let mut daemon = start_daemon(&server, &token, "auto", &socket, &dir.path().join("d.log"));
+    let o = larder(&server, &token, &["daemon", "push", "--wait", "--socket"])
+        .arg(&socket)
+        .arg("/nix/store/00000000000000000000000000000000-nope")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("not valid in the local store"), "{err}");
+    larder(&server, &token, &["daemon", "stop", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    daemon.wait().unwrap();
+}
+
+#[test]
+fn watch_store_pushes_new_builds_and_drains_on_sigterm() {
+    require_nix();
+    let server = Server::start();
+    server.create_cache("watched", &[]);
+    let token = server.token("push", "watched");
+    let dir = tempfile::tempdir().unwrap();
+    let log = std::fs::File::create(dir.path().join("w.log")).unwrap();
+    let mut w = larder(
+        &server,
+        &token,
+        &["watch-store", "watched", "--interval-ms", "200"],
+    )
+    .stderr(log)
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let tag = format!("watched-{}", unique());
+    let xdg = tempfile::tempdir().unwrap();
+    let o = Command::new("nix-build")
+        .args(["--no-out-link", "-E", &many_expr(&tag, 5)])
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .env("XDG_CACHE_HOME", xdg.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let outs: Vec<String> = String::from_utf8(o.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    // SIGTERM right away: the watcher drains what became valid before exiting.
+    Command::new("kill")
+        .args(["-TERM", &w.id().to_string()])
+        .status()
+        .unwrap();
+    let st = w.wait().unwrap();
+    let log = std::fs::read_to_string(dir.path().join("w.log")).unwrap();
+    assert!(st.success(), "{log}");
+    let url = format!("{}/watched", server.url);
+    for p in &outs {
+        assert!(in_cache(&url, p), "{p} not pushed:\n{log}");
+    }
+    // .drv files are not pushed by default.
+    assert!(!log.contains(".drv"), "{log}");
+}
+
+#[test]
+fn watch_exec_pushes_what_the_command_builds_and_keeps_its_status() {
+    require_nix();
+    let server = Server::start();
+    server.create_cache("exec", &[]);
+    let token = server.token("push", "exec");
+    let tag = format!("exec-{}", unique());
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("outs");
+    let script = format!(
+        "nix-build --no-out-link -E '{}' > {} && exit 3",
+        many_expr(&tag, 3),
+        out_file.display()
+    );
+    let o = larder(
+        &server,
+        &token,
+        &["watch-exec", "exec", "--", "sh", "-c", &script],
+    )
+    .env("NIX_CONFIG", NIX_CONFIG)
+    .env("XDG_CACHE_HOME", dir.path())
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    let url = format!("{}/exec", server.url);
+    let outs = std::fs::read_to_string(&out_file).unwrap();
+    assert_eq!(outs.lines().count(), 3);
+    for p in outs.lines() {
+        assert!(in_cache(&url, p), "{p} not pushed:\n{err}");
+    }
+}
+
+/// The seed's journey: `larder build` on the builder, `larder pull` on a consumer (a separate
+/// chroot store configured from `larder use --mode print`), everything fetched, nothing built.
+#[test]
+fn build_once_pull_everywhere() {
+    require_nix();
+    let server = Server::start();
+    server.create_cache("ws", &[]);
+    let token = server.token("push", "ws");
+    let dir = tempfile::tempdir().unwrap();
+    let flake = dir.path().join("flake");
+    std::fs::create_dir_all(&flake).unwrap();
+    let tag = unique();
+    std::fs::write(
+        flake.join("flake.nix"),
+        format!(
+            r#"{{ outputs = {{ self }}: let
+  sys = "x86_64-linux";
+  lib = derivation {{ name = "journey-lib-{tag}"; system = sys; builder = "/bin/sh"; args = ["-c" "echo lib > $out"]; }};
+  mk = n: derivation {{ name = "journey-${{n}}-{tag}"; system = sys; builder = "/bin/sh"; args = ["-c" "echo ${{n}} ${{lib}} > $out"]; }};
+in {{ packages.${{sys}} = {{ shoshin = mk "shoshin"; gyakusatsu = mk "gyakusatsu"; }}; }}; }}
+"#
+        ),
+    )
+    .unwrap();
+    let flakes = "build-users-group =\nexperimental-features = nix-command flakes\nsubstituters =";
+    let a = format!("path:{}#shoshin", flake.display());
+    let b = format!("path:{}#gyakusatsu", flake.display());
+    let logs = dir.path().join("logs");
+    let o = larder(&server, &token, &["build", "ws", &a, &b, "--log-dir"])
+        .arg(&logs)
+        .env("NIX_CONFIG", flakes)
+        .env("XDG_CACHE_HOME", dir.path().join("xdg"))
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "{report}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        report.contains("[1/2] Building:") && report.contains("[2/2] Building:"),
+        "{report}"
+    );
+    assert!(
+        report.contains("Build time:") && report.contains("Push time:"),
+        "{report}"
+    );
+    assert!(report.contains("Artifacts: 2 paths pushed"), "{report}"); // output + lib
+    assert!(report.contains("Artifacts: 1 paths pushed"), "{report}"); // lib already there
+    let log_line = report.lines().find(|l| l.starts_with("Logs: ")).unwrap();
+    let log = Path::new(log_line.trim_start_matches("Logs: "));
+    assert!(log.starts_with(&logs) && log.exists(), "{report}");
+    let name = log.file_name().unwrap().to_str().unwrap();
+    assert!(
+        name.starts_with("build-") && name.ends_with(".log") && name.len() == 25,
+        "{name}"
+    );
+
+    // The consumer: its own store, configured from `larder use --mode print`.
+    let lines = server.cli_ok(&token, &["use", "ws", "--mode", "print"]);
+    let nixconf: String = lines
+        .lines()
+        .filter(|l| {
+            l.starts_with("extra-substituters") || l.starts_with("extra-trusted-public-keys")
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(nixconf.lines().count() == 2, "{lines}");
+    let consumer = dir.path().join("consumer");
+    let consumer_conf = format!("{flakes}\nstore = {}\n{nixconf}", consumer.display());
+    // Not configured: the pull refuses and says what to run.
+    let o = larder(&server, &token, &["pull", "ws", &a])
+        .env(
+            "NIX_CONFIG",
+            format!("{flakes}\nstore = {}", consumer.display()),
+        )
+        .env("XDG_CACHE_HOME", dir.path().join("xdg"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("larder use ws"));
+    // Dry run: the plan, nothing realised.
+    let o = larder(&server, &token, &["pull", "ws", &a, &b, "--dry-run"])
+        .env("NIX_CONFIG", &consumer_conf)
+        .env("XDG_CACHE_HOME", dir.path().join("xdg"))
+        .output()
+        .unwrap();
+    let plan = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "{plan}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        plan.contains("3 paths to fetch") && plan.contains("0 derivations to build"),
+        "{plan}"
+    );
+    let marker = dir.path().join("switched");
+    let o = larder(&server, &token, &["pull", "ws", &a, &b, "--", "touch"])
+        .arg(&marker)
+        .env("NIX_CONFIG", &consumer_conf)
+        .env("XDG_CACHE_HOME", dir.path().join("xdg"))
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let url = format!("{}/ws", server.url);
+    assert!(
+        report.contains(&format!("Fetched: 3 paths (3 from {url})")),
+        "{report}"
+    );
+    assert!(report.contains("Built locally: 0"), "{report}");
+    assert!(marker.exists(), "the command after -- did not run");
+    // The consumer store verifies (contents and signatures by the cache's key).
+    let outs = Command::new("nix")
+        .args(["build", "--dry-run", "--json", "--no-link", &a, &b])
+        .env("NIX_CONFIG", &consumer_conf)
+        .env("XDG_CACHE_HOME", dir.path().join("xdg"))
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&outs.stdout).unwrap();
+    let paths: Vec<String> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["outputs"]["out"].as_str().unwrap().to_owned())
+        .collect();
+    let o = Command::new("nix")
+        .args(["store", "verify", "-r"])
+        .args(&paths)
+        .env("NIX_CONFIG", &consumer_conf)
+        .env("XDG_CACHE_HOME", dir.path().join("xdg"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
