@@ -114,6 +114,7 @@ fn daemon_queue_survives_kill_9_and_pushes_everything_after_restart() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o_build_err = o.stderr.clone();
     let build_secs = t0.elapsed().as_secs_f64();
     let outs: Vec<String> = String::from_utf8(o.stdout)
         .unwrap()
@@ -131,8 +132,13 @@ fn daemon_queue_survives_kill_9_and_pushes_everything_after_restart() {
         .output()
         .unwrap();
     let status: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(status["running"], false, "{status}");
-    assert_eq!(status["queued"], 20, "{status}");
+    let why = format!(
+        "{status}\nnix-build stderr:\n{}\ndaemon log:\n{}",
+        String::from_utf8_lossy(&o_build_err),
+        std::fs::read_to_string(dir.path().join("d1.log")).unwrap_or_default()
+    );
+    assert_eq!(status["running"], false, "{why}");
+    assert_eq!(status["queued"], 20, "{why}");
 
     assert!(Command::new("kill")
         .args(["-CONT", &server.child.id().to_string()])
