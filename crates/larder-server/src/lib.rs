@@ -97,7 +97,15 @@ async fn log_request(req: Request, next: Next) -> Response {
 pub async fn open_state(
     config: Config,
 ) -> Result<AppState, Box<dyn std::error::Error + Send + Sync>> {
-    std::fs::create_dir_all(&config.data_dir)?;
+    if !config.data_dir.exists() {
+        // The data directory holds the database (token hashes, managed signing keys) and the
+        // admin token: only its owner may enter it.
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&config.data_dir)?;
+    }
     let meta = Metadata::connect(&config.database).await?;
     let objects = ObjectStore::open(&config.storage)?;
     Ok(AppState {
