@@ -41,30 +41,7 @@ const PARTS_IN_FLIGHT: usize = 1;
 /// NARs larger than this are compressed with zstd's worker threads.
 const MT_THRESHOLD: u64 = 8 << 20;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Compression {
-    None,
-    Xz,
-    Zstd,
-}
-
-impl Compression {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "none" => Some(Self::None),
-            "xz" => Some(Self::Xz),
-            "zstd" => Some(Self::Zstd),
-            _ => None,
-        }
-    }
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::None => "none",
-            Self::Xz => "xz",
-            Self::Zstd => "zstd",
-        }
-    }
-}
+pub use larder_nix::compression::Compression;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PushError {

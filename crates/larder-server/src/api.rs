@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::auth::{new_token, principal, token_hash, Perm, Principal};
 use crate::config::{parse_duration, parse_size, DEFAULT_PRIORITY};
 use crate::error::ApiError;
-use crate::ingest::{ingest, truncate, Compression};
+use crate::ingest::{ingest, parse_compression, truncate};
 use crate::publish::{load_cache, publish, store_upload, PathInfo, UpstreamRef};
 use crate::{valid_cache_name, AppState};
 
@@ -239,7 +239,7 @@ async fn create_cache(
             crate::RESERVED_NAMES.join(", ")
         )));
     }
-    let compression = Compression::parse(
+    let compression = parse_compression(
         req.compression
             .as_deref()
             .unwrap_or(&state.config.compression),
@@ -311,7 +311,7 @@ async fn configure_cache(
         compression: req
             .compression
             .as_deref()
-            .map(|c| Compression::parse(c).map(|c| c.as_str().to_owned()))
+            .map(|c| parse_compression(c).map(|c| c.as_str().to_owned()))
             .transpose()?,
         max_size: req
             .max_size
@@ -477,7 +477,7 @@ async fn upload_nar(
         .await?
         .require(Perm::Push, &c.name)?;
     let Query(q) = query.map_err(|_| ApiError::bad("missing ?compression=zstd|xz|none"))?;
-    let compression = Compression::parse(&q.compression)?;
+    let compression = parse_compression(&q.compression)?;
     let up = ingest(
         body,
         compression,

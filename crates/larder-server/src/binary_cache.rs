@@ -24,7 +24,7 @@ use larder_store::meta::{CacheRow, ChunkRow, NarRow};
 
 use crate::auth::{principal, Perm};
 use crate::error::ApiError;
-use crate::ingest::{ingest, truncate, Compression};
+use crate::ingest::{ingest, parse_compression, parse_nar_file_name, truncate, Compression};
 use crate::publish::{load_cache, publish, render_narinfo, store_upload, PathInfo};
 use crate::AppState;
 
@@ -111,13 +111,16 @@ async fn get_file(
         let text = match state.hot.narinfo(cache.id, hash) {
             Some(t) => t,
             None => {
+                let generation = state.hot.narinfo_generation();
                 let path = state
                     .meta
                     .get_path(cache.id, hash)
                     .await?
                     .ok_or_else(|| ApiError::not_found("no such path in this cache"))?;
                 let text: std::sync::Arc<str> = render_narinfo(&path)?.into();
-                state.hot.put_narinfo(cache.id, hash, text.clone());
+                state
+                    .hot
+                    .put_narinfo(cache.id, hash, text.clone(), generation);
                 text
             }
         };
@@ -151,7 +154,7 @@ impl AsRef<[u8]> for ArcStr {
 
 /// Produce a NAR's `.ls` listing by streaming and parsing its stored file (no buffering).
 async fn nar_listing(state: &AppState, nar: &NarRow) -> Result<String, ApiError> {
-    let compression = Compression::parse(&nar.compression)?;
+    let compression = parse_compression(&nar.compression)?;
     let chunks = state.meta.nar_chunks(nar.id).await?;
     let body = chunk_stream(state, chunks, 0..nar.file_size as u64);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
@@ -283,7 +286,7 @@ async fn get_nar(
     Path((name, file)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let cache = cache_for(&state, &headers, &name, Perm::Pull).await?;
-    let (file_hash, compression) = Compression::parse_nar_file_name(&file)?;
+    let (file_hash, compression) = parse_nar_file_name(&file)?;
     let nar = state
         .meta
         .servable_nar_by_file_hash(cache.id, &file_hash.to_nix32(), evicted_since(&state))
@@ -340,7 +343,7 @@ async fn put_nar(
     body: Body,
 ) -> Result<Response, ApiError> {
     let cache = cache_for(&state, &headers, &name, Perm::Push).await?;
-    let (claimed, compression) = Compression::parse_nar_file_name(&file)?;
+    let (claimed, compression) = parse_nar_file_name(&file)?;
     let up = ingest(
         body,
         compression,
@@ -390,7 +393,7 @@ async fn put_narinfo(
             // Nix skips the NAR upload when the file already exists in this cache (which
             // includes the NAR of a recently evicted path). A pending upload row keeps that
             // NAR from garbage collection until the path is published.
-            let (file_hash, _) = Compression::parse_nar_file_name(key)?;
+            let (file_hash, _) = parse_nar_file_name(key)?;
             let not_uploaded = || {
                 ApiError::bad(format!(
                     "narinfo names {} but that NAR was not uploaded to cache {:?}",

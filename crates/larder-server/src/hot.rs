@@ -7,6 +7,7 @@
 //! made through this process invalidate the entries at once. Negative answers (404) are never
 //! cached, so a freshly published path is visible immediately.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,6 +46,8 @@ fn fresh<T: Clone>(t: Option<Timed<T>>, ttl: Duration) -> Option<T> {
 pub struct HotCache {
     caches: Cache<String, Timed<Arc<CacheRow>>>,
     narinfos: Cache<(i64, [u8; 32]), Timed<Arc<str>>>,
+    /// Bumped by every forget, so that a read racing it does not cache a stale narinfo.
+    narinfo_generation: AtomicU64,
     tokens: Cache<String, Timed<Grant>>,
 }
 
@@ -53,6 +56,7 @@ impl Default for HotCache {
         HotCache {
             caches: Cache::new(SETTINGS_CAPACITY),
             narinfos: Cache::new(NARINFO_CAPACITY),
+            narinfo_generation: AtomicU64::new(0),
             tokens: Cache::new(SETTINGS_CAPACITY),
         }
     }
@@ -79,16 +83,32 @@ impl HotCache {
     pub fn narinfo(&self, cache_id: i64, hash: &str) -> Option<Arc<str>> {
         fresh(self.narinfos.get(&(cache_id, key(hash))), NARINFO_TTL)
     }
-    pub fn put_narinfo(&self, cache_id: i64, hash: &str, text: Arc<str>) {
+    /// The narinfo generation, read before looking a narinfo up in the database.
+    pub fn narinfo_generation(&self) -> u64 {
+        self.narinfo_generation.load(Ordering::SeqCst)
+    }
+    /// Cache a narinfo read from the database at `generation`. If any narinfo was forgotten
+    /// since (an eviction or deletion raced the read), the entry is not kept: a stale narinfo
+    /// must never outlive the forgetting of its path.
+    pub fn put_narinfo(&self, cache_id: i64, hash: &str, text: Arc<str>, generation: u64) {
+        let k = (cache_id, key(hash));
+        if self.narinfo_generation() != generation {
+            return;
+        }
         self.narinfos.insert(
-            (cache_id, key(hash)),
+            k,
             Timed {
                 at: Instant::now(),
                 value: text,
             },
         );
+        // A forget between the check and the insert bumped the generation first: undo.
+        if self.narinfo_generation() != generation {
+            self.narinfos.remove(&k);
+        }
     }
     pub fn forget_narinfo(&self, cache_id: i64, hash: &str) {
+        self.narinfo_generation.fetch_add(1, Ordering::SeqCst);
         self.narinfos.remove(&(cache_id, key(hash)));
     }
 

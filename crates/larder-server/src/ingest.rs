@@ -21,64 +21,43 @@ use crate::error::ApiError;
 /// Blocks in flight between the network task and the hashing thread.
 const CHANNEL_BLOCKS: usize = 16;
 
-/// How a NAR file is compressed, as named in narinfo `Compression:` and file extensions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Compression {
-    None,
-    Xz,
-    Zstd,
+pub use larder_nix::compression::Compression;
+
+/// Parse a compression name, or answer 415 naming the supported ones.
+pub fn parse_compression(s: &str) -> Result<Compression, ApiError> {
+    Compression::from_name(s).ok_or_else(|| {
+        ApiError::UnsupportedMedia(format!(
+            "unsupported compression {:?} (supported: zstd, xz, none)",
+            truncate(s)
+        ))
+    })
 }
 
-impl Compression {
-    pub fn parse(s: &str) -> Result<Self, ApiError> {
-        match s {
-            "none" => Ok(Compression::None),
-            "xz" => Ok(Compression::Xz),
-            "zstd" => Ok(Compression::Zstd),
-            other => Err(ApiError::UnsupportedMedia(format!(
-                "unsupported compression {:?} (supported: zstd, xz, none)",
-                truncate(other)
-            ))),
+/// Parse a NAR file name `<52 nix32>.nar[.xz|.zst]` into its FileHash and compression.
+pub fn parse_nar_file_name(name: &str) -> Result<(Sha256, Compression), ApiError> {
+    let bad = || ApiError::bad(format!("invalid NAR file name {:?}", truncate(name)));
+    let (hash, ext) = name.split_once('.').ok_or_else(bad)?;
+    let compression = match Compression::from_nar_suffix(ext) {
+        Some(c) => c,
+        // Compressions Nix knows but larder does not store: say so (415), with a hint.
+        None if matches!(
+            ext,
+            "nar.bz2" | "nar.br" | "nar.lz4" | "nar.lzip" | "nar.gz"
+        ) =>
+        {
+            return Err(ApiError::UnsupportedMedia(format!(
+                "unsupported NAR compression in {:?} (supported: zstd, xz, none; \
+                 hint: nix copy --to 'http://…?compression=zstd')",
+                truncate(name)
+            )))
         }
+        None => return Err(bad()),
+    };
+    if hash.len() != 52 {
+        return Err(bad());
     }
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Compression::None => "none",
-            Compression::Xz => "xz",
-            Compression::Zstd => "zstd",
-        }
-    }
-    /// The file extension after `.nar`.
-    pub fn extension(self) -> &'static str {
-        match self {
-            Compression::None => "",
-            Compression::Xz => ".xz",
-            Compression::Zstd => ".zst",
-        }
-    }
-    /// Parse a NAR file name `<52 nix32>.nar[.xz|.zst]` into its FileHash and compression.
-    pub fn parse_nar_file_name(name: &str) -> Result<(Sha256, Compression), ApiError> {
-        let bad = || ApiError::bad(format!("invalid NAR file name {:?}", truncate(name)));
-        let (hash, ext) = name.split_once('.').ok_or_else(bad)?;
-        let compression = match ext {
-            "nar" => Compression::None,
-            "nar.xz" => Compression::Xz,
-            "nar.zst" => Compression::Zstd,
-            "nar.bz2" | "nar.br" | "nar.lz4" | "nar.lzip" | "nar.gz" => {
-                return Err(ApiError::UnsupportedMedia(format!(
-                    "unsupported NAR compression in {:?} (supported: zstd, xz, none; \
-                     hint: nix copy --to 'http://…?compression=zstd')",
-                    truncate(name)
-                )))
-            }
-            _ => return Err(bad()),
-        };
-        if hash.len() != 52 {
-            return Err(bad());
-        }
-        let bytes = larder_nix::nixbase32::decode_fixed::<32>(hash).map_err(|_| bad())?;
-        Ok((Sha256::from_bytes(bytes), compression))
-    }
+    let bytes = larder_nix::nixbase32::decode_fixed::<32>(hash).map_err(|_| bad())?;
+    Ok((Sha256::from_bytes(bytes), compression))
 }
 
 pub fn truncate(s: &str) -> String {

@@ -18,7 +18,7 @@ use larder_nix::store_path::StorePath;
 use larder_store::meta::{CacheRow, ChunkRow, NarRow, NewPath, PathRow, Publish};
 
 use crate::error::ApiError;
-use crate::ingest::{truncate, Compression, Ingested};
+use crate::ingest::{parse_compression, truncate, Ingested};
 use crate::{valid_cache_name, AppState};
 
 /// Look a cache up by name: 400 for a malformed name, 404 for an unknown one.
@@ -260,7 +260,7 @@ pub fn render_narinfo(path: &PathRow) -> Result<String, ApiError> {
         )))
     };
     let compression =
-        Compression::parse(&path.nar.compression).map_err(|_| corrupt("compression"))?;
+        parse_compression(&path.nar.compression).map_err(|_| corrupt("compression"))?;
     let store_path = StorePath::from_basename(&format!("{}-{}", path.hash, path.name))
         .map_err(|_| corrupt("store path"))?;
     let references = path

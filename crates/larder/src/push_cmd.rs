@@ -173,7 +173,7 @@ pub async fn push(args: PushArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot use cache {:?}", t.cache))?;
     let requested = args.compression.as_deref().unwrap_or(&cache.compression);
-    let compression = Compression::parse(requested)
+    let compression = Compression::from_name(requested)
         .ok_or_else(|| anyhow::anyhow!("unknown compression {requested:?}"))?;
     let level = args.level.unwrap_or(match compression {
         Compression::Xz => 6,

@@ -40,7 +40,7 @@ impl Pusher {
             .cache_info(&t.cache)
             .await
             .with_context(|| format!("cannot use cache {:?}", t.cache))?;
-        let compression = Compression::parse(&info.compression).unwrap_or(Compression::Zstd);
+        let compression = Compression::from_name(&info.compression).unwrap_or(Compression::Zstd);
         let signing_key = crate::push_cmd::signing_key(cache_arg, t.client.base_url())?;
         if info.signing_mode == "client" && signing_key.is_none() {
             return Err(fail_with_hint(

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use super::UploadResp;
 use crate::auth::{principal, Perm};
 use crate::error::ApiError;
-use crate::ingest::{verify_parts, Compression};
+use crate::ingest::{parse_compression, verify_parts};
 use crate::publish::load_cache;
 use crate::AppState;
 
@@ -63,7 +63,7 @@ pub async fn open(
         .await?
         .require(Perm::Push, &c.name)?;
     let Query(q) = query.map_err(|_| ApiError::bad("missing ?compression=zstd|xz|none"))?;
-    let compression = Compression::parse(&q.compression)?;
+    let compression = parse_compression(&q.compression)?;
     let mut id = [0u8; 16];
     getrandom::getrandom(&mut id).map_err(|e| ApiError::internal(std::io::Error::other(e)))?;
     let id = hex::encode(id);
@@ -118,7 +118,7 @@ pub async fn complete(
     let compression = tokio::fs::read_to_string(dir.join("compression"))
         .await
         .map_err(|_| ApiError::not_found("no such multi-part upload (expired or completed?)"))?;
-    let compression = Compression::parse(compression.trim())?;
+    let compression = parse_compression(compression.trim())?;
     let mut parts = Vec::new();
     while tokio::fs::try_exists(dir.join(format!("part-{:06}", parts.len())))
         .await
