@@ -35,7 +35,7 @@ const BLOCK: usize = 256 * 1024;
 /// Paths per bulk `missing` query.
 const MISSING_BATCH: usize = 5000;
 /// Default part size of multi-part uploads (NAR bytes per part).
-pub const DEFAULT_PART_SIZE: u64 = 64 << 20;
+pub const DEFAULT_PART_SIZE: u64 = 32 << 20;
 /// Compressed parts waiting to be sent, per upload (bounds memory to about two parts).
 const PARTS_IN_FLIGHT: usize = 1;
 /// NARs larger than this are compressed with zstd's worker threads.

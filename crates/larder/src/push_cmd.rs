@@ -56,7 +56,7 @@ pub struct PushArgs {
     #[arg(long)]
     json: bool,
     /// NARs larger than this are uploaded in parts of this size (each retried on its own).
-    #[arg(long, env = "LARDER_PUSH_PART_SIZE", default_value = "64MiB")]
+    #[arg(long, env = "LARDER_PUSH_PART_SIZE", default_value = "32MiB")]
     part_size: String,
 }
 
