@@ -131,6 +131,17 @@ pub async fn complete(
             "no parts uploaded (parts are numbered from 0)",
         ));
     }
+    let mut total = 0u64;
+    for p in &parts {
+        total += tokio::fs::metadata(p)
+            .await
+            .map_err(ApiError::internal)?
+            .len();
+    }
+    if total > state.config.max_upload_size {
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+        return Err(ApiError::PayloadTooLarge(state.config.max_upload_size));
+    }
     let to_verify = parts.clone();
     let verified = tokio::task::spawn_blocking(move || verify_parts(&to_verify, compression))
         .await
