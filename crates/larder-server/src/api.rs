@@ -7,7 +7,7 @@
 //! the same two-step shape as Nix's own uploader (NAR first, then narinfo), so both go through
 //! one publishing path.
 
-use std::io::Write;
+use tokio::io::AsyncWriteExt;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -739,7 +739,8 @@ pub async fn spool_body(
         .tempfile_in(staging)
         .map_err(ApiError::internal)?;
     let (file, path) = tmp.into_parts();
-    let mut out = std::io::BufWriter::new(file);
+    // Async writes: a serving thread runs many connections and must never block on the disk.
+    let mut out = tokio::io::BufWriter::with_capacity(256 * 1024, tokio::fs::File::from_std(file));
     let mut hasher = Sha256Hasher::new();
     let mut size = 0u64;
     let mut stream = body.into_data_stream();
@@ -750,8 +751,10 @@ pub async fn spool_body(
             return Err(ApiError::PayloadTooLarge(limit));
         }
         hasher.update(&block);
-        out.write_all(&block).map_err(ApiError::internal)?;
+        out.write_all(&block).await.map_err(ApiError::internal)?;
     }
-    out.flush().map_err(ApiError::internal)?;
+    out.flush().await.map_err(ApiError::internal)?;
+    let file = out.into_inner();
+    file.sync_all().await.map_err(ApiError::internal)?;
     Ok((path, hasher.finalize(), size))
 }
