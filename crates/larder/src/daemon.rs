@@ -401,9 +401,11 @@ async fn serve_conn(conn: UnixStream, shared: Arc<Shared>) -> anyhow::Result<()>
                 .await?;
             }
             Some("stop") => {
+                // Register for the reply before the main loop can see `stopping` and exit,
+                // or the reply could be lost with the process.
+                shared.stop_waiters.lock().await.push(w);
                 shared.stopping.store(true, Ordering::SeqCst);
                 shared.wake.notify_one();
-                shared.stop_waiters.lock().await.push(w);
                 return Ok(());
             }
             _ => send(&mut w, &json!({"ok": false, "error": "unknown op"})).await?,
