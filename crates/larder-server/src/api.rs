@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::auth::{new_token, principal, token_hash, Perm, Principal};
 use crate::config::{parse_duration, parse_size, DEFAULT_PRIORITY};
 use crate::error::ApiError;
-use crate::ingest::{ingest, parse_compression, truncate};
+use crate::ingest::{ingest, parse_compression, truncate, Compression};
 use crate::publish::{load_cache, publish, store_upload, PathInfo, UpstreamRef};
 use crate::{valid_cache_name, AppState};
 
@@ -437,8 +437,24 @@ async fn missing(
 }
 
 #[derive(Deserialize)]
-struct UploadQuery {
+struct CompressionQuery {
     compression: String,
+}
+
+/// The `?compression=zstd|xz|none` of an upload request.
+pub(crate) struct UploadCompression(pub Compression);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for UploadCompression {
+    type Rejection = ApiError;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        let Query(q) = Query::<CompressionQuery>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ApiError::bad("missing ?compression=zstd|xz|none"))?;
+        Ok(UploadCompression(parse_compression(&q.compression)?))
+    }
 }
 
 /// What the server measured of an uploaded NAR.
@@ -469,15 +485,13 @@ async fn upload_nar(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(name): Path<String>,
-    query: Result<Query<UploadQuery>, axum::extract::rejection::QueryRejection>,
+    UploadCompression(compression): UploadCompression,
     body: Body,
 ) -> Result<(StatusCode, Json<UploadResp>), ApiError> {
     let c = load_cache(&state, &name).await?;
     principal(&state, &headers)
         .await?
         .require(Perm::Push, &c.name)?;
-    let Query(q) = query.map_err(|_| ApiError::bad("missing ?compression=zstd|xz|none"))?;
-    let compression = parse_compression(&q.compression)?;
     let up = ingest(
         body,
         compression,

@@ -12,13 +12,13 @@
 use std::path::PathBuf;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use larder_store::meta::{ChunkRow, NarRow};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use super::UploadResp;
+use super::{UploadCompression, UploadResp};
 use crate::auth::{principal, Perm};
 use crate::error::ApiError;
 use crate::ingest::{parse_compression, verify_parts};
@@ -27,11 +27,6 @@ use crate::AppState;
 
 /// Most parts one upload may have.
 const MAX_PARTS: u32 = 100_000;
-
-#[derive(Deserialize)]
-pub struct OpenQuery {
-    compression: String,
-}
 
 #[derive(Serialize)]
 pub struct Opened {
@@ -56,14 +51,12 @@ pub async fn open(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(name): Path<String>,
-    query: Result<Query<OpenQuery>, axum::extract::rejection::QueryRejection>,
+    UploadCompression(compression): UploadCompression,
 ) -> Result<(StatusCode, Json<Opened>), ApiError> {
     let c = load_cache(&state, &name).await?;
     principal(&state, &headers)
         .await?
         .require(Perm::Push, &c.name)?;
-    let Query(q) = query.map_err(|_| ApiError::bad("missing ?compression=zstd|xz|none"))?;
-    let compression = parse_compression(&q.compression)?;
     let mut id = [0u8; 16];
     getrandom::getrandom(&mut id).map_err(|e| ApiError::internal(std::io::Error::other(e)))?;
     let id = hex::encode(id);
