@@ -200,6 +200,25 @@ impl ApiClient {
         })
     }
 
+    /// GET `/<cache>/<hash>.narinfo`: its text, or `None` when the cache does not have it.
+    pub async fn narinfo(&self, cache: &str, hash: &str) -> Result<Option<String>> {
+        match self
+            .send(self.request(reqwest::Method::GET, &format!("/{cache}/{hash}.narinfo")))
+            .await
+        {
+            Ok(resp) => resp
+                .text()
+                .await
+                .map(Some)
+                .map_err(|source| ClientError::Decode {
+                    what: "narinfo".into(),
+                    source,
+                }),
+            Err(ClientError::Status { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     pub async fn list_caches(&self) -> Result<Vec<CacheInfo>> {
         self.json(
             self.request(reqwest::Method::GET, "/api/v1/caches"),

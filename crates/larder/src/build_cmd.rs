@@ -7,6 +7,7 @@
 //! references (`.#homeConfigurations.host.activationPackage`, `path:/dir#pkg`) or, with
 //! `-f FILE`, attributes of a Nix file.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -16,6 +17,7 @@ use std::time::Instant;
 use anyhow::Context;
 use larder_client::local_store::PathInfo;
 use larder_client::push::{Observer, Outcome};
+use larder_nix::narinfo::NarInfo;
 use larder_nix::store_path::StorePath;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -45,6 +47,9 @@ pub struct BuildArgs {
     /// Where to write the run's log. [default: $XDG_CACHE_HOME/larder/builds]
     #[arg(long, value_name = "DIR")]
     log_dir: Option<PathBuf>,
+    /// Print one JSON object per installable, then a summary object, instead of the report.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -63,9 +68,35 @@ pub struct PullArgs {
     /// Show Nix's build logs.
     #[arg(short, long)]
     verbose: bool,
+    /// Print the plan and the result as JSON objects (one per line) instead of the report.
+    #[arg(long)]
+    json: bool,
     /// A command to run after a successful pull, e.g. `-- home-manager switch --flake .#host`.
     #[arg(last = true, value_name = "CMD")]
     command: Vec<String>,
+}
+
+/// The human report, or (with `--json`) JSON objects one per line.
+struct Report {
+    json: bool,
+}
+
+impl Report {
+    fn text(&self, s: &str) -> anyhow::Result<()> {
+        if self.json {
+            Ok(())
+        } else {
+            print(s)
+        }
+    }
+
+    fn event(&self, v: serde_json::Value) -> anyhow::Result<()> {
+        if self.json {
+            print(&format!("{v}\n"))
+        } else {
+            Ok(())
+        }
+    }
 }
 
 /// A run's log file.
@@ -225,6 +256,7 @@ impl Observer for Quiet {
 
 pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
     let t_all = Instant::now();
+    let rep = Report { json: args.json };
     let dir = match &args.log_dir {
         Some(d) => d.clone(),
         None => cache_home()?.join("larder/builds"),
@@ -278,7 +310,7 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
         Some(b) => out.push_str(&format!("✓ {} free in /nix/store\n", human_size(b as i64))),
         None => {}
     }
-    print(&(out + "\n"))?;
+    rep.text(&(out + "\n"))?;
 
     let n = installables.len();
     let mut failed = 0;
@@ -296,7 +328,7 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
         } else {
             "Building"
         };
-        print(&format!("[{}/{n}] {verb}: {shown}\n", i + 1))?;
+        rep.text(&format!("[{}/{n}] {verb}: {shown}\n", i + 1))?;
         log.line(&format!("== [{}/{n}] {shown}", i + 1));
         let t0 = Instant::now();
         let extra: &[&str] = if args.dry_run { &["--dry-run"] } else { &[] };
@@ -305,7 +337,7 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
             std::slice::from_ref(inst),
             extra,
             &log,
-            args.verbose || args.dry_run,
+            !args.json && (args.verbose || args.dry_run),
         )
         .await;
         let outs = match r {
@@ -313,19 +345,26 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
             Err(e) => {
                 failed += 1;
                 log.line(&format!("failed: {e:#}"));
-                print(&format!("  └─ ✗ {e:#}\n\n"))?;
+                rep.text(&format!("  └─ ✗ {e:#}\n\n"))?;
+                rep.event(serde_json::json!({
+                    "installable": shown, "ok": false, "stage": "build",
+                    "error": format!("{e:#}"), "build_secs": t0.elapsed().as_secs_f64(),
+                }))?;
                 continue;
             }
         };
         if args.dry_run {
             for o in &outs {
-                print(&format!("  └─ output: {o}\n"))?;
+                rep.text(&format!("  └─ output: {o}\n"))?;
             }
-            print("  └─ would push their closures (paths already in the cache are skipped)\n\n")?;
+            rep.text(
+                "  └─ would push their closures (paths already in the cache are skipped)\n\n",
+            )?;
+            rep.event(serde_json::json!({"installable": shown, "ok": true, "outputs": outs}))?;
             continue;
         }
         let build_secs = t0.elapsed().as_secs_f64();
-        print(&format!("  └─ Build time: {}\n", duration(build_secs)))?;
+        rep.text(&format!("  └─ Build time: {}\n", duration(build_secs)))?;
         let roots: Vec<StorePath> = outs
             .iter()
             .filter_map(|o| StorePath::from_absolute(o).ok())
@@ -334,9 +373,10 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
         match pusher.push(roots, Arc::new(Quiet(log.clone()))).await {
             Ok(batch) => {
                 let s = &batch.summary;
-                print(&format!(
+                let push_secs = t1.elapsed().as_secs_f64();
+                rep.text(&format!(
                     "  └─ Push time: {}\n  └─ Artifacts: {} paths pushed (~{}), {} already in the cache\n\n",
-                    duration(t1.elapsed().as_secs_f64()),
+                    duration(push_secs),
                     s.pushed,
                     human_size(s.bytes as i64),
                     batch.present
@@ -344,15 +384,26 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
                 log.line(&format!("pushed {} paths, {} bytes", s.pushed, s.bytes));
                 total_paths += s.pushed;
                 total_bytes += s.bytes;
-                if s.failed > 0 || !batch.invalid.is_empty() {
+                let ok = s.failed == 0 && batch.invalid.is_empty();
+                if !ok {
                     failed += 1;
-                    print(&format!("  └─ ✗ {} paths failed to push\n\n", s.failed))?;
+                    rep.text(&format!("  └─ ✗ {} paths failed to push\n\n", s.failed))?;
                 }
+                rep.event(serde_json::json!({
+                    "installable": shown, "ok": ok, "outputs": outs,
+                    "build_secs": build_secs, "push_secs": push_secs,
+                    "pushed": s.pushed, "bytes": s.bytes, "present": batch.present,
+                    "failed": s.failed,
+                }))?;
             }
             Err(e) => {
                 failed += 1;
                 log.line(&format!("push failed: {e:#}"));
-                print(&format!("  └─ ✗ push failed: {e:#}\n\n"))?;
+                rep.text(&format!("  └─ ✗ push failed: {e:#}\n\n"))?;
+                rep.event(serde_json::json!({
+                    "installable": shown, "ok": false, "stage": "push", "outputs": outs,
+                    "build_secs": build_secs, "error": format!("{e:#}"),
+                }))?;
             }
         }
     }
@@ -365,12 +416,17 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
     } else {
         format!("❌ {failed} of {n} installables failed")
     };
-    print(&format!(
+    let total_secs = t_all.elapsed().as_secs_f64();
+    rep.text(&format!(
         "{RULE}\n{head}\nPushed: {total_paths} paths (~{})\nTotal time: {}\nLogs: {}\n{RULE}\n",
         human_size(total_bytes as i64),
-        duration(t_all.elapsed().as_secs_f64()),
+        duration(total_secs),
         log_path.display()
     ))?;
+    rep.event(serde_json::json!({
+        "summary": true, "installables": n, "failed": failed, "pushed": total_paths,
+        "bytes": total_bytes, "secs": total_secs, "log": log_path, "dry_run": args.dry_run,
+    }))?;
     if failed > 0 {
         return Err(fail_with_hint(
             format!("{failed} of {n} installables failed"),
@@ -407,8 +463,51 @@ fn parse_dry_run(lines: &[String]) -> (Vec<String>, Vec<String>, Option<String>)
     (build, fetch, size)
 }
 
+/// Which of `paths` the cache has, with their (FileSize, NarSize): narinfo lookups, 16 at a time.
+async fn in_cache(
+    t: &crate::client_config::Target,
+    paths: &[String],
+) -> anyhow::Result<HashMap<String, (u64, u64)>> {
+    let mut found = HashMap::new();
+    let mut todo = paths.iter();
+    let mut set = tokio::task::JoinSet::new();
+    loop {
+        while set.len() < 16 {
+            let Some(p) = todo.next() else { break };
+            let Ok(sp) = StorePath::from_absolute(p) else {
+                continue;
+            };
+            let (client, cache, p) = (t.client.clone(), t.cache.clone(), p.clone());
+            set.spawn(async move {
+                let text = client.narinfo(&cache, &sp.hash_part()).await?;
+                anyhow::Ok((p, text))
+            });
+        }
+        let Some(r) = set.join_next().await else {
+            break;
+        };
+        let (p, text) = r.context("narinfo lookup")??;
+        if let Some(info) = text.and_then(|t| NarInfo::parse(&t).ok()) {
+            found.insert(p, (info.file_size.unwrap_or(info.nar_size), info.nar_size));
+        }
+    }
+    Ok(found)
+}
+
+fn sum_sizes<'a>(
+    sizes: &HashMap<String, (u64, u64)>,
+    paths: impl Iterator<Item = &'a String>,
+) -> (usize, u64, u64) {
+    paths
+        .filter_map(|p| sizes.get(p))
+        .fold((0, 0, 0), |(n, f, s), (file, nar)| {
+            (n + 1, f + file, s + nar)
+        })
+}
+
 pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
+    let rep = Report { json: args.json };
     let t = crate::client_config::target(&args.cache)?;
     let url = format!("{}/{}", t.client.base_url().trim_end_matches('/'), t.cache);
     let mut out = format!("{RULE}\nlarder pull ← {url}\n{RULE}\n");
@@ -441,7 +540,7 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cache {url} is not reachable"))?;
     out.push_str("✓ Cache reachable\n");
-    print(&out)?;
+    rep.text(&out)?;
 
     let null_log = Log(Arc::new(Mutex::new(
         std::fs::File::create("/dev/null").context("cannot open /dev/null")?,
@@ -455,12 +554,23 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
     )
     .await?;
     let (to_build, to_fetch, size) = parse_dry_run(&dry);
-    print(&format!(
-        "Plan: {} paths to fetch{}, {} derivations to build locally\n",
+    let sizes = in_cache(&t, &to_fetch).await?;
+    let (ours, ours_file, ours_nar) = sum_sizes(&sizes, to_fetch.iter());
+    rep.text(&format!(
+        "Plan: {} paths to fetch{}, {ours} of them from {} ({} download, {} unpacked); \
+         {} derivations to build locally\n",
         to_fetch.len(),
         size.map(|s| format!(" ({s})")).unwrap_or_default(),
+        t.cache,
+        human_size(ours_file as i64),
+        human_size(ours_nar as i64),
         to_build.len()
     ))?;
+    rep.event(serde_json::json!({
+        "plan": true, "fetch": to_fetch.len(), "fetch_from_cache": ours,
+        "fetch_from_cache_bytes": ours_file, "fetch_from_cache_nar_bytes": ours_nar,
+        "build": to_build, "fetch_paths": to_fetch,
+    }))?;
     if !to_build.is_empty() {
         eprintln!(
             "warning: {} derivations are not in any cache and will be built locally (cache miss):",
@@ -472,18 +582,23 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
     }
     if args.dry_run {
         for p in &to_fetch {
-            print(&format!("  fetch {p}\n"))?;
+            let from = if sizes.contains_key(p) {
+                "cache"
+            } else {
+                "elsewhere"
+            };
+            rep.text(&format!("  fetch ({from}) {p}\n"))?;
         }
         return Ok(());
     }
-    print("✓ Starting pull...\n")?;
-    let (fetched_from, built): (Vec<String>, Vec<String>) = {
+    rep.text("✓ Starting pull...\n")?;
+    let (fetched_from, built): (Vec<(String, String)>, Vec<String>) = {
         let (_, lines) = nix_build(
             args.file.as_deref(),
             &args.installables,
             &[],
             &null_log,
-            true,
+            !args.json,
         )
         .await
         .map_err(|e| {
@@ -498,7 +613,12 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
         for l in &lines {
             if let Some(rest) = l.strip_prefix("copying path '") {
                 if let Some((p, from)) = rest.split_once("' from '") {
-                    fetched.push(format!("{p}\t{}", from.trim_end_matches("'...")));
+                    fetched.push((
+                        p.to_owned(),
+                        from.trim_end_matches("'...")
+                            .trim_end_matches('/')
+                            .to_owned(),
+                    ));
                 }
             } else if let Some(rest) = l.strip_prefix("building '") {
                 built.push(rest.trim_end_matches("'...").to_owned());
@@ -506,19 +626,28 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
         }
         (fetched, built)
     };
-    let from_us = fetched_from
+    let from_us: Vec<&String> = fetched_from
         .iter()
-        .filter(|l| {
-            l.split_once('\t')
-                .is_some_and(|(_, f)| f.trim_end_matches('/') == url)
-        })
-        .count();
-    print(&format!(
-        "\n✅ Pull completed\nFetched: {} paths ({from_us} from {url})\nBuilt locally: {}\nTime: {}\n{RULE}\n",
+        .filter(|(_, f)| *f == url)
+        .map(|(p, _)| p)
+        .collect();
+    let (_, got_file, got_nar) = sum_sizes(&sizes, from_us.iter().copied());
+    let secs = t0.elapsed().as_secs_f64();
+    rep.text(&format!(
+        "\n✅ Pull completed\nFetched: {} paths ({} from {url}: {} download, {} unpacked)\n\
+         Built locally: {}\nTime: {}\n{RULE}\n",
         fetched_from.len(),
+        from_us.len(),
+        human_size(got_file as i64),
+        human_size(got_nar as i64),
         built.len(),
-        duration(t0.elapsed().as_secs_f64())
+        duration(secs)
     ))?;
+    rep.event(serde_json::json!({
+        "summary": true, "fetched": fetched_from.len(), "fetched_from_cache": from_us.len(),
+        "fetched_from_cache_bytes": got_file, "fetched_from_cache_nar_bytes": got_nar,
+        "built": built, "secs": secs,
+    }))?;
     if !built.is_empty() {
         eprintln!(
             "warning: {} derivations were built locally: the cache did not have them",

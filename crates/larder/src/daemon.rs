@@ -640,7 +640,7 @@ pub fn hook_script(larder: &Path, nix_store: &str, socket: &Path) -> String {
 }
 
 /// `nix-store` on PATH, absolute (the hook runs with the Nix daemon's PATH, not ours).
-fn find_nix_store() -> String {
+pub fn find_nix_store() -> String {
     std::env::var_os("PATH")
         .and_then(|paths| {
             std::env::split_paths(&paths)
@@ -650,7 +650,7 @@ fn find_nix_store() -> String {
         .map_or_else(|| "nix-store".to_owned(), |p| p.display().to_string())
 }
 
-fn shell_quote(s: &str) -> String {
+pub fn shell_quote(s: &str) -> String {
     if s.chars()
         .all(|c| c.is_ascii_alphanumeric() || "/._-+:@".contains(c))
     {

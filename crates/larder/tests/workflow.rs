@@ -255,8 +255,10 @@ fn watch_store_pushes_new_builds_and_drains_on_sigterm() {
     assert!(!log.contains(".drv"), "{log}");
 }
 
-#[test]
-fn watch_exec_pushes_what_the_command_builds_and_keeps_its_status() {
+/// watch-exec runs the command, pushes what it builds, and exits with its status. While the
+/// command waits, the test builds another path outside it: the post-build-hook mode (the
+/// default for root) pushes only the command's builds, the store-watching mode pushes both.
+fn watch_exec_case(mode: Option<&str>) {
     require_nix();
     let server = Server::start();
     server.create_cache("exec", &[]);
@@ -264,20 +266,40 @@ fn watch_exec_pushes_what_the_command_builds_and_keeps_its_status() {
     let tag = format!("exec-{}", unique());
     let dir = tempfile::tempdir().unwrap();
     let out_file = dir.path().join("outs");
+    let marker = dir.path().join("go-on");
     let script = format!(
-        "nix-build --no-out-link -E '{}' > {} && exit 3",
-        many_expr(&tag, 3),
-        out_file.display()
+        "nix-build --no-out-link -E '{}' > {outs} && \
+         while [ ! -e {marker} ]; do sleep 0.05; done && \
+         nix-build --no-out-link -E '{}' >> {outs} && exit 3",
+        many_expr(&format!("{tag}-a"), 2),
+        many_expr(&format!("{tag}-b"), 1),
+        outs = out_file.display(),
+        marker = marker.display(),
     );
-    let o = larder(
-        &server,
-        &token,
-        &["watch-exec", "exec", "--", "sh", "-c", &script],
-    )
-    .env("NIX_CONFIG", NIX_CONFIG)
-    .env("XDG_CACHE_HOME", dir.path())
-    .output()
-    .unwrap();
+    let mut args = vec!["watch-exec", "exec"];
+    if let Some(m) = mode {
+        args.extend(["--mode", m]);
+    }
+    args.extend(["--", "sh", "-c", &script]);
+    let child = larder(&server, &token, &args)
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .env("XDG_CACHE_HOME", dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the command's first build, then build something else outside it.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while std::fs::read_to_string(&out_file).map_or(0, |s| s.lines().count()) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the command's first build did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let outside = build_file(&format!("{tag}-outside"), "outside");
+    std::fs::write(&marker, b"").unwrap();
+    let o = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(3), "{err}");
     let url = format!("{}/exec", server.url);
@@ -286,6 +308,23 @@ fn watch_exec_pushes_what_the_command_builds_and_keeps_its_status() {
     for p in outs.lines() {
         assert!(in_cache(&url, p), "{p} not pushed:\n{err}");
     }
+    let hook_mode = mode != Some("store");
+    assert_eq!(err.contains("post-build-hook"), hook_mode, "{err}");
+    assert_eq!(
+        in_cache(&url, &outside),
+        !hook_mode,
+        "a path built outside the command ({outside}); hook mode = {hook_mode}:\n{err}"
+    );
+}
+
+#[test]
+fn watch_exec_hook_mode_pushes_exactly_what_the_command_builds() {
+    watch_exec_case(None);
+}
+
+#[test]
+fn watch_exec_store_mode_pushes_every_new_path() {
+    watch_exec_case(Some("store"));
 }
 
 /// The seed's journey: `larder build` on the builder, `larder pull` on a consumer (a separate
@@ -346,6 +385,30 @@ in {{ packages.${{sys}} = {{ shoshin = mk "shoshin"; gyakusatsu = mk "gyakusatsu
         name.starts_with("build-") && name.ends_with(".log") && name.len() == 25,
         "{name}"
     );
+    // Again, for scripts: one JSON object per installable, then the summary; nothing new.
+    let o = larder(
+        &server,
+        &token,
+        &["build", "ws", &a, &b, "--json", "--log-dir"],
+    )
+    .arg(&logs)
+    .env("NIX_CONFIG", flakes)
+    .env("XDG_CACHE_HOME", dir.path().join("xdg"))
+    .output()
+    .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 3, "{events:?}");
+    for e in &events[..2] {
+        assert_eq!(e["ok"], true, "{e}");
+        assert_eq!(e["pushed"], 0, "{e}");
+        assert_eq!(e["present"], 2, "{e}");
+    }
+    assert_eq!(events[2]["summary"], true);
+    assert_eq!(events[2]["failed"], 0);
 
     // The consumer: its own store, configured from `larder use --mode print`.
     let lines = server.cli_ok(&token, &["use", "ws", "--mode", "print"]);
@@ -383,9 +446,27 @@ in {{ packages.${{sys}} = {{ shoshin = mk "shoshin"; gyakusatsu = mk "gyakusatsu
         String::from_utf8_lossy(&o.stderr)
     );
     assert!(
-        plan.contains("3 paths to fetch") && plan.contains("0 derivations to build"),
+        plan.contains("3 paths to fetch")
+            && plan.contains("3 of them from ws")
+            && plan.contains("0 derivations to build"),
         "{plan}"
     );
+    let o = larder(
+        &server,
+        &token,
+        &["pull", "ws", &a, &b, "--dry-run", "--json"],
+    )
+    .env("NIX_CONFIG", &consumer_conf)
+    .env("XDG_CACHE_HOME", dir.path().join("xdg"))
+    .output()
+    .unwrap();
+    let plan: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(plan["fetch_from_cache"], 3, "{plan}");
+    assert!(
+        plan["fetch_from_cache_nar_bytes"].as_u64().unwrap() > 0,
+        "{plan}"
+    );
+    assert_eq!(plan["build"].as_array().unwrap().len(), 0, "{plan}");
     let marker = dir.path().join("switched");
     let o = larder(&server, &token, &["pull", "ws", &a, &b, "--", "touch"])
         .arg(&marker)
@@ -401,7 +482,7 @@ in {{ packages.${{sys}} = {{ shoshin = mk "shoshin"; gyakusatsu = mk "gyakusatsu
     );
     let url = format!("{}/ws", server.url);
     assert!(
-        report.contains(&format!("Fetched: 3 paths (3 from {url})")),
+        report.contains(&format!("Fetched: 3 paths (3 from {url}: ")),
         "{report}"
     );
     assert!(report.contains("Built locally: 0"), "{report}");
