@@ -187,6 +187,27 @@ pub fn nix(args: &[&str], xdg: &Path) -> Output {
         .expect("run nix")
 }
 
+/// Build a Nix expression (`nix-build -E`) with real Nix; returns its output paths.
+pub fn build_expr(expr: &str) -> Vec<String> {
+    let xdg = tempfile::tempdir().unwrap();
+    let o = Command::new("nix-build")
+        .args(["--no-out-link", "-E", expr])
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .env("XDG_CACHE_HOME", xdg.path())
+        .output()
+        .expect("run nix-build");
+    assert!(
+        o.status.success(),
+        "nix-build: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
 /// Build a one-file test derivation with real Nix; returns its output path.
 pub fn build_file(name: &str, content: &str) -> String {
     let unique = format!(
@@ -201,17 +222,5 @@ pub fn build_file(name: &str, content: &str) -> String {
         "derivation {{ name = \"{unique}\"; system = builtins.currentSystem; builder = \"/bin/sh\"; \
          args = [\"-c\" \"echo {content} > $out\"]; }}"
     );
-    let xdg = tempfile::tempdir().unwrap();
-    let o = Command::new("nix-build")
-        .args(["--no-out-link", "-E", &expr])
-        .env("NIX_CONFIG", NIX_CONFIG)
-        .env("XDG_CACHE_HOME", xdg.path())
-        .output()
-        .expect("run nix-build");
-    assert!(
-        o.status.success(),
-        "nix-build: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap().trim().to_owned()
+    build_expr(&expr).remove(0)
 }
