@@ -2,6 +2,7 @@
 //! store reader and the push pipeline live here too as they arrive.
 
 pub mod api;
+pub mod import;
 pub mod local_store;
 pub mod push;
 pub mod queue;

@@ -55,6 +55,41 @@ pub enum PushError {
     Internal(String),
 }
 
+/// Where the NARs of a push come from when not from the local store: another binary cache
+/// for `larder import`.
+pub trait NarSource: Send + Sync {
+    /// Stream the NAR of `info` into `out`, checked against `info.nar_hash` and
+    /// `info.nar_size` (an error at the end means: discard what was written). Blocking; called
+    /// on a blocking thread. Failures of `out` are [`LocalStoreError::Write`].
+    fn write_nar(&self, info: &PathInfo, out: &mut dyn Write) -> Result<(), LocalStoreError>;
+}
+
+/// A shared [`NarSource`].
+#[derive(Clone)]
+pub struct SourceRef(pub Arc<dyn NarSource>);
+
+impl std::fmt::Debug for SourceRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SourceRef(..)")
+    }
+}
+
+/// Stream `info`'s NAR from `source` (the local store when `None`) into `out`.
+fn write_nar<W: Write>(
+    source: &Option<SourceRef>,
+    info: &PathInfo,
+    out: W,
+) -> Result<W, LocalStoreError> {
+    match source {
+        None => dump_verified(info, out),
+        Some(s) => {
+            let mut out = out;
+            s.0.write_nar(info, &mut out)?;
+            Ok(out)
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct PushOptions {
     pub jobs: usize,
@@ -73,6 +108,8 @@ pub struct PushOptions {
     /// NARs larger than this are uploaded in parts of this many NAR bytes, each retried on its
     /// own, so a dropped connection or a proxy's body limit costs one part.
     pub part_size: u64,
+    /// Where NARs come from; `None`: the local store.
+    pub source: Option<SourceRef>,
 }
 
 impl Default for PushOptions {
@@ -89,6 +126,7 @@ impl Default for PushOptions {
             signing_key: None,
             attempts: 4,
             part_size: DEFAULT_PART_SIZE,
+            source: None,
         }
     }
 }
@@ -117,6 +155,33 @@ impl Plan {
 #[derive(Deserialize)]
 struct MissingResp {
     missing: Vec<String>,
+}
+
+/// Which of `paths` (absolute store paths) the cache lacks: bulk queries of
+/// [`MISSING_BATCH`] paths.
+pub async fn missing(
+    client: &ApiClient,
+    cache: &str,
+    paths: Vec<String>,
+) -> Result<HashSet<String>, PushError> {
+    let mut missing = HashSet::new();
+    for batch in paths.chunks(MISSING_BATCH) {
+        let resp: MissingResp = client
+            .send(
+                client
+                    .request(
+                        reqwest::Method::POST,
+                        &format!("/api/v1/caches/{cache}/missing"),
+                    )
+                    .json(&serde_json::json!({ "paths": batch })),
+            )
+            .await?
+            .json()
+            .await
+            .map_err(|e| PushError::Internal(format!("bad answer to the missing query: {e}")))?;
+        missing.extend(resp.missing);
+    }
+    Ok(missing)
 }
 
 /// Compute what to push: closure, filters, and one bulk query for what the cache lacks.
@@ -170,26 +235,12 @@ pub async fn plan(
             candidates.push(info);
         }
     }
-    let mut missing = HashSet::new();
-    for batch in candidates.chunks(MISSING_BATCH) {
-        let body = serde_json::json!({
-            "paths": batch.iter().map(|i| i.path.to_absolute()).collect::<Vec<_>>()
-        });
-        let resp: MissingResp = client
-            .send(
-                client
-                    .request(
-                        reqwest::Method::POST,
-                        &format!("/api/v1/caches/{cache}/missing"),
-                    )
-                    .json(&body),
-            )
-            .await?
-            .json()
-            .await
-            .map_err(|e| PushError::Internal(format!("bad answer to the missing query: {e}")))?;
-        missing.extend(resp.missing);
-    }
+    let missing = missing(
+        client,
+        cache,
+        candidates.iter().map(|i| i.path.to_absolute()).collect(),
+    )
+    .await?;
     for info in candidates {
         if missing.contains(&info.path.to_absolute()) {
             plan.paths.push(info);
@@ -235,6 +286,20 @@ pub struct Summary {
     pub file_bytes: u64,
     pub seconds: f64,
     pub failures: Vec<Failure>,
+}
+
+impl Summary {
+    /// Fold in the summary of a later round of the same push (after [`replan_needed`]): its
+    /// failures replace ours; paths we skipped as present and it pushed count as pushed.
+    pub fn absorb(&mut self, later: Summary) {
+        self.pushed += later.pushed;
+        self.bytes += later.bytes;
+        self.file_bytes += later.file_bytes;
+        self.seconds += later.seconds;
+        self.skipped = self.skipped.saturating_sub(later.pushed);
+        self.failed = later.failed;
+        self.failures = later.failures;
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -337,6 +402,18 @@ pub async fn execute(
     }
     s.seconds = start.elapsed().as_secs_f64();
     s
+}
+
+/// Rounds of planning and pushing [`replan_needed`] allows before giving up.
+pub const PUSH_ROUNDS: usize = 3;
+
+/// Whether a push failed only because the server no longer had a reference that was present
+/// when the push was planned (evicted meanwhile), and the paths depending on it: planning again
+/// uploads the reference, so the caller should plan and execute once more.
+pub fn replan_needed(summary: &Summary) -> bool {
+    let gone = |f: &Failure| f.error.contains("path(s) not in cache");
+    let dependent = |f: &Failure| f.error.contains("a path it references failed to push");
+    summary.failures.iter().any(gone) && summary.failures.iter().all(|f| gone(f) || dependent(f))
 }
 
 /// An error on one line: the error and its causes.
@@ -545,6 +622,7 @@ async fn upload_nar(
         )
         .body(body);
     let (compression, level, info2) = (opts.compression, opts.level, info.clone());
+    let source = opts.source.clone();
     let observer = observer.clone();
     let producer = tokio::task::spawn_blocking(move || -> Result<(), PushError> {
         let err_tx = tx.clone();
@@ -560,7 +638,7 @@ async fn upload_nar(
         let r = (|| -> Result<(), PushError> {
             match compression {
                 Compression::None => {
-                    let mut w = dump_verified(&info2, w)?;
+                    let mut w = write_nar(&source, &info2, w)?;
                     w.flush().map_err(werr)?;
                 }
                 Compression::Zstd => {
@@ -571,13 +649,13 @@ async fn upload_nar(
                             .unwrap_or(1);
                         let _ = enc.multithread(n as u32);
                     }
-                    let enc = dump_verified(&info2, enc)?;
+                    let enc = write_nar(&source, &info2, enc)?;
                     let mut w = enc.finish().map_err(werr)?;
                     w.flush().map_err(werr)?;
                 }
                 Compression::Xz => {
                     let enc = xz2::write::XzEncoder::new(w, level.clamp(0, 9) as u32);
-                    let enc = dump_verified(&info2, enc)?;
+                    let enc = write_nar(&source, &info2, enc)?;
                     let mut w = enc.finish().map_err(werr)?;
                     w.flush().map_err(werr)?;
                 }
@@ -720,6 +798,7 @@ async fn upload_parts(
         opts.part_size.max(1),
         info.clone(),
     );
+    let source = opts.source.clone();
     let producer = tokio::task::spawn_blocking(move || -> Result<(), PushError> {
         let splitter = PartSplitter {
             compression,
@@ -729,7 +808,7 @@ async fn upload_parts(
             current: None,
             tx,
         };
-        let mut splitter = dump_verified(&info2, splitter)?;
+        let mut splitter = write_nar(&source, &info2, splitter)?;
         splitter
             .flush_part()
             .map_err(|source| LocalStoreError::Write {

@@ -14,6 +14,7 @@ mod client_config;
 mod daemon;
 mod doctor;
 mod env;
+mod import_cmd;
 mod nixconf;
 mod output;
 mod push_cmd;
@@ -75,6 +76,10 @@ enum Command {
     /// Pin a store path's closure in a cache so eviction never removes it: `pin CACHE NAME
     /// PATH`, `pin list CACHE`, `pin delete CACHE NAME`. Re-pinning NAME makes a new revision.
     Pin(retention_cmd::PinArgs),
+    /// Copy another binary cache (`file:///dir` as made by `nix copy --to file://…`, or
+    /// `http(s)://…`) into CACHE: every NAR checked against its narinfo, signatures kept plus
+    /// the cache's own; a second run skips what is already there.
+    Import(import_cmd::ImportArgs),
     /// Push queue for Nix's post-build-hook: `daemon run CACHE`, `daemon push PATH…`,
     /// `daemon stop`, `daemon status`, and `daemon hook` (writes the hook script).
     #[command(subcommand)]
@@ -82,8 +87,9 @@ enum Command {
     /// Push every new valid store path until stopped (SIGINT/SIGTERM push what is pending
     /// first). Reads the Nix database.
     WatchStore(watch::WatchArgs),
-    /// Run CMD and push every store path that becomes valid while it runs; exit with its
-    /// status once everything is pushed. Example: `larder watch-exec CACHE -- nix build .#app`.
+    /// Run CMD and push what it builds (through a private post-build-hook when Nix trusts you,
+    /// else by watching the store); exit with its status once everything is pushed. Example:
+    /// `larder watch-exec CACHE -- nix build .#app`.
     WatchExec(watch::WatchExecArgs),
     /// The seed's `cachix-build-all`: check prerequisites, then build each installable in
     /// turn and push its closure, reporting build time, push time, paths and bytes; a log
@@ -131,6 +137,7 @@ fn main() -> ExitCode {
             Command::Daemon(cmd) => daemon::daemon(cmd).await,
             Command::WatchStore(args) => watch::watch_store(args).await,
             Command::WatchExec(args) => watch::watch_exec(args).await,
+            Command::Import(args) => import_cmd::import(args).await,
             Command::Build(args) => build_cmd::build(args).await,
             Command::Pull(args) => build_cmd::pull(args).await,
             Command::Completions { shell } => {

@@ -60,7 +60,7 @@ pub struct PushArgs {
     part_size: String,
 }
 
-fn read_stdin_paths() -> anyhow::Result<Vec<String>> {
+pub(crate) fn read_stdin_paths() -> anyhow::Result<Vec<String>> {
     if std::io::stdin().is_terminal() {
         return Err(fail_with_hint(
             "no store paths given",
@@ -165,28 +165,41 @@ impl Observer for Display {
     }
 }
 
-pub async fn push(args: PushArgs) -> anyhow::Result<()> {
-    let t = target(&args.cache)?;
+/// What every upload to the cache uses: its compression (or the one asked for), the level,
+/// and the signing key (required when the cache has clients sign).
+pub(crate) async fn upload_settings(
+    t: &crate::client_config::Target,
+    cache_arg: &str,
+    compression: Option<&str>,
+    level: Option<i32>,
+) -> anyhow::Result<(Compression, i32, Option<SigningKey>)> {
     let cache = t
         .client
         .cache_info(&t.cache)
         .await
         .with_context(|| format!("cannot use cache {:?}", t.cache))?;
-    let requested = args.compression.as_deref().unwrap_or(&cache.compression);
+    let requested = compression.unwrap_or(&cache.compression);
     let compression = Compression::from_name(requested)
         .ok_or_else(|| anyhow::anyhow!("unknown compression {requested:?}"))?;
-    let level = args.level.unwrap_or(match compression {
+    let level = level.unwrap_or(match compression {
         Compression::Xz => 6,
         _ => 3,
     });
-    let signing_key = signing_key(&args.cache, t.client.base_url())?;
+    let signing_key = signing_key(cache_arg, t.client.base_url())?;
     if cache.signing_mode == "client" && signing_key.is_none() {
         return Err(fail_with_hint(
             format!("cache {:?} requires uploads signed by its key {}", cache.name,
                     cache.public_key.clone().unwrap_or_default()),
-            format!("set LARDER_SIGNING_KEY, or run `larder generate-keypair {}` on the machine that pushes", args.cache),
+            format!("set LARDER_SIGNING_KEY, or run `larder generate-keypair {cache_arg}` on the machine that pushes"),
         ));
     }
+    Ok((compression, level, signing_key))
+}
+
+pub async fn push(args: PushArgs) -> anyhow::Result<()> {
+    let t = target(&args.cache)?;
+    let (compression, level, signing_key) =
+        upload_settings(&t, &args.cache, args.compression.as_deref(), args.level).await?;
     let exclude = args
         .exclude
         .iter()
@@ -232,44 +245,106 @@ pub async fn push(args: PushArgs) -> anyhow::Result<()> {
     let store = tokio::task::spawn_blocking(LocalStore::open_default)
         .await
         .context("cannot open the local store")??;
-    let (plan, _store) = push::plan(&t.client, &t.cache, store, roots, &opts)
+    let mut planner = PushPlanner {
+        t: &t,
+        store: Some(store),
+        roots,
+        opts: &opts,
+        include_upstream: args.include_upstream,
+    };
+    let how = Run {
+        json: args.json,
+        dry_run: args.dry_run,
+        verb: "push",
+    };
+    run_rounds(&t, &opts, &how, &mut planner).await
+}
+
+struct PushPlanner<'a> {
+    t: &'a crate::client_config::Target,
+    store: Option<LocalStore>,
+    roots: Vec<StorePath>,
+    opts: &'a PushOptions,
+    include_upstream: bool,
+}
+
+impl Planner for PushPlanner<'_> {
+    async fn plan(&mut self) -> anyhow::Result<(push::Plan, String)> {
+        let store = self.store.take().context("the local store was lost")?;
+        let (plan, store) = push::plan(
+            &self.t.client,
+            &self.t.cache,
+            store,
+            self.roots.clone(),
+            self.opts,
+        )
         .await
         .context("cannot plan the push")?;
+        self.store = Some(store);
+        let skips = format!(
+            "{} already in the cache, {} signed by an upstream key{}, {} excluded",
+            plan.present,
+            plan.upstream.len(),
+            if plan.upstream.is_empty() || self.include_upstream {
+                ""
+            } else {
+                " (--include-upstream pushes them)"
+            },
+            plan.excluded
+        );
+        Ok((plan, skips))
+    }
+}
 
-    let summary_skips = format!(
-        "{} already in the cache, {} signed by an upstream key{}, {} excluded",
-        plan.present,
-        plan.upstream.len(),
-        if plan.upstream.is_empty() || args.include_upstream {
-            ""
-        } else {
-            " (--include-upstream pushes them)"
-        },
-        plan.excluded
-    );
-    if args.json {
+/// Makes the plan of each round of [`run_rounds`].
+pub(crate) trait Planner {
+    /// What to transfer now, and why the other paths are skipped (for the summary line).
+    fn plan(&mut self) -> impl std::future::Future<Output = anyhow::Result<(push::Plan, String)>>;
+}
+
+/// How [`run_rounds`] reports.
+pub(crate) struct Run {
+    pub json: bool,
+    pub dry_run: bool,
+    /// "push" or "import", for messages.
+    pub verb: &'static str,
+}
+
+/// Plan, report the plan, then (unless a dry run) execute it with a progress bar or JSON
+/// events, and report the summary; an error when any path failed. When the only failures are
+/// references evicted from the cache while the push ran ([`push::replan_needed`]), plan and
+/// execute again (up to [`push::PUSH_ROUNDS`] rounds).
+pub(crate) async fn run_rounds(
+    t: &crate::client_config::Target,
+    opts: &PushOptions,
+    how: &Run,
+    planner: &mut impl Planner,
+) -> anyhow::Result<()> {
+    let (plan, skips) = planner.plan().await?;
+    if how.json {
         print(
             &(serde_json::json!({
                 "event": "plan", "paths": plan.total, "to_push": plan.paths.len(),
                 "nar_bytes": plan.nar_bytes(), "present": plan.present,
                 "upstream": plan.upstream.len(), "excluded": plan.excluded,
-                "dry_run": args.dry_run,
+                "dry_run": how.dry_run,
             })
             .to_string()
                 + "\n"),
         )?;
     } else {
         eprintln!(
-            "{} paths: {} to push ({} NAR), {summary_skips}",
+            "{} paths: {} to {} ({} NAR), {skips}",
             plan.total,
             plan.paths.len(),
+            how.verb,
             human_size(plan.nar_bytes() as i64)
         );
     }
-    if args.dry_run {
-        if args.json {
+    if how.dry_run {
+        if how.json {
             for p in &plan.paths {
-                print(&(serde_json::json!({"event": "would-push", "path": p.path.to_absolute(), "nar_size": p.nar_size}).to_string() + "\n"))?;
+                print(&(serde_json::json!({"event": format!("would-{}", how.verb), "path": p.path.to_absolute(), "nar_size": p.nar_size}).to_string() + "\n"))?;
             }
             print(&(serde_json::json!({"event": "summary", "pushed": 0, "skipped": plan.total - plan.paths.len(), "failed": 0, "bytes": 0, "dry_run": true}).to_string() + "\n"))?;
         } else {
@@ -281,28 +356,20 @@ pub async fn push(args: PushArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-
-    let bar = (!args.json && std::io::stderr().is_terminal() && !plan.paths.is_empty()).then(|| {
-        let bar = ProgressBar::new(plan.nar_bytes());
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{bar:30.cyan/blue} {bytes}/{total_bytes} (compressed bytes sent vs NAR size) {bytes_per_sec} ETA {eta} {msg}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    let to_transfer = plan.paths.len();
+    let mut summary = execute_with_display(t, &plan, opts, how).await;
+    for _ in 1..push::PUSH_ROUNDS {
+        if !push::replan_needed(&summary) {
+            break;
+        }
+        let (plan, _) = planner.plan().await?;
+        eprintln!(
+            "note: {} references were evicted from the cache while this ran; sending them again",
+            plan.paths.len()
         );
-        bar
-    });
-    let display = Arc::new(Display {
-        json: args.json,
-        bar,
-        bytes: AtomicU64::new(0),
-        lines: Mutex::new(()),
-    });
-    let summary = push::execute(&t.client, &t.cache, &plan, &opts, display.clone()).await;
-    if let Some(bar) = &display.bar {
-        bar.finish_and_clear();
+        summary.absorb(execute_with_display(t, &plan, opts, how).await);
     }
-    if args.json {
+    if how.json {
         print(
             &(serde_json::json!({
                 "event": "summary", "pushed": summary.pushed, "skipped": summary.skipped,
@@ -319,7 +386,12 @@ pub async fn push(args: PushArgs) -> anyhow::Result<()> {
             0.0
         };
         eprintln!(
-            "pushed {} paths ({} NAR, {} uploaded) in {:.1}s ({}/s); skipped {} ({summary_skips}); failed {}",
+            "{} {} paths ({} NAR, {} uploaded) in {:.1}s ({}/s); skipped {} ({skips}); failed {}",
+            if how.verb == "push" {
+                "pushed"
+            } else {
+                "imported"
+            },
             summary.pushed,
             human_size(summary.bytes as i64),
             human_size(summary.file_bytes as i64),
@@ -332,14 +404,46 @@ pub async fn push(args: PushArgs) -> anyhow::Result<()> {
     if summary.failed > 0 {
         return Err(fail_with_hint(
             format!(
-                "{} of {} paths failed to push",
-                summary.failed,
-                plan.paths.len()
+                "{} of {to_transfer} paths failed to {}",
+                summary.failed, how.verb
             ),
-            "the errors above say why; pushing again uploads only what is still missing",
+            format!(
+                "the errors above say why; running `larder {}` again transfers only what is still missing",
+                how.verb
+            ),
         ));
     }
     Ok(())
+}
+
+/// One round: execute `plan` with a progress bar (on a terminal) or JSON events.
+async fn execute_with_display(
+    t: &crate::client_config::Target,
+    plan: &push::Plan,
+    opts: &PushOptions,
+    how: &Run,
+) -> push::Summary {
+    let bar = (!how.json && std::io::stderr().is_terminal() && !plan.paths.is_empty()).then(|| {
+        let bar = ProgressBar::new(plan.nar_bytes());
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:30.cyan/blue} {bytes}/{total_bytes} (compressed bytes sent vs NAR size) {bytes_per_sec} ETA {eta} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let display = Arc::new(Display {
+        json: how.json,
+        bar,
+        bytes: AtomicU64::new(0),
+        lines: Mutex::new(()),
+    });
+    let summary = push::execute(&t.client, &t.cache, plan, opts, display.clone()).await;
+    if let Some(bar) = &display.bar {
+        bar.finish_and_clear();
+    }
+    summary
 }
 
 #[derive(clap::Args)]

@@ -99,14 +99,34 @@ impl Pusher {
         if valid.is_empty() {
             return Ok(batch);
         }
-        let store = self.take_store().await?;
-        let (plan, store) = push::plan(&self.client, &self.cache, store, valid, &self.opts)
-            .await
-            .context("cannot plan the push")?;
-        self.store = Some(store);
-        batch.total = plan.total;
-        batch.present = plan.present;
-        batch.summary = push::execute(&self.client, &self.cache, &plan, &self.opts, observer).await;
+        for round in 1..=push::PUSH_ROUNDS {
+            let store = self.take_store().await?;
+            let (plan, store) =
+                push::plan(&self.client, &self.cache, store, valid.clone(), &self.opts)
+                    .await
+                    .context("cannot plan the push")?;
+            self.store = Some(store);
+            let summary = push::execute(
+                &self.client,
+                &self.cache,
+                &plan,
+                &self.opts,
+                observer.clone(),
+            )
+            .await;
+            let again = round < push::PUSH_ROUNDS && push::replan_needed(&summary);
+            if round == 1 {
+                batch.total = plan.total;
+                batch.present = plan.present;
+                batch.summary = summary;
+            } else {
+                batch.summary.absorb(summary);
+            }
+            // References evicted meanwhile: planning again uploads them.
+            if !again {
+                break;
+            }
+        }
         Ok(batch)
     }
 }

@@ -214,14 +214,15 @@ fn read_spool(file: &Path, from: i64) -> anyhow::Result<Round> {
     })
 }
 
-/// Push new paths until `stop` completes, then drain what is left.
+/// Push new paths after `cursor` (from [`Source::start`]) until `stop` completes, then drain
+/// what is left.
 async fn watch_until(
     pusher: &mut Pusher,
     source: &Source,
+    mut cursor: i64,
     args: &WatchArgs,
     stop: impl Future<Output = ()>,
 ) -> anyhow::Result<Totals> {
-    let mut cursor = source.start()?;
     let interval = Duration::from_millis(args.interval_ms.max(10));
     let observer = Arc::new(LineObserver { prefix: "" });
     let mut totals = Totals::default();
@@ -297,19 +298,18 @@ pub async fn watch_store(args: WatchArgs) -> anyhow::Result<()> {
     let mut pusher = Pusher::connect(&args.cache).await?;
     let db = open_db()?;
     let mut signals = Signals::new()?;
+    let source = Source::Db(db);
+    // Paths valid from now on are pushed; say so only once that point is fixed.
+    let cursor = source.start()?;
     eprintln!(
         "watching {} for new store paths, pushing to {}; Ctrl-C stops after pushing what is pending",
-        db.path().display(),
+        default_db_path().display(),
         args.cache
     );
     let t0 = Instant::now();
-    let source = Source::Db(db);
-    let totals = watch_until(
-        &mut pusher,
-        &source,
-        &args,
-        async move { signals.recv().await },
-    )
+    let totals = watch_until(&mut pusher, &source, cursor, &args, async move {
+        signals.recv().await
+    })
     .await?;
     report(&totals, t0.elapsed().as_secs_f64());
     if totals.failed > 0 {
@@ -366,6 +366,8 @@ pub async fn watch_exec(args: WatchExecArgs) -> anyhow::Result<()> {
         );
         Source::Db(db)
     };
+    // Before the command starts: everything it makes is after this point.
+    let cursor = source.start()?;
     // Our own SIGINT/SIGTERM go to the command (same process group on a terminal); we keep
     // watching until it exits so nothing it built is left behind.
     let _signals = Signals::new()?;
@@ -378,7 +380,7 @@ pub async fn watch_exec(args: WatchExecArgs) -> anyhow::Result<()> {
         let st = child.wait().await;
         let _ = status_tx.send(st);
     };
-    let totals = watch_until(&mut pusher, &source, &args.watch, stop).await?;
+    let totals = watch_until(&mut pusher, &source, cursor, &args.watch, stop).await?;
     drop(spool_dir);
     let status = status_rx
         .await

@@ -224,7 +224,15 @@ fn watch_store_pushes_new_builds_and_drains_on_sigterm() {
     .stderr(log)
     .spawn()
     .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    // The watcher starts from the end of the database once it says it is watching.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(dir.path().join("w.log"))
+        .unwrap()
+        .contains("watching")
+    {
+        assert!(Instant::now() < deadline, "watch-store did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let tag = format!("watched-{}", unique());
     let xdg = tempfile::tempdir().unwrap();
     let o = Command::new("nix-build")

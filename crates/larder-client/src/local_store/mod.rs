@@ -141,6 +141,15 @@ pub enum LocalStoreError {
         /// The daemon's message.
         message: String,
     },
+    /// A NAR taken from another binary cache (`larder import`) could not be read or does not
+    /// match its narinfo.
+    #[error("{path}: {message}")]
+    Source {
+        /// The store path whose NAR failed.
+        path: StorePath,
+        /// What failed.
+        message: String,
+    },
     /// `NIX_REMOTE` names a store this module cannot read.
     #[error(
         "NIX_REMOTE={value:?} is not supported for reading the local store\nhint: use \
