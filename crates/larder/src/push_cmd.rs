@@ -100,6 +100,8 @@ fn key_slot(url: &str, cache: &str) -> String {
 
 struct Display {
     json: bool,
+    /// "pushed" or "imported", for the per-path lines.
+    done: &'static str,
     bar: Option<ProgressBar>,
     bytes: AtomicU64,
     lines: Mutex<()>,
@@ -151,7 +153,8 @@ impl Observer for Display {
         } else {
             match outcome {
                 Outcome::Pushed { file_size, secs } if self.bar.is_none() => self.line(format!(
-                    "pushed {p} ({} NAR, {} uploaded, {secs:.1}s)",
+                    "{} {p} ({} NAR, {} uploaded, {secs:.1}s)",
+                    self.done,
                     human_size(path.nar_size as i64),
                     human_size(*file_size as i64)
                 )),
@@ -435,6 +438,11 @@ async fn execute_with_display(
     });
     let display = Arc::new(Display {
         json: how.json,
+        done: if how.verb == "push" {
+            "pushed"
+        } else {
+            "imported"
+        },
         bar,
         bytes: AtomicU64::new(0),
         lines: Mutex::new(()),
