@@ -22,7 +22,10 @@ use sqlx::{AnyPool, Row};
 
 use crate::now_unix;
 
+mod contents;
 mod schema;
+
+pub use contents::{PathCursor, PathEntry};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {

@@ -4,7 +4,7 @@
 //! are new entries. Version 2 adds `path_refs` (who references whom, for eviction's referrer
 //! queries), `evicted_nars` (the grace period of evicted paths' NARs) and `pins`; its
 //! `path_refs` rows are filled from `paths.refs` in Rust, since splitting a list is not
-//! portable SQL.
+//! portable SQL. Version 3 indexes paths by name for the contents list's keyset pagination.
 
 use sqlx::AnyPool;
 
@@ -117,6 +117,9 @@ CREATE TABLE pins (
     UNIQUE (cache_id, name, revision)
 );
 CREATE INDEX pins_hash ON pins (cache_id, hash)
+"#,
+    r#"
+CREATE INDEX paths_by_name ON paths (cache_id, name, hash)
 "#,
 ];
 
