@@ -14,8 +14,6 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::Router;
 use futures::{StreamExt, TryStreamExt};
 use larder_nix::cache_info::CacheInfo;
 use larder_nix::narinfo::NarInfo;
@@ -26,6 +24,7 @@ use crate::auth::{principal, Perm};
 use crate::error::ApiError;
 use crate::ingest::{ingest, parse_compression, parse_nar_file_name, truncate, Compression};
 use crate::publish::{load_cache, publish, render_narinfo, store_upload, PathInfo};
+use crate::routes::Routes;
 use crate::AppState;
 
 /// Largest narinfo accepted by `PUT` (thousands of references fit easily).
@@ -33,15 +32,16 @@ const MAX_NARINFO_BYTES: usize = 4 << 20;
 /// Largest build log accepted by `PUT`.
 const MAX_LOG_BYTES: u64 = 256 << 20;
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route(
-            "/{cache}/nix-cache-info",
-            get(get_cache_info).put(put_cache_info),
-        )
-        .route("/{cache}/{file}", get(get_file).put(put_narinfo))
-        .route("/{cache}/nar/{file}", get(get_nar).put(put_nar))
-        .route("/{cache}/log/{drv}", get(get_log).put(put_log))
+pub fn routes() -> Routes {
+    Routes::new()
+        .get("/{cache}/nix-cache-info", get_cache_info)
+        .put("/{cache}/nix-cache-info", put_cache_info)
+        .get("/{cache}/{file}", get_file)
+        .put("/{cache}/{file}", put_narinfo)
+        .get("/{cache}/nar/{file}", get_nar)
+        .put("/{cache}/nar/{file}", put_nar)
+        .get("/{cache}/log/{drv}", get_log)
+        .put("/{cache}/log/{drv}", put_log)
 }
 
 /// Load a cache and check the requester may `perm` it.
@@ -352,11 +352,14 @@ async fn put_nar(
     )
     .await?;
     if up.file_hash != claimed {
-        return Err(ApiError::bad(format!(
-            "NAR file name {:?} does not match its content (FileHash {})",
-            truncate(&file),
-            up.file_hash
-        )));
+        return Err(ApiError::rejected(
+            crate::error::Rejection::FileHashMismatch,
+            format!(
+                "NAR file name {:?} does not match its content (FileHash {})",
+                truncate(&file),
+                up.file_hash
+            ),
+        ));
     }
     store_upload(&state, &cache, Some(&file), up).await?;
     Ok(StatusCode::NO_CONTENT.into_response())

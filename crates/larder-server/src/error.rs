@@ -21,10 +21,16 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// A deletion refused because these store paths reference the path (listed in the body).
+    #[error("{0}")]
+    Referenced(String, Vec<String>),
     #[error("upload larger than the server's limit of {0} bytes")]
     PayloadTooLarge(u64),
     #[error("{0}")]
     UnsupportedMedia(String),
+    /// An upload refused for a reason that `/metrics` counts by name.
+    #[error("{1}")]
+    Rejected(Rejection, String),
     #[error("internal error")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("storage backend unavailable")]
@@ -41,6 +47,17 @@ impl ApiError {
     pub fn internal(e: impl std::error::Error + Send + Sync + 'static) -> Self {
         ApiError::Internal(Box::new(e))
     }
+    pub fn rejected(reason: Rejection, msg: impl Into<String>) -> Self {
+        ApiError::Rejected(reason, msg.into())
+    }
+
+    /// The reason label of this error in the upload metrics.
+    pub fn rejection(&self) -> Rejection {
+        match self {
+            ApiError::Rejected(r, _) => *r,
+            other => Rejection::from_status(other.status()),
+        }
+    }
 
     pub fn status(&self) -> StatusCode {
         match self {
@@ -48,9 +65,11 @@ impl ApiError {
             ApiError::Unauthorized | ApiError::InvalidToken(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Conflict(_) | ApiError::Referenced(..) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMedia(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Rejected(Rejection::BadSignature, _) => StatusCode::FORBIDDEN,
+            ApiError::Rejected(_, _) => StatusCode::BAD_REQUEST,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -90,8 +109,16 @@ impl IntoResponse for ApiError {
             }
             _ => tracing::debug!(%status, "{self}"),
         }
-        let body = serde_json::json!({ "error": self.to_string() }).to_string() + "\n";
+        let body = match &self {
+            ApiError::Referenced(msg, referrers) => {
+                serde_json::json!({ "error": msg, "referrers": referrers })
+            }
+            _ => serde_json::json!({ "error": self.to_string() }),
+        }
+        .to_string()
+            + "\n";
         let mut resp = (status, body).into_response();
+        resp.extensions_mut().insert(self.rejection());
         resp.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
@@ -103,6 +130,89 @@ impl IntoResponse for ApiError {
             );
         }
         resp
+    }
+}
+
+/// Why a request (an upload, in the metrics) was refused: a small fixed set, so that it can
+/// label a metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// The bytes are not a valid NAR in the declared compression.
+    InvalidNar,
+    NarHashMismatch,
+    NarSizeMismatch,
+    /// Nix's uploader named the NAR file after a hash its content does not have.
+    FileHashMismatch,
+    /// A reference is not in the cache (nor signed upstream).
+    MissingReferences,
+    /// A client-signed cache got a path without a valid signature by its key.
+    BadSignature,
+    /// The body ended early.
+    Interrupted,
+    /// The path exists with other content, or the cache has no key.
+    Conflict,
+    TooLarge,
+    UnsupportedCompression,
+    Unauthenticated,
+    Forbidden,
+    NotFound,
+    /// Any other malformed request.
+    Invalid,
+    ServerError,
+}
+
+impl Rejection {
+    /// Every reason, in the order `/metrics` lists them.
+    pub const ALL: [Rejection; 15] = [
+        Rejection::InvalidNar,
+        Rejection::NarHashMismatch,
+        Rejection::NarSizeMismatch,
+        Rejection::FileHashMismatch,
+        Rejection::MissingReferences,
+        Rejection::BadSignature,
+        Rejection::Interrupted,
+        Rejection::Conflict,
+        Rejection::TooLarge,
+        Rejection::UnsupportedCompression,
+        Rejection::Unauthenticated,
+        Rejection::Forbidden,
+        Rejection::NotFound,
+        Rejection::Invalid,
+        Rejection::ServerError,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rejection::InvalidNar => "invalid_nar",
+            Rejection::NarHashMismatch => "nar_hash_mismatch",
+            Rejection::NarSizeMismatch => "nar_size_mismatch",
+            Rejection::FileHashMismatch => "file_hash_mismatch",
+            Rejection::MissingReferences => "missing_references",
+            Rejection::BadSignature => "bad_signature",
+            Rejection::Interrupted => "interrupted",
+            Rejection::Conflict => "conflict",
+            Rejection::TooLarge => "too_large",
+            Rejection::UnsupportedCompression => "unsupported_compression",
+            Rejection::Unauthenticated => "unauthenticated",
+            Rejection::Forbidden => "forbidden",
+            Rejection::NotFound => "not_found",
+            Rejection::Invalid => "invalid",
+            Rejection::ServerError => "server_error",
+        }
+    }
+
+    /// The reason of a refusal that did not say one (axum's own 404/405/…).
+    pub fn from_status(status: StatusCode) -> Rejection {
+        match status.as_u16() {
+            401 => Rejection::Unauthenticated,
+            403 => Rejection::Forbidden,
+            404 => Rejection::NotFound,
+            409 => Rejection::Conflict,
+            413 => Rejection::TooLarge,
+            415 => Rejection::UnsupportedCompression,
+            500.. => Rejection::ServerError,
+            _ => Rejection::Invalid,
+        }
     }
 }
 

@@ -16,7 +16,7 @@ use larder_nix::hash::{Sha256, Sha256Hasher};
 use larder_nix::nar::parse::{NarError, NarParser};
 use tempfile::TempPath;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, Rejection};
 
 /// Blocks in flight between the network task and the hashing thread.
 const CHANNEL_BLOCKS: usize = 16;
@@ -159,11 +159,17 @@ impl Pipeline {
 
     fn decode_error(&mut self, e: io::Error) -> ApiError {
         match self.decoder.sink().error.take() {
-            Some(nar) => ApiError::bad(format!("upload is not a valid NAR: {nar}")),
-            None => ApiError::bad(format!(
-                "upload is not a valid {} stream: {e}",
-                self.compression.as_str()
-            )),
+            Some(nar) => ApiError::rejected(
+                Rejection::InvalidNar,
+                format!("upload is not a valid NAR: {nar}"),
+            ),
+            None => ApiError::rejected(
+                Rejection::InvalidNar,
+                format!(
+                    "upload is not a valid {} stream: {e}",
+                    self.compression.as_str()
+                ),
+            ),
         }
     }
 
@@ -178,15 +184,20 @@ impl Pipeline {
         flushed.map_err(|e| self.decode_error(e))?;
         let sink = match self.decoder {
             Decoder::None(s) => s,
-            Decoder::Xz(mut d) => d
-                .finish()
-                .map_err(|e| ApiError::bad(format!("upload is not a valid xz stream: {e}")))?,
+            Decoder::Xz(mut d) => d.finish().map_err(|e| {
+                ApiError::rejected(
+                    Rejection::InvalidNar,
+                    format!("upload is not a valid xz stream: {e}"),
+                )
+            })?,
             Decoder::Zstd(d) => d.into_inner(),
         };
-        let summary = sink
-            .parser
-            .finish()
-            .map_err(|e| ApiError::bad(format!("upload is not a valid NAR: {e}")))?;
+        let summary = sink.parser.finish().map_err(|e| {
+            ApiError::rejected(
+                Rejection::InvalidNar,
+                format!("upload is not a valid NAR: {e}"),
+            )
+        })?;
         if let Some(out) = self.out {
             let file = out
                 .into_inner()
@@ -231,7 +242,10 @@ pub async fn ingest(
         let block = match block {
             Ok(b) => b,
             Err(e) => {
-                failure = Some(ApiError::bad(format!("upload interrupted: {e}")));
+                failure = Some(ApiError::rejected(
+                    Rejection::Interrupted,
+                    format!("upload interrupted: {e}"),
+                ));
                 break;
             }
         };

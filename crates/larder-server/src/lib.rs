@@ -1,18 +1,16 @@
 //! larder's HTTP server.
 //!
 //! [`router`] builds the whole HTTP surface over an [`AppState`]: the Nix binary cache
-//! protocol per cache ([`binary_cache`]), the JSON API under `/api/v1` ([`api`]), and
-//! `/healthz`. [`serve`] runs it with graceful shutdown. The server composes the lower crates
+//! protocol per cache ([`binary_cache`]), the JSON API under `/api/v1` ([`api`]), `/metrics`
+//! ([`metrics`]) and `/healthz`, every route recorded in [`route_table`]. [`serve`] runs it with graceful shutdown. The server composes the lower crates
 //! (`larder-nix` for formats, `larder-store` for bytes and metadata) and never re-parses what
 //! they already validated.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::middleware::Next;
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use axum::Router;
 use larder_store::{Metadata, ObjectStore};
 
@@ -23,8 +21,10 @@ pub mod config;
 pub mod error;
 pub mod hot;
 pub mod ingest;
+pub mod metrics;
 pub mod publish;
 pub mod retention;
+pub mod routes;
 
 pub use config::Config;
 pub use error::ApiError;
@@ -39,6 +39,8 @@ pub struct AppState {
     pub hot: Arc<hot::HotCache>,
     /// Usage recording and eviction ([`retention`]).
     pub retention: Arc<retention::Retention>,
+    /// Request, upload and eviction accounting for `/metrics`.
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 /// Names a cache may not take: they are top-level routes.
@@ -55,13 +57,27 @@ pub fn valid_cache_name(name: &str) -> bool {
         && !RESERVED_NAMES.contains(&name)
 }
 
-/// The whole HTTP surface.
-pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
+fn routes() -> routes::Routes {
+    routes::Routes::new()
+        .get("/healthz", healthz)
+        .get("/metrics", metrics::serve)
         .nest("/api/v1", api::routes())
         .merge(binary_cache::routes())
-        .layer(axum::middleware::from_fn(log_request))
+}
+
+/// Every route the server answers (method and pattern).
+pub fn route_table() -> Vec<routes::Route> {
+    routes().table().to_vec()
+}
+
+/// The whole HTTP surface.
+pub fn router(state: AppState) -> Router {
+    routes()
+        .into_router()
+        .layer(axum::middleware::from_fn_with_state(
+            state.metrics.clone(),
+            metrics::observe,
+        ))
         .with_state(state)
 }
 
@@ -70,27 +86,6 @@ async fn healthz(State(state): State<AppState>) -> Response {
         Ok(()) => "ok\n".into_response(),
         Err(e) => ApiError::Unavailable(Box::new(e)).into_response(),
     }
-}
-
-async fn log_request(req: Request, next: Next) -> Response {
-    if !tracing::enabled!(tracing::Level::DEBUG) {
-        return next.run(req).await; // the hot path pays nothing for disabled logging
-    }
-    let method = req.method().clone();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned());
-    let start = std::time::Instant::now();
-    let resp = next.run(req).await;
-    tracing::debug!(
-        %method,
-        route = route.as_deref().unwrap_or("-"),
-        status = resp.status().as_u16(),
-        micros = start.elapsed().as_micros() as u64,
-        "request"
-    );
-    resp
 }
 
 /// Open the backends named in `config` and prepare the data directory.
@@ -114,6 +109,7 @@ pub async fn open_state(
         config: Arc::new(config),
         hot: Arc::default(),
         retention: Arc::default(),
+        metrics: Arc::new(metrics::Metrics::new(&route_table())),
     })
 }
 

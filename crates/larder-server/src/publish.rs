@@ -17,7 +17,7 @@ use larder_nix::signing::{Signature, SigningKey, VerifyingKey};
 use larder_nix::store_path::StorePath;
 use larder_store::meta::{CacheRow, ChunkRow, NarRow, NewPath, PathRow, Publish};
 
-use crate::error::ApiError;
+use crate::error::{ApiError, Rejection};
 use crate::ingest::{parse_compression, truncate, Ingested};
 use crate::{valid_cache_name, AppState};
 
@@ -159,16 +159,22 @@ pub async fn publish(
     upload_id: &str,
 ) -> Result<Publish, ApiError> {
     if info.nar_hash.to_nix32() != nar.nar_hash {
-        return Err(ApiError::bad(format!(
-            "NarHash mismatch for {}: declared {}, but the uploaded NAR hashes to sha256:{}",
-            info.store_path, info.nar_hash, nar.nar_hash
-        )));
+        return Err(ApiError::rejected(
+            Rejection::NarHashMismatch,
+            format!(
+                "NarHash mismatch for {}: declared {}, but the uploaded NAR hashes to sha256:{}",
+                info.store_path, info.nar_hash, nar.nar_hash
+            ),
+        ));
     }
     if info.nar_size != nar.nar_size as u64 {
-        return Err(ApiError::bad(format!(
-            "NarSize mismatch for {}: declared {}, but the uploaded NAR has {} bytes",
-            info.store_path, info.nar_size, nar.nar_size
-        )));
+        return Err(ApiError::rejected(
+            Rejection::NarSizeMismatch,
+            format!(
+                "NarSize mismatch for {}: declared {}, but the uploaded NAR has {} bytes",
+                info.store_path, info.nar_size, nar.nar_size
+            ),
+        ));
     }
     if let Some(ca) = &info.ca {
         if ca.len() > 1024 || !ca.bytes().all(|b| b.is_ascii_graphic()) {
@@ -201,11 +207,14 @@ pub async fn publish(
             })?;
             let pk = VerifyingKey::parse(pk).map_err(ApiError::internal)?;
             if !info.sigs.iter().any(|s| pk.verify(&fingerprint, s)) {
-                return Err(ApiError::Forbidden(format!(
-                    "{} must be signed by the cache's key {} (hint: set LARDER_SIGNING_KEY)",
-                    info.store_path,
-                    pk.name()
-                )));
+                return Err(ApiError::rejected(
+                    Rejection::BadSignature,
+                    format!(
+                        "{} must be signed by the cache's key {} (hint: set LARDER_SIGNING_KEY)",
+                        info.store_path,
+                        pk.name()
+                    ),
+                ));
             }
             for s in &info.sigs {
                 if !sigs.contains(&s.to_string()) {
@@ -231,18 +240,21 @@ pub async fn publish(
              an existing path is never overwritten",
             info.store_path, cache.name, existing_nar_hash
         ))),
-        Publish::MissingReferences(missing) => Err(ApiError::bad(format!(
-            "{} references {} path(s) not in cache {:?} (push references first): {}",
-            info.store_path,
-            missing.len(),
-            cache.name,
-            missing
-                .iter()
-                .take(5)
-                .map(String::as_str)
-                .collect::<Vec<_>>()
-                .join(" ")
-        ))),
+        Publish::MissingReferences(missing) => Err(ApiError::rejected(
+            Rejection::MissingReferences,
+            format!(
+                "{} references {} path(s) not in cache {:?} (push references first): {}",
+                info.store_path,
+                missing.len(),
+                cache.name,
+                missing
+                    .iter()
+                    .take(5)
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+        )),
         Publish::Created => {
             crate::retention::after_publish(state, cache, nar.file_size);
             Ok(Publish::Created)

@@ -331,6 +331,7 @@ pub async fn evict(
                 for h in &hashes {
                     state.hot.forget_narinfo(cache.id, h);
                 }
+                state.metrics.evicted(cache.id, hashes.len(), freed);
                 tracing::info!(
                     cache = %cache.name,
                     paths = hashes.len(),
@@ -350,6 +351,126 @@ pub async fn evict(
             }
         }
     }
+}
+
+/// One path removed by [`delete_path`].
+#[derive(Debug, Clone, Serialize)]
+pub struct DeletedPath {
+    pub store_path: String,
+    /// Stored (compressed) bytes freed.
+    pub file_size: i64,
+}
+
+/// What [`delete_path`] removed.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeleteReport {
+    pub cache: String,
+    /// The requested path first, then the paths that referenced it.
+    pub deleted: Vec<DeletedPath>,
+    pub freed: i64,
+}
+
+/// Most referrers named in a refusal's message (the body lists them all).
+const REFUSAL_NAMES: usize = 5;
+
+/// Delete the path `hash` from `cache`, with every path that (transitively) references it when
+/// `with_referrers`; without it, refuse (409, naming them) while any does. Pinned paths are
+/// never deleted: the pin must go first. Removal is eviction's, with the same guarantees: one
+/// transaction that re-checks for new referrers (retried, or refused), narinfos forgotten by
+/// the hot cache at once, NARs kept servable for `evicted_nar_grace`.
+pub async fn delete_path(
+    state: &AppState,
+    cache: &CacheRow,
+    hash: &str,
+    with_referrers: bool,
+) -> Result<DeleteReport, ApiError> {
+    let _one_at_a_time = state.retention.evicting.lock().await;
+    for _ in 0..EVICT_ATTEMPTS {
+        let target = state
+            .meta
+            .path_entry(cache.id, hash)
+            .await?
+            .ok_or_else(|| ApiError::not_found("no such path in this cache"))?;
+        let target_path = format!(
+            "{}/{}",
+            larder_nix::store_path::STORE_DIR,
+            target.basename()
+        );
+        let referrers = state.meta.transitive_referrers(cache.id, hash).await?;
+        let names = |entries: &[larder_store::meta::PathEntry]| -> Vec<String> {
+            entries
+                .iter()
+                .map(|e| format!("{}/{}", larder_nix::store_path::STORE_DIR, e.basename()))
+                .collect()
+        };
+        if !referrers.is_empty() && !with_referrers {
+            let all = names(&referrers);
+            let mut shown = all
+                .iter()
+                .take(REFUSAL_NAMES)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(" ");
+            if all.len() > REFUSAL_NAMES {
+                shown.push_str(&format!(" (and {} more)", all.len() - REFUSAL_NAMES));
+            }
+            return Err(ApiError::Referenced(
+                format!(
+                    "{target_path} is referenced by {} other path(s) of cache {:?}: {shown};                      delete them first, or all together with --with-referrers",
+                    all.len(),
+                    cache.name
+                ),
+                all,
+            ));
+        }
+        let mut victims = vec![target];
+        victims.extend(referrers);
+        let pins = state.meta.list_pins(cache.id).await?;
+        if let Some(pin) = pins
+            .iter()
+            .find(|p| victims.iter().any(|v| v.hash == p.hash))
+        {
+            return Err(ApiError::Conflict(format!(
+                "{} is pinned as {:?} in cache {:?}; delete the pin first (larder pin delete {} {})",
+                pin.store_path, pin.name, cache.name, cache.name, pin.name
+            )));
+        }
+        let hashes: Vec<String> = victims.iter().map(|v| v.hash.clone()).collect();
+        match state.meta.evict_paths(cache.id, &hashes).await? {
+            Evicted::Done => {
+                for h in &hashes {
+                    state.hot.forget_narinfo(cache.id, h);
+                }
+                let freed = victims.iter().map(|v| v.file_size).sum();
+                state.metrics.deleted(cache.id, victims.len(), freed);
+                tracing::info!(
+                    cache = %cache.name,
+                    path = %target_path,
+                    paths = victims.len(),
+                    bytes = freed,
+                    "deleted paths"
+                );
+                let deleted = names(&victims)
+                    .into_iter()
+                    .zip(&victims)
+                    .map(|(store_path, v)| DeletedPath {
+                        store_path,
+                        file_size: v.file_size,
+                    })
+                    .collect();
+                return Ok(DeleteReport {
+                    cache: cache.name.clone(),
+                    deleted,
+                    freed,
+                });
+            }
+            // A referrer or pin appeared since the snapshot: look again.
+            Evicted::Raced => continue,
+        }
+    }
+    Err(ApiError::Conflict(
+        "concurrent uploads keep referencing this path; try again".into(),
+    ))
 }
 
 /// After a path of `cache` was published: if the cache has a limit, check it (in the

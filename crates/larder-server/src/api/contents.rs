@@ -1,0 +1,334 @@
+//! Contents endpoints: `GET /caches/{c}/paths` (the searchable, keyset-paginated path list),
+//! `GET /caches/{c}/paths/{path}` (one path: narinfo fields, references, referrers, pins,
+//! usage) and `DELETE /caches/{c}/paths/{path}[?with_referrers=true]` (admin on the cache).
+//!
+//! `{path}` is a store path's hash part, its basename `<hash>-<name>`, or the whole store path
+//! (percent-encoded). Reads of a private cache need `pull` and are refused (401/403) before
+//! the path is looked at, like the binary cache protocol.
+
+use std::collections::HashSet;
+
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::Json;
+use larder_nix::store_path::{validate_hash_part, StorePath, STORE_DIR};
+use larder_store::meta::{CacheRow, PathCursor, PathEntry};
+use serde::{Deserialize, Serialize};
+
+use crate::auth::{principal, Perm};
+use crate::error::ApiError;
+use crate::ingest::truncate;
+use crate::publish::{load_cache, render_narinfo};
+use crate::retention::{delete_path as delete, DeleteReport};
+use crate::AppState;
+
+/// Paths per page unless `limit` says otherwise.
+pub const DEFAULT_PAGE: i64 = 100;
+/// The largest page.
+pub const MAX_PAGE: i64 = 1000;
+/// Longest search text.
+const MAX_QUERY: usize = 200;
+/// Most direct referrers listed by `path-info` (`referrer_count` has the total).
+const MAX_REFERRERS: i64 = 1000;
+
+/// Require `pull` on a private cache (public caches are open, whatever the credentials).
+async fn require_read(state: &AppState, headers: &HeaderMap, c: &CacheRow) -> Result<(), ApiError> {
+    if c.private {
+        principal(state, headers)
+            .await?
+            .require(Perm::Pull, &c.name)?;
+    }
+    Ok(())
+}
+
+fn absolute(basename: &str) -> String {
+    format!("{STORE_DIR}/{basename}")
+}
+
+/// A path as the list shows it.
+#[derive(Serialize)]
+pub(super) struct PathJson {
+    store_path: String,
+    hash: String,
+    name: String,
+    nar_size: i64,
+    /// Stored (compressed) bytes.
+    file_size: i64,
+    compression: String,
+    uploaded_at: i64,
+    /// Last narinfo or NAR fetch; null if never fetched.
+    last_used_at: Option<i64>,
+}
+
+impl From<PathEntry> for PathJson {
+    fn from(e: PathEntry) -> Self {
+        PathJson {
+            store_path: absolute(&e.basename()),
+            hash: e.hash,
+            name: e.name,
+            nar_size: e.nar_size,
+            file_size: e.file_size,
+            compression: e.compression,
+            uploaded_at: e.created_at,
+            last_used_at: e.last_used_at,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ListQuery {
+    /// Substring of the store path's basename `<hash>-<name>` (case-insensitive).
+    query: Option<String>,
+    limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+#[derive(Serialize)]
+pub(super) struct PathList {
+    paths: Vec<PathJson>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    next_cursor: Option<String>,
+    /// Paths matching the query, on every page.
+    total: i64,
+}
+
+pub(super) async fn list_paths(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<PathList>, ApiError> {
+    let c = load_cache(&state, &name).await?;
+    require_read(&state, &headers, &c).await?;
+    let Query(q) = query.map_err(|e| ApiError::bad(format!("invalid query: {}", e.body_text())))?;
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::bad(format!("limit must be 1 to {MAX_PAGE}")));
+    }
+    let text = q.query.as_deref().map(str::trim).filter(|t| !t.is_empty());
+    if text.is_some_and(|t| t.len() > MAX_QUERY) {
+        return Err(ApiError::bad(format!(
+            "query: at most {MAX_QUERY} characters"
+        )));
+    }
+    // A store path given in full searches for its basename.
+    let text = text.map(|t| t.strip_prefix(&format!("{STORE_DIR}/")).unwrap_or(t));
+    let after = q
+        .cursor
+        .as_deref()
+        .map(|cur| {
+            StorePath::from_basename(cur)
+                .map(|p| PathCursor {
+                    name: p.name().to_owned(),
+                    hash: p.hash_part(),
+                })
+                .map_err(|_| ApiError::bad(format!("invalid cursor {:?}", truncate(cur))))
+        })
+        .transpose()?;
+    // Show the latest uses, not those of two seconds ago.
+    state.retention.usage.flush(&state.meta).await?;
+    let mut page = state
+        .meta
+        .list_paths(c.id, text, after.as_ref(), limit + 1)
+        .await?;
+    let more = page.len() as i64 > limit;
+    page.truncate(limit as usize);
+    let next_cursor = if more {
+        page.last().map(PathEntry::basename)
+    } else {
+        None
+    };
+    let total = state.meta.count_paths(c.id, text).await?;
+    Ok(Json(PathList {
+        paths: page.into_iter().map(PathJson::from).collect(),
+        next_cursor,
+        total,
+    }))
+}
+
+/// The hash part of a `{path}` argument, and the name it must have if one was given.
+fn path_arg(arg: &str) -> Result<(String, Option<String>), ApiError> {
+    let invalid = |e: &dyn std::fmt::Display| {
+        ApiError::bad(format!("invalid store path {:?}: {e}", truncate(arg)))
+    };
+    if arg.starts_with('/') {
+        let p = StorePath::from_absolute(arg).map_err(|e| invalid(&e))?;
+        return Ok((p.hash_part(), Some(p.name().to_owned())));
+    }
+    if arg.len() == 32 {
+        validate_hash_part(arg).map_err(|e| invalid(&e))?;
+        return Ok((arg.to_owned(), None));
+    }
+    let p = StorePath::from_basename(arg).map_err(|e| invalid(&e))?;
+    Ok((p.hash_part(), Some(p.name().to_owned())))
+}
+
+#[derive(Serialize)]
+pub(super) struct ReferenceJson {
+    store_path: String,
+    /// False for a reference accepted as available upstream (signed by an upstream key).
+    in_cache: bool,
+}
+
+#[derive(Serialize)]
+pub(super) struct PinRefJson {
+    name: String,
+    revision: i64,
+    /// The pinned path, whose closure holds this one (it may be this one).
+    store_path: String,
+}
+
+#[derive(Serialize)]
+pub(super) struct PathDetail {
+    store_path: String,
+    hash: String,
+    name: String,
+    url: String,
+    compression: String,
+    file_hash: String,
+    file_size: i64,
+    nar_hash: String,
+    nar_size: i64,
+    references: Vec<ReferenceJson>,
+    deriver: Option<String>,
+    ca: Option<String>,
+    sigs: Vec<String>,
+    /// Paths of the cache that reference this one directly (at most 1000, by name).
+    referrers: Vec<String>,
+    referrer_count: i64,
+    /// Pin revisions whose closure holds this path (eviction never removes it).
+    pins: Vec<PinRefJson>,
+    uploaded_at: i64,
+    last_used_at: Option<i64>,
+    /// The narinfo as served.
+    narinfo: String,
+}
+
+pub(super) async fn path_info(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((name, arg)): Path<(String, String)>,
+) -> Result<Json<PathDetail>, ApiError> {
+    let c = load_cache(&state, &name).await?;
+    require_read(&state, &headers, &c).await?;
+    let (hash, want_name) = path_arg(&arg)?;
+    let not_found = || ApiError::not_found("no such path in this cache");
+    state.retention.usage.flush(&state.meta).await?;
+    let path = state
+        .meta
+        .get_path(c.id, &hash)
+        .await?
+        .filter(|p| want_name.as_ref().is_none_or(|n| *n == p.name))
+        .ok_or_else(not_found)?;
+    let entry = state
+        .meta
+        .path_entry(c.id, &hash)
+        .await?
+        .ok_or_else(not_found)?;
+    let narinfo = render_narinfo(&path)?;
+    let refs: Vec<&str> = path.refs.split(' ').filter(|r| !r.is_empty()).collect();
+    let ref_hashes: Vec<String> = refs
+        .iter()
+        .map(|r| r.get(..32).unwrap_or(r).to_owned())
+        .collect();
+    let missing: HashSet<String> = state
+        .meta
+        .missing_hashes(c.id, &ref_hashes)
+        .await?
+        .into_iter()
+        .collect();
+    let (referrers, referrer_count) = state
+        .meta
+        .direct_referrers(c.id, &hash, MAX_REFERRERS)
+        .await?;
+    let pins = state.meta.list_pins(c.id).await?;
+    let pinned: Vec<String> = pins
+        .iter()
+        .map(|p| p.hash.clone())
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let holding: HashSet<String> = if pinned.is_empty() {
+        HashSet::new()
+    } else {
+        state
+            .meta
+            .closures_holding(c.id, &hash, &pinned)
+            .await?
+            .into_iter()
+            .collect()
+    };
+    let compression = path.nar.compression.clone();
+    let ext = crate::ingest::parse_compression(&compression)?.extension();
+    Ok(Json(PathDetail {
+        store_path: absolute(&entry.basename()),
+        url: format!("nar/{}.nar{ext}", path.nar.file_hash),
+        file_hash: format!("sha256:{}", path.nar.file_hash),
+        file_size: path.nar.file_size,
+        nar_hash: format!("sha256:{}", path.nar.nar_hash),
+        nar_size: path.nar.nar_size,
+        references: refs
+            .iter()
+            .zip(&ref_hashes)
+            .map(|(r, h)| ReferenceJson {
+                store_path: absolute(r),
+                in_cache: !missing.contains(h),
+            })
+            .collect(),
+        deriver: path.deriver.as_deref().map(absolute),
+        ca: path.ca.clone(),
+        sigs: path
+            .sigs
+            .lines()
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        referrers: referrers.iter().map(|e| absolute(&e.basename())).collect(),
+        referrer_count,
+        pins: pins
+            .into_iter()
+            .filter(|p| holding.contains(&p.hash))
+            .map(|p| PinRefJson {
+                name: p.name,
+                revision: p.revision,
+                store_path: p.store_path,
+            })
+            .collect(),
+        uploaded_at: entry.created_at,
+        last_used_at: entry.last_used_at,
+        narinfo,
+        compression,
+        hash: entry.hash,
+        name: entry.name,
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct DeleteQuery {
+    #[serde(default)]
+    with_referrers: bool,
+}
+
+pub(super) async fn delete_path(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((name, arg)): Path<(String, String)>,
+    query: Result<Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<DeleteReport>, ApiError> {
+    let c = load_cache(&state, &name).await?;
+    principal(&state, &headers)
+        .await?
+        .require(Perm::Admin, &c.name)?;
+    let Query(q) = query.map_err(|_| ApiError::bad("with_referrers must be true or false"))?;
+    let (hash, want_name) = path_arg(&arg)?;
+    if let Some(n) = want_name {
+        let entry = state.meta.path_entry(c.id, &hash).await?;
+        if entry.is_none_or(|e| e.name != n) {
+            return Err(ApiError::not_found("no such path in this cache"));
+        }
+    }
+    Ok(Json(delete(&state, &c, &hash, q.with_referrers).await?))
+}
