@@ -1,0 +1,811 @@
+//! The OpenAPI document at `/api/v1/openapi.json` is kept true:
+//! - its paths and methods are exactly the JSON API routes the router serves (the router's
+//!   table, recorded as routes are added), so adding or removing a route without documenting
+//!   it fails here;
+//! - every documented operation is called on a real server (TCP, `larder_server::serve`), and
+//!   each answer's status must be documented and its body must match the documented schema.
+#![allow(clippy::unwrap_used)] // a panic is how a test fails
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use common::{Comp, Server, TestPath};
+use serde_json::{json, Value};
+
+const METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];
+
+fn doc() -> Value {
+    serde_json::from_str(larder_server::api::OPENAPI_JSON).expect("the document is JSON")
+}
+
+/// `(METHOD, path)` of every documented operation.
+fn documented(doc: &Value) -> BTreeSet<(String, String)> {
+    let mut out = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, _) in item.as_object().unwrap() {
+            assert!(
+                METHODS.contains(&method.as_str()),
+                "{path}: unexpected key {method:?}"
+            );
+            out.insert((method.to_uppercase(), path.clone()));
+        }
+    }
+    out
+}
+
+#[test]
+fn the_document_lists_exactly_the_api_routes() {
+    let doc = doc();
+    assert_eq!(doc["openapi"], "3.1.0");
+    assert_eq!(doc["servers"][0]["url"], "/api/v1");
+    let routed: BTreeSet<(String, String)> = larder_server::route_table()
+        .into_iter()
+        .filter_map(|r| {
+            r.path
+                .strip_prefix("/api/v1")
+                .map(|p| (r.method.as_str().to_owned(), p.to_owned()))
+        })
+        .collect();
+    let documented = documented(&doc);
+    let undocumented: Vec<_> = routed.difference(&documented).collect();
+    let unrouted: Vec<_> = documented.difference(&routed).collect();
+    assert!(
+        undocumented.is_empty() && unrouted.is_empty(),
+        "routes missing from openapi.json: {undocumented:?}; documented but not routed: {unrouted:?}"
+    );
+    // Every schema in the document is a valid JSON Schema (2020-12, OpenAPI 3.1's dialect).
+    for (name, schema) in doc["components"]["schemas"].as_object().unwrap() {
+        jsonschema::meta::validate(schema)
+            .unwrap_or_else(|e| panic!("schema {name} is not a valid JSON Schema: {e}"));
+    }
+    // Every documented path parameter is declared.
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let declared: BTreeSet<&str> = op["parameters"]
+                .as_array()
+                .map(|ps| {
+                    ps.iter()
+                        .filter(|p| p["in"] == "path")
+                        .map(|p| p["name"].as_str().unwrap())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let in_path: BTreeSet<&str> = path
+                .split('/')
+                .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+                .collect();
+            assert_eq!(declared, in_path, "{method} {path}: path parameters");
+        }
+    }
+}
+
+#[tokio::test]
+async fn undocumented_methods_are_not_served() {
+    // The router answers 405 to every method the document does not list for a path: no
+    // route was added around the recorded table.
+    let srv = Server::new().await;
+    let doc = doc();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        let concrete = path
+            .replace("{cache}", "c")
+            .replace("{path}", "x")
+            .replace("{pin}", "p")
+            .replace("{id}", "i")
+            .replace("{n}", "0");
+        for m in METHODS {
+            if item.get(m).is_some() {
+                continue;
+            }
+            let method = axum::http::Method::from_bytes(m.to_uppercase().as_bytes()).unwrap();
+            let r = srv
+                .send(common::request(
+                    method,
+                    &format!("/api/v1{concrete}"),
+                    srv.admin(),
+                    axum::body::Body::empty(),
+                ))
+                .await;
+            assert_eq!(r.status, 405, "{m} {path} is served but not documented");
+        }
+    }
+}
+
+/// Calls a real server and checks every answer against the document.
+struct Checker {
+    doc: Value,
+    base: String,
+    http: reqwest::Client,
+    covered: BTreeMap<(String, String), BTreeSet<u16>>,
+}
+
+impl Checker {
+    /// The schema of a documented answer, with `$ref`s to responses resolved; `None` for an
+    /// answer documented without a body.
+    fn response_schema(&self, method: &str, template: &str, status: u16) -> Option<Value> {
+        let op = &self.doc["paths"][template][method.to_lowercase()];
+        assert!(op.is_object(), "{method} {template} is not documented");
+        let mut resp = op["responses"][status.to_string()].clone();
+        assert!(
+            resp.is_object(),
+            "{method} {template}: status {status} is not documented"
+        );
+        if let Some(r) = resp["$ref"].as_str() {
+            let name = r.strip_prefix("#/components/responses/").unwrap();
+            resp = self.doc["components"]["responses"][name].clone();
+        }
+        let schema = resp["content"]["application/json"]["schema"].clone();
+        (!schema.is_null()).then_some(schema)
+    }
+
+    /// Send a request to `/api/v1{path}` (an instance of `template`), check its answer and
+    /// return its status and body.
+    async fn call(
+        &mut self,
+        method: &str,
+        template: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Body>,
+    ) -> (u16, Value) {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut rb = self.http.request(m, format!("{}/api/v1{path}", self.base));
+        if let Some(t) = token {
+            rb = rb.bearer_auth(t);
+        }
+        match body {
+            Some(Body::Json(v)) => rb = rb.json(&v),
+            Some(Body::Bytes(b)) => rb = rb.body(b),
+            None => {}
+        }
+        let resp = rb.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        let schema = self.response_schema(method, template, status);
+        let value = match &schema {
+            None => {
+                assert!(
+                    text.is_empty(),
+                    "{method} {path}: {status} is documented without a body: {text}"
+                );
+                Value::Null
+            }
+            Some(schema) => {
+                let value: Value = serde_json::from_str(&text)
+                    .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {text}"));
+                let root = json!({
+                    "$schema": "https://json-schema.org/draft/2020-12/schema",
+                    "components": self.doc["components"],
+                    "allOf": [schema],
+                });
+                let validator = jsonschema::validator_for(&root).unwrap();
+                let errors: Vec<String> = validator
+                    .iter_errors(&value)
+                    .map(|e| format!("{} at {}", e, e.instance_path()))
+                    .collect();
+                assert!(
+                    errors.is_empty(),
+                    "{method} {path} ({status}) does not match its schema:\n{}\nbody: {value:#}",
+                    errors.join("\n")
+                );
+                value
+            }
+        };
+        self.covered
+            .entry((method.to_owned(), template.to_owned()))
+            .or_default()
+            .insert(status);
+        (status, value)
+    }
+
+    async fn ok(
+        &mut self,
+        method: &str,
+        template: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Body>,
+        want: u16,
+    ) -> Value {
+        let (status, v) = self.call(method, template, path, token, body).await;
+        assert_eq!(status, want, "{method} {path}: {v}");
+        v
+    }
+}
+
+enum Body {
+    Json(Value),
+    Bytes(Vec<u8>),
+}
+
+fn j(v: Value) -> Option<Body> {
+    Some(Body::Json(v))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_answers_match_the_documented_schemas() {
+    let srv = Server::new().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(larder_server::serve(
+        srv.state.clone(),
+        listener,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let mut c = Checker {
+        doc: doc(),
+        base: format!("http://{addr}"),
+        http: reqwest::Client::new(),
+        covered: BTreeMap::new(),
+    };
+    let admin = srv.admin.clone();
+    let a = Some(admin.as_str());
+
+    c.ok("GET", "/openapi.json", "/openapi.json", None, None, 200)
+        .await;
+    c.ok("GET", "/whoami", "/whoami", a, None, 200).await;
+    c.ok("GET", "/whoami", "/whoami", None, None, 200).await;
+    c.ok("GET", "/whoami", "/whoami", Some("larder_nope"), None, 401)
+        .await;
+
+    // Caches.
+    let body = json!({ "name": "pub", "max_size": "1GiB", "compression": "zstd" });
+    c.ok("POST", "/caches", "/caches", a, j(body.clone()), 201)
+        .await;
+    c.ok("POST", "/caches", "/caches", a, j(body), 409).await;
+    c.ok(
+        "POST",
+        "/caches",
+        "/caches",
+        a,
+        j(json!({ "name": "Bad!" })),
+        400,
+    )
+    .await;
+    c.ok(
+        "POST",
+        "/caches",
+        "/caches",
+        None,
+        j(json!({ "name": "x" })),
+        401,
+    )
+    .await;
+    c.ok(
+        "POST",
+        "/caches",
+        "/caches",
+        a,
+        j(json!({ "name": "priv", "private": true })),
+        201,
+    )
+    .await;
+    c.ok(
+        "POST",
+        "/caches",
+        "/caches",
+        a,
+        j(json!({ "name": "client" })),
+        201,
+    )
+    .await;
+    let list = c.ok("GET", "/caches", "/caches", a, None, 200).await;
+    assert_eq!(list.as_array().unwrap().len(), 3);
+    c.ok("GET", "/caches/{cache}", "/caches/pub", None, None, 200)
+        .await;
+    c.ok("GET", "/caches/{cache}", "/caches/priv", None, None, 401)
+        .await;
+    c.ok("GET", "/caches/{cache}", "/caches/nope", None, None, 404)
+        .await;
+    c.ok("GET", "/caches/{cache}", "/caches/Bad!", None, None, 400)
+        .await;
+    c.ok(
+        "PATCH",
+        "/caches/{cache}",
+        "/caches/pub",
+        a,
+        j(json!({ "priority": 30, "max_size": null })),
+        200,
+    )
+    .await;
+    c.ok(
+        "PATCH",
+        "/caches/{cache}",
+        "/caches/pub",
+        None,
+        j(json!({ "priority": 30 })),
+        401,
+    )
+    .await;
+    let pull = c
+        .ok(
+            "POST",
+            "/tokens",
+            "/tokens",
+            a,
+            j(json!({ "perms": ["pull"], "caches": ["priv"], "label": "reader", "expires_in": "30d" })),
+            201,
+        )
+        .await;
+    let pull_token = pull["token"].as_str().unwrap().to_owned();
+    c.ok(
+        "GET",
+        "/caches/{cache}",
+        "/caches/priv",
+        Some(&pull_token),
+        None,
+        200,
+    )
+    .await;
+    c.ok(
+        "PATCH",
+        "/caches/{cache}",
+        "/caches/priv",
+        Some(&pull_token),
+        j(json!({ "private": false })),
+        403,
+    )
+    .await;
+    c.ok("GET", "/tokens", "/tokens", a, None, 200).await;
+    c.ok("GET", "/tokens", "/tokens", Some(&pull_token), None, 403)
+        .await;
+    c.ok(
+        "POST",
+        "/tokens",
+        "/tokens",
+        a,
+        j(json!({ "perms": [] })),
+        400,
+    )
+    .await;
+
+    // Uploads: a single-shot NAR and a multi-part one, then their paths.
+    let lib = TestPath::new("lib", "lib");
+    let app = TestPath::new("app", "app").referencing(&[&lib]);
+    let up = c
+        .ok(
+            "POST",
+            "/caches/{cache}/nars",
+            "/caches/pub/nars?compression=none",
+            a,
+            Some(Body::Bytes(lib.compressed(Comp::None))),
+            201,
+        )
+        .await;
+    c.ok(
+        "POST",
+        "/caches/{cache}/nars",
+        "/caches/pub/nars?compression=bzip2",
+        a,
+        Some(Body::Bytes(vec![1])),
+        415,
+    )
+    .await;
+    c.ok(
+        "POST",
+        "/caches/{cache}/nars",
+        "/caches/pub/nars?compression=none",
+        a,
+        Some(Body::Bytes(b"not a nar".to_vec())),
+        400,
+    )
+    .await;
+    c.ok(
+        "POST",
+        "/caches/{cache}/nars",
+        "/caches/pub/nars?compression=none",
+        None,
+        Some(Body::Bytes(vec![1])),
+        401,
+    )
+    .await;
+    let publish = lib.publish_body(up["upload_id"].as_str().unwrap(), None);
+    c.ok(
+        "POST",
+        "/caches/{cache}/paths",
+        "/caches/pub/paths",
+        a,
+        j(publish),
+        201,
+    )
+    .await;
+    let again = c
+        .ok(
+            "POST",
+            "/caches/{cache}/nars",
+            "/caches/pub/nars?compression=none",
+            a,
+            Some(Body::Bytes(lib.compressed(Comp::None))),
+            201,
+        )
+        .await;
+    let publish = lib.publish_body(again["upload_id"].as_str().unwrap(), None);
+    c.ok(
+        "POST",
+        "/caches/{cache}/paths",
+        "/caches/pub/paths",
+        a,
+        j(publish),
+        200,
+    )
+    .await;
+    c.ok(
+        "POST",
+        "/caches/{cache}/paths",
+        "/caches/pub/paths",
+        a,
+        j(json!({ "upload_id": "x" })),
+        400,
+    )
+    .await;
+    let opened = c
+        .ok(
+            "POST",
+            "/caches/{cache}/multipart",
+            "/caches/pub/multipart?compression=zstd",
+            a,
+            None,
+            201,
+        )
+        .await;
+    let id = opened["upload_id"].as_str().unwrap().to_owned();
+    c.ok(
+        "POST",
+        "/caches/{cache}/multipart",
+        "/caches/pub/multipart?compression=lz4",
+        a,
+        None,
+        415,
+    )
+    .await;
+    c.ok(
+        "PUT",
+        "/caches/{cache}/multipart/{id}/parts/{n}",
+        &format!("/caches/pub/multipart/{id}/parts/0"),
+        a,
+        Some(Body::Bytes(app.compressed(Comp::Zstd))),
+        204,
+    )
+    .await;
+    c.ok(
+        "PUT",
+        "/caches/{cache}/multipart/{id}/parts/{n}",
+        "/caches/pub/multipart/00000000000000000000000000000000/parts/0",
+        a,
+        Some(Body::Bytes(vec![1])),
+        404,
+    )
+    .await;
+    let done = c
+        .ok(
+            "POST",
+            "/caches/{cache}/multipart/{id}/complete",
+            &format!("/caches/pub/multipart/{id}/complete"),
+            a,
+            None,
+            201,
+        )
+        .await;
+    c.ok(
+        "POST",
+        "/caches/{cache}/multipart/{id}/complete",
+        "/caches/pub/multipart/zz/complete",
+        a,
+        None,
+        400,
+    )
+    .await;
+    let publish = app.publish_body(done["upload_id"].as_str().unwrap(), None);
+    c.ok(
+        "POST",
+        "/caches/{cache}/paths",
+        "/caches/pub/paths",
+        a,
+        j(publish),
+        201,
+    )
+    .await;
+    let missing = c
+        .ok(
+            "POST",
+            "/caches/{cache}/missing",
+            "/caches/pub/missing",
+            None,
+            j(json!({ "paths": [lib.path.to_absolute(), common::store_path("x", "x").hash_part()] })),
+            200,
+        )
+        .await;
+    assert_eq!(missing["missing"].as_array().unwrap().len(), 1);
+    c.ok(
+        "POST",
+        "/caches/{cache}/missing",
+        "/caches/pub/missing",
+        None,
+        j(json!({ "paths": ["/etc"] })),
+        400,
+    )
+    .await;
+
+    // Contents.
+    let listed = c
+        .ok(
+            "GET",
+            "/caches/{cache}/paths",
+            "/caches/pub/paths?limit=1",
+            None,
+            None,
+            200,
+        )
+        .await;
+    assert!(listed["next_cursor"].is_string());
+    c.ok(
+        "GET",
+        "/caches/{cache}/paths",
+        "/caches/pub/paths?query=lib",
+        None,
+        None,
+        200,
+    )
+    .await;
+    c.ok(
+        "GET",
+        "/caches/{cache}/paths",
+        "/caches/priv/paths",
+        None,
+        None,
+        401,
+    )
+    .await;
+    c.ok(
+        "GET",
+        "/caches/{cache}/paths",
+        "/caches/pub/paths?limit=0",
+        None,
+        None,
+        400,
+    )
+    .await;
+    c.ok(
+        "GET",
+        "/caches/{cache}/paths/{path}",
+        &format!("/caches/pub/paths/{}", lib.hash()),
+        None,
+        None,
+        200,
+    )
+    .await;
+    c.ok(
+        "GET",
+        "/caches/{cache}/paths/{path}",
+        &format!(
+            "/caches/pub/paths/{}",
+            common::store_path("x", "x").hash_part()
+        ),
+        None,
+        None,
+        404,
+    )
+    .await;
+    c.ok(
+        "GET",
+        "/caches/{cache}/paths/{path}",
+        "/caches/pub/paths/nonsense",
+        None,
+        None,
+        400,
+    )
+    .await;
+    c.ok(
+        "GET",
+        "/caches/{cache}/paths/{path}",
+        "/caches/priv/paths/nonsense",
+        Some(&pull_token),
+        None,
+        400,
+    )
+    .await;
+
+    // Pins, eviction, deletion.
+    let pin = json!({ "name": "rel", "store_path": app.path.to_absolute(), "keep_revisions": 2 });
+    c.ok(
+        "POST",
+        "/caches/{cache}/pins",
+        "/caches/pub/pins",
+        a,
+        j(pin),
+        201,
+    )
+    .await;
+    c.ok(
+        "POST",
+        "/caches/{cache}/pins",
+        "/caches/pub/pins",
+        a,
+        j(json!({ "name": "x y", "store_path": "/nix/store/x" })),
+        400,
+    )
+    .await;
+    c.ok(
+        "GET",
+        "/caches/{cache}/pins",
+        "/caches/pub/pins",
+        None,
+        None,
+        200,
+    )
+    .await;
+    c.ok(
+        "GET",
+        "/caches/{cache}/paths/{path}",
+        &format!("/caches/pub/paths/{}", lib.hash()),
+        None,
+        None,
+        200,
+    )
+    .await;
+    c.ok(
+        "DELETE",
+        "/caches/{cache}/pins/{pin}",
+        "/caches/pub/pins/rel",
+        a,
+        None,
+        204,
+    )
+    .await;
+    c.ok(
+        "DELETE",
+        "/caches/{cache}/pins/{pin}",
+        "/caches/pub/pins/rel",
+        a,
+        None,
+        404,
+    )
+    .await;
+    c.ok(
+        "PATCH",
+        "/caches/{cache}",
+        "/caches/pub",
+        a,
+        j(json!({ "max_size": 1 })),
+        200,
+    )
+    .await;
+    let report = c
+        .ok(
+            "POST",
+            "/caches/{cache}/gc",
+            "/caches/pub/gc?dry_run=true",
+            a,
+            None,
+            200,
+        )
+        .await;
+    assert_eq!(report["evicted"].as_array().unwrap().len(), 2);
+    c.ok(
+        "POST",
+        "/caches/{cache}/gc",
+        "/caches/pub/gc?dry_run=maybe",
+        a,
+        None,
+        400,
+    )
+    .await;
+    c.ok(
+        "POST",
+        "/caches/{cache}/gc",
+        "/caches/pub/gc",
+        None,
+        None,
+        401,
+    )
+    .await;
+    c.ok(
+        "DELETE",
+        "/caches/{cache}/paths/{path}",
+        &format!("/caches/pub/paths/{}", lib.hash()),
+        a,
+        None,
+        409,
+    )
+    .await;
+    c.ok(
+        "DELETE",
+        "/caches/{cache}/paths/{path}",
+        &format!("/caches/pub/paths/{}", lib.hash()),
+        Some(&pull_token),
+        None,
+        403,
+    )
+    .await;
+    c.ok(
+        "DELETE",
+        "/caches/{cache}/paths/{path}",
+        &format!("/caches/pub/paths/{}?with_referrers=true", lib.hash()),
+        a,
+        None,
+        200,
+    )
+    .await;
+    c.ok(
+        "DELETE",
+        "/caches/{cache}/paths/{path}",
+        &format!("/caches/pub/paths/{}", lib.hash()),
+        a,
+        None,
+        404,
+    )
+    .await;
+    c.ok(
+        "DELETE",
+        "/caches/{cache}/paths/{path}",
+        "/caches/pub/paths/x?with_referrers=1",
+        a,
+        None,
+        400,
+    )
+    .await;
+    let gc = c
+        .ok("POST", "/caches/{cache}/gc", "/caches/pub/gc", a, None, 200)
+        .await;
+    assert_eq!(gc["evicted"], json!([]));
+
+    // Client signing, then tokens and caches go.
+    let key = common::signing_key("client-1", 7)
+        .verifying_key()
+        .to_string();
+    c.ok(
+        "POST",
+        "/caches/{cache}/public-key",
+        "/caches/client/public-key",
+        a,
+        j(json!({ "public_key": key })),
+        200,
+    )
+    .await;
+    c.ok(
+        "POST",
+        "/caches/{cache}/public-key",
+        "/caches/client/public-key",
+        a,
+        j(json!({ "public_key": "nope" })),
+        400,
+    )
+    .await;
+    let id = pull["id"].as_str().unwrap().to_owned();
+    c.ok(
+        "DELETE",
+        "/tokens/{id}",
+        &format!("/tokens/{id}"),
+        a,
+        None,
+        204,
+    )
+    .await;
+    c.ok(
+        "DELETE",
+        "/tokens/{id}",
+        &format!("/tokens/{id}"),
+        a,
+        None,
+        404,
+    )
+    .await;
+    c.ok("DELETE", "/tokens/{id}", "/tokens/x", None, None, 401)
+        .await;
+    c.ok("DELETE", "/caches/{cache}", "/caches/client", a, None, 204)
+        .await;
+    c.ok("DELETE", "/caches/{cache}", "/caches/client", a, None, 404)
+        .await;
+
+    // Every documented operation was called.
+    let covered: BTreeSet<(String, String)> = c.covered.keys().cloned().collect();
+    let all = documented(&c.doc);
+    let uncalled: Vec<_> = all.difference(&covered).collect();
+    assert!(uncalled.is_empty(), "operations never called: {uncalled:?}");
+
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}
