@@ -68,6 +68,100 @@ pub struct CacheInfo {
     #[serde(default)]
     pub near_limit: bool,
     pub nix_conf: String,
+    /// The same as a flake `nixConfig` block (older servers: absent, empty).
+    #[serde(default)]
+    pub flake_nix_config: String,
+}
+
+/// One path of a cache's contents list.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PathEntry {
+    pub store_path: String,
+    pub hash: String,
+    pub name: String,
+    pub nar_size: i64,
+    /// Stored (compressed) bytes.
+    pub file_size: i64,
+    pub compression: String,
+    pub uploaded_at: i64,
+    /// `None`: never fetched.
+    pub last_used_at: Option<i64>,
+}
+
+/// One page of a cache's contents.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PathList {
+    pub paths: Vec<PathEntry>,
+    /// Where the next page starts; `None` on the last page.
+    pub next_cursor: Option<String>,
+    /// Paths matching the query, on every page.
+    pub total: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reference {
+    pub store_path: String,
+    /// False for a reference accepted as available upstream.
+    pub in_cache: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PinRef {
+    pub name: String,
+    pub revision: i64,
+    /// The pinned path whose closure holds the path.
+    pub store_path: String,
+}
+
+/// One path of a cache in detail (`larder path-info`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PathDetail {
+    pub store_path: String,
+    pub hash: String,
+    pub name: String,
+    pub url: String,
+    pub compression: String,
+    pub file_hash: String,
+    pub file_size: i64,
+    pub nar_hash: String,
+    pub nar_size: i64,
+    pub references: Vec<Reference>,
+    pub deriver: Option<String>,
+    pub ca: Option<String>,
+    pub sigs: Vec<String>,
+    pub referrers: Vec<String>,
+    pub referrer_count: i64,
+    pub pins: Vec<PinRef>,
+    pub uploaded_at: i64,
+    pub last_used_at: Option<i64>,
+    pub narinfo: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeletedPath {
+    pub store_path: String,
+    pub file_size: i64,
+}
+
+/// What `larder path delete` removed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeleteReport {
+    pub cache: String,
+    pub deleted: Vec<DeletedPath>,
+    pub freed: i64,
+}
+
+/// Percent-encode one URL path segment (store path names may hold `?`, `=` or `+`).
+fn segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -273,6 +367,68 @@ impl ApiClient {
         self.json(
             self.request(reqwest::Method::GET, "/api/v1/tokens"),
             "token list",
+        )
+        .await
+    }
+
+    /// One page of a cache's paths, by name: those whose `<hash>-<name>` contains `query`,
+    /// after `cursor` (the previous page's `next_cursor`).
+    pub async fn list_paths(
+        &self,
+        cache: &str,
+        query: Option<&str>,
+        limit: Option<u32>,
+        cursor: Option<&str>,
+    ) -> Result<PathList> {
+        let mut params: Vec<(&str, String)> = Vec::new();
+        if let Some(q) = query {
+            params.push(("query", q.to_owned()));
+        }
+        if let Some(l) = limit {
+            params.push(("limit", l.to_string()));
+        }
+        if let Some(c) = cursor {
+            params.push(("cursor", c.to_owned()));
+        }
+        self.json(
+            self.request(
+                reqwest::Method::GET,
+                &format!("/api/v1/caches/{cache}/paths"),
+            )
+            .query(&params),
+            "path list",
+        )
+        .await
+    }
+
+    /// A path of a cache: `path` is its hash part, basename or store path.
+    pub async fn path_info(&self, cache: &str, path: &str) -> Result<PathDetail> {
+        self.json(
+            self.request(
+                reqwest::Method::GET,
+                &format!("/api/v1/caches/{cache}/paths/{}", segment(path)),
+            ),
+            "path info",
+        )
+        .await
+    }
+
+    /// Delete a path of a cache (and, with `with_referrers`, every path referencing it).
+    pub async fn delete_path(
+        &self,
+        cache: &str,
+        path: &str,
+        with_referrers: bool,
+    ) -> Result<DeleteReport> {
+        self.json(
+            self.request(
+                reqwest::Method::DELETE,
+                &format!(
+                    "/api/v1/caches/{cache}/paths/{}?with_referrers={with_referrers}",
+                    segment(path)
+                ),
+            ),
+            "path delete",
         )
         .await
     }

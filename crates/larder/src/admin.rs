@@ -207,10 +207,22 @@ fn print_cache(c: &CacheInfo) -> anyhow::Result<()> {
             c.name, c.name
         );
     }
-    let conf: String = c.nix_conf.lines().map(|l| format!("  {l}\n")).collect();
+    let mut conf: String = c.nix_conf.lines().map(|l| format!("  {l}\n")).collect();
+    if c.private {
+        conf.push_str(&format!(
+            "  # private: Nix also needs a pull token in a netrc file (`larder use {}` writes it)\n",
+            c.name
+        ));
+    }
+    let flake: String = c
+        .flake_nix_config
+        .lines()
+        .map(|l| format!("  {l}\n"))
+        .collect();
     print(&format!(
         "cache:       {}\nurl:         {}\nvisibility:  {}\npriority:    {}\ncompression: {}\n\
-         size:        {}{limit}\npaths:       {}\nsigning:     {}\npublic key:  {}\nnix.conf:\n{conf}",
+         size:        {}{limit}\npaths:       {}\nsigning:     {}\npublic key:  {}\nnix.conf:\n{conf}\
+         flake.nix:\n{flake}",
         c.name,
         c.url,
         if c.private { "private" } else { "public" },

@@ -11,6 +11,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 mod admin;
 mod build_cmd;
 mod client_config;
+mod contents_cmd;
 mod daemon;
 mod doctor;
 mod env;
@@ -70,6 +71,15 @@ enum Command {
     /// Check the setup, line by line with fixes: nix, config and token, server, and with CACHE
     /// whether Nix will substitute from it. Exit 1 if a check fails.
     Doctor(doctor::DoctorArgs),
+    /// List a cache's paths by name with their sizes, upload time and last use (paginated;
+    /// --query searches the `<hash>-<name>` of each path).
+    Ls(contents_cmd::LsArgs),
+    /// Show one path of a cache: narinfo fields, signatures, references, the paths that
+    /// reference it, the pins that hold it, and its last use.
+    PathInfo(contents_cmd::PathInfoArgs),
+    /// Delete paths from a cache: `path delete CACHE PATH [--with-referrers]`.
+    #[command(subcommand)]
+    Path(contents_cmd::PathCommand),
     /// Evict least recently used closures until CACHE fits its limit (admin on the cache);
     /// --dry-run lists what would go first, and why.
     Gc(retention_cmd::GcArgs),
@@ -132,6 +142,9 @@ fn main() -> ExitCode {
             Command::Use(args) => use_cmd::use_cache(args).await,
             Command::Remove(args) => use_cmd::remove_cache(args).await,
             Command::Doctor(args) => doctor::doctor(args).await,
+            Command::Ls(args) => contents_cmd::ls(args).await,
+            Command::PathInfo(args) => contents_cmd::path_info(args).await,
+            Command::Path(cmd) => contents_cmd::path(cmd).await,
             Command::Gc(args) => retention_cmd::gc(args).await,
             Command::Pin(args) => retention_cmd::pin(args).await,
             Command::Daemon(cmd) => daemon::daemon(cmd).await,

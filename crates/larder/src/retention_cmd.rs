@@ -84,7 +84,7 @@ async fn call(
     ))
 }
 
-fn when(t: i64) -> String {
+pub(crate) fn when(t: i64) -> String {
     let d = larder_store::now_unix() - t;
     if d < 120 {
         format!("{d}s ago")
@@ -154,7 +154,7 @@ pub async fn gc(args: GcArgs) -> anyhow::Result<()> {
 }
 
 /// The store path named by `arg`: a store path (or a path inside one), or a symlink to one.
-fn store_path_arg(arg: &str) -> anyhow::Result<String> {
+pub(crate) fn store_path_arg(arg: &str) -> anyhow::Result<String> {
     let store = larder_nix::store_path::STORE_DIR;
     let abs = if arg.starts_with(&format!("{store}/")) {
         arg.to_owned()
