@@ -75,7 +75,7 @@ pub fn router(state: AppState) -> Router {
     routes()
         .into_router()
         .layer(axum::middleware::from_fn_with_state(
-            state.metrics.clone(),
+            metrics::Observer::new(state.metrics.clone()),
             metrics::observe,
         ))
         .with_state(state)

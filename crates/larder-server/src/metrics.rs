@@ -6,7 +6,9 @@
 //!   status, so the number of series is bounded by the router, not by what clients send.
 //! - **Cost on the hot path**: the route's index comes from one hash lookup of the matched
 //!   pattern; each (route, method) has a row of counters allocated the first time it is used;
-//!   a request then costs a few relaxed atomic additions and no lock. Bodies of known length
+//!   a request then costs a few relaxed atomic additions and no lock. Rows are sharded by
+//!   serving thread (each thread's router gets its own shard), so threads never contend for
+//!   a counter's cache line; a scrape sums the shards. Bodies of known length
 //!   (a narinfo) are counted from their length; only streamed bodies (a NAR, an upload) are
 //!   wrapped to count their bytes as they pass.
 //! - **Uploads** (a NAR, or a path's narinfo) are counted as accepted or rejected, by reason
@@ -49,6 +51,8 @@ const BUCKETS_US: [u64; 16] = [
 const NB: usize = BUCKETS_US.len();
 const METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OTHER"];
 const NM: usize = METHODS.len();
+/// Counter shards: serving threads (one per core) take them in turn.
+const SHARDS: usize = 16;
 
 /// What an upload route receives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,7 +125,9 @@ pub struct Metrics {
     index: HashMap<Box<str>, usize>,
     /// Methods of each route that upload, by route index.
     uploads: Vec<[Option<UploadKind>; NM]>,
-    rows: Vec<[OnceLock<Arc<Row>>; NM]>,
+    /// By shard, route and method.
+    rows: Vec<Vec<[OnceLock<Arc<Row>>; NM]>>,
+    next_shard: AtomicU64,
     uploads_accepted: [AtomicU64; 2],
     uploads_rejected: [[AtomicU64; Rejection::ALL.len()]; 2],
     caches: Mutex<HashMap<i64, CacheCounts>>,
@@ -168,23 +174,28 @@ impl Metrics {
                 u
             })
             .collect();
-        let rows = routes
-            .iter()
-            .map(|_| std::array::from_fn(|_| OnceLock::new()))
+        let rows = (0..SHARDS)
+            .map(|_| {
+                routes
+                    .iter()
+                    .map(|_| std::array::from_fn(|_| OnceLock::new()))
+                    .collect()
+            })
             .collect();
         Metrics {
             routes,
             index,
             uploads,
             rows,
+            next_shard: AtomicU64::new(0),
             uploads_accepted: Default::default(),
             uploads_rejected: Default::default(),
             caches: Mutex::default(),
         }
     }
 
-    fn row(&self, route: usize, method: usize) -> &Arc<Row> {
-        self.rows[route][method].get_or_init(|| {
+    fn row(&self, shard: usize, route: usize, method: usize) -> &Arc<Row> {
+        self.rows[shard][route][method].get_or_init(|| {
             Arc::new(Row {
                 cells: Default::default(),
                 bytes_in: AtomicU64::new(0),
@@ -237,12 +248,20 @@ impl Metrics {
         for (r, route) in self.routes.iter().enumerate() {
             let route = escape(route);
             for (m, method) in METHODS.iter().enumerate() {
-                let Some(row) = self.rows[r][m].get() else {
+                let rows: Vec<&Arc<Row>> = self
+                    .rows
+                    .iter()
+                    .filter_map(|shard| shard[r][m].get())
+                    .collect();
+                if rows.is_empty() {
                     continue;
+                }
+                let sum = |f: &dyn Fn(&Row) -> &AtomicU64| -> u64 {
+                    rows.iter().map(|row| f(row).load(Relaxed)).sum()
                 };
                 let labels = format!("route=\"{route}\",method=\"{method}\"");
-                for (s, cell) in row.cells.iter().enumerate() {
-                    let count = cell.count.load(Relaxed);
+                for s in 0..NS {
+                    let count = sum(&|row| &row.cells[s].count);
                     if count == 0 {
                         continue;
                     }
@@ -253,7 +272,7 @@ impl Metrics {
                     let _ = writeln!(requests, "larder_http_requests_total{{{labels}}} {count}");
                     let mut cumulative = 0;
                     for (b, bound) in BUCKETS_US.iter().enumerate() {
-                        cumulative += cell.buckets[b].load(Relaxed);
+                        cumulative += sum(&|row| &row.cells[s].buckets[b]);
                         let _ = writeln!(
                             latency,
                             "larder_http_request_duration_seconds_bucket{{{labels},le=\"{}\"}} {cumulative}",
@@ -265,18 +284,18 @@ impl Metrics {
                         "larder_http_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {count}\n\
                          larder_http_request_duration_seconds_sum{{{labels}}} {}\n\
                          larder_http_request_duration_seconds_count{{{labels}}} {count}",
-                        cell.sum_us.load(Relaxed) as f64 / 1e6
+                        sum(&|row| &row.cells[s].sum_us) as f64 / 1e6
                     );
                 }
                 let _ = writeln!(
                     bytes_out,
                     "larder_http_response_body_bytes_total{{{labels}}} {}",
-                    row.bytes_out.load(Relaxed)
+                    sum(&|row| &row.bytes_out)
                 );
                 let _ = writeln!(
                     bytes_in,
                     "larder_http_request_body_bytes_total{{{labels}}} {}",
-                    row.bytes_in.load(Relaxed)
+                    sum(&|row| &row.bytes_in)
                 );
             }
         }
@@ -449,12 +468,28 @@ impl Row {
     }
 }
 
+/// The state of one router's [`observe`] middleware: the metrics and its shard.
+#[derive(Clone)]
+pub struct Observer {
+    metrics: Arc<Metrics>,
+    shard: usize,
+}
+
+impl Observer {
+    /// An observer with the next shard (one per router: routers are built per thread).
+    pub fn new(metrics: Arc<Metrics>) -> Observer {
+        let shard = (metrics.next_shard.fetch_add(1, Relaxed) % SHARDS as u64) as usize;
+        Observer { metrics, shard }
+    }
+}
+
 /// The middleware of every request: accounting, and the per-request debug log line.
-pub async fn observe(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
+pub async fn observe(State(obs): State<Observer>, req: Request, next: Next) -> Response {
     let start = Instant::now();
+    let metrics = &obs.metrics;
     let route = metrics.route_index(req.extensions().get::<MatchedPath>().map(|p| p.as_str()));
     let method = req.method().clone();
-    let row = metrics.row(route, method_index(&method));
+    let row = metrics.row(obs.shard, route, method_index(&method));
     let req = if HttpBody::size_hint(req.body()).exact() == Some(0) {
         req
     } else {
@@ -572,18 +607,20 @@ mod tests {
         let r = m.route_index(Some("/{cache}/{file}"));
         assert_ne!(r, m.routes.len() - 1);
         assert_eq!(m.route_index(Some("/no/such/{route}")), m.routes.len() - 1);
-        let row = m.row(r, 0);
+        let row = m.row(3, r, 0);
+        m.row(0, r, 0)
+            .observe(StatusCode::OK, Duration::from_micros(1));
         row.observe(StatusCode::OK, Duration::from_micros(300));
         row.observe(StatusCode::IM_A_TEAPOT, Duration::from_secs(60));
         let text = m.render(&[]);
         assert!(text.contains(
-            "larder_http_requests_total{route=\"/{cache}/{file}\",method=\"GET\",status=\"200\"} 1"
+            "larder_http_requests_total{route=\"/{cache}/{file}\",method=\"GET\",status=\"200\"} 2"
         ));
         assert!(text.contains(
-            "larder_http_request_duration_seconds_bucket{route=\"/{cache}/{file}\",method=\"GET\",status=\"200\",le=\"0.00025\"} 0"
+            "larder_http_request_duration_seconds_bucket{route=\"/{cache}/{file}\",method=\"GET\",status=\"200\",le=\"0.00025\"} 1"
         ));
         assert!(text.contains(
-            "larder_http_request_duration_seconds_bucket{route=\"/{cache}/{file}\",method=\"GET\",status=\"200\",le=\"0.0005\"} 1"
+            "larder_http_request_duration_seconds_bucket{route=\"/{cache}/{file}\",method=\"GET\",status=\"200\",le=\"0.0005\"} 2"
         ));
         assert!(text.contains(
             "larder_http_request_duration_seconds_bucket{route=\"/{cache}/{file}\",method=\"GET\",status=\"other\",le=\"10\"} 0"
