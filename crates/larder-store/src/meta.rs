@@ -17,13 +17,19 @@
 //! - eviction removes a path only together with, or after, every path of the cache that
 //!   references it, and never a pinned path (checked in the evicting transaction).
 
+use std::time::Duration;
+
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
 use crate::now_unix;
 
 mod contents;
+mod lock;
 mod schema;
+pub mod transfer;
+
+pub use lock::{HeldLock, LockName};
 
 pub use contents::{PathCursor, PathEntry};
 
@@ -35,9 +41,57 @@ pub enum MetaError {
     Db(#[from] sqlx::Error),
     #[error("stored value of {field} is invalid: {value:?}")]
     Corrupt { field: &'static str, value: String },
+    #[error(
+        "the database schema (version {found}) is newer than this larder knows (version \
+         {known}); upgrade larder"
+    )]
+    SchemaTooNew { found: i64, known: i64 },
+    #[error("cleaning up unreferenced objects failed")]
+    Cleanup(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("connecting to the database timed out")]
+    ConnectTimeout,
+}
+
+impl MetaError {
+    /// Whether the database could not be reached (down, restarting, refusing connections,
+    /// pool exhausted): a condition that passes, as opposed to a failing query.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            MetaError::ConnectTimeout => true,
+            MetaError::Db(e) => db_unavailable(e),
+            _ => false,
+        }
+    }
+}
+
+fn db_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => true,
+        // PostgreSQL: connection exceptions (class 08), shutting down or starting up (57P0x),
+        // out of connections (53300).
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "53300"),
+        _ => false,
+    }
 }
 
 type Result<T, E = MetaError> = std::result::Result<T, E>;
+
+/// Most connections a replica opens to PostgreSQL by default (its pool; the background lock
+/// holds one more). Several replicas share the server's `max_connections` (100 by default).
+pub const DEFAULT_PG_MAX_CONNECTIONS: u32 = 16;
+/// Connections to one SQLite file: readers run in parallel in WAL mode, writers queue.
+const SQLITE_MAX_CONNECTIONS: u32 = 8;
+/// How long a request waits for a PostgreSQL connection (connecting included) before it is
+/// answered 503: an unreachable database fails requests fast instead of piling them up.
+pub const PG_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Idle pooled connections are closed after this long.
+const PG_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {
@@ -45,11 +99,71 @@ pub enum Engine {
     Postgres,
 }
 
+impl Engine {
+    /// The engine a database URL names, if larder supports it.
+    pub fn of_url(url: &str) -> Option<Engine> {
+        if url.starts_with("sqlite:") {
+            Some(Engine::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Some(Engine::Postgres)
+        } else {
+            None
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Engine::Sqlite => "sqlite",
+            Engine::Postgres => "postgres",
+        }
+    }
+}
+
+/// A database URL fit for logs and messages: no password, no query parameters (which may
+/// carry one), e.g. `postgres://larder@db.internal:5432/larder`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.chars().take(16).collect::<String>() + "…";
+    };
+    let rest = rest.split(['?', '#']).next().unwrap_or(rest);
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{user}@{host}")
+        }
+        None => authority.to_owned(),
+    };
+    format!("{scheme}://{authority}{path}")
+}
+
+/// How to connect.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConnectOptions {
+    /// Pool size; `None`: [`DEFAULT_PG_MAX_CONNECTIONS`] for PostgreSQL, 8 for SQLite.
+    pub max_connections: Option<u32>,
+}
+
 /// Handle to the metadata database (a connection pool; cheap to clone).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Metadata {
     pool: AnyPool,
     engine: Engine,
+    /// PostgreSQL: the URL, for the dedicated connections that hold advisory locks. A secret
+    /// (it may carry a password): never printed, see the `Debug` impl.
+    url: std::sync::Arc<str>,
+}
+
+impl std::fmt::Debug for Metadata {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metadata")
+            .field("engine", &self.engine)
+            .field("url", &redact_url(&self.url))
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -253,6 +367,19 @@ pub(crate) fn ref_hashes<'a>(
         .collect()
 }
 
+/// Deletes one object (by key) for [`Metadata::collect_garbage`].
+pub type DeleteObject<'a> = dyn Fn(
+        String,
+    ) -> futures::future::BoxFuture<
+        'a,
+        std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>,
+    > + Send
+    + Sync
+    + 'a;
+
+/// NARs and chunks deleted per garbage collection round (one transaction).
+const GC_BATCH: usize = 256;
+
 /// The largest `IN (…)` list sent in one query (SQLite's default limit is 32766 parameters).
 const IN_BATCH: usize = 500;
 
@@ -328,52 +455,123 @@ fn placeholders(from: usize, n: usize) -> String {
         .join(", ")
 }
 
+/// Error codes of a constraint that a concurrent transaction made fail (PostgreSQL SQLSTATE,
+/// SQLite extended result code): a foreign key whose target was deleted meanwhile.
+const FOREIGN_KEY: &[&str] = &["23503", "787"];
+/// … a unique key taken meanwhile.
+const UNIQUE: &[&str] = &["23505", "2067", "1555"];
+/// Attempts of a transaction that failed only because of a concurrent one.
+const TX_ATTEMPTS: u32 = 6;
+
+/// Whether `e` says a transaction lost a race and may simply run again: a serialization
+/// failure or deadlock (PostgreSQL), a busy database (SQLite), or one of `also`.
+fn retryable(e: &MetaError, also: &[&str]) -> bool {
+    let MetaError::Db(sqlx::Error::Database(db)) = e else {
+        return false;
+    };
+    db.code().is_some_and(|c| {
+        matches!(&*c, "40001" | "40P01" | "5" | "6" | "517") || also.contains(&&*c)
+    })
+}
+
+/// Run a transaction, again (after a short, jittered pause) while it loses races to
+/// concurrent ones ([`retryable`]). Each attempt must be a complete transaction.
+async fn retry<T, E, F, Fut>(also: &[&str], mut attempt: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: Into<MetaError>,
+{
+    let mut n = 1;
+    loop {
+        match attempt().await.map_err(Into::into) {
+            Err(e) if n < TX_ATTEMPTS && retryable(&e, also) => {
+                use std::hash::{BuildHasher, Hasher};
+                let jitter = std::collections::hash_map::RandomState::new()
+                    .build_hasher()
+                    .finish()
+                    % 10;
+                tokio::time::sleep(Duration::from_millis((5 << n) + jitter)).await;
+                n += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
 impl Metadata {
     /// Connect and apply migrations. `sqlite://PATH` (created if missing) or `postgres://…`.
     pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_with(url, ConnectOptions::default()).await
+    }
+
+    /// [`Metadata::connect`] with options. On PostgreSQL, migrations run under an advisory
+    /// lock, so replicas starting together apply each migration once.
+    pub async fn connect_with(url: &str, options: ConnectOptions) -> Result<Self> {
         sqlx::any::install_default_drivers();
-        let engine = if url.starts_with("sqlite:") {
-            Engine::Sqlite
-        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Engine::Postgres
-        } else {
-            return Err(MetaError::UnsupportedUrl(url.to_owned()));
-        };
-        let url = match engine {
+        let engine =
+            Engine::of_url(url).ok_or_else(|| MetaError::UnsupportedUrl(redact_url(url)))?;
+        let full_url = match engine {
             Engine::Sqlite if !url.contains('?') => format!("{url}?mode=rwc"),
             _ => url.to_owned(),
         };
-        let opts = AnyPoolOptions::new().max_connections(match engine {
-            Engine::Sqlite => 8,
-            Engine::Postgres => 16,
-        });
-        let opts = if engine == Engine::Sqlite {
-            opts.after_connect(|conn, _meta| {
-                Box::pin(async move {
-                    // WAL: readers never block the writer; NORMAL sync is durable in WAL mode
-                    // except for the last transactions on power loss, never corrupting.
-                    for pragma in [
-                        "PRAGMA journal_mode = WAL",
-                        "PRAGMA synchronous = NORMAL",
-                        "PRAGMA busy_timeout = 10000",
-                        "PRAGMA foreign_keys = ON",
-                    ] {
-                        sqlx::query(pragma).execute(&mut *conn).await?;
-                    }
-                    Ok(())
-                })
-            })
-        } else {
-            opts
+        let opts = AnyPoolOptions::new();
+        let opts = match engine {
+            Engine::Sqlite => opts
+                .max_connections(options.max_connections.unwrap_or(SQLITE_MAX_CONNECTIONS))
+                .after_connect(|conn, _meta| {
+                    Box::pin(async move {
+                        // WAL: readers never block the writer; NORMAL sync is durable in WAL
+                        // mode except for the last transactions on power loss, never corrupting.
+                        for pragma in [
+                            "PRAGMA journal_mode = WAL",
+                            "PRAGMA synchronous = NORMAL",
+                            "PRAGMA busy_timeout = 10000",
+                            "PRAGMA foreign_keys = ON",
+                        ] {
+                            sqlx::query(pragma).execute(&mut *conn).await?;
+                        }
+                        Ok(())
+                    })
+                }),
+            // Connections are checked before use (a round trip on loopback or a LAN): after
+            // the database restarts, no request fails on a connection the restart broke.
+            Engine::Postgres => opts
+                .max_connections(
+                    options
+                        .max_connections
+                        .unwrap_or(DEFAULT_PG_MAX_CONNECTIONS),
+                )
+                .min_connections(0)
+                .acquire_timeout(PG_ACQUIRE_TIMEOUT)
+                .idle_timeout(Some(PG_IDLE_TIMEOUT))
+                .test_before_acquire(true),
         };
-        let pool = opts.connect(&url).await?;
-        let meta = Metadata { pool, engine };
+        let pool = opts.connect(&full_url).await?;
+        let meta = Metadata {
+            pool,
+            engine,
+            url: url.into(),
+        };
         schema::migrate(&meta.pool, engine).await?;
         Ok(meta)
     }
 
+    /// Close every pooled connection (the handle is unusable afterwards).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
     pub fn engine(&self) -> Engine {
         self.engine
+    }
+
+    /// The schema version the database is at.
+    pub async fn schema_version(&self) -> Result<i64> {
+        let v: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM larder_schema")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(v.unwrap_or(0))
     }
 
     /// A cheap round trip, for health checks.
@@ -473,6 +671,10 @@ impl Metadata {
     /// Delete a cache and everything published in it. NARs it alone used become garbage, to
     /// be collected by [`Metadata::collect_garbage`]. Returns whether the cache existed.
     pub async fn delete_cache(&self, name: &str) -> Result<bool> {
+        retry(FOREIGN_KEY, || self.delete_cache_once(name)).await
+    }
+
+    async fn delete_cache_once(&self, name: &str) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
         let id: Option<i64> = sqlx::query_scalar("SELECT id FROM caches WHERE name = $1")
             .bind(name)
@@ -538,6 +740,35 @@ impl Metadata {
         Ok(())
     }
 
+    /// Create `t` only if no token exists at all (the bootstrap admin token); false if one
+    /// does. Replicas starting together on an empty database create one between them.
+    pub async fn create_first_token(&self, t: &TokenRow) -> Result<bool> {
+        retry(&[], || async {
+            let mut tx = self.pool.begin().await?;
+            if self.engine == Engine::Postgres {
+                lock::xact_lock(&mut tx, LockName::Bootstrap).await?;
+            }
+            let done = sqlx::query(
+                "INSERT INTO tokens (id, secret_hash, label, perms, caches, expires_at, \
+                 revoked_at, created_at) SELECT $1, $2, $3, $4, $5, $6, $7, $8 \
+                 WHERE NOT EXISTS (SELECT 1 FROM tokens)",
+            )
+            .bind(&t.id)
+            .bind(&t.secret_hash)
+            .bind(&t.label)
+            .bind(&t.perms)
+            .bind(&t.caches)
+            .bind(t.expires_at)
+            .bind(t.revoked_at)
+            .bind(t.created_at)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok::<_, MetaError>(done.rows_affected() > 0)
+        })
+        .await
+    }
+
     pub async fn token_count(&self) -> Result<i64> {
         Ok(sqlx::query_scalar("SELECT COUNT(*) FROM tokens")
             .fetch_one(&self.pool)
@@ -594,16 +825,20 @@ impl Metadata {
         if let Some(key) = key {
             self.drop_upload_key(cache_id, key).await?;
         }
-        let done = sqlx::query(
-            "INSERT INTO uploads (id, cache_id, nar_id, key, created_at) \
-             SELECT $1, $2, id, $3, $4 FROM nars WHERE nar_hash = $5",
-        )
-        .bind(upload_id)
-        .bind(cache_id)
-        .bind(key)
-        .bind(now_unix())
-        .bind(nar_hash)
-        .execute(&self.pool)
+        // A NAR that garbage collection deletes concurrently fails the foreign key; the retry
+        // then finds no NAR to reuse.
+        let done = retry(FOREIGN_KEY, || {
+            sqlx::query(
+                "INSERT INTO uploads (id, cache_id, nar_id, key, created_at) \
+                 SELECT $1, $2, id, $3, $4 FROM nars WHERE nar_hash = $5",
+            )
+            .bind(upload_id)
+            .bind(cache_id)
+            .bind(key)
+            .bind(now_unix())
+            .bind(nar_hash)
+            .execute(&self.pool)
+        })
         .await?;
         if done.rows_affected() == 0 {
             return Ok(None);
@@ -620,9 +855,52 @@ impl Metadata {
         Ok(())
     }
 
-    /// Record a newly stored NAR (its chunks' objects already durably stored) and a pending
-    /// upload referencing it. If the same NAR was recorded concurrently, the upload references
-    /// that one instead and `Ok((nar, false))` says ours is redundant.
+    /// Claim chunks about to be written to object storage, for the upload `claim_id`: until
+    /// the upload records its NAR ([`Metadata::insert_nar_for_upload`] releases the claims) or
+    /// the claim expires, garbage collection does not delete these chunks. Without it, a
+    /// collection that had decided a chunk was garbage could delete its object just after an
+    /// upload of the same bytes found the object present. Committed at once.
+    pub async fn claim_chunks(&self, claim_id: &str, chunks: &[ChunkRow]) -> Result<()> {
+        // In hash order, so that concurrent claims of overlapping sets cannot deadlock.
+        let mut sorted: Vec<&ChunkRow> = chunks.iter().collect();
+        sorted.sort_by(|a, b| a.chunk_hash.cmp(&b.chunk_hash));
+        sorted.dedup_by(|a, b| a.chunk_hash == b.chunk_hash);
+        // A chunk that a collection deletes meanwhile fails the claim's foreign key: run again,
+        // creating the chunk anew.
+        retry(FOREIGN_KEY, || async {
+            let now = now_unix();
+            let mut tx = self.pool.begin().await?;
+            for chunk in &sorted {
+                sqlx::query(
+                    "INSERT INTO chunks (chunk_hash, file_size, created_at) VALUES ($1, $2, $3) \
+                     ON CONFLICT (chunk_hash) DO NOTHING",
+                )
+                .bind(&chunk.chunk_hash)
+                .bind(chunk.file_size)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "INSERT INTO chunk_claims (claim_id, chunk_hash, claimed_at) \
+                     VALUES ($1, $2, $3) ON CONFLICT (claim_id, chunk_hash) DO UPDATE \
+                     SET claimed_at = excluded.claimed_at",
+                )
+                .bind(claim_id)
+                .bind(&chunk.chunk_hash)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok::<_, MetaError>(())
+        })
+        .await
+    }
+
+    /// Record a newly stored NAR (its chunks claimed by `upload_id` with
+    /// [`Metadata::claim_chunks`] and their objects durably stored) and a pending upload
+    /// referencing it, releasing the claims. If the same NAR was recorded concurrently, the
+    /// upload references that one instead and `Ok((nar, false))` says ours is redundant.
     pub async fn insert_nar_for_upload(
         &self,
         upload_id: &str,
@@ -634,6 +912,20 @@ impl Metadata {
         if let Some(key) = key {
             self.drop_upload_key(cache_id, key).await?;
         }
+        retry(FOREIGN_KEY, || {
+            self.insert_nar_for_upload_once(upload_id, cache_id, key, nar, chunks)
+        })
+        .await
+    }
+
+    async fn insert_nar_for_upload_once(
+        &self,
+        upload_id: &str,
+        cache_id: i64,
+        key: Option<&str>,
+        nar: &NarRow,
+        chunks: &[ChunkRow],
+    ) -> Result<(NarRow, bool)> {
         let now = now_unix();
         let mut tx = self.pool.begin().await?;
         let new_id: Option<i64> = sqlx::query_scalar(
@@ -679,6 +971,11 @@ impl Metadata {
         .bind(&nar.nar_hash)
         .execute(&mut *tx)
         .await?;
+        // The NAR (ours or the one recorded concurrently) now keeps what it uses.
+        sqlx::query("DELETE FROM chunk_claims WHERE claim_id = $1")
+            .bind(upload_id)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         if linked.rows_affected() == 0 {
             // Only possible if a file hash collided with a different NAR's; treat as corrupt.
@@ -810,6 +1107,10 @@ impl Metadata {
     /// references are checked to be published in the same cache, and the upload is consumed,
     /// or nothing changes.
     pub async fn publish_path(&self, p: &NewPath, upload_id: &str) -> Result<Publish> {
+        retry(FOREIGN_KEY, || self.publish_path_once(p, upload_id)).await
+    }
+
+    async fn publish_path_once(&self, p: &NewPath, upload_id: &str) -> Result<Publish> {
         let self_basename = format!("{}-{}", p.hash, p.name);
         let mut tx = self.pool.begin().await?;
         // The write comes first so that SQLite takes its write lock at once (a deferred
@@ -952,10 +1253,17 @@ impl Metadata {
 
     // ---- garbage ------------------------------------------------------------------------
 
-    /// Forget pending uploads older than `max_age_secs`, NARs nothing refers to, and chunks
-    /// no NAR uses. Returns the object keys that are now unreferenced, for the caller to
-    /// delete from object storage (after this commit, so a crash leaks objects at worst, and
-    /// never leaves a row pointing to a deleted object).
+    /// Forget pending uploads older than `max_upload_age_secs`, chunk claims older than
+    /// `claim_ttl_secs`, NARs nothing refers to, and chunks no NAR and no claim uses; delete
+    /// their objects with `delete_object`. Returns how many objects were deleted.
+    ///
+    /// Works in rounds of at most [`GC_BATCH`] NARs and chunks, each one transaction that
+    /// deletes the objects *before* it commits, while the chunk rows are locked: an upload
+    /// claiming one of those chunks ([`Metadata::claim_chunks`]) waits for the round, then
+    /// writes the object again. If deleting an object fails, the round is rolled back (rows
+    /// whose objects are gone are unreferenced, and are deleted again next time). A NAR or a
+    /// chunk that gains a reference or a claim while a round decides it is garbage fails the
+    /// round's foreign keys (never deleting anything in use), and the round runs again.
     ///
     /// The NAR of an evicted path stays for `evicted_grace_secs` after its eviction (see
     /// [`Metadata::evict_paths`]), so a narinfo served just before the eviction still works.
@@ -963,41 +1271,94 @@ impl Metadata {
         &self,
         max_upload_age_secs: i64,
         evicted_grace_secs: i64,
-    ) -> Result<Vec<String>> {
+        claim_ttl_secs: i64,
+        delete_object: &DeleteObject<'_>,
+    ) -> Result<usize> {
         let now = now_unix();
+        let cutoffs = (
+            now - max_upload_age_secs,
+            now - evicted_grace_secs,
+            now - claim_ttl_secs,
+        );
+        let mut deleted = 0;
+        loop {
+            let mut attempt = 1;
+            let (nars, objects) = loop {
+                match self.gc_round(cutoffs, delete_object).await {
+                    Err(e) if attempt < TX_ATTEMPTS && retryable(&e, FOREIGN_KEY) => {
+                        tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
+                        attempt += 1;
+                    }
+                    r => break r?,
+                }
+            };
+            deleted += objects;
+            if nars + objects == 0 {
+                return Ok(deleted);
+            }
+        }
+    }
+
+    /// One round of [`Metadata::collect_garbage`]: `(NARs, objects)` deleted.
+    async fn gc_round(
+        &self,
+        (upload_cutoff, grace_cutoff, claim_cutoff): (i64, i64, i64),
+        delete_object: &DeleteObject<'_>,
+    ) -> Result<(usize, usize)> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("DELETE FROM uploads WHERE created_at < $1")
-            .bind(now - max_upload_age_secs)
+            .bind(upload_cutoff)
             .execute(&mut *tx)
             .await?;
         sqlx::query("DELETE FROM evicted_nars WHERE evicted_at < $1")
-            .bind(now - evicted_grace_secs)
+            .bind(grace_cutoff)
             .execute(&mut *tx)
             .await?;
-        sqlx::query(
-            "DELETE FROM nar_chunks WHERE nar_id IN (SELECT id FROM nars n WHERE \
+        sqlx::query("DELETE FROM chunk_claims WHERE claimed_at < $1")
+            .bind(claim_cutoff)
+            .execute(&mut *tx)
+            .await?;
+        // Decided once: the NARs deleted are exactly these, whatever commits meanwhile; one
+        // referenced meanwhile fails the foreign keys of `paths`/`uploads` below.
+        let nars: Vec<i64> = sqlx::query_scalar(&format!(
+            "SELECT id FROM nars n WHERE \
              NOT EXISTS (SELECT 1 FROM paths p WHERE p.nar_id = n.id) AND \
              NOT EXISTS (SELECT 1 FROM uploads u WHERE u.nar_id = n.id) AND \
-             NOT EXISTS (SELECT 1 FROM evicted_nars e WHERE e.nar_id = n.id))",
-        )
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "DELETE FROM nars WHERE NOT EXISTS (SELECT 1 FROM paths p WHERE p.nar_id = nars.id) \
-             AND NOT EXISTS (SELECT 1 FROM uploads u WHERE u.nar_id = nars.id) \
-             AND NOT EXISTS (SELECT 1 FROM evicted_nars e WHERE e.nar_id = nars.id)",
-        )
-        .execute(&mut *tx)
-        .await?;
-        let chunks: Vec<String> = sqlx::query_scalar(
-            "DELETE FROM chunks WHERE NOT EXISTS \
-             (SELECT 1 FROM nar_chunks nc WHERE nc.chunk_hash = chunks.chunk_hash) \
-             RETURNING chunk_hash",
-        )
+             NOT EXISTS (SELECT 1 FROM evicted_nars e WHERE e.nar_id = n.id) LIMIT {GC_BATCH}"
+        ))
         .fetch_all(&mut *tx)
         .await?;
+        if !nars.is_empty() {
+            let ph = placeholders(1, nars.len());
+            for sql in [
+                format!("DELETE FROM nar_chunks WHERE nar_id IN ({ph})"),
+                format!("DELETE FROM nars WHERE id IN ({ph})"),
+            ] {
+                let mut q = sqlx::query(&sql);
+                for id in &nars {
+                    q = q.bind(id);
+                }
+                q.execute(&mut *tx).await?;
+            }
+        }
+        // Chunks used by a NAR or claimed by an upload committed meanwhile fail the foreign
+        // keys of `nar_chunks`/`chunk_claims`, like NARs above.
+        let chunks: Vec<String> = sqlx::query_scalar(&format!(
+            "DELETE FROM chunks WHERE chunk_hash IN (SELECT c.chunk_hash FROM chunks c WHERE \
+             NOT EXISTS (SELECT 1 FROM nar_chunks nc WHERE nc.chunk_hash = c.chunk_hash) AND \
+             NOT EXISTS (SELECT 1 FROM chunk_claims cc WHERE cc.chunk_hash = c.chunk_hash) \
+             LIMIT {GC_BATCH}) RETURNING chunk_hash"
+        ))
+        .fetch_all(&mut *tx)
+        .await?;
+        for hash in &chunks {
+            if let Err(e) = delete_object(chunk_object_key(hash)).await {
+                tx.rollback().await?;
+                return Err(MetaError::Cleanup(e));
+            }
+        }
         tx.commit().await?;
-        Ok(chunks.iter().map(|h| chunk_object_key(h)).collect())
+        Ok((nars.len(), chunks.len()))
     }
 
     // ---- usage, eviction and pins -------------------------------------------------------
@@ -1011,27 +1372,38 @@ impl Metadata {
         nar_ids: &[i64],
         at: i64,
     ) -> Result<()> {
+        // Sorted: replicas flushing overlapping sets lock rows in the same order.
+        let mut hashes = hashes.to_vec();
+        hashes.sort();
+        let mut nar_ids = nar_ids.to_vec();
+        nar_ids.sort();
         for batch in hashes.chunks(IN_BATCH) {
             let sql = format!(
                 "UPDATE paths SET last_used_at = $1 WHERE cache_id = $2 AND hash IN ({})",
                 placeholders(3, batch.len())
             );
-            let mut q = sqlx::query(&sql).bind(at).bind(cache_id);
-            for h in batch {
-                q = q.bind(h);
-            }
-            q.execute(&self.pool).await?;
+            retry(&[], || {
+                let mut q = sqlx::query(&sql).bind(at).bind(cache_id);
+                for h in batch {
+                    q = q.bind(h);
+                }
+                q.execute(&self.pool)
+            })
+            .await?;
         }
         for batch in nar_ids.chunks(IN_BATCH) {
             let sql = format!(
                 "UPDATE paths SET last_used_at = $1 WHERE cache_id = $2 AND nar_id IN ({})",
                 placeholders(3, batch.len())
             );
-            let mut q = sqlx::query(&sql).bind(at).bind(cache_id);
-            for n in batch {
-                q = q.bind(n);
-            }
-            q.execute(&self.pool).await?;
+            retry(&[], || {
+                let mut q = sqlx::query(&sql).bind(at).bind(cache_id);
+                for n in batch {
+                    q = q.bind(n);
+                }
+                q.execute(&self.pool)
+            })
+            .await?;
         }
         Ok(())
     }
@@ -1076,6 +1448,10 @@ impl Metadata {
     /// path that stays references one of them or a pin names one of them: the caller's
     /// plan was made before that path or pin appeared.
     pub async fn evict_paths(&self, cache_id: i64, hashes: &[String]) -> Result<Evicted> {
+        retry(&[], || self.evict_paths_once(cache_id, hashes)).await
+    }
+
+    async fn evict_paths_once(&self, cache_id: i64, hashes: &[String]) -> Result<Evicted> {
         let now = now_unix();
         let mut tx = self.pool.begin().await?;
         // Writes first, so SQLite takes its write lock at once.
@@ -1163,28 +1539,52 @@ impl Metadata {
             Keep::Revisions(n) => ("revisions", Some(n)),
             Keep::Days(n) => ("days", Some(n)),
         };
-        let now = now_unix();
-        let mut tx = self.pool.begin().await?;
-        let done = sqlx::query(
-            "INSERT INTO pins (cache_id, name, revision, hash, store_path, keep, keep_n, \
-             created_at) SELECT $1, $2, COALESCE((SELECT MAX(revision) FROM pins \
-             WHERE cache_id = $1 AND name = $2), 0) + 1, $3, $4, $5, $6, $7 \
-             WHERE EXISTS (SELECT 1 FROM paths WHERE cache_id = $1 AND hash = $3)",
-        )
-        .bind(cache_id)
-        .bind(name)
-        .bind(hash)
-        .bind(store_path)
-        .bind(kind)
-        .bind(n)
-        .bind(now)
-        .execute(&mut *tx)
+        // Two pins of one name at once compute the same revision: one fails the unique key
+        // and runs again.
+        let added = retry(UNIQUE, || async {
+            let now = now_unix();
+            let mut tx = self.pool.begin().await?;
+            if self.engine == Engine::Postgres {
+                // Share-lock the path: a concurrent eviction deleting it either waits for this
+                // pin (and then sees it and gives up) or has deleted it (and the pin fails).
+                let present: Option<i64> = sqlx::query_scalar(
+                    "SELECT id FROM paths WHERE cache_id = $1 AND hash = $2 FOR SHARE",
+                )
+                .bind(cache_id)
+                .bind(hash)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if present.is_none() {
+                    tx.rollback().await?;
+                    return Ok(false);
+                }
+            }
+            let done = sqlx::query(
+                "INSERT INTO pins (cache_id, name, revision, hash, store_path, keep, keep_n, \
+                 created_at) SELECT $1, $2, COALESCE((SELECT MAX(revision) FROM pins \
+                 WHERE cache_id = $1 AND name = $2), 0) + 1, $3, $4, $5, $6, $7 \
+                 WHERE EXISTS (SELECT 1 FROM paths WHERE cache_id = $1 AND hash = $3)",
+            )
+            .bind(cache_id)
+            .bind(name)
+            .bind(hash)
+            .bind(store_path)
+            .bind(kind)
+            .bind(n)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() == 0 {
+                tx.rollback().await?;
+                return Ok(false);
+            }
+            tx.commit().await?;
+            Ok::<_, MetaError>(true)
+        })
         .await?;
-        if done.rows_affected() == 0 {
-            tx.rollback().await?;
+        if !added {
             return Ok(None);
         }
-        tx.commit().await?;
         self.prune_pins(cache_id).await?;
         Ok(self
             .list_pins(cache_id)

@@ -5,6 +5,11 @@
 //! queries), `evicted_nars` (the grace period of evicted paths' NARs) and `pins`; its
 //! `path_refs` rows are filled from `paths.refs` in Rust, since splitting a list is not
 //! portable SQL. Version 3 indexes paths by name for the contents list's keyset pagination.
+//! Version 4 adds `chunk_claims`: chunks an upload is writing, which garbage collection must
+//! not delete (see `Metadata::claim_chunks`).
+//!
+//! On PostgreSQL the migrations run in one transaction under an advisory lock, so replicas
+//! starting together apply them once; a database migrated by a newer larder is refused.
 
 use sqlx::AnyPool;
 
@@ -121,7 +126,19 @@ CREATE INDEX pins_hash ON pins (cache_id, hash)
     r#"
 CREATE INDEX paths_by_name ON paths (cache_id, name, hash)
 "#,
+    r#"
+CREATE TABLE chunk_claims (
+    claim_id TEXT NOT NULL,
+    chunk_hash TEXT NOT NULL REFERENCES chunks (chunk_hash),
+    claimed_at BIGINT NOT NULL,
+    PRIMARY KEY (claim_id, chunk_hash)
+);
+CREATE INDEX chunk_claims_chunk ON chunk_claims (chunk_hash)
+"#,
 ];
+
+/// The schema version this build creates.
+pub(super) const VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Version after which `path_refs` exists and must be filled from `paths.refs`.
 const PATH_REFS_VERSION: usize = 2;
@@ -132,13 +149,27 @@ pub(super) async fn migrate(pool: &AnyPool, engine: Engine) -> Result<(), MetaEr
         Engine::Postgres => "BIGSERIAL PRIMARY KEY",
     };
     let mut tx = pool.begin().await?;
+    if engine == Engine::Postgres {
+        // Replicas starting together: the first migrates, the others wait and then find the
+        // schema current. PostgreSQL's DDL is transactional, so a failed migration leaves
+        // nothing behind.
+        super::lock::xact_lock(&mut tx, super::LockName::Migrations).await?;
+    }
     sqlx::query("CREATE TABLE IF NOT EXISTS larder_schema (version BIGINT NOT NULL)")
         .execute(&mut *tx)
         .await?;
     let current: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM larder_schema")
         .fetch_one(&mut *tx)
         .await?;
-    let current = current.unwrap_or(0) as usize;
+    let current = current.unwrap_or(0);
+    if current > VERSION {
+        // A newer larder migrated this database: an older replica must not write to it.
+        return Err(MetaError::SchemaTooNew {
+            found: current,
+            known: VERSION,
+        });
+    }
+    let current = current as usize;
     for (i, migration) in MIGRATIONS.iter().enumerate().skip(current) {
         for stmt in migration
             .split(';')

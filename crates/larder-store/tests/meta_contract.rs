@@ -1,0 +1,886 @@
+//! The metadata backend contract: the same test bodies run against SQLite and against a real
+//! PostgreSQL cluster (started by the test, see `larder-testkit`). Every behaviour the server
+//! relies on is here: caches, tokens, uploads and publishing (with SPEC §2.3's rules),
+//! concurrent replicas storing one path, garbage collection, eviction, pins, usage, logs,
+//! locks, migrations; then what only PostgreSQL has (an unreachable server) and copying one
+//! database into another (`larder migrate`).
+#![allow(clippy::unwrap_used)] // a panic is how a test fails
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use larder_nix::hash::Sha256;
+use larder_nix::store_path::StorePath;
+use larder_store::meta::transfer::{self, TransferError};
+use larder_store::meta::{
+    chunk_object_key, CacheRow, CacheUpdate, ChunkRow, Engine, Evicted, Keep, LockName, MetaError,
+    NarRow, NewCache, NewPath, Publish, TokenRow,
+};
+use larder_store::{now_unix, Metadata};
+use larder_testkit::postgres::PgCluster;
+
+/// A database under test, with whatever keeps it alive.
+struct Db {
+    meta: Metadata,
+    url: String,
+    pg: Option<PgCluster>,
+    dir: tempfile::TempDir,
+}
+
+impl Db {
+    async fn sqlite() -> Db {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("meta.db").display());
+        let meta = Metadata::connect(&url).await.unwrap();
+        Db {
+            meta,
+            url,
+            pg: None,
+            dir,
+        }
+    }
+
+    async fn postgres() -> Db {
+        let pg = PgCluster::start();
+        let url = pg.create_database();
+        let meta = Metadata::connect(&url).await.unwrap();
+        Db {
+            meta,
+            url,
+            pg: Some(pg),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn engine(&self) -> Engine {
+        self.meta.engine()
+    }
+
+    /// Another handle on the same database: what a second replica (or process) has.
+    async fn replica(&self) -> Metadata {
+        Metadata::connect(&self.url).await.unwrap()
+    }
+
+    /// The URL of another, empty database on the same engine.
+    fn fresh_url(&self) -> String {
+        match &self.pg {
+            Some(pg) => pg.create_database(),
+            None => {
+                let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+                format!(
+                    "sqlite://{}",
+                    self.dir.path().join(format!("{n}.db")).display()
+                )
+            }
+        }
+    }
+
+    async fn rows(&self, table: &str) -> i64 {
+        transfer::checksums(&self.meta)
+            .await
+            .unwrap()
+            .iter()
+            .find(|t| t.table == table)
+            .unwrap_or_else(|| panic!("no table {table}"))
+            .rows
+    }
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn h52(seed: &str) -> String {
+    Sha256::digest(seed.as_bytes()).to_nix32()
+}
+
+/// A NAR as the server would record it, and its one chunk. `variant` changes the stored
+/// file (another compression of the same NAR).
+fn nar(seed: &str, variant: &str) -> (NarRow, Vec<ChunkRow>) {
+    let file_hash = h52(&format!("file/{seed}/{variant}"));
+    let row = NarRow {
+        id: 0,
+        nar_hash: h52(&format!("nar/{seed}")),
+        nar_size: 1000 + seed.len() as i64,
+        compression: if variant.is_empty() { "zstd" } else { "xz" }.into(),
+        file_hash: file_hash.clone(),
+        file_size: 100 + variant.len() as i64,
+    };
+    let chunk = ChunkRow {
+        chunk_hash: file_hash,
+        file_size: row.file_size,
+    };
+    (row, vec![chunk])
+}
+
+fn upload_id() -> String {
+    format!(
+        "up-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// The server's upload path: reuse a stored NAR, or claim, (store the objects,) record.
+async fn upload(meta: &Metadata, cache_id: i64, seed: &str, variant: &str) -> (String, NarRow) {
+    let id = upload_id();
+    let (row, chunks) = nar(seed, variant);
+    if let Some(n) = meta
+        .reuse_nar_for_upload(&id, cache_id, None, &row.nar_hash)
+        .await
+        .unwrap()
+    {
+        return (id, n);
+    }
+    meta.claim_chunks(&id, &chunks).await.unwrap();
+    let (n, _) = meta
+        .insert_nar_for_upload(&id, cache_id, None, &row, &chunks)
+        .await
+        .unwrap();
+    (id, n)
+}
+
+fn sp(name: &str) -> StorePath {
+    let d = Sha256::digest(name.as_bytes());
+    let mut digest = [0u8; 20];
+    digest.copy_from_slice(&d.as_bytes()[..20]);
+    StorePath::from_parts(digest, name).unwrap()
+}
+
+fn new_path(cache_id: i64, p: &StorePath, nar_id: i64, refs: &[&StorePath]) -> NewPath {
+    NewPath {
+        cache_id,
+        hash: p.hash_part(),
+        name: p.name().to_owned(),
+        refs: refs.iter().map(|r| r.basename()).collect(),
+        deriver: Some(sp(&format!("{}.drv", p.name())).basename()),
+        ca: None,
+        sigs: vec![format!("test-1:{}", p.name())],
+        nar_id,
+        upstream_refs: Vec::new(),
+    }
+}
+
+async fn cache(meta: &Metadata, name: &str) -> CacheRow {
+    meta.create_cache(&NewCache {
+        name: name.into(),
+        priority: 41,
+        compression: "zstd".into(),
+        signing_mode: "managed".into(),
+        public_key: Some(format!("{name}-1:pk")),
+        secret_key: Some(format!("{name}-1:sk")),
+        ..NewCache::default()
+    })
+    .await
+    .unwrap()
+    .expect("a new cache name")
+}
+
+/// Upload and publish `p` (referencing `refs`) in a cache.
+async fn publish(meta: &Metadata, cache_id: i64, p: &StorePath, refs: &[&StorePath]) -> NarRow {
+    let (id, n) = upload(meta, cache_id, p.name(), "").await;
+    let done = meta
+        .publish_path(&new_path(cache_id, p, n.id, refs), &id)
+        .await
+        .unwrap();
+    assert_eq!(done, Publish::Created, "{p}");
+    n
+}
+
+/// An object deleter that records the keys it was given.
+fn recorder<'a>(
+    log: &'a Mutex<Vec<String>>,
+) -> impl Fn(String) -> BoxFuture<'a, DeleteResult> + Send + Sync + 'a {
+    move |key| {
+        log.lock().unwrap().push(key);
+        Box::pin(async { Ok(()) })
+    }
+}
+
+type DeleteResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+fn ok_deleter(_: String) -> BoxFuture<'static, DeleteResult> {
+    Box::pin(async { Ok(()) })
+}
+
+fn token(id: &str) -> TokenRow {
+    TokenRow {
+        id: id.into(),
+        secret_hash: h52(id),
+        label: format!("label {id}"),
+        perms: "push,pull".into(),
+        caches: Some("a,b".into()),
+        expires_at: None,
+        revoked_at: None,
+        created_at: 1000,
+    }
+}
+
+// ---- the contract, one body per behaviour -------------------------------------------------
+
+async fn caches_are_created_updated_and_deleted(db: Db) {
+    let m = &db.meta;
+    let a = cache(m, "alpha").await;
+    assert!(m
+        .create_cache(&NewCache {
+            name: "alpha".into(),
+            ..NewCache::default()
+        })
+        .await
+        .unwrap()
+        .is_none());
+    cache(m, "beta").await;
+    assert_eq!(m.get_cache("alpha").await.unwrap(), Some(a.clone()));
+    let names: Vec<String> = m
+        .list_caches()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert_eq!(names, ["alpha", "beta"]);
+    let u = m
+        .update_cache(
+            "alpha",
+            &CacheUpdate {
+                private: Some(true),
+                priority: Some(10),
+                max_size: Some(Some(5 << 30)),
+                client_public_key: Some("alpha-2:pk".into()),
+                ..CacheUpdate::default()
+            },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(u.private);
+    assert_eq!((u.priority, u.max_size), (10, Some(5 << 30)));
+    assert_eq!(u.signing_mode, "client");
+    assert_eq!(
+        u.secret_key, None,
+        "switching to client signing drops the secret"
+    );
+    let u = m
+        .update_cache(
+            "alpha",
+            &CacheUpdate {
+                max_size: Some(None),
+                ..CacheUpdate::default()
+            },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(u.max_size, None);
+    assert!(m
+        .update_cache("nope", &CacheUpdate::default())
+        .await
+        .unwrap()
+        .is_none());
+    publish(m, a.id, &sp("in-alpha"), &[]).await;
+    assert!(m.delete_cache("alpha").await.unwrap());
+    assert!(!m.delete_cache("alpha").await.unwrap());
+    assert_eq!(m.get_cache("alpha").await.unwrap(), None);
+    assert_eq!(db.rows("paths").await, 0);
+}
+
+async fn tokens_are_stored_found_and_revoked(db: Db) {
+    let m = &db.meta;
+    assert!(m.create_first_token(&token("first")).await.unwrap());
+    assert!(!m.create_first_token(&token("second")).await.unwrap());
+    assert_eq!(m.token_count().await.unwrap(), 1);
+    m.create_token(&token("other")).await.unwrap();
+    assert_eq!(
+        m.find_token(&h52("other")).await.unwrap(),
+        Some(token("other"))
+    );
+    assert_eq!(m.get_token("first").await.unwrap(), Some(token("first")));
+    assert_eq!(m.find_token(&h52("nope")).await.unwrap(), None);
+    assert_eq!(m.list_tokens().await.unwrap().len(), 2);
+    assert!(m.revoke_token("other").await.unwrap());
+    assert!(!m.revoke_token("other").await.unwrap());
+    assert!(m
+        .get_token("other")
+        .await
+        .unwrap()
+        .unwrap()
+        .revoked_at
+        .is_some());
+}
+
+async fn publishing_keeps_the_integrity_rules(db: Db) {
+    let m = &db.meta;
+    let c = cache(m, "main").await;
+    let lib = sp("lib");
+    let app = sp("app");
+    // A reference that is not in the cache: nothing is published.
+    let (id, n) = upload(m, c.id, "app", "").await;
+    let r = m
+        .publish_path(&new_path(c.id, &app, n.id, &[&lib]), &id)
+        .await
+        .unwrap();
+    assert_eq!(r, Publish::MissingReferences(vec![lib.basename()]));
+    assert_eq!(m.get_path(c.id, &app.hash_part()).await.unwrap(), None);
+    // …unless an upstream key vouched for it.
+    let mut upstream = new_path(c.id, &app, n.id, &[&lib]);
+    upstream.upstream_refs = vec![lib.basename()];
+    let other = cache(m, "other").await;
+    let (oid, on) = upload(m, other.id, "app", "").await;
+    assert_eq!(on.id, n.id, "an identical NAR is stored once across caches");
+    upstream.cache_id = other.id;
+    assert_eq!(
+        m.publish_path(&upstream, &oid).await.unwrap(),
+        Publish::Created
+    );
+    // References first, then the referrer (its own path among its references is fine).
+    let lib_nar = publish(m, c.id, &lib, &[&lib]).await;
+    assert_eq!(
+        m.publish_path(&new_path(c.id, &app, n.id, &[&lib, &app]), &id)
+            .await
+            .unwrap(),
+        Publish::Created
+    );
+    let row = m.get_path(c.id, &app.hash_part()).await.unwrap().unwrap();
+    assert_eq!(row.name, "app");
+    assert_eq!(row.refs, format!("{} {}", lib.basename(), app.basename()));
+    assert_eq!(row.nar, n);
+    assert_eq!(
+        m.cache_refs(c.id).await.unwrap(),
+        vec![(app.hash_part(), lib.hash_part())]
+    );
+    // The upload was consumed; the same content again is idempotent; other content is refused.
+    assert_eq!(m.upload_nar(c.id, &id).await.unwrap(), None);
+    let (id2, n2) = upload(m, c.id, "app", "").await;
+    assert_eq!(
+        m.publish_path(&new_path(c.id, &app, n2.id, &[&lib, &app]), &id2)
+            .await
+            .unwrap(),
+        Publish::AlreadyPresent
+    );
+    let (id3, n3) = upload(m, c.id, "impostor", "").await;
+    assert_eq!(
+        m.publish_path(&new_path(c.id, &app, n3.id, &[]), &id3)
+            .await
+            .unwrap(),
+        Publish::Conflict {
+            existing_nar_hash: n.nar_hash.clone()
+        }
+    );
+    assert_eq!(
+        m.get_path(c.id, &app.hash_part())
+            .await
+            .unwrap()
+            .unwrap()
+            .nar,
+        n
+    );
+    // Reads.
+    let missing = m
+        .missing_hashes(
+            c.id,
+            &[sp("x").hash_part(), app.hash_part(), lib.hash_part()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(missing, vec![sp("x").hash_part()]);
+    let stats = m.cache_stats(c.id).await.unwrap();
+    assert_eq!(stats.paths, 2);
+    assert_eq!(stats.size, n.file_size + lib_nar.file_size);
+    assert_eq!(stats.nar_size, n.nar_size + lib_nar.nar_size);
+    assert_eq!(
+        m.cache_nar_by_file_hash(c.id, &n.file_hash).await.unwrap(),
+        Some(n.clone())
+    );
+    assert_eq!(
+        m.cache_nar_by_file_hash(c.id, &n3.file_hash).await.unwrap(),
+        None
+    );
+    assert_eq!(m.nar_chunks(n.id).await.unwrap(), nar("app", "").1);
+    // Nix's uploader names its uploads by file name.
+    let (row, chunks) = nar("keyed", "");
+    m.claim_chunks("k1", &chunks).await.unwrap();
+    m.insert_nar_for_upload("k1", c.id, Some("keyed.nar.zst"), &row, &chunks)
+        .await
+        .unwrap();
+    let (kid, kn) = m
+        .upload_by_key(c.id, "keyed.nar.zst")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (kid.as_str(), kn.nar_hash.as_str()),
+        ("k1", row.nar_hash.as_str())
+    );
+}
+
+/// Two replicas (two pools on one database) receive the same store path many times at once,
+/// some in another compression: one NAR row, one path, one `Created`.
+async fn concurrent_replicas_store_a_path_once(db: Db) {
+    let a = db.meta.clone();
+    let b = db.replica().await;
+    let c = cache(&a, "race").await;
+    let p = sp("racer");
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..16 {
+        let meta = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let p = p.clone();
+        tasks.spawn(async move {
+            let variant = if i % 4 < 2 { "" } else { "xz" };
+            let (id, n) = upload(&meta, c.id, "racer", variant).await;
+            meta.publish_path(&new_path(c.id, &p, n.id, &[]), &id)
+                .await
+                .unwrap()
+        });
+    }
+    let results = tasks.join_all().await;
+    let created = results.iter().filter(|r| **r == Publish::Created).count();
+    let present = results
+        .iter()
+        .filter(|r| **r == Publish::AlreadyPresent)
+        .count();
+    assert_eq!((created, present), (1, 15), "{results:?}");
+    assert_eq!(db.rows("nars").await, 1);
+    assert_eq!(db.rows("paths").await, 1);
+    assert_eq!(db.rows("nar_chunks").await, 1);
+    let served = b.get_path(c.id, &p.hash_part()).await.unwrap().unwrap();
+    assert_eq!(served.nar.nar_hash, nar("racer", "").0.nar_hash);
+}
+
+async fn garbage_collection_spares_what_is_referenced_or_claimed(db: Db) {
+    let m = &db.meta;
+    let c = cache(m, "gc").await;
+    publish(m, c.id, &sp("kept"), &[]).await;
+    let (_pending, pn) = upload(m, c.id, "pending", "").await;
+    let deleted = Mutex::new(Vec::new());
+    let n = m
+        .collect_garbage(3600, 3600, 3600, &recorder(&deleted))
+        .await
+        .unwrap();
+    assert_eq!(
+        (n, deleted.lock().unwrap().len()),
+        (0, 0),
+        "young uploads are kept"
+    );
+    // The pending upload expires: its NAR, its chunk and the chunk's object go; the
+    // published path's stay.
+    let n = m
+        .collect_garbage(-1, 3600, 3600, &recorder(&deleted))
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    assert_eq!(
+        *deleted.lock().unwrap(),
+        vec![chunk_object_key(&pn.file_hash)]
+    );
+    assert_eq!((db.rows("nars").await, db.rows("chunks").await), (1, 1));
+    assert!(m
+        .get_path(c.id, &sp("kept").hash_part())
+        .await
+        .unwrap()
+        .is_some());
+    // A chunk claimed by an upload in flight (object being written, NAR not yet recorded) is
+    // spared until the claim expires.
+    let orphan = nar("orphan", "").1;
+    m.claim_chunks("in-flight", &orphan).await.unwrap();
+    let n = m
+        .collect_garbage(-1, 3600, 3600, &ok_deleter)
+        .await
+        .unwrap();
+    assert_eq!((n, db.rows("chunks").await), (0, 2));
+    // A failing object delete rolls the round back: the rows stay and go next time.
+    let failing = |_: String| -> BoxFuture<'static, DeleteResult> {
+        Box::pin(async { Err(std::io::Error::other("object store down").into()) })
+    };
+    let err = m.collect_garbage(-1, 3600, -1, &failing).await.unwrap_err();
+    assert!(matches!(err, MetaError::Cleanup(_)), "{err:?}");
+    assert_eq!(
+        (db.rows("chunks").await, db.rows("chunk_claims").await),
+        (2, 1)
+    );
+    let n = m.collect_garbage(-1, 3600, -1, &ok_deleter).await.unwrap();
+    assert_eq!((n, db.rows("chunks").await), (1, 1));
+    assert_eq!(db.rows("chunk_claims").await, 0);
+}
+
+async fn eviction_is_closure_safe_and_keeps_nars_for_a_grace(db: Db) {
+    let m = &db.meta;
+    let c = cache(m, "ev").await;
+    let lib = sp("lib");
+    let app = sp("app");
+    let lib_nar = publish(m, c.id, &lib, &[]).await;
+    publish(m, c.id, &app, &[&lib]).await;
+    // lib alone would leave app pointing at nothing.
+    assert_eq!(
+        m.evict_paths(c.id, &[lib.hash_part()]).await.unwrap(),
+        Evicted::Raced
+    );
+    // A pin protects app.
+    let pin = m
+        .add_pin(
+            c.id,
+            "release",
+            &app.hash_part(),
+            &app.to_absolute(),
+            Keep::Forever,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(pin.revision, 1);
+    let both = [app.hash_part(), lib.hash_part()];
+    assert_eq!(m.evict_paths(c.id, &both).await.unwrap(), Evicted::Raced);
+    assert!(m.delete_pin(c.id, "release").await.unwrap());
+    assert_eq!(m.evict_paths(c.id, &both).await.unwrap(), Evicted::Done);
+    assert_eq!(m.get_path(c.id, &lib.hash_part()).await.unwrap(), None);
+    assert!(m.cache_refs(c.id).await.unwrap().is_empty());
+    let now = now_unix();
+    assert_eq!(
+        m.servable_nar_by_file_hash(c.id, &lib_nar.file_hash, now - 60)
+            .await
+            .unwrap(),
+        Some(lib_nar.clone()),
+        "an evicted path's NAR stays servable for the grace period"
+    );
+    assert_eq!(
+        m.servable_nar_by_file_hash(c.id, &lib_nar.file_hash, now + 60)
+            .await
+            .unwrap(),
+        None
+    );
+    // Within the grace, collection keeps the NAR; after it, the NAR goes.
+    m.collect_garbage(3600, 3600, -1, &ok_deleter)
+        .await
+        .unwrap();
+    assert_eq!(db.rows("nars").await, 2);
+    m.collect_garbage(3600, -1, -1, &ok_deleter).await.unwrap();
+    assert_eq!(db.rows("nars").await, 0);
+}
+
+async fn pins_keep_revisions_by_policy(db: Db) {
+    let m = &db.meta;
+    let c = cache(m, "pins").await;
+    let p = sp("pinned");
+    assert!(m
+        .add_pin(c.id, "r", &p.hash_part(), &p.to_absolute(), Keep::Forever)
+        .await
+        .unwrap()
+        .is_none());
+    publish(m, c.id, &p, &[]).await;
+    for rev in 1..=3 {
+        let pin = m
+            .add_pin(
+                c.id,
+                "r",
+                &p.hash_part(),
+                &p.to_absolute(),
+                Keep::Revisions(2),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(pin.revision, rev);
+        assert_eq!(pin.keep, Keep::Revisions(2));
+    }
+    let revs: Vec<i64> = m
+        .list_pins(c.id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.revision)
+        .collect();
+    assert_eq!(revs, [3, 2]);
+    assert!(m.delete_pin(c.id, "r").await.unwrap());
+    assert!(!m.delete_pin(c.id, "r").await.unwrap());
+    assert!(m.list_pins(c.id).await.unwrap().is_empty());
+}
+
+async fn usage_and_logs_are_recorded(db: Db) {
+    let m = &db.meta;
+    let c = cache(m, "use").await;
+    let a = sp("used-by-hash");
+    let b = sp("used-by-nar");
+    publish(m, c.id, &a, &[]).await;
+    let bn = publish(m, c.id, &b, &[]).await;
+    m.record_usage(c.id, &[a.hash_part()], &[bn.id], 12345)
+        .await
+        .unwrap();
+    let mut lru = m.lru_paths(c.id).await.unwrap();
+    lru.sort_by_key(|p| p.id);
+    assert_eq!(
+        lru.iter().map(|p| p.last_used_at).collect::<Vec<_>>(),
+        [Some(12345), Some(12345)]
+    );
+    m.put_log(c.id, "x.drv", "log/one", 3).await.unwrap();
+    m.put_log(c.id, "x.drv", "log/two", 4).await.unwrap();
+    assert_eq!(
+        m.get_log(c.id, "x.drv").await.unwrap(),
+        Some(("log/two".to_owned(), 4))
+    );
+    assert_eq!(m.get_log(c.id, "y.drv").await.unwrap(), None);
+}
+
+/// Locks: on PostgreSQL one holder at a time, released when the holder's session ends (the
+/// replica dying); on SQLite (one process) always granted.
+async fn locks_have_one_holder_and_die_with_it(db: Db) {
+    let other = db.replica().await;
+    let held = db
+        .meta
+        .try_lock(LockName::Background)
+        .await
+        .unwrap()
+        .expect("a free lock");
+    let second = other.try_lock(LockName::Background).await.unwrap();
+    let Some(pg) = &db.pg else {
+        assert!(second.is_some(), "SQLite: a no-op lock");
+        return;
+    };
+    assert!(second.is_none(), "PostgreSQL: one holder");
+    assert!(other
+        .try_lock(LockName::Eviction(7))
+        .await
+        .unwrap()
+        .is_some());
+    // `lock` waits for the holder.
+    let waiter = tokio::spawn(async move { other.lock(LockName::Background).await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiter.is_finished(),
+        "lock() returned while another held it"
+    );
+    held.release().await;
+    let mut got = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("lock() after release")
+        .unwrap();
+    assert!(got.alive().await);
+    // The holder's session dies (a crashed replica): the lock is free again, and the pools
+    // of both handles reconnect by themselves.
+    let db_name = PgCluster::db_of(&db.url);
+    pg.psql(
+        db_name,
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    );
+    assert!(
+        !got.alive().await,
+        "a terminated session still counts as holding"
+    );
+    let again = db.meta.try_lock(LockName::Background).await.unwrap();
+    assert!(again.is_some(), "the lock outlived its session");
+    assert!(db.meta.get_cache("x").await.unwrap().is_none());
+}
+
+/// Replicas starting together on an empty database: each migration is applied once.
+async fn replicas_starting_together_migrate_once(db: Db) {
+    let url = db.fresh_url();
+    let opened = futures::future::join_all((0..4).map(|_| Metadata::connect(&url))).await;
+    for m in opened {
+        let m = m.unwrap();
+        assert_eq!(m.schema_version().await.unwrap(), 3);
+    }
+    if let Some(pg) = &db.pg {
+        let versions = pg.psql(
+            PgCluster::db_of(&url),
+            "SELECT string_agg(version::text, ',' ORDER BY version) FROM larder_schema",
+        );
+        assert_eq!(versions, "1,2,3");
+    }
+}
+
+/// A database migrated by a newer larder is refused, not written to.
+async fn a_newer_schema_is_refused(db: Db) {
+    sqlx::any::install_default_drivers();
+    let url = match db.engine() {
+        Engine::Sqlite => format!("{}?mode=rw", db.url),
+        Engine::Postgres => db.url.clone(),
+    };
+    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+    sqlx::query("INSERT INTO larder_schema (version) VALUES (99)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    let err = Metadata::connect(&db.url).await.unwrap_err();
+    assert!(
+        matches!(err, MetaError::SchemaTooNew { found: 99, .. }),
+        "{err:?}"
+    );
+}
+
+/// Every contract test, once per backend.
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::Db::sqlite().await).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::Db::postgres().await).await
+                }
+            )*
+        }
+    };
+}
+
+contract!(
+    caches_are_created_updated_and_deleted,
+    tokens_are_stored_found_and_revoked,
+    publishing_keeps_the_integrity_rules,
+    concurrent_replicas_store_a_path_once,
+    garbage_collection_spares_what_is_referenced_or_claimed,
+    eviction_is_closure_safe_and_keeps_nars_for_a_grace,
+    pins_keep_revisions_by_policy,
+    usage_and_logs_are_recorded,
+    locks_have_one_holder_and_die_with_it,
+    replicas_starting_together_migrate_once,
+    a_newer_schema_is_refused,
+);
+
+// ---- PostgreSQL only: an unreachable server --------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_down_fails_fast_and_recovers_by_itself() {
+    let db = Db::postgres().await;
+    let pg = db.pg.as_ref().unwrap();
+    let c = cache(&db.meta, "faults").await;
+    pg.stop();
+    let started = Instant::now();
+    let err = db.meta.get_cache("faults").await.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    // The pool's acquire timeout (3 s), with a margin for a loaded machine.
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "failing took {:?}",
+        started.elapsed()
+    );
+    let started = Instant::now();
+    let lock_err = db.meta.try_lock(LockName::Background).await.unwrap_err();
+    assert!(lock_err.is_unavailable(), "{lock_err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "failing took {:?}",
+        started.elapsed()
+    );
+    for text in [
+        format!("{err:?}"),
+        format!("{lock_err:?}"),
+        format!("{:?}", db.meta),
+    ] {
+        assert!(!text.contains(pg.password()), "the password leaked: {text}");
+    }
+    pg.restart();
+    // The same handle works again, on its first query: no restart of the application.
+    assert_eq!(db.meta.get_cache("faults").await.unwrap(), Some(c));
+    assert!(db
+        .meta
+        .try_lock(LockName::Background)
+        .await
+        .unwrap()
+        .is_some());
+}
+
+// ---- copying a database into another (`larder migrate`) --------------------------------
+
+/// Rows in every table.
+async fn populate(m: &Metadata) {
+    let a = cache(m, "one").await;
+    let b = cache(m, "two").await;
+    m.create_token(&token("admin")).await.unwrap();
+    let lib = sp("lib");
+    let app = sp("app");
+    publish(m, a.id, &lib, &[]).await;
+    publish(m, a.id, &app, &[&lib]).await;
+    publish(m, b.id, &lib, &[]).await;
+    let gone = sp("gone");
+    publish(m, a.id, &gone, &[]).await;
+    assert_eq!(
+        m.evict_paths(a.id, &[gone.hash_part()]).await.unwrap(),
+        Evicted::Done
+    );
+    upload(m, b.id, "pending", "xz").await;
+    m.claim_chunks("in-flight", &nar("in-flight", "").1)
+        .await
+        .unwrap();
+    m.add_pin(
+        a.id,
+        "rel",
+        &app.hash_part(),
+        &app.to_absolute(),
+        Keep::Days(3),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    m.put_log(a.id, "app.drv", "log/app", 10).await.unwrap();
+    m.record_usage(a.id, &[app.hash_part()], &[], 777)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_sqlite_to_postgres_is_verified_atomic_and_reversible() {
+    let src = Db::sqlite().await;
+    populate(&src.meta).await;
+    let sums = transfer::checksums(&src.meta).await.unwrap();
+    for t in &sums {
+        assert!(t.rows > 0, "populate() leaves table {} empty", t.table);
+    }
+    let dst = Db::postgres().await;
+    let report = transfer::copy(&src.meta, &dst.meta, false).await.unwrap();
+    assert!(!report.overwritten);
+    assert_eq!(report.tables, sums);
+    assert_eq!(transfer::checksums(&dst.meta).await.unwrap(), sums);
+    // The target answers like the source.
+    let one = dst.meta.get_cache("one").await.unwrap().unwrap();
+    assert_eq!(Some(one.clone()), src.meta.get_cache("one").await.unwrap());
+    assert_eq!(
+        dst.meta
+            .get_path(one.id, &sp("app").hash_part())
+            .await
+            .unwrap(),
+        src.meta
+            .get_path(one.id, &sp("app").hash_part())
+            .await
+            .unwrap()
+    );
+    // A non-empty target is refused, and left as it was.
+    let err = transfer::copy(&src.meta, &dst.meta, false)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, TransferError::TargetNotEmpty { .. }),
+        "{err:?}"
+    );
+    assert_eq!(transfer::checksums(&dst.meta).await.unwrap(), sums);
+    // Asked to, it is replaced: running the copy again is idempotent.
+    cache(&dst.meta, "extra").await;
+    let again = transfer::copy(&src.meta, &dst.meta, true).await.unwrap();
+    assert!(again.overwritten);
+    assert_eq!(transfer::checksums(&dst.meta).await.unwrap(), sums);
+    // New rows in the target get fresh ids (its sequences follow the copied ids).
+    let max_id = dst
+        .meta
+        .list_caches()
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.id)
+        .max();
+    let new = cache(&dst.meta, "after").await;
+    assert!(Some(new.id) > max_id);
+    publish(&dst.meta, new.id, &sp("new-path"), &[]).await;
+    // And back again, into a fresh SQLite database.
+    let back = Db::sqlite().await;
+    transfer::copy(&dst.meta, &back.meta, false).await.unwrap();
+    assert_eq!(
+        transfer::checksums(&back.meta).await.unwrap(),
+        transfer::checksums(&dst.meta).await.unwrap()
+    );
+}
