@@ -43,6 +43,9 @@ pub struct ConfigFile {
     pub public_url: Option<String>,
     /// `sqlite://PATH` or `postgres://…`. Default: `sqlite://<data_dir>/larder.db`.
     pub database: Option<String>,
+    /// Most connections to the database (per replica). Default: 16 for PostgreSQL
+    /// ([`larder_store::meta::DEFAULT_PG_MAX_CONNECTIONS`]), 8 for SQLite.
+    pub database_max_connections: Option<u32>,
     /// `file:///DIR`. Default: `file://<data_dir>/store`.
     pub storage: Option<String>,
     /// Preferred compression of new caches: `zstd`, `xz` or `none`. Default: `zstd`.
@@ -114,6 +117,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub public_url: String,
     pub database: String,
+    pub database_max_connections: Option<u32>,
     pub storage: String,
     pub compression: String,
     pub compression_level: i32,
@@ -136,6 +140,12 @@ impl Config {
         let database = file
             .database
             .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("larder.db").display()));
+        if file.database_max_connections == Some(0) {
+            return Err(ConfigError::Value {
+                key: "database_max_connections (at least 1)",
+                value: "0".into(),
+            });
+        }
         let storage = file
             .storage
             .unwrap_or_else(|| format!("file://{}", data_dir.join("store").display()));
@@ -187,6 +197,7 @@ impl Config {
             data_dir,
             public_url,
             database,
+            database_max_connections: file.database_max_connections,
             storage,
             compression,
             compression_level: file.compression_level.unwrap_or(DEFAULT_COMPRESSION_LEVEL),

@@ -1,8 +1,9 @@
 //! `ApiError`: every failure a handler can return, mapped to a status code in one `match`.
 //!
 //! Malformed input is a 4xx with a short reason. Storage, database and I/O failures are a plain
-//! 500 (or 503 when a backend is unreachable) whose body says nothing about the server's
-//! internals; the cause is logged once, here.
+//! 500 (or 503 with `Retry-After` when a backend is unreachable) whose body says nothing about
+//! the server's internals beyond which backend; the cause is logged once, here, and never holds
+//! a connection string (the database driver's errors do not carry one).
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -35,6 +36,9 @@ pub enum ApiError {
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("storage backend unavailable")]
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The metadata database cannot be reached (down, restarting, out of connections).
+    #[error("metadata database unavailable; retry later")]
+    DatabaseUnavailable(#[source] larder_store::MetaError),
 }
 
 impl ApiError {
@@ -71,27 +75,21 @@ impl ApiError {
             ApiError::Rejected(Rejection::BadSignature, _) => StatusCode::FORBIDDEN,
             ApiError::Rejected(_, _) => StatusCode::BAD_REQUEST,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::DatabaseUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 }
 
 impl From<larder_store::MetaError> for ApiError {
     fn from(e: larder_store::MetaError) -> Self {
-        match &e {
-            larder_store::MetaError::Db(sqlx_err) if is_unavailable(sqlx_err) => {
-                ApiError::Unavailable(Box::new(e))
-            }
-            _ => ApiError::internal(e),
+        if e.is_unavailable() {
+            ApiError::DatabaseUnavailable(e)
+        } else {
+            ApiError::internal(e)
         }
     }
-}
-
-fn is_unavailable(e: &sqlx::Error) -> bool {
-    matches!(
-        e,
-        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed
-    )
 }
 
 impl From<larder_store::ObjectError> for ApiError {
@@ -106,6 +104,11 @@ impl IntoResponse for ApiError {
         match &self {
             ApiError::Internal(source) | ApiError::Unavailable(source) => {
                 tracing::error!(error = %error_chain(source.as_ref()), "{status}");
+            }
+            // Every request fails the same way while the database is away: one line each,
+            // without the chain's details repeated at error level.
+            ApiError::DatabaseUnavailable(source) => {
+                tracing::warn!(error = %error_chain(source), "{status}: {self}");
             }
             _ => tracing::debug!(%status, "{self}"),
         }
@@ -123,6 +126,10 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

@@ -41,6 +41,8 @@ pub struct AppState {
     pub retention: Arc<retention::Retention>,
     /// Request, upload and eviction accounting for `/metrics`.
     pub metrics: Arc<metrics::Metrics>,
+    /// Whether this replica holds the background-work lock (see `publish::gc_loop`).
+    pub background: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Names a cache may not take: they are top-level routes.
@@ -81,11 +83,85 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// How long each backend check of `/healthz` may take.
+const HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+#[derive(serde::Serialize)]
+struct Health {
+    /// `ok` or `unavailable`.
+    status: &'static str,
+    metadata: BackendHealth,
+    objects: BackendHealth,
+    /// Whether this replica runs the background work (eviction, garbage collection).
+    background_work: bool,
+}
+
+#[derive(serde::Serialize)]
+struct BackendHealth {
+    /// `sqlite`, `postgres`, `file`, `s3`.
+    backend: String,
+    ok: bool,
+    /// A short reason when not ok; never a URL or a path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'static str>,
+}
+
+/// `/healthz`: each backend checked with a round trip (at most [`HEALTH_TIMEOUT`] each); 200
+/// when both answer, 503 otherwise, with a JSON report either way.
 async fn healthz(State(state): State<AppState>) -> Response {
-    match state.meta.ping().await {
-        Ok(()) => "ok\n".into_response(),
-        Err(e) => ApiError::Unavailable(Box::new(e)).into_response(),
-    }
+    let (meta, objects) = tokio::join!(
+        tokio::time::timeout(HEALTH_TIMEOUT, state.meta.ping()),
+        // Any key will do: the question is whether the store answers.
+        tokio::time::timeout(HEALTH_TIMEOUT, state.objects.exists("healthz")),
+    );
+    let metadata = BackendHealth {
+        backend: state.meta.engine().as_str().to_owned(),
+        ok: matches!(meta, Ok(Ok(_))),
+        error: match meta {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) if e.is_unavailable() => Some("unreachable"),
+            Ok(Err(_)) => Some("failing"),
+            Err(_) => Some("timed out"),
+        },
+    };
+    let objects = BackendHealth {
+        backend: state
+            .config
+            .storage
+            .split_once("://")
+            .map_or("file", |(scheme, _)| scheme)
+            .to_owned(),
+        ok: matches!(objects, Ok(Ok(_))),
+        error: match objects {
+            Ok(Ok(_)) => None,
+            Ok(Err(_)) => Some("failing"),
+            Err(_) => Some("timed out"),
+        },
+    };
+    let ok = metadata.ok && objects.ok;
+    let health = Health {
+        status: if ok { "ok" } else { "unavailable" },
+        metadata,
+        objects,
+        background_work: state.background.load(std::sync::atomic::Ordering::SeqCst),
+    };
+    let status = if ok {
+        axum::http::StatusCode::OK
+    } else {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(health)).into_response()
+}
+
+/// Why the backends could not be opened. URLs are shown without credentials.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot create the data directory {}", .0.display())]
+    DataDir(std::path::PathBuf, #[source] std::io::Error),
+    #[error("cannot open the metadata database {0}")]
+    Database(String, #[source] larder_store::MetaError),
+    #[error("cannot open the object storage {0}")]
+    Storage(String, #[source] larder_store::ObjectError),
 }
 
 /// Open the backends named in `config` and prepare the data directory.
@@ -99,10 +175,18 @@ pub async fn open_state(
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(&config.data_dir)?;
+            .create(&config.data_dir)
+            .map_err(|e| OpenError::DataDir(config.data_dir.clone(), e))?;
     }
-    let meta = Metadata::connect(&config.database).await?;
-    let objects = ObjectStore::open(&config.storage)?;
+    let redact = larder_store::meta::redact_url;
+    let options = larder_store::meta::ConnectOptions {
+        max_connections: config.database_max_connections,
+    };
+    let meta = Metadata::connect_with(&config.database, options)
+        .await
+        .map_err(|e| OpenError::Database(redact(&config.database), e))?;
+    let objects = ObjectStore::open(&config.storage)
+        .map_err(|e| OpenError::Storage(redact(&config.storage), e))?;
     Ok(AppState {
         meta,
         objects,
@@ -110,6 +194,7 @@ pub async fn open_state(
         hot: Arc::default(),
         retention: Arc::default(),
         metrics: Arc::new(metrics::Metrics::new(&route_table())),
+        background: Arc::default(),
     })
 }
 
@@ -123,10 +208,13 @@ pub async fn bootstrap_admin_token(
     }
     let (token, id) = auth::new_token()?;
     let path = state.config.data_dir.join("admin-token");
-    write_secret_file(&path, &format!("{token}\n"))?;
-    state
+    // Written aside first: the file appears only if this token is the one created (replicas
+    // starting together on an empty database create one token between them).
+    let pending = state.config.data_dir.join("admin-token.pending");
+    write_secret_file(&pending, &format!("{token}\n"))?;
+    let created = state
         .meta
-        .create_token(&larder_store::meta::TokenRow {
+        .create_first_token(&larder_store::meta::TokenRow {
             id,
             secret_hash: auth::token_hash(&token),
             label: "bootstrap admin".into(),
@@ -136,7 +224,13 @@ pub async fn bootstrap_admin_token(
             revoked_at: None,
             created_at: larder_store::now_unix(),
         })
-        .await?;
+        .await;
+    if !matches!(created, Ok(true)) {
+        let _ = std::fs::remove_file(&pending);
+        created?;
+        return Ok(None);
+    }
+    std::fs::rename(&pending, &path)?;
     Ok(Some(path))
 }
 

@@ -15,7 +15,9 @@ use larder_nix::hash::Sha256;
 use larder_nix::narinfo::NarInfo;
 use larder_nix::signing::{Signature, SigningKey, VerifyingKey};
 use larder_nix::store_path::StorePath;
-use larder_store::meta::{CacheRow, ChunkRow, NarRow, NewPath, PathRow, Publish};
+use larder_store::meta::{
+    CacheRow, ChunkRow, Engine, HeldLock, LockName, NarRow, NewPath, PathRow, Publish,
+};
 
 use crate::error::{ApiError, Rejection};
 use crate::ingest::{parse_compression, truncate, Ingested};
@@ -70,6 +72,12 @@ pub async fn store_upload(
         chunk_hash: file_hash.clone(),
         file_size: up.file_size as i64,
     };
+    // Claimed before it is written, so a garbage collection running now cannot delete the
+    // object under us (see `Metadata::claim_chunks`).
+    state
+        .meta
+        .claim_chunks(&upload_id, std::slice::from_ref(&chunk))
+        .await?;
     state
         .objects
         .put_file(&chunk.object_key(), &up.file)
@@ -82,6 +90,9 @@ pub async fn store_upload(
         file_hash,
         file_size: up.file_size as i64,
     };
+    // If the same NAR was stored concurrently in another form, ours is redundant: its chunk
+    // is left to garbage collection (deleting it here could race an upload of the same bytes
+    // that found the object present).
     let (nar, _inserted) = state
         .meta
         .insert_nar_for_upload(
@@ -92,10 +103,6 @@ pub async fn store_upload(
             std::slice::from_ref(&chunk),
         )
         .await?;
-    if nar.file_hash != row.file_hash {
-        // The same NAR was stored concurrently in another form; ours is redundant.
-        state.objects.delete(&chunk.object_key()).await?;
-    }
     Ok((upload_id, nar))
 }
 
@@ -317,23 +324,42 @@ pub fn render_narinfo(path: &PathRow) -> Result<String, ApiError> {
 }
 
 /// Delete what nothing refers to any more: expired pending uploads, their NARs, NARs of paths
-/// evicted longer than the grace period ago, and the chunks' objects. Returns how many objects were deleted.
+/// evicted longer than the grace period ago, and the chunks' objects (see
+/// `Metadata::collect_garbage`). Returns how many objects were deleted.
+///
+/// Safe to run on several replicas at once (its transactions serialise on the rows); the
+/// periodic run happens on one replica at a time ([`gc_loop`]).
 pub async fn collect_garbage(state: &AppState) -> Result<usize, ApiError> {
-    remove_stale_multipart(state).await;
     let ttl = crate::config::PENDING_UPLOAD_TTL.as_secs() as i64;
     let grace = state.config.evicted_nar_grace.as_secs() as i64;
-    let keys = state.meta.collect_garbage(ttl, grace).await?;
-    for key in &keys {
-        state.objects.delete(key).await?;
-    }
-    Ok(keys.len())
+    let objects = &state.objects;
+    let delete = |key: String| -> futures::future::BoxFuture<'_, _> {
+        Box::pin(async move {
+            objects
+                .delete(&key)
+                .await
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+        })
+    };
+    // A chunk's claim lives as long as a pending upload: what is claimed is recorded within
+    // that time or is garbage.
+    Ok(state.meta.collect_garbage(ttl, grace, ttl, &delete).await?)
 }
 
+/// The periodic background work, every `gc_interval`: on every replica, the cleanup of its
+/// own staging directory; on the one replica holding the background lock, eviction in every
+/// cache with a limit and garbage collection. The lock is a PostgreSQL session lock, so when
+/// its holder dies another replica takes it at its next tick (SQLite: always this process).
 pub(crate) async fn gc_loop(state: AppState) {
     let mut interval = tokio::time::interval(state.config.gc_interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut lease: Option<HeldLock> = None;
     loop {
         interval.tick().await;
+        remove_stale_multipart(&state).await;
+        if !hold_background_lock(&state, &mut lease).await {
+            continue;
+        }
         if let Err(e) = crate::retention::evict_all(&state).await {
             tracing::warn!(error = %e, "eviction failed");
         }
@@ -341,6 +367,39 @@ pub(crate) async fn gc_loop(state: AppState) {
             Ok(0) => {}
             Ok(n) => tracing::info!(objects = n, "garbage collected"),
             Err(e) => tracing::warn!(error = %e, "garbage collection failed"),
+        }
+    }
+}
+
+/// Keep the background lock, or take it if it is free: whether this replica holds it.
+async fn hold_background_lock(state: &AppState, lease: &mut Option<HeldLock>) -> bool {
+    use std::sync::atomic::Ordering;
+    if let Some(held) = lease {
+        if held.alive().await {
+            return true;
+        }
+        tracing::warn!("lost the background-work lock (database session ended); retrying");
+        *lease = None;
+        state.background.store(false, Ordering::SeqCst);
+    }
+    match state.meta.try_lock(LockName::Background).await {
+        Ok(Some(held)) => {
+            if state.meta.engine() == Engine::Postgres {
+                tracing::info!(
+                    "this replica runs the background work (eviction, garbage collection)"
+                );
+            }
+            *lease = Some(held);
+            state.background.store(true, Ordering::SeqCst);
+            true
+        }
+        Ok(None) => {
+            tracing::debug!("another replica runs the background work");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %crate::error::error_chain(&e), "cannot take the background-work lock");
+            false
         }
     }
 }

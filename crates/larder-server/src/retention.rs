@@ -10,7 +10,8 @@
 //!   it is used. Paths are evicted oldest closure recency first, each together with every path
 //!   that references it, so no remaining narinfo ever names a missing reference. The closures
 //!   of pinned paths are never evicted.
-//! - **Safety against concurrency.** The plan is made from a snapshot; the evicting
+//! - **Safety against concurrency.** One eviction per cache at a time, across replicas too (a
+//!   database lock on PostgreSQL). The plan is made from a snapshot; the evicting
 //!   transaction re-checks that no remaining path references an evicted one and no pin names
 //!   one ([`larder_store::meta::Metadata::evict_paths`]), and retries otherwise. Evicted paths'
 //!   narinfos are dropped from the hot cache at once; their NARs stay servable and safe from
@@ -21,7 +22,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use larder_store::meta::{CacheRow, Evicted, LruPath, PinRow};
+use larder_store::meta::{CacheRow, Evicted, LockName, LruPath, PinRow};
 use larder_store::now_unix;
 use serde::Serialize;
 
@@ -281,6 +282,12 @@ pub async fn evict(
     dry_run: bool,
 ) -> Result<GcReport, ApiError> {
     let _one_at_a_time = state.retention.evicting.lock().await;
+    // …and across replicas (PostgreSQL), one eviction per cache: two plans made from the same
+    // snapshot would each evict enough to get under the limit. Released when dropped.
+    let _one_replica_at_a_time = match dry_run {
+        true => None,
+        false => Some(state.meta.lock(LockName::Eviction(cache.id)).await?),
+    };
     state.retention.usage.flush(&state.meta).await?;
     if !dry_run {
         state.meta.prune_pins(cache.id).await?;

@@ -148,14 +148,18 @@ pub async fn complete(
     {
         Some(nar) => nar,
         None => {
-            let mut chunks = Vec::with_capacity(parts.len());
-            for (path, (hash, size)) in parts.iter().zip(&verified.parts) {
-                let chunk = ChunkRow {
+            let chunks: Vec<ChunkRow> = verified
+                .parts
+                .iter()
+                .map(|(hash, size)| ChunkRow {
                     chunk_hash: hash.to_nix32(),
                     file_size: *size as i64,
-                };
+                })
+                .collect();
+            // Claimed before they are written (see `Metadata::claim_chunks`).
+            state.meta.claim_chunks(&upload_id, &chunks).await?;
+            for (path, chunk) in parts.iter().zip(&chunks) {
                 state.objects.put_file(&chunk.object_key(), path).await?;
-                chunks.push(chunk);
             }
             let row = NarRow {
                 id: 0,
