@@ -90,6 +90,8 @@ const SQLITE_MAX_CONNECTIONS: u32 = 8;
 /// How long a request waits for a PostgreSQL connection (connecting included) before it is
 /// answered 503: an unreachable database fails requests fast instead of piling them up.
 pub const PG_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+/// A pooled connection idle for longer than this is checked before it is used.
+const PG_CHECK_IDLE_AFTER: Duration = Duration::from_secs(1);
 /// Idle pooled connections are closed after this long.
 const PG_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -123,7 +125,8 @@ impl Engine {
 /// carry one), e.g. `postgres://larder@db.internal:5432/larder`.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
-        return url.chars().take(16).collect::<String>() + "…";
+        // Not a URL (a plain path): nothing in it to hide.
+        return url.to_owned();
     };
     let rest = rest.split(['?', '#']).next().unwrap_or(rest);
     let (authority, path) = match rest.find('/') {
@@ -534,8 +537,10 @@ impl Metadata {
                         Ok(())
                     })
                 }),
-            // Connections are checked before use (a round trip on loopback or a LAN): after
-            // the database restarts, no request fails on a connection the restart broke.
+            // A connection idle for a while is checked before use (one round trip), so that
+            // after the database restarts requests do not fail on connections the restart
+            // broke; one in steady use is not (the pool already checks every connection it
+            // takes back).
             Engine::Postgres => opts
                 .max_connections(
                     options
@@ -545,7 +550,15 @@ impl Metadata {
                 .min_connections(0)
                 .acquire_timeout(PG_ACQUIRE_TIMEOUT)
                 .idle_timeout(Some(PG_IDLE_TIMEOUT))
-                .test_before_acquire(true),
+                .test_before_acquire(false)
+                .before_acquire(|conn, meta| {
+                    Box::pin(async move {
+                        if meta.idle_for < PG_CHECK_IDLE_AFTER {
+                            return Ok(true);
+                        }
+                        Ok(sqlx::Connection::ping(conn).await.is_ok())
+                    })
+                }),
         };
         let pool = opts.connect(&full_url).await?;
         let meta = Metadata {
