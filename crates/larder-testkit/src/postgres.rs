@@ -280,7 +280,8 @@ fn template(bin: &Path, as_postgres: bool) -> PathBuf {
     let user = if as_postgres { "root" } else { "user" };
     let root = std::env::temp_dir().join(format!("larder-testkit-{user}"));
     std::fs::create_dir_all(&root).expect("testkit dir");
-    let template = root.join(format!("pg{version}-template"));
+    // The suffix changes with the initdb options, so that an older template is not reused.
+    let template = root.join(format!("pg{version}-template-v2"));
     if template.join("complete").exists() {
         return template;
     }
@@ -290,6 +291,7 @@ fn template(bin: &Path, as_postgres: bool) -> PathBuf {
         return template;
     }
     let staging = root.join(format!("pg{version}-template.tmp"));
+    let _ = std::fs::remove_dir_all(root.join(format!("pg{version}-template")));
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir(&staging).expect("template staging dir");
     let password = random_password();
@@ -317,6 +319,8 @@ fn template(bin: &Path, as_postgres: bool) -> PathBuf {
                 "-E",
                 "UTF8",
                 "--no-sync",
+                // 1 MiB WAL segments instead of 16: the template is copied for every cluster.
+                "--wal-segsize=1",
             ])
             .arg(format!("--pwfile={}", staging.join("pwfile").display())),
         "initdb",
