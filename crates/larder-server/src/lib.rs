@@ -83,8 +83,9 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// How long each backend check of `/healthz` may take.
-const HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long each backend check of `/healthz` may take: a little more than a request waits
+/// for a database connection, so that an unreachable database is reported as such.
+const HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4);
 
 #[derive(serde::Serialize)]
 struct Health {
