@@ -22,13 +22,20 @@ use larder_server::{AppState, Config};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
-/// A server over a fresh data directory, with its bootstrap admin token.
+/// A server over a fresh data directory, with its bootstrap admin token. With
+/// `LARDER_TEST_DATABASE=postgres` its metadata lives in a throwaway PostgreSQL cluster
+/// instead of SQLite: every in-process test then runs over PostgreSQL (`.ci/run` does both).
 pub struct Server {
     pub state: AppState,
     /// Server admin token (bootstrapped into `DATA/admin-token`).
     pub admin: String,
     dir: tempfile::TempDir,
+    /// The PostgreSQL cluster holding the metadata, when testing over PostgreSQL.
+    pub pg: Option<larder_testkit::postgres::PgCluster>,
 }
+
+/// Selects the metadata backend of [`Server`]: `sqlite` (default) or `postgres`.
+pub const DATABASE_ENV: &str = "LARDER_TEST_DATABASE";
 
 /// How a request authenticates.
 #[derive(Debug, Clone, Copy)]
@@ -109,8 +116,17 @@ impl Server {
         Server::with_config(ConfigFile::default()).await
     }
 
-    pub async fn with_config(file: ConfigFile) -> Server {
+    pub async fn with_config(mut file: ConfigFile) -> Server {
         let dir = tempfile::tempdir().expect("temp dir");
+        let pg = match std::env::var(DATABASE_ENV).as_deref() {
+            Ok("postgres") if file.database.is_none() => {
+                let pg = larder_testkit::postgres::PgCluster::start();
+                file.database = Some(pg.create_database());
+                Some(pg)
+            }
+            Ok("postgres" | "sqlite") | Err(_) => None,
+            Ok(other) => panic!("{DATABASE_ENV}={other}: expected sqlite or postgres"),
+        };
         let config = Config::resolve(file, dir.path().join("data")).expect("valid config");
         let state = larder_server::open_state(config).await.expect("open state");
         let token_file = larder_server::bootstrap_admin_token(&state)
@@ -121,7 +137,12 @@ impl Server {
             .expect("admin-token file")
             .trim()
             .to_owned();
-        Server { state, admin, dir }
+        Server {
+            state,
+            admin,
+            dir,
+            pg,
+        }
     }
 
     pub fn admin(&self) -> Auth<'_> {
