@@ -12,7 +12,7 @@
 //!
 //! Server (`larder serve`; flags override these, these override the config file):
 //! `LARDER_SERVE_CONFIG`, `LARDER_LISTEN`, `LARDER_DATA_DIR`, `LARDER_PUBLIC_URL`,
-//! `LARDER_DATABASE`, `LARDER_STORAGE`, `LARDER_COMPRESSION`, `LARDER_COMPRESSION_LEVEL`,
+//! `LARDER_DATABASE`, `LARDER_DATABASE_MAX_CONNECTIONS`, `LARDER_STORAGE`, `LARDER_COMPRESSION`, `LARDER_COMPRESSION_LEVEL`,
 //! `LARDER_MAX_UPLOAD_SIZE`, `LARDER_GC_INTERVAL`.
 //!
 //! Both: `LARDER_LOG` (a tracing filter such as `debug` or `larder_server=debug`), `NO_COLOR`,

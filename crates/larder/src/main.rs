@@ -16,6 +16,7 @@ mod daemon;
 mod doctor;
 mod env;
 mod import_cmd;
+mod migrate_cmd;
 mod nixconf;
 mod output;
 mod push_cmd;
@@ -109,6 +110,11 @@ enum Command {
     /// will be fetched and what built, realise the installables, report what was fetched and
     /// built, then run CMD (after `--`).
     Pull(build_cmd::PullArgs),
+    /// Move a deployment's data to other backends, verifiably: `--from sqlite://DATA/larder.db
+    /// --to postgres://…` copies the metadata in one transaction and compares row counts and
+    /// content checksums of every table before committing. The target must be empty unless
+    /// --overwrite. Stop the servers using either database first.
+    Migrate(migrate_cmd::MigrateArgs),
     /// Print shell completions, e.g. `larder completions bash > /etc/bash_completion.d/larder`.
     Completions {
         /// bash, zsh, fish, elvish or powershell
@@ -153,6 +159,7 @@ fn main() -> ExitCode {
             Command::Import(args) => import_cmd::import(args).await,
             Command::Build(args) => build_cmd::build(args).await,
             Command::Pull(args) => build_cmd::pull(args).await,
+            Command::Migrate(args) => migrate_cmd::migrate(args).await,
             Command::Completions { shell } => {
                 let mut cmd = Cli::command();
                 clap_complete::generate(shell, &mut cmd, "larder", &mut std::io::stdout());

@@ -11,8 +11,9 @@ use crate::env;
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
-    /// TOML config file (keys: listen, data_dir, public_url, database, storage, compression,
-    /// compression_level, max_upload_size, gc_interval; see the README).
+    /// TOML config file (keys: listen, data_dir, public_url, database,
+    /// database_max_connections, storage, compression, compression_level, max_upload_size,
+    /// gc_interval; see the README).
     #[arg(long, env = "LARDER_SERVE_CONFIG")]
     config: Option<PathBuf>,
     /// Address to listen on; `127.0.0.1:0` picks a free port. [default: 127.0.0.1:8080]
@@ -28,6 +29,10 @@ pub struct ServeArgs {
     /// Metadata database: sqlite://PATH or postgres://… [default: sqlite://DATA/larder.db]
     #[arg(long, env = "LARDER_DATABASE")]
     database: Option<String>,
+    /// Most connections to the database, per replica. [default: 16 for PostgreSQL, 8 for
+    /// SQLite]
+    #[arg(long, env = "LARDER_DATABASE_MAX_CONNECTIONS")]
+    database_max_connections: Option<u32>,
     /// NAR storage: file:///DIR [default: file://DATA/store]
     #[arg(long, env = "LARDER_STORAGE")]
     storage: Option<String>,
@@ -68,6 +73,7 @@ fn resolve_config(args: ServeArgs) -> anyhow::Result<(ConfigFile, PathBuf)> {
         data_dir,
         public_url,
         database,
+        database_max_connections,
         storage,
         compression,
         compression_level,
@@ -94,11 +100,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         file.public_url = Some(format!("http://{addr}"));
     }
     let config = Config::resolve(file, default_data)?;
-    let data_dir = config.data_dir.clone();
     let state = larder_server::open_state(config)
         .await
-        .map_err(|e| anyhow::anyhow!(e))
-        .with_context(|| format!("cannot open the data in {}", data_dir.display()))?;
+        .map_err(|e| anyhow::anyhow!(e))?;
     if let Some(path) = larder_server::bootstrap_admin_token(&state)
         .await
         .map_err(|e| anyhow::anyhow!(e))
