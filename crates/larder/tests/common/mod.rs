@@ -6,6 +6,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub const NIX_CONFIG: &str =
@@ -38,6 +39,8 @@ pub struct Server {
     pub port: u16,
     pub data: tempfile::TempDir,
     pub admin_token: String,
+    /// Every line the server printed on stderr so far.
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Server {
@@ -46,7 +49,13 @@ impl Server {
     }
 
     pub fn start_with(extra: &[&str]) -> Server {
-        let data = tempfile::tempdir().expect("tempdir");
+        Self::start_in(tempfile::tempdir().expect("tempdir"), extra, None)
+    }
+
+    /// Start on the data directory `data` (fresh or used before) with `extra` arguments.
+    /// `admin_token`: the token to use when the data directory has no `admin-token` file (a
+    /// replica sharing an already bootstrapped database).
+    pub fn start_in(data: tempfile::TempDir, extra: &[&str], admin_token: Option<&str>) -> Server {
         let mut child = Command::new(larder_bin())
             .args(["serve", "--listen", "127.0.0.1:0", "--data"])
             .arg(data.path())
@@ -59,6 +68,8 @@ impl Server {
             .expect("spawn larder serve");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = std::sync::mpsc::channel();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let log_lines = log.clone();
         std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -71,23 +82,76 @@ impl Server {
                 if std::env::var_os("LARDER_TEST_VERBOSE").is_some() {
                     eprintln!("[server] {line}");
                 }
+                log_lines.lock().unwrap().push(line);
             }
         });
         let url = rx
             .recv_timeout(Duration::from_secs(60))
-            .expect("server did not print its listening line");
+            .unwrap_or_else(|_| {
+                panic!(
+                    "server did not print its listening line:\n{}",
+                    log.lock().unwrap().join("\n")
+                )
+            });
         let port = url.rsplit(':').next().unwrap().parse().unwrap();
-        let admin_token = std::fs::read_to_string(data.path().join("admin-token"))
-            .expect("admin-token written at first start")
-            .trim()
-            .to_owned();
+        let admin_token = match std::fs::read_to_string(data.path().join("admin-token")) {
+            Ok(t) => t.trim().to_owned(),
+            Err(_) => admin_token
+                .expect("admin-token written at first start")
+                .to_owned(),
+        };
         Server {
             child,
             url,
             port,
             data,
             admin_token,
+            log,
         }
+    }
+
+    /// Everything the server printed on stderr so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// `GET` (or another method) a path of this server with curl: `(status, body)`.
+    pub fn http(&self, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+        let mut cmd = Command::new("curl");
+        cmd.args([
+            "-s",
+            "-X",
+            method,
+            "--max-time",
+            "30",
+            "-w",
+            "\n%{http_code}",
+        ]);
+        if let Some(t) = token {
+            cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
+        }
+        let out = cmd
+            .arg(format!("{}{path}", self.url))
+            .output()
+            .expect("run curl (apt-get install curl)");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (code.trim().parse().unwrap_or(0), body.to_owned())
+    }
+
+    /// Stop the server (SIGTERM) and hand back its data directory.
+    pub fn stop_keeping_data(mut self) -> tempfile::TempDir {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        std::mem::replace(&mut self.data, tempfile::tempdir().unwrap())
+    }
+
+    /// Kill the server at once (SIGKILL), as a crash would.
+    pub fn crash(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Run the CLI against this server with `token` (env-only configuration).
