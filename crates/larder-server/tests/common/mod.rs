@@ -145,6 +145,32 @@ impl Server {
         }
     }
 
+    /// Another replica of this server: its own data directory and in-memory state, the same
+    /// database and object storage (a shared directory stands in for a bucket).
+    pub async fn replica(&self) -> Server {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = ConfigFile {
+            database: Some(self.state.config.database.clone()),
+            storage: Some(self.state.config.storage.clone()),
+            ..ConfigFile::default()
+        };
+        let config = Config::resolve(file, dir.path().join("data")).expect("valid config");
+        let state = larder_server::open_state(config).await.expect("open state");
+        assert!(
+            larder_server::bootstrap_admin_token(&state)
+                .await
+                .expect("bootstrap")
+                .is_none(),
+            "a replica of a bootstrapped database made another admin token"
+        );
+        Server {
+            state,
+            admin: self.admin.clone(),
+            dir,
+            pg: None,
+        }
+    }
+
     pub fn admin(&self) -> Auth<'_> {
         Auth::Bearer(&self.admin)
     }
