@@ -298,6 +298,9 @@ mod tests {
         assert_eq!(c.public_url, "http://0.0.0.0:1");
         assert_eq!(c.max_upload_size, 1 << 30);
         assert_eq!(c.database, "sqlite:///d/larder.db");
+        assert_eq!(c.database_max_connections, None);
+        let f: ConfigFile = toml::from_str("database_max_connections = 0").unwrap();
+        assert!(Config::resolve(f, "/d".into()).is_err());
     }
 
     #[test]

@@ -1687,3 +1687,29 @@ impl Metadata {
         Ok(dropped)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_shown_without_secrets() {
+        assert_eq!(
+            redact_url(
+                "postgres://larder:s3cret@db.internal:5432/larder?sslmode=require&password=x"
+            ),
+            "postgres://larder@db.internal:5432/larder"
+        );
+        assert_eq!(
+            redact_url("postgresql://db/larder"),
+            "postgresql://db/larder"
+        );
+        assert_eq!(
+            redact_url("sqlite:///var/lib/larder/larder.db"),
+            "sqlite:///var/lib/larder/larder.db"
+        );
+        assert_eq!(redact_url("/srv/objects"), "/srv/objects");
+        assert_eq!(Engine::of_url("postgresql://x/y"), Some(Engine::Postgres));
+        assert_eq!(Engine::of_url("mysql://x/y"), None);
+    }
+}
