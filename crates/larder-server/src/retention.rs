@@ -392,6 +392,8 @@ pub async fn delete_path(
     with_referrers: bool,
 ) -> Result<DeleteReport, ApiError> {
     let _one_at_a_time = state.retention.evicting.lock().await;
+    // Across replicas too: a deletion is an eviction (see `evict`).
+    let _one_replica_at_a_time = state.meta.lock(LockName::Eviction(cache.id)).await?;
     for _ in 0..EVICT_ATTEMPTS {
         let target = state
             .meta
