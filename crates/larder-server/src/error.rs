@@ -35,6 +35,8 @@ pub enum ApiError {
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("storage backend unavailable")]
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("object store unavailable, try again later")]
+    ObjectStoreUnavailable(#[source] larder_store::ObjectError),
 }
 
 impl ApiError {
@@ -71,7 +73,9 @@ impl ApiError {
             ApiError::Rejected(Rejection::BadSignature, _) => StatusCode::FORBIDDEN,
             ApiError::Rejected(_, _) => StatusCode::BAD_REQUEST,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::ObjectStoreUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 }
@@ -96,7 +100,11 @@ fn is_unavailable(e: &sqlx::Error) -> bool {
 
 impl From<larder_store::ObjectError> for ApiError {
     fn from(e: larder_store::ObjectError) -> Self {
-        ApiError::internal(e)
+        if e.is_unavailable() {
+            ApiError::ObjectStoreUnavailable(e)
+        } else {
+            ApiError::internal(e)
+        }
     }
 }
 
@@ -106,6 +114,9 @@ impl IntoResponse for ApiError {
         match &self {
             ApiError::Internal(source) | ApiError::Unavailable(source) => {
                 tracing::error!(error = %error_chain(source.as_ref()), "{status}");
+            }
+            ApiError::ObjectStoreUnavailable(source) => {
+                tracing::error!(error = %error_chain(source), "{status}");
             }
             _ => tracing::debug!(%status, "{self}"),
         }
@@ -123,6 +134,11 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            // Clients (larder push, Nix) retry; a backend outage is usually seconds to minutes.
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+        }
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

@@ -81,11 +81,28 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// `200 ok` when both backends answer; otherwise `503` naming the one(s) that do not.
 async fn healthz(State(state): State<AppState>) -> Response {
-    match state.meta.ping().await {
-        Ok(()) => "ok\n".into_response(),
-        Err(e) => ApiError::Unavailable(Box::new(e)).into_response(),
+    let (db, objects) = tokio::join!(state.meta.ping(), state.objects.ping());
+    let mut down = Vec::new();
+    if let Err(e) = db {
+        tracing::warn!(error = %error::error_chain(&e), "healthz: metadata database");
+        down.push("metadata database unavailable");
     }
+    if let Err(e) = objects {
+        tracing::warn!(error = %error::error_chain(&e), "healthz: object store");
+        down.push("object store unavailable");
+    }
+    if down.is_empty() {
+        return "ok\n".into_response();
+    }
+    let body = serde_json::json!({ "error": down.join("; ") }).to_string() + "\n";
+    (
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
 }
 
 /// Open the backends named in `config` and prepare the data directory.
@@ -102,7 +119,26 @@ pub async fn open_state(
             .create(&config.data_dir)?;
     }
     let meta = Metadata::connect(&config.database).await?;
-    let objects = ObjectStore::open(&config.storage)?;
+    let objects = ObjectStore::open(
+        &config.storage,
+        larder_store::OpenOptions {
+            // Remote stores stage uploads here; a local store stages inside its directory.
+            staging_dir: config.data_dir.join("tmp"),
+            s3_credentials: config.s3_credentials.clone(),
+        },
+    )?;
+    if config.nar_redirect == config::NarRedirect::Presigned && !objects.can_presign() {
+        return Err("nar_redirect = \"presigned\" needs s3:// storage".into());
+    }
+    match objects.ping().await {
+        Ok(()) => {}
+        // Serve anyway: requests that need the store get 503 until it answers again.
+        Err(e) if e.is_unavailable() => tracing::warn!(
+            error = %error::error_chain(&e),
+            "the object store does not answer; requests that need it get 503 until it does"
+        ),
+        Err(e) => return Err(e.into()),
+    }
     Ok(AppState {
         meta,
         objects,

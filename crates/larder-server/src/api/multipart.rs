@@ -154,7 +154,12 @@ pub async fn complete(
                     chunk_hash: hash.to_nix32(),
                     file_size: *size as i64,
                 };
-                state.objects.put_file(&chunk.object_key(), path).await?;
+                if let Err(e) = state.objects.put_file(&chunk.object_key(), path).await {
+                    // Storing consumed the parts before this one: the upload cannot complete
+                    // any more. The client starts a new one (a 503 is retried).
+                    let _ = tokio::fs::remove_dir_all(&dir).await;
+                    return Err(e.into());
+                }
                 chunks.push(chunk);
             }
             let row = NarRow {
