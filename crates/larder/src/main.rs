@@ -16,6 +16,7 @@ mod daemon;
 mod doctor;
 mod env;
 mod import_cmd;
+mod migrate;
 mod nixconf;
 mod output;
 mod push_cmd;
@@ -109,6 +110,9 @@ enum Command {
     /// will be fetched and what built, realise the installables, report what was fetched and
     /// built, then run CMD (after `--`).
     Pull(build_cmd::PullArgs),
+    /// Copy an embedded deployment's data to scaled-out backends, verified and resumable:
+    /// objects with `--from file://DATA/store --to s3://BUCKET?endpoint=…&region=…`.
+    Migrate(migrate::MigrateArgs),
     /// Print shell completions, e.g. `larder completions bash > /etc/bash_completion.d/larder`.
     Completions {
         /// bash, zsh, fish, elvish or powershell
@@ -153,6 +157,7 @@ fn main() -> ExitCode {
             Command::Import(args) => import_cmd::import(args).await,
             Command::Build(args) => build_cmd::build(args).await,
             Command::Pull(args) => build_cmd::pull(args).await,
+            Command::Migrate(args) => migrate::migrate(args).await,
             Command::Completions { shell } => {
                 let mut cmd = Cli::command();
                 clap_complete::generate(shell, &mut cmd, "larder", &mut std::io::stdout());

@@ -46,17 +46,26 @@ impl Server {
     }
 
     pub fn start_with(extra: &[&str]) -> Server {
+        Self::start_env(extra, &[])
+    }
+
+    /// Start with extra flags and environment variables (e.g. S3 credentials).
+    pub fn start_env(extra: &[&str], env: &[(&str, String)]) -> Server {
         let data = tempfile::tempdir().expect("tempdir");
-        let mut child = Command::new(larder_bin())
-            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        let mut cmd = Command::new(larder_bin());
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"])
             .arg(data.path())
             .args(extra)
             .env_remove("LARDER_SERVE_CONFIG")
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
             .env("LARDER_LOG", "info")
             .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn larder serve");
+            .stdout(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn larder serve");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
