@@ -325,6 +325,9 @@ async fn get_nar(
     } else {
         if state.config.nar_redirect == NarRedirect::Presigned {
             if let [chunk] = &chunks[..] {
+                // Signing needs no request: check the store is not known to be down, so the
+                // client gets a 503 here rather than a redirect to a dead endpoint.
+                state.objects.check_available().await?;
                 // The client follows the redirect and re-sends its Range header, if any.
                 let ttl = crate::config::PRESIGNED_URL_TTL;
                 if let Some(url) = state
@@ -380,6 +383,9 @@ async fn put_nar(
 ) -> Result<Response, ApiError> {
     let cache = cache_for(&state, &headers, &name, Perm::Push).await?;
     let (claimed, compression) = parse_nar_file_name(&file)?;
+    // Refuse before reading the body while the store is down: Nix 2.x re-sends a PUT after
+    // a 5xx without its body, and would wait for the stall timeout if we waited for it.
+    state.objects.check_available().await?;
     let up = ingest(
         body,
         compression,
@@ -511,6 +517,7 @@ async fn put_log(
 ) -> Result<Response, ApiError> {
     let cache = cache_for(&state, &headers, &name, Perm::Push).await?;
     let drv = drv_name(&drv)?;
+    state.objects.check_available().await?;
     let (path, hash, size) =
         crate::api::spool_body(body, MAX_LOG_BYTES, state.objects.staging_dir()).await?;
     let key = format!("log/{}", hash.to_nix32());

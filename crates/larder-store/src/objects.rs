@@ -125,7 +125,7 @@ impl ObjectStore {
         check_key(key)?;
         match self {
             ObjectStore::Fs(fs) => fs.put_file(key, src).await,
-            ObjectStore::S3(s3) => s3.put_file(key, src).await,
+            ObjectStore::S3(s3) => s3.note(s3.put_file(key, src).await),
         }
     }
 
@@ -139,7 +139,7 @@ impl ObjectStore {
         check_key(key)?;
         match self {
             ObjectStore::Fs(fs) => fs.get(key, range).await,
-            ObjectStore::S3(s3) => s3.get(key, range).await,
+            ObjectStore::S3(s3) => s3.note(s3.get(key, range).await),
         }
     }
 
@@ -147,7 +147,7 @@ impl ObjectStore {
         check_key(key)?;
         match self {
             ObjectStore::Fs(fs) => fs.exists(key).await,
-            ObjectStore::S3(s3) => s3.exists(key).await,
+            ObjectStore::S3(s3) => s3.note(s3.exists(key).await),
         }
     }
 
@@ -156,7 +156,7 @@ impl ObjectStore {
         check_key(key)?;
         match self {
             ObjectStore::Fs(fs) => fs.delete(key).await,
-            ObjectStore::S3(s3) => s3.delete(key).await,
+            ObjectStore::S3(s3) => s3.note(s3.delete(key).await),
         }
     }
 
@@ -188,11 +188,21 @@ impl ObjectStore {
         matches!(self, ObjectStore::S3(_))
     }
 
+    /// Fail fast while the store is known to be unreachable: free while it answers, a `ping`
+    /// after a request found it unreachable. Uploads call this before reading their body, so
+    /// a client is refused at once instead of after sending a whole NAR.
+    pub async fn check_available(&self) -> Result<(), ObjectError> {
+        match self {
+            ObjectStore::Fs(_) => Ok(()),
+            ObjectStore::S3(s3) => s3.check_available().await,
+        }
+    }
+
     /// Check that the store answers (for `/healthz` and start-up).
     pub async fn ping(&self) -> Result<(), ObjectError> {
         match self {
             ObjectStore::Fs(fs) => fs.ping().await,
-            ObjectStore::S3(s3) => s3.ping().await,
+            ObjectStore::S3(s3) => s3.note(s3.ping().await),
         }
     }
 }

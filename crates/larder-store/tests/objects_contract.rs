@@ -400,7 +400,10 @@ async fn garage_outage_fails_fast_and_recovers() {
     b.garage.as_mut().unwrap().restart();
     s.ping().await.unwrap();
     assert_eq!(read_all(&s, &kept, None).await, b"kept");
-    assert!(!s.exists(&key).await.unwrap(), "a cut upload became visible");
+    assert!(
+        !s.exists(&key).await.unwrap(),
+        "a cut upload became visible"
+    );
     let again = key_of(b"after");
     s.put_file(&again, &staged(&b, "a", b"after"))
         .await

@@ -307,8 +307,9 @@ async fn garage_outage_gets_503_and_recovers_without_restart() {
     let scratch = tempfile::tempdir().unwrap();
     let netrc = server.netrc(scratch.path(), "push.netrc", &push_token);
     let xdg = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new("nix")
-        .args(["copy", "--option", "netrc-file"])
+    let t = Instant::now();
+    let out = std::process::Command::new("timeout")
+        .args(["120", "nix", "copy", "--option", "netrc-file"])
         .arg(&netrc)
         .args(["--to", &format!("{}/flaky", server.url), &during])
         .env("NIX_CONFIG", NIX_CONFIG)
@@ -318,6 +319,14 @@ async fn garage_outage_gets_503_and_recovers_without_restart() {
     assert!(
         !out.status.success(),
         "nix copy succeeded with the object store down"
+    );
+    // Refused before its body is read: Nix's retries (which re-send a PUT without its body)
+    // get their 503 at once instead of stalling.
+    assert!(
+        t.elapsed() < Duration::from_secs(60),
+        "nix copy took {:?} to fail: {}",
+        t.elapsed(),
+        String::from_utf8_lossy(&out.stderr)
     );
     let out = server.cli(&push_token, &["push", "flaky", &during]);
     assert!(

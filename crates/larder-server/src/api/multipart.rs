@@ -86,6 +86,7 @@ pub async fn put_part(
         )));
     }
     let dir = upload_dir(&state, c.id, &id)?;
+    state.objects.check_available().await?;
     if !tokio::fs::try_exists(&dir).await.unwrap_or(false) {
         return Err(ApiError::not_found(
             "no such multi-part upload (expired or completed?)",

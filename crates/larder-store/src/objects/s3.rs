@@ -19,6 +19,7 @@
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -92,6 +93,9 @@ pub struct S3Objects {
     /// Key prefix inside the bucket, without a trailing `/`; empty for the bucket's root.
     prefix: String,
     staging: PathBuf,
+    /// Whether the last request found the store unreachable (cleared by the next success):
+    /// lets uploads be refused before their body is read while the store is down.
+    down: Arc<AtomicBool>,
 }
 
 /// Builds the HTTP client with larder's timeouts: `object_store`'s own options only know a
@@ -206,10 +210,23 @@ fn classify(op: &'static str, key: &str, e: object_store::Error) -> ObjectError 
         other => ObjectError::Unavailable {
             op,
             key: key.to_owned(),
-            source: Box::new(other),
+            source: Box::new(Flat(other)),
         },
     }
 }
+
+/// An `object_store` error whose message already includes its causes: logged once, not
+/// once more per level of its source chain.
+#[derive(Debug)]
+struct Flat(object_store::Error);
+
+impl std::fmt::Display for Flat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for Flat {}
 
 fn local_io(op: &'static str, key: &str, e: std::io::Error) -> ObjectError {
     ObjectError::Io {
@@ -263,7 +280,28 @@ impl S3Objects {
             reads: build(None)?,
             prefix: url.prefix,
             staging: options.staging_dir,
+            down: Arc::default(),
         })
+    }
+
+    /// Record how a request went (see `down`), passing its result through.
+    pub(super) fn note<T>(&self, r: Result<T, ObjectError>) -> Result<T, ObjectError> {
+        match &r {
+            Err(e) if e.is_unavailable() => self.down.store(true, Ordering::Relaxed),
+            Ok(_) => self.down.store(false, Ordering::Relaxed),
+            Err(_) => {}
+        }
+        r
+    }
+
+    /// Cheap while the store answers (no request); once a request found it unreachable, a
+    /// `ping` decides.
+    pub(super) async fn check_available(&self) -> Result<(), ObjectError> {
+        if !self.down.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let r = self.ping().await;
+        self.note(r)
     }
 
     pub(super) fn staging_dir(&self) -> &Path {
