@@ -215,6 +215,48 @@ async fn presigned_redirects_work_with_nix_and_keep_range() {
         .unwrap();
     assert_eq!(r.status(), 206);
     assert_eq!(r.bytes().await.unwrap(), whole.slice(1000..2000));
+
+    // A private cache: anonymous gets 401 (no redirect), Nix with a pull token in its netrc
+    // follows the redirect (curl sends the netrc's credentials to Garage too, which ignores
+    // them in favour of the presigned signature).
+    server.create_cache("hidden", &["--private"]);
+    let push_token = server.token("push", "hidden");
+    let path = build_file("presigned-private", "behind a redirect");
+    server.cli_ok(&push_token, &["push", "hidden", &path]);
+    let hash = path
+        .trim_start_matches("/nix/store/")
+        .split('-')
+        .next()
+        .unwrap();
+    let narinfo_url = format!("{}/hidden/{hash}.narinfo", server.url);
+    assert_eq!(
+        no_follow.get(&narinfo_url).send().await.unwrap().status(),
+        401
+    );
+    let netrc = server.netrc(
+        scratch.path(),
+        "pull.netrc",
+        &server.token("pull", "hidden"),
+    );
+    let store = tempfile::tempdir().unwrap();
+    let xdg = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("nix")
+        .args(["copy", "--no-check-sigs", "--option", "netrc-file"])
+        .arg(&netrc)
+        .args(["--from", &format!("{}/hidden", server.url), "--to"])
+        .arg(store.path())
+        .arg(&path)
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .env("XDG_CACHE_HOME", xdg.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nix copy from a private cache through a redirect: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let copied = std::fs::read_to_string(store.path().join(path.trim_start_matches('/'))).unwrap();
+    assert_eq!(copied.trim(), "behind a redirect");
 }
 
 async fn status_of(client: &reqwest::Client, url: &str) -> (u16, String) {
