@@ -352,11 +352,13 @@ impl Daemon {
             socket,
             _dir: dir,
         };
+        // The socket file appears when it is bound, before the daemon listens: wait until a
+        // connection is accepted.
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !daemon.socket.exists() {
+        while std::os::unix::net::UnixStream::connect(&daemon.socket).is_err() {
             assert!(
                 Instant::now() < deadline,
-                "nix-daemon did not create its socket"
+                "nix-daemon did not accept connections on its socket"
             );
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -512,6 +512,7 @@ async fn upload_nar(
     principal(&state, &headers)
         .await?
         .require(Perm::Push, &c.name)?;
+    state.objects.check_available().await?;
     let up = ingest(
         body,
         compression,

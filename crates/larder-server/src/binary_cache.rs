@@ -12,7 +12,7 @@ use std::ops::Range;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::{StreamExt, TryStreamExt};
 use larder_nix::cache_info::CacheInfo;
@@ -21,6 +21,7 @@ use larder_nix::store_path::{validate_hash_part, StorePath};
 use larder_store::meta::{CacheRow, ChunkRow, NarRow};
 
 use crate::auth::{principal, Perm};
+use crate::config::NarRedirect;
 use crate::error::ApiError;
 use crate::ingest::{ingest, parse_compression, parse_nar_file_name, truncate, Compression};
 use crate::publish::{load_cache, publish, render_narinfo, store_upload, PathInfo};
@@ -156,7 +157,7 @@ impl AsRef<[u8]> for ArcStr {
 async fn nar_listing(state: &AppState, nar: &NarRow) -> Result<String, ApiError> {
     let compression = parse_compression(&nar.compression)?;
     let chunks = state.meta.nar_chunks(nar.id).await?;
-    let body = chunk_stream(state, chunks, 0..nar.file_size as u64);
+    let body = chunk_stream(state, chunks, 0..nar.file_size as u64).await?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
     let worker = tokio::task::spawn_blocking(move || -> Result<String, ApiError> {
         use std::io::Write;
@@ -211,12 +212,14 @@ async fn nar_listing(state: &AppState, nar: &NarRow) -> Result<String, ApiError>
         .map_err(|e| ApiError::internal(std::io::Error::other(e)))?
 }
 
-/// Stream `range` of the concatenation of `chunks`' objects.
-fn chunk_stream(
+/// Stream `range` of the concatenation of `chunks`' objects. The first object is opened
+/// before this returns, so an unreachable object store is an error (503) while the response
+/// can still say so, not a body cut short after `200`.
+async fn chunk_stream(
     state: &AppState,
     chunks: Vec<ChunkRow>,
     range: Range<u64>,
-) -> futures::stream::BoxStream<'static, std::io::Result<bytes::Bytes>> {
+) -> Result<futures::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>, ApiError> {
     let mut parts = Vec::new();
     let mut offset = 0u64;
     for c in chunks {
@@ -230,8 +233,13 @@ fn chunk_stream(
         let to = range.end.min(end) - start;
         parts.push((c.object_key(), from..to));
     }
+    let mut parts = parts.into_iter();
+    let Some((key, r)) = parts.next() else {
+        return Ok(futures::stream::empty().boxed());
+    };
+    let first = state.objects.get(&key, Some(r)).await?.stream;
     let objects = state.objects.clone();
-    futures::stream::iter(parts)
+    let rest = futures::stream::iter(parts)
         .then(move |(key, r)| {
             let objects = objects.clone();
             async move {
@@ -242,8 +250,8 @@ fn chunk_stream(
                     .map_err(std::io::Error::other)
             }
         })
-        .try_flatten()
-        .boxed()
+        .try_flatten();
+    Ok(first.chain(rest).boxed())
 }
 
 /// Parse a single `Range: bytes=…` against `len`. `Ok(None)`: serve everything.
@@ -282,6 +290,7 @@ fn parse_range(headers: &HeaderMap, len: u64) -> Result<Option<Range<u64>>, ()> 
 
 async fn get_nar(
     State(state): State<AppState>,
+    method: Method,
     headers: HeaderMap,
     Path((name, file)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
@@ -310,7 +319,37 @@ async fn get_nar(
         Some(r) => (StatusCode::PARTIAL_CONTENT, r),
         None => (StatusCode::OK, 0..len),
     };
-    let mut resp = Response::new(Body::from_stream(chunk_stream(&state, chunks, r.clone())));
+    // HEAD (Nix's uploader asks whether a NAR exists) is answered from the metadata alone.
+    let body = if method == Method::HEAD {
+        Body::empty()
+    } else {
+        if state.config.nar_redirect == NarRedirect::Presigned {
+            if let [chunk] = &chunks[..] {
+                // Signing needs no request: check the store is not known to be down, so the
+                // client gets a 503 here rather than a redirect to a dead endpoint.
+                state.objects.check_available().await?;
+                // The client follows the redirect and re-sends its Range header, if any.
+                let ttl = crate::config::PRESIGNED_URL_TTL;
+                if let Some(url) = state
+                    .objects
+                    .presigned_get(&chunk.object_key(), ttl)
+                    .await?
+                {
+                    return Ok((
+                        StatusCode::TEMPORARY_REDIRECT,
+                        [
+                            (header::LOCATION, url),
+                            // The URL expires: no cache may keep the redirect.
+                            (header::CACHE_CONTROL, "no-store".to_owned()),
+                        ],
+                    )
+                        .into_response());
+                }
+            }
+        }
+        Body::from_stream(chunk_stream(&state, chunks, r.clone()).await?)
+    };
+    let mut resp = Response::new(body);
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     h.insert(
@@ -344,6 +383,9 @@ async fn put_nar(
 ) -> Result<Response, ApiError> {
     let cache = cache_for(&state, &headers, &name, Perm::Push).await?;
     let (claimed, compression) = parse_nar_file_name(&file)?;
+    // Refuse before reading the body while the store is down: Nix 2.x re-sends a PUT after
+    // a 5xx without its body, and would wait for the stall timeout if we waited for it.
+    state.objects.check_available().await?;
     let up = ingest(
         body,
         compression,
@@ -475,6 +517,7 @@ async fn put_log(
 ) -> Result<Response, ApiError> {
     let cache = cache_for(&state, &headers, &name, Perm::Push).await?;
     let drv = drv_name(&drv)?;
+    state.objects.check_available().await?;
     let (path, hash, size) =
         crate::api::spool_body(body, MAX_LOG_BYTES, state.objects.staging_dir()).await?;
     let key = format!("log/{}", hash.to_nix32());

@@ -30,6 +30,36 @@ pub const DEFAULT_UPSTREAM_KEYS: &[&str] =
     &["cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="];
 /// Priority of new caches in `nix-cache-info` (cache.nixos.org is 40; lower wins).
 pub const DEFAULT_PRIORITY: i64 = 41;
+/// How long a presigned NAR URL (`nar_redirect = "presigned"`) stays valid: long enough for
+/// a client to start the download it was redirected to (and to resume it), short enough that
+/// a URL copied from a log soon grants nothing.
+pub const PRESIGNED_URL_TTL: Duration = Duration::from_secs(15 * 60);
+
+/// How NAR downloads are answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NarRedirect {
+    /// The server streams the NAR from the object store (default; works with every store).
+    #[default]
+    Stream,
+    /// The server answers `307` to a presigned URL of the object store (S3 only), so NAR
+    /// bytes flow from the store to the client directly. NARs stored as several chunks are
+    /// still streamed. `HEAD` is always answered by the server.
+    Presigned,
+}
+
+impl std::str::FromStr for NarRedirect {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "stream" => Ok(NarRedirect::Stream),
+            "presigned" => Ok(NarRedirect::Presigned),
+            _ => Err(ConfigError::Value {
+                key: "nar_redirect (stream or presigned)",
+                value: s.to_owned(),
+            }),
+        }
+    }
+}
 
 /// The config file, as written by users. Every key is optional.
 #[derive(Debug, Default, Clone, serde::Deserialize)]
@@ -46,8 +76,16 @@ pub struct ConfigFile {
     /// Most connections to the database (per replica). Default: 16 for PostgreSQL
     /// ([`larder_store::meta::DEFAULT_PG_MAX_CONNECTIONS`]), 8 for SQLite.
     pub database_max_connections: Option<u32>,
-    /// `file:///DIR`. Default: `file://<data_dir>/store`.
+    /// `file:///DIR` or `s3://BUCKET[/PREFIX]?endpoint=URL&region=NAME`.
+    /// Default: `file://<data_dir>/store`.
     pub storage: Option<String>,
+    /// S3 access key id (the `AWS_ACCESS_KEY_ID` environment variable overrides it).
+    pub s3_access_key_id: Option<String>,
+    /// S3 secret access key (`AWS_SECRET_ACCESS_KEY` overrides it). Never logged.
+    pub s3_secret_access_key: Option<larder_store::Secret>,
+    /// NAR downloads: `stream` (through the server) or `presigned` (a redirect to the object
+    /// store, S3 only). Default: `stream`.
+    pub nar_redirect: Option<String>,
     /// Preferred compression of new caches: `zstd`, `xz` or `none`. Default: `zstd`.
     pub compression: Option<String>,
     /// Compression level clients use by default. Default: 3.
@@ -119,6 +157,8 @@ pub struct Config {
     pub database: String,
     pub database_max_connections: Option<u32>,
     pub storage: String,
+    pub s3_credentials: Option<larder_store::S3Credentials>,
+    pub nar_redirect: NarRedirect,
     pub compression: String,
     pub compression_level: i32,
     pub max_upload_size: u64,
@@ -149,6 +189,23 @@ impl Config {
         let storage = file
             .storage
             .unwrap_or_else(|| format!("file://{}", data_dir.join("store").display()));
+        let s3_credentials = match (file.s3_access_key_id, file.s3_secret_access_key) {
+            (Some(access_key_id), Some(secret_access_key)) => Some(larder_store::S3Credentials {
+                access_key_id,
+                secret_access_key,
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::Value {
+                    key: "S3 credentials (set both s3_access_key_id and s3_secret_access_key)",
+                    value: "only one of them".to_owned(),
+                })
+            }
+        };
+        let nar_redirect = match file.nar_redirect {
+            Some(s) => s.parse()?,
+            None => NarRedirect::default(),
+        };
         let compression = file
             .compression
             .unwrap_or_else(|| DEFAULT_COMPRESSION.to_owned());
@@ -199,6 +256,8 @@ impl Config {
             database,
             database_max_connections: file.database_max_connections,
             storage,
+            s3_credentials,
+            nar_redirect,
             compression,
             compression_level: file.compression_level.unwrap_or(DEFAULT_COMPRESSION_LEVEL),
             max_upload_size,
@@ -301,6 +360,26 @@ mod tests {
         assert_eq!(c.database_max_connections, None);
         let f: ConfigFile = toml::from_str("database_max_connections = 0").unwrap();
         assert!(Config::resolve(f, "/d".into()).is_err());
+    }
+
+    #[test]
+    fn s3_settings() {
+        let f: ConfigFile = toml::from_str(
+            "storage = \"s3://nars?endpoint=http://127.0.0.1:3900&region=garage\"\n\
+             s3_access_key_id = \"GK1\"\ns3_secret_access_key = \"hunter2\"\n\
+             nar_redirect = \"presigned\"",
+        )
+        .unwrap();
+        assert!(!format!("{f:?}").contains("hunter2"));
+        let c = Config::resolve(f, "/d".into()).unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert_eq!(c.nar_redirect, NarRedirect::Presigned);
+        let creds = c.s3_credentials.unwrap();
+        assert_eq!(creds.secret_access_key.expose(), "hunter2");
+        let half: ConfigFile = toml::from_str("s3_access_key_id = \"GK1\"").unwrap();
+        assert!(Config::resolve(half, "/d".into()).is_err());
+        let bad: ConfigFile = toml::from_str("nar_redirect = \"teleport\"").unwrap();
+        assert!(Config::resolve(bad, "/d".into()).is_err());
     }
 
     #[test]

@@ -39,6 +39,8 @@ pub enum ApiError {
     /// The metadata database cannot be reached (down, restarting, out of connections).
     #[error("metadata database unavailable; retry later")]
     DatabaseUnavailable(#[source] larder_store::MetaError),
+    #[error("object store unavailable, try again later")]
+    ObjectStoreUnavailable(#[source] larder_store::ObjectError),
 }
 
 impl ApiError {
@@ -75,9 +77,9 @@ impl ApiError {
             ApiError::Rejected(Rejection::BadSignature, _) => StatusCode::FORBIDDEN,
             ApiError::Rejected(_, _) => StatusCode::BAD_REQUEST,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            ApiError::Unavailable(_) | ApiError::DatabaseUnavailable(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::Unavailable(_)
+            | ApiError::DatabaseUnavailable(_)
+            | ApiError::ObjectStoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }
@@ -94,7 +96,11 @@ impl From<larder_store::MetaError> for ApiError {
 
 impl From<larder_store::ObjectError> for ApiError {
     fn from(e: larder_store::ObjectError) -> Self {
-        ApiError::internal(e)
+        if e.is_unavailable() {
+            ApiError::ObjectStoreUnavailable(e)
+        } else {
+            ApiError::internal(e)
+        }
     }
 }
 
@@ -105,9 +111,12 @@ impl IntoResponse for ApiError {
             ApiError::Internal(source) | ApiError::Unavailable(source) => {
                 tracing::error!(error = %error_chain(source.as_ref()), "{status}");
             }
-            // Every request fails the same way while the database is away: one line each,
+            // Every request fails the same way while a backend is away: one line each,
             // without the chain's details repeated at error level.
             ApiError::DatabaseUnavailable(source) => {
+                tracing::warn!(error = %error_chain(source), "{status}: {self}");
+            }
+            ApiError::ObjectStoreUnavailable(source) => {
                 tracing::warn!(error = %error_chain(source), "{status}: {self}");
             }
             _ => tracing::debug!(%status, "{self}"),
@@ -127,8 +136,9 @@ impl IntoResponse for ApiError {
             HeaderValue::from_static("application/json"),
         );
         if status == StatusCode::SERVICE_UNAVAILABLE {
+            // Clients (larder push, Nix) retry; a backend outage is usually seconds to minutes.
             resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
         }
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(

@@ -95,6 +95,9 @@ struct Health {
     objects: BackendHealth,
     /// Whether this replica runs the background work (eviction, garbage collection).
     background_work: bool,
+    /// What is down, in words (`metadata database unavailable; object store unavailable`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
 }
 
 #[derive(serde::Serialize)]
@@ -113,7 +116,7 @@ async fn healthz(State(state): State<AppState>) -> Response {
     let (meta, objects) = tokio::join!(
         tokio::time::timeout(HEALTH_TIMEOUT, state.meta.ping()),
         // Any key will do: the question is whether the store answers.
-        tokio::time::timeout(HEALTH_TIMEOUT, state.objects.exists("healthz")),
+        tokio::time::timeout(HEALTH_TIMEOUT, state.objects.ping()),
     );
     let metadata = BackendHealth {
         backend: state.meta.engine().as_str().to_owned(),
@@ -135,12 +138,21 @@ async fn healthz(State(state): State<AppState>) -> Response {
         ok: matches!(objects, Ok(Ok(_))),
         error: match objects {
             Ok(Ok(_)) => None,
+            Ok(Err(e)) if e.is_unavailable() => Some("unreachable"),
             Ok(Err(_)) => Some("failing"),
             Err(_) => Some("timed out"),
         },
     };
     let ok = metadata.ok && objects.ok;
+    let down: Vec<&str> = [
+        (!metadata.ok).then_some("metadata database unavailable"),
+        (!objects.ok).then_some("object store unavailable"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     let health = Health {
+        error: (!down.is_empty()).then(|| down.join("; ")),
         status: if ok { "ok" } else { "unavailable" },
         metadata,
         objects,
@@ -186,8 +198,27 @@ pub async fn open_state(
     let meta = Metadata::connect_with(&config.database, options)
         .await
         .map_err(|e| OpenError::Database(redact(&config.database), e))?;
-    let objects = ObjectStore::open(&config.storage)
-        .map_err(|e| OpenError::Storage(redact(&config.storage), e))?;
+    let objects = ObjectStore::open(
+        &config.storage,
+        larder_store::OpenOptions {
+            // Remote stores stage uploads here; a local store stages inside its directory.
+            staging_dir: config.data_dir.join("tmp"),
+            s3_credentials: config.s3_credentials.clone(),
+        },
+    )
+    .map_err(|e| OpenError::Storage(redact(&config.storage), e))?;
+    if config.nar_redirect == config::NarRedirect::Presigned && !objects.can_presign() {
+        return Err("nar_redirect = \"presigned\" needs s3:// storage".into());
+    }
+    match objects.ping().await {
+        Ok(()) => {}
+        // Serve anyway: requests that need the store get 503 until it answers again.
+        Err(e) if e.is_unavailable() => tracing::warn!(
+            error = %error::error_chain(&e),
+            "the object store does not answer; requests that need it get 503 until it does"
+        ),
+        Err(e) => return Err(OpenError::Storage(redact(&config.storage), e).into()),
+    }
     Ok(AppState {
         meta,
         objects,

@@ -1,7 +1,7 @@
 //! Where larder's bytes and metadata live.
 //!
-//! - [`objects`]: the object store holding NAR chunks and build logs (a local directory today;
-//!   S3-compatible stores slot in as another backend of the same type).
+//! - [`objects`]: the object store holding NAR chunks and build logs: a local directory, or a
+//!   bucket of any S3-compatible store; [`objects::migrate`] copies one into another.
 //! - [`meta`]: the metadata database (caches, tokens, NARs and their chunks, store paths,
 //!   pending uploads), behind one query layer (`sqlx`'s `Any` driver) so SQLite and PostgreSQL
 //!   share every query.
@@ -12,7 +12,7 @@ pub mod meta;
 pub mod objects;
 
 pub use meta::{MetaError, Metadata};
-pub use objects::{ObjectBody, ObjectError, ObjectStore};
+pub use objects::{ObjectBody, ObjectError, ObjectStore, OpenOptions, S3Credentials, Secret};
 
 /// Seconds since the Unix epoch, the unit of every timestamp in the metadata.
 pub fn now_unix() -> i64 {

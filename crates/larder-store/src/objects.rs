@@ -1,20 +1,30 @@
 //! Object storage: immutable, content-addressed blobs (NAR chunks, build logs).
 //!
 //! Objects are written once under a key derived from their content and never modified, so a
-//! reader can never observe a half-written object: the local backend writes into a temporary
-//! file, `fsync`s it and renames it into place (rename is atomic on POSIX filesystems).
+//! reader can never observe a half-written object:
+//! - [`fs`]: a local directory; an object is written into a temporary file, `fsync`ed and
+//!   renamed into place.
+//! - [`s3`]: any S3-compatible store (AWS S3, Garage, MinIO, …); an object is one `PUT`, or a
+//!   multipart upload that S3 makes visible only when it is completed.
 //!
-//! Keys are validated here (`[a-z0-9/._-]`, no `..`) so that no caller can escape the object
-//! directory, whatever it passes.
+//! Uploads are always verified in a local staging file first ([`ObjectStore::staging_dir`]),
+//! then handed over with [`ObjectStore::put_file`]. Keys are validated here (`[a-z0-9/._-]`,
+//! no `..`) for every backend, so that no caller can escape the object directory or name an
+//! odd S3 key, whatever it passes.
 
-use std::io;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::stream::BoxStream;
-use futures::StreamExt;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+pub mod fs;
+pub mod migrate;
+pub mod s3;
+
+pub use fs::FsObjects;
+pub use s3::{S3Credentials, S3Objects, Secret};
 
 /// Read size when streaming an object: large reads keep syscall and task overhead low.
 const READ_CHUNK: usize = 256 * 1024;
@@ -25,20 +35,55 @@ pub enum ObjectError {
     InvalidKey(String),
     #[error("object {0:?} not found")]
     NotFound(String),
-    #[error("unsupported storage URL {0:?} (expected file:///path)")]
+    #[error(
+        "unsupported storage URL {0:?} (expected file:///path or s3://bucket?endpoint=…&region=…)"
+    )]
     UnsupportedUrl(String),
+    #[error("invalid storage URL {url:?}: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    /// The store is configured wrongly (missing credentials, no such bucket, credentials
+    /// rejected): retrying will not help.
+    #[error("object store misconfigured: {0}")]
+    Misconfigured(String),
     #[error("object storage I/O on {key:?}")]
     Io {
         key: String,
         #[source]
-        source: io::Error,
+        source: std::io::Error,
     },
+    /// A remote store could not be reached or failed to answer (after bounded retries): the
+    /// request may succeed later.
+    #[error("object store unavailable ({op} {key:?})")]
+    Unavailable {
+        op: &'static str,
+        key: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl ObjectError {
+    /// Whether the store is (temporarily) out of reach rather than the request being wrong.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, ObjectError::Unavailable { .. })
+    }
 }
 
 /// A streamed object (or a range of it) with its length known up front.
 pub struct ObjectBody {
     pub len: u64,
-    pub stream: BoxStream<'static, io::Result<Bytes>>,
+    pub stream: BoxStream<'static, std::io::Result<Bytes>>,
+}
+
+/// What [`ObjectStore::open`] needs besides the URL.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// Local directory for staging uploads when the store is remote (S3). A local store
+    /// stages inside its own directory so that storing is a rename.
+    pub staging_dir: PathBuf,
+    /// S3 credentials; required for `s3://` URLs (the binary resolves them from the config
+    /// file or the `AWS_*` environment variables). Never part of the URL, never logged.
+    pub s3_credentials: Option<S3Credentials>,
 }
 
 /// The object store. An enum rather than a trait object: backends are few and known, and
@@ -46,16 +91,21 @@ pub struct ObjectBody {
 #[derive(Debug, Clone)]
 pub enum ObjectStore {
     Fs(FsObjects),
+    S3(S3Objects),
 }
 
 impl ObjectStore {
-    /// Open a store from its URL: `file:///abs/dir` (created if missing).
-    pub fn open(url: &str) -> Result<Self, ObjectError> {
+    /// Open a store from its URL: `file:///abs/dir` (created if missing) or
+    /// `s3://bucket[/prefix]?endpoint=URL&region=NAME[&addressing=path|virtual]`.
+    pub fn open(url: &str, options: OpenOptions) -> Result<Self, ObjectError> {
         if let Some(path) = url.strip_prefix("file://") {
             if !path.starts_with('/') {
                 return Err(ObjectError::UnsupportedUrl(url.to_owned()));
             }
             return Ok(ObjectStore::Fs(FsObjects::new(PathBuf::from(path))?));
+        }
+        if url.starts_with("s3://") {
+            return Ok(ObjectStore::S3(S3Objects::open(url, options)?));
         }
         Err(ObjectError::UnsupportedUrl(url.to_owned()))
     }
@@ -65,43 +115,99 @@ impl ObjectStore {
     pub fn staging_dir(&self) -> &Path {
         match self {
             ObjectStore::Fs(fs) => &fs.tmp,
+            ObjectStore::S3(s3) => s3.staging_dir(),
         }
     }
 
     /// Store the complete file at `src` under `key`, consuming `src`. Atomic: the object is
     /// either absent or complete. Storing an existing key is a no-op (keys are content hashes).
     pub async fn put_file(&self, key: &str, src: &Path) -> Result<(), ObjectError> {
+        check_key(key)?;
         match self {
             ObjectStore::Fs(fs) => fs.put_file(key, src).await,
+            ObjectStore::S3(s3) => s3.note(s3.put_file(key, src).await),
         }
     }
 
-    /// Stream an object, or `range` of it (clamped by the caller to the object's length).
+    /// Stream an object, or `range` of it. A range reaching past the end is cut at the end;
+    /// callers pass ranges that start inside the object (they know its length).
     pub async fn get(
         &self,
         key: &str,
         range: Option<Range<u64>>,
     ) -> Result<ObjectBody, ObjectError> {
+        check_key(key)?;
         match self {
             ObjectStore::Fs(fs) => fs.get(key, range).await,
+            ObjectStore::S3(s3) => s3.note(s3.get(key, range).await),
         }
     }
 
     pub async fn exists(&self, key: &str) -> Result<bool, ObjectError> {
+        check_key(key)?;
         match self {
             ObjectStore::Fs(fs) => fs.exists(key).await,
+            ObjectStore::S3(s3) => s3.note(s3.exists(key).await),
         }
     }
 
     /// Delete an object; deleting a missing object is not an error.
     pub async fn delete(&self, key: &str) -> Result<(), ObjectError> {
+        check_key(key)?;
         match self {
             ObjectStore::Fs(fs) => fs.delete(key).await,
+            ObjectStore::S3(s3) => s3.note(s3.delete(key).await),
+        }
+    }
+
+    /// Every object's key, in no particular order (objects named outside the key alphabet,
+    /// which larder never writes, are left out).
+    pub fn list(&self) -> BoxStream<'static, Result<String, ObjectError>> {
+        match self {
+            ObjectStore::Fs(fs) => fs.list(),
+            ObjectStore::S3(s3) => s3.list(),
+        }
+    }
+
+    /// A URL from which anyone holding it may `GET` the object for `ttl`, when the backend
+    /// can make one (S3 presigned URLs); `None` for a local directory.
+    pub async fn presigned_get(
+        &self,
+        key: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, ObjectError> {
+        check_key(key)?;
+        match self {
+            ObjectStore::Fs(_) => Ok(None),
+            ObjectStore::S3(s3) => s3.presigned_get(key, ttl).await.map(Some),
+        }
+    }
+
+    /// Whether presigned URLs can be made ([`Self::presigned_get`]).
+    pub fn can_presign(&self) -> bool {
+        matches!(self, ObjectStore::S3(_))
+    }
+
+    /// Fail fast while the store is known to be unreachable: free while it answers, a `ping`
+    /// after a request found it unreachable. Uploads call this before reading their body, so
+    /// a client is refused at once instead of after sending a whole NAR.
+    pub async fn check_available(&self) -> Result<(), ObjectError> {
+        match self {
+            ObjectStore::Fs(_) => Ok(()),
+            ObjectStore::S3(s3) => s3.check_available().await,
+        }
+    }
+
+    /// Check that the store answers (for `/healthz` and start-up).
+    pub async fn ping(&self) -> Result<(), ObjectError> {
+        match self {
+            ObjectStore::Fs(fs) => fs.ping().await,
+            ObjectStore::S3(s3) => s3.note(s3.ping().await),
         }
     }
 }
 
-fn check_key(key: &str) -> Result<(), ObjectError> {
+pub(crate) fn check_key(key: &str) -> Result<(), ObjectError> {
     let ok = !key.is_empty()
         && key.len() <= 200
         && key
@@ -118,107 +224,8 @@ fn check_key(key: &str) -> Result<(), ObjectError> {
     }
 }
 
-/// Objects as files under a directory: `DIR/objects/<key>`, staging in `DIR/tmp`.
-#[derive(Debug, Clone)]
-pub struct FsObjects {
-    root: PathBuf,
-    tmp: PathBuf,
-}
-
-impl FsObjects {
-    pub fn new(dir: PathBuf) -> Result<Self, ObjectError> {
-        let root = dir.join("objects");
-        let tmp = dir.join("tmp");
-        for d in [&root, &tmp] {
-            std::fs::create_dir_all(d).map_err(|source| ObjectError::Io {
-                key: String::new(),
-                source,
-            })?;
-        }
-        Ok(FsObjects { root, tmp })
-    }
-
-    fn path_of(&self, key: &str) -> Result<PathBuf, ObjectError> {
-        check_key(key)?;
-        Ok(self.root.join(key))
-    }
-
-    async fn put_file(&self, key: &str, src: &Path) -> Result<(), ObjectError> {
-        let dst = self.path_of(key)?;
-        let io_err = |source| ObjectError::Io {
-            key: key.to_owned(),
-            source,
-        };
-        let src = src.to_owned();
-        tokio::task::spawn_blocking(move || -> io::Result<()> {
-            // Durable before visible: the data is synced, then renamed, then the directory synced.
-            std::fs::File::open(&src)?.sync_all()?;
-            let parent = dst.parent().unwrap_or(Path::new("/"));
-            std::fs::create_dir_all(parent)?;
-            if dst.exists() {
-                std::fs::remove_file(&src)?;
-                return Ok(());
-            }
-            std::fs::rename(&src, &dst)?;
-            std::fs::File::open(parent)?.sync_all()?;
-            Ok(())
-        })
-        .await
-        .map_err(|e| io_err(io::Error::other(e)))?
-        .map_err(io_err)
-    }
-
-    async fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<ObjectBody, ObjectError> {
-        let path = self.path_of(key)?;
-        let io_err = |source: io::Error| {
-            if source.kind() == io::ErrorKind::NotFound {
-                ObjectError::NotFound(key.to_owned())
-            } else {
-                ObjectError::Io {
-                    key: key.to_owned(),
-                    source,
-                }
-            }
-        };
-        let mut file = tokio::fs::File::open(&path).await.map_err(io_err)?;
-        let size = file.metadata().await.map_err(io_err)?.len();
-        let range = range.unwrap_or(0..size);
-        let range = range.start.min(size)..range.end.min(size);
-        if range.start > 0 {
-            file.seek(io::SeekFrom::Start(range.start))
-                .await
-                .map_err(io_err)?;
-        }
-        let len = range.end - range.start;
-        let reader = file.take(len);
-        let stream = tokio_util::io::ReaderStream::with_capacity(reader, READ_CHUNK).boxed();
-        Ok(ObjectBody { len, stream })
-    }
-
-    async fn exists(&self, key: &str) -> Result<bool, ObjectError> {
-        let path = self.path_of(key)?;
-        tokio::fs::try_exists(&path)
-            .await
-            .map_err(|source| ObjectError::Io {
-                key: key.to_owned(),
-                source,
-            })
-    }
-
-    async fn delete(&self, key: &str) -> Result<(), ObjectError> {
-        let path = self.path_of(key)?;
-        match tokio::fs::remove_file(&path).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(ObjectError::Io {
-                key: key.to_owned(),
-                source,
-            }),
-        }
-    }
-}
-
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic is how a test fails
 mod tests {
     use super::*;
 
@@ -228,26 +235,5 @@ mod tests {
             assert!(check_key(bad).is_err(), "{bad:?} accepted");
         }
         assert!(check_key("chunk/ab/0123.zst").is_ok());
-    }
-
-    #[tokio::test]
-    async fn put_get_range_delete() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = ObjectStore::open(&format!("file://{}", dir.path().display())).unwrap();
-        let src = store.staging_dir().join("upload");
-        std::fs::write(&src, b"hello world").unwrap();
-        store.put_file("chunk/aa/x", &src).await.unwrap();
-        assert!(!src.exists());
-        let body = store.get("chunk/aa/x", Some(6..100)).await.unwrap();
-        assert_eq!(body.len, 5);
-        let data: Vec<Bytes> = body.stream.map(|r| r.unwrap()).collect().await;
-        assert_eq!(data.concat(), b"world");
-        assert!(store.exists("chunk/aa/x").await.unwrap());
-        store.delete("chunk/aa/x").await.unwrap();
-        store.delete("chunk/aa/x").await.unwrap();
-        assert!(matches!(
-            store.get("chunk/aa/x", None).await,
-            Err(ObjectError::NotFound(_))
-        ));
     }
 }

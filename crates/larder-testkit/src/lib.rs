@@ -3,11 +3,13 @@
 //!
 //! - [`postgres::PgCluster`]: a PostgreSQL cluster (`initdb` + `pg_ctl`, as the `postgres`
 //!   user when the tests run as root) in a temporary directory, on a free port.
+//! - [`garage`]: a single-node Garage (S3-compatible object store) with a bucket and a key.
 //!
 //! A missing server binary fails the test with a message naming `.ci/run`, which installs it:
 //! a required component is never silently skipped.
 #![allow(clippy::unwrap_used)] // test support: a panic is how a test fails
 
+pub mod garage;
 pub mod postgres;
 
 use std::path::Path;

@@ -16,6 +16,7 @@ mod daemon;
 mod doctor;
 mod env;
 mod import_cmd;
+mod migrate;
 mod migrate_cmd;
 mod nixconf;
 mod output;
@@ -110,10 +111,12 @@ enum Command {
     /// will be fetched and what built, realise the installables, report what was fetched and
     /// built, then run CMD (after `--`).
     Pull(build_cmd::PullArgs),
-    /// Move a deployment's data to other backends, verifiably: `--from sqlite://DATA/larder.db
-    /// --to postgres://…` copies the metadata in one transaction and compares row counts and
-    /// content checksums of every table before committing. The target must be empty unless
-    /// --overwrite. Stop the servers using either database first.
+    /// Move a deployment's data to other backends, verifiably: metadata with `--from
+    /// sqlite://DATA/larder.db --to postgres://…` (one transaction; row counts and content
+    /// checksums of every table compared before committing; the target must be empty unless
+    /// --overwrite; stop the servers using either database first), objects with `--from
+    /// file://DATA/store --to s3://BUCKET?endpoint=…&region=…` (each verified by its SHA-256,
+    /// resumable: objects already there are skipped).
     Migrate(migrate_cmd::MigrateArgs),
     /// Print shell completions, e.g. `larder completions bash > /etc/bash_completion.d/larder`.
     Completions {

@@ -19,7 +19,8 @@ pub struct MigrateArgs {
     /// or an object store (file:///DIR, /DIR, s3://BUCKET?…).
     #[arg(long, value_name = "URL", value_parser = parse_endpoint)]
     from: Endpoint,
-    /// Where it goes, of the same kind as --from. Must be empty unless --overwrite.
+    /// Where it goes, of the same kind as --from. A database must be empty unless --overwrite;
+    /// an object store keeps what it has (objects are named by their hash).
     #[arg(long, value_name = "URL", value_parser = parse_endpoint)]
     to: Endpoint,
     /// Replace whatever the target holds (in the same transaction as the copy).
@@ -56,15 +57,9 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
         (Endpoint::Metadata(from), Endpoint::Metadata(to)) => {
             metadata(from, to, args.overwrite, args.json).await
         }
-        (Endpoint::Objects(from), Endpoint::Objects(to)) => Err(fail_with_hint(
-            format!(
-                "migrating object storage ({} -> {}) is not supported yet",
-                redact_url(from),
-                redact_url(to)
-            ),
-            "copy the object directory's files with your tools (keys are content hashes, \
-             so copying is idempotent), then point `storage` at the new place",
-        )),
+        (Endpoint::Objects(from), Endpoint::Objects(to)) => {
+            crate::migrate::migrate_objects(from, to, args.json).await
+        }
         (from, _) => clap::Error::raw(
             clap::error::ErrorKind::ArgumentConflict,
             match from {

@@ -12,8 +12,9 @@ use crate::env;
 #[derive(clap::Args)]
 pub struct ServeArgs {
     /// TOML config file (keys: listen, data_dir, public_url, database,
-    /// database_max_connections, storage, compression, compression_level, max_upload_size,
-    /// gc_interval; see the README).
+    /// database_max_connections, storage, s3_access_key_id, s3_secret_access_key,
+    /// nar_redirect, compression, compression_level, max_upload_size, gc_interval; see the
+    /// README).
     #[arg(long, env = "LARDER_SERVE_CONFIG")]
     config: Option<PathBuf>,
     /// Address to listen on; `127.0.0.1:0` picks a free port. [default: 127.0.0.1:8080]
@@ -33,9 +34,15 @@ pub struct ServeArgs {
     /// SQLite]
     #[arg(long, env = "LARDER_DATABASE_MAX_CONNECTIONS")]
     database_max_connections: Option<u32>,
-    /// NAR storage: file:///DIR [default: file://DATA/store]
+    /// NAR storage: file:///DIR or s3://BUCKET[/PREFIX]?endpoint=URL&region=NAME (credentials
+    /// from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the config file).
+    /// [default: file://DATA/store]
     #[arg(long, env = "LARDER_STORAGE")]
     storage: Option<String>,
+    /// NAR downloads: `stream` through the server, or `presigned` (a 307 redirect to a
+    /// presigned URL of the S3 store). [default: stream]
+    #[arg(long, env = "LARDER_NAR_REDIRECT")]
+    nar_redirect: Option<String>,
     /// Preferred compression of new caches: zstd, xz or none. [default: zstd]
     #[arg(long, env = "LARDER_COMPRESSION")]
     compression: Option<String>,
@@ -75,10 +82,19 @@ fn resolve_config(args: ServeArgs) -> anyhow::Result<(ConfigFile, PathBuf)> {
         database,
         database_max_connections,
         storage,
+        nar_redirect,
         compression,
         compression_level,
         gc_interval
     );
+    // S3 credentials: the standard AWS variables override the file (never flags: a flag is
+    // visible to every user in the process list).
+    if let Some(id) = env::var("AWS_ACCESS_KEY_ID") {
+        file.s3_access_key_id = Some(id);
+    }
+    if let Some(secret) = env::var("AWS_SECRET_ACCESS_KEY") {
+        file.s3_secret_access_key = Some(larder_store::Secret::new(secret));
+    }
     if let Some(s) = args.max_upload_size {
         file.max_upload_size = Some(SizeValue::Text(s));
     }

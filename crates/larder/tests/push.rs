@@ -140,8 +140,9 @@ fn push_through_a_nix_daemon() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("start nix-daemon");
-    for _ in 0..100 {
-        if socket.exists() {
+    // Ready once it accepts a connection (the socket file exists a moment before).
+    for _ in 0..400 {
+        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));

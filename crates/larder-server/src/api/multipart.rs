@@ -86,6 +86,7 @@ pub async fn put_part(
         )));
     }
     let dir = upload_dir(&state, c.id, &id)?;
+    state.objects.check_available().await?;
     if !tokio::fs::try_exists(&dir).await.unwrap_or(false) {
         return Err(ApiError::not_found(
             "no such multi-part upload (expired or completed?)",
@@ -159,7 +160,12 @@ pub async fn complete(
             // Claimed before they are written (see `Metadata::claim_chunks`).
             state.meta.claim_chunks(&upload_id, &chunks).await?;
             for (path, chunk) in parts.iter().zip(&chunks) {
-                state.objects.put_file(&chunk.object_key(), path).await?;
+                if let Err(e) = state.objects.put_file(&chunk.object_key(), path).await {
+                    // Storing consumed the parts before this one: the upload cannot complete
+                    // any more. The client starts a new one (a 503 is retried).
+                    let _ = tokio::fs::remove_dir_all(&dir).await;
+                    return Err(e.into());
+                }
             }
             let row = NarRow {
                 id: 0,

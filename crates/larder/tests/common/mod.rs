@@ -52,20 +52,39 @@ impl Server {
         Self::start_in(tempfile::tempdir().expect("tempdir"), extra, None)
     }
 
+    /// Start with extra flags and environment variables (e.g. S3 credentials).
+    pub fn start_env(extra: &[&str], env: &[(&str, String)]) -> Server {
+        Self::start_full(tempfile::tempdir().expect("tempdir"), extra, None, env)
+    }
+
     /// Start on the data directory `data` (fresh or used before) with `extra` arguments.
     /// `admin_token`: the token to use when the data directory has no `admin-token` file (a
     /// replica sharing an already bootstrapped database).
     pub fn start_in(data: tempfile::TempDir, extra: &[&str], admin_token: Option<&str>) -> Server {
-        let mut child = Command::new(larder_bin())
-            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        Self::start_full(data, extra, admin_token, &[])
+    }
+
+    /// [`Server::start_in`] with environment variables for the server.
+    pub fn start_full(
+        data: tempfile::TempDir,
+        extra: &[&str],
+        admin_token: Option<&str>,
+        env: &[(&str, String)],
+    ) -> Server {
+        let mut cmd = Command::new(larder_bin());
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"])
             .arg(data.path())
             .args(extra)
             .env_remove("LARDER_SERVE_CONFIG")
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
             .env("LARDER_LOG", "info")
             .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn larder serve");
+            .stdout(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn larder serve");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = std::sync::mpsc::channel();
         let log = Arc::new(Mutex::new(Vec::new()));

@@ -1,0 +1,157 @@
+//! The local backend: objects as files under a directory, `DIR/objects/<key>`, staging in
+//! `DIR/tmp` (same filesystem, so storing an object is a rename).
+//!
+//! Durable before visible: an object's data is `fsync`ed, then renamed into place (atomic on
+//! POSIX filesystems), then its directory is `fsync`ed.
+
+use std::io;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use futures::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use super::{ObjectBody, ObjectError, READ_CHUNK};
+
+#[derive(Debug, Clone)]
+pub struct FsObjects {
+    root: PathBuf,
+    pub(super) tmp: PathBuf,
+}
+
+fn io_err(key: &str) -> impl Fn(io::Error) -> ObjectError + '_ {
+    move |source| ObjectError::Io {
+        key: key.to_owned(),
+        source,
+    }
+}
+
+impl FsObjects {
+    pub fn new(dir: PathBuf) -> Result<Self, ObjectError> {
+        let root = dir.join("objects");
+        let tmp = dir.join("tmp");
+        for d in [&root, &tmp] {
+            std::fs::create_dir_all(d).map_err(io_err(""))?;
+        }
+        Ok(FsObjects { root, tmp })
+    }
+
+    pub(super) async fn put_file(&self, key: &str, src: &Path) -> Result<(), ObjectError> {
+        let dst = self.root.join(key);
+        let src = src.to_owned();
+        tokio::task::spawn_blocking(move || -> io::Result<()> {
+            std::fs::File::open(&src)?.sync_all()?;
+            let parent = dst.parent().unwrap_or(Path::new("/"));
+            std::fs::create_dir_all(parent)?;
+            if dst.exists() {
+                std::fs::remove_file(&src)?;
+                return Ok(());
+            }
+            std::fs::rename(&src, &dst)?;
+            std::fs::File::open(parent)?.sync_all()?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| io_err(key)(io::Error::other(e)))?
+        .map_err(io_err(key))
+    }
+
+    pub(super) async fn get(
+        &self,
+        key: &str,
+        range: Option<Range<u64>>,
+    ) -> Result<ObjectBody, ObjectError> {
+        let not_found = |source: io::Error| {
+            if source.kind() == io::ErrorKind::NotFound {
+                ObjectError::NotFound(key.to_owned())
+            } else {
+                io_err(key)(source)
+            }
+        };
+        let mut file = tokio::fs::File::open(self.root.join(key))
+            .await
+            .map_err(not_found)?;
+        let size = file.metadata().await.map_err(not_found)?.len();
+        let range = range.unwrap_or(0..size);
+        let range = range.start.min(size)..range.end.min(size);
+        if range.start > 0 {
+            file.seek(io::SeekFrom::Start(range.start))
+                .await
+                .map_err(not_found)?;
+        }
+        let len = range.end.saturating_sub(range.start);
+        let reader = file.take(len);
+        let stream = tokio_util::io::ReaderStream::with_capacity(reader, READ_CHUNK).boxed();
+        Ok(ObjectBody { len, stream })
+    }
+
+    pub(super) async fn exists(&self, key: &str) -> Result<bool, ObjectError> {
+        tokio::fs::try_exists(self.root.join(key))
+            .await
+            .map_err(io_err(key))
+    }
+
+    pub(super) async fn delete(&self, key: &str) -> Result<(), ObjectError> {
+        match tokio::fs::remove_file(self.root.join(key)).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(io_err(key)(source)),
+        }
+    }
+
+    /// Every key under the object directory, walked on a blocking thread and sent as found.
+    pub(super) fn list(&self) -> futures::stream::BoxStream<'static, Result<String, ObjectError>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let root = self.root.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut dirs = vec![root.clone()];
+            while let Some(dir) = dirs.pop() {
+                let entries = match std::fs::read_dir(&dir) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(io_err("")(e)));
+                        return;
+                    }
+                };
+                for entry in entries {
+                    let item = entry.and_then(|e| Ok((e.path(), e.file_type()?)));
+                    let (path, ty) = match item {
+                        Ok(x) => x,
+                        Err(e) => {
+                            let _ = tx.blocking_send(Err(io_err("")(e)));
+                            return;
+                        }
+                    };
+                    if ty.is_dir() {
+                        dirs.push(path);
+                    } else if ty.is_file() {
+                        let key = path
+                            .strip_prefix(&root)
+                            .ok()
+                            .and_then(|k| k.to_str())
+                            .map(str::to_owned);
+                        if let Some(key) = key.filter(|k| super::check_key(k).is_ok()) {
+                            if tx.blocking_send(Ok(key)).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        tokio_stream_from(rx)
+    }
+
+    pub(super) async fn ping(&self) -> Result<(), ObjectError> {
+        tokio::fs::metadata(&self.root)
+            .await
+            .map(|_| ())
+            .map_err(io_err(""))
+    }
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> futures::stream::BoxStream<'static, T> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
+}

@@ -1,0 +1,402 @@
+//! larder on S3-compatible object storage: a real Garage started by the test (see
+//! `larder-testkit`), a real `larder serve` with `--storage s3://…`, and real Nix as the judge.
+//! - the oracle passes through a server whose NARs live in Garage (Nix's uploader and
+//!   `larder push`, single and multi-part), and nothing lands in the data directory;
+//! - `nar_redirect = presigned`: Nix follows the redirects, Range still works, HEAD is served;
+//! - Garage killed mid-traffic: 503 within seconds, no narinfo for a NAR that never reached
+//!   the bucket, and after Garage restarts pushes and pulls work again with the same server.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly on any unexpected error
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use larder_testkit::garage::Garage;
+
+fn s3_server(garage: &Garage, extra: &[&str]) -> Server {
+    let url = garage.storage_url();
+    let mut args = vec!["--storage", &url];
+    args.extend_from_slice(extra);
+    Server::start_env(&args, &garage.env())
+}
+
+/// The objects in Garage's bucket, listed through larder's own S3 backend.
+fn bucket_keys(garage: &Garage) -> Vec<String> {
+    use futures::StreamExt;
+    let staging = tempfile::tempdir().unwrap();
+    let store = larder_store::ObjectStore::open(
+        &garage.storage_url(),
+        larder_store::OpenOptions {
+            staging_dir: staging.path().to_owned(),
+            s3_credentials: Some(larder_store::S3Credentials {
+                access_key_id: garage.access_key_id.clone(),
+                secret_access_key: larder_store::Secret::new(garage.secret_access_key.clone()),
+            }),
+        },
+    )
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(store.list().map(|k| k.unwrap()).collect())
+}
+
+/// Run the oracle: build a fresh closure, push it with `push_cmd`, verify with real Nix.
+fn oracle_push(server: &Server, cache: &str, key: &str, push_cmd: String) -> tempfile::TempDir {
+    let work = tempfile::tempdir().unwrap();
+    let cache_url = format!("{}/{cache}", server.url);
+    let env = vec![
+        ("CACHE_URL", cache_url.clone()),
+        ("TRUSTED_PUBLIC_KEY", key.to_owned()),
+        ("PUSH_CMD", push_cmd),
+    ];
+    let out = oracle(&["run"], &work.path().join("oracle"), &env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "oracle failed:\n{stderr}");
+    assert!(stderr.contains(&format!("PASS {cache_url}")), "{stderr}");
+    work
+}
+
+fn nix_copy_push(server: &Server, cache: &str, dir: &std::path::Path) -> String {
+    let netrc = server.netrc(dir, "push.netrc", &server.token("push", cache));
+    format!(
+        "XDG_CACHE_HOME=$(mktemp -d) nix copy --option netrc-file {} --to \"$CACHE_URL\" \"$TOP\"",
+        netrc.display()
+    )
+}
+
+fn larder_push(server: &Server, cache: &str, dir: &std::path::Path, env: &str) -> String {
+    format!(
+        "env -u LARDER_CONFIG HOME={home} LARDER_SERVER={url} LARDER_TOKEN={token} {env} {bin} push {cache} \"$TOP\"",
+        home = dir.display(),
+        url = server.url,
+        token = server.token("push", cache),
+        bin = larder_bin(),
+    )
+}
+
+fn public_key(info: &serde_json::Value) -> String {
+    info["public_key"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn garage_storage_passes_the_oracle() {
+    require_nix();
+    let garage = Garage::start();
+    let server = s3_server(&garage, &[]);
+    let scratch = tempfile::tempdir().unwrap();
+
+    // Nix's own uploader (PUT nar, PUT narinfo).
+    let key = public_key(&server.create_cache("nixcopy", &[]));
+    oracle_push(
+        &server,
+        "nixcopy",
+        &key,
+        nix_copy_push(&server, "nixcopy", scratch.path()),
+    );
+    let after_first = bucket_keys(&garage).len();
+    assert!(after_first >= 20, "{after_first} objects in the bucket");
+
+    // larder push with 64 KiB parts: the 1 MiB path becomes 16+ chunks, each an S3 object,
+    // served back to back to Nix.
+    let key = public_key(&server.create_cache("parts", &[]));
+    oracle_push(
+        &server,
+        "parts",
+        &key,
+        larder_push(
+            &server,
+            "parts",
+            scratch.path(),
+            "LARDER_PUSH_PART_SIZE=64KiB",
+        ),
+    );
+    let after_second = bucket_keys(&garage).len();
+    assert!(
+        after_second > after_first + 30,
+        "expected the big NAR stored as many chunks: {after_first} → {after_second} objects"
+    );
+    // Nothing but staging space is used locally.
+    assert!(
+        !server.data.path().join("store").exists(),
+        "objects were written to the data directory"
+    );
+    assert!(server.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presigned_redirects_work_with_nix_and_keep_range() {
+    require_nix();
+    let garage = Garage::start();
+    let server = s3_server(&garage, &["--nar-redirect", "presigned"]);
+    let scratch = tempfile::tempdir().unwrap();
+    let key = public_key(&server.create_cache("direct", &[]));
+    let push = nix_copy_push(&server, "direct", scratch.path());
+    let work = tokio::task::spawn_blocking({
+        let (server_url, key) = (server.url.clone(), key.clone());
+        move || {
+            // The oracle's Nix downloads every NAR through the redirect.
+            let work = tempfile::tempdir().unwrap();
+            let cache_url = format!("{server_url}/direct");
+            let env = vec![
+                ("CACHE_URL", cache_url.clone()),
+                ("TRUSTED_PUBLIC_KEY", key),
+                ("PUSH_CMD", push),
+            ];
+            let out = oracle(&["run"], &work.path().join("oracle"), &env);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "oracle failed:\n{stderr}");
+            assert!(stderr.contains(&format!("PASS {cache_url}")), "{stderr}");
+            work
+        }
+    })
+    .await
+    .unwrap();
+
+    // The big path's NAR: a redirect to Garage, a HEAD answered here, Range through the redirect.
+    let top = std::fs::read_to_string(work.path().join("oracle/top")).unwrap();
+    let refs = std::fs::read_to_string(format!("{}/refs", top.trim())).unwrap();
+    let big = refs
+        .split_whitespace()
+        .find(|p| p.contains("-big-"))
+        .unwrap();
+    let hash = big
+        .trim_start_matches("/nix/store/")
+        .split('-')
+        .next()
+        .unwrap();
+    let narinfo = reqwest::get(format!("{}/direct/{hash}.narinfo", server.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let field = |k: &str| {
+        narinfo
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}: ")))
+            .unwrap()
+            .to_owned()
+    };
+    let nar_url = format!("{}/direct/{}", server.url, field("URL"));
+    let file_size: u64 = field("FileSize").parse().unwrap();
+
+    let no_follow = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = no_follow.get(&nar_url).send().await.unwrap();
+    assert_eq!(r.status(), 307);
+    let location = r.headers()["location"].to_str().unwrap().to_owned();
+    assert!(location.starts_with(&garage.endpoint()), "{location}");
+    assert!(location.contains("X-Amz-Signature="), "{location}");
+    assert!(!location.contains(&garage.secret_access_key));
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    let r = no_follow.head(&nar_url).send().await.unwrap();
+    assert_eq!(r.status(), 200, "HEAD is answered by larder");
+    assert_eq!(
+        r.headers()["content-length"],
+        file_size.to_string().as_str()
+    );
+
+    let follow = reqwest::Client::new();
+    let whole = follow.get(&nar_url).send().await.unwrap();
+    assert_eq!(whole.status(), 200);
+    let whole = whole.bytes().await.unwrap();
+    assert_eq!(whole.len() as u64, file_size);
+    let r = follow
+        .get(&nar_url)
+        .header("Range", "bytes=1000-1999")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.bytes().await.unwrap(), whole.slice(1000..2000));
+
+    // A private cache: anonymous gets 401 (no redirect), Nix with a pull token in its netrc
+    // follows the redirect (curl sends the netrc's credentials to Garage too, which ignores
+    // them in favour of the presigned signature).
+    server.create_cache("hidden", &["--private"]);
+    let push_token = server.token("push", "hidden");
+    let path = build_file("presigned-private", "behind a redirect");
+    server.cli_ok(&push_token, &["push", "hidden", &path]);
+    let hash = path
+        .trim_start_matches("/nix/store/")
+        .split('-')
+        .next()
+        .unwrap();
+    let narinfo_url = format!("{}/hidden/{hash}.narinfo", server.url);
+    assert_eq!(
+        no_follow.get(&narinfo_url).send().await.unwrap().status(),
+        401
+    );
+    let netrc = server.netrc(
+        scratch.path(),
+        "pull.netrc",
+        &server.token("pull", "hidden"),
+    );
+    let store = tempfile::tempdir().unwrap();
+    let xdg = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("nix")
+        .args(["copy", "--no-check-sigs", "--option", "netrc-file"])
+        .arg(&netrc)
+        .args(["--from", &format!("{}/hidden", server.url), "--to"])
+        .arg(store.path())
+        .arg(&path)
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .env("XDG_CACHE_HOME", xdg.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nix copy from a private cache through a redirect: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let copied = std::fs::read_to_string(store.path().join(path.trim_start_matches('/'))).unwrap();
+    assert_eq!(copied.trim(), "behind a redirect");
+}
+
+async fn status_of(client: &reqwest::Client, url: &str) -> (u16, String) {
+    match client.get(url).send().await {
+        Ok(r) => {
+            let s = r.status().as_u16();
+            (s, r.text().await.unwrap_or_default())
+        }
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garage_outage_gets_503_and_recovers_without_restart() {
+    require_nix();
+    let mut garage = Garage::start();
+    let server = s3_server(&garage, &[]);
+    let key = public_key(&server.create_cache("flaky", &[]));
+    let push_token = server.token("push", "flaky");
+    let before = build_file("before-outage", "stored before the outage");
+    server.cli_ok(&push_token, &["push", "flaky", &before]);
+    let hash_of = |p: &str| {
+        p.trim_start_matches("/nix/store/")
+            .split('-')
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let narinfo_url = format!("{}/flaky/{}.narinfo", server.url, hash_of(&before));
+    let narinfo = client
+        .get(&narinfo_url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let nar_url = format!(
+        "{}/flaky/{}",
+        server.url,
+        narinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("URL: "))
+            .unwrap()
+    );
+    assert_eq!(status_of(&client, &nar_url).await.0, 200);
+
+    // Traffic runs while Garage dies: every answer is a 200 or a 503, never another error.
+    let traffic = tokio::spawn({
+        let (client, nar_url) = (client.clone(), nar_url.clone());
+        async move {
+            let mut seen = Vec::new();
+            let until = Instant::now() + Duration::from_secs(4);
+            while Instant::now() < until {
+                seen.push(status_of(&client, &nar_url).await);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            seen
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    garage.stop();
+    let seen = traffic.await.unwrap();
+    assert!(
+        seen.iter().all(|(s, _)| *s == 200 || *s == 503),
+        "unexpected answers during the outage: {seen:?}"
+    );
+    assert!(seen.iter().any(|(s, _)| *s == 503), "no 503 seen: {seen:?}");
+
+    // Fail fast, with a short reason.
+    let t = Instant::now();
+    let (status, body) = status_of(&client, &nar_url).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("object store unavailable"), "{body}");
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "503 took {:?}",
+        t.elapsed()
+    );
+    let (status, body) = status_of(&client, &format!("{}/healthz", server.url)).await;
+    assert_eq!(status, 503);
+    assert!(body.contains("object store unavailable"), "{body}");
+
+    // Pushes fail, through Nix's uploader and larder push, and leave no narinfo behind.
+    let during = build_file("during-outage", "pushed during the outage");
+    let scratch = tempfile::tempdir().unwrap();
+    let netrc = server.netrc(scratch.path(), "push.netrc", &push_token);
+    let xdg = tempfile::tempdir().unwrap();
+    let t = Instant::now();
+    let out = std::process::Command::new("timeout")
+        .args(["120", "nix", "copy", "--option", "netrc-file"])
+        .arg(&netrc)
+        .args(["--to", &format!("{}/flaky", server.url), &during])
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .env("XDG_CACHE_HOME", xdg.path())
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "nix copy succeeded with the object store down"
+    );
+    // Refused before its body is read: Nix's retries (which re-send a PUT without its body)
+    // get their 503 at once instead of stalling.
+    assert!(
+        t.elapsed() < Duration::from_secs(60),
+        "nix copy took {:?} to fail: {}",
+        t.elapsed(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = server.cli(&push_token, &["push", "flaky", &during]);
+    assert!(
+        !out.status.success(),
+        "larder push succeeded with the object store down"
+    );
+    let during_narinfo = format!("{}/flaky/{}.narinfo", server.url, hash_of(&during));
+    assert_eq!(status_of(&client, &during_narinfo).await.0, 404);
+
+    // Garage returns: the same larder process serves and stores again.
+    garage.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status_of(&client, &format!("{}/healthz", server.url))
+        .await
+        .0
+        != 200
+    {
+        assert!(Instant::now() < deadline, "healthz did not recover");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(status_of(&client, &during_narinfo).await.0, 404);
+    assert_eq!(status_of(&client, &nar_url).await.0, 200);
+    server.cli_ok(&push_token, &["push", "flaky", &during]);
+    assert_eq!(status_of(&client, &during_narinfo).await.0, 200);
+    // Real Nix pushes and pulls a whole closure again.
+    let push = nix_copy_push(&server, "flaky", scratch.path());
+    let server_ref = &server;
+    tokio::task::block_in_place(|| {
+        oracle_push(server_ref, "flaky", &key, push);
+    });
+}
