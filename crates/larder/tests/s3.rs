@@ -400,3 +400,50 @@ async fn garage_outage_gets_503_and_recovers_without_restart() {
         oracle_push(server_ref, "flaky", &key, push);
     });
 }
+
+/// A wrong configuration stops `larder serve` at start with a clear reason, and the secret
+/// never appears in what it prints.
+#[test]
+fn misconfigured_s3_storage_fails_at_start_without_leaking_the_secret() {
+    let garage = Garage::start();
+    let run = |storage: &str, secret: &str| {
+        let data = tempfile::tempdir().unwrap();
+        // `timeout`: a server that starts anyway must fail the test, not hang it.
+        let out = std::process::Command::new("timeout")
+            .args([
+                "20",
+                larder_bin(),
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--data",
+            ])
+            .arg(data.path())
+            .args(["--storage", storage])
+            .env_remove("LARDER_SERVE_CONFIG")
+            .env("AWS_ACCESS_KEY_ID", &garage.access_key_id)
+            .env("AWS_SECRET_ACCESS_KEY", secret)
+            .env("LARDER_LOG", "debug")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "larder serve with {storage}: {stderr}"
+        );
+        stderr
+    };
+    let wrong = "0".repeat(64);
+    let stderr = run(&garage.storage_url(), &wrong);
+    assert!(stderr.contains("credentials were rejected"), "{stderr}");
+    assert!(!stderr.contains(&wrong), "the secret was printed: {stderr}");
+    let missing = garage
+        .storage_url()
+        .replace("s3://larder", "s3://no-such-bucket");
+    let stderr = run(&missing, &garage.secret_access_key);
+    assert!(stderr.contains("bucket does not exist"), "{stderr}");
+    assert!(!stderr.contains(&garage.secret_access_key), "{stderr}");
+    let stderr = run("s3://larder?endpoint=http://127.0.0.1:1&color=blue", &wrong);
+    assert!(stderr.contains("unknown parameter \"color\""), "{stderr}");
+}

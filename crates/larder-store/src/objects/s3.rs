@@ -415,21 +415,31 @@ impl S3Objects {
         Ok(url.to_string())
     }
 
-    /// List the (prefix of the) bucket: tells an unreachable store from a wrong configuration.
+    /// List the (prefix of the) bucket. When that fails, a `HEAD` of a key never written
+    /// tells an unreachable store from a wrong configuration (`object_store` reports a failed
+    /// listing without its status, a `HEAD` with it).
     pub(super) async fn ping(&self) -> Result<(), ObjectError> {
         let prefix = (!self.prefix.is_empty()).then(|| ObjectPath::from(self.prefix.as_str()));
-        match self.ops.list_with_delimiter(prefix.as_ref()).await {
-            Ok(_) => Ok(()),
-            Err(object_store::Error::NotFound { .. }) => Err(ObjectError::Misconfigured(
-                "the bucket does not exist".to_owned(),
-            )),
+        let listed = match self.ops.list_with_delimiter(prefix.as_ref()).await {
+            Ok(_) => return Ok(()),
+            Err(e) => e,
+        };
+        match self.ops.head(&self.path("larder-ping")).await {
             Err(
                 object_store::Error::PermissionDenied { .. }
                 | object_store::Error::Unauthenticated { .. },
             ) => Err(ObjectError::Misconfigured(
                 "the S3 credentials were rejected".to_owned(),
             )),
-            Err(e) => Err(classify("list", "", e)),
+            // The store answers for objects but cannot list the bucket: it is not there.
+            Ok(_) | Err(object_store::Error::NotFound { .. })
+                if listed.to_string().contains("NoSuchBucket") =>
+            {
+                Err(ObjectError::Misconfigured(
+                    "the bucket does not exist".to_owned(),
+                ))
+            }
+            _ => Err(classify("list", "", listed)),
         }
     }
 }
