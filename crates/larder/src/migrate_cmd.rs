@@ -4,7 +4,8 @@
 //! The URL scheme says what is moved: `sqlite://` and `postgres://` name metadata databases;
 //! `file://`, an absolute path and `s3://` name object stores. Both ends must be of the same
 //! kind. Metadata is copied in one target transaction and verified before it commits (see
-//! `larder_store::meta::transfer`); object stores are not supported yet.
+//! `larder_store::meta::transfer`); objects one by one, each verified against the SHA-256 its
+//! key names, skipping those already there (see `migrate.rs`).
 
 use anyhow::Context;
 use larder_store::meta::transfer::{self, CopyReport, TransferError};
