@@ -30,7 +30,7 @@ use crate::publish::{load_cache, publish, store_upload, PathInfo, UpstreamRef};
 use crate::routes::Routes;
 use crate::{valid_cache_name, AppState};
 
-mod contents;
+pub(crate) mod contents;
 mod multipart;
 mod retention;
 
@@ -159,7 +159,7 @@ pub struct CacheJson {
     pub flake_nix_config: String,
 }
 
-async fn cache_json(state: &AppState, c: &CacheRow) -> Result<CacheJson, ApiError> {
+pub(crate) async fn cache_json(state: &AppState, c: &CacheRow) -> Result<CacheJson, ApiError> {
     let stats = state.meta.cache_stats(c.id).await?;
     let url = format!("{}/{}", state.config.public_url, c.name);
     let key = c.public_key.clone().unwrap_or_default();

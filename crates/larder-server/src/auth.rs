@@ -178,10 +178,16 @@ pub async fn principal(state: &AppState, headers: &HeaderMap) -> Result<Principa
     let Some(token) = token_from_headers(headers)? else {
         return Ok(Principal::Anonymous);
     };
+    principal_for_token(state, &token).await
+}
+
+/// The principal of a token given some other way (the web UI's cookie); errors as
+/// [`principal`].
+pub async fn principal_for_token(state: &AppState, token: &str) -> Result<Principal, ApiError> {
     if token.is_empty() || token.len() > 256 {
         return Err(ApiError::InvalidToken("invalid token"));
     }
-    let hash = token_hash(&token);
+    let hash = token_hash(token);
     let grant = match state.hot.token(&hash) {
         Some(g) => g,
         None => match state.meta.find_token(&hash).await? {

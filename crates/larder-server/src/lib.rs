@@ -2,7 +2,8 @@
 //!
 //! [`router`] builds the whole HTTP surface over an [`AppState`]: the Nix binary cache
 //! protocol per cache ([`binary_cache`]), the JSON API under `/api/v1` ([`api`]), `/metrics`
-//! ([`metrics`]) and `/healthz`, every route recorded in [`route_table`]. [`serve`] runs it with graceful shutdown. The server composes the lower crates
+//! ([`metrics`]), the web UI under `/ui/` ([`ui`]) and `/healthz`, every route recorded in
+//! [`route_table`]. [`serve`] runs it with graceful shutdown. The server composes the lower crates
 //! (`larder-nix` for formats, `larder-store` for bytes and metadata) and never re-parses what
 //! they already validated.
 
@@ -25,6 +26,7 @@ pub mod metrics;
 pub mod publish;
 pub mod retention;
 pub mod routes;
+pub mod ui;
 
 pub use config::Config;
 pub use error::ApiError;
@@ -64,6 +66,7 @@ fn routes() -> routes::Routes {
         .get("/healthz", healthz)
         .get("/metrics", metrics::serve)
         .nest("/api/v1", api::routes())
+        .merge(ui::routes())
         .merge(binary_cache::routes())
 }
 

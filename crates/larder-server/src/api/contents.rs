@@ -47,17 +47,17 @@ fn absolute(basename: &str) -> String {
 
 /// A path as the list shows it.
 #[derive(Serialize)]
-pub(super) struct PathJson {
-    store_path: String,
-    hash: String,
-    name: String,
-    nar_size: i64,
+pub(crate) struct PathJson {
+    pub(crate) store_path: String,
+    pub(crate) hash: String,
+    pub(crate) name: String,
+    pub(crate) nar_size: i64,
     /// Stored (compressed) bytes.
-    file_size: i64,
-    compression: String,
-    uploaded_at: i64,
+    pub(crate) file_size: i64,
+    pub(crate) compression: String,
+    pub(crate) uploaded_at: i64,
     /// Last narinfo or NAR fetch; null if never fetched.
-    last_used_at: Option<i64>,
+    pub(crate) last_used_at: Option<i64>,
 }
 
 impl From<PathEntry> for PathJson {
@@ -86,12 +86,12 @@ pub(super) struct ListQuery {
 }
 
 #[derive(Serialize)]
-pub(super) struct PathList {
-    paths: Vec<PathJson>,
+pub(crate) struct PathList {
+    pub(crate) paths: Vec<PathJson>,
     /// Pass as `cursor` for the next page; null on the last page.
-    next_cursor: Option<String>,
+    pub(crate) next_cursor: Option<String>,
     /// Paths matching the query, on every page.
-    total: i64,
+    pub(crate) total: i64,
 }
 
 pub(super) async fn list_paths(
@@ -103,49 +103,86 @@ pub(super) async fn list_paths(
     let c = load_cache(&state, &name).await?;
     require_read(&state, &headers, &c).await?;
     let Query(q) = query.map_err(|e| ApiError::bad(format!("invalid query: {}", e.body_text())))?;
-    let limit = q.limit.unwrap_or(DEFAULT_PAGE);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::bad(format!("limit must be 1 to {MAX_PAGE}")));
+    let page = PageRequest::parse(
+        q.query.as_deref(),
+        q.cursor.as_deref(),
+        q.limit.unwrap_or(DEFAULT_PAGE),
+    )?;
+    Ok(Json(list_page(&state, &c, &page).await?))
+}
+
+/// One page of a path listing, validated: what the API's `ls` and the web UI's path list ask.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PageRequest {
+    /// Search text (trimmed, never empty; a full store path reduced to its basename).
+    pub(crate) text: Option<String>,
+    /// The page starts after this path.
+    pub(crate) after: Option<PathCursor>,
+    pub(crate) limit: i64,
+}
+
+impl PageRequest {
+    /// Check a search text, a cursor (`next_cursor` of the previous page) and a page size.
+    pub(crate) fn parse(
+        query: Option<&str>,
+        cursor: Option<&str>,
+        limit: i64,
+    ) -> Result<PageRequest, ApiError> {
+        if !(1..=MAX_PAGE).contains(&limit) {
+            return Err(ApiError::bad(format!("limit must be 1 to {MAX_PAGE}")));
+        }
+        let text = query.map(str::trim).filter(|t| !t.is_empty());
+        if text.is_some_and(|t| t.len() > MAX_QUERY) {
+            return Err(ApiError::bad(format!(
+                "query: at most {MAX_QUERY} characters"
+            )));
+        }
+        // A store path given in full searches for its basename.
+        let text = text.map(|t| {
+            t.strip_prefix(&format!("{STORE_DIR}/"))
+                .unwrap_or(t)
+                .to_owned()
+        });
+        let after = cursor
+            .map(|cur| {
+                StorePath::from_basename(cur)
+                    .map(|p| PathCursor {
+                        name: p.name().to_owned(),
+                        hash: p.hash_part(),
+                    })
+                    .map_err(|_| ApiError::bad(format!("invalid cursor {:?}", truncate(cur))))
+            })
+            .transpose()?;
+        Ok(PageRequest { text, after, limit })
     }
-    let text = q.query.as_deref().map(str::trim).filter(|t| !t.is_empty());
-    if text.is_some_and(|t| t.len() > MAX_QUERY) {
-        return Err(ApiError::bad(format!(
-            "query: at most {MAX_QUERY} characters"
-        )));
-    }
-    // A store path given in full searches for its basename.
-    let text = text.map(|t| t.strip_prefix(&format!("{STORE_DIR}/")).unwrap_or(t));
-    let after = q
-        .cursor
-        .as_deref()
-        .map(|cur| {
-            StorePath::from_basename(cur)
-                .map(|p| PathCursor {
-                    name: p.name().to_owned(),
-                    hash: p.hash_part(),
-                })
-                .map_err(|_| ApiError::bad(format!("invalid cursor {:?}", truncate(cur))))
-        })
-        .transpose()?;
+}
+
+/// One page of a cache's paths (the caller checked the requester may read the cache).
+pub(crate) async fn list_page(
+    state: &AppState,
+    c: &CacheRow,
+    req: &PageRequest,
+) -> Result<PathList, ApiError> {
+    let text = req.text.as_deref();
     // Show the latest uses, not those of two seconds ago.
     state.retention.usage.flush(&state.meta).await?;
     let mut page = state
         .meta
-        .list_paths(c.id, text, after.as_ref(), limit + 1)
+        .list_paths(c.id, text, req.after.as_ref(), req.limit + 1)
         .await?;
-    let more = page.len() as i64 > limit;
-    page.truncate(limit as usize);
+    let more = page.len() as i64 > req.limit;
+    page.truncate(req.limit as usize);
     let next_cursor = if more {
         page.last().map(PathEntry::basename)
     } else {
         None
     };
     let total = state.meta.count_paths(c.id, text).await?;
-    Ok(Json(PathList {
+    Ok(PathList {
         paths: page.into_iter().map(PathJson::from).collect(),
         next_cursor,
         total,
-    }))
+    })
 }
 
 /// The hash part of a `{path}` argument, and the name it must have if one was given.
@@ -166,44 +203,44 @@ fn path_arg(arg: &str) -> Result<(String, Option<String>), ApiError> {
 }
 
 #[derive(Serialize)]
-pub(super) struct ReferenceJson {
-    store_path: String,
+pub(crate) struct ReferenceJson {
+    pub(crate) store_path: String,
     /// False for a reference accepted as available upstream (signed by an upstream key).
-    in_cache: bool,
+    pub(crate) in_cache: bool,
 }
 
 #[derive(Serialize)]
-pub(super) struct PinRefJson {
-    name: String,
-    revision: i64,
+pub(crate) struct PinRefJson {
+    pub(crate) name: String,
+    pub(crate) revision: i64,
     /// The pinned path, whose closure holds this one (it may be this one).
-    store_path: String,
+    pub(crate) store_path: String,
 }
 
 #[derive(Serialize)]
-pub(super) struct PathDetail {
-    store_path: String,
-    hash: String,
-    name: String,
-    url: String,
-    compression: String,
-    file_hash: String,
-    file_size: i64,
-    nar_hash: String,
-    nar_size: i64,
-    references: Vec<ReferenceJson>,
-    deriver: Option<String>,
-    ca: Option<String>,
-    sigs: Vec<String>,
+pub(crate) struct PathDetail {
+    pub(crate) store_path: String,
+    pub(crate) hash: String,
+    pub(crate) name: String,
+    pub(crate) url: String,
+    pub(crate) compression: String,
+    pub(crate) file_hash: String,
+    pub(crate) file_size: i64,
+    pub(crate) nar_hash: String,
+    pub(crate) nar_size: i64,
+    pub(crate) references: Vec<ReferenceJson>,
+    pub(crate) deriver: Option<String>,
+    pub(crate) ca: Option<String>,
+    pub(crate) sigs: Vec<String>,
     /// Paths of the cache that reference this one directly (at most 1000, by name).
-    referrers: Vec<String>,
-    referrer_count: i64,
+    pub(crate) referrers: Vec<String>,
+    pub(crate) referrer_count: i64,
     /// Pin revisions whose closure holds this path (eviction never removes it).
-    pins: Vec<PinRefJson>,
-    uploaded_at: i64,
-    last_used_at: Option<i64>,
+    pub(crate) pins: Vec<PinRefJson>,
+    pub(crate) uploaded_at: i64,
+    pub(crate) last_used_at: Option<i64>,
     /// The narinfo as served.
-    narinfo: String,
+    pub(crate) narinfo: String,
 }
 
 pub(super) async fn path_info(
@@ -213,7 +250,17 @@ pub(super) async fn path_info(
 ) -> Result<Json<PathDetail>, ApiError> {
     let c = load_cache(&state, &name).await?;
     require_read(&state, &headers, &c).await?;
-    let (hash, want_name) = path_arg(&arg)?;
+    Ok(Json(path_detail(&state, &c, &arg).await?))
+}
+
+/// Everything known about one path of a cache, named by `arg` (hash part, basename or store
+/// path); the caller checked the requester may read the cache.
+pub(crate) async fn path_detail(
+    state: &AppState,
+    c: &CacheRow,
+    arg: &str,
+) -> Result<PathDetail, ApiError> {
+    let (hash, want_name) = path_arg(arg)?;
     let not_found = || ApiError::not_found("no such path in this cache");
     state.retention.usage.flush(&state.meta).await?;
     let path = state
@@ -262,7 +309,7 @@ pub(super) async fn path_info(
     };
     let compression = path.nar.compression.clone();
     let ext = crate::ingest::parse_compression(&compression)?.extension();
-    Ok(Json(PathDetail {
+    Ok(PathDetail {
         store_path: absolute(&entry.basename()),
         url: format!("nar/{}.nar{ext}", path.nar.file_hash),
         file_hash: format!("sha256:{}", path.nar.file_hash),
@@ -302,7 +349,7 @@ pub(super) async fn path_info(
         compression,
         hash: entry.hash,
         name: entry.name,
-    }))
+    })
 }
 
 #[derive(Deserialize)]
