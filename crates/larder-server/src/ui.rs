@@ -58,6 +58,17 @@ const CSS: &str = include_str!("ui/larder.css");
 const JS: &str = include_str!("ui/copy.js");
 const CSS_URL: &str = "/static/larder.css";
 const JS_URL: &str = "/static/copy.js";
+
+/// `?v=` on the asset links: a digest of both files, so a browser that cached them for an
+/// hour still fetches the new ones right after an upgrade.
+static ASSET_VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    use sha2::Digest;
+    let d = sha2::Sha256::new()
+        .chain_update(CSS)
+        .chain_update(JS)
+        .finalize();
+    hex::encode(&d[..6])
+});
 /// Only this server's stylesheet and script, no inline code, no framing, forms post here only.
 const CSP: &str = "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self'; \
                    form-action 'self'; base-uri 'none'; frame-ancestors 'none'";
@@ -193,11 +204,17 @@ fn set_cookie(state: &AppState, value: &str, delete: bool) -> HeaderValue {
         c.push_str("; Secure");
     }
     // Tokens are checked to be cookie-safe before they get here.
-    HeaderValue::from_str(&c).unwrap_or_else(|_| HeaderValue::from_static("larder_token=; Max-Age=0"))
+    HeaderValue::from_str(&c)
+        .unwrap_or_else(|_| HeaderValue::from_static("larder_token=; Max-Age=0"))
 }
 
 /// An HTML page with the headers every page carries.
-fn html_response(state: &AppState, status: StatusCode, v: Option<&Viewer>, body: Markup) -> Response {
+fn html_response(
+    state: &AppState,
+    status: StatusCode,
+    v: Option<&Viewer>,
+    body: Markup,
+) -> Response {
     let mut resp = (status, body.into_string()).into_response();
     let h = resp.headers_mut();
     h.insert(
@@ -274,7 +291,13 @@ fn login_href(here: &str) -> String {
     }
 }
 
-fn layout(title: &str, v: Option<&Viewer>, here: &str, crumbs: &[Crumb], content: Markup) -> Markup {
+fn layout(
+    title: &str,
+    v: Option<&Viewer>,
+    here: &str,
+    crumbs: &[Crumb],
+    content: Markup,
+) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -283,8 +306,8 @@ fn layout(title: &str, v: Option<&Viewer>, here: &str, crumbs: &[Crumb], content
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 meta name="color-scheme" content="light dark";
                 title { (title) " · larder" }
-                link rel="stylesheet" href=(CSS_URL);
-                script src=(JS_URL) defer {}
+                link rel="stylesheet" href=(format!("{CSS_URL}?v={}", *ASSET_VERSION));
+                script src=(format!("{JS_URL}?v={}", *ASSET_VERSION)) defer {}
             }
             body {
                 a.skip href="#main" { "Skip to content" }
@@ -470,9 +493,15 @@ fn usage(name: &str, size: i64, max_size: Option<i64>) -> Markup {
     }
 }
 
-/// A block of text to copy (nix.conf lines, a flake block, a key).
-fn copyable(what: &str, text: &str) -> Markup {
-    html! { div.copyable { pre data-copy=(what) { (text) } } }
+/// A block of text to copy (nix.conf lines, a flake block, a key) under its caption; copy.js
+/// puts a "Copy" button beside the caption.
+fn copyable(caption: Markup, what: &str, text: &str) -> Markup {
+    html! {
+        div.copyable {
+            div.copy-head { p { (caption) } }
+            pre data-copy=(what) { (text) }
+        }
+    }
 }
 
 fn keep_text(k: &Keep) -> String {
@@ -593,7 +622,8 @@ async fn cache_content(
     params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<(String, Vec<Crumb>, Markup), ApiError> {
     let c = visible_cache(state, v, name).await?;
-    let Query(p) = params.map_err(|e| ApiError::bad(format!("invalid query: {}", e.body_text())))?;
+    let Query(p) =
+        params.map_err(|e| ApiError::bad(format!("invalid query: {}", e.body_text())))?;
     let q = p.q.as_deref().map(str::trim).filter(|q| !q.is_empty());
     let cursor = p.cursor.as_deref().filter(|c| !c.is_empty());
     let req = PageRequest::parse(q, cursor, p.limit.unwrap_or(PAGE_SIZE))?;
@@ -623,18 +653,19 @@ async fn cache_content(
             }
             section.card aria-labelledby="use-h" {
                 h2 #use-h { "Use this cache" }
-                p { "Public key:" }
                 @match &info.public_key {
-                    Some(k) => { (copyable("public key", k)) }
+                    Some(k) => { (copyable(html! { "Public key:" }, "public key", k)) }
                     None => { p.muted { "No key registered yet (" code { "larder generate-keypair " (c.name) } ")." } }
                 }
-                p { "Run " code { "larder use " (c.name) } ", or add to " code { "nix.conf" } ":" }
-                (copyable("nix.conf lines", &info.nix_conf))
+                (copyable(
+                    html! { "Run " code { "larder use " (c.name) } ", or add to " code { "nix.conf" } ":" },
+                    "nix.conf lines",
+                    &info.nix_conf,
+                ))
                 @if c.private {
                     p.muted { "Private: Nix also needs a pull token in a netrc file (" code { "larder use " (c.name) } " writes it)." }
                 }
-                p { "In a " code { "flake.nix" } ":" }
-                (copyable("flake nixConfig block", &info.flake_nix_config))
+                (copyable(html! { "In a " code { "flake.nix" } ":" }, "flake nixConfig block", &info.flake_nix_config))
             }
         }
         section.card aria-labelledby="pins-h" {
@@ -757,7 +788,7 @@ async fn path_content(
     let cache = c.name.as_str();
     let content = html! {
         h1 { (d.name) }
-        (copyable("store path", &d.store_path))
+        (copyable(html! { "Store path:" }, "store path", &d.store_path))
         section.card aria-labelledby="narinfo-h" {
             h2 #narinfo-h { "Narinfo" }
             dl.facts {
@@ -1014,9 +1045,15 @@ mod tests {
         let hostile = r#"<script>alert("x")</script> & 'q'"#;
         let out = html! { p title=(hostile) { (hostile) } }.into_string();
         assert!(!out.contains("<script>"), "{out}");
-        assert!(out.contains("&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; "), "{out}");
+        assert!(
+            out.contains("&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; "),
+            "{out}"
+        );
         // In an attribute, a quote cannot end the value early.
-        assert!(!out.contains(r#"title="<"#) && !out.contains(r#""x""#), "{out}");
+        assert!(
+            !out.contains(r#"title="<"#) && !out.contains(r#""x""#),
+            "{out}"
+        );
     }
 
     #[test]
@@ -1026,7 +1063,10 @@ mod tests {
         assert_eq!(pct("\"><"), "%22%3E%3C");
         assert_eq!(pct("é"), "%C3%A9");
         assert_eq!(
-            path_href("c", "/nix/store/0c7r5yq0hqd8pycr1pwn6pqw2f3p8fbl-g++-13?x=1"),
+            path_href(
+                "c",
+                "/nix/store/0c7r5yq0hqd8pycr1pwn6pqw2f3p8fbl-g++-13?x=1"
+            ),
             "/ui/caches/c/paths/0c7r5yq0hqd8pycr1pwn6pqw2f3p8fbl-g%2B%2B-13%3Fx%3D1"
         );
         assert_eq!(
@@ -1071,7 +1111,10 @@ mod tests {
     #[test]
     fn cookie_is_found_among_others() {
         let mut h = HeaderMap::new();
-        h.append(header::COOKIE, "a=1; larder_token=larder_abc ; b=2".parse().unwrap());
+        h.append(
+            header::COOKIE,
+            "a=1; larder_token=larder_abc ; b=2".parse().unwrap(),
+        );
         assert_eq!(cookie_token(&h).as_deref(), Some("larder_abc"));
         let mut h = HeaderMap::new();
         h.append(header::COOKIE, "x=1".parse().unwrap());
@@ -1086,10 +1129,16 @@ mod tests {
     fn cross_site_posts_are_recognised() {
         let mut h = HeaderMap::new();
         h.insert(header::HOST, "cache.example:8080".parse().unwrap());
-        assert!(same_origin(&h), "no Origin: not a browser's cross-site form");
+        assert!(
+            same_origin(&h),
+            "no Origin: not a browser's cross-site form"
+        );
         h.insert(header::ORIGIN, "http://cache.example:8080".parse().unwrap());
         assert!(same_origin(&h));
-        h.insert(header::ORIGIN, "https://cache.example:8080".parse().unwrap());
+        h.insert(
+            header::ORIGIN,
+            "https://cache.example:8080".parse().unwrap(),
+        );
         assert!(same_origin(&h));
         h.insert(header::ORIGIN, "http://evil.example".parse().unwrap());
         assert!(!same_origin(&h));

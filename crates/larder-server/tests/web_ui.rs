@@ -53,7 +53,10 @@ async fn login(srv: &Server, token: &str) -> String {
     assert!(cookie.contains("HttpOnly"), "{cookie}");
     assert!(cookie.contains("SameSite=Strict"), "{cookie}");
     assert!(cookie.contains("Path=/"), "{cookie}");
-    assert!(!cookie.contains("Secure"), "plain http public_url: {cookie}");
+    assert!(
+        !cookie.contains("Secure"),
+        "plain http public_url: {cookie}"
+    );
     let value = cookie
         .strip_prefix("larder_token=")
         .unwrap()
@@ -104,13 +107,16 @@ fn assert_page(r: &Resp) {
         Some("text/html; charset=utf-8")
     );
     let csp = r.header(header::CONTENT_SECURITY_POLICY).unwrap();
-    assert!(csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"), "{csp}");
+    assert!(
+        csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"),
+        "{csp}"
+    );
     let html = r.text();
     assert!(html.starts_with("<!DOCTYPE html>"), "{html}");
     assert!(html.contains("name=\"viewport\""));
     // The only script is the external, optional copy.js.
     assert_eq!(html.matches("<script").count(), 1, "{html}");
-    assert!(html.contains("<script src=\"/static/copy.js\" defer></script>"));
+    assert!(html.contains("<script src=\"/static/copy.js?v="), "{html}");
 }
 
 #[tokio::test]
@@ -167,7 +173,10 @@ async fn values_from_the_database_and_the_request_are_escaped() {
         let r = page(&srv, uri, None).await.expect(status);
         assert_page(&r);
         let html = r.text();
-        assert!(!html.contains("<img") && !html.contains("<b>"), "{uri}: {html}");
+        assert!(
+            !html.contains("<img") && !html.contains("<b>"),
+            "{uri}: {html}"
+        );
     }
 }
 
@@ -212,8 +221,14 @@ async fn private_caches_are_hidden_until_a_token_that_can_pull_them() {
     // A token without pull on it sees the same as anonymous.
     let other = srv.token(&["pull"], Some(&["open"])).await;
     let other_cookie = login(&srv, &other.secret).await;
-    let list = page(&srv, "/ui/", Some(&other_cookie)).await.expect(200).text();
-    assert!(!list.contains("secret") && list.contains("Log out"), "{list}");
+    let list = page(&srv, "/ui/", Some(&other_cookie))
+        .await
+        .expect(200)
+        .text();
+    assert!(
+        !list.contains("secret") && list.contains("Log out"),
+        "{list}"
+    );
     let r = page(&srv, "/ui/caches/secret", Some(&other_cookie))
         .await
         .expect(404);
@@ -233,7 +248,9 @@ async fn private_caches_are_hidden_until_a_token_that_can_pull_them() {
     srv.get(&path_uri, puller.bearer()).await.expect(200);
     srv.get(&path_uri, puller.basic()).await.expect(200);
     // A bad header is a 401 (as in the API), not silently anonymous.
-    srv.get("/ui/", Auth::Bearer("larder_nope")).await.expect(401);
+    srv.get("/ui/", Auth::Bearer("larder_nope"))
+        .await
+        .expect(401);
 
     // The cookie is for UI pages only: the Nix protocol and the API ignore it.
     srv.send(browser(
@@ -282,7 +299,10 @@ async fn private_caches_are_hidden_until_a_token_that_can_pull_them() {
             Method::POST,
             "/ui/login",
             None,
-            Some(&format!("token={}&next=https%3A%2F%2Fevil.test%2F", puller.secret)),
+            Some(&format!(
+                "token={}&next=https%3A%2F%2Fevil.test%2F",
+                puller.secret
+            )),
         ))
         .await
         .expect(303);
@@ -306,7 +326,10 @@ async fn private_caches_are_hidden_until_a_token_that_can_pull_them() {
     let r = page(&srv, "/ui/", Some(&cookie)).await.expect(200);
     assert!(r.header(header::SET_COOKIE).unwrap().contains("Max-Age=0"));
     let html = r.text();
-    assert!(html.contains("no longer works") && !html.contains("secret"), "{html}");
+    assert!(
+        html.contains("no longer works") && !html.contains("secret"),
+        "{html}"
+    );
     page(&srv, "/ui/caches/secret", Some(&cookie))
         .await
         .expect(404);
@@ -384,10 +407,16 @@ async fn path_list_is_searchable_and_paginated_and_pages_show_cache_info() {
     let second = listed(&r2);
     assert!(second.iter().all(|p| p.contains("-hello-")));
     assert!(BTreeSet::from_iter(&first).is_disjoint(&BTreeSet::from_iter(&second)));
-    let r = page(&srv, "/ui/caches/c?q=python3", None).await.expect(200).text();
+    let r = page(&srv, "/ui/caches/c?q=python3", None)
+        .await
+        .expect(200)
+        .text();
     assert_eq!(listed(&r), vec![app.path.to_absolute()]);
     // Empty parameters, as a GET form sends them, mean "none".
-    let r = page(&srv, "/ui/caches/c?q=&cursor=", None).await.expect(200).text();
+    let r = page(&srv, "/ui/caches/c?q=&cursor=", None)
+        .await
+        .expect(200)
+        .text();
     assert_eq!(listed(&r).len(), 7);
     for bad in ["limit=0", "limit=1001", "cursor=..%2Fetc"] {
         page(&srv, &format!("/ui/caches/c?{bad}"), None)
@@ -428,7 +457,10 @@ async fn path_list_is_searchable_and_paginated_and_pages_show_cache_info() {
     .await
     .expect(201);
     let html = page(&srv, "/ui/caches/c", None).await.expect(200).text();
-    assert!(html.contains(&format!("<meter min=\"0\" max=\"{max}\" value=\"{size}\"")), "{html}");
+    assert!(
+        html.contains(&format!("<meter min=\"0\" max=\"{max}\" value=\"{size}\"")),
+        "{html}"
+    );
     assert!(html.contains("(90 %)"), "{html}");
     assert!(html.contains("over 85 %"), "{html}");
     assert!(html.contains(">release<"), "{html}");
@@ -439,12 +471,21 @@ async fn path_list_is_searchable_and_paginated_and_pages_show_cache_info() {
     let lib_page = format!("/ui/caches/c/paths/{}", lib.path.basename());
     let app_page = format!("/ui/caches/c/paths/{}", app.path.basename());
     let html = page(&srv, &lib_page, None).await.expect(200).text();
-    assert!(html.contains(&format!("href=\"{app_page}\"")), "referrer link: {html}");
-    assert!(html.contains(&format!("sha256:{}", lib.nar_hash().to_nix32())), "{html}");
+    assert!(
+        html.contains(&format!("href=\"{app_page}\"")),
+        "referrer link: {html}"
+    );
+    assert!(
+        html.contains(&format!("sha256:{}", lib.nar_hash().to_nix32())),
+        "{html}"
+    );
     assert!(html.contains("Referrers (1)"), "{html}");
     assert!(html.contains("release"), "pinned through app: {html}");
     let html = page(&srv, &app_page, None).await.expect(200).text();
-    assert!(html.contains(&format!("href=\"{lib_page}\"")), "reference link: {html}");
+    assert!(
+        html.contains(&format!("href=\"{lib_page}\"")),
+        "reference link: {html}"
+    );
     assert!(html.contains("References (1)"), "{html}");
     let served = srv
         .get(&format!("/c/{}.narinfo", app.hash()), Auth::Anon)
@@ -467,7 +508,10 @@ async fn path_list_is_searchable_and_paginated_and_pages_show_cache_info() {
 
     // The assets are served, and the page works without them.
     let css = page(&srv, "/static/larder.css", None).await.expect(200);
-    assert_eq!(css.header(header::CONTENT_TYPE), Some("text/css; charset=utf-8"));
+    assert_eq!(
+        css.header(header::CONTENT_TYPE),
+        Some("text/css; charset=utf-8")
+    );
     let js = page(&srv, "/static/copy.js", None).await.expect(200);
     assert!(js.text().contains("clipboard"));
 }

@@ -31,5 +31,10 @@ document.querySelectorAll("pre[data-copy]").forEach(function (pre) {
       selectIt();
     }
   });
-  pre.parentNode.insertBefore(button, pre);
+  var head = pre.previousElementSibling;
+  if (head && head.classList.contains("copy-head")) {
+    head.appendChild(button);
+  } else {
+    pre.parentNode.insertBefore(button, pre);
+  }
 });
