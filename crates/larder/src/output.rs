@@ -95,18 +95,7 @@ pub fn fail_with_hint(msg: impl std::fmt::Display, hint: impl Into<String>) -> a
     })
 }
 
-/// `1.5 GiB`-style sizes.
+/// `1.5 GiB`-style sizes (the same text as the web UI).
 pub fn human_size(bytes: i64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = bytes as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < units.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", units[i])
-    }
+    larder_server::ui::human_size(bytes)
 }
