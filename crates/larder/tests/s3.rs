@@ -22,28 +22,6 @@ fn s3_server(garage: &Garage, extra: &[&str]) -> Server {
     Server::start_env(&args, &garage.env())
 }
 
-/// The objects in Garage's bucket, listed through larder's own S3 backend.
-fn bucket_keys(garage: &Garage) -> Vec<String> {
-    use futures::StreamExt;
-    let staging = tempfile::tempdir().unwrap();
-    let store = larder_store::ObjectStore::open(
-        &garage.storage_url(),
-        larder_store::OpenOptions {
-            staging_dir: staging.path().to_owned(),
-            s3_credentials: Some(larder_store::S3Credentials {
-                access_key_id: garage.access_key_id.clone(),
-                secret_access_key: larder_store::Secret::new(garage.secret_access_key.clone()),
-            }),
-        },
-    )
-    .unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(store.list().map(|k| k.unwrap()).collect())
-}
-
 /// Run the oracle: build a fresh closure, push it with `push_cmd`, verify with real Nix.
 fn oracle_push(server: &Server, cache: &str, key: &str, push_cmd: String) -> tempfile::TempDir {
     let work = tempfile::tempdir().unwrap();
@@ -97,7 +75,7 @@ fn garage_storage_passes_the_oracle() {
         &key,
         nix_copy_push(&server, "nixcopy", scratch.path()),
     );
-    let after_first = bucket_keys(&garage).len();
+    let after_first = garage_keys(&garage).len();
     assert!(after_first >= 20, "{after_first} objects in the bucket");
 
     // larder push with 64 KiB parts: the 1 MiB path becomes 16+ chunks, each an S3 object,
@@ -114,7 +92,7 @@ fn garage_storage_passes_the_oracle() {
             "LARDER_PUSH_PART_SIZE=64KiB",
         ),
     );
-    let after_second = bucket_keys(&garage).len();
+    let after_second = garage_keys(&garage).len();
     assert!(
         after_second > after_first + 30,
         "expected the big NAR stored as many chunks: {after_first} → {after_second} objects"

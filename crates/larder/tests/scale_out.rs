@@ -1,12 +1,12 @@
 //! Scaling out on PostgreSQL, judged by real Nix: a server on PostgreSQL passes the oracle;
-//! two replicas share one database (and one object directory), a push through one is served
-//! by the other, the same closure pushed through both at once is stored once, and the
-//! background work moves when its replica dies; PostgreSQL going away mid-traffic gives fast
+//! two replicas share one database (and one object directory, or one Garage bucket), a push
+//! through one is served by the other, the same closure pushed through both at once is stored
+//! once, and the background work moves when its replica dies; PostgreSQL going away mid-traffic gives fast
 //! 503s and no corrupt entry, and service resumes when it returns, without a restart; an
 //! embedded deployment migrates to PostgreSQL and keeps serving the same closure.
 //!
-//! Each test starts its own PostgreSQL cluster on loopback (`larder-testkit`); PostgreSQL and
-//! Nix are required (`.ci/run` installs them).
+//! Each test starts its own PostgreSQL cluster (and Garage, when it needs one) on loopback
+//! (`larder-testkit`); PostgreSQL, Garage and Nix are required (`.ci/run` installs them).
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on any unexpected error
 
@@ -17,6 +17,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
+use larder_testkit::garage::Garage;
 use larder_testkit::postgres::PgCluster;
 
 /// The `PUSH_CMD` of the oracle: `larder push CACHE $TOP` to `server`, env-only config.
@@ -106,13 +107,58 @@ fn real_nix_substitutes_from_a_server_on_postgres() {
     assert!(server.stop().success());
 }
 
+/// The object storage two replicas share.
+enum Shared {
+    Dir(tempfile::TempDir),
+    Garage(Garage),
+}
+
+impl Shared {
+    fn storage_url(&self) -> String {
+        match self {
+            Shared::Dir(d) => format!("file://{}", d.path().display()),
+            Shared::Garage(g) => g.storage_url(),
+        }
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        match self {
+            Shared::Dir(_) => Vec::new(),
+            Shared::Garage(g) => g.env(),
+        }
+    }
+
+    /// How many chunk objects the storage holds.
+    fn chunk_objects(&self) -> usize {
+        match self {
+            Shared::Dir(d) => count_files(&d.path().join("objects/chunk")),
+            Shared::Garage(g) => garage_keys(g)
+                .iter()
+                .filter(|k| k.starts_with("chunk/"))
+                .count(),
+        }
+    }
+}
+
 #[test]
 fn two_replicas_share_one_database_store_once_and_hand_over_background_work() {
+    two_replicas(Shared::Dir(tempfile::tempdir().unwrap()));
+}
+
+#[test]
+fn two_replicas_on_postgres_and_garage_serve_each_others_pushes_and_store_once() {
+    two_replicas(Shared::Garage(Garage::start()));
+}
+
+/// Two replicas over one PostgreSQL and `shared` objects: a push through A passes real Nix's
+/// verification through B; the same closure pushed through both at once is stored once (paths,
+/// NAR rows, chunk rows and objects); background work runs on one of them and moves when it dies.
+fn two_replicas(shared: Shared) {
     require_nix();
     let pg = PgCluster::start();
     let db = pg.create_database();
-    let shared = tempfile::tempdir().unwrap();
-    let storage = format!("file://{}", shared.path().display());
+    let storage = shared.storage_url();
+    let env = shared.env();
     let args = [
         "--database",
         &db,
@@ -121,8 +167,13 @@ fn two_replicas_share_one_database_store_once_and_hand_over_background_work() {
         "--gc-interval",
         "1s",
     ];
-    let a = Server::start_with(&args);
-    let b = Server::start_in(tempfile::tempdir().unwrap(), &args, Some(&a.admin_token));
+    let a = Server::start_full(tempfile::tempdir().unwrap(), &args, None, &env);
+    let b = Server::start_full(
+        tempfile::tempdir().unwrap(),
+        &args,
+        Some(&a.admin_token),
+        &env,
+    );
     assert!(
         !b.data.path().join("admin-token").exists(),
         "the second replica bootstrapped another admin token"
@@ -199,7 +250,7 @@ fn two_replicas_share_one_database_store_once_and_hand_over_background_work() {
     );
     let chunk_rows: usize = q("SELECT count(*) FROM chunks").parse().unwrap();
     assert_eq!(
-        count_files(&shared.path().join("objects/chunk")),
+        shared.chunk_objects(),
         chunk_rows,
         "objects and chunk rows disagree"
     );
@@ -220,6 +271,14 @@ fn two_replicas_share_one_database_store_once_and_hand_over_background_work() {
     assert_eq!(code, 200);
     assert_no_secret(&other, &pg);
     assert_no_secret(&leader, &pg);
+    if let Shared::Garage(g) = &shared {
+        for s in [&other, &leader] {
+            assert!(
+                !s.log().contains(&g.secret_access_key),
+                "the S3 secret key appears in a replica's log"
+            );
+        }
+    }
 }
 
 fn count_files(dir: &Path) -> usize {

@@ -307,3 +307,25 @@ pub fn build_file(name: &str, content: &str) -> String {
     );
     build_expr(&expr).remove(0)
 }
+
+/// The objects in Garage's bucket, listed through larder's own S3 backend.
+pub fn garage_keys(garage: &larder_testkit::garage::Garage) -> Vec<String> {
+    use futures::StreamExt;
+    let staging = tempfile::tempdir().unwrap();
+    let store = larder_store::ObjectStore::open(
+        &garage.storage_url(),
+        larder_store::OpenOptions {
+            staging_dir: staging.path().to_owned(),
+            s3_credentials: Some(larder_store::S3Credentials {
+                access_key_id: garage.access_key_id.clone(),
+                secret_access_key: larder_store::Secret::new(garage.secret_access_key.clone()),
+            }),
+        },
+    )
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(store.list().map(|k| k.unwrap()).collect())
+}
