@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# Serving benchmark: larder vs nginx serving the very same cache as static files, in one run.
+# Serving benchmark: larder vs nginx serving the very same cache as static files, in one run;
+# with SCALED=1 (the default) also larder scaled out (PostgreSQL metadata, NARs in a Garage
+# bucket, both started on loopback by larder-testkit's `larder-backends`), on the same closure.
 #
 # Builds a test closure with real Nix (tests/oracle/nix-oracle.sh), pushes it into a fresh
 # `larder serve` with `nix copy`, mirrors every narinfo and NAR larder serves into a directory
 # that nginx serves statically under the same URLs, then measures with wrk (keep-alive):
 #   - narinfo requests/s, 1 and 16 connections (cycling over every narinfo of the closure)
 #   - NAR download throughput of one BIG_MIB NAR, 1 and 4 connections
-# Needs (as root): nix-bin, nginx (nginx-light), wrk, python3, curl.
-# Knobs: DUR (seconds per measurement, default 10), BIG_MIB (default 256), NSMALL (default 200).
+# Needs (as root): nix-bin, nginx (nginx-light), wrk, python3, curl; for SCALED=1 also
+# postgresql and garage (what .ci/run installs).
+# Knobs: DUR (seconds per measurement, default 10), BIG_MIB (default 256), NSMALL (default 200),
+# SCALED (1 = also measure the PostgreSQL+Garage setup, 0 = embedded vs nginx only).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 DUR=${DUR:-10}
+SCALED=${SCALED:-1}
 BIG_MIB=${BIG_MIB:-256}
 NSMALL=${NSMALL:-200}
 for tool in nix nginx wrk python3 curl; do
@@ -20,7 +25,12 @@ export NIX_CONFIG=$'build-users-group =\nexperimental-features = nix-command\nsu
 
 WORK=$(mktemp -d /tmp/larder-bench.XXXXXX)
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+cleanup() {
+  exec 9>&- 2>/dev/null || true # EOF on larder-backends' stdin: it stops PostgreSQL and Garage
+  for p in "${PIDS[@]}"; do [ "$p" = "${BACKENDS_PID:-}" ] || kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
 trap cleanup EXIT
 log() { printf '[bench] %s\n' "$*" >&2; }
 
@@ -31,17 +41,41 @@ log "building a test closure (BIG_MIB=$BIG_MIB NSMALL=$NSMALL)"
 WORKDIR=$WORK/oracle BIG_MIB=$BIG_MIB NSMALL=$NSMALL bash "$ROOT/tests/oracle/nix-oracle.sh" build >/dev/null
 TOP=$(cat "$WORK/oracle/top")
 
-"$BIN" serve --listen 127.0.0.1:0 --data "$WORK/data" 2>"$WORK/serve.log" &
-PIDS+=($!)
-for _ in $(seq 100); do grep -q 'listening on' "$WORK/serve.log" 2>/dev/null && break; sleep 0.1; done
-URL=$(sed -n 's/^larder: listening on //p' "$WORK/serve.log")
-[ -n "$URL" ] || { cat "$WORK/serve.log" >&2; exit 1; }
-export LARDER_SERVER=$URL LARDER_TOKEN=$(cat "$WORK/data/admin-token")
-"$BIN" cache create bench >/dev/null
-PUSH=$("$BIN" token create --perm push --cache bench)
-printf 'machine 127.0.0.1 login x password %s\n' "$PUSH" > "$WORK/netrc"
-log "pushing with nix copy"
-XDG_CACHE_HOME=$WORK/xdg nix copy --option netrc-file "$WORK/netrc" --to "$URL/bench?compression=zstd" "$TOP"
+# start_larder NAME [ENVFILE]: a `larder serve` with its own data directory (and the settings
+# of ENVFILE, sourced), a cache "bench" into which `nix copy` pushes the closure. Sets URL_<NAME>.
+start_larder() {
+  local name=$1 envfile=${2:-}
+  ( if [ -n "$envfile" ]; then set -a; . "$envfile"; set +a; fi
+    exec "$BIN" serve --listen 127.0.0.1:0 --data "$WORK/data-$name" ) 2>"$WORK/serve-$name.log" &
+  PIDS+=($!)
+  for _ in $(seq 300); do grep -q 'listening on' "$WORK/serve-$name.log" 2>/dev/null && break; sleep 0.1; done
+  local url; url=$(sed -n 's/^larder: listening on //p' "$WORK/serve-$name.log")
+  [ -n "$url" ] || { cat "$WORK/serve-$name.log" >&2; exit 1; }
+  local admin; admin=$(cat "$WORK/data-$name/admin-token")
+  LARDER_SERVER=$url LARDER_TOKEN=$admin "$BIN" cache create bench >/dev/null
+  local push; push=$(LARDER_SERVER=$url LARDER_TOKEN=$admin "$BIN" token create --perm push --cache bench)
+  printf 'machine 127.0.0.1 login x password %s\n' "$push" > "$WORK/netrc-$name"
+  log "pushing with nix copy into larder ($name)"
+  XDG_CACHE_HOME=$(mktemp -d "$WORK/xdg.XXXXXX") nix copy --option netrc-file "$WORK/netrc-$name" \
+    --to "$url/bench?compression=zstd" "$TOP"
+  printf -v "URL_$name" '%s' "$url"
+}
+
+start_larder embedded
+URL=$URL_embedded
+if [ "$SCALED" = 1 ]; then
+  # The scaled-out setup on this same machine: PostgreSQL metadata and a Garage bucket for the
+  # NARs, both started on loopback by larder-testkit (as the tests do) and stopped at exit.
+  (cd "$ROOT" && cargo build --release -q -p larder-testkit --bin larder-backends)
+  mkfifo "$WORK/backends.stdin"
+  "$ROOT/target/release/larder-backends" <"$WORK/backends.stdin" >"$WORK/backends.env" 2>"$WORK/backends.log" &
+  BACKENDS_PID=$!
+  PIDS+=($!)
+  exec 9>"$WORK/backends.stdin" # held open: the backends live until this script exits
+  for _ in $(seq 600); do grep -q AWS_SECRET_ACCESS_KEY "$WORK/backends.env" 2>/dev/null && break; sleep 0.1; done
+  grep -q AWS_SECRET_ACCESS_KEY "$WORK/backends.env" || { cat "$WORK/backends.log" >&2; exit 1; }
+  start_larder scaled "$WORK/backends.env"
+fi
 
 log "mirroring larder's cache into a static directory for nginx"
 mkdir -p "$WORK/static/bench/nar"
@@ -50,7 +84,7 @@ import sys, urllib.request, os
 base, out, closure, work = sys.argv[1:5]
 def get(u): return urllib.request.urlopen(u, timeout=60).read()
 open(f'{out}/nix-cache-info', 'wb').write(get(f'{base}/nix-cache-info'))
-narinfos, big = [], (0, None)
+narinfos, big = [], (0, None, None)
 for p in open(closure).read().split():
     h = p[len('/nix/store/'):][:32]
     text = get(f'{base}/{h}.narinfo')
@@ -59,9 +93,10 @@ for p in open(closure).read().split():
     data = get(f"{base}/{fields['URL']}")
     open(f"{out}/{fields['URL']}", 'wb').write(data)
     narinfos.append(f'/bench/{h}.narinfo')
-    if len(data) > big[0]: big = (len(data), f"/bench/{fields['URL']}")
+    if len(data) > big[0]: big = (len(data), f"/bench/{fields['URL']}", h)
 open(f'{work}/narinfos', 'w').write('\n'.join(narinfos) + '\n')
 open(f'{work}/bignar', 'w').write(big[1] + '\n')
+open(f'{work}/bighash', 'w').write(big[2] + '\n')
 print(f'{len(narinfos)} narinfos, biggest NAR {big[0] >> 20} MiB', file=sys.stderr)
 PY
 
@@ -98,6 +133,7 @@ BIGNAR=$(cat "$WORK/bignar")
 # wrk → a number: requests/s, or MB/s of transfer. Fails on any non-2xx answer.
 measure() { # $1 = what (rps|mbps) $2 = base URL, rest = wrk args
   local what=$1; shift 2
+  wrk -d1s "$@" >/dev/null 2>&1 || true # warm-up: connections, caches, CPU frequency
   local out; out=$(wrk -d"${DUR}s" "$@" 2>&1)
   if grep -q 'Non-2xx' <<<"$out"; then echo "$out" >&2; echo "bench: non-2xx answers" >&2; exit 1; fi
   if [ "$what" = rps ]; then sed -n 's/^Requests\/sec: *//p' <<<"$out"
@@ -106,14 +142,42 @@ import sys; v = sys.stdin.read().strip(); n, u = float(v[:-2]), v[-2:]
 print(round(n * {"KB": 1/1024, "MB": 1, "GB": 1024}[u], 1))'
   fi
 }
-row() { # name larder nginx
-  python3 -c 'import sys; n, l, g = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]); print(f"| {n:<34} | {l:>12.1f} | {g:>12.1f} | {l/g:>6.2f}x |")' "$@"
+# row NAME LARDER [SCALED] NGINX: one line of the table, ratios to nginx.
+row() {
+  python3 -c '
+import sys
+name, *vals = sys.argv[1:]
+vals = [float(v) for v in vals]
+g = vals[-1]
+cells = "".join(f" {v:>12.1f} |" for v in vals)
+ratios = "".join(f" {v / g:>6.2f}x |" for v in vals[:-1])
+print(f"| {name:<30} |{cells}{ratios}")' "$@"
 }
 L=$URL; N=http://127.0.0.1:$NPORT
+S=${URL_scaled:-}
+if [ -n "$S" ]; then
+  BIGNAR_S=/bench/$(curl -sf "$S/bench/$(cat "$WORK/bighash").narinfo" | sed -n 's/^URL: //p')
+  # The scaled-out server answers the same narinfo URLs with the same bodies.
+  cmp <(curl -sf "$L/bench/$(cat "$WORK/bighash").narinfo" | grep -v '^Sig:') \
+      <(curl -sf "$S/bench/$(cat "$WORK/bighash").narinfo" | grep -v '^Sig:')
+fi
+# each WHAT ARGS… URL_SUFFIX: the measurement on larder, [larder scaled,] nginx.
+each() {
+  local what=$1 suffix=${*: -1}; set -- "${@:2:$#-2}"
+  measure "$what" "" "$@" "$L${suffix/@NAR@/$BIGNAR}"
+  [ -z "$S" ] || measure "$what" "" "$@" "$S${suffix/@NAR@/${BIGNAR_S:-}}"
+  measure "$what" "" "$@" "$N${suffix/@NAR@/$BIGNAR}"
+}
 log "measuring ($DUR s each)"
-echo "| measurement                        |       larder |        nginx | larder/nginx |"
-echo "|------------------------------------|--------------|--------------|--------|"
-row "narinfo req/s, 1 connection" "$(measure rps $L -t1 -c1 -s "$WORK/narinfo.lua" "$L")" "$(measure rps $N -t1 -c1 -s "$WORK/narinfo.lua" "$N")"
-row "narinfo req/s, 16 connections" "$(measure rps $L -t2 -c16 -s "$WORK/narinfo.lua" "$L")" "$(measure rps $N -t2 -c16 -s "$WORK/narinfo.lua" "$N")"
-row "NAR MiB/s, 1 connection" "$(measure mbps $L -t1 -c1 "$L$BIGNAR")" "$(measure mbps $N -t1 -c1 "$N$BIGNAR")"
-row "NAR MiB/s, 4 connections" "$(measure mbps $L -t2 -c4 "$L$BIGNAR")" "$(measure mbps $N -t2 -c4 "$N$BIGNAR")"
+if [ -n "$S" ]; then
+  echo "| measurement                    | larder embedded | larder PG+S3 |        nginx | embedded/nginx | PG+S3/nginx |"
+  echo "|--------------------------------|--------------|--------------|--------------|---------|---------|"
+  log "embedded: SQLite + local directory; PG+S3: PostgreSQL + Garage (NARs streamed through larder)"
+else
+  echo "| measurement                    |       larder |        nginx | larder/nginx |"
+  echo "|--------------------------------|--------------|--------------|--------|"
+fi
+row "narinfo req/s, 1 connection" $(each rps -t1 -c1 -s "$WORK/narinfo.lua" "")
+row "narinfo req/s, 16 connections" $(each rps -t2 -c16 -s "$WORK/narinfo.lua" "")
+row "NAR MiB/s, 1 connection" $(each mbps -t1 -c1 "@NAR@")
+row "NAR MiB/s, 4 connections" $(each mbps -t2 -c4 "@NAR@")
