@@ -75,6 +75,15 @@ if [ "$SCALED" = 1 ]; then
   for _ in $(seq 600); do grep -q AWS_SECRET_ACCESS_KEY "$WORK/backends.env" 2>/dev/null && break; sleep 0.1; done
   grep -q AWS_SECRET_ACCESS_KEY "$WORK/backends.env" || { cat "$WORK/backends.log" >&2; exit 1; }
   start_larder scaled "$WORK/backends.env"
+  # A second replica on the same database and bucket that redirects NAR downloads to presigned
+  # URLs: what Garage itself serves, the ceiling of streaming through larder.
+  ( set -a; . "$WORK/backends.env"; set +a
+    exec "$BIN" serve --listen 127.0.0.1:0 --data "$WORK/data-presigned" --nar-redirect presigned ) \
+    2>"$WORK/serve-presigned.log" &
+  PIDS+=($!)
+  for _ in $(seq 300); do grep -q 'listening on' "$WORK/serve-presigned.log" 2>/dev/null && break; sleep 0.1; done
+  URL_presigned=$(sed -n 's/^larder: listening on //p' "$WORK/serve-presigned.log")
+  [ -n "$URL_presigned" ] || { cat "$WORK/serve-presigned.log" >&2; exit 1; }
 fi
 
 log "mirroring larder's cache into a static directory for nginx"
@@ -181,3 +190,9 @@ row "narinfo req/s, 1 connection" $(each rps -t1 -c1 -s "$WORK/narinfo.lua" "")
 row "narinfo req/s, 16 connections" $(each rps -t2 -c16 -s "$WORK/narinfo.lua" "")
 row "NAR MiB/s, 1 connection" $(each mbps -t1 -c1 "@NAR@")
 row "NAR MiB/s, 4 connections" $(each mbps -t2 -c4 "@NAR@")
+if [ -n "$S" ]; then
+  DIRECT=$(curl -s -o /dev/null -w '%{redirect_url}' "$URL_presigned$BIGNAR_S")
+  [ -n "$DIRECT" ] || { echo "bench: no presigned redirect for $BIGNAR_S" >&2; exit 1; }
+  log "Garage itself, the same NAR by its presigned URL (what PG+S3 streams through larder):"
+  log "  1 connection: $(measure mbps "" -t1 -c1 "$DIRECT") MiB/s, 4 connections: $(measure mbps "" -t2 -c4 "$DIRECT") MiB/s"
+fi
