@@ -87,6 +87,8 @@ db_engine = "sqlite"
 metadata_fsync = false
 data_fsync = false
 replication_factor = 1
+# NARs arrive compressed (zstd/xz): compressing Garage's blocks again only costs CPU.
+compression_level = "none"
 rpc_bind_addr = "127.0.0.1:{rpc_port}"
 rpc_public_addr = "127.0.0.1:{rpc_port}"
 rpc_secret = "{secret}"
