@@ -14,10 +14,11 @@
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
 
 pub mod fs;
 pub mod migrate;
@@ -73,6 +74,16 @@ impl ObjectError {
 pub struct ObjectBody {
     pub len: u64,
     pub stream: BoxStream<'static, std::io::Result<Bytes>>,
+}
+
+/// An object as a listing names it ([`ObjectStore::list_detailed`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedObject {
+    pub key: String,
+    /// Stored bytes.
+    pub size: u64,
+    /// When the object was written: the file's mtime, or S3's `Last-Modified`.
+    pub modified: SystemTime,
 }
 
 /// What [`ObjectStore::open`] needs besides the URL.
@@ -163,6 +174,12 @@ impl ObjectStore {
     /// Every object's key, in no particular order (objects named outside the key alphabet,
     /// which larder never writes, are left out).
     pub fn list(&self) -> BoxStream<'static, Result<String, ObjectError>> {
+        self.list_detailed().map_ok(|o| o.key).boxed()
+    }
+
+    /// [`Self::list`] with each object's size and last-modified time. Streamed: memory does
+    /// not grow with the number of objects.
+    pub fn list_detailed(&self) -> BoxStream<'static, Result<ListedObject, ObjectError>> {
         match self {
             ObjectStore::Fs(fs) => fs.list(),
             ObjectStore::S3(s3) => s3.list(),

@@ -8,10 +8,11 @@ use std::io;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use futures::stream::BoxStream;
 use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
-use super::{ObjectBody, ObjectError, READ_CHUNK};
+use super::{ListedObject, ObjectBody, ObjectError, READ_CHUNK};
 
 #[derive(Debug, Clone)]
 pub struct FsObjects {
@@ -99,8 +100,9 @@ impl FsObjects {
         }
     }
 
-    /// Every key under the object directory, walked on a blocking thread and sent as found.
-    pub(super) fn list(&self) -> futures::stream::BoxStream<'static, Result<String, ObjectError>> {
+    /// Every object under the object directory, walked on a blocking thread and sent as
+    /// found. A file deleted between the walk and its `stat` is left out.
+    pub(super) fn list(&self) -> BoxStream<'static, Result<ListedObject, ObjectError>> {
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let root = self.root.clone();
         tokio::task::spawn_blocking(move || {
@@ -124,17 +126,29 @@ impl FsObjects {
                     };
                     if ty.is_dir() {
                         dirs.push(path);
-                    } else if ty.is_file() {
-                        let key = path
-                            .strip_prefix(&root)
-                            .ok()
-                            .and_then(|k| k.to_str())
-                            .map(str::to_owned);
-                        if let Some(key) = key.filter(|k| super::check_key(k).is_ok()) {
-                            if tx.blocking_send(Ok(key)).is_err() {
-                                return;
-                            }
-                        }
+                        continue;
+                    }
+                    let key = path
+                        .strip_prefix(&root)
+                        .ok()
+                        .and_then(|k| k.to_str())
+                        .filter(|k| ty.is_file() && super::check_key(k).is_ok());
+                    let Some(key) = key else { continue };
+                    let listed = match std::fs::symlink_metadata(&path) {
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                        Err(e) => Err(io_err(key)(e)),
+                        Ok(meta) => meta
+                            .modified()
+                            .map(|modified| ListedObject {
+                                key: key.to_owned(),
+                                size: meta.len(),
+                                modified,
+                            })
+                            .map_err(io_err(key)),
+                    };
+                    let failed = listed.is_err();
+                    if tx.blocking_send(listed).is_err() || failed {
+                        return;
                     }
                 }
             }
@@ -152,6 +166,6 @@ impl FsObjects {
 
 fn tokio_stream_from<T: Send + 'static>(
     mut rx: tokio::sync::mpsc::Receiver<T>,
-) -> futures::stream::BoxStream<'static, T> {
+) -> BoxStream<'static, T> {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
 }

@@ -35,7 +35,7 @@ use object_store::{
 };
 use tokio::io::AsyncReadExt;
 
-use super::{ObjectBody, ObjectError, OpenOptions};
+use super::{ListedObject, ObjectBody, ObjectError, OpenOptions};
 
 /// Time to establish a connection to the store.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -380,7 +380,7 @@ impl S3Objects {
         }
     }
 
-    pub(super) fn list(&self) -> BoxStream<'static, Result<String, ObjectError>> {
+    pub(super) fn list(&self) -> BoxStream<'static, Result<ListedObject, ObjectError>> {
         let prefix = (!self.prefix.is_empty()).then(|| ObjectPath::from(self.prefix.as_str()));
         let strip = if self.prefix.is_empty() {
             String::new()
@@ -391,13 +391,17 @@ impl S3Objects {
             .list(prefix.as_ref())
             .map_err(|e| classify("list", "", e))
             .try_filter_map(move |meta| {
-                let key = meta
+                let listed = meta
                     .location
                     .as_ref()
                     .strip_prefix(&strip)
                     .filter(|k| super::check_key(k).is_ok())
-                    .map(str::to_owned);
-                futures::future::ready(Ok(key))
+                    .map(|key| ListedObject {
+                        key: key.to_owned(),
+                        size: meta.size,
+                        modified: meta.last_modified.into(),
+                    });
+                futures::future::ready(Ok(listed))
             })
             .boxed()
     }
