@@ -5,14 +5,19 @@
 //! - [`meta`]: the metadata database (caches, tokens, NARs and their chunks, store paths,
 //!   pending uploads), behind one query layer (`sqlx`'s `Any` driver) so SQLite and PostgreSQL
 //!   share every query.
+//! - [`orphans`]: the scan that deletes objects no metadata names (left by a restored backup
+//!   or an interrupted copy), guarded against a database that is not the store's.
 //!
 //! Nothing here knows about HTTP: the server maps these errors to status codes.
 
 pub mod meta;
 pub mod objects;
+pub mod orphans;
 
 pub use meta::{MetaError, Metadata};
-pub use objects::{ObjectBody, ObjectError, ObjectStore, OpenOptions, S3Credentials, Secret};
+pub use objects::{
+    ListedObject, ObjectBody, ObjectError, ObjectStore, OpenOptions, S3Credentials, Secret,
+};
 
 /// Seconds since the Unix epoch, the unit of every timestamp in the metadata.
 pub fn now_unix() -> i64 {

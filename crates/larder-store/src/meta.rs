@@ -258,6 +258,14 @@ pub fn chunk_object_key(chunk_hash: &str) -> String {
     format!("chunk/{prefix}/{chunk_hash}")
 }
 
+/// The chunk hash that `key` names, if `key` is exactly the object key of a chunk
+/// (`chunk/<first two characters>/<52 nix32 characters>`): the inverse of [`chunk_object_key`].
+pub fn chunk_hash_of_key(key: &str) -> Option<&str> {
+    let hash = key.strip_prefix("chunk/")?.get(3..)?;
+    let valid = larder_nix::nixbase32::decode_fixed::<32>(hash).is_ok();
+    (valid && chunk_object_key(hash) == key).then_some(hash)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PathRow {
     pub id: i64,
@@ -370,7 +378,8 @@ pub(crate) fn ref_hashes<'a>(
         .collect()
 }
 
-/// Deletes one object (by key) for [`Metadata::collect_garbage`].
+/// Deletes one object (by key) for [`Metadata::collect_garbage`] and
+/// [`Metadata::delete_orphan_chunks`].
 pub type DeleteObject<'a> = dyn Fn(
         String,
     ) -> futures::future::BoxFuture<
@@ -382,6 +391,11 @@ pub type DeleteObject<'a> = dyn Fn(
 
 /// NARs and chunks deleted per garbage collection round (one transaction).
 const GC_BATCH: usize = 256;
+
+/// Chunk hashes looked at per transaction of [`Metadata::delete_orphan_chunks`].
+pub const ORPHAN_BATCH: usize = 256;
+/// Objects one transaction of [`Metadata::delete_orphan_chunks`] deletes at once.
+const ORPHAN_DELETE_CONCURRENCY: usize = 8;
 
 /// The largest `IN (…)` list sent in one query (SQLite's default limit is 32766 parameters).
 const IN_BATCH: usize = 500;
@@ -1374,6 +1388,106 @@ impl Metadata {
         Ok((nars.len(), chunks.len()))
     }
 
+    /// Which of `hashes` have no `chunks` row, in input order. Read only, and stale as soon as
+    /// it returns: a cheap filter before [`Metadata::delete_orphan_chunks`], which decides.
+    pub async fn unknown_chunks(&self, hashes: &[String]) -> Result<Vec<String>> {
+        let mut known = std::collections::HashSet::new();
+        for batch in hashes.chunks(IN_BATCH) {
+            let sql = format!(
+                "SELECT chunk_hash FROM chunks WHERE chunk_hash IN ({})",
+                placeholders(1, batch.len())
+            );
+            let mut q = sqlx::query_scalar::<_, String>(&sql);
+            for h in batch {
+                q = q.bind(h);
+            }
+            known.extend(q.fetch_all(&self.pool).await?);
+        }
+        Ok(hashes
+            .iter()
+            .filter(|h| !known.contains(*h))
+            .cloned()
+            .collect())
+    }
+
+    /// Delete the objects of the chunks among `hashes` that have no `chunks` row (orphans:
+    /// objects the database does not know) with `delete_object`; returns those hashes.
+    ///
+    /// Race-free against uploads, by the pattern of [`Metadata::collect_garbage`]: per
+    /// [`ORPHAN_BATCH`] hashes, one transaction inserts a row for each (`ON CONFLICT DO
+    /// NOTHING`). The rows it inserted are exactly the orphans, and are locked by it: an upload
+    /// claiming one of those chunks ([`Metadata::claim_chunks`]) waits. The objects are
+    /// deleted, then the rows, then the transaction commits, and the waiting claim goes on to
+    /// write its object again. If deleting an object fails, the transaction rolls back
+    /// ([`MetaError::Cleanup`]).
+    pub async fn delete_orphan_chunks(
+        &self,
+        hashes: &[String],
+        delete_object: &DeleteObject<'_>,
+    ) -> Result<Vec<String>> {
+        // In hash order, like claims, so that the two cannot deadlock.
+        let mut sorted: Vec<&str> = hashes.iter().map(String::as_str).collect();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut deleted = Vec::new();
+        for batch in sorted.chunks(ORPHAN_BATCH) {
+            // Deletes are idempotent: a batch that lost a race (deadlock, busy) runs again whole.
+            deleted.extend(retry(&[], || self.delete_orphan_batch(batch, delete_object)).await?);
+        }
+        Ok(deleted)
+    }
+
+    async fn delete_orphan_batch(
+        &self,
+        batch: &[&str],
+        delete_object: &DeleteObject<'_>,
+    ) -> Result<Vec<String>> {
+        use futures::{StreamExt, TryStreamExt};
+        let mut tx = self.pool.begin().await?;
+        let values = (0..batch.len())
+            .map(|i| format!("(${}, 0, $1)", i + 2))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "INSERT INTO chunks (chunk_hash, file_size, created_at) VALUES {values} \
+             ON CONFLICT (chunk_hash) DO NOTHING RETURNING chunk_hash"
+        );
+        let mut q = sqlx::query_scalar::<_, String>(&sql).bind(now_unix());
+        for h in batch {
+            q = q.bind(*h);
+        }
+        let orphans = q.fetch_all(&mut *tx).await?;
+        if orphans.is_empty() {
+            tx.rollback().await?;
+            return Ok(orphans);
+        }
+        // The futures are made before they are streamed: a stream mapping through a closure
+        // over borrowed items would make the caller's future not `Send` (rustc cannot prove it).
+        let deletes: Vec<_> = orphans
+            .iter()
+            .map(|h| delete_object(chunk_object_key(h)))
+            .collect();
+        let deleted = futures::stream::iter(deletes)
+            .buffer_unordered(ORPHAN_DELETE_CONCURRENCY)
+            .try_collect::<Vec<()>>()
+            .await;
+        if let Err(e) = deleted {
+            tx.rollback().await?;
+            return Err(MetaError::Cleanup(e));
+        }
+        let sql = format!(
+            "DELETE FROM chunks WHERE chunk_hash IN ({})",
+            placeholders(1, orphans.len())
+        );
+        let mut q = sqlx::query(&sql);
+        for h in &orphans {
+            q = q.bind(h);
+        }
+        q.execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(orphans)
+    }
+
     // ---- usage, eviction and pins -------------------------------------------------------
 
     /// Mark paths of a cache used at `at`: those with these hash parts and those whose NAR is
@@ -1711,5 +1825,25 @@ mod tests {
         assert_eq!(redact_url("/srv/objects"), "/srv/objects");
         assert_eq!(Engine::of_url("postgresql://x/y"), Some(Engine::Postgres));
         assert_eq!(Engine::of_url("mysql://x/y"), None);
+    }
+
+    #[test]
+    fn chunk_keys_name_their_hash() {
+        let h = larder_nix::hash::Sha256::digest(b"chunk").to_nix32();
+        let key = chunk_object_key(&h);
+        assert_eq!(chunk_hash_of_key(&key), Some(h.as_str()));
+        let other_prefix = if h.starts_with("00") { "11" } else { "00" };
+        for odd in [
+            format!("{key}.part"),
+            format!("log/{h}"),
+            format!("x/{key}"),
+            format!("chunk/{other_prefix}/{h}"),
+            format!("chunk/{}/{}", &h[..2], &h[..51]),
+            format!("chunk/{}/{}", &h[..2], h.to_uppercase()),
+            format!("chunk/{}{h}", &h[..2]),
+            "chunk/".to_owned(),
+        ] {
+            assert_eq!(chunk_hash_of_key(&odd), None, "{odd}");
+        }
     }
 }

@@ -1,9 +1,9 @@
 //! The metadata backend contract: the same test bodies run against SQLite and against a real
 //! PostgreSQL cluster (started by the test, see `larder-testkit`). Every behaviour the server
 //! relies on is here: caches, tokens, uploads and publishing (with SPEC §2.3's rules),
-//! concurrent replicas storing one path, garbage collection, eviction, pins, usage, logs,
-//! locks, migrations; then what only PostgreSQL has (an unreachable server) and copying one
-//! database into another (`larder migrate`).
+//! concurrent replicas storing one path, garbage collection, orphaned chunks, eviction, pins,
+//! usage, logs, locks, migrations; then what only PostgreSQL has (an unreachable server) and
+//! copying one database into another (`larder migrate`).
 #![allow(clippy::unwrap_used)] // a panic is how a test fails
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,7 +18,7 @@ use larder_store::meta::{
     chunk_object_key, CacheRow, CacheUpdate, ChunkRow, Engine, Evicted, Keep, LockName, MetaError,
     NarRow, NewCache, NewPath, Publish, TokenRow,
 };
-use larder_store::{now_unix, Metadata};
+use larder_store::{now_unix, Metadata, ObjectStore, OpenOptions};
 use larder_testkit::postgres::PgCluster;
 
 /// A database under test, with whatever keeps it alive.
@@ -502,6 +502,101 @@ async fn garbage_collection_spares_what_is_referenced_or_claimed(db: Db) {
     assert_eq!(db.rows("chunk_claims").await, 0);
 }
 
+async fn orphaned_chunks_are_deleted_under_lock(db: Db) {
+    let m = &db.meta;
+    let store_url = format!("file://{}", db.dir.path().join("store").display());
+    let objects = ObjectStore::open(&store_url, OpenOptions::default()).unwrap();
+    let c = cache(m, "orphans").await;
+    let known = publish(m, c.id, &sp("known"), &[]).await.file_hash;
+    let orphan = h52("orphan");
+    assert_eq!(
+        m.unknown_chunks(&[known.clone(), orphan.clone()])
+            .await
+            .unwrap(),
+        vec![orphan.clone()]
+    );
+    // A failing delete rolls the batch back: no row is left behind.
+    let failing = |_: String| -> BoxFuture<'static, DeleteResult> {
+        Box::pin(async { Err(std::io::Error::other("object store down").into()) })
+    };
+    let err = m
+        .delete_orphan_chunks(std::slice::from_ref(&orphan), &failing)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, MetaError::Cleanup(_)), "{err:?}");
+    assert_eq!(db.rows("chunks").await, 1);
+    // Only the chunk without a row is deleted; the row made to lock it goes with it.
+    let deleted = Mutex::new(Vec::new());
+    let gone = m
+        .delete_orphan_chunks(
+            &[orphan.clone(), known.clone(), orphan.clone()],
+            &recorder(&deleted),
+        )
+        .await
+        .unwrap();
+    assert_eq!(gone, vec![orphan.clone()]);
+    assert_eq!(*deleted.lock().unwrap(), vec![chunk_object_key(&orphan)]);
+    assert_eq!(db.rows("chunks").await, 1);
+
+    // An upload of the orphan's bytes on another replica, while its object is being deleted:
+    // its claim waits for the deletion to commit, then it writes the object again.
+    let racer = ChunkRow {
+        chunk_hash: h52("racer"),
+        file_size: 5,
+    };
+    let key = racer.object_key();
+    let stage = |name: &str| {
+        let p = objects.staging_dir().join(name);
+        std::fs::write(&p, b"racer").unwrap();
+        p
+    };
+    objects.put_file(&key, &stage("orphan")).await.unwrap();
+    let replica = db.replica().await;
+    let upload = Mutex::new(None);
+    let (objects, racer, upload, stage) = (&objects, &racer, &upload, &stage);
+    let racing_delete = move |key: String| -> BoxFuture<'_, DeleteResult> {
+        let (replica, chunk) = (replica.clone(), racer.clone());
+        Box::pin(async move {
+            let src = stage("upload");
+            let store = objects.clone();
+            let task = tokio::spawn(async move {
+                replica
+                    .claim_chunks("racing-upload", std::slice::from_ref(&chunk))
+                    .await?;
+                store.put_file(&chunk.object_key(), &src).await.unwrap();
+                Ok::<_, MetaError>(())
+            });
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert!(
+                !task.is_finished(),
+                "the claim did not wait for the orphan's deletion"
+            );
+            objects.delete(&key).await?;
+            *upload.lock().unwrap() = Some(task);
+            Ok(())
+        })
+    };
+    let gone = m
+        .delete_orphan_chunks(std::slice::from_ref(&racer.chunk_hash), &racing_delete)
+        .await
+        .unwrap();
+    assert_eq!(gone, vec![racer.chunk_hash.clone()]);
+    let task = upload.lock().unwrap().take().unwrap();
+    task.await.unwrap().unwrap();
+    assert!(
+        objects.exists(&key).await.unwrap(),
+        "the upload's object is gone"
+    );
+    assert_eq!(
+        m.unknown_chunks(std::slice::from_ref(&racer.chunk_hash))
+            .await
+            .unwrap(),
+        Vec::<String>::new(),
+        "the claimed chunk has no row"
+    );
+    assert_eq!(db.rows("chunk_claims").await, 1);
+}
+
 async fn eviction_is_closure_safe_and_keeps_nars_for_a_grace(db: Db) {
     let m = &db.meta;
     let c = cache(m, "ev").await;
@@ -750,6 +845,7 @@ contract!(
     publishing_keeps_the_integrity_rules,
     concurrent_replicas_store_a_path_once,
     garbage_collection_spares_what_is_referenced_or_claimed,
+    orphaned_chunks_are_deleted_under_lock,
     eviction_is_closure_safe_and_keeps_nars_for_a_grace,
     pins_keep_revisions_by_policy,
     usage_and_logs_are_recorded,

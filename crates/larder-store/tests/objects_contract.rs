@@ -1,6 +1,7 @@
 //! The object store contract, one set of test bodies run over every backend: the local
 //! directory and a real Garage (an S3-compatible store started by the test on loopback; see
-//! `larder-testkit`). Plus what only a remote store can do: go away and come back.
+//! `larder-testkit`), including the orphan scan, which lists a store with modification times.
+//! Plus what only a remote store can do: go away and come back.
 
 #![allow(clippy::unwrap_used)] // a panic is how a test fails
 
@@ -9,8 +10,10 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use larder_nix::hash::Sha256Hasher;
+use larder_store::meta::{chunk_hash_of_key, ChunkRow};
 use larder_store::objects::migrate::{copy_all, CopyError};
-use larder_store::{ObjectError, ObjectStore, OpenOptions, S3Credentials, Secret};
+use larder_store::orphans::{remove_orphans, OrphanError, OrphanReport};
+use larder_store::{Metadata, ObjectError, ObjectStore, OpenOptions, S3Credentials, Secret};
 use larder_testkit::garage::Garage;
 
 struct Backend {
@@ -80,6 +83,7 @@ contract!(
     odd_keys_are_rejected,
     list_names_every_object,
     presigned_urls_serve_the_object,
+    orphan_scan_deletes_only_old_unknown_chunks,
 );
 
 /// A staging file with `data`, as the server leaves a verified upload.
@@ -305,6 +309,117 @@ async fn list_names_every_object(b: &Backend) {
     listed.sort();
     keys.sort();
     assert_eq!(listed, keys);
+}
+
+/// The orphan scan over this store, with a SQLite database: it deletes an old chunk object
+/// without a row, and nothing else; it deletes nothing while most chunk objects have no row.
+async fn orphan_scan_deletes_only_old_unknown_chunks(b: &Backend) {
+    let s = &b.store;
+    let db = format!("sqlite://{}", b.dir.path().join("meta.db").display());
+    let meta = Metadata::connect(&db).await.unwrap();
+    let put = |key: String, data: &[u8]| {
+        let src = staged(b, "obj", data);
+        async move {
+            s.put_file(&key, &src).await.unwrap();
+            key
+        }
+    };
+    let record = |keys: &[&String]| {
+        let chunks: Vec<ChunkRow> = keys
+            .iter()
+            .map(|k| ChunkRow {
+                chunk_hash: chunk_hash_of_key(k).unwrap().to_owned(),
+                file_size: 1,
+            })
+            .collect();
+        let meta = meta.clone();
+        async move { meta.claim_chunks("some-upload", &chunks).await.unwrap() }
+    };
+    let known = put(key_of(b"known"), b"known").await;
+    record(&[&known]).await;
+    let orphan = put(key_of(b"orphan"), b"orphan").await;
+    // Keys not exactly of a chunk's form are never touched, whatever their age.
+    let hash = chunk_hash_of_key(&orphan).unwrap();
+    let mut others = Vec::new();
+    for key in [
+        format!("{orphan}.part"),
+        format!("log/{hash}"),
+        format!(
+            "chunk/{}/{hash}",
+            if hash.starts_with("zz") { "yy" } else { "zz" }
+        ),
+        "backup/readme".to_owned(),
+    ] {
+        others.push(put(key, b"other").await);
+    }
+    let mut strays = Vec::new();
+    for i in 0..10 {
+        let data = format!("stray {i}");
+        strays.push(put(key_of(data.as_bytes()), data.as_bytes()).await);
+    }
+    // Everything above is old; what comes next is young. (Leeway for S3's `Last-Modified`,
+    // which may be cut to the second.)
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let cutoff = std::time::SystemTime::now() - Duration::from_secs(1);
+    let young = put(key_of(b"young"), b"young").await;
+    let every = {
+        let mut v: Vec<String> = [&known, &orphan, &young]
+            .into_iter()
+            .chain(&others)
+            .chain(&strays)
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    };
+    let listed = || async {
+        let mut keys: Vec<String> = s.list().map(|k| k.unwrap()).collect().await;
+        keys.sort();
+        keys
+    };
+
+    // 12 of 13 chunk objects unknown: this database is not the store's. Nothing is deleted.
+    let err = remove_orphans(&meta, s, cutoff).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            OrphanError::MostlyUnknown {
+                unknown: 12,
+                chunks: 13
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("shared by two deployments"),
+        "{err}"
+    );
+    assert_eq!(listed().await, every);
+
+    // Once the strays are known, only the old orphan goes.
+    record(&strays.iter().collect::<Vec<_>>()).await;
+    let report = remove_orphans(&meta, s, cutoff).await.unwrap();
+    assert_eq!(
+        report,
+        OrphanReport {
+            objects: every.len() as u64,
+            chunks: 13,
+            unknown: 2,
+            deleted: 1,
+            deleted_bytes: b"orphan".len() as u64,
+        }
+    );
+    assert!(
+        !s.exists(&orphan).await.unwrap(),
+        "the orphan is still there"
+    );
+    let left: Vec<String> = every.iter().filter(|k| **k != orphan).cloned().collect();
+    assert_eq!(listed().await, left);
+    assert_eq!(
+        meta.unknown_chunks(&[hash.to_owned()]).await.unwrap(),
+        vec![hash.to_owned()],
+        "the orphan's row stayed behind"
+    );
 }
 
 async fn presigned_urls_serve_the_object(b: &Backend) {
