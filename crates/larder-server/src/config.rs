@@ -24,6 +24,16 @@ pub const PENDING_UPLOAD_TTL: Duration = Duration::from_secs(6 * 3600);
 pub const DEFAULT_EVICTED_NAR_GRACE: Duration = Duration::from_secs(3600);
 /// The shortest grace accepted: the hot cache's narinfo TTL plus a margin.
 pub const MIN_EVICTED_NAR_GRACE: Duration = Duration::from_secs(10);
+/// How often the background replica scans the object store for orphaned objects (chunk
+/// objects without a row): a full listing of the store, so rarely.
+pub const DEFAULT_ORPHAN_SCAN_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+/// How old an orphaned object must be before the scan deletes it: objects copied into the
+/// store before their rows (an ongoing `larder migrate`, a restore in progress) are left
+/// alone for this long.
+pub const DEFAULT_ORPHAN_GRACE: Duration = Duration::from_secs(24 * 3600);
+/// The shortest orphan grace accepted. (Uploads are safe at any grace: they claim a chunk
+/// before writing its object.)
+pub const MIN_ORPHAN_GRACE: Duration = Duration::from_secs(3600);
 /// Keys whose signature marks a store path as available upstream: a pushed path may reference
 /// such a path without it being in the cache (Nix substitutes it from upstream).
 pub const DEFAULT_UPSTREAM_KEYS: &[&str] =
@@ -96,6 +106,12 @@ pub struct ConfigFile {
     pub gc_interval: Option<String>,
     /// How long evicted paths' NARs stay servable, e.g. `1h`. Default: 1h; at least 10s.
     pub evicted_nar_grace: Option<String>,
+    /// How often to delete orphaned objects (objects no row names), e.g. `24h`; `0` or
+    /// `off` disables it. Default: 24h.
+    pub orphan_scan_interval: Option<String>,
+    /// How old an orphaned object must be to be deleted, e.g. `24h`. Default: 24h; at
+    /// least 1h.
+    pub orphan_grace: Option<String>,
     /// Public keys (`name:base64`) of upstream caches. Default: cache.nixos.org's key.
     pub upstream_keys: Option<Vec<String>>,
 }
@@ -164,6 +180,9 @@ pub struct Config {
     pub max_upload_size: u64,
     pub gc_interval: Duration,
     pub evicted_nar_grace: Duration,
+    /// `None`: no orphan scan.
+    pub orphan_scan_interval: Option<Duration>,
+    pub orphan_grace: Duration,
     pub upstream_keys: Vec<larder_nix::signing::VerifyingKey>,
 }
 
@@ -233,6 +252,21 @@ impl Config {
                 value: format!("{}s", evicted_nar_grace.as_secs()),
             });
         }
+        let orphan_scan_interval = match file.orphan_scan_interval.as_deref() {
+            Some("off") => None,
+            Some(s) => Some(parse_duration(s)?).filter(|d| !d.is_zero()),
+            None => Some(DEFAULT_ORPHAN_SCAN_INTERVAL),
+        };
+        let orphan_grace = match file.orphan_grace {
+            Some(s) => parse_duration(&s)?,
+            None => DEFAULT_ORPHAN_GRACE,
+        };
+        if orphan_grace < MIN_ORPHAN_GRACE {
+            return Err(ConfigError::Value {
+                key: "orphan_grace (at least 1h)",
+                value: format!("{}s", orphan_grace.as_secs()),
+            });
+        }
         let upstream_keys = match file.upstream_keys {
             Some(keys) => keys,
             None => DEFAULT_UPSTREAM_KEYS
@@ -263,6 +297,8 @@ impl Config {
             max_upload_size,
             gc_interval,
             evicted_nar_grace,
+            orphan_scan_interval,
+            orphan_grace,
         })
     }
 
@@ -360,6 +396,32 @@ mod tests {
         assert_eq!(c.database_max_connections, None);
         let f: ConfigFile = toml::from_str("database_max_connections = 0").unwrap();
         assert!(Config::resolve(f, "/d".into()).is_err());
+    }
+
+    #[test]
+    fn orphan_scan_settings() {
+        let c = Config::resolve(ConfigFile::default(), "/d".into()).unwrap();
+        assert_eq!(c.orphan_scan_interval, Some(DEFAULT_ORPHAN_SCAN_INTERVAL));
+        assert_eq!(c.orphan_grace, DEFAULT_ORPHAN_GRACE);
+        for off in ["off", "0", "0s"] {
+            let f: ConfigFile =
+                toml::from_str(&format!("orphan_scan_interval = \"{off}\"")).unwrap();
+            assert_eq!(
+                Config::resolve(f, "/d".into())
+                    .unwrap()
+                    .orphan_scan_interval,
+                None
+            );
+        }
+        let f: ConfigFile =
+            toml::from_str("orphan_scan_interval = \"6h\"\norphan_grace = \"2d\"").unwrap();
+        let c = Config::resolve(f, "/d".into()).unwrap();
+        assert_eq!(c.orphan_scan_interval, Some(Duration::from_secs(6 * 3600)));
+        assert_eq!(c.orphan_grace, Duration::from_secs(2 * 86400));
+        for bad in ["orphan_grace = \"59m\"", "orphan_scan_interval = \"daily\""] {
+            let f: ConfigFile = toml::from_str(bad).unwrap();
+            assert!(Config::resolve(f, "/d".into()).is_err(), "{bad}");
+        }
     }
 
     #[test]

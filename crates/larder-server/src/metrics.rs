@@ -13,6 +13,7 @@
 //!   wrapped to count their bytes as they pass.
 //! - **Uploads** (a NAR, or a path's narinfo) are counted as accepted or rejected, by reason
 //!   ([`Rejection`]).
+//! - **Background work**: orphaned objects deleted by the orphan scan.
 //! - **Per cache**: evictions and deletions (counted here), sizes and path counts (read from
 //!   the database at scrape time).
 //! - **Access**: anonymous scrapes are answered, but per-cache series name only public caches;
@@ -131,6 +132,7 @@ pub struct Metrics {
     uploads_accepted: [AtomicU64; 2],
     uploads_rejected: [[AtomicU64; Rejection::ALL.len()]; 2],
     caches: Mutex<HashMap<i64, CacheCounts>>,
+    orphans_deleted: AtomicU64,
 }
 
 fn method_index(m: &Method) -> usize {
@@ -191,6 +193,7 @@ impl Metrics {
             uploads_accepted: Default::default(),
             uploads_rejected: Default::default(),
             caches: Mutex::default(),
+            orphans_deleted: AtomicU64::new(0),
         }
     }
 
@@ -228,6 +231,11 @@ impl Metrics {
             e.deleted_paths += paths as u64;
             e.deleted_bytes += bytes.max(0) as u64;
         }
+    }
+
+    /// The orphan scan deleted `objects` objects that no metadata named.
+    pub fn orphans_deleted(&self, objects: u64) {
+        self.orphans_deleted.fetch_add(objects, Relaxed);
     }
 
     /// The exposition text. `caches` are the caches the requester may see, with their
@@ -359,6 +367,16 @@ impl Metrics {
             "counter",
             "Uploads refused, by reason.",
             &rejected,
+        );
+        family(
+            &mut out,
+            "larder_orphaned_objects_deleted_total",
+            "counter",
+            "Objects deleted from the object store because no metadata named them (this process).",
+            &format!(
+                "larder_orphaned_objects_deleted_total {}\n",
+                self.orphans_deleted.load(Relaxed)
+            ),
         );
         // Per cache.
         let counts = self.caches.lock().map(|c| c.clone()).unwrap_or_default();

@@ -346,14 +346,39 @@ pub async fn collect_garbage(state: &AppState) -> Result<usize, ApiError> {
     Ok(state.meta.collect_garbage(ttl, grace, ttl, &delete).await?)
 }
 
+/// Delete the objects that no metadata names, last modified longer than `orphan_grace` ago
+/// (see `larder_store::orphans`), and log what was done.
+async fn remove_orphans(state: &AppState) {
+    let Some(cutoff) = std::time::SystemTime::now().checked_sub(state.config.orphan_grace) else {
+        return;
+    };
+    match larder_store::orphans::remove_orphans(&state.meta, &state.objects, cutoff).await {
+        Ok(r) => {
+            state.metrics.orphans_deleted(r.deleted);
+            tracing::info!(
+                objects = r.objects,
+                chunks = r.chunks,
+                unknown = r.unknown,
+                deleted = r.deleted,
+                deleted_bytes = r.deleted_bytes,
+                "orphan scan: deleted {} orphaned objects",
+                r.deleted
+            );
+        }
+        Err(e) => tracing::warn!(error = %crate::error::error_chain(&e), "orphan scan failed"),
+    }
+}
+
 /// The periodic background work, every `gc_interval`: on every replica, the cleanup of its
 /// own staging directory; on the one replica holding the background lock, eviction in every
-/// cache with a limit and garbage collection. The lock is a PostgreSQL session lock, so when
-/// its holder dies another replica takes it at its next tick (SQLite: always this process).
+/// cache with a limit, garbage collection, and every `orphan_scan_interval` the orphan scan.
+/// The lock is a PostgreSQL session lock, so when its holder dies another replica takes it at
+/// its next tick (SQLite: always this process).
 pub(crate) async fn gc_loop(state: AppState) {
     let mut interval = tokio::time::interval(state.config.gc_interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut lease: Option<HeldLock> = None;
+    let mut last_orphan_scan: Option<std::time::Instant> = None;
     loop {
         interval.tick().await;
         remove_stale_multipart(&state).await;
@@ -367,6 +392,14 @@ pub(crate) async fn gc_loop(state: AppState) {
             Ok(0) => {}
             Ok(n) => tracing::info!(objects = n, "garbage collected"),
             Err(e) => tracing::warn!(error = %e, "garbage collection failed"),
+        }
+        // The first scan runs when this replica first holds the lock, so a replica restarted
+        // more often than the interval still scans.
+        if let Some(every) = state.config.orphan_scan_interval {
+            if last_orphan_scan.is_none_or(|t| t.elapsed() >= every) {
+                last_orphan_scan = Some(std::time::Instant::now());
+                remove_orphans(&state).await;
+            }
         }
     }
 }
