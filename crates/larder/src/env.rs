@@ -13,7 +13,8 @@
 //! Server (`larder serve`; flags override these, these override the config file):
 //! `LARDER_SERVE_CONFIG`, `LARDER_LISTEN`, `LARDER_DATA_DIR`, `LARDER_PUBLIC_URL`,
 //! `LARDER_DATABASE`, `LARDER_DATABASE_MAX_CONNECTIONS`, `LARDER_STORAGE`, `LARDER_NAR_REDIRECT`,
-//! `LARDER_COMPRESSION`, `LARDER_COMPRESSION_LEVEL`, `LARDER_MAX_UPLOAD_SIZE`, `LARDER_GC_INTERVAL`.
+//! `LARDER_COMPRESSION`, `LARDER_COMPRESSION_LEVEL`, `LARDER_MAX_UPLOAD_SIZE`, `LARDER_GC_INTERVAL`,
+//! `LARDER_ORPHAN_SCAN_INTERVAL`.
 //! S3 credentials (`larder serve` with `s3://` storage, `larder migrate`): the standard
 //! `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` (they override the config file's
 //! `s3_access_key_id` / `s3_secret_access_key`).

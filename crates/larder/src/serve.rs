@@ -13,8 +13,8 @@ use crate::env;
 pub struct ServeArgs {
     /// TOML config file (keys: listen, data_dir, public_url, database,
     /// database_max_connections, storage, s3_access_key_id, s3_secret_access_key,
-    /// nar_redirect, compression, compression_level, max_upload_size, gc_interval; see the
-    /// README).
+    /// nar_redirect, compression, compression_level, max_upload_size, gc_interval,
+    /// evicted_nar_grace, orphan_scan_interval, orphan_grace, upstream_keys; see the README).
     #[arg(long, env = "LARDER_SERVE_CONFIG")]
     config: Option<PathBuf>,
     /// Address to listen on; `127.0.0.1:0` picks a free port. [default: 127.0.0.1:8080]
@@ -55,6 +55,10 @@ pub struct ServeArgs {
     /// Garbage collection interval, e.g. 1h. [default: 1h]
     #[arg(long, env = "LARDER_GC_INTERVAL")]
     gc_interval: Option<String>,
+    /// How often to delete orphaned objects (objects in the store that no metadata names,
+    /// older than `orphan_grace`), e.g. 24h; 0 or `off` disables it. [default: 24h]
+    #[arg(long, env = "LARDER_ORPHAN_SCAN_INTERVAL")]
+    orphan_scan_interval: Option<String>,
 }
 
 fn default_data_dir() -> anyhow::Result<PathBuf> {
@@ -85,7 +89,8 @@ fn resolve_config(args: ServeArgs) -> anyhow::Result<(ConfigFile, PathBuf)> {
         nar_redirect,
         compression,
         compression_level,
-        gc_interval
+        gc_interval,
+        orphan_scan_interval
     );
     // S3 credentials: the standard AWS variables override the file (never flags: a flag is
     // visible to every user in the process list).
