@@ -3,7 +3,9 @@
 //! eviction keeps it under the limit, least recently used closures first, every served
 //! narinfo's references and NAR are served, the pinned closure stays, and real Nix substitutes
 //! every remaining closure. A second test runs `larder gc` in a loop while closures are pushed
-//! and pulled, and checks that no served narinfo ever names a NAR that is gone.
+//! and pulled, and checks that no served narinfo ever names a NAR that is gone. A third drops
+//! stray objects into a server's object directory and checks that the orphan scan deletes the
+//! chunk-shaped one only, and that real Nix still substitutes the closure pushed before.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on any unexpected error
 
@@ -345,4 +347,111 @@ async fn gc_loop_during_push_and_pull_never_serves_a_narinfo_without_its_nar() {
     let (size, max) = cache_size(&server, "race");
     assert!(size <= max, "{size} > {max}");
     walk(&url, &every).await;
+}
+
+/// Every file under `dir`, relative to it.
+fn files_under(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut dirs = vec![dir.to_owned()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else {
+                out.push(p.strip_prefix(dir).unwrap().display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Set a file's mtime two days back (beyond the default 24 h orphan grace).
+fn age(path: &std::path::Path) {
+    let ok = Command::new("touch")
+        .args(["-d", "2 days ago"])
+        .arg(path)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "touch {}", path.display());
+}
+
+/// `larder serve` with a 1 s orphan scan and the default 24 h grace: after a closure is pushed
+/// with `larder push`, a chunk-shaped object that no metadata names (two days old) is deleted,
+/// while the closure's own chunks (aged the same) and files that are not chunks stay, and real
+/// Nix still substitutes the closure.
+#[test]
+fn orphan_scan_deletes_a_stray_chunk_and_keeps_the_closure() {
+    require_nix();
+    let server = Server::start_with(&["--gc-interval", "1s", "--orphan-scan-interval", "1s"]);
+    let info = server.create_cache("orph", &[]);
+    let key = info["public_key"].as_str().unwrap().to_owned();
+    let work = tempfile::tempdir().unwrap();
+    let cache_url = format!("{}/orph", server.url);
+    let push = format!(
+        "env -u LARDER_CONFIG HOME={home} LARDER_SERVER={url} LARDER_TOKEN={token} {bin} push orph \"$TOP\"",
+        home = work.path().display(),
+        url = server.url,
+        token = server.token("push", "orph"),
+        bin = larder_bin(),
+    );
+    let env = vec![
+        ("CACHE_URL", cache_url.clone()),
+        ("TRUSTED_PUBLIC_KEY", key),
+        ("PUSH_CMD", push),
+    ];
+    let out = oracle(&["run"], &work.path().join("oracle"), &env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "oracle failed:\n{stderr}");
+
+    let objects = server.data.path().join("store/objects");
+    let pushed = files_under(&objects);
+    assert!(
+        pushed.len() >= 2 && pushed.iter().all(|k| k.starts_with("chunk/")),
+        "{pushed:?}"
+    );
+    let hash = larder_nix::hash::Sha256::digest(b"stray").to_nix32();
+    let stray = format!("chunk/{}/{hash}", &hash[..2]);
+    let others = [format!("{stray}.part"), "notes/readme".to_owned()];
+    for k in others.iter().chain([&stray]) {
+        let p = objects.join(k);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, b"stray").unwrap();
+    }
+    for k in files_under(&objects) {
+        age(&objects.join(k));
+    }
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !server
+        .log()
+        .contains("orphan scan: deleted 1 orphaned objects")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no scan deleted the stray chunk:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        !objects.join(&stray).exists(),
+        "the stray chunk is still there"
+    );
+    let mut expected: Vec<String> = pushed.iter().chain(&others).cloned().collect();
+    expected.sort();
+    assert_eq!(files_under(&objects), expected);
+    let (code, metrics) = server.http("GET", "/metrics", None);
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("\nlarder_orphaned_objects_deleted_total 1\n"),
+        "{metrics}"
+    );
+
+    let out = oracle(&["verify"], &work.path().join("oracle"), &env[..2]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "oracle verify failed:\n{stderr}");
+    assert!(stderr.contains(&format!("PASS {cache_url}")), "{stderr}");
 }
