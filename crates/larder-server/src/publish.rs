@@ -347,10 +347,11 @@ pub async fn collect_garbage(state: &AppState) -> Result<usize, ApiError> {
 }
 
 /// Delete the objects that no metadata names, last modified longer than `orphan_grace` ago
-/// (see `larder_store::orphans`), and log what was done.
-async fn remove_orphans(state: &AppState) {
+/// (see `larder_store::orphans`), and log what was done. Whether the scan is over until the
+/// next interval: false when a backend failed, so that it runs again at the next tick.
+async fn remove_orphans(state: &AppState) -> bool {
     let Some(cutoff) = std::time::SystemTime::now().checked_sub(state.config.orphan_grace) else {
-        return;
+        return true;
     };
     match larder_store::orphans::remove_orphans(&state.meta, &state.objects, cutoff).await {
         Ok(r) => {
@@ -364,8 +365,16 @@ async fn remove_orphans(state: &AppState) {
                 "orphan scan: deleted {} orphaned objects",
                 r.deleted
             );
+            true
         }
-        Err(e) => tracing::warn!(error = %crate::error::error_chain(&e), "orphan scan failed"),
+        Err(e @ larder_store::orphans::OrphanError::MostlyUnknown { .. }) => {
+            tracing::warn!(error = %e, "orphan scan refused");
+            true
+        }
+        Err(e) => {
+            tracing::warn!(error = %crate::error::error_chain(&e), "orphan scan failed; retrying at the next tick");
+            false
+        }
     }
 }
 
@@ -396,9 +405,9 @@ pub(crate) async fn gc_loop(state: AppState) {
         // The first scan runs when this replica first holds the lock, so a replica restarted
         // more often than the interval still scans.
         if let Some(every) = state.config.orphan_scan_interval {
-            if last_orphan_scan.is_none_or(|t| t.elapsed() >= every) {
+            if last_orphan_scan.is_none_or(|t| t.elapsed() >= every) && remove_orphans(&state).await
+            {
                 last_orphan_scan = Some(std::time::Instant::now());
-                remove_orphans(&state).await;
             }
         }
     }
