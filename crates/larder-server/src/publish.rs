@@ -332,15 +332,7 @@ pub fn render_narinfo(path: &PathRow) -> Result<String, ApiError> {
 pub async fn collect_garbage(state: &AppState) -> Result<usize, ApiError> {
     let ttl = crate::config::PENDING_UPLOAD_TTL.as_secs() as i64;
     let grace = state.config.evicted_nar_grace.as_secs() as i64;
-    let objects = &state.objects;
-    let delete = |key: String| -> futures::future::BoxFuture<'_, _> {
-        Box::pin(async move {
-            objects
-                .delete(&key)
-                .await
-                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
-        })
-    };
+    let delete = |key| state.objects.delete_boxed(key);
     // A chunk's claim lives as long as a pending upload: what is claimed is recorded within
     // that time or is garbage.
     Ok(state.meta.collect_garbage(ttl, grace, ttl, &delete).await?)

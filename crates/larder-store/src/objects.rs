@@ -171,6 +171,15 @@ impl ObjectStore {
         }
     }
 
+    /// [`ObjectStore::delete`] with its error boxed: the shape of the metadata's cleanup
+    /// callback ([`crate::meta::DeleteObject`]), e.g. `&|key| objects.delete_boxed(key)`.
+    pub fn delete_boxed(
+        &self,
+        key: String,
+    ) -> futures::future::BoxFuture<'_, Result<(), Box<dyn std::error::Error + Send + Sync>>> {
+        Box::pin(async move { Ok(self.delete(&key).await?) })
+    }
+
     /// Every object's key, in no particular order (objects named outside the key alphabet,
     /// which larder never writes, are left out).
     pub fn list(&self) -> BoxStream<'static, Result<String, ObjectError>> {

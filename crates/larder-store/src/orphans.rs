@@ -89,15 +89,7 @@ pub async fn remove_orphans(
     if old_unknown == 0 {
         return Ok(report);
     }
-    let delete = |key: String| -> futures::future::BoxFuture<'_, _> {
-        Box::pin(async move {
-            objects
-                .delete(&key)
-                .await
-                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
-        })
-    };
-    let delete: &DeleteObject<'_> = &delete;
+    let delete: &DeleteObject<'_> = &|key| objects.delete_boxed(key);
     let mut listing = objects.list_detailed().chunks(ORPHAN_BATCH);
     let mut ignored = OrphanReport::default();
     while let Some(batch) = listing.next().await {

@@ -397,14 +397,7 @@ fn orphan_scan_deletes_a_stray_chunk_and_keeps_the_closure() {
         token = server.token("push", "orph"),
         bin = larder_bin(),
     );
-    let env = vec![
-        ("CACHE_URL", cache_url.clone()),
-        ("TRUSTED_PUBLIC_KEY", key),
-        ("PUSH_CMD", push),
-    ];
-    let out = oracle(&["run"], &work.path().join("oracle"), &env);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "oracle failed:\n{stderr}");
+    oracle_pass(&work.path().join("oracle"), &cache_url, &key, Some(push));
 
     let objects = server.data.path().join("store/objects");
     let pushed = files_under(&objects);
@@ -450,8 +443,5 @@ fn orphan_scan_deletes_a_stray_chunk_and_keeps_the_closure() {
         "{metrics}"
     );
 
-    let out = oracle(&["verify"], &work.path().join("oracle"), &env[..2]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "oracle verify failed:\n{stderr}");
-    assert!(stderr.contains(&format!("PASS {cache_url}")), "{stderr}");
+    oracle_pass(&work.path().join("oracle"), &cache_url, &key, None);
 }

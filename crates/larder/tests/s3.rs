@@ -26,15 +26,7 @@ fn s3_server(garage: &Garage, extra: &[&str]) -> Server {
 fn oracle_push(server: &Server, cache: &str, key: &str, push_cmd: String) -> tempfile::TempDir {
     let work = tempfile::tempdir().unwrap();
     let cache_url = format!("{}/{cache}", server.url);
-    let env = vec![
-        ("CACHE_URL", cache_url.clone()),
-        ("TRUSTED_PUBLIC_KEY", key.to_owned()),
-        ("PUSH_CMD", push_cmd),
-    ];
-    let out = oracle(&["run"], &work.path().join("oracle"), &env);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "oracle failed:\n{stderr}");
-    assert!(stderr.contains(&format!("PASS {cache_url}")), "{stderr}");
+    oracle_pass(&work.path().join("oracle"), &cache_url, key, Some(push_cmd));
     work
 }
 
@@ -119,15 +111,7 @@ async fn presigned_redirects_work_with_nix_and_keep_range() {
             // The oracle's Nix downloads every NAR through the redirect.
             let work = tempfile::tempdir().unwrap();
             let cache_url = format!("{server_url}/direct");
-            let env = vec![
-                ("CACHE_URL", cache_url.clone()),
-                ("TRUSTED_PUBLIC_KEY", key),
-                ("PUSH_CMD", push),
-            ];
-            let out = oracle(&["run"], &work.path().join("oracle"), &env);
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            assert!(out.status.success(), "oracle failed:\n{stderr}");
-            assert!(stderr.contains(&format!("PASS {cache_url}")), "{stderr}");
+            oracle_pass(&work.path().join("oracle"), &cache_url, &key, Some(push));
             work
         }
     })

@@ -36,29 +36,15 @@ fn push_then_verify(push_to: &Server, verify_at: &Server, cache: &str, key: &str
     let work = tempfile::tempdir().unwrap().keep();
     let token = push_to.token("push", cache);
     let cache_url = format!("{}/{cache}", verify_at.url);
-    let env = vec![
-        ("CACHE_URL", cache_url.clone()),
-        ("TRUSTED_PUBLIC_KEY", key.to_owned()),
-        ("PUSH_CMD", push_cmd(push_to, &token, cache, &work)),
-    ];
-    let out = oracle(&["run"], &work.join("oracle"), &env);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "oracle failed:\n{stderr}");
-    assert!(stderr.contains(&format!("PASS {cache_url}")), "{stderr}");
+    let push = push_cmd(push_to, &token, cache, &work);
+    oracle_pass(&work.join("oracle"), &cache_url, key, Some(push));
     work
 }
 
 /// Real Nix verifies the closure the oracle built in `work` through `server`.
 fn verify(work: &Path, server: &Server, cache: &str, key: &str) {
     let cache_url = format!("{}/{cache}", server.url);
-    let env = vec![
-        ("CACHE_URL", cache_url.clone()),
-        ("TRUSTED_PUBLIC_KEY", key.to_owned()),
-    ];
-    let out = oracle(&["verify"], &work.join("oracle"), &env);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "oracle verify failed:\n{stderr}");
-    assert!(stderr.contains(&format!("PASS {cache_url}")), "{stderr}");
+    oracle_pass(&work.join("oracle"), &cache_url, key, None);
 }
 
 fn health(server: &Server) -> (u16, serde_json::Value) {

@@ -261,6 +261,28 @@ pub fn oracle(args: &[&str], workdir: &Path, env: &[(&str, String)]) -> Output {
     cmd.output().expect("run nix-oracle.sh")
 }
 
+/// Run the oracle's `run` (with `push_cmd`) or `verify` (without) against `cache_url` with
+/// `key` trusted, in `workdir`; fail the test unless it passes. Returns its stderr.
+#[track_caller]
+pub fn oracle_pass(workdir: &Path, cache_url: &str, key: &str, push_cmd: Option<String>) -> String {
+    let mut env = vec![
+        ("CACHE_URL", cache_url.to_owned()),
+        ("TRUSTED_PUBLIC_KEY", key.to_owned()),
+    ];
+    let cmd = match push_cmd {
+        Some(push) => {
+            env.push(("PUSH_CMD", push));
+            "run"
+        }
+        None => "verify",
+    };
+    let out = oracle(&[cmd], workdir, &env);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "oracle {cmd} failed:\n{stderr}");
+    assert!(stderr.contains(&format!("PASS {cache_url}")), "{stderr}");
+    stderr
+}
+
 pub fn nix(args: &[&str], xdg: &Path) -> Output {
     Command::new("nix")
         .args(args)
