@@ -348,15 +348,24 @@ async fn remove_orphans(state: &AppState) -> bool {
     match larder_store::orphans::remove_orphans(&state.meta, &state.objects, cutoff).await {
         Ok(r) => {
             state.metrics.orphans_deleted(r.deleted);
-            tracing::info!(
-                objects = r.objects,
-                chunks = r.chunks,
-                unknown = r.unknown,
-                deleted = r.deleted,
-                deleted_bytes = r.deleted_bytes,
-                "orphan scan: deleted {} orphaned objects",
-                r.deleted
-            );
+            // Like garbage collection, a scan that found nothing is not news.
+            if r.deleted == 0 {
+                tracing::debug!(
+                    objects = r.objects,
+                    chunks = r.chunks,
+                    "orphan scan: nothing to delete"
+                );
+            } else {
+                tracing::info!(
+                    objects = r.objects,
+                    chunks = r.chunks,
+                    unknown = r.unknown,
+                    deleted = r.deleted,
+                    deleted_bytes = r.deleted_bytes,
+                    "orphan scan: deleted {} orphaned objects",
+                    r.deleted
+                );
+            }
             true
         }
         Err(e @ larder_store::orphans::OrphanError::MostlyUnknown { .. }) => {
