@@ -216,9 +216,21 @@ impl Browser {
     fn texts(&self, css: &str) -> Vec<String> {
         self.all(css).iter().map(|e| self.text(e)).collect()
     }
+    /// Click the element `css`, a link or a submit button: every click in this test navigates,
+    /// so wait (up to 15 s) until the page's URL changes. WebDriver may answer a click that
+    /// submits a form before the navigation it starts, and reading the URL then races it.
     fn click(&self, css: &str) {
+        let before = self.url();
         let e = self.one(css);
         self.call("POST", &self.s(&format!("/element/{e}/click")), json!({}));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.url() == before {
+            assert!(
+                Instant::now() < deadline,
+                "clicking {css} on {before} did not navigate"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
     fn type_into(&self, css: &str, text: &str) {
         let e = self.one(css);
