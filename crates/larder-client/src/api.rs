@@ -151,18 +151,8 @@ pub struct DeleteReport {
     pub freed: i64,
 }
 
-/// Percent-encode one URL path segment (store path names may hold `?`, `=` or `+`).
-fn segment(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
+/// Percent-encoding of one URL path segment (store path names may hold `?`, `=` or `+`).
+use larder_nix::url::encode_component as segment;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TokenInfo {

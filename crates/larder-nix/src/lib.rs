@@ -13,6 +13,7 @@ pub mod narinfo;
 pub mod nixbase32;
 pub mod signing;
 pub mod store_path;
+pub mod url;
 mod util;
 
 pub use cache_info::CacheInfo;

@@ -364,19 +364,8 @@ fn layout(
     }
 }
 
-/// Percent-encode all but RFC 3986's unreserved characters: safe in a path segment and in a
-/// query value (store path names may hold `+`, `?` and `=`).
-pub fn pct(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
+/// Percent-encoding for a path segment or a query value.
+pub use larder_nix::url::encode_component as pct;
 
 fn cache_href(cache: &str) -> String {
     format!("/ui/caches/{}", pct(cache))

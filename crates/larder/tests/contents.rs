@@ -12,14 +12,7 @@ use common::*;
 use serde_json::Value;
 
 fn unique(name: &str) -> String {
-    format!(
-        "{name}-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    )
+    format!("{name}-{}", unique_tag())
 }
 
 /// Build `top`, which references `dep`; returns (top, dep).

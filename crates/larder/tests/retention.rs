@@ -19,17 +19,6 @@ use common::*;
 
 const MIB: u64 = 1 << 20;
 
-fn unique() -> String {
-    format!(
-        "{}{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    )
-}
-
 /// `n` closures `app-i → {blob-i (random, `kib` KiB), lib}`; returns the app paths.
 fn build_closures(tag: &str, n: usize, kib: usize) -> Vec<String> {
     build_expr(&format!(
@@ -141,7 +130,7 @@ async fn lru_eviction_keeps_closures_whole_and_real_nix_substitutes_what_remains
     let key = info["public_key"].as_str().unwrap().to_owned();
     let admin = server.token("admin", "ret");
     let url = format!("{}/ret", server.url);
-    let tag = unique();
+    let tag = unique_tag();
     let apps = build_closures(&tag, 12, 1024);
     assert_eq!(apps.len(), 12);
     let closures: Vec<Vec<String>> = apps.iter().map(|a| closure(a)).collect();
@@ -245,7 +234,7 @@ async fn gc_loop_during_push_and_pull_never_serves_a_narinfo_without_its_nar() {
     let key = info["public_key"].as_str().unwrap().to_owned();
     let admin = server.token("admin", "race");
     let url = format!("{}/race", server.url);
-    let apps = build_closures(&unique(), 10, 384);
+    let apps = build_closures(&unique_tag(), 10, 384);
     let every: Vec<String> = {
         let mut v: Vec<String> = apps.iter().flat_map(|a| closure(a)).collect();
         v.sort();

@@ -172,14 +172,7 @@ fn two_replicas(shared: Shared) {
 
     // The same closure pushed through both replicas at the same moment: both succeed, and
     // every path and every NAR is stored once.
-    let tag = format!(
-        "{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    );
+    let tag = unique_tag();
     let top = build_expr(&format!(
         "let mk = n: derivation {{ name = \"race-${{n}}-{tag}\"; system = builtins.currentSystem; \
          builder = \"/bin/sh\"; args = [\"-c\" \"echo ${{n}} {tag} > $out\"]; }}; \

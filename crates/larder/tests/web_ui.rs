@@ -297,14 +297,7 @@ impl Drop for Browser {
 /// Build with real Nix: `top` (referencing `dep`) and `hellos` independent paths, in one
 /// `nix-build`; returns (top, dep, hellos).
 fn build_paths(hellos: usize) -> (String, String, Vec<String>) {
-    let tag = format!(
-        "{}{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos()
-    );
+    let tag = unique_tag();
     let mk = |name: &str, content: &str| {
         format!(
             "derivation {{ name = \"{name}\"; system = builtins.currentSystem; \
@@ -323,23 +316,7 @@ fn build_paths(hellos: usize) -> (String, String, Vec<String>) {
         ));
     }
     let expr = format!("[ {} ]", items.join(" "));
-    let xdg = tempfile::tempdir().unwrap();
-    let o = Command::new("nix-build")
-        .args(["--no-out-link", "-E", &expr])
-        .env("NIX_CONFIG", NIX_CONFIG)
-        .env("XDG_CACHE_HOME", xdg.path())
-        .output()
-        .expect("run nix-build");
-    assert!(
-        o.status.success(),
-        "nix-build: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let outs: Vec<String> = String::from_utf8(o.stdout)
-        .unwrap()
-        .lines()
-        .map(str::to_owned)
-        .collect();
+    let outs = build_expr(&expr);
     assert_eq!(outs.len(), hellos + 1, "{outs:?}");
     let top = outs[0].clone();
     let refs = Command::new("nix-store")

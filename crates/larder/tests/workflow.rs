@@ -11,17 +11,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn unique() -> String {
-    format!(
-        "{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    )
-}
-
 /// `n` independent test derivations in one expression.
 fn many_expr(tag: &str, n: usize) -> String {
     format!(
@@ -101,7 +90,7 @@ fn daemon_queue_survives_kill_9_and_pushes_everything_after_restart() {
         .success());
 
     // 20 builds, each queued by the real post-build-hook (root is trusted with it).
-    let tag = format!("hooked-{}", unique());
+    let tag = format!("hooked-{}", unique_tag());
     let xdg = tempfile::tempdir().unwrap();
     let t0 = Instant::now();
     let o = Command::new("nix-build")
@@ -233,7 +222,7 @@ fn watch_store_pushes_new_builds_and_drains_on_sigterm() {
         assert!(Instant::now() < deadline, "watch-store did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let tag = format!("watched-{}", unique());
+    let tag = format!("watched-{}", unique_tag());
     let xdg = tempfile::tempdir().unwrap();
     let o = Command::new("nix-build")
         .args(["--no-out-link", "-E", &many_expr(&tag, 5)])
@@ -271,7 +260,7 @@ fn watch_exec_case(mode: Option<&str>) {
     let server = Server::start();
     server.create_cache("exec", &[]);
     let token = server.token("push", "exec");
-    let tag = format!("exec-{}", unique());
+    let tag = format!("exec-{}", unique_tag());
     let dir = tempfile::tempdir().unwrap();
     let out_file = dir.path().join("outs");
     let marker = dir.path().join("go-on");
@@ -346,7 +335,7 @@ fn build_once_pull_everywhere() {
     let dir = tempfile::tempdir().unwrap();
     let flake = dir.path().join("flake");
     std::fs::create_dir_all(&flake).unwrap();
-    let tag = unique();
+    let tag = unique_tag();
     std::fs::write(
         flake.join("flake.nix"),
         format!(

@@ -313,16 +313,22 @@ pub fn build_expr(expr: &str) -> Vec<String> {
         .collect()
 }
 
-/// Build a one-file test derivation with real Nix; returns its output path.
-pub fn build_file(name: &str, content: &str) -> String {
-    let unique = format!(
-        "{name}-{}-{}",
+/// Digits unique to this moment and process, to keep test derivations (and so store paths)
+/// apart from every earlier run's.
+pub fn unique_tag() -> String {
+    format!(
+        "{}{}",
         std::process::id(),
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_nanos()
-    );
+    )
+}
+
+/// Build a one-file test derivation with real Nix; returns its output path.
+pub fn build_file(name: &str, content: &str) -> String {
+    let unique = format!("{name}-{}", unique_tag());
     let expr = format!(
         "derivation {{ name = \"{unique}\"; system = builtins.currentSystem; builder = \"/bin/sh\"; \
          args = [\"-c\" \"echo {content} > $out\"]; }}"
