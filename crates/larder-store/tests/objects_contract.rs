@@ -249,11 +249,11 @@ async fn invisible_until_complete(b: &Backend) {
     assert!(polls > 0);
     assert_eq!(hash_object(&s, &key).await, (key.clone(), 48 << 20));
 
-    // A caller that gives up half-way (a client hanging up) leaves no partial object:
-    // the upload finishes (or is aborted) on its own.
+    // A caller that gives up at once (a client hanging up; the store has not even answered
+    // whether the object exists) leaves no partial object: the put finishes on its own.
     let src2 = b.store.staging_dir().join("big2");
     let key2 = write_big(&src2, 40);
-    let _ = tokio::time::timeout(Duration::from_millis(30), s.put_file(&key2, &src2)).await;
+    let _ = tokio::time::timeout(Duration::from_millis(1), s.put_file(&key2, &src2)).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if s.exists(&key2).await.unwrap() {
@@ -264,6 +264,11 @@ async fn invisible_until_complete(b: &Backend) {
             Instant::now() < deadline,
             "the abandoned upload never finished"
         );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // …and consumes its staged file, as a completed put does.
+    while src2.exists() {
+        assert!(Instant::now() < deadline, "the staged file was left behind");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -317,19 +317,22 @@ impl S3Objects {
     }
 
     pub(super) async fn put_file(&self, key: &str, src: &Path) -> Result<(), ObjectError> {
-        if !self.exists(key).await? {
-            // A task of its own: cancelling the caller (a client hanging up) must not stop an
-            // upload half-way; it completes or is aborted.
-            let store = self.ops.clone();
-            let (path, k, file) = (self.path(key), key.to_owned(), src.to_owned());
-            tokio::spawn(async move { upload(&store, &path, &k, &file).await })
-                .await
-                .map_err(|e| local_io("put", key, std::io::Error::other(e)))??;
-        }
-        match tokio::fs::remove_file(src).await {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(local_io("put", key, e)),
-            _ => Ok(()),
-        }
+        // The whole put (the existence check, the upload, consuming `src`) is a task of its
+        // own, started at the first poll: cancelling the caller (a client hanging up) must not
+        // stop an upload half-way, nor leave the staged file behind; it completes or is aborted.
+        let store = self.ops.clone();
+        let (path, k, file) = (self.path(key), key.to_owned(), src.to_owned());
+        tokio::spawn(async move {
+            if !exists(&store, &path, &k).await? {
+                upload(&store, &path, &k, &file).await?;
+            }
+            match tokio::fs::remove_file(&file).await {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(local_io("put", &k, e)),
+                _ => Ok(()),
+            }
+        })
+        .await
+        .map_err(|e| local_io("put", key, std::io::Error::other(e)))?
     }
 
     pub(super) async fn get(
@@ -366,11 +369,7 @@ impl S3Objects {
     }
 
     pub(super) async fn exists(&self, key: &str) -> Result<bool, ObjectError> {
-        match self.ops.head(&self.path(key)).await {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(e) => Err(classify("head", key, e)),
-        }
+        exists(&self.ops, &self.path(key), key).await
     }
 
     pub(super) async fn delete(&self, key: &str) -> Result<(), ObjectError> {
@@ -461,6 +460,14 @@ async fn read_part(file: &mut tokio::fs::File, n: usize) -> std::io::Result<Vec<
         }
     }
     Ok(buf)
+}
+
+async fn exists(store: &AmazonS3, path: &ObjectPath, key: &str) -> Result<bool, ObjectError> {
+    match store.head(path).await {
+        Ok(_) => Ok(true),
+        Err(object_store::Error::NotFound { .. }) => Ok(false),
+        Err(e) => Err(classify("head", key, e)),
+    }
 }
 
 async fn upload(
