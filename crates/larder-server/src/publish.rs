@@ -389,6 +389,7 @@ pub(crate) async fn gc_loop(state: AppState) {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut lease: Option<HeldLock> = None;
     let mut last_orphan_scan: Option<std::time::Instant> = None;
+    let mut orphan_scan: Option<tokio::task::JoinHandle<bool>> = None;
     loop {
         interval.tick().await;
         remove_stale_multipart(&state).await;
@@ -404,11 +405,18 @@ pub(crate) async fn gc_loop(state: AppState) {
             Err(e) => tracing::warn!(error = %e, "garbage collection failed"),
         }
         // The first scan runs when this replica first holds the lock, so a replica restarted
-        // more often than the interval still scans.
+        // more often than the interval still scans. It runs beside the loop: listing a large
+        // bucket takes minutes, and eviction and garbage collection must not wait for it.
         if let Some(every) = state.config.orphan_scan_interval {
-            if last_orphan_scan.is_none_or(|t| t.elapsed() >= every) && remove_orphans(&state).await
-            {
-                last_orphan_scan = Some(std::time::Instant::now());
+            if let Some(scan) = orphan_scan.take_if(|t| t.is_finished()) {
+                // false (or a panic): run it again at the next tick.
+                if matches!(scan.await, Ok(true)) {
+                    last_orphan_scan = Some(std::time::Instant::now());
+                }
+            }
+            if orphan_scan.is_none() && last_orphan_scan.is_none_or(|t| t.elapsed() >= every) {
+                let state = state.clone();
+                orphan_scan = Some(tokio::spawn(async move { remove_orphans(&state).await }));
             }
         }
     }
