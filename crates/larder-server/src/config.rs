@@ -34,6 +34,12 @@ pub const DEFAULT_ORPHAN_GRACE: Duration = Duration::from_secs(24 * 3600);
 /// The shortest orphan grace accepted. (Uploads are safe at any grace: they claim a chunk
 /// before writing its object.)
 pub const MIN_ORPHAN_GRACE: Duration = Duration::from_secs(3600);
+/// How long a read (GET or HEAD) may take to produce its response head before it is
+/// answered 503: a database or object store that stopped answering (a network partition, a
+/// frozen server) would otherwise hold requests forever. Lookups take milliseconds.
+pub const DEFAULT_BACKEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// The shortest backend timeout accepted.
+pub const MIN_BACKEND_TIMEOUT: Duration = Duration::from_secs(1);
 /// Keys whose signature marks a store path as available upstream: a pushed path may reference
 /// such a path without it being in the cache (Nix substitutes it from upstream).
 pub const DEFAULT_UPSTREAM_KEYS: &[&str] =
@@ -112,6 +118,9 @@ pub struct ConfigFile {
     /// How old an orphaned object must be to be deleted, e.g. `24h`. Default: 24h; at
     /// least 1h.
     pub orphan_grace: Option<String>,
+    /// How long a GET or HEAD request may wait for the database and the object store before
+    /// it is answered 503, e.g. `30s`. Default: 30s; at least 1s.
+    pub backend_timeout: Option<String>,
     /// Public keys (`name:base64`) of upstream caches. Default: cache.nixos.org's key.
     pub upstream_keys: Option<Vec<String>>,
 }
@@ -183,6 +192,7 @@ pub struct Config {
     /// `None`: no orphan scan.
     pub orphan_scan_interval: Option<Duration>,
     pub orphan_grace: Duration,
+    pub backend_timeout: Duration,
     pub upstream_keys: Vec<larder_nix::signing::VerifyingKey>,
 }
 
@@ -267,6 +277,16 @@ impl Config {
                 value: format!("{}s", orphan_grace.as_secs()),
             });
         }
+        let backend_timeout = match file.backend_timeout {
+            Some(s) => parse_duration(&s)?,
+            None => DEFAULT_BACKEND_TIMEOUT,
+        };
+        if backend_timeout < MIN_BACKEND_TIMEOUT {
+            return Err(ConfigError::Value {
+                key: "backend_timeout (at least 1s)",
+                value: format!("{}s", backend_timeout.as_secs()),
+            });
+        }
         let upstream_keys = match file.upstream_keys {
             Some(keys) => keys,
             None => DEFAULT_UPSTREAM_KEYS
@@ -299,6 +319,7 @@ impl Config {
             evicted_nar_grace,
             orphan_scan_interval,
             orphan_grace,
+            backend_timeout,
         })
     }
 
@@ -420,6 +441,19 @@ mod tests {
         assert_eq!(c.orphan_grace, Duration::from_secs(2 * 86400));
         for bad in ["orphan_grace = \"59m\"", "orphan_scan_interval = \"daily\""] {
             let f: ConfigFile = toml::from_str(bad).unwrap();
+            assert!(Config::resolve(f, "/d".into()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn backend_timeout_setting() {
+        let c = Config::resolve(ConfigFile::default(), "/d".into()).unwrap();
+        assert_eq!(c.backend_timeout, DEFAULT_BACKEND_TIMEOUT);
+        let f: ConfigFile = toml::from_str("backend_timeout = \"5s\"").unwrap();
+        let c = Config::resolve(f, "/d".into()).unwrap();
+        assert_eq!(c.backend_timeout, Duration::from_secs(5));
+        for bad in ["0", "500ms", "soon"] {
+            let f: ConfigFile = toml::from_str(&format!("backend_timeout = \"{bad}\"")).unwrap();
             assert!(Config::resolve(f, "/d".into()).is_err(), "{bad}");
         }
     }

@@ -41,6 +41,10 @@ pub enum ApiError {
     DatabaseUnavailable(#[source] larder_store::MetaError),
     #[error("object store unavailable, try again later")]
     ObjectStoreUnavailable(#[source] larder_store::ObjectError),
+    /// A read that waited longer than `backend_timeout` for a backend (one that accepts
+    /// connections but no longer answers).
+    #[error("the metadata database or the object store did not answer within {}s; retry later", .0.as_secs())]
+    BackendTimeout(std::time::Duration),
 }
 
 impl ApiError {
@@ -79,7 +83,8 @@ impl ApiError {
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unavailable(_)
             | ApiError::DatabaseUnavailable(_)
-            | ApiError::ObjectStoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            | ApiError::ObjectStoreUnavailable(_)
+            | ApiError::BackendTimeout(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }
@@ -119,6 +124,7 @@ impl IntoResponse for ApiError {
             ApiError::ObjectStoreUnavailable(source) => {
                 tracing::warn!(error = %error_chain(source), "{status}: {self}");
             }
+            ApiError::BackendTimeout(_) => tracing::warn!("{status}: {self}"),
             _ => tracing::debug!(%status, "{self}"),
         }
         let body = match &self {

@@ -80,10 +80,34 @@ pub fn router(state: AppState) -> Router {
     routes()
         .into_router()
         .layer(axum::middleware::from_fn_with_state(
+            state.config.backend_timeout,
+            read_deadline,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
             metrics::Observer::new(state.metrics.clone()),
             metrics::observe,
         ))
         .with_state(state)
+}
+
+/// A GET or HEAD whose response head is not ready within `backend_timeout` is answered 503
+/// (with Retry-After): a backend that accepts connections but stopped answering must not
+/// hold Nix and every other client forever. Only the head is timed: a NAR then streams for
+/// as long as it takes. Uploads are not timed here; their bodies take as long as the network.
+/// `/healthz` bounds its own checks ([`HEALTH_TIMEOUT`]) to report which backend is away.
+async fn read_deadline(
+    State(limit): State<std::time::Duration>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use axum::http::Method;
+    if !matches!(*req.method(), Method::GET | Method::HEAD) || req.uri().path() == "/healthz" {
+        return next.run(req).await;
+    }
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => error::ApiError::BackendTimeout(limit).into_response(),
+    }
 }
 
 /// How long each backend check of `/healthz` may take: a little more than a request waits

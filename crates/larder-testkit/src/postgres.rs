@@ -161,6 +161,31 @@ impl PgCluster {
         }
     }
 
+    /// Freeze the server (SIGSTOP to the postmaster, then to every backend): connections are
+    /// still accepted by the kernel and queries are sent, but nothing is answered, like a
+    /// server behind a network partition. [`PgCluster::thaw`] resumes it.
+    pub fn freeze(&self) {
+        self.signal_all("-STOP");
+    }
+
+    /// Resume a server frozen by [`PgCluster::freeze`].
+    pub fn thaw(&self) {
+        self.signal_all("-CONT");
+    }
+
+    /// Send `signal` (`-STOP`, `-CONT`) to the postmaster, then to its children.
+    fn signal_all(&self, signal: &str) {
+        let Ok(pidfile) = std::fs::read_to_string(self.dir.path().join("data/postmaster.pid"))
+        else {
+            return;
+        };
+        let Some(pid) = pidfile.lines().next().map(str::trim) else {
+            return;
+        };
+        let _ = Command::new("kill").args([signal, pid]).status();
+        let _ = Command::new("pkill").args([signal, "-P", pid]).status();
+    }
+
     /// The server's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
@@ -201,6 +226,8 @@ impl PgCluster {
 
 impl Drop for PgCluster {
     fn drop(&mut self) {
+        // A frozen server would not hear the stop.
+        self.thaw();
         // Immediate: no checkpoint, the data is thrown away with the directory.
         let _ = self
             .pg_ctl(&["stop", "-m", "immediate", "-w", "-t", "30"])

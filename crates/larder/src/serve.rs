@@ -14,7 +14,8 @@ pub struct ServeArgs {
     /// TOML config file (keys: listen, data_dir, public_url, database,
     /// database_max_connections, storage, s3_access_key_id, s3_secret_access_key,
     /// nar_redirect, compression, compression_level, max_upload_size, gc_interval,
-    /// evicted_nar_grace, orphan_scan_interval, orphan_grace, upstream_keys; see the README).
+    /// evicted_nar_grace, orphan_scan_interval, orphan_grace, backend_timeout, upstream_keys;
+    /// see the README).
     #[arg(long, env = "LARDER_SERVE_CONFIG")]
     config: Option<PathBuf>,
     /// Address to listen on; `127.0.0.1:0` picks a free port. [default: 127.0.0.1:8080]
@@ -59,6 +60,10 @@ pub struct ServeArgs {
     /// older than `orphan_grace`), e.g. 24h; 0 or `off` disables it. [default: 24h]
     #[arg(long, env = "LARDER_ORPHAN_SCAN_INTERVAL")]
     orphan_scan_interval: Option<String>,
+    /// How long a download or lookup (GET, HEAD) waits for the database and the object store
+    /// before it is answered 503 with Retry-After, e.g. 30s. [default: 30s]
+    #[arg(long, env = "LARDER_BACKEND_TIMEOUT")]
+    backend_timeout: Option<String>,
 }
 
 fn default_data_dir() -> anyhow::Result<PathBuf> {
@@ -90,7 +95,8 @@ fn resolve_config(args: ServeArgs) -> anyhow::Result<(ConfigFile, PathBuf)> {
         compression,
         compression_level,
         gc_interval,
-        orphan_scan_interval
+        orphan_scan_interval,
+        backend_timeout
     );
     // S3 credentials: the standard AWS variables override the file (never flags: a flag is
     // visible to every user in the process list).

@@ -2,8 +2,9 @@
 //! two replicas share one database (and one object directory, or one Garage bucket), a push
 //! through one is served by the other, the same closure pushed through both at once is stored
 //! once, and the background work moves when its replica dies; PostgreSQL going away mid-traffic gives fast
-//! 503s and no corrupt entry, and service resumes when it returns, without a restart; an
-//! embedded deployment migrates to PostgreSQL and keeps serving the same closure.
+//! 503s and no corrupt entry, and service resumes when it returns, without a restart (so does
+//! a PostgreSQL that freezes instead, after `backend_timeout`); an embedded deployment migrates
+//! to PostgreSQL and keeps serving the same closure.
 //!
 //! Each test starts its own PostgreSQL cluster (and Garage, when it needs one) on loopback
 //! (`larder-testkit`); PostgreSQL, Garage and Nix are required (`.ci/run` installs them).
@@ -404,6 +405,89 @@ fn postgres_outage_answers_503_fast_and_service_resumes_without_restart() {
     verify(&before, &server, "faults", &key);
     push_then_verify(&server, &server, "faults", &key);
     assert_no_secret(&server, &pg);
+    assert!(server.stop().success());
+}
+
+/// A database that accepts connections but never answers (frozen: a partition, a hung host)
+/// cannot refuse anything; reads give up after `backend_timeout` with a 503, `/healthz` names
+/// the database, and everything works again once it answers, without a restart.
+#[test]
+fn a_frozen_postgres_gets_503_after_the_backend_timeout_and_service_resumes() {
+    require_nix();
+    let pg = PgCluster::start();
+    let db = pg.create_database();
+    let server = Server::start_with(&["--database", &db, "--backend-timeout", "2s"]);
+    let info = server.create_cache("frozen", &[]);
+    let key = info["public_key"].as_str().unwrap().to_owned();
+    let before = push_then_verify(&server, &server, "frozen", &key);
+    let top = std::fs::read_to_string(before.join("oracle/top")).unwrap();
+    let top_hash = Path::new(top.trim()).file_name().unwrap().to_string_lossy()[..32].to_owned();
+
+    // Traffic that keeps the database busy (a missing narinfo is looked up every time), so
+    // the freeze catches queries in flight on connections the pool does not check first.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let (stop, url) = (stop.clone(), server.url.clone());
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let started = Instant::now();
+                let out = Command::new("curl")
+                    .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+                    .args(["--max-time", "30"])
+                    .arg(format!(
+                        "{url}/frozen/00000000000000000000000000000000.narinfo"
+                    ))
+                    .output()
+                    .unwrap();
+                seen.push((
+                    String::from_utf8_lossy(&out.stdout).into_owned(),
+                    started.elapsed(),
+                ));
+            }
+            seen
+        })
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    pg.freeze();
+    // Past the in-memory caches' few seconds, every request reaches the database.
+    std::thread::sleep(Duration::from_secs(6));
+    for path in [
+        format!("/frozen/{top_hash}.narinfo"),
+        "/frozen/00000000000000000000000000000000.narinfo".to_owned(),
+        "/api/v1/caches/frozen".to_owned(),
+    ] {
+        let started = Instant::now();
+        let (code, body) = server.http("GET", &path, None);
+        let took = started.elapsed();
+        assert_eq!(code, 503, "{path}: {body}");
+        assert!(body.contains("did not answer within 2s"), "{path}: {body}");
+        assert!(
+            took >= Duration::from_secs(2) && took < Duration::from_secs(8),
+            "{path}: a 503 after {took:?}"
+        );
+    }
+    let (code, h) = health(&server);
+    assert_eq!(code, 503, "{h}");
+    // "unreachable" (no connection could be checked out in time) or "timed out".
+    assert_eq!(h["metadata"]["ok"], false, "{h}");
+    assert_eq!(h["objects"]["ok"], true, "{h}");
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = traffic.join().unwrap();
+    assert!(seen.iter().any(|(code, _)| code == "503"), "{seen:?}");
+    for (code, took) in &seen {
+        assert!(matches!(code.as_str(), "404" | "503"), "{seen:?}");
+        assert!(*took < Duration::from_secs(8), "{seen:?}");
+    }
+
+    pg.thaw();
+    eventually(30, "/healthz to report ok again", || {
+        health(&server).0 == 200
+    });
+    let (code, body) = server.http("GET", &format!("/frozen/{top_hash}.narinfo"), None);
+    assert_eq!(code, 200, "{body}");
+    verify(&before, &server, "frozen", &key);
     assert!(server.stop().success());
 }
 
