@@ -282,21 +282,6 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
     let version = nix_version().await?;
     out.push_str(&format!("✓ {version}\n"));
     let mut pusher = Pusher::connect(&args.cache).await?;
-    let who = pusher.client.whoami().await.ok();
-    if let Some(w) = &who {
-        let can_push = w.server_admin
-            || (w.perms.iter().any(|p| p == "push" || p == "admin")
-                && w.caches.as_ref().is_none_or(|c| c.contains(&pusher.cache)));
-        if !can_push {
-            return Err(fail_with_hint(
-                format!("the token cannot push to {:?}", pusher.cache),
-                format!(
-                    "create one with `larder token create --perm push --cache {}`",
-                    pusher.cache
-                ),
-            ));
-        }
-    }
     out.push_str(&format!(
         "✓ server {} reachable, token can push to {}\n",
         pusher.client.base_url(),

@@ -181,6 +181,7 @@ pub(crate) async fn upload_settings(
         .cache_info(&t.cache)
         .await
         .with_context(|| format!("cannot use cache {:?}", t.cache))?;
+    crate::pusher::ensure_can_push(&t.client, &t.cache).await?;
     let requested = compression.unwrap_or(&cache.compression);
     let compression = Compression::from_name(requested)
         .ok_or_else(|| anyhow::anyhow!("unknown compression {requested:?}"))?;

@@ -31,8 +31,59 @@ pub struct Batch {
     pub summary: Summary,
 }
 
+/// Fail at once, with one fix, when the token cannot push to `cache` (none, invalid, expired,
+/// revoked, read-only, or for other caches), instead of a 401/403 for every path, or nothing
+/// at all when everything is already there (reads of a public cache need no token).
+pub(crate) async fn ensure_can_push(client: &ApiClient, cache: &str) -> anyhow::Result<()> {
+    let create = format!(
+        "an admin creates one with `larder token create --perm push --cache {cache}`; use it \
+         with `larder login URL TOKEN` or LARDER_TOKEN"
+    );
+    let who = match client.whoami().await {
+        Ok(w) => w,
+        Err(e) if e.status() == Some(401) => {
+            return Err(fail_with_hint(
+                format!("the server refused the token ({e}); nothing was pushed"),
+                create,
+            ))
+        }
+        Err(e) => return Err(e).context("cannot check the token"),
+    };
+    if !who.authenticated {
+        return Err(fail_with_hint(
+            format!("pushing to {cache:?} needs a token and none is set; nothing was pushed"),
+            create,
+        ));
+    }
+    let can_push = who.server_admin
+        || (who.perms.iter().any(|p| p == "push" || p == "admin")
+            && who
+                .caches
+                .as_ref()
+                .is_none_or(|c| c.iter().any(|c| c == cache)));
+    if !can_push {
+        let label = match (who.label.as_deref(), who.token_id.as_deref()) {
+            (Some(l), _) if !l.is_empty() => format!("{l:?}"),
+            (_, Some(id)) => id.to_owned(),
+            _ => "in use".to_owned(),
+        };
+        let scope = match &who.caches {
+            Some(c) => format!("caches {}", c.join(", ")),
+            None => "all caches".to_owned(),
+        };
+        return Err(fail_with_hint(
+            format!(
+                "the token {label} cannot push to {cache:?} (it has {} on {scope}); nothing was pushed",
+                if who.perms.is_empty() { "no permission".to_owned() } else { who.perms.join(", ") },
+            ),
+            create,
+        ));
+    }
+    Ok(())
+}
+
 impl Pusher {
-    /// Check the cache (reachable, token accepted) and prepare `larder push`'s defaults.
+    /// Check the cache (reachable, token can push) and prepare `larder push`'s defaults.
     pub async fn connect(cache_arg: &str) -> anyhow::Result<Self> {
         let t = target(cache_arg)?;
         let info = t
@@ -40,6 +91,7 @@ impl Pusher {
             .cache_info(&t.cache)
             .await
             .with_context(|| format!("cannot use cache {:?}", t.cache))?;
+        ensure_can_push(&t.client, &t.cache).await?;
         let compression = Compression::from_name(&info.compression).unwrap_or(Compression::Zstd);
         let signing_key = crate::push_cmd::signing_key(cache_arg, t.client.base_url())?;
         if info.signing_mode == "client" && signing_key.is_none() {

@@ -7,6 +7,7 @@
 mod common;
 
 use std::process::Command;
+use std::time::Duration;
 
 use common::*;
 
@@ -194,13 +195,17 @@ fn push_bad_input_fails_clearly_and_stores_nothing() {
         assert!(err.starts_with("error: "), "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: {err}");
     }
-    // A token without push: 403 with a hint, nothing stored.
+    // A token without push: refused before anything is sent, with the fix.
     let xdg = tempfile::tempdir().unwrap();
     let p = build_file("badinput", "y");
     let o = server.cli(&pull, &["push", "strict", &p]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(err.contains("403") && err.contains("hint:"), "{err}");
+    assert!(
+        err.contains("cannot push to \"strict\"")
+            && err.contains("larder token create --perm push --cache strict"),
+        "{err}"
+    );
     // An unreachable server.
     let o = Command::new(larder_bin())
         .args(["push", "strict", &p])
@@ -220,6 +225,72 @@ fn push_bad_input_fails_clearly_and_stores_nothing() {
     )
     .unwrap();
     assert_eq!(info["paths"], 0);
+}
+
+/// A token that cannot push is one clear error, once, before any upload: also when every
+/// path is already in the (public) cache, where nothing else would have noticed.
+#[test]
+fn a_token_that_cannot_push_fails_once_even_with_nothing_to_push() {
+    require_nix();
+    let server = Server::start();
+    server.create_cache("gate", &[]);
+    server.create_cache("elsewhere", &[]);
+    let p = build_file("gate", "g");
+    server.cli_ok(&server.token("push", "gate"), &["push", "gate", &p]);
+    let expiring = server
+        .cli_ok(
+            &server.admin_token,
+            &[
+                "token",
+                "create",
+                "--perm",
+                "push",
+                "--cache",
+                "gate",
+                "--expires",
+                "1s",
+            ],
+        )
+        .trim()
+        .to_owned();
+    let created: serde_json::Value = serde_json::from_str(&server.cli_ok(
+        &server.admin_token,
+        &[
+            "token", "create", "--perm", "push", "--cache", "gate", "--json",
+        ],
+    ))
+    .unwrap();
+    let revoked = created["token"].as_str().unwrap().to_owned();
+    server.cli_ok(
+        &server.admin_token,
+        &["token", "revoke", created["id"].as_str().unwrap()],
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let cases = [
+        ("larder_not-a-token".to_owned(), "invalid token"),
+        (expiring, "token expired"),
+        (revoked, "token revoked"),
+        (server.token("pull", "gate"), "it has pull on caches gate"),
+        (
+            server.token("push", "elsewhere"),
+            "it has push on caches elsewhere",
+        ),
+        (String::new(), "needs a token"),
+    ];
+    for (token, why) in cases {
+        let o = server.cli(&token, &["push", "gate", &p]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{why}: {err}");
+        assert!(
+            err.contains(why) && err.contains("nothing was pushed"),
+            "{why}: {err}"
+        );
+        assert_eq!(err.matches("error:").count(), 1, "{why}: {err}");
+        assert!(
+            err.contains("larder token create --perm push --cache gate"),
+            "{err}"
+        );
+    }
 }
 
 #[test]
