@@ -459,6 +459,11 @@ async fn execute_with_display(
 pub struct KeypairArgs {
     /// CACHE or SERVER:CACHE (you need admin on it).
     cache: String,
+    /// Replace the key of a cache that already has paths or a client-held key. The paths
+    /// already in the cache stay signed by the old key only: consumers must keep trusting it
+    /// (next to the new one) until those paths are pushed again or gone.
+    #[arg(long)]
+    rotate: bool,
 }
 
 /// Make a signing key locally, register its public half with the cache (switching it to
@@ -475,9 +480,37 @@ pub async fn generate_keypair(args: KeypairArgs) -> anyhow::Result<()> {
         .next()
         .unwrap_or("")
         .to_owned();
+    let cache = t
+        .client
+        .cache_info(&t.cache)
+        .await
+        .with_context(|| format!("cannot use cache {:?}", t.cache))?;
+    let old_key = cache.public_key.clone().unwrap_or_default();
+    // A new key strands what the old one signed: only on purpose.
+    if (cache.signing_mode == "client" || cache.paths > 0) && !args.rotate {
+        let what = if cache.signing_mode == "client" {
+            "already has a client-held key".to_owned()
+        } else {
+            format!("already holds {} paths signed by its key", cache.paths)
+        };
+        return Err(fail_with_hint(
+            format!("cache {:?} {what} ({old_key}); a new key would leave those paths unverifiable for consumers that trust only the new one", t.cache),
+            format!(
+                "to push with the existing key from another machine, copy its LARDER_SIGNING_KEY; \
+                 to replace it anyway, run `larder generate-keypair {} --rotate`",
+                args.cache
+            ),
+        ));
+    }
+    // Each rotation gets a new name (`-client-2`, …): two keys never share one.
+    let generation = old_key
+        .split_once(':')
+        .and_then(|(name, _)| name.rsplit_once("-client-"))
+        .and_then(|(_, n)| n.parse::<u32>().ok())
+        .map_or(1, |n| n + 1);
     let mut seed = [0u8; 32];
     getrandom::getrandom(&mut seed).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
-    let key = SigningKey::from_seed(&format!("{}.{host}-client-1", t.cache), seed)
+    let key = SigningKey::from_seed(&format!("{}.{host}-client-{generation}", t.cache), seed)
         .context("cannot make a key")?;
     let public = key.verifying_key().to_string();
     t.client
@@ -504,6 +537,14 @@ pub async fn generate_keypair(args: KeypairArgs) -> anyhow::Result<()> {
         path.display(),
         args.cache
     );
+    if cache.paths > 0 {
+        eprintln!(
+            "warning: the {} paths already in the cache are signed by {old_key} only; \
+             consumers must trust both keys until they are pushed again:\n  \
+             extra-trusted-public-keys = {old_key} {public}",
+            cache.paths
+        );
+    }
     print(&format!(
         "export LARDER_SIGNING_KEY={}\n",
         key.to_secret_string()

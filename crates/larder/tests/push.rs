@@ -124,6 +124,37 @@ fn push_client_signed_cache_with_generated_key() {
         &format!("LARDER_SIGNING_KEY={secret}"),
     );
     let _ = std::fs::remove_dir_all(work);
+
+    // Running it again would strand every signed path: refused, the key is unchanged.
+    let o = server.cli(&server.admin_token, &["generate-keypair", "signed"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("--rotate") && err.contains(&key), "{err}");
+    let info: serde_json::Value = serde_json::from_str(
+        &server.cli_ok(&server.admin_token, &["cache", "info", "signed", "--json"]),
+    )
+    .unwrap();
+    assert_eq!(info["public_key"], key.as_str());
+    // On purpose: a new name, and the line consumers need to trust both.
+    let o = server.cli(
+        &server.admin_token,
+        &["generate-keypair", "signed", "--rotate"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let info: serde_json::Value = serde_json::from_str(
+        &server.cli_ok(&server.admin_token, &["cache", "info", "signed", "--json"]),
+    )
+    .unwrap();
+    let new_key = info["public_key"].as_str().unwrap();
+    assert!(
+        new_key.starts_with("signed.127.0.0.1-client-2:"),
+        "{new_key}"
+    );
+    assert!(
+        err.contains(&format!("extra-trusted-public-keys = {key} {new_key}")),
+        "{err}"
+    );
 }
 
 #[test]
