@@ -137,6 +137,38 @@ fn stamp() -> String {
         })
 }
 
+/// `arg` as a shell would need it typed (the log's commands can be pasted).
+fn shell_quote(arg: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_./:#=@+,-".contains(c);
+    if !arg.is_empty() && arg.chars().all(plain) {
+        arg.to_owned()
+    } else {
+        format!("'{}'", arg.replace('\'', r"'\''"))
+    }
+}
+
+/// Create `dir/build-STAMP.log`, or `build-STAMP-2.log`, … when runs share a second.
+fn create_log(dir: &Path) -> anyhow::Result<(PathBuf, std::fs::File)> {
+    let stamp = stamp();
+    for n in 1u32..=1000 {
+        let name = match n {
+            1 => format!("build-{stamp}.log"),
+            _ => format!("build-{stamp}-{n}.log"),
+        };
+        let path = dir.join(name);
+        match std::fs::File::options()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(f) => return Ok((path, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).with_context(|| format!("cannot write {}", path.display())),
+        }
+    }
+    anyhow::bail!("no free log file name in {}", dir.display())
+}
+
 fn duration(secs: f64) -> String {
     let s = secs.round() as u64;
     match s {
@@ -196,7 +228,12 @@ async fn nix_build(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    log.line(&format!("$ nix build {extra:?} {installables:?}"));
+    let shown: Vec<String> = cmd
+        .as_std()
+        .get_args()
+        .map(|a| shell_quote(&a.to_string_lossy()))
+        .collect();
+    log.line(&format!("$ nix {}", shown.join(" ")));
     let mut child = cmd.spawn().context("cannot run nix build")?;
     let stderr = child.stderr.take().context("no stderr")?;
     let (log2, echo2) = (log.clone(), echo);
@@ -262,11 +299,8 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
         None => cache_home()?.join("larder/builds"),
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let log_path = dir.join(format!("build-{}.log", stamp()));
-    let log = Log(Arc::new(Mutex::new(
-        std::fs::File::create(&log_path)
-            .with_context(|| format!("cannot write {}", log_path.display()))?,
-    )));
+    let (log_path, log_file) = create_log(&dir)?;
+    let log = Log(Arc::new(Mutex::new(log_file)));
     let installables = if args.installables.is_empty() {
         vec![if args.file.is_some() {
             String::new()
@@ -653,8 +687,30 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic is how a test fails
 mod tests {
     use super::*;
+
+    #[test]
+    fn logged_commands_can_be_pasted_into_a_shell() {
+        assert_eq!(
+            shell_quote(".#homeConfigurations.host"),
+            ".#homeConfigurations.host"
+        );
+        assert_eq!(shell_quote("--file"), "--file");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote(""), "''");
+        assert_eq!(shell_quote("$HOME"), "'$HOME'");
+    }
+
+    #[test]
+    fn runs_in_the_same_second_get_their_own_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let names: Vec<PathBuf> = (0..3).map(|_| create_log(dir.path()).unwrap().0).collect();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
+        assert!(names[0] != names[1] && names[1] != names[2]);
+    }
 
     #[test]
     fn dry_run_lists_are_parsed() {

@@ -382,6 +382,12 @@ in {{ packages.${{sys}} = {{ shoshin = mk "shoshin"; gyakusatsu = mk "gyakusatsu
         name.starts_with("build-") && name.ends_with(".log") && name.len() == 25,
         "{name}"
     );
+    // The log shows each command as it can be run again.
+    let text = std::fs::read_to_string(log).unwrap();
+    assert!(
+        text.contains(&format!("$ nix build --json --no-link -L {b}\n")),
+        "{text}"
+    );
     // Again, for scripts: one JSON object per installable, then the summary; nothing new.
     let o = larder(
         &server,
