@@ -483,6 +483,15 @@ fn parse_dry_run(lines: &[String]) -> (Vec<String>, Vec<String>, Option<String>)
 }
 
 /// Which of `paths` the cache has, with their (FileSize, NarSize): narinfo lookups, 16 at a time.
+/// The server is down or overloaded (as opposed to refusing the request).
+fn is_outage(e: &larder_client::ClientError) -> bool {
+    match e {
+        larder_client::ClientError::Unreachable { .. } => true,
+        larder_client::ClientError::Status { status, .. } => *status >= 500,
+        _ => false,
+    }
+}
+
 async fn in_cache(
     t: &crate::client_config::Target,
     paths: &[String],
@@ -554,11 +563,22 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
         ));
     }
     out.push_str(&format!("✓ Cache configured: {url}\n"));
-    t.client
-        .nix_cache_info(&t.cache)
-        .await
-        .with_context(|| format!("cache {url} is not reachable"))?;
-    out.push_str("✓ Cache reachable\n");
+    // The seed's promise: a cache that is down means building locally, not failing. A cache
+    // that answers but refuses (a token problem) is still an error: it needs fixing.
+    let reachable = match t.client.nix_cache_info(&t.cache).await {
+        Ok(_) => {
+            out.push_str("✓ Cache reachable\n");
+            true
+        }
+        Err(e) if is_outage(&e) => {
+            out.push_str(&format!("! Cache unreachable ({e})\n"));
+            eprintln!(
+                "warning: {url} is unreachable: what no other substituter has will be built locally"
+            );
+            false
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot use cache {url}")),
+    };
     rep.text(&out)?;
 
     let null_log = Log(Arc::new(Mutex::new(
@@ -573,7 +593,14 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
     )
     .await?;
     let (to_build, to_fetch, size) = parse_dry_run(&dry);
-    let sizes = in_cache(&t, &to_fetch).await?;
+    let sizes = if reachable {
+        in_cache(&t, &to_fetch).await.unwrap_or_else(|e| {
+            eprintln!("warning: cannot look paths up in {url} ({e:#}); Nix decides alone");
+            HashMap::new()
+        })
+    } else {
+        HashMap::new()
+    };
     let (ours, ours_file, ours_nar) = sum_sizes(&sizes, to_fetch.iter());
     rep.text(&format!(
         "Plan: {} paths to fetch{}, {ours} of them from {} ({} download, {} unpacked); \
@@ -586,7 +613,7 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
         to_build.len()
     ))?;
     rep.event(serde_json::json!({
-        "plan": true, "fetch": to_fetch.len(), "fetch_from_cache": ours,
+        "plan": true, "cache_reachable": reachable, "fetch": to_fetch.len(), "fetch_from_cache": ours,
         "fetch_from_cache_bytes": ours_file, "fetch_from_cache_nar_bytes": ours_nar,
         "build": to_build, "fetch_paths": to_fetch,
     }))?;

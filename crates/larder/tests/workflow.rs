@@ -513,3 +513,56 @@ in {{ packages.${{sys}} = {{ shoshin = mk "shoshin"; gyakusatsu = mk "gyakusatsu
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// The seed's "falls back to local build if cache unavailable": with the cache's server down,
+/// `larder pull` warns, builds locally, and succeeds.
+#[test]
+fn pull_builds_locally_when_the_cache_is_down() {
+    require_nix();
+    let server = Server::start();
+    server.create_cache("down", &[]);
+    let token = server.token("pull", "down");
+    let lines = server.cli_ok(&token, &["use", "down", "--mode", "print"]);
+    let nixconf: String = lines
+        .lines()
+        .filter(|l| l.starts_with("extra-"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("default.nix");
+    std::fs::write(
+        &file,
+        format!(
+            "{{ app = derivation {{ name = \"fallback-{}\"; system = builtins.currentSystem; \
+             builder = \"/bin/sh\"; args = [\"-c\" \"echo local > $out\"]; }}; }}",
+            unique_tag()
+        ),
+    )
+    .unwrap();
+    let url = server.url.clone();
+    let home = dir.path().join("home");
+    assert!(server.stop().success());
+    let o = Command::new(larder_bin())
+        .args(["pull", "down", "-f"])
+        .arg(&file)
+        .arg("app")
+        .env("LARDER_SERVER", &url)
+        .env("LARDER_TOKEN", &token)
+        .env("HOME", &home)
+        .env("XDG_CONFIG_HOME", home.join(".config"))
+        .env("NIX_CONFIG", format!("{NIX_CONFIG}\n{nixconf}"))
+        .env("XDG_CACHE_HOME", dir.path().join("xdg"))
+        .output()
+        .unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(out.contains("! Cache unreachable"), "{out}");
+    assert!(
+        err.contains("is unreachable") && err.contains("built locally"),
+        "{err}"
+    );
+    assert!(out.contains("Built locally: 1"), "{out}");
+}
