@@ -151,6 +151,7 @@ pub enum CacheCommand {
     },
     /// List the caches you can see.
     List {
+        /// Print the caches as a JSON array.
         #[arg(long)]
         json: bool,
     },
@@ -158,6 +159,7 @@ pub enum CacheCommand {
     Info {
         /// CACHE or SERVER:CACHE
         cache: String,
+        /// Print the cache as JSON (sizes in bytes).
         #[arg(long)]
         json: bool,
     },
@@ -174,10 +176,13 @@ pub enum CacheCommand {
         /// Storage limit, e.g. 5GiB, or `none` to remove it.
         #[arg(long)]
         max_size: Option<String>,
+        /// Priority advertised to Nix (lower is preferred; cache.nixos.org is 40).
         #[arg(long)]
         priority: Option<i64>,
+        /// Preferred compression of NARs pushed from now on (stored NARs are kept as they are).
         #[arg(long, value_parser = ["zstd", "xz", "none"])]
         compression: Option<String>,
+        /// Print the changed cache as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -387,14 +392,18 @@ pub enum TokenCommand {
     },
     /// List tokens (never their secrets).
     List {
+        /// Print the tokens as a JSON array.
         #[arg(long)]
         json: bool,
+        /// Server name from the client config. [default: the default server]
         #[arg(long)]
         server: Option<String>,
     },
-    /// Revoke a token by its id (from `token list`).
+    /// Revoke a token by its id (from `token list`); it stops working within seconds.
     Revoke {
+        /// The token's id (the ID column of `token list`, not the secret).
         id: String,
+        /// Server name from the client config. [default: the default server]
         #[arg(long)]
         server: Option<String>,
     },

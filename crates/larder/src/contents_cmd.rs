@@ -29,6 +29,7 @@ pub struct LsArgs {
     /// Every page, not just the first.
     #[arg(long)]
     all: bool,
+    /// Print the page (with --all, every path) as JSON, with the total and the next cursor.
     #[arg(long)]
     json: bool,
 }
@@ -39,6 +40,7 @@ pub struct PathInfoArgs {
     cache: String,
     /// A store path, its hash part, or a symlink to it (./result).
     path: String,
+    /// Print the path's narinfo fields, references and referrers as JSON.
     #[arg(long)]
     json: bool,
 }
@@ -56,6 +58,7 @@ pub enum PathCommand {
         /// Also delete every path that (transitively) references it.
         #[arg(long)]
         with_referrers: bool,
+        /// Print the deleted paths as JSON.
         #[arg(long)]
         json: bool,
     },

@@ -103,12 +103,12 @@ enum Command {
     /// else by watching the store); exit with its status once everything is pushed. Example:
     /// `larder watch-exec CACHE -- nix build .#app`.
     WatchExec(watch::WatchExecArgs),
-    /// The seed's `cachix-build-all`: check prerequisites, then build each installable in
-    /// turn and push its closure, reporting build time, push time, paths and bytes; a log
+    /// Build and push, like a `cachix-build-all` script: check prerequisites, then build each
+    /// installable in turn and push its closure, reporting build time, push time, paths and bytes; a log
     /// per run in $XDG_CACHE_HOME/larder/builds. Exit 1 if any installable failed.
     Build(build_cmd::BuildArgs),
-    /// The seed's `cachix-pull`: check the cache is configured and reachable, report what
-    /// will be fetched and what built, realise the installables, report what was fetched and
+    /// Pull, like a `cachix-pull` script: check the cache is configured and reachable (if it
+    /// is down, warn and build locally), report what will be fetched and what built, realise the installables, report what was fetched and
     /// built, then run CMD (after `--`).
     Pull(build_cmd::PullArgs),
     /// Move a deployment's data to other backends, verifiably: metadata with `--from

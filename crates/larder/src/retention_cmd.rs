@@ -15,6 +15,7 @@ pub struct GcArgs {
     /// Only list what would be evicted, in order, and why.
     #[arg(long)]
     dry_run: bool,
+    /// Print the result (or, with --dry-run, the plan) as JSON.
     #[arg(long)]
     json: bool,
 }
@@ -24,7 +25,8 @@ pub struct GcArgs {
 pub struct PinArgs {
     #[command(subcommand)]
     command: Option<PinCommand>,
-    /// CACHE or SERVER:CACHE
+    /// CACHE or SERVER:CACHE (a cache named `list` or `delete` must be written SERVER:CACHE,
+    /// e.g. `default:list`, to tell it from the subcommands)
     #[arg(required = true)]
     cache: Option<String>,
     /// Pin name; pinning the same name again makes a new revision.
@@ -42,6 +44,7 @@ pub struct PinArgs {
     /// Keep every revision (the default).
     #[arg(long)]
     keep_forever: bool,
+    /// Print the pin and its kept revisions as JSON.
     #[arg(long)]
     json: bool,
 }
@@ -52,6 +55,7 @@ enum PinCommand {
     List {
         /// CACHE or SERVER:CACHE
         cache: String,
+        /// Print the pins as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -59,6 +63,7 @@ enum PinCommand {
     Delete {
         /// CACHE or SERVER:CACHE
         cache: String,
+        /// The pin's name (from `pin list`).
         name: String,
     },
 }

@@ -53,13 +53,34 @@ pub struct UseArgs {
     nixos_folder: PathBuf,
 }
 
+/// The modes of [`Mode`] that write something (what `remove` can undo).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum WrittenMode {
+    /// The user's nix.conf ($XDG_CONFIG_HOME/nix/nix.conf).
+    UserNixconf,
+    /// The system nix.conf (/etc/nix/nix.conf), which the daemon reads too.
+    RootNixconf,
+    /// A NixOS module file to import from configuration.nix.
+    Nixos,
+}
+
+impl From<WrittenMode> for Mode {
+    fn from(m: WrittenMode) -> Mode {
+        match m {
+            WrittenMode::UserNixconf => Mode::UserNixconf,
+            WrittenMode::RootNixconf => Mode::RootNixconf,
+            WrittenMode::Nixos => Mode::Nixos,
+        }
+    }
+}
+
 #[derive(clap::Args)]
 pub struct RemoveArgs {
     /// CACHE or SERVER:CACHE
     cache: String,
-    /// Where `use` configured the cache (print is not accepted). [default: as for `use`]
+    /// Where `use` configured the cache. [default: as for `use`]
     #[arg(long, value_enum)]
-    mode: Option<Mode>,
+    mode: Option<WrittenMode>,
     /// Folder of the NixOS module file (`--mode nixos`).
     #[arg(long, default_value = "/etc/nixos")]
     nixos_folder: PathBuf,
@@ -424,13 +445,7 @@ fn print_lines(f: &Facts) -> String {
 }
 
 pub async fn remove_cache(args: RemoveArgs) -> anyhow::Result<()> {
-    let mode = args.mode.unwrap_or_else(default_mode);
-    if mode == Mode::Print {
-        return Err(fail_with_hint(
-            "`--mode print` wrote nothing, so there is nothing to remove",
-            "pick the mode `use` ran with: user-nixconf, root-nixconf or nixos",
-        ));
-    }
+    let mode = args.mode.map_or_else(default_mode, Mode::from);
     let t = target(&args.cache)?;
     // The server may be gone or the cache deleted: removal must still work from the URL.
     let f = match t.client.cache_info(&t.cache).await {
