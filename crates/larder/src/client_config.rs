@@ -130,6 +130,18 @@ pub fn connect(server: Option<&str>) -> anyhow::Result<ApiClient> {
 
 /// Resolve a `CACHE` or `SERVER:CACHE` argument.
 pub fn target(arg: &str) -> anyhow::Result<Target> {
+    // A cache's URL (as `cache info` prints it) where its name belongs.
+    if let Some((scheme, rest)) = arg.split_once("://") {
+        let rest = rest.trim_end_matches('/');
+        let (base, hint) = match rest.rsplit_once('/') {
+            Some((host, name)) => (format!("{scheme}://{host}"), format!(", then pass `{name}`")),
+            None => (format!("{scheme}://{rest}"), ", then pass the cache's name".to_owned()),
+        };
+        return Err(fail_with_hint(
+            format!("{arg:?} is a URL; larder takes a cache's name (CACHE or SERVER:CACHE)"),
+            format!("run `larder login {base} TOKEN` (or set LARDER_SERVER={base}){hint}"),
+        ));
+    }
     let (server, cache) = split_cache_arg(arg);
     Ok(Target {
         client: connect(server)?,

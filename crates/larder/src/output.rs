@@ -40,7 +40,7 @@ pub fn report_error(e: &anyhow::Error) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let mut msg = format!("error: {e}");
-    for cause in e.chain().skip(1) {
+    for cause in causes(e) {
         msg.push_str(&format!("\n  caused by: {cause}"));
     }
     if let Some(hint) = hint_for(e) {
@@ -48,6 +48,26 @@ pub fn report_error(e: &anyhow::Error) -> ExitCode {
     }
     eprintln!("{msg}");
     ExitCode::FAILURE
+}
+
+/// The causes worth reading: the HTTP client's layers of wrapping ("error sending request",
+/// "client error (Connect)", "tcp connect error") are replaced by their root cause
+/// ("Connection refused").
+fn causes(e: &anyhow::Error) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut chain = e.chain().skip(1);
+    while let Some(cause) = chain.next() {
+        if cause.downcast_ref::<reqwest::Error>().is_some() {
+            if let Some(root) = chain.last() {
+                out.push(root.to_string());
+            } else {
+                out.push(cause.to_string());
+            }
+            break;
+        }
+        out.push(cause.to_string());
+    }
+    out
 }
 
 fn hint_for(e: &anyhow::Error) -> Option<String> {

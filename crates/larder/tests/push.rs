@@ -218,6 +218,12 @@ fn push_bad_input_fails_clearly_and_stores_nothing() {
             "regex",
             push.clone(),
         ),
+        // The cache's URL where its name belongs: the hint splits it for the user.
+        (
+            vec!["push", "http://127.0.0.1:1/strict", "/etc/passwd"],
+            "then pass `strict`",
+            push.clone(),
+        ),
     ];
     for (args, needle, token) in cases {
         let o = server.cli(&token, &args);
