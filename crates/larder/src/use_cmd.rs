@@ -292,6 +292,26 @@ async fn check_pull(f: &Facts) -> anyhow::Result<()> {
                      hint: ask an admin for `larder token create --perm pull --cache {}`",
                     f.cache, f.cache
                 );
+            } else if w.server_admin || w.perms.iter().any(|p| p == "push" || p == "admin") {
+                // The netrc holds the token in clear for Nix: it should only read.
+                let can = if w.server_admin || w.perms.iter().any(|p| p == "admin") {
+                    "administer"
+                } else {
+                    "push to"
+                };
+                eprintln!(
+                    "warning: the token written for Nix can also {can} {}; whoever reads the \
+                     netrc file can too\n\
+                     hint: a pull-only token is enough: `larder token create --perm pull --cache \
+                     {}`, then `LARDER_TOKEN=<it> larder use {}`",
+                    if w.server_admin && w.caches.is_none() {
+                        "every cache"
+                    } else {
+                        &f.cache
+                    },
+                    f.cache,
+                    f.arg
+                );
             }
         }
         Err(e) => eprintln!("warning: cannot check the token: {e}"),

@@ -200,10 +200,18 @@ fn use_private_cache_writes_netrc_that_nix_reads() {
     let token = server.token("push", "secret");
     let home = Home::new();
 
-    home.larder_ok(
+    // It works, and says that a token written for Nix could be read-only.
+    let o = home.larder(
         &server,
         &token,
         &["use", "secret", "--mode", "user-nixconf"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("can also push to secret")
+            && err.contains("larder token create --perm pull --cache secret"),
+        "{err}"
     );
     let conf = std::fs::read_to_string(home.nix_conf()).unwrap();
     let netrc = home.netrc();
