@@ -196,6 +196,31 @@ pub enum CacheCommand {
     },
 }
 
+/// What to tell about a cache near or over its limit (`cache info`, after a push).
+pub(crate) fn limit_warning(c: &CacheInfo) -> Option<String> {
+    let max = c.max_size.filter(|m| *m > 0)?;
+    if c.size > max {
+        Some(format!(
+            "warning: cache {:?} holds {} against its limit of {}: paths that are not pinned \
+             are evicted, least recently used first, even just after their upload; pinned \
+             closures never are (see `larder pin list {}` and `larder gc {} --dry-run`)",
+            c.name,
+            human_size(c.size),
+            human_size(max),
+            c.name,
+            c.name
+        ))
+    } else if c.near_limit {
+        Some(format!(
+            "warning: cache {:?} is over 85% of its limit; least recently used paths will be \
+             evicted (see `larder gc {} --dry-run`)",
+            c.name, c.name
+        ))
+    } else {
+        None
+    }
+}
+
 fn print_cache(c: &CacheInfo) -> anyhow::Result<()> {
     let limit = match c.max_size {
         Some(m) if m > 0 => format!(
@@ -205,12 +230,8 @@ fn print_cache(c: &CacheInfo) -> anyhow::Result<()> {
         ),
         _ => " (no limit)".to_owned(),
     };
-    if c.near_limit {
-        eprintln!(
-            "warning: cache {:?} is over 85% of its limit; least recently used paths will be \
-             evicted (see `larder gc {} --dry-run`)",
-            c.name, c.name
-        );
+    if let Some(w) = limit_warning(c) {
+        eprintln!("{w}");
     }
     let mut conf: String = c.nix_conf.lines().map(|l| format!("  {l}\n")).collect();
     if c.private {

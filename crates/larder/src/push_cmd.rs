@@ -261,7 +261,17 @@ pub async fn push(args: PushArgs) -> anyhow::Result<()> {
         dry_run: args.dry_run,
         verb: "push",
     };
-    run_rounds(&t, &opts, &how, &mut planner).await
+    run_rounds(&t, &opts, &how, &mut planner).await?;
+    // A cache whose pins alone exceed its limit evicts what was just pushed: say so.
+    if !args.dry_run {
+        if let Ok(info) = t.client.cache_info(&t.cache).await {
+            let over = info.max_size.is_some_and(|m| m > 0 && info.size > m);
+            if let Some(w) = crate::admin::limit_warning(&info).filter(|_| over) {
+                eprintln!("{w}");
+            }
+        }
+    }
+    Ok(())
 }
 
 struct PushPlanner<'a> {

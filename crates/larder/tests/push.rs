@@ -401,3 +401,39 @@ fn walk_files(dir: &std::path::Path) -> usize {
     }
     n
 }
+
+/// A cache whose pins alone exceed its limit evicts every other path right after its upload:
+/// the push says so instead of leaving the user to find the path gone.
+#[test]
+fn a_push_into_a_cache_over_its_limit_warns() {
+    require_nix();
+    let server = Server::start();
+    server.create_cache("tight", &[]);
+    let push = server.token("push", "tight");
+    // Incompressible content, well over the limit set below.
+    let noise: String = (0..2000u32)
+        .map(|i| format!("{:08x}", i.wrapping_mul(2_654_435_761)))
+        .collect();
+    let kept = build_file("kept", &noise);
+    server.cli_ok(&push, &["push", "tight", &kept]);
+    server.cli_ok(&server.admin_token, &["pin", "tight", "release", &kept]);
+    server.cli_ok(
+        &server.admin_token,
+        &["cache", "configure", "tight", "--max-size", "1KiB"],
+    );
+    let o = server.cli(&push, &["push", "tight", &build_file("fresh", "f")]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("against its limit of 1.0 KiB") && err.contains("pinned"),
+        "{err}"
+    );
+    // Under the limit, a push says nothing of the kind.
+    server.cli_ok(
+        &server.admin_token,
+        &["cache", "configure", "tight", "--max-size", "1GiB"],
+    );
+    let o = server.cli(&push, &["push", "tight", &build_file("fresh2", "f")]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && !err.contains("limit"), "{err}");
+}
