@@ -21,7 +21,7 @@ use larder_nix::narinfo::NarInfo;
 use larder_nix::store_path::StorePath;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::output::{fail_with_hint, human_size, print};
+use crate::output::{count, fail_with_hint, human_size, print};
 use crate::pusher::Pusher;
 
 /// Below this much free space in the store a build run warns.
@@ -394,9 +394,9 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
                 let s = &batch.summary;
                 let push_secs = t1.elapsed().as_secs_f64();
                 rep.text(&format!(
-                    "  └─ Push time: {}\n  └─ Artifacts: {} paths pushed (~{}), {} already in the cache\n\n",
+                    "  └─ Push time: {}\n  └─ Artifacts: {} pushed (~{}), {} already in the cache\n\n",
                     duration(push_secs),
-                    s.pushed,
+                    count(s.pushed as u64, "path"),
                     human_size(s.bytes as i64),
                     batch.present
                 ))?;
@@ -406,7 +406,10 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
                 let ok = s.failed == 0 && batch.invalid.is_empty();
                 if !ok {
                     failed += 1;
-                    rep.text(&format!("  └─ ✗ {} paths failed to push\n\n", s.failed))?;
+                    rep.text(&format!(
+                        "  └─ ✗ {} failed to push\n\n",
+                        count(s.failed as u64, "path")
+                    ))?;
                 }
                 rep.event(serde_json::json!({
                     "installable": shown, "ok": ok, "outputs": outs,
@@ -437,7 +440,8 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
     };
     let total_secs = t_all.elapsed().as_secs_f64();
     rep.text(&format!(
-        "{RULE}\n{head}\nPushed: {total_paths} paths (~{})\nTotal time: {}\nLogs: {}\n{RULE}\n",
+        "{RULE}\n{head}\nPushed: {} (~{})\nTotal time: {}\nLogs: {}\n{RULE}\n",
+        count(total_paths as u64, "path"),
         human_size(total_bytes as i64),
         duration(total_secs),
         log_path.display()
@@ -456,19 +460,15 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
 }
 
 /// `these N paths will be fetched (X MiB download, …)` and `… will be built:` from Nix's
-/// dry-run output: (to build, to fetch, download text).
-fn parse_dry_run(lines: &[String]) -> (Vec<String>, Vec<String>, Option<String>) {
-    let (mut build, mut fetch, mut size) = (Vec::new(), Vec::new(), None);
+/// dry-run output: (to build, to fetch).
+fn parse_dry_run(lines: &[String]) -> (Vec<String>, Vec<String>) {
+    let (mut build, mut fetch) = (Vec::new(), Vec::new());
     let mut section = 0;
     for l in lines {
         if l.contains("will be built") {
             section = 1;
         } else if l.contains("will be fetched") {
             section = 2;
-            size = l
-                .split_once('(')
-                .and_then(|(_, r)| r.split_once(')'))
-                .map(|(s, _)| s.to_owned());
         } else if let Some(p) = l.strip_prefix("  ").filter(|p| p.starts_with('/')) {
             match section {
                 1 => build.push(p.trim().to_owned()),
@@ -479,10 +479,9 @@ fn parse_dry_run(lines: &[String]) -> (Vec<String>, Vec<String>, Option<String>)
             section = 0;
         }
     }
-    (build, fetch, size)
+    (build, fetch)
 }
 
-/// Which of `paths` the cache has, with their (FileSize, NarSize): narinfo lookups, 16 at a time.
 /// The server is down or overloaded (as opposed to refusing the request).
 fn is_outage(e: &larder_client::ClientError) -> bool {
     match e {
@@ -492,6 +491,7 @@ fn is_outage(e: &larder_client::ClientError) -> bool {
     }
 }
 
+/// Which of `paths` the cache has, with their (FileSize, NarSize): narinfo lookups, 16 at a time.
 async fn in_cache(
     t: &crate::client_config::Target,
     paths: &[String],
@@ -592,7 +592,7 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
         false,
     )
     .await?;
-    let (to_build, to_fetch, size) = parse_dry_run(&dry);
+    let (to_build, to_fetch) = parse_dry_run(&dry);
     let sizes = if reachable {
         in_cache(&t, &to_fetch).await.unwrap_or_else(|e| {
             eprintln!("warning: cannot look paths up in {url} ({e:#}); Nix decides alone");
@@ -603,14 +603,13 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
     };
     let (ours, ours_file, ours_nar) = sum_sizes(&sizes, to_fetch.iter());
     rep.text(&format!(
-        "Plan: {} paths to fetch{}, {ours} of them from {} ({} download, {} unpacked); \
-         {} derivations to build locally\n",
-        to_fetch.len(),
-        size.map(|s| format!(" ({s})")).unwrap_or_default(),
+        "Plan: {} to fetch, {ours} of them from {} ({} download, {} unpacked); \
+         {} to build locally\n",
+        count(to_fetch.len() as u64, "path"),
         t.cache,
         human_size(ours_file as i64),
         human_size(ours_nar as i64),
-        to_build.len()
+        count(to_build.len() as u64, "derivation"),
     ))?;
     rep.event(serde_json::json!({
         "plan": true, "cache_reachable": reachable, "fetch": to_fetch.len(), "fetch_from_cache": ours,
@@ -680,9 +679,9 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
     let (_, got_file, got_nar) = sum_sizes(&sizes, from_us.iter().copied());
     let secs = t0.elapsed().as_secs_f64();
     rep.text(&format!(
-        "\n✅ Pull completed\nFetched: {} paths ({} from {url}: {} download, {} unpacked)\n\
+        "\n✅ Pull completed\nFetched: {} ({} from {url}: {} download, {} unpacked)\n\
          Built locally: {}\nTime: {}\n{RULE}\n",
-        fetched_from.len(),
+        count(fetched_from.len() as u64, "path"),
         from_us.len(),
         human_size(got_file as i64),
         human_size(got_nar as i64),
@@ -753,10 +752,9 @@ mod tests {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let (b, f, s) = parse_dry_run(&lines);
-        assert_eq!(b.len(), 2);
-        assert_eq!(f.len(), 3);
-        assert_eq!(s.as_deref(), Some("0.01 MiB download, 0.02 MiB unpacked"));
+        let (b, f) = parse_dry_run(&lines);
+        assert_eq!(b, ["/nix/store/a.drv", "/nix/store/b.drv"]);
+        assert_eq!(f, ["/nix/store/x", "/nix/store/y", "/nix/store/z"]);
     }
 
     #[test]

@@ -134,8 +134,14 @@ pub fn target(arg: &str) -> anyhow::Result<Target> {
     if let Some((scheme, rest)) = arg.split_once("://") {
         let rest = rest.trim_end_matches('/');
         let (base, hint) = match rest.rsplit_once('/') {
-            Some((host, name)) => (format!("{scheme}://{host}"), format!(", then pass `{name}`")),
-            None => (format!("{scheme}://{rest}"), ", then pass the cache's name".to_owned()),
+            Some((host, name)) => (
+                format!("{scheme}://{host}"),
+                format!(", then pass `{name}`"),
+            ),
+            None => (
+                format!("{scheme}://{rest}"),
+                ", then pass the cache's name".to_owned(),
+            ),
         };
         return Err(fail_with_hint(
             format!("{arg:?} is a URL; larder takes a cache's name (CACHE or SERVER:CACHE)"),

@@ -31,6 +31,16 @@ pub fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     print(&(serde_json::to_string_pretty(value)? + "\n"))
 }
 
+/// `1 path`, `2 paths`: a count and its noun, in the right number.
+pub fn count(n: impl Into<u64>, noun: &str) -> String {
+    let n = n.into();
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 /// Print an error chain and a hint; exit 1.
 pub fn report_error(e: &anyhow::Error) -> ExitCode {
     if e.chain().any(|c| {

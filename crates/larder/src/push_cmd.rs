@@ -13,7 +13,7 @@ use larder_nix::signing::SigningKey;
 use larder_nix::store_path::StorePath;
 
 use crate::client_config::{split_cache_arg, target, ClientConfig};
-use crate::output::{fail_with_hint, human_size, print};
+use crate::output::{count, fail_with_hint, human_size, print};
 
 #[derive(clap::Args)]
 pub struct PushArgs {
@@ -348,8 +348,8 @@ pub(crate) async fn run_rounds(
         )?;
     } else {
         eprintln!(
-            "{} paths: {} to {} ({} NAR), {skips}",
-            plan.total,
+            "{}: {} to {} ({} NAR), {skips}",
+            count(plan.total as u64, "path"),
             plan.paths.len(),
             how.verb,
             human_size(plan.nar_bytes() as i64)
@@ -400,13 +400,13 @@ pub(crate) async fn run_rounds(
             0.0
         };
         eprintln!(
-            "{} {} paths ({} NAR, {} uploaded) in {:.1}s ({}/s); skipped {} ({skips}); failed {}",
+            "{} {} ({} NAR, {} uploaded) in {:.1}s ({}/s); skipped {} ({skips}); failed {}",
             if how.verb == "push" {
                 "pushed"
             } else {
                 "imported"
             },
-            summary.pushed,
+            count(summary.pushed as u64, "path"),
             human_size(summary.bytes as i64),
             human_size(summary.file_bytes as i64),
             summary.seconds,

@@ -26,7 +26,7 @@ use larder_nix::store_path::StorePath;
 use tokio::sync::watch;
 
 use crate::nixconf::Trust;
-use crate::output::{fail_with_hint, human_size};
+use crate::output::{count, fail_with_hint, human_size};
 use crate::pusher::{LineObserver, Pusher};
 
 /// New paths read and pushed per round.
@@ -283,8 +283,8 @@ async fn watch_until(
 
 fn report(totals: &Totals, secs: f64) {
     eprintln!(
-        "pushed {} paths ({} NAR) in {secs:.1}s{}",
-        totals.pushed,
+        "pushed {} ({} NAR) in {secs:.1}s{}",
+        count(totals.pushed as u64, "path"),
         human_size(totals.bytes as i64),
         if totals.failed > 0 {
             format!("; {} failed", totals.failed)

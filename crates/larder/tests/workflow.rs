@@ -373,7 +373,7 @@ in {{ packages.${{sys}} = {{ shoshin = mk "shoshin"; gyakusatsu = mk "gyakusatsu
         "{report}"
     );
     assert!(report.contains("Artifacts: 2 paths pushed"), "{report}"); // output + lib
-    assert!(report.contains("Artifacts: 1 paths pushed"), "{report}"); // lib already there
+    assert!(report.contains("Artifacts: 1 path pushed"), "{report}"); // lib already there
     let log_line = report.lines().find(|l| l.starts_with("Logs: ")).unwrap();
     let log = Path::new(log_line.trim_start_matches("Logs: "));
     assert!(log.starts_with(&logs) && log.exists(), "{report}");
