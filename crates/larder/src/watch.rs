@@ -313,7 +313,7 @@ pub async fn watch_store(args: WatchArgs) -> anyhow::Result<()> {
     .await?;
     report(&totals, t0.elapsed().as_secs_f64());
     if totals.failed > 0 {
-        anyhow::bail!("{} paths failed to push", totals.failed);
+        anyhow::bail!("{} failed to push", count(totals.failed as u64, "path"));
     }
     Ok(())
 }
@@ -371,9 +371,19 @@ pub async fn watch_exec(args: WatchExecArgs) -> anyhow::Result<()> {
     // Our own SIGINT/SIGTERM go to the command (same process group on a terminal); we keep
     // watching until it exits so nothing it built is left behind.
     let _signals = Signals::new()?;
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("cannot run {:?}", args.command[0]))?;
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        // Like a shell: 127 for a command that is not found, 126 for one that cannot run.
+        Err(e) => {
+            drop(spool_dir); // exit() runs no destructors
+            eprintln!("error: cannot run {:?}: {e}", args.command[0]);
+            std::process::exit(if e.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            });
+        }
+    };
     let t0 = Instant::now();
     let (status_tx, status_rx) = tokio::sync::oneshot::channel();
     let stop = async move {
@@ -392,7 +402,7 @@ pub async fn watch_exec(args: WatchExecArgs) -> anyhow::Result<()> {
         128 + status.signal().unwrap_or(0)
     });
     if totals.failed > 0 && code == 0 {
-        anyhow::bail!("{} paths failed to push", totals.failed);
+        anyhow::bail!("{} failed to push", count(totals.failed as u64, "path"));
     }
     if code != 0 {
         std::process::exit(code);

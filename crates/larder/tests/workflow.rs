@@ -566,3 +566,26 @@ fn pull_builds_locally_when_the_cache_is_down() {
     );
     assert!(out.contains("Built locally: 1"), "{out}");
 }
+
+/// Like a shell: a command that does not exist is exit status 127, with the reason.
+#[test]
+fn watch_exec_of_a_missing_command_exits_127() {
+    require_nix();
+    let server = Server::start();
+    server.create_cache("exec", &[]);
+    let token = server.token("push", "exec");
+    let o = larder(
+        &server,
+        &token,
+        &["watch-exec", "exec", "--", "no-such-command-anywhere"],
+    )
+    .env("NIX_CONFIG", NIX_CONFIG)
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(127), "{err}");
+    assert!(
+        err.contains("cannot run \"no-such-command-anywhere\""),
+        "{err}"
+    );
+}
