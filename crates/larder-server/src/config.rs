@@ -158,6 +158,11 @@ pub enum ConfigError {
     Duration(String),
     #[error("invalid {key}: {value:?}")]
     Value { key: &'static str, value: String },
+    #[error(
+        "invalid public_url {value:?} (from --public-url, LARDER_PUBLIC_URL or the config \
+         file): {reason}"
+    )]
+    PublicUrl { value: String, reason: String },
 }
 
 impl ConfigFile {
@@ -201,6 +206,12 @@ impl Config {
     pub fn resolve(file: ConfigFile, default_data_dir: PathBuf) -> Result<Config, ConfigError> {
         let listen = file.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
         let data_dir = file.data_dir.unwrap_or(default_data_dir);
+        if let Some(url) = &file.public_url {
+            check_public_url(url).map_err(|reason| ConfigError::PublicUrl {
+                value: url.clone(),
+                reason,
+            })?;
+        }
         let public_url = file
             .public_url
             .unwrap_or_else(|| format!("http://{listen}"))
@@ -342,6 +353,40 @@ impl Config {
     }
 }
 
+/// Why `url` cannot be the base URL clients are given (in `cache info`, nix.conf lines) and
+/// whose host names managed signing keys: it must be `http://` or `https://` with a host,
+/// and nothing that would break `<public_url>/<cache>` (credentials, query, fragment).
+fn check_public_url(url: &str) -> Result<(), String> {
+    let example = "e.g. http://cache.example.org:8080 or https://cache.example.org";
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(format!(
+            "it must start with http:// or https:// (did you mean \"http://{url}\"?)"
+        ));
+    };
+    if scheme != "http" && scheme != "https" {
+        return Err(format!(
+            "it must start with http:// or https://, not {scheme}:// ({example})"
+        ));
+    }
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err(format!("it names no host ({example})"));
+    }
+    let parsed = url::Url::parse(url).map_err(|e| format!("{e} ({example})"))?;
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(format!("it names no host ({example})"));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err("it must not carry a user name or password".into());
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err("it must not have a query (?…) or fragment (#…)".into());
+    }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("it must not contain spaces or control characters".into());
+    }
+    Ok(())
+}
+
 /// Parse `5GiB`, `500MB`, `1.5G`, `1048576` (binary units for `KiB/MiB/GiB/TiB` and the bare
 /// `K/M/G/T`, decimal for `KB/MB/GB/TB`).
 pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
@@ -476,6 +521,48 @@ mod tests {
         assert!(Config::resolve(half, "/d".into()).is_err());
         let bad: ConfigFile = toml::from_str("nar_redirect = \"teleport\"").unwrap();
         assert!(Config::resolve(bad, "/d".into()).is_err());
+    }
+
+    #[test]
+    fn public_url_must_be_http_with_a_host() {
+        let resolve = |url: &str| {
+            let f = ConfigFile {
+                public_url: Some(url.to_owned()),
+                ..ConfigFile::default()
+            };
+            Config::resolve(f, "/d".into())
+        };
+        for good in [
+            "http://shoshin:8080",
+            "https://cache.example.org/",
+            "https://cache.example.org/larder",
+            "http://[::1]:8080",
+            "http://10.0.0.2",
+        ] {
+            let c = resolve(good).unwrap_or_else(|e| panic!("{good}: {e}"));
+            assert_eq!(c.public_url, good.trim_end_matches('/'));
+        }
+        for bad in [
+            "shoshin:8080",
+            "shoshin",
+            "ftp://shoshin",
+            "HTTP//shoshin",
+            "http://",
+            "http:///x",
+            "https://:8080",
+            "http://shoshin:port",
+            "http://user:pw@shoshin",
+            "http://shoshin/?x=1",
+            "http://shoshin/#top",
+            "http://sho shin",
+            "",
+        ] {
+            let e = resolve(bad).expect_err(bad).to_string();
+            assert!(e.starts_with("invalid public_url"), "{bad}: {e}");
+            assert!(e.contains("--public-url, LARDER_PUBLIC_URL"), "{bad}: {e}");
+        }
+        let e = resolve("shoshin:8080").unwrap_err().to_string();
+        assert!(e.contains("did you mean \"http://shoshin:8080\"?"), "{e}");
     }
 
     #[test]

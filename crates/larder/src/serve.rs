@@ -25,7 +25,8 @@ pub struct ServeArgs {
     /// [default: $XDG_DATA_HOME/larder]
     #[arg(long = "data", env = "LARDER_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Base URL clients use to reach this server. [default: http://<listen>]
+    /// Base URL clients use to reach this server: http:// or https:// and a host, e.g.
+    /// http://shoshin:8080. [default: http://<listen>]
     #[arg(long, env = "LARDER_PUBLIC_URL")]
     public_url: Option<String>,
     /// Metadata database: sqlite://PATH or postgres://… [default: sqlite://DATA/larder.db]
