@@ -114,20 +114,26 @@ fn resolve_config(args: ServeArgs) -> anyhow::Result<(ConfigFile, PathBuf)> {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let (mut file, default_data) = resolve_config(args)?;
-    let listen = file
-        .listen
-        .clone()
-        .unwrap_or_else(|| larder_server::config::DEFAULT_LISTEN.to_owned());
+    let (file, default_data) = resolve_config(args)?;
+    let public_url_given = file.public_url.is_some();
+    // Resolved (and so checked) before anything is bound or opened.
+    let mut config = Config::resolve(file, default_data)?;
+    let listen = config.listen.clone();
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
-    file.listen = Some(addr.to_string());
-    if file.public_url.is_none() {
-        file.public_url = Some(format!("http://{addr}"));
+    config.listen = addr.to_string();
+    // Without a public URL, clients are told the address actually bound (`:0` is a port now).
+    let unreachable_default = !public_url_given && addr.ip().is_unspecified();
+    if !public_url_given {
+        config.public_url = format!("http://{addr}");
     }
-    let config = Config::resolve(file, default_data)?;
+    let login_url = if unreachable_default {
+        format!("http://<this machine's address>:{}", addr.port())
+    } else {
+        config.public_url.clone()
+    };
     let state = larder_server::open_state(config)
         .await
         .map_err(|e| anyhow::anyhow!(e))?;
@@ -138,9 +144,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     {
         eprintln!(
             "larder: created a server admin token in {} (mode 0600); use it with:\n  \
-             larder login http://{addr} \"$(cat {})\"",
+             larder login {login_url} \"$(cat {})\"",
             path.display(),
             path.display()
+        );
+    }
+    if unreachable_default {
+        eprintln!(
+            "larder: warning: listening on {addr} without --public-url: caches are announced \
+             as http://{addr}/CACHE and new caches' keys are named after {ip}, which no \
+             client can use; restart with --public-url {login_url}",
+            ip = addr.ip()
         );
     }
     eprintln!("larder: listening on http://{addr}");

@@ -5,7 +5,8 @@
 
 mod common;
 
-use std::process::Command;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
 
 use common::*;
 
@@ -37,6 +38,108 @@ fn serve_fails(data: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> S
         "larder serve {args:?}: {stderr}"
     );
     stderr
+}
+
+/// Start `larder serve --data DATA ARGS…` and read its stderr up to its listening line: the
+/// running server and the lines it printed until then.
+fn serve_until_listening(data: &std::path::Path, args: &[&str]) -> (Child, Vec<String>) {
+    let mut child = Command::new(larder_bin())
+        .args(["serve", "--data"])
+        .arg(data)
+        .args(args)
+        .env_remove("LARDER_SERVE_CONFIG")
+        .env_remove("LARDER_PUBLIC_URL")
+        .env("LARDER_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    loop {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("larder serve exited:\n{}", seen.join("\n")))
+            .unwrap();
+        let done = line.starts_with("larder: listening on ");
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    std::thread::spawn(move || lines.for_each(drop));
+    (child, seen)
+}
+
+/// The line of the start-up message that shows how to log in.
+fn login_line(lines: &[String]) -> &str {
+    lines
+        .iter()
+        .find(|l| l.trim_start().starts_with("larder login "))
+        .unwrap_or_else(|| panic!("no login hint:\n{}", lines.join("\n")))
+}
+
+#[test]
+fn the_login_hint_uses_the_public_url() {
+    // Through the harness (listening on 127.0.0.1): the hint names the public URL, not the
+    // address bound.
+    let server = Server::start_with(&["--public-url", "http://cache.example:1234/"]);
+    let token_file = server.data.path().join("admin-token");
+    assert!(
+        server.log().contains(&format!(
+            "  larder login http://cache.example:1234 \"$(cat {})\"",
+            token_file.display()
+        )),
+        "{}",
+        server.log()
+    );
+    // Without a public URL, the address bound is the one clients are told.
+    let plain = Server::start();
+    assert!(
+        plain
+            .log()
+            .contains(&format!("larder login {} \"$(cat ", plain.url)),
+        "{}",
+        plain.log()
+    );
+    assert!(!plain.log().contains("warning"), "{}", plain.log());
+
+    // Listening on every interface with a public URL: the public URL, no warning.
+    let data = tempfile::tempdir().unwrap();
+    let (mut child, lines) = serve_until_listening(
+        data.path(),
+        &[
+            "--listen",
+            "0.0.0.0:0",
+            "--public-url",
+            "http://shoshin.example:8080",
+        ],
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        login_line(&lines).contains("larder login http://shoshin.example:8080 \"$(cat "),
+        "{lines:?}"
+    );
+    assert!(!lines.iter().any(|l| l.contains("warning")), "{lines:?}");
+
+    // Listening on every interface without one: 0.0.0.0 is no address to give clients, and
+    // the server says so.
+    let data = tempfile::tempdir().unwrap();
+    let (mut child, lines) = serve_until_listening(data.path(), &["--listen", "0.0.0.0:0"]);
+    let _ = child.kill();
+    let _ = child.wait();
+    let login = login_line(&lines);
+    assert!(!login.contains("0.0.0.0"), "{lines:?}");
+    assert!(
+        login.contains("larder login http://<this machine's address>:"),
+        "{lines:?}"
+    );
+    let warning = lines
+        .iter()
+        .find(|l| l.contains("warning"))
+        .unwrap_or_else(|| panic!("no warning about 0.0.0.0: {lines:?}"));
+    assert!(warning.contains("--public-url"), "{warning}");
 }
 
 #[test]
