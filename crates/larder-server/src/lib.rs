@@ -19,6 +19,7 @@ pub mod api;
 pub mod auth;
 pub mod binary_cache;
 pub mod config;
+pub mod data_lock;
 pub mod error;
 pub mod hot;
 pub mod ingest;
@@ -204,20 +205,25 @@ pub enum OpenError {
     Storage(String, #[source] larder_store::ObjectError),
 }
 
+/// Create the data directory if it is missing. It holds the database (token hashes, managed
+/// signing keys) and the admin token: only its owner may enter it.
+pub fn create_data_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    if dir.exists() {
+        return Ok(());
+    }
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
 /// Open the backends named in `config` and prepare the data directory.
 pub async fn open_state(
     config: Config,
 ) -> Result<AppState, Box<dyn std::error::Error + Send + Sync>> {
-    if !config.data_dir.exists() {
-        // The data directory holds the database (token hashes, managed signing keys) and the
-        // admin token: only its owner may enter it.
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&config.data_dir)
-            .map_err(|e| OpenError::DataDir(config.data_dir.clone(), e))?;
-    }
+    create_data_dir(&config.data_dir)
+        .map_err(|e| OpenError::DataDir(config.data_dir.clone(), e))?;
     let redact = larder_store::meta::redact_url;
     let options = larder_store::meta::ConnectOptions {
         max_connections: config.database_max_connections,

@@ -21,7 +21,8 @@ pub struct ServeArgs {
     /// Address to listen on; `127.0.0.1:0` picks a free port. [default: 127.0.0.1:8080]
     #[arg(long, env = "LARDER_LISTEN")]
     listen: Option<String>,
-    /// Data directory (SQLite database, NAR objects, admin token).
+    /// Data directory (SQLite database, NAR objects, admin token). On SQLite, one server
+    /// at a time uses it (DATA/lock).
     /// [default: $XDG_DATA_HOME/larder]
     #[arg(long = "data", env = "LARDER_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -118,6 +119,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let public_url_given = file.public_url.is_some();
     // Resolved (and so checked) before anything is bound or opened.
     let mut config = Config::resolve(file, default_data)?;
+    // Held until this function returns (the server has stopped) or the process dies.
+    let _data_lock = match larder_server::data_lock::lock_data_dir(&config) {
+        Err(e @ larder_server::data_lock::LockError::Busy { .. }) => {
+            return Err(crate::output::fail_with_hint(
+                e,
+                "stop it first, or give this server another --data DIR; several servers on \
+                 one deployment need PostgreSQL (see \"Scaling out\" in the README)",
+            ))
+        }
+        other => other?,
+    };
     let listen = config.listen.clone();
     let listener = tokio::net::TcpListener::bind(&listen)
         .await

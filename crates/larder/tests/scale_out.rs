@@ -94,6 +94,42 @@ fn real_nix_substitutes_from_a_server_on_postgres() {
     assert!(server.stop().success());
 }
 
+/// On PostgreSQL nothing local is exclusive: a replica may even share another's data
+/// directory (and with it the default `file://DATA/store`), since the database coordinates
+/// them. Only SQLite deployments lock their data directory.
+#[test]
+fn replicas_on_postgres_may_share_a_data_directory() {
+    let pg = PgCluster::start();
+    let db = pg.create_database();
+    let a = Server::start_with(&["--database", &db]);
+    let (mut b, lines) = serve_until_listening(
+        a.data.path(),
+        &["--listen", "127.0.0.1:0", "--database", &db],
+    );
+    let b_url = lines
+        .last()
+        .and_then(|l| l.strip_prefix("larder: listening on "))
+        .unwrap()
+        .to_owned();
+    a.create_cache("both", &[]);
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "--max-time",
+            "30",
+            &format!("{b_url}/both/nix-cache-info"),
+        ])
+        .output()
+        .unwrap();
+    let _ = b.kill();
+    let _ = b.wait();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("StoreDir: /nix/store"),
+        "{out:?}"
+    );
+    assert_eq!(a.http("GET", "/healthz", None).0, 200);
+}
+
 /// The object storage two replicas share.
 enum Shared {
     Dir(tempfile::TempDir),

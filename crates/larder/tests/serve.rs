@@ -5,8 +5,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use common::*;
 
@@ -38,37 +37,6 @@ fn serve_fails(data: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> S
         "larder serve {args:?}: {stderr}"
     );
     stderr
-}
-
-/// Start `larder serve --data DATA ARGS…` and read its stderr up to its listening line: the
-/// running server and the lines it printed until then.
-fn serve_until_listening(data: &std::path::Path, args: &[&str]) -> (Child, Vec<String>) {
-    let mut child = Command::new(larder_bin())
-        .args(["serve", "--data"])
-        .arg(data)
-        .args(args)
-        .env_remove("LARDER_SERVE_CONFIG")
-        .env_remove("LARDER_PUBLIC_URL")
-        .env("LARDER_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut seen = Vec::new();
-    loop {
-        let line = lines
-            .next()
-            .unwrap_or_else(|| panic!("larder serve exited:\n{}", seen.join("\n")))
-            .unwrap();
-        let done = line.starts_with("larder: listening on ");
-        seen.push(line);
-        if done {
-            break;
-        }
-    }
-    std::thread::spawn(move || lines.for_each(drop));
-    (child, seen)
 }
 
 /// The line of the start-up message that shows how to log in.
@@ -170,4 +138,32 @@ fn a_public_url_without_scheme_or_host_is_refused_from_flag_env_and_file() {
     // Nothing was set up with the bad URL: no database, no admin token.
     assert!(!data.path().join("admin-token").exists());
     assert!(!data.path().join("larder.db").exists());
+}
+
+#[test]
+fn a_second_server_on_the_same_data_directory_fails_fast() {
+    let server = Server::start();
+    let data = server.data.path().to_owned();
+    let stderr = serve_fails(&data, &[], &[]);
+    assert!(
+        stderr.contains(&format!(
+            "error: another larder serve is using {} (pid {})",
+            data.display(),
+            server.child.id()
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("hint: stop it first"), "{stderr}");
+    assert!(!stderr.contains("listening on"), "{stderr}");
+    // The first one is untouched.
+    assert_eq!(server.http("GET", "/healthz", None).0, 200);
+
+    // Stopped, or killed, it leaves nothing that blocks the next start.
+    let data = server.stop_keeping_data();
+    let mut again = Server::start_in(data, &[], None);
+    assert_eq!(again.http("GET", "/healthz", None).0, 200);
+    again.crash();
+    let data = std::mem::replace(&mut again.data, tempfile::tempdir().unwrap());
+    let third = Server::start_in(data, &[], None);
+    assert_eq!(third.http("GET", "/healthz", None).0, 200);
 }

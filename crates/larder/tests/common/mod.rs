@@ -250,6 +250,37 @@ impl Drop for Server {
     }
 }
 
+/// Start `larder serve --data DATA ARGS…` and read its stderr up to its listening line: the
+/// running server and the lines it printed until then.
+pub fn serve_until_listening(data: &Path, args: &[&str]) -> (Child, Vec<String>) {
+    let mut child = Command::new(larder_bin())
+        .args(["serve", "--data"])
+        .arg(data)
+        .args(args)
+        .env_remove("LARDER_SERVE_CONFIG")
+        .env_remove("LARDER_PUBLIC_URL")
+        .env("LARDER_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    loop {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("larder serve exited:\n{}", seen.join("\n")))
+            .unwrap();
+        let done = line.starts_with("larder: listening on ");
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    std::thread::spawn(move || lines.for_each(drop));
+    (child, seen)
+}
+
 /// Run the Nix oracle (tests/oracle/nix-oracle.sh, a copy of the project's judge) with `env`.
 pub fn oracle(args: &[&str], workdir: &Path, env: &[(&str, String)]) -> Output {
     let script = repo_root().join("tests/oracle/nix-oracle.sh");
