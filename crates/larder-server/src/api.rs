@@ -703,6 +703,13 @@ async fn create_token(
                     truncate(c)
                 )));
             }
+            // A misspelt name would make a token that grants nothing, silently.
+            if state.meta.get_cache(c).await?.is_none() {
+                return Err(ApiError::bad(format!(
+                    "no cache named {c:?}: a token for it would grant nothing (`larder cache \
+                     list` shows the caches)"
+                )));
+            }
         }
     }
     if req.label.len() > 200 || req.label.chars().any(char::is_control) {
@@ -711,7 +718,18 @@ async fn create_token(
     let expires_at = req
         .expires_in
         .as_deref()
-        .map(|e| parse_duration(e).map_err(|e| ApiError::bad(e.to_string())))
+        .map(|e| {
+            let d = parse_duration(e).map_err(|e| ApiError::bad(e.to_string()))?;
+            if d.is_zero() {
+                // It would be expired when created.
+                return Err(ApiError::bad(format!(
+                    "a lifetime of {:?} is not in the future: give one such as 12h or 30d, \
+                     or none at all for a token that never expires",
+                    truncate(e)
+                )));
+            }
+            Ok(d)
+        })
         .transpose()?
         .map(|d| now_unix().saturating_add(d.as_secs() as i64));
     let mut perms = req.perms.clone();

@@ -103,7 +103,8 @@ fn server_admin_outcome(who: Who) -> Outcome {
 }
 
 /// Two caches (`pub`, `priv`) each holding one published path with a build log, a third
-/// cache (`other`), and a token for every kind of requester.
+/// cache (`other`), an empty one for `cache_administration` to delete (`victim-a`, in the
+/// scoped tokens' scope), and a token for every kind of requester.
 struct World {
     srv: Server,
     pull: Token,
@@ -121,7 +122,12 @@ struct World {
 impl World {
     async fn new() -> World {
         let srv = Server::new().await;
-        for (name, private) in [("pub", false), ("priv", true), ("other", false)] {
+        for (name, private) in [
+            ("pub", false),
+            ("priv", true),
+            ("other", false),
+            ("victim-a", false),
+        ] {
             srv.create_cache(name, private).await;
         }
         let scope: &[&str] = &["pub", "priv", "victim-a"];
@@ -383,7 +389,7 @@ async fn private_caches_are_hidden_from_listings() {
             .expect(200)
             .json(),
     );
-    assert_eq!(anon, ["other", "pub"]);
+    assert_eq!(anon, ["other", "pub", "victim-a"]);
     let other = names(
         w.srv
             .get("/api/v1/caches", w.other.bearer())
@@ -391,7 +397,7 @@ async fn private_caches_are_hidden_from_listings() {
             .expect(200)
             .json(),
     );
-    assert_eq!(other, ["other", "pub"]);
+    assert_eq!(other, ["other", "pub", "victim-a"]);
     let pull = names(
         w.srv
             .get("/api/v1/caches", w.pull.bearer())
@@ -399,7 +405,7 @@ async fn private_caches_are_hidden_from_listings() {
             .expect(200)
             .json(),
     );
-    assert_eq!(pull, ["other", "priv", "pub"]);
+    assert_eq!(pull, ["other", "priv", "pub", "victim-a"]);
     w.srv
         .get("/api/v1/caches", w.revoked.bearer())
         .await
@@ -544,7 +550,6 @@ async fn cache_administration() {
     let w = World::new().await;
     let srv = &w.srv;
     let mut f = Failures::default();
-    srv.create_cache("victim-a", false).await;
     srv.create_cache("victim-b", false).await;
     for who in EVERYONE {
         let auth = w.auth(who, false);

@@ -1002,3 +1002,56 @@ async fn invalid_json_bodies_are_400() {
         "only the bootstrap token"
     );
 }
+
+/// A token that could never be used is refused when asked for, with a reason a user can act
+/// on: one expired at birth, or one scoped to a cache that does not exist (a typo).
+#[tokio::test]
+async fn tokens_that_would_grant_nothing_are_refused() {
+    let srv = server().await;
+    for (body, says) in [
+        (
+            json!({ "perms": ["pull"], "expires_in": "0s" }),
+            "not in the future",
+        ),
+        (
+            json!({ "perms": ["pull"], "expires_in": "0" }),
+            "not in the future",
+        ),
+        (
+            json!({ "perms": ["push"], "caches": ["nosuchcache"] }),
+            "no cache named \"nosuchcache\"",
+        ),
+        (
+            json!({ "perms": ["pull"], "caches": ["c", "nosuchcache"] }),
+            "no cache named \"nosuchcache\"",
+        ),
+    ] {
+        let r = srv
+            .post_json("/api/v1/tokens", srv.admin(), &body)
+            .await
+            .expect(400);
+        let error = r.json()["error"].as_str().unwrap_or_default().to_owned();
+        assert!(error.contains(says), "{body}: {error}");
+        if says.starts_with("no cache") {
+            assert!(error.contains("larder cache list"), "{error}");
+        }
+    }
+    let tokens = srv
+        .get("/api/v1/tokens", srv.admin())
+        .await
+        .expect(200)
+        .json();
+    assert_eq!(
+        tokens.as_array().map(Vec::len),
+        Some(1),
+        "only the bootstrap token: {tokens}"
+    );
+    // The same requests, made right, succeed.
+    srv.post_json(
+        "/api/v1/tokens",
+        srv.admin(),
+        &json!({ "perms": ["pull"], "caches": ["c"], "expires_in": "1s" }),
+    )
+    .await
+    .expect(201);
+}

@@ -395,7 +395,8 @@ pub enum TokenCommand {
         /// Permission: pull, push or admin (repeatable; push implies pull, admin implies push).
         #[arg(long = "perm", required = true, value_parser = ["pull", "push", "admin"])]
         perms: Vec<String>,
-        /// Restrict to this cache (repeatable); without it the token covers every cache.
+        /// Restrict to this cache (repeatable; it must exist); without it the token covers
+        /// every cache.
         #[arg(long = "cache")]
         caches: Vec<String>,
         /// Lifetime, e.g. 30d, 12h. [default: never expires]
@@ -440,8 +441,10 @@ fn fmt_time(t: Option<i64>) -> String {
                 format!("{}d", d / 86400)
             } else if d >= 3600 {
                 format!("{}h", d / 3600)
-            } else {
+            } else if d >= 60 {
                 format!("{}m", d / 60)
+            } else {
+                format!("{d}s")
             };
             if t >= now {
                 format!("in {span}")
@@ -449,6 +452,17 @@ fn fmt_time(t: Option<i64>) -> String {
                 format!("{span} ago")
             }
         }
+    }
+}
+
+/// What a token can do now: `revoked`, `expired` (the server refuses both) or `active`.
+fn token_state(t: &TokenInfo) -> &'static str {
+    if t.revoked_at.is_some() {
+        "revoked"
+    } else if t.expires_at.is_some_and(|e| e <= larder_store::now_unix()) {
+        "expired"
+    } else {
+        "active"
     }
 }
 
@@ -513,11 +527,7 @@ pub async fn token(cmd: TokenCommand) -> anyhow::Result<()> {
                             .map(|c| c.join(","))
                             .unwrap_or_else(|| "*".into()),
                         fmt_time(t.expires_at),
-                        if t.revoked_at.is_some() {
-                            "revoked"
-                        } else {
-                            "active"
-                        }
+                        token_state(t)
                     ));
                 }
                 print(&out)?;
