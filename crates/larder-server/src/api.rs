@@ -202,7 +202,7 @@ async fn list_caches(
     Ok(Json(out))
 }
 
-/// A size given as bytes or as text such as "5GiB".
+/// A cache's storage limit, given as bytes or as text such as "5GiB".
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum SizeArg {
@@ -216,6 +216,12 @@ impl SizeArg {
             SizeArg::Bytes(b) => *b,
             SizeArg::Text(t) => parse_size(t).map_err(|e| ApiError::bad(e.to_string()))?,
         };
+        if b == 0 {
+            // Not "no limit" (that is null), and a limit of nothing would evict everything.
+            return Err(ApiError::bad(
+                "max_size must be more than 0: use null (`--max-size none`) to remove the limit",
+            ));
+        }
         i64::try_from(b).map_err(|_| ApiError::bad("size too large"))
     }
 }

@@ -1055,3 +1055,59 @@ async fn tokens_that_would_grant_nothing_are_refused() {
     .await
     .expect(201);
 }
+
+/// A storage limit of 0 is refused, not read as "no limit" (which is null) nor kept as a limit
+/// that would evict everything; the limit in place stays.
+#[tokio::test]
+async fn a_zero_size_limit_is_refused() {
+    let srv = server().await;
+    srv.patch_json(
+        "/api/v1/caches/c",
+        srv.admin(),
+        &json!({ "max_size": "1GiB" }),
+    )
+    .await
+    .expect(200);
+    for zero in [json!(0), json!("0"), json!("0GiB"), json!("0.0001")] {
+        for (r, what) in [
+            (
+                srv.post_json(
+                    "/api/v1/caches",
+                    srv.admin(),
+                    &json!({ "name": "zero", "max_size": zero }),
+                )
+                .await,
+                "create",
+            ),
+            (
+                srv.patch_json(
+                    "/api/v1/caches/c",
+                    srv.admin(),
+                    &json!({ "max_size": zero }),
+                )
+                .await,
+                "configure",
+            ),
+        ] {
+            let r = r.expect(400);
+            let error = r.json()["error"].as_str().unwrap_or_default().to_owned();
+            assert!(
+                error.contains("more than 0") && error.contains("--max-size none"),
+                "{what} {zero}: {error}"
+            );
+        }
+    }
+    assert_eq!(srv.cache_info("c").await["max_size"], json!(1u64 << 30));
+    srv.get("/api/v1/caches/zero", srv.admin())
+        .await
+        .expect(404);
+    // null is how a limit is removed.
+    srv.patch_json(
+        "/api/v1/caches/c",
+        srv.admin(),
+        &json!({ "max_size": null }),
+    )
+    .await
+    .expect(200);
+    assert_eq!(srv.cache_info("c").await["max_size"], json!(null));
+}

@@ -136,7 +136,8 @@ pub enum CacheCommand {
         /// Only tokens with pull permission may read it.
         #[arg(long)]
         private: bool,
-        /// Storage limit, e.g. 5GiB (least recently used paths are evicted beyond it).
+        /// Storage limit, e.g. 5GiB (least recently used paths are evicted beyond it), or
+        /// `none`. [default: none]
         #[arg(long)]
         max_size: Option<String>,
         /// Priority advertised to Nix (lower is preferred; cache.nixos.org is 40). [default: 41]
@@ -261,6 +262,21 @@ fn print_cache(c: &CacheInfo) -> anyhow::Result<()> {
     ))
 }
 
+/// `--max-size`: a size (JSON text, parsed by the server), or `none` (null: no limit). 0 is
+/// refused, not taken for "no limit".
+fn max_size_arg(m: &str) -> anyhow::Result<serde_json::Value> {
+    if m == "none" {
+        return Ok(json!(null));
+    }
+    if larder_server::config::parse_size(m).is_ok_and(|b| b == 0) {
+        return Err(fail_with_hint(
+            format!("--max-size {m} is not a limit"),
+            "use `--max-size none` to remove the limit, or give a size such as 5GiB",
+        ));
+    }
+    Ok(json!(m))
+}
+
 pub async fn cache(cmd: CacheCommand) -> anyhow::Result<()> {
     match cmd {
         CacheCommand::Create {
@@ -275,7 +291,8 @@ pub async fn cache(cmd: CacheCommand) -> anyhow::Result<()> {
             let c = t
                 .client
                 .create_cache(&json!({
-                    "name": t.cache, "private": private, "max_size": max_size,
+                    "name": t.cache, "private": private,
+                    "max_size": max_size.as_deref().map(max_size_arg).transpose()?,
                     "priority": priority, "compression": compression,
                 }))
                 .await
@@ -342,8 +359,7 @@ pub async fn cache(cmd: CacheCommand) -> anyhow::Result<()> {
                 body.insert("private".into(), json!(private));
             }
             if let Some(m) = max_size {
-                let v = if m == "none" { json!(null) } else { json!(m) };
-                body.insert("max_size".into(), v);
+                body.insert("max_size".into(), max_size_arg(&m)?);
             }
             if let Some(p) = priority {
                 body.insert("priority".into(), json!(p));

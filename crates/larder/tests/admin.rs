@@ -73,3 +73,36 @@ fn token_list_says_which_tokens_still_work_and_useless_tokens_are_refused() {
     // Only the refused requests made no token: bootstrap + the three above.
     assert_eq!(list.lines().count(), 1 + 4, "{list}");
 }
+
+#[test]
+fn a_zero_max_size_is_refused_and_none_means_no_limit() {
+    let server = Server::start();
+    for args in [
+        &["cache", "create", "zero", "--max-size", "0"][..],
+        &["cache", "create", "zero", "--max-size", "0GiB"][..],
+    ] {
+        let stderr = fails(&server, args);
+        assert!(stderr.contains("is not a limit"), "{stderr}");
+        assert!(stderr.contains("--max-size none"), "{stderr}");
+    }
+    let info = server.create_cache("limited", &["--max-size", "5GiB"]);
+    assert_eq!(info["max_size"], 5u64 << 30);
+    let stderr = fails(
+        &server,
+        &["cache", "configure", "limited", "--max-size", "0"],
+    );
+    assert!(stderr.contains("--max-size none"), "{stderr}");
+    let info = server.cli_ok(&server.admin_token, &["cache", "info", "limited", "--json"]);
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["max_size"], 5u64 << 30, "the limit in place stays");
+
+    let out = server.cli_ok(
+        &server.admin_token,
+        &["cache", "configure", "limited", "--max-size", "none"],
+    );
+    assert!(out.contains("(no limit)"), "{out}");
+    let info = server.create_cache("unlimited", &["--max-size", "none"]);
+    assert!(info["max_size"].is_null(), "{info}");
+    let list = server.cli_ok(&server.admin_token, &["cache", "list", "--json"]);
+    assert!(!list.contains("\"zero\""), "{list}");
+}
