@@ -425,7 +425,8 @@ pub async fn delete_path(
             }
             return Err(ApiError::Referenced(
                 format!(
-                    "{target_path} is referenced by {} other path(s) of cache {:?}: {shown};                      delete them first, or all together with --with-referrers",
+                    "{target_path} is referenced by {} other path(s) of cache {:?}: {shown}; \
+                     delete them first, or all together with --with-referrers",
                     all.len(),
                     cache.name
                 ),

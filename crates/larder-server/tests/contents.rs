@@ -393,10 +393,12 @@ async fn delete_refuses_referenced_paths_or_takes_every_referrer_along() {
         .collect();
     let want = [&c.mid, &c.app, &c.app2].map(|t| t.path.to_absolute());
     assert_eq!(named, want.iter().map(String::as_str).collect());
-    assert!(refused["error"]
-        .as_str()
-        .unwrap()
-        .contains("--with-referrers"));
+    let error = refused["error"].as_str().unwrap();
+    assert!(
+        error.ends_with("; delete them first, or all together with --with-referrers"),
+        "{error}"
+    );
+    assert!(!error.contains("  "), "stray spaces: {error:?}");
     assert_eq!(srv.path_count("c").await, 5);
 
     // A leaf goes alone.
