@@ -77,14 +77,19 @@ pub async fn import(args: ImportArgs) -> anyhow::Result<()> {
             .map(|a| {
                 StorePath::from_absolute(a.trim_end_matches('/'))
                     .or_else(|_| StorePath::from_basename(a))
+                    // A local symlink to the path (./result), as push and pin take.
+                    .or_else(|_| {
+                        crate::retention_cmd::store_path_arg(a)
+                            .and_then(|p| Ok(StorePath::from_absolute(&p)?))
+                    })
                     .with_context(|| format!("{a:?} is not a store path"))
             })
             .collect::<anyhow::Result<_>>()?
     };
     if !args.json {
         eprintln!(
-            "reading the closure of {} paths from {}",
-            roots.len(),
+            "reading the closure of {} from {}",
+            crate::output::count(roots.len() as u64, "path"),
             source.url()
         );
     }

@@ -136,9 +136,18 @@ fn import_from_http_takes_roots_and_their_closures() {
         String::from_utf8_lossy(&o.stderr)
     );
 
+    // Named through a ./result-style symlink, as push and pin accept.
+    let link = work.path().join("result");
+    std::os::unix::fs::symlink(top.trim(), &link).unwrap();
     let o = server.cli(
         &token,
-        &["import", "fromhttp", &source, top.trim(), "--json"],
+        &[
+            "import",
+            "fromhttp",
+            &source,
+            link.to_str().unwrap(),
+            "--json",
+        ],
     );
     let _ = http.kill();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
