@@ -587,15 +587,19 @@ async fn status(socket: &Path, json_out: bool) -> anyhow::Result<()> {
             conn.request(&json!({"op": "status"})).await?;
             (true, conn.reply().await?)
         }
+        // Not running is a status like any other (exit 0), whether or not a daemon ever ran
+        // here; its queue, if any, is read directly.
         Err(_) => {
             let qpath = queue_path(socket);
-            if !qpath.exists() {
-                return Err(not_running(socket));
-            }
-            let c = Queue::open(&qpath)?.counts()?;
+            let (queued, done, failed) = if qpath.exists() {
+                let c = Queue::open(&qpath)?.counts()?;
+                (c.queued, c.done, c.failed)
+            } else {
+                (0, 0, 0)
+            };
             (
                 false,
-                json!({"ok": true, "queued": c.queued, "done": c.done, "failed": c.failed}),
+                json!({"ok": true, "queued": queued, "done": done, "failed": failed}),
             )
         }
     };
@@ -609,7 +613,10 @@ async fn status(socket: &Path, json_out: bool) -> anyhow::Result<()> {
         if running {
             format!("running, pushing to {}", v["cache"].as_str().unwrap_or("?"))
         } else {
-            "not running".into()
+            format!(
+                "not running on {} (start it with `larder daemon run CACHE`)",
+                socket.display()
+            )
         },
         v["queued"],
         v["done"],

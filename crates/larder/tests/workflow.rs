@@ -173,6 +173,17 @@ fn daemon_push_wait_fails_for_a_path_that_is_not_valid() {
     let token = server.token("push", "auto");
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("d.sock");
+    // Before any daemon ran here, `status` reports it not running (not an error).
+    let o = larder(&server, &token, &["daemon", "status", "--json", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let st: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (st["running"].clone(), st["queued"].clone()),
+        (false.into(), 0.into())
+    );
     // Without a daemon, --wait refuses with a hint.
     let o = larder(&server, &token, &["daemon", "push", "--wait", "--socket"])
         .arg(&socket)
