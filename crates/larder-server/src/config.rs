@@ -158,6 +158,12 @@ pub enum ConfigError {
     Duration(String),
     #[error("invalid {key}: {value:?}")]
     Value { key: &'static str, value: String },
+    /// A value of the wrong form, with the setting it was given for.
+    #[error("{key}: {inner}")]
+    Setting {
+        key: &'static str,
+        inner: Box<ConfigError>,
+    },
     #[error(
         "invalid public_url {value:?} (from --public-url, LARDER_PUBLIC_URL or the config \
          file): {reason}"
@@ -255,16 +261,22 @@ impl Config {
                 value: compression,
             });
         }
+        let setting = |key: &'static str| {
+            move |inner: ConfigError| ConfigError::Setting {
+                key,
+                inner: Box::new(inner),
+            }
+        };
         let max_upload_size = match file.max_upload_size {
-            Some(s) => s.bytes()?,
+            Some(s) => s.bytes().map_err(setting("max_upload_size"))?,
             None => DEFAULT_MAX_UPLOAD_SIZE,
         };
         let gc_interval = match file.gc_interval {
-            Some(s) => parse_duration(&s)?,
+            Some(s) => parse_duration(&s).map_err(setting("gc_interval"))?,
             None => DEFAULT_GC_INTERVAL,
         };
         let evicted_nar_grace = match file.evicted_nar_grace {
-            Some(s) => parse_duration(&s)?,
+            Some(s) => parse_duration(&s).map_err(setting("evicted_nar_grace"))?,
             None => DEFAULT_EVICTED_NAR_GRACE,
         };
         if evicted_nar_grace < MIN_EVICTED_NAR_GRACE {
@@ -275,11 +287,12 @@ impl Config {
         }
         let orphan_scan_interval = match file.orphan_scan_interval.as_deref() {
             Some("off") => None,
-            Some(s) => Some(parse_duration(s)?).filter(|d| !d.is_zero()),
+            Some(s) => Some(parse_duration(s).map_err(setting("orphan_scan_interval"))?)
+                .filter(|d| !d.is_zero()),
             None => Some(DEFAULT_ORPHAN_SCAN_INTERVAL),
         };
         let orphan_grace = match file.orphan_grace {
-            Some(s) => parse_duration(&s)?,
+            Some(s) => parse_duration(&s).map_err(setting("orphan_grace"))?,
             None => DEFAULT_ORPHAN_GRACE,
         };
         if orphan_grace < MIN_ORPHAN_GRACE {
@@ -289,7 +302,7 @@ impl Config {
             });
         }
         let backend_timeout = match file.backend_timeout {
-            Some(s) => parse_duration(&s)?,
+            Some(s) => parse_duration(&s).map_err(setting("backend_timeout"))?,
             None => DEFAULT_BACKEND_TIMEOUT,
         };
         if backend_timeout < MIN_BACKEND_TIMEOUT {
@@ -487,6 +500,32 @@ mod tests {
         for bad in ["orphan_grace = \"59m\"", "orphan_scan_interval = \"daily\""] {
             let f: ConfigFile = toml::from_str(bad).unwrap();
             assert!(Config::resolve(f, "/d".into()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_bad_value_names_its_setting() {
+        for (text, says) in [
+            (
+                "gc_interval = \"5 parsecs\"",
+                "gc_interval: invalid duration \"5 parsecs\"",
+            ),
+            (
+                "orphan_scan_interval = \"daily\"",
+                "orphan_scan_interval: invalid duration",
+            ),
+            (
+                "backend_timeout = \"soon\"",
+                "backend_timeout: invalid duration",
+            ),
+            (
+                "max_upload_size = \"big\"",
+                "max_upload_size: invalid size \"big\"",
+            ),
+        ] {
+            let f: ConfigFile = toml::from_str(text).unwrap();
+            let e = Config::resolve(f, "/d".into()).unwrap_err().to_string();
+            assert!(e.starts_with(says), "{text}: {e}");
         }
     }
 
