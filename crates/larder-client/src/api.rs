@@ -39,6 +39,19 @@ impl ClientError {
             _ => None,
         }
     }
+
+    /// The server is away or overloaded (unreachable, 429, or a 5xx other than 501 Not
+    /// Implemented and 507 Insufficient Storage), as opposed to refusing the request: worth
+    /// retrying, after `Retry-After` when it sent one.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Unreachable { .. } => true,
+            ClientError::Status { status, .. } => {
+                *status == 429 || (*status >= 500 && *status != 507 && *status != 501)
+            }
+            _ => false,
+        }
+    }
 }
 
 type Result<T, E = ClientError> = std::result::Result<T, E>;
@@ -176,6 +189,27 @@ pub struct WhoAmI {
     pub caches: Option<Vec<String>>,
     pub server_admin: bool,
     pub expires_at: Option<i64>,
+}
+
+impl WhoAmI {
+    /// Whether the token grants `perm` (`pull`, `push` or `admin`; each includes the ones
+    /// before it) on `cache`, as the server decides.
+    pub fn grants(&self, perm: &str, cache: &str) -> bool {
+        const LEVELS: [&str; 3] = ["pull", "push", "admin"];
+        let level = |p: &str| LEVELS.iter().position(|l| *l == p);
+        let Some(wanted) = level(perm) else {
+            return false;
+        };
+        self.server_admin
+            || (self
+                .perms
+                .iter()
+                .any(|p| level(p).is_some_and(|l| l >= wanted))
+                && self
+                    .caches
+                    .as_ref()
+                    .is_none_or(|c| c.iter().any(|c| c == cache)))
+    }
 }
 
 impl ApiClient {
@@ -427,5 +461,49 @@ impl ApiClient {
         self.send(self.request(reqwest::Method::DELETE, &format!("/api/v1/tokens/{id}")))
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn who(perms: &[&str], caches: Option<&[&str]>, server_admin: bool) -> WhoAmI {
+        WhoAmI {
+            authenticated: true,
+            token_id: None,
+            label: None,
+            perms: perms.iter().map(|p| p.to_string()).collect(),
+            caches: caches.map(|c| c.iter().map(|c| c.to_string()).collect()),
+            server_admin,
+            expires_at: None,
+        }
+    }
+
+    #[test]
+    fn permissions_include_the_lesser_ones_within_their_caches() {
+        let push_a = who(&["push"], Some(&["a"]), false);
+        assert!(push_a.grants("pull", "a") && push_a.grants("push", "a"));
+        assert!(!push_a.grants("admin", "a") && !push_a.grants("pull", "b"));
+        let pull_all = who(&["pull"], None, false);
+        assert!(pull_all.grants("pull", "any") && !pull_all.grants("push", "any"));
+        assert!(who(&["admin"], None, true).grants("admin", "any"));
+        assert!(!who(&[], None, false).grants("pull", "a"));
+        assert!(!push_a.grants("sudo", "a"));
+    }
+
+    #[test]
+    fn transient_failures_are_outages_not_refusals() {
+        let status = |status| ClientError::Status {
+            status,
+            message: String::new(),
+            retry_after: None,
+        };
+        for s in [429, 500, 502, 503] {
+            assert!(status(s).is_transient(), "{s}");
+        }
+        for s in [400, 401, 403, 404, 409, 501, 507] {
+            assert!(!status(s).is_transient(), "{s}");
+        }
     }
 }

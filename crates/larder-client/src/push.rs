@@ -453,16 +453,13 @@ impl From<&PathInfo> for UpstreamRef {
     }
 }
 
+/// For a transient failure, how long the server asked to wait (if it did).
 fn transient(e: &PushError) -> Option<Option<Duration>> {
     match e {
-        PushError::Client(ClientError::Unreachable { .. }) => Some(None),
-        PushError::Client(ClientError::Status {
-            status,
-            retry_after,
-            ..
-        }) if *status == 429 || (*status >= 500 && *status != 507 && *status != 501) => {
-            Some(*retry_after)
-        }
+        PushError::Client(c) if c.is_transient() => Some(match c {
+            ClientError::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }),
         _ => None,
     }
 }

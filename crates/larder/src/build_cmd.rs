@@ -482,15 +482,6 @@ fn parse_dry_run(lines: &[String]) -> (Vec<String>, Vec<String>) {
     (build, fetch)
 }
 
-/// The server is down or overloaded (as opposed to refusing the request).
-fn is_outage(e: &larder_client::ClientError) -> bool {
-    match e {
-        larder_client::ClientError::Unreachable { .. } => true,
-        larder_client::ClientError::Status { status, .. } => *status >= 500,
-        _ => false,
-    }
-}
-
 /// Which of `paths` the cache has, with their (FileSize, NarSize): narinfo lookups, 16 at a time.
 async fn in_cache(
     t: &crate::client_config::Target,
@@ -563,14 +554,14 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
         ));
     }
     out.push_str(&format!("✓ Cache configured: {url}\n"));
-    // The seed's promise: a cache that is down means building locally, not failing. A cache
+    // The Cachix guide's promise: a cache that is down means building locally, not failing. A cache
     // that answers but refuses (a token problem) is still an error: it needs fixing.
     let reachable = match t.client.nix_cache_info(&t.cache).await {
         Ok(_) => {
             out.push_str("✓ Cache reachable\n");
             true
         }
-        Err(e) if is_outage(&e) => {
+        Err(e) if e.is_transient() => {
             out.push_str(&format!("! Cache unreachable ({e})\n"));
             eprintln!(
                 "warning: {url} is unreachable: what no other substituter has will be built locally"

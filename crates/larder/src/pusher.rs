@@ -55,13 +55,7 @@ pub(crate) async fn ensure_can_push(client: &ApiClient, cache: &str) -> anyhow::
             create,
         ));
     }
-    let can_push = who.server_admin
-        || (who.perms.iter().any(|p| p == "push" || p == "admin")
-            && who
-                .caches
-                .as_ref()
-                .is_none_or(|c| c.iter().any(|c| c == cache)));
-    if !can_push {
+    if !who.grants("push", cache) {
         let label = match (who.label.as_deref(), who.token_id.as_deref()) {
             (Some(l), _) if !l.is_empty() => format!("{l:?}"),
             (_, Some(id)) => id.to_owned(),

@@ -285,16 +285,15 @@ async fn check_pull(f: &Facts) -> anyhow::Result<()> {
     }
     match f.client.whoami().await {
         Ok(w) => {
-            let scoped = w.caches.as_ref().is_none_or(|c| c.contains(&f.cache));
-            if w.perms.is_empty() || !scoped {
+            if !w.grants("pull", &f.cache) {
                 eprintln!(
                     "warning: the current token cannot pull from {}; Nix will get 401/403\n\
                      hint: ask an admin for `larder token create --perm pull --cache {}`",
                     f.cache, f.cache
                 );
-            } else if w.server_admin || w.perms.iter().any(|p| p == "push" || p == "admin") {
+            } else if w.grants("push", &f.cache) {
                 // The netrc holds the token in clear for Nix: it should only read.
-                let can = if w.server_admin || w.perms.iter().any(|p| p == "admin") {
+                let can = if w.grants("admin", &f.cache) {
                     "administer"
                 } else {
                     "push to"
