@@ -10,7 +10,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 NCHAIN=${NCHAIN:-200}
 BIG_MIB=${BIG_MIB:-500}
-export NIX_CONFIG=$'build-users-group =\nexperimental-features = nix-command\nsubstituters ='
+. "$ROOT/tests/lib/nix-env.sh"   # the tests' Nix settings: no sandbox, no machine or user nix.conf
 WORK=$(mktemp -d /tmp/larder-pushbench.XXXXXX)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }

@@ -21,7 +21,7 @@ NSMALL=${NSMALL:-200}
 for tool in nix nginx wrk python3 curl; do
   command -v $tool >/dev/null || { echo "bench: $tool is required (apt-get install -y nix-bin nginx-light wrk python3 curl)" >&2; exit 1; }
 done
-export NIX_CONFIG=$'build-users-group =\nexperimental-features = nix-command\nsubstituters ='
+. "$ROOT/tests/lib/nix-env.sh"   # the tests' Nix settings: no sandbox, no machine or user nix.conf
 
 WORK=$(mktemp -d /tmp/larder-bench.XXXXXX)
 PIDS=()

@@ -18,9 +18,6 @@ use larder_client::local_store::{
 use larder_nix::hash::Sha256;
 use larder_nix::store_path::StorePath;
 
-/// Settings for every Nix command here: no build users, no substituters (no network).
-const NIX_CONFIG: &str = "build-users-group =\nexperimental-features = nix-command\nsubstituters =";
-
 const CLOSURE_NIX: &str = r#"
 { salt }:
 let
@@ -42,7 +39,7 @@ in mk "top" "mkdir $out; echo ${mid} ${leaf} ${note} > $out/refs"
 
 /// Whether to run: true with Nix, false (skip) only when LARDER_ALLOW_NO_NIX=1.
 fn have_nix() -> bool {
-    let ok = Command::new("nix-build")
+    let ok = nix("nix-build")
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
@@ -56,11 +53,10 @@ fn have_nix() -> bool {
     ok
 }
 
+/// `program` with the shared isolated test settings (larder_testkit::nix): no build users, no
+/// sandbox, no substituters (no network), no machine or user nix.conf, no daemon.
 fn nix(program: &str) -> Command {
-    let mut c = Command::new(program);
-    c.env("NIX_CONFIG", NIX_CONFIG);
-    c.env_remove("NIX_REMOTE");
-    c
+    larder_testkit::nix::command(program)
 }
 
 fn run(cmd: &mut Command) -> Vec<u8> {

@@ -11,7 +11,8 @@
 //!   our public key and fail with another key; Nix can copy from our hand-made cache.
 //!
 //! The tests fail when `nix` is missing unless `LARDER_ALLOW_NO_NIX=1`. They never read the
-//! host's Nix user config or caches: every Nix call gets fresh XDG dirs and `NIX_CONFIG`.
+//! host's Nix user config or caches: every Nix call gets fresh XDG dirs and
+//! the shared isolated settings of `larder_testkit::nix` (no machine or user nix.conf, no sandbox).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -25,12 +26,14 @@ use larder_nix::signing::{Signature, SigningKey, VerifyingKey};
 use larder_nix::store_path::StorePath;
 use larder_nix::{CacheInfo, NarInfo};
 
-const NIX_CONFIG: &str =
-    "build-users-group =\nexperimental-features = nix-command\nsubstituters =\nrequire-sigs = true";
+/// The shared test settings (larder_testkit::nix), and signatures required.
+fn nix_config() -> String {
+    format!("{}\nrequire-sigs = true", larder_testkit::nix::NIX_CONFIG)
+}
 
 /// Whether to run; panics when Nix is missing unless the user opted out.
 fn have_nix() -> bool {
-    let ok = Command::new("nix")
+    let ok = larder_testkit::nix::command("nix")
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
@@ -49,13 +52,12 @@ fn have_nix() -> bool {
 /// Run a Nix command in an isolated environment; returns its output, whatever the status.
 fn nix_raw(program: &str, args: &[&str]) -> Output {
     let xdg = tempfile::tempdir().expect("temp dir");
-    Command::new(program)
+    larder_testkit::nix::command(program)
         .args(args)
-        .env("NIX_CONFIG", NIX_CONFIG)
+        .env("NIX_CONFIG", nix_config())
         .env("XDG_CACHE_HOME", xdg.path().join("cache"))
         .env("XDG_CONFIG_HOME", xdg.path().join("config"))
         .env("XDG_DATA_HOME", xdg.path().join("data"))
-        .env_remove("NIX_USER_CONF_FILES")
         .output()
         .unwrap_or_else(|e| panic!("running {program}: {e}"))
 }

@@ -10,6 +10,7 @@
 #![allow(clippy::unwrap_used)] // test support: a panic is how a test fails
 
 pub mod garage;
+pub mod nix;
 pub mod postgres;
 
 use std::path::Path;

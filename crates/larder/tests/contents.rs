@@ -25,7 +25,7 @@ fn build_pair() -> (String, String) {
          args = [\"-c\" \"echo ${{dep}} > $out\"]; }}"
     );
     let xdg = tempfile::tempdir().unwrap();
-    let o = Command::new("nix-build")
+    let o = larder_testkit::nix::command("nix-build")
         .args(["--no-out-link", "-E", &expr])
         .env("NIX_CONFIG", NIX_CONFIG)
         .env("XDG_CACHE_HOME", xdg.path())
@@ -33,7 +33,7 @@ fn build_pair() -> (String, String) {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let top = String::from_utf8(o.stdout).unwrap().trim().to_owned();
-    let refs = Command::new("nix-store")
+    let refs = larder_testkit::nix::command("nix-store")
         .args(["-q", "--references", &top])
         .output()
         .unwrap();
@@ -182,7 +182,7 @@ fn ls_path_info_and_delete_with_real_nix() {
         xdg.path(),
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = Command::new("nix")
+    let o = larder_testkit::nix::command("nix")
         .args(["store", "verify", "--store", dest.path().to_str().unwrap()])
         .args(["--trusted-public-keys", &key, &other])
         .env("NIX_CONFIG", NIX_CONFIG)

@@ -104,7 +104,7 @@ fn push_client_signed_cache_with_generated_key() {
     // On another machine (a fresh HOME) without the key: refused before uploading.
     let p = build_file("unsigned2", "z");
     let home = tempfile::tempdir().unwrap();
-    let o = Command::new(larder_bin())
+    let o = larder_testkit::nix::command(larder_bin())
         .args(["push", "signed", &p])
         .env("LARDER_SERVER", &server.url)
         .env("LARDER_TOKEN", &push)
@@ -165,7 +165,7 @@ fn push_through_a_nix_daemon() {
     let key = info["public_key"].as_str().unwrap();
     let sockdir = tempfile::tempdir().unwrap();
     let socket = sockdir.path().join("socket");
-    let mut daemon = Command::new("nix-daemon")
+    let mut daemon = larder_testkit::nix::command("nix-daemon")
         .env("NIX_CONFIG", NIX_CONFIG)
         .env("NIX_DAEMON_SOCKET_PATH", &socket)
         .stdout(std::process::Stdio::null())
@@ -244,7 +244,7 @@ fn push_bad_input_fails_clearly_and_stores_nothing() {
         "{err}"
     );
     // An unreachable server.
-    let o = Command::new(larder_bin())
+    let o = larder_testkit::nix::command(larder_bin())
         .args(["push", "strict", &p])
         .env("LARDER_SERVER", "http://127.0.0.1:9")
         .env("LARDER_TOKEN", &push)
@@ -366,7 +366,7 @@ fn corrupted_store_path_is_refused_and_nothing_is_visible() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&o.stdout), "404");
     // Clean up the tampered path so later runs are not confused by it.
-    let _ = Command::new("nix-store")
+    let _ = larder_testkit::nix::command("nix-store")
         .env("NIX_CONFIG", NIX_CONFIG)
         .args(["--delete", &p])
         .output();

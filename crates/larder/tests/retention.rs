@@ -35,7 +35,7 @@ in builtins.genList app {n}"#,
 
 /// The closure of a local store path (real Nix's view).
 fn closure(path: &str) -> Vec<String> {
-    let o = Command::new("nix-store")
+    let o = larder_testkit::nix::command("nix-store")
         .args(["-qR", path])
         .env("NIX_CONFIG", NIX_CONFIG)
         .output()
@@ -204,7 +204,7 @@ async fn lru_eviction_keeps_closures_whole_and_real_nix_substitutes_what_remains
         .map(|i| &apps[i])
         .collect();
     let conf = format!("{NIX_CONFIG}\nrequire-sigs = true\ntrusted-public-keys = {key}");
-    let o = Command::new("nix")
+    let o = larder_testkit::nix::command("nix")
         .args(["copy", "--from", &url, "--to"])
         .arg(&store)
         .args(&remaining)
@@ -213,7 +213,7 @@ async fn lru_eviction_keeps_closures_whole_and_real_nix_substitutes_what_remains
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = Command::new("nix")
+    let o = larder_testkit::nix::command("nix")
         .args(["store", "verify", "-r", "--store"])
         .arg(&store)
         .args(&remaining)
@@ -276,7 +276,7 @@ async fn gc_loop_during_push_and_pull_never_serves_a_narinfo_without_its_nar() {
         std::thread::spawn(move || {
             let mut runs = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let o = Command::new(larder_bin())
+                let o = larder_testkit::nix::command(larder_bin())
                     .args(["gc", "race", "--json"])
                     .env("LARDER_SERVER", &server_url)
                     .env("LARDER_TOKEN", &admin)
@@ -298,7 +298,7 @@ async fn gc_loop_during_push_and_pull_never_serves_a_narinfo_without_its_nar() {
         server.cli_ok(&admin, &["push", "race", app]);
         let work = tempfile::tempdir().unwrap();
         let conf = format!("{NIX_CONFIG}\nrequire-sigs = true\ntrusted-public-keys = {key}");
-        let o = Command::new("nix")
+        let o = larder_testkit::nix::command("nix")
             .args(["copy", "--from", &url, "--to"])
             .arg(work.path().join("store"))
             .arg(app)

@@ -202,7 +202,7 @@ async fn presigned_redirects_work_with_nix_and_keep_range() {
     );
     let store = tempfile::tempdir().unwrap();
     let xdg = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new("nix")
+    let out = larder_testkit::nix::command("nix")
         .args(["copy", "--no-check-sigs", "--option", "netrc-file"])
         .arg(&netrc)
         .args(["--from", &format!("{}/hidden", server.url), "--to"])
@@ -312,7 +312,7 @@ async fn garage_outage_gets_503_and_recovers_without_restart() {
     let netrc = server.netrc(scratch.path(), "push.netrc", &push_token);
     let xdg = tempfile::tempdir().unwrap();
     let t = Instant::now();
-    let out = std::process::Command::new("timeout")
+    let out = larder_testkit::nix::command("timeout")
         .args(["120", "nix", "copy", "--option", "netrc-file"])
         .arg(&netrc)
         .args(["--to", &format!("{}/flaky", server.url), &during])
@@ -371,7 +371,7 @@ fn misconfigured_s3_storage_fails_at_start_without_leaking_the_secret() {
     let run = |storage: &str, secret: &str| {
         let data = tempfile::tempdir().unwrap();
         // `timeout`: a server that starts anyway must fail the test, not hang it.
-        let out = std::process::Command::new("timeout")
+        let out = larder_testkit::nix::command("timeout")
             .args([
                 "20",
                 larder_bin(),
@@ -427,7 +427,7 @@ fn migrate_embedded_objects_to_garage_then_serve_from_it() {
     let _ = first.child.wait();
 
     let migrate = |extra: &[&str]| {
-        let mut cmd = std::process::Command::new(larder_bin());
+        let mut cmd = larder_testkit::nix::command(larder_bin());
         cmd.args(["migrate", "--from"])
             .arg(format!("file://{}", data.join("store").display()))
             .args(["--to", &garage.storage_url()])
@@ -451,7 +451,7 @@ fn migrate_embedded_objects_to_garage_then_serve_from_it() {
     assert_eq!(again["copied"], 0, "{again}");
     assert_eq!(again["skipped"], report["copied"]);
     // Mixing kinds is a usage mistake, said plainly.
-    let out = std::process::Command::new(larder_bin())
+    let out = larder_testkit::nix::command(larder_bin())
         .args([
             "migrate",
             "--from",
@@ -467,7 +467,7 @@ fn migrate_embedded_objects_to_garage_then_serve_from_it() {
     // The objects leave the data directory; the same metadata is served from Garage.
     std::fs::remove_dir_all(data.join("store")).unwrap();
     let url = garage.storage_url();
-    let mut cmd = std::process::Command::new(larder_bin());
+    let mut cmd = larder_testkit::nix::command(larder_bin());
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"])
         .arg(&data)
         .args(["--storage", &url])
@@ -487,7 +487,7 @@ fn migrate_embedded_objects_to_garage_then_serve_from_it() {
     std::thread::spawn(move || lines.for_each(drop));
     let store = tempfile::tempdir().unwrap();
     let xdg = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new("nix")
+    let out = larder_testkit::nix::command("nix")
         .args([
             "copy",
             "--no-check-sigs",

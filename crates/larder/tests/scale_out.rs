@@ -222,7 +222,7 @@ fn two_replicas(shared: Shared) {
     let pushes: Vec<_> = [&a, &b]
         .iter()
         .map(|s| {
-            Command::new(larder_bin())
+            larder_testkit::nix::command(larder_bin())
                 .args(["push", "shared", &top, "--json", "-j", "8"])
                 .env("LARDER_SERVER", &s.url)
                 .env("LARDER_TOKEN", &token)
@@ -386,7 +386,7 @@ fn postgres_outage_answers_503_fast_and_service_resumes_without_restart() {
     assert_eq!(h["objects"]["ok"], true);
     // An upload during the outage is refused and leaves nothing behind.
     let nar = tempfile::NamedTempFile::new().unwrap();
-    let dump = Command::new("nix-store")
+    let dump = larder_testkit::nix::command("nix-store")
         .args(["--dump", top.trim()])
         .output()
         .unwrap();
@@ -546,7 +546,7 @@ fn an_embedded_deployment_migrates_to_postgres_and_serves_the_same_closure() {
     let db = pg.create_database();
     let sqlite = format!("sqlite://{}", data.path().join("larder.db").display());
     let migrate = |extra: &[&str]| {
-        Command::new(larder_bin())
+        larder_testkit::nix::command(larder_bin())
             .args(["migrate", "--from", &sqlite, "--to", &db])
             .args(extra)
             .output()

@@ -5,15 +5,13 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 
 /// `larder serve --listen 127.0.0.1:0 --data DATA ARGS…` with `env`, which must fail at
 /// start: its exit status is 1 and its stderr is returned. (`timeout`: a server that starts
 /// anyway fails the test instead of hanging it.)
 fn serve_fails(data: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> String {
-    let mut cmd = Command::new("timeout");
+    let mut cmd = larder_testkit::nix::command("timeout");
     cmd.args([
         "20",
         larder_bin(),

@@ -12,12 +12,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use common::*;
+use larder_testkit::nix::NIX_CONFIG_BASE;
 
 /// Settings every Nix call here needs (root without build users; no narinfo disk cache, so
 /// each lookup reaches the server), without `substituters` so the user nix.conf under test
 /// decides them.
-const NIX_ENV_CONFIG: &str = "build-users-group =\nexperimental-features = nix-command\n\
-    narinfo-cache-positive-ttl = 0\nnarinfo-cache-negative-ttl = 0";
+fn nix_env_config() -> String {
+    format!("{NIX_CONFIG_BASE}\nnarinfo-cache-positive-ttl = 0\nnarinfo-cache-negative-ttl = 0")
+}
 
 struct Home {
     dir: tempfile::TempDir,
@@ -48,7 +50,7 @@ impl Home {
             .env("XDG_CONFIG_HOME", self.config())
             .env("XDG_CACHE_HOME", self.path().join(".cache"))
             .env("NIX_USER_CONF_FILES", self.nix_conf())
-            .env("NIX_CONFIG", NIX_ENV_CONFIG)
+            .env("NIX_CONFIG", nix_env_config())
             .env_remove("LARDER_CONFIG")
             .env_remove("LARDER_NIX_CONF")
             .env_remove("LARDER_NETRC")
@@ -56,7 +58,7 @@ impl Home {
     }
 
     fn larder(&self, server: &Server, token: &str, args: &[&str]) -> Output {
-        let mut cmd = Command::new(larder_bin());
+        let mut cmd = larder_testkit::nix::command(larder_bin());
         cmd.args(args)
             .env("LARDER_SERVER", &server.url)
             .env("LARDER_TOKEN", token);
@@ -76,7 +78,7 @@ impl Home {
     }
 
     fn nix(&self, args: &[&str]) -> Output {
-        let mut cmd = Command::new("nix");
+        let mut cmd = larder_testkit::nix::command("nix");
         cmd.args(args);
         self.env(&mut cmd);
         cmd.output().expect("run nix")
@@ -241,10 +243,10 @@ fn use_private_cache_writes_netrc_that_nix_reads() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let file = home.path().join("hello.txt");
     std::fs::write(&file, format!("larder use test {}\n", server.port)).unwrap();
-    let o = Command::new("nix-store")
+    let o = larder_testkit::nix::command("nix-store")
         .arg("--add")
         .arg(&file)
-        .env("NIX_CONFIG", NIX_ENV_CONFIG)
+        .env("NIX_CONFIG", nix_env_config())
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -350,10 +352,10 @@ fn nixos_mode_writes_a_module_nix_can_evaluate() {
         "second use is a no-op"
     );
 
-    let o = Command::new("nix-instantiate")
+    let o = larder_testkit::nix::command("nix-instantiate")
         .args(["--eval", "--strict", "--json", "-E"])
         .arg(format!("(import {}).nix.settings", module.display()))
-        .env("NIX_CONFIG", NIX_ENV_CONFIG)
+        .env("NIX_CONFIG", nix_env_config())
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -376,7 +378,7 @@ fn nixos_mode_writes_a_module_nix_can_evaluate() {
 #[test]
 fn doctor_without_server_fails_with_a_fix() {
     let home = Home::new();
-    let mut cmd = Command::new(larder_bin());
+    let mut cmd = larder_testkit::nix::command(larder_bin());
     cmd.args(["doctor"])
         .env_remove("LARDER_SERVER")
         .env_remove("LARDER_TOKEN");

@@ -319,7 +319,7 @@ fn build_paths(hellos: usize) -> (String, String, Vec<String>) {
     let outs = build_expr(&expr);
     assert_eq!(outs.len(), hellos + 1, "{outs:?}");
     let top = outs[0].clone();
-    let refs = Command::new("nix-store")
+    let refs = larder_testkit::nix::command("nix-store")
         .args(["-q", "--references", &top])
         .output()
         .unwrap();

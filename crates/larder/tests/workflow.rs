@@ -23,7 +23,7 @@ fn many_expr(tag: &str, n: usize) -> String {
 fn larder(server: &Server, token: &str, args: &[&str]) -> Command {
     let home = server.data.path().join("client-home");
     std::fs::create_dir_all(&home).unwrap();
-    let mut c = Command::new(larder_bin());
+    let mut c = larder_testkit::nix::command(larder_bin());
     c.args(args)
         .env("LARDER_SERVER", &server.url)
         .env("LARDER_TOKEN", token)
@@ -93,7 +93,7 @@ fn daemon_queue_survives_kill_9_and_pushes_everything_after_restart() {
     let tag = format!("hooked-{}", unique_tag());
     let xdg = tempfile::tempdir().unwrap();
     let t0 = Instant::now();
-    let o = Command::new("nix-build")
+    let o = larder_testkit::nix::command("nix-build")
         .args(["--no-out-link", "-E", &many_expr(&tag, 20)])
         .env(
             "NIX_CONFIG",
@@ -235,7 +235,7 @@ fn watch_store_pushes_new_builds_and_drains_on_sigterm() {
     }
     let tag = format!("watched-{}", unique_tag());
     let xdg = tempfile::tempdir().unwrap();
-    let o = Command::new("nix-build")
+    let o = larder_testkit::nix::command("nix-build")
         .args(["--no-out-link", "-E", &many_expr(&tag, 5)])
         .env("NIX_CONFIG", NIX_CONFIG)
         .env("XDG_CACHE_HOME", xdg.path())
@@ -359,13 +359,13 @@ in {{ packages.${{sys}} = {{ shoshin = mk "shoshin"; gyakusatsu = mk "gyakusatsu
         ),
     )
     .unwrap();
-    let flakes = "build-users-group =\nexperimental-features = nix-command flakes\nsubstituters =";
+    let flakes = format!("{NIX_CONFIG}\nexperimental-features = nix-command flakes");
     let a = format!("path:{}#shoshin", flake.display());
     let b = format!("path:{}#gyakusatsu", flake.display());
     let logs = dir.path().join("logs");
     let o = larder(&server, &token, &["build", "ws", &a, &b, "--log-dir"])
         .arg(&logs)
-        .env("NIX_CONFIG", flakes)
+        .env("NIX_CONFIG", &flakes)
         .env("XDG_CACHE_HOME", dir.path().join("xdg"))
         .output()
         .unwrap();
@@ -406,7 +406,7 @@ in {{ packages.${{sys}} = {{ shoshin = mk "shoshin"; gyakusatsu = mk "gyakusatsu
         &["build", "ws", &a, &b, "--json", "--log-dir"],
     )
     .arg(&logs)
-    .env("NIX_CONFIG", flakes)
+    .env("NIX_CONFIG", &flakes)
     .env("XDG_CACHE_HOME", dir.path().join("xdg"))
     .output()
     .unwrap();
@@ -502,7 +502,7 @@ in {{ packages.${{sys}} = {{ shoshin = mk "shoshin"; gyakusatsu = mk "gyakusatsu
     assert!(report.contains("Built locally: 0"), "{report}");
     assert!(marker.exists(), "the command after -- did not run");
     // The consumer store verifies (contents and signatures by the cache's key).
-    let outs = Command::new("nix")
+    let outs = larder_testkit::nix::command("nix")
         .args(["build", "--dry-run", "--json", "--no-link", &a, &b])
         .env("NIX_CONFIG", &consumer_conf)
         .env("XDG_CACHE_HOME", dir.path().join("xdg"))
@@ -515,7 +515,7 @@ in {{ packages.${{sys}} = {{ shoshin = mk "shoshin"; gyakusatsu = mk "gyakusatsu
         .iter()
         .map(|i| i["outputs"]["out"].as_str().unwrap().to_owned())
         .collect();
-    let o = Command::new("nix")
+    let o = larder_testkit::nix::command("nix")
         .args(["store", "verify", "-r"])
         .args(&paths)
         .env("NIX_CONFIG", &consumer_conf)
@@ -553,7 +553,7 @@ fn pull_builds_locally_when_the_cache_is_down() {
     let url = server.url.clone();
     let home = dir.path().join("home");
     assert!(server.stop().success());
-    let o = Command::new(larder_bin())
+    let o = larder_testkit::nix::command(larder_bin())
         .args(["pull", "down", "-f"])
         .arg(&file)
         .arg("app")

@@ -9,8 +9,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub const NIX_CONFIG: &str =
-    "build-users-group =\nexperimental-features = nix-command\nsubstituters =";
+/// The suite's Nix settings (no sandbox, no build users, no substituters): the one definition
+/// in `larder_testkit::nix`, which also keeps every test's Nix away from the machine's and the
+/// user's nix.conf.
+pub use larder_testkit::nix::NIX_CONFIG;
 
 pub fn larder_bin() -> &'static str {
     env!("CARGO_BIN_EXE_larder")
@@ -22,7 +24,7 @@ pub fn repo_root() -> PathBuf {
 
 /// Fail (not skip) when real Nix is missing: the end-to-end tests are required.
 pub fn require_nix() {
-    let ok = Command::new("nix")
+    let ok = larder_testkit::nix::command("nix")
         .arg("--version")
         .output()
         .map(|o| o.status.success())
@@ -71,7 +73,7 @@ impl Server {
         admin_token: Option<&str>,
         env: &[(&str, String)],
     ) -> Server {
-        let mut cmd = Command::new(larder_bin());
+        let mut cmd = larder_testkit::nix::command(larder_bin());
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"])
             .arg(data.path())
             .args(extra)
@@ -177,7 +179,7 @@ impl Server {
     pub fn cli(&self, token: &str, args: &[&str]) -> Output {
         let home = self.data.path().join("client-home");
         std::fs::create_dir_all(&home).unwrap();
-        Command::new(larder_bin())
+        larder_testkit::nix::command(larder_bin())
             .args(args)
             .env("LARDER_SERVER", &self.url)
             .env("LARDER_TOKEN", token)
@@ -253,7 +255,7 @@ impl Drop for Server {
 /// Start `larder serve --data DATA ARGS…` and read its stderr up to its listening line: the
 /// running server and the lines it printed until then.
 pub fn serve_until_listening(data: &Path, args: &[&str]) -> (Child, Vec<String>) {
-    let mut child = Command::new(larder_bin())
+    let mut child = larder_testkit::nix::command(larder_bin())
         .args(["serve", "--data"])
         .arg(data)
         .args(args)
@@ -284,7 +286,7 @@ pub fn serve_until_listening(data: &Path, args: &[&str]) -> (Child, Vec<String>)
 /// Run the Nix oracle (tests/oracle/nix-oracle.sh, a copy of the project's judge) with `env`.
 pub fn oracle(args: &[&str], workdir: &Path, env: &[(&str, String)]) -> Output {
     let script = repo_root().join("tests/oracle/nix-oracle.sh");
-    let mut cmd = Command::new("bash");
+    let mut cmd = larder_testkit::nix::command("bash");
     cmd.arg(script).args(args).env("WORKDIR", workdir);
     for (k, v) in env {
         cmd.env(k, v);
@@ -315,7 +317,7 @@ pub fn oracle_pass(workdir: &Path, cache_url: &str, key: &str, push_cmd: Option<
 }
 
 pub fn nix(args: &[&str], xdg: &Path) -> Output {
-    Command::new("nix")
+    larder_testkit::nix::command("nix")
         .args(args)
         .env("NIX_CONFIG", NIX_CONFIG)
         .env("XDG_CACHE_HOME", xdg)
@@ -326,7 +328,7 @@ pub fn nix(args: &[&str], xdg: &Path) -> Output {
 /// Build a Nix expression (`nix-build -E`) with real Nix; returns its output paths.
 pub fn build_expr(expr: &str) -> Vec<String> {
     let xdg = tempfile::tempdir().unwrap();
-    let o = Command::new("nix-build")
+    let o = larder_testkit::nix::command("nix-build")
         .args(["--no-out-link", "-E", expr])
         .env("NIX_CONFIG", NIX_CONFIG)
         .env("XDG_CACHE_HOME", xdg.path())
