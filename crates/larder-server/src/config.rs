@@ -40,6 +40,13 @@ pub const MIN_ORPHAN_GRACE: Duration = Duration::from_secs(3600);
 pub const DEFAULT_BACKEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// The shortest backend timeout accepted.
 pub const MIN_BACKEND_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a connection may take to send a request head, and stay idle between requests:
+/// long enough for any real client (Nix sends its next request at once), short enough that
+/// silent connections cannot pile up.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections one client address may hold open: Nix opens at most `http-connections` (25
+/// by default) per machine, and many machines behind one NAT address stay well below this.
+pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: usize = 256;
 /// Keys whose signature marks a store path as available upstream: a pushed path may reference
 /// such a path without it being in the cache (Nix substitutes it from upstream).
 pub const DEFAULT_UPSTREAM_KEYS: &[&str] =
@@ -121,6 +128,15 @@ pub struct ConfigFile {
     /// How long a GET or HEAD request may wait for the database and the object store before
     /// it is answered 503, e.g. `30s`. Default: 30s; at least 1s.
     pub backend_timeout: Option<String>,
+    /// How long the server waits for a request head, on a new connection and between requests
+    /// on a kept-alive one, before it closes the connection, e.g. `30s`. Default: 30s; at
+    /// least 1s.
+    pub header_timeout: Option<String>,
+    /// Most connections open at once. Default: as many as the open-file limit allows (two
+    /// descriptors each, after 128 kept for the rest).
+    pub max_connections: Option<usize>,
+    /// Most connections open at once from one client address. Default: 256.
+    pub max_connections_per_client: Option<usize>,
     /// Public keys (`name:base64`) of upstream caches. Default: cache.nixos.org's key.
     pub upstream_keys: Option<Vec<String>>,
 }
@@ -204,6 +220,10 @@ pub struct Config {
     pub orphan_scan_interval: Option<Duration>,
     pub orphan_grace: Duration,
     pub backend_timeout: Duration,
+    pub header_timeout: Duration,
+    /// `None`: as many as the open-file limit allows ([`crate::conn::connections_for_fd_limit`]).
+    pub max_connections: Option<usize>,
+    pub max_connections_per_client: usize,
     pub upstream_keys: Vec<larder_nix::signing::VerifyingKey>,
 }
 
@@ -311,6 +331,30 @@ impl Config {
                 value: format!("{}s", backend_timeout.as_secs()),
             });
         }
+        let header_timeout = match file.header_timeout {
+            Some(s) => parse_duration(&s).map_err(setting("header_timeout"))?,
+            None => DEFAULT_HEADER_TIMEOUT,
+        };
+        if header_timeout < Duration::from_secs(1) {
+            return Err(ConfigError::Value {
+                key: "header_timeout (at least 1s)",
+                value: format!("{}s", header_timeout.as_secs()),
+            });
+        }
+        for (key, value) in [
+            ("max_connections (at least 1)", file.max_connections),
+            (
+                "max_connections_per_client (at least 1)",
+                file.max_connections_per_client,
+            ),
+        ] {
+            if value == Some(0) {
+                return Err(ConfigError::Value {
+                    key,
+                    value: "0".into(),
+                });
+            }
+        }
         let upstream_keys = match file.upstream_keys {
             Some(keys) => keys,
             None => DEFAULT_UPSTREAM_KEYS
@@ -344,6 +388,11 @@ impl Config {
             orphan_scan_interval,
             orphan_grace,
             backend_timeout,
+            header_timeout,
+            max_connections: file.max_connections,
+            max_connections_per_client: file
+                .max_connections_per_client
+                .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_CLIENT),
         })
     }
 
@@ -539,6 +588,31 @@ mod tests {
         for bad in ["0", "500ms", "soon"] {
             let f: ConfigFile = toml::from_str(&format!("backend_timeout = \"{bad}\"")).unwrap();
             assert!(Config::resolve(f, "/d".into()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn connection_settings() {
+        let c = Config::resolve(ConfigFile::default(), "/d".into()).unwrap();
+        assert_eq!(c.header_timeout, DEFAULT_HEADER_TIMEOUT);
+        assert_eq!(c.max_connections, None);
+        assert_eq!(c.max_connections_per_client, DEFAULT_MAX_CONNECTIONS_PER_CLIENT);
+        let f: ConfigFile = toml::from_str(
+            "header_timeout = \"5s\"\nmax_connections = 100\nmax_connections_per_client = 10",
+        )
+        .unwrap();
+        let c = Config::resolve(f, "/d".into()).unwrap();
+        assert_eq!(c.header_timeout, Duration::from_secs(5));
+        assert_eq!(c.max_connections, Some(100));
+        assert_eq!(c.max_connections_per_client, 10);
+        for bad in [
+            "header_timeout = \"0\"",
+            "max_connections = 0",
+            "max_connections_per_client = 0",
+        ] {
+            let f: ConfigFile = toml::from_str(bad).unwrap();
+            let e = Config::resolve(f, "/d".into()).unwrap_err().to_string();
+            assert!(e.contains("at least"), "{bad}: {e}");
         }
     }
 

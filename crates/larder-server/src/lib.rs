@@ -7,7 +7,6 @@
 //! (`larder-nix` for formats, `larder-store` for bytes and metadata) and never re-parses what
 //! they already validated.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -19,6 +18,7 @@ pub mod api;
 pub mod auth;
 pub mod binary_cache;
 pub mod config;
+pub mod conn;
 pub mod data_lock;
 pub mod error;
 pub mod hot;
@@ -319,6 +319,7 @@ pub fn write_secret_file(path: &std::path::Path, contents: &str) -> std::io::Res
 /// listening socket (the model of nginx's workers): a request is read, answered and written by
 /// one thread, with no wake-ups across threads, which is most of the cost of a small response.
 /// Blocking work (upload verification, file I/O) still goes to each runtime's blocking pool.
+/// Connections are bounded as [`conn`] describes.
 /// `LARDER_WORKERS` overrides the number of serving threads.
 pub async fn serve(
     state: AppState,
@@ -334,13 +335,21 @@ pub async fn serve(
         .filter(|n| *n > 0)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
         .min(64);
+    let fd_limit = conn::raise_fd_limit();
+    let max_connections = state
+        .config
+        .max_connections
+        .unwrap_or_else(|| conn::connections_for_fd_limit(fd_limit));
+    let admission = conn::Admission::new(max_connections, state.config.max_connections_per_client);
+    let header_timeout = state.config.header_timeout;
     let listener = listener.into_std()?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut threads = Vec::with_capacity(workers);
     for i in 0..workers {
         let listener = listener.try_clone()?;
         let app = router(state.clone());
-        let mut stop = stop_rx.clone();
+        let stop = stop_rx.clone();
+        let admission = admission.clone();
         let thread = std::thread::Builder::new()
             .name(format!("larder-http-{i}"))
             .spawn(move || -> std::io::Result<()> {
@@ -348,19 +357,9 @@ pub async fn serve(
                     .enable_all()
                     .build()?;
                 rt.block_on(async move {
-                    use axum::serve::ListenerExt;
-                    let listener = tokio::net::TcpListener::from_std(listener)?.tap_io(|tcp| {
-                        // Nix issues thousands of small requests: never let Nagle delay one.
-                        let _ = tcp.set_nodelay(true);
-                    });
-                    axum::serve(
-                        listener,
-                        app.into_make_service_with_connect_info::<SocketAddr>(),
-                    )
-                    .with_graceful_shutdown(async move {
-                        let _ = stop.wait_for(|stopped| *stopped).await;
-                    })
-                    .await
+                    let listener = tokio::net::TcpListener::from_std(listener)?;
+                    conn::accept_loop(listener, app, admission, header_timeout, stop).await;
+                    Ok(())
                 })
             })?;
         threads.push(thread);

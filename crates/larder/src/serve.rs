@@ -14,7 +14,8 @@ pub struct ServeArgs {
     /// TOML config file (keys: listen, data_dir, public_url, database,
     /// database_max_connections, storage, s3_access_key_id, s3_secret_access_key,
     /// nar_redirect, compression, compression_level, max_upload_size, gc_interval,
-    /// evicted_nar_grace, orphan_scan_interval, orphan_grace, backend_timeout, upstream_keys;
+    /// evicted_nar_grace, orphan_scan_interval, orphan_grace, backend_timeout, header_timeout,
+    /// max_connections, max_connections_per_client, upstream_keys;
     /// see the README).
     #[arg(long, env = "LARDER_SERVE_CONFIG")]
     config: Option<PathBuf>,
@@ -119,6 +120,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let public_url_given = file.public_url.is_some();
     // Resolved (and so checked) before anything is bound or opened.
     let mut config = Config::resolve(file, default_data)?;
+    // Before anything is opened: every connection and every NAR served needs a descriptor.
+    larder_server::conn::raise_fd_limit();
     // Held until this function returns (the server has stopped) or the process dies.
     let _data_lock = match larder_server::data_lock::lock_data_dir(&config) {
         Err(e @ larder_server::data_lock::LockError::Busy { .. }) => {

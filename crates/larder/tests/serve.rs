@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 
 /// `larder serve --listen 127.0.0.1:0 --data DATA ARGS…` with `env`, which must fail at
@@ -164,4 +166,121 @@ fn a_second_server_on_the_same_data_directory_fails_fast() {
     let data = std::mem::replace(&mut again.data, tempfile::tempdir().unwrap());
     let third = Server::start_in(data, &[], None);
     assert_eq!(third.http("GET", "/healthz", None).0, 200);
+}
+
+/// Whether the peer closed `conn` (end of stream or reset) within `within`.
+async fn closed_within(conn: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, conn.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            // A response (to a complete request) or an error page: keep reading.
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+/// A connection from `from` (a loopback address: all of 127/8 is this machine) to `port`.
+async fn connect_from(from: &str, port: u16) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(format!("{from}:0").parse().unwrap())?;
+    socket
+        .connect(format!("127.0.0.1:{port}").parse().unwrap())
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_closed_and_cannot_crowd_out_other_clients() {
+    use std::time::Instant;
+    use tokio::io::AsyncWriteExt;
+    // The server raises its open-file limit to the hard limit: start it with a low soft one.
+    let lowered = std::process::Command::new("prlimit")
+        .args(["--pid", &std::process::id().to_string(), "--nofile=512:"])
+        .status()
+        .unwrap();
+    assert!(lowered.success());
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        config.path(),
+        "header_timeout = \"2s\"\nmax_connections_per_client = 50\n",
+    )
+    .unwrap();
+    let server = Server::start_with(&["--config", config.path().to_str().unwrap()]);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.child.id())).unwrap();
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(open_files[3], open_files[4], "soft = hard: {limits}");
+
+    // 200 connections from one address, four times its cap: half send nothing, half half a
+    // request line.
+    let mut silent = Vec::new();
+    for i in 0..200 {
+        let Ok(mut conn) = connect_from("127.0.0.2", server.port).await else {
+            continue;
+        };
+        if i % 2 == 0 {
+            let _ = conn.write_all(b"GET /healthz HT").await;
+        }
+        silent.push(conn);
+    }
+    assert_eq!(silent.len(), 200, "the kernel queues what the server has not accepted");
+    // A kept-alive connection that went idle after a request, from a third address.
+    let mut idle = connect_from("127.0.0.3", server.port).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: larder\r\n\r\n")
+        .await
+        .unwrap();
+
+    // Meanwhile, everybody else is served at once.
+    let started = Instant::now();
+    let url = server.url.clone();
+    let statuses = tokio::task::spawn_blocking(move || {
+        (0..20)
+            .map(|_| {
+                let out = std::process::Command::new("curl")
+                    .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "5"])
+                    .arg(format!("{url}/healthz"))
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    assert!(statuses.iter().all(|s| s == "200"), "{statuses:?}");
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+
+    // The connections over the cap were closed at once; the others after header_timeout.
+    let started = Instant::now();
+    let mut at_once = 0;
+    for conn in silent.iter_mut().skip(50) {
+        at_once += usize::from(closed_within(conn, Duration::from_millis(200)).await);
+    }
+    assert!(at_once >= 140, "{at_once} of 150 over the cap closed at once");
+    for (i, conn) in silent.iter_mut().enumerate() {
+        assert!(
+            closed_within(conn, Duration::from_secs(6)).await,
+            "silent connection {i} still open after {:?}",
+            started.elapsed()
+        );
+    }
+    assert!(closed_within(&mut idle, Duration::from_secs(4)).await, "idle keep-alive");
+    // Their places are given back: the same address is served again.
+    let mut again = connect_from("127.0.0.2", server.port).await.unwrap();
+    again
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: larder\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut again, &mut answer)
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }

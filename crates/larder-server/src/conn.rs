@@ -1,0 +1,257 @@
+//! Accepting and serving connections, with the bounds that keep one client from starving the
+//! others: a deadline on every request head (which is also the idle keep-alive timeout), a cap
+//! on open connections and a lower one per client address, and the file-descriptor limit
+//! raised at start.
+//!
+//! A connection over a cap is accepted and closed at once (the client sees a reset and may
+//! retry), so the listening queue never fills with connections nobody will read; everyone else
+//! is served as before. A connection that sends nothing, or half a request head, is closed
+//! after `header_timeout`, so a cap held by silent connections is given back within that time.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+
+/// File descriptors kept for everything but client sockets (the database, staged uploads,
+/// object files, the object store's connections).
+const RESERVED_FDS: u64 = 128;
+
+/// Raise the soft `RLIMIT_NOFILE` to the hard limit (each connection needs a descriptor, and a
+/// NAR being served another) and return the soft limit now in force.
+pub fn raise_fd_limit() -> u64 {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if let Some(hard) = limit.maximum {
+        if limit.current.is_some_and(|soft| soft < hard) {
+            limit.current = Some(hard);
+            if let Err(e) = setrlimit(Resource::Nofile, limit.clone()) {
+                tracing::warn!(error = %e, "cannot raise the open-file limit to {hard}");
+            }
+        }
+    }
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
+/// How many connections can be open at once under an open-file limit of `fd_limit`: two
+/// descriptors per connection (its socket and a file it may be streaming), after
+/// [`RESERVED_FDS`].
+pub fn connections_for_fd_limit(fd_limit: u64) -> usize {
+    let n = fd_limit.saturating_sub(RESERVED_FDS) / 2;
+    usize::try_from(n).unwrap_or(usize::MAX).max(16)
+}
+
+/// Counts open connections, in total and per client address, shared by every serving thread.
+pub struct Admission {
+    max_total: usize,
+    max_per_client: usize,
+    open: Mutex<Open>,
+    last_warning: AtomicU64,
+}
+
+#[derive(Default)]
+struct Open {
+    total: usize,
+    per_client: HashMap<IpAddr, usize>,
+}
+
+/// One admitted connection; dropping it gives its place back.
+pub struct Ticket {
+    admission: Arc<Admission>,
+    client: IpAddr,
+}
+
+impl Admission {
+    pub fn new(max_total: usize, max_per_client: usize) -> Arc<Admission> {
+        Arc::new(Admission {
+            max_total,
+            max_per_client,
+            open: Mutex::default(),
+            last_warning: AtomicU64::new(0),
+        })
+    }
+
+    /// Admit a connection from `client`, or `None` when a cap is reached.
+    pub fn admit(self: &Arc<Self>, client: IpAddr) -> Option<Ticket> {
+        let refused = {
+            let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+            let mine = open.per_client.get(&client).copied().unwrap_or(0);
+            if open.total >= self.max_total {
+                Some("the server's max_connections")
+            } else if mine >= self.max_per_client {
+                Some("max_connections_per_client")
+            } else {
+                open.total += 1;
+                *open.per_client.entry(client).or_default() += 1;
+                None
+            }
+        };
+        match refused {
+            None => Some(Ticket {
+                admission: self.clone(),
+                client,
+            }),
+            Some(cap) => {
+                self.warn(client, cap);
+                None
+            }
+        }
+    }
+
+    /// At most one warning a minute: a flood must not also flood the log.
+    fn warn(&self, client: IpAddr, cap: &str) {
+        let now = larder_store::now_unix().max(0).unsigned_abs();
+        let last = self.last_warning.load(Ordering::Relaxed);
+        if now >= last + 60
+            && self
+                .last_warning
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                %client,
+                "refusing connections over {cap} ({} in all, {} per client); \
+                 silent connections are closed after header_timeout",
+                self.max_total,
+                self.max_per_client
+            );
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut open = self.admission.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.total = open.total.saturating_sub(1);
+        if let Some(n) = open.per_client.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                open.per_client.remove(&self.client);
+            }
+        }
+    }
+}
+
+/// Accept on `listener` and serve each admitted connection with `app` until `stop` turns true,
+/// then let the open connections finish their requests and return.
+pub async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    admission: Arc<Admission>,
+    header_timeout: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    // Each connection holds a receiver: when all are dropped, every connection has ended.
+    let (closed_tx, closed_rx) = tokio::sync::watch::channel(());
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.wait_for(|stopped| *stopped) => break,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(conn) => conn,
+            Err(e) => {
+                // Out of descriptors or a connection reset before it was accepted: wait a
+                // little rather than spin, then go on accepting.
+                tracing::debug!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let Some(ticket) = admission.admit(canonical_ip(peer)) else {
+            drop(tcp);
+            continue;
+        };
+        // Nix issues thousands of small requests: never let Nagle delay one.
+        let _ = tcp.set_nodelay(true);
+        let app = app.clone();
+        let stop = stop.clone();
+        let closed = closed_rx.clone();
+        tokio::spawn(async move {
+            serve_connection(tcp, app, header_timeout, stop).await;
+            drop(ticket);
+            drop(closed);
+        });
+    }
+    drop(closed_rx);
+    closed_tx.closed().await;
+}
+
+/// An IPv4 client seen through an IPv6 socket counts as its IPv4 address.
+fn canonical_ip(peer: SocketAddr) -> IpAddr {
+    match peer.ip() {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+async fn serve_connection(
+    tcp: tokio::net::TcpStream,
+    app: Router,
+    header_timeout: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower::ServiceExt;
+    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        app.clone().oneshot(req.map(axum::body::Body::new))
+    });
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // The deadline runs from the moment the server waits for a request head, on a new
+    // connection and between requests on a kept-alive one.
+    http.timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let conn = http.serve_connection(TokioIo::new(tcp), service);
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(e) = result {
+                tracing::trace!(error = %e, "connection ended");
+            }
+            return;
+        }
+        _ = stop.wait_for(|stopped| *stopped) => {}
+    }
+    // Shutting down: finish the request in flight, take no other.
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_count_per_client_and_in_total() {
+        let a = Admission::new(3, 2);
+        let one: IpAddr = "192.0.2.1".parse().unwrap();
+        let two: IpAddr = "192.0.2.2".parse().unwrap();
+        let t1 = a.admit(one).unwrap();
+        let t2 = a.admit(one).unwrap();
+        assert!(a.admit(one).is_none(), "a third from one client is over its cap");
+        let t3 = a.admit(two).unwrap();
+        assert!(a.admit(two).is_none(), "the server is full");
+        drop(t1);
+        let _t4 = a.admit(two).unwrap();
+        drop((t2, t3));
+        assert_eq!(a.open.lock().unwrap().total, 1);
+        assert!(!a.open.lock().unwrap().per_client.contains_key(&one));
+    }
+
+    #[test]
+    fn mapped_ipv4_counts_as_ipv4() {
+        let v6: SocketAddr = "[::ffff:192.0.2.1]:80".parse().unwrap();
+        assert_eq!(canonical_ip(v6), "192.0.2.1".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn connections_follow_the_fd_limit() {
+        assert_eq!(connections_for_fd_limit(1024), 448);
+        assert_eq!(connections_for_fd_limit(10), 16);
+    }
+}
