@@ -596,7 +596,10 @@ mod tests {
         let c = Config::resolve(ConfigFile::default(), "/d".into()).unwrap();
         assert_eq!(c.header_timeout, DEFAULT_HEADER_TIMEOUT);
         assert_eq!(c.max_connections, None);
-        assert_eq!(c.max_connections_per_client, DEFAULT_MAX_CONNECTIONS_PER_CLIENT);
+        assert_eq!(
+            c.max_connections_per_client,
+            DEFAULT_MAX_CONNECTIONS_PER_CLIENT
+        );
         let f: ConfigFile = toml::from_str(
             "header_timeout = \"5s\"\nmax_connections = 100\nmax_connections_per_client = 10",
         )

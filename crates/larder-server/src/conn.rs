@@ -28,7 +28,7 @@ pub fn raise_fd_limit() -> u64 {
     if let Some(hard) = limit.maximum {
         if limit.current.is_some_and(|soft| soft < hard) {
             limit.current = Some(hard);
-            if let Err(e) = setrlimit(Resource::Nofile, limit.clone()) {
+            if let Err(e) = setrlimit(Resource::Nofile, limit) {
                 tracing::warn!(error = %e, "cannot raise the open-file limit to {hard}");
             }
         }
@@ -124,7 +124,11 @@ impl Admission {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let mut open = self.admission.open.lock().unwrap_or_else(|e| e.into_inner());
+        let mut open = self
+            .admission
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         open.total = open.total.saturating_sub(1);
         if let Some(n) = open.per_client.get_mut(&self.client) {
             *n -= 1;
@@ -183,9 +187,7 @@ pub async fn accept_loop(
 /// An IPv4 client seen through an IPv6 socket counts as its IPv4 address.
 fn canonical_ip(peer: SocketAddr) -> IpAddr {
     match peer.ip() {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map_or(IpAddr::V6(v6), IpAddr::V4),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
     }
 }
@@ -233,7 +235,10 @@ mod tests {
         let two: IpAddr = "192.0.2.2".parse().unwrap();
         let t1 = a.admit(one).unwrap();
         let t2 = a.admit(one).unwrap();
-        assert!(a.admit(one).is_none(), "a third from one client is over its cap");
+        assert!(
+            a.admit(one).is_none(),
+            "a third from one client is over its cap"
+        );
         let t3 = a.admit(two).unwrap();
         assert!(a.admit(two).is_none(), "the server is full");
         drop(t1);

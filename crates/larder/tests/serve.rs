@@ -230,7 +230,11 @@ async fn silent_connections_are_closed_and_cannot_crowd_out_other_clients() {
         }
         silent.push(conn);
     }
-    assert_eq!(silent.len(), 200, "the kernel queues what the server has not accepted");
+    assert_eq!(
+        silent.len(),
+        200,
+        "the kernel queues what the server has not accepted"
+    );
     // A kept-alive connection that went idle after a request, from a third address.
     let mut idle = connect_from("127.0.0.3", server.port).await.unwrap();
     idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: larder\r\n\r\n")
@@ -255,7 +259,11 @@ async fn silent_connections_are_closed_and_cannot_crowd_out_other_clients() {
     .await
     .unwrap();
     assert!(statuses.iter().all(|s| s == "200"), "{statuses:?}");
-    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
 
     // The connections over the cap were closed at once; the others after header_timeout.
     let started = Instant::now();
@@ -263,7 +271,10 @@ async fn silent_connections_are_closed_and_cannot_crowd_out_other_clients() {
     for conn in silent.iter_mut().skip(50) {
         at_once += usize::from(closed_within(conn, Duration::from_millis(200)).await);
     }
-    assert!(at_once >= 140, "{at_once} of 150 over the cap closed at once");
+    assert!(
+        at_once >= 140,
+        "{at_once} of 150 over the cap closed at once"
+    );
     for (i, conn) in silent.iter_mut().enumerate() {
         assert!(
             closed_within(conn, Duration::from_secs(6)).await,
@@ -271,7 +282,10 @@ async fn silent_connections_are_closed_and_cannot_crowd_out_other_clients() {
             started.elapsed()
         );
     }
-    assert!(closed_within(&mut idle, Duration::from_secs(4)).await, "idle keep-alive");
+    assert!(
+        closed_within(&mut idle, Duration::from_secs(4)).await,
+        "idle keep-alive"
+    );
     // Their places are given back: the same address is served again.
     let mut again = connect_from("127.0.0.2", server.port).await.unwrap();
     again
