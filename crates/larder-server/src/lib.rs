@@ -205,6 +205,29 @@ pub enum OpenError {
     Storage(String, #[source] larder_store::ObjectError),
 }
 
+/// Make every file and directory this process creates from now on private to its owner
+/// (umask 077): the database holds token hashes and managed signing keys, and the objects are
+/// a private cache's content, whatever the mode of the directory they are created in.
+pub fn create_private_files() {
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+}
+
+/// A warning when other local users can enter or read the data directory (it existed before
+/// with a permissive mode), with the command that fixes it.
+pub fn data_dir_warning(dir: &std::path::Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir).ok()?.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "the data directory {} has mode {mode:o}: other local users can read it (token \
+             hashes, signing keys, private caches' NARs); new files are created private, but \
+             fix what is there with: chmod -R go-rwx {}",
+            dir.display(),
+            dir.display()
+        )
+    })
+}
+
 /// Create the data directory if it is missing. It holds the database (token hashes, managed
 /// signing keys) and the admin token: only its owner may enter it.
 pub fn create_data_dir(dir: &std::path::Path) -> std::io::Result<()> {

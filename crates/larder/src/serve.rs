@@ -120,8 +120,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let public_url_given = file.public_url.is_some();
     // Resolved (and so checked) before anything is bound or opened.
     let mut config = Config::resolve(file, default_data)?;
-    // Before anything is opened: every connection and every NAR served needs a descriptor.
+    // Before anything is opened: every connection and every NAR served needs a descriptor,
+    // and everything the server creates is private to its user.
     larder_server::conn::raise_fd_limit();
+    larder_server::create_private_files();
     // Held until this function returns (the server has stopped) or the process dies.
     let _data_lock = match larder_server::data_lock::lock_data_dir(&config) {
         Err(e @ larder_server::data_lock::LockError::Busy { .. }) => {
@@ -163,6 +165,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             path.display(),
             path.display()
         );
+    }
+    if let Some(warning) = larder_server::data_dir_warning(&state.config.data_dir) {
+        eprintln!("larder: warning: {warning}");
     }
     if unreachable_default {
         eprintln!(

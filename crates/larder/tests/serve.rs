@@ -298,3 +298,57 @@ async fn silent_connections_are_closed_and_cannot_crowd_out_other_clients() {
         .unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
+
+#[test]
+fn everything_the_server_creates_is_private_even_in_a_readable_data_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let data = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(data.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let server = Server::start_in(data, &[], None);
+    assert!(
+        server.log().contains(&format!(
+            "larder: warning: the data directory {} has mode 755: other local users can read it",
+            server.data.path().display()
+        )),
+        "{}",
+        server.log()
+    );
+    // A cache and a pushed path: the database, its journal, the objects and their directories.
+    server.create_cache("private-files", &[]);
+    let path = build_file("private-files", "secret");
+    server.cli_ok(&server.admin_token, &["push", "private-files", &path]);
+    let hash = &path["/nix/store/".len()..][..32];
+    let narinfo = format!("/private-files/{hash}.narinfo");
+    assert_eq!(server.http("GET", &narinfo, None).0, 200);
+    let mut seen = 0;
+    for entry in walkdir(server.data.path()) {
+        let mode = std::fs::symlink_metadata(&entry)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        // The directory itself, and the test's own client home (made by `Server::cli`).
+        if entry == server.data.path() || entry.starts_with(server.data.path().join("client-home"))
+        {
+            continue;
+        }
+        assert_eq!(mode & 0o077, 0, "{} has mode {mode:o}", entry.display());
+        seen += 1;
+    }
+    assert!(seen >= 5, "{seen} files checked");
+}
+
+/// Every file and directory under `dir`.
+fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut all = vec![dir.to_owned()];
+    let mut i = 0;
+    while i < all.len() {
+        if all[i].is_dir() && !all[i].is_symlink() {
+            for e in std::fs::read_dir(&all[i]).unwrap() {
+                all.push(e.unwrap().path());
+            }
+        }
+        i += 1;
+    }
+    all
+}
