@@ -523,7 +523,7 @@ async fn upload_nar(
         body,
         compression,
         state.config.max_upload_size,
-        state.objects.staging_dir(),
+        &state.staging,
     )
     .await?;
     let (upload_id, nar) = store_upload(&state, &c, None, up).await?;
@@ -786,17 +786,15 @@ async fn revoke_token(
     }
 }
 
-/// Stream a body into a staging file (at most `limit` bytes), returning its path, SHA-256
+/// Stream a body into a staging file in `dir` (at most `limit` bytes), returning its path, SHA-256
 /// and size.
 pub async fn spool_body(
     body: Body,
     limit: u64,
-    staging: &std::path::Path,
+    staging: &crate::staging::Staging,
+    dir: &std::path::Path,
 ) -> Result<(tempfile::TempPath, Sha256, u64), ApiError> {
-    let tmp = tempfile::Builder::new()
-        .prefix("spool-")
-        .tempfile_in(staging)
-        .map_err(ApiError::internal)?;
+    let tmp = staging.tempfile("spool", dir).map_err(ApiError::internal)?;
     let (file, path) = tmp.into_parts();
     // Async writes: a serving thread runs many connections and must never block on the disk.
     let mut out = tokio::io::BufWriter::with_capacity(256 * 1024, tokio::fs::File::from_std(file));

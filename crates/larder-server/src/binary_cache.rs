@@ -390,7 +390,7 @@ async fn put_nar(
         body,
         compression,
         state.config.max_upload_size,
-        state.objects.staging_dir(),
+        &state.staging,
     )
     .await?;
     if up.file_hash != claimed {
@@ -519,7 +519,7 @@ async fn put_log(
     let drv = drv_name(&drv)?;
     state.objects.check_available().await?;
     let (path, hash, size) =
-        crate::api::spool_body(body, MAX_LOG_BYTES, state.objects.staging_dir()).await?;
+        crate::api::spool_body(body, MAX_LOG_BYTES, &state.staging, state.staging.dir()).await?;
     let key = format!("log/{}", hash.to_nix32());
     state.objects.put_file(&key, &path).await?;
     state

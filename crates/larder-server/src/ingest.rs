@@ -7,7 +7,6 @@
 //! size. A rejected or interrupted upload leaves only the staging file, which is deleted.
 
 use std::io::{self, Write};
-use std::path::Path;
 
 use axum::body::Body;
 use bytes::Bytes;
@@ -219,11 +218,10 @@ pub async fn ingest(
     body: Body,
     compression: Compression,
     limit: u64,
-    staging: &Path,
+    staging: &crate::staging::Staging,
 ) -> Result<Ingested, ApiError> {
-    let tmp = tempfile::Builder::new()
-        .prefix("upload-")
-        .tempfile_in(staging)
+    let tmp = staging
+        .tempfile("upload", staging.dir())
         .map_err(ApiError::internal)?;
     let (file, path) = tmp.into_parts();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(CHANNEL_BLOCKS);

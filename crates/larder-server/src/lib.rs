@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod publish;
 pub mod retention;
 pub mod routes;
+pub mod staging;
 pub mod ui;
 
 pub use config::Config;
@@ -37,6 +38,8 @@ pub use error::ApiError;
 pub struct AppState {
     pub meta: Metadata,
     pub objects: ObjectStore,
+    /// This process's staging files ([`staging`]).
+    pub staging: Arc<staging::Staging>,
     pub config: Arc<Config>,
     /// In-memory caches of the hot read path.
     pub hot: Arc<hot::HotCache>,
@@ -275,9 +278,12 @@ pub async fn open_state(
         ),
         Err(e) => return Err(OpenError::Storage(redact(&config.storage), e).into()),
     }
+    let staging = staging::Staging::open(objects.staging_dir())
+        .map_err(|e| OpenError::DataDir(objects.staging_dir().to_owned(), e))?;
     Ok(AppState {
         meta,
         objects,
+        staging: Arc::new(staging),
         config: Arc::new(config),
         hot: Arc::default(),
         retention: Arc::default(),

@@ -380,7 +380,8 @@ async fn remove_orphans(state: &AppState) -> bool {
 }
 
 /// The periodic background work, every `gc_interval`: on every replica, the cleanup of its
-/// own staging directory; on the one replica holding the background lock, eviction in every
+/// staging directory (what stopped servers left, [`crate::staging::Staging::sweep`], and
+/// expired multi-part uploads); on the one replica holding the background lock, eviction in every
 /// cache with a limit, garbage collection, and every `orphan_scan_interval` the orphan scan.
 /// The lock is a PostgreSQL session lock, so when its holder dies another replica takes it at
 /// its next tick (SQLite: always this process).
@@ -392,6 +393,12 @@ pub(crate) async fn gc_loop(state: AppState) {
     let mut orphan_scan: Option<tokio::task::JoinHandle<bool>> = None;
     loop {
         interval.tick().await;
+        // At start (the first tick is immediate) and after: what killed servers left.
+        let staging = state.staging.clone();
+        match tokio::task::spawn_blocking(move || staging.sweep()).await {
+            Ok(0) | Err(_) => {}
+            Ok(n) => tracing::info!(files = n, "removed staging files left by a stopped server"),
+        }
         remove_stale_multipart(&state).await;
         if !hold_background_lock(&state, &mut lease).await {
             continue;

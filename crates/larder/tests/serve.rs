@@ -352,3 +352,84 @@ fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     all
 }
+
+/// The names in `dir` but this server's own owner lock.
+fn staged_files(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.starts_with("owner-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[test]
+fn staging_left_by_a_killed_server_is_removed_at_the_next_start() {
+    use std::io::Write;
+    let mut server = Server::start();
+    server.create_cache("killed", &[]);
+    let token = server.token("push", "killed");
+    let staging = server.data.path().join("store/tmp");
+    // Two uploads in flight (Nix's uploader: a NAR, then a build log), their bodies never
+    // finished.
+    let mut uploads = Vec::new();
+    for (path, body) in [
+        (
+            format!("/killed/nar/{}.nar", "1".repeat(52)),
+            "nix-archive-1",
+        ),
+        (
+            format!("/killed/log/{}-x.drv", "1".repeat(32)),
+            "a build log",
+        ),
+    ] {
+        let mut curl = std::process::Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-X", "PUT", "-T", "-"])
+            .args(["-H", &format!("Authorization: Bearer {token}")])
+            .arg(format!("{}{path}", server.url))
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = curl.stdin.take().unwrap();
+        stdin.write_all(body.as_bytes()).unwrap();
+        stdin.flush().unwrap();
+        uploads.push((curl, stdin));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while staged_files(&staging).len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            staged_files(&staging)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server.crash();
+    let left = staged_files(&staging);
+    assert!(
+        left.iter().any(|n| n.starts_with("upload-"))
+            && left.iter().any(|n| n.starts_with("spool-")),
+        "{left:?}"
+    );
+    drop(uploads);
+
+    let data = std::mem::replace(&mut server.data, tempfile::tempdir().unwrap());
+    let again = Server::start_in(data, &[], None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !staged_files(&staging).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still staged after the restart: {:?}",
+            staged_files(&staging)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let locks = std::fs::read_dir(&staging).unwrap().count();
+    assert_eq!(locks, 1, "only the running server's owner lock is left");
+    assert!(again
+        .log()
+        .contains("removed staging files left by a stopped server"));
+}

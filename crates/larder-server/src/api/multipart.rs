@@ -92,7 +92,8 @@ pub async fn put_part(
             "no such multi-part upload (expired or completed?)",
         ));
     }
-    let (tmp, _hash, _size) = super::spool_body(body, state.config.max_upload_size, &dir).await?;
+    let (tmp, _hash, _size) =
+        super::spool_body(body, state.config.max_upload_size, &state.staging, &dir).await?;
     // Atomic: a part is either absent or complete, and re-sending one replaces it.
     tmp.persist(dir.join(format!("part-{n:06}")))
         .map_err(|e| ApiError::internal(e.error))?;

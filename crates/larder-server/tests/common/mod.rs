@@ -347,8 +347,15 @@ impl Server {
     }
 
     /// Files left in the staging directory (must be none between requests).
+    /// Files in the staging directory, but the server's own owner lock (`staging.rs`).
     pub fn staging_files(&self) -> usize {
-        count_files(&self.data_dir().join("store/tmp"))
+        let dir = self.data_dir().join("store/tmp");
+        let locks = std::fs::read_dir(&dir).map_or(0, |d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("owner-"))
+                .count()
+        });
+        count_files(&dir) - locks
     }
 
     // ---- uploads ------------------------------------------------------------------------
