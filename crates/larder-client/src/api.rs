@@ -173,6 +173,9 @@ pub struct TokenInfo {
     pub label: String,
     pub perms: Vec<String>,
     pub caches: Option<Vec<String>>,
+    /// Caches it was scoped to that were deleted since (that scope ended).
+    #[serde(default)]
+    pub deleted_caches: Vec<String>,
     pub expires_at: Option<i64>,
     pub revoked_at: Option<i64>,
     pub created_at: i64,

@@ -364,6 +364,8 @@ async fn delete_cache(
         .await?
         .require(Perm::Admin, &c.name)?;
     state.meta.delete_cache(&name).await?;
+    // Its scopes ended in the database; tokens resolved here before must not keep them.
+    state.hot.forget_tokens();
     state.hot.forget_cache(&name);
     if let Err(e) = crate::publish::collect_garbage(&state).await {
         tracing::warn!(error = %e, "garbage collection after deleting a cache failed");
@@ -665,7 +667,11 @@ struct TokenJson {
     id: String,
     label: String,
     perms: Vec<String>,
+    /// The caches it is scoped to (`None`: every cache).
     caches: Option<Vec<String>>,
+    /// Caches it was scoped to that were deleted since: that scope ended with the cache, and
+    /// a cache created later under the same name is not in it.
+    deleted_caches: Vec<String>,
     expires_at: Option<i64>,
     revoked_at: Option<i64>,
     created_at: i64,
@@ -678,10 +684,19 @@ fn token_json(t: &TokenRow, secret: Option<String>) -> TokenJson {
         id: t.id.clone(),
         label: t.label.clone(),
         perms: t.perms.split(',').map(str::to_owned).collect(),
-        caches: t
+        caches: t.caches.as_ref().map(|c| {
+            c.split(',')
+                .filter(|c| !c.starts_with(larder_store::meta::ENDED_SCOPE))
+                .map(str::to_owned)
+                .collect()
+        }),
+        deleted_caches: t
             .caches
-            .as_ref()
-            .map(|c| c.split(',').map(str::to_owned).collect()),
+            .iter()
+            .flat_map(|c| c.split(','))
+            .filter_map(|c| c.strip_prefix(larder_store::meta::ENDED_SCOPE))
+            .map(str::to_owned)
+            .collect(),
         expires_at: t.expires_at,
         revoked_at: t.revoked_at,
         created_at: t.created_at,
@@ -757,6 +772,16 @@ async fn create_token(
         created_at: now_unix(),
     };
     state.meta.create_token(&row).await?;
+    // A cache deleted between the check above and the insert did not end this new token's
+    // scope (the deletion did not see it): check again, and take the token back if so.
+    for c in row.caches.iter().flat_map(|c| c.split(',')) {
+        if state.meta.get_cache(c).await?.is_none() {
+            state.meta.revoke_token(&row.id).await?;
+            return Err(ApiError::bad(format!(
+                "cache {c:?} was deleted while the token was created"
+            )));
+        }
+    }
     Ok((StatusCode::CREATED, Json(token_json(&row, Some(secret)))))
 }
 

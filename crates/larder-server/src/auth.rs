@@ -71,8 +71,9 @@ impl Grant {
             label: row.label.clone(),
             perms: row.perms.split(',').filter_map(Perm::parse).collect(),
             caches: row.caches.as_ref().map(|c| {
+                // An ended scope (a deleted cache, `!NAME`) grants nothing.
                 c.split(',')
-                    .filter(|s| !s.is_empty())
+                    .filter(|s| !s.is_empty() && !s.starts_with(larder_store::meta::ENDED_SCOPE))
                     .map(str::to_owned)
                     .collect()
             }),

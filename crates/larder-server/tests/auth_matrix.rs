@@ -810,3 +810,93 @@ async fn credentials_that_do_not_work_are_401() {
         .json();
     assert_eq!(anon["authenticated"], json!(false));
 }
+
+#[tokio::test]
+async fn a_token_scope_ends_with_its_cache() {
+    let srv = Server::new().await;
+    srv.create_cache("tmpc", false).await;
+    srv.create_cache("kept", false).await;
+    let old = srv.token(&["admin"], Some(&["tmpc"])).await;
+    let both = srv.token(&["push"], Some(&["tmpc", "kept"])).await;
+    // Resolved once before the deletion (the server keeps resolved tokens for a moment).
+    srv.get("/api/v1/caches/tmpc", old.bearer())
+        .await
+        .expect(200);
+    srv.delete("/api/v1/caches/tmpc", srv.admin())
+        .await
+        .expect(204);
+
+    // Another cache under the same name, private: the old scope does not reach it.
+    srv.create_cache("tmpc", true).await;
+    for (what, resp) in [
+        (
+            "cache-info",
+            srv.get("/api/v1/caches/tmpc", old.bearer()).await,
+        ),
+        (
+            "narinfo",
+            srv.get(
+                "/tmpc/0c6kzph7l0dcbfmjap64f0czdafn3b7x.narinfo",
+                old.bearer(),
+            )
+            .await,
+        ),
+        (
+            "patch",
+            srv.patch_json(
+                "/api/v1/caches/tmpc",
+                old.bearer(),
+                &json!({"private": false}),
+            )
+            .await,
+        ),
+        (
+            "push",
+            srv.post_json(
+                "/api/v1/caches/tmpc/missing",
+                both.bearer(),
+                &json!({ "paths": [] }),
+            )
+            .await,
+        ),
+    ] {
+        assert!(
+            matches!(resp.status.as_u16(), 403 | 404),
+            "{what}: {} {}",
+            resp.status,
+            resp.text()
+        );
+    }
+    assert_eq!(
+        srv.cache_info("tmpc").await["private"],
+        true,
+        "still private"
+    );
+    // The scopes on other caches are untouched.
+    srv.post_json(
+        "/api/v1/caches/kept/missing",
+        both.bearer(),
+        &json!({ "paths": [] }),
+    )
+    .await
+    .expect(200);
+
+    // `token list` says which scopes ended.
+    let list = srv
+        .get("/api/v1/tokens", srv.admin())
+        .await
+        .expect(200)
+        .json();
+    let find = |id: &str| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["id"] == id)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(find(&old.id)["caches"], json!([]));
+    assert_eq!(find(&old.id)["deleted_caches"], json!(["tmpc"]));
+    assert_eq!(find(&both.id)["caches"], json!(["kept"]));
+    assert_eq!(find(&both.id)["deleted_caches"], json!(["tmpc"]));
+}

@@ -209,6 +209,28 @@ pub struct CacheUpdate {
     pub client_public_key: Option<String>,
 }
 
+/// The prefix of an ended scope in [`TokenRow::caches`]: `!NAME` names a cache that was
+/// deleted. No cache name starts with it, so an ended scope never matches a cache again.
+pub const ENDED_SCOPE: char = '!';
+
+/// `caches` (a token's comma-separated scope) with `name` marked ended, or `None` when it
+/// does not name `name`.
+fn end_scope(caches: &str, name: &str) -> Option<String> {
+    let mut found = false;
+    let ended: Vec<String> = caches
+        .split(',')
+        .map(|c| {
+            if c == name {
+                found = true;
+                format!("{ENDED_SCOPE}{c}")
+            } else {
+                c.to_owned()
+            }
+        })
+        .collect();
+    found.then(|| ended.join(","))
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenRow {
     /// Public identifier (shown in `token list`, used to revoke); not a secret.
@@ -218,7 +240,8 @@ pub struct TokenRow {
     pub label: String,
     /// Comma-separated permissions: `pull`, `push`, `admin`.
     pub perms: String,
-    /// Comma-separated cache names, or `None` for every cache.
+    /// Comma-separated cache names, or `None` for every cache. A name prefixed with
+    /// [`ENDED_SCOPE`] is a cache deleted since: it grants nothing.
     pub caches: Option<String>,
     pub expires_at: Option<i64>,
     pub revoked_at: Option<i64>,
@@ -727,6 +750,21 @@ impl Metadata {
             .bind(id)
             .execute(&mut *tx)
             .await?;
+        // End every token scope that named the cache, in the same transaction: a cache
+        // created later under the same name is another cache, and no old token reaches it.
+        let scoped: Vec<(String, String)> =
+            sqlx::query_as("SELECT id, caches FROM tokens WHERE caches IS NOT NULL")
+                .fetch_all(&mut *tx)
+                .await?;
+        for (token_id, caches) in scoped {
+            if let Some(ended) = end_scope(&caches, name) {
+                sqlx::query("UPDATE tokens SET caches = $1 WHERE id = $2")
+                    .bind(ended)
+                    .bind(token_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
         tx.commit().await?;
         Ok(true)
     }

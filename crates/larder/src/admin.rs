@@ -471,15 +471,31 @@ fn fmt_time(t: Option<i64>) -> String {
     }
 }
 
-/// What a token can do now: `revoked`, `expired` (the server refuses both) or `active`.
+/// What a token can do now: `revoked`, `expired`, `ended` (every cache it was scoped to was
+/// deleted; the server grants it nothing) or `active`.
 fn token_state(t: &TokenInfo) -> &'static str {
     if t.revoked_at.is_some() {
         "revoked"
     } else if t.expires_at.is_some_and(|e| e <= larder_store::now_unix()) {
         "expired"
+    } else if t.caches.as_ref().is_some_and(Vec::is_empty) {
+        "ended"
     } else {
         "active"
     }
+}
+
+/// The CACHES column of `token list`: `*` for every cache, else the names, with deleted
+/// caches (scopes that ended with them) marked.
+fn token_scope(t: &TokenInfo) -> String {
+    let Some(live) = &t.caches else {
+        return "*".into();
+    };
+    live.iter()
+        .cloned()
+        .chain(t.deleted_caches.iter().map(|c| format!("{c}(deleted)")))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 pub async fn token(cmd: TokenCommand) -> anyhow::Result<()> {
@@ -538,10 +554,7 @@ pub async fn token(cmd: TokenCommand) -> anyhow::Result<()> {
                         t.id,
                         t.label,
                         t.perms.join("+"),
-                        t.caches
-                            .as_ref()
-                            .map(|c| c.join(","))
-                            .unwrap_or_else(|| "*".into()),
+                        token_scope(t),
                         fmt_time(t.expires_at),
                         token_state(t)
                     ));
