@@ -254,6 +254,16 @@ async fn chunk_stream(
     Ok(first.chain(rest).boxed())
 }
 
+/// A byte position of a `Range` header: digits only; a number too large for 64 bits is past
+/// any end, so it counts as the largest (RFC 9110: a last position beyond the end means the
+/// end).
+fn position(digits: &str) -> Result<u64, ()> {
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(());
+    }
+    Ok(digits.parse().unwrap_or(u64::MAX))
+}
+
 /// Parse a single `Range: bytes=…` against `len`. `Ok(None)`: serve everything.
 fn parse_range(headers: &HeaderMap, len: u64) -> Result<Option<Range<u64>>, ()> {
     let Some(v) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
@@ -268,17 +278,17 @@ fn parse_range(headers: &HeaderMap, len: u64) -> Result<Option<Range<u64>>, ()> 
     let (a, b) = spec.split_once('-').ok_or(())?;
     let (a, b) = (a.trim(), b.trim());
     let range = if a.is_empty() {
-        let n: u64 = b.parse().map_err(|_| ())?;
+        let n = position(b)?;
         if n == 0 {
             return Err(());
         }
         len.saturating_sub(n)..len
     } else {
-        let start: u64 = a.parse().map_err(|_| ())?;
+        let start = position(a)?;
         let end = if b.is_empty() {
             len
         } else {
-            b.parse::<u64>().map_err(|_| ())?.saturating_add(1).min(len)
+            position(b)?.saturating_add(1).min(len)
         };
         if start >= len || start >= end {
             return Err(());
@@ -506,6 +516,8 @@ async fn get_log(
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(obj.len));
+    // A log is whatever the builder printed, served on the web UI's origin: a browser must
+    // show it as text, never run it (`crate::harden` adds nosniff and a sandboxing CSP).
     Ok(resp)
 }
 

@@ -91,7 +91,30 @@ pub fn router(state: AppState) -> Router {
             metrics::Observer::new(state.metrics.clone()),
             metrics::observe,
         ))
+        .layer(axum::middleware::map_response(harden))
         .with_state(state)
+}
+
+/// Every response is data, never a page a browser may run, unless it says otherwise: logs,
+/// narinfos, listings and error bodies carry what clients uploaded, and they are served on the
+/// web UI's origin. So every response without its own policy (the UI's pages set theirs) gets
+/// `Content-Security-Policy: sandbox; default-src 'none'` (no script, no same-origin access,
+/// even if a browser renders it), and every response `X-Content-Type-Options: nosniff` (its
+/// declared type is the one used).
+async fn harden(mut resp: Response) -> Response {
+    use axum::http::{header, HeaderValue};
+    let h = resp.headers_mut();
+    if !h.contains_key(header::CONTENT_SECURITY_POLICY) {
+        h.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static("sandbox; default-src 'none'"),
+        );
+    }
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    resp
 }
 
 /// A GET or HEAD whose response head is not ready within `backend_timeout` is answered 503

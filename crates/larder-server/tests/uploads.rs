@@ -245,6 +245,13 @@ async fn nar_ranges() {
         (format!("bytes=10-{}", len * 2), 10..len),
         (format!("bytes={}-{}", len - 1, len - 1), len - 1..len),
         (format!("bytes=-{}", len * 3), 0..len),
+        // Positions past 64 bits are past the end, which a range may name.
+        ("bytes=0-99999999999999999999".to_owned(), 0..len),
+        (
+            "bytes=5-340282366920938463463374607431768211456".to_owned(),
+            5..len,
+        ),
+        ("bytes=-99999999999999999999".to_owned(), 0..len),
     ] {
         let r = srv.send(ranged(range.clone())).await;
         assert_eq!(r.status, StatusCode::PARTIAL_CONTENT, "{range}");
@@ -267,6 +274,8 @@ async fn nar_ranges() {
         "bytes=abc".to_owned(),
         "bytes=x-y".to_owned(),
         "bytes=--1".to_owned(),
+        "bytes=+5-9".to_owned(),
+        "bytes=99999999999999999999-".to_owned(),
     ] {
         let r = srv.send(ranged(range.clone())).await;
         assert_eq!(
@@ -765,4 +774,50 @@ async fn nix_cache_info_follows_the_cache() {
         "{text}"
     );
     srv.get("/healthz", Auth::Anon).await.expect(200);
+}
+
+#[tokio::test]
+async fn uploaded_bodies_are_never_run_by_a_browser() {
+    let srv = Server::new().await;
+    srv.create_cache("c", false).await;
+    let drv = common::store_path("evil.drv", "xss").basename();
+    let log = "<html><script>fetch('/api/v1/tokens')</script>\n";
+    srv.put(&format!("/c/log/{drv}"), srv.admin(), log)
+        .await
+        .expect(204);
+    let tp = TestPath::new("evil", "xss");
+    srv.push_api("c", srv.admin(), &tp, Comp::Zstd)
+        .await
+        .expect(201);
+    for (what, uri, status) in [
+        ("log", format!("/c/log/{drv}"), 200),
+        ("narinfo", format!("/c/{}.narinfo", tp.hash()), 200),
+        ("listing", format!("/c/{}.ls", tp.hash()), 200),
+        ("error", "/c/%3Cscript%3E.narinfo".to_owned(), 400),
+        ("api", "/api/v1/caches/c".to_owned(), 200),
+    ] {
+        let r = srv.get(&uri, Auth::Anon).await;
+        assert_eq!(r.status.as_u16(), status, "{what}: {}", r.text());
+        assert_eq!(
+            r.header(header::X_CONTENT_TYPE_OPTIONS),
+            Some("nosniff"),
+            "{what}"
+        );
+        let csp = r
+            .header(header::CONTENT_SECURITY_POLICY)
+            .unwrap_or_default();
+        assert!(
+            csp.contains("sandbox") && csp.contains("default-src 'none'"),
+            "{what}: {csp:?}"
+        );
+    }
+    // The web UI's pages keep their own policy (which lets them load their stylesheet).
+    let page = srv.get("/ui/", Auth::Anon).await.expect(200);
+    let csp = page
+        .header(header::CONTENT_SECURITY_POLICY)
+        .unwrap_or_default();
+    assert!(
+        !csp.contains("sandbox") && csp.contains("style-src"),
+        "{csp:?}"
+    );
 }
