@@ -46,13 +46,21 @@ pub fn routes() -> Routes {
 }
 
 /// Load a cache and check the requester may `perm` it.
+///
+/// A cache that does not exist answers like a private one to whoever could not read a private
+/// cache of that name (401 anonymous, 403 a token scoped elsewhere): nobody learns which
+/// private caches exist by comparing the answers. Only a token that covers every cache
+/// (which would read it if it existed) is told 404.
 async fn cache_for(
     state: &AppState,
     headers: &HeaderMap,
     name: &str,
     perm: Perm,
 ) -> Result<std::sync::Arc<CacheRow>, ApiError> {
-    let cache = load_cache(state, name).await?;
+    let Some(cache) = find_cache(state, name).await? else {
+        principal(state, headers).await?.require(perm, name)?;
+        return Err(ApiError::not_found(format!("no cache named {name:?}")));
+    };
     if perm == Perm::Pull && !cache.private {
         return Ok(cache);
     }
@@ -62,15 +70,44 @@ async fn cache_for(
     Ok(cache)
 }
 
+/// The cache named `name`, or `None` when there is none.
+async fn find_cache(
+    state: &AppState,
+    name: &str,
+) -> Result<Option<std::sync::Arc<CacheRow>>, ApiError> {
+    match load_cache(state, name).await {
+        Ok(cache) => Ok(Some(cache)),
+        Err(ApiError::NotFound(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// `nix-cache-info` stays readable to everyone, as Nix needs it before it sends a request that
+/// may carry credentials. Who may not pull the cache gets the same answer for a private cache
+/// as for a name no cache has (the default priority), so it tells them nothing; only a token
+/// that covers every cache is told 404 for a missing one.
 async fn get_cache_info(
     State(state): State<AppState>,
+    headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let cache = load_cache(&state, &name).await?;
+    let cache = find_cache(&state, &name).await?;
+    let may_pull = || async {
+        principal(&state, &headers)
+            .await
+            .is_ok_and(|p| p.require(Perm::Pull, &name).is_ok())
+    };
+    let priority = match &cache {
+        Some(c) if !c.private || may_pull().await => c.priority,
+        None if may_pull().await => {
+            return Err(ApiError::not_found(format!("no cache named {name:?}")))
+        }
+        _ => crate::config::DEFAULT_PRIORITY,
+    };
     let info = CacheInfo {
         store_dir: larder_nix::store_path::STORE_DIR.to_owned(),
         want_mass_query: true,
-        priority: Some(cache.priority.clamp(0, u32::MAX as i64) as u32),
+        priority: Some(priority.clamp(0, u32::MAX as i64) as u32),
     };
     Ok((
         [(header::CONTENT_TYPE, "text/x-nix-cache-info")],

@@ -900,3 +900,63 @@ async fn a_token_scope_ends_with_its_cache() {
     assert_eq!(find(&both.id)["caches"], json!(["kept"]));
     assert_eq!(find(&both.id)["deleted_caches"], json!(["tmpc"]));
 }
+
+#[tokio::test]
+async fn a_private_cache_looks_like_a_missing_one_to_those_who_cannot_read_it() {
+    let srv = Server::new().await;
+    srv.create_cache("secret", true).await;
+    srv.patch_json(
+        "/api/v1/caches/secret",
+        srv.admin(),
+        &json!({ "priority": 30 }),
+    )
+    .await
+    .expect(200);
+    srv.create_cache("other", false).await;
+    let tp = TestPath::new("hidden", "private-or-missing");
+    srv.push_api("secret", srv.admin(), &tp, Comp::Zstd)
+        .await
+        .expect(201);
+    let elsewhere = srv.token(&["admin"], Some(&["other"])).await;
+    let everywhere = srv.token(&["pull"], None).await;
+    let drv = common::store_path("hidden.drv", "private-or-missing").basename();
+    let nar = format!("nar/{}", "0".repeat(52));
+    for who in [Auth::Anon, elsewhere.bearer()] {
+        for tail in [
+            "nix-cache-info".to_owned(),
+            format!("{}.narinfo", tp.hash()),
+            format!("{}.ls", tp.hash()),
+            format!("{nar}.nar.zst"),
+            format!("log/{drv}"),
+        ] {
+            let private = srv.get(&format!("/secret/{tail}"), who).await;
+            let missing = srv.get(&format!("/nosuch/{tail}"), who).await;
+            assert_eq!(
+                (private.status, private.text().replace("secret", "NAME")),
+                (missing.status, missing.text().replace("nosuch", "NAME")),
+                "{who:?} {tail}"
+            );
+            let head_private = srv.head(&format!("/secret/{tail}"), who).await;
+            let head_missing = srv.head(&format!("/nosuch/{tail}"), who).await;
+            assert_eq!(
+                head_private.status, head_missing.status,
+                "HEAD {who:?} {tail}"
+            );
+        }
+    }
+    // Who could read any cache is told the truth.
+    let info = srv
+        .get("/secret/nix-cache-info", everywhere.bearer())
+        .await
+        .expect(200);
+    assert!(info.text().contains("Priority: 30"), "{}", info.text());
+    srv.get("/nosuch/nix-cache-info", everywhere.bearer())
+        .await
+        .expect(404);
+    srv.get(
+        &format!("/nosuch/{}.narinfo", tp.hash()),
+        everywhere.bearer(),
+    )
+    .await
+    .expect(404);
+}

@@ -155,12 +155,15 @@ async fn unknown_caches_are_404() {
     let tp = TestPath::new("p", "unknown-cache");
     let bytes = tp.compressed(Comp::Zstd);
     let admin = srv.admin();
-    srv.get("/nope/nix-cache-info", Auth::Anon)
+    // To whoever could read a cache of that name if it existed, 404; to anyone else, what a
+    // private cache answers (auth_matrix.rs).
+    srv.get("/nope/nix-cache-info", admin).await.expect(404);
+    srv.get(&format!("/nope/{}.narinfo", tp.hash()), admin)
         .await
         .expect(404);
     srv.get(&format!("/nope/{}.narinfo", tp.hash()), Auth::Anon)
         .await
-        .expect(404);
+        .expect(401);
     srv.get(&format!("/nope/{}", nar_url(&bytes, Comp::Zstd)), admin)
         .await
         .expect(404);

@@ -765,7 +765,7 @@ async fn nix_cache_info_follows_the_cache() {
     .await
     .expect(204);
     let text = srv
-        .get("/c/nix-cache-info", Auth::Anon)
+        .get("/c/nix-cache-info", srv.admin())
         .await
         .expect(200)
         .text();
@@ -773,6 +773,13 @@ async fn nix_cache_info_follows_the_cache() {
         text.contains("Priority: 30") && text.contains("StoreDir: /nix/store"),
         "{text}"
     );
+    // The cache is private: who cannot read it sees what a missing cache would answer.
+    let text = srv
+        .get("/c/nix-cache-info", Auth::Anon)
+        .await
+        .expect(200)
+        .text();
+    assert!(text.contains("Priority: 41"), "{text}");
     srv.get("/healthz", Auth::Anon).await.expect(200);
 }
 
