@@ -73,7 +73,7 @@ fn the_login_hint_uses_the_public_url() {
     assert!(!plain.log().contains("warning"), "{}", plain.log());
 
     // Listening on every interface with a public URL: the public URL, no warning.
-    let data = tempfile::tempdir().unwrap();
+    let data = private_tempdir();
     let (mut child, lines) = serve_until_listening(
         data.path(),
         &[
@@ -93,7 +93,7 @@ fn the_login_hint_uses_the_public_url() {
 
     // Listening on every interface without one: 0.0.0.0 is no address to give clients, and
     // the server says so.
-    let data = tempfile::tempdir().unwrap();
+    let data = private_tempdir();
     let (mut child, lines) = serve_until_listening(data.path(), &["--listen", "0.0.0.0:0"]);
     let _ = child.kill();
     let _ = child.wait();
@@ -112,7 +112,7 @@ fn the_login_hint_uses_the_public_url() {
 
 #[test]
 fn a_public_url_without_scheme_or_host_is_refused_from_flag_env_and_file() {
-    let data = tempfile::tempdir().unwrap();
+    let data = private_tempdir();
     let config = data.path().join("serve.toml");
     std::fs::write(&config, "public_url = \"shoshin:8080\"\n").unwrap();
     let config = config.to_str().unwrap();

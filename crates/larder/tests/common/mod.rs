@@ -45,18 +45,27 @@ pub struct Server {
     log: Arc<Mutex<Vec<String>>>,
 }
 
+/// A temporary data directory of mode 0700, as `larder serve` creates its own (a readable one
+/// makes the server warn at start).
+pub fn private_tempdir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    dir
+}
+
 impl Server {
     pub fn start() -> Server {
         Self::start_with(&[])
     }
 
     pub fn start_with(extra: &[&str]) -> Server {
-        Self::start_in(tempfile::tempdir().expect("tempdir"), extra, None)
+        Self::start_in(private_tempdir(), extra, None)
     }
 
     /// Start with extra flags and environment variables (e.g. S3 credentials).
     pub fn start_env(extra: &[&str], env: &[(&str, String)]) -> Server {
-        Self::start_full(tempfile::tempdir().expect("tempdir"), extra, None, env)
+        Self::start_full(private_tempdir(), extra, None, env)
     }
 
     /// Start on the data directory `data` (fresh or used before) with `extra` arguments.
