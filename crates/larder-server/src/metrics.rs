@@ -39,9 +39,11 @@ use crate::error::{ApiError, Rejection};
 use crate::routes::Route;
 use crate::AppState;
 
-/// Statuses with a series of their own; any other is counted as `other`.
-const STATUSES: [u16; 17] = [
-    200, 201, 204, 206, 304, 400, 401, 403, 404, 405, 409, 413, 415, 416, 422, 500, 503,
+/// Statuses with a series of their own (every status the server sends); any other is
+/// counted as `other`.
+const STATUSES: [u16; 20] = [
+    200, 201, 204, 206, 303, 304, 307, 400, 401, 403, 404, 405, 409, 413, 415, 416, 422, 500, 503,
+    507,
 ];
 const NS: usize = STATUSES.len() + 1;
 /// Upper bounds of the latency histogram's buckets, in microseconds.

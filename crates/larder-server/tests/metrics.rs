@@ -96,9 +96,17 @@ async fn counters_follow_real_requests() {
         .await
         .expect(400);
 
+    // The server's root redirects to the web UI.
+    srv.get("/", Auth::Anon).await.expect(303);
+
     let after = scrape(&srv, Auth::Anon).await;
     let delta = |series: &str| value(&after, series) - value(&before, series);
     assert_eq!(delta(NARINFO_200), 4.0, "{after}");
+    assert_eq!(
+        delta("larder_http_requests_total{route=\"/\",method=\"GET\",status=\"303\"}"),
+        1.0,
+        "{after}"
+    );
     assert_eq!(delta(NARINFO_404), 1.0);
     assert_eq!(delta(NARINFO_COUNT), 4.0);
     assert_eq!(value(&after, NARINFO_INF), value(&after, NARINFO_COUNT));
