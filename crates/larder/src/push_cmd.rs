@@ -474,6 +474,11 @@ pub struct KeypairArgs {
     /// (next to the new one) until those paths are pushed again or gone.
     #[arg(long)]
     rotate: bool,
+    /// Also print `export LARDER_SIGNING_KEY=…` (the secret key) on standard output, to paste
+    /// into a CI secret or another pushing machine. Without it the secret is never shown: it
+    /// is only written to the client config (mode 0600), where `push` finds it.
+    #[arg(long)]
+    print_secret: bool,
 }
 
 /// Make a signing key locally, register its public half with the cache (switching it to
@@ -541,12 +546,19 @@ pub async fn generate_keypair(args: KeypairArgs) -> anyhow::Result<()> {
     );
     let path = cfg.save()?;
     eprintln!(
-        "cache {:?} now requires uploads signed by {public}\nthe secret key is in {} (mode 0600); \
-         substituters must trust the public key above (larder use {} does this)",
+        "cache {:?} now requires uploads signed by {public}\nthe secret key is in {} (mode \
+         0600, `signing_keys`), where `larder push` on this machine finds it; substituters \
+         must trust the public key above (larder use {} does this)",
         t.cache,
         path.display(),
         args.cache
     );
+    if !args.print_secret {
+        eprintln!(
+            "to push from another machine or CI, set LARDER_SIGNING_KEY there to that secret \
+             (`--print-secret` prints it when the key is made)"
+        );
+    }
     if cache.paths > 0 {
         eprintln!(
             "warning: the {} paths already in the cache are signed by {old_key} only; \
@@ -555,8 +567,13 @@ pub async fn generate_keypair(args: KeypairArgs) -> anyhow::Result<()> {
             cache.paths
         );
     }
-    print(&format!(
-        "export LARDER_SIGNING_KEY={}\n",
-        key.to_secret_string()
-    ))
+    // Standard output: the public key, for scripts; the secret only when asked for.
+    if args.print_secret {
+        print(&format!(
+            "export LARDER_SIGNING_KEY={}\n",
+            key.to_secret_string()
+        ))
+    } else {
+        print(&format!("{public}\n"))
+    }
 }

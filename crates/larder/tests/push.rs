@@ -82,19 +82,35 @@ fn push_client_signed_cache_with_generated_key() {
     require_nix();
     let server = Server::start();
     server.create_cache("signed", &[]);
-    // generate-keypair prints the export line; the cache then refuses unsigned uploads.
-    let out = server.cli_ok(&server.admin_token, &["generate-keypair", "signed"]);
-    let secret = out
-        .trim()
-        .strip_prefix("export LARDER_SIGNING_KEY=")
-        .expect("export line")
-        .to_owned();
+    // generate-keypair prints the public key and keeps the secret in the client config,
+    // shown nowhere (terminal scrollback, CI logs); the cache then refuses unsigned uploads.
+    let out = server.cli(&server.admin_token, &["generate-keypair", "signed"]);
+    assert!(out.status.success());
     let info: serde_json::Value = serde_json::from_str(
         &server.cli_ok(&server.admin_token, &["cache", "info", "signed", "--json"]),
     )
     .unwrap();
     assert_eq!(info["signing_mode"], "client");
     let key = info["public_key"].as_str().unwrap().to_owned();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{key}\n"));
+    let config = server
+        .data
+        .path()
+        .join("client-home/.config/larder/config.toml");
+    let config: toml::Table = toml::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    let secret = config["signing_keys"]
+        .as_table()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let secret_part = secret.split_once(':').unwrap().1;
+    assert!(!stderr.contains(secret_part), "{stderr}");
+    assert!(stderr.contains("--print-secret"), "{stderr}");
     // Without the key: a clear error before anything is uploaded.
     let p = build_file("unsigned", "x");
     let push = server.token("push", "signed");
@@ -138,10 +154,16 @@ fn push_client_signed_cache_with_generated_key() {
     // On purpose: a new name, and the line consumers need to trust both.
     let o = server.cli(
         &server.admin_token,
-        &["generate-keypair", "signed", "--rotate"],
+        &["generate-keypair", "signed", "--rotate", "--print-secret"],
     );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
+    // Asked for, the secret is printed as the line a CI secret or a shell takes.
+    let printed = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        printed.starts_with("export LARDER_SIGNING_KEY=signed.127.0.0.1-client-2:"),
+        "{printed}"
+    );
     let info: serde_json::Value = serde_json::from_str(
         &server.cli_ok(&server.admin_token, &["cache", "info", "signed", "--json"]),
     )
