@@ -289,15 +289,11 @@ impl NarInfo {
                 // Nix reads an empty CA as none.
                 "CA" if value.is_empty() => {}
                 "CA" => {
-                    if has_control(value)
-                        || !(value.starts_with("fixed:") || value.starts_with("text:"))
-                    {
-                        return Err(NarInfoError::InvalidValue {
-                            field: "CA",
-                            value: shorten(value),
-                            reason: "expected \"fixed:…\" or \"text:…\"",
-                        });
-                    }
+                    check_ca(value).map_err(|reason| NarInfoError::InvalidValue {
+                        field: "CA",
+                        value: shorten(value),
+                        reason,
+                    })?;
                     ca = Some(value.to_owned());
                 }
                 _ => {}
@@ -395,6 +391,63 @@ impl std::str::FromStr for NarInfo {
     }
 }
 
+/// Check a `CA` value as Nix parses it: `text:sha256:<hash>` or `fixed:[r:]<algo>:<hash>`,
+/// where the hash is typed (`md5`, `sha1`, `sha256`, `sha512`) and spelt in hex, nix32 or
+/// base64 of exactly that type's length, or SRI (`<algo>-<base64>`).
+pub fn check_ca(value: &str) -> Result<(), &'static str> {
+    let (method, hash) = value
+        .split_once(':')
+        .ok_or("expected \"fixed:…\" or \"text:…\"")?;
+    match method {
+        "text" => {
+            if check_typed_hash(hash)? != "sha256" {
+                return Err("a text: content address needs a sha256 hash");
+            }
+            Ok(())
+        }
+        "fixed" => check_typed_hash(hash.strip_prefix("r:").unwrap_or(hash)).map(drop),
+        _ => Err("expected \"fixed:…\" or \"text:…\""),
+    }
+}
+
+/// Check a typed hash (`algo:digest` or SRI `algo-base64`); returns its algorithm.
+fn check_typed_hash(hash: &str) -> Result<&str, &'static str> {
+    use base64::Engine;
+    const BAD: &str = "expected a hash such as sha256:<nix32, hex or base64> or sha256-<base64>";
+    let (algorithm, digest, sri) = match (hash.split_once(':'), hash.split_once('-')) {
+        (Some((a, d)), _) => (a, d, false),
+        (None, Some((a, d))) => (a, d, true),
+        (None, None) => return Err(BAD),
+    };
+    let bytes: usize = match algorithm {
+        "md5" => 16,
+        "sha1" => 20,
+        "sha256" => 32,
+        "sha512" => 64,
+        _ => return Err("unknown hash algorithm (md5, sha1, sha256, sha512)"),
+    };
+    let base64_len = bytes.div_ceil(3) * 4;
+    let base64 = || {
+        base64::engine::general_purpose::STANDARD
+            .decode(digest)
+            .is_ok_and(|d| d.len() == bytes)
+    };
+    let ok = if sri {
+        base64()
+    } else if digest.len() == 2 * bytes {
+        digest.bytes().all(|b| b.is_ascii_hexdigit())
+    } else if digest.len() == crate::nixbase32::encoded_len(bytes) {
+        crate::nixbase32::decode(digest).is_ok()
+    } else {
+        digest.len() == base64_len && base64()
+    };
+    if ok {
+        Ok(algorithm)
+    } else {
+        Err(BAD)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -463,6 +516,24 @@ Sig: cache.nixos.org-1:TsTTb3WGTZKphvYdBHXwo6weVILmTytUjLB+vcX89fOjjRicCHmKA4RCP
         );
         let ni = NarInfo::parse(&with_ca).unwrap();
         assert!(ni.to_string().ends_with("References: \nCA: fixed:r:sha256:1b4sb93wp679q4zx9k1ignby1yna3z7c4c2ri3wphylbc2dwsys0\n"));
+    }
+
+    #[test]
+    fn content_addresses_in_every_spelling_nix_reads() {
+        for ca in [
+            "fixed:r:sha256:1b4sb93wp679q4zx9k1ignby1yna3z7c4c2ri3wphylbc2dwsys0".to_owned(),
+            format!("fixed:sha256:{}", "ab".repeat(32)),
+            format!("fixed:r:sha256-{}=", "A".repeat(43)),
+            format!("fixed:sha256:{}=", "A".repeat(43)),
+            format!("fixed:sha1:{}", "0".repeat(40)),
+            format!("fixed:md5:{}", "f".repeat(32)),
+            format!("fixed:r:sha512:{}", "1".repeat(128)),
+            "text:sha256:1b4sb93wp679q4zx9k1ignby1yna3z7c4c2ri3wphylbc2dwsys0".to_owned(),
+        ] {
+            let text = format!("{SAMPLE}CA: {ca}\n");
+            let ni = NarInfo::parse(&text).unwrap_or_else(|e| panic!("{ca}: {e}"));
+            assert_eq!(ni.ca.as_deref(), Some(ca.as_str()));
+        }
     }
 
     #[test]
@@ -544,6 +615,23 @@ Sig: cache.nixos.org-1:TsTTb3WGTZKphvYdBHXwo6weVILmTytUjLB+vcX89fOjjRicCHmKA4RCP
             (SAMPLE.trim_end().to_owned(), "no final newline"),
             (format!("{SAMPLE}\n"), "empty line"),
             (format!("{SAMPLE}CA: nonsense\n"), "CA"),
+            (
+                format!("{SAMPLE}CA: fixed:\"><script>alert(1)</script>\n"),
+                "CA with markup",
+            ),
+            (format!("{SAMPLE}CA: fixed:r:sha256:abc\n"), "CA short hash"),
+            (
+                format!("{SAMPLE}CA: fixed:sha3:{}\n", "0".repeat(52)),
+                "CA algorithm",
+            ),
+            (
+                format!("{SAMPLE}CA: text:sha1:{}\n", "0".repeat(40)),
+                "text CA without sha256",
+            ),
+            (
+                format!("{SAMPLE}CA: fixed:r:sha256:{}\n", "e".repeat(52)),
+                "CA nix32 letter e",
+            ),
             (String::new(), "empty"),
         ];
         for (text, what) in cases {
@@ -593,7 +681,7 @@ Sig: cache.nixos.org-1:TsTTb3WGTZKphvYdBHXwo6weVILmTytUjLB+vcX89fOjjRicCHmKA4RCP
             ),
             (
                 proptest::collection::vec((any::<[u8; 32]>(), "[a-z.-]{1,10}"), 0..3),
-                proptest::option::of("(fixed:r:sha256|text:sha256):[0-9a-z]{52}"),
+                proptest::option::of("(fixed:r:sha256|text:sha256):[01][0-9a-df-np-sv-z]{51}"),
             ),
         )
             .prop_map(

@@ -184,9 +184,10 @@ pub async fn publish(
         ));
     }
     if let Some(ca) = &info.ca {
-        if ca.len() > 1024 || !ca.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(ApiError::bad("invalid CA field"));
-        }
+        // Exactly as Nix parses it: a narinfo Nix cannot read would be signed and served.
+        larder_nix::narinfo::check_ca(ca).map_err(|reason| {
+            ApiError::bad(format!("invalid CA field {:?}: {reason}", truncate(ca)))
+        })?;
     }
     let fingerprint = larder_nix::signing::fingerprint(
         &info.store_path,

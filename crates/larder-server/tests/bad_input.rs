@@ -276,7 +276,27 @@ async fn broken_nars_are_refused() {
     trailing_zeros.extend_from_slice(&[0u8; 8]);
     let mut bad_magic = nar.clone();
     bad_magic[10] ^= 0xff;
+    // A NAR of one symlink to `target`, token by token (length, bytes, zero padding).
+    let symlink_to = |target: &[u8]| {
+        let mut out = Vec::new();
+        for t in [
+            &b"nix-archive-1"[..],
+            b"(",
+            b"type",
+            b"symlink",
+            b"target",
+            target,
+            b")",
+        ] {
+            out.extend_from_slice(&(t.len() as u64).to_le_bytes());
+            out.extend_from_slice(t);
+            out.resize(out.len().next_multiple_of(8), 0);
+        }
+        out
+    };
     let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("empty symlink target", symlink_to(b"")),
+        ("symlink target with NUL", symlink_to(b"a\0b")),
         ("empty body", Vec::new()),
         ("not a NAR", b"hello, world\n".to_vec()),
         ("HTML", b"<html><body>404</body></html>".to_vec()),
@@ -747,6 +767,16 @@ async fn lying_narinfos_are_refused() {
                 &[fields.clone(), vec![("CA".into(), "sha256:abc".into())]].concat(),
             ),
         ),
+        (
+            "CA with markup",
+            common::render_fields(
+                &[
+                    fields.clone(),
+                    vec![("CA".into(), "fixed:\"><script>alert(1)</script>".into())],
+                ]
+                .concat(),
+            ),
+        ),
     ];
     for (what, text) in &cases {
         let r = srv.put_narinfo("c", srv.admin(), &tp, text).await;
@@ -837,6 +867,14 @@ async fn lying_api_publishes_are_refused() {
         ),
         ("bad deriver", patch("deriver", json!("x.drv"))),
         ("bad signature", patch("sigs", json!(["nokey"]))),
+        (
+            "CA with markup",
+            patch("ca", json!("fixed:\"><script>alert(1)</script>")),
+        ),
+        (
+            "CA with a short hash",
+            patch("ca", json!("fixed:r:sha256:abc")),
+        ),
         (
             "unknown field",
             patch("nar_hash_claimed_by_client", json!(true)),

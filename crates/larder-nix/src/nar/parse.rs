@@ -90,6 +90,14 @@ pub enum NarError {
         /// Offset of the byte.
         offset: u64,
     },
+    /// A symlink target no file system can hold: empty, or with a NUL byte.
+    #[error("NAR: invalid symlink target at byte {offset}: {reason}")]
+    InvalidTarget {
+        /// Where the target string starts.
+        offset: u64,
+        /// Why.
+        reason: &'static str,
+    },
     /// An entry name Nix refuses.
     #[error("NAR: invalid entry name {name:?} at byte {offset}: {reason}")]
     InvalidName {
@@ -530,6 +538,17 @@ impl NarParser {
             }
             (Expect::TargetKeyword, b"target") => Expect::TargetValue,
             (Expect::TargetValue, t) => {
+                // symlink(2) takes neither: Nix could not restore the path.
+                let problem = if t.is_empty() {
+                    Some("it is empty")
+                } else if t.contains(&0) {
+                    Some("it holds a NUL byte")
+                } else {
+                    None
+                };
+                if let Some(reason) = problem {
+                    return Err(NarError::InvalidTarget { offset, reason });
+                }
                 self.leaf = Some(Node::Symlink {
                     target: String::from_utf8_lossy(t).into_owned(),
                 });
@@ -799,6 +818,21 @@ mod tests {
                     NarError::InvalidName { .. }
                 ),
                 "{bad:?}"
+            );
+        }
+        for target in [&b""[..], b"a\0b"] {
+            let nar = tokens(&[
+                b"nix-archive-1",
+                b"(",
+                b"type",
+                b"symlink",
+                b"target",
+                target,
+                b")",
+            ]);
+            assert!(
+                matches!(expect_err(&nar), NarError::InvalidTarget { .. }),
+                "{target:?}"
             );
         }
         let long = vec![b'n'; MAX_NAME_LEN + 1];
