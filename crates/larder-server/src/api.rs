@@ -525,6 +525,7 @@ async fn upload_nar(
         body,
         compression,
         state.config.max_upload_size,
+        state.config.max_nar_size,
         &state.staging,
     )
     .await?;

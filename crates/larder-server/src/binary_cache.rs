@@ -172,8 +172,7 @@ async fn get_file(
             .get_path(cache.id, hash)
             .await?
             .ok_or_else(|| ApiError::not_found("no such path in this cache"))?;
-        let listing = nar_listing(&state, &path.nar).await?;
-        return Ok(([(header::CONTENT_TYPE, "application/json")], listing).into_response());
+        return serve_listing(&state, &path.nar).await;
     }
     Err(ApiError::not_found(format!(
         "no such file {:?}",
@@ -190,39 +189,88 @@ impl AsRef<[u8]> for ArcStr {
     }
 }
 
-/// Produce a NAR's `.ls` listing by streaming and parsing its stored file (no buffering).
-async fn nar_listing(state: &AppState, nar: &NarRow) -> Result<String, ApiError> {
+/// Serve a NAR's `.ls` listing: the object stored with the NAR, streamed. A NAR stored
+/// before listings were kept (or whose listing was lost) gets its listing made once
+/// ([`make_listing`]); no request parses a NAR that already has one, so `.ls` costs the
+/// same as any small download, however large or deeply compressed the NAR.
+async fn serve_listing(state: &AppState, nar: &NarRow) -> Result<Response, ApiError> {
+    let key = larder_store::meta::listing_object_key(&nar.nar_hash);
+    let obj = match state.objects.get(&key, None).await {
+        Err(larder_store::ObjectError::NotFound(_)) => {
+            make_listing(state, nar).await?;
+            state.objects.get(&key, None).await?
+        }
+        other => other?,
+    };
+    let mut resp = Response::new(Body::from_stream(obj.stream));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(obj.len));
+    Ok(resp)
+}
+
+/// Listings made from stored NARs one at a time per server: each costs a decompression and a
+/// parse of the whole NAR, and must not be a way to keep the CPUs busy.
+static LISTING_BUILDS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+
+/// Make a stored NAR's `.ls` listing by streaming, decompressing and parsing its stored file
+/// into a staging file (memory does not grow with the NAR), and store it.
+async fn make_listing(state: &AppState, nar: &NarRow) -> Result<(), ApiError> {
+    let key = larder_store::meta::listing_object_key(&nar.nar_hash);
+    let _turn = LISTING_BUILDS
+        .acquire()
+        .await
+        .map_err(|e| ApiError::internal(std::io::Error::other(e)))?;
+    // Made by the request before this one.
+    if state.objects.exists(&key).await? {
+        return Ok(());
+    }
     let compression = parse_compression(&nar.compression)?;
     let chunks = state.meta.nar_chunks(nar.id).await?;
     let body = chunk_stream(state, chunks, 0..nar.file_size as u64).await?;
+    let (file, listing) = state
+        .staging
+        .tempfile("upload", state.staging.dir())
+        .map_err(ApiError::internal)?
+        .into_parts();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
-    let worker = tokio::task::spawn_blocking(move || -> Result<String, ApiError> {
+    let worker = tokio::task::spawn_blocking(move || -> Result<(), ApiError> {
         use std::io::Write;
-        struct Sink(larder_nix::nar::parse::NarParser);
+        struct Sink(
+            larder_nix::nar::parse::NarParser,
+            std::io::BufWriter<std::fs::File>,
+        );
         impl Write for Sink {
             fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
                 self.0.feed(b).map_err(std::io::Error::other)?;
+                self.1.write_all(self.0.take_listing().as_bytes())?;
                 Ok(b.len())
             }
             fn flush(&mut self) -> std::io::Result<()> {
                 Ok(())
             }
         }
-        let sink = Sink(larder_nix::nar::parse::NarParser::new());
-        let parser = match compression {
+        let sink = Sink(
+            larder_nix::nar::parse::NarParser::streaming_listing(),
+            std::io::BufWriter::new(file),
+        );
+        let sink = match compression {
             Compression::None => {
                 let mut s = sink;
                 while let Some(b) = rx.blocking_recv() {
                     s.write_all(&b).map_err(ApiError::internal)?;
                 }
-                s.0
+                s
             }
             Compression::Xz => {
                 let mut d = xz2::write::XzDecoder::new_multi_decoder(sink);
                 while let Some(b) = rx.blocking_recv() {
                     d.write_all(&b).map_err(ApiError::internal)?;
                 }
-                d.finish().map_err(ApiError::internal)?.0
+                d.finish().map_err(ApiError::internal)?
             }
             Compression::Zstd => {
                 let mut d = zstd::stream::write::Decoder::new(sink).map_err(ApiError::internal)?;
@@ -230,11 +278,15 @@ async fn nar_listing(state: &AppState, nar: &NarRow) -> Result<String, ApiError>
                     d.write_all(&b).map_err(ApiError::internal)?;
                 }
                 d.flush().map_err(ApiError::internal)?;
-                d.into_inner().0
+                d.into_inner()
             }
         };
-        let summary = parser.finish().map_err(ApiError::internal)?;
-        Ok(summary.listing.to_ls_json())
+        let Sink(parser, out) = sink;
+        parser.finish().map_err(ApiError::internal)?;
+        out.into_inner()
+            .map_err(|e| ApiError::internal(e.into_error()))?
+            .sync_all()
+            .map_err(ApiError::internal)
     });
     let mut body = body;
     while let Some(block) = body.next().await {
@@ -246,7 +298,9 @@ async fn nar_listing(state: &AppState, nar: &NarRow) -> Result<String, ApiError>
     drop(tx);
     worker
         .await
-        .map_err(|e| ApiError::internal(std::io::Error::other(e)))?
+        .map_err(|e| ApiError::internal(std::io::Error::other(e)))??;
+    state.objects.put_file(&key, &listing).await?;
+    Ok(())
 }
 
 /// Stream `range` of the concatenation of `chunks`' objects. The first object is opened
@@ -437,6 +491,7 @@ async fn put_nar(
         body,
         compression,
         state.config.max_upload_size,
+        state.config.max_nar_size,
         &state.staging,
     )
     .await?;

@@ -40,6 +40,9 @@ pub const MIN_ORPHAN_GRACE: Duration = Duration::from_secs(3600);
 pub const DEFAULT_BACKEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// The shortest backend timeout accepted.
 pub const MIN_BACKEND_TIMEOUT: Duration = Duration::from_secs(1);
+/// Largest NAR accepted, uncompressed: what a compressed upload may expand to (a small zstd
+/// or xz stream can claim terabytes).
+pub const DEFAULT_MAX_NAR_SIZE: u64 = 64 << 30;
 /// How long a connection may take to send a request head, and stay idle between requests:
 /// long enough for any real client (Nix sends its next request at once), short enough that
 /// silent connections cannot pile up.
@@ -115,6 +118,9 @@ pub struct ConfigFile {
     pub compression_level: Option<i32>,
     /// Largest accepted upload, e.g. `64GiB` or a number of bytes. Default: 64 GiB.
     pub max_upload_size: Option<SizeValue>,
+    /// Largest NAR accepted, uncompressed (what a compressed upload expands to), e.g.
+    /// `64GiB`. Default: 64 GiB.
+    pub max_nar_size: Option<SizeValue>,
     /// Garbage collection interval, e.g. `1h`, `30m`, `90s`. Default: 1h.
     pub gc_interval: Option<String>,
     /// How long evicted paths' NARs stay servable, e.g. `1h`. Default: 1h; at least 10s.
@@ -214,6 +220,7 @@ pub struct Config {
     pub compression: String,
     pub compression_level: i32,
     pub max_upload_size: u64,
+    pub max_nar_size: u64,
     pub gc_interval: Duration,
     pub evicted_nar_grace: Duration,
     /// `None`: no orphan scan.
@@ -286,6 +293,10 @@ impl Config {
                 key,
                 inner: Box::new(inner),
             }
+        };
+        let max_nar_size = match file.max_nar_size {
+            Some(s) => s.bytes().map_err(setting("max_nar_size"))?,
+            None => DEFAULT_MAX_NAR_SIZE,
         };
         let max_upload_size = match file.max_upload_size {
             Some(s) => s.bytes().map_err(setting("max_upload_size"))?,
@@ -383,6 +394,7 @@ impl Config {
             compression,
             compression_level: file.compression_level.unwrap_or(DEFAULT_COMPRESSION_LEVEL),
             max_upload_size,
+            max_nar_size,
             gc_interval,
             evicted_nar_grace,
             orphan_scan_interval,

@@ -27,6 +27,9 @@ pub enum ApiError {
     Referenced(String, Vec<String>),
     #[error("upload larger than the server's limit of {0} bytes")]
     PayloadTooLarge(u64),
+    /// A (compressed) upload whose NAR expands past `max_nar_size`.
+    #[error("the NAR expands to more than the server's max_nar_size of {0} bytes (uncompressed)")]
+    NarTooLarge(u64),
     #[error("{0}")]
     UnsupportedMedia(String),
     /// An upload refused for a reason that `/metrics` counts by name.
@@ -76,7 +79,9 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) | ApiError::Referenced(..) => StatusCode::CONFLICT,
-            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::PayloadTooLarge(_) | ApiError::NarTooLarge(_) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             ApiError::UnsupportedMedia(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Rejected(Rejection::BadSignature, _) => StatusCode::FORBIDDEN,
             ApiError::Rejected(_, _) => StatusCode::BAD_REQUEST,

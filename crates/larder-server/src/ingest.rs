@@ -76,20 +76,35 @@ pub struct Ingested {
     pub file_size: u64,
     pub compression: Compression,
     pub file: TempPath,
+    /// The NAR's `.ls` listing (JSON), written while it was verified.
+    pub listing: TempPath,
 }
 
-/// Feeds decompressed bytes to the NAR validator, remembering its error for reporting.
+/// Feeds decompressed bytes to the NAR validator, remembering its error for reporting, and
+/// writes the listing it produces to a file as it goes (memory never grows with the number
+/// of entries).
 struct NarSink {
     parser: NarParser,
     error: Option<NarError>,
+    listing: io::BufWriter<std::fs::File>,
+    /// `max_nar_size`: a NAR expanding past it is refused at once (a small compressed stream
+    /// can claim terabytes).
+    max_nar_size: u64,
+    too_large: bool,
 }
 
 impl Write for NarSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.parser.bytes_seen() + buf.len() as u64 > self.max_nar_size {
+            self.too_large = true;
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "NAR too large"));
+        }
         if let Err(e) = self.parser.feed(buf) {
             self.error = Some(e);
             return Err(io::Error::new(io::ErrorKind::InvalidData, "invalid NAR"));
         }
+        self.listing
+            .write_all(self.parser.take_listing().as_bytes())?;
         Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -123,10 +138,18 @@ struct Pipeline {
 }
 
 impl Pipeline {
-    fn new(file: Option<std::fs::File>, compression: Compression) -> io::Result<Self> {
+    fn new(
+        file: Option<std::fs::File>,
+        listing: std::fs::File,
+        compression: Compression,
+        max_nar_size: u64,
+    ) -> io::Result<Self> {
         let sink = NarSink {
-            parser: NarParser::new(),
+            parser: NarParser::streaming_listing(),
             error: None,
+            listing: io::BufWriter::with_capacity(64 * 1024, listing),
+            max_nar_size,
+            too_large: false,
         };
         let decoder = match compression {
             Compression::None => Decoder::None(sink),
@@ -157,7 +180,11 @@ impl Pipeline {
     }
 
     fn decode_error(&mut self, e: io::Error) -> ApiError {
-        match self.decoder.sink().error.take() {
+        let sink = self.decoder.sink();
+        if sink.too_large {
+            return ApiError::NarTooLarge(sink.max_nar_size);
+        }
+        match sink.error.take() {
             Some(nar) => ApiError::rejected(
                 Rejection::InvalidNar,
                 format!("upload is not a valid NAR: {nar}"),
@@ -191,12 +218,19 @@ impl Pipeline {
             })?,
             Decoder::Zstd(d) => d.into_inner(),
         };
-        let summary = sink.parser.finish().map_err(|e| {
+        let NarSink {
+            parser, listing, ..
+        } = sink;
+        let summary = parser.finish().map_err(|e| {
             ApiError::rejected(
                 Rejection::InvalidNar,
                 format!("upload is not a valid NAR: {e}"),
             )
         })?;
+        let listing = listing
+            .into_inner()
+            .map_err(|e| ApiError::internal(e.into_error()))?;
+        listing.sync_all().map_err(ApiError::internal)?;
         if let Some(out) = self.out {
             let file = out
                 .into_inner()
@@ -218,15 +252,21 @@ pub async fn ingest(
     body: Body,
     compression: Compression,
     limit: u64,
+    max_nar_size: u64,
     staging: &crate::staging::Staging,
 ) -> Result<Ingested, ApiError> {
     let tmp = staging
         .tempfile("upload", staging.dir())
         .map_err(ApiError::internal)?;
     let (file, path) = tmp.into_parts();
+    let (listing_file, listing) = staging
+        .tempfile("upload", staging.dir())
+        .map_err(ApiError::internal)?
+        .into_parts();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(CHANNEL_BLOCKS);
     let worker = tokio::task::spawn_blocking(move || {
-        let mut pipeline = Pipeline::new(Some(file), compression).map_err(ApiError::internal)?;
+        let mut pipeline = Pipeline::new(Some(file), listing_file, compression, max_nar_size)
+            .map_err(ApiError::internal)?;
         while let Some(block) = rx.blocking_recv() {
             pipeline.write(&block)?;
         }
@@ -271,6 +311,7 @@ pub async fn ingest(
         file_size,
         compression,
         file: path,
+        listing,
     })
 }
 
@@ -283,6 +324,8 @@ pub struct VerifiedParts {
     pub file_size: u64,
     /// SHA-256 and size of each part, in order: each part becomes one stored chunk.
     pub parts: Vec<(Sha256, u64)>,
+    /// The NAR's `.ls` listing (JSON).
+    pub listing: TempPath,
 }
 
 /// Verify the concatenation of `parts` (files, in order) as one `compression`-compressed NAR,
@@ -290,9 +333,16 @@ pub struct VerifiedParts {
 pub fn verify_parts(
     parts: &[std::path::PathBuf],
     compression: Compression,
+    max_nar_size: u64,
+    staging: &crate::staging::Staging,
 ) -> Result<VerifiedParts, ApiError> {
     use std::io::Read;
-    let mut pipeline = Pipeline::new(None, compression).map_err(ApiError::internal)?;
+    let (listing_file, listing) = staging
+        .tempfile("upload", staging.dir())
+        .map_err(ApiError::internal)?
+        .into_parts();
+    let mut pipeline =
+        Pipeline::new(None, listing_file, compression, max_nar_size).map_err(ApiError::internal)?;
     let mut hashes = Vec::with_capacity(parts.len());
     let mut buf = vec![0u8; 256 * 1024];
     for part in parts {
@@ -318,5 +368,6 @@ pub fn verify_parts(
         file_hash,
         file_size,
         parts: hashes,
+        listing,
     })
 }

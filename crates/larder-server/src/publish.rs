@@ -103,7 +103,17 @@ pub async fn store_upload(
             std::slice::from_ref(&chunk),
         )
         .await?;
+    store_listing(state, &nar.nar_hash, &up.listing).await;
     Ok((upload_id, nar))
+}
+
+/// Store a NAR's `.ls` listing (written while the NAR was verified) next to it. A failure
+/// only costs time later: a listing found missing is made again when first asked for.
+pub async fn store_listing(state: &AppState, nar_hash: &str, listing: &std::path::Path) {
+    let key = larder_store::meta::listing_object_key(nar_hash);
+    if let Err(e) = state.objects.put_file(&key, listing).await {
+        tracing::warn!(error = %crate::error::error_chain(&e), "cannot store a NAR listing; it is made again when asked for");
+    }
 }
 
 /// A store path's metadata as a client declares it, already parsed and validated.

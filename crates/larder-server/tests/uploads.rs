@@ -828,3 +828,94 @@ async fn uploaded_bodies_are_never_run_by_a_browser() {
         "{csp:?}"
     );
 }
+
+/// The listing objects stored beside the NARs (`store/objects/ls/…`).
+fn listing_files(srv: &Server) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let root = srv.data_dir().join("store/objects/ls");
+    for dir in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        for f in std::fs::read_dir(dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            found.push(f.path());
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn listings_are_made_once_stored_and_collected_with_their_nar() {
+    let srv = Server::new().await;
+    srv.create_cache("c", false).await;
+    let tp = TestPath::new("tree", "stored-listing");
+    srv.push_api("c", srv.admin(), &tp, Comp::Xz)
+        .await
+        .expect(201);
+    let expected = larder_nix::nar::parse::summarize(&tp.nar)
+        .expect("our NAR parses")
+        .listing
+        .to_ls_json();
+    // Written when the NAR was verified, before anyone asked.
+    let stored = listing_files(&srv);
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(std::fs::read_to_string(&stored[0]).unwrap(), expected);
+    let uri = format!("/c/{}.ls", tp.hash());
+    let r = srv.get(&uri, Auth::Anon).await.expect(200);
+    assert_eq!(r.text(), expected);
+    assert_eq!(
+        r.header(header::CONTENT_LENGTH),
+        Some(expected.len().to_string().as_str())
+    );
+    // Lost (or stored by an older larder, which kept none): made again once, and kept.
+    std::fs::remove_file(&stored[0]).unwrap();
+    assert_eq!(srv.get(&uri, Auth::Anon).await.expect(200).text(), expected);
+    assert_eq!(listing_files(&srv), stored);
+    // Deleting the path and collecting garbage deletes the listing with the NAR.
+    srv.delete(
+        &format!("/api/v1/caches/c/paths/{}", tp.hash()),
+        srv.admin(),
+    )
+    .await
+    .expect(200);
+    // Past the grace period in which an evicted NAR stays servable.
+    let mut config = (*srv.state.config).clone();
+    config.evicted_nar_grace = std::time::Duration::ZERO;
+    let state = larder_server::AppState {
+        config: std::sync::Arc::new(config),
+        ..srv.state.clone()
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    larder_server::publish::collect_garbage(&state)
+        .await
+        .unwrap();
+    assert_eq!(srv.chunk_files(), 0);
+    assert!(listing_files(&srv).is_empty(), "{:?}", listing_files(&srv));
+}
+
+#[tokio::test]
+async fn a_nar_expanding_past_max_nar_size_is_refused_early() {
+    let srv = Server::with_config(larder_server::config::ConfigFile {
+        max_nar_size: Some(larder_server::config::SizeValue::Text("1MiB".into())),
+        ..Default::default()
+    })
+    .await;
+    srv.create_cache("c", false).await;
+    // 64 MiB of zeros: a few KiB of zstd, 64 times the limit once expanded.
+    let bomb = TestPath::with_nar("bomb", "bomb", common::file_nar(&vec![0u8; 64 << 20]));
+    let compressed = bomb.compressed(Comp::Zstd);
+    assert!(compressed.len() < 64 << 10);
+    let r = srv.upload_api("c", srv.admin(), &compressed, "zstd").await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.text());
+    assert!(r.text().contains("max_nar_size"), "{}", r.text());
+    let (nar, _) = srv.push_nix("c", srv.admin(), &bomb, Comp::Zstd).await;
+    assert_eq!(nar.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", nar.text());
+    assert_eq!(srv.chunk_files(), 0);
+    assert_eq!(srv.staging_files(), 0);
+    // Below the limit, accepted.
+    let fine = TestPath::with_nar("fine", "fine", common::file_nar(&vec![0u8; 512 << 10]));
+    srv.push_api("c", srv.admin(), &fine, Comp::Zstd)
+        .await
+        .expect(201);
+}

@@ -276,6 +276,13 @@ impl ChunkRow {
     }
 }
 
+/// The object holding the `.ls` listing (JSON) of the NAR with this NarHash (nix32), written
+/// when the NAR is stored and deleted by garbage collection with the NAR's row.
+pub fn listing_object_key(nar_hash: &str) -> String {
+    let prefix = nar_hash.get(..2).unwrap_or("00");
+    format!("ls/{prefix}/{nar_hash}")
+}
+
 pub fn chunk_object_key(chunk_hash: &str) -> String {
     let prefix = chunk_hash.get(..2).unwrap_or("00");
     format!("chunk/{prefix}/{chunk_hash}")
@@ -1385,14 +1392,15 @@ impl Metadata {
             .await?;
         // Decided once: the NARs deleted are exactly these, whatever commits meanwhile; one
         // referenced meanwhile fails the foreign keys of `paths`/`uploads` below.
-        let nars: Vec<i64> = sqlx::query_scalar(&format!(
-            "SELECT id FROM nars n WHERE \
+        let doomed: Vec<(i64, String)> = sqlx::query_as(&format!(
+            "SELECT id, nar_hash FROM nars n WHERE \
              NOT EXISTS (SELECT 1 FROM paths p WHERE p.nar_id = n.id) AND \
              NOT EXISTS (SELECT 1 FROM uploads u WHERE u.nar_id = n.id) AND \
              NOT EXISTS (SELECT 1 FROM evicted_nars e WHERE e.nar_id = n.id) LIMIT {GC_BATCH}"
         ))
         .fetch_all(&mut *tx)
         .await?;
+        let nars: Vec<i64> = doomed.iter().map(|(id, _)| *id).collect();
         if !nars.is_empty() {
             let ph = placeholders(1, nars.len());
             for sql in [
@@ -1418,6 +1426,14 @@ impl Metadata {
         .await?;
         for hash in &chunks {
             if let Err(e) = delete_object(chunk_object_key(hash)).await {
+                tx.rollback().await?;
+                return Err(MetaError::Cleanup(e));
+            }
+        }
+        // The NARs' listings. A NAR stored again meanwhile under the same hash finds its
+        // listing missing and writes it again when it is first asked for.
+        for (_, nar_hash) in &doomed {
+            if let Err(e) = delete_object(listing_object_key(nar_hash)).await {
                 tx.rollback().await?;
                 return Err(MetaError::Cleanup(e));
             }

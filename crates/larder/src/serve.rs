@@ -13,7 +13,7 @@ use crate::env;
 pub struct ServeArgs {
     /// TOML config file (keys: listen, data_dir, public_url, database,
     /// database_max_connections, storage, s3_access_key_id, s3_secret_access_key,
-    /// nar_redirect, compression, compression_level, max_upload_size, gc_interval,
+    /// nar_redirect, compression, compression_level, max_upload_size, max_nar_size, gc_interval,
     /// evicted_nar_grace, orphan_scan_interval, orphan_grace, backend_timeout, header_timeout,
     /// max_connections, max_connections_per_client, upstream_keys;
     /// see the README).
@@ -56,6 +56,10 @@ pub struct ServeArgs {
     /// Largest accepted upload, e.g. 64GiB. [default: 64GiB]
     #[arg(long, env = "LARDER_MAX_UPLOAD_SIZE")]
     max_upload_size: Option<String>,
+    /// Largest NAR accepted once decompressed, e.g. 64GiB: a compressed upload expanding past
+    /// it is refused (413) as soon as it does. [default: 64GiB]
+    #[arg(long, env = "LARDER_MAX_NAR_SIZE")]
+    max_nar_size: Option<String>,
     /// Garbage collection interval, e.g. 1h. [default: 1h]
     #[arg(long, env = "LARDER_GC_INTERVAL")]
     gc_interval: Option<String>,
@@ -111,6 +115,9 @@ fn resolve_config(args: ServeArgs) -> anyhow::Result<(ConfigFile, PathBuf)> {
     }
     if let Some(s) = args.max_upload_size {
         file.max_upload_size = Some(SizeValue::Text(s));
+    }
+    if let Some(s) = args.max_nar_size {
+        file.max_nar_size = Some(SizeValue::Text(s));
     }
     Ok((file, default_data_dir()?))
 }

@@ -60,7 +60,7 @@ impl Node {
         out
     }
 
-    fn write_json(&self, out: &mut String) {
+    pub(crate) fn write_json(&self, out: &mut String) {
         match self {
             Node::Regular {
                 size,
@@ -113,7 +113,7 @@ impl Node {
 }
 
 /// Append `s` as a JSON string literal, escaped exactly like Nix's `toJSON`.
-fn push_json_string(out: &mut String, s: &str) {
+pub(crate) fn push_json_string(out: &mut String, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push('"');
     for c in s.chars() {

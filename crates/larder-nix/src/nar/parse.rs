@@ -13,11 +13,15 @@
 //!   each name with an always-empty previous name);
 //! - strings other than file contents are bounded: names by [`MAX_NAME_LEN`] (the kernel's
 //!   `NAME_MAX`), symlink targets by [`MAX_TARGET_LEN`] (`PATH_MAX`), keywords by a few bytes, and
-//!   nesting by [`MAX_DEPTH`], so memory stays bounded whatever the input (apart from the listing,
-//!   which grows with the number of entries). File contents are never buffered.
+//!   nesting by [`MAX_DEPTH`], so memory stays bounded whatever the input. File contents are
+//!   never buffered.
 //!
 //! Feed bytes in chunks of any size with [`NarParser::feed`]; [`NarParser::finish`] returns the
 //! SHA-256 and size of every byte fed and the [`Node`] listing with each file's `narOffset`.
+//! That tree grows with the number of entries; a parser made with
+//! [`NarParser::streaming_listing`] keeps no tree and writes the same listing as `.ls` JSON
+//! while it parses, for the caller to drain with [`NarParser::take_listing`] after each feed:
+//! its memory does not grow with the NAR at all.
 //! Names and targets that are not UTF-8 are accepted (they are valid in Nix) and appear in the
 //! listing decoded lossily, as the listing's JSON can only carry text.
 
@@ -155,7 +159,8 @@ pub struct NarSummary {
     pub nar_hash: Sha256,
     /// Length of the NAR.
     pub nar_size: u64,
-    /// What the NAR contains.
+    /// What the NAR contains (an empty directory for a [`NarParser::streaming_listing`]
+    /// parser, whose listing went out as JSON instead).
     pub listing: Node,
 }
 
@@ -224,6 +229,7 @@ enum Lex {
 /// A directory being parsed.
 #[derive(Debug)]
 struct Frame {
+    /// Its entries so far (kept only when building the tree).
     entries: BTreeMap<String, Node>,
     previous: Option<Vec<u8>>,
 }
@@ -240,8 +246,12 @@ pub struct NarParser {
     /// The regular file or symlink whose closing ")" is awaited.
     leaf: Option<Node>,
     executable: bool,
+    /// Length of the file contents being read (for their padding).
+    contents_len: u64,
     root: Option<Node>,
     error: Option<NarError>,
+    /// `Some`: no tree is kept; the listing's `.ls` JSON not yet taken by the caller.
+    json: Option<String>,
 }
 
 impl Default for NarParser {
@@ -272,8 +282,34 @@ impl NarParser {
             stack: Vec::new(),
             leaf: None,
             executable: false,
+            contents_len: 0,
             root: None,
             error: None,
+            json: None,
+        }
+    }
+
+    /// A parser that keeps no listing tree but writes the listing as `.ls` JSON (byte for
+    /// byte what [`Node::to_ls_json`] of the tree would be) as the NAR arrives; take it with
+    /// [`NarParser::take_listing`].
+    pub fn streaming_listing() -> Self {
+        Self {
+            json: Some(String::from("{\"version\":1,\"root\":")),
+            ..Self::new()
+        }
+    }
+
+    /// The `.ls` JSON written since the last call (empty for a tree-building parser). Once
+    /// [`NarParser::is_complete`], everything has been written.
+    pub fn take_listing(&mut self) -> String {
+        self.json.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Write a leaf node's JSON (streaming), or keep it for the tree.
+    fn emit_leaf(&mut self, node: Node) {
+        match &mut self.json {
+            Some(json) => node.write_json(json),
+            None => self.leaf = Some(node),
         }
     }
 
@@ -388,13 +424,8 @@ impl NarParser {
             let len = match &self.lex {
                 Lex::Str { len, buf } if buf.len() == *len => *len as u64,
                 Lex::Contents { remaining: 0 } => {
-                    // Only the contents length matters for padding; it is in the leaf.
-                    let size = match &self.leaf {
-                        Some(Node::Regular { size, .. }) => *size,
-                        _ => 0,
-                    };
                     self.lex = Lex::Pad {
-                        remaining: padding(size),
+                        remaining: padding(self.contents_len),
                         token: None,
                     };
                     continue;
@@ -434,13 +465,12 @@ impl NarParser {
     fn on_length(&mut self, len: u64) -> Result<(), NarError> {
         let offset = self.token_start;
         if self.expect == Expect::Contents {
-            if let Some(Node::Regular {
-                size, nar_offset, ..
-            }) = &mut self.leaf
-            {
-                *size = len;
-                *nar_offset = offset + 8;
-            }
+            self.emit_leaf(Node::Regular {
+                size: len,
+                executable: self.executable,
+                nar_offset: offset + 8,
+            });
+            self.contents_len = len;
             self.lex = Lex::Contents { remaining: len };
             return Ok(());
         }
@@ -515,6 +545,9 @@ impl NarParser {
                     entries: BTreeMap::new(),
                     previous: None,
                 });
+                if let Some(json) = &mut self.json {
+                    json.push_str("{\"type\":\"directory\",\"entries\":{");
+                }
                 Expect::EntryOrClose
             }
             (Expect::TypeValue, t) => {
@@ -528,12 +561,8 @@ impl NarParser {
                 self.executable = true;
                 Expect::ContentsKeyword
             }
+            // The node is written once its length is known (`on_length`).
             (Expect::ExecutableOrContents | Expect::ContentsKeyword, b"contents") => {
-                self.leaf = Some(Node::Regular {
-                    size: 0,
-                    executable: self.executable,
-                    nar_offset: 0,
-                });
                 Expect::Contents
             }
             (Expect::TargetKeyword, b"target") => Expect::TargetValue,
@@ -549,16 +578,20 @@ impl NarParser {
                 if let Some(reason) = problem {
                     return Err(NarError::InvalidTarget { offset, reason });
                 }
-                self.leaf = Some(Node::Symlink {
+                self.emit_leaf(Node::Symlink {
                     target: String::from_utf8_lossy(t).into_owned(),
                 });
                 Expect::NodeClose
             }
             (Expect::NodeClose, b")") => {
-                let leaf = self
-                    .leaf
-                    .take()
-                    .ok_or_else(|| unexpected(Expect::NodeClose))?;
+                let leaf = match self.json {
+                    Some(_) => None,
+                    None => Some(
+                        self.leaf
+                            .take()
+                            .ok_or_else(|| unexpected(Expect::NodeClose))?,
+                    ),
+                };
                 self.node_done(leaf)
             }
             (Expect::EntryOrClose, b"entry") => Expect::EntryOpen,
@@ -567,9 +600,16 @@ impl NarParser {
                     .stack
                     .pop()
                     .ok_or_else(|| unexpected(Expect::EntryOrClose))?;
-                self.node_done(Node::Directory {
-                    entries: frame.entries,
-                })
+                let node = match &mut self.json {
+                    Some(json) => {
+                        json.push_str("}}");
+                        None
+                    }
+                    None => Some(Node::Directory {
+                        entries: frame.entries,
+                    }),
+                };
+                self.node_done(node)
             }
             (Expect::EntryOpen, b"(") => Expect::NameKeyword,
             (Expect::NameKeyword, b"name") => Expect::NameValue,
@@ -600,6 +640,13 @@ impl NarParser {
                         });
                     }
                 }
+                if let Some(json) = &mut self.json {
+                    if frame.previous.is_some() {
+                        json.push(',');
+                    }
+                    super::listing::push_json_string(json, &String::from_utf8_lossy(t));
+                    json.push(':');
+                }
                 frame.previous = Some(token);
                 Expect::NodeKeyword
             }
@@ -615,8 +662,21 @@ impl NarParser {
         self.expect = Expect::NodeClose;
     }
 
-    /// A node is complete: attach it to its directory entry, or make it the root.
-    fn node_done(&mut self, node: Node) -> Expect {
+    /// A node is complete: attach it to its directory entry, or make it the root. `None`: a
+    /// streaming parser, which wrote it already.
+    fn node_done(&mut self, node: Option<Node>) -> Expect {
+        let Some(node) = node else {
+            if self.stack.is_empty() {
+                if let Some(json) = &mut self.json {
+                    json.push('}');
+                }
+                self.root = Some(Node::Directory {
+                    entries: BTreeMap::new(),
+                });
+                return Expect::Done;
+            }
+            return Expect::EntryClose;
+        };
         match self.stack.last_mut() {
             None => {
                 self.root = Some(node);
@@ -1075,6 +1135,22 @@ mod tests {
     }
 
     #[test]
+    fn streamed_listing_of_the_sample_and_of_a_lone_file() {
+        let mut w = NarWriter::new(Vec::new()).unwrap();
+        w.regular_bytes(true, b"x").unwrap();
+        for nar in [sample_nar(), w.finish().unwrap()] {
+            let mut p = NarParser::streaming_listing();
+            let mut json = String::new();
+            for b in nar.chunks(3) {
+                p.feed(b).unwrap();
+                json.push_str(&p.take_listing());
+            }
+            assert!(p.is_complete());
+            assert_eq!(json, summarize(&nar).unwrap().listing.to_ls_json());
+        }
+    }
+
+    #[test]
     fn io_write_feeds() {
         let nar = sample_nar();
         let mut p = NarParser::new();
@@ -1172,12 +1248,21 @@ mod tests {
             let mut points: Vec<usize> = cuts.iter().map(|i| i.index(nar.len() + 1)).collect();
             points.sort_unstable();
             let mut p = NarParser::new();
+            let mut streaming = NarParser::streaming_listing();
+            let mut json = String::new();
             let mut last = 0;
             for c in points.into_iter().chain([nar.len()]) {
                 p.feed(&nar[last..c]).unwrap();
+                streaming.feed(&nar[last..c]).unwrap();
+                json.push_str(&streaming.take_listing());
                 last = c;
             }
-            prop_assert_eq!(p.finish().unwrap(), s);
+            prop_assert_eq!(p.finish().unwrap(), s.clone());
+            // The streamed listing is the tree's, byte for byte, and no tree was kept.
+            prop_assert_eq!(&json, &s.listing.to_ls_json());
+            let streamed = streaming.finish().unwrap();
+            prop_assert_eq!((streamed.nar_hash, streamed.nar_size), (s.nar_hash, s.nar_size));
+            prop_assert_eq!(streamed.listing, Node::Directory { entries: BTreeMap::new() });
         }
 
         #[test]

@@ -138,9 +138,12 @@ pub async fn complete(
         return Err(ApiError::PayloadTooLarge(state.config.max_upload_size));
     }
     let to_verify = parts.clone();
-    let verified = tokio::task::spawn_blocking(move || verify_parts(&to_verify, compression))
-        .await
-        .map_err(|e| ApiError::internal(std::io::Error::other(e)))??;
+    let (max_nar_size, staging) = (state.config.max_nar_size, state.staging.clone());
+    let verified = tokio::task::spawn_blocking(move || {
+        verify_parts(&to_verify, compression, max_nar_size, &staging)
+    })
+    .await
+    .map_err(|e| ApiError::internal(std::io::Error::other(e)))??;
     let upload_id = id.clone();
     let nar_hash = verified.nar_hash.to_nix32();
     let nar = match state
@@ -176,11 +179,13 @@ pub async fn complete(
                 file_hash: verified.file_hash.to_nix32(),
                 file_size: verified.file_size as i64,
             };
-            state
+            let nar = state
                 .meta
                 .insert_nar_for_upload(&upload_id, c.id, None, &row, &chunks)
                 .await?
-                .0
+                .0;
+            crate::publish::store_listing(&state, &nar.nar_hash, &verified.listing).await;
+            nar
         }
     };
     let _ = tokio::fs::remove_dir_all(&dir).await;
