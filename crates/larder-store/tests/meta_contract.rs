@@ -461,8 +461,8 @@ async fn garbage_collection_spares_what_is_referenced_or_claimed(db: Db) {
         (0, 0),
         "young uploads are kept"
     );
-    // The pending upload expires: its NAR, its chunk and the chunk's object go; the
-    // published path's stay.
+    // The pending upload expires: its NAR, its chunk, the chunk's object and the NAR's
+    // listing go; the published path's stay.
     let n = m
         .collect_garbage(-1, 3600, 3600, &recorder(&deleted))
         .await
@@ -470,7 +470,10 @@ async fn garbage_collection_spares_what_is_referenced_or_claimed(db: Db) {
     assert_eq!(n, 1);
     assert_eq!(
         *deleted.lock().unwrap(),
-        vec![chunk_object_key(&pn.file_hash)]
+        vec![
+            chunk_object_key(&pn.file_hash),
+            larder_store::meta::listing_object_key(&pn.nar_hash)
+        ]
     );
     assert_eq!((db.rows("nars").await, db.rows("chunks").await), (1, 1));
     assert!(m
