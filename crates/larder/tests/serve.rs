@@ -433,3 +433,126 @@ fn staging_left_by_a_killed_server_is_removed_at_the_next_start() {
         .log()
         .contains("removed staging files left by a stopped server"));
 }
+
+/// The server's peak resident memory so far (`VmHWM`), in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn memory_does_not_grow_with_the_entries_of_a_nar() {
+    use larder_nix::hash::Sha256Hasher;
+    use std::io::{Read, Write};
+    const ENTRIES: usize = 400_000;
+    let server = Server::start();
+    server.create_cache("entries", &[]);
+    let token = server.token("push", "entries");
+    // One directory of 400 000 empty files: a 77 MiB NAR.
+    let work = tempfile::tempdir().unwrap();
+    let nar_file = work.path().join("many.nar");
+    let mut w = larder_nix::nar::write::NarWriter::new(std::io::BufWriter::new(
+        std::fs::File::create(&nar_file).unwrap(),
+    ))
+    .unwrap();
+    w.begin_directory().unwrap();
+    for i in 0..ENTRIES {
+        w.entry(format!("f{i:07}")).unwrap();
+        w.regular_bytes(false, b"").unwrap();
+    }
+    w.end_directory().unwrap();
+    w.finish().unwrap().flush().unwrap();
+    let (mut hasher, mut size, mut buf) = (Sha256Hasher::new(), 0u64, vec![0u8; 1 << 20]);
+    let mut f = std::fs::File::open(&nar_file).unwrap();
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    let hash = hasher.finalize();
+    let before = peak_rss_kib(server.child.id());
+
+    // Nix's way: the NAR, then its narinfo.
+    let curl_put = |path: &str, data: &str| {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT"])
+            .args(["-H", &format!("Authorization: Bearer {token}")])
+            .args(["--data-binary", data])
+            .arg(format!("{}{path}", server.url))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let file_hash = hash.to_nix32();
+    let nar_path = format!("/entries/nar/{file_hash}.nar");
+    assert_eq!(
+        curl_put(&nar_path, &format!("@{}", nar_file.display())),
+        "204"
+    );
+    let store_hash = &file_hash[..32];
+    let narinfo = format!(
+        "StorePath: /nix/store/{store_hash}-many-files\nURL: nar/{file_hash}.nar\n\
+         Compression: none\nFileHash: sha256:{file_hash}\nFileSize: {size}\n\
+         NarHash: sha256:{file_hash}\nNarSize: {size}\nReferences: \n"
+    );
+    let narinfo_file = work.path().join("narinfo");
+    std::fs::write(&narinfo_file, narinfo).unwrap();
+    let code = curl_put(
+        &format!("/entries/{store_hash}.narinfo"),
+        &format!("@{}", narinfo_file.display()),
+    );
+    assert_eq!(code, "204");
+    let after_upload = peak_rss_kib(server.child.id());
+
+    // Four readers of its listing at once.
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            std::process::Command::new("curl")
+                .args([
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code} %{size_download}",
+                ])
+                .arg(format!("{}/entries/{store_hash}.ls", server.url))
+                .spawn_with_output()
+        })
+        .collect();
+    for r in readers {
+        let out = r.join().unwrap();
+        let (code, bytes) = out.split_once(' ').unwrap();
+        assert_eq!(code, "200");
+        assert!(bytes.parse::<u64>().unwrap() > ENTRIES as u64 * 40, "{out}");
+    }
+    let after_listing = peak_rss_kib(server.child.id());
+    eprintln!("peak RSS: {before} KiB, {after_upload} KiB after the upload, {after_listing} KiB after the listings");
+    // Before this was bounded, the upload alone cost ~135 bytes per entry (+50 MiB here), and
+    // each listing request as much again.
+    assert!(
+        after_upload - before < 20 * 1024 && after_listing - before < 20 * 1024,
+        "peak RSS {before} KiB → {after_upload} KiB after the upload → {after_listing} KiB \
+         after four listings"
+    );
+}
+
+/// Run a command on a thread of its own; its standard output when it ends.
+trait SpawnWithOutput {
+    fn spawn_with_output(&mut self) -> std::thread::JoinHandle<String>;
+}
+
+impl SpawnWithOutput for std::process::Command {
+    fn spawn_with_output(&mut self) -> std::thread::JoinHandle<String> {
+        let child = self.stdout(std::process::Stdio::piped()).spawn().unwrap();
+        std::thread::spawn(move || {
+            String::from_utf8_lossy(&child.wait_with_output().unwrap().stdout).into_owned()
+        })
+    }
+}
