@@ -26,7 +26,7 @@ use crate::auth::{new_token, principal, token_hash, Perm, Principal};
 use crate::config::{parse_duration, parse_size, DEFAULT_PRIORITY};
 use crate::error::ApiError;
 use crate::ingest::{ingest, parse_compression, truncate, Compression};
-use crate::publish::{load_cache, publish, store_upload, PathInfo, UpstreamRef};
+use crate::publish::{publish, store_upload, PathInfo, UpstreamRef};
 use crate::routes::Routes;
 use crate::{valid_cache_name, AppState};
 
@@ -295,12 +295,7 @@ async fn cache_info(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Json<CacheJson>, ApiError> {
-    let c = load_cache(&state, &name).await?;
-    if c.private {
-        principal(&state, &headers)
-            .await?
-            .require(Perm::Pull, &c.name)?;
-    }
+    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Pull).await?;
     Ok(Json(cache_json(&state, &c).await?))
 }
 
@@ -327,10 +322,7 @@ async fn configure_cache(
     Path(name): Path<String>,
     JsonBody(req): JsonBody<ConfigureCache>,
 ) -> Result<Json<CacheJson>, ApiError> {
-    let c = load_cache(&state, &name).await?;
-    principal(&state, &headers)
-        .await?
-        .require(Perm::Admin, &c.name)?;
+    crate::publish::authorized_cache(&state, &headers, &name, Perm::Admin).await?;
     let update = CacheUpdate {
         private: req.private,
         priority: req.priority.map(check_priority).transpose()?,
@@ -359,10 +351,7 @@ async fn delete_cache(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let c = load_cache(&state, &name).await?;
-    principal(&state, &headers)
-        .await?
-        .require(Perm::Admin, &c.name)?;
+    crate::publish::authorized_cache(&state, &headers, &name, Perm::Admin).await?;
     state.meta.delete_cache(&name).await?;
     // Its scopes ended in the database; tokens resolved here before must not keep them.
     state.hot.forget_tokens();
@@ -386,10 +375,7 @@ async fn register_public_key(
     Path(name): Path<String>,
     JsonBody(req): JsonBody<RegisterKey>,
 ) -> Result<Json<CacheJson>, ApiError> {
-    let c = load_cache(&state, &name).await?;
-    principal(&state, &headers)
-        .await?
-        .require(Perm::Admin, &c.name)?;
+    crate::publish::authorized_cache(&state, &headers, &name, Perm::Admin).await?;
     let key = VerifyingKey::parse(req.public_key.trim())
         .map_err(|e| ApiError::bad(format!("invalid public key: {e}")))?;
     let update = CacheUpdate {
@@ -423,12 +409,7 @@ async fn missing(
     Path(name): Path<String>,
     JsonBody(req): JsonBody<MissingReq>,
 ) -> Result<Json<MissingResp>, ApiError> {
-    let c = load_cache(&state, &name).await?;
-    if c.private {
-        principal(&state, &headers)
-            .await?
-            .require(Perm::Pull, &c.name)?;
-    }
+    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Pull).await?;
     if req.paths.len() > MAX_MISSING_QUERY {
         return Err(ApiError::bad(format!(
             "at most {MAX_MISSING_QUERY} paths per query"
@@ -516,10 +497,7 @@ async fn upload_nar(
     UploadCompression(compression): UploadCompression,
     body: Body,
 ) -> Result<(StatusCode, Json<UploadResp>), ApiError> {
-    let c = load_cache(&state, &name).await?;
-    principal(&state, &headers)
-        .await?
-        .require(Perm::Push, &c.name)?;
+    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
     state.objects.check_available().await?;
     let up = ingest(
         body,
@@ -578,10 +556,7 @@ async fn publish_path(
     Path(name): Path<String>,
     JsonBody(req): JsonBody<PublishReq>,
 ) -> Result<(StatusCode, Json<PublishResp>), ApiError> {
-    let c = load_cache(&state, &name).await?;
-    principal(&state, &headers)
-        .await?
-        .require(Perm::Push, &c.name)?;
+    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
     let path = |s: &str| {
         StorePath::from_absolute(s)
             .or_else(|_| StorePath::from_basename(s))

@@ -45,33 +45,8 @@ pub fn routes() -> Routes {
         .put("/{cache}/log/{drv}", put_log)
 }
 
-/// Load a cache and check the requester may `perm` it.
-///
-/// A cache that does not exist answers like a private one to whoever could not read a private
-/// cache of that name (401 anonymous, 403 a token scoped elsewhere): nobody learns which
-/// private caches exist by comparing the answers. Only a token that covers every cache
-/// (which would read it if it existed) is told 404.
-async fn cache_for(
-    state: &AppState,
-    headers: &HeaderMap,
-    name: &str,
-    perm: Perm,
-) -> Result<std::sync::Arc<CacheRow>, ApiError> {
-    let Some(cache) = find_cache(state, name).await? else {
-        principal(state, headers).await?.require(perm, name)?;
-        return Err(ApiError::not_found(format!("no cache named {name:?}")));
-    };
-    if perm == Perm::Pull && !cache.private {
-        return Ok(cache);
-    }
-    principal(state, headers)
-        .await?
-        .require(perm, &cache.name)?;
-    Ok(cache)
-}
-
 /// The cache named `name`, or `None` when there is none.
-async fn find_cache(
+pub(crate) async fn find_cache(
     state: &AppState,
     name: &str,
 ) -> Result<Option<std::sync::Arc<CacheRow>>, ApiError> {
@@ -124,7 +99,7 @@ async fn put_cache_info(
     Path(name): Path<String>,
     body: Body,
 ) -> Result<StatusCode, ApiError> {
-    cache_for(&state, &headers, &name, Perm::Push).await?;
+    crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
     let _ = axum::body::to_bytes(body, 64 * 1024).await;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -144,7 +119,7 @@ async fn get_file(
     headers: HeaderMap,
     Path((name, file)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let cache = cache_for(&state, &headers, &name, Perm::Pull).await?;
+    let cache = crate::publish::authorized_cache(&state, &headers, &name, Perm::Pull).await?;
     if let Some(hash) = hash_file(&file, ".narinfo")? {
         let text = match state.hot.narinfo(cache.id, hash) {
             Some(t) => t,
@@ -395,7 +370,7 @@ async fn get_nar(
     headers: HeaderMap,
     Path((name, file)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let cache = cache_for(&state, &headers, &name, Perm::Pull).await?;
+    let cache = crate::publish::authorized_cache(&state, &headers, &name, Perm::Pull).await?;
     let (file_hash, compression) = parse_nar_file_name(&file)?;
     let nar = state
         .meta
@@ -482,7 +457,7 @@ async fn put_nar(
     Path((name, file)): Path<(String, String)>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let cache = cache_for(&state, &headers, &name, Perm::Push).await?;
+    let cache = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
     let (claimed, compression) = parse_nar_file_name(&file)?;
     // Refuse before reading the body while the store is down: Nix 2.x re-sends a PUT after
     // a 5xx without its body, and would wait for the stall timeout if we waited for it.
@@ -517,7 +492,7 @@ async fn put_narinfo(
     Path((name, file)): Path<(String, String)>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let cache = cache_for(&state, &headers, &name, Perm::Push).await?;
+    let cache = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
     let hash = hash_file(&file, ".narinfo")?
         .ok_or_else(|| ApiError::bad("only <hash>.narinfo, nar/…, log/… can be uploaded"))?;
     let bytes = axum::body::to_bytes(body, MAX_NARINFO_BYTES)
@@ -593,7 +568,7 @@ async fn get_log(
     headers: HeaderMap,
     Path((name, drv)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let cache = cache_for(&state, &headers, &name, Perm::Pull).await?;
+    let cache = crate::publish::authorized_cache(&state, &headers, &name, Perm::Pull).await?;
     let drv = drv_name(&drv)?;
     let (key, _size) = state
         .meta
@@ -619,7 +594,7 @@ async fn put_log(
     Path((name, drv)): Path<(String, String)>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let cache = cache_for(&state, &headers, &name, Perm::Push).await?;
+    let cache = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
     let drv = drv_name(&drv)?;
     state.objects.check_available().await?;
     let (path, hash, size) =

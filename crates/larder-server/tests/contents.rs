@@ -563,8 +563,12 @@ async fn contents_follow_the_cache_permissions() {
     srv.delete(&del, Auth::Bearer("larder_nonsense"))
         .await
         .expect(401);
-    // Unknown caches: 404 for everyone.
+    // Unknown caches: what a private cache answers to whoever could not read one of that
+    // name (nobody learns which private caches exist), 404 to who could.
     srv.get("/api/v1/caches/nope/paths", Auth::Anon)
+        .await
+        .expect(401);
+    srv.get("/api/v1/caches/nope/paths", srv.admin())
         .await
         .expect(404);
 }

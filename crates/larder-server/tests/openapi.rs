@@ -298,7 +298,7 @@ async fn real_answers_match_the_documented_schemas() {
         .await;
     c.ok("GET", "/caches/{cache}", "/caches/priv", None, None, 401)
         .await;
-    c.ok("GET", "/caches/{cache}", "/caches/nope", None, None, 404)
+    c.ok("GET", "/caches/{cache}", "/caches/nope", a, None, 404)
         .await;
     c.ok("GET", "/caches/{cache}", "/caches/Bad!", None, None, 400)
         .await;

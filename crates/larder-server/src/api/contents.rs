@@ -15,10 +15,10 @@ use larder_nix::store_path::{validate_hash_part, StorePath, STORE_DIR};
 use larder_store::meta::{CacheRow, PathCursor, PathEntry};
 use serde::{Deserialize, Serialize};
 
-use crate::auth::{principal, Perm};
+use crate::auth::Perm;
 use crate::error::ApiError;
 use crate::ingest::truncate;
-use crate::publish::{load_cache, render_narinfo};
+use crate::publish::render_narinfo;
 use crate::retention::{delete_path as delete, DeleteReport};
 use crate::AppState;
 
@@ -30,16 +30,6 @@ pub const MAX_PAGE: i64 = 1000;
 const MAX_QUERY: usize = 200;
 /// Most direct referrers listed by `path-info` (`referrer_count` has the total).
 const MAX_REFERRERS: i64 = 1000;
-
-/// Require `pull` on a private cache (public caches are open, whatever the credentials).
-async fn require_read(state: &AppState, headers: &HeaderMap, c: &CacheRow) -> Result<(), ApiError> {
-    if c.private {
-        principal(state, headers)
-            .await?
-            .require(Perm::Pull, &c.name)?;
-    }
-    Ok(())
-}
 
 fn absolute(basename: &str) -> String {
     format!("{STORE_DIR}/{basename}")
@@ -100,8 +90,7 @@ pub(super) async fn list_paths(
     Path(name): Path<String>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<PathList>, ApiError> {
-    let c = load_cache(&state, &name).await?;
-    require_read(&state, &headers, &c).await?;
+    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Pull).await?;
     let Query(q) = query.map_err(|e| ApiError::bad(format!("invalid query: {}", e.body_text())))?;
     let page = PageRequest::parse(
         q.query.as_deref(),
@@ -248,8 +237,7 @@ pub(super) async fn path_info(
     headers: HeaderMap,
     Path((name, arg)): Path<(String, String)>,
 ) -> Result<Json<PathDetail>, ApiError> {
-    let c = load_cache(&state, &name).await?;
-    require_read(&state, &headers, &c).await?;
+    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Pull).await?;
     Ok(Json(path_detail(&state, &c, &arg).await?))
 }
 
@@ -365,10 +353,7 @@ pub(super) async fn delete_path(
     Path((name, arg)): Path<(String, String)>,
     query: Result<Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<DeleteReport>, ApiError> {
-    let c = load_cache(&state, &name).await?;
-    principal(&state, &headers)
-        .await?
-        .require(Perm::Admin, &c.name)?;
+    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Admin).await?;
     let Query(q) = query.map_err(|_| ApiError::bad("with_referrers must be true or false"))?;
     let (hash, want_name) = path_arg(&arg)?;
     if let Some(n) = want_name {

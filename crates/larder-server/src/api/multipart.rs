@@ -19,10 +19,9 @@ use larder_store::meta::{ChunkRow, NarRow};
 use serde::Serialize;
 
 use super::{UploadCompression, UploadResp};
-use crate::auth::{principal, Perm};
+use crate::auth::Perm;
 use crate::error::ApiError;
 use crate::ingest::{parse_compression, verify_parts};
-use crate::publish::load_cache;
 use crate::AppState;
 
 /// Most parts one upload may have.
@@ -53,10 +52,7 @@ pub async fn open(
     Path(name): Path<String>,
     UploadCompression(compression): UploadCompression,
 ) -> Result<(StatusCode, Json<Opened>), ApiError> {
-    let c = load_cache(&state, &name).await?;
-    principal(&state, &headers)
-        .await?
-        .require(Perm::Push, &c.name)?;
+    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
     let mut id = [0u8; 16];
     getrandom::getrandom(&mut id).map_err(|e| ApiError::internal(std::io::Error::other(e)))?;
     let id = hex::encode(id);
@@ -76,10 +72,7 @@ pub async fn put_part(
     Path((name, id, n)): Path<(String, String, u32)>,
     body: Body,
 ) -> Result<StatusCode, ApiError> {
-    let c = load_cache(&state, &name).await?;
-    principal(&state, &headers)
-        .await?
-        .require(Perm::Push, &c.name)?;
+    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
     if n >= MAX_PARTS {
         return Err(ApiError::bad(format!(
             "part number must be below {MAX_PARTS}"
@@ -105,10 +98,7 @@ pub async fn complete(
     headers: HeaderMap,
     Path((name, id)): Path<(String, String)>,
 ) -> Result<(StatusCode, Json<UploadResp>), ApiError> {
-    let c = load_cache(&state, &name).await?;
-    principal(&state, &headers)
-        .await?
-        .require(Perm::Push, &c.name)?;
+    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
     let dir = upload_dir(&state, c.id, &id)?;
     let compression = tokio::fs::read_to_string(dir.join("compression"))
         .await

@@ -10,10 +10,9 @@ use larder_store::meta::{Keep, PinRow};
 use serde::{Deserialize, Serialize};
 
 use super::JsonBody;
-use crate::auth::{principal, Perm};
+use crate::auth::Perm;
 use crate::error::ApiError;
 use crate::ingest::truncate;
-use crate::publish::load_cache;
 use crate::retention::{evict, GcReport};
 use crate::AppState;
 
@@ -29,10 +28,7 @@ pub(super) async fn gc(
     Path(name): Path<String>,
     query: Result<Query<GcQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<GcReport>, ApiError> {
-    let c = load_cache(&state, &name).await?;
-    principal(&state, &headers)
-        .await?
-        .require(Perm::Admin, &c.name)?;
+    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Admin).await?;
     let Query(q) = query.map_err(|_| ApiError::bad("dry_run must be true or false"))?;
     let report = evict(&state, &c, q.dry_run).await?;
     if !q.dry_run {
@@ -88,10 +84,7 @@ pub(super) async fn create_pin(
     Path(name): Path<String>,
     JsonBody(req): JsonBody<PinReq>,
 ) -> Result<(StatusCode, Json<PinJson>), ApiError> {
-    let c = load_cache(&state, &name).await?;
-    principal(&state, &headers)
-        .await?
-        .require(Perm::Push, &c.name)?;
+    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
     if !valid_pin_name(&req.name) {
         return Err(ApiError::bad(format!(
             "invalid pin name {:?}: use 1-100 of [A-Za-z0-9._+-]",
@@ -141,12 +134,7 @@ pub(super) async fn list_pins(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Json<Vec<PinJson>>, ApiError> {
-    let c = load_cache(&state, &name).await?;
-    if c.private {
-        principal(&state, &headers)
-            .await?
-            .require(Perm::Pull, &c.name)?;
-    }
+    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Pull).await?;
     let pins = state.meta.list_pins(c.id).await?;
     Ok(Json(pins.into_iter().map(pin_json).collect()))
 }
@@ -156,10 +144,7 @@ pub(super) async fn delete_pin(
     headers: HeaderMap,
     Path((name, pin)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    let c = load_cache(&state, &name).await?;
-    principal(&state, &headers)
-        .await?
-        .require(Perm::Push, &c.name)?;
+    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
     if state.meta.delete_pin(c.id, &pin).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
