@@ -15,7 +15,8 @@ use crate::output::{fail_with_hint, human_size, print, print_json};
 pub struct LoginArgs {
     /// Server URL, e.g. http://shoshin:8080
     url: String,
-    /// The token (omit it to read it from standard input, which keeps it out of shell history).
+    /// The token (omit it to read it from standard input, which keeps it out of shell history;
+    /// an empty answer saves the server without a token, like --anonymous).
     token: Option<String>,
     /// Name of this server in the client config. [default: default]
     #[arg(long)]
@@ -23,6 +24,10 @@ pub struct LoginArgs {
     /// Read the token from standard input.
     #[arg(long)]
     stdin: bool,
+    /// Save the server without a token: enough to `use` and `pull` its public caches (a
+    /// token is needed for private caches and for pushing).
+    #[arg(long, conflicts_with_all = ["token", "stdin"])]
+    anonymous: bool,
 }
 
 #[derive(clap::Args)]
@@ -60,25 +65,51 @@ fn read_token(arg: Option<String>, stdin: bool) -> anyhow::Result<String> {
 }
 
 pub async fn login(args: LoginArgs) -> anyhow::Result<()> {
-    let token = read_token(args.token, args.stdin)?;
+    let token = if args.anonymous {
+        None
+    } else if args.token.is_none() && !args.stdin {
+        // Asked for (or piped in); nothing at all means no token.
+        if std::io::stdin().is_terminal() {
+            eprint!("token (empty for public caches only): ");
+        }
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .context("cannot read the token from standard input")?;
+        Some(line.trim().to_owned()).filter(|t| !t.is_empty())
+    } else {
+        Some(read_token(args.token, args.stdin)?)
+    };
     let name = args.name.unwrap_or_else(|| "default".to_owned());
-    let client = ApiClient::new(&args.url, Some(token.clone()))?;
-    let who = client
-        .whoami()
-        .await
-        .with_context(|| format!("cannot check the token against {}", args.url))?;
+    let client = ApiClient::new(&args.url, token.clone())?;
+    let who = client.whoami().await.with_context(|| match token {
+        Some(_) => format!("cannot check the token against {}", args.url),
+        None => format!("cannot reach a larder server at {}", args.url),
+    })?;
     let mut cfg = ClientConfig::load()?;
     cfg.servers.insert(
         name.clone(),
         ServerEntry {
             url: client.base_url().to_owned(),
-            token: Some(token),
+            token: token.clone(),
         },
     );
     if cfg.default_server.is_none() || name == "default" {
         cfg.default_server = Some(name.clone());
     }
     let path = cfg.save()?;
+    if token.is_none() {
+        eprintln!(
+            "saved {} as server {name:?} in {}, without a token: its public caches can be used \
+             and pulled (`larder use CACHE`); `larder login {} TOKEN` adds a token for private \
+             caches and pushing",
+            client.base_url(),
+            path.display(),
+            client.base_url()
+        );
+        return Ok(());
+    }
     let scope = match &who.caches {
         None => "all caches".to_owned(),
         Some(c) => format!("caches {}", c.join(", ")),

@@ -545,6 +545,13 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
         .filter_map(|v| v.as_str())
         .collect();
     if !subs.iter().any(|s| s.trim_end_matches('/') == url) {
+        // Suggest `use` only for a cache that exists (a typo gets the closest name instead);
+        // a server that is down gets the suggestion anyway.
+        if let Err(e) = crate::client_config::require_cache(&t).await {
+            if e.downcast_ref::<crate::output::Hinted>().is_some() {
+                return Err(e);
+            }
+        }
         return Err(fail_with_hint(
             format!("{url} is not among Nix's substituters, so Nix would build everything"),
             format!(

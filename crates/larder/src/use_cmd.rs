@@ -241,11 +241,7 @@ impl Facts {
 
 async fn facts(arg: &str) -> anyhow::Result<Facts> {
     let t = target(arg)?;
-    let info = t
-        .client
-        .cache_info(&t.cache)
-        .await
-        .with_context(|| format!("cannot look up cache {:?}", t.cache))?;
+    let info = crate::client_config::require_cache(&t).await?;
     Facts::from_info(arg, t.client, info)
 }
 

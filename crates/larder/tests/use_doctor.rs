@@ -389,3 +389,94 @@ fn doctor_without_server_fails_with_a_fix() {
     assert!(out.contains("fail  client config"), "{out}");
     assert!(out.contains("fix: run `larder login URL TOKEN`"), "{out}");
 }
+
+impl Home {
+    /// larder as a fresh consumer runs it: no server in the environment, no token.
+    fn consumer(&self, args: &[&str], stdin: &str) -> Output {
+        use std::io::Write;
+        let mut cmd = larder_testkit::nix::command(larder_bin());
+        cmd.args(args)
+            .env_remove("LARDER_SERVER")
+            .env_remove("LARDER_TOKEN")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        self.env(&mut cmd);
+        let mut child = cmd.spawn().expect("run larder");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    }
+}
+
+#[test]
+fn a_fresh_consumer_uses_a_public_cache_by_url_or_an_anonymous_login() {
+    require_nix();
+    let server = Server::start();
+    let info = server.create_cache("modular-workspace", &[]);
+    let key = info["public_key"].as_str().unwrap().to_owned();
+    server.create_cache("secret", &["--private"]);
+    let cache_url = format!("{}/modular-workspace", server.url);
+
+    // The cache's URL is all it takes: no login, no token.
+    let home = Home::new();
+    let o = home.consumer(&["use", &cache_url, "--mode", "user-nixconf"], "");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let conf = home.show_config();
+    assert!(
+        setting(&conf, "extra-substituters").contains(&cache_url.as_str())
+            || setting(&conf, "substituters").contains(&cache_url.as_str()),
+        "{conf}"
+    );
+    assert!(
+        setting(&conf, "trusted-public-keys").contains(&key.as_str()),
+        "{conf}"
+    );
+
+    // Or the server saved once without a token (an empty answer to the prompt), then names.
+    let home = Home::new();
+    let o = home.consumer(&["login", &server.url], "\n");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("without a token"), "{err}");
+    let o = home.consumer(&["use", "modular-workspace", "--mode", "print"], "");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout(&o).contains(&cache_url), "{}", stdout(&o));
+    assert!(home
+        .consumer(&["login", &server.url, "--anonymous"], "")
+        .status
+        .success());
+
+    // A misspelt name is caught before anything is written, with the name meant.
+    let o = home.consumer(&["use", "modular-worksapce", "--mode", "print"], "");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("did you mean \"modular-workspace\"?"), "{err}");
+    // A typo in the URL is named as such, with no command built from it.
+    let typo = format!("{}:modular-workspace", server.url);
+    let o = home.consumer(&["use", &typo, "--mode", "print"], "");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("is not a cache's URL") && !err.contains(&format!("login {typo}")),
+        "{err}"
+    );
+    // A private cache, without a token: looks missing (nobody learns it exists), and the
+    // hint says a private one needs a token.
+    let o = home.consumer(
+        &[
+            "use",
+            &format!("{}/secret", server.url),
+            "--mode",
+            "user-nixconf",
+        ],
+        "",
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("needs a token"), "{err}");
+}
