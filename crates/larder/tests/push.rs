@@ -215,6 +215,7 @@ fn push_bad_input_fails_clearly_and_stores_nothing() {
     server.create_cache("strict", &[]);
     let push = server.token("push", "strict");
     let pull = server.token("pull", "strict");
+    let strict_url = format!("{}/strict", server.url);
     let cases: Vec<(Vec<&str>, &str, String)> = vec![
         (
             vec!["push", "strict", "/etc/passwd"],
@@ -240,10 +241,15 @@ fn push_bad_input_fails_clearly_and_stores_nothing() {
             "regex",
             push.clone(),
         ),
-        // The cache's URL where its name belongs: the hint splits it for the user.
+        // The cache's URL works where its name does; a server's URL is named as such.
         (
-            vec!["push", "http://127.0.0.1:1/strict", "/etc/passwd"],
-            "then pass `strict`",
+            vec!["push", &strict_url, "/etc/passwd"],
+            "not in the Nix store",
+            push.clone(),
+        ),
+        (
+            vec!["push", "http://127.0.0.1:1:strict", "/etc/passwd"],
+            "is not a cache's URL",
             push.clone(),
         ),
     ];
