@@ -170,9 +170,12 @@ fn create_log(dir: &Path) -> anyhow::Result<(PathBuf, std::fs::File)> {
 }
 
 fn duration(secs: f64) -> String {
+    // Tenths below ten seconds, so that 1.6 s is not "2s" next to a "0.1s".
+    if secs < 9.95 {
+        return format!("{secs:.1}s");
+    }
     let s = secs.round() as u64;
     match s {
-        0 if secs < 1.0 => format!("{secs:.1}s"),
         0..=59 => format!("{s}s"),
         60..=3599 => format!("{}m {}s", s / 60, s % 60),
         _ => format!("{}h {}m {}s", s / 3600, (s / 60) % 60, s % 60),
@@ -759,6 +762,9 @@ mod tests {
     fn durations_read_like_the_seed() {
         assert_eq!(duration(2723.0), "45m 23s");
         assert_eq!(duration(6278.0), "1h 44m 38s");
-        assert_eq!(duration(5.2), "5s");
+        assert_eq!(duration(5.2), "5.2s");
+        assert_eq!(duration(1.6), "1.6s");
+        assert_eq!(duration(0.1), "0.1s");
+        assert_eq!(duration(12.4), "12s");
     }
 }

@@ -332,9 +332,12 @@ async fn push_batch(
     }
     if batch.summary.pushed + batch.summary.failed > 0 {
         eprintln!(
-            "larder daemon: batch of {} entries: {} paths pushed, {} already in the cache, {} failed",
-            entries.len(),
-            batch.summary.pushed,
+            "larder daemon: batch of {}: {} pushed, {} already in the cache, {} failed",
+            match entries.len() {
+                1 => "1 entry".to_owned(),
+                n => format!("{n} entries"),
+            },
+            crate::output::count(batch.summary.pushed as u64, "path"),
             batch.present,
             batch.summary.failed
         );
@@ -559,7 +562,10 @@ async fn push(args: &[String], wait: bool, socket: &Path) -> anyhow::Result<()> 
             );
         }
         if failures.is_empty() {
-            eprintln!("larder: {} paths pushed (with their closures)", v["done"]);
+            eprintln!(
+                "larder: {} done: pushed with their closures, or already in the cache",
+                crate::output::count(v["done"].as_u64().unwrap_or(0), "queued path")
+            );
             return Ok(());
         }
         return Err(fail_with_hint(

@@ -49,15 +49,28 @@ pub fn report_error(e: &anyhow::Error) -> ExitCode {
     }) {
         return ExitCode::SUCCESS;
     }
+    eprintln!("{}", render_error(e));
+    ExitCode::FAILURE
+}
+
+/// The text [`report_error`] prints: the error, each cause not already in the line above it,
+/// and the hint.
+fn render_error(e: &anyhow::Error) -> String {
     let mut msg = format!("error: {e}");
+    let mut previous = e.to_string();
     for cause in causes(e) {
+        // An error that already printed its cause ("cannot open x: No such file or
+        // directory") does not get it again on a line of its own.
+        if previous.contains(&cause) {
+            continue;
+        }
         msg.push_str(&format!("\n  caused by: {cause}"));
+        previous = cause;
     }
     if let Some(hint) = hint_for(e) {
         msg.push_str(&format!("\nhint: {hint}"));
     }
-    eprintln!("{msg}");
-    ExitCode::FAILURE
+    msg
 }
 
 /// The causes worth reading: the HTTP client's layers of wrapping ("error sending request",
@@ -128,4 +141,31 @@ pub fn fail_with_hint(msg: impl std::fmt::Display, hint: impl Into<String>) -> a
 /// `1.5 GiB`-style sizes (the same text as the web UI).
 pub fn human_size(bytes: i64) -> String {
     larder_server::ui::human_size(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cause_already_in_its_message_is_not_repeated() {
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let text = io.to_string();
+        #[derive(Debug)]
+        struct Open(std::io::Error);
+        impl std::fmt::Display for Open {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "cannot open x: {}", self.0)
+            }
+        }
+        impl std::error::Error for Open {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e = anyhow::Error::new(Open(io)).context("cannot start");
+        let shown = render_error(&e);
+        assert_eq!(shown.matches(&text).count(), 1, "{shown}");
+        assert!(shown.contains("caused by: cannot open x"), "{shown}");
+    }
 }

@@ -209,7 +209,14 @@ pub async fn pin(args: PinArgs) -> anyhow::Result<()> {
                     Value::String(s) => s.clone(),
                     Value::Object(m) => m
                         .iter()
-                        .map(|(k, v)| format!("{v} {k}"))
+                        .map(|(k, v)| {
+                            // `{"revisions": 1}` reads "1 revision".
+                            let noun = k.strip_suffix('s').unwrap_or(k);
+                            match v.as_u64() {
+                                Some(n) => crate::output::count(n, noun),
+                                None => format!("{v} {k}"),
+                            }
+                        })
                         .collect::<Vec<_>>()
                         .join(","),
                     _ => "?".into(),
