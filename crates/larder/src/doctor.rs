@@ -12,7 +12,7 @@ use larder_client::ClientError;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::client_config::{connect, split_cache_arg};
+use crate::client_config::connect;
 use crate::nixconf::{self, same_value, Trust};
 use crate::output::{fail_with_hint, print, print_json};
 
@@ -171,27 +171,27 @@ async fn run_checks(cache_arg: Option<&str>) -> Report {
         ),
     }
 
-    let (server, cache) = match cache_arg {
-        Some(a) => {
-            let (s, c) = split_cache_arg(a);
-            (s, Some(c))
-        }
-        None => (None, None),
+    // A cache named by its URL, by `SERVER:CACHE` or on the default server.
+    let connected = match cache_arg {
+        Some(a) => crate::client_config::target(a).map(|t| (t.client, Some(t.cache))),
+        None => connect(None).map(|c| (c, None)),
     };
-    let client = match connect(server) {
-        Ok(c) => {
+    let (client, cache) = match connected {
+        Ok((c, cache)) => {
             r.ok("client config", format!("server {}", c.base_url()));
-            c
+            (c, cache)
         }
         Err(e) => {
             r.fail(
                 "client config",
                 format!("{e:#}"),
-                "run `larder login URL TOKEN`, or set LARDER_SERVER and LARDER_TOKEN",
+                "give the cache's URL (`larder doctor http://HOST:PORT/CACHE`), run `larder \
+                 login URL [TOKEN]`, or set LARDER_SERVER",
             );
             return r;
         }
     };
+    let cache = cache.as_deref();
 
     let who = client.whoami().await;
     match &who {
@@ -240,13 +240,21 @@ async fn run_checks(cache_arg: Option<&str>) -> Report {
                     client.base_url()
                 ),
             );
-            return r;
         }
     }
 
     let Some(cache) = cache else { return r };
-    let info = match client.cache_info(cache).await {
-        Ok(i) => {
+    // Without the server, the checks of Nix's own configuration still run, for the URL the
+    // cache would have.
+    let server_up = !matches!(&who, Err(e) if e.status().is_none());
+    let fetched = if server_up {
+        Some(client.cache_info(cache).await)
+    } else {
+        None
+    };
+    let info = match fetched {
+        None => None,
+        Some(Ok(i)) => {
             r.ok(
                 "cache",
                 format!(
@@ -256,9 +264,9 @@ async fn run_checks(cache_arg: Option<&str>) -> Report {
                     i.paths
                 ),
             );
-            i
+            Some(i)
         }
-        Err(e) => {
+        Some(Err(e)) => {
             let fix = match e.status() {
                 Some(404) => format!(
                     "`larder cache list` shows the caches you can see; a server admin runs `larder cache create {cache}`"
@@ -272,17 +280,24 @@ async fn run_checks(cache_arg: Option<&str>) -> Report {
             return r;
         }
     };
+    let url = info.as_ref().map_or_else(
+        || format!("{}/{cache}", client.base_url().trim_end_matches('/')),
+        |i| i.url.clone(),
+    );
+    let private = info.as_ref().is_some_and(|i| i.private);
 
-    match client.nix_cache_info(cache).await {
-        Ok(_) => r.ok("nix-cache-info", format!("GET {}/nix-cache-info: 200", info.url)),
-        Err(e) => r.fail(
-            "nix-cache-info",
-            format!("GET {}/nix-cache-info: {e}", info.url),
-            format!("check with `curl -I {}/nix-cache-info`; a proxy in front of larder must pass /{cache}/", info.url),
-        ),
+    if info.is_some() {
+        match client.nix_cache_info(cache).await {
+            Ok(_) => r.ok("nix-cache-info", format!("GET {url}/nix-cache-info: 200")),
+            Err(e) => r.fail(
+                "nix-cache-info",
+                format!("GET {url}/nix-cache-info: {e}"),
+                format!("check with `curl -I {url}/nix-cache-info`; a proxy in front of larder must pass /{cache}/"),
+            ),
+        }
     }
 
-    if info.private {
+    if private {
         let can_pull = who.as_ref().is_ok_and(|w| {
             !w.perms.is_empty()
                 && w.caches
@@ -300,7 +315,10 @@ async fn run_checks(cache_arg: Option<&str>) -> Report {
         }
     }
 
-    let key = info.public_key.clone().filter(|k| !k.is_empty());
+    let key = info
+        .as_ref()
+        .and_then(|i| i.public_key.clone())
+        .filter(|k| !k.is_empty());
     let use_fix = format!("larder use {}", cache_arg.unwrap_or(cache));
     let settings = match (&nix, nix_settings()) {
         (Ok(_), Ok(s)) => Some(s),
@@ -316,22 +334,15 @@ async fn run_checks(cache_arg: Option<&str>) -> Report {
     };
     if let Some(s) = &settings {
         let subs = setting_list(s, "substituters");
-        if subs.iter().any(|v| same_value(v, &info.url)) {
-            r.ok(
-                "substituters",
-                format!("{} is in Nix's substituters", info.url),
-            );
+        if subs.iter().any(|v| same_value(v, &url)) {
+            r.ok("substituters", format!("{} is in Nix's substituters", url));
         } else {
             r.fail(
                 "substituters",
-                format!(
-                    "{} is not in Nix's substituters ({})",
-                    info.url,
-                    subs.join(" ")
-                ),
+                format!("{} is not in Nix's substituters ({})", url, subs.join(" ")),
                 format!(
                     "`{use_fix}` (or add `extra-substituters = {}` to nix.conf)",
-                    info.url
+                    url
                 ),
             );
         }
@@ -348,6 +359,11 @@ async fn run_checks(cache_arg: Option<&str>) -> Report {
                 format!("{k} is not in Nix's trusted-public-keys"),
                 format!("`{use_fix}` (or add `extra-trusted-public-keys = {k}` to nix.conf)"),
             ),
+            None if info.is_none() => r.warn(
+                "trusted-public-keys",
+                "not checked: the server did not answer, so the cache's key is unknown",
+                "run `larder doctor` again once the server answers",
+            ),
             None => r.fail(
                 "trusted-public-keys",
                 format!("cache {cache} has no public key registered"),
@@ -356,9 +372,8 @@ async fn run_checks(cache_arg: Option<&str>) -> Report {
         }
     }
 
-    let trust = nixconf::decide_trust(&nixconf::probe_trust(), &info.url, key.as_deref());
-    let advice =
-        || nixconf::untrusted_advice(cache_arg.unwrap_or(cache), &info.url, key.as_deref());
+    let trust = nixconf::decide_trust(&nixconf::probe_trust(), &url, key.as_deref());
+    let advice = || nixconf::untrusted_advice(cache_arg.unwrap_or(cache), &url, key.as_deref());
     match trust {
         Trust::SingleUser => r.ok(
             "trusted user",
@@ -368,13 +383,13 @@ async fn run_checks(cache_arg: Option<&str>) -> Report {
         Trust::TrustedUser(e) => r.ok("trusted user", format!("in trusted-users ({e})")),
         Trust::TrustedSubstituter { key_trusted: true } => r.ok(
             "trusted user",
-            format!("{} is in the daemon's trusted-substituters", info.url),
+            format!("{} is in the daemon's trusted-substituters", url),
         ),
         Trust::TrustedSubstituter { key_trusted: false } => r.fail(
             "trusted user",
             format!(
                 "{} is in trusted-substituters but the daemon does not trust its key",
-                info.url
+                url
             ),
             advice(),
         ),
@@ -385,14 +400,8 @@ async fn run_checks(cache_arg: Option<&str>) -> Report {
         ),
     }
 
-    if info.private {
-        check_netrc(
-            &mut r,
-            settings.as_ref(),
-            &info.url,
-            client.token(),
-            &use_fix,
-        );
+    if private {
+        check_netrc(&mut r, settings.as_ref(), &url, client.token(), &use_fix);
     }
     r
 }

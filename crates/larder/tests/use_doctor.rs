@@ -387,7 +387,7 @@ fn doctor_without_server_fails_with_a_fix() {
     assert_eq!(o.status.code(), Some(1));
     let out = stdout(&o);
     assert!(out.contains("fail  client config"), "{out}");
-    assert!(out.contains("fix: run `larder login URL TOKEN`"), "{out}");
+    assert!(out.contains("run `larder login URL [TOKEN]`"), "{out}");
 }
 
 impl Home {
@@ -479,4 +479,34 @@ fn a_fresh_consumer_uses_a_public_cache_by_url_or_an_anonymous_login() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("needs a token"), "{err}");
+}
+
+#[test]
+fn doctor_runs_every_check_it_can_while_the_server_is_down() {
+    require_nix();
+    let server = Server::start();
+    server.create_cache("public", &[]);
+    let url = format!("{}/public", server.url);
+    let home = Home::new();
+    let o = home.consumer(&["use", &url, "--mode", "user-nixconf"], "");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(server.stop().success());
+
+    let o = home.consumer(&["doctor", &url, "--json"], "");
+    assert_eq!(o.status.code(), Some(1));
+    let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let status = |name: &str| {
+        json.as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["check"] == name)
+            .map(|c| c["status"].as_str().unwrap().to_owned())
+            .unwrap_or_else(|| panic!("no {name} check: {json}"))
+    };
+    assert_eq!(status("server"), "fail");
+    // What needs no server is still checked: nix.conf has the cache.
+    assert_eq!(status("nix"), "ok");
+    assert_eq!(status("substituters"), "ok", "{json}");
+    assert_eq!(status("trusted-public-keys"), "warn", "{json}");
+    assert_eq!(status("trusted user"), "ok", "{json}");
 }
