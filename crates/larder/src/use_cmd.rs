@@ -78,7 +78,8 @@ impl From<WrittenMode> for Mode {
 pub struct RemoveArgs {
     /// CACHE or SERVER:CACHE
     cache: String,
-    /// Where `use` configured the cache. [default: as for `use`]
+    /// Where `use` configured the cache. [default: wherever `use` could have: the user's
+    /// nix.conf, the system's, and a NixOS module file]
     #[arg(long, value_enum)]
     mode: Option<WrittenMode>,
     /// Folder of the NixOS module file (`--mode nixos`).
@@ -460,7 +461,6 @@ fn print_lines(f: &Facts) -> String {
 }
 
 pub async fn remove_cache(args: RemoveArgs) -> anyhow::Result<()> {
-    let mode = args.mode.map_or_else(default_mode, Mode::from);
     let t = target(&args.cache)?;
     // The server may be gone or the cache deleted: removal must still work from the URL.
     let f = match t.client.cache_info(&t.cache).await {
@@ -482,18 +482,70 @@ pub async fn remove_cache(args: RemoveArgs) -> anyhow::Result<()> {
             }
         }
     };
-    match mode {
+    let Some(mode) = args.mode else {
+        return remove_everywhere(&f, &args.nixos_folder);
+    };
+    match Mode::from(mode) {
         Mode::Nixos => remove_nixos(&f, &args.nixos_folder),
-        _ => remove_nixconf(&f, mode),
+        mode => remove_nixconf(&f, mode).map(drop),
     }
 }
 
-fn remove_nixconf(f: &Facts, mode: Mode) -> anyhow::Result<()> {
+/// `remove` without `--mode`: undo `use` wherever it could have written, whatever the mode it
+/// ran with: the user's nix.conf, the system's, a NixOS module file. A file that does not
+/// name the cache is left alone (and not reported).
+fn remove_everywhere(f: &Facts, nixos_folder: &Path) -> anyhow::Result<()> {
+    let mut looked = Vec::new();
+    let mut removed = false;
+    for mode in [Mode::UserNixconf, Mode::RootNixconf] {
+        let path = conf_path(mode)?;
+        if looked.contains(&path) {
+            continue;
+        }
+        looked.push(path.clone());
+        let names_it = nixconf::read_optional(&path).is_some_and(|text| text.contains(&f.url));
+        if names_it {
+            removed |= remove_nixconf(f, mode).map_err(|e| {
+                if mode == Mode::RootNixconf && !is_root() {
+                    e.context(format!(
+                        "{} configures {}: run `sudo larder remove {}`",
+                        path.display(),
+                        f.url,
+                        f.arg
+                    ))
+                } else {
+                    e
+                }
+            })?;
+        }
+    }
+    let module = module_path(f, nixos_folder);
+    if module.exists() {
+        remove_nixos(f, nixos_folder)?;
+        removed = true;
+    }
+    looked.push(module);
+    if !removed {
+        eprintln!(
+            "{} is not configured in {}; nothing changed",
+            f.url,
+            looked
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Take the cache out of the nix.conf of `mode`; whether the file changed.
+fn remove_nixconf(f: &Facts, mode: Mode) -> anyhow::Result<bool> {
     let path = conf_path(mode)?;
     let real = writable_target(&path)?;
     let Some(original) = read_existing(&real)? else {
         eprintln!("{} does not exist; nothing to remove", path.display());
-        return Ok(());
+        return Ok(false);
     };
     let mut conf = NixConf::parse(&original);
     let removed = conf.remove_value("substituters", &f.url);
@@ -535,11 +587,12 @@ fn remove_nixconf(f: &Facts, mode: Mode) -> anyhow::Result<()> {
             f.url,
             path.display()
         );
+        Ok(false)
     } else {
         write_atomic(&real, &text, file_mode(&real))?;
         eprintln!("removed {} from {}", f.url, path.display());
+        Ok(true)
     }
-    Ok(())
 }
 
 /// Remove larder's entry for the host; returns true when the netrc file was left empty and

@@ -510,3 +510,56 @@ fn doctor_runs_every_check_it_can_while_the_server_is_down() {
     assert_eq!(status("trusted-public-keys"), "warn", "{json}");
     assert_eq!(status("trusted user"), "ok", "{json}");
 }
+
+#[test]
+fn remove_without_a_mode_undoes_use_wherever_it_wrote() {
+    require_nix();
+    let server = Server::start();
+    server.create_cache("secret", &["--private"]);
+    let token = server.token("pull", "secret");
+    let url = format!("{}/secret", server.url);
+    let home = Home::new();
+    // As root, `use --mode user-nixconf` writes the user's nix.conf, not the system's.
+    home.larder_ok(
+        &server,
+        &token,
+        &["use", "secret", "--mode", "user-nixconf"],
+    );
+    let conf = std::fs::read_to_string(home.nix_conf()).unwrap();
+    assert!(
+        conf.contains(&url) && conf.contains("netrc-file = "),
+        "{conf}"
+    );
+    assert!(home.netrc().exists());
+
+    // `remove` without --mode finds it there, and takes out all `use` added: the substituter,
+    // the key, the netrc-file line and the netrc entry with the token.
+    let o = home.larder(&server, &token, &["remove", "secret"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains(&format!("removed {url} from")), "{err}");
+    let conf = std::fs::read_to_string(home.nix_conf()).unwrap();
+    assert!(
+        !conf.contains(&url) && !conf.contains("netrc-file"),
+        "{conf}"
+    );
+    assert!(
+        !home.netrc().exists(),
+        "the netrc with the token is still there"
+    );
+    let cfg = home.show_config();
+    assert!(
+        !setting(&cfg, "substituters").contains(&url.as_str()),
+        "{cfg}"
+    );
+
+    // Again: nothing is configured anywhere, and it says where it looked.
+    let o = home.larder(&server, &token, &["remove", "secret"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("is not configured in")
+            && err.contains(&home.nix_conf().display().to_string()),
+        "{err}"
+    );
+}
