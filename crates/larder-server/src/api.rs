@@ -343,6 +343,12 @@ async fn configure_cache(
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no cache named {name:?}")))?;
     state.hot.forget_cache(&name);
+    // A new limit holds at once, not at the next upload or collection: `cache info` must not
+    // show a cache over its limit.
+    if update.max_size.is_some_and(|m| m.is_some()) {
+        crate::retention::evict(&state, &row, false).await?;
+    }
+    let row = state.meta.get_cache(&name).await?.unwrap_or(row);
     Ok(Json(cache_json(&state, &row).await?))
 }
 

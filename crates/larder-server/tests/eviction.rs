@@ -135,13 +135,8 @@ async fn least_recently_used_closures_go_first_and_pins_stay() {
         &stale, &libs[3], &apps[3], &libs[0], &apps[0], &libs[5], &apps[5],
     ]);
     let limit = total - must_go;
-    srv.patch_json(
-        "/api/v1/caches/c",
-        srv.admin(),
-        &json!({ "max_size": limit }),
-    )
-    .await
-    .expect(200);
+    // Set in the database (a PATCH would evict at once): the dry run below shows the plan.
+    srv.set_limit_quietly("c", limit).await;
     let info = srv.cache_info("c").await;
     assert_eq!(info["near_limit"], true, "{info}");
 
@@ -213,9 +208,7 @@ async fn a_pinned_closure_survives_a_limit_it_alone_exceeds() {
     )
     .await
     .expect(201);
-    srv.patch_json("/api/v1/caches/c", srv.admin(), &json!({ "max_size": 100 }))
-        .await
-        .expect(200);
+    srv.set_limit_quietly("c", 100).await;
     let report = gc(&srv, "c", false).await;
     assert_eq!(evicted_paths(&report), vec![other.path.to_absolute()]);
     assert_eq!(report["pinned_paths"], 2);
@@ -331,6 +324,31 @@ async fn gc_needs_admin_on_the_cache() {
     srv.post_json("/api/v1/caches/c/gc", admin.bearer(), &json!({}))
         .await
         .expect(200);
+}
+
+#[tokio::test]
+async fn a_lower_limit_holds_at_once() {
+    let srv = Server::new().await;
+    srv.create_cache("c", false).await;
+    let paths: Vec<TestPath> = (0..6)
+        .map(|k| sized(&format!("q{k}"), &format!("q{k}"), 10_000))
+        .collect();
+    for tp in &paths {
+        push(&srv, "c", tp).await;
+    }
+    let info = srv
+        .patch_json(
+            "/api/v1/caches/c",
+            srv.admin(),
+            &json!({ "max_size": 30_000 }),
+        )
+        .await
+        .expect(200)
+        .json();
+    // The answer to the change already shows the cache within its new limit.
+    assert!(info["size"].as_i64().unwrap() <= 30_000, "{info}");
+    assert!(srv.cache_info("c").await["size"].as_i64().unwrap() <= 30_000);
+    srv.assert_present("c", &paths[5]).await;
 }
 
 #[tokio::test]

@@ -669,10 +669,13 @@ async fn real_answers_match_the_documented_schemas() {
         "/caches/{cache}",
         "/caches/pub",
         a,
-        j(json!({ "max_size": 1 })),
+        j(json!({ "priority": 42 })),
         200,
     )
     .await;
+    // A limit set in the database (a PATCH of max_size evicts at once), so that the
+    // collection below has evictions to report.
+    srv.set_limit_quietly("pub", 1).await;
     let report = c
         .ok(
             "POST",

@@ -277,6 +277,24 @@ impl Server {
         }
     }
 
+    /// Set a cache's limit in the database, without the eviction a PATCH runs at once: to look
+    /// at what a collection plans and reports.
+    pub async fn set_limit_quietly(&self, cache: &str, limit: i64) {
+        let update = larder_store::meta::CacheUpdate {
+            private: None,
+            priority: None,
+            compression: None,
+            max_size: Some(Some(limit)),
+            client_public_key: None,
+        };
+        self.state
+            .meta
+            .update_cache(cache, &update)
+            .await
+            .expect("update");
+        self.state.hot.forget_cache(cache);
+    }
+
     pub async fn cache_info(&self, cache: &str) -> Value {
         self.get(&format!("/api/v1/caches/{cache}"), self.admin())
             .await
