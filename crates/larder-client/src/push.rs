@@ -74,19 +74,43 @@ impl std::fmt::Debug for SourceRef {
     }
 }
 
-/// Stream `info`'s NAR from `source` (the local store when `None`) into `out`.
+/// Stream `info`'s NAR from `source` (the local store when `None`) into `out`, telling
+/// `observer` how many NAR bytes went through ([`Observer::nar_bytes`]).
 fn write_nar<W: Write>(
     source: &Option<SourceRef>,
     info: &PathInfo,
     out: W,
+    observer: &Arc<dyn Observer>,
 ) -> Result<W, LocalStoreError> {
-    match source {
-        None => dump_verified(info, out),
+    let out = CountedNar {
+        inner: out,
+        observer: observer.clone(),
+    };
+    let out = match source {
+        None => dump_verified(info, out)?,
         Some(s) => {
             let mut out = out;
             s.0.write_nar(info, &mut out)?;
-            Ok(out)
+            out
         }
+    };
+    Ok(out.inner)
+}
+
+/// Counts the (uncompressed) NAR bytes written through it for the observer.
+struct CountedNar<W> {
+    inner: W,
+    observer: Arc<dyn Observer>,
+}
+
+impl<W: Write> Write for CountedNar<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(data)?;
+        self.observer.nar_bytes(n as u64);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
     }
 }
 
@@ -270,6 +294,9 @@ pub trait Observer: Send + Sync {
     fn started(&self, _path: &PathInfo) {}
     /// Compressed bytes handed to the network.
     fn bytes(&self, _n: u64) {}
+    /// NAR bytes read and compressed (the unit of the plan's total size, so a progress bar in
+    /// it is true whatever the compression ratio).
+    fn nar_bytes(&self, _n: u64) {}
     fn finished(&self, _path: &PathInfo, _outcome: &Outcome) {}
     /// A retry after a transient error.
     fn retrying(&self, _path: &PathInfo, _error: &str, _attempt: u32) {}
@@ -626,7 +653,7 @@ async fn upload_nar(
         let w = ChannelWriter {
             tx,
             buf: Vec::with_capacity(BLOCK),
-            observer,
+            observer: observer.clone(),
         };
         let werr = |source| LocalStoreError::Write {
             path: info2.path.clone(),
@@ -635,7 +662,7 @@ async fn upload_nar(
         let r = (|| -> Result<(), PushError> {
             match compression {
                 Compression::None => {
-                    let mut w = write_nar(&source, &info2, w)?;
+                    let mut w = write_nar(&source, &info2, w, &observer)?;
                     w.flush().map_err(werr)?;
                 }
                 Compression::Zstd => {
@@ -646,13 +673,13 @@ async fn upload_nar(
                             .unwrap_or(1);
                         let _ = enc.multithread(n as u32);
                     }
-                    let enc = write_nar(&source, &info2, enc)?;
+                    let enc = write_nar(&source, &info2, enc, &observer)?;
                     let mut w = enc.finish().map_err(werr)?;
                     w.flush().map_err(werr)?;
                 }
                 Compression::Xz => {
                     let enc = xz2::write::XzEncoder::new(w, level.clamp(0, 9) as u32);
-                    let enc = write_nar(&source, &info2, enc)?;
+                    let enc = write_nar(&source, &info2, enc, &observer)?;
                     let mut w = enc.finish().map_err(werr)?;
                     w.flush().map_err(werr)?;
                 }
@@ -796,6 +823,7 @@ async fn upload_parts(
         info.clone(),
     );
     let source = opts.source.clone();
+    let nar_observer = observer.clone();
     let producer = tokio::task::spawn_blocking(move || -> Result<(), PushError> {
         let splitter = PartSplitter {
             compression,
@@ -805,7 +833,7 @@ async fn upload_parts(
             current: None,
             tx,
         };
-        let mut splitter = write_nar(&source, &info2, splitter)?;
+        let mut splitter = write_nar(&source, &info2, splitter, &nar_observer)?;
         splitter
             .flush_part()
             .map_err(|source| LocalStoreError::Write {
@@ -881,4 +909,65 @@ async fn upload_parts(
         .json()
         .await
         .map_err(|e| PushError::Internal(format!("bad answer completing an upload: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// A NAR source of fixed bytes (an import's, say).
+    struct Fixed(Vec<u8>);
+    impl NarSource for Fixed {
+        fn write_nar(&self, _: &PathInfo, out: &mut dyn Write) -> Result<(), LocalStoreError> {
+            for chunk in self.0.chunks(1000) {
+                out.write_all(chunk)
+                    .map_err(|source| LocalStoreError::Write {
+                        path: StorePath::from_basename("00000000000000000000000000000000-x")
+                            .expect("store path"),
+                        source,
+                    })?;
+            }
+            Ok(())
+        }
+    }
+
+    #[derive(Default)]
+    struct Counts {
+        nar: AtomicU64,
+        sent: AtomicU64,
+    }
+    impl Observer for Counts {
+        fn bytes(&self, n: u64) {
+            self.sent.fetch_add(n, Ordering::Relaxed);
+        }
+        fn nar_bytes(&self, n: u64) {
+            self.nar.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn progress_counts_nar_bytes_whatever_the_compression() {
+        let nar = vec![b'a'; 300_000];
+        let info = PathInfo {
+            path: StorePath::from_basename("00000000000000000000000000000000-x").unwrap(),
+            nar_hash: larder_nix::hash::Sha256::digest(&nar),
+            nar_size: nar.len() as u64,
+            references: vec![],
+            deriver: None,
+            sigs: vec![],
+            ca: None,
+            registration_time: 0,
+        };
+        let counts = Arc::new(Counts::default());
+        let observer: Arc<dyn Observer> = counts.clone();
+        let source = Some(SourceRef(Arc::new(Fixed(nar.clone()))));
+        let enc = zstd::Encoder::new(Vec::new(), 3).unwrap();
+        let compressed = write_nar(&source, &info, enc, &observer)
+            .unwrap()
+            .finish()
+            .unwrap();
+        assert_eq!(counts.nar.load(Ordering::Relaxed), nar.len() as u64);
+        assert!(compressed.len() < nar.len() / 100);
+    }
 }

@@ -124,6 +124,10 @@ impl Display {
 impl Observer for Display {
     fn bytes(&self, n: u64) {
         self.bytes.fetch_add(n, Ordering::Relaxed);
+    }
+    /// The bar counts NAR bytes, the unit of its total: compressed bytes would leave it at a
+    /// few percent for text that compresses well.
+    fn nar_bytes(&self, n: u64) {
         if let Some(bar) = &self.bar {
             bar.inc(n);
         }
@@ -441,7 +445,7 @@ async fn execute_with_display(
         let bar = ProgressBar::new(plan.nar_bytes());
         bar.set_style(
             ProgressStyle::with_template(
-                "{bar:30.cyan/blue} {bytes}/{total_bytes} (compressed bytes sent vs NAR size) {bytes_per_sec} ETA {eta} {msg}",
+                "{bar:30.cyan/blue} {bytes}/{total_bytes} of NAR {bytes_per_sec} ETA {eta} {msg}",
             )
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
