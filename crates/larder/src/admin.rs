@@ -189,7 +189,7 @@ pub enum CacheCommand {
     },
     /// Show size, limit, path count, public key and the nix.conf lines of a cache.
     Info {
-        /// CACHE or SERVER:CACHE
+        /// CACHE, SERVER:CACHE or the cache's URL (http://HOST:PORT/CACHE)
         cache: String,
         /// Print the cache as JSON (sizes in bytes).
         #[arg(long)]
@@ -197,7 +197,7 @@ pub enum CacheCommand {
     },
     /// Change a cache's settings (admin on the cache).
     Configure {
-        /// CACHE or SERVER:CACHE
+        /// CACHE, SERVER:CACHE or the cache's URL (http://HOST:PORT/CACHE)
         cache: String,
         /// Make the cache private.
         #[arg(long, conflicts_with = "public")]
@@ -220,7 +220,7 @@ pub enum CacheCommand {
     },
     /// Delete a cache and everything in it (admin on the cache).
     Delete {
-        /// CACHE or SERVER:CACHE
+        /// CACHE, SERVER:CACHE or the cache's URL (http://HOST:PORT/CACHE)
         cache: String,
         /// Confirm the deletion (required: there is no undo).
         #[arg(long)]

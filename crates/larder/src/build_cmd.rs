@@ -30,7 +30,7 @@ const RULE: &str = "━━━━━━━━━━━━━━━━━━━━
 
 #[derive(clap::Args)]
 pub struct BuildArgs {
-    /// CACHE or SERVER:CACHE
+    /// CACHE, SERVER:CACHE or the cache's URL (http://HOST:PORT/CACHE)
     cache: String,
     /// What to build, in turn: flake references (`.#homeConfigurations.shoshin.activationPackage`)
     /// or, with -f, attribute paths. [default: `.`, the flake's default package]
@@ -54,7 +54,7 @@ pub struct BuildArgs {
 
 #[derive(clap::Args)]
 pub struct PullArgs {
-    /// CACHE or SERVER:CACHE
+    /// CACHE, SERVER:CACHE or the cache's URL (http://HOST:PORT/CACHE)
     cache: String,
     /// What to realise: flake references or, with -f, attribute paths.
     #[arg(required = true)]

@@ -133,7 +133,7 @@ pub fn connect(server: Option<&str>) -> anyhow::Result<ApiClient> {
     Ok(ApiClient::new(&entry.url, token)?)
 }
 
-/// Resolve a `CACHE` or `SERVER:CACHE` argument.
+/// Resolve a `CACHE`, `SERVER:CACHE` or cache URL (`http://HOST:PORT/CACHE`) argument.
 pub fn target(arg: &str) -> anyhow::Result<Target> {
     // A cache's URL (as `cache info`, the web UI and `nix.conf` show it): the server is
     // everything before the last segment, the cache is the last segment.

@@ -15,7 +15,7 @@ const ALL_PAGE: u32 = 1000;
 
 #[derive(clap::Args)]
 pub struct LsArgs {
-    /// CACHE or SERVER:CACHE
+    /// CACHE, SERVER:CACHE or the cache's URL (http://HOST:PORT/CACHE)
     cache: String,
     /// Only paths whose `<hash>-<name>` contains TEXT (case-insensitive).
     #[arg(long, short = 'q', value_name = "TEXT")]
@@ -36,7 +36,7 @@ pub struct LsArgs {
 
 #[derive(clap::Args)]
 pub struct PathInfoArgs {
-    /// CACHE or SERVER:CACHE
+    /// CACHE, SERVER:CACHE or the cache's URL (http://HOST:PORT/CACHE)
     cache: String,
     /// A store path, its hash part, or a symlink to it (./result).
     path: String,
@@ -51,7 +51,7 @@ pub enum PathCommand {
     /// cache reference it, unless --with-referrers, which deletes them too; refused for a
     /// pinned closure (delete the pin first).
     Delete {
-        /// CACHE or SERVER:CACHE
+        /// CACHE, SERVER:CACHE or the cache's URL (http://HOST:PORT/CACHE)
         cache: String,
         /// A store path, its hash part, or a symlink to it (./result).
         path: String,

@@ -50,7 +50,7 @@ pub enum DaemonCommand {
     /// Run the push daemon for CACHE in the foreground (use your service manager to keep it
     /// running). Entries queued before a crash or restart are pushed when it starts.
     Run {
-        /// CACHE or SERVER:CACHE
+        /// CACHE, SERVER:CACHE or the cache's URL (http://HOST:PORT/CACHE)
         cache: String,
         #[command(flatten)]
         socket: SocketArg,

@@ -18,7 +18,7 @@ use crate::output::{fail_with_hint, print, print_json};
 
 #[derive(clap::Args)]
 pub struct DoctorArgs {
-    /// CACHE or SERVER:CACHE: also check that Nix is set up to substitute from it.
+    /// CACHE, SERVER:CACHE or the cache's URL (http://HOST:PORT/CACHE): also check that Nix is set up to substitute from it.
     cache: Option<String>,
     /// Print the checks as a JSON array of {check, status, detail, fix}.
     #[arg(long)]

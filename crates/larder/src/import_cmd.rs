@@ -19,7 +19,7 @@ use crate::push_cmd::{run_rounds, upload_settings, Planner, Run};
 
 #[derive(clap::Args)]
 pub struct ImportArgs {
-    /// CACHE or SERVER:CACHE to import into.
+    /// CACHE, SERVER:CACHE or the cache's URL (http://HOST:PORT/CACHE) to import into.
     cache: String,
     /// The binary cache to copy: `file:///dir` (e.g. made by `nix copy --to file:///dir`) or
     /// `http(s)://host/cache`.

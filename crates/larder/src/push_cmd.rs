@@ -17,7 +17,7 @@ use crate::output::{count, fail_with_hint, human_size, print};
 
 #[derive(clap::Args)]
 pub struct PushArgs {
-    /// CACHE or SERVER:CACHE
+    /// CACHE, SERVER:CACHE or the cache's URL (http://HOST:PORT/CACHE)
     cache: String,
     /// Store paths, paths inside the store, or symlinks to them such as ./result. Without any,
     /// paths are read from standard input (whitespace-separated), e.g.
@@ -419,6 +419,36 @@ pub(crate) async fn run_rounds(
             summary.failed
         );
     }
+    if summary.failed == 0 && summary.pushed > 0 {
+        // A cache over its limit evicts least recently used paths, which can be those just
+        // sent: a push whose closure is not all in the cache at the end is no success, since
+        // a consumer would build what is missing.
+        let (after, _) = planner.plan().await?;
+        if !after.paths.is_empty() {
+            let names: Vec<String> = after
+                .paths
+                .iter()
+                .take(3)
+                .map(|p| p.path.to_absolute())
+                .collect();
+            return Err(fail_with_hint(
+                format!(
+                    "cache {:?} evicted {} of this closure to stay under its size limit ({}{})",
+                    t.cache,
+                    count(after.paths.len() as u64, "path"),
+                    names.join(", "),
+                    if after.paths.len() > 3 { ", …" } else { "" }
+                ),
+                format!(
+                    "the closure does not fit beside what the cache keeps (its pins and newer \
+                     paths): raise the limit (`larder cache configure {} --max-size …`), delete \
+                     pins it no longer needs (`larder pin list {}`), or push less; `larder cache \
+                     info {}` shows its size and limit",
+                    t.cache, t.cache, t.cache
+                ),
+            ));
+        }
+    }
     if summary.failed > 0 {
         return Err(fail_with_hint(
             format!(
@@ -471,7 +501,7 @@ async fn execute_with_display(
 
 #[derive(clap::Args)]
 pub struct KeypairArgs {
-    /// CACHE or SERVER:CACHE (you need admin on it).
+    /// CACHE, SERVER:CACHE or the cache's URL (http://HOST:PORT/CACHE) (you need admin on it).
     cache: String,
     /// Replace the key of a cache that already has paths or a client-held key. The paths
     /// already in the cache stay signed by the old key only: consumers must keep trusting it

@@ -10,7 +10,7 @@ use crate::output::{fail_with_hint, human_size, print, print_json};
 
 #[derive(clap::Args)]
 pub struct GcArgs {
-    /// CACHE or SERVER:CACHE
+    /// CACHE, SERVER:CACHE or the cache's URL (http://HOST:PORT/CACHE)
     cache: String,
     /// Only list what would be evicted, in order, and why.
     #[arg(long)]
@@ -25,7 +25,7 @@ pub struct GcArgs {
 pub struct PinArgs {
     #[command(subcommand)]
     command: Option<PinCommand>,
-    /// CACHE or SERVER:CACHE (a cache named `list` or `delete` must be written SERVER:CACHE,
+    /// CACHE, SERVER:CACHE or the cache's URL (http://HOST:PORT/CACHE) (a cache named `list` or `delete` must be written SERVER:CACHE,
     /// e.g. `default:list`, to tell it from the subcommands)
     #[arg(required = true)]
     cache: Option<String>,
@@ -53,7 +53,7 @@ pub struct PinArgs {
 enum PinCommand {
     /// List the pins of a cache and their kept revisions.
     List {
-        /// CACHE or SERVER:CACHE
+        /// CACHE, SERVER:CACHE or the cache's URL (http://HOST:PORT/CACHE)
         cache: String,
         /// Print the pins as JSON.
         #[arg(long)]
@@ -61,7 +61,7 @@ enum PinCommand {
     },
     /// Delete a pin (every revision); its closure may then be evicted.
     Delete {
-        /// CACHE or SERVER:CACHE
+        /// CACHE, SERVER:CACHE or the cache's URL (http://HOST:PORT/CACHE)
         cache: String,
         /// The pin's name (from `pin list`).
         name: String,

@@ -42,7 +42,7 @@ pub enum Mode {
 
 #[derive(clap::Args)]
 pub struct UseArgs {
-    /// CACHE or SERVER:CACHE
+    /// CACHE, SERVER:CACHE or the cache's URL (http://HOST:PORT/CACHE)
     cache: String,
     /// Where to configure the cache. [default: user-nixconf; as root root-nixconf, or nixos on
     /// NixOS]
@@ -76,7 +76,7 @@ impl From<WrittenMode> for Mode {
 
 #[derive(clap::Args)]
 pub struct RemoveArgs {
-    /// CACHE or SERVER:CACHE
+    /// CACHE, SERVER:CACHE or the cache's URL (http://HOST:PORT/CACHE)
     cache: String,
     /// Where `use` configured the cache. [default: wherever `use` could have: the user's
     /// nix.conf, the system's, and a NixOS module file]

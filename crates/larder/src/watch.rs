@@ -76,7 +76,7 @@ impl Signals {
 
 #[derive(clap::Args)]
 pub struct WatchArgs {
-    /// CACHE or SERVER:CACHE
+    /// CACHE, SERVER:CACHE or the cache's URL (http://HOST:PORT/CACHE)
     cache: String,
     /// Also push new .drv files and sources added to the store (by default only build and
     /// substitution outputs are pushed, with their closures).

@@ -437,3 +437,32 @@ fn orphan_scan_deletes_a_stray_chunk_and_keeps_the_closure() {
 
     oracle_pass(&work.path().join("oracle"), &cache_url, &key, None);
 }
+
+#[test]
+fn a_push_whose_closure_is_evicted_at_once_fails() {
+    require_nix();
+    let server = Server::start();
+    server.create_cache("tight", &["--max-size", "1MiB"]);
+    let admin = server.admin_token.clone();
+    let tag = unique_tag();
+    // 700 KiB pinned, then a 600 KiB closure: it cannot fit beside the pin.
+    let old = build_closures(&format!("old{tag}"), 1, 700);
+    server.cli_ok(&admin, &["push", "tight", &old[0]]);
+    server.cli_ok(&admin, &["pin", "tight", "keep", &old[0]]);
+    let new = build_closures(&format!("new{tag}"), 1, 600);
+    let o = server.cli(&admin, &["push", "tight", &new[0]]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "a useless push succeeded: {err}");
+    assert!(
+        err.contains("cache \"tight\" evicted") && err.contains("--max-size"),
+        "{err}"
+    );
+    // The pinned closure is whole.
+    for p in closure(&old[0]) {
+        let (code, _) = server.http("GET", &format!("/tight/{}.narinfo", hash_part(&p)), None);
+        assert_eq!(code, 200, "{p}");
+    }
+    // With room, the same push succeeds.
+    server.cli_ok(&admin, &["cache", "configure", "tight", "--max-size", "4MiB"]);
+    server.cli_ok(&admin, &["push", "tight", &new[0]]);
+}
