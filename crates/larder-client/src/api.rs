@@ -348,6 +348,19 @@ impl ApiClient {
         .await
     }
 
+    /// [`ApiClient::cache_info`] once the evictions that uploads to the cache triggered on the
+    /// server are done (`?settled=true`).
+    pub async fn cache_info_settled(&self, name: &str) -> Result<CacheInfo> {
+        self.json(
+            self.request(
+                reqwest::Method::GET,
+                &format!("/api/v1/caches/{name}?settled=true"),
+            ),
+            "cache info",
+        )
+        .await
+    }
+
     pub async fn cache_info(&self, name: &str) -> Result<CacheInfo> {
         self.json(
             self.request(reqwest::Method::GET, &format!("/api/v1/caches/{name}")),

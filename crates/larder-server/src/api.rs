@@ -290,12 +290,31 @@ async fn create_cache(
     Ok((StatusCode::CREATED, Json(cache_json(&state, &row).await?)))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CacheInfoQuery {
+    /// Answer once the evictions that uploads to the cache triggered are done (bounded by
+    /// `backend_timeout`): what a pusher asks before it checks its closure is still there.
+    #[serde(default)]
+    settled: bool,
+}
+
 async fn cache_info(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(name): Path<String>,
+    query: Result<Query<CacheInfoQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<CacheJson>, ApiError> {
+    let Query(q) = query.map_err(|_| ApiError::bad("settled must be true or false"))?;
     let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Pull).await?;
+    if q.settled {
+        // Under the read deadline (`backend_timeout`), with room for the answer.
+        let wait = state
+            .config
+            .backend_timeout
+            .saturating_sub(std::time::Duration::from_secs(1));
+        crate::retention::settle(&state, &c, wait).await;
+    }
     Ok(Json(cache_json(&state, &c).await?))
 }
 

@@ -103,6 +103,8 @@ pub struct Retention {
     evicting: tokio::sync::Mutex<()>,
     /// Caches with an eviction check queued after an upload.
     queued: Mutex<HashSet<i64>>,
+    /// Eviction checks after uploads not finished yet, per cache ([`settle`] waits for them).
+    pending: Mutex<std::collections::HashMap<i64, usize>>,
 }
 
 /// Why a path is evicted.
@@ -497,30 +499,69 @@ pub fn after_publish(state: &AppState, cache: &CacheRow, file_size: i64) {
         }
         Err(_) => return,
     }
+    if let Ok(mut p) = state.retention.pending.lock() {
+        *p.entry(cache.id).or_default() += 1;
+    }
     let state = state.clone();
     let cache = cache.clone();
     tokio::spawn(async move {
-        // Wait for a running eviction: its plan may predate this path.
-        drop(state.retention.evicting.lock().await);
-        if let Ok(mut q) = state.retention.queued.lock() {
-            q.remove(&cache.id);
-        }
-        let size = match state.meta.cache_stats(cache.id).await {
-            Ok(s) => s.size,
-            Err(e) => {
-                tracing::warn!(cache = %cache.name, error = %e, "cannot check the cache size");
-                return;
-            }
-        };
-        if near_limit(size, max) && !near_limit(size - file_size, max) {
-            tracing::warn!(cache = %cache.name, size, max_size = max, "cache is over 85 % of its limit");
-        }
-        if size > max {
-            if let Err(e) = evict(&state, &cache, false).await {
-                tracing::warn!(cache = %cache.name, error = %e, "eviction failed");
+        check_after_publish(&state, &cache, max, file_size).await;
+        if let Ok(mut p) = state.retention.pending.lock() {
+            if let Some(n) = p.get_mut(&cache.id) {
+                *n -= 1;
+                if *n == 0 {
+                    p.remove(&cache.id);
+                }
             }
         }
     });
+}
+
+/// The check [`after_publish`] runs in the background.
+async fn check_after_publish(state: &AppState, cache: &CacheRow, max: i64, file_size: i64) {
+    // Wait for a running eviction: its plan may predate this path.
+    drop(state.retention.evicting.lock().await);
+    if let Ok(mut q) = state.retention.queued.lock() {
+        q.remove(&cache.id);
+    }
+    let size = match state.meta.cache_stats(cache.id).await {
+        Ok(s) => s.size,
+        Err(e) => {
+            tracing::warn!(cache = %cache.name, error = %e, "cannot check the cache size");
+            return;
+        }
+    };
+    if near_limit(size, max) && !near_limit(size - file_size, max) {
+        tracing::warn!(cache = %cache.name, size, max_size = max, "cache is over 85 % of its limit");
+    }
+    if size > max {
+        if let Err(e) = evict(state, cache, false).await {
+            tracing::warn!(cache = %cache.name, error = %e, "eviction failed");
+        }
+    }
+}
+
+/// Wait (at most `limit`) until no eviction check of `cache` is queued or running on this
+/// replica: what a pusher waits for before it checks that its closure is still all there.
+pub async fn settle(state: &AppState, cache: &CacheRow, limit: std::time::Duration) {
+    if cache.max_size.is_none() {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let pending = state
+            .retention
+            .pending
+            .lock()
+            .is_ok_and(|p| p.contains_key(&cache.id));
+        if !pending {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }
 
 /// The periodic part: prune pins and evict in every cache with a limit.

@@ -419,10 +419,16 @@ pub(crate) async fn run_rounds(
             summary.failed
         );
     }
-    if summary.failed == 0 && summary.pushed > 0 {
-        // A cache over its limit evicts least recently used paths, which can be those just
-        // sent: a push whose closure is not all in the cache at the end is no success, since
-        // a consumer would build what is missing.
+    // A cache over its limit evicts least recently used paths, which can be those just sent:
+    // a push whose closure is not all in the cache at the end is no success, since a consumer
+    // would build what is missing. Asked once the evictions the push triggered are done.
+    let limited = summary.failed == 0
+        && summary.pushed > 0
+        && t.client
+            .cache_info_settled(&t.cache)
+            .await
+            .is_ok_and(|c| c.max_size.is_some());
+    if limited {
         let (after, _) = planner.plan().await?;
         if !after.paths.is_empty() {
             let names: Vec<String> = after

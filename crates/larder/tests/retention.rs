@@ -463,6 +463,9 @@ fn a_push_whose_closure_is_evicted_at_once_fails() {
         assert_eq!(code, 200, "{p}");
     }
     // With room, the same push succeeds.
-    server.cli_ok(&admin, &["cache", "configure", "tight", "--max-size", "4MiB"]);
+    server.cli_ok(
+        &admin,
+        &["cache", "configure", "tight", "--max-size", "4MiB"],
+    );
     server.cli_ok(&admin, &["push", "tight", &new[0]]);
 }
