@@ -265,17 +265,7 @@ pub async fn push(args: PushArgs) -> anyhow::Result<()> {
         dry_run: args.dry_run,
         verb: "push",
     };
-    run_rounds(&t, &opts, &how, &mut planner).await?;
-    // A cache whose pins alone exceed its limit evicts what was just pushed: say so.
-    if !args.dry_run {
-        if let Ok(info) = t.client.cache_info(&t.cache).await {
-            let over = info.max_size.is_some_and(|m| m > 0 && info.size > m);
-            if let Some(w) = crate::admin::limit_warning(&info).filter(|_| over) {
-                eprintln!("{w}");
-            }
-        }
-    }
-    Ok(())
+    run_rounds(&t, &opts, &how, &mut planner).await
 }
 
 struct PushPlanner<'a> {
@@ -422,13 +412,20 @@ pub(crate) async fn run_rounds(
     // A cache over its limit evicts least recently used paths, which can be those just sent:
     // a push whose closure is not all in the cache at the end is no success, since a consumer
     // would build what is missing. Asked once the evictions the push triggered are done.
-    let limited = summary.failed == 0
-        && summary.pushed > 0
-        && t.client
-            .cache_info_settled(&t.cache)
-            .await
-            .is_ok_and(|c| c.max_size.is_some());
-    if limited {
+    let settled = if summary.pushed > 0 {
+        t.client.cache_info_settled(&t.cache).await.ok()
+    } else {
+        None
+    };
+    // A cache whose pins alone exceed its limit evicts what was just pushed: say why.
+    if let Some(info) = &settled {
+        let over = info.max_size.is_some_and(|m| m > 0 && info.size > m);
+        if let Some(w) = crate::admin::limit_warning(info).filter(|_| over) {
+            eprintln!("{w}");
+        }
+    }
+    let limited = settled.is_some_and(|c| c.max_size.is_some());
+    if summary.failed == 0 && limited {
         let (after, _) = planner.plan().await?;
         if !after.paths.is_empty() {
             let names: Vec<String> = after

@@ -431,9 +431,9 @@ fn walk_files(dir: &std::path::Path) -> usize {
 }
 
 /// A cache whose pins alone exceed its limit evicts every other path right after its upload:
-/// the push says so instead of leaving the user to find the path gone.
+/// the push fails and says so instead of leaving the user to find the path gone.
 #[test]
-fn a_push_into_a_cache_over_its_limit_warns() {
+fn a_push_into_a_cache_over_its_limit_fails_and_says_why() {
     require_nix();
     let server = Server::start();
     server.create_cache("tight", &[]);
@@ -451,11 +451,12 @@ fn a_push_into_a_cache_over_its_limit_warns() {
     );
     let o = server.cli(&push, &["push", "tight", &build_file("fresh", "f")]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{err}");
+    assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(
         err.contains("against its limit of 1.0 KiB") && err.contains("pinned"),
         "{err}"
     );
+    assert!(err.contains("cache \"tight\" evicted 1 path"), "{err}");
     // Under the limit, a push says nothing of the kind.
     server.cli_ok(
         &server.admin_token,
