@@ -18,6 +18,11 @@ pub const DEFAULT_MAX_UPLOAD_SIZE: u64 = 64 << 30;
 pub const DEFAULT_GC_INTERVAL: Duration = Duration::from_secs(3600);
 /// How long an uploaded NAR waits for its narinfo before it is garbage.
 pub const PENDING_UPLOAD_TTL: Duration = Duration::from_secs(6 * 3600);
+/// How long an unfinished multi-part upload is kept without a new part: long enough to resume
+/// after an interruption, short enough that abandoned parts do not pile up.
+pub const MULTIPART_IDLE_TTL: Duration = Duration::from_secs(3600);
+/// Most unfinished multi-part uploads one cache may have at once.
+pub const MAX_OPEN_MULTIPART_PER_CACHE: usize = 16;
 /// How long the NAR of an evicted path stays servable (and safe from garbage collection):
 /// a narinfo served just before the eviction, by this server or a proxy, must not name a
 /// deleted NAR. Longer than the narinfo TTL of the hot cache by far.

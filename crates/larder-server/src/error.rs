@@ -30,6 +30,12 @@ pub enum ApiError {
     /// A (compressed) upload whose NAR expands past `max_nar_size`.
     #[error("the NAR expands to more than the server's max_nar_size of {0} bytes (uncompressed)")]
     NarTooLarge(u64),
+    /// The staging space of a cache's unfinished uploads used up (413).
+    #[error("{0}")]
+    StagingFull(String),
+    /// A cache has as many unfinished multi-part uploads as it may (429).
+    #[error("{0}")]
+    TooManyUploads(String),
     #[error("{0}")]
     UnsupportedMedia(String),
     /// An upload refused for a reason that `/metrics` counts by name.
@@ -82,6 +88,8 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) | ApiError::NarTooLarge(_) => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
+            ApiError::StagingFull(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::TooManyUploads(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::UnsupportedMedia(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Rejected(Rejection::BadSignature, _) => StatusCode::FORBIDDEN,
             ApiError::Rejected(_, _) => StatusCode::BAD_REQUEST,

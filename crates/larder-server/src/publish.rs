@@ -500,7 +500,8 @@ async fn hold_background_lock(state: &AppState, lease: &mut Option<HeldLock>) ->
     }
 }
 
-/// Delete multi-part uploads never completed within the pending-upload TTL.
+/// Delete multi-part uploads that got no part for [`crate::config::MULTIPART_IDLE_TTL`] (a
+/// part stored touches its directory).
 async fn remove_stale_multipart(state: &AppState) {
     let Ok(mut dir) = tokio::fs::read_dir(state.objects.staging_dir()).await else {
         return;
@@ -519,7 +520,7 @@ async fn remove_stale_multipart(state: &AppState) {
             .ok()
             .and_then(|m| m.modified().ok())
             .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age > crate::config::PENDING_UPLOAD_TTL);
+            .is_some_and(|age| age > crate::config::MULTIPART_IDLE_TTL);
         if stale {
             let _ = tokio::fs::remove_dir_all(entry.path()).await;
         }

@@ -919,3 +919,56 @@ async fn a_nar_expanding_past_max_nar_size_is_refused_early() {
         .await
         .expect(201);
 }
+
+#[tokio::test]
+async fn unfinished_multipart_uploads_are_bounded_per_cache() {
+    let srv = Server::new().await;
+    srv.post_json(
+        "/api/v1/caches",
+        srv.admin(),
+        &json!({ "name": "small", "max_size": 1 << 20 }),
+    )
+    .await
+    .expect(201);
+    let srv = &srv;
+    let open = || async {
+        srv.post_json(
+            "/api/v1/caches/small/multipart?compression=none",
+            srv.admin(),
+            &json!({}),
+        )
+        .await
+    };
+    let id = open().await.expect(201).json()["upload_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let id = &id;
+    let part = |n: u32, len: usize| async move {
+        srv.put(
+            &format!("/api/v1/caches/small/multipart/{id}/parts/{n}"),
+            srv.admin(),
+            vec![0u8; len],
+        )
+        .await
+    };
+    part(0, 700 << 10).await.expect(204);
+    // Re-sending a part replaces it: it does not count twice.
+    part(0, 700 << 10).await.expect(204);
+    // More than the cache's limit staged: refused, and nothing of it kept.
+    let r = part(1, 400 << 10).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.text());
+    assert!(r.text().contains("size limit"), "{}", r.text());
+    assert_eq!(srv.staging_files(), 2, "the compression note and part 0");
+    // At most 16 unfinished uploads per cache.
+    for _ in 1..16 {
+        open().await.expect(201);
+    }
+    let r = open().await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.text());
+    assert!(
+        r.text().contains("unfinished multi-part uploads"),
+        "{}",
+        r.text()
+    );
+}

@@ -46,6 +46,47 @@ fn upload_dir(state: &AppState, cache_id: i64, id: &str) -> Result<PathBuf, ApiE
         .join(format!("multipart-{cache_id}-{id}")))
 }
 
+/// A cache's unfinished multi-part uploads on this server: how many, and the bytes of their
+/// parts (`except`: the part a re-send replaces, in the upload being written).
+async fn staged(
+    state: &AppState,
+    cache_id: i64,
+    except: Option<PathBuf>,
+) -> Result<(usize, u64), ApiError> {
+    let root = state.staging.dir().to_owned();
+    let prefix = format!("multipart-{cache_id}-");
+    tokio::task::spawn_blocking(move || {
+        let (mut uploads, mut bytes) = (0, 0);
+        for dir in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            if !dir.file_name().to_string_lossy().starts_with(&prefix) {
+                continue;
+            }
+            uploads += 1;
+            for f in std::fs::read_dir(dir.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if Some(f.path()) != except {
+                    bytes += f.metadata().map_or(0, |m| m.len());
+                }
+            }
+        }
+        (uploads, bytes)
+    })
+    .await
+    .map_err(|e| ApiError::internal(std::io::Error::other(e)))
+}
+
+/// How many bytes of unfinished parts a cache may hold: its size limit (what does not fit in
+/// the cache need not be staged for it), at most `max_upload_size`.
+fn staging_allowance(state: &AppState, c: &larder_store::meta::CacheRow) -> u64 {
+    let limit = state.config.max_upload_size;
+    c.max_size
+        .and_then(|m| u64::try_from(m).ok())
+        .map_or(limit, |m| m.min(limit))
+}
+
 pub async fn open(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -53,6 +94,15 @@ pub async fn open(
     UploadCompression(compression): UploadCompression,
 ) -> Result<(StatusCode, Json<Opened>), ApiError> {
     let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
+    let (open, _) = staged(&state, c.id, None).await?;
+    if open >= crate::config::MAX_OPEN_MULTIPART_PER_CACHE {
+        return Err(ApiError::TooManyUploads(format!(
+            "cache {:?} has {open} unfinished multi-part uploads, the most it may have: complete \
+             them, or wait for abandoned ones to expire ({} min without a new part)",
+            c.name,
+            crate::config::MULTIPART_IDLE_TTL.as_secs() / 60
+        )));
+    }
     let mut id = [0u8; 16];
     getrandom::getrandom(&mut id).map_err(|e| ApiError::internal(std::io::Error::other(e)))?;
     let id = hex::encode(id);
@@ -85,10 +135,29 @@ pub async fn put_part(
             "no such multi-part upload (expired or completed?)",
         ));
     }
-    let (tmp, _hash, _size) =
-        super::spool_body(body, state.config.max_upload_size, &state.staging, &dir).await?;
+    let part = dir.join(format!("part-{n:06}"));
+    let (_, held) = staged(&state, c.id, Some(part.clone())).await?;
+    let allowance = staging_allowance(&state, &c);
+    let room = allowance.saturating_sub(held);
+    let full = || {
+        ApiError::StagingFull(format!(
+            "the unfinished multi-part uploads of cache {:?} would hold more than {allowance} \
+             bytes (its size limit) on this server: complete or abandon some first",
+            c.name
+        ))
+    };
+    if room == 0 {
+        return Err(full());
+    }
+    let limit = room.min(state.config.max_upload_size);
+    let (tmp, _hash, _size) = super::spool_body(body, limit, &state.staging, &dir)
+        .await
+        .map_err(|e| match e {
+            ApiError::PayloadTooLarge(_) if limit < state.config.max_upload_size => full(),
+            e => e,
+        })?;
     // Atomic: a part is either absent or complete, and re-sending one replaces it.
-    tmp.persist(dir.join(format!("part-{n:06}")))
+    tmp.persist(&part)
         .map_err(|e| ApiError::internal(e.error))?;
     Ok(StatusCode::NO_CONTENT)
 }
