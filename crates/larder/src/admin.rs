@@ -39,22 +39,24 @@ pub struct AuthtokenArgs {
     stdin: bool,
 }
 
+/// A token typed at `prompt` (shown on a terminal only) or piped in, trimmed.
+fn token_from_stdin(prompt: &str) -> anyhow::Result<String> {
+    if std::io::stdin().is_terminal() {
+        eprint!("{prompt}");
+    }
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .context("cannot read the token from standard input")?;
+    Ok(line.trim().to_owned())
+}
+
 fn read_token(arg: Option<String>, stdin: bool) -> anyhow::Result<String> {
     let token = match arg {
-        Some(t) if !stdin => t,
-        _ => {
-            if std::io::stdin().is_terminal() {
-                eprint!("token: ");
-            }
-            let mut line = String::new();
-            std::io::stdin()
-                .lock()
-                .read_line(&mut line)
-                .context("cannot read the token from standard input")?;
-            line
-        }
+        Some(t) if !stdin => t.trim().to_owned(),
+        _ => token_from_stdin("token: ")?,
     };
-    let token = token.trim().to_owned();
     if token.is_empty() {
         return Err(fail_with_hint(
             "no token given",
@@ -69,15 +71,7 @@ pub async fn login(args: LoginArgs) -> anyhow::Result<()> {
         None
     } else if args.token.is_none() && !args.stdin {
         // Asked for (or piped in); nothing at all means no token.
-        if std::io::stdin().is_terminal() {
-            eprint!("token (empty for public caches only): ");
-        }
-        let mut line = String::new();
-        std::io::stdin()
-            .lock()
-            .read_line(&mut line)
-            .context("cannot read the token from standard input")?;
-        Some(line.trim().to_owned()).filter(|t| !t.is_empty())
+        Some(token_from_stdin("token (empty for public caches only): ")?).filter(|t| !t.is_empty())
     } else {
         Some(read_token(args.token, args.stdin)?)
     };
