@@ -581,14 +581,39 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
         Err(e) => return Err(e).with_context(|| format!("cannot use cache {url}")),
     };
     rep.text(&out)?;
+    // Nix itself would stop at the unreachable cache (with its default `fallback = false`, a
+    // substituter that cannot be reached is an error): leave it out of this run, and let Nix
+    // build what no substituter can give.
+    let others: String = subs
+        .iter()
+        .filter(|s| s.trim_end_matches('/') != url)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let without_cache: Vec<&str> = if reachable {
+        vec![]
+    } else {
+        vec![
+            "--option",
+            "substituters",
+            &others,
+            "--option",
+            "fallback",
+            "true",
+        ]
+    };
 
     let null_log = Log(Arc::new(Mutex::new(
         std::fs::File::create("/dev/null").context("cannot open /dev/null")?,
     )));
+    let dry_args: Vec<&str> = ["--dry-run"]
+        .into_iter()
+        .chain(without_cache.iter().copied())
+        .collect();
     let (_, dry) = nix_build(
         args.file.as_deref(),
         &args.installables,
-        &["--dry-run"],
+        &dry_args,
         &null_log,
         false,
     )
@@ -642,7 +667,7 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
         let (_, lines) = nix_build(
             args.file.as_deref(),
             &args.installables,
-            &[],
+            &without_cache,
             &null_log,
             !args.json,
         )

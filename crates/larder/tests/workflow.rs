@@ -561,7 +561,12 @@ fn pull_builds_locally_when_the_cache_is_down() {
         .env("LARDER_TOKEN", &token)
         .env("HOME", &home)
         .env("XDG_CONFIG_HOME", home.join(".config"))
-        .env("NIX_CONFIG", format!("{NIX_CONFIG}\n{nixconf}"))
+        // Nix's defaults otherwise (`substituters` is cache.nixos.org, `fallback = false`),
+        // as a user has them: only what root without a daemon needs is set.
+        .env(
+            "NIX_CONFIG",
+            format!("{}\n{nixconf}", larder_testkit::nix::NIX_CONFIG_BASE),
+        )
         .env("XDG_CACHE_HOME", dir.path().join("xdg"))
         .output()
         .unwrap();
