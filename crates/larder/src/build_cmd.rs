@@ -182,6 +182,54 @@ fn duration(secs: f64) -> String {
     }
 }
 
+/// Ask the cache for a narinfo with the credentials Nix will send (its `netrc-file` entry for
+/// the host, if any), before a plan that would otherwise report a private cache Nix cannot
+/// read as a cache miss: an absent path is 404 to whoever may read the cache, 401/403 to
+/// anyone else.
+async fn nix_can_read(
+    conf: &serde_json::Value,
+    url: &str,
+    cache: &str,
+    arg: &str,
+) -> anyhow::Result<()> {
+    let netrc = conf["netrc-file"]["value"]
+        .as_str()
+        .unwrap_or("/etc/nix/netrc")
+        .to_owned();
+    let host = crate::nixconf::url_host(url).unwrap_or_default();
+    let entry = crate::nixconf::read_optional(Path::new(&netrc))
+        .and_then(|text| crate::nixconf::netrc_lookup(&text, host));
+    let mut probe = reqwest::Client::new()
+        .get(format!("{url}/{}.narinfo", "0".repeat(32)))
+        .timeout(std::time::Duration::from_secs(10));
+    if let Some(e) = &entry {
+        probe = probe.basic_auth(e.login.clone().unwrap_or_default(), e.password.clone());
+    }
+    let Ok(answer) = probe.send().await else {
+        return Ok(()); // Reachability was checked just before; Nix will say what it sees.
+    };
+    let status = answer.status().as_u16();
+    if !matches!(status, 401 | 403) {
+        return Ok(());
+    }
+    let why = match &entry {
+        None => format!("Nix's netrc-file {netrc} has no entry for {host}"),
+        Some(_) => {
+            format!("the token in Nix's netrc-file {netrc} for {host} cannot read cache {cache}")
+        }
+    };
+    Err(fail_with_hint(
+        format!(
+            "Nix would be refused by {url} ({status}): {why}, so every path would look missing \
+             and be built locally"
+        ),
+        format!(
+            "run `larder use {arg}` with a token that can pull it (`larder login URL TOKEN` \
+             first, or LARDER_TOKEN); `larder doctor {arg}` checks the result"
+        ),
+    ))
+}
+
 async fn nix_version() -> anyhow::Result<String> {
     let o = tokio::process::Command::new("nix")
         .arg("--version")
@@ -580,6 +628,9 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
         }
         Err(e) => return Err(e).with_context(|| format!("cannot use cache {url}")),
     };
+    if reachable {
+        nix_can_read(&conf, &url, &t.cache, &args.cache).await?;
+    }
     rep.text(&out)?;
     // Nix itself would stop at the unreachable cache (with its default `fallback = false`, a
     // substituter that cannot be reached is an error): leave it out of this run, and let Nix

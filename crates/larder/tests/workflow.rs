@@ -605,3 +605,63 @@ fn watch_exec_of_a_missing_command_exits_127() {
         "{err}"
     );
 }
+
+#[test]
+fn pull_from_a_private_cache_nix_cannot_read_stops_with_the_fix() {
+    require_nix();
+    let server = Server::start();
+    server.create_cache("hidden", &["--private"]);
+    let token = server.token("pull", "hidden");
+    let lines = server.cli_ok(&token, &["use", "hidden", "--mode", "print"]);
+    let nixconf: String = lines
+        .lines()
+        .filter(|l| l.starts_with("extra-"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("default.nix");
+    std::fs::write(
+        &file,
+        format!(
+            "{{ app = derivation {{ name = \"private-{}\"; system = builtins.currentSystem; \
+             builder = \"/bin/sh\"; args = [\"-c\" \"echo x > $out\"]; }}; }}",
+            unique_tag()
+        ),
+    )
+    .unwrap();
+    let home = dir.path().join("home");
+    let pull = |netrc: &std::path::Path| {
+        larder_testkit::nix::command(larder_bin())
+            .args(["pull", "hidden", "--dry-run", "-f"])
+            .arg(&file)
+            .arg("app")
+            .env("LARDER_SERVER", &server.url)
+            .env("LARDER_TOKEN", &token)
+            .env("HOME", &home)
+            .env("XDG_CONFIG_HOME", home.join(".config"))
+            .env(
+                "NIX_CONFIG",
+                format!("{NIX_CONFIG}\n{nixconf}netrc-file = {}\n", netrc.display()),
+            )
+            .env("XDG_CACHE_HOME", dir.path().join("xdg"))
+            .output()
+            .unwrap()
+    };
+    // The substituter is configured, but Nix has no credentials for it: not a cache miss.
+    let o = pull(&dir.path().join("no-netrc"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("Nix would be refused") && err.contains("has no entry for 127.0.0.1"),
+        "{err}"
+    );
+    assert!(err.contains("larder use hidden"), "{err}");
+    // A wrong token in the netrc: the same, naming the token.
+    let bad = server.netrc(dir.path(), "bad-netrc", "larder_wrong");
+    let err = String::from_utf8_lossy(&pull(&bad).stderr).into_owned();
+    assert!(err.contains("cannot read cache hidden"), "{err}");
+    // The netrc `use` would write: the plan goes on.
+    let good = server.netrc(dir.path(), "netrc", &token);
+    let o = pull(&good);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
