@@ -50,6 +50,48 @@ pub struct BuildArgs {
     /// Print one JSON object per installable, then a summary object, instead of the report.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    nix: NixFlags,
+}
+
+/// Nix options `build` and `pull` pass through to `nix build`, as a flake or a home-manager
+/// configuration may need them.
+#[derive(clap::Args, Debug, Default)]
+pub struct NixFlags {
+    /// Passed to Nix: evaluate in impure mode (`nix build --impure`), e.g. for a flake that
+    /// reads the environment or a path outside it.
+    #[arg(long)]
+    impure: bool,
+    /// Passed to Nix: `--arg NAME EXPR`, an argument of the file's function (repeatable).
+    #[arg(long, num_args = 2, value_names = ["NAME", "EXPR"], action = clap::ArgAction::Append)]
+    arg: Vec<String>,
+    /// Passed to Nix: `--argstr NAME STRING`, a string argument (repeatable).
+    #[arg(long, num_args = 2, value_names = ["NAME", "STRING"], action = clap::ArgAction::Append)]
+    argstr: Vec<String>,
+    /// Passed to Nix: `--option NAME VALUE`, a Nix setting for this run (repeatable).
+    #[arg(long, num_args = 2, value_names = ["NAME", "VALUE"], action = clap::ArgAction::Append)]
+    option: Vec<String>,
+}
+
+impl NixFlags {
+    /// The options as `nix build` arguments.
+    fn args(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.impure {
+            out.push("--impure".to_owned());
+        }
+        for (flag, values) in [
+            ("--arg", &self.arg),
+            ("--argstr", &self.argstr),
+            ("--option", &self.option),
+        ] {
+            for pair in values.chunks(2) {
+                out.push(flag.to_owned());
+                out.extend(pair.iter().cloned());
+            }
+        }
+        out
+    }
 }
 
 #[derive(clap::Args)]
@@ -71,6 +113,8 @@ pub struct PullArgs {
     /// Print the plan and the result as JSON objects (one per line) instead of the report.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    nix: NixFlags,
     /// A command to run after a successful pull, e.g. `-- home-manager switch --flake .#host`.
     #[arg(last = true, value_name = "CMD")]
     command: Vec<String>,
@@ -267,11 +311,14 @@ async fn nix_build(
     file: Option<&Path>,
     installables: &[String],
     extra: &[&str],
+    flags: &NixFlags,
     log: &Log,
     echo: bool,
 ) -> anyhow::Result<(Vec<String>, Vec<String>)> {
     let mut cmd = tokio::process::Command::new("nix");
-    cmd.args(["build", "--json", "--no-link", "-L"]).args(extra);
+    cmd.args(["build", "--json", "--no-link", "-L"])
+        .args(extra)
+        .args(flags.args());
     if let Some(f) = file {
         cmd.arg("--file").arg(f);
     }
@@ -406,6 +453,7 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
             args.file.as_deref(),
             std::slice::from_ref(inst),
             extra,
+            &args.nix,
             &log,
             !args.json && (args.verbose || args.dry_run),
         )
@@ -665,6 +713,7 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
         args.file.as_deref(),
         &args.installables,
         &dry_args,
+        &args.nix,
         &null_log,
         false,
     )
@@ -719,6 +768,7 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
             args.file.as_deref(),
             &args.installables,
             &without_cache,
+            &args.nix,
             &null_log,
             !args.json,
         )

@@ -665,3 +665,66 @@ fn pull_from_a_private_cache_nix_cannot_read_stops_with_the_fix() {
     let o = pull(&good);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+#[test]
+fn build_passes_nix_arguments_through() {
+    require_nix();
+    let server = Server::start();
+    server.create_cache("args", &[]);
+    let token = server.token("push", "args");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("default.nix");
+    let tag = unique_tag();
+    std::fs::write(
+        &file,
+        format!(
+            "{{ greeting, times }}: {{ app = derivation {{ name = \"args-{tag}\"; \
+             system = builtins.currentSystem; builder = \"/bin/sh\"; \
+             args = [\"-c\" \"echo ${{greeting}} ${{toString times}} > $out\"]; }}; }}"
+        ),
+    )
+    .unwrap();
+    let o = larder(
+        &server,
+        &token,
+        &[
+            "build",
+            "args",
+            "-f",
+            file.to_str().unwrap(),
+            "app",
+            "--argstr",
+            "greeting",
+            "hello",
+            "--arg",
+            "times",
+            "3",
+            "--option",
+            "max-jobs",
+            "1",
+            "--impure",
+        ],
+    )
+    .env("NIX_CONFIG", NIX_CONFIG)
+    .env("XDG_CACHE_HOME", dir.path().join("xdg"))
+    .output()
+    .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // What Nix built with the arguments, pushed to the cache.
+    let built = build_expr(&format!(
+        "(import {} {{ greeting = \"hello\"; times = 3; }}).app",
+        file.display()
+    ))
+    .remove(0);
+    assert_eq!(std::fs::read_to_string(&built).unwrap(), "hello 3\n");
+    let hash = &built["/nix/store/".len()..][..32];
+    assert_eq!(
+        server.http("GET", &format!("/args/{hash}.narinfo"), None).0,
+        200
+    );
+}
