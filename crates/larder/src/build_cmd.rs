@@ -30,8 +30,9 @@ const RULE: &str = "━━━━━━━━━━━━━━━━━━━━
 
 #[derive(clap::Args)]
 pub struct BuildArgs {
-    /// CACHE, SERVER:CACHE or the cache's URL (http://HOST:PORT/CACHE)
-    cache: String,
+    /// CACHE, SERVER:CACHE or the cache's URL (http://HOST:PORT/CACHE). [default, with no
+    /// argument at all: `cache` and `build` of ./larder.toml]
+    cache: Option<String>,
     /// What to build, in turn: flake references (`.#homeConfigurations.shoshin.activationPackage`)
     /// or, with -f, attribute paths. [default: `.`, the flake's default package]
     installables: Vec<String>,
@@ -96,10 +97,10 @@ impl NixFlags {
 
 #[derive(clap::Args)]
 pub struct PullArgs {
-    /// CACHE, SERVER:CACHE or the cache's URL (http://HOST:PORT/CACHE)
-    cache: String,
+    /// CACHE, SERVER:CACHE or the cache's URL (http://HOST:PORT/CACHE). [default, with no
+    /// argument at all: `cache` and `pull` of ./larder.toml]
+    cache: Option<String>,
     /// What to realise: flake references or, with -f, attribute paths.
-    #[arg(required = true)]
     installables: Vec<String>,
     /// Take the installables as attributes of this Nix file (like `nix build -f`).
     #[arg(short = 'f', long, value_name = "FILE")]
@@ -118,6 +119,63 @@ pub struct PullArgs {
     /// A command to run after a successful pull, e.g. `-- home-manager switch --flake .#host`.
     #[arg(last = true, value_name = "CMD")]
     command: Vec<String>,
+}
+
+/// `./larder.toml`: what `larder build` and `larder pull` do when given no argument at all, so
+/// that the daily job is one word (the Cachix guide's `cachix-build-all` and `cachix-pull`).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Defaults {
+    /// The cache (CACHE, SERVER:CACHE or its URL).
+    cache: String,
+    /// A Nix file whose attributes the installables are (like `-f`).
+    file: Option<PathBuf>,
+    /// What `larder build` builds.
+    #[serde(default)]
+    build: Vec<String>,
+    /// What `larder pull` realises.
+    #[serde(default)]
+    pull: Vec<String>,
+}
+
+const DEFAULTS_FILE: &str = "larder.toml";
+
+/// The cache, installables and file to use: the arguments, or with none at all, the
+/// defaults of `./larder.toml` for `verb`.
+fn with_defaults(
+    cache: &Option<String>,
+    installables: &[String],
+    file: &Option<PathBuf>,
+    verb: &str,
+) -> anyhow::Result<(String, Vec<String>, Option<PathBuf>)> {
+    if let Some(cache) = cache {
+        return Ok((cache.clone(), installables.to_vec(), file.clone()));
+    }
+    let example = format!(
+        "give the cache (`larder {verb} CACHE INSTALLABLE…`), or write ./{DEFAULTS_FILE}, e.g.\n  \
+         cache = \"modular-workspace\"\n  build = [\".#homeConfigurations.shoshin.activationPackage\"]\n  \
+         pull = [\".#homeConfigurations.gyakusatsu.activationPackage\"]"
+    );
+    let text = match std::fs::read_to_string(DEFAULTS_FILE) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(fail_with_hint(
+                format!("no cache given and no ./{DEFAULTS_FILE} here"),
+                example,
+            ))
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read ./{DEFAULTS_FILE}")),
+    };
+    let d: Defaults =
+        toml::from_str(&text).with_context(|| format!("invalid ./{DEFAULTS_FILE}"))?;
+    let installables = if verb == "pull" { d.pull } else { d.build };
+    if verb == "pull" && installables.is_empty() {
+        return Err(fail_with_hint(
+            format!("./{DEFAULTS_FILE} names nothing to pull (`pull = [...]`)"),
+            example,
+        ));
+    }
+    Ok((d.cache, installables, d.file.or_else(|| file.clone())))
 }
 
 /// The human report, or (with `--json`) JSON objects one per line.
@@ -390,6 +448,8 @@ impl Observer for Quiet {
 }
 
 pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
+    let (cache, chosen, file) =
+        with_defaults(&args.cache, &args.installables, &args.file, "build")?;
     let t_all = Instant::now();
     let rep = Report { json: args.json };
     let dir = match &args.log_dir {
@@ -399,21 +459,21 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let (log_path, log_file) = create_log(&dir)?;
     let log = Log(Arc::new(Mutex::new(log_file)));
-    let installables = if args.installables.is_empty() {
-        vec![if args.file.is_some() {
+    let installables = if chosen.is_empty() {
+        vec![if file.is_some() {
             String::new()
         } else {
             ".".into()
         }]
     } else {
-        args.installables.clone()
+        chosen.clone()
     };
 
-    let mut out = format!("{RULE}\nlarder build → {}\n{RULE}\n", args.cache);
+    let mut out = format!("{RULE}\nlarder build → {}\n{RULE}\n", cache);
     // Prerequisites first: nothing is built if the push cannot happen.
     let version = nix_version().await?;
     out.push_str(&format!("✓ {version}\n"));
-    let mut pusher = Pusher::connect(&args.cache).await?;
+    let mut pusher = Pusher::connect(&cache).await?;
     out.push_str(&format!(
         "✓ server {} reachable, token can push to {}\n",
         pusher.client.base_url(),
@@ -434,8 +494,7 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
     let (mut total_paths, mut total_bytes) = (0usize, 0u64);
     for (i, inst) in installables.iter().enumerate() {
         let shown = if inst.is_empty() {
-            args.file
-                .as_ref()
+            file.as_ref()
                 .map_or(String::new(), |f| f.display().to_string())
         } else {
             inst.clone()
@@ -450,7 +509,7 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
         let t0 = Instant::now();
         let extra: &[&str] = if args.dry_run { &["--dry-run"] } else { &[] };
         let r = nix_build(
-            args.file.as_deref(),
+            file.as_deref(),
             std::slice::from_ref(inst),
             extra,
             &args.nix,
@@ -624,9 +683,16 @@ fn sum_sizes<'a>(
 }
 
 pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
+    let (cache, chosen, file) = with_defaults(&args.cache, &args.installables, &args.file, "pull")?;
+    if chosen.is_empty() {
+        return Err(fail_with_hint(
+            "nothing to pull",
+            "name what to realise: `larder pull CACHE INSTALLABLE…`",
+        ));
+    }
     let t0 = Instant::now();
     let rep = Report { json: args.json };
-    let t = crate::client_config::target(&args.cache)?;
+    let t = crate::client_config::target(&cache)?;
     let url = format!("{}/{}", t.client.base_url().trim_end_matches('/'), t.cache);
     let mut out = format!("{RULE}\nlarder pull ← {url}\n{RULE}\n");
     nix_version().await?;
@@ -655,7 +721,7 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
             format!("{url} is not among Nix's substituters, so Nix would build everything"),
             format!(
                 "run `larder use {}` (then `larder doctor {}`)",
-                args.cache, args.cache
+                cache, cache
             ),
         ));
     }
@@ -677,7 +743,7 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
         Err(e) => return Err(e).with_context(|| format!("cannot use cache {url}")),
     };
     if reachable {
-        nix_can_read(&conf, &url, &t.cache, &args.cache).await?;
+        nix_can_read(&conf, &url, &t.cache, &cache).await?;
     }
     rep.text(&out)?;
     // Nix itself would stop at the unreachable cache (with its default `fallback = false`, a
@@ -710,8 +776,8 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
         .chain(without_cache.iter().copied())
         .collect();
     let (_, dry) = nix_build(
-        args.file.as_deref(),
-        &args.installables,
+        file.as_deref(),
+        &chosen,
         &dry_args,
         &args.nix,
         &null_log,
@@ -765,8 +831,8 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
     rep.text("✓ Starting pull...\n")?;
     let (fetched_from, built): (Vec<(String, String)>, Vec<String>) = {
         let (_, lines) = nix_build(
-            args.file.as_deref(),
-            &args.installables,
+            file.as_deref(),
+            &chosen,
             &without_cache,
             &args.nix,
             &null_log,

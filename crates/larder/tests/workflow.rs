@@ -728,3 +728,76 @@ fn build_passes_nix_arguments_through() {
         200
     );
 }
+
+#[test]
+fn build_and_pull_alone_do_the_daily_job_from_larder_toml() {
+    require_nix();
+    let server = Server::start();
+    server.create_cache("daily", &[]);
+    let token = server.token("push", "daily");
+    let dir = tempfile::tempdir().unwrap();
+    let tag = unique_tag();
+    std::fs::write(
+        dir.path().join("default.nix"),
+        format!(
+            "{{ app = derivation {{ name = \"daily-{tag}\"; system = builtins.currentSystem; \
+             builder = \"/bin/sh\"; args = [\"-c\" \"echo daily > $out\"]; }}; }}"
+        ),
+    )
+    .unwrap();
+    // Without a cache and without larder.toml: what to write.
+    let o = larder(&server, &token, &["build"])
+        .current_dir(dir.path())
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("larder.toml") && err.contains("cache = "),
+        "{err}"
+    );
+
+    std::fs::write(
+        dir.path().join("larder.toml"),
+        "cache = \"daily\"\nfile = \"default.nix\"\nbuild = [\"app\"]\npull = [\"app\"]\n",
+    )
+    .unwrap();
+    let o = larder(&server, &token, &["build"])
+        .current_dir(dir.path())
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .env("XDG_CACHE_HOME", dir.path().join("xdg"))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("All 1 builds completed and pushed"), "{out}");
+    // `larder pull` alone, on a consumer whose Nix uses the cache.
+    let lines = server.cli_ok(&token, &["use", "daily", "--mode", "print"]);
+    let nixconf: String = lines
+        .lines()
+        .filter(|l| l.starts_with("extra-"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let store = dir.path().join("consumer");
+    let o = larder(&server, &token, &["pull"])
+        .current_dir(dir.path())
+        .env(
+            "NIX_CONFIG",
+            format!("{NIX_CONFIG}\nstore = {}\n{nixconf}", store.display()),
+        )
+        .env("XDG_CACHE_HOME", dir.path().join("xdg2"))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("Built locally: 0"), "{out}");
+}
