@@ -23,7 +23,7 @@ use larder_store::meta::{CacheRow, ChunkRow, NarRow};
 use crate::auth::{principal, Perm};
 use crate::config::NarRedirect;
 use crate::error::ApiError;
-use crate::ingest::{ingest, parse_compression, parse_nar_file_name, truncate, Compression};
+use crate::ingest::{ingest, parse_compression, parse_nar_file_name, truncate};
 use crate::publish::{load_cache, publish, render_narinfo, store_upload, PathInfo};
 use crate::routes::Routes;
 use crate::AppState;
@@ -212,57 +212,8 @@ async fn make_listing(state: &AppState, nar: &NarRow) -> Result<(), ApiError> {
         .map_err(ApiError::internal)?
         .into_parts();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
-    let worker = tokio::task::spawn_blocking(move || -> Result<(), ApiError> {
-        use std::io::Write;
-        struct Sink(
-            larder_nix::nar::parse::NarParser,
-            std::io::BufWriter<std::fs::File>,
-        );
-        impl Write for Sink {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.feed(b).map_err(std::io::Error::other)?;
-                self.1.write_all(self.0.take_listing().as_bytes())?;
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let sink = Sink(
-            larder_nix::nar::parse::NarParser::streaming_listing(),
-            std::io::BufWriter::new(file),
-        );
-        let sink = match compression {
-            Compression::None => {
-                let mut s = sink;
-                while let Some(b) = rx.blocking_recv() {
-                    s.write_all(&b).map_err(ApiError::internal)?;
-                }
-                s
-            }
-            Compression::Xz => {
-                let mut d = xz2::write::XzDecoder::new_multi_decoder(sink);
-                while let Some(b) = rx.blocking_recv() {
-                    d.write_all(&b).map_err(ApiError::internal)?;
-                }
-                d.finish().map_err(ApiError::internal)?
-            }
-            Compression::Zstd => {
-                let mut d = zstd::stream::write::Decoder::new(sink).map_err(ApiError::internal)?;
-                while let Some(b) = rx.blocking_recv() {
-                    d.write_all(&b).map_err(ApiError::internal)?;
-                }
-                d.flush().map_err(ApiError::internal)?;
-                d.into_inner()
-            }
-        };
-        let Sink(parser, out) = sink;
-        parser.finish().map_err(ApiError::internal)?;
-        out.into_inner()
-            .map_err(|e| ApiError::internal(e.into_error()))?
-            .sync_all()
-            .map_err(ApiError::internal)
-    });
+    let worker =
+        tokio::task::spawn_blocking(move || crate::ingest::list_stored(&mut rx, compression, file));
     let mut body = body;
     while let Some(block) = body.next().await {
         let block = block.map_err(ApiError::internal)?;

@@ -315,6 +315,23 @@ pub async fn ingest(
     })
 }
 
+/// Write the `.ls` listing of a stored `compression`-compressed NAR file, whose blocks arrive
+/// on `blocks`, to `listing`, with the same pipeline that verifies uploads (the file was
+/// verified when it was stored, so no size limit applies). Blocking: call from a blocking
+/// thread.
+pub fn list_stored(
+    blocks: &mut tokio::sync::mpsc::Receiver<Bytes>,
+    compression: Compression,
+    listing: std::fs::File,
+) -> Result<(), ApiError> {
+    let mut pipeline =
+        Pipeline::new(None, listing, compression, u64::MAX).map_err(ApiError::internal)?;
+    while let Some(block) = blocks.blocking_recv() {
+        pipeline.write(&block)?;
+    }
+    pipeline.finish().map(drop)
+}
+
 /// What verifying a multi-part upload measured: the whole file's figures and each part's hash.
 #[derive(Debug)]
 pub struct VerifiedParts {
