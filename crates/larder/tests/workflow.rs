@@ -34,6 +34,31 @@ fn larder(server: &Server, token: &str, args: &[&str]) -> Command {
     c
 }
 
+/// The `extra-…` nix.conf lines `larder use CACHE --mode print` gives (what a consumer adds).
+fn use_lines(server: &Server, token: &str, cache: &str) -> String {
+    server
+        .cli_ok(token, &["use", cache, "--mode", "print"])
+        .lines()
+        .filter(|l| l.starts_with("extra-"))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// `dir/default.nix`: an attribute set with `app`, a new one-file derivation printing `text`.
+fn write_app_file(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    let file = dir.join("default.nix");
+    std::fs::write(
+        &file,
+        format!(
+            "{{ app = derivation {{ name = \"{name}-{}\"; system = builtins.currentSystem; \
+             builder = \"/bin/sh\"; args = [\"-c\" \"echo {text} > $out\"]; }}; }}",
+            unique_tag()
+        ),
+    )
+    .unwrap();
+    file
+}
+
 fn start_daemon(server: &Server, token: &str, cache: &str, socket: &Path, log: &Path) -> Child {
     let log = std::fs::File::create(log).unwrap();
     let child = larder(server, token, &["daemon", "run", cache, "--socket"])
@@ -533,23 +558,9 @@ fn pull_builds_locally_when_the_cache_is_down() {
     let server = Server::start();
     server.create_cache("down", &[]);
     let token = server.token("pull", "down");
-    let lines = server.cli_ok(&token, &["use", "down", "--mode", "print"]);
-    let nixconf: String = lines
-        .lines()
-        .filter(|l| l.starts_with("extra-"))
-        .map(|l| format!("{l}\n"))
-        .collect();
+    let nixconf = use_lines(&server, &token, "down");
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("default.nix");
-    std::fs::write(
-        &file,
-        format!(
-            "{{ app = derivation {{ name = \"fallback-{}\"; system = builtins.currentSystem; \
-             builder = \"/bin/sh\"; args = [\"-c\" \"echo local > $out\"]; }}; }}",
-            unique_tag()
-        ),
-    )
-    .unwrap();
+    let file = write_app_file(dir.path(), "fallback", "local");
     let url = server.url.clone();
     let home = dir.path().join("home");
     assert!(server.stop().success());
@@ -612,23 +623,9 @@ fn pull_from_a_private_cache_nix_cannot_read_stops_with_the_fix() {
     let server = Server::start();
     server.create_cache("hidden", &["--private"]);
     let token = server.token("pull", "hidden");
-    let lines = server.cli_ok(&token, &["use", "hidden", "--mode", "print"]);
-    let nixconf: String = lines
-        .lines()
-        .filter(|l| l.starts_with("extra-"))
-        .map(|l| format!("{l}\n"))
-        .collect();
+    let nixconf = use_lines(&server, &token, "hidden");
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("default.nix");
-    std::fs::write(
-        &file,
-        format!(
-            "{{ app = derivation {{ name = \"private-{}\"; system = builtins.currentSystem; \
-             builder = \"/bin/sh\"; args = [\"-c\" \"echo x > $out\"]; }}; }}",
-            unique_tag()
-        ),
-    )
-    .unwrap();
+    let file = write_app_file(dir.path(), "private", "x");
     let home = dir.path().join("home");
     let pull = |netrc: &std::path::Path| {
         larder_testkit::nix::command(larder_bin())
@@ -777,12 +774,7 @@ fn build_and_pull_alone_do_the_daily_job_from_larder_toml() {
     );
     assert!(out.contains("All 1 builds completed and pushed"), "{out}");
     // `larder pull` alone, on a consumer whose Nix uses the cache.
-    let lines = server.cli_ok(&token, &["use", "daily", "--mode", "print"]);
-    let nixconf: String = lines
-        .lines()
-        .filter(|l| l.starts_with("extra-"))
-        .map(|l| format!("{l}\n"))
-        .collect();
+    let nixconf = use_lines(&server, &token, "daily");
     let store = dir.path().join("consumer");
     let o = larder(&server, &token, &["pull"])
         .current_dir(dir.path())
