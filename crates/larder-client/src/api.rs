@@ -80,6 +80,9 @@ pub struct CacheInfo {
     /// Whether `size` has passed 85 % of `max_size` (older servers: absent, false).
     #[serde(default)]
     pub near_limit: bool,
+    /// Keys the cache trusts as upstream beside the server's (older servers: absent, none).
+    #[serde(default)]
+    pub upstream_keys: Vec<String>,
     pub nix_conf: String,
     /// The same as a flake `nixConfig` block (older servers: absent, empty).
     #[serde(default)]

@@ -153,6 +153,8 @@ pub struct CacheJson {
     pub paths: i64,
     /// Whether `size` has passed 85 % of `max_size`.
     pub near_limit: bool,
+    /// Keys trusted as upstream for this cache beside the server's (declared in the config).
+    pub upstream_keys: Vec<String>,
     /// The nix.conf lines that make Nix substitute from this cache.
     pub nix_conf: String,
     /// The same as a flake's `nixConfig` block.
@@ -181,6 +183,7 @@ pub(crate) async fn cache_json(state: &AppState, c: &CacheRow) -> Result<CacheJs
         nar_size: stats.nar_size,
         paths: stats.paths,
         near_limit: crate::retention::over_warning(c, stats.size),
+        upstream_keys: c.upstream_keys.clone(),
     })
 }
 
@@ -251,6 +254,33 @@ fn random_seed() -> Result<[u8; 32], ApiError> {
     Ok(seed)
 }
 
+/// A new cache that the server signs for, with a fresh key named after the server's host;
+/// unset settings take the server's defaults.
+pub(crate) fn managed_cache(
+    state: &AppState,
+    name: &str,
+    private: bool,
+    priority: Option<i64>,
+    compression: Option<&str>,
+    max_size: Option<i64>,
+    upstream_keys: Vec<String>,
+) -> Result<NewCache, ApiError> {
+    let compression = parse_compression(compression.unwrap_or(&state.config.compression))?;
+    let key_name = format!("{name}.{}-1", state.config.public_host());
+    let key = SigningKey::from_seed(&key_name, random_seed()?).map_err(ApiError::internal)?;
+    Ok(NewCache {
+        name: name.to_owned(),
+        private,
+        priority: check_priority(priority.unwrap_or(DEFAULT_PRIORITY))?,
+        compression: compression.as_str().to_owned(),
+        max_size,
+        signing_mode: "managed".into(),
+        public_key: Some(key.verifying_key().to_string()),
+        secret_key: Some(key.to_secret_string()),
+        upstream_keys,
+    })
+}
+
 async fn create_cache(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -265,23 +295,15 @@ async fn create_cache(
             crate::RESERVED_NAMES.join(", ")
         )));
     }
-    let compression = parse_compression(
-        req.compression
-            .as_deref()
-            .unwrap_or(&state.config.compression),
+    let new = managed_cache(
+        &state,
+        &req.name,
+        req.private,
+        req.priority,
+        req.compression.as_deref(),
+        req.max_size.as_ref().map(SizeArg::bytes).transpose()?,
+        Vec::new(),
     )?;
-    let key_name = format!("{}.{}-1", req.name, state.config.public_host());
-    let key = SigningKey::from_seed(&key_name, random_seed()?).map_err(ApiError::internal)?;
-    let new = NewCache {
-        name: req.name.clone(),
-        private: req.private,
-        priority: check_priority(req.priority.unwrap_or(DEFAULT_PRIORITY))?,
-        compression: compression.as_str().to_owned(),
-        max_size: req.max_size.as_ref().map(SizeArg::bytes).transpose()?,
-        signing_mode: "managed".into(),
-        public_key: Some(key.verifying_key().to_string()),
-        secret_key: Some(key.to_secret_string()),
-    };
     let row = state
         .meta
         .create_cache(&new)
@@ -355,6 +377,7 @@ async fn configure_cache(
             .map(|m| m.as_ref().map(SizeArg::bytes).transpose())
             .transpose()?,
         client_public_key: None,
+        upstream_keys: None,
     };
     let row = state
         .meta

@@ -150,6 +150,53 @@ pub struct ConfigFile {
     pub max_connections_per_client: Option<usize>,
     /// Public keys (`name:base64`) of upstream caches. Default: cache.nixos.org's key.
     pub upstream_keys: Option<Vec<String>>,
+    /// PEM file of the TLS certificate chain; with `tls_key`, the server speaks HTTPS only.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM file of the TLS private key (PKCS#8, PKCS#1 or SEC1).
+    pub tls_key: Option<PathBuf>,
+    /// Caches declared here (`[caches.NAME]`): created at start when missing, and their
+    /// declared settings applied when they exist. Undeclared caches are left alone unless
+    /// `delete_undeclared_caches` is set.
+    #[serde(default)]
+    pub caches: std::collections::BTreeMap<String, DeclaredCacheFile>,
+    /// Delete, at start, every cache the file does not declare (and its paths). Default: false.
+    pub delete_undeclared_caches: Option<bool>,
+}
+
+/// One `[caches.NAME]` table: every key is optional; a key left out keeps the cache's current
+/// value (or the default, for a new cache).
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeclaredCacheFile {
+    /// Readable only with a token. Default: false.
+    pub private: Option<bool>,
+    /// `Priority` in `nix-cache-info` (lower wins; cache.nixos.org is 40). Default: 41.
+    pub priority: Option<i64>,
+    /// Size limit, e.g. `5GiB`, or `none` for no limit. Default: no limit.
+    pub max_size: Option<SizeValue>,
+    /// `zstd`, `xz` or `none`. Default: the server's `compression`.
+    pub compression: Option<String>,
+    /// Keys trusted as upstream for this cache, beside the server's `upstream_keys`.
+    pub upstream_keys: Option<Vec<String>>,
+}
+
+/// A declared cache, checked: what [`crate::declared::apply`] makes true at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeclaredCache {
+    pub name: String,
+    pub private: Option<bool>,
+    pub priority: Option<i64>,
+    /// `Some(None)`: no limit.
+    pub max_size: Option<Option<u64>>,
+    pub compression: Option<String>,
+    pub upstream_keys: Option<Vec<String>>,
+}
+
+/// The TLS certificate and key files the server serves with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// A size written as a number of bytes or a string like `5GiB`.
@@ -190,6 +237,12 @@ pub enum ConfigError {
     Setting {
         key: &'static str,
         inner: Box<ConfigError>,
+    },
+    #[error("invalid {key} of declared cache {cache:?} ([caches.{cache}]): {value:?}")]
+    Declared {
+        cache: String,
+        key: &'static str,
+        value: String,
     },
     #[error(
         "invalid public_url {value:?} (from --public-url, LARDER_PUBLIC_URL or the config \
@@ -237,6 +290,10 @@ pub struct Config {
     pub max_connections: Option<usize>,
     pub max_connections_per_client: usize,
     pub upstream_keys: Vec<larder_nix::signing::VerifyingKey>,
+    /// HTTPS instead of plain HTTP.
+    pub tls: Option<TlsFiles>,
+    pub declared_caches: Vec<DeclaredCache>,
+    pub delete_undeclared_caches: bool,
 }
 
 impl Config {
@@ -244,6 +301,21 @@ impl Config {
     pub fn resolve(file: ConfigFile, default_data_dir: PathBuf) -> Result<Config, ConfigError> {
         let listen = file.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
         let data_dir = file.data_dir.unwrap_or(default_data_dir);
+        let tls = match (file.tls_cert, file.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            (cert, _) => {
+                return Err(ConfigError::Value {
+                    key: "TLS files (set both tls_cert and tls_key)",
+                    value: if cert.is_some() {
+                        "tls_cert without tls_key".into()
+                    } else {
+                        "tls_key without tls_cert".into()
+                    },
+                })
+            }
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
         if let Some(url) = &file.public_url {
             check_public_url(url).map_err(|reason| ConfigError::PublicUrl {
                 value: url.clone(),
@@ -252,7 +324,7 @@ impl Config {
         }
         let public_url = file
             .public_url
-            .unwrap_or_else(|| format!("http://{listen}"))
+            .unwrap_or_else(|| format!("{scheme}://{listen}"))
             .trim_end_matches('/')
             .to_owned();
         let database = file
@@ -386,8 +458,16 @@ impl Config {
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
+        let declared_caches = file
+            .caches
+            .into_iter()
+            .map(|(name, c)| declared_cache(name, c))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Config {
             upstream_keys,
+            tls,
+            declared_caches,
+            delete_undeclared_caches: file.delete_undeclared_caches.unwrap_or(false),
             listen,
             data_dir,
             public_url,
@@ -430,6 +510,64 @@ impl Config {
         }
         authority.split(':').next().unwrap_or(authority).to_owned()
     }
+}
+
+/// Check one `[caches.NAME]` table; errors name the table and the key.
+fn declared_cache(name: String, c: DeclaredCacheFile) -> Result<DeclaredCache, ConfigError> {
+    let bad = |key: &'static str, value: String| ConfigError::Declared {
+        cache: name.clone(),
+        key,
+        value,
+    };
+    if !crate::valid_cache_name(&name) {
+        return Err(bad(
+            "name (1-63 of [a-z0-9-], starting with a letter or digit)",
+            name.clone(),
+        ));
+    }
+    if let Some(p) = c.priority {
+        if !(0..=1_000_000).contains(&p) {
+            return Err(bad("priority (0 to 1000000)", p.to_string()));
+        }
+    }
+    if let Some(comp) = &c.compression {
+        if !matches!(comp.as_str(), "zstd" | "xz" | "none") {
+            return Err(bad("compression (zstd, xz or none)", comp.clone()));
+        }
+    }
+    let max_size = match c.max_size {
+        None => None,
+        Some(SizeValue::Text(t)) if t == "none" => Some(None),
+        Some(s) => {
+            let shown = match &s {
+                SizeValue::Bytes(b) => b.to_string(),
+                SizeValue::Text(t) => t.clone(),
+            };
+            match s.bytes() {
+                Ok(b) if b > 0 && b <= i64::MAX as u64 => Some(Some(b)),
+                _ => {
+                    return Err(bad(
+                        "max_size (more than 0, like 5GiB, or \"none\" for no limit)",
+                        shown,
+                    ))
+                }
+            }
+        }
+    };
+    if let Some(keys) = &c.upstream_keys {
+        for k in keys {
+            larder_nix::signing::VerifyingKey::parse(k)
+                .map_err(|_| bad("upstream_keys (name:base64 public keys)", k.clone()))?;
+        }
+    }
+    Ok(DeclaredCache {
+        name: name.clone(),
+        private: c.private,
+        priority: c.priority,
+        max_size,
+        compression: c.compression,
+        upstream_keys: c.upstream_keys,
+    })
 }
 
 /// Why `url` cannot be the base URL clients are given (in `cache info`, nix.conf lines) and

@@ -20,6 +20,7 @@ pub mod binary_cache;
 pub mod config;
 pub mod conn;
 pub mod data_lock;
+pub mod declared;
 pub mod error;
 pub mod hot;
 pub mod ingest;

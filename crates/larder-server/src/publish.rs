@@ -167,6 +167,20 @@ pub struct UpstreamRef {
     pub sigs: Vec<Signature>,
 }
 
+/// The keys whose signature marks a path as available upstream for `cache`: the server's
+/// `upstream_keys` and the cache's own (a declared cache's `upstream_keys`).
+fn upstream_keys(state: &AppState, cache: &CacheRow) -> Vec<VerifyingKey> {
+    let mut keys = state.config.upstream_keys.clone();
+    // Checked when they were declared; a row edited by hand to hold garbage trusts nothing.
+    keys.extend(
+        cache
+            .upstream_keys
+            .iter()
+            .filter_map(|k| VerifyingKey::parse(k).ok()),
+    );
+    keys
+}
+
 /// The references of `info` whose upstream metadata carries a valid signature by a key in
 /// `keys` (basenames).
 fn verified_upstream(info: &PathInfo, keys: &[VerifyingKey]) -> Vec<String> {
@@ -277,7 +291,7 @@ pub async fn publish(
         ca: info.ca.clone(),
         sigs,
         nar_id: nar.id,
-        upstream_refs: verified_upstream(&info, &state.config.upstream_keys),
+        upstream_refs: verified_upstream(&info, &upstream_keys(state, cache)),
     };
     match state.meta.publish_path(&new, upload_id).await? {
         Publish::Conflict { existing_nar_hash } => Err(ApiError::Conflict(format!(

@@ -183,6 +183,8 @@ pub struct CacheRow {
     #[serde(skip)]
     pub secret_key: Option<String>,
     pub created_at: i64,
+    /// Public keys (`name:base64`) trusted as upstream for this cache, beside the server's.
+    pub upstream_keys: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -195,6 +197,7 @@ pub struct NewCache {
     pub signing_mode: String,
     pub public_key: Option<String>,
     pub secret_key: Option<String>,
+    pub upstream_keys: Vec<String>,
 }
 
 /// Changes to a cache; `None` leaves a field as it is.
@@ -207,6 +210,8 @@ pub struct CacheUpdate {
     pub max_size: Option<Option<i64>>,
     /// Switch to client signing with this public key (`Some`), dropping the managed secret.
     pub client_public_key: Option<String>,
+    /// Replace the cache's own upstream keys.
+    pub upstream_keys: Option<Vec<String>>,
 }
 
 /// The prefix of an ended scope in [`TokenRow::caches`]: `!NAME` names a cache that was
@@ -446,7 +451,18 @@ fn cache_from_row(row: &AnyRow) -> Result<CacheRow> {
         public_key: row.try_get("public_key")?,
         secret_key: row.try_get("secret_key")?,
         created_at: row.try_get("created_at")?,
+        upstream_keys: split_keys(row.try_get("upstream_keys")?),
     })
+}
+
+/// `caches.upstream_keys`: newline-joined keys, NULL for none.
+fn join_keys(keys: &[String]) -> Option<String> {
+    (!keys.is_empty()).then(|| keys.join("\n"))
+}
+
+fn split_keys(text: Option<String>) -> Vec<String> {
+    text.map(|t| t.lines().map(str::to_owned).collect())
+        .unwrap_or_default()
 }
 
 fn token_from_row(row: &AnyRow) -> Result<TokenRow> {
@@ -489,7 +505,7 @@ fn path_from_row(row: &AnyRow) -> Result<PathRow> {
 }
 
 const CACHE_COLS: &str = "id, name, private, priority, compression, max_size, signing_mode, \
-                          public_key, secret_key, created_at";
+                          public_key, secret_key, created_at, upstream_keys";
 const TOKEN_COLS: &str =
     "id, secret_hash, label, perms, caches, expires_at, revoked_at, created_at";
 const NAR_COLS: &str = "n.id AS nar_id, n.nar_hash, n.nar_size, n.compression, n.file_hash, \
@@ -643,7 +659,8 @@ impl Metadata {
     pub async fn create_cache(&self, c: &NewCache) -> Result<Option<CacheRow>> {
         let sql = format!(
             "INSERT INTO caches (name, private, priority, compression, max_size, signing_mode, \
-             public_key, secret_key, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             public_key, secret_key, created_at, upstream_keys) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
              ON CONFLICT (name) DO NOTHING RETURNING {CACHE_COLS}"
         );
         let row = sqlx::query(&sql)
@@ -656,6 +673,7 @@ impl Metadata {
             .bind(&c.public_key)
             .bind(&c.secret_key)
             .bind(now_unix())
+            .bind(join_keys(&c.upstream_keys))
             .fetch_optional(&self.pool)
             .await?;
         row.as_ref().map(cache_from_row).transpose()
@@ -702,6 +720,13 @@ impl Metadata {
         if let Some(m) = u.max_size {
             sqlx::query("UPDATE caches SET max_size = $1 WHERE name = $2")
                 .bind(m)
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if let Some(keys) = &u.upstream_keys {
+            sqlx::query("UPDATE caches SET upstream_keys = $1 WHERE name = $2")
+                .bind(join_keys(keys))
                 .bind(name)
                 .execute(&mut *tx)
                 .await?;

@@ -15,7 +15,7 @@ use larder_nix::store_path::StorePath;
 
 use crate::client_config::target;
 use crate::output::fail_with_hint;
-use crate::push_cmd::{run_rounds, upload_settings, Planner, Run};
+use crate::push_cmd::{run_rounds, upload_settings, Planner, Run, UploadSettings};
 
 #[derive(clap::Args)]
 pub struct ImportArgs {
@@ -56,8 +56,12 @@ pub struct ImportArgs {
 
 pub async fn import(args: ImportArgs) -> anyhow::Result<()> {
     let t = target(&args.cache)?;
-    let (compression, level, signing_key) =
-        upload_settings(&t, &args.cache, args.compression.as_deref(), args.level).await?;
+    let UploadSettings {
+        compression,
+        level,
+        signing_key,
+        ..
+    } = upload_settings(&t, &args.cache, args.compression.as_deref(), args.level).await?;
     let source = Source::open(&args.source, args.source_token.clone())?;
     source.check().await?;
     let mut raw = args.paths.clone();

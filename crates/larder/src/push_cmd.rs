@@ -43,7 +43,7 @@ pub struct PushArgs {
     #[arg(long)]
     include_upstream: bool,
     /// Key name that marks a path as available upstream (repeatable).
-    /// [default: cache.nixos.org-1]
+    /// [default: cache.nixos.org-1 and the upstream keys the cache declares]
     #[arg(long, value_name = "NAME")]
     upstream_key: Vec<String>,
     /// Do not record the deriver (.drv) of pushed paths.
@@ -174,12 +174,21 @@ impl Observer for Display {
 
 /// What every upload to the cache uses: its compression (or the one asked for), the level,
 /// and the signing key (required when the cache has clients sign).
+pub(crate) struct UploadSettings {
+    pub compression: Compression,
+    pub level: i32,
+    pub signing_key: Option<SigningKey>,
+    /// Names of the keys the cache trusts as upstream beside cache.nixos.org's (declared in
+    /// the server's configuration): paths they signed need not be pushed.
+    pub upstream_key_names: Vec<String>,
+}
+
 pub(crate) async fn upload_settings(
     t: &crate::client_config::Target,
     cache_arg: &str,
     compression: Option<&str>,
     level: Option<i32>,
-) -> anyhow::Result<(Compression, i32, Option<SigningKey>)> {
+) -> anyhow::Result<UploadSettings> {
     let cache = t
         .client
         .cache_info(&t.cache)
@@ -201,13 +210,27 @@ pub(crate) async fn upload_settings(
             format!("set LARDER_SIGNING_KEY, or run `larder generate-keypair {cache_arg}` on the machine that pushes"),
         ));
     }
-    Ok((compression, level, signing_key))
+    let upstream_key_names = cache
+        .upstream_keys
+        .iter()
+        .filter_map(|k| k.split_once(':').map(|(name, _)| name.to_owned()))
+        .collect();
+    Ok(UploadSettings {
+        compression,
+        level,
+        signing_key,
+        upstream_key_names,
+    })
 }
 
 pub async fn push(args: PushArgs) -> anyhow::Result<()> {
     let t = target(&args.cache)?;
-    let (compression, level, signing_key) =
-        upload_settings(&t, &args.cache, args.compression.as_deref(), args.level).await?;
+    let UploadSettings {
+        compression,
+        level,
+        signing_key,
+        upstream_key_names,
+    } = upload_settings(&t, &args.cache, args.compression.as_deref(), args.level).await?;
     let exclude = args
         .exclude
         .iter()
@@ -221,7 +244,9 @@ pub async fn push(args: PushArgs) -> anyhow::Result<()> {
         exclude,
         include_upstream: args.include_upstream,
         upstream_keys: if args.upstream_key.is_empty() {
-            vec!["cache.nixos.org-1".into()]
+            std::iter::once("cache.nixos.org-1".to_owned())
+                .chain(upstream_key_names)
+                .collect()
         } else {
             args.upstream_key.clone()
         },

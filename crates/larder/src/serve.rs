@@ -15,8 +15,8 @@ pub struct ServeArgs {
     /// database_max_connections, storage, s3_access_key_id, s3_secret_access_key,
     /// nar_redirect, compression, compression_level, max_upload_size, max_nar_size, gc_interval,
     /// evicted_nar_grace, orphan_scan_interval, orphan_grace, backend_timeout, header_timeout,
-    /// max_connections, max_connections_per_client, upstream_keys;
-    /// see the README).
+    /// max_connections, max_connections_per_client, upstream_keys, tls_cert, tls_key,
+    /// delete_undeclared_caches, and [caches.NAME] tables declaring caches; see the README).
     #[arg(long, env = "LARDER_SERVE_CONFIG")]
     config: Option<PathBuf>,
     /// Address to listen on; `127.0.0.1:0` picks a free port. [default: 127.0.0.1:8080]
@@ -71,6 +71,12 @@ pub struct ServeArgs {
     /// before it is answered 503 with Retry-After, e.g. 30s. [default: 30s]
     #[arg(long, env = "LARDER_BACKEND_TIMEOUT")]
     backend_timeout: Option<String>,
+    /// Serve HTTPS with this PEM certificate chain (needs --tls-key); re-read on SIGHUP.
+    #[arg(long, env = "LARDER_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1); re-read on SIGHUP.
+    #[arg(long, env = "LARDER_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 fn default_data_dir() -> anyhow::Result<PathBuf> {
@@ -103,7 +109,9 @@ fn resolve_config(args: ServeArgs) -> anyhow::Result<(ConfigFile, PathBuf)> {
         compression_level,
         gc_interval,
         orphan_scan_interval,
-        backend_timeout
+        backend_timeout,
+        tls_cert,
+        tls_key
     );
     // S3 credentials: the standard AWS variables override the file (never flags: a flag is
     // visible to every user in the process list).
@@ -172,6 +180,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             path.display(),
             path.display()
         );
+    }
+    for change in larder_server::declared::apply(&state)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))
+        .context("cannot apply the caches declared in the config file")?
+    {
+        eprintln!("larder: {change}");
     }
     if let Some(warning) = larder_server::data_dir_warning(&state.config.data_dir) {
         eprintln!("larder: warning: {warning}");

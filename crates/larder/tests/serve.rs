@@ -556,3 +556,231 @@ impl SpawnWithOutput for std::process::Command {
         })
     }
 }
+
+/// `GET /api/v1/caches/NAME` as the admin: the cache's settings, or `None` if it is gone.
+fn cache_settings(server: &Server, name: &str) -> Option<serde_json::Value> {
+    let (status, body) = server.http(
+        "GET",
+        &format!("/api/v1/caches/{name}"),
+        Some(&server.admin_token),
+    );
+    match status {
+        200 => Some(serde_json::from_str(&body).unwrap()),
+        404 => None,
+        other => panic!("GET cache {name}: {other} {body}"),
+    }
+}
+
+const UPSTREAM_KEY: &str = "up.example.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
+
+#[test]
+fn caches_declared_in_the_config_file_are_created_then_updated_and_deleted_only_when_asked() {
+    let conf_dir = tempfile::tempdir().unwrap();
+    let conf = conf_dir.path().join("larder.toml");
+    let conf_arg = conf.to_str().unwrap();
+    std::fs::write(
+        &conf,
+        format!(
+            "[caches.declared]\nprivate = true\npriority = 30\nmax_size = \"1GiB\"\n\
+             compression = \"xz\"\nupstream_keys = [\"{UPSTREAM_KEY}\"]\n\n[caches.plain]\n"
+        ),
+    )
+    .unwrap();
+    let server = Server::start_with(&["--config", conf_arg]);
+    assert!(
+        server.log().contains("created declared cache \"declared\""),
+        "{}",
+        server.log()
+    );
+    let c = cache_settings(&server, "declared").expect("declared cache created");
+    assert_eq!(c["private"], true);
+    assert_eq!(c["priority"], 30);
+    assert_eq!(c["max_size"], 1u64 << 30);
+    assert_eq!(c["compression"], "xz");
+    assert_eq!(c["upstream_keys"], serde_json::json!([UPSTREAM_KEY]));
+    let key = c["public_key"].as_str().unwrap().to_owned();
+    // Keys left out take the defaults a new cache gets.
+    let plain = cache_settings(&server, "plain").expect("plain cache created");
+    assert_eq!(plain["private"], false);
+    assert_eq!(plain["priority"], 41);
+    assert_eq!(plain["max_size"], serde_json::Value::Null);
+    // Anonymous clients cannot tell the private one from a cache that does not exist.
+    assert_eq!(
+        server.http("GET", "/api/v1/caches/declared", None).0,
+        server.http("GET", "/api/v1/caches/no-such-cache", None).0
+    );
+    server.create_cache("by-hand", &[]);
+
+    // The declaration changes: what it says is applied, what it leaves out is kept, and
+    // caches it no longer names stay.
+    let data = server.stop_keeping_data();
+    std::fs::write(
+        &conf,
+        "[caches.declared]\npriority = 50\nmax_size = \"none\"\n",
+    )
+    .unwrap();
+    let server = Server::start_in(data, &["--config", conf_arg], None);
+    assert!(
+        server
+            .log()
+            .contains("updated declared cache \"declared\": priority, max_size"),
+        "{}",
+        server.log()
+    );
+    let c = cache_settings(&server, "declared").unwrap();
+    assert_eq!(c["priority"], 50);
+    assert_eq!(c["max_size"], serde_json::Value::Null);
+    assert_eq!(c["private"], true, "a key left out keeps its value");
+    assert_eq!(c["public_key"], key.as_str(), "the signing key is kept");
+    assert!(cache_settings(&server, "plain").is_some());
+    assert!(cache_settings(&server, "by-hand").is_some());
+
+    // Starting again with the same declaration changes nothing.
+    let data = server.stop_keeping_data();
+    let server = Server::start_in(data, &["--config", conf_arg], None);
+    assert!(!server.log().contains("declared cache"), "{}", server.log());
+
+    // Asked to, the server deletes what is not declared.
+    let data = server.stop_keeping_data();
+    std::fs::write(
+        &conf,
+        "delete_undeclared_caches = true\n[caches.declared]\n",
+    )
+    .unwrap();
+    let server = Server::start_in(data, &["--config", conf_arg], None);
+    assert!(cache_settings(&server, "plain").is_none());
+    assert!(cache_settings(&server, "by-hand").is_none());
+    assert!(cache_settings(&server, "declared").is_some());
+    assert!(
+        server.log().contains("deleted cache \"by-hand\""),
+        "{}",
+        server.log()
+    );
+}
+
+#[test]
+fn a_bad_declared_cache_stops_the_server_naming_the_cache_and_the_key() {
+    let conf_dir = tempfile::tempdir().unwrap();
+    let conf = conf_dir.path().join("larder.toml");
+    for (toml, expect) in [
+        (
+            "[caches.ok]\nmax_size = \"5 elephants\"\n",
+            "invalid max_size (more than 0, like 5GiB, or \"none\" for no limit) of declared \
+             cache \"ok\" ([caches.ok]): \"5 elephants\"",
+        ),
+        (
+            "[caches.ok]\ncompression = \"gzip\"\n",
+            "invalid compression (zstd, xz or none) of declared cache \"ok\"",
+        ),
+        (
+            "[caches.ok]\npriority = -1\n",
+            "invalid priority (0 to 1000000) of declared cache \"ok\"",
+        ),
+        (
+            "[caches.Bad_Name]\n",
+            "invalid name (1-63 of [a-z0-9-], starting with a letter or digit) of declared \
+             cache \"Bad_Name\"",
+        ),
+        (
+            "[caches.ok]\nupstream_keys = [\"nonsense\"]\n",
+            "invalid upstream_keys (name:base64 public keys) of declared cache \"ok\"",
+        ),
+        ("[caches.ok]\nprivat = true\n", "unknown field `privat`"),
+    ] {
+        std::fs::write(&conf, toml).unwrap();
+        let data = private_tempdir();
+        let stderr = serve_fails(data.path(), &["--config", conf.to_str().unwrap()], &[]);
+        assert!(stderr.contains(expect), "{toml}: {stderr}");
+    }
+}
+
+/// A cache's declared upstream key works like the server's: a path that references a path
+/// signed by that key is accepted without it (and `larder push` does not upload it), while a
+/// cache without the key still asks for the reference.
+#[test]
+fn a_declared_upstream_key_lets_pushes_reference_what_it_signed() {
+    require_nix();
+    let keys = tempfile::tempdir().unwrap();
+    let secret = keys.path().join("up.sec");
+    let xdg = tempfile::tempdir().unwrap();
+    let out = nix(
+        &["key", "generate-secret", "--key-name", "up.example.org-1"],
+        xdg.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(&secret, &out.stdout).unwrap();
+    let public = larder_testkit::nix::command("nix")
+        .args(["key", "convert-secret-to-public"])
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .stdin(std::fs::File::open(&secret).unwrap())
+        .output()
+        .unwrap();
+    assert!(public.status.success());
+    let public = String::from_utf8(public.stdout).unwrap().trim().to_owned();
+
+    let tag = unique_tag();
+    let dep = build_expr(&format!(
+        "derivation {{ name = \"upstream-dep-{tag}\"; system = builtins.currentSystem; \
+         builder = \"/bin/sh\"; args = [\"-c\" \"echo dep > $out\"]; }}"
+    ))
+    .remove(0);
+    let top = build_expr(&format!(
+        "let dep = derivation {{ name = \"upstream-dep-{tag}\"; system = builtins.currentSystem; \
+         builder = \"/bin/sh\"; args = [\"-c\" \"echo dep > $out\"]; }}; in \
+         derivation {{ name = \"upstream-top-{tag}\"; system = builtins.currentSystem; \
+         builder = \"/bin/sh\"; args = [\"-c\" \"echo ${{dep}} > $out\"]; }}"
+    ))
+    .remove(0);
+    let signed = nix(
+        &[
+            "store",
+            "sign",
+            "--key-file",
+            secret.to_str().unwrap(),
+            &dep,
+        ],
+        xdg.path(),
+    );
+    assert!(
+        signed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&signed.stderr)
+    );
+
+    let conf_dir = tempfile::tempdir().unwrap();
+    let conf = conf_dir.path().join("larder.toml");
+    std::fs::write(
+        &conf,
+        format!("[caches.trusting]\nupstream_keys = [\"{public}\"]\n[caches.plain]\n"),
+    )
+    .unwrap();
+    let server = Server::start_with(&["--config", conf.to_str().unwrap()]);
+    let out = server.cli_ok(&server.admin_token, &["push", "trusting", &top, "--json"]);
+    assert!(!out.contains(&dep), "the upstream path was uploaded: {out}");
+    let dep_hash = &dep["/nix/store/".len()..][..32];
+    let top_hash = &top["/nix/store/".len()..][..32];
+    assert_eq!(
+        server
+            .http("GET", &format!("/trusting/{top_hash}.narinfo"), None)
+            .0,
+        200
+    );
+    assert_eq!(
+        server
+            .http("GET", &format!("/trusting/{dep_hash}.narinfo"), None)
+            .0,
+        404
+    );
+    // Without the key, the same push uploads the dependency too.
+    server.cli_ok(&server.admin_token, &["push", "plain", &top]);
+    assert_eq!(
+        server
+            .http("GET", &format!("/plain/{dep_hash}.narinfo"), None)
+            .0,
+        200
+    );
+}

@@ -281,11 +281,8 @@ impl Server {
     /// at what a collection plans and reports.
     pub async fn set_limit_quietly(&self, cache: &str, limit: i64) {
         let update = larder_store::meta::CacheUpdate {
-            private: None,
-            priority: None,
-            compression: None,
             max_size: Some(Some(limit)),
-            client_public_key: None,
+            ..Default::default()
         };
         self.state
             .meta

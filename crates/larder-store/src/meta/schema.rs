@@ -6,7 +6,8 @@
 //! `path_refs` rows are filled from `paths.refs` in Rust, since splitting a list is not
 //! portable SQL. Version 3 indexes paths by name for the contents list's keyset pagination.
 //! Version 4 adds `chunk_claims`: chunks an upload is writing, which garbage collection must
-//! not delete (see `Metadata::claim_chunks`).
+//! not delete (see `Metadata::claim_chunks`). Version 5 adds `caches.upstream_keys`: the
+//! cache's own upstream keys (newline-joined), trusted beside the server-wide ones.
 //!
 //! On PostgreSQL the migrations run in one transaction under an advisory lock, so replicas
 //! starting together apply them once; a database migrated by a newer larder is refused.
@@ -134,6 +135,9 @@ CREATE TABLE chunk_claims (
     PRIMARY KEY (claim_id, chunk_hash)
 );
 CREATE INDEX chunk_claims_chunk ON chunk_claims (chunk_hash)
+"#,
+    r#"
+ALTER TABLE caches ADD COLUMN upstream_keys TEXT
 "#,
 ];
 

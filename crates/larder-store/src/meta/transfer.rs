@@ -75,6 +75,7 @@ const TABLES: &[Table] = &[
             ("public_key", Text),
             ("secret_key", Text),
             ("created_at", Int),
+            ("upstream_keys", Text),
         ],
         serial: true,
     },
