@@ -16,6 +16,7 @@ mod daemon;
 mod doctor;
 mod env;
 mod import_cmd;
+mod manpages;
 mod migrate;
 mod migrate_cmd;
 mod nixconf;
@@ -123,6 +124,17 @@ enum Command {
         /// bash, zsh, fish, elvish or powershell
         shell: clap_complete::Shell,
     },
+    /// Write man pages into DIR: larder.1 and one page per verb and nested verb
+    /// (larder-push.1, larder-cache.1, larder-cache-create.1, …), made from this help.
+    ///
+    /// For packagers: a package's install step (a Nix package's postInstall) runs `larder
+    /// manpages $out/share/man/man1` next to `larder completions bash|zsh|fish`. DIR is
+    /// created if missing.
+    Manpages {
+        /// Directory to write the pages into, e.g. $out/share/man/man1
+        #[arg(value_name = "DIR")]
+        dir: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -166,6 +178,15 @@ fn main() -> ExitCode {
             Command::Completions { shell } => {
                 let mut cmd = Cli::command();
                 clap_complete::generate(shell, &mut cmd, "larder", &mut std::io::stdout());
+                Ok(())
+            }
+            Command::Manpages { dir } => {
+                let written = manpages::write_all(Cli::command(), &dir)?;
+                eprintln!(
+                    "wrote {} to {}",
+                    output::count(written.len() as u64, "man page"),
+                    dir.display()
+                );
                 Ok(())
             }
         }
