@@ -24,6 +24,12 @@ pub enum ClientError {
         /// The server's `Retry-After`, when it sent one.
         retry_after: Option<std::time::Duration>,
     },
+    #[error("cannot use the CA certificates of {var}={path}: {reason}")]
+    CaFile {
+        var: &'static str,
+        path: String,
+        reason: String,
+    },
     #[error("unexpected answer from the server for {what}")]
     Decode {
         what: String,
@@ -218,13 +224,46 @@ impl WhoAmI {
     }
 }
 
+/// The variables naming a PEM bundle of CA certificates, in the order Nix reads them (its
+/// `ssl-cert-file` defaults to the first one set): a server whose certificate a private CA
+/// signed is trusted by larder as by Nix.
+pub const CA_FILE_VARS: [&str; 2] = ["NIX_SSL_CERT_FILE", "SSL_CERT_FILE"];
+
+/// A `reqwest` client builder trusting the usual web roots and, when [`CA_FILE_VARS`] name
+/// one, the certificates of that file.
+pub fn http_builder() -> Result<reqwest::ClientBuilder> {
+    let mut builder = reqwest::Client::builder();
+    let Some((var, path)) = CA_FILE_VARS.iter().find_map(|v| {
+        std::env::var(v)
+            .ok()
+            .filter(|p| !p.is_empty())
+            .map(|p| (*v, p))
+    }) else {
+        return Ok(builder);
+    };
+    let err = |reason: String| ClientError::CaFile {
+        var,
+        path: path.clone(),
+        reason,
+    };
+    let pem = std::fs::read(&path).map_err(|e| err(e.to_string()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| err(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(err("no PEM certificate in it".into()));
+    }
+    for cert in certs {
+        builder = builder.add_root_certificate(cert);
+    }
+    Ok(builder)
+}
+
 impl ApiClient {
     pub fn new(base: &str, token: Option<String>) -> Result<Self> {
         let base = base.trim_end_matches('/').to_owned();
         if !(base.starts_with("http://") || base.starts_with("https://")) || base.len() < 10 {
             return Err(ClientError::InvalidUrl(base));
         }
-        let http = reqwest::Client::builder()
+        let http = http_builder()?
             .user_agent(concat!("larder/", env!("CARGO_PKG_VERSION")))
             .tcp_nodelay(true)
             .connect_timeout(std::time::Duration::from_secs(10))

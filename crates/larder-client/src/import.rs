@@ -90,7 +90,8 @@ impl Source {
             let dir = dir.split('?').next().unwrap_or(dir);
             Kind::Dir(PathBuf::from(dir))
         } else if url.starts_with("http://") || url.starts_with("https://") {
-            let client = reqwest::Client::builder()
+            let client = crate::api::http_builder()
+                .map_err(|e| ImportError::BadSource(format!("{url}: {e}")))?
                 .connect_timeout(std::time::Duration::from_secs(10))
                 .build()
                 .map_err(|e| ImportError::BadSource(format!("{url}: {e}")))?;

@@ -16,6 +16,10 @@ use std::time::Duration;
 
 use axum::Router;
 
+/// How long a connection that has sent no request yet is given to send its first one when the
+/// server shuts down.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
+
 /// File descriptors kept for everything but client sockets (the database, staged uploads,
 /// object files, the object store's connections).
 const RESERVED_FDS: u64 = 128;
@@ -139,12 +143,14 @@ impl Drop for Ticket {
     }
 }
 
-/// Accept on `listener` and serve each admitted connection with `app` until `stop` turns true,
-/// then let the open connections finish their requests and return.
+/// Accept on `listener` and serve each admitted connection with `app` (over TLS when `tls` is
+/// given) until `stop` turns true, then let the open connections finish their requests and
+/// return.
 pub async fn accept_loop(
     listener: tokio::net::TcpListener,
     app: Router,
     admission: Arc<Admission>,
+    tls: Option<Arc<crate::tls::Tls>>,
     header_timeout: Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -174,8 +180,20 @@ pub async fn accept_loop(
         let app = app.clone();
         let stop = stop.clone();
         let closed = closed_rx.clone();
+        let acceptor = tls.as_ref().map(|t| t.acceptor());
         tokio::spawn(async move {
-            serve_connection(tcp, app, header_timeout, stop).await;
+            match acceptor {
+                None => serve_connection(tcp, app, header_timeout, stop).await,
+                // The handshake is part of the request head's deadline: a client that opens a
+                // connection and never finishes its handshake is closed like a silent one.
+                Some(acceptor) => {
+                    match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => serve_connection(stream, app, header_timeout, stop).await,
+                        Ok(Err(e)) => tracing::debug!(error = %e, %peer, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
+            }
             drop(ticket);
             drop(closed);
         });
@@ -192,15 +210,25 @@ fn canonical_ip(peer: SocketAddr) -> IpAddr {
     }
 }
 
-async fn serve_connection(
-    tcp: tokio::net::TcpStream,
+async fn serve_connection<S>(
+    io: S,
     app: Router,
     header_timeout: Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     use hyper_util::rt::{TokioIo, TokioTimer};
     use tower::ServiceExt;
+    // Whether a request has begun on this connection, and a wake-up when one does.
+    let first_request = Arc::new((
+        std::sync::atomic::AtomicBool::new(false),
+        tokio::sync::Notify::new(),
+    ));
+    let requested = first_request.clone();
     let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        requested.0.store(true, Ordering::Relaxed);
+        requested.1.notify_one();
         app.clone().oneshot(req.map(axum::body::Body::new))
     });
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -208,7 +236,7 @@ async fn serve_connection(
     // connection and between requests on a kept-alive one.
     http.timer(TokioTimer::new())
         .header_read_timeout(header_timeout);
-    let conn = http.serve_connection(TokioIo::new(tcp), service);
+    let conn = http.serve_connection(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
     tokio::select! {
         result = conn.as_mut() => {
@@ -219,7 +247,21 @@ async fn serve_connection(
         }
         _ = stop.wait_for(|stopped| *stopped) => {}
     }
-    // Shutting down: finish the request in flight, take no other.
+    // Shutting down. A connection accepted just before may have its first request on the way,
+    // and closing it unread would lose that request (a restart under socket activation must
+    // lose none): wait for it a moment, unless a request has already begun. A kept-alive
+    // connection between requests is closed at once, which clients expect and retry.
+    if !first_request.0.load(Ordering::Relaxed) {
+        tokio::select! {
+            result = conn.as_mut() => {
+                let _ = result;
+                return;
+            }
+            _ = first_request.1.notified() => {}
+            _ = tokio::time::sleep(header_timeout.min(FIRST_REQUEST_GRACE)) => {}
+        }
+    }
+    // Finish the request in flight, take no other.
     conn.as_mut().graceful_shutdown();
     let _ = conn.await;
 }

@@ -29,6 +29,7 @@ pub mod publish;
 pub mod retention;
 pub mod routes;
 pub mod staging;
+pub mod tls;
 pub mod ui;
 
 pub use config::Config;
@@ -379,6 +380,18 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_on(state, vec![listener.into_std()?], None, shutdown).await
+}
+
+/// [`serve`] on several listening sockets (those systemd passes, for one), over TLS when `tls`
+/// is given; `SIGHUP` then re-reads the certificate and key ([`tls::Tls::reload`]).
+pub async fn serve_on(
+    state: AppState,
+    listeners: Vec<std::net::TcpListener>,
+    tls: Option<Arc<tls::Tls>>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let reload = tokio::spawn(reload_on_sighup(tls.clone()));
     let gc_state = state.clone();
     let gc = tokio::spawn(async move { publish::gc_loop(gc_state).await });
     let usage = tokio::spawn(retention::usage_loop(state.clone()));
@@ -395,14 +408,20 @@ pub async fn serve(
         .unwrap_or_else(|| conn::connections_for_fd_limit(fd_limit));
     let admission = conn::Admission::new(max_connections, state.config.max_connections_per_client);
     let header_timeout = state.config.header_timeout;
-    let listener = listener.into_std()?;
+    for listener in &listeners {
+        listener.set_nonblocking(true)?;
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut threads = Vec::with_capacity(workers);
     for i in 0..workers {
-        let listener = listener.try_clone()?;
+        let listeners = listeners
+            .iter()
+            .map(std::net::TcpListener::try_clone)
+            .collect::<std::io::Result<Vec<_>>>()?;
         let app = router(state.clone());
         let stop = stop_rx.clone();
         let admission = admission.clone();
+        let tls = tls.clone();
         let thread = std::thread::Builder::new()
             .name(format!("larder-http-{i}"))
             .spawn(move || -> std::io::Result<()> {
@@ -410,8 +429,19 @@ pub async fn serve(
                     .enable_all()
                     .build()?;
                 rt.block_on(async move {
-                    let listener = tokio::net::TcpListener::from_std(listener)?;
-                    conn::accept_loop(listener, app, admission, header_timeout, stop).await;
+                    let mut loops = Vec::with_capacity(listeners.len());
+                    for listener in listeners {
+                        let listener = tokio::net::TcpListener::from_std(listener)?;
+                        loops.push(conn::accept_loop(
+                            listener,
+                            app.clone(),
+                            admission.clone(),
+                            tls.clone(),
+                            header_timeout,
+                            stop.clone(),
+                        ));
+                    }
+                    futures::future::join_all(loops).await;
                     Ok(())
                 })
             })?;
@@ -434,5 +464,30 @@ pub async fn serve(
     .map_err(std::io::Error::other)?;
     gc.abort();
     usage.abort();
+    reload.abort();
     joined
+}
+
+/// Re-read the TLS files on every `SIGHUP` (`systemctl reload`); a bad pair is logged and the
+/// current one kept. Without TLS there is nothing to reload, but the signal must not stop the
+/// server either (its default action).
+async fn reload_on_sighup(tls: Option<Arc<tls::Tls>>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP: the TLS files will not be reloaded");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let Some(tls) = &tls else {
+            tracing::info!("SIGHUP: nothing to reload (no tls_cert and tls_key)");
+            continue;
+        };
+        match tls.reload() {
+            Ok(()) => tracing::info!(
+                cert = %tls.files().cert.display(),
+                "reloaded the TLS certificate and key"
+            ),
+            Err(e) => tracing::error!("{e}; still serving the previous certificate"),
+        }
+    }
 }

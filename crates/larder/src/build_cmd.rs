@@ -301,7 +301,8 @@ async fn nix_can_read(
     let host = crate::nixconf::url_host(url).unwrap_or_default();
     let entry = crate::nixconf::read_optional(Path::new(&netrc))
         .and_then(|text| crate::nixconf::netrc_lookup(&text, host));
-    let mut probe = reqwest::Client::new()
+    let mut probe = larder_client::api::http_builder()?
+        .build()?
         .get(format!("{url}/{}.narinfo", "0".repeat(32)))
         .timeout(std::time::Duration::from_secs(10));
     if let Some(e) = &entry {

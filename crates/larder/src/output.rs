@@ -10,13 +10,17 @@ pub fn init_tracing(server: bool) {
     let filter = crate::env::var(crate::env::LOG)
         .map(EnvFilter::new)
         .unwrap_or_else(|| EnvFilter::new(default));
-    let ansi = std::io::stderr().is_terminal() && crate::env::var("NO_COLOR").is_none();
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .with_target(false)
-        .init();
+        .with_target(false);
+    if crate::env::var(crate::env::LOG_FORMAT).as_deref() == Some("json") {
+        builder.json().init();
+    } else {
+        // Colours only on a terminal: journald and files get plain text.
+        let ansi = std::io::stderr().is_terminal() && crate::env::var("NO_COLOR").is_none();
+        builder.with_ansi(ansi).init();
+    }
 }
 
 /// Print to stdout; a closed pipe (`larder … | head`) is not an error worth a message.

@@ -150,19 +150,23 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         other => other?,
     };
-    let listen = config.listen.clone();
-    let listener = tokio::net::TcpListener::bind(&listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
-    let addr = listener.local_addr()?;
+    // Checked before anything is bound: a bad pair stops the server here, naming both files.
+    let tls = config
+        .tls
+        .as_ref()
+        .map(larder_server::tls::Tls::load)
+        .transpose()?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let listeners = listening_sockets(&config.listen).await?;
+    let addr = listeners[0].local_addr()?;
     config.listen = addr.to_string();
     // Without a public URL, clients are told the address actually bound (`:0` is a port now).
     let unreachable_default = !public_url_given && addr.ip().is_unspecified();
     if !public_url_given {
-        config.public_url = format!("http://{addr}");
+        config.public_url = format!("{scheme}://{addr}");
     }
     let login_url = if unreachable_default {
-        format!("http://<this machine's address>:{}", addr.port())
+        format!("{scheme}://<this machine's address>:{}", addr.port())
     } else {
         config.public_url.clone()
     };
@@ -174,37 +178,95 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!(e))
         .context("cannot create the bootstrap admin token")?
     {
-        eprintln!(
-            "larder: created a server admin token in {} (mode 0600); use it with:\n  \
+        say(&format!(
+            "created a server admin token in {} (mode 0600); use it with:\n  \
              larder login {login_url} \"$(cat {})\"",
             path.display(),
             path.display()
-        );
+        ));
     }
     for change in larder_server::declared::apply(&state)
         .await
         .map_err(|e| anyhow::anyhow!(e))
         .context("cannot apply the caches declared in the config file")?
     {
-        eprintln!("larder: {change}");
+        say(&change);
     }
     if let Some(warning) = larder_server::data_dir_warning(&state.config.data_dir) {
-        eprintln!("larder: warning: {warning}");
+        warn(&warning);
     }
     if unreachable_default {
-        eprintln!(
-            "larder: warning: listening on {addr} without --public-url: caches are announced \
-             as http://{addr}/CACHE and new caches' keys are named after {ip}, which no \
+        warn(&format!(
+            "listening on {addr} without --public-url: caches are announced \
+             as {scheme}://{addr}/CACHE and new caches' keys are named after {ip}, which no \
              client can use; restart with --public-url {login_url}",
             ip = addr.ip()
-        );
+        ));
     }
-    eprintln!("larder: listening on http://{addr}");
-    larder_server::serve(state, listener, shutdown_signal())
+    say(&format!("listening on {scheme}://{addr}"));
+    // Under systemd (Type=notify): the sockets are listening and every start-up step (the
+    // database, declared caches) is done, so requests are answered from now on.
+    notify_systemd(sd_notify::NotifyState::Ready);
+    larder_server::serve_on(state, listeners, tls, shutdown_signal())
         .await
         .context("server failed")?;
-    eprintln!("larder: stopped");
+    say("stopped");
     Ok(())
+}
+
+/// A start-up or shutdown message: `larder: MESSAGE` on stderr, or a JSON log record when
+/// `LARDER_LOG_FORMAT=json` (every line a log shipper reads is then JSON).
+fn say(message: &str) {
+    if json_logs() {
+        tracing::info!("{message}");
+    } else {
+        eprintln!("larder: {message}");
+    }
+}
+
+fn warn(message: &str) {
+    if json_logs() {
+        tracing::warn!("{message}");
+    } else {
+        eprintln!("larder: warning: {message}");
+    }
+}
+
+fn json_logs() -> bool {
+    env::var(env::LOG_FORMAT).as_deref() == Some("json")
+}
+
+/// The sockets to serve on: those systemd passed (socket activation, `LISTEN_FDS`), in which
+/// case `listen` is not used, or one bound to `listen`.
+async fn listening_sockets(listen: &str) -> anyhow::Result<Vec<std::net::TcpListener>> {
+    let mut passed = listenfd::ListenFd::from_env();
+    let mut sockets = Vec::new();
+    for i in 0..passed.len() {
+        match passed.take_tcp_listener(i) {
+            Ok(Some(l)) => sockets.push(l),
+            Ok(None) => {}
+            Err(e) => anyhow::bail!(
+                "socket {} passed by systemd (LISTEN_FDS) is not a listening TCP socket: {e}; \
+                 use ListenStream=HOST:PORT in the .socket unit",
+                i + 3
+            ),
+        }
+    }
+    if !sockets.is_empty() {
+        return Ok(sockets);
+    }
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    Ok(vec![listener.into_std()?])
+}
+
+/// Tell systemd about the service's state when it runs us with `Type=notify`; elsewhere
+/// (`NOTIFY_SOCKET` unset) this does nothing.
+fn notify_systemd(state: sd_notify::NotifyState) {
+    if let Err(e) = sd_notify::notify(false, &[state]) {
+        tracing::warn!(error = %e, "cannot notify systemd (NOTIFY_SOCKET)");
+    }
 }
 
 async fn shutdown_signal() {
@@ -223,5 +285,6 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-    eprintln!("larder: shutting down, finishing in-flight requests");
+    notify_systemd(sd_notify::NotifyState::Stopping);
+    say("shutting down, finishing in-flight requests");
 }
