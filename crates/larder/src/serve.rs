@@ -127,7 +127,13 @@ fn resolve_config(args: ServeArgs) -> anyhow::Result<(ConfigFile, PathBuf)> {
     if let Some(s) = args.max_nar_size {
         file.max_nar_size = Some(SizeValue::Text(s));
     }
-    Ok((file, default_data_dir()?))
+    // The default is needed (and HOME with it) only when no data directory is given: a
+    // service manager may run the server without HOME.
+    let default_data = match &file.data_dir {
+        Some(dir) => dir.clone(),
+        None => default_data_dir()?,
+    };
+    Ok((file, default_data))
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {

@@ -784,3 +784,37 @@ fn a_declared_upstream_key_lets_pushes_reference_what_it_signed() {
         200
     );
 }
+
+#[test]
+fn a_data_directory_in_the_config_file_needs_no_home() {
+    let data = private_tempdir();
+    let conf_dir = tempfile::tempdir().unwrap();
+    let conf = conf_dir.path().join("larder.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n",
+            data.path().display()
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(larder_bin())
+        .args(["serve", "--config"])
+        .arg(&conf)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let first = std::io::BufRead::lines(std::io::BufReader::new(stderr))
+        .map_while(Result::ok)
+        .find(|l| l.starts_with("larder: listening on") || l.starts_with("error"));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        first.as_deref().is_some_and(|l| l.starts_with("larder: listening on")),
+        "{first:?}"
+    );
+}
