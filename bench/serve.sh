@@ -22,6 +22,7 @@ for tool in nix nginx wrk python3 curl; do
   command -v $tool >/dev/null || { echo "bench: $tool is required (apt-get install -y nix-bin nginx-light wrk python3 curl)" >&2; exit 1; }
 done
 . "$ROOT/tests/lib/nix-env.sh"   # the tests' Nix settings: no sandbox, no machine or user nix.conf
+. "$ROOT/bench/lib.sh"           # mirror_cache, measure, row
 
 WORK=$(mktemp -d /tmp/larder-bench.XXXXXX)
 PIDS=()
@@ -88,26 +89,7 @@ fi
 
 log "mirroring larder's cache into a static directory for nginx"
 mkdir -p "$WORK/static/bench/nar"
-python3 - "$URL/bench" "$WORK/static/bench" "$WORK/oracle/closure" "$WORK" <<'PY'
-import sys, urllib.request, os
-base, out, closure, work = sys.argv[1:5]
-def get(u): return urllib.request.urlopen(u, timeout=60).read()
-open(f'{out}/nix-cache-info', 'wb').write(get(f'{base}/nix-cache-info'))
-narinfos, big = [], (0, None, None)
-for p in open(closure).read().split():
-    h = p[len('/nix/store/'):][:32]
-    text = get(f'{base}/{h}.narinfo')
-    open(f'{out}/{h}.narinfo', 'wb').write(text)
-    fields = dict(l.split(': ', 1) for l in text.decode().splitlines() if l)
-    data = get(f"{base}/{fields['URL']}")
-    open(f"{out}/{fields['URL']}", 'wb').write(data)
-    narinfos.append(f'/bench/{h}.narinfo')
-    if len(data) > big[0]: big = (len(data), f"/bench/{fields['URL']}", h)
-open(f'{work}/narinfos', 'w').write('\n'.join(narinfos) + '\n')
-open(f'{work}/bignar', 'w').write(big[1] + '\n')
-open(f'{work}/bighash', 'w').write(big[2] + '\n')
-print(f'{len(narinfos)} narinfos, biggest NAR {big[0] >> 20} MiB', file=sys.stderr)
-PY
+mirror_cache "$URL/bench" "$WORK/static/bench" "$WORK/oracle/closure" "$WORK"
 
 NPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 cat > "$WORK/nginx.conf" <<NGINX
@@ -139,29 +121,6 @@ cmp <(curl -sf "$URL/bench/nix-cache-info") <(curl -sf "http://127.0.0.1:$NPORT/
   echo 'request = function() i = i % #paths + 1; return wrk.format("GET", paths[i]) end'; } > "$WORK/narinfo.lua"
 BIGNAR=$(cat "$WORK/bignar")
 
-# wrk → a number: requests/s, or MB/s of transfer. Fails on any non-2xx answer.
-measure() { # $1 = what (rps|mbps) $2 = base URL, rest = wrk args
-  local what=$1; shift 2
-  wrk -d1s "$@" >/dev/null 2>&1 || true # warm-up: connections, caches, CPU frequency
-  local out; out=$(wrk -d"${DUR}s" "$@" 2>&1)
-  if grep -q 'Non-2xx' <<<"$out"; then echo "$out" >&2; echo "bench: non-2xx answers" >&2; exit 1; fi
-  if [ "$what" = rps ]; then sed -n 's/^Requests\/sec: *//p' <<<"$out"
-  else sed -n 's/^Transfer\/sec: *//p' <<<"$out" | python3 -c '
-import sys; v = sys.stdin.read().strip(); n, u = float(v[:-2]), v[-2:]
-print(round(n * {"KB": 1/1024, "MB": 1, "GB": 1024}[u], 1))'
-  fi
-}
-# row NAME LARDER [SCALED] NGINX: one line of the table, ratios to nginx.
-row() {
-  python3 -c '
-import sys
-name, *vals = sys.argv[1:]
-vals = [float(v) for v in vals]
-g = vals[-1]
-cells = "".join(f" {v:>12.1f} |" for v in vals)
-ratios = "".join(f" {v / g:>6.2f}x |" for v in vals[:-1])
-print(f"| {name:<30} |{cells}{ratios}")' "$@"
-}
 L=$URL; N=http://127.0.0.1:$NPORT
 S=${URL_scaled:-}
 if [ -n "$S" ]; then
