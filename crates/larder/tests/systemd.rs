@@ -112,16 +112,19 @@ fn socket_activation_hands_over_the_socket_and_a_restart_loses_no_request() {
         data = data.path().display(),
         conf = conf.display(),
     );
-    let mut activator = Command::new("systemd-socket-activate")
-        .args(["-l", &format!("127.0.0.1:{port}"), "-E", "LARDER_LOG=info"])
-        .args(["sh", "-c", &script])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("systemd-socket-activate (Debian's systemd package)");
+    let mut activator = Activator(
+        Command::new("systemd-socket-activate")
+            .args(["-l", &format!("127.0.0.1:{port}"), "-E", "LARDER_LOG=info"])
+            .args(["sh", "-c", &script])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("systemd-socket-activate (Debian's systemd package)"),
+        data.path().display().to_string(),
+    );
     let log = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let lines = log.clone();
-    let stderr = activator.stderr.take().unwrap();
+    let stderr = activator.0.stderr.take().unwrap();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             lines.lock().unwrap().push(line);
@@ -216,11 +219,18 @@ fn socket_activation_hands_over_the_socket_and_a_restart_loses_no_request() {
         "{}",
         show()
     );
-    let _ = activator.kill();
-    let _ = Command::new("pkill")
-        .args(["-f", &data.path().display().to_string()])
-        .status();
-    let _ = activator.wait();
+}
+
+/// systemd-socket-activate and the servers it started (found by their data directory), ended
+/// when the test ends, failed or not.
+struct Activator(std::process::Child, String);
+
+impl Drop for Activator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = Command::new("pkill").args(["-f", &self.1]).status();
+        let _ = self.0.wait();
+    }
 }
 
 #[test]
