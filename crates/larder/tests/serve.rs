@@ -814,7 +814,9 @@ fn a_data_directory_in_the_config_file_needs_no_home() {
     let _ = child.kill();
     let _ = child.wait();
     assert!(
-        first.as_deref().is_some_and(|l| l.starts_with("larder: listening on")),
+        first
+            .as_deref()
+            .is_some_and(|l| l.starts_with("larder: listening on")),
         "{first:?}"
     );
 }
