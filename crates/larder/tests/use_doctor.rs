@@ -563,3 +563,93 @@ fn remove_without_a_mode_undoes_use_wherever_it_wrote() {
         "{err}"
     );
 }
+
+/// Nix remembers a narinfo it found for 30 days (`narinfo-cache-positive-ttl`, left at its
+/// default here): a consumer that substituted a path once still believes it is in the cache
+/// after the cache evicted it. Asked for that path again, it must build it itself, not fail.
+/// It does with Nix's default settings (no `fallback`) because the server answers 404 for the
+/// evicted NAR, which Nix takes as "the substitute is gone" and builds; any other failure
+/// (a 5xx, a 403) would fail the build without `--fallback`.
+#[test]
+fn a_consumer_with_a_warm_narinfo_cache_builds_an_evicted_path_itself() {
+    require_nix();
+    let conf_dir = tempfile::tempdir().unwrap();
+    let server_conf = conf_dir.path().join("larder.toml");
+    std::fs::write(&server_conf, "evicted_nar_grace = \"10s\"\n").unwrap();
+    let server = Server::start_with(&[
+        "--config",
+        server_conf.to_str().unwrap(),
+        "--gc-interval",
+        "1s",
+    ]);
+    server.create_cache("evicting", &[]);
+    let tag = unique_tag();
+    let expr = format!(
+        "derivation {{ name = \"warm-{tag}\"; system = builtins.currentSystem; \
+         builder = \"/bin/sh\"; args = [\"-c\" \"echo warm {tag} > $out\"]; }}"
+    );
+    let out = build_expr(&expr).remove(0);
+    server.cli_ok(&server.admin_token, &["push", "evicting", &out]);
+    let delete_local = || {
+        let o = larder_testkit::nix::command("nix-store")
+            .args(["--delete", &out])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    delete_local();
+
+    // The consumer: its own nix.conf from `use`, Nix's default narinfo TTLs, one disk cache
+    // kept across its builds.
+    let home = Home::new();
+    let token = server.token("pull", "evicting");
+    home.larder_ok(
+        &server,
+        &token,
+        &["use", "evicting", "--mode", "user-nixconf"],
+    );
+    let consumer_build = |extra: &[&str]| {
+        let mut cmd = larder_testkit::nix::command("nix-build");
+        cmd.args(["--no-out-link", "-E", &expr]).args(extra);
+        home.env(&mut cmd);
+        cmd.env("NIX_CONFIG", NIX_CONFIG_BASE);
+        cmd.output().unwrap()
+    };
+    let first = consumer_build(&[]);
+    let stderr = String::from_utf8_lossy(&first.stderr).into_owned();
+    assert!(first.status.success(), "{stderr}");
+    assert!(stderr.contains("copying path"), "not substituted: {stderr}");
+    delete_local();
+
+    // The cache evicts it, and its NAR is gone once the grace has passed.
+    let narinfo = format!("/evicting/{}.narinfo", &out["/nix/store/".len()..][..32]);
+    let (status, text) = server.http("GET", &narinfo, None);
+    assert_eq!(status, 200);
+    let nar = text
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .unwrap()
+        .to_owned();
+    server.cli_ok(&server.admin_token, &["path", "delete", "evicting", &out]);
+    assert_eq!(server.http("GET", &narinfo, None).0, 404);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while server.http("GET", &format!("/evicting/{nar}"), None).0 != 404 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the evicted NAR is still served"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+
+    // The consumer's disk cache still promises the NAR: Nix asks for it, gets the 404, and
+    // builds the path itself, with the settings `use` wrote and Nix's defaults.
+    let rebuilt = consumer_build(&[]);
+    let stderr = String::from_utf8_lossy(&rebuilt.stderr).into_owned();
+    assert!(rebuilt.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("'{nar}' does not exist in binary cache")),
+        "the NAR was not asked for (the narinfo disk cache was not warm): {stderr}"
+    );
+    assert!(stderr.contains("building '"), "{stderr}");
+    assert!(std::path::Path::new(&out).exists());
+}
