@@ -328,8 +328,12 @@ pub async fn bootstrap_admin_token(
     let (token, id) = auth::new_token()?;
     let path = state.config.data_dir.join("admin-token");
     // Written aside first: the file appears only if this token is the one created (replicas
-    // starting together on an empty database create one token between them).
-    let pending = state.config.data_dir.join("admin-token.pending");
+    // starting together on an empty database create one token between them). The aside file
+    // is this process's own, so replicas sharing a data directory cannot swap their tokens.
+    let pending = state
+        .config
+        .data_dir
+        .join(format!("admin-token.pending.{}.{id}", std::process::id()));
     write_secret_file(&pending, &format!("{token}\n"))?;
     let created = state
         .meta

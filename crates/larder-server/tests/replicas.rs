@@ -121,3 +121,48 @@ async fn replicas_receiving_the_same_paths_at_once_store_each_once() {
         served(&b, tp).await;
     }
 }
+
+/// Replicas that share a data directory (an NFS mount, say) and start together on an empty
+/// database create one admin token between them, and the `admin-token` file holds that token,
+/// never another replica's candidate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_starting_together_leave_the_one_created_admin_token() {
+    for _ in 0..5 {
+        let first = Server::new_unbootstrapped().await;
+        let replicas =
+            futures::future::join_all((0..4).map(|_| first.replica_sharing_data())).await;
+        let results = futures::future::join_all(
+            std::iter::once(&first)
+                .chain(replicas.iter())
+                .map(|r| larder_server::bootstrap_admin_token(&r.state)),
+        )
+        .await;
+        let written: Vec<_> = results
+            .into_iter()
+            .filter_map(|r| r.expect("bootstrap"))
+            .collect();
+        assert_eq!(
+            written.len(),
+            1,
+            "one replica creates the token: {written:?}"
+        );
+        let token = std::fs::read_to_string(&written[0]).unwrap();
+        let row = first
+            .state
+            .meta
+            .find_token(&larder_server::auth::token_hash(token.trim()))
+            .await
+            .unwrap();
+        assert!(
+            row.is_some(),
+            "admin-token holds a token the database does not know"
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(&first.state.config.data_dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("admin-token."))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+}

@@ -116,7 +116,25 @@ impl Server {
         Server::with_config(ConfigFile::default()).await
     }
 
-    pub async fn with_config(mut file: ConfigFile) -> Server {
+    pub async fn with_config(file: ConfigFile) -> Server {
+        let mut server = Server::open(file).await;
+        let token_file = larder_server::bootstrap_admin_token(&server.state)
+            .await
+            .expect("bootstrap")
+            .expect("a fresh database gets an admin token");
+        server.admin = std::fs::read_to_string(token_file)
+            .expect("admin-token file")
+            .trim()
+            .to_owned();
+        server
+    }
+
+    /// A server on a fresh database that has not made its admin token yet (`admin` is empty).
+    pub async fn new_unbootstrapped() -> Server {
+        Server::open(ConfigFile::default()).await
+    }
+
+    async fn open(mut file: ConfigFile) -> Server {
         let dir = tempfile::tempdir().expect("temp dir");
         let pg = match std::env::var(DATABASE_ENV).as_deref() {
             Ok("postgres") if file.database.is_none() => {
@@ -129,19 +147,31 @@ impl Server {
         };
         let config = Config::resolve(file, dir.path().join("data")).expect("valid config");
         let state = larder_server::open_state(config).await.expect("open state");
-        let token_file = larder_server::bootstrap_admin_token(&state)
-            .await
-            .expect("bootstrap")
-            .expect("a fresh database gets an admin token");
-        let admin = std::fs::read_to_string(token_file)
-            .expect("admin-token file")
-            .trim()
-            .to_owned();
         Server {
             state,
-            admin,
+            admin: String::new(),
             dir,
             pg,
+        }
+    }
+
+    /// Another replica on the same database, object storage and data directory (one mounted
+    /// on every replica).
+    pub async fn replica_sharing_data(&self) -> Server {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = ConfigFile {
+            database: Some(self.state.config.database.clone()),
+            storage: Some(self.state.config.storage.clone()),
+            data_dir: Some(self.state.config.data_dir.clone()),
+            ..ConfigFile::default()
+        };
+        let config = Config::resolve(file, dir.path().join("data")).expect("valid config");
+        let state = larder_server::open_state(config).await.expect("open state");
+        Server {
+            state,
+            admin: self.admin.clone(),
+            dir,
+            pg: None,
         }
     }
 
