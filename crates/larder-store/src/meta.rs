@@ -1371,6 +1371,12 @@ impl Metadata {
         claim_ttl_secs: i64,
         delete_object: &DeleteObject<'_>,
     ) -> Result<usize> {
+        // What decided these objects are garbage (an eviction, a deleted path) must survive a
+        // power loss before any object goes: otherwise the database could come back with a
+        // path whose NAR was deleted.
+        if !self.make_durable().await? {
+            return Ok(0); // the next collection tries again
+        }
         let now = now_unix();
         let cutoffs = (
             now - max_upload_age_secs,
@@ -1392,6 +1398,31 @@ impl Metadata {
             deleted += objects;
             if nars + objects == 0 {
                 return Ok(deleted);
+            }
+        }
+    }
+
+    /// Make every committed transaction durable; `false` if that could not be done now.
+    ///
+    /// PostgreSQL commits durably (`synchronous_commit`). SQLite runs in WAL mode with
+    /// `synchronous = NORMAL`: a commit is atomic and consistent at once, but reaches the disk
+    /// only at the next checkpoint, so an OS crash or power loss can undo the last
+    /// transactions (uploads and publications a client was told succeeded, evictions; never
+    /// half of one). Objects are written and `fsync`ed before the rows that name them commit,
+    /// so an undone publication leaves an unreferenced object, which garbage collection
+    /// deletes. The other way round needs this checkpoint: garbage collection deletes objects
+    /// only after the rows that made them garbage are on disk.
+    pub async fn make_durable(&self) -> Result<bool> {
+        match self.engine {
+            Engine::Postgres => Ok(true),
+            Engine::Sqlite => {
+                // FULL: waits (busy_timeout) for readers and writers, then syncs the WAL and
+                // copies every frame into the database file.
+                let row = sqlx::query("PRAGMA wal_checkpoint(FULL)")
+                    .fetch_one(&self.pool)
+                    .await?;
+                let busy: i64 = row.try_get(0)?;
+                Ok(busy == 0)
             }
         }
     }

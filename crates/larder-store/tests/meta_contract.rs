@@ -1011,3 +1011,36 @@ async fn copy_sqlite_to_postgres_is_verified_atomic_and_reversible() {
         transfer::checksums(&dst.meta).await.unwrap()
     );
 }
+
+// ---- SQLite only: what reaches the disk ---------------------------------------------------
+
+/// SQLite commits reach the database file only at a checkpoint (`synchronous = NORMAL` in WAL
+/// mode): losing the WAL (what an OS crash or power loss can do to unsynced frames) would undo
+/// them. `make_durable`, which garbage collection runs before deleting any object, puts every
+/// committed transaction in the database file itself: a copy of that file alone, without its
+/// WAL, has them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_commits_are_in_the_database_file_before_objects_are_collected() {
+    let db = Db::sqlite().await;
+    cache(&db.meta, "durable").await;
+    let file = db.dir.path().join("meta.db");
+    let lost_wal = |name: &str| {
+        let copy = db.dir.path().join(name);
+        std::fs::copy(&file, &copy).unwrap();
+        format!("sqlite://{}", copy.display())
+    };
+    // Before: the new cache lives only in the WAL.
+    let before = Metadata::connect(&lost_wal("before.db")).await.unwrap();
+    assert!(before.get_cache("durable").await.unwrap().is_none());
+    assert!(db.meta.make_durable().await.unwrap());
+    let after = Metadata::connect(&lost_wal("after.db")).await.unwrap();
+    assert!(after.get_cache("durable").await.unwrap().is_some());
+    // Garbage collection makes the database durable first.
+    cache(&db.meta, "collected").await;
+    db.meta
+        .collect_garbage(3600, 3600, 3600, &|_| Box::pin(async { Ok(()) }))
+        .await
+        .unwrap();
+    let gc = Metadata::connect(&lost_wal("gc.db")).await.unwrap();
+    assert!(gc.get_cache("collected").await.unwrap().is_some());
+}
