@@ -2,14 +2,15 @@
 
 # mirror_cache BASE OUT CLOSURE WORK: copy every narinfo and NAR of CLOSURE that the cache at
 # BASE serves into OUT, under the same names (what nginx then serves statically). Writes
-# WORK/narinfos (the narinfo URL paths), WORK/bignar and WORK/bighash (the biggest NAR).
+# WORK/narinfos (the narinfo URL paths), WORK/smallnars (the NAR URL paths of every NAR but the
+# biggest), WORK/bignar and WORK/bighash (the biggest NAR).
 mirror_cache() {
 python3 - "$@" <<'PY'
 import sys, urllib.request, os
 base, out, closure, work = sys.argv[1:5]
 def get(u): return urllib.request.urlopen(u, timeout=60).read()
 open(f'{out}/nix-cache-info', 'wb').write(get(f'{base}/nix-cache-info'))
-narinfos, big = [], (0, None, None)
+narinfos, nars, big = [], [], (0, None, None)
 for p in open(closure).read().split():
     h = p[len('/nix/store/'):][:32]
     text = get(f'{base}/{h}.narinfo')
@@ -18,9 +19,11 @@ for p in open(closure).read().split():
     data = get(f"{base}/{fields['URL']}")
     open(f"{out}/{fields['URL']}", 'wb').write(data)
     narinfos.append(f'/bench/{h}.narinfo')
+    nars.append(f"/bench/{fields['URL']}")
     if len(data) > big[0]: big = (len(data), f"/bench/{fields['URL']}", h)
 open(f'{work}/narinfos', 'w').write('\n'.join(narinfos) + '\n')
 open(f'{work}/bignar', 'w').write(big[1] + '\n')
+open(f'{work}/smallnars', 'w').write('\n'.join(n for n in nars if n != big[1]) + '\n')
 open(f'{work}/bighash', 'w').write(big[2] + '\n')
 print(f'{len(narinfos)} narinfos, biggest NAR {big[0] >> 20} MiB', file=sys.stderr)
 PY

@@ -7,6 +7,8 @@
 # `larder serve` with `nix copy`, mirrors every narinfo and NAR larder serves into a directory
 # that nginx serves statically under the same URLs, then measures with wrk (keep-alive):
 #   - narinfo requests/s, 1 and 16 connections (cycling over every narinfo of the closure)
+#   - small NARs requests/s (every NAR of the closure but the big one, 2-20 KiB), 1 and 16
+#     connections
 #   - NAR download throughput of one BIG_MIB NAR, 1 and 4 connections
 # Needs (as root): nix-bin, nginx (nginx-light), wrk, python3, curl; for SCALED=1 also
 # postgresql and garage (what .ci/run installs).
@@ -120,6 +122,9 @@ cmp <(curl -sf "$URL/bench/nix-cache-info") <(curl -sf "http://127.0.0.1:$NPORT/
   echo 'local i = 0'
   echo 'request = function() i = i % #paths + 1; return wrk.format("GET", paths[i]) end'; } > "$WORK/narinfo.lua"
 BIGNAR=$(cat "$WORK/bignar")
+{ echo 'local paths = {'; sed 's/.*/"&",/' "$WORK/smallnars"; echo '}'
+  echo 'local i = 0'
+  echo 'request = function() i = i % #paths + 1; return wrk.format("GET", paths[i]) end'; } > "$WORK/smallnar.lua"
 
 L=$URL; N=http://127.0.0.1:$NPORT
 S=${URL_scaled:-}
@@ -147,6 +152,8 @@ else
 fi
 row "narinfo req/s, 1 connection" $(each rps -t1 -c1 -s "$WORK/narinfo.lua" "")
 row "narinfo req/s, 16 connections" $(each rps -t2 -c16 -s "$WORK/narinfo.lua" "")
+row "small NARs req/s, 1 connection" $(each rps -t1 -c1 -s "$WORK/smallnar.lua" "")
+row "small NARs req/s, 16 connections" $(each rps -t2 -c16 -s "$WORK/smallnar.lua" "")
 row "NAR MiB/s, 1 connection" $(each mbps -t1 -c1 "@NAR@")
 row "NAR MiB/s, 4 connections" $(each mbps -t2 -c4 "@NAR@")
 if [ -n "$S" ]; then

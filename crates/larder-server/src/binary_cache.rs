@@ -9,6 +9,7 @@
 //! up on a substituter whose `nix-cache-info` fails).
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -205,7 +206,7 @@ async fn make_listing(state: &AppState, nar: &NarRow) -> Result<(), ApiError> {
     }
     let compression = parse_compression(&nar.compression)?;
     let chunks = state.meta.nar_chunks(nar.id).await?;
-    let body = chunk_stream(state, chunks, 0..nar.file_size as u64).await?;
+    let body = chunk_stream(state, &chunks, 0..nar.file_size as u64).await?;
     let (file, listing) = state
         .staging
         .tempfile("upload", state.staging.dir())
@@ -232,9 +233,39 @@ async fn make_listing(state: &AppState, nar: &NarRow) -> Result<(), ApiError> {
 /// Stream `range` of the concatenation of `chunks`' objects. The first object is opened
 /// before this returns, so an unreachable object store is an error (503) while the response
 /// can still say so, not a body cut short after `200`.
+/// The body of `range` of a NAR file made of `chunks`. A small file of one chunk is read whole
+/// (one read, no stream: most NARs are a few KiB); larger ones are streamed. A missing object
+/// is `ApiError::NotFound`, decided before any byte is sent.
+async fn chunk_body(
+    state: &AppState,
+    chunks: &[ChunkRow],
+    range: Range<u64>,
+) -> Result<Body, ApiError> {
+    if let [chunk] = chunks {
+        if (chunk.file_size as u64) <= SMALL_NAR {
+            let key = chunk.object_key();
+            let bytes = match state.objects.get_small(&key, SMALL_NAR).await {
+                Ok(Some(bytes)) => bytes,
+                Ok(None) => {
+                    return Ok(Body::from_stream(chunk_stream(state, chunks, range).await?))
+                }
+                Err(larder_store::ObjectError::NotFound(k)) => return Err(ApiError::NotFound(k)),
+                Err(e) => return Err(e.into()),
+            };
+            let end = (range.end as usize).min(bytes.len());
+            let start = (range.start as usize).min(end);
+            return Ok(Body::from(bytes.slice(start..end)));
+        }
+    }
+    Ok(Body::from_stream(chunk_stream(state, chunks, range).await?))
+}
+
+/// NAR files up to this size are read whole rather than streamed.
+const SMALL_NAR: u64 = 64 << 10;
+
 async fn chunk_stream(
     state: &AppState,
-    chunks: Vec<ChunkRow>,
+    chunks: &[ChunkRow],
     range: Range<u64>,
 ) -> Result<futures::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>, ApiError> {
     let mut parts = Vec::new();
@@ -254,7 +285,11 @@ async fn chunk_stream(
     let Some((key, r)) = parts.next() else {
         return Ok(futures::stream::empty().boxed());
     };
-    let first = state.objects.get(&key, Some(r)).await?.stream;
+    let first = match state.objects.get(&key, Some(r)).await {
+        Ok(body) => body.stream,
+        Err(larder_store::ObjectError::NotFound(k)) => return Err(ApiError::NotFound(k)),
+        Err(e) => return Err(e.into()),
+    };
     let objects = state.objects.clone();
     let rest = futures::stream::iter(parts)
         .then(move |(key, r)| {
@@ -323,12 +358,25 @@ async fn get_nar(
 ) -> Result<Response, ApiError> {
     let cache = crate::publish::authorized_cache(&state, &headers, &name, Perm::Pull).await?;
     let (file_hash, compression) = parse_nar_file_name(&file)?;
-    let nar = state
-        .meta
-        .servable_nar_by_file_hash(cache.id, &file_hash.to_nix32(), evicted_since(&state))
-        .await?
-        .filter(|n| n.compression == compression.as_str())
-        .ok_or_else(|| ApiError::not_found("no such NAR in this cache"))?;
+    let file_hash = file_hash.to_nix32();
+    let served = match state.hot.nar(cache.id, &file_hash) {
+        Some(served) => served,
+        None => {
+            let nar = state
+                .meta
+                .servable_nar_by_file_hash(cache.id, &file_hash, evicted_since(&state))
+                .await?
+                .ok_or_else(|| ApiError::not_found("no such NAR in this cache"))?;
+            let chunks = state.meta.nar_chunks(nar.id).await?;
+            let served = Arc::new(crate::hot::ServedNar { nar, chunks });
+            state.hot.put_nar(cache.id, served.clone());
+            served
+        }
+    };
+    let nar = &served.nar;
+    if nar.compression != compression.as_str() {
+        return Err(ApiError::not_found("no such NAR in this cache"));
+    }
     state.retention.usage.nar(cache.id, nar.id);
     let len = nar.file_size as u64;
     let range = match parse_range(&headers, len) {
@@ -341,7 +389,7 @@ async fn get_nar(
                 .into_response())
         }
     };
-    let chunks = state.meta.nar_chunks(nar.id).await?;
+    let chunks = &served.chunks;
     let (status, r) = match range {
         Some(r) => (StatusCode::PARTIAL_CONTENT, r),
         None => (StatusCode::OK, 0..len),
@@ -351,7 +399,7 @@ async fn get_nar(
         Body::empty()
     } else {
         if state.config.nar_redirect == NarRedirect::Presigned {
-            if let [chunk] = &chunks[..] {
+            if let [chunk] = chunks.as_slice() {
                 // Signing needs no request: check the store is not known to be down, so the
                 // client gets a 503 here rather than a redirect to a dead endpoint.
                 state.objects.check_available().await?;
@@ -374,7 +422,15 @@ async fn get_nar(
                 }
             }
         }
-        Body::from_stream(chunk_stream(&state, chunks, r.clone()).await?)
+        match chunk_body(&state, chunks, r.clone()).await {
+            Ok(body) => body,
+            // Collected since this replica looked it up (its grace ended): gone, as Nix expects.
+            Err(ApiError::NotFound(_)) => {
+                state.hot.forget_nar(cache.id, &file_hash);
+                return Err(ApiError::not_found("no such NAR in this cache"));
+            }
+            Err(e) => return Err(e),
+        }
     };
     let mut resp = Response::new(body);
     *resp.status_mut() = status;

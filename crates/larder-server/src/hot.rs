@@ -1,5 +1,5 @@
-//! In-memory caches of the hot read path: cache rows by name, rendered narinfos, and resolved
-//! tokens. Nix asks for thousands of narinfos per closure; answering most of them without a
+//! In-memory caches of the hot read path: cache rows by name, rendered narinfos, the NARs
+//! downloads ask for, and resolved tokens. Nix asks for thousands of narinfos per closure; answering most of them without a
 //! database round trip is what lets larder keep up with a static file server.
 //!
 //! Entries expire after a short TTL so that changes made through another replica (a cache made
@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use larder_store::meta::CacheRow;
+use larder_store::meta::{CacheRow, ChunkRow, NarRow};
 use quick_cache::sync::Cache;
 
 use crate::auth::Grant;
@@ -22,6 +22,27 @@ pub const SETTINGS_TTL: Duration = Duration::from_secs(2);
 pub const NARINFO_TTL: Duration = Duration::from_secs(5);
 /// Most narinfos kept (about 1 KiB each).
 const NARINFO_CAPACITY: usize = 100_000;
+/// How long a NAR's metadata (its row and chunks, for downloads) stays in memory. Shorter than
+/// the shortest `evicted_nar_grace` (10 s): a NAR found servable stays servable about that
+/// long, and one whose objects are gone meanwhile is answered 404.
+pub const NAR_TTL: Duration = Duration::from_secs(5);
+/// Most NARs' metadata kept (about 300 bytes each).
+const NAR_CAPACITY: usize = 100_000;
+
+/// What a NAR download needs from the database: the NAR and the chunks its file is made of.
+pub struct ServedNar {
+    pub nar: NarRow,
+    pub chunks: Vec<ChunkRow>,
+}
+
+/// A NAR key without allocating: the 52-character nix32 file hash as bytes.
+fn nar_key(file_hash: &str) -> [u8; 52] {
+    let mut k = [0u8; 52];
+    for (d, s) in k.iter_mut().zip(file_hash.bytes()) {
+        *d = s;
+    }
+    k
+}
 const SETTINGS_CAPACITY: usize = 10_000;
 
 /// A narinfo key without allocating: the 32-character hash part as bytes.
@@ -49,6 +70,7 @@ pub struct HotCache {
     /// Bumped by every forget, so that a read racing it does not cache a stale narinfo.
     narinfo_generation: AtomicU64,
     tokens: Cache<String, Timed<Grant>>,
+    nars: Cache<(i64, [u8; 52]), Timed<Arc<ServedNar>>>,
 }
 
 impl Default for HotCache {
@@ -58,6 +80,7 @@ impl Default for HotCache {
             narinfos: Cache::new(NARINFO_CAPACITY),
             narinfo_generation: AtomicU64::new(0),
             tokens: Cache::new(SETTINGS_CAPACITY),
+            nars: Cache::new(NAR_CAPACITY),
         }
     }
 }
@@ -110,6 +133,23 @@ impl HotCache {
     pub fn forget_narinfo(&self, cache_id: i64, hash: &str) {
         self.narinfo_generation.fetch_add(1, Ordering::SeqCst);
         self.narinfos.remove(&(cache_id, key(hash)));
+    }
+
+    /// A servable NAR of `cache_id` by its file hash (nix32), as a download found it lately.
+    pub fn nar(&self, cache_id: i64, file_hash: &str) -> Option<Arc<ServedNar>> {
+        fresh(self.nars.get(&(cache_id, nar_key(file_hash))), NAR_TTL)
+    }
+    pub fn put_nar(&self, cache_id: i64, served: Arc<ServedNar>) {
+        self.nars.insert(
+            (cache_id, nar_key(&served.nar.file_hash)),
+            Timed {
+                at: Instant::now(),
+                value: served,
+            },
+        );
+    }
+    pub fn forget_nar(&self, cache_id: i64, file_hash: &str) {
+        self.nars.remove(&(cache_id, nar_key(file_hash)));
     }
 
     pub fn token(&self, secret_hash: &str) -> Option<Grant> {

@@ -972,3 +972,40 @@ async fn unfinished_multipart_uploads_are_bounded_per_cache() {
         r.text()
     );
 }
+
+/// A NAR download looked up moments ago (its metadata kept in memory) whose object has since
+/// gone (garbage collection after its grace, on another replica) is answered 404, as Nix
+/// expects of a vanished substitute, never 500; small and large NARs alike, with Range too.
+#[tokio::test]
+async fn a_nar_whose_object_vanished_after_lookup_is_a_404() {
+    let srv = Server::new().await;
+    srv.create_cache("c", false).await;
+    let small = TestPath::new("small", "vanish-small");
+    let large = TestPath::with_nar(
+        "large",
+        "vanish-large",
+        common::file_nar(&common::noise(200_000, "vanish-large")),
+    );
+    for tp in [&small, &large] {
+        srv.push_api("c", srv.admin(), tp, Comp::None).await.expect(201);
+        let (ni, body) = check_served(&srv, "c", tp).await;
+        assert_eq!(body, tp.nar);
+        // A Range of the NAR, from memory or streamed.
+        let mut req = request(Method::GET, &format!("/c/{}", ni.url), Auth::Anon, "");
+        req.headers_mut()
+            .insert(header::RANGE, "bytes=10-19".parse().unwrap());
+        let r = srv.send(req).await.expect(206);
+        assert_eq!(r.body, tp.nar[10..20]);
+    }
+    // The objects go behind the server's back.
+    let objects = srv.data_dir().join("store/objects/chunk");
+    std::fs::remove_dir_all(&objects).unwrap();
+    for tp in [&small, &large] {
+        let ni = srv
+            .get(&format!("/c/{}.narinfo", tp.hash()), Auth::Anon)
+            .await
+            .expect(200);
+        let ni = NarInfo::parse(&ni.text()).unwrap();
+        srv.get(&format!("/c/{}", ni.url), Auth::Anon).await.expect(404);
+    }
+}

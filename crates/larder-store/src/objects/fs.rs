@@ -86,6 +86,31 @@ impl FsObjects {
         Ok(ObjectBody { len, stream })
     }
 
+    /// The whole object if it is at most `max` bytes, read synchronously (see
+    /// [`super::ObjectStore::get_small`]).
+    pub(super) fn get_small(
+        &self,
+        key: &str,
+        max: u64,
+    ) -> Result<Option<bytes::Bytes>, ObjectError> {
+        use std::io::Read;
+        let not_found = |source: io::Error| {
+            if source.kind() == io::ErrorKind::NotFound {
+                ObjectError::NotFound(key.to_owned())
+            } else {
+                io_err(key)(source)
+            }
+        };
+        let mut file = std::fs::File::open(self.root.join(key)).map_err(not_found)?;
+        let size = file.metadata().map_err(not_found)?.len();
+        if size > max {
+            return Ok(None);
+        }
+        let mut buf = Vec::with_capacity(size as usize);
+        file.read_to_end(&mut buf).map_err(not_found)?;
+        Ok(Some(bytes::Bytes::from(buf)))
+    }
+
     pub(super) async fn exists(&self, key: &str) -> Result<bool, ObjectError> {
         tokio::fs::try_exists(self.root.join(key))
             .await
