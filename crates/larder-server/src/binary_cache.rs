@@ -234,8 +234,9 @@ async fn make_listing(state: &AppState, nar: &NarRow) -> Result<(), ApiError> {
 /// before this returns, so an unreachable object store is an error (503) while the response
 /// can still say so, not a body cut short after `200`.
 /// The body of `range` of a NAR file made of `chunks`. A small file of one chunk is read whole
-/// (one read, no stream: most NARs are a few KiB); larger ones are streamed. A missing object
-/// is `ApiError::NotFound`, decided before any byte is sent.
+/// (one read, no stream: most NARs are a few KiB) and kept in the hot cache's small files;
+/// larger ones are streamed. A missing object is `ApiError::NotFound`, decided before any byte
+/// is sent.
 async fn chunk_body(
     state: &AppState,
     chunks: &[ChunkRow],
@@ -244,7 +245,15 @@ async fn chunk_body(
     if let [chunk] = chunks {
         if (chunk.file_size as u64) <= SMALL_NAR {
             let key = chunk.object_key();
-            let bytes = match state.objects.get_small(&key, SMALL_NAR).await {
+            let bytes = match state.hot.small_file(&chunk.chunk_hash) {
+                Some(bytes) => Ok(Some(bytes)),
+                None => state.objects.get_small(&key, SMALL_NAR).await.inspect(|b| {
+                    if let Some(bytes) = b {
+                        state.hot.put_small_file(&chunk.chunk_hash, bytes.clone());
+                    }
+                }),
+            };
+            let bytes = match bytes {
                 Ok(Some(bytes)) => bytes,
                 Ok(None) => {
                     return Ok(Body::from_stream(chunk_stream(state, chunks, range).await?))

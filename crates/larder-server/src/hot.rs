@@ -29,6 +29,20 @@ pub const NAR_TTL: Duration = Duration::from_secs(5);
 /// Most NARs' metadata kept (about 300 bytes each).
 const NAR_CAPACITY: usize = 100_000;
 
+/// Bytes of small NAR files kept in memory: what a static file server's open-file cache and
+/// the page cache give it, without a file opened and read per download.
+const SMALL_FILES_BYTES: u64 = 64 << 20;
+
+/// Weighs a small file by its length (plus a little for the entry).
+#[derive(Clone)]
+struct ByLength;
+
+impl quick_cache::Weighter<[u8; 52], bytes::Bytes> for ByLength {
+    fn weight(&self, _key: &[u8; 52], val: &bytes::Bytes) -> u64 {
+        val.len() as u64 + 64
+    }
+}
+
 /// What a NAR download needs from the database: the NAR and the chunks its file is made of.
 pub struct ServedNar {
     pub nar: NarRow,
@@ -71,6 +85,9 @@ pub struct HotCache {
     narinfo_generation: AtomicU64,
     tokens: Cache<String, Timed<Grant>>,
     nars: Cache<(i64, [u8; 52]), Timed<Arc<ServedNar>>>,
+    /// Small NAR files by chunk hash. Content-addressed, so never stale; whether a cache may
+    /// serve one is decided by `nars` and the database, never by this.
+    small_files: Cache<[u8; 52], bytes::Bytes, ByLength>,
 }
 
 impl Default for HotCache {
@@ -81,6 +98,7 @@ impl Default for HotCache {
             narinfo_generation: AtomicU64::new(0),
             tokens: Cache::new(SETTINGS_CAPACITY),
             nars: Cache::new(NAR_CAPACITY),
+            small_files: Cache::with_weighter(4096, SMALL_FILES_BYTES, ByLength),
         }
     }
 }
@@ -150,6 +168,17 @@ impl HotCache {
     }
     pub fn forget_nar(&self, cache_id: i64, file_hash: &str) {
         self.nars.remove(&(cache_id, nar_key(file_hash)));
+    }
+
+    /// The bytes of a small stored file, by its chunk hash (nix32).
+    pub fn small_file(&self, chunk_hash: &str) -> Option<bytes::Bytes> {
+        self.small_files.get(&nar_key(chunk_hash))
+    }
+    pub fn put_small_file(&self, chunk_hash: &str, bytes: bytes::Bytes) {
+        self.small_files.insert(nar_key(chunk_hash), bytes);
+    }
+    pub fn forget_small_file(&self, chunk_hash: &str) {
+        self.small_files.remove(&nar_key(chunk_hash));
     }
 
     pub fn token(&self, secret_hash: &str) -> Option<Grant> {

@@ -975,37 +975,59 @@ async fn unfinished_multipart_uploads_are_bounded_per_cache() {
 
 /// A NAR download looked up moments ago (its metadata kept in memory) whose object has since
 /// gone (garbage collection after its grace, on another replica) is answered 404, as Nix
-/// expects of a vanished substitute, never 500; small and large NARs alike, with Range too.
+/// expects of a vanished substitute, never 500; small NARs (read whole, kept in memory) and
+/// large ones (streamed) alike, and Ranges of both are right.
 #[tokio::test]
 async fn a_nar_whose_object_vanished_after_lookup_is_a_404() {
     let srv = Server::new().await;
     srv.create_cache("c", false).await;
-    let small = TestPath::new("small", "vanish-small");
-    let large = TestPath::with_nar(
-        "large",
-        "vanish-large",
-        common::file_nar(&common::noise(200_000, "vanish-large")),
-    );
-    for tp in [&small, &large] {
-        srv.push_api("c", srv.admin(), tp, Comp::None).await.expect(201);
-        let (ni, body) = check_served(&srv, "c", tp).await;
-        assert_eq!(body, tp.nar);
-        // A Range of the NAR, from memory or streamed.
-        let mut req = request(Method::GET, &format!("/c/{}", ni.url), Auth::Anon, "");
-        req.headers_mut()
-            .insert(header::RANGE, "bytes=10-19".parse().unwrap());
-        let r = srv.send(req).await.expect(206);
-        assert_eq!(r.body, tp.nar[10..20]);
+    let large = |seed: &str| {
+        TestPath::with_nar(
+            "large",
+            seed,
+            common::file_nar(&common::noise(200_000, seed)),
+        )
+    };
+    let served = [
+        TestPath::new("small", "vanish-small-1"),
+        large("vanish-large-1"),
+    ];
+    for tp in &served {
+        srv.push_api("c", srv.admin(), tp, Comp::None)
+            .await
+            .expect(201);
+        for _ in 0..2 {
+            // Twice: from the store, then (small) from memory.
+            let (ni, body) = check_served(&srv, "c", tp).await;
+            assert_eq!(body, tp.nar);
+            let mut req = request(Method::GET, &format!("/c/{}", ni.url), Auth::Anon, "");
+            req.headers_mut()
+                .insert(header::RANGE, "bytes=10-19".parse().unwrap());
+            let r = srv.send(req).await.expect(206);
+            assert_eq!(r.body, tp.nar[10..20]);
+        }
     }
-    // The objects go behind the server's back.
-    let objects = srv.data_dir().join("store/objects/chunk");
-    std::fs::remove_dir_all(&objects).unwrap();
-    for tp in [&small, &large] {
+    // Two more, looked up (HEAD: the metadata only) just before their objects go behind the
+    // server's back.
+    let vanishing = [
+        TestPath::new("small", "vanish-small-2"),
+        large("vanish-large-2"),
+    ];
+    let mut urls = Vec::new();
+    for tp in &vanishing {
+        srv.push_api("c", srv.admin(), tp, Comp::None)
+            .await
+            .expect(201);
         let ni = srv
             .get(&format!("/c/{}.narinfo", tp.hash()), Auth::Anon)
             .await
             .expect(200);
-        let ni = NarInfo::parse(&ni.text()).unwrap();
-        srv.get(&format!("/c/{}", ni.url), Auth::Anon).await.expect(404);
+        let url = format!("/c/{}", NarInfo::parse(&ni.text()).unwrap().url);
+        srv.head(&url, Auth::Anon).await.expect(200);
+        urls.push(url);
+    }
+    std::fs::remove_dir_all(srv.data_dir().join("store/objects/chunk")).unwrap();
+    for url in &urls {
+        srv.get(url, Auth::Anon).await.expect(404);
     }
 }
