@@ -1,5 +1,5 @@
-//! The metadata database: caches, tokens, NARs and their chunks, store paths, pending uploads
-//! and build logs.
+//! The metadata database: caches, tokens, NARs and their chunks, store paths, pending uploads,
+//! build logs and per-cache daily statistics (`meta/stats.rs`).
 //!
 //! One query layer for every engine: `sqlx`'s `Any` driver with queries written in the SQL both
 //! SQLite and PostgreSQL accept (`$N` parameters, `ON CONFLICT`, `RETURNING`, `BIGINT` columns,
@@ -27,11 +27,13 @@ use crate::now_unix;
 mod contents;
 mod lock;
 mod schema;
+mod stats;
 pub mod transfer;
 
 pub use lock::{HeldLock, LockName};
 
 pub use contents::{PathCursor, PathEntry};
+pub use stats::{CacheDay, Downloads};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
@@ -772,6 +774,7 @@ impl Metadata {
             "logs",
             "pins",
             "evicted_nars",
+            "cache_days",
         ] {
             sqlx::query(&format!("DELETE FROM {table} WHERE cache_id = $1"))
                 .bind(id)

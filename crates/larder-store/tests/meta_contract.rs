@@ -15,8 +15,8 @@ use larder_nix::hash::Sha256;
 use larder_nix::store_path::StorePath;
 use larder_store::meta::transfer::{self, TransferError};
 use larder_store::meta::{
-    chunk_object_key, CacheRow, CacheUpdate, ChunkRow, Engine, Evicted, Keep, LockName, MetaError,
-    NarRow, NewCache, NewPath, Publish, TokenRow,
+    chunk_object_key, CacheDay, CacheRow, CacheUpdate, ChunkRow, Downloads, Engine, Evicted, Keep,
+    LockName, MetaError, NarRow, NewCache, NewPath, Publish, TokenRow,
 };
 use larder_store::{now_unix, Metadata, ObjectStore, OpenOptions};
 use larder_testkit::postgres::PgCluster;
@@ -717,6 +717,87 @@ async fn usage_and_logs_are_recorded(db: Db) {
     assert_eq!(m.get_log(c.id, "y.drv").await.unwrap(), None);
 }
 
+/// Daily statistics: downloads flushed by several replicas at once add up, a size sample read
+/// earlier never replaces a later one, old days are pruned, and deleting a cache deletes its
+/// days.
+async fn daily_stats_add_up_across_replicas(db: Db) {
+    let m = &db.meta;
+    let c = cache(m, "stats").await;
+    let other = cache(m, "other").await;
+    let one = Downloads {
+        narinfo_requests: 1,
+        narinfo_bytes: 100,
+        nar_requests: 2,
+        nar_bytes: 5000,
+    };
+    // 4 replicas × 10 flushes of the same day, concurrently.
+    let replicas = futures::future::join_all((0..4).map(|_| db.replica())).await;
+    futures::future::join_all(replicas.iter().map(|r| async move {
+        for _ in 0..10 {
+            r.add_downloads(&[(c.id, 20_000, one), (c.id, 20_001, one)])
+                .await
+                .unwrap();
+        }
+    }))
+    .await;
+    m.add_downloads(&[
+        (other.id, 20_000, one),
+        (c.id, 19_990, Downloads::default()),
+    ])
+    .await
+    .unwrap();
+    let (days, before) = m.cache_days(c.id, 19_990, 20_001).await.unwrap();
+    assert_eq!(before, None);
+    let sums = Downloads {
+        narinfo_requests: 40,
+        narinfo_bytes: 4000,
+        nar_requests: 80,
+        nar_bytes: 200_000,
+    };
+    // An empty count writes no row.
+    assert_eq!(
+        days,
+        vec![
+            CacheDay {
+                day: 20_000,
+                downloads: sums,
+                size: None
+            },
+            CacheDay {
+                day: 20_001,
+                downloads: sums,
+                size: None
+            },
+        ]
+    );
+    // Sizes: the latest reading wins, whatever the order the writes arrive in.
+    m.record_sizes(20_001, 2_000, &[(c.id, 700)]).await.unwrap();
+    m.record_sizes(20_001, 1_000, &[(c.id, 500), (other.id, 9)])
+        .await
+        .unwrap();
+    m.record_sizes(19_995, 1_000, &[(c.id, 300)]).await.unwrap();
+    let (days, before) = m.cache_days(c.id, 19_996, 20_001).await.unwrap();
+    assert_eq!(before, Some(300));
+    assert_eq!(days[1].size, Some(700));
+    assert_eq!(days[1].downloads, sums, "a size sample keeps the counts");
+    assert_eq!(m.cache_days(other.id, 0, 30_000).await.unwrap().0.len(), 2);
+    // Pruning: days before the cutoff go.
+    assert_eq!(m.prune_cache_days(20_000).await.unwrap(), 1);
+    assert_eq!(m.cache_days(c.id, 0, 30_000).await.unwrap().0.len(), 2);
+    // Deleting a cache deletes its days; a flush racing the deletion leaves rows that the
+    // next pruning deletes.
+    assert!(m.delete_cache("other").await.unwrap());
+    assert!(m
+        .cache_days(other.id, 0, 30_000)
+        .await
+        .unwrap()
+        .0
+        .is_empty());
+    m.add_downloads(&[(other.id, 20_001, one)]).await.unwrap();
+    assert_eq!(m.prune_cache_days(0).await.unwrap(), 1);
+    assert_eq!(db.rows("cache_days").await, 2);
+}
+
 /// Locks: on PostgreSQL one holder at a time, released when the holder's session ends (the
 /// replica dying); on SQLite (one process) always granted.
 async fn locks_have_one_holder_and_die_with_it(db: Db) {
@@ -789,14 +870,14 @@ async fn replicas_starting_together_migrate_once(db: Db) {
     let opened = futures::future::join_all((0..4).map(|_| Metadata::connect(&url))).await;
     for m in opened {
         let m = m.unwrap();
-        assert_eq!(m.schema_version().await.unwrap(), 5);
+        assert_eq!(m.schema_version().await.unwrap(), 6);
     }
     if let Some(pg) = &db.pg {
         let versions = pg.psql(
             PgCluster::db_of(&url),
             "SELECT string_agg(version::text, ',' ORDER BY version) FROM larder_schema",
         );
-        assert_eq!(versions, "1,2,3,4,5");
+        assert_eq!(versions, "1,2,3,4,5,6");
     }
 }
 
@@ -852,6 +933,7 @@ contract!(
     eviction_is_closure_safe_and_keeps_nars_for_a_grace,
     pins_keep_revisions_by_policy,
     usage_and_logs_are_recorded,
+    daily_stats_add_up_across_replicas,
     locks_have_one_holder_and_die_with_it,
     replicas_starting_together_migrate_once,
     a_newer_schema_is_refused,
@@ -947,6 +1029,16 @@ async fn populate(m: &Metadata) {
     .unwrap();
     m.put_log(a.id, "app.drv", "log/app", 10).await.unwrap();
     m.record_usage(a.id, &[app.hash_part()], &[], 777)
+        .await
+        .unwrap();
+    let served = Downloads {
+        narinfo_requests: 3,
+        narinfo_bytes: 1200,
+        nar_requests: 1,
+        nar_bytes: 4096,
+    };
+    m.add_downloads(&[(a.id, 20_000, served)]).await.unwrap();
+    m.record_sizes(20_001, 1_728_000_000_000, &[(a.id, 4096), (b.id, 0)])
         .await
         .unwrap();
 }

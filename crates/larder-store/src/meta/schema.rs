@@ -8,6 +8,11 @@
 //! Version 4 adds `chunk_claims`: chunks an upload is writing, which garbage collection must
 //! not delete (see `Metadata::claim_chunks`). Version 5 adds `caches.upstream_keys`: the
 //! cache's own upstream keys (newline-joined), trusted beside the server-wide ones.
+//! Version 6 adds `cache_days`: per cache and UTC day (days since 1970-01-01), the narinfo and
+//! NAR downloads served (requests and body bytes, added up by every replica's flushes) and the
+//! cache's stored size as last sampled that day (`size_at`: when, in milliseconds, so that an
+//! older sample written late never replaces a newer one). No foreign key: rows are written
+//! from in-memory counters after the fact, and deleting a cache deletes its rows.
 //!
 //! On PostgreSQL the migrations run in one transaction under an advisory lock, so replicas
 //! starting together apply them once; a database migrated by a newer larder is refused.
@@ -138,6 +143,19 @@ CREATE INDEX chunk_claims_chunk ON chunk_claims (chunk_hash)
 "#,
     r#"
 ALTER TABLE caches ADD COLUMN upstream_keys TEXT
+"#,
+    r#"
+CREATE TABLE cache_days (
+    cache_id BIGINT NOT NULL,
+    day BIGINT NOT NULL,
+    narinfo_requests BIGINT NOT NULL,
+    narinfo_bytes BIGINT NOT NULL,
+    nar_requests BIGINT NOT NULL,
+    nar_bytes BIGINT NOT NULL,
+    size BIGINT,
+    size_at BIGINT,
+    PRIMARY KEY (cache_id, day)
+)
 "#,
 ];
 

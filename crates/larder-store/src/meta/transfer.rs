@@ -193,6 +193,20 @@ const TABLES: &[Table] = &[
         ],
         serial: true,
     },
+    Table {
+        name: "cache_days",
+        columns: &[
+            ("cache_id", Int),
+            ("day", Int),
+            ("narinfo_requests", Int),
+            ("narinfo_bytes", Int),
+            ("nar_requests", Int),
+            ("nar_bytes", Int),
+            ("size", Int),
+            ("size_at", Int),
+        ],
+        serial: false,
+    },
 ];
 
 /// The bookkeeping table of migrations: not copied (both sides are migrated to the same
