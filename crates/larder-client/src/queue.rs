@@ -80,10 +80,43 @@ impl Queue {
              CREATE INDEX IF NOT EXISTS queue_state ON queue(state, id);",
         )
         .map_err(err("cannot create the schema"))?;
-        Ok(Self {
+        let queue = Self {
             conn,
             path: path.to_owned(),
-        })
+        };
+        queue.give_to_directory_owner();
+        Ok(queue)
+    }
+
+    /// When root writes the queue of a user's daemon (nix-daemon runs the post-build hook as
+    /// root, and the hook queues by itself while the daemon is down), the files it creates
+    /// must stay writable by that user, or the daemon fails on its own queue: the database and
+    /// its WAL files go to the owner of their directory.
+    fn give_to_directory_owner(&self) {
+        use std::os::unix::fs::MetadataExt;
+        let Some(dir) = self.path.parent() else {
+            return;
+        };
+        let Ok(owner) = std::fs::metadata(if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        }) else {
+            return;
+        };
+        if !rustix::process::geteuid().is_root() || owner.uid() == 0 {
+            return;
+        }
+        let mut files = vec![self.path.clone()];
+        for suffix in ["-wal", "-shm"] {
+            let mut name = self.path.clone().into_os_string();
+            name.push(suffix);
+            files.push(PathBuf::from(name));
+        }
+        for f in files {
+            // Missing WAL files appear later; the next open or enqueue hands them over.
+            let _ = std::os::unix::fs::chown(&f, Some(owner.uid()), Some(owner.gid()));
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -116,6 +149,7 @@ impl Queue {
             }
         }
         tx.commit().map_err(&e)?;
+        self.give_to_directory_owner();
         Ok(ids)
     }
 
@@ -231,5 +265,44 @@ mod tests {
                 failed: 1
             }
         );
+    }
+
+    /// The post-build hook runs as root (nix-daemon) and queues by itself while a user's
+    /// daemon is down; the user's daemon must then still be able to write its queue.
+    #[test]
+    fn a_queue_root_writes_for_a_user_stays_writable_by_that_user() {
+        use std::os::unix::fs::MetadataExt;
+        assert!(
+            rustix::process::geteuid().is_root(),
+            "this test runs as root (as .ci/run does)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let nobody = 65534;
+        std::os::unix::fs::chown(dir.path(), Some(nobody), Some(nobody)).unwrap();
+        let db = dir.path().join("daemon.queue.db");
+        let mut q = Queue::open(&db).unwrap();
+        q.enqueue(&["/nix/store/a".into()]).unwrap();
+        drop(q);
+        for name in ["daemon.queue.db", "daemon.queue.db-wal", "daemon.queue.db-shm"] {
+            let p = dir.path().join(name);
+            if p.exists() {
+                assert_eq!(std::fs::metadata(&p).unwrap().uid(), nobody, "{name}");
+            }
+        }
+        // The user's daemon records a result: a thread that is that user (for good).
+        let as_user = db.clone();
+        std::thread::spawn(move || {
+            use rustix::process::{Gid, Uid};
+            let (uid, gid) = (Uid::from_raw(nobody), Gid::from_raw(nobody));
+            rustix::thread::set_thread_res_gid(gid, gid, gid).unwrap();
+            rustix::thread::set_thread_res_uid(uid, uid, uid).unwrap();
+            let mut q = Queue::open(&as_user).unwrap();
+            let (id, _) = q.pending(1).unwrap()[0].clone();
+            q.finish(&[(id, None)]).unwrap();
+        })
+        .join()
+        .unwrap();
+        let q = Queue::open(&db).unwrap();
+        assert!(q.pending(10).unwrap().is_empty());
     }
 }
