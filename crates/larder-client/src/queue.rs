@@ -283,7 +283,11 @@ mod tests {
         let mut q = Queue::open(&db).unwrap();
         q.enqueue(&["/nix/store/a".into()]).unwrap();
         drop(q);
-        for name in ["daemon.queue.db", "daemon.queue.db-wal", "daemon.queue.db-shm"] {
+        for name in [
+            "daemon.queue.db",
+            "daemon.queue.db-wal",
+            "daemon.queue.db-shm",
+        ] {
             let p = dir.path().join(name);
             if p.exists() {
                 assert_eq!(std::fs::metadata(&p).unwrap().uid(), nobody, "{name}");

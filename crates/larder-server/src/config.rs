@@ -201,7 +201,10 @@ pub struct TlsFiles {
 
 /// A size written as a number of bytes or a string like `5GiB`.
 #[derive(Debug, Clone, serde::Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a size: a number of bytes or a string like \"5GiB\""
+)]
 pub enum SizeValue {
     Bytes(u64),
     Text(String),
@@ -237,6 +240,17 @@ pub enum ConfigError {
     Setting {
         key: &'static str,
         inner: Box<ConfigError>,
+    },
+    #[error(
+        "tls_{set} is set but tls_{unset} is not: give both (--tls-{set} and --tls-{unset}, \
+         LARDER_TLS_{SET} and LARDER_TLS_{UNSET}, or tls_{set} and tls_{unset} in the config \
+         file; they may come from different places)",
+        SET = set.to_uppercase(),
+        UNSET = unset.to_uppercase()
+    )]
+    TlsPair {
+        set: &'static str,
+        unset: &'static str,
     },
     #[error("invalid {key} of declared cache {cache:?} ([caches.{cache}]): {value:?}")]
     Declared {
@@ -305,14 +319,12 @@ impl Config {
             (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
             (None, None) => None,
             (cert, _) => {
-                return Err(ConfigError::Value {
-                    key: "TLS files (set both tls_cert and tls_key)",
-                    value: if cert.is_some() {
-                        "tls_cert without tls_key".into()
-                    } else {
-                        "tls_key without tls_cert".into()
-                    },
-                })
+                let (set, unset) = if cert.is_some() {
+                    ("cert", "key")
+                } else {
+                    ("key", "cert")
+                };
+                return Err(ConfigError::TlsPair { set, unset });
             }
         };
         let scheme = if tls.is_some() { "https" } else { "http" };
@@ -463,11 +475,19 @@ impl Config {
             .into_iter()
             .map(|(name, c)| declared_cache(name, c))
             .collect::<Result<Vec<_>, _>>()?;
+        let delete_undeclared_caches = file.delete_undeclared_caches.unwrap_or(false);
+        if delete_undeclared_caches && declared_caches.is_empty() {
+            return Err(ConfigError::Value {
+                key: "delete_undeclared_caches (it would delete every cache, since no \
+                      [caches.NAME] table is declared; declare the caches to keep)",
+                value: "true".into(),
+            });
+        }
         Ok(Config {
             upstream_keys,
             tls,
             declared_caches,
-            delete_undeclared_caches: file.delete_undeclared_caches.unwrap_or(false),
+            delete_undeclared_caches,
             listen,
             data_dir,
             public_url,
@@ -519,6 +539,12 @@ fn declared_cache(name: String, c: DeclaredCacheFile) -> Result<DeclaredCache, C
         key,
         value,
     };
+    if crate::RESERVED_NAMES.contains(&name.as_str()) {
+        return Err(bad(
+            "name (reserved: api, ui, static, metrics and healthz are routes)",
+            name.clone(),
+        ));
+    }
     if !crate::valid_cache_name(&name) {
         return Err(bad(
             "name (1-63 of [a-z0-9-], starting with a letter or digit)",

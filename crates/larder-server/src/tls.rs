@@ -22,8 +22,10 @@ pub enum TlsError {
     Cert { path: String, reason: String },
     #[error("cannot read the TLS key {path}: {reason}")]
     Key { path: String, reason: String },
-    #[error("the TLS key {key} does not belong to the certificate {cert}: {reason}")]
-    Pair {
+    #[error("the TLS key {key} does not belong to the certificate {cert}")]
+    Pair { cert: String, key: String },
+    #[error("the TLS certificate {cert} and key {key} cannot be used together: {reason}")]
+    Unusable {
         cert: String,
         key: String,
         reason: String,
@@ -93,6 +95,19 @@ fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
             "no certificate in it (expected -----BEGIN CERTIFICATE-----)".into(),
         ));
     }
+    if key_pem
+        .windows(b"ENCRYPTED PRIVATE KEY".len())
+        .any(|w| w == b"ENCRYPTED PRIVATE KEY")
+        || key_pem
+            .windows(b"Proc-Type: 4,ENCRYPTED".len())
+            .any(|w| w == b"Proc-Type: 4,ENCRYPTED")
+    {
+        return Err(key_err(
+            "it is encrypted with a passphrase, which a server starting unattended cannot \
+             type; decrypt it once (`openssl pkey -in KEY -out KEY.plain`, mode 0600)"
+                .into(),
+        ));
+    }
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
         key_err(format!(
             "no PEM private key in it (PKCS#8, PKCS#1 or SEC1): {e}"
@@ -104,10 +119,16 @@ fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
         .map_err(|e| cert_err(e.to_string()))?
         .with_no_client_auth()
         .with_single_cert(chain, key)
-        .map_err(|e| TlsError::Pair {
-            cert: shown(&files.cert),
-            key: shown(&files.key),
-            reason: e.to_string(),
+        .map_err(|e| match e {
+            rustls::Error::InconsistentKeys(_) => TlsError::Pair {
+                cert: shown(&files.cert),
+                key: shown(&files.key),
+            },
+            other => TlsError::Unusable {
+                cert: shown(&files.cert),
+                key: shown(&files.key),
+                reason: other.to_string(),
+            },
         })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))

@@ -190,6 +190,7 @@ pub enum CacheCommand {
         json: bool,
     },
     /// Change a cache's settings (admin on the cache).
+    #[command(visible_alias = "update")]
     Configure {
         /// CACHE, SERVER:CACHE or the cache's URL (http://HOST:PORT/CACHE)
         cache: String,

@@ -14,13 +14,24 @@ pub fn init_tracing(server: bool) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false);
-    if crate::env::var(crate::env::LOG_FORMAT).as_deref() == Some("json") {
+    let format = crate::env::var(crate::env::LOG_FORMAT);
+    if json_logs() {
         builder.json().init();
     } else {
         // Colours only on a terminal: journald and files get plain text.
         let ansi = std::io::stderr().is_terminal() && crate::env::var("NO_COLOR").is_none();
         builder.with_ansi(ansi).init();
+        if let Some(other) = format.filter(|f| f != "text") {
+            tracing::warn!(
+                "LARDER_LOG_FORMAT={other:?} is not a log format (json or text); logging text"
+            );
+        }
     }
+}
+
+/// Whether `LARDER_LOG_FORMAT=json` asks for every line of the log as a JSON record.
+pub fn json_logs() -> bool {
+    crate::env::var(crate::env::LOG_FORMAT).as_deref() == Some("json")
 }
 
 /// Print to stdout; a closed pipe (`larder … | head`) is not an error worth a message.
@@ -53,7 +64,18 @@ pub fn report_error(e: &anyhow::Error) -> ExitCode {
     }) {
         return ExitCode::SUCCESS;
     }
-    eprintln!("{}", render_error(e));
+    if json_logs() {
+        // The last line of a server that stops at start, for a log shipper like the others.
+        let record = serde_json::json!({
+            "timestamp": humantime::format_rfc3339_micros(std::time::SystemTime::now())
+                .to_string(),
+            "level": "ERROR",
+            "fields": { "message": render_error(e) },
+        });
+        eprintln!("{record}");
+    } else {
+        eprintln!("{}", render_error(e));
+    }
     ExitCode::FAILURE
 }
 
@@ -97,6 +119,14 @@ fn causes(e: &anyhow::Error) -> Vec<String> {
     out
 }
 
+/// Whether an error chain is a TLS certificate refusal (rustls' words, through reqwest).
+fn certificate_problem(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        let text = c.to_string();
+        text.contains("certificate") || text.contains("UnknownIssuer")
+    })
+}
+
 fn hint_for(e: &anyhow::Error) -> Option<String> {
     for cause in e.chain() {
         if let Some(h) = cause.downcast_ref::<Hinted>() {
@@ -104,6 +134,15 @@ fn hint_for(e: &anyhow::Error) -> Option<String> {
         }
         if let Some(ce) = cause.downcast_ref::<larder_client::ClientError>() {
             return match ce {
+                larder_client::ClientError::Unreachable { url, .. }
+                    if url.starts_with("https://") && certificate_problem(e) =>
+                {
+                    Some(format!(
+                        "the certificate of {url} is not trusted: if a private CA signed it, \
+                         point NIX_SSL_CERT_FILE at that CA's PEM file (Nix reads the same \
+                         variable)"
+                    ))
+                }
                 larder_client::ClientError::Unreachable { url, .. } => Some(format!(
                     "is `larder serve` running at {url}? Check the URL with `larder login` or LARDER_SERVER"
                 )),

@@ -28,7 +28,7 @@ pub struct ServeArgs {
     #[arg(long = "data", env = "LARDER_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// Base URL clients use to reach this server: http:// or https:// and a host, e.g.
-    /// http://shoshin:8080. [default: http://<listen>]
+    /// http://shoshin:8080. [default: http://<listen>, https://<listen> with TLS]
     #[arg(long, env = "LARDER_PUBLIC_URL")]
     public_url: Option<String>,
     /// Metadata database: sqlite://PATH or postgres://… [default: sqlite://DATA/larder.db]
@@ -72,10 +72,10 @@ pub struct ServeArgs {
     #[arg(long, env = "LARDER_BACKEND_TIMEOUT")]
     backend_timeout: Option<String>,
     /// Serve HTTPS with this PEM certificate chain (needs --tls-key); re-read on SIGHUP.
-    #[arg(long, env = "LARDER_TLS_CERT", requires = "tls_key")]
+    #[arg(long, env = "LARDER_TLS_CERT")]
     tls_cert: Option<PathBuf>,
     /// PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1); re-read on SIGHUP.
-    #[arg(long, env = "LARDER_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, env = "LARDER_TLS_KEY")]
     tls_key: Option<PathBuf>,
 }
 
@@ -139,6 +139,7 @@ fn resolve_config(args: ServeArgs) -> anyhow::Result<(ConfigFile, PathBuf)> {
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let (file, default_data) = resolve_config(args)?;
     let public_url_given = file.public_url.is_some();
+    let listen_given = file.listen.is_some();
     // Resolved (and so checked) before anything is bound or opened.
     let mut config = Config::resolve(file, default_data)?;
     // Before anything is opened: every connection and every NAR served needs a descriptor,
@@ -162,8 +163,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .as_ref()
         .map(larder_server::tls::Tls::load)
         .transpose()?;
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let listeners = listening_sockets(&config.listen).await?;
+    let tls_on = tls.is_some();
+    let scheme = if tls_on { "https" } else { "http" };
+    let (listeners, passed) = listening_sockets(&config.listen).await?;
+    if passed && listen_given {
+        warn(&format!(
+            "listen ({}) is not used: serving on the socket(s) systemd passed (socket \
+             activation)",
+            config.listen
+        ));
+    }
     let addr = listeners[0].local_addr()?;
     config.listen = addr.to_string();
     // Without a public URL, clients are told the address actually bound (`:0` is a port now).
@@ -198,6 +207,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     {
         say(&change);
     }
+    if tls_on && state.config.public_url.starts_with("http://") {
+        warn(&format!(
+            "public_url is {} but this server speaks HTTPS only (tls_cert and tls_key are set): \
+             clients told this URL cannot connect; use https://",
+            state.config.public_url
+        ));
+    }
     if let Some(warning) = larder_server::data_dir_warning(&state.config.data_dir) {
         warn(&warning);
     }
@@ -205,7 +221,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         warn(&format!(
             "listening on {addr} without --public-url: caches are announced \
              as {scheme}://{addr}/CACHE and new caches' keys are named after {ip}, which no \
-             client can use; restart with --public-url {login_url}",
+             client can use; set public_url (--public-url, LARDER_PUBLIC_URL or the config \
+             file) to {login_url}",
             ip = addr.ip()
         ));
     }
@@ -238,13 +255,11 @@ fn warn(message: &str) {
     }
 }
 
-fn json_logs() -> bool {
-    env::var(env::LOG_FORMAT).as_deref() == Some("json")
-}
+use crate::output::json_logs;
 
-/// The sockets to serve on: those systemd passed (socket activation, `LISTEN_FDS`), in which
-/// case `listen` is not used, or one bound to `listen`.
-async fn listening_sockets(listen: &str) -> anyhow::Result<Vec<std::net::TcpListener>> {
+/// The sockets to serve on: those systemd passed (socket activation, `LISTEN_FDS`; then `true`),
+/// in which case `listen` is not used, or one bound to `listen`.
+async fn listening_sockets(listen: &str) -> anyhow::Result<(Vec<std::net::TcpListener>, bool)> {
     let mut passed = listenfd::ListenFd::from_env();
     let mut sockets = Vec::new();
     for i in 0..passed.len() {
@@ -259,12 +274,12 @@ async fn listening_sockets(listen: &str) -> anyhow::Result<Vec<std::net::TcpList
         }
     }
     if !sockets.is_empty() {
-        return Ok(sockets);
+        return Ok((sockets, true));
     }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    Ok(vec![listener.into_std()?])
+    Ok((vec![listener.into_std()?], false))
 }
 
 /// Tell systemd about the service's state when it runs us with `Type=notify`; elsewhere

@@ -686,6 +686,19 @@ fn a_bad_declared_cache_stops_the_server_naming_the_cache_and_the_key() {
             "invalid upstream_keys (name:base64 public keys) of declared cache \"ok\"",
         ),
         ("[caches.ok]\nprivat = true\n", "unknown field `privat`"),
+        (
+            "[caches.api]\n",
+            "invalid name (reserved: api, ui, static, metrics and healthz are routes) of \
+             declared cache \"api\"",
+        ),
+        (
+            "[caches.ok]\nmax_size = -1\n",
+            "a size: a number of bytes or a string like \"5GiB\"",
+        ),
+        (
+            "delete_undeclared_caches = true\n",
+            "it would delete every cache, since no [caches.NAME] table is declared",
+        ),
     ] {
         std::fs::write(&conf, toml).unwrap();
         let data = private_tempdir();

@@ -367,6 +367,11 @@ fn https_for_curl_nix_and_larder_and_a_certificate_renewed_on_sighup() {
         .output()
         .unwrap();
     assert!(!untrusted.status.success());
+    let said = String::from_utf8_lossy(&untrusted.stderr);
+    assert!(
+        said.contains("is not trusted") && said.contains("NIX_SSL_CERT_FILE"),
+        "{said}"
+    );
 
     // Renewal: an open keep-alive connection, then new files and SIGHUP.
     let mut open = Client::connect(server.port, &ca);
@@ -469,7 +474,27 @@ fn a_missing_unreadable_or_mismatched_pair_stops_serve_naming_the_files() {
         stderr.contains(&format!("cannot read the TLS key {}", cert.display())),
         "{stderr}"
     );
-    // One without the other is refused by the flags.
+    // An encrypted key is named as such.
+    let encrypted = pki.dir.path().join("encrypted.key");
+    openssl(
+        pki.dir.path(),
+        &[
+            "pkcs8",
+            "-topk8",
+            "-in",
+            key.to_str().unwrap(),
+            "-out",
+            encrypted.to_str().unwrap(),
+            "-passout",
+            "pass:secret",
+        ],
+    );
+    let stderr = serve_fails_with(&cert, &encrypted);
+    assert!(
+        stderr.contains("is encrypted with a passphrase"),
+        "{stderr}"
+    );
+    // One without the other is refused, naming every place each can come from.
     let data = private_tempdir();
     let out = larder_testkit::nix::command(larder_bin())
         .args(["serve", "--data"])
@@ -478,6 +503,72 @@ fn a_missing_unreadable_or_mismatched_pair_stops_serve_naming_the_files() {
         .arg(&cert)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-key"));
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("tls_cert is set but tls_key is not") && stderr.contains("LARDER_TLS_KEY"),
+        "{stderr}"
+    );
+}
+
+/// The certificate and the key may come from different places (file, environment, flag), as
+/// every other setting; a fatal error at start is a JSON record under LARDER_LOG_FORMAT=json.
+#[test]
+fn the_pair_may_come_from_the_file_and_the_environment() {
+    let pki = Pki::new();
+    let (cert, key) = pki.server("layered");
+    let conf_dir = tempfile::tempdir().unwrap();
+    let conf = conf_dir.path().join("larder.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "listen = \"127.0.0.1:0\"\ntls_cert = \"{}\"\n",
+            cert.display()
+        ),
+    )
+    .unwrap();
+    let data = private_tempdir();
+    let (mut child, lines) = {
+        let mut cmd = larder_testkit::nix::command(larder_bin());
+        cmd.args(["serve", "--config"])
+            .arg(&conf)
+            .arg("--data")
+            .arg(data.path())
+            .env("LARDER_TLS_KEY", &key)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let lines: Vec<String> = std::io::BufRead::lines(std::io::BufReader::new(stderr))
+            .map_while(Result::ok)
+            .take_while(|l| !l.starts_with("larder: listening on"))
+            .collect();
+        (child, lines)
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(lines.iter().all(|l| !l.starts_with("error")), "{lines:?}");
+
+    // The same with a key that does not match, in JSON: one ERROR record.
+    let (_, other_key) = pki.server("other");
+    let out = larder_testkit::nix::command("timeout")
+        .args(["20", larder_bin(), "serve", "--config"])
+        .arg(&conf)
+        .arg("--data")
+        .arg(data.path())
+        .env("LARDER_TLS_KEY", &other_key)
+        .env("LARDER_LOG_FORMAT", "json")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last: serde_json::Value = serde_json::from_str(stderr.lines().last().unwrap()).unwrap();
+    assert_eq!(last["level"], "ERROR");
+    assert!(
+        last["fields"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("does not belong to the certificate"),
+        "{last}"
+    );
 }
