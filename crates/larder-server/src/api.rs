@@ -33,6 +33,7 @@ use crate::{valid_cache_name, AppState};
 pub(crate) mod contents;
 mod multipart;
 mod retention;
+mod stats;
 
 /// Most paths one `missing` query may ask about.
 const MAX_MISSING_QUERY: usize = 100_000;
@@ -66,6 +67,7 @@ pub fn routes() -> Routes {
         .get("/caches/{cache}/pins", retention::list_pins)
         .post("/caches/{cache}/pins", retention::create_pin)
         .delete("/caches/{cache}/pins/{pin}", retention::delete_pin)
+        .get("/caches/{cache}/stats", stats::cache_stats)
         .get("/tokens", list_tokens)
         .post("/tokens", create_token)
         .delete("/tokens/{id}", revoke_token)
@@ -309,6 +311,8 @@ async fn create_cache(
         .create_cache(&new)
         .await?
         .ok_or_else(|| ApiError::Conflict(format!("cache {:?} already exists", req.name)))?;
+    // Its statistics start today, at size 0.
+    state.retention.usage.resized(row.id);
     Ok((StatusCode::CREATED, Json(cache_json(&state, &row).await?)))
 }
 

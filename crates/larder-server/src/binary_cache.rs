@@ -117,6 +117,7 @@ fn hash_file<'a>(file: &'a str, ext: &str) -> Result<Option<&'a str>, ApiError> 
 
 async fn get_file(
     State(state): State<AppState>,
+    method: Method,
     headers: HeaderMap,
     Path((name, file)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
@@ -138,7 +139,8 @@ async fn get_file(
                 text
             }
         };
-        state.retention.usage.narinfo(cache.id, hash);
+        let served = (method != Method::HEAD).then_some(text.len());
+        state.retention.usage.narinfo(cache.id, hash, served);
         let body = Body::from(bytes::Bytes::from_owner(ArcStr(text)));
         return Ok(([(header::CONTENT_TYPE, "text/x-nix-narinfo")], body).into_response());
     }
@@ -386,7 +388,6 @@ async fn get_nar(
     if nar.compression != compression.as_str() {
         return Err(ApiError::not_found("no such NAR in this cache"));
     }
-    state.retention.usage.nar(cache.id, nar.id);
     let len = nar.file_size as u64;
     let range = match parse_range(&headers, len) {
         Ok(r) => r,
@@ -403,6 +404,10 @@ async fn get_nar(
         Some(r) => (StatusCode::PARTIAL_CONTENT, r),
         None => (StatusCode::OK, 0..len),
     };
+    // A HEAD (Nix's uploader asking whether the NAR exists) marks it used but downloads
+    // nothing; a redirect counts the bytes it sends the client to fetch.
+    let served = (method != Method::HEAD).then_some(r.end - r.start);
+    state.retention.usage.nar(cache.id, nar.id, served);
     // HEAD (Nix's uploader asks whether a NAR exists) is answered from the metadata alone.
     let body = if method == Method::HEAD {
         Body::empty()

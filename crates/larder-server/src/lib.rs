@@ -29,6 +29,7 @@ pub mod publish;
 pub mod retention;
 pub mod routes;
 pub mod staging;
+pub mod stats;
 pub mod tls;
 pub mod ui;
 
@@ -469,6 +470,17 @@ pub async fn serve_on(
     gc.abort();
     usage.abort();
     reload.abort();
+    // What the last moments served: path uses and download statistics.
+    match tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        state.retention.usage.flush(&state.meta),
+    )
+    .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "recording path usage failed at shutdown"),
+        Err(_) => tracing::warn!("recording path usage timed out at shutdown"),
+    }
     joined
 }
 

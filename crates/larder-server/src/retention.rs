@@ -4,7 +4,8 @@
 //! - **Usage.** A narinfo or NAR fetch marks the path used. The request only inserts into an
 //!   in-memory set under a mutex; [`Usage::flush`] writes each batch with one `UPDATE` per
 //!   cache (every [`USAGE_FLUSH_INTERVAL`], and before every eviction). Never-used paths age
-//!   from their upload (`created_at`).
+//!   from their upload (`created_at`). Under the same lock the request counts the download
+//!   for the cache's daily statistics, which the same flush writes ([`crate::stats`]).
 //! - **Order.** A path's *closure recency* is the latest use of the path or of any path in the
 //!   cache that (transitively) references it: a library stays as long as something that needs
 //!   it is used. Paths are evicted oldest closure recency first, each together with every path
@@ -40,34 +41,55 @@ const EVICT_ATTEMPTS: usize = 5;
 struct Batch {
     narinfos: HashSet<(i64, [u8; 32])>,
     nars: HashSet<(i64, i64)>,
+    stats: crate::stats::Pending,
 }
 
-/// Uses recorded since the last flush.
+/// Uses (and download statistics) recorded since the last flush.
 #[derive(Default)]
 pub struct Usage {
     batch: Mutex<Batch>,
+    stats: crate::stats::Recorder,
 }
 
 impl Usage {
-    /// A narinfo of `cache_id` was served (hot path: one set insert).
-    pub fn narinfo(&self, cache_id: i64, hash: &str) {
+    /// A narinfo of `cache_id` was served: `bytes` long, or `None` for a `HEAD`, which is no
+    /// download. Hot path: one lock, a set insert and a counter.
+    pub fn narinfo(&self, cache_id: i64, hash: &str, bytes: Option<usize>) {
         let mut k = [0u8; 32];
         for (d, s) in k.iter_mut().zip(hash.bytes()) {
             *d = s;
         }
+        let day = bytes.map(|_| crate::stats::today());
         if let Ok(mut b) = self.batch.lock() {
             b.narinfos.insert((cache_id, k));
+            if let (Some(day), Some(n)) = (day, bytes) {
+                b.stats.narinfo(cache_id, day, n as u64);
+            }
         }
     }
 
-    /// A NAR of `cache_id` was served.
-    pub fn nar(&self, cache_id: i64, nar_id: i64) {
+    /// A NAR of `cache_id` was served: `bytes` of its file (the range asked for), or `None`
+    /// for a `HEAD`, which is no download.
+    pub fn nar(&self, cache_id: i64, nar_id: i64, bytes: Option<u64>) {
+        let day = bytes.map(|_| crate::stats::today());
         if let Ok(mut b) = self.batch.lock() {
             b.nars.insert((cache_id, nar_id));
+            if let (Some(day), Some(n)) = (day, bytes) {
+                b.stats.nar(cache_id, day, n);
+            }
         }
     }
 
-    /// Write the recorded uses, stamped `at`.
+    /// The paths of `cache_id` changed (published, evicted, deleted; a new cache): the next
+    /// flush samples its size for the statistics.
+    pub fn resized(&self, cache_id: i64) {
+        if let Ok(mut b) = self.batch.lock() {
+            b.stats.resized(cache_id);
+        }
+    }
+
+    /// Write the recorded uses, stamped `at`, and the statistics gathered since the last
+    /// flush (statistics that could not be written are kept for the next one).
     pub async fn flush_at(&self, meta: &larder_store::Metadata, at: i64) -> Result<(), ApiError> {
         let batch = match self.batch.lock() {
             Ok(mut b) => std::mem::take(&mut *b),
@@ -84,10 +106,20 @@ impl Usage {
         for (cache, nar) in batch.nars {
             by_cache.entry(cache).or_default().1.push(nar);
         }
+        let mut result = Ok(());
         for (cache, (hashes, nars)) in by_cache {
-            meta.record_usage(cache, &hashes, &nars, at).await?;
+            if let Err(e) = meta.record_usage(cache, &hashes, &nars, at).await {
+                result = Err(e.into());
+                break;
+            }
         }
-        Ok(())
+        if let Err((e, unsent)) = self.stats.flush(meta, batch.stats).await {
+            if let Ok(mut b) = self.batch.lock() {
+                b.stats.merge(unsent);
+            }
+            result = result.and(Err(e));
+        }
+        result
     }
 
     pub async fn flush(&self, meta: &larder_store::Metadata) -> Result<(), ApiError> {
@@ -341,6 +373,7 @@ pub async fn evict(
                     state.hot.forget_narinfo(cache.id, h);
                 }
                 state.metrics.evicted(cache.id, hashes.len(), freed);
+                state.retention.usage.resized(cache.id);
                 tracing::info!(
                     cache = %cache.name,
                     paths = hashes.len(),
@@ -455,6 +488,7 @@ pub async fn delete_path(
                 }
                 let freed = victims.iter().map(|v| v.file_size).sum();
                 state.metrics.deleted(cache.id, victims.len(), freed);
+                state.retention.usage.resized(cache.id);
                 tracing::info!(
                     cache = %cache.name,
                     path = %target_path,
@@ -485,9 +519,11 @@ pub async fn delete_path(
     ))
 }
 
-/// After a path of `cache` was published: if the cache has a limit, check it (in the
-/// background, coalesced per cache) and evict when it is crossed.
+/// After a path of `cache` was published: its size is sampled at the next flush (statistics),
+/// and if the cache has a limit, it is checked (in the background, coalesced per cache), with
+/// an eviction when it is crossed.
 pub fn after_publish(state: &AppState, cache: &CacheRow, file_size: i64) {
+    state.retention.usage.resized(cache.id);
     let Some(max) = cache.max_size else {
         return;
     };

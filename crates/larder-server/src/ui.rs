@@ -5,10 +5,12 @@
 //! - `GET /` redirects to `/ui/`, and `GET /<cache>` to `/ui/caches/<cache>` (the addresses
 //!   SPEC names); Nix never requests either;
 //! - `GET /ui/`: the caches the visitor may read;
-//! - `GET /ui/caches/<cache>[?q=TEXT&cursor=C&limit=N]`: usage against the limit (the 85 %
-//!   warning), path count, public key, the `nix.conf` lines and flake block (the text of
-//!   `larder cache info`, from [`crate::api::cache_json`]), pins, and the searchable,
-//!   keyset-paginated path list (the contents API's queries, [`crate::api::contents`]);
+//! - `GET /ui/caches/<cache>[?q=TEXT&cursor=C&limit=N]`: usage against the limit as a bar
+//!   (the 85 % warning), path count, public key, the `nix.conf` lines and flake block (the
+//!   text of `larder cache info`, from [`crate::api::cache_json`]), charts of the last 30
+//!   days' size and downloads (the stats API's series, [`crate::stats::series`], drawn as
+//!   inline SVG by [`charts`]), pins, and the searchable, keyset-paginated path list (the
+//!   contents API's queries, [`crate::api::contents`]);
 //! - `GET /ui/caches/<cache>/paths/<path>`: narinfo fields, references and referrers as links,
 //!   pins holding the path, the narinfo as served;
 //! - `GET|POST /ui/login`, `POST /ui/logout`: the browser's token, kept in a cookie.
@@ -45,9 +47,10 @@ use crate::api::{cache_json, can_see};
 use crate::auth::{principal, principal_for_token, Grant, Principal};
 use crate::error::ApiError;
 use crate::publish::load_cache;
-use crate::retention::WARN_FRACTION;
 use crate::routes::Routes;
 use crate::{valid_cache_name, AppState};
+
+mod charts;
 
 /// Paths per page of the path list, unless `?limit=` says otherwise.
 pub const PAGE_SIZE: i64 = 50;
@@ -419,7 +422,7 @@ pub fn human_size(bytes: i64) -> String {
 
 /// Days since 1970-01-01 → (year, month, day) in the proleptic Gregorian calendar (Howard
 /// Hinnant's `civil_from_days`).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
+pub(crate) fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
@@ -464,17 +467,13 @@ fn percent(size: i64, max: i64) -> String {
     format!("{:.0} %", size as f64 * 100.0 / max as f64)
 }
 
-/// Size against the limit: a meter (its "high" region starts at the warning threshold) and
-/// the numbers.
+/// Size against the limit: a bar (marked at the warning threshold) and the numbers; without
+/// a limit, the size alone.
 fn usage(name: &str, size: i64, max_size: Option<i64>) -> Markup {
     html! {
         @match max_size.filter(|m| *m > 0) {
             Some(max) => {
-                @let warn = (max as f64 * WARN_FRACTION) as i64;
-                meter min="0" max=(max) value=(size.min(max)) low=(warn) high=(warn) optimum="0"
-                    aria-label=(format!("storage used by {name}")) {
-                    (percent(size, max))
-                }
+                (charts::size_bar(name, size, max))
                 span.usage { (human_size(size)) " of " (human_size(max)) " (" (percent(size, max)) ")" }
             }
             None => { span.usage { (human_size(size)) " stored " span.muted { "(no limit)" } } }
@@ -619,6 +618,7 @@ async fn cache_content(
     let info = cache_json(state, &c).await?;
     let pins = state.meta.list_pins(c.id).await?;
     let page = list_page(state, &c, &req).await?;
+    let stats = crate::stats::series(state, &c, crate::stats::DEFAULT_DAYS, info.size).await?;
     let content = html! {
         h1 { (c.name) " " (badge(c.private)) }
         div.grid {
@@ -656,6 +656,10 @@ async fn cache_content(
                 }
                 (copyable(html! { "In a " code { "flake.nix" } ":" }, "flake nixConfig block", &info.flake_nix_config))
             }
+        }
+        section.card #activity aria-labelledby="activity-h" {
+            h2 #activity-h { "Size and downloads, last " (stats.days.len()) " days" }
+            (charts::charts(&stats))
         }
         section.card aria-labelledby="pins-h" {
             h2 #pins-h { "Pins" }

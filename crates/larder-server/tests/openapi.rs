@@ -608,6 +608,46 @@ async fn real_answers_match_the_documented_schemas() {
     )
     .await;
 
+    // Statistics.
+    let stats = c
+        .ok(
+            "GET",
+            "/caches/{cache}/stats",
+            "/caches/pub/stats?days=3",
+            None,
+            None,
+            200,
+        )
+        .await;
+    assert_eq!(stats["days"].as_array().unwrap().len(), 3);
+    c.ok(
+        "GET",
+        "/caches/{cache}/stats",
+        "/caches/pub/stats?days=0",
+        None,
+        None,
+        400,
+    )
+    .await;
+    c.ok(
+        "GET",
+        "/caches/{cache}/stats",
+        "/caches/priv/stats",
+        None,
+        None,
+        401,
+    )
+    .await;
+    c.ok(
+        "GET",
+        "/caches/{cache}/stats",
+        "/caches/nope/stats",
+        a,
+        None,
+        404,
+    )
+    .await;
+
     // Pins, eviction, deletion.
     let pin = json!({ "name": "rel", "store_path": app.path.to_absolute(), "keep_revisions": 2 });
     c.ok(

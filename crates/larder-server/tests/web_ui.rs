@@ -457,10 +457,16 @@ async fn path_list_is_searchable_and_paginated_and_pages_show_cache_info() {
     .await
     .expect(201);
     let html = page(&srv, "/ui/caches/c", None).await.expect(200).text();
+    // The size bar: 90 % filled, in the warning colour, marked at 85 %.
     assert!(
-        html.contains(&format!("<meter min=\"0\" max=\"{max}\" value=\"{size}\"")),
+        html.contains(r#"<svg class="sizebar""#) && html.contains(r#"data-percent="90""#),
         "{html}"
     );
+    assert!(
+        html.contains(r#"<rect class="used near" x="0" y="0" width="90.0""#),
+        "{html}"
+    );
+    assert!(html.contains(r#"class="threshold" x1="85.0""#), "{html}");
     assert!(html.contains("(90 %)"), "{html}");
     assert!(html.contains("over 85 %"), "{html}");
     assert!(html.contains(">release<"), "{html}");

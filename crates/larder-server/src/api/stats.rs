@@ -1,0 +1,36 @@
+//! `GET /caches/{cache}/stats?days=N`: a cache's daily downloads and size ([`crate::stats`]),
+//! readable by whoever may read `cache info`.
+
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::Json;
+use serde::Deserialize;
+
+use crate::auth::Perm;
+use crate::error::ApiError;
+use crate::stats::{series, CacheStatsJson, DEFAULT_DAYS, KEEP_DAYS};
+use crate::AppState;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StatsQuery {
+    /// Days up to today (1 to [`KEEP_DAYS`]).
+    days: Option<i64>,
+}
+
+pub(crate) async fn cache_stats(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    query: Result<Query<StatsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<CacheStatsJson>, ApiError> {
+    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Pull).await?;
+    let bad = || ApiError::bad(format!("days must be a number from 1 to {KEEP_DAYS}"));
+    let Query(q) = query.map_err(|_| bad())?;
+    let days = q.days.unwrap_or(DEFAULT_DAYS);
+    if !(1..=KEEP_DAYS).contains(&days) {
+        return Err(bad());
+    }
+    let size = state.meta.cache_stats(c.id).await?.size;
+    Ok(Json(series(&state, &c, days, size).await?))
+}
