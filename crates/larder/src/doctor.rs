@@ -79,6 +79,54 @@ fn nix_version() -> Result<String, String> {
     }
 }
 
+/// The CA bundle Nix checks certificates against when run from this environment: its
+/// `ssl-cert-file` defaults to `NIX_SSL_CERT_FILE`, else `SSL_CERT_FILE`, else the system's
+/// bundle (Nix 2.8 does not show the setting in `nix show-config`).
+fn nix_ca_file() -> Option<std::path::PathBuf> {
+    for var in larder_client::api::CA_FILE_VARS {
+        if let Some(v) = crate::env::var(var) {
+            return Some(v.into());
+        }
+    }
+    [
+        "/etc/ssl/certs/ca-certificates.crt",
+        "/nix/var/nix/profiles/default/etc/ssl/certs/ca-bundle.crt",
+    ]
+    .iter()
+    .map(std::path::PathBuf::from)
+    .find(|p| p.exists())
+}
+
+/// GET `url`/nix-cache-info trusting exactly what Nix trusts here: `Ok(ca file)` or why not.
+async fn nix_tls_probe(url: &str) -> Result<String, (String, String)> {
+    let Some(ca) = nix_ca_file() else {
+        return Err(("no CA bundle".into(), "Nix finds no CA certificates".into()));
+    };
+    let shown = ca.display().to_string();
+    let fail = |e: String| (shown.clone(), e);
+    let pem = std::fs::read(&ca).map_err(|e| fail(e.to_string()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| fail(e.to_string()))?;
+    let mut builder = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .timeout(std::time::Duration::from_secs(10));
+    for cert in certs {
+        builder = builder.add_root_certificate(cert);
+    }
+    let client = builder.build().map_err(|e| fail(e.to_string()))?;
+    match client.get(format!("{url}/nix-cache-info")).send().await {
+        Ok(_) => Ok(shown),
+        Err(e) => {
+            let mut chain = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                chain = format!("{chain}: {s}");
+                source = s.source();
+            }
+            Err(fail(chain))
+        }
+    }
+}
+
 /// Nix's effective settings (`nix show-config --json`, `nix config show --json` on newer Nix).
 fn nix_settings() -> Result<Value, String> {
     let mut last = String::new();
@@ -288,7 +336,21 @@ async fn run_checks(cache_arg: Option<&str>) -> Report {
 
     if info.is_some() {
         match client.nix_cache_info(cache).await {
-            Ok(_) => r.ok("nix-cache-info", format!("GET {url}/nix-cache-info: 200")),
+            Ok(_) => {
+                r.ok("nix-cache-info", format!("GET {url}/nix-cache-info: 200"));
+                if url.starts_with("https://") {
+                    match nix_tls_probe(&url).await {
+                        Ok(ca) => r.ok("nix tls", format!("Nix trusts the certificate ({ca})")),
+                        Err((ca, e)) => r.fail(
+                            "nix tls",
+                            format!("Nix, with the CA certificates of {ca}, will refuse {url}: {e}"),
+                            "point NIX_SSL_CERT_FILE at the PEM file of the CA that signed the \
+                             server's certificate (Nix reads it before SSL_CERT_FILE; for \
+                             nix-daemon, in the daemon's environment)",
+                        ),
+                    }
+                }
+            }
             Err(e) => r.fail(
                 "nix-cache-info",
                 format!("GET {url}/nix-cache-info: {e}"),

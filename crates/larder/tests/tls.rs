@@ -337,7 +337,26 @@ fn https_for_curl_nix_and_larder_and_a_certificate_renewed_on_sighup() {
     ok(&["use", "secure", "--mode", "user-nixconf"]);
     let written = std::fs::read_to_string(&nix_conf).unwrap();
     assert!(written.contains(&cache_url), "{written}");
-    ok(&["doctor", "secure"]);
+    let doctor = ok(&["doctor", "secure"]);
+    assert!(doctor.contains("Nix trusts the certificate"), "{doctor}");
+    // The CA in SSL_CERT_FILE only, while NIX_SSL_CERT_FILE names a bundle without it: larder
+    // itself gets through, Nix would not, and doctor says so.
+    let mut cmd = larder_testkit::nix::command(larder_bin());
+    cmd.args(["doctor", "secure"])
+        .env("LARDER_SERVER", &server.url)
+        .env("LARDER_TOKEN", &server.admin_token);
+    user_env(&mut cmd);
+    let other_ca = pki.dir.path().join("first.pem");
+    cmd.env("NIX_SSL_CERT_FILE", &other_ca)
+        .env("SSL_CERT_FILE", &ca);
+    let mismatch = cmd.output().unwrap();
+    let said = String::from_utf8_lossy(&mismatch.stdout).into_owned()
+        + &String::from_utf8_lossy(&mismatch.stderr);
+    assert!(!mismatch.status.success(), "{said}");
+    assert!(
+        said.contains("nix tls") && said.contains("will refuse"),
+        "{said}"
+    );
     // The consumer's Nix, configured by `use` alone, substitutes the path over https.
     let store = tempfile::tempdir().unwrap();
     let mut realise = larder_testkit::nix::command("nix-store");
