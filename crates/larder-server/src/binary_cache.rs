@@ -404,12 +404,12 @@ async fn get_nar(
         Some(r) => (StatusCode::PARTIAL_CONTENT, r),
         None => (StatusCode::OK, 0..len),
     };
-    // A HEAD (Nix's uploader asking whether the NAR exists) marks it used but downloads
-    // nothing; a redirect counts the bytes it sends the client to fetch.
-    let served = (method != Method::HEAD).then_some(r.end - r.start);
-    state.retention.usage.nar(cache.id, nar.id, served);
+    // Once the answer is certain, the path is used and, unless a HEAD, the download counted
+    // (a redirect counts the bytes it sends the client to fetch).
+    let used = |bytes| state.retention.usage.nar(cache.id, nar.id, bytes);
     // HEAD (Nix's uploader asks whether a NAR exists) is answered from the metadata alone.
     let body = if method == Method::HEAD {
+        used(None);
         Body::empty()
     } else {
         if state.config.nar_redirect == NarRedirect::Presigned {
@@ -424,6 +424,7 @@ async fn get_nar(
                     .presigned_get(&chunk.object_key(), ttl)
                     .await?
                 {
+                    used(Some(r.end - r.start));
                     return Ok((
                         StatusCode::TEMPORARY_REDIRECT,
                         [
@@ -437,7 +438,10 @@ async fn get_nar(
             }
         }
         match chunk_body(&state, chunks, r.clone()).await {
-            Ok(body) => body,
+            Ok(body) => {
+                used(Some(r.end - r.start));
+                body
+            }
             // Collected since this replica looked it up (its grace ended): gone, as Nix expects.
             Err(ApiError::NotFound(_)) => {
                 state.hot.forget_nar(cache.id, &file_hash);
