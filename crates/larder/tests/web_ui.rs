@@ -9,7 +9,11 @@
 //! emulates a phone (390 px, `mobile: true`, so the viewport meta tag decides the layout) with
 //! JavaScript on: nothing overflows sideways, and the copy buttons appear.
 //!
-//! Screenshots (full pages, desktop and phone) are written to `<target>/web-ui-screenshots/`;
+//! The cache page's pictures are checked as drawn: the size bar at its percentage, and the
+//! charts' marks for today carrying what the stats API recorded for the downloads made here.
+//!
+//! Screenshots (full pages, desktop and phone; the cache page also in the dark theme) are
+//! written to `<target>/web-ui-screenshots/`;
 //! the test prints the directory. Chromium and chromedriver are required: `.ci/run` installs
 //! them (`chromium`, `chromium-driver`); without them the test fails.
 
@@ -213,6 +217,24 @@ impl Browser {
         .unwrap()
         .to_owned()
     }
+    fn attr(&self, element: &str, name: &str) -> Option<String> {
+        self.call(
+            "GET",
+            &self.s(&format!("/element/{element}/attribute/{name}")),
+            Value::Null,
+        )
+        .as_str()
+        .map(str::to_owned)
+    }
+    /// The element's rendered box: `(width, height)` in CSS pixels.
+    fn size(&self, element: &str) -> (f64, f64) {
+        let r = self.call(
+            "GET",
+            &self.s(&format!("/element/{element}/rect")),
+            Value::Null,
+        );
+        (r["width"].as_f64().unwrap(), r["height"].as_f64().unwrap())
+    }
     fn texts(&self, css: &str) -> Vec<String> {
         self.all(css).iter().map(|e| self.text(e)).collect()
     }
@@ -368,6 +390,42 @@ fn web_ui_in_headless_chromium() {
             &format!("{max}B"),
         ],
     );
+    // Downloads for the cache page's charts: every pushed narinfo, and `top`'s NAR twice.
+    let mut top_nar = String::new();
+    for p in &pushed {
+        let (code, narinfo) = server.http(
+            "GET",
+            &format!("/public-cache/{}.narinfo", &basename(p)[..32]),
+            None,
+        );
+        assert_eq!(code, 200, "{narinfo}");
+        if *p == top.as_str() {
+            top_nar = narinfo
+                .lines()
+                .find_map(|l| l.strip_prefix("URL: "))
+                .unwrap()
+                .to_owned();
+        }
+    }
+    for _ in 0..2 {
+        let (code, _) = server.http("GET", &format!("/public-cache/{top_nar}"), None);
+        assert_eq!(code, 200);
+    }
+    // The server writes what it counted every 2 s.
+    let today = larder_server::stats::date(larder_server::stats::today());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stats = loop {
+        let (code, body) = server.http("GET", "/api/v1/caches/public-cache/stats", None);
+        assert_eq!(code, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        let t = v["days"][29].clone();
+        if t["nar_requests"] == 2 && t["narinfo_requests"].as_i64() >= Some(pushed.len() as i64) {
+            assert_eq!(t["date"], today.as_str());
+            break t;
+        }
+        assert!(Instant::now() < deadline, "downloads not recorded: {t}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
     let mut all: BTreeSet<String> = hellos.iter().cloned().collect();
     all.insert(top.clone());
     all.insert(dep.clone());
@@ -408,9 +466,36 @@ fn web_ui_in_headless_chromium() {
         blocks[2].trim_end(),
         info["flake_nix_config"].as_str().unwrap().trim_end()
     );
-    assert_eq!(b.all("meter").len(), 1);
+    let bar = b.one("svg.sizebar");
+    assert_eq!(b.attr(&bar, "data-percent").as_deref(), Some("90"));
     let usage = b.text(&b.one(".usage"));
     assert!(usage.ends_with("(90 %)"), "{usage}");
+    // The charts: drawn (a box on screen), today's marks carrying the recorded numbers.
+    assert_eq!(b.all("figure.chart svg").len(), 3);
+    for css in ["#chart-size svg", "#chart-bytes svg", "#chart-requests svg"] {
+        let (w, h) = b.size(&b.one(css));
+        assert!(w > 250.0 && h > 100.0, "{css} is {w}×{h}");
+    }
+    let value = |css: &str| {
+        let e = b.one(&format!("{css}[data-date='{today}']"));
+        let (w, h) = b.size(&e);
+        assert!(w > 0.0 && h > 0.0, "{css} of today is not drawn");
+        b.attr(&e, "data-value").unwrap().parse::<i64>().unwrap()
+    };
+    assert_eq!(
+        value("#chart-bytes rect.bar"),
+        stats["bytes"].as_i64().unwrap()
+    );
+    assert_eq!(value("#chart-requests rect.bar.nar"), 2);
+    assert_eq!(
+        value("#chart-requests rect.bar.narinfo"),
+        stats["narinfo_requests"].as_i64().unwrap()
+    );
+    assert_eq!(
+        value("#chart-size circle.point"),
+        info["size"].as_i64().unwrap()
+    );
+    assert!(b.text(&b.one("#chart-requests figcaption")).contains("NAR"));
     let warning = b.text(&b.one("#usage-h ~ .warning"));
     assert!(warning.contains("over 85 %"), "{warning}");
     assert_eq!(
@@ -419,6 +504,12 @@ fn web_ui_in_headless_chromium() {
     );
     assert!(b.all("button.copy").is_empty(), "no script ran");
     b.screenshot(&shots, "2-cache-page-desktop");
+    b.cdp(
+        "Emulation.setEmulatedMedia",
+        json!({ "features": [{ "name": "prefers-color-scheme", "value": "dark" }] }),
+    );
+    b.screenshot(&shots, "9-cache-page-dark-desktop");
+    b.cdp("Emulation.setEmulatedMedia", json!({ "features": [] }));
 
     // Pagination: pages of 3 by following "Next page"; every path exactly once, by name.
     b.goto(&format!("{url}/ui/caches/public-cache?limit=3"));
@@ -532,7 +623,7 @@ fn web_ui_in_headless_chromium() {
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(files.len(), 8, "{files:?}");
+    assert_eq!(files.len(), 9, "{files:?}");
     eprintln!(
         "web UI screenshots: {} ({} files)",
         shots.display(),
