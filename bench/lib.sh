@@ -29,6 +29,41 @@ print(f'{len(narinfos)} narinfos, biggest NAR {big[0] >> 20} MiB', file=sys.stde
 PY
 }
 
+# nginx_conf WORK PORT [TLS_PORT CERT KEY]: WORK/nginx.conf serving WORK/static on PORT as a
+# static file server tuned as it would be for this (sendfile, open-file cache, keep-alive), and
+# over TLS on TLS_PORT with CERT and KEY when given.
+nginx_conf() {
+  local work=$1 port=$2 tls_port=${3:-} cert=${4:-} key=${5:-} tls=""
+  if [ -n "$tls_port" ]; then
+    tls="server {
+    listen 127.0.0.1:$tls_port ssl;
+    ssl_certificate $cert;
+    ssl_certificate_key $key;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    root $work/static;
+  }"
+  fi
+  cat > "$work/nginx.conf" <<NGINX
+user root;
+worker_processes auto;
+daemon off;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  sendfile on; tcp_nopush on; tcp_nodelay on;
+  keepalive_requests 10000000;
+  open_file_cache max=10000;
+  client_body_temp_path $work/nginx-tmp;
+  types { text/x-nix-narinfo narinfo; text/x-nix-cache-info nix-cache-info; }
+  default_type application/x-nix-nar;
+  server { listen 127.0.0.1:$port; root $work/static; }
+  $tls
+}
+NGINX
+}
+
 # wrk → a number: requests/s, or MB/s of transfer. Fails on any non-2xx answer.
 measure() { # $1 = what (rps|mbps) $2 = base URL, rest = wrk args
   local what=$1; shift 2

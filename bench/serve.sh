@@ -24,7 +24,7 @@ for tool in nix nginx wrk python3 curl; do
   command -v $tool >/dev/null || { echo "bench: $tool is required (apt-get install -y nix-bin nginx-light wrk python3 curl)" >&2; exit 1; }
 done
 . "$ROOT/tests/lib/nix-env.sh"   # the tests' Nix settings: no sandbox, no machine or user nix.conf
-. "$ROOT/bench/lib.sh"           # mirror_cache, measure, row
+. "$ROOT/bench/lib.sh"           # mirror_cache, nginx_conf, measure, row
 
 WORK=$(mktemp -d /tmp/larder-bench.XXXXXX)
 PIDS=()
@@ -94,24 +94,7 @@ mkdir -p "$WORK/static/bench/nar"
 mirror_cache "$URL/bench" "$WORK/static/bench" "$WORK/oracle/closure" "$WORK"
 
 NPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cat > "$WORK/nginx.conf" <<NGINX
-user root;
-worker_processes auto;
-daemon off;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx-error.log;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  sendfile on; tcp_nopush on; tcp_nodelay on;
-  keepalive_requests 10000000;
-  open_file_cache max=10000;
-  client_body_temp_path $WORK/nginx-tmp;
-  types { text/x-nix-narinfo narinfo; text/x-nix-cache-info nix-cache-info; }
-  default_type application/x-nix-nar;
-  server { listen 127.0.0.1:$NPORT; root $WORK/static; }
-}
-NGINX
+nginx_conf "$WORK" "$NPORT"
 mkdir -p "$WORK/nginx-tmp"
 nginx -c "$WORK/nginx.conf" -p "$WORK" &
 PIDS+=($!)

@@ -9,36 +9,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// `larder serve --listen 127.0.0.1:0 --data DATA ARGS…` with `env`, which must fail at
-/// start: its exit status is 1 and its stderr is returned. (`timeout`: a server that starts
-/// anyway fails the test instead of hanging it.)
-fn serve_fails(data: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> String {
-    let mut cmd = larder_testkit::nix::command("timeout");
-    cmd.args([
-        "20",
-        larder_bin(),
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--data",
-    ])
-    .arg(data)
-    .args(args)
-    .env_remove("LARDER_SERVE_CONFIG")
-    .env_remove("LARDER_PUBLIC_URL");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "larder serve {args:?}: {stderr}"
-    );
-    stderr
-}
-
 /// The line of the start-up message that shows how to log in.
 fn login_line(lines: &[String]) -> &str {
     lines

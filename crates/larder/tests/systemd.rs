@@ -16,14 +16,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// One HTTP/1.1 request on a new connection (`Connection: close`): the status, or why there
 /// was none.
 fn get(port: u16, path: &str) -> Result<u16, String> {

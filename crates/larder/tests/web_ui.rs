@@ -58,14 +58,6 @@ fn screenshot_dir() -> PathBuf {
     dir
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A chromedriver process and one browser session.
 struct Browser {
     rt: tokio::runtime::Runtime,

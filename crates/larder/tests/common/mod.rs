@@ -399,3 +399,42 @@ pub fn garage_keys(garage: &larder_testkit::garage::Garage) -> Vec<String> {
         .unwrap();
     rt.block_on(store.list().map(|k| k.unwrap()).collect())
 }
+
+/// `larder serve --listen 127.0.0.1:0 --data DATA ARGS…` with `env`, which must fail at
+/// start: its exit status is 1 and its stderr is returned. (`timeout`: a server that starts
+/// anyway fails the test instead of hanging it.)
+pub fn serve_fails(data: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> String {
+    let mut cmd = larder_testkit::nix::command("timeout");
+    cmd.args([
+        "20",
+        larder_bin(),
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--data",
+    ])
+    .arg(data)
+    .args(args)
+    .env_remove("LARDER_SERVE_CONFIG")
+    .env_remove("LARDER_PUBLIC_URL");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "larder serve {args:?}: {stderr}"
+    );
+    stderr
+}
+
+/// A port free on loopback right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
