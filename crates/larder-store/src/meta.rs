@@ -1207,7 +1207,19 @@ impl Metadata {
     /// references are checked to be published in the same cache, and the upload is consumed,
     /// or nothing changes.
     pub async fn publish_path(&self, p: &NewPath, upload_id: &str) -> Result<Publish> {
-        retry(FOREIGN_KEY, || self.publish_path_once(p, upload_id)).await
+        let mut attempt = 1;
+        loop {
+            match retry(FOREIGN_KEY, || self.publish_path_once(p, upload_id)).await? {
+                // The row that stopped the insert was deleted (an eviction) before it could be
+                // read: nothing conflicts any more, so publish again.
+                Publish::Conflict { existing_nar_hash }
+                    if existing_nar_hash.is_empty() && attempt < TX_ATTEMPTS =>
+                {
+                    attempt += 1;
+                }
+                other => return Ok(other),
+            }
+        }
     }
 
     async fn publish_path_once(&self, p: &NewPath, upload_id: &str) -> Result<Publish> {
