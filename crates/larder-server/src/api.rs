@@ -53,7 +53,10 @@ pub fn routes() -> Routes {
         .post("/caches/{cache}/paths", publish_path)
         .get("/caches/{cache}/paths/{path}", contents::path_info)
         .delete("/caches/{cache}/paths/{path}", contents::delete_path)
+        .get("/caches/{cache}/multipart", multipart::list)
         .post("/caches/{cache}/multipart", multipart::open)
+        .get("/caches/{cache}/multipart/{id}", multipart::show)
+        .delete("/caches/{cache}/multipart/{id}", multipart::abort)
         .put(
             "/caches/{cache}/multipart/{id}/parts/{n}",
             multipart::put_part,

@@ -388,3 +388,98 @@ pub fn verify_parts(
         listing,
     })
 }
+
+/// What one stored part of a multi-part upload holds, measured by the server: the part as
+/// stored, and the NAR bytes it decompresses to on its own (`None` when it is not a whole
+/// `compression` stream by itself, or would expand past the limit).
+#[derive(Debug)]
+pub struct MeasuredPart {
+    pub file_hash: Sha256,
+    pub file_size: u64,
+    pub nar: Option<(Sha256, u64)>,
+}
+
+/// Hashes and counts what is read through it.
+struct Tee<'a, R> {
+    inner: R,
+    hasher: &'a mut Sha256Hasher,
+    size: &'a mut u64,
+}
+
+impl<R: io::Read> io::Read for Tee<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let read = buf.get(..n).unwrap_or_default();
+        self.hasher.update(read);
+        *self.size += n as u64;
+        Ok(n)
+    }
+}
+
+/// Measure the part stored at `path` (see [`MeasuredPart`]): a client resuming an upload
+/// keeps a part only when the NAR bytes it holds are the ones it would send, and the server
+/// verifies the whole again at completion. Errors are I/O errors reading the file; a part
+/// that does not decompress has `nar: None`. Blocking: call from a blocking thread.
+pub fn measure_part(
+    path: &std::path::Path,
+    compression: Compression,
+    max_nar_size: u64,
+) -> io::Result<MeasuredPart> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    let (mut file_hasher, mut file_size) = (Sha256Hasher::new(), 0u64);
+    let tee = Tee {
+        inner: file,
+        hasher: &mut file_hasher,
+        size: &mut file_size,
+    };
+    let mut decoder: Box<dyn Read + '_> = match compression {
+        Compression::None => Box::new(tee),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(tee)?),
+        Compression::Xz => Box::new(xz2::read::XzDecoder::new_multi_decoder(tee)),
+    };
+    let mut nar_hasher = Sha256Hasher::new();
+    let mut nar_size = 0u64;
+    let mut buf = vec![0u8; 256 * 1024];
+    let whole = loop {
+        match decoder.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => {
+                nar_size += n as u64;
+                if nar_size > max_nar_size {
+                    break false;
+                }
+                nar_hasher.update(buf.get(..n).unwrap_or_default());
+            }
+            // Not a whole stream: the decoders report truncation and garbage as I/O errors,
+            // which the file's own read errors are too; tell them apart by reading it again.
+            Err(_) => break false,
+        }
+    };
+    drop(decoder);
+    if !whole || file_size != len {
+        // Hash the stored bytes in full (the decoder may have stopped early); a read error
+        // here is the file's.
+        let (mut h, mut n) = (Sha256Hasher::new(), 0u64);
+        let mut f = std::fs::File::open(path)?;
+        loop {
+            let k = f.read(&mut buf)?;
+            if k == 0 {
+                break;
+            }
+            h.update(buf.get(..k).unwrap_or_default());
+            n += k as u64;
+        }
+        return Ok(MeasuredPart {
+            file_hash: h.finalize(),
+            file_size: n,
+            nar: None,
+        });
+    }
+    Ok(MeasuredPart {
+        file_hash: file_hasher.finalize(),
+        file_size,
+        nar: Some((nar_hasher.finalize(), nar_size)),
+    })
+}

@@ -11,6 +11,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 
 use common::{Comp, Server, TestPath};
+use larder_nix::hash::Sha256;
 use serde_json::{json, Value};
 
 const METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];
@@ -441,17 +442,42 @@ async fn real_answers_match_the_documented_schemas() {
         400,
     )
     .await;
+    let identity = format!(
+        "nar_hash={}&nar_size={}",
+        Sha256::digest(&app.nar).to_typed_nix32(),
+        app.nar.len()
+    );
     let opened = c
         .ok(
             "POST",
             "/caches/{cache}/multipart",
-            "/caches/pub/multipart?compression=zstd",
+            &format!("/caches/pub/multipart?compression=zstd&{identity}"),
             a,
             None,
             201,
         )
         .await;
     let id = opened["upload_id"].as_str().unwrap().to_owned();
+    let listed = c
+        .ok(
+            "GET",
+            "/caches/{cache}/multipart",
+            &format!("/caches/pub/multipart?{identity}"),
+            a,
+            None,
+            200,
+        )
+        .await;
+    assert_eq!(listed["uploads"][0]["upload_id"], id.as_str());
+    c.ok(
+        "GET",
+        "/caches/{cache}/multipart",
+        "/caches/pub/multipart?nar_hash=nope",
+        a,
+        None,
+        400,
+    )
+    .await;
     c.ok(
         "POST",
         "/caches/{cache}/multipart",
@@ -470,6 +496,56 @@ async fn real_answers_match_the_documented_schemas() {
         204,
     )
     .await;
+    let shown = c
+        .ok(
+            "GET",
+            "/caches/{cache}/multipart/{id}",
+            &format!("/caches/pub/multipart/{id}"),
+            a,
+            None,
+            200,
+        )
+        .await;
+    assert_eq!(shown["parts"][0]["nar_size"], app.nar.len());
+    c.ok(
+        "GET",
+        "/caches/{cache}/multipart/{id}",
+        "/caches/pub/multipart/00000000000000000000000000000000",
+        a,
+        None,
+        404,
+    )
+    .await;
+    // An upload abandoned.
+    let abandoned = c
+        .ok(
+            "POST",
+            "/caches/{cache}/multipart",
+            "/caches/pub/multipart?compression=none",
+            a,
+            None,
+            201,
+        )
+        .await;
+    let abandoned = abandoned["upload_id"].as_str().unwrap().to_owned();
+    c.ok(
+        "DELETE",
+        "/caches/{cache}/multipart/{id}",
+        &format!("/caches/pub/multipart/{abandoned}"),
+        a,
+        None,
+        204,
+    )
+    .await;
+    c.ok(
+        "DELETE",
+        "/caches/{cache}/multipart/{id}",
+        &format!("/caches/pub/multipart/{abandoned}"),
+        a,
+        None,
+        404,
+    )
+    .await;
     c.ok(
         "PUT",
         "/caches/{cache}/multipart/{id}/parts/{n}",
@@ -483,7 +559,7 @@ async fn real_answers_match_the_documented_schemas() {
         .ok(
             "POST",
             "/caches/{cache}/multipart/{id}/complete",
-            &format!("/caches/pub/multipart/{id}/complete"),
+            &format!("/caches/pub/multipart/{id}/complete?parts=1"),
             a,
             None,
             201,
