@@ -173,6 +173,40 @@ pub struct DeleteReport {
     pub freed: i64,
 }
 
+/// An unfinished multi-part upload on the server (`GET /caches/{c}/multipart`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MultipartUpload {
+    pub upload_id: String,
+    pub compression: String,
+    /// The NAR it was opened for (`sha256:<nix32>`), when the client said.
+    pub nar_hash: Option<String>,
+    pub nar_size: Option<u64>,
+    pub part_count: usize,
+    /// Stored (compressed) bytes of its parts.
+    pub part_bytes: u64,
+    pub updated_at: i64,
+    pub expires_at: i64,
+}
+
+/// One stored part of a multi-part upload, as the server measured it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MultipartPart {
+    pub n: u32,
+    pub file_size: u64,
+    pub file_hash: String,
+    /// The NAR bytes it decompresses to on its own; `None` when it does not.
+    pub nar_size: Option<u64>,
+    pub nar_hash: Option<String>,
+}
+
+/// A multi-part upload with its parts (`GET /caches/{c}/multipart/{id}`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MultipartDetail {
+    #[serde(flatten)]
+    pub upload: MultipartUpload,
+    pub parts: Vec<MultipartPart>,
+}
+
 /// Percent-encoding of one URL path segment (store path names may hold `?`, `=` or `+`).
 use larder_nix::url::encode_component as segment;
 
@@ -513,6 +547,53 @@ impl ApiClient {
             "path delete",
         )
         .await
+    }
+
+    /// The cache's unfinished multi-part uploads of the NAR with this hash (`sha256:…`) and
+    /// size, most recently written first (needs push permission).
+    pub async fn multipart_uploads(
+        &self,
+        cache: &str,
+        nar_hash: &str,
+        nar_size: u64,
+    ) -> Result<Vec<MultipartUpload>> {
+        #[derive(Deserialize)]
+        struct List {
+            uploads: Vec<MultipartUpload>,
+        }
+        let list: List = self
+            .json(
+                self.request(
+                    reqwest::Method::GET,
+                    &format!("/api/v1/caches/{cache}/multipart"),
+                )
+                .query(&[("nar_hash", nar_hash), ("nar_size", &nar_size.to_string())]),
+                "multi-part upload list",
+            )
+            .await?;
+        Ok(list.uploads)
+    }
+
+    /// A multi-part upload with every stored part measured by the server.
+    pub async fn multipart_upload(&self, cache: &str, id: &str) -> Result<MultipartDetail> {
+        self.json(
+            self.request(
+                reqwest::Method::GET,
+                &format!("/api/v1/caches/{cache}/multipart/{id}"),
+            ),
+            "multi-part upload",
+        )
+        .await
+    }
+
+    /// Abandon a multi-part upload (its parts are deleted).
+    pub async fn abort_multipart(&self, cache: &str, id: &str) -> Result<()> {
+        self.send(self.request(
+            reqwest::Method::DELETE,
+            &format!("/api/v1/caches/{cache}/multipart/{id}"),
+        ))
+        .await?;
+        Ok(())
     }
 
     pub async fn revoke_token(&self, id: &str) -> Result<()> {

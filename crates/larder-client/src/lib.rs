@@ -4,6 +4,7 @@
 pub mod api;
 pub mod import;
 pub mod local_store;
+mod multipart;
 pub mod push;
 pub mod queue;
 

@@ -4,7 +4,8 @@
 //! Each path's NAR is serialised by larder from the filesystem ([`dump_verified`], which checks
 //! the NarHash against the store's record while streaming), compressed on the client, and
 //! streamed to `POST /api/v1/caches/<c>/nars`; memory stays bounded by a few blocks per job
-//! whatever the NAR size. The server measures the NAR itself; publishing
+//! whatever the NAR size; large NARs go up in parts and resume across runs (`multipart`). The
+//! server measures the NAR itself; publishing
 //! (`POST …/paths`) then happens only after every reference of the path is published, so an
 //! interrupted push never leaves a path without its references. Uploads run in parallel
 //! (`jobs`); a path waits only for its own references.
@@ -36,8 +37,6 @@ const BLOCK: usize = 256 * 1024;
 const MISSING_BATCH: usize = 5000;
 /// Default part size of multi-part uploads (NAR bytes per part).
 pub const DEFAULT_PART_SIZE: u64 = 32 << 20;
-/// Compressed parts waiting to be sent, per upload (bounds memory to about two parts).
-const PARTS_IN_FLIGHT: usize = 1;
 /// NARs larger than this are compressed with zstd's worker threads.
 const MT_THRESHOLD: u64 = 8 << 20;
 
@@ -76,7 +75,7 @@ impl std::fmt::Debug for SourceRef {
 
 /// Stream `info`'s NAR from `source` (the local store when `None`) into `out`, telling
 /// `observer` how many NAR bytes went through ([`Observer::nar_bytes`]).
-fn write_nar<W: Write>(
+pub(crate) fn write_nar<W: Write>(
     source: &Option<SourceRef>,
     info: &PathInfo,
     out: W,
@@ -279,7 +278,10 @@ pub async fn plan(
 #[derive(Debug, Clone)]
 pub enum Outcome {
     Pushed {
+        /// The stored (compressed) size of its NAR.
         file_size: u64,
+        /// What this run sent of it: less than `file_size` when an interrupted upload resumed.
+        uploaded: u64,
         secs: f64,
     },
     /// The server already had it (pushed concurrently by someone else).
@@ -297,6 +299,13 @@ pub trait Observer: Send + Sync {
     /// NAR bytes read and compressed (the unit of the plan's total size, so a progress bar in
     /// it is true whatever the compression ratio).
     fn nar_bytes(&self, _n: u64) {}
+    /// A multi-part upload of `path` resumes: the server already holds `parts` parts with its
+    /// first `nar_bytes` NAR bytes, which count as processed (a progress bar starts there).
+    fn resumed(&self, _path: &PathInfo, _parts: u32, _nar_bytes: u64) {}
+    /// The server now holds `parts` parts of `path`'s multi-part upload, with its first
+    /// `nar_bytes` NAR bytes: what an interrupted push leaves for the next run to resume
+    /// (`0, 0` once the upload is complete: nothing is left to resume).
+    fn parts_kept(&self, _path: &PathInfo, _parts: u32, _nar_bytes: u64) {}
     fn finished(&self, _path: &PathInfo, _outcome: &Outcome) {}
     /// A retry after a transient error.
     fn retrying(&self, _path: &PathInfo, _error: &str, _attempt: u32) {}
@@ -383,8 +392,9 @@ pub async fn execute(
             let t0 = Instant::now();
             let outcome = push_one(&client, &cache, &info, &opts, &observer, deps, &upstream).await;
             let outcome = match outcome {
-                Ok(Some(file_size)) => Outcome::Pushed {
-                    file_size,
+                Ok(Some(upload)) => Outcome::Pushed {
+                    file_size: upload.file_size,
+                    uploaded: upload.file_size.saturating_sub(upload.kept),
                     secs: t0.elapsed().as_secs_f64(),
                 },
                 Ok(None) => Outcome::AlreadyPresent,
@@ -405,10 +415,10 @@ pub async fn execute(
     };
     while let Some(res) = tasks.join_next().await {
         match res {
-            Ok((info, Outcome::Pushed { file_size, .. })) => {
+            Ok((info, Outcome::Pushed { uploaded, .. })) => {
                 s.pushed += 1;
                 s.bytes += info.nar_size;
-                s.file_bytes += file_size;
+                s.file_bytes += uploaded;
             }
             Ok((_, Outcome::AlreadyPresent | Outcome::Vanished)) => s.skipped += 1,
             Ok((info, Outcome::Failed(e))) => {
@@ -444,7 +454,7 @@ pub fn replan_needed(summary: &Summary) -> bool {
 }
 
 /// An error on one line: the error and its causes.
-fn error_line(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_line(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -481,7 +491,7 @@ impl From<&PathInfo> for UpstreamRef {
 }
 
 /// For a transient failure, how long the server asked to wait (if it did).
-fn transient(e: &PushError) -> Option<Option<Duration>> {
+pub(crate) fn transient(e: &PushError) -> Option<Option<Duration>> {
     match e {
         PushError::Client(c) if c.is_transient() => Some(match c {
             ClientError::Status { retry_after, .. } => *retry_after,
@@ -491,7 +501,8 @@ fn transient(e: &PushError) -> Option<Option<Duration>> {
     }
 }
 
-/// Upload and publish one path, retrying transient failures. `Ok(None)`: already present.
+/// Upload and publish one path, retrying transient failures: what the server measured of its
+/// NAR, or `None` when the cache had the path already.
 async fn push_one(
     client: &ApiClient,
     cache: &str,
@@ -500,11 +511,11 @@ async fn push_one(
     observer: &Arc<dyn Observer>,
     deps: Vec<watch::Receiver<Option<bool>>>,
     upstream: &HashMap<String, UpstreamRef>,
-) -> Result<Option<u64>, PushError> {
+) -> Result<Option<UploadResp>, PushError> {
     let mut attempt = 1;
     let upload = loop {
         let r = if info.nar_size > opts.part_size {
-            upload_parts(client, cache, info, opts, observer).await
+            crate::multipart::upload(client, cache, info, opts, observer).await
         } else {
             upload_nar(client, cache, info, opts, observer).await
         };
@@ -569,7 +580,7 @@ async fn push_one(
         match r {
             Ok(resp) => {
                 let created = resp.status() == reqwest::StatusCode::CREATED;
-                return Ok(created.then_some(upload.file_size));
+                return Ok(created.then_some(upload));
             }
             Err(e) => {
                 let e = PushError::Client(e);
@@ -587,10 +598,14 @@ async fn push_one(
     }
 }
 
+/// What the server measured of an uploaded NAR (the fields the push needs).
 #[derive(Deserialize)]
-struct UploadResp {
+pub(crate) struct UploadResp {
     upload_id: String,
     file_size: u64,
+    /// Stored bytes the server had before this run (the parts a resumed upload kept).
+    #[serde(skip)]
+    pub(crate) kept: u64,
 }
 
 /// Sends compressed NAR bytes to the network in blocks, counting them.
@@ -712,203 +727,6 @@ fn receiver_stream(
     mut rx: mpsc::Receiver<io::Result<Bytes>>,
 ) -> impl futures::Stream<Item = io::Result<Bytes>> + Send + 'static {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
-}
-
-/// Splits a NAR stream into parts of `part_size` NAR bytes, each compressed as an independent
-/// frame (so their concatenation is one valid stream), handing each finished part to `tx`.
-struct PartSplitter {
-    compression: Compression,
-    level: i32,
-    part_size: u64,
-    in_part: u64,
-    current: Option<PartEncoder>,
-    tx: mpsc::Sender<Bytes>,
-}
-
-enum PartEncoder {
-    None(Vec<u8>),
-    Zstd(zstd::Encoder<'static, Vec<u8>>),
-    Xz(xz2::write::XzEncoder<Vec<u8>>),
-}
-
-impl PartSplitter {
-    fn encoder(&self) -> io::Result<PartEncoder> {
-        Ok(match self.compression {
-            Compression::None => PartEncoder::None(Vec::new()),
-            Compression::Zstd => {
-                let mut e = zstd::Encoder::new(Vec::new(), self.level)?;
-                let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-                let _ = e.multithread(n as u32);
-                PartEncoder::Zstd(e)
-            }
-            Compression::Xz => PartEncoder::Xz(xz2::write::XzEncoder::new(
-                Vec::new(),
-                self.level.clamp(0, 9) as u32,
-            )),
-        })
-    }
-
-    /// Finish the current part (if any) and send it.
-    fn flush_part(&mut self) -> io::Result<()> {
-        let Some(enc) = self.current.take() else {
-            return Ok(());
-        };
-        let bytes = match enc {
-            PartEncoder::None(v) => v,
-            PartEncoder::Zstd(e) => e.finish()?,
-            PartEncoder::Xz(e) => e.finish()?,
-        };
-        self.in_part = 0;
-        self.tx
-            .blocking_send(Bytes::from(bytes))
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "upload stopped"))
-    }
-}
-
-impl Write for PartSplitter {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        if self.in_part >= self.part_size {
-            self.flush_part()?;
-        }
-        if self.current.is_none() {
-            self.current = Some(self.encoder()?);
-        }
-        let room = (self.part_size - self.in_part).min(data.len() as u64) as usize;
-        let chunk = data.get(..room).unwrap_or(data);
-        match self.current.as_mut() {
-            Some(PartEncoder::None(v)) => v.extend_from_slice(chunk),
-            Some(PartEncoder::Zstd(e)) => e.write_all(chunk)?,
-            Some(PartEncoder::Xz(e)) => e.write_all(chunk)?,
-            None => {}
-        }
-        self.in_part += chunk.len() as u64;
-        Ok(chunk.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-#[derive(Deserialize)]
-struct Opened {
-    upload_id: String,
-}
-
-/// Upload a large NAR in parts: each part is sent (and on a transient failure re-sent) on its
-/// own; the server verifies the whole at completion.
-async fn upload_parts(
-    client: &ApiClient,
-    cache: &str,
-    info: &PathInfo,
-    opts: &PushOptions,
-    observer: &Arc<dyn Observer>,
-) -> Result<UploadResp, PushError> {
-    let opened: Opened = client
-        .send(client.request(
-            reqwest::Method::POST,
-            &format!(
-                "/api/v1/caches/{cache}/multipart?compression={}",
-                opts.compression.as_str()
-            ),
-        ))
-        .await?
-        .json()
-        .await
-        .map_err(|e| PushError::Internal(format!("bad answer opening an upload: {e}")))?;
-    let (tx, mut rx) = mpsc::channel::<Bytes>(PARTS_IN_FLIGHT);
-    let (compression, level, part_size, info2) = (
-        opts.compression,
-        opts.level,
-        opts.part_size.max(1),
-        info.clone(),
-    );
-    let source = opts.source.clone();
-    let nar_observer = observer.clone();
-    let producer = tokio::task::spawn_blocking(move || -> Result<(), PushError> {
-        let splitter = PartSplitter {
-            compression,
-            level,
-            part_size,
-            in_part: 0,
-            current: None,
-            tx,
-        };
-        let mut splitter = write_nar(&source, &info2, splitter, &nar_observer)?;
-        splitter
-            .flush_part()
-            .map_err(|source| LocalStoreError::Write {
-                path: info2.path.clone(),
-                source,
-            })?;
-        Ok(())
-    });
-    let mut n = 0u32;
-    let mut failure = None;
-    while let Some(part) = rx.recv().await {
-        let url = format!(
-            "/api/v1/caches/{cache}/multipart/{}/parts/{n}",
-            opened.upload_id
-        );
-        let mut attempt = 1;
-        loop {
-            let r = client
-                .send(
-                    client
-                        .request(reqwest::Method::PUT, &url)
-                        .body(part.clone()),
-                )
-                .await;
-            match r {
-                Ok(_) => break,
-                Err(e) => {
-                    let e = PushError::Client(e);
-                    match transient(&e) {
-                        Some(wait) if attempt < opts.attempts => {
-                            observer.retrying(
-                                info,
-                                &format!("part {n}: {}", error_line(&e)),
-                                attempt,
-                            );
-                            tokio::time::sleep(
-                                wait.unwrap_or(Duration::from_millis(500 << attempt)),
-                            )
-                            .await;
-                            attempt += 1;
-                        }
-                        _ => {
-                            failure = Some(e);
-                            break;
-                        }
-                    }
-                }
-            }
-        }
-        if failure.is_some() {
-            break;
-        }
-        observer.bytes(part.len() as u64);
-        n += 1;
-    }
-    drop(rx);
-    let produced = producer
-        .await
-        .map_err(|e| PushError::Internal(e.to_string()))?;
-    if let Some(e) = failure {
-        return Err(e);
-    }
-    produced?;
-    client
-        .send(client.request(
-            reqwest::Method::POST,
-            &format!(
-                "/api/v1/caches/{cache}/multipart/{}/complete",
-                opened.upload_id
-            ),
-        ))
-        .await?
-        .json()
-        .await
-        .map_err(|e| PushError::Internal(format!("bad answer completing an upload: {e}")))
 }
 
 #[cfg(test)]

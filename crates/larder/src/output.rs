@@ -56,7 +56,7 @@ pub fn count(n: impl Into<u64>, noun: &str) -> String {
     }
 }
 
-/// Print an error chain and a hint; exit 1.
+/// Print an error chain and a hint; exit 1 (or the status a [`Hinted`] error asks for).
 pub fn report_error(e: &anyhow::Error) -> ExitCode {
     if e.chain().any(|c| {
         c.downcast_ref::<std::io::Error>()
@@ -76,7 +76,10 @@ pub fn report_error(e: &anyhow::Error) -> ExitCode {
     } else {
         eprintln!("{}", render_error(e));
     }
-    ExitCode::FAILURE
+    match e.chain().find_map(|c| c.downcast_ref::<Hinted>()) {
+        Some(h) if h.status != 1 => ExitCode::from(h.status),
+        _ => ExitCode::FAILURE,
+    }
 }
 
 /// The text [`report_error`] prints: the error, each cause not already in the line above it,
@@ -164,7 +167,13 @@ fn hint_for(e: &anyhow::Error) -> Option<String> {
 pub struct Hinted {
     pub msg: String,
     pub hint: String,
+    /// The exit status: 1, or [`EXIT_INTERRUPTED`].
+    pub status: u8,
 }
+
+/// The exit status of a run stopped by Ctrl-C: 128 + SIGINT, what shells report for a
+/// process that SIGINT killed, so scripts tell it from a failure.
+pub const EXIT_INTERRUPTED: u8 = 130;
 
 impl std::fmt::Display for Hinted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -178,6 +187,20 @@ pub fn fail_with_hint(msg: impl std::fmt::Display, hint: impl Into<String>) -> a
     anyhow::Error::new(Hinted {
         msg: msg.to_string(),
         hint: hint.into(),
+        status: 1,
+    })
+}
+
+/// Report a run that Ctrl-C stopped: `msg` says what it did, `hint` how to finish; the exit
+/// status is [`EXIT_INTERRUPTED`].
+pub fn interrupted_with_hint(
+    msg: impl std::fmt::Display,
+    hint: impl Into<String>,
+) -> anyhow::Error {
+    anyhow::Error::new(Hinted {
+        msg: msg.to_string(),
+        hint: hint.into(),
+        status: EXIT_INTERRUPTED,
     })
 }
 

@@ -105,6 +105,35 @@ struct Display {
     bar: Option<ProgressBar>,
     bytes: AtomicU64,
     lines: Mutex<()>,
+    /// What Ctrl-C would leave: the paths transferred so far and the uploads in progress.
+    progress: Mutex<Progress>,
+}
+
+/// The paths of a round transferred so far, and those in progress with what the server keeps
+/// of them.
+#[derive(Default)]
+struct Progress {
+    /// Paths transferred, and their NAR bytes.
+    done: usize,
+    done_bytes: u64,
+    /// Paths being uploaded, by store path.
+    uploading: std::collections::BTreeMap<String, Uploading>,
+}
+
+/// A path being uploaded.
+#[derive(Clone, Copy)]
+struct Uploading {
+    /// The parts and NAR bytes of its multi-part upload the server holds (`None`: nothing
+    /// kept, as for a NAR sent whole).
+    kept: Option<(u32, u64)>,
+    nar_size: u64,
+}
+
+/// What a round had done when Ctrl-C stopped it.
+struct Stopped {
+    done: usize,
+    done_bytes: u64,
+    uploading: Vec<(String, Uploading)>,
 }
 
 impl Display {
@@ -121,7 +150,63 @@ impl Display {
     }
 }
 
+impl Display {
+    fn progress(&self) -> std::sync::MutexGuard<'_, Progress> {
+        self.progress.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn stopped(&self) -> Stopped {
+        let p = self.progress();
+        Stopped {
+            done: p.done,
+            done_bytes: p.done_bytes,
+            uploading: p
+                .uploading
+                .iter()
+                .map(|(path, u)| (path.clone(), *u))
+                .collect(),
+        }
+    }
+}
+
 impl Observer for Display {
+    fn started(&self, path: &PathInfo) {
+        self.progress().uploading.insert(
+            path.path.to_absolute(),
+            Uploading {
+                kept: None,
+                nar_size: path.nar_size,
+            },
+        );
+    }
+    fn resumed(&self, path: &PathInfo, parts: u32, nar_bytes: u64) {
+        self.parts_kept(path, parts, nar_bytes);
+        if let Some(bar) = &self.bar {
+            bar.inc(nar_bytes);
+        }
+        let p = path.path.to_absolute();
+        if self.json {
+            self.json(serde_json::json!({
+                "event": "resumed", "path": p, "parts": parts, "nar_bytes": nar_bytes,
+                "nar_size": path.nar_size }));
+        } else {
+            self.line(format!(
+                "resuming {p}: the server has {} ({} of {} NAR) from an interrupted upload",
+                count(u64::from(parts), "part"),
+                human_size(nar_bytes as i64),
+                human_size(path.nar_size as i64)
+            ));
+        }
+    }
+    fn parts_kept(&self, path: &PathInfo, parts: u32, nar_bytes: u64) {
+        self.progress().uploading.insert(
+            path.path.to_absolute(),
+            Uploading {
+                kept: Some((parts, nar_bytes)),
+                nar_size: path.nar_size,
+            },
+        );
+    }
     fn bytes(&self, n: u64) {
         self.bytes.fetch_add(n, Ordering::Relaxed);
     }
@@ -140,11 +225,23 @@ impl Observer for Display {
     }
     fn finished(&self, path: &PathInfo, outcome: &Outcome) {
         let p = path.path.to_absolute();
+        {
+            let mut progress = self.progress();
+            progress.uploading.remove(&p);
+            if let Outcome::Pushed { .. } = outcome {
+                progress.done += 1;
+                progress.done_bytes += path.nar_size;
+            }
+        }
         if self.json {
             let v = match outcome {
-                Outcome::Pushed { file_size, secs } => serde_json::json!({
+                Outcome::Pushed {
+                    file_size,
+                    uploaded,
+                    secs,
+                } => serde_json::json!({
                     "event": "pushed", "path": p, "nar_size": path.nar_size,
-                    "file_size": file_size, "seconds": secs }),
+                    "file_size": file_size, "uploaded": uploaded, "seconds": secs }),
                 Outcome::AlreadyPresent => {
                     serde_json::json!({"event": "skipped", "path": p, "reason": "already in cache"})
                 }
@@ -156,11 +253,20 @@ impl Observer for Display {
             self.json(v);
         } else {
             match outcome {
-                Outcome::Pushed { file_size, secs } if self.bar.is_none() => self.line(format!(
-                    "{} {p} ({} NAR, {} uploaded, {secs:.1}s)",
+                Outcome::Pushed {
+                    file_size,
+                    uploaded,
+                    secs,
+                } if self.bar.is_none() => self.line(format!(
+                    "{} {p} ({} NAR, {} uploaded{}, {secs:.1}s)",
                     self.done,
                     human_size(path.nar_size as i64),
-                    human_size(*file_size as i64)
+                    human_size(*uploaded as i64),
+                    if uploaded < file_size {
+                        format!(" of {}", human_size(*file_size as i64))
+                    } else {
+                        String::new()
+                    }
                 )),
                 Outcome::Pushed { .. } | Outcome::AlreadyPresent => {}
                 Outcome::Vanished => self.line(format!(
@@ -390,7 +496,17 @@ pub(crate) async fn run_rounds(
         return Ok(());
     }
     let to_transfer = plan.paths.len();
-    let mut summary = execute_with_display(t, &plan, opts, how).await;
+    let mut summary = match execute_with_display(t, &plan, opts, how).await {
+        Ok(s) => s,
+        Err(stopped) => {
+            return Err(interrupted(
+                how,
+                &push::Summary::default(),
+                to_transfer,
+                stopped,
+            ))
+        }
+    };
     for _ in 1..push::PUSH_ROUNDS {
         if !push::replan_needed(&summary) {
             break;
@@ -400,7 +516,10 @@ pub(crate) async fn run_rounds(
             "note: {} references were evicted from the cache while this ran; sending them again",
             plan.paths.len()
         );
-        summary.absorb(execute_with_display(t, &plan, opts, how).await);
+        match execute_with_display(t, &plan, opts, how).await {
+            Ok(later) => summary.absorb(later),
+            Err(stopped) => return Err(interrupted(how, &summary, to_transfer, stopped)),
+        }
     }
     if how.json {
         print(
@@ -492,13 +611,99 @@ pub(crate) async fn run_rounds(
     Ok(())
 }
 
-/// One round: execute `plan` with a progress bar (on a terminal) or JSON events.
+/// The report of a run Ctrl-C stopped (exit status 130): what was transferred (`before`, the
+/// earlier rounds, and `stopped`), what the server keeps of the uploads in progress, and that
+/// running the command again resumes. In JSON, an `interrupted` event says the same.
+fn interrupted(
+    how: &Run,
+    before: &push::Summary,
+    planned: usize,
+    stopped: Stopped,
+) -> anyhow::Error {
+    let done = before.pushed + stopped.done;
+    let bytes = before.bytes + stopped.done_bytes;
+    let (doing, done_verb) = if how.verb == "push" {
+        ("pushing", "pushed")
+    } else {
+        ("importing", "imported")
+    };
+    if how.json {
+        let kept: Vec<serde_json::Value> = stopped
+            .uploading
+            .iter()
+            .filter_map(|(p, u)| {
+                u.kept.filter(|(parts, _)| *parts > 0).map(|(parts, nar_bytes)| {
+                    serde_json::json!({"path": p, "parts": parts, "nar_bytes": nar_bytes, "nar_size": u.nar_size})
+                })
+            })
+            .collect();
+        let _ = print(
+            &(serde_json::json!({
+                "event": "interrupted", "pushed": done, "bytes": bytes, "kept": kept,
+            })
+            .to_string()
+                + "\n"),
+        );
+    }
+    let mut msg = format!(
+        "interrupted after {doing} {done} of {} ({} NAR)",
+        count(planned as u64, "path"),
+        human_size(bytes as i64)
+    );
+    const SHOWN: usize = 5;
+    let (kept, lost): (Vec<_>, Vec<_>) = stopped
+        .uploading
+        .iter()
+        .partition(|(_, u)| u.kept.is_some_and(|(parts, _)| parts > 0));
+    for (p, u) in kept.iter().take(SHOWN) {
+        let (parts, nar_bytes) = u.kept.unwrap_or_default();
+        msg.push_str(&format!(
+            "\n  kept on the server: {} ({} of {} NAR) of {p}",
+            count(u64::from(parts), "part"),
+            human_size(nar_bytes as i64),
+            human_size(u.nar_size as i64)
+        ));
+    }
+    if kept.len() > SHOWN {
+        msg.push_str(&format!(
+            "\n  … and parts of {} more",
+            count((kept.len() - SHOWN) as u64, "path")
+        ));
+    }
+    if !lost.is_empty() {
+        let names: Vec<&str> = lost.iter().take(3).map(|(p, ..)| p.as_str()).collect();
+        msg.push_str(&format!(
+            "\n  sent again from the start by the next run: {}{}",
+            names.join(", "),
+            if lost.len() > 3 { ", …" } else { "" }
+        ));
+    }
+    crate::output::interrupted_with_hint(
+        msg,
+        format!(
+            "run the same command again to resume: it skips what was {done_verb} and sends only the \
+             parts the server does not have (it keeps them for {} min after the last one)",
+            larder_server::config::MULTIPART_IDLE_TTL.as_secs() / 60
+        ),
+    )
+}
+
+/// Completes when the user presses Ctrl-C (never, if SIGINT cannot be caught).
+async fn ctrl_c() {
+    if tokio::signal::ctrl_c().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// One round: execute `plan` with a progress bar (on a terminal) or JSON events. Ctrl-C stops
+/// it at once (uploads in flight are dropped; the server keeps the parts it stored, and the
+/// upload is not abandoned, so the next run resumes it): `Err` says what it had done.
 async fn execute_with_display(
     t: &crate::client_config::Target,
     plan: &push::Plan,
     opts: &PushOptions,
     how: &Run,
-) -> push::Summary {
+) -> Result<push::Summary, Stopped> {
     let bar = (!how.json && std::io::stderr().is_terminal() && !plan.paths.is_empty()).then(|| {
         let bar = ProgressBar::new(plan.nar_bytes());
         bar.set_style(
@@ -519,8 +724,12 @@ async fn execute_with_display(
         bar,
         bytes: AtomicU64::new(0),
         lines: Mutex::new(()),
+        progress: Mutex::default(),
     });
-    let summary = push::execute(&t.client, &t.cache, plan, opts, display.clone()).await;
+    let summary = tokio::select! {
+        s = push::execute(&t.client, &t.cache, plan, opts, display.clone()) => Ok(s),
+        () = ctrl_c() => Err(display.stopped()),
+    };
     if let Some(bar) = &display.bar {
         bar.finish_and_clear();
     }

@@ -183,6 +183,16 @@ pub struct LineObserver {
 }
 
 impl Observer for LineObserver {
+    fn resumed(&self, path: &PathInfo, parts: u32, nar_bytes: u64) {
+        eprintln!(
+            "{}resuming {}: the server has {} ({} of {} NAR) from an interrupted upload",
+            self.prefix,
+            path.path.to_absolute(),
+            crate::output::count(u64::from(parts), "part"),
+            human_size(nar_bytes as i64),
+            human_size(path.nar_size as i64)
+        );
+    }
     fn retrying(&self, path: &PathInfo, error: &str, attempt: u32) {
         eprintln!(
             "{}retrying {} (attempt {attempt}): {error}",
@@ -191,12 +201,12 @@ impl Observer for LineObserver {
     }
     fn finished(&self, path: &PathInfo, outcome: &Outcome) {
         match outcome {
-            Outcome::Pushed { file_size, .. } => eprintln!(
+            Outcome::Pushed { uploaded, .. } => eprintln!(
                 "{}pushed {} ({} NAR, {} uploaded)",
                 self.prefix,
                 path.path.to_absolute(),
                 human_size(path.nar_size as i64),
-                human_size(*file_size as i64)
+                human_size(*uploaded as i64)
             ),
             Outcome::AlreadyPresent => {}
             Outcome::Vanished => eprintln!(
