@@ -466,3 +466,289 @@ fn a_push_into_a_cache_over_its_limit_fails_and_says_why() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success() && !err.contains("limit"), "{err}");
 }
+
+// ---- resuming interrupted uploads ------------------------------------------------------------
+
+/// A store path of `mib` MiB of random bytes (incompressible), built by real Nix.
+fn random_path(name: &str, mib: u32) -> String {
+    let unique = format!("{name}-{}", unique_tag());
+    build_expr(&format!(
+        "derivation {{ name = \"{unique}\"; system = builtins.currentSystem; builder = \"/bin/sh\"; \
+         args = [\"-c\" \"export PATH=/bin:/usr/bin; head -c {mib}M /dev/urandom > $out\"]; }}"
+    ))
+    .remove(0)
+}
+
+/// The parts of unfinished multi-part uploads in the server's staging directory.
+fn staged_parts(data: &std::path::Path) -> usize {
+    let Ok(dirs) = std::fs::read_dir(data.join("store/tmp")) else {
+        return 0;
+    };
+    dirs.flatten()
+        .filter(|d| d.file_name().to_string_lossy().starts_with("multipart-"))
+        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+        .filter(|f| {
+            // `part-NNNNNN`, not what the server measured of it (`part-NNNNNN.json`).
+            let name = f.file_name().to_string_lossy().into_owned();
+            name.starts_with("part-") && !name.contains('.')
+        })
+        .count()
+}
+
+/// Body bytes the server received in multi-part part uploads since it started (`/metrics`).
+fn part_bytes_received(server: &Server) -> u64 {
+    let (code, metrics) = server.http("GET", "/metrics", None);
+    assert_eq!(code, 200, "{metrics}");
+    let series = "larder_http_request_body_bytes_total{route=\"/api/v1/caches/{cache}/multipart/{id}/parts/{n}\",method=\"PUT\"} ";
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series))
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+/// `larder push ARGS` against `server` with `token`, running (as `Server::cli` runs it).
+fn spawn_push(server: &Server, token: &str, args: &[&str]) -> std::process::Child {
+    let home = server.data.path().join("client-home");
+    std::fs::create_dir_all(&home).unwrap();
+    larder_testkit::nix::command(larder_bin())
+        .args(args)
+        .env("LARDER_SERVER", &server.url)
+        .env("LARDER_TOKEN", token)
+        .env("HOME", &home)
+        .env("XDG_CONFIG_HOME", home.join(".config"))
+        .env_remove("LARDER_CONFIG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn signal(child: &std::process::Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig}");
+}
+
+/// Wait until the server at `data` holds at least `n` parts while `push` runs.
+fn wait_for_parts(data: &std::path::Path, push: &mut std::process::Child, n: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    while staged_parts(data) < n {
+        if let Some(status) = push.try_wait().unwrap() {
+            panic!("larder push ended ({status}) before the server held {n} parts");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {n} parts in 240 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The JSON event lines of a `larder push --json` run.
+fn events(stdout: &str) -> Vec<serde_json::Value> {
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Push `path` with `--json` and 4 MiB parts; returns its events and the part bytes the server
+/// received meanwhile.
+fn push_measured(
+    server: &Server,
+    token: &str,
+    cache: &str,
+    path: &str,
+) -> (Vec<serde_json::Value>, u64) {
+    let before = part_bytes_received(server);
+    let out = server.cli_ok(
+        token,
+        &["push", cache, path, "--part-size", "4MiB", "--json"],
+    );
+    let events = events(&out);
+    assert_eq!(summary(&out)["pushed"], 1, "{out}");
+    (events, part_bytes_received(server) - before)
+}
+
+/// The `resumed` event of a push: (parts, NAR bytes) the server had.
+fn resumed(events: &[serde_json::Value]) -> Option<(u64, u64)> {
+    events.iter().find(|e| e["event"] == "resumed").map(|e| {
+        (
+            e["parts"].as_u64().unwrap(),
+            e["nar_bytes"].as_u64().unwrap(),
+        )
+    })
+}
+
+/// Assert that `sent` compressed bytes are about `nar` bytes of random data (zstd adds a few
+/// bytes per block).
+#[track_caller]
+fn about(sent: u64, nar: u64) {
+    assert!(
+        sent >= nar - nar / 100 && sent <= nar + nar / 100 + (64 << 10),
+        "sent {sent} bytes for {nar} NAR bytes"
+    );
+}
+
+/// Real Nix substitutes `path` from `cache` into a fresh store, checking its signature, and
+/// verifies it.
+fn nix_substitutes(server: &Server, cache: &str, key: &str, path: &str) {
+    let work = tempfile::tempdir().unwrap();
+    let store = work.path().join("store");
+    let conf = format!("{NIX_CONFIG}\nrequire-sigs = true\ntrusted-public-keys = {key}");
+    for args in [
+        vec!["copy", "--from", &format!("{}/{cache}", server.url), "--to"],
+        vec!["store", "verify", "--store"],
+    ] {
+        let o = larder_testkit::nix::command("nix")
+            .args(&args)
+            .arg(&store)
+            .arg(path)
+            .env("NIX_CONFIG", &conf)
+            .env("XDG_CACHE_HOME", work.path().join("xdg"))
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "nix {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
+/// Ctrl-C during a multi-part upload: the push stops at once, says what was pushed and what
+/// the server keeps, exits 130, and leaves the upload on the server; the same command run
+/// again sends only the parts the server lacks, and real Nix substitutes the result.
+#[test]
+fn ctrl_c_keeps_the_parts_and_a_rerun_sends_only_the_rest() {
+    require_nix();
+    let server = Server::start();
+    let info = server.create_cache("resume", &[]);
+    let key = info["public_key"].as_str().unwrap();
+    let push = server.token("push", "resume");
+    let p = random_path("resume-big", 64);
+    let mut child = spawn_push(
+        &server,
+        &push,
+        &["push", "resume", &p, "--part-size", "4MiB"],
+    );
+    wait_for_parts(server.data.path(), &mut child, 4);
+    // Frozen there, so that Ctrl-C lands mid-upload however fast the machine.
+    signal(&child, "STOP");
+    let held = staged_parts(server.data.path());
+    assert!(
+        held < 17,
+        "the upload finished before Ctrl-C ({held} parts)"
+    );
+    signal(&child, "INT");
+    signal(&child, "CONT");
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("error: interrupted after pushing 0 of 1 path (0 B NAR)"),
+        "{err}"
+    );
+    let told: usize = err
+        .split("kept on the server: ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap_or_else(|| panic!("{err}"))
+        .parse()
+        .unwrap();
+    assert!(
+        err.contains(&format!("MiB of 64.0 MiB NAR) of {p}")),
+        "{err}"
+    );
+    assert!(
+        err.contains("hint: run the same command again to resume"),
+        "{err}"
+    );
+    // The upload is not abandoned: the server keeps every part it stored.
+    let kept = staged_parts(server.data.path());
+    assert!(
+        kept >= held && told <= kept && told + 1 >= held,
+        "{told} {held} {kept}"
+    );
+
+    let (events, sent) = push_measured(&server, &push, "resume", &p);
+    let (parts, nar_bytes) = resumed(&events).unwrap_or_else(|| panic!("{events:?}"));
+    assert_eq!(parts, kept as u64);
+    assert_eq!(nar_bytes, parts * (4 << 20));
+    let nar_size = events[0]["nar_bytes"].as_u64().unwrap();
+    about(sent, nar_size - nar_bytes);
+    assert_eq!(staged_parts(server.data.path()), 0);
+    nix_substitutes(&server, "resume", key, &p);
+}
+
+/// The server stops mid-upload (SIGTERM, or SIGKILL as a crash would), the push is stopped,
+/// and the server starts again on the same data directory: another cache's token neither sees
+/// nor resumes the upload (its push of the same path sends it whole), and the same push
+/// resumes it.
+fn resume_after_server_stop(sig: &str) {
+    require_nix();
+    let mut server = Server::start();
+    let info = server.create_cache("resume", &[]);
+    let key = info["public_key"].as_str().unwrap().to_owned();
+    let other_info = server.create_cache("other", &[]);
+    let other_key = other_info["public_key"].as_str().unwrap().to_owned();
+    let push = server.token("push", "resume");
+    let other = server.token("push", "other");
+    let p = random_path(&format!("restart-{}", sig.to_lowercase()), 64);
+    let mut child = spawn_push(
+        &server,
+        &push,
+        &["push", "resume", &p, "--part-size", "4MiB", "--json"],
+    );
+    wait_for_parts(server.data.path(), &mut child, 4);
+    let data = if sig == "TERM" {
+        server.stop_keeping_data()
+    } else {
+        server.crash();
+        std::mem::replace(&mut server.data, tempfile::tempdir().unwrap())
+    };
+    signal(&child, "INT");
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // In JSON, the last event says what the server keeps.
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let last = events(&stdout).pop().unwrap();
+    assert_eq!(last["event"], "interrupted", "{stdout}");
+    assert_eq!(last["pushed"], 0, "{stdout}");
+    assert_eq!(last["kept"][0]["path"], p.as_str(), "{stdout}");
+    assert!(last["kept"][0]["parts"].as_u64().unwrap() >= 3, "{stdout}");
+
+    let server = Server::start_in(data, &[], None);
+    let kept = staged_parts(server.data.path());
+    assert!(kept >= 4, "{kept} parts kept across the restart");
+    let (events, sent) = push_measured(&server, &other, "other", &p);
+    assert_eq!(resumed(&events), None, "{events:?}");
+    let nar_size = events[0]["nar_bytes"].as_u64().unwrap();
+    about(sent, nar_size);
+    assert_eq!(staged_parts(server.data.path()), kept, "untouched");
+
+    let (events, sent) = push_measured(&server, &push, "resume", &p);
+    let (parts, nar_bytes) = resumed(&events).unwrap_or_else(|| panic!("{events:?}"));
+    assert_eq!(parts, kept as u64);
+    about(sent, nar_size - nar_bytes);
+    nix_substitutes(&server, "resume", &key, &p);
+    nix_substitutes(&server, "other", &other_key, &p);
+}
+
+#[test]
+fn an_upload_resumes_after_the_server_stops() {
+    resume_after_server_stop("TERM");
+}
+
+#[test]
+fn an_upload_resumes_after_the_server_crashes() {
+    resume_after_server_stop("KILL");
+}
