@@ -238,8 +238,18 @@ async fn garage_outage_gets_503_and_recovers_without_restart() {
     let server = s3_server(&garage, &[]);
     let key = public_key(&server.create_cache("flaky", &[]));
     let push_token = server.token("push", "flaky");
-    let before = build_file("before-outage", "stored before the outage");
+    // Larger than what the server keeps in memory (64 KiB) and incompressible: its NAR is
+    // read from the object store at every download.
+    let before = build_expr(&format!(
+        "derivation {{ name = \"before-outage-{}\"; system = builtins.currentSystem; \
+         builder = \"/bin/sh\"; args = [\"-c\" \"/usr/bin/head -c 300000 /dev/urandom > $out\"]; }}",
+        unique_tag()
+    ))
+    .remove(0);
     server.cli_ok(&push_token, &["push", "flaky", &before]);
+    // A small NAR downloaded once is kept in memory, and stays servable through the outage.
+    let small = build_file("small-before-outage", "kept in memory");
+    server.cli_ok(&push_token, &["push", "flaky", &small]);
     let hash_of = |p: &str| {
         p.trim_start_matches("/nix/store/")
             .split('-')
@@ -269,6 +279,23 @@ async fn garage_outage_gets_503_and_recovers_without_restart() {
             .unwrap()
     );
     assert_eq!(status_of(&client, &nar_url).await.0, 200);
+    let small_narinfo = client
+        .get(format!("{}/flaky/{}.narinfo", server.url, hash_of(&small)))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let small_nar_url = format!(
+        "{}/flaky/{}",
+        server.url,
+        small_narinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("URL: "))
+            .unwrap()
+    );
+    assert_eq!(status_of(&client, &small_nar_url).await.0, 200);
 
     // Traffic runs while Garage dies: every answer is a 200 or a 503, never another error.
     let traffic = tokio::spawn({
@@ -297,6 +324,11 @@ async fn garage_outage_gets_503_and_recovers_without_restart() {
     let (status, body) = status_of(&client, &nar_url).await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("object store unavailable"), "{body}");
+    assert_eq!(
+        status_of(&client, &small_nar_url).await.0,
+        200,
+        "a small NAR in memory is served while the store is down"
+    );
     assert!(
         t.elapsed() < Duration::from_secs(8),
         "503 took {:?}",
