@@ -399,9 +399,14 @@ fn staging_left_by_a_killed_server_is_removed_at_the_next_start() {
     }
     let locks = std::fs::read_dir(&staging).unwrap().count();
     assert_eq!(locks, 1, "only the running server's owner lock is left");
-    assert!(again
+    // The log line follows the removal; the thread reading the server's stderr may lag.
+    while !again
         .log()
-        .contains("removed staging files left by a stopped server"));
+        .contains("removed staging files left by a stopped server")
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", again.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// The server's peak resident memory so far (`VmHWM`), in KiB.
