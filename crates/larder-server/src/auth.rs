@@ -18,33 +18,7 @@ use sha2::Digest;
 use crate::error::ApiError;
 use crate::AppState;
 
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Perm {
-    Pull,
-    Push,
-    Admin,
-}
-
-impl Perm {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Perm::Pull => "pull",
-            Perm::Push => "push",
-            Perm::Admin => "admin",
-        }
-    }
-    pub fn parse(s: &str) -> Option<Perm> {
-        match s {
-            "pull" => Some(Perm::Pull),
-            "push" => Some(Perm::Push),
-            "admin" => Some(Perm::Admin),
-            _ => None,
-        }
-    }
-}
+pub use larder_api::Perm;
 
 /// Who is making a request.
 #[derive(Debug, Clone)]

@@ -1,0 +1,80 @@
+//! larder's HTTP API on the wire.
+//!
+//! One definition of every JSON body the server answers and the client sends, shared by
+//! `larder-server` and `larder-client`, so a renamed field fails to compile instead of reading
+//! as a default. Pure types: no I/O, no dependency on the server or the client.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// A permission on a cache (or on every cache). They nest: `admin` implies `push`, and `push`
+/// implies `pull`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Perm {
+    Pull,
+    Push,
+    Admin,
+}
+
+impl Perm {
+    /// Every permission, weakest first.
+    pub const ALL: [Perm; 3] = [Perm::Pull, Perm::Push, Perm::Admin];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Perm::Pull => "pull",
+            Perm::Push => "push",
+            Perm::Admin => "admin",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Perm> {
+        Perm::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+}
+
+impl fmt::Display for Perm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A word that is not `pull`, `push` or `admin`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownPerm(pub String);
+
+impl fmt::Display for UnknownPerm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "unknown permission {:?} (expected pull, push or admin)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for UnknownPerm {}
+
+impl FromStr for Perm {
+    type Err = UnknownPerm;
+    fn from_str(s: &str) -> Result<Perm, UnknownPerm> {
+        Perm::parse(s).ok_or_else(|| UnknownPerm(s.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permissions_read_back_as_written() {
+        for p in Perm::ALL {
+            assert_eq!(p.as_str().parse::<Perm>(), Ok(p));
+        }
+        assert!("root".parse::<Perm>().is_err());
+        assert!(Perm::Pull < Perm::Push && Perm::Push < Perm::Admin);
+    }
+}
