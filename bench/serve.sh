@@ -13,11 +13,14 @@
 # Needs (as root): nix-bin, nginx (nginx-light), wrk, python3, curl; for SCALED=1 also
 # postgresql and garage (what .ci/run installs).
 # Knobs: DUR (seconds per measurement, default 10), BIG_MIB (default 256), NSMALL (default 200),
-# SCALED (1 = also measure the PostgreSQL+Garage setup, 0 = embedded vs nginx only).
+# SCALED (1 = also measure the PostgreSQL+Garage setup, 0 = embedded vs nginx only),
+# BASELINE_BIN (another build of larder, e.g. the commit before a change: measured in the same
+# run as one more embedded column, so a change is compared with what it replaced).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 DUR=${DUR:-10}
 SCALED=${SCALED:-1}
+BASELINE_BIN=${BASELINE_BIN:-}
 BIG_MIB=${BIG_MIB:-256}
 NSMALL=${NSMALL:-200}
 for tool in nix nginx wrk python3 curl; do
@@ -47,9 +50,9 @@ TOP=$(cat "$WORK/oracle/top")
 # start_larder NAME [ENVFILE]: a `larder serve` with its own data directory (and the settings
 # of ENVFILE, sourced), a cache "bench" into which `nix copy` pushes the closure. Sets URL_<NAME>.
 start_larder() {
-  local name=$1 envfile=${2:-}
+  local name=$1 envfile=${2:-} bin=${3:-$BIN}
   ( if [ -n "$envfile" ]; then set -a; . "$envfile"; set +a; fi
-    exec "$BIN" serve --listen 127.0.0.1:0 --data "$WORK/data-$name" ) 2>"$WORK/serve-$name.log" &
+    exec "$bin" serve --listen 127.0.0.1:0 --data "$WORK/data-$name" ) 2>"$WORK/serve-$name.log" &
   PIDS+=($!)
   for _ in $(seq 300); do grep -q 'listening on' "$WORK/serve-$name.log" 2>/dev/null && break; sleep 0.1; done
   local url; url=$(sed -n 's/^larder: listening on //p' "$WORK/serve-$name.log")
@@ -66,6 +69,9 @@ start_larder() {
 
 start_larder embedded
 URL=$URL_embedded
+if [ -n "$BASELINE_BIN" ]; then
+  start_larder baseline "" "$BASELINE_BIN"
+fi
 if [ "$SCALED" = 1 ]; then
   # The scaled-out setup on this same machine: PostgreSQL metadata and a Garage bucket for the
   # NARs, both started on loopback by larder-testkit (as the tests do) and stopped at exit.
@@ -117,15 +123,30 @@ if [ -n "$S" ]; then
   cmp <(curl -sf "$L/bench/$(cat "$WORK/bighash").narinfo" | grep -v '^Sig:') \
       <(curl -sf "$S/bench/$(cat "$WORK/bighash").narinfo" | grep -v '^Sig:')
 fi
-# each WHAT ARGS… URL_SUFFIX: the measurement on larder, [larder scaled,] nginx.
+B=${URL_baseline:-}
+if [ -n "$B" ]; then # the baseline serves the same URLs (its own signature aside)
+  cmp <(curl -sf "$L/bench/$(cat "$WORK/bighash").narinfo" | grep -v '^Sig:') \
+      <(curl -sf "$B/bench/$(cat "$WORK/bighash").narinfo" | grep -v '^Sig:')
+fi
+# each WHAT ARGS… URL_SUFFIX: the measurement on larder, [baseline,] [larder scaled,] nginx.
 each() {
   local what=$1 suffix=${*: -1}; set -- "${@:2:$#-2}"
   measure "$what" "" "$@" "$L${suffix/@NAR@/$BIGNAR}"
+  [ -z "$B" ] || measure "$what" "" "$@" "$B${suffix/@NAR@/$BIGNAR}"
   [ -z "$S" ] || measure "$what" "" "$@" "$S${suffix/@NAR@/${BIGNAR_S:-}}"
   measure "$what" "" "$@" "$N${suffix/@NAR@/$BIGNAR}"
 }
 log "measuring ($DUR s each)"
-if [ -n "$S" ]; then
+if [ -n "$B" ]; then
+  log "baseline: $BASELINE_BIN, embedded, the same closure"
+  if [ -n "$S" ]; then
+    echo "| measurement                    | larder embedded | baseline | larder PG+S3 |        nginx | embedded/nginx | baseline/nginx | PG+S3/nginx |"
+    echo "|--------------------------------|--------------|--------------|--------------|--------------|---------|---------|---------|"
+  else
+    echo "| measurement                    |       larder |     baseline |        nginx | larder/nginx | baseline/nginx |"
+    echo "|--------------------------------|--------------|--------------|--------------|--------|--------|"
+  fi
+elif [ -n "$S" ]; then
   echo "| measurement                    | larder embedded | larder PG+S3 |        nginx | embedded/nginx | PG+S3/nginx |"
   echo "|--------------------------------|--------------|--------------|--------------|---------|---------|"
   log "embedded: SQLite + local directory; PG+S3: PostgreSQL + Garage (NARs streamed through larder)"
