@@ -1,10 +1,16 @@
-//! Server configuration: the TOML file's keys, their defaults, and size/duration parsing.
+//! Server configuration, defined once: [`Settings`] is every setting's TOML key, `larder serve`
+//! flag, `LARDER_*` environment variable and help text; its defaults are the named constants
+//! below; [`Settings::layered`] stacks flag > environment > file, and [`Config::resolve`] fills
+//! in the defaults and checks every value. [`Config::to_masked_toml`] prints the result
+//! (`larder serve --print-config`) with secrets masked.
 //!
-//! Resolution order (flag > `LARDER_*` env > file > default) is done by the `larder` binary;
-//! this module owns the file format and the defaults, each a named constant.
+//! Sizes and durations are read and written by [`units`].
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+mod units;
+pub use units::{format_duration, format_size, parse_duration, parse_size};
 
 /// Address `larder serve` listens on by default.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -92,80 +98,238 @@ impl std::str::FromStr for NarRedirect {
     }
 }
 
-/// The config file, as written by users. Every key is optional.
-#[derive(Debug, Default, Clone, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ConfigFile {
-    /// `HOST:PORT` to listen on. Default: [`DEFAULT_LISTEN`].
-    pub listen: Option<String>,
-    /// Data directory. Default: `$XDG_DATA_HOME/larder` (`~/.local/share/larder`).
-    pub data_dir: Option<PathBuf>,
-    /// Base URL clients use to reach this server. Default: `http://<listen>`.
-    pub public_url: Option<String>,
-    /// `sqlite://PATH` or `postgres://…`. Default: `sqlite://<data_dir>/larder.db`.
-    pub database: Option<String>,
-    /// Most connections to the database (per replica). Default: 16 for PostgreSQL
-    /// ([`larder_store::meta::DEFAULT_PG_MAX_CONNECTIONS`]), 8 for SQLite.
-    pub database_max_connections: Option<u32>,
-    /// `file:///DIR` or `s3://BUCKET[/PREFIX]?endpoint=URL&region=NAME`.
-    /// Default: `file://<data_dir>/store`.
-    pub storage: Option<String>,
-    /// S3 access key id (the `AWS_ACCESS_KEY_ID` environment variable overrides it).
-    pub s3_access_key_id: Option<String>,
-    /// S3 secret access key (`AWS_SECRET_ACCESS_KEY` overrides it). Never logged.
-    pub s3_secret_access_key: Option<larder_store::Secret>,
-    /// NAR downloads: `stream` (through the server) or `presigned` (a redirect to the object
-    /// store, S3 only). Default: `stream`.
-    pub nar_redirect: Option<String>,
-    /// Preferred compression of new caches: `zstd`, `xz` or `none`. Default: `zstd`.
-    pub compression: Option<String>,
-    /// Compression level clients use by default. Default: 3.
-    pub compression_level: Option<i32>,
-    /// Largest accepted upload, e.g. `64GiB` or a number of bytes. Default: 64 GiB.
-    pub max_upload_size: Option<SizeValue>,
-    /// Largest NAR accepted, uncompressed (what a compressed upload expands to), e.g.
-    /// `64GiB`. Default: 64 GiB.
-    pub max_nar_size: Option<SizeValue>,
-    /// Garbage collection interval, e.g. `1h`, `30m`, `90s`. Default: 1h.
-    pub gc_interval: Option<String>,
-    /// How long evicted paths' NARs stay servable, e.g. `1h`. Default: 1h; at least 10s.
-    pub evicted_nar_grace: Option<String>,
-    /// How often to delete orphaned objects (objects no row names), e.g. `24h`; `0` or
-    /// `off` disables it. Default: 24h.
-    pub orphan_scan_interval: Option<String>,
-    /// How old an orphaned object must be to be deleted, e.g. `24h`. Default: 24h; at
-    /// least 1h.
-    pub orphan_grace: Option<String>,
-    /// How long a GET or HEAD request may wait for the database and the object store before
-    /// it is answered 503, e.g. `30s`. Default: 30s; at least 1s.
-    pub backend_timeout: Option<String>,
-    /// How long the server waits for a request head, on a new connection and between requests
-    /// on a kept-alive one, before it closes the connection, e.g. `30s`. Default: 30s; at
-    /// least 1s.
-    pub header_timeout: Option<String>,
-    /// Most connections open at once. Default: as many as the open-file limit allows (two
-    /// descriptors each, after 128 kept for the rest).
-    pub max_connections: Option<usize>,
-    /// Most connections open at once from one client address. Default: 256.
-    pub max_connections_per_client: Option<usize>,
-    /// Public keys (`name:base64`) of upstream caches. Default: cache.nixos.org's key.
-    pub upstream_keys: Option<Vec<String>>,
-    /// PEM file of the TLS certificate chain; with `tls_key`, the server speaks HTTPS only.
-    pub tls_cert: Option<PathBuf>,
-    /// PEM file of the TLS private key (PKCS#8, PKCS#1 or SEC1).
-    pub tls_key: Option<PathBuf>,
-    /// Caches declared here (`[caches.NAME]`): created at start when missing, and their
-    /// declared settings applied when they exist. Undeclared caches are left alone unless
-    /// `delete_undeclared_caches` is set.
-    #[serde(default)]
-    pub caches: std::collections::BTreeMap<String, DeclaredCacheFile>,
-    /// Delete, at start, every cache the file does not declare (and its paths). Default: false.
-    pub delete_undeclared_caches: Option<bool>,
+/// Defines the settings struct and, from the same field list, [`Settings::KEYS`] and
+/// [`Settings::overlay`], so a new key needs no second spelling.
+macro_rules! settings {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident { $( $(#[$field_meta:meta])* pub $field:ident : $ty:ty, )* }
+    ) => {
+        $(#[$meta])*
+        pub struct $name { $( $(#[$field_meta])* pub $field: $ty, )* }
+
+        impl $name {
+            /// Every key, in the order of the definition.
+            pub const KEYS: &'static [&'static str] = &[$(stringify!($field)),*];
+
+            /// `top`'s values replace these, key by key; a key `top` leaves unset keeps this
+            /// value.
+            pub fn overlay(&mut self, top: $name) {
+                $( Layer::layer(&mut self.$field, top.$field); )*
+            }
+        }
+    };
+}
+
+settings! {
+    /// Every setting of `larder serve`, defined once: the field is the TOML key, `#[arg]` names
+    /// the flag and the `LARDER_*` environment variable (file-only keys are `#[arg(skip)]`),
+    /// the doc comment is the `--help` text, and the default (in [`Config::resolve`]) is a
+    /// named constant of this module. Every key is optional: an unset one takes the next layer's
+    /// value ([`Settings::layered`]: flag > environment > file > default).
+    ///
+    /// The README's settings table is checked against this definition by a test.
+    #[derive(Debug, Default, Clone, serde::Deserialize, serde::Serialize, clap::Args)]
+    #[serde(deny_unknown_fields)]
+    pub struct Settings {
+        /// Address to listen on; `127.0.0.1:0` picks a free port. [default: 127.0.0.1:8080]
+        #[arg(long, env = "LARDER_LISTEN")]
+        pub listen: Option<String>,
+        /// Data directory (SQLite database, NAR objects, admin token). On SQLite, one server
+        /// at a time uses it (DATA/lock).
+        /// [default: $XDG_DATA_HOME/larder]
+        #[arg(long = "data", env = "LARDER_DATA_DIR")]
+        pub data_dir: Option<PathBuf>,
+        /// Base URL clients use to reach this server: http:// or https:// and a host, e.g.
+        /// http://shoshin:8080. [default: http://<listen>, https://<listen> with TLS]
+        #[arg(long, env = "LARDER_PUBLIC_URL")]
+        pub public_url: Option<String>,
+        /// Metadata database: sqlite://PATH or postgres://… [default: sqlite://DATA/larder.db]
+        #[arg(long, env = "LARDER_DATABASE")]
+        pub database: Option<String>,
+        /// Most connections to the database, per replica. [default: 16 for PostgreSQL, 8 for
+        /// SQLite]
+        #[arg(long, env = "LARDER_DATABASE_MAX_CONNECTIONS")]
+        pub database_max_connections: Option<u32>,
+        /// NAR storage: file:///DIR or s3://BUCKET[/PREFIX]?endpoint=URL&region=NAME (credentials
+        /// from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the config file).
+        /// [default: file://DATA/store]
+        #[arg(long, env = "LARDER_STORAGE")]
+        pub storage: Option<String>,
+        /// S3 access key id. File only: the standard `AWS_ACCESS_KEY_ID` overrides it, and
+        /// there is no flag (a flag is visible to every user in the process list).
+        #[arg(skip)]
+        pub s3_access_key_id: Option<String>,
+        /// S3 secret access key (`AWS_SECRET_ACCESS_KEY` overrides it). Never logged, and
+        /// printed masked.
+        #[arg(skip)]
+        #[serde(serialize_with = "masked_secret")]
+        pub s3_secret_access_key: Option<larder_store::Secret>,
+        /// NAR downloads: `stream` through the server, or `presigned` (a 307 redirect to a
+        /// presigned URL of the S3 store). [default: stream]
+        #[arg(long, env = "LARDER_NAR_REDIRECT")]
+        pub nar_redirect: Option<String>,
+        /// Preferred compression of new caches: zstd, xz or none. [default: zstd]
+        #[arg(long, env = "LARDER_COMPRESSION")]
+        pub compression: Option<String>,
+        /// Compression level clients use by default. [default: 3]
+        #[arg(long, env = "LARDER_COMPRESSION_LEVEL")]
+        pub compression_level: Option<i32>,
+        /// Largest accepted upload, e.g. 64GiB. [default: 64GiB]
+        #[arg(long, env = "LARDER_MAX_UPLOAD_SIZE")]
+        pub max_upload_size: Option<SizeValue>,
+        /// Largest NAR accepted once decompressed, e.g. 64GiB: a compressed upload expanding past
+        /// it is refused (413) as soon as it does. [default: 64GiB]
+        #[arg(long, env = "LARDER_MAX_NAR_SIZE")]
+        pub max_nar_size: Option<SizeValue>,
+        /// Garbage collection interval, e.g. 1h. [default: 1h]
+        #[arg(long, env = "LARDER_GC_INTERVAL")]
+        pub gc_interval: Option<String>,
+        /// How long an evicted path's NAR stays servable (a narinfo fetched just before the
+        /// eviction still works), e.g. 1h; at least 10s. [default: 1h]
+        #[arg(long, env = "LARDER_EVICTED_NAR_GRACE")]
+        pub evicted_nar_grace: Option<String>,
+        /// How often to delete orphaned objects (objects in the store that no metadata names,
+        /// older than `orphan_grace`), e.g. 24h; 0 or `off` disables it. [default: 24h]
+        #[arg(long, env = "LARDER_ORPHAN_SCAN_INTERVAL")]
+        pub orphan_scan_interval: Option<String>,
+        /// How old an orphaned object must be before the scan deletes it, e.g. 24h; at least 1h.
+        /// [default: 24h]
+        #[arg(long, env = "LARDER_ORPHAN_GRACE")]
+        pub orphan_grace: Option<String>,
+        /// How long a download or lookup (GET, HEAD) waits for the database and the object store
+        /// before it is answered 503 with Retry-After, e.g. 30s; at least 1s. [default: 30s]
+        #[arg(long, env = "LARDER_BACKEND_TIMEOUT")]
+        pub backend_timeout: Option<String>,
+        /// How long a connection may take to send a request head, and stay idle between
+        /// requests, before the server closes it, e.g. 30s; at least 1s. [default: 30s]
+        #[arg(long, env = "LARDER_HEADER_TIMEOUT")]
+        pub header_timeout: Option<String>,
+        /// Most connections open at once; more are closed at once. [default: as many as the
+        /// open-file limit allows, two descriptors each after 128 kept for the rest]
+        #[arg(long, env = "LARDER_MAX_CONNECTIONS")]
+        pub max_connections: Option<usize>,
+        /// Most connections open at once from one client address. [default: 256]
+        #[arg(long, env = "LARDER_MAX_CONNECTIONS_PER_CLIENT")]
+        pub max_connections_per_client: Option<usize>,
+        /// Public keys (`name:base64`) of upstream caches: a pushed path may reference a path
+        /// one of them signed without it being in the cache. File only. Default: cache.nixos.org's
+        /// key.
+        #[arg(skip)]
+        pub upstream_keys: Option<Vec<String>>,
+        /// Serve HTTPS with this PEM certificate chain (needs --tls-key); re-read on SIGHUP.
+        #[arg(long, env = "LARDER_TLS_CERT")]
+        pub tls_cert: Option<PathBuf>,
+        /// PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1); re-read on SIGHUP.
+        #[arg(long, env = "LARDER_TLS_KEY")]
+        pub tls_key: Option<PathBuf>,
+        /// Caches declared here (`[caches.NAME]`, file only): created at start when missing,
+        /// and their declared settings applied when they exist. Undeclared caches are left alone
+        /// unless `delete_undeclared_caches` is set.
+        #[arg(skip)]
+        #[serde(default)]
+        pub caches: std::collections::BTreeMap<String, DeclaredCacheFile>,
+        /// Delete, at start, every cache the file does not declare (and its paths). File only.
+        /// Default: false.
+        #[arg(skip)]
+        pub delete_undeclared_caches: Option<bool>,
+    }
+}
+
+/// The settings as the config file holds them (the file is [`Settings`] in TOML).
+pub type ConfigFile = Settings;
+
+/// The standard variable of the S3 access key id: it overrides `s3_access_key_id`.
+pub const S3_ACCESS_KEY_ID_ENV: &str = "AWS_ACCESS_KEY_ID";
+/// The standard variable of the S3 secret key: it overrides `s3_secret_access_key`.
+pub const S3_SECRET_ACCESS_KEY_ENV: &str = "AWS_SECRET_ACCESS_KEY";
+
+/// A setting's value in one layer, and how a higher layer replaces it.
+trait Layer {
+    fn layer(&mut self, top: Self);
+}
+
+impl<T> Layer for Option<T> {
+    fn layer(&mut self, top: Self) {
+        if top.is_some() {
+            *self = top;
+        }
+    }
+}
+
+impl<K, V> Layer for std::collections::BTreeMap<K, V> {
+    fn layer(&mut self, top: Self) {
+        if !top.is_empty() {
+            *self = top;
+        }
+    }
+}
+
+/// Written in place of a secret wherever settings are printed.
+pub const MASK: &str = "********";
+
+fn masked_secret<S: serde::Serializer>(
+    secret: &Option<larder_store::Secret>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match secret {
+        Some(_) => s.serialize_some(MASK),
+        None => s.serialize_none(),
+    }
+}
+
+impl Settings {
+    /// Read a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// The one place where the layers meet: `given` (flags and `LARDER_*` variables, which
+    /// clap has already merged, a flag winning) over the S3 variables read with `env`, over
+    /// `file`. What is still unset takes its default in [`Config::resolve`].
+    pub fn layered(
+        given: Settings,
+        file: Option<Settings>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Settings {
+        let mut settings = file.unwrap_or_default();
+        settings.overlay(Settings {
+            s3_access_key_id: env(S3_ACCESS_KEY_ID_ENV),
+            s3_secret_access_key: env(S3_SECRET_ACCESS_KEY_ENV).map(larder_store::Secret::new),
+            ..Settings::default()
+        });
+        settings.overlay(given);
+        settings
+    }
+
+    /// Each key that an environment variable sets, with that variable: the `LARDER_*` ones
+    /// of the flags, and the standard S3 ones.
+    pub fn environment() -> Vec<(&'static str, String)> {
+        use clap::Args;
+        let command = Settings::augment_args(clap::Command::new("serve"));
+        let mut vars: Vec<(&'static str, String)> = Settings::KEYS
+            .iter()
+            .filter_map(|key| {
+                let arg = command.get_arguments().find(|a| a.get_id() == *key)?;
+                Some((*key, arg.get_env()?.to_string_lossy().into_owned()))
+            })
+            .collect();
+        vars.push(("s3_access_key_id", S3_ACCESS_KEY_ID_ENV.to_owned()));
+        vars.push(("s3_secret_access_key", S3_SECRET_ACCESS_KEY_ENV.to_owned()));
+        vars
+    }
 }
 
 /// One `[caches.NAME]` table: every key is optional; a key left out keeps the cache's current
 /// value (or the default, for a new cache).
-#[derive(Debug, Default, Clone, serde::Deserialize)]
+#[derive(Debug, Default, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeclaredCacheFile {
     /// Readable only with a token. Default: false.
@@ -200,7 +364,7 @@ pub struct TlsFiles {
 }
 
 /// A size written as a number of bytes or a string like `5GiB`.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(
     untagged,
     expecting = "a size: a number of bytes or a string like \"5GiB\""
@@ -208,6 +372,15 @@ pub struct TlsFiles {
 pub enum SizeValue {
     Bytes(u64),
     Text(String),
+}
+
+/// A flag's or variable's value: checked, like the file's, by [`Config::resolve`], so an error
+/// names the setting the same way wherever the value came from.
+impl std::str::FromStr for SizeValue {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(SizeValue::Text(s.to_owned()))
+    }
 }
 
 impl SizeValue {
@@ -263,19 +436,8 @@ pub enum ConfigError {
          file): {reason}"
     )]
     PublicUrl { value: String, reason: String },
-}
-
-impl ConfigFile {
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })
-    }
+    #[error("cannot print the configuration")]
+    Print(#[from] toml::ser::Error),
 }
 
 /// The resolved configuration the server runs with.
@@ -513,6 +675,100 @@ impl Config {
         })
     }
 
+    /// The settings that run this configuration, every key written out: what
+    /// [`Config::to_masked_toml`] prints. Keys chosen at run time are left unset
+    /// (`database_max_connections`, `max_connections`).
+    pub fn settings(&self) -> Settings {
+        let duration = |d: Duration| Some(format_duration(d));
+        let size = |b: u64| Some(SizeValue::Text(format_size(b)));
+        let (s3_access_key_id, s3_secret_access_key) = match &self.s3_credentials {
+            Some(c) => (
+                Some(c.access_key_id.clone()),
+                Some(c.secret_access_key.clone()),
+            ),
+            None => (None, None),
+        };
+        let caches = self
+            .declared_caches
+            .iter()
+            .map(|c| {
+                let max_size = c.max_size.map(|limit| match limit {
+                    Some(b) => SizeValue::Text(format_size(b)),
+                    None => SizeValue::Text("none".to_owned()),
+                });
+                let declared = DeclaredCacheFile {
+                    private: c.private,
+                    priority: c.priority,
+                    max_size,
+                    compression: c.compression.clone(),
+                    upstream_keys: c.upstream_keys.clone(),
+                };
+                (c.name.clone(), declared)
+            })
+            .collect();
+        Settings {
+            listen: Some(self.listen.clone()),
+            data_dir: Some(self.data_dir.clone()),
+            public_url: Some(self.public_url.clone()),
+            database: Some(self.database.clone()),
+            database_max_connections: self.database_max_connections,
+            storage: Some(self.storage.clone()),
+            s3_access_key_id,
+            s3_secret_access_key,
+            nar_redirect: Some(
+                match self.nar_redirect {
+                    NarRedirect::Stream => "stream",
+                    NarRedirect::Presigned => "presigned",
+                }
+                .to_owned(),
+            ),
+            compression: Some(self.compression.clone()),
+            compression_level: Some(self.compression_level),
+            max_upload_size: size(self.max_upload_size),
+            max_nar_size: size(self.max_nar_size),
+            gc_interval: duration(self.gc_interval),
+            evicted_nar_grace: duration(self.evicted_nar_grace),
+            orphan_scan_interval: Some(
+                self.orphan_scan_interval
+                    .map_or_else(|| "off".to_owned(), format_duration),
+            ),
+            orphan_grace: duration(self.orphan_grace),
+            backend_timeout: duration(self.backend_timeout),
+            header_timeout: duration(self.header_timeout),
+            max_connections: self.max_connections,
+            max_connections_per_client: Some(self.max_connections_per_client),
+            upstream_keys: Some(self.upstream_keys.iter().map(|k| k.to_string()).collect()),
+            tls_cert: self.tls.as_ref().map(|t| t.cert.clone()),
+            tls_key: self.tls.as_ref().map(|t| t.key.clone()),
+            caches,
+            delete_undeclared_caches: Some(self.delete_undeclared_caches),
+        }
+    }
+
+    /// This configuration as a config file (TOML) that would run the same server, with every
+    /// secret replaced by [`MASK`]: the S3 keys, a password in the database or storage URL,
+    /// and URL query values whose name says password, secret, token or key.
+    pub fn to_masked_toml(&self) -> Result<String, ConfigError> {
+        let mut settings = self.settings();
+        if settings.s3_access_key_id.is_some() {
+            settings.s3_access_key_id = Some(MASK.to_owned());
+        }
+        settings.database = settings.database.as_deref().map(mask_url);
+        settings.storage = settings.storage.as_deref().map(mask_url);
+        let mut text = String::from(
+            "# larder serve: the resolved configuration (flags > environment > file > defaults); \
+             secrets are masked\n",
+        );
+        if self.database_max_connections.is_none() {
+            text.push_str("# database_max_connections is unset: 16 for PostgreSQL, 8 for SQLite\n");
+        }
+        if self.max_connections.is_none() {
+            text.push_str("# max_connections is unset: as many as the open-file limit allows\n");
+        }
+        text.push_str(&toml::to_string(&settings)?);
+        Ok(text)
+    }
+
     /// The host part of `public_url`, used to name managed signing keys.
     pub fn public_host(&self) -> String {
         let rest = self
@@ -596,6 +852,44 @@ fn declared_cache(name: String, c: DeclaredCacheFile) -> Result<DeclaredCache, C
     })
 }
 
+/// `url` with its password and any query value named like a secret replaced by [`MASK`];
+/// anything that is not a URL is returned as it is (it holds no credentials a URL could).
+pub fn mask_url(url: &str) -> String {
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return url.to_owned();
+    };
+    let mut masked = false;
+    if parsed.password().is_some() && parsed.set_password(Some(MASK)).is_ok() {
+        masked = true;
+    }
+    let secret_name = |name: &str| {
+        let name = name.to_ascii_lowercase();
+        ["password", "passwd", "secret", "token", "key", "credential"]
+            .iter()
+            .any(|word| name.contains(word))
+    };
+    if parsed.query_pairs().any(|(name, _)| secret_name(&name)) {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(name, value)| {
+                let value = if secret_name(&name) {
+                    MASK.to_owned()
+                } else {
+                    value.into_owned()
+                };
+                (name.into_owned(), value)
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+        masked = true;
+    }
+    if masked {
+        parsed.to_string()
+    } else {
+        url.to_owned()
+    }
+}
+
 /// Why `url` cannot be the base URL clients are given (in `cache info`, nix.conf lines) and
 /// whose host names managed signing keys: it must be `http://` or `https://` with a host,
 /// and nothing that would break `<public_url>/<cache>` (credentials, query, fragment).
@@ -628,53 +922,6 @@ fn check_public_url(url: &str) -> Result<(), String> {
         return Err("it must not contain spaces or control characters".into());
     }
     Ok(())
-}
-
-/// Parse `5GiB`, `500MB`, `1.5G`, `1048576` (binary units for `KiB/MiB/GiB/TiB` and the bare
-/// `K/M/G/T`, decimal for `KB/MB/GB/TB`).
-pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
-    let err = || ConfigError::Size(s.to_owned());
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let num: f64 = num.parse().map_err(|_| err())?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" => 1 << 10,
-        "m" | "mib" => 1 << 20,
-        "g" | "gib" => 1 << 30,
-        "t" | "tib" => 1 << 40,
-        "kb" => 1_000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        "tb" => 1_000_000_000_000,
-        _ => return Err(err()),
-    };
-    let v = num * mult as f64;
-    if !v.is_finite() || v < 0.0 || v > u64::MAX as f64 {
-        return Err(err());
-    }
-    Ok(v as u64)
-}
-
-/// Parse `90s`, `30m`, `1h`, `7d`, `2w` or a number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
-    let err = || ConfigError::Duration(s.to_owned());
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| err())?;
-    let mult = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        "w" => 7 * 86400,
-        _ => return Err(err()),
-    };
-    n.checked_mul(mult).map(Duration::from_secs).ok_or_else(err)
 }
 
 #[cfg(test)]
@@ -868,5 +1115,206 @@ mod tests {
         assert_eq!(c.public_host(), "127.0.0.1");
         c.public_url = "https://user@cache.example.org:8443/x".into();
         assert_eq!(c.public_host(), "cache.example.org");
+    }
+
+    #[test]
+    fn layers_stack_flag_env_over_file_over_default() {
+        let file: Settings = toml::from_str(
+            "listen = \"0.0.0.0:1\"\ngc_interval = \"5m\"\ns3_access_key_id = \"FILE\"\n\
+             s3_secret_access_key = \"file-secret\"\n[caches.a]\n",
+        )
+        .unwrap();
+        let given = Settings {
+            listen: Some("0.0.0.0:2".into()),
+            tls_cert: Some("/c.pem".into()),
+            ..Settings::default()
+        };
+        let env = |name: &str| (name == S3_ACCESS_KEY_ID_ENV).then(|| "ENV".to_owned());
+        let s = Settings::layered(given, Some(file), env);
+        assert_eq!(s.listen.as_deref(), Some("0.0.0.0:2"));
+        assert_eq!(s.gc_interval.as_deref(), Some("5m"));
+        assert_eq!(s.s3_access_key_id.as_deref(), Some("ENV"));
+        assert_eq!(
+            s.s3_secret_access_key.as_ref().map(|k| k.expose()),
+            Some("file-secret")
+        );
+        assert_eq!(s.caches.keys().collect::<Vec<_>>(), ["a"]);
+        // The TLS pair may come from two layers; a half pair still names both halves.
+        assert!(matches!(
+            Config::resolve(s, "/d".into()).unwrap_err(),
+            ConfigError::TlsPair { set: "cert", .. }
+        ));
+        let s = Settings::layered(Settings::default(), None, |_| None);
+        assert_eq!(
+            Config::resolve(s, "/d".into()).unwrap().listen,
+            DEFAULT_LISTEN
+        );
+    }
+
+    #[test]
+    fn every_key_is_a_field_and_every_flag_a_key() {
+        use clap::Args;
+        let command = Settings::augment_args(clap::Command::new("serve"));
+        for arg in command.get_arguments() {
+            let id = arg.get_id().as_str();
+            assert!(Settings::KEYS.contains(&id), "flag {id} is no key");
+            let env = arg.get_env().unwrap().to_string_lossy().into_owned();
+            assert_eq!(env, format!("LARDER_{}", id.to_uppercase()), "{id}");
+        }
+        let printed = Config::resolve(Settings::default(), "/d".into())
+            .unwrap()
+            .settings();
+        let table = toml::Table::try_from(&printed).unwrap();
+        for key in table.keys() {
+            assert!(Settings::KEYS.contains(&key.as_str()), "{key}");
+        }
+    }
+
+    /// The rows of the README's settings table: key, variable (if any), default column.
+    fn readme_rows() -> Vec<(String, Option<String>, String)> {
+        let readme = include_str!("../../../README.md");
+        let table = readme
+            .split("\n## Server configuration\n")
+            .nth(1)
+            .unwrap()
+            .lines()
+            .skip_while(|l| !l.starts_with("| key |"))
+            .skip(2)
+            .take_while(|l| l.starts_with('|'));
+        let names = |cell: &str| -> Vec<String> {
+            cell.split(", ")
+                .map(|n| n.trim().trim_matches('`').to_owned())
+                .collect()
+        };
+        let mut rows = Vec::new();
+        for line in table {
+            let cells: Vec<&str> = line.split(" | ").collect();
+            let keys = names(cells[0].trim_start_matches("| "));
+            let vars = names(cells[1]);
+            for (i, key) in keys.into_iter().enumerate() {
+                let key = key.trim_end_matches(".NAME").to_owned();
+                let var = vars.get(i).filter(|v| *v != "—").cloned();
+                rows.push((key, var, cells[2].to_owned()));
+            }
+        }
+        rows
+    }
+
+    /// The first `code` span of a README cell.
+    fn first_code(cell: &str) -> Option<&str> {
+        cell.split('`').nth(1)
+    }
+
+    #[test]
+    fn the_readme_table_matches_the_definition() {
+        let rows = readme_rows();
+        let keys: Vec<&str> = rows.iter().map(|(k, _, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            Settings::KEYS,
+            "README rows, in the definition's order"
+        );
+        let environment = Settings::environment();
+        for (key, var, _) in &rows {
+            let defined = environment
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone());
+            assert_eq!(var, &defined, "the variable of {key}");
+        }
+        // Each default the README shows is the one the server runs with, and the one `--help`
+        // shows.
+        let defaults = Config::resolve(Settings::default(), "DATA".into())
+            .unwrap()
+            .settings();
+        let defaults = toml::Table::try_from(&defaults).unwrap();
+        use clap::Args;
+        let command = Settings::augment_args(clap::Command::new("serve"));
+        for (key, _, default) in &rows {
+            let Some(shown) = first_code(default) else {
+                continue;
+            };
+            if let Some(value) = defaults
+                .get(key)
+                .filter(|_| !["data_dir", "public_url"].contains(&key.as_str()))
+            {
+                let value = match value {
+                    toml::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                assert_eq!(shown, value, "the README's default of {key}");
+            }
+            if let Some(arg) = command.get_arguments().find(|a| a.get_id() == key.as_str()) {
+                let help = arg.get_help().unwrap().to_string();
+                let help_default = help.split("[default: ").nth(1).unwrap_or_default();
+                assert!(help_default.contains(shown), "--help of {key}: {help}");
+            }
+        }
+    }
+
+    #[test]
+    fn printed_configuration_runs_the_same_server_and_hides_secrets() {
+        let file: Settings = toml::from_str(
+            "database = \"postgres://larder:hunter2@db:5432/larder?sslmode=require\"\n\
+             storage = \"s3://nars?endpoint=http://127.0.0.1:3900&region=garage\"\n\
+             s3_access_key_id = \"GK1\"\ns3_secret_access_key = \"hunter3\"\n\
+             max_upload_size = \"10G\"\norphan_scan_interval = \"off\"\n\
+             backend_timeout = \"90\"\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\n\
+             delete_undeclared_caches = true\n\
+             [caches.main]\nmax_size = \"none\"\npriority = 30\n[caches.big]\nmax_size = 1073741824\n",
+        )
+        .unwrap();
+        let config = Config::resolve(file, "/d".into()).unwrap();
+        let text = config.to_masked_toml().unwrap();
+        for secret in ["hunter2", "hunter3", "GK1"] {
+            assert!(!text.contains(secret), "{secret} in:\n{text}");
+        }
+        assert!(
+            text.contains(
+                "database = \"postgres://larder:********@db:5432/larder?sslmode=require\""
+            ),
+            "{text}"
+        );
+        assert!(text.contains("max_upload_size = \"10GiB\""), "{text}");
+        assert!(text.contains("backend_timeout = \"90s\""), "{text}");
+        assert!(text.contains("max_connections is unset"), "{text}");
+        // Read back, it is the same configuration (but for the masked secrets).
+        let back: Settings = toml::from_str(&text).unwrap();
+        let again = Config::resolve(back, "/elsewhere".into()).unwrap();
+        assert_eq!(again.settings().caches.len(), 2);
+        assert_eq!(
+            format!("{:?}", again.declared_caches),
+            format!("{:?}", config.declared_caches)
+        );
+        assert_eq!(again.to_masked_toml().unwrap(), text);
+        // Every default, printed and read back, is itself.
+        let defaults = Config::resolve(Settings::default(), "/d".into()).unwrap();
+        let text = defaults.to_masked_toml().unwrap();
+        let back = Config::resolve(toml::from_str(&text).unwrap(), "/x".into()).unwrap();
+        assert_eq!(back.to_masked_toml().unwrap(), text);
+    }
+
+    #[test]
+    fn urls_lose_their_secrets() {
+        for (url, masked) in [
+            ("sqlite:///d/larder.db", "sqlite:///d/larder.db"),
+            ("postgres://u:pw@h/db", "postgres://u:********@h/db"),
+            ("postgres://u@h/db", "postgres://u@h/db"),
+            (
+                "postgres://h/db?user=u&password=pw",
+                "postgres://h/db?user=u&password=********",
+            ),
+            (
+                "s3://b?endpoint=http://x:1&region=r",
+                "s3://b?endpoint=http://x:1&region=r",
+            ),
+            (
+                "s3://b?region=r&secret_access_key=s",
+                "s3://b?region=r&secret_access_key=********",
+            ),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(mask_url(url), masked, "{url}");
+        }
     }
 }
