@@ -265,6 +265,17 @@ impl<K, V> Layer for std::collections::BTreeMap<K, V> {
     }
 }
 
+/// A setting an environment variable sets ([`Settings::environment`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettingVar {
+    /// The TOML key.
+    pub key: &'static str,
+    /// The variable.
+    pub var: String,
+    /// The flag (`--data`), if the setting has one.
+    pub flag: Option<String>,
+}
+
 /// Written in place of a secret wherever settings are printed.
 pub const MASK: &str = "********";
 
@@ -309,20 +320,32 @@ impl Settings {
         settings
     }
 
-    /// Each key that an environment variable sets, with that variable: the `LARDER_*` ones
-    /// of the flags, and the standard S3 ones.
-    pub fn environment() -> Vec<(&'static str, String)> {
+    /// Each key that an environment variable sets, with that variable and the flag, if any:
+    /// the `LARDER_*` ones of the flags, and the standard S3 ones (which have no flag).
+    pub fn environment() -> Vec<SettingVar> {
         use clap::Args;
         let command = Settings::augment_args(clap::Command::new("serve"));
-        let mut vars: Vec<(&'static str, String)> = Settings::KEYS
+        let mut vars: Vec<SettingVar> = Settings::KEYS
             .iter()
             .filter_map(|key| {
                 let arg = command.get_arguments().find(|a| a.get_id() == *key)?;
-                Some((*key, arg.get_env()?.to_string_lossy().into_owned()))
+                Some(SettingVar {
+                    key,
+                    var: arg.get_env()?.to_string_lossy().into_owned(),
+                    flag: arg.get_long().map(|l| format!("--{l}")),
+                })
             })
             .collect();
-        vars.push(("s3_access_key_id", S3_ACCESS_KEY_ID_ENV.to_owned()));
-        vars.push(("s3_secret_access_key", S3_SECRET_ACCESS_KEY_ENV.to_owned()));
+        for (key, var) in [
+            ("s3_access_key_id", S3_ACCESS_KEY_ID_ENV),
+            ("s3_secret_access_key", S3_SECRET_ACCESS_KEY_ENV),
+        ] {
+            vars.push(SettingVar {
+                key,
+                var: var.to_owned(),
+                flag: None,
+            });
+        }
         vars
     }
 }
@@ -1218,8 +1241,8 @@ mod tests {
         for (key, var, _) in &rows {
             let defined = environment
                 .iter()
-                .find(|(k, _)| k == key)
-                .map(|(_, v)| v.clone());
+                .find(|v| v.key == key)
+                .map(|v| v.var.clone());
             assert_eq!(var, &defined, "the variable of {key}");
         }
         // Each default the README shows is the one the server runs with, and the one `--help`
