@@ -5,7 +5,7 @@
 //! Two readings differ from the crates' own and are kept from larder's first parser, which the
 //! README documents: a bare `K`/`M`/`G`/`T` is binary (`10G` is 10 GiB, as in Nix's
 //! `--max-size` habits; `bytesize` reads it as 10^9), and a bare number of seconds is a
-//! duration (`humantime` wants a unit).
+//! duration (`humantime` wants a unit); a number alone, even with a fraction, is bytes.
 
 use std::time::Duration;
 
@@ -19,13 +19,14 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
     if t.is_empty() || t.starts_with(['+', '-']) {
         return Err(err());
     }
-    let binary;
-    let text = match bare_binary_unit(t) {
-        Some(unit) => {
-            binary = format!("{}{unit}iB", &t[..t.len() - 1]);
-            binary.as_str()
+    // `bytesize` wants a unit after a fraction (`0.5`); a number alone is bytes.
+    let text = if t.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        format!("{t}B")
+    } else {
+        match bare_binary_unit(t) {
+            Some(unit) => format!("{}{unit}iB", &t[..t.len() - 1]),
+            None => t.to_owned(),
         }
-        None => t,
     };
     match text.parse::<bytesize::ByteSize>() {
         // `bytesize` saturates where a size does not fit: too large is an error here.
@@ -100,6 +101,8 @@ mod tests {
             ("1024", 1024),
             ("1024b", 1024),
             (" 64GiB ", 64 << 30),
+            ("0.0001", 0),
+            ("1.5", 1),
         ] {
             assert_eq!(parse_size(text).unwrap(), bytes, "{text}");
         }
