@@ -2,10 +2,11 @@
 //! configuration, the API and the CLI: parsed with `bytesize` and `humantime`, printed back in
 //! the shortest exact form.
 //!
-//! Two readings differ from the crates' own and are kept from larder's first parser, which the
-//! README documents: a bare `K`/`M`/`G`/`T` is binary (`10G` is 10 GiB, as in Nix's
-//! `--max-size` habits; `bytesize` reads it as 10^9), and a bare number of seconds is a
-//! duration (`humantime` wants a unit); a number alone, even with a fraction, is bytes.
+//! Three readings differ from the crates' own and are kept from larder's first parser (its
+//! unit tests and the settings' help): a bare `K`/`M`/`G`/`T` (and `P`/`E`) is binary (`10G`
+//! is 10 GiB; `bytesize` reads it as 10^9), a number alone is bytes even with a fraction
+//! (`bytesize` wants a unit there), and a number alone is seconds as a duration (`humantime`
+//! wants a unit).
 
 use std::time::Duration;
 
@@ -35,12 +36,12 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
     }
 }
 
-/// The unit letter of `10G` or `1.5 k` (a number, then one of `KMGT`), upper-cased.
+/// The unit letter of `10G` or `1.5 k` (a number, then one of `KMGTPE`), upper-cased.
 fn bare_binary_unit(t: &str) -> Option<char> {
     let mut chars = t.chars().rev();
     let unit = chars.next()?.to_ascii_uppercase();
     let before = chars.next()?;
-    (matches!(unit, 'K' | 'M' | 'G' | 'T')
+    (matches!(unit, 'K' | 'M' | 'G' | 'T' | 'P' | 'E')
         && (before.is_ascii_digit() || before == '.' || before.is_whitespace()))
     .then_some(unit)
 }
@@ -95,6 +96,7 @@ mod tests {
             ("1.5G", 3 << 29),
             ("2 T", 2 << 40),
             ("4k", 4096),
+            ("1P", 1 << 50),
             ("500MB", 500_000_000),
             ("1kb", 1000),
             ("3TB", 3_000_000_000_000),
