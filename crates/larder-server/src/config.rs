@@ -1,10 +1,23 @@
-//! Server configuration: the TOML file's keys, their defaults, and size/duration parsing.
+//! Server configuration, defined once: [`Settings`] is every setting's TOML key, `larder serve`
+//! flag, `LARDER_*` environment variable and help text; its defaults are the named constants
+//! below; [`Settings::layered`] stacks flag > environment > file, and [`Config::resolve`] fills
+//! in the defaults and checks every value. [`Config::to_masked_toml`] prints the result
+//! (`larder serve --print-config`) with secrets masked.
 //!
-//! Resolution order (flag > `LARDER_*` env > file > default) is done by the `larder` binary;
-//! this module owns the file format and the defaults, each a named constant.
+//! Sizes and durations are read and written by [`parse_size`], [`parse_duration`] and their
+//! `format_` pair (`config/units.rs`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
+
+mod print;
+mod settings;
+mod units;
+pub use print::mask_url;
+pub use settings::{
+    ConfigFile, SettingVar, Settings, MASK, S3_ACCESS_KEY_ID_ENV, S3_SECRET_ACCESS_KEY_ENV,
+};
+pub use units::{format_duration, format_size, parse_duration, parse_size};
 
 /// Address `larder serve` listens on by default.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -92,80 +105,9 @@ impl std::str::FromStr for NarRedirect {
     }
 }
 
-/// The config file, as written by users. Every key is optional.
-#[derive(Debug, Default, Clone, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ConfigFile {
-    /// `HOST:PORT` to listen on. Default: [`DEFAULT_LISTEN`].
-    pub listen: Option<String>,
-    /// Data directory. Default: `$XDG_DATA_HOME/larder` (`~/.local/share/larder`).
-    pub data_dir: Option<PathBuf>,
-    /// Base URL clients use to reach this server. Default: `http://<listen>`.
-    pub public_url: Option<String>,
-    /// `sqlite://PATH` or `postgres://…`. Default: `sqlite://<data_dir>/larder.db`.
-    pub database: Option<String>,
-    /// Most connections to the database (per replica). Default: 16 for PostgreSQL
-    /// ([`larder_store::meta::DEFAULT_PG_MAX_CONNECTIONS`]), 8 for SQLite.
-    pub database_max_connections: Option<u32>,
-    /// `file:///DIR` or `s3://BUCKET[/PREFIX]?endpoint=URL&region=NAME`.
-    /// Default: `file://<data_dir>/store`.
-    pub storage: Option<String>,
-    /// S3 access key id (the `AWS_ACCESS_KEY_ID` environment variable overrides it).
-    pub s3_access_key_id: Option<String>,
-    /// S3 secret access key (`AWS_SECRET_ACCESS_KEY` overrides it). Never logged.
-    pub s3_secret_access_key: Option<larder_store::Secret>,
-    /// NAR downloads: `stream` (through the server) or `presigned` (a redirect to the object
-    /// store, S3 only). Default: `stream`.
-    pub nar_redirect: Option<String>,
-    /// Preferred compression of new caches: `zstd`, `xz` or `none`. Default: `zstd`.
-    pub compression: Option<String>,
-    /// Compression level clients use by default. Default: 3.
-    pub compression_level: Option<i32>,
-    /// Largest accepted upload, e.g. `64GiB` or a number of bytes. Default: 64 GiB.
-    pub max_upload_size: Option<SizeValue>,
-    /// Largest NAR accepted, uncompressed (what a compressed upload expands to), e.g.
-    /// `64GiB`. Default: 64 GiB.
-    pub max_nar_size: Option<SizeValue>,
-    /// Garbage collection interval, e.g. `1h`, `30m`, `90s`. Default: 1h.
-    pub gc_interval: Option<String>,
-    /// How long evicted paths' NARs stay servable, e.g. `1h`. Default: 1h; at least 10s.
-    pub evicted_nar_grace: Option<String>,
-    /// How often to delete orphaned objects (objects no row names), e.g. `24h`; `0` or
-    /// `off` disables it. Default: 24h.
-    pub orphan_scan_interval: Option<String>,
-    /// How old an orphaned object must be to be deleted, e.g. `24h`. Default: 24h; at
-    /// least 1h.
-    pub orphan_grace: Option<String>,
-    /// How long a GET or HEAD request may wait for the database and the object store before
-    /// it is answered 503, e.g. `30s`. Default: 30s; at least 1s.
-    pub backend_timeout: Option<String>,
-    /// How long the server waits for a request head, on a new connection and between requests
-    /// on a kept-alive one, before it closes the connection, e.g. `30s`. Default: 30s; at
-    /// least 1s.
-    pub header_timeout: Option<String>,
-    /// Most connections open at once. Default: as many as the open-file limit allows (two
-    /// descriptors each, after 128 kept for the rest).
-    pub max_connections: Option<usize>,
-    /// Most connections open at once from one client address. Default: 256.
-    pub max_connections_per_client: Option<usize>,
-    /// Public keys (`name:base64`) of upstream caches. Default: cache.nixos.org's key.
-    pub upstream_keys: Option<Vec<String>>,
-    /// PEM file of the TLS certificate chain; with `tls_key`, the server speaks HTTPS only.
-    pub tls_cert: Option<PathBuf>,
-    /// PEM file of the TLS private key (PKCS#8, PKCS#1 or SEC1).
-    pub tls_key: Option<PathBuf>,
-    /// Caches declared here (`[caches.NAME]`): created at start when missing, and their
-    /// declared settings applied when they exist. Undeclared caches are left alone unless
-    /// `delete_undeclared_caches` is set.
-    #[serde(default)]
-    pub caches: std::collections::BTreeMap<String, DeclaredCacheFile>,
-    /// Delete, at start, every cache the file does not declare (and its paths). Default: false.
-    pub delete_undeclared_caches: Option<bool>,
-}
-
 /// One `[caches.NAME]` table: every key is optional; a key left out keeps the cache's current
 /// value (or the default, for a new cache).
-#[derive(Debug, Default, Clone, serde::Deserialize)]
+#[derive(Debug, Default, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeclaredCacheFile {
     /// Readable only with a token. Default: false.
@@ -200,7 +142,7 @@ pub struct TlsFiles {
 }
 
 /// A size written as a number of bytes or a string like `5GiB`.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(
     untagged,
     expecting = "a size: a number of bytes or a string like \"5GiB\""
@@ -208,6 +150,15 @@ pub struct TlsFiles {
 pub enum SizeValue {
     Bytes(u64),
     Text(String),
+}
+
+/// A flag's or variable's value: checked, like the file's, by [`Config::resolve`], so an error
+/// names the setting the same way wherever the value came from.
+impl std::str::FromStr for SizeValue {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(SizeValue::Text(s.to_owned()))
+    }
 }
 
 impl SizeValue {
@@ -263,19 +214,8 @@ pub enum ConfigError {
          file): {reason}"
     )]
     PublicUrl { value: String, reason: String },
-}
-
-impl ConfigFile {
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })
-    }
+    #[error("cannot print the configuration")]
+    Print(#[from] toml::ser::Error),
 }
 
 /// The resolved configuration the server runs with.
@@ -628,53 +568,6 @@ fn check_public_url(url: &str) -> Result<(), String> {
         return Err("it must not contain spaces or control characters".into());
     }
     Ok(())
-}
-
-/// Parse `5GiB`, `500MB`, `1.5G`, `1048576` (binary units for `KiB/MiB/GiB/TiB` and the bare
-/// `K/M/G/T`, decimal for `KB/MB/GB/TB`).
-pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
-    let err = || ConfigError::Size(s.to_owned());
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let num: f64 = num.parse().map_err(|_| err())?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" => 1 << 10,
-        "m" | "mib" => 1 << 20,
-        "g" | "gib" => 1 << 30,
-        "t" | "tib" => 1 << 40,
-        "kb" => 1_000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        "tb" => 1_000_000_000_000,
-        _ => return Err(err()),
-    };
-    let v = num * mult as f64;
-    if !v.is_finite() || v < 0.0 || v > u64::MAX as f64 {
-        return Err(err());
-    }
-    Ok(v as u64)
-}
-
-/// Parse `90s`, `30m`, `1h`, `7d`, `2w` or a number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
-    let err = || ConfigError::Duration(s.to_owned());
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| err())?;
-    let mult = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        "w" => 7 * 86400,
-        _ => return Err(err()),
-    };
-    n.checked_mul(mult).map(Duration::from_secs).ok_or_else(err)
 }
 
 #[cfg(test)]

@@ -4,8 +4,9 @@
 //! One page per command, named the way git names its pages (`git-commit(1)`): `larder.1`,
 //! `larder-push.1`, `larder-cache.1`, `larder-cache-create.1`, … so `man larder-cache-create`
 //! finds the verb. clap_mangen renders NAME, SYNOPSIS, DESCRIPTION, OPTIONS (with each
-//! option's `LARDER_…` variable), SUBCOMMANDS and VERSION; this module adds SEE ALSO (the
-//! parent page and the children's), last as man-pages(7) orders sections
+//! option's `LARDER_…` variable), SUBCOMMANDS and VERSION; this module adds ENVIRONMENT to the
+//! top page (every variable, from [`crate::env`]) and SEE ALSO (the parent page and the
+//! children's), last as man-pages(7) orders sections
 //! (<https://man7.org/linux/man-pages/man7/man-pages.7.html>). Hidden commands and clap's
 //! generated `help` subcommands get no page.
 
@@ -75,6 +76,9 @@ fn pages(cmd: &clap::Command, parent: Option<&clap::Command>) -> Vec<Page> {
     // Rendering into memory cannot fail.
     let _ = man.render(&mut roff);
     let mut text = String::from_utf8_lossy(&roff).into_owned();
+    if parent.is_none() {
+        text.push_str(&environment());
+    }
     text.push_str(&see_also(cmd, parent));
     let mut out = vec![Page {
         file: man.get_filename(),
@@ -93,6 +97,18 @@ fn page_name(cmd: &clap::Command) -> &str {
 
 fn visible_subcommands(cmd: &clap::Command) -> impl Iterator<Item = &clap::Command> {
     cmd.get_subcommands().filter(|s| !s.is_hide_set())
+}
+
+/// ENVIRONMENT, on the top page: every variable larder reads ([`crate::env::all`]).
+fn environment() -> String {
+    let mut roff = Roff::default();
+    roff.control("SH", ["ENVIRONMENT"]);
+    for (name, meaning) in crate::env::all() {
+        roff.control("TP", []);
+        roff.text([bold(name)]);
+        roff.text([roman(meaning)]);
+    }
+    roff.to_roff()
 }
 
 /// SEE ALSO: the parent page, then the children's; on the top page also Nix's, whose

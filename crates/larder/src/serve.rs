@@ -1,82 +1,29 @@
-//! `larder serve`: resolve the configuration (flag > env > file > default, in
-//! [`resolve_config`]), open the backends, bootstrap the admin token, and serve until SIGTERM
+//! `larder serve`: resolve the configuration (flag > env > file > default, defined and
+//! layered in [`larder_server::config`]; `--print-config` shows the result), open the backends, bootstrap the admin token, and serve until SIGTERM
 //! or Ctrl-C, finishing in-flight requests.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
-use larder_server::config::{Config, ConfigFile, SizeValue};
+use larder_server::config::{Config, Settings};
 
 use crate::env;
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
-    /// TOML config file (keys: listen, data_dir, public_url, database,
-    /// database_max_connections, storage, s3_access_key_id, s3_secret_access_key,
-    /// nar_redirect, compression, compression_level, max_upload_size, max_nar_size, gc_interval,
-    /// evicted_nar_grace, orphan_scan_interval, orphan_grace, backend_timeout, header_timeout,
-    /// max_connections, max_connections_per_client, upstream_keys, tls_cert, tls_key,
-    /// delete_undeclared_caches, and [caches.NAME] tables declaring caches; see the README).
+    /// TOML config file: every setting below by its key (the flag's name with `_` for `-`;
+    /// `--data` is `data_dir`), and the file-only s3_access_key_id, s3_secret_access_key,
+    /// upstream_keys, delete_undeclared_caches and [caches.NAME] tables declaring caches (see
+    /// the README).
     #[arg(long, env = "LARDER_SERVE_CONFIG")]
     config: Option<PathBuf>,
-    /// Address to listen on; `127.0.0.1:0` picks a free port. [default: 127.0.0.1:8080]
-    #[arg(long, env = "LARDER_LISTEN")]
-    listen: Option<String>,
-    /// Data directory (SQLite database, NAR objects, admin token). On SQLite, one server
-    /// at a time uses it (DATA/lock).
-    /// [default: $XDG_DATA_HOME/larder]
-    #[arg(long = "data", env = "LARDER_DATA_DIR")]
-    data_dir: Option<PathBuf>,
-    /// Base URL clients use to reach this server: http:// or https:// and a host, e.g.
-    /// http://shoshin:8080. [default: http://<listen>, https://<listen> with TLS]
-    #[arg(long, env = "LARDER_PUBLIC_URL")]
-    public_url: Option<String>,
-    /// Metadata database: sqlite://PATH or postgres://… [default: sqlite://DATA/larder.db]
-    #[arg(long, env = "LARDER_DATABASE")]
-    database: Option<String>,
-    /// Most connections to the database, per replica. [default: 16 for PostgreSQL, 8 for
-    /// SQLite]
-    #[arg(long, env = "LARDER_DATABASE_MAX_CONNECTIONS")]
-    database_max_connections: Option<u32>,
-    /// NAR storage: file:///DIR or s3://BUCKET[/PREFIX]?endpoint=URL&region=NAME (credentials
-    /// from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the config file).
-    /// [default: file://DATA/store]
-    #[arg(long, env = "LARDER_STORAGE")]
-    storage: Option<String>,
-    /// NAR downloads: `stream` through the server, or `presigned` (a 307 redirect to a
-    /// presigned URL of the S3 store). [default: stream]
-    #[arg(long, env = "LARDER_NAR_REDIRECT")]
-    nar_redirect: Option<String>,
-    /// Preferred compression of new caches: zstd, xz or none. [default: zstd]
-    #[arg(long, env = "LARDER_COMPRESSION")]
-    compression: Option<String>,
-    /// Compression level clients use by default. [default: 3]
-    #[arg(long, env = "LARDER_COMPRESSION_LEVEL")]
-    compression_level: Option<i32>,
-    /// Largest accepted upload, e.g. 64GiB. [default: 64GiB]
-    #[arg(long, env = "LARDER_MAX_UPLOAD_SIZE")]
-    max_upload_size: Option<String>,
-    /// Largest NAR accepted once decompressed, e.g. 64GiB: a compressed upload expanding past
-    /// it is refused (413) as soon as it does. [default: 64GiB]
-    #[arg(long, env = "LARDER_MAX_NAR_SIZE")]
-    max_nar_size: Option<String>,
-    /// Garbage collection interval, e.g. 1h. [default: 1h]
-    #[arg(long, env = "LARDER_GC_INTERVAL")]
-    gc_interval: Option<String>,
-    /// How often to delete orphaned objects (objects in the store that no metadata names,
-    /// older than `orphan_grace`), e.g. 24h; 0 or `off` disables it. [default: 24h]
-    #[arg(long, env = "LARDER_ORPHAN_SCAN_INTERVAL")]
-    orphan_scan_interval: Option<String>,
-    /// How long a download or lookup (GET, HEAD) waits for the database and the object store
-    /// before it is answered 503 with Retry-After, e.g. 30s. [default: 30s]
-    #[arg(long, env = "LARDER_BACKEND_TIMEOUT")]
-    backend_timeout: Option<String>,
-    /// Serve HTTPS with this PEM certificate chain (needs --tls-key); re-read on SIGHUP.
-    #[arg(long, env = "LARDER_TLS_CERT")]
-    tls_cert: Option<PathBuf>,
-    /// PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1); re-read on SIGHUP.
-    #[arg(long, env = "LARDER_TLS_KEY")]
-    tls_key: Option<PathBuf>,
+    /// Print the configuration the server would run with (flags, environment, file and
+    /// defaults resolved; secrets masked) as TOML, and exit without starting.
+    #[arg(long)]
+    print_config: bool,
+    // Boxed: the settings are most of the size of every parsed command line.
+    #[command(flatten)]
+    settings: Box<Settings>,
 }
 
 fn default_data_dir() -> anyhow::Result<PathBuf> {
@@ -88,60 +35,30 @@ fn default_data_dir() -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(home).join(".local/share/larder"))
 }
 
-/// The one place where flags and env (clap merges those two) override the file.
-fn resolve_config(args: ServeArgs) -> anyhow::Result<(ConfigFile, PathBuf)> {
-    let mut file = match &args.config {
-        Some(p) => ConfigFile::load(p)?,
-        None => ConfigFile::default(),
-    };
-    macro_rules! over {
-        ($($field:ident),*) => { $( if args.$field.is_some() { file.$field = args.$field; } )* };
-    }
-    over!(
-        listen,
-        data_dir,
-        public_url,
-        database,
-        database_max_connections,
-        storage,
-        nar_redirect,
-        compression,
-        compression_level,
-        gc_interval,
-        orphan_scan_interval,
-        backend_timeout,
-        tls_cert,
-        tls_key
-    );
-    // S3 credentials: the standard AWS variables override the file (never flags: a flag is
-    // visible to every user in the process list).
-    if let Some(id) = env::var("AWS_ACCESS_KEY_ID") {
-        file.s3_access_key_id = Some(id);
-    }
-    if let Some(secret) = env::var("AWS_SECRET_ACCESS_KEY") {
-        file.s3_secret_access_key = Some(larder_store::Secret::new(secret));
-    }
-    if let Some(s) = args.max_upload_size {
-        file.max_upload_size = Some(SizeValue::Text(s));
-    }
-    if let Some(s) = args.max_nar_size {
-        file.max_nar_size = Some(SizeValue::Text(s));
-    }
+/// The settings of every layer ([`Settings::layered`]) and the data directory to default to.
+fn resolve_config(args: ServeArgs) -> anyhow::Result<(Settings, PathBuf)> {
+    let file = args.config.as_deref().map(Settings::load).transpose()?;
+    let settings = Settings::layered(*args.settings, file, env::var);
     // The default is needed (and HOME with it) only when no data directory is given: a
     // service manager may run the server without HOME.
-    let default_data = match &file.data_dir {
+    let default_data = match &settings.data_dir {
         Some(dir) => dir.clone(),
         None => default_data_dir()?,
     };
-    Ok((file, default_data))
+    Ok((settings, default_data))
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let print_config = args.print_config;
     let (file, default_data) = resolve_config(args)?;
     let public_url_given = file.public_url.is_some();
     let listen_given = file.listen.is_some();
     // Resolved (and so checked) before anything is bound or opened.
     let mut config = Config::resolve(file, default_data)?;
+    if print_config {
+        print!("{}", config.to_masked_toml()?);
+        return Ok(());
+    }
     // Before anything is opened: every connection and every NAR served needs a descriptor,
     // and everything the server creates is private to its user.
     larder_server::conn::raise_fd_limit();

@@ -1189,3 +1189,40 @@ done
     assert_eq!(public["max_size"], Value::Null, "{public}");
     assert!(server.stop().success());
 }
+
+/// Every server setting is an option of the NixOS module with a type (so a bad value fails at
+/// evaluation), and every option is a setting: the module's `settings` options read from its
+/// source, against the settings' one definition. `caches` and `delete_undeclared_caches` are
+/// the module's `caches` and `deleteUndeclaredCaches`.
+#[test]
+fn the_nixos_module_declares_every_server_setting() {
+    let module = read(&repo_root().join("nix/nixos-module.nix"));
+    let block = module
+        .split("    settings = mkOption {")
+        .nth(1)
+        .and_then(|rest| rest.split("    environmentFile = mkOption").next())
+        .expect("the module's settings option");
+    let option = regex::Regex::new(r"(?m)^ {10}([a-z0-9_]+) = (?:nullOr|mkOption)").unwrap();
+    let declared: Vec<&str> = option
+        .captures_iter(block)
+        .map(|c| c.get(1).unwrap().as_str())
+        .collect();
+    let expected: Vec<&str> = larder_server::config::Settings::KEYS
+        .iter()
+        .copied()
+        .filter(|k| !["caches", "delete_undeclared_caches"].contains(k))
+        .collect();
+    assert_eq!(
+        declared, expected,
+        "the module's settings, in the definition's order"
+    );
+    for (name, option) in [
+        ("caches", "    caches = mkOption"),
+        (
+            "delete_undeclared_caches",
+            "    deleteUndeclaredCaches = mkOption",
+        ),
+    ] {
+        assert!(module.contains(option), "{name}");
+    }
+}

@@ -808,3 +808,75 @@ fn a_data_directory_in_the_config_file_needs_no_home() {
         "{first:?}"
     );
 }
+
+#[test]
+fn print_config_shows_every_layer_resolved_with_secrets_masked_and_starts_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("serve.toml");
+    std::fs::write(
+        &config,
+        "listen = \"0.0.0.0:9\"\ngc_interval = \"5m\"\nmax_upload_size = \"1G\"\n\
+         database = \"postgres://larder:db-password@db.example/larder\"\n\
+         s3_secret_access_key = \"file-secret\"\ns3_access_key_id = \"GKFILE\"\n\
+         [caches.main]\nprivate = true\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(larder_bin())
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .arg("--data")
+        .arg(&data)
+        .args(["--listen", "127.0.0.1:7", "--print-config"])
+        .env_remove("LARDER_PUBLIC_URL")
+        .env("LARDER_GC_INTERVAL", "10m")
+        .env("LARDER_ORPHAN_GRACE", "2h")
+        .env("AWS_SECRET_ACCESS_KEY", "env-secret")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // Flag over file, environment over file, file over default, defaults filled in.
+    let printed: toml::Table = toml::from_str(&stdout).unwrap();
+    assert_eq!(printed["listen"].as_str(), Some("127.0.0.1:7"), "{stdout}");
+    assert_eq!(printed["gc_interval"].as_str(), Some("10m"), "{stdout}");
+    assert_eq!(printed["orphan_grace"].as_str(), Some("2h"), "{stdout}");
+    assert_eq!(
+        printed["max_upload_size"].as_str(),
+        Some("1GiB"),
+        "{stdout}"
+    );
+    assert_eq!(printed["header_timeout"].as_str(), Some("30s"), "{stdout}");
+    assert_eq!(printed["public_url"].as_str(), Some("http://127.0.0.1:7"));
+    assert_eq!(printed["caches"]["main"]["private"].as_bool(), Some(true));
+    for secret in ["db-password", "file-secret", "env-secret", "GKFILE"] {
+        assert!(!stdout.contains(secret), "{secret} printed:\n{stdout}");
+    }
+    assert_eq!(
+        printed["database"].as_str(),
+        Some("postgres://larder:********@db.example/larder")
+    );
+    // Nothing was started or created: no data directory, no token, nothing said on stderr.
+    assert!(!data.exists());
+    assert!(stderr.is_empty(), "{stderr}");
+    // A bad value still stops it, naming the setting.
+    let out = std::process::Command::new(larder_bin())
+        .args([
+            "serve",
+            "--print-config",
+            "--header-timeout",
+            "soon",
+            "--data",
+        ])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("header_timeout: invalid duration \"soon\""),
+        "{stderr}"
+    );
+}
