@@ -1,0 +1,257 @@
+//! Caches: their settings (compression, signing, size limit, upstream keys), creating,
+//! changing and deleting one (with everything published in it), and their size.
+
+use super::tokens::end_scope;
+use super::*;
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CacheRow {
+    pub id: i64,
+    pub name: String,
+    pub private: bool,
+    pub priority: i64,
+    pub compression: String,
+    pub max_size: Option<i64>,
+    /// `managed` (the server holds `secret_key`) or `client` (only `public_key` is known).
+    pub signing_mode: String,
+    pub public_key: Option<String>,
+    #[serde(skip)]
+    pub secret_key: Option<String>,
+    pub created_at: i64,
+    /// Public keys (`name:base64`) trusted as upstream for this cache, beside the server's.
+    pub upstream_keys: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct NewCache {
+    pub name: String,
+    pub private: bool,
+    pub priority: i64,
+    pub compression: String,
+    pub max_size: Option<i64>,
+    pub signing_mode: String,
+    pub public_key: Option<String>,
+    pub secret_key: Option<String>,
+    pub upstream_keys: Vec<String>,
+}
+
+/// Changes to a cache; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct CacheUpdate {
+    pub private: Option<bool>,
+    pub priority: Option<i64>,
+    pub compression: Option<String>,
+    /// `Some(None)` removes the limit.
+    pub max_size: Option<Option<i64>>,
+    /// Switch to client signing with this public key (`Some`), dropping the managed secret.
+    pub client_public_key: Option<String>,
+    /// Replace the cache's own upstream keys.
+    pub upstream_keys: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct CacheStats {
+    pub paths: i64,
+    /// Bytes stored for the cache (compressed NAR files).
+    pub size: i64,
+    /// Uncompressed NAR bytes.
+    pub nar_size: i64,
+}
+
+fn flag(row: &AnyRow, col: &str) -> Result<bool> {
+    Ok(row.try_get::<i64, _>(col)? != 0)
+}
+
+fn cache_from_row(row: &AnyRow) -> Result<CacheRow> {
+    Ok(CacheRow {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        private: flag(row, "private")?,
+        priority: row.try_get("priority")?,
+        compression: row.try_get("compression")?,
+        max_size: row.try_get("max_size")?,
+        signing_mode: row.try_get("signing_mode")?,
+        public_key: row.try_get("public_key")?,
+        secret_key: row.try_get("secret_key")?,
+        created_at: row.try_get("created_at")?,
+        upstream_keys: split_keys(row.try_get("upstream_keys")?),
+    })
+}
+
+/// `caches.upstream_keys`: newline-joined keys, NULL for none.
+fn join_keys(keys: &[String]) -> Option<String> {
+    (!keys.is_empty()).then(|| keys.join("\n"))
+}
+
+fn split_keys(text: Option<String>) -> Vec<String> {
+    text.map(|t| t.lines().map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+const CACHE_COLS: &str = "id, name, private, priority, compression, max_size, signing_mode, \
+                          public_key, secret_key, created_at, upstream_keys";
+
+impl Metadata {
+    /// Create a cache; `Ok(None)` if the name is taken.
+    pub async fn create_cache(&self, c: &NewCache) -> Result<Option<CacheRow>> {
+        let sql = format!(
+            "INSERT INTO caches (name, private, priority, compression, max_size, signing_mode, \
+             public_key, secret_key, created_at, upstream_keys) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+             ON CONFLICT (name) DO NOTHING RETURNING {CACHE_COLS}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(&c.name)
+            .bind(c.private as i64)
+            .bind(c.priority)
+            .bind(&c.compression)
+            .bind(c.max_size)
+            .bind(&c.signing_mode)
+            .bind(&c.public_key)
+            .bind(&c.secret_key)
+            .bind(now_unix())
+            .bind(join_keys(&c.upstream_keys))
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(cache_from_row).transpose()
+    }
+
+    pub async fn get_cache(&self, name: &str) -> Result<Option<CacheRow>> {
+        let sql = format!("SELECT {CACHE_COLS} FROM caches WHERE name = $1");
+        let row = sqlx::query(&sql)
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(cache_from_row).transpose()
+    }
+
+    pub async fn list_caches(&self) -> Result<Vec<CacheRow>> {
+        let sql = format!("SELECT {CACHE_COLS} FROM caches ORDER BY name");
+        let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
+        rows.iter().map(cache_from_row).collect()
+    }
+
+    pub async fn update_cache(&self, name: &str, u: &CacheUpdate) -> Result<Option<CacheRow>> {
+        let mut tx = self.pool.begin().await?;
+        if let Some(p) = u.private {
+            sqlx::query("UPDATE caches SET private = $1 WHERE name = $2")
+                .bind(p as i64)
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if let Some(p) = u.priority {
+            sqlx::query("UPDATE caches SET priority = $1 WHERE name = $2")
+                .bind(p)
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if let Some(c) = &u.compression {
+            sqlx::query("UPDATE caches SET compression = $1 WHERE name = $2")
+                .bind(c)
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if let Some(m) = u.max_size {
+            sqlx::query("UPDATE caches SET max_size = $1 WHERE name = $2")
+                .bind(m)
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if let Some(keys) = &u.upstream_keys {
+            sqlx::query("UPDATE caches SET upstream_keys = $1 WHERE name = $2")
+                .bind(join_keys(keys))
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if let Some(pk) = &u.client_public_key {
+            sqlx::query(
+                "UPDATE caches SET signing_mode = 'client', public_key = $1, secret_key = NULL \
+                 WHERE name = $2",
+            )
+            .bind(pk)
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let sql = format!("SELECT {CACHE_COLS} FROM caches WHERE name = $1");
+        let row = sqlx::query(&sql)
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        row.as_ref().map(cache_from_row).transpose()
+    }
+
+    /// Delete a cache and everything published in it. NARs it alone used become garbage, to
+    /// be collected by [`Metadata::collect_garbage`]. Returns whether the cache existed.
+    pub async fn delete_cache(&self, name: &str) -> Result<bool> {
+        retry(FOREIGN_KEY, || self.delete_cache_once(name)).await
+    }
+
+    async fn delete_cache_once(&self, name: &str) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let id: Option<i64> = sqlx::query_scalar("SELECT id FROM caches WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(id) = id else {
+            return Ok(false);
+        };
+        for table in [
+            "paths",
+            "path_refs",
+            "uploads",
+            "logs",
+            "pins",
+            "evicted_nars",
+            "cache_days",
+        ] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE cache_id = $1"))
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("DELETE FROM caches WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        // End every token scope that named the cache, in the same transaction: a cache
+        // created later under the same name is another cache, and no old token reaches it.
+        let scoped: Vec<(String, String)> =
+            sqlx::query_as("SELECT id, caches FROM tokens WHERE caches IS NOT NULL")
+                .fetch_all(&mut *tx)
+                .await?;
+        for (token_id, caches) in scoped {
+            if let Some(ended) = end_scope(&caches, name) {
+                sqlx::query("UPDATE tokens SET caches = $1 WHERE id = $2")
+                    .bind(ended)
+                    .bind(token_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub async fn cache_stats(&self, cache_id: i64) -> Result<CacheStats> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS paths, CAST(COALESCE(SUM(n.file_size), 0) AS BIGINT) AS size, \
+             CAST(COALESCE(SUM(n.nar_size), 0) AS BIGINT) AS nar_size \
+             FROM paths p JOIN nars n ON n.id = p.nar_id WHERE p.cache_id = $1",
+        )
+        .bind(cache_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(CacheStats {
+            paths: row.try_get("paths")?,
+            size: row.try_get("size")?,
+            nar_size: row.try_get("nar_size")?,
+        })
+    }
+}
