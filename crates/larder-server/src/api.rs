@@ -18,7 +18,7 @@ use futures::StreamExt;
 use larder_nix::hash::{Sha256, Sha256Hasher};
 use larder_nix::signing::{Signature, SigningKey, VerifyingKey};
 use larder_nix::store_path::StorePath;
-use larder_store::meta::{CacheRow, CacheUpdate, NewCache, Publish, TokenRow};
+use larder_store::meta::{CacheRow, CacheScope, CacheUpdate, NewCache, Publish, TokenRow};
 use larder_store::now_unix;
 use serde::{Deserialize, Serialize};
 
@@ -536,11 +536,11 @@ impl UploadResp {
     fn from_nar(upload_id: String, nar: larder_store::meta::NarRow) -> Self {
         UploadResp {
             upload_id,
-            nar_hash: format!("sha256:{}", nar.nar_hash),
+            nar_hash: nar.nar_hash.to_typed_nix32(),
             nar_size: nar.nar_size,
-            file_hash: format!("sha256:{}", nar.file_hash),
+            file_hash: nar.file_hash.to_typed_nix32(),
             file_size: nar.file_size,
-            compression: nar.compression,
+            compression: nar.compression.as_str().to_owned(),
         }
     }
 }
@@ -714,20 +714,11 @@ fn token_json(t: &TokenRow, secret: Option<String>) -> TokenJson {
     TokenJson {
         id: t.id.clone(),
         label: t.label.clone(),
-        perms: t.perms.split(',').map(str::to_owned).collect(),
-        caches: t.caches.as_ref().map(|c| {
-            c.split(',')
-                .filter(|c| !c.starts_with(larder_store::meta::ENDED_SCOPE))
-                .map(str::to_owned)
-                .collect()
-        }),
-        deleted_caches: t
-            .caches
-            .iter()
-            .flat_map(|c| c.split(','))
-            .filter_map(|c| c.strip_prefix(larder_store::meta::ENDED_SCOPE))
-            .map(str::to_owned)
-            .collect(),
+        perms: t.perms.iter().map(|p| p.as_str().to_owned()).collect(),
+        caches: t
+            .live_caches()
+            .map(|c| c.into_iter().map(str::to_owned).collect()),
+        deleted_caches: t.ended_caches().into_iter().map(str::to_owned).collect(),
         expires_at: t.expires_at,
         revoked_at: t.revoked_at,
         created_at: t.created_at,
@@ -784,20 +775,15 @@ async fn create_token(
         })
         .transpose()?
         .map(|d| now_unix().saturating_add(d.as_secs() as i64));
-    let mut perms = req.perms.clone();
-    perms.sort();
-    perms.dedup();
     let (secret, id) = new_token()?;
     let row = TokenRow {
         id,
         secret_hash: token_hash(&secret),
         label: req.label,
-        perms: perms
-            .iter()
-            .map(|p| p.as_str())
-            .collect::<Vec<_>>()
-            .join(","),
-        caches: req.caches.map(|c| c.join(",")),
+        perms: req.perms.iter().copied().collect(),
+        caches: req
+            .caches
+            .map(|c| c.into_iter().map(CacheScope::Cache).collect()),
         expires_at,
         revoked_at: None,
         created_at: now_unix(),
@@ -805,7 +791,7 @@ async fn create_token(
     state.meta.create_token(&row).await?;
     // A cache deleted between the check above and the insert did not end this new token's
     // scope (the deletion did not see it): check again, and take the token back if so.
-    for c in row.caches.iter().flat_map(|c| c.split(',')) {
+    for c in row.live_caches().into_iter().flatten() {
         if state.meta.get_cache(c).await?.is_none() {
             state.meta.revoke_token(&row.id).await?;
             return Err(ApiError::bad(format!(

@@ -19,12 +19,13 @@
 
 use std::time::Duration;
 
-use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Row};
 
 use crate::now_unix;
 
 mod caches;
+mod columns;
 mod contents;
 mod gc;
 mod lock;
@@ -38,6 +39,7 @@ mod uploads;
 mod usage;
 
 pub use caches::{CacheRow, CacheStats, CacheUpdate, NewCache};
+pub use columns::{CacheScope, InvalidValue};
 pub use contents::{PathCursor, PathEntry};
 pub use gc::{DeleteObject, ORPHAN_BATCH};
 pub use lock::{HeldLock, LockName};
@@ -48,7 +50,7 @@ pub use paths::{
 };
 pub use retention::{Evicted, Keep, LruPath, PinRow};
 pub use stats::{CacheDay, Downloads};
-pub use tokens::{TokenRow, ENDED_SCOPE};
+pub use tokens::TokenRow;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
@@ -58,6 +60,15 @@ pub enum MetaError {
     Db(#[from] sqlx::Error),
     #[error("stored value of {field} is invalid: {value:?}")]
     Corrupt { field: &'static str, value: String },
+    /// A row read back holds a value that does not decode (a row edited by hand, or written
+    /// by something else than larder).
+    #[error("stored value of {table}.{column} is invalid")]
+    Undecodable {
+        table: &'static str,
+        column: String,
+        #[source]
+        source: sqlx::error::BoxDynError,
+    },
     #[error(
         "the database schema (version {found}) is newer than this larder knows (version \
          {known}); upgrade larder"
@@ -98,6 +109,19 @@ fn db_unavailable(e: &sqlx::Error) -> bool {
 }
 
 type Result<T, E = MetaError> = std::result::Result<T, E>;
+
+/// Map the error of a query reading rows of `table`: a column that does not decode is
+/// [`MetaError::Undecodable`], naming the table and the column (the source names the value).
+fn decoding(table: &'static str) -> impl Fn(sqlx::Error) -> MetaError {
+    move |e| match e {
+        sqlx::Error::ColumnDecode { index, source } => MetaError::Undecodable {
+            table,
+            column: index.trim_matches('"').to_owned(),
+            source,
+        },
+        e => MetaError::Db(e),
+    }
+}
 
 /// Most connections a replica opens to PostgreSQL by default (its pool; the background lock
 /// holds one more). Several replicas share the server's `max_connections` (100 by default).

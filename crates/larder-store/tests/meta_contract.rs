@@ -11,12 +11,15 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
+use larder_api::Perm;
+use larder_nix::compression::Compression;
 use larder_nix::hash::Sha256;
+use larder_nix::signing::{Signature, SigningKey};
 use larder_nix::store_path::StorePath;
 use larder_store::meta::transfer::{self, TransferError};
 use larder_store::meta::{
-    chunk_object_key, CacheDay, CacheRow, CacheUpdate, ChunkRow, Downloads, Engine, Evicted, Keep,
-    LockName, MetaError, NarRow, NewCache, NewPath, Publish, TokenRow,
+    chunk_object_key, CacheDay, CacheRow, CacheScope, CacheUpdate, ChunkRow, Downloads, Engine,
+    Evicted, Keep, LockName, MetaError, NarRow, NewCache, NewPath, Publish, TokenRow,
 };
 use larder_store::{now_unix, Metadata, ObjectStore, OpenOptions};
 use larder_testkit::postgres::PgCluster;
@@ -100,10 +103,14 @@ fn nar(seed: &str, variant: &str) -> (NarRow, Vec<ChunkRow>) {
     let file_hash = h52(&format!("file/{seed}/{variant}"));
     let row = NarRow {
         id: 0,
-        nar_hash: h52(&format!("nar/{seed}")),
+        nar_hash: Sha256::digest(format!("nar/{seed}").as_bytes()),
         nar_size: 1000 + seed.len() as i64,
-        compression: if variant.is_empty() { "zstd" } else { "xz" }.into(),
-        file_hash: file_hash.clone(),
+        compression: if variant.is_empty() {
+            Compression::Zstd
+        } else {
+            Compression::Xz
+        },
+        file_hash: file_hash.parse().unwrap(),
         file_size: 100 + variant.len() as i64,
     };
     let chunk = ChunkRow {
@@ -147,15 +154,19 @@ fn sp(name: &str) -> StorePath {
     StorePath::from_parts(digest, name).unwrap()
 }
 
+/// A signature by the test key `test-1` (of the path's name: the store does not check it).
+fn sig(text: &str) -> Signature {
+    SigningKey::from_seed("test-1", [1; 32]).unwrap().sign(text)
+}
+
 fn new_path(cache_id: i64, p: &StorePath, nar_id: i64, refs: &[&StorePath]) -> NewPath {
     NewPath {
         cache_id,
-        hash: p.hash_part(),
-        name: p.name().to_owned(),
-        refs: refs.iter().map(|r| r.basename()).collect(),
-        deriver: Some(sp(&format!("{}.drv", p.name())).basename()),
+        store_path: p.clone(),
+        refs: refs.iter().map(|r| (*r).clone()).collect(),
+        deriver: Some(sp(&format!("{}.drv", p.name()))),
         ca: None,
-        sigs: vec![format!("test-1:{}", p.name())],
+        sigs: vec![sig(p.name())],
         nar_id,
         upstream_refs: Vec::new(),
     }
@@ -208,8 +219,11 @@ fn token(id: &str) -> TokenRow {
         id: id.into(),
         secret_hash: h52(id),
         label: format!("label {id}"),
-        perms: "push,pull".into(),
-        caches: Some("a,b".into()),
+        perms: [Perm::Push, Perm::Pull].into(),
+        caches: Some(vec![
+            CacheScope::Cache("a".into()),
+            CacheScope::Cache("b".into()),
+        ]),
         expires_at: None,
         revoked_at: None,
         created_at: 1000,
@@ -319,11 +333,11 @@ async fn publishing_keeps_the_integrity_rules(db: Db) {
         .publish_path(&new_path(c.id, &app, n.id, &[&lib]), &id)
         .await
         .unwrap();
-    assert_eq!(r, Publish::MissingReferences(vec![lib.basename()]));
+    assert_eq!(r, Publish::MissingReferences(vec![lib.clone()]));
     assert_eq!(m.get_path(c.id, &app.hash_part()).await.unwrap(), None);
     // …unless an upstream key vouched for it.
     let mut upstream = new_path(c.id, &app, n.id, &[&lib]);
-    upstream.upstream_refs = vec![lib.basename()];
+    upstream.upstream_refs = vec![lib.clone()];
     let other = cache(m, "other").await;
     let (oid, on) = upload(m, other.id, "app", "").await;
     assert_eq!(on.id, n.id, "an identical NAR is stored once across caches");
@@ -341,8 +355,8 @@ async fn publishing_keeps_the_integrity_rules(db: Db) {
         Publish::Created
     );
     let row = m.get_path(c.id, &app.hash_part()).await.unwrap().unwrap();
-    assert_eq!(row.name, "app");
-    assert_eq!(row.refs, format!("{} {}", lib.basename(), app.basename()));
+    assert_eq!(row.store_path.name(), "app");
+    assert_eq!(row.refs, vec![lib.clone(), app.clone()]);
     assert_eq!(row.nar, n);
     assert_eq!(
         m.cache_refs(c.id).await.unwrap(),
@@ -363,7 +377,7 @@ async fn publishing_keeps_the_integrity_rules(db: Db) {
             .await
             .unwrap(),
         Publish::Conflict {
-            existing_nar_hash: n.nar_hash.clone()
+            existing_nar_hash: n.nar_hash
         }
     );
     assert_eq!(
@@ -407,10 +421,7 @@ async fn publishing_keeps_the_integrity_rules(db: Db) {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(
-        (kid.as_str(), kn.nar_hash.as_str()),
-        ("k1", row.nar_hash.as_str())
-    );
+    assert_eq!((kid.as_str(), kn.nar_hash), ("k1", row.nar_hash));
 }
 
 /// Two replicas (two pools on one database) receive the same store path many times at once,
@@ -471,7 +482,7 @@ async fn garbage_collection_spares_what_is_referenced_or_claimed(db: Db) {
     assert_eq!(
         *deleted.lock().unwrap(),
         vec![
-            chunk_object_key(&pn.file_hash),
+            chunk_object_key(&pn.file_hash.to_nix32()),
             larder_store::meta::listing_object_key(&pn.nar_hash)
         ]
     );
@@ -510,7 +521,10 @@ async fn orphaned_chunks_are_deleted_under_lock(db: Db) {
     let store_url = format!("file://{}", db.dir.path().join("store").display());
     let objects = ObjectStore::open(&store_url, OpenOptions::default()).unwrap();
     let c = cache(m, "orphans").await;
-    let known = publish(m, c.id, &sp("known"), &[]).await.file_hash;
+    let known = publish(m, c.id, &sp("known"), &[])
+        .await
+        .file_hash
+        .to_nix32();
     let orphan = h52("orphan");
     assert_eq!(
         m.unknown_chunks(&[known.clone(), orphan.clone()])

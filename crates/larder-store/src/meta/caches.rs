@@ -1,13 +1,17 @@
 //! Caches: their settings (compression, signing, size limit, upstream keys), creating,
 //! changing and deleting one (with everything published in it), and their size.
 
-use super::tokens::end_scope;
-use super::*;
+use sqlx::FromRow;
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+use super::columns::{lines_text, scopes_text, CacheScope, Flag, Stored};
+use super::tokens::end_scope;
+use super::{decoding, now_unix, retry, Metadata, Result, FOREIGN_KEY};
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, FromRow)]
 pub struct CacheRow {
     pub id: i64,
     pub name: String,
+    #[sqlx(try_from = "Flag")]
     pub private: bool,
     pub priority: i64,
     pub compression: String,
@@ -19,6 +23,7 @@ pub struct CacheRow {
     pub secret_key: Option<String>,
     pub created_at: i64,
     /// Public keys (`name:base64`) trusted as upstream for this cache, beside the server's.
+    #[sqlx(try_from = "Stored<Vec<String>>")]
     pub upstream_keys: Vec<String>,
 }
 
@@ -49,7 +54,7 @@ pub struct CacheUpdate {
     pub upstream_keys: Option<Vec<String>>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, FromRow)]
 pub struct CacheStats {
     pub paths: i64,
     /// Bytes stored for the cache (compressed NAR files).
@@ -58,36 +63,7 @@ pub struct CacheStats {
     pub nar_size: i64,
 }
 
-fn flag(row: &AnyRow, col: &str) -> Result<bool> {
-    Ok(row.try_get::<i64, _>(col)? != 0)
-}
-
-fn cache_from_row(row: &AnyRow) -> Result<CacheRow> {
-    Ok(CacheRow {
-        id: row.try_get("id")?,
-        name: row.try_get("name")?,
-        private: flag(row, "private")?,
-        priority: row.try_get("priority")?,
-        compression: row.try_get("compression")?,
-        max_size: row.try_get("max_size")?,
-        signing_mode: row.try_get("signing_mode")?,
-        public_key: row.try_get("public_key")?,
-        secret_key: row.try_get("secret_key")?,
-        created_at: row.try_get("created_at")?,
-        upstream_keys: split_keys(row.try_get("upstream_keys")?),
-    })
-}
-
-/// `caches.upstream_keys`: newline-joined keys, NULL for none.
-fn join_keys(keys: &[String]) -> Option<String> {
-    (!keys.is_empty()).then(|| keys.join("\n"))
-}
-
-fn split_keys(text: Option<String>) -> Vec<String> {
-    text.map(|t| t.lines().map(str::to_owned).collect())
-        .unwrap_or_default()
-}
-
+/// The columns a [`CacheRow`] reads.
 const CACHE_COLS: &str = "id, name, private, priority, compression, max_size, signing_mode, \
                           public_key, secret_key, created_at, upstream_keys";
 
@@ -110,10 +86,13 @@ impl Metadata {
             .bind(&c.public_key)
             .bind(&c.secret_key)
             .bind(now_unix())
-            .bind(join_keys(&c.upstream_keys))
+            .bind(lines_text(&c.upstream_keys))
             .fetch_optional(&self.pool)
             .await?;
-        row.as_ref().map(cache_from_row).transpose()
+        row.as_ref()
+            .map(CacheRow::from_row)
+            .transpose()
+            .map_err(decoding("caches"))
     }
 
     pub async fn get_cache(&self, name: &str) -> Result<Option<CacheRow>> {
@@ -122,13 +101,18 @@ impl Metadata {
             .bind(name)
             .fetch_optional(&self.pool)
             .await?;
-        row.as_ref().map(cache_from_row).transpose()
+        row.as_ref()
+            .map(CacheRow::from_row)
+            .transpose()
+            .map_err(decoding("caches"))
     }
 
     pub async fn list_caches(&self) -> Result<Vec<CacheRow>> {
         let sql = format!("SELECT {CACHE_COLS} FROM caches ORDER BY name");
-        let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
-        rows.iter().map(cache_from_row).collect()
+        sqlx::query_as(&sql)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(decoding("caches"))
     }
 
     pub async fn update_cache(&self, name: &str, u: &CacheUpdate) -> Result<Option<CacheRow>> {
@@ -163,7 +147,7 @@ impl Metadata {
         }
         if let Some(keys) = &u.upstream_keys {
             sqlx::query("UPDATE caches SET upstream_keys = $1 WHERE name = $2")
-                .bind(join_keys(keys))
+                .bind(lines_text(keys))
                 .bind(name)
                 .execute(&mut *tx)
                 .await?;
@@ -184,7 +168,10 @@ impl Metadata {
             .fetch_optional(&mut *tx)
             .await?;
         tx.commit().await?;
-        row.as_ref().map(cache_from_row).transpose()
+        row.as_ref()
+            .map(CacheRow::from_row)
+            .transpose()
+            .map_err(decoding("caches"))
     }
 
     /// Delete a cache and everything published in it. NARs it alone used become garbage, to
@@ -222,14 +209,15 @@ impl Metadata {
             .await?;
         // End every token scope that named the cache, in the same transaction: a cache
         // created later under the same name is another cache, and no old token reaches it.
-        let scoped: Vec<(String, String)> =
+        let scoped: Vec<(String, Stored<Option<Vec<CacheScope>>>)> =
             sqlx::query_as("SELECT id, caches FROM tokens WHERE caches IS NOT NULL")
                 .fetch_all(&mut *tx)
-                .await?;
-        for (token_id, caches) in scoped {
-            if let Some(ended) = end_scope(&caches, name) {
+                .await
+                .map_err(decoding("tokens"))?;
+        for (token_id, Stored(scopes)) in scoped {
+            if let Some(ended) = scopes.and_then(|s| end_scope(&s, name)) {
                 sqlx::query("UPDATE tokens SET caches = $1 WHERE id = $2")
-                    .bind(ended)
+                    .bind(scopes_text(&ended))
                     .bind(token_id)
                     .execute(&mut *tx)
                     .await?;
@@ -240,18 +228,14 @@ impl Metadata {
     }
 
     pub async fn cache_stats(&self, cache_id: i64) -> Result<CacheStats> {
-        let row = sqlx::query(
+        sqlx::query_as(
             "SELECT COUNT(*) AS paths, CAST(COALESCE(SUM(n.file_size), 0) AS BIGINT) AS size, \
              CAST(COALESCE(SUM(n.nar_size), 0) AS BIGINT) AS nar_size \
              FROM paths p JOIN nars n ON n.id = p.nar_id WHERE p.cache_id = $1",
         )
         .bind(cache_id)
         .fetch_one(&self.pool)
-        .await?;
-        Ok(CacheStats {
-            paths: row.try_get("paths")?,
-            size: row.try_get("size")?,
-            nar_size: row.try_get("nar_size")?,
-        })
+        .await
+        .map_err(decoding("paths"))
     }
 }

@@ -2,6 +2,7 @@
 //! NARs and chunks nothing refers to (their objects first), and orphaned chunk objects that no
 //! row names.
 
+use super::paths::listing_key;
 use super::*;
 
 /// Deletes one object (by key) for [`Metadata::collect_garbage`] and
@@ -163,7 +164,7 @@ impl Metadata {
         // The NARs' listings. A NAR stored again meanwhile under the same hash finds its
         // listing missing and writes it again when it is first asked for.
         for (_, nar_hash) in &doomed {
-            if let Err(e) = delete_object(listing_object_key(nar_hash)).await {
+            if let Err(e) = delete_object(listing_key(nar_hash)).await {
                 tx.rollback().await?;
                 return Err(MetaError::Cleanup(e));
             }

@@ -2,22 +2,38 @@
 //! name, publishing a path (atomically, with its references checked), looking paths and NARs
 //! up, and the build logs stored beside them.
 
-use super::*;
+use std::collections::{BTreeSet, HashSet};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+use larder_nix::compression::Compression;
+use larder_nix::hash::Sha256;
+use larder_nix::signing::Signature;
+use larder_nix::store_path::StorePath;
+use sqlx::FromRow;
+
+use super::columns::{refs_text, sigs_text, Stored};
+use super::{
+    decoding, now_unix, placeholders, retry, Engine, Metadata, Result, FOREIGN_KEY, IN_BATCH,
+    TX_ATTEMPTS,
+};
+
+/// A stored NAR file: the NAR's hash and size, and the stored (compressed) file's.
+#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
 pub struct NarRow {
+    #[sqlx(rename = "nar_id")]
     pub id: i64,
-    /// nix32, no `sha256:` prefix.
-    pub nar_hash: String,
+    #[sqlx(try_from = "Stored<Sha256>")]
+    pub nar_hash: Sha256,
     pub nar_size: i64,
-    pub compression: String,
-    /// nix32 SHA-256 of the stored (compressed) file, no prefix.
-    pub file_hash: String,
+    #[sqlx(try_from = "Stored<Compression>")]
+    pub compression: Compression,
+    /// SHA-256 of the stored (compressed) file.
+    #[sqlx(try_from = "Stored<Sha256>")]
+    pub file_hash: Sha256,
     pub file_size: i64,
 }
 
 /// One stored chunk of a NAR file: an independently decompressible frame.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
 pub struct ChunkRow {
     /// nix32 SHA-256 of the chunk's stored bytes; also names its object.
     pub chunk_hash: String,
@@ -32,9 +48,15 @@ impl ChunkRow {
     }
 }
 
-/// The object holding the `.ls` listing (JSON) of the NAR with this NarHash (nix32), written
-/// when the NAR is stored and deleted by garbage collection with the NAR's row.
-pub fn listing_object_key(nar_hash: &str) -> String {
+/// The object holding the `.ls` listing (JSON) of the NAR with this NarHash, written when the
+/// NAR is stored and deleted by garbage collection with the NAR's row.
+pub fn listing_object_key(nar_hash: &Sha256) -> String {
+    listing_key(&nar_hash.to_nix32())
+}
+
+/// [`listing_object_key`] of a NarHash as stored (nix32): garbage collection deletes the
+/// listing of a NAR row whatever that row holds.
+pub(super) fn listing_key(nar_hash: &str) -> String {
     let prefix = nar_hash.get(..2).unwrap_or("00");
     format!("ls/{prefix}/{nar_hash}")
 }
@@ -52,38 +74,38 @@ pub fn chunk_hash_of_key(key: &str) -> Option<&str> {
     (valid && chunk_object_key(hash) == key).then_some(hash)
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A published store path, as a narinfo serves it.
+#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
 pub struct PathRow {
     pub id: i64,
     pub cache_id: i64,
-    /// The 32-character hash part of the store path.
-    pub hash: String,
-    /// The name part of the store path.
-    pub name: String,
-    /// Space-separated basenames of the references.
-    pub refs: String,
-    /// Basename of the deriver.
-    pub deriver: Option<String>,
+    #[sqlx(rename = "basename", try_from = "Stored<StorePath>")]
+    pub store_path: StorePath,
+    /// In the order they were published.
+    #[sqlx(try_from = "Stored<Vec<StorePath>>")]
+    pub refs: Vec<StorePath>,
+    #[sqlx(try_from = "Stored<Option<StorePath>>")]
+    pub deriver: Option<StorePath>,
     pub ca: Option<String>,
-    /// Newline-separated signatures (`name:base64`).
-    pub sigs: String,
+    #[sqlx(try_from = "Stored<Vec<Signature>>")]
+    pub sigs: Vec<Signature>,
     pub created_at: i64,
+    #[sqlx(flatten)]
     pub nar: NarRow,
 }
 
 #[derive(Debug, Clone)]
 pub struct NewPath {
     pub cache_id: i64,
-    pub hash: String,
-    pub name: String,
-    pub refs: Vec<String>,
-    pub deriver: Option<String>,
+    pub store_path: StorePath,
+    pub refs: Vec<StorePath>,
+    pub deriver: Option<StorePath>,
     pub ca: Option<String>,
-    pub sigs: Vec<String>,
+    pub sigs: Vec<Signature>,
     pub nar_id: i64,
-    /// References (basenames) accepted without being in the cache: their metadata carried a
-    /// valid signature by a trusted upstream key, so Nix gets them from upstream.
-    pub upstream_refs: Vec<String>,
+    /// References accepted without being in the cache: their metadata carried a valid
+    /// signature by a trusted upstream key, so Nix gets them from upstream.
+    pub upstream_refs: Vec<StorePath>,
 }
 
 /// What happened when publishing a path.
@@ -94,102 +116,69 @@ pub enum Publish {
     AlreadyPresent,
     /// The store path exists with a different NAR hash (given here); nothing was changed.
     Conflict {
-        existing_nar_hash: String,
+        existing_nar_hash: Sha256,
     },
-    /// These references (basenames) are not published in the cache; nothing was stored.
-    MissingReferences(Vec<String>),
+    /// These references are not published in the cache; nothing was stored.
+    MissingReferences(Vec<StorePath>),
 }
 
 /// The hash parts of `refs` (basenames), other than `own_hash`, deduplicated.
 pub(crate) fn ref_hashes<'a>(
     own_hash: &str,
     refs: impl Iterator<Item = &'a str>,
-) -> std::collections::BTreeSet<&'a str> {
+) -> BTreeSet<&'a str> {
     refs.filter_map(|r| r.get(..32))
         .filter(|h| *h != own_hash)
         .collect()
 }
 
-pub(super) fn nar_from_row(row: &AnyRow) -> Result<NarRow> {
-    Ok(NarRow {
-        id: row.try_get("nar_id")?,
-        nar_hash: row.try_get("nar_hash")?,
-        nar_size: row.try_get("nar_size")?,
-        compression: row.try_get("compression")?,
-        file_hash: row.try_get("file_hash")?,
-        file_size: row.try_get("file_size")?,
-    })
-}
-
-fn path_from_row(row: &AnyRow) -> Result<PathRow> {
-    Ok(PathRow {
-        id: row.try_get("id")?,
-        cache_id: row.try_get("cache_id")?,
-        hash: row.try_get("hash")?,
-        name: row.try_get("name")?,
-        refs: row.try_get("refs")?,
-        deriver: row.try_get("deriver")?,
-        ca: row.try_get("ca")?,
-        sigs: row.try_get("sigs")?,
-        created_at: row.try_get("created_at")?,
-        nar: nar_from_row(row)?,
-    })
-}
-
+/// The columns a [`NarRow`] reads, from `nars n`.
 pub(super) const NAR_COLS: &str =
-    "n.id AS nar_id, n.nar_hash, n.nar_size, n.compression, n.file_hash, \
-                        n.file_size";
+    "n.id AS nar_id, n.nar_hash, n.nar_size, n.compression, n.file_hash, n.file_size";
 
 impl Metadata {
     /// The NAR whose stored file has `file_hash`, if `cache_id` publishes a path using it.
     pub async fn cache_nar_by_file_hash(
         &self,
         cache_id: i64,
-        file_hash: &str,
+        file_hash: &Sha256,
     ) -> Result<Option<NarRow>> {
         let sql = format!(
             "SELECT {NAR_COLS} FROM nars n WHERE n.file_hash = $1 AND EXISTS \
              (SELECT 1 FROM paths p WHERE p.cache_id = $2 AND p.nar_id = n.id)"
         );
-        let row = sqlx::query(&sql)
-            .bind(file_hash)
+        sqlx::query_as(&sql)
+            .bind(file_hash.to_nix32())
             .bind(cache_id)
             .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(nar_from_row).transpose()
+            .await
+            .map_err(decoding("nars"))
     }
 
     /// The chunks of a NAR, in order.
     pub async fn nar_chunks(&self, nar_id: i64) -> Result<Vec<ChunkRow>> {
-        let rows = sqlx::query(
+        sqlx::query_as(
             "SELECT c.chunk_hash, c.file_size FROM nar_chunks nc \
              JOIN chunks c ON c.chunk_hash = nc.chunk_hash WHERE nc.nar_id = $1 ORDER BY nc.seq",
         )
         .bind(nar_id)
         .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(ChunkRow {
-                    chunk_hash: r.try_get("chunk_hash")?,
-                    file_size: r.try_get("file_size")?,
-                })
-            })
-            .collect()
+        .await
+        .map_err(decoding("chunks"))
     }
 
     pub async fn get_path(&self, cache_id: i64, hash: &str) -> Result<Option<PathRow>> {
         let sql = format!(
-            "SELECT p.id, p.cache_id, p.hash, p.name, p.refs, p.deriver, p.ca, p.sigs, \
-             p.created_at, {NAR_COLS} FROM paths p JOIN nars n ON n.id = p.nar_id \
+            "SELECT p.id, p.cache_id, p.hash || '-' || p.name AS basename, p.refs, p.deriver, \
+             p.ca, p.sigs, p.created_at, {NAR_COLS} FROM paths p JOIN nars n ON n.id = p.nar_id \
              WHERE p.cache_id = $1 AND p.hash = $2"
         );
-        let row = sqlx::query(&sql)
+        sqlx::query_as(&sql)
             .bind(cache_id)
             .bind(hash)
             .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(path_from_row).transpose()
+            .await
+            .map_err(decoding("paths"))
     }
 
     /// Which of `hashes` (32-character hash parts) the cache does not publish, in input order.
@@ -220,20 +209,19 @@ impl Metadata {
         let mut attempt = 1;
         loop {
             match retry(FOREIGN_KEY, || self.publish_path_once(p, upload_id)).await? {
+                Some(done) => return Ok(done),
                 // The row that stopped the insert was deleted (an eviction) before it could be
                 // read: nothing conflicts any more, so publish again.
-                Publish::Conflict { existing_nar_hash }
-                    if existing_nar_hash.is_empty() && attempt < TX_ATTEMPTS =>
-                {
-                    attempt += 1;
-                }
-                other => return Ok(other),
+                None if attempt < TX_ATTEMPTS => attempt += 1,
+                None => return Err(sqlx::Error::RowNotFound.into()),
             }
         }
     }
 
-    async fn publish_path_once(&self, p: &NewPath, upload_id: &str) -> Result<Publish> {
-        let self_basename = format!("{}-{}", p.hash, p.name);
+    /// One attempt of [`Metadata::publish_path`]; `None` if the path that stopped it vanished
+    /// before it could be read.
+    async fn publish_path_once(&self, p: &NewPath, upload_id: &str) -> Result<Option<Publish>> {
+        let hash = p.store_path.hash_part();
         let mut tx = self.pool.begin().await?;
         // The write comes first so that SQLite takes its write lock at once (a deferred
         // transaction that reads first can fail to upgrade under concurrency).
@@ -243,46 +231,48 @@ impl Metadata {
              ON CONFLICT (cache_id, hash) DO NOTHING RETURNING id",
         )
         .bind(p.cache_id)
-        .bind(&p.hash)
-        .bind(&p.name)
+        .bind(&hash)
+        .bind(p.store_path.name())
         .bind(p.nar_id)
-        .bind(p.refs.join(" "))
-        .bind(&p.deriver)
+        .bind(refs_text(&p.refs))
+        .bind(p.deriver.as_ref().map(StorePath::basename))
         .bind(&p.ca)
-        .bind(p.sigs.join("\n"))
+        .bind(sigs_text(&p.sigs))
         .bind(now_unix())
         .fetch_optional(&mut *tx)
         .await?;
         if new_id.is_none() {
-            let existing: Option<String> = sqlx::query_scalar(
+            let existing: Option<Stored<Sha256>> = sqlx::query_scalar(
                 "SELECT n.nar_hash FROM paths p JOIN nars n ON n.id = p.nar_id \
                  WHERE p.cache_id = $1 AND p.hash = $2",
             )
             .bind(p.cache_id)
-            .bind(&p.hash)
+            .bind(&hash)
             .fetch_optional(&mut *tx)
-            .await?;
-            let nar_hash: Option<String> =
+            .await
+            .map_err(decoding("nars"))?;
+            let nar_hash: Option<Stored<Sha256>> =
                 sqlx::query_scalar("SELECT nar_hash FROM nars WHERE id = $1")
                     .bind(p.nar_id)
                     .fetch_optional(&mut *tx)
-                    .await?;
+                    .await
+                    .map_err(decoding("nars"))?;
             tx.rollback().await?;
             return Ok(match existing {
-                Some(e) if Some(&e) == nar_hash.as_ref() => Publish::AlreadyPresent,
-                Some(e) => Publish::Conflict {
+                Some(Stored(e)) if Some(e) == nar_hash.map(|h| h.0) => {
+                    Some(Publish::AlreadyPresent)
+                }
+                Some(Stored(e)) => Some(Publish::Conflict {
                     existing_nar_hash: e,
-                },
-                None => Publish::Conflict {
-                    existing_nar_hash: String::new(),
-                },
+                }),
+                None => None,
             });
         }
         let wanted: Vec<String> = p
             .refs
             .iter()
-            .filter(|r| **r != self_basename)
-            .map(|r| r.get(..32).unwrap_or(r).to_owned())
+            .filter(|r| **r != p.store_path)
+            .map(StorePath::hash_part)
             .collect();
         // On PostgreSQL the references are share-locked, so a concurrent eviction deleting one
         // either waits for this transaction (and then sees the new referrer and gives up) or
@@ -292,7 +282,7 @@ impl Metadata {
             Engine::Postgres => " FOR SHARE",
             Engine::Sqlite => "",
         };
-        let mut present = std::collections::HashSet::new();
+        let mut present = HashSet::new();
         for batch in wanted.chunks(IN_BATCH) {
             let sql = format!(
                 "SELECT hash || '-' || name FROM paths WHERE cache_id = $1 AND hash IN ({}){lock}",
@@ -304,25 +294,28 @@ impl Metadata {
             }
             present.extend(q.fetch_all(&mut *tx).await?);
         }
-        let missing: Vec<String> = p
+        let missing: Vec<StorePath> = p
             .refs
             .iter()
             .filter(|r| {
-                **r != self_basename && !present.contains(*r) && !p.upstream_refs.contains(r)
+                **r != p.store_path
+                    && !present.contains(&r.basename())
+                    && !p.upstream_refs.contains(r)
             })
             .cloned()
             .collect();
         if !missing.is_empty() {
             tx.rollback().await?;
-            return Ok(Publish::MissingReferences(missing));
+            return Ok(Some(Publish::MissingReferences(missing)));
         }
-        for r in ref_hashes(&p.hash, p.refs.iter().map(String::as_str)) {
+        let ref_hashes: BTreeSet<String> = wanted.into_iter().collect();
+        for r in ref_hashes {
             sqlx::query(
                 "INSERT INTO path_refs (cache_id, referrer, ref_hash) VALUES ($1, $2, $3) \
                  ON CONFLICT DO NOTHING",
             )
             .bind(p.cache_id)
-            .bind(&p.hash)
+            .bind(&hash)
             .bind(r)
             .execute(&mut *tx)
             .await?;
@@ -333,7 +326,7 @@ impl Metadata {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(Publish::Created)
+        Ok(Some(Publish::Created))
     }
 
     pub async fn put_log(
@@ -360,15 +353,12 @@ impl Metadata {
     }
 
     pub async fn get_log(&self, cache_id: i64, drv: &str) -> Result<Option<(String, i64)>> {
-        let row = sqlx::query("SELECT object_key, size FROM logs WHERE cache_id = $1 AND drv = $2")
+        sqlx::query_as("SELECT object_key, size FROM logs WHERE cache_id = $1 AND drv = $2")
             .bind(cache_id)
             .bind(drv)
             .fetch_optional(&self.pool)
-            .await?;
-        match row {
-            Some(r) => Ok(Some((r.try_get("object_key")?, r.try_get("size")?))),
-            None => Ok(None),
-        }
+            .await
+            .map_err(decoding("logs"))
     }
 
     /// The NAR served as `nar/<file_hash>…` in a cache: one a published path uses, or one of a
@@ -376,7 +366,7 @@ impl Metadata {
     pub async fn servable_nar_by_file_hash(
         &self,
         cache_id: i64,
-        file_hash: &str,
+        file_hash: &Sha256,
         evicted_since: i64,
     ) -> Result<Option<NarRow>> {
         let sql = format!(
@@ -385,12 +375,12 @@ impl Metadata {
              (SELECT 1 FROM evicted_nars e WHERE e.cache_id = $2 AND e.nar_id = n.id \
              AND e.evicted_at >= $3))"
         );
-        let row = sqlx::query(&sql)
-            .bind(file_hash)
+        sqlx::query_as(&sql)
+            .bind(file_hash.to_nix32())
             .bind(cache_id)
             .bind(evicted_since)
             .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(nar_from_row).transpose()
+            .await
+            .map_err(decoding("nars"))
     }
 }

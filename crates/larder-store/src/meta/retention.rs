@@ -2,10 +2,13 @@
 //! first, never one a kept path references or a pin names) and pins, the named, revisioned
 //! roots that eviction keeps.
 
+use sqlx::FromRow;
+
+use super::columns::InvalidValue;
 use super::*;
 
 /// A path as eviction sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
 pub struct LruPath {
     /// Row id: increases with upload order.
     pub id: i64,
@@ -38,51 +41,74 @@ pub enum Keep {
     Days(i64),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
 pub struct PinRow {
     pub name: String,
     pub revision: i64,
     pub hash: String,
     /// Absolute store path.
     pub store_path: String,
+    #[sqlx(flatten, try_from = "StoredKeep")]
     pub keep: Keep,
     pub created_at: i64,
+}
+
+/// A [`Keep`] as stored: its kind (`forever`, `revisions`, `days`) and its number.
+#[derive(FromRow)]
+pub struct StoredKeep {
+    keep: String,
+    keep_n: Option<i64>,
+}
+
+impl StoredKeep {
+    fn of(keep: Keep) -> StoredKeep {
+        let (kind, n) = match keep {
+            Keep::Forever => ("forever", None),
+            Keep::Revisions(n) => ("revisions", Some(n)),
+            Keep::Days(n) => ("days", Some(n)),
+        };
+        StoredKeep {
+            keep: kind.to_owned(),
+            keep_n: n,
+        }
+    }
+}
+
+impl TryFrom<StoredKeep> for Keep {
+    type Error = InvalidValue;
+    fn try_from(s: StoredKeep) -> std::result::Result<Keep, InvalidValue> {
+        match (s.keep.as_str(), s.keep_n) {
+            ("forever", _) => Ok(Keep::Forever),
+            ("revisions", Some(n)) => Ok(Keep::Revisions(n)),
+            ("days", Some(n)) => Ok(Keep::Days(n)),
+            _ => Err(InvalidValue::new(
+                &format!("{} {:?}", s.keep, s.keep_n),
+                "a pin's policy (forever, revisions N or days N)",
+            )),
+        }
+    }
 }
 
 impl Metadata {
     /// Every path of a cache with what eviction needs to order it.
     pub async fn lru_paths(&self, cache_id: i64) -> Result<Vec<LruPath>> {
-        let rows = sqlx::query(
+        sqlx::query_as(
             "SELECT p.id, p.hash, p.name, p.nar_id, n.file_size, p.created_at, p.last_used_at \
              FROM paths p JOIN nars n ON n.id = p.nar_id WHERE p.cache_id = $1",
         )
         .bind(cache_id)
         .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(LruPath {
-                    id: r.try_get("id")?,
-                    hash: r.try_get("hash")?,
-                    name: r.try_get("name")?,
-                    nar_id: r.try_get("nar_id")?,
-                    file_size: r.try_get("file_size")?,
-                    created_at: r.try_get("created_at")?,
-                    last_used_at: r.try_get("last_used_at")?,
-                })
-            })
-            .collect()
+        .await
+        .map_err(decoding("paths"))
     }
 
     /// Every reference edge of a cache: `(referrer hash, referenced hash)`.
     pub async fn cache_refs(&self, cache_id: i64) -> Result<Vec<(String, String)>> {
-        let rows = sqlx::query("SELECT referrer, ref_hash FROM path_refs WHERE cache_id = $1")
+        sqlx::query_as("SELECT referrer, ref_hash FROM path_refs WHERE cache_id = $1")
             .bind(cache_id)
             .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| Ok((r.try_get("referrer")?, r.try_get("ref_hash")?)))
-            .collect()
+            .await
+            .map_err(decoding("path_refs"))
     }
 
     /// Remove these paths from a cache in one transaction, keeping their NARs servable (and
@@ -153,11 +179,10 @@ impl Metadata {
         store_path: &str,
         keep: Keep,
     ) -> Result<Option<PinRow>> {
-        let (kind, n) = match keep {
-            Keep::Forever => ("forever", None),
-            Keep::Revisions(n) => ("revisions", Some(n)),
-            Keep::Days(n) => ("days", Some(n)),
-        };
+        let StoredKeep {
+            keep: kind,
+            keep_n: n,
+        } = StoredKeep::of(keep);
         // Two pins of one name at once compute the same revision: one fails the unique key
         // and runs again.
         let added = retry(UNIQUE, || async {
@@ -188,7 +213,7 @@ impl Metadata {
             .bind(name)
             .bind(hash)
             .bind(store_path)
-            .bind(kind)
+            .bind(&kind)
             .bind(n)
             .bind(now)
             .execute(&mut *tx)
@@ -214,38 +239,14 @@ impl Metadata {
 
     /// Every kept revision of every pin of a cache, by name, newest revision first.
     pub async fn list_pins(&self, cache_id: i64) -> Result<Vec<PinRow>> {
-        let rows = sqlx::query(
+        sqlx::query_as(
             "SELECT name, revision, hash, store_path, keep, keep_n, created_at FROM pins \
              WHERE cache_id = $1 ORDER BY name, revision DESC",
         )
         .bind(cache_id)
         .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                let kind: String = r.try_get("keep")?;
-                let n: Option<i64> = r.try_get("keep_n")?;
-                let keep = match (kind.as_str(), n) {
-                    ("forever", _) => Keep::Forever,
-                    ("revisions", Some(n)) => Keep::Revisions(n),
-                    ("days", Some(n)) => Keep::Days(n),
-                    _ => {
-                        return Err(MetaError::Corrupt {
-                            field: "pins.keep",
-                            value: kind,
-                        })
-                    }
-                };
-                Ok(PinRow {
-                    name: r.try_get("name")?,
-                    revision: r.try_get("revision")?,
-                    hash: r.try_get("hash")?,
-                    store_path: r.try_get("store_path")?,
-                    keep,
-                    created_at: r.try_get("created_at")?,
-                })
-            })
-            .collect()
+        .await
+        .map_err(decoding("pins"))
     }
 
     /// Delete every revision of a pin; false if there was none.
@@ -291,5 +292,22 @@ impl Metadata {
             }
         }
         Ok(dropped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_policies_read_back_as_stored() {
+        for keep in [Keep::Forever, Keep::Revisions(3), Keep::Days(7)] {
+            assert_eq!(Keep::try_from(StoredKeep::of(keep)).ok(), Some(keep));
+        }
+        let odd = StoredKeep {
+            keep: "revisions".into(),
+            keep_n: None,
+        };
+        assert!(Keep::try_from(odd).is_err());
     }
 }

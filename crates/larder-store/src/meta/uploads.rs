@@ -2,8 +2,13 @@
 //! by upload id (and by Nix's `nar/<key>` for uploads through the binary cache protocol), and
 //! the claims that keep chunks being written safe from garbage collection.
 
-use super::paths::{nar_from_row, NAR_COLS};
-use super::*;
+use larder_nix::hash::Sha256;
+use sqlx::{FromRow, Row};
+
+use super::paths::NAR_COLS;
+use super::{
+    decoding, now_unix, retry, ChunkRow, MetaError, Metadata, NarRow, Result, FOREIGN_KEY,
+};
 
 impl Metadata {
     /// Record a pending upload in `cache_id` that reuses the stored NAR with `nar_hash`, if
@@ -14,13 +19,14 @@ impl Metadata {
         upload_id: &str,
         cache_id: i64,
         key: Option<&str>,
-        nar_hash: &str,
+        nar_hash: &Sha256,
     ) -> Result<Option<NarRow>> {
         if let Some(key) = key {
             self.drop_upload_key(cache_id, key).await?;
         }
         // A NAR that garbage collection deletes concurrently fails the foreign key; the retry
         // then finds no NAR to reuse.
+        let nar_hash = nar_hash.to_nix32();
         let done = retry(FOREIGN_KEY, || {
             sqlx::query(
                 "INSERT INTO uploads (id, cache_id, nar_id, key, created_at) \
@@ -30,7 +36,7 @@ impl Metadata {
             .bind(cache_id)
             .bind(key)
             .bind(now_unix())
-            .bind(nar_hash)
+            .bind(&nar_hash)
             .execute(&self.pool)
         })
         .await?;
@@ -121,15 +127,16 @@ impl Metadata {
         chunks: &[ChunkRow],
     ) -> Result<(NarRow, bool)> {
         let now = now_unix();
+        let nar_hash = nar.nar_hash.to_nix32();
         let mut tx = self.pool.begin().await?;
         let new_id: Option<i64> = sqlx::query_scalar(
             "INSERT INTO nars (nar_hash, nar_size, compression, file_hash, file_size, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING id",
         )
-        .bind(&nar.nar_hash)
+        .bind(&nar_hash)
         .bind(nar.nar_size)
-        .bind(&nar.compression)
-        .bind(&nar.file_hash)
+        .bind(nar.compression.as_str())
+        .bind(nar.file_hash.to_nix32())
         .bind(nar.file_size)
         .bind(now)
         .fetch_optional(&mut *tx)
@@ -162,7 +169,7 @@ impl Metadata {
         .bind(cache_id)
         .bind(key)
         .bind(now)
-        .bind(&nar.nar_hash)
+        .bind(&nar_hash)
         .execute(&mut *tx)
         .await?;
         // The NAR (ours or the one recorded concurrently) now keeps what it uses.
@@ -175,7 +182,7 @@ impl Metadata {
             // Only possible if a file hash collided with a different NAR's; treat as corrupt.
             return Err(MetaError::Corrupt {
                 field: "nars.file_hash",
-                value: nar.file_hash.clone(),
+                value: nar.file_hash.to_nix32(),
             });
         }
         let row =
@@ -194,12 +201,12 @@ impl Metadata {
             "SELECT {NAR_COLS} FROM uploads u JOIN nars n ON n.id = u.nar_id \
              WHERE u.cache_id = $1 AND u.id = $2"
         );
-        let row = sqlx::query(&sql)
+        sqlx::query_as(&sql)
             .bind(cache_id)
             .bind(upload_id)
             .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(nar_from_row).transpose()
+            .await
+            .map_err(decoding("nars"))
     }
 
     /// The pending upload that Nix's uploader stored under `nar/<key>`.
@@ -217,9 +224,8 @@ impl Metadata {
             .bind(key)
             .fetch_optional(&self.pool)
             .await?;
-        match row {
-            Some(row) => Ok(Some((row.try_get("upload_id")?, nar_from_row(&row)?))),
-            None => Ok(None),
-        }
+        row.map(|row| Ok((row.try_get("upload_id")?, NarRow::from_row(&row)?)))
+            .transpose()
+            .map_err(decoding("nars"))
     }
 }
