@@ -20,7 +20,7 @@
 use std::time::Duration;
 
 use sqlx::any::AnyPoolOptions;
-use sqlx::{AnyPool, Row};
+use sqlx::AnyPool;
 
 use crate::now_unix;
 
@@ -120,6 +120,23 @@ fn decoding(table: &'static str) -> impl Fn(sqlx::Error) -> MetaError {
             source,
         },
         e => MetaError::Db(e),
+    }
+}
+
+/// [`decoding`] for rows of `table` joined with their NAR (`nars n`, [`paths::NAR_COLS`]): a
+/// column of the NAR names table `nars`.
+fn decoding_with_nar(table: &'static str) -> impl Fn(sqlx::Error) -> MetaError {
+    move |e| match decoding(table)(e) {
+        MetaError::Undecodable { column, source, .. }
+            if paths::NAR_COLUMNS.contains(&column.as_str()) =>
+        {
+            MetaError::Undecodable {
+                table: "nars",
+                column,
+                source,
+            }
+        }
+        e => e,
     }
 }
 

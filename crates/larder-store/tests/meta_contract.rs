@@ -322,6 +322,66 @@ async fn tokens_are_stored_found_and_revoked(db: Db) {
         .is_some());
 }
 
+/// Rows come back as the domain values they were written from; a value that does not decode
+/// (a row edited by hand) is an error naming the table, the column and the value.
+async fn stored_values_decode_or_name_what_is_wrong(db: Db) {
+    let m = &db.meta;
+    let c = cache(m, "typed").await;
+    let lib = sp("lib");
+    let app = sp("app");
+    publish(m, c.id, &lib, &[]).await;
+    let n = publish(m, c.id, &app, &[&lib]).await;
+    let row = m.get_path(c.id, &app.hash_part()).await.unwrap().unwrap();
+    assert_eq!(row.store_path, app);
+    assert_eq!(row.refs, vec![lib.clone()]);
+    assert_eq!(row.deriver, Some(sp("app.drv")));
+    assert_eq!(row.sigs, vec![sig("app")]);
+    assert_eq!(row.nar, n);
+    assert_eq!(row.nar.compression, Compression::Zstd);
+    // Deleting a cache ends the scopes naming it, as a typed variant.
+    cache(m, "a").await;
+    m.create_token(&token("scoped")).await.unwrap();
+    assert!(m.delete_cache("a").await.unwrap());
+    let t = m.get_token("scoped").await.unwrap().unwrap();
+    assert_eq!(
+        t.caches,
+        Some(vec![
+            CacheScope::Ended("a".into()),
+            CacheScope::Cache("b".into()),
+        ])
+    );
+    assert_eq!(t.live_caches(), Some(vec!["b"]));
+    assert_eq!(t.ended_caches(), vec!["a"]);
+
+    let raw = sqlx::AnyPool::connect(&db.url).await.unwrap();
+    sqlx::query("UPDATE nars SET compression = 'gzip' WHERE id = $1")
+        .bind(n.id)
+        .execute(&raw)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE tokens SET perms = 'pull,root' WHERE id = 'scoped'")
+        .execute(&raw)
+        .await
+        .unwrap();
+    raw.close().await;
+    let undecodable = |e: MetaError| match e {
+        MetaError::Undecodable {
+            table,
+            column,
+            source,
+        } => (table, column, source.to_string()),
+        e => panic!("not Undecodable: {e:?}"),
+    };
+    let (table, column, why) = undecodable(m.get_path(c.id, &app.hash_part()).await.unwrap_err());
+    assert_eq!((table, column.as_str()), ("nars", "compression"));
+    assert!(why.contains("\"gzip\""), "{why}");
+    let (table, column, why) = undecodable(m.get_token("scoped").await.unwrap_err());
+    assert_eq!((table, column.as_str()), ("tokens", "perms"));
+    assert!(why.contains("pull,root"), "{why}");
+    // The other rows still read.
+    assert!(m.get_path(c.id, &lib.hash_part()).await.unwrap().is_some());
+}
+
 async fn publishing_keeps_the_integrity_rules(db: Db) {
     let m = &db.meta;
     let c = cache(m, "main").await;
@@ -940,6 +1000,7 @@ macro_rules! contract {
 contract!(
     caches_are_created_updated_and_deleted,
     tokens_are_stored_found_and_revoked,
+    stored_values_decode_or_name_what_is_wrong,
     publishing_keeps_the_integrity_rules,
     concurrent_replicas_store_a_path_once,
     garbage_collection_spares_what_is_referenced_or_claimed,

@@ -9,10 +9,10 @@
 //! which SQLite and PostgreSQL both accept in the same spelling.
 
 use larder_nix::compression::Compression;
-use sqlx::{FromRow, Row};
+use sqlx::FromRow;
 
 use super::columns::Stored;
-use super::{decoding, placeholders, CacheStats, Metadata, Result, IN_BATCH};
+use super::{decoding_with_nar, placeholders, CacheStats, Metadata, Result, IN_BATCH};
 
 /// A path as the contents list shows it.
 #[derive(Debug, Clone, PartialEq, Eq, FromRow)]
@@ -35,6 +35,14 @@ impl PathEntry {
     pub fn basename(&self) -> String {
         format!("{}-{}", self.hash, self.name)
     }
+}
+
+/// A cache's [`CacheStats`], by cache id.
+#[derive(FromRow)]
+struct CacheIdStats {
+    cache_id: i64,
+    #[sqlx(flatten)]
+    stats: CacheStats,
 }
 
 /// The position after which a page starts: the last entry of the previous page.
@@ -105,7 +113,7 @@ impl Metadata {
         q.bind(limit)
             .fetch_all(&self.pool)
             .await
-            .map_err(decoding("paths"))
+            .map_err(decoding_with_nar("paths"))
     }
 
     /// How many paths of a cache match `query` (all of them without one).
@@ -142,7 +150,7 @@ impl Metadata {
             .bind(hash)
             .fetch_optional(&self.pool)
             .await
-            .map_err(decoding("paths"))
+            .map_err(decoding_with_nar("paths"))
     }
 
     /// The paths of a cache that reference `hash` directly (at most `limit`, by name), and
@@ -164,7 +172,7 @@ impl Metadata {
             .bind(limit)
             .fetch_all(&self.pool)
             .await
-            .map_err(decoding("paths"))?;
+            .map_err(decoding_with_nar("paths"))?;
         let total: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM path_refs WHERE cache_id = $1 AND ref_hash = $2",
         )
@@ -188,7 +196,7 @@ impl Metadata {
             .bind(hash)
             .fetch_all(&self.pool)
             .await
-            .map_err(decoding("paths"))
+            .map_err(decoding_with_nar("paths"))
     }
 
     /// Which of `pinned` (hash parts of pinned paths) have `hash` in their closure: the path
@@ -218,18 +226,16 @@ impl Metadata {
 
     /// Path count and sizes of every cache that has paths, by cache id, in one query.
     pub async fn all_cache_stats(&self) -> Result<Vec<(i64, CacheStats)>> {
-        let rows = sqlx::query(
+        let rows: Vec<CacheIdStats> = sqlx::query_as(
             "SELECT p.cache_id, COUNT(*) AS paths, \
              CAST(COALESCE(SUM(n.file_size), 0) AS BIGINT) AS size, \
              CAST(COALESCE(SUM(n.nar_size), 0) AS BIGINT) AS nar_size \
              FROM paths p JOIN nars n ON n.id = p.nar_id GROUP BY p.cache_id",
         )
         .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| Ok((r.try_get("cache_id")?, CacheStats::from_row(r)?)))
-            .collect::<std::result::Result<_, sqlx::Error>>()
-            .map_err(decoding("paths"))
+        .await
+        .map_err(decoding_with_nar("paths"))?;
+        Ok(rows.into_iter().map(|r| (r.cache_id, r.stats)).collect())
     }
 }
 

@@ -2,8 +2,13 @@
 //! NARs and chunks nothing refers to (their objects first), and orphaned chunk objects that no
 //! row names.
 
+use std::time::Duration;
+
 use super::paths::listing_key;
-use super::*;
+use super::{
+    chunk_object_key, now_unix, placeholders, retry, retryable, Engine, MetaError, Metadata,
+    Result, FOREIGN_KEY, IN_BATCH, TX_ATTEMPTS,
+};
 
 /// Deletes one object (by key) for [`Metadata::collect_garbage`] and
 /// [`Metadata::delete_orphan_chunks`].
@@ -93,10 +98,10 @@ impl Metadata {
             Engine::Sqlite => {
                 // FULL: waits (busy_timeout) for readers and writers, then syncs the WAL and
                 // copies every frame into the database file.
-                let row = sqlx::query("PRAGMA wal_checkpoint(FULL)")
+                // The first column of its one row: 1 if it could not finish for a busy lock.
+                let (busy, _, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(FULL)")
                     .fetch_one(&self.pool)
                     .await?;
-                let busy: i64 = row.try_get(0)?;
                 Ok(busy == 0)
             }
         }

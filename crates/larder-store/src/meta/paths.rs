@@ -12,8 +12,8 @@ use sqlx::FromRow;
 
 use super::columns::{refs_text, sigs_text, Stored};
 use super::{
-    decoding, now_unix, placeholders, retry, Engine, Metadata, Result, FOREIGN_KEY, IN_BATCH,
-    TX_ATTEMPTS,
+    decoding, decoding_with_nar, now_unix, placeholders, retry, Engine, Metadata, Result,
+    FOREIGN_KEY, IN_BATCH, TX_ATTEMPTS,
 };
 
 /// A stored NAR file: the NAR's hash and size, and the stored (compressed) file's.
@@ -135,6 +135,15 @@ pub(crate) fn ref_hashes<'a>(
 /// The columns a [`NarRow`] reads, from `nars n`.
 pub(super) const NAR_COLS: &str =
     "n.id AS nar_id, n.nar_hash, n.nar_size, n.compression, n.file_hash, n.file_size";
+/// The names of the columns of `nars` that rows joined with a NAR read.
+pub(super) const NAR_COLUMNS: &[&str] = &[
+    "nar_id",
+    "nar_hash",
+    "nar_size",
+    "compression",
+    "file_hash",
+    "file_size",
+];
 
 impl Metadata {
     /// The NAR whose stored file has `file_hash`, if `cache_id` publishes a path using it.
@@ -178,7 +187,7 @@ impl Metadata {
             .bind(hash)
             .fetch_optional(&self.pool)
             .await
-            .map_err(decoding("paths"))
+            .map_err(decoding_with_nar("paths"))
     }
 
     /// Which of `hashes` (32-character hash parts) the cache does not publish, in input order.

@@ -5,7 +5,10 @@
 use sqlx::FromRow;
 
 use super::columns::InvalidValue;
-use super::*;
+use super::{
+    decoding, decoding_with_nar, now_unix, placeholders, retry, Engine, MetaError, Metadata,
+    Result, IN_BATCH, UNIQUE,
+};
 
 /// A path as eviction sees it.
 #[derive(Debug, Clone, PartialEq, Eq, FromRow)]
@@ -99,7 +102,7 @@ impl Metadata {
         .bind(cache_id)
         .fetch_all(&self.pool)
         .await
-        .map_err(decoding("paths"))
+        .map_err(decoding_with_nar("paths"))
     }
 
     /// Every reference edge of a cache: `(referrer hash, referenced hash)`.

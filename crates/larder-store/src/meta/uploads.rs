@@ -3,12 +3,20 @@
 //! the claims that keep chunks being written safe from garbage collection.
 
 use larder_nix::hash::Sha256;
-use sqlx::{FromRow, Row};
+use sqlx::FromRow;
 
 use super::paths::NAR_COLS;
 use super::{
     decoding, now_unix, retry, ChunkRow, MetaError, Metadata, NarRow, Result, FOREIGN_KEY,
 };
+
+/// A pending upload found by its key.
+#[derive(FromRow)]
+struct KeyedUpload {
+    upload_id: String,
+    #[sqlx(flatten)]
+    nar: NarRow,
+}
 
 impl Metadata {
     /// Record a pending upload in `cache_id` that reuses the stored NAR with `nar_hash`, if
@@ -219,13 +227,12 @@ impl Metadata {
             "SELECT u.id AS upload_id, {NAR_COLS} FROM uploads u JOIN nars n ON n.id = u.nar_id \
              WHERE u.cache_id = $1 AND u.key = $2 ORDER BY u.created_at DESC"
         );
-        let row = sqlx::query(&sql)
+        let keyed: Option<KeyedUpload> = sqlx::query_as(&sql)
             .bind(cache_id)
             .bind(key)
             .fetch_optional(&self.pool)
-            .await?;
-        row.map(|row| Ok((row.try_get("upload_id")?, NarRow::from_row(&row)?)))
-            .transpose()
-            .map_err(decoding("nars"))
+            .await
+            .map_err(decoding("nars"))?;
+        Ok(keyed.map(|k| (k.upload_id, k.nar)))
     }
 }

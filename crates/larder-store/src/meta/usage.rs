@@ -1,6 +1,6 @@
 //! Usage: when each path was last served, which eviction orders paths by.
 
-use super::*;
+use super::{placeholders, retry, Metadata, Result, IN_BATCH};
 
 impl Metadata {
     /// Mark paths of a cache used at `at`: those with these hash parts and those whose NAR is
