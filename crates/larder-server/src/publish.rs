@@ -16,7 +16,7 @@ use larder_nix::narinfo::NarInfo;
 use larder_nix::signing::{Signature, SigningKey, VerifyingKey};
 use larder_nix::store_path::StorePath;
 use larder_store::meta::{
-    CacheRow, ChunkRow, Engine, HeldLock, LockName, NarRow, NewPath, PathRow, Publish,
+    CacheRow, ChunkRow, Engine, HeldLock, LockName, NarRow, NewPath, PathRow, Publish, SigningMode,
 };
 
 use crate::error::{ApiError, Rejection};
@@ -169,13 +169,7 @@ pub struct UpstreamRef {
 /// `upstream_keys` and the cache's own (a declared cache's `upstream_keys`).
 fn upstream_keys(state: &AppState, cache: &CacheRow) -> Vec<VerifyingKey> {
     let mut keys = state.config.upstream_keys.clone();
-    // Checked when they were declared; a row edited by hand to hold garbage trusts nothing.
-    keys.extend(
-        cache
-            .upstream_keys
-            .iter()
-            .filter_map(|k| VerifyingKey::parse(k).ok()),
-    );
+    keys.extend(cache.upstream_keys.iter().cloned());
     keys
 }
 
@@ -199,10 +193,10 @@ fn verified_upstream(info: &PathInfo, keys: &[VerifyingKey]) -> Vec<StorePath> {
 }
 
 /// The managed signing key of a cache, if it has one.
-pub fn managed_key(cache: &CacheRow) -> Result<Option<SigningKey>, ApiError> {
-    match (&cache.signing_mode[..], &cache.secret_key) {
-        ("managed", Some(sk)) => SigningKey::parse(sk).map(Some).map_err(ApiError::internal),
-        _ => Ok(None),
+pub fn managed_key(cache: &CacheRow) -> Option<&SigningKey> {
+    match (cache.signing_mode, &cache.secret_key) {
+        (SigningMode::Managed, Some(sk)) => Some(&sk.0),
+        _ => None,
     }
 }
 
@@ -245,7 +239,7 @@ pub async fn publish(
         &info.references,
     );
     let mut sigs: Vec<Signature> = Vec::new();
-    match managed_key(cache)? {
+    match managed_key(cache) {
         Some(key) => {
             // Our own signature replaces any that claims our key's name.
             for s in &info.sigs {
@@ -256,13 +250,12 @@ pub async fn publish(
             sigs.push(key.sign(&fingerprint));
         }
         None => {
-            let pk = cache.public_key.as_deref().ok_or_else(|| {
+            let pk = cache.public_key.as_ref().ok_or_else(|| {
                 ApiError::Conflict(format!(
                     "cache {:?} has no signing key registered (hint: larder generate-keypair {})",
                     cache.name, cache.name
                 ))
             })?;
-            let pk = VerifyingKey::parse(pk).map_err(ApiError::internal)?;
             if !info.sigs.iter().any(|s| pk.verify(&fingerprint, s)) {
                 return Err(ApiError::rejected(
                     Rejection::BadSignature,

@@ -39,7 +39,7 @@ mod uploads;
 mod usage;
 
 pub use caches::{CacheRow, CacheStats, CacheUpdate, NewCache};
-pub use columns::{CacheScope, InvalidValue};
+pub use columns::{CacheScope, InvalidValue, SecretKey, SigningMode};
 pub use contents::{PathCursor, PathEntry};
 pub use gc::{DeleteObject, ORPHAN_BATCH};
 pub use lock::{HeldLock, LockName};

@@ -19,7 +19,8 @@ use larder_nix::store_path::StorePath;
 use larder_store::meta::transfer::{self, TransferError};
 use larder_store::meta::{
     chunk_object_key, CacheDay, CacheRow, CacheScope, CacheUpdate, ChunkRow, Downloads, Engine,
-    Evicted, Keep, LockName, MetaError, NarRow, NewCache, NewPath, Publish, TokenRow,
+    Evicted, Keep, LockName, MetaError, NarRow, NewCache, NewPath, Publish, SecretKey, SigningMode,
+    TokenRow,
 };
 use larder_store::{now_unix, Metadata, ObjectStore, OpenOptions};
 use larder_testkit::postgres::PgCluster;
@@ -154,6 +155,11 @@ fn sp(name: &str) -> StorePath {
     StorePath::from_parts(digest, name).unwrap()
 }
 
+/// A signing key named `name`.
+fn key(name: &str) -> SigningKey {
+    SigningKey::from_seed(name, [2; 32]).unwrap()
+}
+
 /// A signature by the test key `test-1` (of the path's name: the store does not check it).
 fn sig(text: &str) -> Signature {
     SigningKey::from_seed("test-1", [1; 32]).unwrap().sign(text)
@@ -176,10 +182,10 @@ async fn cache(meta: &Metadata, name: &str) -> CacheRow {
     meta.create_cache(&NewCache {
         name: name.into(),
         priority: 41,
-        compression: "zstd".into(),
-        signing_mode: "managed".into(),
-        public_key: Some(format!("{name}-1:pk")),
-        secret_key: Some(format!("{name}-1:sk")),
+        compression: Compression::Zstd,
+        signing_mode: SigningMode::Managed,
+        public_key: Some(key(&format!("{name}-1")).verifying_key()),
+        secret_key: Some(SecretKey(key(&format!("{name}-1")))),
         ..NewCache::default()
     })
     .await
@@ -260,7 +266,7 @@ async fn caches_are_created_updated_and_deleted(db: Db) {
                 private: Some(true),
                 priority: Some(10),
                 max_size: Some(Some(5 << 30)),
-                client_public_key: Some("alpha-2:pk".into()),
+                client_public_key: Some(key("alpha-2").verifying_key()),
                 ..CacheUpdate::default()
             },
         )
@@ -269,7 +275,7 @@ async fn caches_are_created_updated_and_deleted(db: Db) {
         .unwrap();
     assert!(u.private);
     assert_eq!((u.priority, u.max_size), (10, Some(5 << 30)));
-    assert_eq!(u.signing_mode, "client");
+    assert_eq!(u.signing_mode, SigningMode::Client);
     assert_eq!(
         u.secret_key, None,
         "switching to client signing drops the secret"

@@ -1,43 +1,66 @@
 //! Caches: their settings (compression, signing, size limit, upstream keys), creating,
 //! changing and deleting one (with everything published in it), and their size.
 
+use larder_nix::compression::Compression;
+use larder_nix::signing::VerifyingKey;
 use sqlx::FromRow;
 
-use super::columns::{lines_text, scopes_text, CacheScope, Flag, Stored};
+use super::columns::{keys_text, scopes_text, CacheScope, Flag, SecretKey, SigningMode, Stored};
 use super::tokens::end_scope;
 use super::{decoding, now_unix, retry, Metadata, Result, FOREIGN_KEY};
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
 pub struct CacheRow {
     pub id: i64,
     pub name: String,
     #[sqlx(try_from = "Flag")]
     pub private: bool,
     pub priority: i64,
-    pub compression: String,
+    /// How uploads to it are compressed by default.
+    #[sqlx(try_from = "Stored<Compression>")]
+    pub compression: Compression,
     pub max_size: Option<i64>,
-    /// `managed` (the server holds `secret_key`) or `client` (only `public_key` is known).
-    pub signing_mode: String,
-    pub public_key: Option<String>,
-    #[serde(skip)]
-    pub secret_key: Option<String>,
+    /// Managed: the server holds `secret_key`; client: only `public_key` is known.
+    #[sqlx(try_from = "Stored<SigningMode>")]
+    pub signing_mode: SigningMode,
+    #[sqlx(try_from = "Stored<Option<VerifyingKey>>")]
+    pub public_key: Option<VerifyingKey>,
+    #[sqlx(try_from = "Stored<Option<SecretKey>>")]
+    pub secret_key: Option<SecretKey>,
     pub created_at: i64,
-    /// Public keys (`name:base64`) trusted as upstream for this cache, beside the server's.
-    #[sqlx(try_from = "Stored<Vec<String>>")]
-    pub upstream_keys: Vec<String>,
+    /// Public keys trusted as upstream for this cache, beside the server's.
+    #[sqlx(try_from = "Stored<Vec<VerifyingKey>>")]
+    pub upstream_keys: Vec<VerifyingKey>,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct NewCache {
     pub name: String,
     pub private: bool,
     pub priority: i64,
-    pub compression: String,
+    pub compression: Compression,
     pub max_size: Option<i64>,
-    pub signing_mode: String,
-    pub public_key: Option<String>,
-    pub secret_key: Option<String>,
-    pub upstream_keys: Vec<String>,
+    pub signing_mode: SigningMode,
+    pub public_key: Option<VerifyingKey>,
+    pub secret_key: Option<SecretKey>,
+    pub upstream_keys: Vec<VerifyingKey>,
+}
+
+impl Default for NewCache {
+    /// A public, managed, zstd cache without keys: fill in at least the name and keys.
+    fn default() -> NewCache {
+        NewCache {
+            name: String::new(),
+            private: false,
+            priority: 0,
+            compression: Compression::Zstd,
+            max_size: None,
+            signing_mode: SigningMode::Managed,
+            public_key: None,
+            secret_key: None,
+            upstream_keys: Vec::new(),
+        }
+    }
 }
 
 /// Changes to a cache; `None` leaves a field as it is.
@@ -45,13 +68,13 @@ pub struct NewCache {
 pub struct CacheUpdate {
     pub private: Option<bool>,
     pub priority: Option<i64>,
-    pub compression: Option<String>,
+    pub compression: Option<Compression>,
     /// `Some(None)` removes the limit.
     pub max_size: Option<Option<i64>>,
     /// Switch to client signing with this public key (`Some`), dropping the managed secret.
-    pub client_public_key: Option<String>,
+    pub client_public_key: Option<VerifyingKey>,
     /// Replace the cache's own upstream keys.
-    pub upstream_keys: Option<Vec<String>>,
+    pub upstream_keys: Option<Vec<VerifyingKey>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, FromRow)]
@@ -80,13 +103,13 @@ impl Metadata {
             .bind(&c.name)
             .bind(c.private as i64)
             .bind(c.priority)
-            .bind(&c.compression)
+            .bind(c.compression.as_str())
             .bind(c.max_size)
-            .bind(&c.signing_mode)
-            .bind(&c.public_key)
-            .bind(&c.secret_key)
+            .bind(c.signing_mode.as_str())
+            .bind(c.public_key.as_ref().map(VerifyingKey::to_string))
+            .bind(c.secret_key.as_ref().map(|k| k.0.to_secret_string()))
             .bind(now_unix())
-            .bind(lines_text(&c.upstream_keys))
+            .bind(keys_text(&c.upstream_keys))
             .fetch_optional(&self.pool)
             .await?;
         row.as_ref()
@@ -131,9 +154,9 @@ impl Metadata {
                 .execute(&mut *tx)
                 .await?;
         }
-        if let Some(c) = &u.compression {
+        if let Some(c) = u.compression {
             sqlx::query("UPDATE caches SET compression = $1 WHERE name = $2")
-                .bind(c)
+                .bind(c.as_str())
                 .bind(name)
                 .execute(&mut *tx)
                 .await?;
@@ -147,7 +170,7 @@ impl Metadata {
         }
         if let Some(keys) = &u.upstream_keys {
             sqlx::query("UPDATE caches SET upstream_keys = $1 WHERE name = $2")
-                .bind(lines_text(keys))
+                .bind(keys_text(keys))
                 .bind(name)
                 .execute(&mut *tx)
                 .await?;
@@ -157,7 +180,7 @@ impl Metadata {
                 "UPDATE caches SET signing_mode = 'client', public_key = $1, secret_key = NULL \
                  WHERE name = $2",
             )
-            .bind(pk)
+            .bind(pk.to_string())
             .bind(name)
             .execute(&mut *tx)
             .await?;

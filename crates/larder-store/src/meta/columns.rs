@@ -16,7 +16,7 @@ use std::collections::BTreeSet;
 use larder_api::Perm;
 use larder_nix::compression::Compression;
 use larder_nix::hash::Sha256;
-use larder_nix::signing::Signature;
+use larder_nix::signing::{Signature, SigningKey, VerifyingKey};
 use larder_nix::store_path::StorePath;
 use sqlx::any::{Any, AnyTypeInfo, AnyValueRef};
 use sqlx::error::BoxDynError;
@@ -65,6 +65,8 @@ pub trait Column: Sized {
     /// What the column holds, for errors ("a nix32 SHA-256").
     const WHAT: &'static str;
     fn from_text(text: &str) -> Option<Self>;
+    /// Whether an error must not repeat the value (a secret).
+    const SECRET: bool = false;
     /// The value a NULL stands for, if the column may be NULL.
     fn from_null() -> Option<Self> {
         None
@@ -94,6 +96,7 @@ impl<'r, T: Column> Decode<'r, Any> for Stored<T> {
         let text = <&str as Decode<Any>>::decode(value)?;
         match T::from_text(text) {
             Some(v) => Ok(Stored(v)),
+            None if T::SECRET => Err(Box::new(InvalidValue::new("(secret)", T::WHAT))),
             None => Err(Box::new(InvalidValue::new(text, T::WHAT))),
         }
     }
@@ -138,6 +141,10 @@ macro_rules! unwrap_stored {
 unwrap_stored!(
     Sha256,
     Compression,
+    SigningMode,
+    Option<VerifyingKey>,
+    Option<SecretKey>,
+    Vec<VerifyingKey>,
     StorePath,
     Option<StorePath>,
     Vec<StorePath>,
@@ -149,6 +156,7 @@ unwrap_stored!(
 
 impl<T: Column> Column for Option<T> {
     const WHAT: &'static str = T::WHAT;
+    const SECRET: bool = T::SECRET;
     fn from_text(text: &str) -> Option<Self> {
         T::from_text(text).map(Some)
     }
@@ -200,14 +208,86 @@ impl Column for Vec<Signature> {
     }
 }
 
-/// Upstream keys, one a line; NULL for none.
-impl Column for Vec<String> {
-    const WHAT: &'static str = "lines of text";
+impl Column for VerifyingKey {
+    const WHAT: &'static str = "a public key (name:base64)";
     fn from_text(text: &str) -> Option<Self> {
-        Some(text.lines().map(str::to_owned).collect())
+        VerifyingKey::parse(text).ok()
+    }
+}
+
+impl Column for SecretKey {
+    const WHAT: &'static str = "a secret key (name:base64)";
+    const SECRET: bool = true;
+    fn from_text(text: &str) -> Option<Self> {
+        SigningKey::parse(text).ok().map(SecretKey)
+    }
+}
+
+/// Upstream keys, one a line; NULL for none.
+impl Column for Vec<VerifyingKey> {
+    const WHAT: &'static str = "public keys (name:base64), one a line";
+    fn from_text(text: &str) -> Option<Self> {
+        text.lines()
+            .filter(|k| !k.is_empty())
+            .map(|k| VerifyingKey::parse(k).ok())
+            .collect()
     }
     fn from_null() -> Option<Self> {
         Some(Vec::new())
+    }
+}
+
+impl Column for SigningMode {
+    const WHAT: &'static str = "a signing mode (managed or client)";
+    fn from_text(text: &str) -> Option<Self> {
+        [SigningMode::Managed, SigningMode::Client]
+            .into_iter()
+            .find(|m| m.as_str() == text)
+    }
+}
+
+/// Who signs a cache's paths.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SigningMode {
+    /// The server, with the cache's secret key.
+    #[default]
+    Managed,
+    /// The pushing client; the server knows only the public key.
+    Client,
+}
+
+impl SigningMode {
+    /// As stored and shown: `managed`, `client`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SigningMode::Managed => "managed",
+            SigningMode::Client => "client",
+        }
+    }
+}
+
+impl std::fmt::Display for SigningMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A cache's managed signing key, as the store holds it: compared by value (for tests of
+/// rows), never shown.
+#[derive(Clone)]
+pub struct SecretKey(pub SigningKey);
+
+impl PartialEq for SecretKey {
+    fn eq(&self, other: &SecretKey) -> bool {
+        self.0.to_secret_string() == other.0.to_secret_string()
+    }
+}
+
+impl Eq for SecretKey {}
+
+impl std::fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SecretKey({})", self.0.name())
     }
 }
 
@@ -257,8 +337,13 @@ pub fn sigs_text(sigs: &[Signature]) -> String {
 }
 
 /// Upstream keys as stored: one a line, NULL for none.
-pub fn lines_text(lines: &[String]) -> Option<String> {
-    (!lines.is_empty()).then(|| lines.join("\n"))
+pub fn keys_text(keys: &[VerifyingKey]) -> Option<String> {
+    (!keys.is_empty()).then(|| {
+        keys.iter()
+            .map(VerifyingKey::to_string)
+            .collect::<Vec<_>>()
+            .join("\n")
+    })
 }
 
 /// Permissions as stored: comma-separated, weakest first.
@@ -294,6 +379,10 @@ mod tests {
         StorePath::from_parts(digest, name).unwrap()
     }
 
+    fn other_key() -> SigningKey {
+        SigningKey::from_seed("k-2", [8; 32]).unwrap()
+    }
+
     #[test]
     fn every_encoding_reads_back() {
         let h = Sha256::digest(b"x");
@@ -304,7 +393,7 @@ mod tests {
         let refs = vec![sp("a"), sp("b")];
         assert_eq!(Vec::<StorePath>::from_text(&refs_text(&refs)), Some(refs));
         assert_eq!(Vec::<StorePath>::from_text(""), Some(vec![]));
-        let key = larder_nix::signing::SigningKey::from_seed("k-1", [7; 32]).unwrap();
+        let key = SigningKey::from_seed("k-1", [7; 32]).unwrap();
         let sigs = vec![key.sign("one"), key.sign("two")];
         assert_eq!(Vec::<Signature>::from_text(&sigs_text(&sigs)), Some(sigs));
         assert_eq!(Vec::<Signature>::from_text(""), Some(vec![]));
@@ -318,10 +407,20 @@ mod tests {
             Some(Some(scopes))
         );
         assert_eq!(Option::<Vec<CacheScope>>::from_null(), Some(None));
-        let keys = vec!["k-1:abc".to_owned(), "k-2:def".to_owned()];
-        assert_eq!(Vec::<String>::from_text("k-1:abc\nk-2:def"), Some(keys));
-        assert_eq!(lines_text(&[]), None);
-        assert_eq!(Vec::<String>::from_null(), Some(vec![]));
+        let keys = vec![key.verifying_key(), other_key().verifying_key()];
+        assert_eq!(
+            Vec::<VerifyingKey>::from_text(&keys_text(&keys).unwrap()),
+            Some(keys)
+        );
+        assert_eq!(keys_text(&[]), None);
+        assert_eq!(Vec::<VerifyingKey>::from_null(), Some(vec![]));
+        for m in [SigningMode::Managed, SigningMode::Client] {
+            assert_eq!(SigningMode::from_text(m.as_str()), Some(m));
+        }
+        let secret = SecretKey::from_text(&key.to_secret_string()).unwrap();
+        assert_eq!(secret, SecretKey(key.clone()));
+        assert_ne!(secret, SecretKey(other_key()));
+        assert_eq!(format!("{secret:?}"), "SecretKey(k-1)");
         assert_eq!(Option::<StorePath>::from_null(), Some(None));
     }
 
@@ -335,6 +434,9 @@ mod tests {
         assert_eq!(Vec::<Signature>::from_text("k-1:notbase64"), None);
         assert_eq!(BTreeSet::<Perm>::from_text("pull,root"), None);
         assert_eq!(Sha256::from_null(), None);
+        assert_eq!(SigningMode::from_text("both"), None);
+        assert_eq!(VerifyingKey::from_text("k-1:pk"), None);
+        assert!(SecretKey::from_text("k-1:sk").is_none());
     }
 
     #[test]
