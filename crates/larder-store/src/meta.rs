@@ -1,6 +1,14 @@
 //! The metadata database: caches, tokens, NARs and their chunks, store paths, pending uploads,
 //! build logs and per-cache daily statistics (`meta/stats.rs`).
 //!
+//! This file holds what every concept shares: connecting, the engine, errors, and the retry of
+//! a transaction that lost a race. Each concept has its file: `caches`, `tokens`, `paths`
+//! (NARs, chunks, publishing, logs), `uploads` (pending uploads and chunk claims), `gc`,
+//! `usage`, `retention` (eviction and pins), `contents` (browsing), `stats`, `lock`,
+//! `schema`, `transfer`. Rows are decoded once, into domain types, by `FromRow` derives over
+//! the column encodings of `columns`: what leaves this module is never a stored string to be
+//! parsed again.
+//!
 //! One query layer for every engine: `sqlx`'s `Any` driver with queries written in the SQL both
 //! SQLite and PostgreSQL accept (`$N` parameters, `ON CONFLICT`, `RETURNING`, `BIGINT` columns,
 //! sums cast back to `BIGINT`). Only the DDL differs, in [`schema`].
