@@ -149,7 +149,6 @@ unwrap_stored!(
     Option<StorePath>,
     Vec<StorePath>,
     Vec<Signature>,
-    Vec<String>,
     BTreeSet<Perm>,
     Option<Vec<CacheScope>>,
 );
