@@ -18,7 +18,9 @@ use futures::StreamExt;
 use larder_nix::hash::{Sha256, Sha256Hasher};
 use larder_nix::signing::{Signature, SigningKey, VerifyingKey};
 use larder_nix::store_path::StorePath;
-use larder_store::meta::{CacheRow, CacheUpdate, NewCache, Publish, TokenRow};
+use larder_store::meta::{
+    CacheRow, CacheScope, CacheUpdate, NewCache, Publish, SecretKey, SigningMode, TokenRow,
+};
 use larder_store::now_unix;
 use serde::{Deserialize, Serialize};
 
@@ -169,7 +171,11 @@ pub struct CacheJson {
 pub(crate) async fn cache_json(state: &AppState, c: &CacheRow) -> Result<CacheJson, ApiError> {
     let stats = state.meta.cache_stats(c.id).await?;
     let url = format!("{}/{}", state.config.public_url, c.name);
-    let key = c.public_key.clone().unwrap_or_default();
+    let key = c
+        .public_key
+        .as_ref()
+        .map(VerifyingKey::to_string)
+        .unwrap_or_default();
     Ok(CacheJson {
         nix_conf: format!("extra-substituters = {url}\nextra-trusted-public-keys = {key}\n"),
         flake_nix_config: format!(
@@ -178,17 +184,21 @@ pub(crate) async fn cache_json(state: &AppState, c: &CacheRow) -> Result<CacheJs
         ),
         name: c.name.clone(),
         url,
-        public_key: c.public_key.clone(),
+        public_key: c.public_key.as_ref().map(VerifyingKey::to_string),
         private: c.private,
         priority: c.priority,
-        compression: c.compression.clone(),
+        compression: c.compression.as_str().to_owned(),
         max_size: c.max_size,
-        signing_mode: c.signing_mode.clone(),
+        signing_mode: c.signing_mode.as_str().to_owned(),
         size: stats.size,
         nar_size: stats.nar_size,
         paths: stats.paths,
         near_limit: crate::retention::over_warning(c, stats.size),
-        upstream_keys: c.upstream_keys.clone(),
+        upstream_keys: c
+            .upstream_keys
+            .iter()
+            .map(VerifyingKey::to_string)
+            .collect(),
     })
 }
 
@@ -268,7 +278,7 @@ pub(crate) fn managed_cache(
     priority: Option<i64>,
     compression: Option<&str>,
     max_size: Option<i64>,
-    upstream_keys: Vec<String>,
+    upstream_keys: Vec<VerifyingKey>,
 ) -> Result<NewCache, ApiError> {
     let compression = parse_compression(compression.unwrap_or(&state.config.compression))?;
     let key_name = format!("{name}.{}-1", state.config.public_host());
@@ -277,11 +287,11 @@ pub(crate) fn managed_cache(
         name: name.to_owned(),
         private,
         priority: check_priority(priority.unwrap_or(DEFAULT_PRIORITY))?,
-        compression: compression.as_str().to_owned(),
+        compression,
         max_size,
-        signing_mode: "managed".into(),
-        public_key: Some(key.verifying_key().to_string()),
-        secret_key: Some(key.to_secret_string()),
+        signing_mode: SigningMode::Managed,
+        public_key: Some(key.verifying_key()),
+        secret_key: Some(SecretKey(key)),
         upstream_keys,
     })
 }
@@ -377,7 +387,7 @@ async fn configure_cache(
         compression: req
             .compression
             .as_deref()
-            .map(|c| parse_compression(c).map(|c| c.as_str().to_owned()))
+            .map(parse_compression)
             .transpose()?,
         max_size: req
             .max_size
@@ -434,7 +444,7 @@ async fn register_public_key(
     let key = VerifyingKey::parse(req.public_key.trim())
         .map_err(|e| ApiError::bad(format!("invalid public key: {e}")))?;
     let update = CacheUpdate {
-        client_public_key: Some(key.to_string()),
+        client_public_key: Some(key),
         ..Default::default()
     };
     let row = state
@@ -536,11 +546,11 @@ impl UploadResp {
     fn from_nar(upload_id: String, nar: larder_store::meta::NarRow) -> Self {
         UploadResp {
             upload_id,
-            nar_hash: format!("sha256:{}", nar.nar_hash),
+            nar_hash: nar.nar_hash.to_typed_nix32(),
             nar_size: nar.nar_size,
-            file_hash: format!("sha256:{}", nar.file_hash),
+            file_hash: nar.file_hash.to_typed_nix32(),
             file_size: nar.file_size,
-            compression: nar.compression,
+            compression: nar.compression.as_str().to_owned(),
         }
     }
 }
@@ -714,20 +724,11 @@ fn token_json(t: &TokenRow, secret: Option<String>) -> TokenJson {
     TokenJson {
         id: t.id.clone(),
         label: t.label.clone(),
-        perms: t.perms.split(',').map(str::to_owned).collect(),
-        caches: t.caches.as_ref().map(|c| {
-            c.split(',')
-                .filter(|c| !c.starts_with(larder_store::meta::ENDED_SCOPE))
-                .map(str::to_owned)
-                .collect()
-        }),
-        deleted_caches: t
-            .caches
-            .iter()
-            .flat_map(|c| c.split(','))
-            .filter_map(|c| c.strip_prefix(larder_store::meta::ENDED_SCOPE))
-            .map(str::to_owned)
-            .collect(),
+        perms: t.perms.iter().map(|p| p.as_str().to_owned()).collect(),
+        caches: t
+            .live_caches()
+            .map(|c| c.into_iter().map(str::to_owned).collect()),
+        deleted_caches: t.ended_caches().into_iter().map(str::to_owned).collect(),
         expires_at: t.expires_at,
         revoked_at: t.revoked_at,
         created_at: t.created_at,
@@ -784,20 +785,15 @@ async fn create_token(
         })
         .transpose()?
         .map(|d| now_unix().saturating_add(d.as_secs() as i64));
-    let mut perms = req.perms.clone();
-    perms.sort();
-    perms.dedup();
     let (secret, id) = new_token()?;
     let row = TokenRow {
         id,
         secret_hash: token_hash(&secret),
         label: req.label,
-        perms: perms
-            .iter()
-            .map(|p| p.as_str())
-            .collect::<Vec<_>>()
-            .join(","),
-        caches: req.caches.map(|c| c.join(",")),
+        perms: req.perms.iter().copied().collect(),
+        caches: req
+            .caches
+            .map(|c| c.into_iter().map(CacheScope::Cache).collect()),
         expires_at,
         revoked_at: None,
         created_at: now_unix(),
@@ -805,7 +801,7 @@ async fn create_token(
     state.meta.create_token(&row).await?;
     // A cache deleted between the check above and the insert did not end this new token's
     // scope (the deletion did not see it): check again, and take the token back if so.
-    for c in row.caches.iter().flat_map(|c| c.split(',')) {
+    for c in row.live_caches().into_iter().flatten() {
         if state.meta.get_cache(c).await?.is_none() {
             state.meta.revoke_token(&row.id).await?;
             return Err(ApiError::bad(format!(

@@ -43,14 +43,11 @@ impl Grant {
         Grant {
             id: row.id.clone(),
             label: row.label.clone(),
-            perms: row.perms.split(',').filter_map(Perm::parse).collect(),
-            caches: row.caches.as_ref().map(|c| {
-                // An ended scope (a deleted cache, `!NAME`) grants nothing.
-                c.split(',')
-                    .filter(|s| !s.is_empty() && !s.starts_with(larder_store::meta::ENDED_SCOPE))
-                    .map(str::to_owned)
-                    .collect()
-            }),
+            perms: row.perms.iter().copied().collect(),
+            // An ended scope (a deleted cache) grants nothing.
+            caches: row
+                .live_caches()
+                .map(|c| c.into_iter().map(str::to_owned).collect()),
             expires_at: row.expires_at,
         }
     }

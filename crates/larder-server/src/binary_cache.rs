@@ -24,7 +24,7 @@ use larder_store::meta::{CacheRow, ChunkRow, NarRow};
 use crate::auth::{principal, Perm};
 use crate::config::NarRedirect;
 use crate::error::ApiError;
-use crate::ingest::{ingest, parse_compression, parse_nar_file_name, truncate};
+use crate::ingest::{ingest, parse_nar_file_name, truncate};
 use crate::publish::{load_cache, publish, render_narinfo, store_upload, PathInfo};
 use crate::routes::Routes;
 use crate::AppState;
@@ -132,7 +132,7 @@ async fn get_file(
                     .get_path(cache.id, hash)
                     .await?
                     .ok_or_else(|| ApiError::not_found("no such path in this cache"))?;
-                let text: std::sync::Arc<str> = render_narinfo(&path)?.into();
+                let text: std::sync::Arc<str> = render_narinfo(&path).into();
                 state
                     .hot
                     .put_narinfo(cache.id, hash, text.clone(), generation);
@@ -206,7 +206,7 @@ async fn make_listing(state: &AppState, nar: &NarRow) -> Result<(), ApiError> {
     if state.objects.exists(&key).await? {
         return Ok(());
     }
-    let compression = parse_compression(&nar.compression)?;
+    let compression = nar.compression;
     let chunks = state.meta.nar_chunks(nar.id).await?;
     let body = chunk_stream(state, &chunks, 0..nar.file_size as u64).await?;
     let (file, listing) = state
@@ -369,7 +369,6 @@ async fn get_nar(
 ) -> Result<Response, ApiError> {
     let cache = crate::publish::authorized_cache(&state, &headers, &name, Perm::Pull).await?;
     let (file_hash, compression) = parse_nar_file_name(&file)?;
-    let file_hash = file_hash.to_nix32();
     let served = match state.hot.nar(cache.id, &file_hash) {
         Some(served) => served,
         None => {
@@ -385,7 +384,7 @@ async fn get_nar(
         }
     };
     let nar = &served.nar;
-    if nar.compression != compression.as_str() {
+    if nar.compression != compression {
         return Err(ApiError::not_found("no such NAR in this cache"));
     }
     let len = nar.file_size as u64;
@@ -550,7 +549,7 @@ async fn put_narinfo(
             };
             let nar = state
                 .meta
-                .servable_nar_by_file_hash(cache.id, &file_hash.to_nix32(), evicted_since(&state))
+                .servable_nar_by_file_hash(cache.id, &file_hash, evicted_since(&state))
                 .await?
                 .ok_or_else(not_uploaded)?;
             let upload_id = crate::publish::random_id()?;

@@ -4,6 +4,7 @@
 //! caches the file does not declare are deleted. Replicas starting together with one file
 //! converge: creation is idempotent and updates write the same values.
 
+use larder_nix::signing::VerifyingKey;
 use larder_store::meta::CacheUpdate;
 
 use crate::config::DeclaredCache;
@@ -55,7 +56,7 @@ async fn apply_one(state: &AppState, d: &DeclaredCache) -> Result<Option<String>
             d.priority,
             d.compression.as_deref(),
             d.max_size.flatten().map(|b| b as i64),
-            d.upstream_keys.clone().unwrap_or_default(),
+            upstream_keys(d)?.unwrap_or_default(),
         )?;
         // `None`: another replica created it just now; fall through to the update.
         if state.meta.create_cache(&new).await?.is_some() {
@@ -68,10 +69,16 @@ async fn apply_one(state: &AppState, d: &DeclaredCache) -> Result<Option<String>
     let update = CacheUpdate {
         private: differs(d.private, current.private),
         priority: differs(d.priority, current.priority),
-        compression: differs(d.compression.clone(), current.compression.clone()),
+        compression: differs(
+            d.compression
+                .as_deref()
+                .map(crate::ingest::parse_compression)
+                .transpose()?,
+            current.compression,
+        ),
         max_size: differs(d.max_size.map(max_size), current.max_size),
         client_public_key: None,
-        upstream_keys: differs(d.upstream_keys.clone(), current.upstream_keys.clone()),
+        upstream_keys: differs(upstream_keys(d)?, current.upstream_keys.clone()),
     };
     let mut changed = Vec::new();
     for (name, set) in [
@@ -103,6 +110,18 @@ async fn apply_one(state: &AppState, d: &DeclaredCache) -> Result<Option<String>
         d.name,
         changed.join(", ")
     )))
+}
+
+/// A declared cache's own upstream keys (checked when the configuration was read).
+fn upstream_keys(d: &DeclaredCache) -> Result<Option<Vec<VerifyingKey>>, ApiError> {
+    d.upstream_keys
+        .as_ref()
+        .map(|keys| {
+            keys.iter()
+                .map(|k| VerifyingKey::parse(k).map_err(ApiError::internal))
+                .collect()
+        })
+        .transpose()
 }
 
 /// The declared value, when there is one and it is not what the cache has.

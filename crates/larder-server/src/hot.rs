@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use larder_nix::hash::Sha256;
 use larder_store::meta::{CacheRow, ChunkRow, NarRow};
 use quick_cache::sync::Cache;
 
@@ -49,7 +50,7 @@ pub struct ServedNar {
     pub chunks: Vec<ChunkRow>,
 }
 
-/// A NAR key without allocating: the 52-character nix32 file hash as bytes.
+/// A chunk key without allocating: the 52-character nix32 chunk hash as bytes.
 fn nar_key(file_hash: &str) -> [u8; 52] {
     let mut k = [0u8; 52];
     for (d, s) in k.iter_mut().zip(file_hash.bytes()) {
@@ -84,7 +85,7 @@ pub struct HotCache {
     /// Bumped by every forget, so that a read racing it does not cache a stale narinfo.
     narinfo_generation: AtomicU64,
     tokens: Cache<String, Timed<Grant>>,
-    nars: Cache<(i64, [u8; 52]), Timed<Arc<ServedNar>>>,
+    nars: Cache<(i64, [u8; 32]), Timed<Arc<ServedNar>>>,
     /// Small NAR files by chunk hash. Content-addressed, so never stale; whether a cache may
     /// serve one is decided by `nars` and the database, never by this.
     small_files: Cache<[u8; 52], bytes::Bytes, ByLength>,
@@ -153,21 +154,21 @@ impl HotCache {
         self.narinfos.remove(&(cache_id, key(hash)));
     }
 
-    /// A servable NAR of `cache_id` by its file hash (nix32), as a download found it lately.
-    pub fn nar(&self, cache_id: i64, file_hash: &str) -> Option<Arc<ServedNar>> {
-        fresh(self.nars.get(&(cache_id, nar_key(file_hash))), NAR_TTL)
+    /// A servable NAR of `cache_id` by its file hash, as a download found it lately.
+    pub fn nar(&self, cache_id: i64, file_hash: &Sha256) -> Option<Arc<ServedNar>> {
+        fresh(self.nars.get(&(cache_id, *file_hash.as_bytes())), NAR_TTL)
     }
     pub fn put_nar(&self, cache_id: i64, served: Arc<ServedNar>) {
         self.nars.insert(
-            (cache_id, nar_key(&served.nar.file_hash)),
+            (cache_id, *served.nar.file_hash.as_bytes()),
             Timed {
                 at: Instant::now(),
                 value: served,
             },
         );
     }
-    pub fn forget_nar(&self, cache_id: i64, file_hash: &str) {
-        self.nars.remove(&(cache_id, nar_key(file_hash)));
+    pub fn forget_nar(&self, cache_id: i64, file_hash: &Sha256) {
+        self.nars.remove(&(cache_id, *file_hash.as_bytes()));
     }
 
     /// The bytes of a small stored file, by its chunk hash (nix32).

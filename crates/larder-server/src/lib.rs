@@ -342,7 +342,7 @@ pub async fn bootstrap_admin_token(
             id,
             secret_hash: auth::token_hash(&token),
             label: "bootstrap admin".into(),
-            perms: "admin".into(),
+            perms: [auth::Perm::Admin].into(),
             caches: None,
             expires_at: None,
             revoked_at: None,

@@ -16,11 +16,11 @@ use larder_nix::narinfo::NarInfo;
 use larder_nix::signing::{Signature, SigningKey, VerifyingKey};
 use larder_nix::store_path::StorePath;
 use larder_store::meta::{
-    CacheRow, ChunkRow, Engine, HeldLock, LockName, NarRow, NewPath, PathRow, Publish,
+    CacheRow, ChunkRow, Engine, HeldLock, LockName, NarRow, NewPath, PathRow, Publish, SigningMode,
 };
 
 use crate::error::{ApiError, Rejection};
-use crate::ingest::{parse_compression, truncate, Ingested};
+use crate::ingest::{truncate, Ingested};
 use crate::{valid_cache_name, AppState};
 
 /// Look a cache up by name: 400 for a malformed name, 404 for an unknown one.
@@ -86,17 +86,15 @@ pub async fn store_upload(
     up: Ingested,
 ) -> Result<(String, NarRow), ApiError> {
     let upload_id = random_id()?;
-    let nar_hash = up.nar_hash.to_nix32();
     if let Some(nar) = state
         .meta
-        .reuse_nar_for_upload(&upload_id, cache.id, key, &nar_hash)
+        .reuse_nar_for_upload(&upload_id, cache.id, key, &up.nar_hash)
         .await?
     {
         return Ok((upload_id, nar)); // `up.file` is deleted on drop
     }
-    let file_hash = up.file_hash.to_nix32();
     let chunk = ChunkRow {
-        chunk_hash: file_hash.clone(),
+        chunk_hash: up.file_hash.to_nix32(),
         file_size: up.file_size as i64,
     };
     // Claimed before it is written, so a garbage collection running now cannot delete the
@@ -111,10 +109,10 @@ pub async fn store_upload(
         .await?;
     let row = NarRow {
         id: 0,
-        nar_hash,
+        nar_hash: up.nar_hash,
         nar_size: up.nar_size as i64,
-        compression: up.compression.as_str().to_owned(),
-        file_hash,
+        compression: up.compression,
+        file_hash: up.file_hash,
         file_size: up.file_size as i64,
     };
     // If the same NAR was stored concurrently in another form, ours is redundant: its chunk
@@ -136,7 +134,7 @@ pub async fn store_upload(
 
 /// Store a NAR's `.ls` listing (written while the NAR was verified) next to it. A failure
 /// only costs time later: a listing found missing is made again when first asked for.
-pub async fn store_listing(state: &AppState, nar_hash: &str, listing: &std::path::Path) {
+pub async fn store_listing(state: &AppState, nar_hash: &Sha256, listing: &std::path::Path) {
     let key = larder_store::meta::listing_object_key(nar_hash);
     if let Err(e) = state.objects.put_file(&key, listing).await {
         tracing::warn!(error = %crate::error::error_chain(&e), "cannot store a NAR listing; it is made again when asked for");
@@ -171,19 +169,13 @@ pub struct UpstreamRef {
 /// `upstream_keys` and the cache's own (a declared cache's `upstream_keys`).
 fn upstream_keys(state: &AppState, cache: &CacheRow) -> Vec<VerifyingKey> {
     let mut keys = state.config.upstream_keys.clone();
-    // Checked when they were declared; a row edited by hand to hold garbage trusts nothing.
-    keys.extend(
-        cache
-            .upstream_keys
-            .iter()
-            .filter_map(|k| VerifyingKey::parse(k).ok()),
-    );
+    keys.extend(cache.upstream_keys.iter().cloned());
     keys
 }
 
 /// The references of `info` whose upstream metadata carries a valid signature by a key in
-/// `keys` (basenames).
-fn verified_upstream(info: &PathInfo, keys: &[VerifyingKey]) -> Vec<String> {
+/// `keys`.
+fn verified_upstream(info: &PathInfo, keys: &[VerifyingKey]) -> Vec<StorePath> {
     info.upstream
         .iter()
         .filter(|u| info.references.contains(&u.store_path))
@@ -196,15 +188,15 @@ fn verified_upstream(info: &PathInfo, keys: &[VerifyingKey]) -> Vec<String> {
             );
             u.sigs.iter().any(|s| keys.iter().any(|k| k.verify(&fp, s)))
         })
-        .map(|u| u.store_path.basename())
+        .map(|u| u.store_path.clone())
         .collect()
 }
 
 /// The managed signing key of a cache, if it has one.
-pub fn managed_key(cache: &CacheRow) -> Result<Option<SigningKey>, ApiError> {
-    match (&cache.signing_mode[..], &cache.secret_key) {
-        ("managed", Some(sk)) => SigningKey::parse(sk).map(Some).map_err(ApiError::internal),
-        _ => Ok(None),
+pub fn managed_key(cache: &CacheRow) -> Option<&SigningKey> {
+    match (cache.signing_mode, &cache.secret_key) {
+        (SigningMode::Managed, Some(sk)) => Some(&sk.0),
+        _ => None,
     }
 }
 
@@ -216,11 +208,11 @@ pub async fn publish(
     nar: &NarRow,
     upload_id: &str,
 ) -> Result<Publish, ApiError> {
-    if info.nar_hash.to_nix32() != nar.nar_hash {
+    if info.nar_hash != nar.nar_hash {
         return Err(ApiError::rejected(
             Rejection::NarHashMismatch,
             format!(
-                "NarHash mismatch for {}: declared {}, but the uploaded NAR hashes to sha256:{}",
+                "NarHash mismatch for {}: declared {}, but the uploaded NAR hashes to {}",
                 info.store_path, info.nar_hash, nar.nar_hash
             ),
         ));
@@ -246,25 +238,24 @@ pub async fn publish(
         info.nar_size,
         &info.references,
     );
-    let mut sigs: Vec<String> = Vec::new();
-    match managed_key(cache)? {
+    let mut sigs: Vec<Signature> = Vec::new();
+    match managed_key(cache) {
         Some(key) => {
             // Our own signature replaces any that claims our key's name.
             for s in &info.sigs {
-                if s.key_name() != key.name() && !sigs.contains(&s.to_string()) {
-                    sigs.push(s.to_string());
+                if s.key_name() != key.name() && !sigs.contains(s) {
+                    sigs.push(s.clone());
                 }
             }
-            sigs.push(key.sign(&fingerprint).to_string());
+            sigs.push(key.sign(&fingerprint));
         }
         None => {
-            let pk = cache.public_key.as_deref().ok_or_else(|| {
+            let pk = cache.public_key.as_ref().ok_or_else(|| {
                 ApiError::Conflict(format!(
                     "cache {:?} has no signing key registered (hint: larder generate-keypair {})",
                     cache.name, cache.name
                 ))
             })?;
-            let pk = VerifyingKey::parse(pk).map_err(ApiError::internal)?;
             if !info.sigs.iter().any(|s| pk.verify(&fingerprint, s)) {
                 return Err(ApiError::rejected(
                     Rejection::BadSignature,
@@ -276,18 +267,17 @@ pub async fn publish(
                 ));
             }
             for s in &info.sigs {
-                if !sigs.contains(&s.to_string()) {
-                    sigs.push(s.to_string());
+                if !sigs.contains(s) {
+                    sigs.push(s.clone());
                 }
             }
         }
     }
     let new = NewPath {
         cache_id: cache.id,
-        hash: info.store_path.hash_part(),
-        name: info.store_path.name().to_owned(),
-        refs: info.references.iter().map(StorePath::basename).collect(),
-        deriver: info.deriver.as_ref().map(StorePath::basename),
+        store_path: info.store_path.clone(),
+        refs: info.references.clone(),
+        deriver: info.deriver.clone(),
         ca: info.ca.clone(),
         sigs,
         nar_id: nar.id,
@@ -295,7 +285,7 @@ pub async fn publish(
     };
     match state.meta.publish_path(&new, upload_id).await? {
         Publish::Conflict { existing_nar_hash } => Err(ApiError::Conflict(format!(
-            "{} is already in cache {:?} with different content (NarHash sha256:{}); \
+            "{} is already in cache {:?} with different content (NarHash {}); \
              an existing path is never overwritten",
             info.store_path, cache.name, existing_nar_hash
         ))),
@@ -309,7 +299,7 @@ pub async fn publish(
                 missing
                     .iter()
                     .take(5)
-                    .map(String::as_str)
+                    .map(StorePath::basename)
                     .collect::<Vec<_>>()
                     .join(" ")
             ),
@@ -323,56 +313,26 @@ pub async fn publish(
 }
 
 /// The narinfo of a published path, as served.
-pub fn render_narinfo(path: &PathRow) -> Result<String, ApiError> {
-    let corrupt = |what: &str| {
-        ApiError::internal(std::io::Error::other(format!(
-            "stored {what} of path {} is invalid",
-            path.id
-        )))
-    };
-    let compression =
-        parse_compression(&path.nar.compression).map_err(|_| corrupt("compression"))?;
-    let store_path = StorePath::from_basename(&format!("{}-{}", path.hash, path.name))
-        .map_err(|_| corrupt("store path"))?;
-    let references = path
-        .refs
-        .split(' ')
-        .filter(|r| !r.is_empty())
-        .map(StorePath::from_basename)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|_| corrupt("references"))?;
-    let deriver = path
-        .deriver
-        .as_deref()
-        .map(StorePath::from_basename)
-        .transpose()
-        .map_err(|_| corrupt("deriver"))?;
-    let sigs = path
-        .sigs
-        .lines()
-        .filter(|s| !s.is_empty())
-        .map(Signature::parse)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|_| corrupt("signatures"))?;
-    let hash = |h: &str, what| {
-        larder_nix::nixbase32::decode_fixed::<32>(h)
-            .map(Sha256::from_bytes)
-            .map_err(|_| corrupt(what))
-    };
+pub fn render_narinfo(path: &PathRow) -> String {
+    let nar = &path.nar;
     let info = NarInfo {
-        store_path,
-        url: format!("nar/{}.nar{}", path.nar.file_hash, compression.extension()),
-        compression: compression.as_str().to_owned(),
-        file_hash: Some(hash(&path.nar.file_hash, "file hash")?),
-        file_size: Some(path.nar.file_size as u64),
-        nar_hash: hash(&path.nar.nar_hash, "nar hash")?,
-        nar_size: path.nar.nar_size as u64,
-        references,
-        deriver,
-        sigs,
+        store_path: path.store_path.clone(),
+        url: format!(
+            "nar/{}.nar{}",
+            nar.file_hash.to_nix32(),
+            nar.compression.extension()
+        ),
+        compression: nar.compression.as_str().to_owned(),
+        file_hash: Some(nar.file_hash),
+        file_size: Some(nar.file_size as u64),
+        nar_hash: nar.nar_hash,
+        nar_size: nar.nar_size as u64,
+        references: path.refs.clone(),
+        deriver: path.deriver.clone(),
+        sigs: path.sigs.clone(),
         ca: path.ca.clone(),
     };
-    Ok(info.to_string())
+    info.to_string()
 }
 
 /// Delete what nothing refers to any more: expired pending uploads, their NARs, NARs of paths

@@ -11,12 +11,16 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
+use larder_api::Perm;
+use larder_nix::compression::Compression;
 use larder_nix::hash::Sha256;
+use larder_nix::signing::{Signature, SigningKey};
 use larder_nix::store_path::StorePath;
 use larder_store::meta::transfer::{self, TransferError};
 use larder_store::meta::{
-    chunk_object_key, CacheDay, CacheRow, CacheUpdate, ChunkRow, Downloads, Engine, Evicted, Keep,
-    LockName, MetaError, NarRow, NewCache, NewPath, Publish, TokenRow,
+    chunk_object_key, CacheDay, CacheRow, CacheScope, CacheUpdate, ChunkRow, Downloads, Engine,
+    Evicted, Keep, LockName, MetaError, NarRow, NewCache, NewPath, Publish, SecretKey, SigningMode,
+    TokenRow,
 };
 use larder_store::{now_unix, Metadata, ObjectStore, OpenOptions};
 use larder_testkit::postgres::PgCluster;
@@ -100,10 +104,14 @@ fn nar(seed: &str, variant: &str) -> (NarRow, Vec<ChunkRow>) {
     let file_hash = h52(&format!("file/{seed}/{variant}"));
     let row = NarRow {
         id: 0,
-        nar_hash: h52(&format!("nar/{seed}")),
+        nar_hash: Sha256::digest(format!("nar/{seed}").as_bytes()),
         nar_size: 1000 + seed.len() as i64,
-        compression: if variant.is_empty() { "zstd" } else { "xz" }.into(),
-        file_hash: file_hash.clone(),
+        compression: if variant.is_empty() {
+            Compression::Zstd
+        } else {
+            Compression::Xz
+        },
+        file_hash: file_hash.parse().unwrap(),
         file_size: 100 + variant.len() as i64,
     };
     let chunk = ChunkRow {
@@ -147,15 +155,24 @@ fn sp(name: &str) -> StorePath {
     StorePath::from_parts(digest, name).unwrap()
 }
 
+/// A signing key named `name`.
+fn key(name: &str) -> SigningKey {
+    SigningKey::from_seed(name, [2; 32]).unwrap()
+}
+
+/// A signature by the test key `test-1` (of the path's name: the store does not check it).
+fn sig(text: &str) -> Signature {
+    SigningKey::from_seed("test-1", [1; 32]).unwrap().sign(text)
+}
+
 fn new_path(cache_id: i64, p: &StorePath, nar_id: i64, refs: &[&StorePath]) -> NewPath {
     NewPath {
         cache_id,
-        hash: p.hash_part(),
-        name: p.name().to_owned(),
-        refs: refs.iter().map(|r| r.basename()).collect(),
-        deriver: Some(sp(&format!("{}.drv", p.name())).basename()),
+        store_path: p.clone(),
+        refs: refs.iter().map(|r| (*r).clone()).collect(),
+        deriver: Some(sp(&format!("{}.drv", p.name()))),
         ca: None,
-        sigs: vec![format!("test-1:{}", p.name())],
+        sigs: vec![sig(p.name())],
         nar_id,
         upstream_refs: Vec::new(),
     }
@@ -165,10 +182,10 @@ async fn cache(meta: &Metadata, name: &str) -> CacheRow {
     meta.create_cache(&NewCache {
         name: name.into(),
         priority: 41,
-        compression: "zstd".into(),
-        signing_mode: "managed".into(),
-        public_key: Some(format!("{name}-1:pk")),
-        secret_key: Some(format!("{name}-1:sk")),
+        compression: Compression::Zstd,
+        signing_mode: SigningMode::Managed,
+        public_key: Some(key(&format!("{name}-1")).verifying_key()),
+        secret_key: Some(SecretKey(key(&format!("{name}-1")))),
         ..NewCache::default()
     })
     .await
@@ -208,8 +225,11 @@ fn token(id: &str) -> TokenRow {
         id: id.into(),
         secret_hash: h52(id),
         label: format!("label {id}"),
-        perms: "push,pull".into(),
-        caches: Some("a,b".into()),
+        perms: [Perm::Push, Perm::Pull].into(),
+        caches: Some(vec![
+            CacheScope::Cache("a".into()),
+            CacheScope::Cache("b".into()),
+        ]),
         expires_at: None,
         revoked_at: None,
         created_at: 1000,
@@ -246,7 +266,7 @@ async fn caches_are_created_updated_and_deleted(db: Db) {
                 private: Some(true),
                 priority: Some(10),
                 max_size: Some(Some(5 << 30)),
-                client_public_key: Some("alpha-2:pk".into()),
+                client_public_key: Some(key("alpha-2").verifying_key()),
                 ..CacheUpdate::default()
             },
         )
@@ -255,7 +275,7 @@ async fn caches_are_created_updated_and_deleted(db: Db) {
         .unwrap();
     assert!(u.private);
     assert_eq!((u.priority, u.max_size), (10, Some(5 << 30)));
-    assert_eq!(u.signing_mode, "client");
+    assert_eq!(u.signing_mode, SigningMode::Client);
     assert_eq!(
         u.secret_key, None,
         "switching to client signing drops the secret"
@@ -308,6 +328,66 @@ async fn tokens_are_stored_found_and_revoked(db: Db) {
         .is_some());
 }
 
+/// Rows come back as the domain values they were written from; a value that does not decode
+/// (a row edited by hand) is an error naming the table, the column and the value.
+async fn stored_values_decode_or_name_what_is_wrong(db: Db) {
+    let m = &db.meta;
+    let c = cache(m, "typed").await;
+    let lib = sp("lib");
+    let app = sp("app");
+    publish(m, c.id, &lib, &[]).await;
+    let n = publish(m, c.id, &app, &[&lib]).await;
+    let row = m.get_path(c.id, &app.hash_part()).await.unwrap().unwrap();
+    assert_eq!(row.store_path, app);
+    assert_eq!(row.refs, vec![lib.clone()]);
+    assert_eq!(row.deriver, Some(sp("app.drv")));
+    assert_eq!(row.sigs, vec![sig("app")]);
+    assert_eq!(row.nar, n);
+    assert_eq!(row.nar.compression, Compression::Zstd);
+    // Deleting a cache ends the scopes naming it, as a typed variant.
+    cache(m, "a").await;
+    m.create_token(&token("scoped")).await.unwrap();
+    assert!(m.delete_cache("a").await.unwrap());
+    let t = m.get_token("scoped").await.unwrap().unwrap();
+    assert_eq!(
+        t.caches,
+        Some(vec![
+            CacheScope::Ended("a".into()),
+            CacheScope::Cache("b".into()),
+        ])
+    );
+    assert_eq!(t.live_caches(), Some(vec!["b"]));
+    assert_eq!(t.ended_caches(), vec!["a"]);
+
+    let raw = sqlx::AnyPool::connect(&db.url).await.unwrap();
+    sqlx::query("UPDATE nars SET compression = 'gzip' WHERE id = $1")
+        .bind(n.id)
+        .execute(&raw)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE tokens SET perms = 'pull,root' WHERE id = 'scoped'")
+        .execute(&raw)
+        .await
+        .unwrap();
+    raw.close().await;
+    let undecodable = |e: MetaError| match e {
+        MetaError::Undecodable {
+            table,
+            column,
+            source,
+        } => (table, column, source.to_string()),
+        e => panic!("not Undecodable: {e:?}"),
+    };
+    let (table, column, why) = undecodable(m.get_path(c.id, &app.hash_part()).await.unwrap_err());
+    assert_eq!((table, column.as_str()), ("nars", "compression"));
+    assert!(why.contains("\"gzip\""), "{why}");
+    let (table, column, why) = undecodable(m.get_token("scoped").await.unwrap_err());
+    assert_eq!((table, column.as_str()), ("tokens", "perms"));
+    assert!(why.contains("pull,root"), "{why}");
+    // The other rows still read.
+    assert!(m.get_path(c.id, &lib.hash_part()).await.unwrap().is_some());
+}
+
 async fn publishing_keeps_the_integrity_rules(db: Db) {
     let m = &db.meta;
     let c = cache(m, "main").await;
@@ -319,11 +399,11 @@ async fn publishing_keeps_the_integrity_rules(db: Db) {
         .publish_path(&new_path(c.id, &app, n.id, &[&lib]), &id)
         .await
         .unwrap();
-    assert_eq!(r, Publish::MissingReferences(vec![lib.basename()]));
+    assert_eq!(r, Publish::MissingReferences(vec![lib.clone()]));
     assert_eq!(m.get_path(c.id, &app.hash_part()).await.unwrap(), None);
     // …unless an upstream key vouched for it.
     let mut upstream = new_path(c.id, &app, n.id, &[&lib]);
-    upstream.upstream_refs = vec![lib.basename()];
+    upstream.upstream_refs = vec![lib.clone()];
     let other = cache(m, "other").await;
     let (oid, on) = upload(m, other.id, "app", "").await;
     assert_eq!(on.id, n.id, "an identical NAR is stored once across caches");
@@ -341,8 +421,8 @@ async fn publishing_keeps_the_integrity_rules(db: Db) {
         Publish::Created
     );
     let row = m.get_path(c.id, &app.hash_part()).await.unwrap().unwrap();
-    assert_eq!(row.name, "app");
-    assert_eq!(row.refs, format!("{} {}", lib.basename(), app.basename()));
+    assert_eq!(row.store_path.name(), "app");
+    assert_eq!(row.refs, vec![lib.clone(), app.clone()]);
     assert_eq!(row.nar, n);
     assert_eq!(
         m.cache_refs(c.id).await.unwrap(),
@@ -363,7 +443,7 @@ async fn publishing_keeps_the_integrity_rules(db: Db) {
             .await
             .unwrap(),
         Publish::Conflict {
-            existing_nar_hash: n.nar_hash.clone()
+            existing_nar_hash: n.nar_hash
         }
     );
     assert_eq!(
@@ -407,10 +487,7 @@ async fn publishing_keeps_the_integrity_rules(db: Db) {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(
-        (kid.as_str(), kn.nar_hash.as_str()),
-        ("k1", row.nar_hash.as_str())
-    );
+    assert_eq!((kid.as_str(), kn.nar_hash), ("k1", row.nar_hash));
 }
 
 /// Two replicas (two pools on one database) receive the same store path many times at once,
@@ -471,7 +548,7 @@ async fn garbage_collection_spares_what_is_referenced_or_claimed(db: Db) {
     assert_eq!(
         *deleted.lock().unwrap(),
         vec![
-            chunk_object_key(&pn.file_hash),
+            chunk_object_key(&pn.file_hash.to_nix32()),
             larder_store::meta::listing_object_key(&pn.nar_hash)
         ]
     );
@@ -510,7 +587,10 @@ async fn orphaned_chunks_are_deleted_under_lock(db: Db) {
     let store_url = format!("file://{}", db.dir.path().join("store").display());
     let objects = ObjectStore::open(&store_url, OpenOptions::default()).unwrap();
     let c = cache(m, "orphans").await;
-    let known = publish(m, c.id, &sp("known"), &[]).await.file_hash;
+    let known = publish(m, c.id, &sp("known"), &[])
+        .await
+        .file_hash
+        .to_nix32();
     let orphan = h52("orphan");
     assert_eq!(
         m.unknown_chunks(&[known.clone(), orphan.clone()])
@@ -926,6 +1006,7 @@ macro_rules! contract {
 contract!(
     caches_are_created_updated_and_deleted,
     tokens_are_stored_found_and_revoked,
+    stored_values_decode_or_name_what_is_wrong,
     publishing_keeps_the_integrity_rules,
     concurrent_replicas_store_a_path_once,
     garbage_collection_spares_what_is_referenced_or_claimed,

@@ -11,6 +11,7 @@ use std::collections::HashSet;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::Json;
+use larder_nix::signing::Signature;
 use larder_nix::store_path::{validate_hash_part, StorePath, STORE_DIR};
 use larder_store::meta::{CacheRow, PathCursor, PathEntry};
 use serde::{Deserialize, Serialize};
@@ -58,7 +59,7 @@ impl From<PathEntry> for PathJson {
             name: e.name,
             nar_size: e.nar_size,
             file_size: e.file_size,
-            compression: e.compression,
+            compression: e.compression.as_str().to_owned(),
             uploaded_at: e.created_at,
             last_used_at: e.last_used_at,
         }
@@ -255,19 +256,15 @@ pub(crate) async fn path_detail(
         .meta
         .get_path(c.id, &hash)
         .await?
-        .filter(|p| want_name.as_ref().is_none_or(|n| *n == p.name))
+        .filter(|p| want_name.as_ref().is_none_or(|n| n == p.store_path.name()))
         .ok_or_else(not_found)?;
     let entry = state
         .meta
         .path_entry(c.id, &hash)
         .await?
         .ok_or_else(not_found)?;
-    let narinfo = render_narinfo(&path)?;
-    let refs: Vec<&str> = path.refs.split(' ').filter(|r| !r.is_empty()).collect();
-    let ref_hashes: Vec<String> = refs
-        .iter()
-        .map(|r| r.get(..32).unwrap_or(r).to_owned())
-        .collect();
+    let narinfo = render_narinfo(&path);
+    let ref_hashes: Vec<String> = path.refs.iter().map(StorePath::hash_part).collect();
     let missing: HashSet<String> = state
         .meta
         .missing_hashes(c.id, &ref_hashes)
@@ -295,31 +292,30 @@ pub(crate) async fn path_detail(
             .into_iter()
             .collect()
     };
-    let compression = path.nar.compression.clone();
-    let ext = crate::ingest::parse_compression(&compression)?.extension();
+    let nar = &path.nar;
     Ok(PathDetail {
         store_path: absolute(&entry.basename()),
-        url: format!("nar/{}.nar{ext}", path.nar.file_hash),
-        file_hash: format!("sha256:{}", path.nar.file_hash),
-        file_size: path.nar.file_size,
-        nar_hash: format!("sha256:{}", path.nar.nar_hash),
-        nar_size: path.nar.nar_size,
-        references: refs
+        url: format!(
+            "nar/{}.nar{}",
+            nar.file_hash.to_nix32(),
+            nar.compression.extension()
+        ),
+        file_hash: nar.file_hash.to_typed_nix32(),
+        file_size: nar.file_size,
+        nar_hash: nar.nar_hash.to_typed_nix32(),
+        nar_size: nar.nar_size,
+        references: path
+            .refs
             .iter()
             .zip(&ref_hashes)
             .map(|(r, h)| ReferenceJson {
-                store_path: absolute(r),
+                store_path: r.to_absolute(),
                 in_cache: !missing.contains(h),
             })
             .collect(),
-        deriver: path.deriver.as_deref().map(absolute),
+        deriver: path.deriver.as_ref().map(StorePath::to_absolute),
         ca: path.ca.clone(),
-        sigs: path
-            .sigs
-            .lines()
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect(),
+        sigs: path.sigs.iter().map(Signature::to_string).collect(),
         referrers: referrers.iter().map(|e| absolute(&e.basename())).collect(),
         referrer_count,
         pins: pins
@@ -334,7 +330,7 @@ pub(crate) async fn path_detail(
         uploaded_at: entry.created_at,
         last_used_at: entry.last_used_at,
         narinfo,
-        compression,
+        compression: nar.compression.as_str().to_owned(),
         hash: entry.hash,
         name: entry.name,
     })

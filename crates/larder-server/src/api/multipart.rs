@@ -617,10 +617,9 @@ pub async fn complete(
         }
     }
     let upload_id = id.clone();
-    let nar_hash = verified.nar_hash.to_nix32();
     let nar = match state
         .meta
-        .reuse_nar_for_upload(&upload_id, c.id, None, &nar_hash)
+        .reuse_nar_for_upload(&upload_id, c.id, None, &verified.nar_hash)
         .await?
     {
         Some(nar) => nar,
@@ -645,10 +644,10 @@ pub async fn complete(
             }
             let row = NarRow {
                 id: 0,
-                nar_hash,
+                nar_hash: verified.nar_hash,
                 nar_size: verified.nar_size as i64,
-                compression: compression.as_str().to_owned(),
-                file_hash: verified.file_hash.to_nix32(),
+                compression,
+                file_hash: verified.file_hash,
                 file_size: verified.file_size as i64,
             };
             let nar = state

@@ -8,19 +8,22 @@
 //! which index `paths_by_name` (migration 3) serves. Transitive walks use `WITH RECURSIVE`,
 //! which SQLite and PostgreSQL both accept in the same spelling.
 
-use sqlx::Row;
+use larder_nix::compression::Compression;
+use sqlx::FromRow;
 
-use super::{placeholders, CacheStats, Metadata, Result, IN_BATCH};
+use super::columns::Stored;
+use super::{decoding_with_nar, placeholders, CacheStats, Metadata, Result, IN_BATCH};
 
 /// A path as the contents list shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
 pub struct PathEntry {
     pub hash: String,
     pub name: String,
     pub nar_size: i64,
     /// Stored (compressed) bytes.
     pub file_size: i64,
-    pub compression: String,
+    #[sqlx(try_from = "Stored<Compression>")]
+    pub compression: Compression,
     /// Upload (publication) time.
     pub created_at: i64,
     /// Last narinfo or NAR fetch, as recorded by the last usage flush.
@@ -34,6 +37,14 @@ impl PathEntry {
     }
 }
 
+/// A cache's [`CacheStats`], by cache id.
+#[derive(FromRow)]
+struct CacheIdStats {
+    cache_id: i64,
+    #[sqlx(flatten)]
+    stats: CacheStats,
+}
+
 /// The position after which a page starts: the last entry of the previous page.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PathCursor {
@@ -43,18 +54,6 @@ pub struct PathCursor {
 
 const ENTRY_COLS: &str = "p.hash, p.name, n.nar_size, n.file_size, n.compression, \
                           p.created_at, p.last_used_at";
-
-fn entry_from_row(r: &sqlx::any::AnyRow) -> Result<PathEntry> {
-    Ok(PathEntry {
-        hash: r.try_get("hash")?,
-        name: r.try_get("name")?,
-        nar_size: r.try_get("nar_size")?,
-        file_size: r.try_get("file_size")?,
-        compression: r.try_get("compression")?,
-        created_at: r.try_get("created_at")?,
-        last_used_at: r.try_get("last_used_at")?,
-    })
-}
 
 /// A `LIKE` pattern matching `text` anywhere, case-insensitively once both sides are lowered;
 /// `\` escapes the pattern's own wildcards (`_` is common in store path names).
@@ -104,15 +103,17 @@ impl Metadata {
             next += 2;
         }
         sql.push_str(&format!(" ORDER BY p.name, p.hash LIMIT ${next}"));
-        let mut q = sqlx::query(&sql).bind(cache_id);
+        let mut q = sqlx::query_as(&sql).bind(cache_id);
         if let Some(text) = query {
             q = q.bind(like_pattern(text));
         }
         if let Some(c) = after {
             q = q.bind(&c.name).bind(&c.hash);
         }
-        let rows = q.bind(limit).fetch_all(&self.pool).await?;
-        rows.iter().map(entry_from_row).collect()
+        q.bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(decoding_with_nar("paths"))
     }
 
     /// How many paths of a cache match `query` (all of them without one).
@@ -144,12 +145,12 @@ impl Metadata {
             "SELECT {ENTRY_COLS} FROM paths p JOIN nars n ON n.id = p.nar_id \
              WHERE p.cache_id = $1 AND p.hash = $2"
         );
-        let row = sqlx::query(&sql)
+        sqlx::query_as(&sql)
             .bind(cache_id)
             .bind(hash)
             .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(entry_from_row).transpose()
+            .await
+            .map_err(decoding_with_nar("paths"))
     }
 
     /// The paths of a cache that reference `hash` directly (at most `limit`, by name), and
@@ -165,12 +166,13 @@ impl Metadata {
              AND p.hash = r.referrer JOIN nars n ON n.id = p.nar_id \
              WHERE r.cache_id = $1 AND r.ref_hash = $2 ORDER BY p.name, p.hash LIMIT $3"
         );
-        let rows = sqlx::query(&sql)
+        let entries = sqlx::query_as(&sql)
             .bind(cache_id)
             .bind(hash)
             .bind(limit)
             .fetch_all(&self.pool)
-            .await?;
+            .await
+            .map_err(decoding_with_nar("paths"))?;
         let total: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM path_refs WHERE cache_id = $1 AND ref_hash = $2",
         )
@@ -178,10 +180,7 @@ impl Metadata {
         .bind(hash)
         .fetch_one(&self.pool)
         .await?;
-        Ok((
-            rows.iter().map(entry_from_row).collect::<Result<_>>()?,
-            total,
-        ))
+        Ok((entries, total))
     }
 
     /// Every path of a cache that references `hash`, directly or through other paths
@@ -192,12 +191,12 @@ impl Metadata {
              AND p.hash = up.h JOIN nars n ON n.id = p.nar_id WHERE up.h <> $2 \
              ORDER BY p.name, p.hash"
         );
-        let rows = sqlx::query(&sql)
+        sqlx::query_as(&sql)
             .bind(cache_id)
             .bind(hash)
             .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(entry_from_row).collect()
+            .await
+            .map_err(decoding_with_nar("paths"))
     }
 
     /// Which of `pinned` (hash parts of pinned paths) have `hash` in their closure: the path
@@ -227,26 +226,16 @@ impl Metadata {
 
     /// Path count and sizes of every cache that has paths, by cache id, in one query.
     pub async fn all_cache_stats(&self) -> Result<Vec<(i64, CacheStats)>> {
-        let rows = sqlx::query(
+        let rows: Vec<CacheIdStats> = sqlx::query_as(
             "SELECT p.cache_id, COUNT(*) AS paths, \
              CAST(COALESCE(SUM(n.file_size), 0) AS BIGINT) AS size, \
              CAST(COALESCE(SUM(n.nar_size), 0) AS BIGINT) AS nar_size \
              FROM paths p JOIN nars n ON n.id = p.nar_id GROUP BY p.cache_id",
         )
         .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok((
-                    r.try_get("cache_id")?,
-                    CacheStats {
-                        paths: r.try_get("paths")?,
-                        size: r.try_get("size")?,
-                        nar_size: r.try_get("nar_size")?,
-                    },
-                ))
-            })
-            .collect()
+        .await
+        .map_err(decoding_with_nar("paths"))?;
+        Ok(rows.into_iter().map(|r| (r.cache_id, r.stats)).collect())
     }
 }
 

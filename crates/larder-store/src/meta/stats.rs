@@ -8,12 +8,12 @@
 //! later than the one stored (`size_at`, milliseconds), so a slow replica's older reading
 //! cannot win. Both statements are written once for SQLite and PostgreSQL.
 
-use sqlx::Row;
+use sqlx::FromRow;
 
-use super::{retry, Metadata, Result};
+use super::{decoding, retry, Metadata, Result};
 
 /// Downloads of one cache on one day.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromRow)]
 pub struct Downloads {
     pub narinfo_requests: i64,
     /// Body bytes of the narinfos served.
@@ -37,10 +37,11 @@ impl Downloads {
 }
 
 /// A recorded day of a cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromRow)]
 pub struct CacheDay {
     /// Days since 1970-01-01 (UTC).
     pub day: i64,
+    #[sqlx(flatten)]
     pub downloads: Downloads,
     /// Stored bytes, as last sampled that day; `None` if no sample was taken that day.
     pub size: Option<i64>,
@@ -135,7 +136,7 @@ impl Metadata {
         from: i64,
         to: i64,
     ) -> Result<(Vec<CacheDay>, Option<i64>)> {
-        let rows = sqlx::query(
+        let days = sqlx::query_as(
             "SELECT day, narinfo_requests, narinfo_bytes, nar_requests, nar_bytes, size \
              FROM cache_days WHERE cache_id = $1 AND day >= $2 AND day <= $3 ORDER BY day",
         )
@@ -143,22 +144,8 @@ impl Metadata {
         .bind(from)
         .bind(to)
         .fetch_all(&self.pool)
-        .await?;
-        let days = rows
-            .iter()
-            .map(|r| {
-                Ok(CacheDay {
-                    day: r.try_get("day")?,
-                    downloads: Downloads {
-                        narinfo_requests: r.try_get("narinfo_requests")?,
-                        narinfo_bytes: r.try_get("narinfo_bytes")?,
-                        nar_requests: r.try_get("nar_requests")?,
-                        nar_bytes: r.try_get("nar_bytes")?,
-                    },
-                    size: r.try_get("size")?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        .await
+        .map_err(decoding("cache_days"))?;
         let before: Option<i64> = sqlx::query_scalar(
             "SELECT size FROM cache_days WHERE cache_id = $1 AND day < $2 AND size IS NOT NULL \
              ORDER BY day DESC LIMIT 1",

@@ -1,0 +1,280 @@
+//! Garbage collection: forgetting expired uploads, claims and evicted NARs, then deleting the
+//! NARs and chunks nothing refers to (their objects first), and orphaned chunk objects that no
+//! row names.
+
+use std::time::Duration;
+
+use super::paths::listing_key;
+use super::{
+    chunk_object_key, now_unix, placeholders, retry, retryable, Engine, MetaError, Metadata,
+    Result, FOREIGN_KEY, IN_BATCH, TX_ATTEMPTS,
+};
+
+/// Deletes one object (by key) for [`Metadata::collect_garbage`] and
+/// [`Metadata::delete_orphan_chunks`].
+pub type DeleteObject<'a> = dyn Fn(
+        String,
+    ) -> futures::future::BoxFuture<
+        'a,
+        std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>,
+    > + Send
+    + Sync
+    + 'a;
+
+/// NARs and chunks deleted per garbage collection round (one transaction).
+const GC_BATCH: usize = 256;
+
+/// Chunk hashes looked at per transaction of [`Metadata::delete_orphan_chunks`].
+pub const ORPHAN_BATCH: usize = 256;
+/// Objects one transaction of [`Metadata::delete_orphan_chunks`] deletes at once.
+const ORPHAN_DELETE_CONCURRENCY: usize = 8;
+
+impl Metadata {
+    /// Forget pending uploads older than `max_upload_age_secs`, chunk claims older than
+    /// `claim_ttl_secs`, NARs nothing refers to, and chunks no NAR and no claim uses; delete
+    /// their objects with `delete_object`. Returns how many objects were deleted.
+    ///
+    /// Works in rounds of at most [`GC_BATCH`] NARs and chunks, each one transaction that
+    /// deletes the objects *before* it commits, while the chunk rows are locked: an upload
+    /// claiming one of those chunks ([`Metadata::claim_chunks`]) waits for the round, then
+    /// writes the object again. If deleting an object fails, the round is rolled back (rows
+    /// whose objects are gone are unreferenced, and are deleted again next time). A NAR or a
+    /// chunk that gains a reference or a claim while a round decides it is garbage fails the
+    /// round's foreign keys (never deleting anything in use), and the round runs again.
+    ///
+    /// The NAR of an evicted path stays for `evicted_grace_secs` after its eviction (see
+    /// [`Metadata::evict_paths`]), so a narinfo served just before the eviction still works.
+    pub async fn collect_garbage(
+        &self,
+        max_upload_age_secs: i64,
+        evicted_grace_secs: i64,
+        claim_ttl_secs: i64,
+        delete_object: &DeleteObject<'_>,
+    ) -> Result<usize> {
+        // What decided these objects are garbage (an eviction, a deleted path) must survive a
+        // power loss before any object goes: otherwise the database could come back with a
+        // path whose NAR was deleted.
+        if !self.make_durable().await? {
+            return Ok(0); // the next collection tries again
+        }
+        let now = now_unix();
+        let cutoffs = (
+            now - max_upload_age_secs,
+            now - evicted_grace_secs,
+            now - claim_ttl_secs,
+        );
+        let mut deleted = 0;
+        loop {
+            let mut attempt = 1;
+            let (nars, objects) = loop {
+                match self.gc_round(cutoffs, delete_object).await {
+                    Err(e) if attempt < TX_ATTEMPTS && retryable(&e, FOREIGN_KEY) => {
+                        tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
+                        attempt += 1;
+                    }
+                    r => break r?,
+                }
+            };
+            deleted += objects;
+            if nars + objects == 0 {
+                return Ok(deleted);
+            }
+        }
+    }
+
+    /// Make every committed transaction durable; `false` if that could not be done now.
+    ///
+    /// PostgreSQL commits durably (`synchronous_commit`). SQLite runs in WAL mode with
+    /// `synchronous = NORMAL`: a commit is atomic and consistent at once, but reaches the disk
+    /// only at the next checkpoint, so an OS crash or power loss can undo the last
+    /// transactions (uploads and publications a client was told succeeded, evictions; never
+    /// half of one). Objects are written and `fsync`ed before the rows that name them commit,
+    /// so an undone publication leaves an unreferenced object, which garbage collection
+    /// deletes. The other way round needs this checkpoint: garbage collection deletes objects
+    /// only after the rows that made them garbage are on disk.
+    pub async fn make_durable(&self) -> Result<bool> {
+        match self.engine {
+            Engine::Postgres => Ok(true),
+            Engine::Sqlite => {
+                // FULL: waits (busy_timeout) for readers and writers, then syncs the WAL and
+                // copies every frame into the database file.
+                // The first column of its one row: 1 if it could not finish for a busy lock.
+                let (busy, _, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(FULL)")
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok(busy == 0)
+            }
+        }
+    }
+
+    /// One round of [`Metadata::collect_garbage`]: `(NARs, objects)` deleted.
+    async fn gc_round(
+        &self,
+        (upload_cutoff, grace_cutoff, claim_cutoff): (i64, i64, i64),
+        delete_object: &DeleteObject<'_>,
+    ) -> Result<(usize, usize)> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM uploads WHERE created_at < $1")
+            .bind(upload_cutoff)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM evicted_nars WHERE evicted_at < $1")
+            .bind(grace_cutoff)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM chunk_claims WHERE claimed_at < $1")
+            .bind(claim_cutoff)
+            .execute(&mut *tx)
+            .await?;
+        // Decided once: the NARs deleted are exactly these, whatever commits meanwhile; one
+        // referenced meanwhile fails the foreign keys of `paths`/`uploads` below.
+        let doomed: Vec<(i64, String)> = sqlx::query_as(&format!(
+            "SELECT id, nar_hash FROM nars n WHERE \
+             NOT EXISTS (SELECT 1 FROM paths p WHERE p.nar_id = n.id) AND \
+             NOT EXISTS (SELECT 1 FROM uploads u WHERE u.nar_id = n.id) AND \
+             NOT EXISTS (SELECT 1 FROM evicted_nars e WHERE e.nar_id = n.id) LIMIT {GC_BATCH}"
+        ))
+        .fetch_all(&mut *tx)
+        .await?;
+        let nars: Vec<i64> = doomed.iter().map(|(id, _)| *id).collect();
+        if !nars.is_empty() {
+            let ph = placeholders(1, nars.len());
+            for sql in [
+                format!("DELETE FROM nar_chunks WHERE nar_id IN ({ph})"),
+                format!("DELETE FROM nars WHERE id IN ({ph})"),
+            ] {
+                let mut q = sqlx::query(&sql);
+                for id in &nars {
+                    q = q.bind(id);
+                }
+                q.execute(&mut *tx).await?;
+            }
+        }
+        // Chunks used by a NAR or claimed by an upload committed meanwhile fail the foreign
+        // keys of `nar_chunks`/`chunk_claims`, like NARs above.
+        let chunks: Vec<String> = sqlx::query_scalar(&format!(
+            "DELETE FROM chunks WHERE chunk_hash IN (SELECT c.chunk_hash FROM chunks c WHERE \
+             NOT EXISTS (SELECT 1 FROM nar_chunks nc WHERE nc.chunk_hash = c.chunk_hash) AND \
+             NOT EXISTS (SELECT 1 FROM chunk_claims cc WHERE cc.chunk_hash = c.chunk_hash) \
+             LIMIT {GC_BATCH}) RETURNING chunk_hash"
+        ))
+        .fetch_all(&mut *tx)
+        .await?;
+        for hash in &chunks {
+            if let Err(e) = delete_object(chunk_object_key(hash)).await {
+                tx.rollback().await?;
+                return Err(MetaError::Cleanup(e));
+            }
+        }
+        // The NARs' listings. A NAR stored again meanwhile under the same hash finds its
+        // listing missing and writes it again when it is first asked for.
+        for (_, nar_hash) in &doomed {
+            if let Err(e) = delete_object(listing_key(nar_hash)).await {
+                tx.rollback().await?;
+                return Err(MetaError::Cleanup(e));
+            }
+        }
+        tx.commit().await?;
+        Ok((nars.len(), chunks.len()))
+    }
+
+    /// Which of `hashes` have no `chunks` row, in input order. Read only, and stale as soon as
+    /// it returns: a cheap filter before [`Metadata::delete_orphan_chunks`], which decides.
+    pub async fn unknown_chunks(&self, hashes: &[String]) -> Result<Vec<String>> {
+        let mut known = std::collections::HashSet::new();
+        for batch in hashes.chunks(IN_BATCH) {
+            let sql = format!(
+                "SELECT chunk_hash FROM chunks WHERE chunk_hash IN ({})",
+                placeholders(1, batch.len())
+            );
+            let mut q = sqlx::query_scalar::<_, String>(&sql);
+            for h in batch {
+                q = q.bind(h);
+            }
+            known.extend(q.fetch_all(&self.pool).await?);
+        }
+        Ok(hashes
+            .iter()
+            .filter(|h| !known.contains(*h))
+            .cloned()
+            .collect())
+    }
+
+    /// Delete the objects of the chunks among `hashes` that have no `chunks` row (orphans:
+    /// objects the database does not know) with `delete_object`; returns those hashes.
+    ///
+    /// Race-free against uploads, by the pattern of [`Metadata::collect_garbage`]: per
+    /// [`ORPHAN_BATCH`] hashes, one transaction inserts a row for each (`ON CONFLICT DO
+    /// NOTHING`). The rows it inserted are exactly the orphans, and are locked by it: an upload
+    /// claiming one of those chunks ([`Metadata::claim_chunks`]) waits. The objects are
+    /// deleted, then the rows, then the transaction commits, and the waiting claim goes on to
+    /// write its object again. If deleting an object fails, the transaction rolls back
+    /// ([`MetaError::Cleanup`]).
+    pub async fn delete_orphan_chunks(
+        &self,
+        hashes: &[String],
+        delete_object: &DeleteObject<'_>,
+    ) -> Result<Vec<String>> {
+        // In hash order, like claims, so that the two cannot deadlock.
+        let mut sorted: Vec<&str> = hashes.iter().map(String::as_str).collect();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut deleted = Vec::new();
+        for batch in sorted.chunks(ORPHAN_BATCH) {
+            // Deletes are idempotent: a batch that lost a race (deadlock, busy) runs again whole.
+            deleted.extend(retry(&[], || self.delete_orphan_batch(batch, delete_object)).await?);
+        }
+        Ok(deleted)
+    }
+
+    async fn delete_orphan_batch(
+        &self,
+        batch: &[&str],
+        delete_object: &DeleteObject<'_>,
+    ) -> Result<Vec<String>> {
+        use futures::{StreamExt, TryStreamExt};
+        let mut tx = self.pool.begin().await?;
+        let values = (0..batch.len())
+            .map(|i| format!("(${}, 0, $1)", i + 2))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "INSERT INTO chunks (chunk_hash, file_size, created_at) VALUES {values} \
+             ON CONFLICT (chunk_hash) DO NOTHING RETURNING chunk_hash"
+        );
+        let mut q = sqlx::query_scalar::<_, String>(&sql).bind(now_unix());
+        for h in batch {
+            q = q.bind(*h);
+        }
+        let orphans = q.fetch_all(&mut *tx).await?;
+        if orphans.is_empty() {
+            tx.rollback().await?;
+            return Ok(orphans);
+        }
+        // The futures are made before they are streamed: a stream mapping through a closure
+        // over borrowed items would make the caller's future not `Send` (rustc cannot prove it).
+        let deletes: Vec<_> = orphans
+            .iter()
+            .map(|h| delete_object(chunk_object_key(h)))
+            .collect();
+        let deleted = futures::stream::iter(deletes)
+            .buffer_unordered(ORPHAN_DELETE_CONCURRENCY)
+            .try_collect::<Vec<()>>()
+            .await;
+        if let Err(e) = deleted {
+            tx.rollback().await?;
+            return Err(MetaError::Cleanup(e));
+        }
+        let sql = format!(
+            "DELETE FROM chunks WHERE chunk_hash IN ({})",
+            placeholders(1, orphans.len())
+        );
+        let mut q = sqlx::query(&sql);
+        for h in &orphans {
+            q = q.bind(h);
+        }
+        q.execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(orphans)
+    }
+}

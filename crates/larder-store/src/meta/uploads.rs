@@ -1,0 +1,238 @@
+//! Pending uploads and chunk claims: a NAR received (or reused) but not yet published, keyed
+//! by upload id (and by Nix's `nar/<key>` for uploads through the binary cache protocol), and
+//! the claims that keep chunks being written safe from garbage collection.
+
+use larder_nix::hash::Sha256;
+use sqlx::FromRow;
+
+use super::paths::NAR_COLS;
+use super::{
+    decoding, now_unix, retry, ChunkRow, MetaError, Metadata, NarRow, Result, FOREIGN_KEY,
+};
+
+/// A pending upload found by its key.
+#[derive(FromRow)]
+struct KeyedUpload {
+    upload_id: String,
+    #[sqlx(flatten)]
+    nar: NarRow,
+}
+
+impl Metadata {
+    /// Record a pending upload in `cache_id` that reuses the stored NAR with `nar_hash`, if
+    /// one exists. One statement, so garbage collection cannot slip in between the lookup
+    /// and the reference. Returns the NAR if it was reused.
+    pub async fn reuse_nar_for_upload(
+        &self,
+        upload_id: &str,
+        cache_id: i64,
+        key: Option<&str>,
+        nar_hash: &Sha256,
+    ) -> Result<Option<NarRow>> {
+        if let Some(key) = key {
+            self.drop_upload_key(cache_id, key).await?;
+        }
+        // A NAR that garbage collection deletes concurrently fails the foreign key; the retry
+        // then finds no NAR to reuse.
+        let nar_hash = nar_hash.to_nix32();
+        let done = retry(FOREIGN_KEY, || {
+            sqlx::query(
+                "INSERT INTO uploads (id, cache_id, nar_id, key, created_at) \
+                 SELECT $1, $2, id, $3, $4 FROM nars WHERE nar_hash = $5",
+            )
+            .bind(upload_id)
+            .bind(cache_id)
+            .bind(key)
+            .bind(now_unix())
+            .bind(&nar_hash)
+            .execute(&self.pool)
+        })
+        .await?;
+        if done.rows_affected() == 0 {
+            return Ok(None);
+        }
+        self.upload_nar(cache_id, upload_id).await
+    }
+
+    async fn drop_upload_key(&self, cache_id: i64, key: &str) -> Result<()> {
+        sqlx::query("DELETE FROM uploads WHERE cache_id = $1 AND key = $2")
+            .bind(cache_id)
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Claim chunks about to be written to object storage, for the upload `claim_id`: until
+    /// the upload records its NAR ([`Metadata::insert_nar_for_upload`] releases the claims) or
+    /// the claim expires, garbage collection does not delete these chunks. Without it, a
+    /// collection that had decided a chunk was garbage could delete its object just after an
+    /// upload of the same bytes found the object present. Committed at once.
+    pub async fn claim_chunks(&self, claim_id: &str, chunks: &[ChunkRow]) -> Result<()> {
+        // In hash order, so that concurrent claims of overlapping sets cannot deadlock.
+        let mut sorted: Vec<&ChunkRow> = chunks.iter().collect();
+        sorted.sort_by(|a, b| a.chunk_hash.cmp(&b.chunk_hash));
+        sorted.dedup_by(|a, b| a.chunk_hash == b.chunk_hash);
+        // A chunk that a collection deletes meanwhile fails the claim's foreign key: run again,
+        // creating the chunk anew.
+        retry(FOREIGN_KEY, || async {
+            let now = now_unix();
+            let mut tx = self.pool.begin().await?;
+            for chunk in &sorted {
+                sqlx::query(
+                    "INSERT INTO chunks (chunk_hash, file_size, created_at) VALUES ($1, $2, $3) \
+                     ON CONFLICT (chunk_hash) DO NOTHING",
+                )
+                .bind(&chunk.chunk_hash)
+                .bind(chunk.file_size)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "INSERT INTO chunk_claims (claim_id, chunk_hash, claimed_at) \
+                     VALUES ($1, $2, $3) ON CONFLICT (claim_id, chunk_hash) DO UPDATE \
+                     SET claimed_at = excluded.claimed_at",
+                )
+                .bind(claim_id)
+                .bind(&chunk.chunk_hash)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok::<_, MetaError>(())
+        })
+        .await
+    }
+
+    /// Record a newly stored NAR (its chunks claimed by `upload_id` with
+    /// [`Metadata::claim_chunks`] and their objects durably stored) and a pending upload
+    /// referencing it, releasing the claims. If the same NAR was recorded concurrently, the
+    /// upload references that one instead and `Ok((nar, false))` says ours is redundant.
+    pub async fn insert_nar_for_upload(
+        &self,
+        upload_id: &str,
+        cache_id: i64,
+        key: Option<&str>,
+        nar: &NarRow,
+        chunks: &[ChunkRow],
+    ) -> Result<(NarRow, bool)> {
+        if let Some(key) = key {
+            self.drop_upload_key(cache_id, key).await?;
+        }
+        retry(FOREIGN_KEY, || {
+            self.insert_nar_for_upload_once(upload_id, cache_id, key, nar, chunks)
+        })
+        .await
+    }
+
+    async fn insert_nar_for_upload_once(
+        &self,
+        upload_id: &str,
+        cache_id: i64,
+        key: Option<&str>,
+        nar: &NarRow,
+        chunks: &[ChunkRow],
+    ) -> Result<(NarRow, bool)> {
+        let now = now_unix();
+        let nar_hash = nar.nar_hash.to_nix32();
+        let mut tx = self.pool.begin().await?;
+        let new_id: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO nars (nar_hash, nar_size, compression, file_hash, file_size, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING id",
+        )
+        .bind(&nar_hash)
+        .bind(nar.nar_size)
+        .bind(nar.compression.as_str())
+        .bind(nar.file_hash.to_nix32())
+        .bind(nar.file_size)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let inserted = new_id.is_some();
+        if let Some(nar_id) = new_id {
+            for (seq, chunk) in chunks.iter().enumerate() {
+                sqlx::query(
+                    "INSERT INTO chunks (chunk_hash, file_size, created_at) VALUES ($1, $2, $3) \
+                     ON CONFLICT (chunk_hash) DO NOTHING",
+                )
+                .bind(&chunk.chunk_hash)
+                .bind(chunk.file_size)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query("INSERT INTO nar_chunks (nar_id, seq, chunk_hash) VALUES ($1, $2, $3)")
+                    .bind(nar_id)
+                    .bind(seq as i64)
+                    .bind(&chunk.chunk_hash)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        let linked = sqlx::query(
+            "INSERT INTO uploads (id, cache_id, nar_id, key, created_at) \
+             SELECT $1, $2, id, $3, $4 FROM nars WHERE nar_hash = $5",
+        )
+        .bind(upload_id)
+        .bind(cache_id)
+        .bind(key)
+        .bind(now)
+        .bind(&nar_hash)
+        .execute(&mut *tx)
+        .await?;
+        // The NAR (ours or the one recorded concurrently) now keeps what it uses.
+        sqlx::query("DELETE FROM chunk_claims WHERE claim_id = $1")
+            .bind(upload_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        if linked.rows_affected() == 0 {
+            // Only possible if a file hash collided with a different NAR's; treat as corrupt.
+            return Err(MetaError::Corrupt {
+                field: "nars.file_hash",
+                value: nar.file_hash.to_nix32(),
+            });
+        }
+        let row =
+            self.upload_nar(cache_id, upload_id)
+                .await?
+                .ok_or_else(|| MetaError::Corrupt {
+                    field: "uploads.id",
+                    value: upload_id.to_owned(),
+                })?;
+        Ok((row, inserted))
+    }
+
+    /// The NAR of a pending upload.
+    pub async fn upload_nar(&self, cache_id: i64, upload_id: &str) -> Result<Option<NarRow>> {
+        let sql = format!(
+            "SELECT {NAR_COLS} FROM uploads u JOIN nars n ON n.id = u.nar_id \
+             WHERE u.cache_id = $1 AND u.id = $2"
+        );
+        sqlx::query_as(&sql)
+            .bind(cache_id)
+            .bind(upload_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(decoding("nars"))
+    }
+
+    /// The pending upload that Nix's uploader stored under `nar/<key>`.
+    pub async fn upload_by_key(
+        &self,
+        cache_id: i64,
+        key: &str,
+    ) -> Result<Option<(String, NarRow)>> {
+        let sql = format!(
+            "SELECT u.id AS upload_id, {NAR_COLS} FROM uploads u JOIN nars n ON n.id = u.nar_id \
+             WHERE u.cache_id = $1 AND u.key = $2 ORDER BY u.created_at DESC"
+        );
+        let keyed: Option<KeyedUpload> = sqlx::query_as(&sql)
+            .bind(cache_id)
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(decoding("nars"))?;
+        Ok(keyed.map(|k| (k.upload_id, k.nar)))
+    }
+}
