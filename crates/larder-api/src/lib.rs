@@ -3,6 +3,32 @@
 //! One definition of every JSON body the server answers and the client sends, shared by
 //! `larder-server` and `larder-client`, so a renamed field fails to compile instead of reading
 //! as a default. Pure types: no I/O, no dependency on the server or the client.
+//!
+//! Every type derives `utoipa::ToSchema`: the server's OpenAPI document
+//! (`/api/v1/openapi.json`) is generated from these definitions, and its tests check that the
+//! server's answers and the client's requests match it.
+
+mod caches;
+mod contents;
+mod error;
+mod retention;
+mod stats;
+mod tokens;
+mod uploads;
+
+pub use caches::{
+    Cache, ConfigureCache, CreateCache, MissingRequest, MissingResponse, RegisterKey, Size, WhoAmI,
+    COMPRESSIONS,
+};
+pub use contents::{DeleteReport, DeletedPath, PathDetail, PathEntry, PathList, PinRef, Reference};
+pub use error::ErrorBody;
+pub use retention::{GcReport, Keep, Pin, PinRequest, Reason, Victim};
+pub use stats::{CacheStats, DayStats};
+pub use tokens::{CreateToken, Token};
+pub use uploads::{
+    MultipartDetail, MultipartList, MultipartOpened, MultipartPart, MultipartUpload,
+    PublishRequest, PublishStatus, Published, Upload, UpstreamRef,
+};
 
 use std::fmt;
 use std::str::FromStr;
@@ -10,7 +36,17 @@ use std::str::FromStr;
 /// A permission on a cache (or on every cache). They nest: `admin` implies `push`, and `push`
 /// implies `pull`.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+    utoipa::ToSchema,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Perm {
@@ -33,6 +69,15 @@ impl Perm {
 
     pub fn parse(s: &str) -> Option<Perm> {
         Perm::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+
+    /// `perms` as words between `sep`: `pull+push`.
+    pub fn join(perms: &[Perm], sep: &str) -> String {
+        perms
+            .iter()
+            .map(|p| p.as_str())
+            .collect::<Vec<_>>()
+            .join(sep)
     }
 }
 
@@ -76,5 +121,6 @@ mod tests {
         }
         assert!("root".parse::<Perm>().is_err());
         assert!(Perm::Pull < Perm::Push && Perm::Push < Perm::Admin);
+        assert_eq!(Perm::join(&[Perm::Pull, Perm::Admin], "+"), "pull+admin");
     }
 }

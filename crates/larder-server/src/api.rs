@@ -15,12 +15,16 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use futures::StreamExt;
+use larder_api::{
+    Cache, ConfigureCache, CreateCache, CreateToken, MissingRequest, MissingResponse,
+    PublishRequest, PublishStatus, Published, RegisterKey, Size, Token, Upload, WhoAmI,
+};
 use larder_nix::hash::{Sha256, Sha256Hasher};
 use larder_nix::signing::{Signature, SigningKey, VerifyingKey};
 use larder_nix::store_path::StorePath;
 use larder_store::meta::{CacheRow, CacheUpdate, NewCache, Publish, TokenRow};
 use larder_store::now_unix;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::auth::{new_token, principal, token_hash, Perm, Principal};
 use crate::config::{parse_duration, parse_size, DEFAULT_PRIORITY};
@@ -104,17 +108,6 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<
     }
 }
 
-#[derive(Serialize)]
-struct WhoAmI {
-    authenticated: bool,
-    token_id: Option<String>,
-    label: Option<String>,
-    perms: Vec<Perm>,
-    caches: Option<Vec<String>>,
-    server_admin: bool,
-    expires_at: Option<i64>,
-}
-
 async fn whoami(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -142,35 +135,11 @@ async fn whoami(
     }))
 }
 
-/// A cache as the API shows it.
-#[derive(Serialize)]
-pub struct CacheJson {
-    pub name: String,
-    pub url: String,
-    pub public_key: Option<String>,
-    pub private: bool,
-    pub priority: i64,
-    pub compression: String,
-    pub max_size: Option<i64>,
-    pub signing_mode: String,
-    pub size: i64,
-    pub nar_size: i64,
-    pub paths: i64,
-    /// Whether `size` has passed 85 % of `max_size`.
-    pub near_limit: bool,
-    /// Keys trusted as upstream for this cache beside the server's (declared in the config).
-    pub upstream_keys: Vec<String>,
-    /// The nix.conf lines that make Nix substitute from this cache.
-    pub nix_conf: String,
-    /// The same as a flake's `nixConfig` block.
-    pub flake_nix_config: String,
-}
-
-pub(crate) async fn cache_json(state: &AppState, c: &CacheRow) -> Result<CacheJson, ApiError> {
+pub(crate) async fn cache_json(state: &AppState, c: &CacheRow) -> Result<Cache, ApiError> {
     let stats = state.meta.cache_stats(c.id).await?;
     let url = format!("{}/{}", state.config.public_url, c.name);
     let key = c.public_key.clone().unwrap_or_default();
-    Ok(CacheJson {
+    Ok(Cache {
         nix_conf: format!("extra-substituters = {url}\nextra-trusted-public-keys = {key}\n"),
         flake_nix_config: format!(
             "nixConfig = {{\n  extra-substituters = [ \"{url}\" ];\n  \
@@ -199,7 +168,7 @@ pub(crate) fn can_see(p: &Principal, c: &CacheRow) -> bool {
 async fn list_caches(
     State(state): State<AppState>,
     headers: HeaderMap,
-) -> Result<Json<Vec<CacheJson>>, ApiError> {
+) -> Result<Json<Vec<Cache>>, ApiError> {
     let p = principal(&state, &headers).await?;
     let mut out = Vec::new();
     for c in state.meta.list_caches().await? {
@@ -210,39 +179,19 @@ async fn list_caches(
     Ok(Json(out))
 }
 
-/// A cache's storage limit, given as bytes or as text such as "5GiB".
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum SizeArg {
-    Bytes(u64),
-    Text(String),
-}
-
-impl SizeArg {
-    fn bytes(&self) -> Result<i64, ApiError> {
-        let b = match self {
-            SizeArg::Bytes(b) => *b,
-            SizeArg::Text(t) => parse_size(t).map_err(|e| ApiError::bad(e.to_string()))?,
-        };
-        if b == 0 {
-            // Not "no limit" (that is null), and a limit of nothing would evict everything.
-            return Err(ApiError::bad(
-                "max_size must be more than 0: use null (`--max-size none`) to remove the limit",
-            ));
-        }
-        i64::try_from(b).map_err(|_| ApiError::bad("size too large"))
+/// A cache's storage limit in bytes (given as bytes or as text such as "5GiB").
+fn size_bytes(size: &Size) -> Result<i64, ApiError> {
+    let b = match size {
+        Size::Bytes(b) => *b,
+        Size::Text(t) => parse_size(t).map_err(|e| ApiError::bad(e.to_string()))?,
+    };
+    if b == 0 {
+        // Not "no limit" (that is null), and a limit of nothing would evict everything.
+        return Err(ApiError::bad(
+            "max_size must be more than 0: use null (`--max-size none`) to remove the limit",
+        ));
     }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateCache {
-    name: String,
-    #[serde(default)]
-    private: bool,
-    priority: Option<i64>,
-    compression: Option<String>,
-    max_size: Option<SizeArg>,
+    i64::try_from(b).map_err(|_| ApiError::bad("size too large"))
 }
 
 fn check_priority(p: i64) -> Result<i64, ApiError> {
@@ -290,7 +239,7 @@ async fn create_cache(
     State(state): State<AppState>,
     headers: HeaderMap,
     JsonBody(req): JsonBody<CreateCache>,
-) -> Result<(StatusCode, Json<CacheJson>), ApiError> {
+) -> Result<(StatusCode, Json<Cache>), ApiError> {
     principal(&state, &headers).await?.require_server_admin()?;
     if !valid_cache_name(&req.name) {
         return Err(ApiError::bad(format!(
@@ -306,7 +255,7 @@ async fn create_cache(
         req.private,
         req.priority,
         req.compression.as_deref(),
-        req.max_size.as_ref().map(SizeArg::bytes).transpose()?,
+        req.max_size.as_ref().map(size_bytes).transpose()?,
         Vec::new(),
     )?;
     let row = state
@@ -333,7 +282,7 @@ async fn cache_info(
     headers: HeaderMap,
     Path(name): Path<String>,
     query: Result<Query<CacheInfoQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<CacheJson>, ApiError> {
+) -> Result<Json<Cache>, ApiError> {
     let Query(q) = query.map_err(|_| ApiError::bad("settled must be true or false"))?;
     let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Pull).await?;
     if q.settled {
@@ -347,29 +296,12 @@ async fn cache_info(
     Ok(Json(cache_json(&state, &c).await?))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ConfigureCache {
-    private: Option<bool>,
-    priority: Option<i64>,
-    compression: Option<String>,
-    /// A size, or null to remove the limit.
-    #[serde(default, deserialize_with = "double_option")]
-    max_size: Option<Option<SizeArg>>,
-}
-
-fn double_option<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<Option<Option<SizeArg>>, D::Error> {
-    Ok(Some(Option::deserialize(d)?))
-}
-
 async fn configure_cache(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(name): Path<String>,
     JsonBody(req): JsonBody<ConfigureCache>,
-) -> Result<Json<CacheJson>, ApiError> {
+) -> Result<Json<Cache>, ApiError> {
     crate::publish::authorized_cache(&state, &headers, &name, Perm::Admin).await?;
     let update = CacheUpdate {
         private: req.private,
@@ -381,7 +313,7 @@ async fn configure_cache(
             .transpose()?,
         max_size: req
             .max_size
-            .map(|m| m.as_ref().map(SizeArg::bytes).transpose())
+            .map(|m| m.as_ref().map(size_bytes).transpose())
             .transpose()?,
         client_public_key: None,
         upstream_keys: None,
@@ -417,19 +349,13 @@ async fn delete_cache(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RegisterKey {
-    public_key: String,
-}
-
 /// Switch a cache to client-side signing with this public key (`larder generate-keypair`).
 async fn register_public_key(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(name): Path<String>,
     JsonBody(req): JsonBody<RegisterKey>,
-) -> Result<Json<CacheJson>, ApiError> {
+) -> Result<Json<Cache>, ApiError> {
     crate::publish::authorized_cache(&state, &headers, &name, Perm::Admin).await?;
     let key = VerifyingKey::parse(req.public_key.trim())
         .map_err(|e| ApiError::bad(format!("invalid public key: {e}")))?;
@@ -446,24 +372,12 @@ async fn register_public_key(
     Ok(Json(cache_json(&state, &row).await?))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MissingReq {
-    /// Store paths (absolute) or their 32-character hash parts.
-    paths: Vec<String>,
-}
-
-#[derive(Serialize)]
-struct MissingResp {
-    missing: Vec<String>,
-}
-
 async fn missing(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(name): Path<String>,
-    JsonBody(req): JsonBody<MissingReq>,
-) -> Result<Json<MissingResp>, ApiError> {
+    JsonBody(req): JsonBody<MissingRequest>,
+) -> Result<Json<MissingResponse>, ApiError> {
     let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Pull).await?;
     if req.paths.len() > MAX_MISSING_QUERY {
         return Err(ApiError::bad(format!(
@@ -489,7 +403,7 @@ async fn missing(
         .await?
         .into_iter()
         .collect();
-    Ok(Json(MissingResp {
+    Ok(Json(MissingResponse {
         missing: req
             .paths
             .iter()
@@ -522,26 +436,14 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for UploadCompression {
 }
 
 /// What the server measured of an uploaded NAR.
-#[derive(Serialize)]
-struct UploadResp {
-    upload_id: String,
-    nar_hash: String,
-    nar_size: i64,
-    file_hash: String,
-    file_size: i64,
-    compression: String,
-}
-
-impl UploadResp {
-    fn from_nar(upload_id: String, nar: larder_store::meta::NarRow) -> Self {
-        UploadResp {
-            upload_id,
-            nar_hash: format!("sha256:{}", nar.nar_hash),
-            nar_size: nar.nar_size,
-            file_hash: format!("sha256:{}", nar.file_hash),
-            file_size: nar.file_size,
-            compression: nar.compression,
-        }
+pub(crate) fn upload_json(upload_id: String, nar: larder_store::meta::NarRow) -> Upload {
+    Upload {
+        upload_id,
+        nar_hash: format!("sha256:{}", nar.nar_hash),
+        nar_size: nar.nar_size,
+        file_hash: format!("sha256:{}", nar.file_hash),
+        file_size: nar.file_size,
+        compression: nar.compression,
     }
 }
 
@@ -551,7 +453,7 @@ async fn upload_nar(
     Path(name): Path<String>,
     UploadCompression(compression): UploadCompression,
     body: Body,
-) -> Result<(StatusCode, Json<UploadResp>), ApiError> {
+) -> Result<(StatusCode, Json<Upload>), ApiError> {
     let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
     state.objects.check_available().await?;
     let up = ingest(
@@ -563,54 +465,15 @@ async fn upload_nar(
     )
     .await?;
     let (upload_id, nar) = store_upload(&state, &c, None, up).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(UploadResp::from_nar(upload_id, nar)),
-    ))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PublishReq {
-    upload_id: String,
-    store_path: String,
-    nar_hash: String,
-    nar_size: u64,
-    #[serde(default)]
-    references: Vec<String>,
-    deriver: Option<String>,
-    ca: Option<String>,
-    #[serde(default)]
-    sigs: Vec<String>,
-    /// Signed metadata of references available upstream (not pushed).
-    #[serde(default)]
-    upstream: Vec<UpstreamReq>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct UpstreamReq {
-    store_path: String,
-    nar_hash: String,
-    nar_size: u64,
-    #[serde(default)]
-    references: Vec<String>,
-    #[serde(default)]
-    sigs: Vec<String>,
-}
-
-#[derive(Serialize)]
-struct PublishResp {
-    store_path: String,
-    status: &'static str,
+    Ok((StatusCode::CREATED, Json(upload_json(upload_id, nar))))
 }
 
 async fn publish_path(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(name): Path<String>,
-    JsonBody(req): JsonBody<PublishReq>,
-) -> Result<(StatusCode, Json<PublishResp>), ApiError> {
+    JsonBody(req): JsonBody<PublishRequest>,
+) -> Result<(StatusCode, Json<Published>), ApiError> {
     let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
     let path = |s: &str| {
         StorePath::from_absolute(s)
@@ -675,46 +538,17 @@ async fn publish_path(
     let store_path = info.store_path.to_absolute();
     let outcome = publish(&state, &c, info, &nar, &req.upload_id).await?;
     let (code, status) = match outcome {
-        Publish::Created => (StatusCode::CREATED, "created"),
-        _ => (StatusCode::OK, "already_present"),
+        Publish::Created => (StatusCode::CREATED, PublishStatus::Created),
+        _ => (StatusCode::OK, PublishStatus::AlreadyPresent),
     };
-    Ok((code, Json(PublishResp { store_path, status })))
+    Ok((code, Json(Published { store_path, status })))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateToken {
-    perms: Vec<Perm>,
-    /// Caches the token applies to; absent or null: every cache.
-    caches: Option<Vec<String>>,
-    /// Lifetime such as "30d"; absent: never expires.
-    expires_in: Option<String>,
-    #[serde(default)]
-    label: String,
-}
-
-#[derive(Serialize)]
-struct TokenJson {
-    id: String,
-    label: String,
-    perms: Vec<String>,
-    /// The caches it is scoped to (`None`: every cache).
-    caches: Option<Vec<String>>,
-    /// Caches it was scoped to that were deleted since: that scope ended with the cache, and
-    /// a cache created later under the same name is not in it.
-    deleted_caches: Vec<String>,
-    expires_at: Option<i64>,
-    revoked_at: Option<i64>,
-    created_at: i64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    token: Option<String>,
-}
-
-fn token_json(t: &TokenRow, secret: Option<String>) -> TokenJson {
-    TokenJson {
+fn token_json(t: &TokenRow, secret: Option<String>) -> Token {
+    Token {
         id: t.id.clone(),
         label: t.label.clone(),
-        perms: t.perms.split(',').map(str::to_owned).collect(),
+        perms: t.perms.split(',').filter_map(Perm::parse).collect(),
         caches: t.caches.as_ref().map(|c| {
             c.split(',')
                 .filter(|c| !c.starts_with(larder_store::meta::ENDED_SCOPE))
@@ -739,7 +573,7 @@ async fn create_token(
     State(state): State<AppState>,
     headers: HeaderMap,
     JsonBody(req): JsonBody<CreateToken>,
-) -> Result<(StatusCode, Json<TokenJson>), ApiError> {
+) -> Result<(StatusCode, Json<Token>), ApiError> {
     principal(&state, &headers).await?.require_server_admin()?;
     if req.perms.is_empty() {
         return Err(ApiError::bad("a token needs at least one permission"));
@@ -819,7 +653,7 @@ async fn create_token(
 async fn list_tokens(
     State(state): State<AppState>,
     headers: HeaderMap,
-) -> Result<Json<Vec<TokenJson>>, ApiError> {
+) -> Result<Json<Vec<Token>>, ApiError> {
     principal(&state, &headers).await?.require_server_admin()?;
     let rows = state.meta.list_tokens().await?;
     Ok(Json(rows.iter().map(|t| token_json(t, None)).collect()))

@@ -42,13 +42,14 @@ use larder_store::meta::{CacheRow, CacheStats, Keep, PinRow};
 use maud::{html, Markup, DOCTYPE};
 use serde::Deserialize;
 
-use crate::api::contents::{list_page, path_detail, PageRequest, PathList};
+use crate::api::contents::{list_page, path_detail, PageRequest};
 use crate::api::{cache_json, can_see};
 use crate::auth::{principal, principal_for_token, Grant, Principal};
 use crate::error::ApiError;
 use crate::publish::load_cache;
 use crate::routes::Routes;
 use crate::{valid_cache_name, AppState};
+use larder_api::PathList;
 
 mod charts;
 

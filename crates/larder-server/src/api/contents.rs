@@ -11,9 +11,10 @@ use std::collections::HashSet;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::Json;
+use larder_api::{PathDetail, PathEntry as PathJson, PathList, PinRef, Reference};
 use larder_nix::store_path::{validate_hash_part, StorePath, STORE_DIR};
 use larder_store::meta::{CacheRow, PathCursor, PathEntry};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::auth::Perm;
 use crate::error::ApiError;
@@ -36,32 +37,16 @@ fn absolute(basename: &str) -> String {
 }
 
 /// A path as the list shows it.
-#[derive(Serialize)]
-pub(crate) struct PathJson {
-    pub(crate) store_path: String,
-    pub(crate) hash: String,
-    pub(crate) name: String,
-    pub(crate) nar_size: i64,
-    /// Stored (compressed) bytes.
-    pub(crate) file_size: i64,
-    pub(crate) compression: String,
-    pub(crate) uploaded_at: i64,
-    /// Last narinfo or NAR fetch; null if never fetched.
-    pub(crate) last_used_at: Option<i64>,
-}
-
-impl From<PathEntry> for PathJson {
-    fn from(e: PathEntry) -> Self {
-        PathJson {
-            store_path: absolute(&e.basename()),
-            hash: e.hash,
-            name: e.name,
-            nar_size: e.nar_size,
-            file_size: e.file_size,
-            compression: e.compression,
-            uploaded_at: e.created_at,
-            last_used_at: e.last_used_at,
-        }
+fn path_json(e: PathEntry) -> PathJson {
+    PathJson {
+        store_path: absolute(&e.basename()),
+        hash: e.hash,
+        name: e.name,
+        nar_size: e.nar_size,
+        file_size: e.file_size,
+        compression: e.compression,
+        uploaded_at: e.created_at,
+        last_used_at: e.last_used_at,
     }
 }
 
@@ -73,15 +58,6 @@ pub(super) struct ListQuery {
     limit: Option<i64>,
     /// `next_cursor` of the previous page.
     cursor: Option<String>,
-}
-
-#[derive(Serialize)]
-pub(crate) struct PathList {
-    pub(crate) paths: Vec<PathJson>,
-    /// Pass as `cursor` for the next page; null on the last page.
-    pub(crate) next_cursor: Option<String>,
-    /// Paths matching the query, on every page.
-    pub(crate) total: i64,
 }
 
 pub(super) async fn list_paths(
@@ -168,7 +144,7 @@ pub(crate) async fn list_page(
     };
     let total = state.meta.count_paths(c.id, text).await?;
     Ok(PathList {
-        paths: page.into_iter().map(PathJson::from).collect(),
+        paths: page.into_iter().map(path_json).collect(),
         next_cursor,
         total,
     })
@@ -189,47 +165,6 @@ fn path_arg(arg: &str) -> Result<(String, Option<String>), ApiError> {
     }
     let p = StorePath::from_basename(arg).map_err(|e| invalid(&e))?;
     Ok((p.hash_part(), Some(p.name().to_owned())))
-}
-
-#[derive(Serialize)]
-pub(crate) struct ReferenceJson {
-    pub(crate) store_path: String,
-    /// False for a reference accepted as available upstream (signed by an upstream key).
-    pub(crate) in_cache: bool,
-}
-
-#[derive(Serialize)]
-pub(crate) struct PinRefJson {
-    pub(crate) name: String,
-    pub(crate) revision: i64,
-    /// The pinned path, whose closure holds this one (it may be this one).
-    pub(crate) store_path: String,
-}
-
-#[derive(Serialize)]
-pub(crate) struct PathDetail {
-    pub(crate) store_path: String,
-    pub(crate) hash: String,
-    pub(crate) name: String,
-    pub(crate) url: String,
-    pub(crate) compression: String,
-    pub(crate) file_hash: String,
-    pub(crate) file_size: i64,
-    pub(crate) nar_hash: String,
-    pub(crate) nar_size: i64,
-    pub(crate) references: Vec<ReferenceJson>,
-    pub(crate) deriver: Option<String>,
-    pub(crate) ca: Option<String>,
-    pub(crate) sigs: Vec<String>,
-    /// Paths of the cache that reference this one directly (at most 1000, by name).
-    pub(crate) referrers: Vec<String>,
-    pub(crate) referrer_count: i64,
-    /// Pin revisions whose closure holds this path (eviction never removes it).
-    pub(crate) pins: Vec<PinRefJson>,
-    pub(crate) uploaded_at: i64,
-    pub(crate) last_used_at: Option<i64>,
-    /// The narinfo as served.
-    pub(crate) narinfo: String,
 }
 
 pub(super) async fn path_info(
@@ -307,7 +242,7 @@ pub(crate) async fn path_detail(
         references: refs
             .iter()
             .zip(&ref_hashes)
-            .map(|(r, h)| ReferenceJson {
+            .map(|(r, h)| Reference {
                 store_path: absolute(r),
                 in_cache: !missing.contains(h),
             })
@@ -325,7 +260,7 @@ pub(crate) async fn path_detail(
         pins: pins
             .into_iter()
             .filter(|p| holding.contains(&p.hash))
-            .map(|p| PinRefJson {
+            .map(|p| PinRef {
                 name: p.name,
                 revision: p.revision,
                 store_path: p.store_path,

@@ -36,9 +36,13 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use larder_nix::hash::Sha256;
 use larder_store::meta::{ChunkRow, NarRow};
+// A part's measurement is kept beside it (`part-NNNNNN.json`) as the API shows it.
+use larder_api::{
+    MultipartDetail, MultipartList, MultipartOpened, MultipartPart, MultipartUpload, Upload,
+};
 use serde::{Deserialize, Serialize};
 
-use super::{UploadCompression, UploadResp};
+use super::{upload_json, UploadCompression};
 use crate::auth::Perm;
 use crate::error::{ApiError, Rejection};
 use crate::ingest::{measure_part, parse_compression, verify_parts, Compression};
@@ -51,11 +55,6 @@ const MAX_PARTS: u32 = 100_000;
 /// by an older larder have only a `compression` file.
 const MANIFEST: &str = "upload.json";
 const LEGACY_COMPRESSION: &str = "compression";
-
-#[derive(Serialize)]
-pub struct Opened {
-    upload_id: String,
-}
 
 /// What an upload is, written when it is opened.
 #[derive(Serialize, Deserialize)]
@@ -107,44 +106,6 @@ fn query<T: Default>(
         .map_err(|e| ApiError::bad(format!("invalid query: {}", e.body_text())))
 }
 
-/// An unfinished upload as the API shows it.
-#[derive(Serialize)]
-pub struct UploadInfo {
-    upload_id: String,
-    compression: String,
-    nar_hash: Option<String>,
-    nar_size: Option<u64>,
-    /// Parts stored (whatever their numbers).
-    part_count: usize,
-    /// Their stored (compressed) bytes.
-    part_bytes: u64,
-    /// When the last part was stored (or the upload opened), Unix seconds.
-    updated_at: i64,
-    /// When it is deleted unless a part comes before, Unix seconds.
-    expires_at: i64,
-}
-
-/// One stored part, measured by the server when it stored it (kept beside it as
-/// `part-NNNNNN.json`).
-#[derive(Serialize, Deserialize)]
-pub struct PartInfo {
-    n: u32,
-    file_size: u64,
-    file_hash: String,
-    /// The NAR bytes it decompresses to on its own; `null` when it does not decompress on its
-    /// own (a client sends such a part again).
-    nar_size: Option<u64>,
-    nar_hash: Option<String>,
-}
-
-#[derive(Serialize)]
-pub struct UploadDetail {
-    #[serde(flatten)]
-    info: UploadInfo,
-    /// Every stored part, by number.
-    parts: Vec<PartInfo>,
-}
-
 fn upload_dir(state: &AppState, cache_id: i64, id: &str) -> Result<PathBuf, ApiError> {
     if id.len() != 32
         || !id
@@ -178,9 +139,9 @@ fn measure(
     path: &FsPath,
     compression: Compression,
     max_nar_size: u64,
-) -> std::io::Result<PartInfo> {
+) -> std::io::Result<MultipartPart> {
     let m = measure_part(path, compression, max_nar_size)?;
-    Ok(PartInfo {
+    Ok(MultipartPart {
         n,
         file_size: m.file_size,
         file_hash: m.file_hash.to_typed_nix32(),
@@ -197,10 +158,10 @@ fn measured(
     size: u64,
     compression: Compression,
     max_nar_size: u64,
-) -> std::io::Result<PartInfo> {
+) -> std::io::Result<MultipartPart> {
     let recorded = std::fs::read(measurement_path(path))
         .ok()
-        .and_then(|b| serde_json::from_slice::<PartInfo>(&b).ok())
+        .and_then(|b| serde_json::from_slice::<MultipartPart>(&b).ok())
         .filter(|m| m.n == n && m.file_size == size);
     match recorded {
         Some(m) => Ok(m),
@@ -256,10 +217,10 @@ fn unix(t: SystemTime) -> i64 {
 }
 
 /// The upload in `dir` as the API shows it (its parts counted, not measured).
-fn upload_info(id: String, dir: &FsPath, manifest: Manifest) -> std::io::Result<UploadInfo> {
+fn upload_info(id: String, dir: &FsPath, manifest: Manifest) -> std::io::Result<MultipartUpload> {
     let parts = stored_parts(dir)?;
     let updated = std::fs::metadata(dir)?.modified()?;
-    Ok(UploadInfo {
+    Ok(MultipartUpload {
         upload_id: id,
         compression: manifest.compression,
         nar_hash: manifest.nar_hash,
@@ -318,7 +279,7 @@ pub async fn open(
     Path(name): Path<String>,
     UploadCompression(compression): UploadCompression,
     identity: Result<Query<IdentityQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<(StatusCode, Json<Opened>), ApiError> {
+) -> Result<(StatusCode, Json<MultipartOpened>), ApiError> {
     let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
     let (nar_hash, nar_size) = query(identity)?.parse()?;
     let (open, _) = staged(&state, c.id, None).await?;
@@ -356,12 +317,7 @@ pub async fn open(
     .await
     .map_err(|e| ApiError::internal(std::io::Error::other(e)))?
     .map_err(ApiError::internal)?;
-    Ok((StatusCode::CREATED, Json(Opened { upload_id: id })))
-}
-
-#[derive(Serialize)]
-pub struct UploadList {
-    uploads: Vec<UploadInfo>,
+    Ok((StatusCode::CREATED, Json(MultipartOpened { upload_id: id })))
 }
 
 /// The cache's unfinished uploads on this server, most recently written first; with
@@ -371,7 +327,7 @@ pub async fn list(
     headers: HeaderMap,
     Path(name): Path<String>,
     identity: Result<Query<IdentityQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<UploadList>, ApiError> {
+) -> Result<Json<MultipartList>, ApiError> {
     let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
     let (nar_hash, nar_size) = query(identity)?.parse()?;
     let prefix = format!("multipart-{}-", c.id);
@@ -406,7 +362,7 @@ pub async fn list(
         }
     }
     uploads.sort_by_key(|u| std::cmp::Reverse(u.updated_at));
-    Ok(Json(UploadList { uploads }))
+    Ok(Json(MultipartList { uploads }))
 }
 
 /// One upload with every stored part measured (see [`measure_part`]). Asking holds the
@@ -416,13 +372,13 @@ pub async fn show(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path((name, id)): Path<(String, String)>,
-) -> Result<Json<UploadDetail>, ApiError> {
+) -> Result<Json<MultipartDetail>, ApiError> {
     let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
     let dir = upload_dir(&state, c.id, &id)?;
     let manifest = read_manifest(&dir).await?;
     let compression = parse_compression(&manifest.compression)?;
     let max_nar_size = state.config.max_nar_size;
-    let detail = tokio::task::spawn_blocking(move || -> std::io::Result<UploadDetail> {
+    let detail = tokio::task::spawn_blocking(move || -> std::io::Result<MultipartDetail> {
         std::fs::File::open(&dir)?.set_modified(SystemTime::now())?;
         let mut parts = Vec::new();
         for (n, path, size) in stored_parts(&dir)? {
@@ -433,8 +389,8 @@ pub async fn show(
                 Err(e) => return Err(e),
             }
         }
-        Ok(UploadDetail {
-            info: upload_info(id, &dir, manifest)?,
+        Ok(MultipartDetail {
+            upload: upload_info(id, &dir, manifest)?,
             parts,
         })
     })
@@ -533,7 +489,7 @@ pub async fn complete(
     headers: HeaderMap,
     Path((name, id)): Path<(String, String)>,
     q: Result<Query<CompleteQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<(StatusCode, Json<UploadResp>), ApiError> {
+) -> Result<(StatusCode, Json<Upload>), ApiError> {
     let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
     let q = query(q)?;
     let dir = upload_dir(&state, c.id, &id)?;
@@ -661,10 +617,7 @@ pub async fn complete(
         }
     };
     let _ = tokio::fs::remove_dir_all(&dir).await;
-    Ok((
-        StatusCode::CREATED,
-        Json(UploadResp::from_nar(upload_id, nar)),
-    ))
+    Ok((StatusCode::CREATED, Json(upload_json(upload_id, nar))))
 }
 
 #[cfg(test)]

@@ -5,9 +5,10 @@
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
+use larder_api::{Pin, PinRequest};
 use larder_nix::store_path::StorePath;
 use larder_store::meta::{Keep, PinRow};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use super::JsonBody;
 use crate::auth::Perm;
@@ -39,34 +40,16 @@ pub(super) async fn gc(
     Ok(Json(report))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct PinReq {
-    name: String,
-    /// Absolute store path or basename.
-    store_path: String,
-    keep_revisions: Option<i64>,
-    keep_days: Option<i64>,
-    #[serde(default)]
-    keep_forever: bool,
-}
-
-#[derive(Serialize)]
-pub(super) struct PinJson {
-    name: String,
-    revision: i64,
-    store_path: String,
-    /// `forever`, or `{"revisions": N}` / `{"days": N}`.
-    keep: Keep,
-    created_at: i64,
-}
-
-fn pin_json(p: PinRow) -> PinJson {
-    PinJson {
+fn pin_json(p: PinRow) -> Pin {
+    Pin {
         name: p.name,
         revision: p.revision,
         store_path: p.store_path,
-        keep: p.keep,
+        keep: match p.keep {
+            Keep::Forever => larder_api::Keep::Forever,
+            Keep::Revisions(n) => larder_api::Keep::Revisions(n),
+            Keep::Days(n) => larder_api::Keep::Days(n),
+        },
         created_at: p.created_at,
     }
 }
@@ -82,8 +65,8 @@ pub(super) async fn create_pin(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(name): Path<String>,
-    JsonBody(req): JsonBody<PinReq>,
-) -> Result<(StatusCode, Json<PinJson>), ApiError> {
+    JsonBody(req): JsonBody<PinRequest>,
+) -> Result<(StatusCode, Json<Pin>), ApiError> {
     let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
     if !valid_pin_name(&req.name) {
         return Err(ApiError::bad(format!(
@@ -133,7 +116,7 @@ pub(super) async fn list_pins(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(name): Path<String>,
-) -> Result<Json<Vec<PinJson>>, ApiError> {
+) -> Result<Json<Vec<Pin>>, ApiError> {
     let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Pull).await?;
     let pins = state.meta.list_pins(c.id).await?;
     Ok(Json(pins.into_iter().map(pin_json).collect()))

@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use crate::auth::Perm;
 use crate::error::ApiError;
-use crate::stats::{series, CacheStatsJson, DEFAULT_DAYS, KEEP_DAYS};
+use crate::stats::{series, CacheStats, DEFAULT_DAYS, KEEP_DAYS};
 use crate::AppState;
 
 #[derive(Deserialize)]
@@ -23,7 +23,7 @@ pub(crate) async fn cache_stats(
     headers: HeaderMap,
     Path(name): Path<String>,
     query: Result<Query<StatsQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<CacheStatsJson>, ApiError> {
+) -> Result<Json<CacheStats>, ApiError> {
     let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Pull).await?;
     let bad = || ApiError::bad(format!("days must be a number from 1 to {KEEP_DAYS}"));
     let Query(q) = query.map_err(|_| bad())?;
