@@ -12,7 +12,7 @@ use tokio::io::AsyncWriteExt;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::Json;
 use futures::StreamExt;
 use larder_api::{
@@ -26,7 +26,8 @@ use larder_store::meta::{CacheRow, CacheUpdate, NewCache, Publish, TokenRow};
 use larder_store::now_unix;
 use serde::Deserialize;
 
-use crate::auth::{new_token, principal, token_hash, Perm, Principal};
+use crate::access::{can_see, Admin, CacheAccess, Caller, Pull, Push, ServerAdmin};
+use crate::auth::{new_token, token_hash, Perm};
 use crate::config::{parse_duration, parse_size, DEFAULT_PRIORITY};
 use crate::error::ApiError;
 use crate::ingest::{ingest, parse_compression, truncate, Compression};
@@ -108,11 +109,7 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<
     }
 }
 
-async fn whoami(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-) -> Result<Json<WhoAmI>, ApiError> {
-    let p = principal(&state, &headers).await?;
+async fn whoami(Caller(p): Caller) -> Result<Json<WhoAmI>, ApiError> {
     Ok(Json(match p.grant() {
         None => WhoAmI {
             authenticated: false,
@@ -161,15 +158,10 @@ pub(crate) async fn cache_json(state: &AppState, c: &CacheRow) -> Result<Cache, 
     })
 }
 
-pub(crate) fn can_see(p: &Principal, c: &CacheRow) -> bool {
-    !c.private || p.grant().is_some_and(|g| g.allows(Perm::Pull, &c.name))
-}
-
 async fn list_caches(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Caller(p): Caller,
 ) -> Result<Json<Vec<Cache>>, ApiError> {
-    let p = principal(&state, &headers).await?;
     let mut out = Vec::new();
     for c in state.meta.list_caches().await? {
         if can_see(&p, &c) {
@@ -237,10 +229,10 @@ pub(crate) fn managed_cache(
 
 async fn create_cache(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    admin: Result<ServerAdmin, ApiError>,
     JsonBody(req): JsonBody<CreateCache>,
 ) -> Result<(StatusCode, Json<Cache>), ApiError> {
-    principal(&state, &headers).await?.require_server_admin()?;
+    admin?;
     if !valid_cache_name(&req.name) {
         return Err(ApiError::bad(format!(
             "invalid cache name {:?}: use 1-63 of [a-z0-9-], starting with a letter or digit, \
@@ -279,12 +271,12 @@ struct CacheInfoQuery {
 
 async fn cache_info(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
+    Path(_name): Path<String>,
+    access: Result<CacheAccess<Pull>, ApiError>,
     query: Result<Query<CacheInfoQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Cache>, ApiError> {
     let Query(q) = query.map_err(|_| ApiError::bad("settled must be true or false"))?;
-    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Pull).await?;
+    let c = access?.cache;
     if q.settled {
         // Under the read deadline (`backend_timeout`), with room for the answer.
         let wait = state
@@ -298,11 +290,11 @@ async fn cache_info(
 
 async fn configure_cache(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(name): Path<String>,
+    access: Result<CacheAccess<Admin>, ApiError>,
     JsonBody(req): JsonBody<ConfigureCache>,
 ) -> Result<Json<Cache>, ApiError> {
-    crate::publish::authorized_cache(&state, &headers, &name, Perm::Admin).await?;
+    access?;
     let update = CacheUpdate {
         private: req.private,
         priority: req.priority.map(check_priority).transpose()?,
@@ -335,10 +327,9 @@ async fn configure_cache(
 
 async fn delete_cache(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(name): Path<String>,
+    _: CacheAccess<Admin>,
 ) -> Result<StatusCode, ApiError> {
-    crate::publish::authorized_cache(&state, &headers, &name, Perm::Admin).await?;
     state.meta.delete_cache(&name).await?;
     // Its scopes ended in the database; tokens resolved here before must not keep them.
     state.hot.forget_tokens();
@@ -352,11 +343,11 @@ async fn delete_cache(
 /// Switch a cache to client-side signing with this public key (`larder generate-keypair`).
 async fn register_public_key(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(name): Path<String>,
+    access: Result<CacheAccess<Admin>, ApiError>,
     JsonBody(req): JsonBody<RegisterKey>,
 ) -> Result<Json<Cache>, ApiError> {
-    crate::publish::authorized_cache(&state, &headers, &name, Perm::Admin).await?;
+    access?;
     let key = VerifyingKey::parse(req.public_key.trim())
         .map_err(|e| ApiError::bad(format!("invalid public key: {e}")))?;
     let update = CacheUpdate {
@@ -374,11 +365,11 @@ async fn register_public_key(
 
 async fn missing(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
+    Path(_name): Path<String>,
+    access: Result<CacheAccess<Pull>, ApiError>,
     JsonBody(req): JsonBody<MissingRequest>,
 ) -> Result<Json<MissingResponse>, ApiError> {
-    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Pull).await?;
+    let c = access?.cache;
     if req.paths.len() > MAX_MISSING_QUERY {
         return Err(ApiError::bad(format!(
             "at most {MAX_MISSING_QUERY} paths per query"
@@ -449,12 +440,11 @@ pub(crate) fn upload_json(upload_id: String, nar: larder_store::meta::NarRow) ->
 
 async fn upload_nar(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
+    Path(_name): Path<String>,
     UploadCompression(compression): UploadCompression,
+    CacheAccess { cache: c, .. }: CacheAccess<Push>,
     body: Body,
 ) -> Result<(StatusCode, Json<Upload>), ApiError> {
-    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
     state.objects.check_available().await?;
     let up = ingest(
         body,
@@ -470,11 +460,11 @@ async fn upload_nar(
 
 async fn publish_path(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
+    Path(_name): Path<String>,
+    access: Result<CacheAccess<Push>, ApiError>,
     JsonBody(req): JsonBody<PublishRequest>,
 ) -> Result<(StatusCode, Json<Published>), ApiError> {
-    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
+    let c = access?.cache;
     let path = |s: &str| {
         StorePath::from_absolute(s)
             .or_else(|_| StorePath::from_basename(s))
@@ -571,10 +561,10 @@ fn token_json(t: &TokenRow, secret: Option<String>) -> Token {
 
 async fn create_token(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    admin: Result<ServerAdmin, ApiError>,
     JsonBody(req): JsonBody<CreateToken>,
 ) -> Result<(StatusCode, Json<Token>), ApiError> {
-    principal(&state, &headers).await?.require_server_admin()?;
+    admin?;
     if req.perms.is_empty() {
         return Err(ApiError::bad("a token needs at least one permission"));
     }
@@ -652,19 +642,17 @@ async fn create_token(
 
 async fn list_tokens(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    _: ServerAdmin,
 ) -> Result<Json<Vec<Token>>, ApiError> {
-    principal(&state, &headers).await?.require_server_admin()?;
     let rows = state.meta.list_tokens().await?;
     Ok(Json(rows.iter().map(|t| token_json(t, None)).collect()))
 }
 
 async fn revoke_token(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(id): Path<String>,
+    _: ServerAdmin,
 ) -> Result<StatusCode, ApiError> {
-    principal(&state, &headers).await?.require_server_admin()?;
     if state.meta.revoke_token(&id).await? {
         state.hot.forget_tokens();
         Ok(StatusCode::NO_CONTENT)

@@ -42,8 +42,9 @@ use larder_store::meta::{CacheRow, CacheStats, Keep, PinRow};
 use maud::{html, Markup, DOCTYPE};
 use serde::Deserialize;
 
+use crate::access::can_see;
+use crate::api::cache_json;
 use crate::api::contents::{list_page, path_detail, PageRequest};
-use crate::api::{cache_json, can_see};
 use crate::auth::{principal, principal_for_token, Grant, Principal};
 use crate::error::ApiError;
 use crate::publish::load_cache;

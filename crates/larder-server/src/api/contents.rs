@@ -9,14 +9,13 @@
 use std::collections::HashSet;
 
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
 use axum::Json;
 use larder_api::{PathDetail, PathEntry as PathJson, PathList, PinRef, Reference};
 use larder_nix::store_path::{validate_hash_part, StorePath, STORE_DIR};
 use larder_store::meta::{CacheRow, PathCursor, PathEntry};
 use serde::Deserialize;
 
-use crate::auth::Perm;
+use crate::access::{Admin, CacheAccess, Pull};
 use crate::error::ApiError;
 use crate::ingest::truncate;
 use crate::publish::render_narinfo;
@@ -62,11 +61,10 @@ pub(super) struct ListQuery {
 
 pub(super) async fn list_paths(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
+    Path(_name): Path<String>,
+    CacheAccess { cache: c, .. }: CacheAccess<Pull>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<PathList>, ApiError> {
-    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Pull).await?;
     let Query(q) = query.map_err(|e| ApiError::bad(format!("invalid query: {}", e.body_text())))?;
     let page = PageRequest::parse(
         q.query.as_deref(),
@@ -169,10 +167,9 @@ fn path_arg(arg: &str) -> Result<(String, Option<String>), ApiError> {
 
 pub(super) async fn path_info(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path((name, arg)): Path<(String, String)>,
+    Path((_name, arg)): Path<(String, String)>,
+    CacheAccess { cache: c, .. }: CacheAccess<Pull>,
 ) -> Result<Json<PathDetail>, ApiError> {
-    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Pull).await?;
     Ok(Json(path_detail(&state, &c, &arg).await?))
 }
 
@@ -284,11 +281,10 @@ pub(super) struct DeleteQuery {
 
 pub(super) async fn delete_path(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path((name, arg)): Path<(String, String)>,
+    Path((_name, arg)): Path<(String, String)>,
+    CacheAccess { cache: c, .. }: CacheAccess<Admin>,
     query: Result<Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<DeleteReport>, ApiError> {
-    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Admin).await?;
     let Query(q) = query.map_err(|_| ApiError::bad("with_referrers must be true or false"))?;
     let (hash, want_name) = path_arg(&arg)?;
     if let Some(n) = want_name {

@@ -32,7 +32,7 @@ use std::time::SystemTime;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::Json;
 use larder_nix::hash::Sha256;
 use larder_store::meta::{ChunkRow, NarRow};
@@ -43,7 +43,7 @@ use larder_api::{
 use serde::{Deserialize, Serialize};
 
 use super::{upload_json, UploadCompression};
-use crate::auth::Perm;
+use crate::access::{CacheAccess, Push};
 use crate::error::{ApiError, Rejection};
 use crate::ingest::{measure_part, parse_compression, verify_parts, Compression};
 use crate::AppState;
@@ -275,12 +275,11 @@ fn staging_allowance(state: &AppState, c: &larder_store::meta::CacheRow) -> u64 
 
 pub async fn open(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
+    Path(_name): Path<String>,
     UploadCompression(compression): UploadCompression,
+    CacheAccess { cache: c, .. }: CacheAccess<Push>,
     identity: Result<Query<IdentityQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<(StatusCode, Json<MultipartOpened>), ApiError> {
-    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
     let (nar_hash, nar_size) = query(identity)?.parse()?;
     let (open, _) = staged(&state, c.id, None).await?;
     if open >= crate::config::MAX_OPEN_MULTIPART_PER_CACHE {
@@ -324,11 +323,10 @@ pub async fn open(
 /// `nar_hash`/`nar_size`, only those opened for that NAR.
 pub async fn list(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
+    Path(_name): Path<String>,
+    CacheAccess { cache: c, .. }: CacheAccess<Push>,
     identity: Result<Query<IdentityQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<MultipartList>, ApiError> {
-    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
     let (nar_hash, nar_size) = query(identity)?.parse()?;
     let prefix = format!("multipart-{}-", c.id);
     let mut uploads = Vec::new();
@@ -370,10 +368,9 @@ pub async fn list(
 /// asks to resume it.
 pub async fn show(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path((name, id)): Path<(String, String)>,
+    Path((_name, id)): Path<(String, String)>,
+    CacheAccess { cache: c, .. }: CacheAccess<Push>,
 ) -> Result<Json<MultipartDetail>, ApiError> {
-    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
     let dir = upload_dir(&state, c.id, &id)?;
     let manifest = read_manifest(&dir).await?;
     let compression = parse_compression(&manifest.compression)?;
@@ -406,10 +403,9 @@ pub async fn show(
 /// Abandon an upload: its parts are deleted at once.
 pub async fn abort(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path((name, id)): Path<(String, String)>,
+    Path((_name, id)): Path<(String, String)>,
+    CacheAccess { cache: c, .. }: CacheAccess<Push>,
 ) -> Result<StatusCode, ApiError> {
-    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
     let dir = upload_dir(&state, c.id, &id)?;
     match tokio::fs::remove_dir_all(&dir).await {
         Ok(()) => Ok(StatusCode::NO_CONTENT),
@@ -420,11 +416,10 @@ pub async fn abort(
 
 pub async fn put_part(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path((name, id, n)): Path<(String, String, u32)>,
+    Path((_name, id, n)): Path<(String, String, u32)>,
+    CacheAccess { cache: c, .. }: CacheAccess<Push>,
     body: Body,
 ) -> Result<StatusCode, ApiError> {
-    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
     if n >= MAX_PARTS {
         return Err(ApiError::bad(format!(
             "part number must be below {MAX_PARTS}"
@@ -486,11 +481,10 @@ pub struct CompleteQuery {
 
 pub async fn complete(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path((name, id)): Path<(String, String)>,
+    Path((_name, id)): Path<(String, String)>,
+    CacheAccess { cache: c, .. }: CacheAccess<Push>,
     q: Result<Query<CompleteQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<(StatusCode, Json<Upload>), ApiError> {
-    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
     let q = query(q)?;
     let dir = upload_dir(&state, c.id, &id)?;
     let manifest = read_manifest(&dir).await?;

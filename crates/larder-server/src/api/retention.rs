@@ -3,7 +3,7 @@
 //! (push) pins. See [`crate::retention`].
 
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::Json;
 use larder_api::{Pin, PinRequest};
 use larder_nix::store_path::StorePath;
@@ -11,7 +11,7 @@ use larder_store::meta::{Keep, PinRow};
 use serde::Deserialize;
 
 use super::JsonBody;
-use crate::auth::Perm;
+use crate::access::{Admin, CacheAccess, Pull, Push};
 use crate::error::ApiError;
 use crate::ingest::truncate;
 use crate::retention::{evict, GcReport};
@@ -25,11 +25,10 @@ pub(super) struct GcQuery {
 
 pub(super) async fn gc(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
+    Path(_name): Path<String>,
+    CacheAccess { cache: c, .. }: CacheAccess<Admin>,
     query: Result<Query<GcQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<GcReport>, ApiError> {
-    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Admin).await?;
     let Query(q) = query.map_err(|_| ApiError::bad("dry_run must be true or false"))?;
     let report = evict(&state, &c, q.dry_run).await?;
     if !q.dry_run {
@@ -63,11 +62,11 @@ fn valid_pin_name(n: &str) -> bool {
 
 pub(super) async fn create_pin(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
+    Path(_name): Path<String>,
+    access: Result<CacheAccess<Push>, ApiError>,
     JsonBody(req): JsonBody<PinRequest>,
 ) -> Result<(StatusCode, Json<Pin>), ApiError> {
-    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
+    let c = access?.cache;
     if !valid_pin_name(&req.name) {
         return Err(ApiError::bad(format!(
             "invalid pin name {:?}: use 1-100 of [A-Za-z0-9._+-]",
@@ -114,20 +113,18 @@ pub(super) async fn create_pin(
 
 pub(super) async fn list_pins(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
+    Path(_name): Path<String>,
+    CacheAccess { cache: c, .. }: CacheAccess<Pull>,
 ) -> Result<Json<Vec<Pin>>, ApiError> {
-    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Pull).await?;
     let pins = state.meta.list_pins(c.id).await?;
     Ok(Json(pins.into_iter().map(pin_json).collect()))
 }
 
 pub(super) async fn delete_pin(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path((name, pin)): Path<(String, String)>,
+    Path((_name, pin)): Path<(String, String)>,
+    CacheAccess { cache: c, .. }: CacheAccess<Push>,
 ) -> Result<StatusCode, ApiError> {
-    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
     if state.meta.delete_pin(c.id, &pin).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {

@@ -2,11 +2,10 @@
 //! readable by whoever may read `cache info`.
 
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
 use axum::Json;
 use serde::Deserialize;
 
-use crate::auth::Perm;
+use crate::access::{CacheAccess, Pull};
 use crate::error::ApiError;
 use crate::stats::{series, CacheStats, DEFAULT_DAYS, KEEP_DAYS};
 use crate::AppState;
@@ -20,11 +19,10 @@ pub(crate) struct StatsQuery {
 
 pub(crate) async fn cache_stats(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
+    Path(_name): Path<String>,
+    CacheAccess { cache: c, .. }: CacheAccess<Pull>,
     query: Result<Query<StatsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<CacheStats>, ApiError> {
-    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Pull).await?;
     let bad = || ApiError::bad(format!("days must be a number from 1 to {KEEP_DAYS}"));
     let Query(q) = query.map_err(|_| bad())?;
     let days = q.days.unwrap_or(DEFAULT_DAYS);
