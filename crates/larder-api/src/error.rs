@@ -5,6 +5,7 @@ use utoipa::ToSchema;
 
 /// Every error answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[schema(as = Error)]
 pub struct ErrorBody {
     /// What failed, for a person (5xx bodies say nothing about the server's internals).
     pub error: String,

@@ -110,6 +110,50 @@ impl FromStr for Perm {
     }
 }
 
+/// Every schema of the API, by the name its OpenAPI document gives it: the document's
+/// `components.schemas` (the server adds the operations).
+#[derive(utoipa::OpenApi)]
+#[openapi(components(schemas(
+    ErrorBody,
+    WhoAmI,
+    Perm,
+    Size,
+    Cache,
+    CreateCache,
+    ConfigureCache,
+    RegisterKey,
+    MissingRequest,
+    MissingResponse,
+    Upload,
+    MultipartOpened,
+    MultipartUpload,
+    MultipartList,
+    MultipartPart,
+    MultipartDetail,
+    UpstreamRef,
+    PublishRequest,
+    PublishStatus,
+    Published,
+    PathEntry,
+    PathList,
+    Reference,
+    PinRef,
+    PathDetail,
+    DeletedPath,
+    DeleteReport,
+    Reason,
+    Victim,
+    GcReport,
+    Keep,
+    PinRequest,
+    Pin,
+    CacheStats,
+    DayStats,
+    CreateToken,
+    Token,
+)))]
+pub struct Schemas;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,5 +166,31 @@ mod tests {
         assert!("root".parse::<Perm>().is_err());
         assert!(Perm::Pull < Perm::Push && Perm::Push < Perm::Admin);
         assert_eq!(Perm::join(&[Perm::Pull, Perm::Admin], "+"), "pull+admin");
+    }
+
+    #[test]
+    fn every_schema_is_registered_under_its_wire_name() {
+        use utoipa::OpenApi as _;
+        let components = Schemas::openapi().components.unwrap_or_default();
+        for name in [
+            "Error",
+            "Cache",
+            "Token",
+            "Perm",
+            "Keep",
+            "Victim",
+            "Reference",
+        ] {
+            assert!(components.schemas.contains_key(name), "{name}");
+        }
+        // Every `$ref` points at a registered schema.
+        let text = serde_json::to_string(&components.schemas).unwrap();
+        for r in text.split("#/components/schemas/").skip(1) {
+            let name: String = r.chars().take_while(|c| c.is_alphanumeric()).collect();
+            assert!(
+                components.schemas.contains_key(&name),
+                "dangling $ref {name}"
+            );
+        }
     }
 }
