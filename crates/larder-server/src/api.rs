@@ -37,6 +37,7 @@ use crate::{valid_cache_name, AppState};
 
 pub(crate) mod contents;
 mod multipart;
+mod openapi;
 mod retention;
 mod stats;
 
@@ -82,8 +83,18 @@ pub fn routes() -> Routes {
         .fallback(|| async { ApiError::not_found("no such API endpoint") })
 }
 
-pub use crate::openapi::openapi_json;
+pub use openapi::openapi_json;
 
+/// This document.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "api",
+    operation_id = "openapi",
+    responses(
+        (status = 200, description = "The OpenAPI document.", body = crate::api::openapi::OpenApiSchema),
+    ),
+)]
 async fn openapi() -> impl axum::response::IntoResponse {
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
@@ -107,6 +118,17 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<
     }
 }
 
+/// Who the request's token is (anonymous without one).
+#[utoipa::path(
+    get,
+    path = "/whoami",
+    tag = "api",
+    operation_id = "whoami",
+    responses(
+        (status = 200, description = "The principal.", body = larder_api::WhoAmI),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+    ),
+)]
 async fn whoami(Caller(p): Caller) -> Result<Json<WhoAmI>, ApiError> {
     Ok(Json(match p.grant() {
         None => WhoAmI {
@@ -156,6 +178,17 @@ pub(crate) async fn cache_json(state: &AppState, c: &CacheRow) -> Result<Cache, 
     })
 }
 
+/// The caches the requester may see (private ones need pull).
+#[utoipa::path(
+    get,
+    path = "/caches",
+    tag = "caches",
+    operation_id = "listCaches",
+    responses(
+        (status = 200, description = "Caches, by name.", body = Vec<larder_api::Cache>),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+    ),
+)]
 async fn list_caches(
     State(state): State<AppState>,
     Caller(p): Caller,
@@ -225,6 +258,21 @@ pub(crate) fn managed_cache(
     })
 }
 
+/// Create a cache (server admin).
+#[utoipa::path(
+    post,
+    path = "/caches",
+    tag = "caches",
+    operation_id = "createCache",
+    request_body = larder_api::CreateCache,
+    responses(
+        (status = 201, description = "The new cache.", body = larder_api::Cache),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 409, response = crate::api::openapi::Conflict),
+    ),
+)]
 async fn create_cache(
     State(state): State<AppState>,
     admin: Result<ServerAdmin, ApiError>,
@@ -267,6 +315,24 @@ struct CacheInfoQuery {
     settled: bool,
 }
 
+/// A cache: size vs limit, path count, public key, nix.conf lines.
+#[utoipa::path(
+    get,
+    path = "/caches/{cache}",
+    tag = "caches",
+    operation_id = "cacheInfo",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        ("settled" = Option<bool>, Query, description = "Answer once the evictions that uploads to the cache triggered on this server are done (at most backend_timeout): what a pusher asks before it checks that its closure is still all there. Default: false."),
+    ),
+    responses(
+        (status = 200, description = "The cache.", body = larder_api::Cache),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+    ),
+)]
 async fn cache_info(
     State(state): State<AppState>,
     Path(_name): Path<String>,
@@ -286,6 +352,24 @@ async fn cache_info(
     Ok(Json(cache_json(&state, &c).await?))
 }
 
+/// Change a cache's settings (admin on the cache).
+#[utoipa::path(
+    patch,
+    path = "/caches/{cache}",
+    tag = "caches",
+    operation_id = "configureCache",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+    ),
+    request_body = larder_api::ConfigureCache,
+    responses(
+        (status = 200, description = "The cache.", body = larder_api::Cache),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+    ),
+)]
 async fn configure_cache(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -323,6 +407,23 @@ async fn configure_cache(
     Ok(Json(cache_json(&state, &row).await?))
 }
 
+/// Delete a cache and everything in it (admin on the cache).
+#[utoipa::path(
+    delete,
+    path = "/caches/{cache}",
+    tag = "caches",
+    operation_id = "deleteCache",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+    ),
+    responses(
+        (status = 204, description = "Done."),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+    ),
+)]
 async fn delete_cache(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -338,7 +439,26 @@ async fn delete_cache(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Switch a cache to client-side signing with this public key (`larder generate-keypair`).
+/// Switch to client signing with this public key (admin on the cache).
+#[utoipa::path(
+    post,
+    path = "/caches/{cache}/public-key",
+    tag = "caches",
+    operation_id = "registerPublicKey",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+    ),
+    request_body = larder_api::RegisterKey,
+    responses(
+        (status = 200, description = "The cache.", body = larder_api::Cache),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+    ),
+)]
+// Switch a cache to client-side signing with this public key (`larder generate-keypair`).
+
 async fn register_public_key(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -361,6 +481,24 @@ async fn register_public_key(
     Ok(Json(cache_json(&state, &row).await?))
 }
 
+/// Which of these store paths the cache lacks (pull on a private cache).
+#[utoipa::path(
+    post,
+    path = "/caches/{cache}/missing",
+    tag = "caches",
+    operation_id = "missing",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+    ),
+    request_body = larder_api::MissingRequest,
+    responses(
+        (status = 200, description = "The missing ones.", body = larder_api::MissingResponse),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+    ),
+)]
 async fn missing(
     State(state): State<AppState>,
     Path(_name): Path<String>,
@@ -436,6 +574,27 @@ pub(crate) fn upload_json(upload_id: String, nar: larder_store::meta::NarRow) ->
     }
 }
 
+/// Upload a compressed NAR (push); verified and measured by the server.
+#[utoipa::path(
+    post,
+    path = "/caches/{cache}/nars",
+    tag = "caches",
+    operation_id = "uploadNar",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        ("compression" = String, Query, pattern = "^(zstd|xz|none)$"),
+    ),
+    request_body(content = inline(crate::api::openapi::Bytes), content_type = "application/octet-stream"),
+    responses(
+        (status = 201, description = "What the server measured.", body = larder_api::Upload),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+        (status = 413, response = crate::api::openapi::TooLarge),
+        (status = 415, response = crate::api::openapi::UnsupportedMedia),
+    ),
+)]
 async fn upload_nar(
     State(state): State<AppState>,
     Path(_name): Path<String>,
@@ -456,6 +615,26 @@ async fn upload_nar(
     Ok((StatusCode::CREATED, Json(upload_json(upload_id, nar))))
 }
 
+/// Publish a store path whose NAR was uploaded (push).
+#[utoipa::path(
+    post,
+    path = "/caches/{cache}/paths",
+    tag = "caches",
+    operation_id = "publishPath",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+    ),
+    request_body = larder_api::PublishRequest,
+    responses(
+        (status = 201, description = "Published.", body = larder_api::Published),
+        (status = 200, description = "Already there with the same content.", body = larder_api::Published),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+        (status = 409, response = crate::api::openapi::Conflict),
+    ),
+)]
 async fn publish_path(
     State(state): State<AppState>,
     Path(_name): Path<String>,
@@ -557,6 +736,20 @@ fn token_json(t: &TokenRow, secret: Option<String>) -> Token {
     }
 }
 
+/// Create a token (server admin); the secret is in this answer only.
+#[utoipa::path(
+    post,
+    path = "/tokens",
+    tag = "tokens",
+    operation_id = "createToken",
+    request_body = larder_api::CreateToken,
+    responses(
+        (status = 201, description = "The token, with `token`.", body = larder_api::Token),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+    ),
+)]
 async fn create_token(
     State(state): State<AppState>,
     admin: Result<ServerAdmin, ApiError>,
@@ -638,6 +831,18 @@ async fn create_token(
     Ok((StatusCode::CREATED, Json(token_json(&row, Some(secret)))))
 }
 
+/// Every token, never its secret (server admin).
+#[utoipa::path(
+    get,
+    path = "/tokens",
+    tag = "tokens",
+    operation_id = "listTokens",
+    responses(
+        (status = 200, description = "Tokens.", body = Vec<larder_api::Token>),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+    ),
+)]
 async fn list_tokens(
     State(state): State<AppState>,
     _: ServerAdmin,
@@ -646,6 +851,22 @@ async fn list_tokens(
     Ok(Json(rows.iter().map(|t| token_json(t, None)).collect()))
 }
 
+/// Revoke a token (server admin).
+#[utoipa::path(
+    delete,
+    path = "/tokens/{id}",
+    tag = "tokens",
+    operation_id = "revokeToken",
+    params(
+        ("id" = String, Path),
+    ),
+    responses(
+        (status = 204, description = "Done."),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+    ),
+)]
 async fn revoke_token(
     State(state): State<AppState>,
     Path(id): Path<String>,

@@ -26,7 +26,6 @@ pub mod error;
 pub mod hot;
 pub mod ingest;
 pub mod metrics;
-pub mod openapi;
 pub mod publish;
 pub mod retention;
 pub mod routes;

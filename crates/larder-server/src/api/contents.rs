@@ -59,6 +59,26 @@ pub(super) struct ListQuery {
     cursor: Option<String>,
 }
 
+/// The cache's paths, by name, searchable, keyset-paginated (pull on a private cache).
+#[utoipa::path(
+    get,
+    path = "/caches/{cache}/paths",
+    tag = "caches",
+    operation_id = "listPaths",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        ("query" = Option<String>, Query, description = "Substring of `<hash>-<name>` (case-insensitive).", max_length = 200),
+        ("limit" = Option<u64>, Query, description = "Default: 100.", minimum = 1, maximum = 1000),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page."),
+    ),
+    responses(
+        (status = 200, description = "One page.", body = larder_api::PathList),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+    ),
+)]
 pub(super) async fn list_paths(
     State(state): State<AppState>,
     Path(_name): Path<String>,
@@ -165,6 +185,24 @@ fn path_arg(arg: &str) -> Result<(String, Option<String>), ApiError> {
     Ok((p.hash_part(), Some(p.name().to_owned())))
 }
 
+/// One path: narinfo fields, references, referrers, pins, usage (pull on a private cache).
+#[utoipa::path(
+    get,
+    path = "/caches/{cache}/paths/{path}",
+    tag = "caches",
+    operation_id = "pathInfo",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        ("path" = String, Path, description = "Hash part, basename `<hash>-<name>`, or the whole store path (percent-encoded)."),
+    ),
+    responses(
+        (status = 200, description = "The path.", body = larder_api::PathDetail),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+    ),
+)]
 pub(super) async fn path_info(
     State(state): State<AppState>,
     Path((_name, arg)): Path<(String, String)>,
@@ -279,6 +317,27 @@ pub(super) struct DeleteQuery {
     with_referrers: bool,
 }
 
+/// Delete a path (admin on the cache); refused (409, with `referrers`) while other paths
+/// reference it unless with_referrers, and for pinned paths.
+#[utoipa::path(
+    delete,
+    path = "/caches/{cache}/paths/{path}",
+    tag = "caches",
+    operation_id = "deletePath",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        ("path" = String, Path, description = "Hash part, basename `<hash>-<name>`, or the whole store path (percent-encoded)."),
+        ("with_referrers" = Option<bool>, Query, description = "Also delete every path that (transitively) references it. Default: false."),
+    ),
+    responses(
+        (status = 200, description = "What was deleted.", body = larder_api::DeleteReport),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+        (status = 409, response = crate::api::openapi::Conflict),
+    ),
+)]
 pub(super) async fn delete_path(
     State(state): State<AppState>,
     Path((_name, arg)): Path<(String, String)>,

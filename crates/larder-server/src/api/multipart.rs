@@ -273,6 +273,32 @@ fn staging_allowance(state: &AppState, c: &larder_store::meta::CacheRow) -> u64 
         .map_or(limit, |m| m.min(limit))
 }
 
+/// Open a multi-part NAR upload (push).
+///
+/// `nar_hash` and `nar_size` name the NAR the client will send: a label to find the upload
+/// again by (`GET …/multipart?nar_hash=…`) after an interruption, checked at completion and
+/// trusted for nothing else.
+#[utoipa::path(
+    post,
+    path = "/caches/{cache}/multipart",
+    tag = "caches",
+    operation_id = "openMultipart",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        ("compression" = String, Query, pattern = "^(zstd|xz|none)$"),
+        ("nar_hash" = Option<String>, Query, description = "SHA-256 of the NAR (`sha256:<nix32>`, or any spelling Nix accepts). Optional."),
+        ("nar_size" = Option<u64>, Query, description = "Size of the NAR in bytes. Optional.", minimum = 0),
+    ),
+    responses(
+        (status = 201, description = "The upload's id.", body = larder_api::MultipartOpened),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+        (status = 415, response = crate::api::openapi::UnsupportedMedia),
+        (status = 429, description = "The cache has as many unfinished multi-part uploads as it may (16).", body = larder_api::ErrorBody),
+    ),
+)]
 pub async fn open(
     State(state): State<AppState>,
     Path(_name): Path<String>,
@@ -319,8 +345,33 @@ pub async fn open(
     Ok((StatusCode::CREATED, Json(MultipartOpened { upload_id: id })))
 }
 
-/// The cache's unfinished uploads on this server, most recently written first; with
-/// `nar_hash`/`nar_size`, only those opened for that NAR.
+/// The cache's unfinished multi-part uploads on this server, most recently written first
+/// (push).
+///
+/// With `nar_hash` and `nar_size`, only the uploads opened for that NAR: how a client finds the
+/// upload an interrupted push left, to resume it.
+#[utoipa::path(
+    get,
+    path = "/caches/{cache}/multipart",
+    tag = "caches",
+    operation_id = "listMultipart",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        ("nar_hash" = Option<String>, Query, description = "SHA-256 of the NAR (`sha256:<nix32>`, or any spelling Nix accepts). Only uploads opened for it."),
+        ("nar_size" = Option<u64>, Query, description = "Size of the NAR in bytes. Only uploads opened for it.", minimum = 0),
+    ),
+    responses(
+        (status = 200, description = "The uploads.", body = larder_api::MultipartList),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+    ),
+)]
+// The cache's unfinished uploads on this server, most recently written first; with
+
+// `nar_hash`/`nar_size`, only those opened for that NAR.
+
 pub async fn list(
     State(state): State<AppState>,
     Path(_name): Path<String>,
@@ -363,9 +414,35 @@ pub async fn list(
     Ok(Json(MultipartList { uploads }))
 }
 
-/// One upload with every stored part measured (see [`measure_part`]). Asking holds the
-/// upload for another [`crate::config::MULTIPART_IDLE_TTL`], as a new part would: the client
-/// asks to resume it.
+/// One unfinished multi-part upload with each stored part measured (push).
+///
+/// For each stored part: its size and SHA-256, and the size and SHA-256 of the NAR bytes it
+/// decompresses to on its own (null when it does not), so a resuming client keeps the parts
+/// that hold the NAR bytes it would send. Asking holds the upload for another idle period, as a
+/// new part would.
+#[utoipa::path(
+    get,
+    path = "/caches/{cache}/multipart/{id}",
+    tag = "caches",
+    operation_id = "showMultipart",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        ("id" = String, Path),
+    ),
+    responses(
+        (status = 200, description = "The upload and its parts.", body = larder_api::MultipartDetail),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+    ),
+)]
+// One upload with every stored part measured (see [`measure_part`]). Asking holds the
+
+// upload for another [`crate::config::MULTIPART_IDLE_TTL`], as a new part would: the client
+
+// asks to resume it.
+
 pub async fn show(
     State(state): State<AppState>,
     Path((_name, id)): Path<(String, String)>,
@@ -400,7 +477,26 @@ pub async fn show(
     Ok(Json(detail))
 }
 
-/// Abandon an upload: its parts are deleted at once.
+/// Abandon a multi-part upload: its parts are deleted (push).
+#[utoipa::path(
+    delete,
+    path = "/caches/{cache}/multipart/{id}",
+    tag = "caches",
+    operation_id = "abortMultipart",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        ("id" = String, Path),
+    ),
+    responses(
+        (status = 204, description = "Deleted."),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+    ),
+)]
+// Abandon an upload: its parts are deleted at once.
+
 pub async fn abort(
     State(state): State<AppState>,
     Path((_name, id)): Path<(String, String)>,
@@ -414,6 +510,27 @@ pub async fn abort(
     }
 }
 
+/// Store part n (from 0) of a multi-part upload; re-sending replaces it.
+#[utoipa::path(
+    put,
+    path = "/caches/{cache}/multipart/{id}/parts/{n}",
+    tag = "caches",
+    operation_id = "putPart",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        ("id" = String, Path),
+        ("n" = u64, Path, minimum = 0),
+    ),
+    request_body(content = inline(crate::api::openapi::Bytes), content_type = "application/octet-stream"),
+    responses(
+        (status = 204, description = "Done."),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+        (status = 413, response = crate::api::openapi::TooLarge),
+    ),
+)]
 pub async fn put_part(
     State(state): State<AppState>,
     Path((_name, id, n)): Path<(String, String, u32)>,
@@ -479,6 +596,31 @@ pub struct CompleteQuery {
     parts: Option<u32>,
 }
 
+/// Verify the parts as one NAR and store it.
+///
+/// The NAR is the concatenation of parts `0..parts` (every one required; parts beyond are
+/// dropped), or without `parts`, of the parts numbered from 0 up to the first gap. When the
+/// upload was opened with `nar_hash`/`nar_size`, a concatenation of another NAR is refused
+/// (400) and nothing is stored.
+#[utoipa::path(
+    post,
+    path = "/caches/{cache}/multipart/{id}/complete",
+    tag = "caches",
+    operation_id = "completeMultipart",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        ("id" = String, Path),
+        ("parts" = Option<u64>, Query, description = "How many parts make the NAR.", minimum = 1),
+    ),
+    responses(
+        (status = 201, description = "What the server measured.", body = larder_api::Upload),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+        (status = 413, response = crate::api::openapi::TooLarge),
+    ),
+)]
 pub async fn complete(
     State(state): State<AppState>,
     Path((_name, id)): Path<(String, String)>,

@@ -23,6 +23,24 @@ pub(super) struct GcQuery {
     dry_run: bool,
 }
 
+/// Evict least recently used closures until the cache fits its limit (admin on the cache).
+#[utoipa::path(
+    post,
+    path = "/caches/{cache}/gc",
+    tag = "caches",
+    operation_id = "gc",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        ("dry_run" = Option<bool>, Query, description = "Default: false."),
+    ),
+    responses(
+        (status = 200, description = "What was (or would be) evicted.", body = larder_api::GcReport),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+    ),
+)]
 pub(super) async fn gc(
     State(state): State<AppState>,
     Path(_name): Path<String>,
@@ -60,6 +78,24 @@ fn valid_pin_name(n: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'+'))
 }
 
+/// Pin a path of the cache (push); re-pinning a name makes a new revision.
+#[utoipa::path(
+    post,
+    path = "/caches/{cache}/pins",
+    tag = "caches",
+    operation_id = "createPin",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+    ),
+    request_body = larder_api::PinRequest,
+    responses(
+        (status = 201, description = "The new revision.", body = larder_api::Pin),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+    ),
+)]
 pub(super) async fn create_pin(
     State(state): State<AppState>,
     Path(_name): Path<String>,
@@ -111,6 +147,23 @@ pub(super) async fn create_pin(
     Ok((StatusCode::CREATED, Json(pin_json(pin))))
 }
 
+/// Every kept pin revision (pull on a private cache).
+#[utoipa::path(
+    get,
+    path = "/caches/{cache}/pins",
+    tag = "caches",
+    operation_id = "listPins",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+    ),
+    responses(
+        (status = 200, description = "Pins by name, newest revision first.", body = Vec<larder_api::Pin>),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+    ),
+)]
 pub(super) async fn list_pins(
     State(state): State<AppState>,
     Path(_name): Path<String>,
@@ -120,6 +173,24 @@ pub(super) async fn list_pins(
     Ok(Json(pins.into_iter().map(pin_json).collect()))
 }
 
+/// Delete every revision of a pin (push).
+#[utoipa::path(
+    delete,
+    path = "/caches/{cache}/pins/{pin}",
+    tag = "caches",
+    operation_id = "deletePin",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        ("pin" = String, Path),
+    ),
+    responses(
+        (status = 204, description = "Done."),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+    ),
+)]
 pub(super) async fn delete_pin(
     State(state): State<AppState>,
     Path((_name, pin)): Path<(String, String)>,

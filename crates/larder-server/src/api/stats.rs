@@ -17,6 +17,30 @@ pub(crate) struct StatsQuery {
     days: Option<i64>,
 }
 
+/// A cache's daily statistics: downloads (requests and bytes) and stored size, per UTC day, as
+/// the web UI's charts show them.
+///
+/// Recorded by the server: every replica counts the narinfo and NAR downloads it serves (a HEAD
+/// is none) and adds them to the day's row every 2 s; the size is sampled whenever paths are
+/// published, evicted or deleted and once a day. Days older than 90 are deleted. Readable by
+/// whoever may read the cache (as `GET /caches/{cache}`).
+#[utoipa::path(
+    get,
+    path = "/caches/{cache}/stats",
+    tag = "caches",
+    operation_id = "cacheStats",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        ("days" = Option<u64>, Query, description = "How many days, up to today. Default: 30.", minimum = 1, maximum = 90),
+    ),
+    responses(
+        (status = 200, description = "One entry per day, oldest first.", body = larder_api::CacheStats),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+    ),
+)]
 pub(crate) async fn cache_stats(
     State(state): State<AppState>,
     Path(_name): Path<String>,
