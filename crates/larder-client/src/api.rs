@@ -1,11 +1,20 @@
 //! A typed client of the server's JSON API (`/api/v1`), shared by every CLI verb.
 //!
+//! Requests and answers are `larder-api`'s types, the ones the server uses: a field renamed on
+//! one side fails to compile, or fails to decode with the endpoint named, never reads as 0.
 //! Errors keep what the server said (`{"error": "…"}`) and the HTTP status, so the CLI can
 //! print the server's reason and a hint that fits the status.
 
+use larder_api::{ErrorBody, MissingRequest, MissingResponse, MultipartList};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
+
+/// The API's types (a cache and a token under the names this client has always given them).
+pub use larder_api::{
+    Cache as CacheInfo, ConfigureCache, CreateCache, CreateToken, DeleteReport, DeletedPath,
+    GcReport, Keep, MultipartDetail, MultipartPart, MultipartUpload, PathDetail, PathEntry,
+    PathList, Perm, Pin, PinRef, PinRequest, PublishRequest, Published, Reason, Reference, Size,
+    Token as TokenInfo, Victim, WhoAmI,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -70,193 +79,8 @@ pub struct ApiClient {
     http: reqwest::Client,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CacheInfo {
-    pub name: String,
-    pub url: String,
-    pub public_key: Option<String>,
-    pub private: bool,
-    pub priority: i64,
-    pub compression: String,
-    pub max_size: Option<i64>,
-    pub signing_mode: String,
-    pub size: i64,
-    pub nar_size: i64,
-    pub paths: i64,
-    /// Whether `size` has passed 85 % of `max_size` (older servers: absent, false).
-    #[serde(default)]
-    pub near_limit: bool,
-    /// Keys the cache trusts as upstream beside the server's (older servers: absent, none).
-    #[serde(default)]
-    pub upstream_keys: Vec<String>,
-    pub nix_conf: String,
-    /// The same as a flake `nixConfig` block (older servers: absent, empty).
-    #[serde(default)]
-    pub flake_nix_config: String,
-}
-
-/// One path of a cache's contents list.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PathEntry {
-    pub store_path: String,
-    pub hash: String,
-    pub name: String,
-    pub nar_size: i64,
-    /// Stored (compressed) bytes.
-    pub file_size: i64,
-    pub compression: String,
-    pub uploaded_at: i64,
-    /// `None`: never fetched.
-    pub last_used_at: Option<i64>,
-}
-
-/// One page of a cache's contents.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PathList {
-    pub paths: Vec<PathEntry>,
-    /// Where the next page starts; `None` on the last page.
-    pub next_cursor: Option<String>,
-    /// Paths matching the query, on every page.
-    pub total: i64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Reference {
-    pub store_path: String,
-    /// False for a reference accepted as available upstream.
-    pub in_cache: bool,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PinRef {
-    pub name: String,
-    pub revision: i64,
-    /// The pinned path whose closure holds the path.
-    pub store_path: String,
-}
-
-/// One path of a cache in detail (`larder path-info`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PathDetail {
-    pub store_path: String,
-    pub hash: String,
-    pub name: String,
-    pub url: String,
-    pub compression: String,
-    pub file_hash: String,
-    pub file_size: i64,
-    pub nar_hash: String,
-    pub nar_size: i64,
-    pub references: Vec<Reference>,
-    pub deriver: Option<String>,
-    pub ca: Option<String>,
-    pub sigs: Vec<String>,
-    pub referrers: Vec<String>,
-    pub referrer_count: i64,
-    pub pins: Vec<PinRef>,
-    pub uploaded_at: i64,
-    pub last_used_at: Option<i64>,
-    pub narinfo: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DeletedPath {
-    pub store_path: String,
-    pub file_size: i64,
-}
-
-/// What `larder path delete` removed.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DeleteReport {
-    pub cache: String,
-    pub deleted: Vec<DeletedPath>,
-    pub freed: i64,
-}
-
-/// An unfinished multi-part upload on the server (`GET /caches/{c}/multipart`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct MultipartUpload {
-    pub upload_id: String,
-    pub compression: String,
-    /// The NAR it was opened for (`sha256:<nix32>`), when the client said.
-    pub nar_hash: Option<String>,
-    pub nar_size: Option<u64>,
-    pub part_count: usize,
-    /// Stored (compressed) bytes of its parts.
-    pub part_bytes: u64,
-    pub updated_at: i64,
-    pub expires_at: i64,
-}
-
-/// One stored part of a multi-part upload, as the server measured it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct MultipartPart {
-    pub n: u32,
-    pub file_size: u64,
-    pub file_hash: String,
-    /// The NAR bytes it decompresses to on its own; `None` when it does not.
-    pub nar_size: Option<u64>,
-    pub nar_hash: Option<String>,
-}
-
-/// A multi-part upload with its parts (`GET /caches/{c}/multipart/{id}`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct MultipartDetail {
-    #[serde(flatten)]
-    pub upload: MultipartUpload,
-    pub parts: Vec<MultipartPart>,
-}
-
 /// Percent-encoding of one URL path segment (store path names may hold `?`, `=` or `+`).
 use larder_nix::url::encode_component as segment;
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TokenInfo {
-    pub id: String,
-    pub label: String,
-    pub perms: Vec<String>,
-    pub caches: Option<Vec<String>>,
-    /// Caches it was scoped to that were deleted since (that scope ended).
-    #[serde(default)]
-    pub deleted_caches: Vec<String>,
-    pub expires_at: Option<i64>,
-    pub revoked_at: Option<i64>,
-    pub created_at: i64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub token: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct WhoAmI {
-    pub authenticated: bool,
-    pub token_id: Option<String>,
-    pub label: Option<String>,
-    pub perms: Vec<String>,
-    pub caches: Option<Vec<String>>,
-    pub server_admin: bool,
-    pub expires_at: Option<i64>,
-}
-
-impl WhoAmI {
-    /// Whether the token grants `perm` (`pull`, `push` or `admin`; each includes the ones
-    /// before it) on `cache`, as the server decides.
-    pub fn grants(&self, perm: &str, cache: &str) -> bool {
-        const LEVELS: [&str; 3] = ["pull", "push", "admin"];
-        let level = |p: &str| LEVELS.iter().position(|l| *l == p);
-        let Some(wanted) = level(perm) else {
-            return false;
-        };
-        self.server_admin
-            || (self
-                .perms
-                .iter()
-                .any(|p| level(p).is_some_and(|l| l >= wanted))
-                && self
-                    .caches
-                    .as_ref()
-                    .is_none_or(|c| c.iter().any(|c| c == cache)))
-    }
-}
 
 /// The variables naming a PEM bundle of CA certificates, in the order Nix reads them (its
 /// `ssl-cert-file` defaults to the first one set): a server whose certificate a private CA
@@ -348,9 +172,9 @@ impl ApiClient {
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(std::time::Duration::from_secs);
         let text = resp.text().await.unwrap_or_default();
-        let message = serde_json::from_str::<Value>(&text)
+        let message = serde_json::from_str::<ErrorBody>(&text)
             .ok()
-            .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_owned))
+            .map(|b| b.error)
             .unwrap_or_else(|| {
                 let t = text.trim();
                 if t.is_empty() {
@@ -445,8 +269,7 @@ impl ApiClient {
         .await
     }
 
-    /// Create a cache. `body` holds `name`, `private`, `priority`, `compression`, `max_size`.
-    pub async fn create_cache(&self, body: &Value) -> Result<CacheInfo> {
+    pub async fn create_cache(&self, body: &CreateCache) -> Result<CacheInfo> {
         self.json(
             self.request(reqwest::Method::POST, "/api/v1/caches")
                 .json(body),
@@ -455,7 +278,7 @@ impl ApiClient {
         .await
     }
 
-    pub async fn configure_cache(&self, name: &str, body: &Value) -> Result<CacheInfo> {
+    pub async fn configure_cache(&self, name: &str, body: &ConfigureCache) -> Result<CacheInfo> {
         self.json(
             self.request(reqwest::Method::PATCH, &format!("/api/v1/caches/{name}"))
                 .json(body),
@@ -470,7 +293,7 @@ impl ApiClient {
         Ok(())
     }
 
-    pub async fn create_token(&self, body: &Value) -> Result<TokenInfo> {
+    pub async fn create_token(&self, body: &CreateToken) -> Result<TokenInfo> {
         self.json(
             self.request(reqwest::Method::POST, "/api/v1/tokens")
                 .json(body),
@@ -557,11 +380,7 @@ impl ApiClient {
         nar_hash: &str,
         nar_size: u64,
     ) -> Result<Vec<MultipartUpload>> {
-        #[derive(Deserialize)]
-        struct List {
-            uploads: Vec<MultipartUpload>,
-        }
-        let list: List = self
+        let list: MultipartList = self
             .json(
                 self.request(
                     reqwest::Method::GET,
@@ -596,6 +415,78 @@ impl ApiClient {
         Ok(())
     }
 
+    /// Which of `paths` (store paths or hash parts) the cache lacks, in their order.
+    pub async fn missing(&self, cache: &str, paths: Vec<String>) -> Result<Vec<String>> {
+        let answer: MissingResponse = self
+            .json(
+                self.request(
+                    reqwest::Method::POST,
+                    &format!("/api/v1/caches/{cache}/missing"),
+                )
+                .json(&MissingRequest { paths }),
+                "missing paths",
+            )
+            .await?;
+        Ok(answer.missing)
+    }
+
+    /// Publish a store path whose NAR was uploaded; the answer says whether it was created.
+    pub async fn publish(&self, cache: &str, body: &PublishRequest) -> Result<Published> {
+        self.json(
+            self.request(
+                reqwest::Method::POST,
+                &format!("/api/v1/caches/{cache}/paths"),
+            )
+            .json(body),
+            "path publication",
+        )
+        .await
+    }
+
+    /// Evict what the cache's size limit requires (with `dry_run`, only say what would go).
+    pub async fn gc(&self, cache: &str, dry_run: bool) -> Result<GcReport> {
+        self.json(
+            self.request(
+                reqwest::Method::POST,
+                &format!("/api/v1/caches/{cache}/gc?dry_run={dry_run}"),
+            ),
+            "garbage collection",
+        )
+        .await
+    }
+
+    pub async fn list_pins(&self, cache: &str) -> Result<Vec<Pin>> {
+        self.json(
+            self.request(
+                reqwest::Method::GET,
+                &format!("/api/v1/caches/{cache}/pins"),
+            ),
+            "pin list",
+        )
+        .await
+    }
+
+    pub async fn create_pin(&self, cache: &str, body: &PinRequest) -> Result<Pin> {
+        self.json(
+            self.request(
+                reqwest::Method::POST,
+                &format!("/api/v1/caches/{cache}/pins"),
+            )
+            .json(body),
+            "pin",
+        )
+        .await
+    }
+
+    pub async fn delete_pin(&self, cache: &str, name: &str) -> Result<()> {
+        self.send(self.request(
+            reqwest::Method::DELETE,
+            &format!("/api/v1/caches/{cache}/pins/{}", segment(name)),
+        ))
+        .await?;
+        Ok(())
+    }
+
     pub async fn revoke_token(&self, id: &str) -> Result<()> {
         self.send(self.request(reqwest::Method::DELETE, &format!("/api/v1/tokens/{id}")))
             .await?;
@@ -606,30 +497,6 @@ impl ApiClient {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn who(perms: &[&str], caches: Option<&[&str]>, server_admin: bool) -> WhoAmI {
-        WhoAmI {
-            authenticated: true,
-            token_id: None,
-            label: None,
-            perms: perms.iter().map(|p| p.to_string()).collect(),
-            caches: caches.map(|c| c.iter().map(|c| c.to_string()).collect()),
-            server_admin,
-            expires_at: None,
-        }
-    }
-
-    #[test]
-    fn permissions_include_the_lesser_ones_within_their_caches() {
-        let push_a = who(&["push"], Some(&["a"]), false);
-        assert!(push_a.grants("pull", "a") && push_a.grants("push", "a"));
-        assert!(!push_a.grants("admin", "a") && !push_a.grants("pull", "b"));
-        let pull_all = who(&["pull"], None, false);
-        assert!(pull_all.grants("pull", "any") && !pull_all.grants("push", "any"));
-        assert!(who(&["admin"], None, true).grants("admin", "any"));
-        assert!(!who(&[], None, false).grants("pull", "a"));
-        assert!(!push_a.grants("sudo", "a"));
-    }
 
     #[test]
     fn transient_failures_are_outages_not_refusals() {

@@ -21,8 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use larder_api::{MultipartOpened, Upload};
 use larder_nix::hash::{Sha256, Sha256Hasher};
-use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use crate::api::{ApiClient, ClientError};
@@ -72,18 +72,13 @@ pub(crate) async fn upload(
     send(client, cache, info, opts, observer, &id, &[]).await
 }
 
-#[derive(Deserialize)]
-struct Opened {
-    upload_id: String,
-}
-
 async fn open(
     client: &ApiClient,
     cache: &str,
     info: &PathInfo,
     opts: &PushOptions,
 ) -> Result<String, PushError> {
-    let opened: Opened = client
+    let opened: MultipartOpened = client
         .send(
             client
                 .request(
@@ -305,8 +300,9 @@ async fn send(
             &format!("/api/v1/caches/{cache}/multipart/{id}/complete?parts={parts}"),
         ))
         .await?
-        .json()
+        .json::<Upload>()
         .await
+        .map(UploadResp::from)
         .map_err(|e| PushError::Internal(format!("bad answer completing an upload: {e}")))?;
     // The parts became the stored NAR: no unfinished upload is left to resume.
     observer.parts_kept(info, 0, 0);

@@ -20,10 +20,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use larder_api::{PublishRequest, PublishStatus, Upload, UpstreamRef};
 use larder_nix::signing::SigningKey;
 use larder_nix::store_path::StorePath;
 use regex::Regex;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::api::{ApiClient, ClientError};
@@ -175,11 +176,6 @@ impl Plan {
     }
 }
 
-#[derive(Deserialize)]
-struct MissingResp {
-    missing: Vec<String>,
-}
-
 /// Which of `paths` (absolute store paths) the cache lacks: bulk queries of
 /// [`MISSING_BATCH`] paths.
 pub async fn missing(
@@ -189,20 +185,7 @@ pub async fn missing(
 ) -> Result<HashSet<String>, PushError> {
     let mut missing = HashSet::new();
     for batch in paths.chunks(MISSING_BATCH) {
-        let resp: MissingResp = client
-            .send(
-                client
-                    .request(
-                        reqwest::Method::POST,
-                        &format!("/api/v1/caches/{cache}/missing"),
-                    )
-                    .json(&serde_json::json!({ "paths": batch })),
-            )
-            .await?
-            .json()
-            .await
-            .map_err(|e| PushError::Internal(format!("bad answer to the missing query: {e}")))?;
-        missing.extend(resp.missing);
+        missing.extend(client.missing(cache, batch.to_vec()).await?);
     }
     Ok(missing)
 }
@@ -357,7 +340,7 @@ pub async fn execute(
     let upstream: Arc<HashMap<String, UpstreamRef>> = Arc::new(
         plan.upstream
             .iter()
-            .map(|i| (i.path.to_absolute(), UpstreamRef::from(i)))
+            .map(|i| (i.path.to_absolute(), upstream_ref(i)))
             .collect(),
     );
     let mut done: HashMap<String, watch::Receiver<Option<bool>>> = HashMap::new();
@@ -469,24 +452,13 @@ pub(crate) fn error_line(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// Metadata of an upstream path a pushed path refers to, with its upstream signatures.
-#[derive(Debug, Clone, Serialize)]
-struct UpstreamRef {
-    store_path: String,
-    nar_hash: String,
-    nar_size: u64,
-    references: Vec<String>,
-    sigs: Vec<String>,
-}
-
-impl From<&PathInfo> for UpstreamRef {
-    fn from(i: &PathInfo) -> Self {
-        UpstreamRef {
-            store_path: i.path.to_absolute(),
-            nar_hash: i.nar_hash.to_typed_nix32(),
-            nar_size: i.nar_size,
-            references: i.references.iter().map(StorePath::to_absolute).collect(),
-            sigs: i.sigs.clone(),
-        }
+fn upstream_ref(i: &PathInfo) -> UpstreamRef {
+    UpstreamRef {
+        store_path: i.path.to_absolute(),
+        nar_hash: i.nar_hash.to_typed_nix32(),
+        nar_size: i.nar_size,
+        references: i.references.iter().map(StorePath::to_absolute).collect(),
+        sigs: i.sigs.clone(),
     }
 }
 
@@ -553,33 +525,31 @@ async fn push_one(
         sigs.retain(|s| !s.starts_with(&format!("{}:", key.name())));
         sigs.push(sig);
     }
-    let upstream_refs: Vec<&UpstreamRef> = refs.iter().filter_map(|r| upstream.get(r)).collect();
-    let body = serde_json::json!({
-        "upload_id": upload.upload_id,
-        "store_path": info.path.to_absolute(),
-        "nar_hash": info.nar_hash.to_typed_nix32(),
-        "nar_size": info.nar_size,
-        "references": refs,
-        "deriver": if opts.omit_deriver { None } else { info.deriver.as_ref().map(StorePath::to_absolute) },
-        "ca": info.ca,
-        "sigs": sigs,
-        "upstream": upstream_refs,
-    });
+    let body = PublishRequest {
+        upload_id: upload.upload_id.clone(),
+        store_path: info.path.to_absolute(),
+        nar_hash: info.nar_hash.to_typed_nix32(),
+        nar_size: info.nar_size,
+        deriver: if opts.omit_deriver {
+            None
+        } else {
+            info.deriver.as_ref().map(StorePath::to_absolute)
+        },
+        ca: info.ca.clone(),
+        sigs,
+        upstream: refs
+            .iter()
+            .filter_map(|r| upstream.get(r))
+            .cloned()
+            .collect(),
+        references: refs,
+    };
     let mut attempt = 1;
     loop {
-        let r = client
-            .send(
-                client
-                    .request(
-                        reqwest::Method::POST,
-                        &format!("/api/v1/caches/{cache}/paths"),
-                    )
-                    .json(&body),
-            )
-            .await;
+        let r = client.publish(cache, &body).await;
         match r {
-            Ok(resp) => {
-                let created = resp.status() == reqwest::StatusCode::CREATED;
+            Ok(published) => {
+                let created = published.status == PublishStatus::Created;
                 return Ok(created.then_some(upload));
             }
             Err(e) => {
@@ -599,13 +569,22 @@ async fn push_one(
 }
 
 /// What the server measured of an uploaded NAR (the fields the push needs).
-#[derive(Deserialize)]
 pub(crate) struct UploadResp {
     upload_id: String,
     file_size: u64,
     /// Stored bytes the server had before this run (the parts a resumed upload kept).
-    #[serde(skip)]
     pub(crate) kept: u64,
+}
+
+impl From<Upload> for UploadResp {
+    fn from(u: Upload) -> Self {
+        UploadResp {
+            upload_id: u.upload_id,
+            // A size is never negative; were it, nothing of it was sent.
+            file_size: u64::try_from(u.file_size).unwrap_or(0),
+            kept: 0,
+        }
+    }
 }
 
 /// Sends compressed NAR bytes to the network in blocks, counting them.
@@ -718,8 +697,9 @@ async fn upload_nar(
         // A local error (corrupt or vanished path) explains a failed request best.
         (Err(e), _) => return Err(e),
     };
-    resp.json()
+    resp.json::<Upload>()
         .await
+        .map(UploadResp::from)
         .map_err(|e| PushError::Internal(format!("bad answer to the NAR upload: {e}")))
 }
 

@@ -12,9 +12,13 @@ use tokio::io::AsyncWriteExt;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::Json;
 use futures::StreamExt;
+use larder_api::{
+    Cache, ConfigureCache, CreateCache, CreateToken, MissingRequest, MissingResponse,
+    PublishRequest, PublishStatus, Published, RegisterKey, Size, Token, Upload, WhoAmI,
+};
 use larder_nix::hash::{Sha256, Sha256Hasher};
 use larder_nix::signing::{Signature, SigningKey, VerifyingKey};
 use larder_nix::store_path::StorePath;
@@ -22,9 +26,10 @@ use larder_store::meta::{
     CacheRow, CacheScope, CacheUpdate, NewCache, Publish, SecretKey, SigningMode, TokenRow,
 };
 use larder_store::now_unix;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
-use crate::auth::{new_token, principal, token_hash, Perm, Principal};
+use crate::access::{can_see, Admin, CacheAccess, Caller, Pull, Push, ServerAdmin};
+use crate::auth::{new_token, token_hash};
 use crate::config::{parse_duration, parse_size, DEFAULT_PRIORITY};
 use crate::error::ApiError;
 use crate::ingest::{ingest, parse_compression, truncate, Compression};
@@ -34,6 +39,7 @@ use crate::{valid_cache_name, AppState};
 
 pub(crate) mod contents;
 mod multipart;
+mod openapi;
 mod retention;
 mod stats;
 
@@ -79,14 +85,22 @@ pub fn routes() -> Routes {
         .fallback(|| async { ApiError::not_found("no such API endpoint") })
 }
 
-/// The OpenAPI 3.1 document of this API (hand-written; `tests/openapi.rs` keeps it true: every
-/// route is documented, and real responses match the documented schemas).
-pub const OPENAPI_JSON: &str = include_str!("openapi.json");
+pub use openapi::openapi_json;
 
+/// This document.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "api",
+    operation_id = "openapi",
+    responses(
+        (status = 200, description = "The OpenAPI document.", body = crate::api::openapi::OpenApiSchema),
+    ),
+)]
 async fn openapi() -> impl axum::response::IntoResponse {
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
-        OPENAPI_JSON,
+        openapi_json(),
     )
 }
 
@@ -106,22 +120,18 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<
     }
 }
 
-#[derive(Serialize)]
-struct WhoAmI {
-    authenticated: bool,
-    token_id: Option<String>,
-    label: Option<String>,
-    perms: Vec<Perm>,
-    caches: Option<Vec<String>>,
-    server_admin: bool,
-    expires_at: Option<i64>,
-}
-
-async fn whoami(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-) -> Result<Json<WhoAmI>, ApiError> {
-    let p = principal(&state, &headers).await?;
+/// Who the request's token is (anonymous without one).
+#[utoipa::path(
+    get,
+    path = "/whoami",
+    tag = "api",
+    operation_id = "whoami",
+    responses(
+        (status = 200, description = "The principal.", body = larder_api::WhoAmI),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+    ),
+)]
+async fn whoami(Caller(p): Caller) -> Result<Json<WhoAmI>, ApiError> {
     Ok(Json(match p.grant() {
         None => WhoAmI {
             authenticated: false,
@@ -144,31 +154,7 @@ async fn whoami(
     }))
 }
 
-/// A cache as the API shows it.
-#[derive(Serialize)]
-pub struct CacheJson {
-    pub name: String,
-    pub url: String,
-    pub public_key: Option<String>,
-    pub private: bool,
-    pub priority: i64,
-    pub compression: String,
-    pub max_size: Option<i64>,
-    pub signing_mode: String,
-    pub size: i64,
-    pub nar_size: i64,
-    pub paths: i64,
-    /// Whether `size` has passed 85 % of `max_size`.
-    pub near_limit: bool,
-    /// Keys trusted as upstream for this cache beside the server's (declared in the config).
-    pub upstream_keys: Vec<String>,
-    /// The nix.conf lines that make Nix substitute from this cache.
-    pub nix_conf: String,
-    /// The same as a flake's `nixConfig` block.
-    pub flake_nix_config: String,
-}
-
-pub(crate) async fn cache_json(state: &AppState, c: &CacheRow) -> Result<CacheJson, ApiError> {
+pub(crate) async fn cache_json(state: &AppState, c: &CacheRow) -> Result<Cache, ApiError> {
     let stats = state.meta.cache_stats(c.id).await?;
     let url = format!("{}/{}", state.config.public_url, c.name);
     let key = c
@@ -176,7 +162,7 @@ pub(crate) async fn cache_json(state: &AppState, c: &CacheRow) -> Result<CacheJs
         .as_ref()
         .map(VerifyingKey::to_string)
         .unwrap_or_default();
-    Ok(CacheJson {
+    Ok(Cache {
         nix_conf: format!("extra-substituters = {url}\nextra-trusted-public-keys = {key}\n"),
         flake_nix_config: format!(
             "nixConfig = {{\n  extra-substituters = [ \"{url}\" ];\n  \
@@ -202,15 +188,21 @@ pub(crate) async fn cache_json(state: &AppState, c: &CacheRow) -> Result<CacheJs
     })
 }
 
-pub(crate) fn can_see(p: &Principal, c: &CacheRow) -> bool {
-    !c.private || p.grant().is_some_and(|g| g.allows(Perm::Pull, &c.name))
-}
-
+/// The caches the requester may see (private ones need pull).
+#[utoipa::path(
+    get,
+    path = "/caches",
+    tag = "caches",
+    operation_id = "listCaches",
+    responses(
+        (status = 200, description = "Caches, by name.", body = Vec<larder_api::Cache>),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+    ),
+)]
 async fn list_caches(
     State(state): State<AppState>,
-    headers: HeaderMap,
-) -> Result<Json<Vec<CacheJson>>, ApiError> {
-    let p = principal(&state, &headers).await?;
+    Caller(p): Caller,
+) -> Result<Json<Vec<Cache>>, ApiError> {
     let mut out = Vec::new();
     for c in state.meta.list_caches().await? {
         if can_see(&p, &c) {
@@ -220,39 +212,19 @@ async fn list_caches(
     Ok(Json(out))
 }
 
-/// A cache's storage limit, given as bytes or as text such as "5GiB".
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum SizeArg {
-    Bytes(u64),
-    Text(String),
-}
-
-impl SizeArg {
-    fn bytes(&self) -> Result<i64, ApiError> {
-        let b = match self {
-            SizeArg::Bytes(b) => *b,
-            SizeArg::Text(t) => parse_size(t).map_err(|e| ApiError::bad(e.to_string()))?,
-        };
-        if b == 0 {
-            // Not "no limit" (that is null), and a limit of nothing would evict everything.
-            return Err(ApiError::bad(
-                "max_size must be more than 0: use null (`--max-size none`) to remove the limit",
-            ));
-        }
-        i64::try_from(b).map_err(|_| ApiError::bad("size too large"))
+/// A cache's storage limit in bytes (given as bytes or as text such as "5GiB").
+fn size_bytes(size: &Size) -> Result<i64, ApiError> {
+    let b = match size {
+        Size::Bytes(b) => *b,
+        Size::Text(t) => parse_size(t).map_err(|e| ApiError::bad(e.to_string()))?,
+    };
+    if b == 0 {
+        // Not "no limit" (that is null), and a limit of nothing would evict everything.
+        return Err(ApiError::bad(
+            "max_size must be more than 0: use null (`--max-size none`) to remove the limit",
+        ));
     }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateCache {
-    name: String,
-    #[serde(default)]
-    private: bool,
-    priority: Option<i64>,
-    compression: Option<String>,
-    max_size: Option<SizeArg>,
+    i64::try_from(b).map_err(|_| ApiError::bad("size too large"))
 }
 
 fn check_priority(p: i64) -> Result<i64, ApiError> {
@@ -296,12 +268,27 @@ pub(crate) fn managed_cache(
     })
 }
 
+/// Create a cache (server admin).
+#[utoipa::path(
+    post,
+    path = "/caches",
+    tag = "caches",
+    operation_id = "createCache",
+    request_body = larder_api::CreateCache,
+    responses(
+        (status = 201, description = "The new cache.", body = larder_api::Cache),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 409, response = crate::api::openapi::Conflict),
+    ),
+)]
 async fn create_cache(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    admin: Result<ServerAdmin, ApiError>,
     JsonBody(req): JsonBody<CreateCache>,
-) -> Result<(StatusCode, Json<CacheJson>), ApiError> {
-    principal(&state, &headers).await?.require_server_admin()?;
+) -> Result<(StatusCode, Json<Cache>), ApiError> {
+    admin?;
     if !valid_cache_name(&req.name) {
         return Err(ApiError::bad(format!(
             "invalid cache name {:?}: use 1-63 of [a-z0-9-], starting with a letter or digit, \
@@ -316,7 +303,7 @@ async fn create_cache(
         req.private,
         req.priority,
         req.compression.as_deref(),
-        req.max_size.as_ref().map(SizeArg::bytes).transpose()?,
+        req.max_size.as_ref().map(size_bytes).transpose()?,
         Vec::new(),
     )?;
     let row = state
@@ -338,14 +325,32 @@ struct CacheInfoQuery {
     settled: bool,
 }
 
+/// A cache: size vs limit, path count, public key, nix.conf lines.
+#[utoipa::path(
+    get,
+    path = "/caches/{cache}",
+    tag = "caches",
+    operation_id = "cacheInfo",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        ("settled" = Option<bool>, Query, description = "Answer once the evictions that uploads to the cache triggered on this server are done (at most backend_timeout): what a pusher asks before it checks that its closure is still all there. Default: false."),
+    ),
+    responses(
+        (status = 200, description = "The cache.", body = larder_api::Cache),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+    ),
+)]
 async fn cache_info(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
+    Path(_name): Path<String>,
+    access: Result<CacheAccess<Pull>, ApiError>,
     query: Result<Query<CacheInfoQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<CacheJson>, ApiError> {
+) -> Result<Json<Cache>, ApiError> {
     let Query(q) = query.map_err(|_| ApiError::bad("settled must be true or false"))?;
-    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Pull).await?;
+    let c = access?.cache;
     if q.settled {
         // Under the read deadline (`backend_timeout`), with room for the answer.
         let wait = state
@@ -357,30 +362,31 @@ async fn cache_info(
     Ok(Json(cache_json(&state, &c).await?))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ConfigureCache {
-    private: Option<bool>,
-    priority: Option<i64>,
-    compression: Option<String>,
-    /// A size, or null to remove the limit.
-    #[serde(default, deserialize_with = "double_option")]
-    max_size: Option<Option<SizeArg>>,
-}
-
-fn double_option<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<Option<Option<SizeArg>>, D::Error> {
-    Ok(Some(Option::deserialize(d)?))
-}
-
+/// Change a cache's settings (admin on the cache).
+#[utoipa::path(
+    patch,
+    path = "/caches/{cache}",
+    tag = "caches",
+    operation_id = "configureCache",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+    ),
+    request_body = larder_api::ConfigureCache,
+    responses(
+        (status = 200, description = "The cache.", body = larder_api::Cache),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+    ),
+)]
 async fn configure_cache(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(name): Path<String>,
+    access: Result<CacheAccess<Admin>, ApiError>,
     JsonBody(req): JsonBody<ConfigureCache>,
-) -> Result<Json<CacheJson>, ApiError> {
-    crate::publish::authorized_cache(&state, &headers, &name, Perm::Admin).await?;
+) -> Result<Json<Cache>, ApiError> {
+    access?;
     let update = CacheUpdate {
         private: req.private,
         priority: req.priority.map(check_priority).transpose()?,
@@ -391,7 +397,7 @@ async fn configure_cache(
             .transpose()?,
         max_size: req
             .max_size
-            .map(|m| m.as_ref().map(SizeArg::bytes).transpose())
+            .map(|m| m.as_ref().map(size_bytes).transpose())
             .transpose()?,
         client_public_key: None,
         upstream_keys: None,
@@ -411,12 +417,28 @@ async fn configure_cache(
     Ok(Json(cache_json(&state, &row).await?))
 }
 
+/// Delete a cache and everything in it (admin on the cache).
+#[utoipa::path(
+    delete,
+    path = "/caches/{cache}",
+    tag = "caches",
+    operation_id = "deleteCache",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+    ),
+    responses(
+        (status = 204, description = "Done."),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+    ),
+)]
 async fn delete_cache(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(name): Path<String>,
+    _: CacheAccess<Admin>,
 ) -> Result<StatusCode, ApiError> {
-    crate::publish::authorized_cache(&state, &headers, &name, Perm::Admin).await?;
     state.meta.delete_cache(&name).await?;
     // Its scopes ended in the database; tokens resolved here before must not keep them.
     state.hot.forget_tokens();
@@ -427,20 +449,33 @@ async fn delete_cache(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RegisterKey {
-    public_key: String,
-}
+/// Switch to client signing with this public key (admin on the cache).
+#[utoipa::path(
+    post,
+    path = "/caches/{cache}/public-key",
+    tag = "caches",
+    operation_id = "registerPublicKey",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+    ),
+    request_body = larder_api::RegisterKey,
+    responses(
+        (status = 200, description = "The cache.", body = larder_api::Cache),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+    ),
+)]
+// Switch a cache to client-side signing with this public key (`larder generate-keypair`).
 
-/// Switch a cache to client-side signing with this public key (`larder generate-keypair`).
 async fn register_public_key(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(name): Path<String>,
+    access: Result<CacheAccess<Admin>, ApiError>,
     JsonBody(req): JsonBody<RegisterKey>,
-) -> Result<Json<CacheJson>, ApiError> {
-    crate::publish::authorized_cache(&state, &headers, &name, Perm::Admin).await?;
+) -> Result<Json<Cache>, ApiError> {
+    access?;
     let key = VerifyingKey::parse(req.public_key.trim())
         .map_err(|e| ApiError::bad(format!("invalid public key: {e}")))?;
     let update = CacheUpdate {
@@ -456,25 +491,31 @@ async fn register_public_key(
     Ok(Json(cache_json(&state, &row).await?))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MissingReq {
-    /// Store paths (absolute) or their 32-character hash parts.
-    paths: Vec<String>,
-}
-
-#[derive(Serialize)]
-struct MissingResp {
-    missing: Vec<String>,
-}
-
+/// Which of these store paths the cache lacks (pull on a private cache).
+#[utoipa::path(
+    post,
+    path = "/caches/{cache}/missing",
+    tag = "caches",
+    operation_id = "missing",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+    ),
+    request_body = larder_api::MissingRequest,
+    responses(
+        (status = 200, description = "The missing ones.", body = larder_api::MissingResponse),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+    ),
+)]
 async fn missing(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-    JsonBody(req): JsonBody<MissingReq>,
-) -> Result<Json<MissingResp>, ApiError> {
-    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Pull).await?;
+    Path(_name): Path<String>,
+    access: Result<CacheAccess<Pull>, ApiError>,
+    JsonBody(req): JsonBody<MissingRequest>,
+) -> Result<Json<MissingResponse>, ApiError> {
+    let c = access?.cache;
     if req.paths.len() > MAX_MISSING_QUERY {
         return Err(ApiError::bad(format!(
             "at most {MAX_MISSING_QUERY} paths per query"
@@ -499,7 +540,7 @@ async fn missing(
         .await?
         .into_iter()
         .collect();
-    Ok(Json(MissingResp {
+    Ok(Json(MissingResponse {
         missing: req
             .paths
             .iter()
@@ -532,37 +573,45 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for UploadCompression {
 }
 
 /// What the server measured of an uploaded NAR.
-#[derive(Serialize)]
-struct UploadResp {
-    upload_id: String,
-    nar_hash: String,
-    nar_size: i64,
-    file_hash: String,
-    file_size: i64,
-    compression: String,
-}
-
-impl UploadResp {
-    fn from_nar(upload_id: String, nar: larder_store::meta::NarRow) -> Self {
-        UploadResp {
-            upload_id,
-            nar_hash: nar.nar_hash.to_typed_nix32(),
-            nar_size: nar.nar_size,
-            file_hash: nar.file_hash.to_typed_nix32(),
-            file_size: nar.file_size,
-            compression: nar.compression.as_str().to_owned(),
-        }
+pub(crate) fn upload_json(upload_id: String, nar: larder_store::meta::NarRow) -> Upload {
+    Upload {
+        upload_id,
+        nar_hash: nar.nar_hash.to_typed_nix32(),
+        nar_size: nar.nar_size,
+        file_hash: nar.file_hash.to_typed_nix32(),
+        file_size: nar.file_size,
+        compression: nar.compression.as_str().to_owned(),
     }
 }
 
+/// Upload a compressed NAR (push); verified and measured by the server.
+#[utoipa::path(
+    post,
+    path = "/caches/{cache}/nars",
+    tag = "caches",
+    operation_id = "uploadNar",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        ("compression" = String, Query, pattern = "^(zstd|xz|none)$"),
+    ),
+    request_body(content = inline(crate::api::openapi::Bytes), content_type = "application/octet-stream"),
+    responses(
+        (status = 201, description = "What the server measured.", body = larder_api::Upload),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+        (status = 413, response = crate::api::openapi::TooLarge),
+        (status = 415, response = crate::api::openapi::UnsupportedMedia),
+    ),
+)]
 async fn upload_nar(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
+    Path(_name): Path<String>,
     UploadCompression(compression): UploadCompression,
+    CacheAccess { cache: c, .. }: CacheAccess<Push>,
     body: Body,
-) -> Result<(StatusCode, Json<UploadResp>), ApiError> {
-    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
+) -> Result<(StatusCode, Json<Upload>), ApiError> {
     state.objects.check_available().await?;
     let up = ingest(
         body,
@@ -573,55 +622,36 @@ async fn upload_nar(
     )
     .await?;
     let (upload_id, nar) = store_upload(&state, &c, None, up).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(UploadResp::from_nar(upload_id, nar)),
-    ))
+    Ok((StatusCode::CREATED, Json(upload_json(upload_id, nar))))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PublishReq {
-    upload_id: String,
-    store_path: String,
-    nar_hash: String,
-    nar_size: u64,
-    #[serde(default)]
-    references: Vec<String>,
-    deriver: Option<String>,
-    ca: Option<String>,
-    #[serde(default)]
-    sigs: Vec<String>,
-    /// Signed metadata of references available upstream (not pushed).
-    #[serde(default)]
-    upstream: Vec<UpstreamReq>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct UpstreamReq {
-    store_path: String,
-    nar_hash: String,
-    nar_size: u64,
-    #[serde(default)]
-    references: Vec<String>,
-    #[serde(default)]
-    sigs: Vec<String>,
-}
-
-#[derive(Serialize)]
-struct PublishResp {
-    store_path: String,
-    status: &'static str,
-}
-
+/// Publish a store path whose NAR was uploaded (push).
+#[utoipa::path(
+    post,
+    path = "/caches/{cache}/paths",
+    tag = "caches",
+    operation_id = "publishPath",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+    ),
+    request_body = larder_api::PublishRequest,
+    responses(
+        (status = 201, description = "Published.", body = larder_api::Published),
+        (status = 200, description = "Already there with the same content.", body = larder_api::Published),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+        (status = 409, response = crate::api::openapi::Conflict),
+    ),
+)]
 async fn publish_path(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-    JsonBody(req): JsonBody<PublishReq>,
-) -> Result<(StatusCode, Json<PublishResp>), ApiError> {
-    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
+    Path(_name): Path<String>,
+    access: Result<CacheAccess<Push>, ApiError>,
+    JsonBody(req): JsonBody<PublishRequest>,
+) -> Result<(StatusCode, Json<Published>), ApiError> {
+    let c = access?.cache;
     let path = |s: &str| {
         StorePath::from_absolute(s)
             .or_else(|_| StorePath::from_basename(s))
@@ -685,46 +715,17 @@ async fn publish_path(
     let store_path = info.store_path.to_absolute();
     let outcome = publish(&state, &c, info, &nar, &req.upload_id).await?;
     let (code, status) = match outcome {
-        Publish::Created => (StatusCode::CREATED, "created"),
-        _ => (StatusCode::OK, "already_present"),
+        Publish::Created => (StatusCode::CREATED, PublishStatus::Created),
+        _ => (StatusCode::OK, PublishStatus::AlreadyPresent),
     };
-    Ok((code, Json(PublishResp { store_path, status })))
+    Ok((code, Json(Published { store_path, status })))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateToken {
-    perms: Vec<Perm>,
-    /// Caches the token applies to; absent or null: every cache.
-    caches: Option<Vec<String>>,
-    /// Lifetime such as "30d"; absent: never expires.
-    expires_in: Option<String>,
-    #[serde(default)]
-    label: String,
-}
-
-#[derive(Serialize)]
-struct TokenJson {
-    id: String,
-    label: String,
-    perms: Vec<String>,
-    /// The caches it is scoped to (`None`: every cache).
-    caches: Option<Vec<String>>,
-    /// Caches it was scoped to that were deleted since: that scope ended with the cache, and
-    /// a cache created later under the same name is not in it.
-    deleted_caches: Vec<String>,
-    expires_at: Option<i64>,
-    revoked_at: Option<i64>,
-    created_at: i64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    token: Option<String>,
-}
-
-fn token_json(t: &TokenRow, secret: Option<String>) -> TokenJson {
-    TokenJson {
+fn token_json(t: &TokenRow, secret: Option<String>) -> Token {
+    Token {
         id: t.id.clone(),
         label: t.label.clone(),
-        perms: t.perms.iter().map(|p| p.as_str().to_owned()).collect(),
+        perms: t.perms.iter().copied().collect(),
         caches: t
             .live_caches()
             .map(|c| c.into_iter().map(str::to_owned).collect()),
@@ -736,12 +737,26 @@ fn token_json(t: &TokenRow, secret: Option<String>) -> TokenJson {
     }
 }
 
+/// Create a token (server admin); the secret is in this answer only.
+#[utoipa::path(
+    post,
+    path = "/tokens",
+    tag = "tokens",
+    operation_id = "createToken",
+    request_body = larder_api::CreateToken,
+    responses(
+        (status = 201, description = "The token, with `token`.", body = larder_api::Token),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+    ),
+)]
 async fn create_token(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    admin: Result<ServerAdmin, ApiError>,
     JsonBody(req): JsonBody<CreateToken>,
-) -> Result<(StatusCode, Json<TokenJson>), ApiError> {
-    principal(&state, &headers).await?.require_server_admin()?;
+) -> Result<(StatusCode, Json<Token>), ApiError> {
+    admin?;
     if req.perms.is_empty() {
         return Err(ApiError::bad("a token needs at least one permission"));
     }
@@ -812,21 +827,47 @@ async fn create_token(
     Ok((StatusCode::CREATED, Json(token_json(&row, Some(secret)))))
 }
 
+/// Every token, never its secret (server admin).
+#[utoipa::path(
+    get,
+    path = "/tokens",
+    tag = "tokens",
+    operation_id = "listTokens",
+    responses(
+        (status = 200, description = "Tokens.", body = Vec<larder_api::Token>),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+    ),
+)]
 async fn list_tokens(
     State(state): State<AppState>,
-    headers: HeaderMap,
-) -> Result<Json<Vec<TokenJson>>, ApiError> {
-    principal(&state, &headers).await?.require_server_admin()?;
+    _: ServerAdmin,
+) -> Result<Json<Vec<Token>>, ApiError> {
     let rows = state.meta.list_tokens().await?;
     Ok(Json(rows.iter().map(|t| token_json(t, None)).collect()))
 }
 
+/// Revoke a token (server admin).
+#[utoipa::path(
+    delete,
+    path = "/tokens/{id}",
+    tag = "tokens",
+    operation_id = "revokeToken",
+    params(
+        ("id" = String, Path),
+    ),
+    responses(
+        (status = 204, description = "Done."),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+    ),
+)]
 async fn revoke_token(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(id): Path<String>,
+    _: ServerAdmin,
 ) -> Result<StatusCode, ApiError> {
-    principal(&state, &headers).await?.require_server_admin()?;
     if state.meta.revoke_token(&id).await? {
         state.hot.forget_tokens();
         Ok(StatusCode::NO_CONTENT)

@@ -21,6 +21,7 @@ use larder_nix::narinfo::NarInfo;
 use larder_nix::store_path::{validate_hash_part, StorePath};
 use larder_store::meta::{CacheRow, ChunkRow, NarRow};
 
+use crate::access::{CacheAccess, Pull, Push};
 use crate::auth::{principal, Perm};
 use crate::config::NarRedirect;
 use crate::error::ApiError;
@@ -95,12 +96,11 @@ async fn get_cache_info(
 /// Nix's uploader writes `nix-cache-info` when it initialises a cache: accepted (from a
 /// pusher) and ignored, since the server owns it.
 async fn put_cache_info(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
+    State(_state): State<AppState>,
+    Path(_name): Path<String>,
+    _: CacheAccess<Push>,
     body: Body,
 ) -> Result<StatusCode, ApiError> {
-    crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
     let _ = axum::body::to_bytes(body, 64 * 1024).await;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -118,10 +118,9 @@ fn hash_file<'a>(file: &'a str, ext: &str) -> Result<Option<&'a str>, ApiError> 
 async fn get_file(
     State(state): State<AppState>,
     method: Method,
-    headers: HeaderMap,
-    Path((name, file)): Path<(String, String)>,
+    Path((_name, file)): Path<(String, String)>,
+    CacheAccess { cache, .. }: CacheAccess<Pull>,
 ) -> Result<Response, ApiError> {
-    let cache = crate::publish::authorized_cache(&state, &headers, &name, Perm::Pull).await?;
     if let Some(hash) = hash_file(&file, ".narinfo")? {
         let text = match state.hot.narinfo(cache.id, hash) {
             Some(t) => t,
@@ -365,9 +364,9 @@ async fn get_nar(
     State(state): State<AppState>,
     method: Method,
     headers: HeaderMap,
-    Path((name, file)): Path<(String, String)>,
+    Path((_name, file)): Path<(String, String)>,
+    CacheAccess { cache, .. }: CacheAccess<Pull>,
 ) -> Result<Response, ApiError> {
-    let cache = crate::publish::authorized_cache(&state, &headers, &name, Perm::Pull).await?;
     let (file_hash, compression) = parse_nar_file_name(&file)?;
     let served = match state.hot.nar(cache.id, &file_hash) {
         Some(served) => served,
@@ -477,11 +476,10 @@ async fn get_nar(
 /// the narinfo that names it arrives.
 async fn put_nar(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path((name, file)): Path<(String, String)>,
+    Path((_name, file)): Path<(String, String)>,
+    CacheAccess { cache, .. }: CacheAccess<Push>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let cache = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
     let (claimed, compression) = parse_nar_file_name(&file)?;
     // Refuse before reading the body while the store is down: Nix 2.x re-sends a PUT after
     // a 5xx without its body, and would wait for the stall timeout if we waited for it.
@@ -512,11 +510,10 @@ async fn put_nar(
 /// uploaded just before (or is already published in this cache).
 async fn put_narinfo(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path((name, file)): Path<(String, String)>,
+    Path((_name, file)): Path<(String, String)>,
+    CacheAccess { cache, .. }: CacheAccess<Push>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let cache = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
     let hash = hash_file(&file, ".narinfo")?
         .ok_or_else(|| ApiError::bad("only <hash>.narinfo, nar/…, log/… can be uploaded"))?;
     let bytes = axum::body::to_bytes(body, MAX_NARINFO_BYTES)
@@ -589,10 +586,10 @@ fn drv_name(drv: &str) -> Result<StorePath, ApiError> {
 
 async fn get_log(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path((name, drv)): Path<(String, String)>,
+    _headers: HeaderMap,
+    Path((_name, drv)): Path<(String, String)>,
+    CacheAccess { cache, .. }: CacheAccess<Pull>,
 ) -> Result<Response, ApiError> {
-    let cache = crate::publish::authorized_cache(&state, &headers, &name, Perm::Pull).await?;
     let drv = drv_name(&drv)?;
     let (key, _size) = state
         .meta
@@ -614,11 +611,10 @@ async fn get_log(
 
 async fn put_log(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path((name, drv)): Path<(String, String)>,
+    Path((_name, drv)): Path<(String, String)>,
+    CacheAccess { cache, .. }: CacheAccess<Push>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let cache = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
     let drv = drv_name(&drv)?;
     state.objects.check_available().await?;
     let (path, hash, size) =

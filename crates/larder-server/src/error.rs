@@ -141,12 +141,15 @@ impl IntoResponse for ApiError {
             _ => tracing::debug!(%status, "{self}"),
         }
         let body = match &self {
-            ApiError::Referenced(msg, referrers) => {
-                serde_json::json!({ "error": msg, "referrers": referrers })
-            }
-            _ => serde_json::json!({ "error": self.to_string() }),
-        }
-        .to_string()
+            ApiError::Referenced(msg, referrers) => larder_api::ErrorBody {
+                error: msg.clone(),
+                referrers: Some(referrers.clone()),
+            },
+            _ => larder_api::ErrorBody::new(self.to_string()),
+        };
+        // Serializing two strings cannot fail; the fallback keeps the shape all the same.
+        let body = serde_json::to_string(&body)
+            .unwrap_or_else(|_| r#"{"error":"internal error"}"#.to_owned())
             + "\n";
         let mut resp = (status, body).into_response();
         resp.extensions_mut().insert(self.rejection());

@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use larder_store::{Metadata, ObjectStore};
 
+pub mod access;
 pub mod api;
 pub mod auth;
 pub mod binary_cache;

@@ -26,15 +26,15 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::access::Caller;
 use axum::body::{Body, HttpBody};
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 use larder_store::meta::CacheStats;
 
-use crate::auth::{principal, Perm};
 use crate::error::{ApiError, Rejection};
 use crate::routes::Route;
 use crate::AppState;
@@ -575,18 +575,14 @@ pub async fn observe(State(obs): State<Observer>, req: Request, next: Next) -> R
 }
 
 /// `GET /metrics`.
-pub async fn serve(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let p = principal(&state, &headers).await?;
+pub async fn serve(State(state): State<AppState>, Caller(p): Caller) -> Result<Response, ApiError> {
     let stats: HashMap<i64, CacheStats> = state.meta.all_cache_stats().await?.into_iter().collect();
     let visible: Vec<(i64, String, Option<i64>, CacheStats)> = state
         .meta
         .list_caches()
         .await?
         .into_iter()
-        .filter(|c| !c.private || p.grant().is_some_and(|g| g.allows(Perm::Pull, &c.name)))
+        .filter(|c| crate::access::can_see(&p, c))
         .map(|c| {
             let s = stats.get(&c.id).copied().unwrap_or(CacheStats {
                 paths: 0,

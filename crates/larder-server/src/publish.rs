@@ -44,33 +44,6 @@ pub async fn load_cache(state: &AppState, name: &str) -> Result<Arc<CacheRow>, A
     Ok(row)
 }
 
-/// Load a cache and check the requester may `perm` it.
-///
-/// A cache that does not exist answers like a private one to whoever could not read a private
-/// cache of that name (401 anonymous, 403 a token scoped elsewhere): nobody learns which
-/// private caches exist by comparing the answers. Only a token that covers every cache
-/// (which would read it if it existed) is told 404.
-pub async fn authorized_cache(
-    state: &AppState,
-    headers: &axum::http::HeaderMap,
-    name: &str,
-    perm: crate::auth::Perm,
-) -> Result<Arc<CacheRow>, ApiError> {
-    let Some(cache) = crate::binary_cache::find_cache(state, name).await? else {
-        crate::auth::principal(state, headers)
-            .await?
-            .require(perm, name)?;
-        return Err(ApiError::not_found(format!("no cache named {name:?}")));
-    };
-    if perm == crate::auth::Perm::Pull && !cache.private {
-        return Ok(cache);
-    }
-    crate::auth::principal(state, headers)
-        .await?
-        .require(perm, &cache.name)?;
-    Ok(cache)
-}
-
 pub(crate) fn random_id() -> Result<String, ApiError> {
     let mut b = [0u8; 16];
     getrandom::getrandom(&mut b).map_err(|e| ApiError::internal(std::io::Error::other(e)))?;

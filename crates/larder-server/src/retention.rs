@@ -23,9 +23,9 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
+pub use larder_api::{DeleteReport, DeletedPath, GcReport, Reason, Victim};
 use larder_store::meta::{CacheRow, Evicted, LockName, LruPath, PinRow};
 use larder_store::now_unix;
-use serde::Serialize;
 
 use crate::error::ApiError;
 use crate::AppState;
@@ -139,50 +139,6 @@ pub struct Retention {
     pending: Mutex<std::collections::HashMap<i64, usize>>,
 }
 
-/// Why a path is evicted.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Reason {
-    /// Its closure recency is the oldest of what remains.
-    LeastRecentlyUsed,
-    /// It references a path that goes (`because_of`), so it must go with it.
-    ReferencesEvicted,
-}
-
-/// One path in an eviction, in order.
-#[derive(Debug, Clone, Serialize)]
-pub struct Victim {
-    pub store_path: String,
-    /// Stored (compressed) bytes freed.
-    pub file_size: i64,
-    /// Last use of the path or of anything referencing it (upload time if never used).
-    pub last_used_at: i64,
-    pub reason: Reason,
-    /// For [`Reason::ReferencesEvicted`]: the least recently used path it depends on.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub because_of: Option<String>,
-    #[serde(skip)]
-    hash: String,
-}
-
-/// What an eviction did or, in a dry run, would do.
-#[derive(Debug, Clone, Serialize)]
-pub struct GcReport {
-    pub cache: String,
-    pub dry_run: bool,
-    pub max_size: Option<i64>,
-    pub size_before: i64,
-    pub size_after: i64,
-    pub paths_before: usize,
-    pub paths_after: usize,
-    /// Paths in the closures of pins (never evicted).
-    pub pinned_paths: usize,
-    pub evicted: Vec<Victim>,
-    /// Set when the cache is (still) over 85 % of its limit, or cannot get under it.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub warning: Option<String>,
-}
-
 fn store_path(p: &LruPath) -> String {
     format!(
         "{}/{}-{}",
@@ -193,13 +149,14 @@ fn store_path(p: &LruPath) -> String {
 }
 
 /// Choose what to evict so that the cache's paths fit in `max_size`. Pure: the snapshot in,
-/// the ordered victims out.
+/// the ordered victims out, with their hash parts (in the same order), and how many paths the
+/// pins hold.
 pub fn plan(
     paths: &[LruPath],
     refs: &[(String, String)],
     pins: &[PinRow],
     max_size: i64,
-) -> (Vec<Victim>, usize) {
+) -> (Vec<Victim>, Vec<String>, usize) {
     let n = paths.len();
     let index: HashMap<&str, usize> = paths
         .iter()
@@ -256,6 +213,7 @@ pub fn plan(
     let mut size: i64 = paths.iter().map(|p| p.file_size).sum();
     let mut gone = vec![false; n];
     let mut victims = Vec::new();
+    let mut hashes = Vec::new();
     for &c in &order {
         if size <= max_size {
             break;
@@ -292,11 +250,11 @@ pub fn plan(
                     Reason::ReferencesEvicted
                 },
                 because_of: (k > 0).then(|| root.clone()),
-                hash: paths[g].hash.clone(),
             });
+            hashes.push(paths[g].hash.clone());
         }
     }
-    (victims, pinned.iter().filter(|p| **p).count())
+    (victims, hashes, pinned.iter().filter(|p| **p).count())
 }
 
 fn near_limit(size: i64, max: i64) -> bool {
@@ -333,9 +291,9 @@ pub async fn evict(
         let refs = state.meta.cache_refs(cache.id).await?;
         let pins = state.meta.list_pins(cache.id).await?;
         let size_before: i64 = paths.iter().map(|p| p.file_size).sum();
-        let (victims, pinned_paths) = match cache.max_size {
+        let (victims, hashes, pinned_paths) = match cache.max_size {
             Some(max) => plan(&paths, &refs, &pins, max),
-            None => (Vec::new(), 0),
+            None => (Vec::new(), Vec::new(), 0),
         };
         let freed: i64 = victims.iter().map(|v| v.file_size).sum();
         let size_after = size_before - freed;
@@ -366,7 +324,6 @@ pub async fn evict(
         if dry_run || report.evicted.is_empty() {
             return Ok(report);
         }
-        let hashes: Vec<String> = report.evicted.iter().map(|v| v.hash.clone()).collect();
         match state.meta.evict_paths(cache.id, &hashes).await? {
             Evicted::Done => {
                 for h in &hashes {
@@ -393,23 +350,6 @@ pub async fn evict(
             }
         }
     }
-}
-
-/// One path removed by [`delete_path`].
-#[derive(Debug, Clone, Serialize)]
-pub struct DeletedPath {
-    pub store_path: String,
-    /// Stored (compressed) bytes freed.
-    pub file_size: i64,
-}
-
-/// What [`delete_path`] removed.
-#[derive(Debug, Clone, Serialize)]
-pub struct DeleteReport {
-    pub cache: String,
-    /// The requested path first, then the paths that referenced it.
-    pub deleted: Vec<DeletedPath>,
-    pub freed: i64,
 }
 
 /// Most referrers named in a refusal's message (the body lists them all).

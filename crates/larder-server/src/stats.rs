@@ -18,12 +18,12 @@
 //! - **Kept** [`KEEP_DAYS`] days: the day's first flush deletes older rows. Deleting a cache
 //!   deletes its rows.
 
+pub use larder_api::{CacheStats, DayStats};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use larder_store::meta::{CacheRow, Downloads};
 use larder_store::Metadata;
-use serde::Serialize;
 
 use crate::error::ApiError;
 use crate::AppState;
@@ -173,33 +173,6 @@ async fn sample(
     Ok(())
 }
 
-/// One day of a cache's series, as the API answers it.
-#[derive(Debug, Clone, Serialize)]
-pub struct DayStats {
-    /// `YYYY-MM-DD` (UTC).
-    pub date: String,
-    /// Narinfo and NAR requests served.
-    pub requests: i64,
-    pub narinfo_requests: i64,
-    pub nar_requests: i64,
-    /// Body bytes served (narinfos and NARs).
-    pub bytes: i64,
-    pub narinfo_bytes: i64,
-    pub nar_bytes: i64,
-    /// Stored (compressed) bytes at the end of the day (for today: now); `null` when nothing
-    /// was recorded yet (before the cache, or before this server recorded statistics).
-    pub size: Option<i64>,
-}
-
-/// A cache's series: `GET /api/v1/caches/{cache}/stats`.
-#[derive(Debug, Clone, Serialize)]
-pub struct CacheStatsJson {
-    pub cache: String,
-    pub max_size: Option<i64>,
-    /// One entry per day, oldest first; the last is today (UTC).
-    pub days: Vec<DayStats>,
-}
-
 /// The last `days` days of `cache` (today included), every day present; today's size is
 /// `size_now` (what `cache info` says now), earlier days' the recorded samples.
 pub async fn series(
@@ -207,7 +180,7 @@ pub async fn series(
     c: &CacheRow,
     days: i64,
     size_now: i64,
-) -> Result<CacheStatsJson, ApiError> {
+) -> Result<CacheStats, ApiError> {
     let to = today();
     let from = to - days.clamp(1, KEEP_DAYS) + 1;
     let (rows, before) = state.meta.cache_days(c.id, from, to).await?;
@@ -234,7 +207,7 @@ pub async fn series(
             size,
         });
     }
-    Ok(CacheStatsJson {
+    Ok(CacheStats {
         cache: c.name.clone(),
         max_size: c.max_size,
         days: out,

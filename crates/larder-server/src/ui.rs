@@ -42,13 +42,15 @@ use larder_store::meta::{CacheRow, CacheStats, Keep, PinRow};
 use maud::{html, Markup, DOCTYPE};
 use serde::Deserialize;
 
-use crate::api::contents::{list_page, path_detail, PageRequest, PathList};
-use crate::api::{cache_json, can_see};
+use crate::access::can_see;
+use crate::api::cache_json;
+use crate::api::contents::{list_page, path_detail, PageRequest};
 use crate::auth::{principal, principal_for_token, Grant, Principal};
 use crate::error::ApiError;
 use crate::publish::load_cache;
 use crate::routes::Routes;
 use crate::{valid_cache_name, AppState};
+use larder_api::PathList;
 
 mod charts;
 
@@ -116,10 +118,10 @@ fn cookie_token(headers: &HeaderMap) -> Option<String> {
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == COOKIE)
-        .map(|(_, value)| value.trim().to_owned())
+        .flat_map(cookie::Cookie::split_parse)
+        .filter_map(Result::ok)
+        .find(|c| c.name() == COOKIE)
+        .map(|c| c.value().trim().to_owned())
         .filter(|v| !v.is_empty())
 }
 
@@ -199,15 +201,16 @@ fn secure_cookies(state: &AppState) -> bool {
 }
 
 fn set_cookie(state: &AppState, value: &str, delete: bool) -> HeaderValue {
-    let mut c = format!("{COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict");
+    let mut c = cookie::Cookie::build((COOKIE, value))
+        .path("/")
+        .http_only(true)
+        .same_site(cookie::SameSite::Strict)
+        .secure(secure_cookies(state));
     if delete {
-        c.push_str("; Max-Age=0");
-    }
-    if secure_cookies(state) {
-        c.push_str("; Secure");
+        c = c.max_age(cookie::time::Duration::ZERO);
     }
     // Tokens are checked to be cookie-safe before they get here.
-    HeaderValue::from_str(&c)
+    HeaderValue::from_str(&c.build().to_string())
         .unwrap_or_else(|_| HeaderValue::from_static("larder_token=; Max-Age=0"))
 }
 

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 const METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];
 
 fn doc() -> Value {
-    serde_json::from_str(larder_server::api::OPENAPI_JSON).expect("the document is JSON")
+    serde_json::from_str(larder_server::api::openapi_json()).expect("the document is JSON")
 }
 
 /// `(METHOD, path)` of every documented operation.
@@ -927,4 +927,151 @@ async fn real_answers_match_the_documented_schemas() {
 
     let _ = stop.send(());
     server.await.unwrap().unwrap();
+}
+
+/// The schema of the JSON body `method path` takes.
+fn request_schema(doc: &Value, method: &str, path: &str) -> Value {
+    let op = &doc["paths"][path][method];
+    assert!(op.is_object(), "{method} {path} is not documented");
+    let schema = op["requestBody"]["content"]["application/json"]["schema"].clone();
+    assert!(!schema.is_null(), "{method} {path} documents no JSON body");
+    schema
+}
+
+#[test]
+fn what_the_client_sends_matches_the_documented_request_schemas() {
+    use larder_api::{
+        ConfigureCache, CreateCache, CreateToken, MissingRequest, Perm, PinRequest, PublishRequest,
+        RegisterKey, Size, UpstreamRef,
+    };
+    let doc = doc();
+    let lib = TestPath::new("lib", "lib");
+    let check = |method: &str, path: &str, body: Value| {
+        let root = json!({
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "components": doc["components"],
+            "allOf": [request_schema(&doc, method, path)],
+        });
+        let validator = jsonschema::validator_for(&root).unwrap();
+        let errors: Vec<String> = validator
+            .iter_errors(&body)
+            .map(|e| format!("{} at {}", e, e.instance_path()))
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "{method} {path}: the client's body does not match:\n{}\nbody: {body:#}",
+            errors.join("\n")
+        );
+    };
+    // Each body as the client's types serialise it (the `larder` verbs and the push build
+    // exactly these), with every optional part set and unset.
+    check(
+        "post",
+        "/caches",
+        v(&CreateCache {
+            name: "c".into(),
+            private: true,
+            priority: Some(30),
+            compression: Some("xz".into()),
+            max_size: Some(Size::Text("5GiB".into())),
+        }),
+    );
+    check(
+        "post",
+        "/caches",
+        v(&CreateCache {
+            name: "c".into(),
+            max_size: Some(Size::Bytes(1 << 30)),
+            ..Default::default()
+        }),
+    );
+    check(
+        "patch",
+        "/caches/{cache}",
+        v(&ConfigureCache {
+            private: Some(false),
+            priority: Some(1),
+            compression: Some("none".into()),
+            max_size: Some(None),
+        }),
+    );
+    check(
+        "patch",
+        "/caches/{cache}",
+        v(&ConfigureCache {
+            max_size: Some(Some(Size::Text("1GiB".into()))),
+            ..Default::default()
+        }),
+    );
+    check(
+        "post",
+        "/tokens",
+        v(&CreateToken {
+            perms: vec![Perm::Pull, Perm::Push],
+            caches: Some(vec!["c".into()]),
+            expires_in: Some("30d".into()),
+            label: "ci".into(),
+        }),
+    );
+    check(
+        "post",
+        "/tokens",
+        v(&CreateToken {
+            perms: vec![Perm::Admin],
+            caches: None,
+            expires_in: None,
+            label: String::new(),
+        }),
+    );
+    check(
+        "post",
+        "/caches/{cache}/missing",
+        v(&MissingRequest {
+            paths: vec![lib.path.to_absolute(), lib.hash()],
+        }),
+    );
+    check(
+        "post",
+        "/caches/{cache}/paths",
+        v(&PublishRequest {
+            upload_id: "u".into(),
+            store_path: lib.path.to_absolute(),
+            nar_hash: Sha256::digest(&lib.nar).to_typed_nix32(),
+            nar_size: lib.nar.len() as u64,
+            references: vec![lib.path.to_absolute()],
+            deriver: None,
+            ca: None,
+            sigs: vec![],
+            upstream: vec![UpstreamRef {
+                store_path: lib.path.to_absolute(),
+                nar_hash: Sha256::digest(&lib.nar).to_typed_nix32(),
+                nar_size: 1,
+                references: vec![],
+                sigs: vec!["k:c2ln".into()],
+            }],
+        }),
+    );
+    check(
+        "post",
+        "/caches/{cache}/pins",
+        v(&PinRequest {
+            name: "release".into(),
+            store_path: lib.path.to_absolute(),
+            keep_revisions: Some(2),
+            keep_days: None,
+            keep_forever: false,
+        }),
+    );
+    check(
+        "post",
+        "/caches/{cache}/public-key",
+        v(&RegisterKey {
+            public_key: "client-1:AAAA".into(),
+        }),
+    );
+}
+
+/// A body serialised as the client sends it.
+fn v<T: serde::Serialize>(body: &T) -> Value {
+    serde_json::to_value(body).unwrap()
 }

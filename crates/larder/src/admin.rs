@@ -4,9 +4,10 @@
 use std::io::{BufRead, IsTerminal};
 
 use anyhow::Context;
-use larder_client::api::{CacheInfo, TokenInfo};
+use larder_client::api::{
+    CacheInfo, ConfigureCache, CreateCache, CreateToken, Perm, Size, TokenInfo,
+};
 use larder_client::ApiClient;
-use serde_json::json;
 
 use crate::client_config::{config_path, connect, target, ClientConfig, ServerEntry};
 use crate::output::{fail_with_hint, human_size, print, print_json};
@@ -112,7 +113,7 @@ pub async fn login(args: LoginArgs) -> anyhow::Result<()> {
         "logged in to {} as {:?} ({} on {scope}); saved as server {name:?} in {}",
         client.base_url(),
         who.label.unwrap_or_default(),
-        who.perms.join("+"),
+        Perm::join(&who.perms, "+"),
         path.display()
     );
     Ok(())
@@ -288,11 +289,11 @@ fn print_cache(c: &CacheInfo) -> anyhow::Result<()> {
     ))
 }
 
-/// `--max-size`: a size (JSON text, parsed by the server), or `none` (null: no limit). 0 is
+/// `--max-size`: a size (text, parsed by the server), or `none` (`None`: no limit). 0 is
 /// refused, not taken for "no limit".
-fn max_size_arg(m: &str) -> anyhow::Result<serde_json::Value> {
+fn max_size_arg(m: &str) -> anyhow::Result<Option<Size>> {
     if m == "none" {
-        return Ok(json!(null));
+        return Ok(None);
     }
     if larder_server::config::parse_size(m).is_ok_and(|b| b == 0) {
         return Err(fail_with_hint(
@@ -300,7 +301,7 @@ fn max_size_arg(m: &str) -> anyhow::Result<serde_json::Value> {
             "use `--max-size none` to remove the limit, or give a size such as 5GiB",
         ));
     }
-    Ok(json!(m))
+    Ok(Some(Size::Text(m.to_owned())))
 }
 
 pub async fn cache(cmd: CacheCommand) -> anyhow::Result<()> {
@@ -316,11 +317,13 @@ pub async fn cache(cmd: CacheCommand) -> anyhow::Result<()> {
             let t = target(&name)?;
             let c = t
                 .client
-                .create_cache(&json!({
-                    "name": t.cache, "private": private,
-                    "max_size": max_size.as_deref().map(max_size_arg).transpose()?,
-                    "priority": priority, "compression": compression,
-                }))
+                .create_cache(&CreateCache {
+                    name: t.cache.clone(),
+                    private,
+                    max_size: max_size.as_deref().map(max_size_arg).transpose()?.flatten(),
+                    priority,
+                    compression,
+                })
                 .await
                 .with_context(|| format!("cannot create cache {:?}", t.cache))?;
             if json {
@@ -380,19 +383,12 @@ pub async fn cache(cmd: CacheCommand) -> anyhow::Result<()> {
             json,
         } => {
             let t = target(&cache)?;
-            let mut body = serde_json::Map::new();
-            if private || public {
-                body.insert("private".into(), json!(private));
-            }
-            if let Some(m) = max_size {
-                body.insert("max_size".into(), max_size_arg(&m)?);
-            }
-            if let Some(p) = priority {
-                body.insert("priority".into(), json!(p));
-            }
-            if let Some(c) = compression {
-                body.insert("compression".into(), json!(c));
-            }
+            let body = ConfigureCache {
+                private: (private || public).then_some(private),
+                max_size: max_size.as_deref().map(max_size_arg).transpose()?,
+                priority,
+                compression,
+            };
             if body.is_empty() {
                 return Err(fail_with_hint(
                     "nothing to change",
@@ -401,7 +397,7 @@ pub async fn cache(cmd: CacheCommand) -> anyhow::Result<()> {
             }
             let c = t
                 .client
-                .configure_cache(&t.cache, &body.into())
+                .configure_cache(&t.cache, &body)
                 .await
                 .with_context(|| format!("cannot configure cache {:?}", t.cache))?;
             if json {
@@ -541,10 +537,15 @@ pub async fn token(cmd: TokenCommand) -> anyhow::Result<()> {
                 Some(caches)
             };
             let t: TokenInfo = client
-                .create_token(&json!({
-                    "perms": perms, "caches": caches, "expires_in": expires,
-                    "label": label.unwrap_or_default(),
-                }))
+                .create_token(&CreateToken {
+                    perms: perms
+                        .iter()
+                        .map(|p| p.parse::<Perm>())
+                        .collect::<Result<_, _>>()?,
+                    caches,
+                    expires_in: expires,
+                    label: label.unwrap_or_default(),
+                })
                 .await
                 .context("cannot create the token")?;
             if json {
@@ -554,7 +555,7 @@ pub async fn token(cmd: TokenCommand) -> anyhow::Result<()> {
                 eprintln!(
                     "created token {} ({} on {}); it is shown only once",
                     t.id,
-                    t.perms.join("+"),
+                    Perm::join(&t.perms, "+"),
                     t.caches
                         .as_ref()
                         .map(|c| c.join(", "))
@@ -579,7 +580,7 @@ pub async fn token(cmd: TokenCommand) -> anyhow::Result<()> {
                         "{:<16} {:<20} {:<16} {:<20} {:<10} {}\n",
                         t.id,
                         t.label,
-                        t.perms.join("+"),
+                        Perm::join(&t.perms, "+"),
                         token_scope(t),
                         fmt_time(t.expires_at),
                         token_state(t)

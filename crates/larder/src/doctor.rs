@@ -255,7 +255,7 @@ async fn run_checks(cache_arg: Option<&str>) -> Report {
                     format!(
                         "{:?}: {} on {scope}",
                         w.label.clone().unwrap_or_default(),
-                        w.perms.join("+")
+                        larder_client::api::Perm::join(&w.perms, "+")
                     ),
                 );
             } else {

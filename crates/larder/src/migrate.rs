@@ -73,13 +73,22 @@ pub(crate) async fn migrate_objects(from: &str, to: &str, json: bool) -> anyhow:
         )
     })?;
     if json {
-        print_json(&serde_json::json!({
-            "kind": "objects",
-            "copied": report.copied,
-            "bytes": report.bytes,
-            "skipped": report.skipped,
-            "seconds": start.elapsed().as_secs_f64(),
-        }))
+        /// `larder migrate objects --json`.
+        #[derive(serde::Serialize)]
+        struct Copied {
+            kind: &'static str,
+            copied: u64,
+            bytes: u64,
+            skipped: u64,
+            seconds: f64,
+        }
+        print_json(&Copied {
+            kind: "objects",
+            copied: report.copied,
+            bytes: report.bytes,
+            skipped: report.skipped,
+            seconds: start.elapsed().as_secs_f64(),
+        })
     } else {
         print(&format!(
             "copied {} objects ({}), verified by SHA-256; {} were already there\n",

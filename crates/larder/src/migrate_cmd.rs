@@ -119,15 +119,26 @@ async fn metadata(from: &str, to: &str, overwrite: bool, json: bool) -> anyhow::
     source.close().await;
     target.close().await;
     if json {
-        output::print_json(&serde_json::json!({
-            "kind": "metadata",
-            "from": from_shown,
-            "to": to_shown,
-            "verified": true,
-            "schema_version": report.schema_version,
-            "overwritten": report.overwritten,
-            "tables": report.tables,
-        }))
+        /// `larder migrate metadata --json`.
+        #[derive(serde::Serialize)]
+        struct Copied<'a> {
+            kind: &'static str,
+            from: &'a str,
+            to: &'a str,
+            verified: bool,
+            schema_version: i64,
+            overwritten: bool,
+            tables: &'a [transfer::TableSum],
+        }
+        output::print_json(&Copied {
+            kind: "metadata",
+            from: &from_shown,
+            to: &to_shown,
+            verified: true,
+            schema_version: report.schema_version,
+            overwritten: report.overwritten,
+            tables: &report.tables,
+        })
     } else {
         output::print(&human(&report))
     }

@@ -66,13 +66,26 @@ pub fn report_error(e: &anyhow::Error) -> ExitCode {
     }
     if json_logs() {
         // The last line of a server that stops at start, for a log shipper like the others.
-        let record = serde_json::json!({
-            "timestamp": humantime::format_rfc3339_micros(std::time::SystemTime::now())
-                .to_string(),
-            "level": "ERROR",
-            "fields": { "message": render_error(e) },
-        });
-        eprintln!("{record}");
+        /// One record of the JSON log, as `tracing-subscriber` writes the server's others.
+        #[derive(serde::Serialize)]
+        struct Record {
+            timestamp: String,
+            level: &'static str,
+            fields: Fields,
+        }
+        #[derive(serde::Serialize)]
+        struct Fields {
+            message: String,
+        }
+        let record = Record {
+            timestamp: humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+            level: "ERROR",
+            fields: Fields {
+                message: render_error(e),
+            },
+        };
+        // Strings and a constant serialise infallibly.
+        eprintln!("{}", serde_json::to_string(&record).unwrap_or_default());
     } else {
         eprintln!("{}", render_error(e));
     }

@@ -55,7 +55,7 @@ pub(crate) async fn ensure_can_push(client: &ApiClient, cache: &str) -> anyhow::
             create,
         ));
     }
-    if !who.grants("push", cache) {
+    if !who.grants(larder_client::api::Perm::Push, cache) {
         let label = match (who.label.as_deref(), who.token_id.as_deref()) {
             (Some(l), _) if !l.is_empty() => format!("{l:?}"),
             (_, Some(id)) => id.to_owned(),
@@ -68,7 +68,7 @@ pub(crate) async fn ensure_can_push(client: &ApiClient, cache: &str) -> anyhow::
         return Err(fail_with_hint(
             format!(
                 "the token {label} cannot push to {cache:?} (it has {} on {scope}); nothing was pushed",
-                if who.perms.is_empty() { "no permission".to_owned() } else { who.perms.join(", ") },
+                if who.perms.is_empty() { "no permission".to_owned() } else { larder_client::api::Perm::join(&who.perms, ", ") },
             ),
             create,
         ));

@@ -2,8 +2,7 @@
 //! `POST /api/v1/caches/{c}/gc` and `/api/v1/caches/{c}/pins` (see the README's Retention).
 
 use anyhow::Context;
-use reqwest::Method;
-use serde_json::{json, Value};
+use larder_client::api::{PinRequest, Reason};
 
 use crate::client_config::target;
 use crate::output::{fail_with_hint, human_size, print, print_json};
@@ -68,27 +67,6 @@ enum PinCommand {
     },
 }
 
-async fn call(
-    client: &larder_client::ApiClient,
-    method: Method,
-    path: &str,
-    body: Option<Value>,
-) -> anyhow::Result<Option<Value>> {
-    let mut rb = client.request(method, path);
-    if let Some(b) = body {
-        rb = rb.json(&b);
-    }
-    let resp = client.send(rb).await?;
-    if resp.status() == reqwest::StatusCode::NO_CONTENT {
-        return Ok(None);
-    }
-    Ok(Some(
-        resp.json()
-            .await
-            .context("cannot decode the server's answer")?,
-    ))
-}
-
 pub(crate) fn when(t: i64) -> String {
     let d = larder_store::now_unix() - t;
     if d < 120 {
@@ -104,39 +82,33 @@ pub(crate) fn when(t: i64) -> String {
 
 pub async fn gc(args: GcArgs) -> anyhow::Result<()> {
     let t = target(&args.cache)?;
-    let report = call(
-        &t.client,
-        Method::POST,
-        &format!("/api/v1/caches/{}/gc?dry_run={}", t.cache, args.dry_run),
-        None,
-    )
-    .await
-    .with_context(|| format!("cannot collect garbage in cache {:?}", t.cache))?
-    .unwrap_or_default();
+    let report = t
+        .client
+        .gc(&t.cache, args.dry_run)
+        .await
+        .with_context(|| format!("cannot collect garbage in cache {:?}", t.cache))?;
     if args.json {
         return print_json(&report);
     }
-    let n = |k: &str| report[k].as_i64().unwrap_or(0);
-    let evicted = report["evicted"].as_array().cloned().unwrap_or_default();
     let mut out = String::new();
-    for v in &evicted {
-        let why = match v["reason"].as_str() {
-            Some("references-evicted") => {
-                format!("references {}", v["because_of"].as_str().unwrap_or("?"))
+    for v in &report.evicted {
+        let why = match (v.reason, &v.because_of) {
+            (Reason::ReferencesEvicted, because_of) => {
+                format!("references {}", because_of.as_deref().unwrap_or("?"))
             }
-            _ => format!(
+            (Reason::LeastRecentlyUsed, _) => format!(
                 "least recently used (closure last used {})",
-                when(v["last_used_at"].as_i64().unwrap_or(0))
+                when(v.last_used_at)
             ),
         };
         out.push_str(&format!(
             "{:>10}  {}  {why}\n",
-            human_size(v["file_size"].as_i64().unwrap_or(0)),
-            v["store_path"].as_str().unwrap_or("?"),
+            human_size(v.file_size),
+            v.store_path,
         ));
     }
     print(&out)?;
-    let limit = match report["max_size"].as_i64() {
+    let limit = match report.max_size {
         Some(m) => human_size(m),
         None => "none".into(),
     };
@@ -147,12 +119,12 @@ pub async fn gc(args: GcArgs) -> anyhow::Result<()> {
         } else {
             "evicted"
         },
-        evicted.len(),
-        human_size(n("size_before")),
-        human_size(n("size_after")),
-        n("pinned_paths"),
+        report.evicted.len(),
+        human_size(report.size_before),
+        human_size(report.size_after),
+        report.pinned_paths,
     );
-    if let Some(w) = report["warning"].as_str() {
+    if let Some(w) = &report.warning {
         eprintln!("warning: {w}");
     }
     Ok(())
@@ -183,19 +155,14 @@ pub async fn pin(args: PinArgs) -> anyhow::Result<()> {
     match args.command {
         Some(PinCommand::List { cache, json }) => {
             let t = target(&cache)?;
-            let pins = call(
-                &t.client,
-                Method::GET,
-                &format!("/api/v1/caches/{}/pins", t.cache),
-                None,
-            )
-            .await
-            .with_context(|| format!("cannot list the pins of cache {:?}", t.cache))?
-            .unwrap_or_default();
+            let pins = t
+                .client
+                .list_pins(&t.cache)
+                .await
+                .with_context(|| format!("cannot list the pins of cache {:?}", t.cache))?;
             if json {
                 return print_json(&pins);
             }
-            let pins = pins.as_array().cloned().unwrap_or_default();
             if pins.is_empty() {
                 eprintln!("no pins in cache {:?}", t.cache);
                 return Ok(());
@@ -205,43 +172,23 @@ pub async fn pin(args: PinArgs) -> anyhow::Result<()> {
                 "NAME", "REV", "KEEP", "CREATED", "STORE PATH"
             );
             for p in &pins {
-                let keep = match &p["keep"] {
-                    Value::String(s) => s.clone(),
-                    Value::Object(m) => m
-                        .iter()
-                        .map(|(k, v)| {
-                            // `{"revisions": 1}` reads "1 revision".
-                            let noun = k.strip_suffix('s').unwrap_or(k);
-                            match v.as_u64() {
-                                Some(n) => crate::output::count(n, noun),
-                                None => format!("{v} {k}"),
-                            }
-                        })
-                        .collect::<Vec<_>>()
-                        .join(","),
-                    _ => "?".into(),
-                };
                 out.push_str(&format!(
                     "{:<24} {:>4} {:<14} {:<10} {}\n",
-                    p["name"].as_str().unwrap_or("?"),
-                    p["revision"].as_i64().unwrap_or(0),
-                    keep,
-                    when(p["created_at"].as_i64().unwrap_or(0)),
-                    p["store_path"].as_str().unwrap_or("?"),
+                    p.name,
+                    p.revision,
+                    p.keep.to_string(),
+                    when(p.created_at),
+                    p.store_path,
                 ));
             }
             print(&out)
         }
         Some(PinCommand::Delete { cache, name }) => {
             let t = target(&cache)?;
-            call(
-                &t.client,
-                Method::DELETE,
-                &format!("/api/v1/caches/{}/pins/{name}", t.cache),
-                None,
-            )
-            .await
-            .with_context(|| format!("cannot delete pin {name:?} of cache {:?}", t.cache))?;
+            t.client
+                .delete_pin(&t.cache, &name)
+                .await
+                .with_context(|| format!("cannot delete pin {name:?} of cache {:?}", t.cache))?;
             eprintln!("deleted pin {name:?} of cache {:?}", t.cache);
             Ok(())
         }
@@ -254,26 +201,26 @@ pub async fn pin(args: PinArgs) -> anyhow::Result<()> {
             };
             let t = target(&cache)?;
             let store_path = store_path_arg(&path)?;
-            let pin = call(
-                &t.client,
-                Method::POST,
-                &format!("/api/v1/caches/{}/pins", t.cache),
-                Some(json!({
-                    "name": name, "store_path": store_path,
-                    "keep_revisions": args.keep_revisions, "keep_days": args.keep_days,
-                    "keep_forever": args.keep_forever,
-                })),
-            )
-            .await
-            .with_context(|| format!("cannot pin {store_path} in cache {:?}", t.cache))?
-            .unwrap_or_default();
+            let pin = t
+                .client
+                .create_pin(
+                    &t.cache,
+                    &PinRequest {
+                        name: name.clone(),
+                        store_path: store_path.clone(),
+                        keep_revisions: args.keep_revisions,
+                        keep_days: args.keep_days,
+                        keep_forever: args.keep_forever,
+                    },
+                )
+                .await
+                .with_context(|| format!("cannot pin {store_path} in cache {:?}", t.cache))?;
             if args.json {
                 return print_json(&pin);
             }
             eprintln!(
                 "pinned {store_path} as {name:?} revision {} in cache {:?}",
-                pin["revision"].as_i64().unwrap_or(0),
-                t.cache
+                pin.revision, t.cache
             );
             Ok(())
         }

@@ -17,7 +17,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use larder_client::api::CacheInfo;
+use larder_client::api::{CacheInfo, Perm};
 use larder_client::ApiClient;
 
 use crate::client_config::target;
@@ -282,15 +282,15 @@ async fn check_pull(f: &Facts) -> anyhow::Result<()> {
     }
     match f.client.whoami().await {
         Ok(w) => {
-            if !w.grants("pull", &f.cache) {
+            if !w.grants(Perm::Pull, &f.cache) {
                 eprintln!(
                     "warning: the current token cannot pull from {}; Nix will get 401/403\n\
                      hint: ask an admin for `larder token create --perm pull --cache {}`",
                     f.cache, f.cache
                 );
-            } else if w.grants("push", &f.cache) {
+            } else if w.grants(Perm::Push, &f.cache) {
                 // The netrc holds the token in clear for Nix: it should only read.
-                let can = if w.grants("admin", &f.cache) {
+                let can = if w.grants(Perm::Admin, &f.cache) {
                     "administer"
                 } else {
                     "push to"

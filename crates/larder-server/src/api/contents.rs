@@ -9,14 +9,14 @@
 use std::collections::HashSet;
 
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
 use axum::Json;
+use larder_api::{PathDetail, PathEntry as PathJson, PathList, PinRef, Reference};
 use larder_nix::signing::Signature;
 use larder_nix::store_path::{validate_hash_part, StorePath, STORE_DIR};
 use larder_store::meta::{CacheRow, PathCursor, PathEntry};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
-use crate::auth::Perm;
+use crate::access::{Admin, CacheAccess, Pull};
 use crate::error::ApiError;
 use crate::ingest::truncate;
 use crate::publish::render_narinfo;
@@ -37,32 +37,16 @@ fn absolute(basename: &str) -> String {
 }
 
 /// A path as the list shows it.
-#[derive(Serialize)]
-pub(crate) struct PathJson {
-    pub(crate) store_path: String,
-    pub(crate) hash: String,
-    pub(crate) name: String,
-    pub(crate) nar_size: i64,
-    /// Stored (compressed) bytes.
-    pub(crate) file_size: i64,
-    pub(crate) compression: String,
-    pub(crate) uploaded_at: i64,
-    /// Last narinfo or NAR fetch; null if never fetched.
-    pub(crate) last_used_at: Option<i64>,
-}
-
-impl From<PathEntry> for PathJson {
-    fn from(e: PathEntry) -> Self {
-        PathJson {
-            store_path: absolute(&e.basename()),
-            hash: e.hash,
-            name: e.name,
-            nar_size: e.nar_size,
-            file_size: e.file_size,
-            compression: e.compression.as_str().to_owned(),
-            uploaded_at: e.created_at,
-            last_used_at: e.last_used_at,
-        }
+fn path_json(e: PathEntry) -> PathJson {
+    PathJson {
+        store_path: absolute(&e.basename()),
+        hash: e.hash,
+        name: e.name,
+        nar_size: e.nar_size,
+        file_size: e.file_size,
+        compression: e.compression.as_str().to_owned(),
+        uploaded_at: e.created_at,
+        last_used_at: e.last_used_at,
     }
 }
 
@@ -76,22 +60,32 @@ pub(super) struct ListQuery {
     cursor: Option<String>,
 }
 
-#[derive(Serialize)]
-pub(crate) struct PathList {
-    pub(crate) paths: Vec<PathJson>,
-    /// Pass as `cursor` for the next page; null on the last page.
-    pub(crate) next_cursor: Option<String>,
-    /// Paths matching the query, on every page.
-    pub(crate) total: i64,
-}
-
+/// The cache's paths, by name, searchable, keyset-paginated (pull on a private cache).
+#[utoipa::path(
+    get,
+    path = "/caches/{cache}/paths",
+    tag = "caches",
+    operation_id = "listPaths",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        ("query" = Option<String>, Query, description = "Substring of `<hash>-<name>` (case-insensitive).", max_length = 200),
+        ("limit" = Option<u64>, Query, description = "Default: 100.", minimum = 1, maximum = 1000),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page."),
+    ),
+    responses(
+        (status = 200, description = "One page.", body = larder_api::PathList),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+    ),
+)]
 pub(super) async fn list_paths(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
+    Path(_name): Path<String>,
+    CacheAccess { cache: c, .. }: CacheAccess<Pull>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<PathList>, ApiError> {
-    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Pull).await?;
     let Query(q) = query.map_err(|e| ApiError::bad(format!("invalid query: {}", e.body_text())))?;
     let page = PageRequest::parse(
         q.query.as_deref(),
@@ -169,7 +163,7 @@ pub(crate) async fn list_page(
     };
     let total = state.meta.count_paths(c.id, text).await?;
     Ok(PathList {
-        paths: page.into_iter().map(PathJson::from).collect(),
+        paths: page.into_iter().map(path_json).collect(),
         next_cursor,
         total,
     })
@@ -192,53 +186,29 @@ fn path_arg(arg: &str) -> Result<(String, Option<String>), ApiError> {
     Ok((p.hash_part(), Some(p.name().to_owned())))
 }
 
-#[derive(Serialize)]
-pub(crate) struct ReferenceJson {
-    pub(crate) store_path: String,
-    /// False for a reference accepted as available upstream (signed by an upstream key).
-    pub(crate) in_cache: bool,
-}
-
-#[derive(Serialize)]
-pub(crate) struct PinRefJson {
-    pub(crate) name: String,
-    pub(crate) revision: i64,
-    /// The pinned path, whose closure holds this one (it may be this one).
-    pub(crate) store_path: String,
-}
-
-#[derive(Serialize)]
-pub(crate) struct PathDetail {
-    pub(crate) store_path: String,
-    pub(crate) hash: String,
-    pub(crate) name: String,
-    pub(crate) url: String,
-    pub(crate) compression: String,
-    pub(crate) file_hash: String,
-    pub(crate) file_size: i64,
-    pub(crate) nar_hash: String,
-    pub(crate) nar_size: i64,
-    pub(crate) references: Vec<ReferenceJson>,
-    pub(crate) deriver: Option<String>,
-    pub(crate) ca: Option<String>,
-    pub(crate) sigs: Vec<String>,
-    /// Paths of the cache that reference this one directly (at most 1000, by name).
-    pub(crate) referrers: Vec<String>,
-    pub(crate) referrer_count: i64,
-    /// Pin revisions whose closure holds this path (eviction never removes it).
-    pub(crate) pins: Vec<PinRefJson>,
-    pub(crate) uploaded_at: i64,
-    pub(crate) last_used_at: Option<i64>,
-    /// The narinfo as served.
-    pub(crate) narinfo: String,
-}
-
+/// One path: narinfo fields, references, referrers, pins, usage (pull on a private cache).
+#[utoipa::path(
+    get,
+    path = "/caches/{cache}/paths/{path}",
+    tag = "caches",
+    operation_id = "pathInfo",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        ("path" = String, Path, description = "Hash part, basename `<hash>-<name>`, or the whole store path (percent-encoded)."),
+    ),
+    responses(
+        (status = 200, description = "The path.", body = larder_api::PathDetail),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+    ),
+)]
 pub(super) async fn path_info(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path((name, arg)): Path<(String, String)>,
+    Path((_name, arg)): Path<(String, String)>,
+    CacheAccess { cache: c, .. }: CacheAccess<Pull>,
 ) -> Result<Json<PathDetail>, ApiError> {
-    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Pull).await?;
     Ok(Json(path_detail(&state, &c, &arg).await?))
 }
 
@@ -308,7 +278,7 @@ pub(crate) async fn path_detail(
             .refs
             .iter()
             .zip(&ref_hashes)
-            .map(|(r, h)| ReferenceJson {
+            .map(|(r, h)| Reference {
                 store_path: r.to_absolute(),
                 in_cache: !missing.contains(h),
             })
@@ -321,7 +291,7 @@ pub(crate) async fn path_detail(
         pins: pins
             .into_iter()
             .filter(|p| holding.contains(&p.hash))
-            .map(|p| PinRefJson {
+            .map(|p| PinRef {
                 name: p.name,
                 revision: p.revision,
                 store_path: p.store_path,
@@ -343,13 +313,33 @@ pub(super) struct DeleteQuery {
     with_referrers: bool,
 }
 
+/// Delete a path (admin on the cache); refused (409, with `referrers`) while other paths
+/// reference it unless with_referrers, and for pinned paths.
+#[utoipa::path(
+    delete,
+    path = "/caches/{cache}/paths/{path}",
+    tag = "caches",
+    operation_id = "deletePath",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        ("path" = String, Path, description = "Hash part, basename `<hash>-<name>`, or the whole store path (percent-encoded)."),
+        ("with_referrers" = Option<bool>, Query, description = "Also delete every path that (transitively) references it. Default: false."),
+    ),
+    responses(
+        (status = 200, description = "What was deleted.", body = larder_api::DeleteReport),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+        (status = 409, response = crate::api::openapi::Conflict),
+    ),
+)]
 pub(super) async fn delete_path(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path((name, arg)): Path<(String, String)>,
+    Path((_name, arg)): Path<(String, String)>,
+    CacheAccess { cache: c, .. }: CacheAccess<Admin>,
     query: Result<Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<DeleteReport>, ApiError> {
-    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Admin).await?;
     let Query(q) = query.map_err(|_| ApiError::bad("with_referrers must be true or false"))?;
     let (hash, want_name) = path_arg(&arg)?;
     if let Some(n) = want_name {

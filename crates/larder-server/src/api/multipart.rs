@@ -32,14 +32,18 @@ use std::time::SystemTime;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::Json;
 use larder_nix::hash::Sha256;
 use larder_store::meta::{ChunkRow, NarRow};
+// A part's measurement is kept beside it (`part-NNNNNN.json`) as the API shows it.
+use larder_api::{
+    MultipartDetail, MultipartList, MultipartOpened, MultipartPart, MultipartUpload, Upload,
+};
 use serde::{Deserialize, Serialize};
 
-use super::{UploadCompression, UploadResp};
-use crate::auth::Perm;
+use super::{upload_json, UploadCompression};
+use crate::access::{CacheAccess, Push};
 use crate::error::{ApiError, Rejection};
 use crate::ingest::{measure_part, parse_compression, verify_parts, Compression};
 use crate::AppState;
@@ -51,11 +55,6 @@ const MAX_PARTS: u32 = 100_000;
 /// by an older larder have only a `compression` file.
 const MANIFEST: &str = "upload.json";
 const LEGACY_COMPRESSION: &str = "compression";
-
-#[derive(Serialize)]
-pub struct Opened {
-    upload_id: String,
-}
 
 /// What an upload is, written when it is opened.
 #[derive(Serialize, Deserialize)]
@@ -107,44 +106,6 @@ fn query<T: Default>(
         .map_err(|e| ApiError::bad(format!("invalid query: {}", e.body_text())))
 }
 
-/// An unfinished upload as the API shows it.
-#[derive(Serialize)]
-pub struct UploadInfo {
-    upload_id: String,
-    compression: String,
-    nar_hash: Option<String>,
-    nar_size: Option<u64>,
-    /// Parts stored (whatever their numbers).
-    part_count: usize,
-    /// Their stored (compressed) bytes.
-    part_bytes: u64,
-    /// When the last part was stored (or the upload opened), Unix seconds.
-    updated_at: i64,
-    /// When it is deleted unless a part comes before, Unix seconds.
-    expires_at: i64,
-}
-
-/// One stored part, measured by the server when it stored it (kept beside it as
-/// `part-NNNNNN.json`).
-#[derive(Serialize, Deserialize)]
-pub struct PartInfo {
-    n: u32,
-    file_size: u64,
-    file_hash: String,
-    /// The NAR bytes it decompresses to on its own; `null` when it does not decompress on its
-    /// own (a client sends such a part again).
-    nar_size: Option<u64>,
-    nar_hash: Option<String>,
-}
-
-#[derive(Serialize)]
-pub struct UploadDetail {
-    #[serde(flatten)]
-    info: UploadInfo,
-    /// Every stored part, by number.
-    parts: Vec<PartInfo>,
-}
-
 fn upload_dir(state: &AppState, cache_id: i64, id: &str) -> Result<PathBuf, ApiError> {
     if id.len() != 32
         || !id
@@ -178,9 +139,9 @@ fn measure(
     path: &FsPath,
     compression: Compression,
     max_nar_size: u64,
-) -> std::io::Result<PartInfo> {
+) -> std::io::Result<MultipartPart> {
     let m = measure_part(path, compression, max_nar_size)?;
-    Ok(PartInfo {
+    Ok(MultipartPart {
         n,
         file_size: m.file_size,
         file_hash: m.file_hash.to_typed_nix32(),
@@ -197,10 +158,10 @@ fn measured(
     size: u64,
     compression: Compression,
     max_nar_size: u64,
-) -> std::io::Result<PartInfo> {
+) -> std::io::Result<MultipartPart> {
     let recorded = std::fs::read(measurement_path(path))
         .ok()
-        .and_then(|b| serde_json::from_slice::<PartInfo>(&b).ok())
+        .and_then(|b| serde_json::from_slice::<MultipartPart>(&b).ok())
         .filter(|m| m.n == n && m.file_size == size);
     match recorded {
         Some(m) => Ok(m),
@@ -256,10 +217,10 @@ fn unix(t: SystemTime) -> i64 {
 }
 
 /// The upload in `dir` as the API shows it (its parts counted, not measured).
-fn upload_info(id: String, dir: &FsPath, manifest: Manifest) -> std::io::Result<UploadInfo> {
+fn upload_info(id: String, dir: &FsPath, manifest: Manifest) -> std::io::Result<MultipartUpload> {
     let parts = stored_parts(dir)?;
     let updated = std::fs::metadata(dir)?.modified()?;
-    Ok(UploadInfo {
+    Ok(MultipartUpload {
         upload_id: id,
         compression: manifest.compression,
         nar_hash: manifest.nar_hash,
@@ -312,14 +273,39 @@ fn staging_allowance(state: &AppState, c: &larder_store::meta::CacheRow) -> u64 
         .map_or(limit, |m| m.min(limit))
 }
 
+/// Open a multi-part NAR upload (push).
+///
+/// `nar_hash` and `nar_size` name the NAR the client will send: a label to find the upload
+/// again by (`GET …/multipart?nar_hash=…`) after an interruption, checked at completion and
+/// trusted for nothing else.
+#[utoipa::path(
+    post,
+    path = "/caches/{cache}/multipart",
+    tag = "caches",
+    operation_id = "openMultipart",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        ("compression" = String, Query, pattern = "^(zstd|xz|none)$"),
+        ("nar_hash" = Option<String>, Query, description = "SHA-256 of the NAR (`sha256:<nix32>`, or any spelling Nix accepts). Optional."),
+        ("nar_size" = Option<u64>, Query, description = "Size of the NAR in bytes. Optional.", minimum = 0),
+    ),
+    responses(
+        (status = 201, description = "The upload's id.", body = larder_api::MultipartOpened),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+        (status = 415, response = crate::api::openapi::UnsupportedMedia),
+        (status = 429, description = "The cache has as many unfinished multi-part uploads as it may (16).", body = larder_api::ErrorBody),
+    ),
+)]
 pub async fn open(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
+    Path(_name): Path<String>,
     UploadCompression(compression): UploadCompression,
+    CacheAccess { cache: c, .. }: CacheAccess<Push>,
     identity: Result<Query<IdentityQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<(StatusCode, Json<Opened>), ApiError> {
-    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
+) -> Result<(StatusCode, Json<MultipartOpened>), ApiError> {
     let (nar_hash, nar_size) = query(identity)?.parse()?;
     let (open, _) = staged(&state, c.id, None).await?;
     if open >= crate::config::MAX_OPEN_MULTIPART_PER_CACHE {
@@ -356,23 +342,42 @@ pub async fn open(
     .await
     .map_err(|e| ApiError::internal(std::io::Error::other(e)))?
     .map_err(ApiError::internal)?;
-    Ok((StatusCode::CREATED, Json(Opened { upload_id: id })))
+    Ok((StatusCode::CREATED, Json(MultipartOpened { upload_id: id })))
 }
 
-#[derive(Serialize)]
-pub struct UploadList {
-    uploads: Vec<UploadInfo>,
-}
+/// The cache's unfinished multi-part uploads on this server, most recently written first
+/// (push).
+///
+/// With `nar_hash` and `nar_size`, only the uploads opened for that NAR: how a client finds the
+/// upload an interrupted push left, to resume it.
+#[utoipa::path(
+    get,
+    path = "/caches/{cache}/multipart",
+    tag = "caches",
+    operation_id = "listMultipart",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        ("nar_hash" = Option<String>, Query, description = "SHA-256 of the NAR (`sha256:<nix32>`, or any spelling Nix accepts). Only uploads opened for it."),
+        ("nar_size" = Option<u64>, Query, description = "Size of the NAR in bytes. Only uploads opened for it.", minimum = 0),
+    ),
+    responses(
+        (status = 200, description = "The uploads.", body = larder_api::MultipartList),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+    ),
+)]
+// The cache's unfinished uploads on this server, most recently written first; with
 
-/// The cache's unfinished uploads on this server, most recently written first; with
-/// `nar_hash`/`nar_size`, only those opened for that NAR.
+// `nar_hash`/`nar_size`, only those opened for that NAR.
+
 pub async fn list(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
+    Path(_name): Path<String>,
+    CacheAccess { cache: c, .. }: CacheAccess<Push>,
     identity: Result<Query<IdentityQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<UploadList>, ApiError> {
-    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
+) -> Result<Json<MultipartList>, ApiError> {
     let (nar_hash, nar_size) = query(identity)?.parse()?;
     let prefix = format!("multipart-{}-", c.id);
     let mut uploads = Vec::new();
@@ -406,23 +411,48 @@ pub async fn list(
         }
     }
     uploads.sort_by_key(|u| std::cmp::Reverse(u.updated_at));
-    Ok(Json(UploadList { uploads }))
+    Ok(Json(MultipartList { uploads }))
 }
 
-/// One upload with every stored part measured (see [`measure_part`]). Asking holds the
-/// upload for another [`crate::config::MULTIPART_IDLE_TTL`], as a new part would: the client
-/// asks to resume it.
+/// One unfinished multi-part upload with each stored part measured (push).
+///
+/// For each stored part: its size and SHA-256, and the size and SHA-256 of the NAR bytes it
+/// decompresses to on its own (null when it does not), so a resuming client keeps the parts
+/// that hold the NAR bytes it would send. Asking holds the upload for another idle period, as a
+/// new part would.
+#[utoipa::path(
+    get,
+    path = "/caches/{cache}/multipart/{id}",
+    tag = "caches",
+    operation_id = "showMultipart",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        ("id" = String, Path),
+    ),
+    responses(
+        (status = 200, description = "The upload and its parts.", body = larder_api::MultipartDetail),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+    ),
+)]
+// One upload with every stored part measured (see [`measure_part`]). Asking holds the
+
+// upload for another [`crate::config::MULTIPART_IDLE_TTL`], as a new part would: the client
+
+// asks to resume it.
+
 pub async fn show(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path((name, id)): Path<(String, String)>,
-) -> Result<Json<UploadDetail>, ApiError> {
-    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
+    Path((_name, id)): Path<(String, String)>,
+    CacheAccess { cache: c, .. }: CacheAccess<Push>,
+) -> Result<Json<MultipartDetail>, ApiError> {
     let dir = upload_dir(&state, c.id, &id)?;
     let manifest = read_manifest(&dir).await?;
     let compression = parse_compression(&manifest.compression)?;
     let max_nar_size = state.config.max_nar_size;
-    let detail = tokio::task::spawn_blocking(move || -> std::io::Result<UploadDetail> {
+    let detail = tokio::task::spawn_blocking(move || -> std::io::Result<MultipartDetail> {
         std::fs::File::open(&dir)?.set_modified(SystemTime::now())?;
         let mut parts = Vec::new();
         for (n, path, size) in stored_parts(&dir)? {
@@ -433,8 +463,8 @@ pub async fn show(
                 Err(e) => return Err(e),
             }
         }
-        Ok(UploadDetail {
-            info: upload_info(id, &dir, manifest)?,
+        Ok(MultipartDetail {
+            upload: upload_info(id, &dir, manifest)?,
             parts,
         })
     })
@@ -447,13 +477,31 @@ pub async fn show(
     Ok(Json(detail))
 }
 
-/// Abandon an upload: its parts are deleted at once.
+/// Abandon a multi-part upload: its parts are deleted (push).
+#[utoipa::path(
+    delete,
+    path = "/caches/{cache}/multipart/{id}",
+    tag = "caches",
+    operation_id = "abortMultipart",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        ("id" = String, Path),
+    ),
+    responses(
+        (status = 204, description = "Deleted."),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+    ),
+)]
+// Abandon an upload: its parts are deleted at once.
+
 pub async fn abort(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path((name, id)): Path<(String, String)>,
+    Path((_name, id)): Path<(String, String)>,
+    CacheAccess { cache: c, .. }: CacheAccess<Push>,
 ) -> Result<StatusCode, ApiError> {
-    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
     let dir = upload_dir(&state, c.id, &id)?;
     match tokio::fs::remove_dir_all(&dir).await {
         Ok(()) => Ok(StatusCode::NO_CONTENT),
@@ -462,13 +510,33 @@ pub async fn abort(
     }
 }
 
+/// Store part n (from 0) of a multi-part upload; re-sending replaces it.
+#[utoipa::path(
+    put,
+    path = "/caches/{cache}/multipart/{id}/parts/{n}",
+    tag = "caches",
+    operation_id = "putPart",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        ("id" = String, Path),
+        ("n" = u64, Path, minimum = 0),
+    ),
+    request_body(content = inline(crate::api::openapi::Bytes), content_type = "application/octet-stream"),
+    responses(
+        (status = 204, description = "Done."),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+        (status = 413, response = crate::api::openapi::TooLarge),
+    ),
+)]
 pub async fn put_part(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path((name, id, n)): Path<(String, String, u32)>,
+    Path((_name, id, n)): Path<(String, String, u32)>,
+    CacheAccess { cache: c, .. }: CacheAccess<Push>,
     body: Body,
 ) -> Result<StatusCode, ApiError> {
-    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
     if n >= MAX_PARTS {
         return Err(ApiError::bad(format!(
             "part number must be below {MAX_PARTS}"
@@ -528,13 +596,37 @@ pub struct CompleteQuery {
     parts: Option<u32>,
 }
 
+/// Verify the parts as one NAR and store it.
+///
+/// The NAR is the concatenation of parts `0..parts` (every one required; parts beyond are
+/// dropped), or without `parts`, of the parts numbered from 0 up to the first gap. When the
+/// upload was opened with `nar_hash`/`nar_size`, a concatenation of another NAR is refused
+/// (400) and nothing is stored.
+#[utoipa::path(
+    post,
+    path = "/caches/{cache}/multipart/{id}/complete",
+    tag = "caches",
+    operation_id = "completeMultipart",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        ("id" = String, Path),
+        ("parts" = Option<u64>, Query, description = "How many parts make the NAR.", minimum = 1),
+    ),
+    responses(
+        (status = 201, description = "What the server measured.", body = larder_api::Upload),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+        (status = 413, response = crate::api::openapi::TooLarge),
+    ),
+)]
 pub async fn complete(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path((name, id)): Path<(String, String)>,
+    Path((_name, id)): Path<(String, String)>,
+    CacheAccess { cache: c, .. }: CacheAccess<Push>,
     q: Result<Query<CompleteQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<(StatusCode, Json<UploadResp>), ApiError> {
-    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
+) -> Result<(StatusCode, Json<Upload>), ApiError> {
     let q = query(q)?;
     let dir = upload_dir(&state, c.id, &id)?;
     let manifest = read_manifest(&dir).await?;
@@ -660,10 +752,7 @@ pub async fn complete(
         }
     };
     let _ = tokio::fs::remove_dir_all(&dir).await;
-    Ok((
-        StatusCode::CREATED,
-        Json(UploadResp::from_nar(upload_id, nar)),
-    ))
+    Ok((StatusCode::CREATED, Json(upload_json(upload_id, nar))))
 }
 
 #[cfg(test)]

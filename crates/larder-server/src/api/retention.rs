@@ -3,14 +3,15 @@
 //! (push) pins. See [`crate::retention`].
 
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::Json;
+use larder_api::{Pin, PinRequest};
 use larder_nix::store_path::StorePath;
 use larder_store::meta::{Keep, PinRow};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use super::JsonBody;
-use crate::auth::Perm;
+use crate::access::{Admin, CacheAccess, Pull, Push};
 use crate::error::ApiError;
 use crate::ingest::truncate;
 use crate::retention::{evict, GcReport};
@@ -22,13 +23,30 @@ pub(super) struct GcQuery {
     dry_run: bool,
 }
 
+/// Evict least recently used closures until the cache fits its limit (admin on the cache).
+#[utoipa::path(
+    post,
+    path = "/caches/{cache}/gc",
+    tag = "caches",
+    operation_id = "gc",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        ("dry_run" = Option<bool>, Query, description = "Default: false."),
+    ),
+    responses(
+        (status = 200, description = "What was (or would be) evicted.", body = larder_api::GcReport),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+    ),
+)]
 pub(super) async fn gc(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
+    Path(_name): Path<String>,
+    CacheAccess { cache: c, .. }: CacheAccess<Admin>,
     query: Result<Query<GcQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<GcReport>, ApiError> {
-    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Admin).await?;
     let Query(q) = query.map_err(|_| ApiError::bad("dry_run must be true or false"))?;
     let report = evict(&state, &c, q.dry_run).await?;
     if !q.dry_run {
@@ -39,34 +57,16 @@ pub(super) async fn gc(
     Ok(Json(report))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct PinReq {
-    name: String,
-    /// Absolute store path or basename.
-    store_path: String,
-    keep_revisions: Option<i64>,
-    keep_days: Option<i64>,
-    #[serde(default)]
-    keep_forever: bool,
-}
-
-#[derive(Serialize)]
-pub(super) struct PinJson {
-    name: String,
-    revision: i64,
-    store_path: String,
-    /// `forever`, or `{"revisions": N}` / `{"days": N}`.
-    keep: Keep,
-    created_at: i64,
-}
-
-fn pin_json(p: PinRow) -> PinJson {
-    PinJson {
+fn pin_json(p: PinRow) -> Pin {
+    Pin {
         name: p.name,
         revision: p.revision,
         store_path: p.store_path,
-        keep: p.keep,
+        keep: match p.keep {
+            Keep::Forever => larder_api::Keep::Forever,
+            Keep::Revisions(n) => larder_api::Keep::Revisions(n),
+            Keep::Days(n) => larder_api::Keep::Days(n),
+        },
         created_at: p.created_at,
     }
 }
@@ -78,13 +78,31 @@ fn valid_pin_name(n: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'+'))
 }
 
+/// Pin a path of the cache (push); re-pinning a name makes a new revision.
+#[utoipa::path(
+    post,
+    path = "/caches/{cache}/pins",
+    tag = "caches",
+    operation_id = "createPin",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+    ),
+    request_body = larder_api::PinRequest,
+    responses(
+        (status = 201, description = "The new revision.", body = larder_api::Pin),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+    ),
+)]
 pub(super) async fn create_pin(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-    JsonBody(req): JsonBody<PinReq>,
-) -> Result<(StatusCode, Json<PinJson>), ApiError> {
-    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
+    Path(_name): Path<String>,
+    access: Result<CacheAccess<Push>, ApiError>,
+    JsonBody(req): JsonBody<PinRequest>,
+) -> Result<(StatusCode, Json<Pin>), ApiError> {
+    let c = access?.cache;
     if !valid_pin_name(&req.name) {
         return Err(ApiError::bad(format!(
             "invalid pin name {:?}: use 1-100 of [A-Za-z0-9._+-]",
@@ -129,22 +147,55 @@ pub(super) async fn create_pin(
     Ok((StatusCode::CREATED, Json(pin_json(pin))))
 }
 
+/// Every kept pin revision (pull on a private cache).
+#[utoipa::path(
+    get,
+    path = "/caches/{cache}/pins",
+    tag = "caches",
+    operation_id = "listPins",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+    ),
+    responses(
+        (status = 200, description = "Pins by name, newest revision first.", body = Vec<larder_api::Pin>),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+    ),
+)]
 pub(super) async fn list_pins(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-) -> Result<Json<Vec<PinJson>>, ApiError> {
-    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Pull).await?;
+    Path(_name): Path<String>,
+    CacheAccess { cache: c, .. }: CacheAccess<Pull>,
+) -> Result<Json<Vec<Pin>>, ApiError> {
     let pins = state.meta.list_pins(c.id).await?;
     Ok(Json(pins.into_iter().map(pin_json).collect()))
 }
 
+/// Delete every revision of a pin (push).
+#[utoipa::path(
+    delete,
+    path = "/caches/{cache}/pins/{pin}",
+    tag = "caches",
+    operation_id = "deletePin",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        ("pin" = String, Path),
+    ),
+    responses(
+        (status = 204, description = "Done."),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+    ),
+)]
 pub(super) async fn delete_pin(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path((name, pin)): Path<(String, String)>,
+    Path((_name, pin)): Path<(String, String)>,
+    CacheAccess { cache: c, .. }: CacheAccess<Push>,
 ) -> Result<StatusCode, ApiError> {
-    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Push).await?;
     if state.meta.delete_pin(c.id, &pin).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {

@@ -2,13 +2,12 @@
 //! readable by whoever may read `cache info`.
 
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
 use axum::Json;
 use serde::Deserialize;
 
-use crate::auth::Perm;
+use crate::access::{CacheAccess, Pull};
 use crate::error::ApiError;
-use crate::stats::{series, CacheStatsJson, DEFAULT_DAYS, KEEP_DAYS};
+use crate::stats::{series, CacheStats, DEFAULT_DAYS, KEEP_DAYS};
 use crate::AppState;
 
 #[derive(Deserialize)]
@@ -18,13 +17,36 @@ pub(crate) struct StatsQuery {
     days: Option<i64>,
 }
 
+/// A cache's daily statistics: downloads (requests and bytes) and stored size, per UTC day, as
+/// the web UI's charts show them.
+///
+/// Recorded by the server: every replica counts the narinfo and NAR downloads it serves (a HEAD
+/// is none) and adds them to the day's row every 2 s; the size is sampled whenever paths are
+/// published, evicted or deleted and once a day. Days older than 90 are deleted. Readable by
+/// whoever may read the cache (as `GET /caches/{cache}`).
+#[utoipa::path(
+    get,
+    path = "/caches/{cache}/stats",
+    tag = "caches",
+    operation_id = "cacheStats",
+    params(
+        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        ("days" = Option<u64>, Query, description = "How many days, up to today. Default: 30.", minimum = 1, maximum = 90),
+    ),
+    responses(
+        (status = 200, description = "One entry per day, oldest first.", body = larder_api::CacheStats),
+        (status = 400, response = crate::api::openapi::BadRequest),
+        (status = 401, response = crate::api::openapi::Unauthorized),
+        (status = 403, response = crate::api::openapi::Forbidden),
+        (status = 404, response = crate::api::openapi::NotFound),
+    ),
+)]
 pub(crate) async fn cache_stats(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
+    Path(_name): Path<String>,
+    CacheAccess { cache: c, .. }: CacheAccess<Pull>,
     query: Result<Query<StatsQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<CacheStatsJson>, ApiError> {
-    let c = crate::publish::authorized_cache(&state, &headers, &name, Perm::Pull).await?;
+) -> Result<Json<CacheStats>, ApiError> {
     let bad = || ApiError::bad(format!("days must be a number from 1 to {KEEP_DAYS}"));
     let Query(q) = query.map_err(|_| bad())?;
     let days = q.days.unwrap_or(DEFAULT_DAYS);

@@ -16,7 +16,7 @@ use maud::{html, Markup};
 
 use super::{human_size, percent};
 use crate::retention::WARN_FRACTION;
-use crate::stats::{CacheStatsJson, DayStats};
+use crate::stats::{CacheStats, DayStats};
 
 /// The stored size against the limit: a bar (green, amber past the warning, red over the
 /// limit) with a mark at the warning threshold.
@@ -225,7 +225,7 @@ fn plural(n: i64, one: &str, many: &str) -> String {
 
 /// The stored size per day: a line through the days with a recorded size, and the limit as a
 /// dashed line when it is near enough to be drawn to scale.
-fn size_chart(s: &CacheStatsJson) -> Markup {
+fn size_chart(s: &CacheStats) -> Markup {
     let days = &s.days;
     let n = days.len();
     let known: Vec<(usize, i64)> = days
@@ -305,7 +305,7 @@ fn size_chart(s: &CacheStatsJson) -> Markup {
 }
 
 /// Bytes downloaded per day.
-fn bytes_chart(s: &CacheStatsJson) -> Markup {
+fn bytes_chart(s: &CacheStats) -> Markup {
     let days = &s.days;
     let n = days.len();
     let total: i64 = days.iter().map(|d| d.bytes).sum();
@@ -341,7 +341,7 @@ fn bytes_chart(s: &CacheStatsJson) -> Markup {
 }
 
 /// Requests per day: NAR requests below, narinfo requests stacked on them.
-fn requests_chart(s: &CacheStatsJson) -> Markup {
+fn requests_chart(s: &CacheStats) -> Markup {
     let days = &s.days;
     let n = days.len();
     let nars: i64 = days.iter().map(|d| d.nar_requests).sum();
@@ -392,7 +392,7 @@ fn requests_chart(s: &CacheStatsJson) -> Markup {
 }
 
 /// The charts of a cache page and the table of their numbers.
-pub(super) fn charts(s: &CacheStatsJson) -> Markup {
+pub(super) fn charts(s: &CacheStats) -> Markup {
     html! {
         div.charts {
             (size_chart(s))
