@@ -18,7 +18,6 @@
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::Bytes;
 use larder_nix::hash::{Sha256, Sha256Hasher};
@@ -28,9 +27,9 @@ use tokio::sync::mpsc;
 use crate::api::{ApiClient, ClientError};
 use crate::local_store::{LocalStoreError, PathInfo};
 use crate::push::{
-    error_line, transient, write_nar, Compression, Observer, PushError, PushOptions, SourceRef,
-    UploadResp,
+    error_line, write_nar, Compression, Observer, PushError, PushOptions, SourceRef, UploadResp,
 };
+use crate::retry::Retry;
 
 /// Compressed parts waiting to be sent, per upload (bounds memory to about two parts).
 const PARTS_IN_FLIGHT: usize = 1;
@@ -356,7 +355,7 @@ async fn send_parts(
     let mut failure = None;
     while let Some((part, nar_bytes)) = rx.recv().await {
         let url = format!("/api/v1/caches/{cache}/multipart/{id}/parts/{n}");
-        let mut attempt = 1;
+        let mut retry = Retry::new(opts.attempts);
         loop {
             let r = client
                 .send(
@@ -369,20 +368,17 @@ async fn send_parts(
                 Ok(_) => break,
                 Err(e) => {
                     let e = PushError::Client(e);
-                    match transient(&e) {
-                        Some(wait) if attempt < opts.attempts => {
+                    match retry.wait(&e) {
+                        Some(wait) => {
                             observer.retrying(
                                 info,
                                 &format!("part {n}: {}", error_line(&e)),
-                                attempt,
+                                retry.attempt(),
                             );
-                            tokio::time::sleep(
-                                wait.unwrap_or(Duration::from_millis(500 << attempt)),
-                            )
-                            .await;
-                            attempt += 1;
+                            tokio::time::sleep(wait).await;
+                            retry.next();
                         }
-                        _ => {
+                        None => {
                             failure = Some(e);
                             break;
                         }

@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::api::{ApiClient, ClientError};
 use crate::local_store::{dump_verified, LocalStore, LocalStoreError, PathInfo};
+use crate::retry::Retry;
 
 /// Blocks of compressed NAR in flight per upload.
 const CHANNEL_BLOCKS: usize = 8;
@@ -512,7 +513,7 @@ async fn push_one(
     deps: Vec<watch::Receiver<Option<bool>>>,
     upstream: &HashMap<String, UpstreamRef>,
 ) -> Result<Option<UploadResp>, PushError> {
-    let mut attempt = 1;
+    let mut retry = Retry::new(opts.attempts);
     let upload = loop {
         let r = if info.nar_size > opts.part_size {
             crate::multipart::upload(client, cache, info, opts, observer).await
@@ -521,13 +522,13 @@ async fn push_one(
         };
         match r {
             Ok(u) => break u,
-            Err(e) => match transient(&e) {
-                Some(wait) if attempt < opts.attempts => {
-                    observer.retrying(info, &error_line(&e), attempt);
-                    tokio::time::sleep(wait.unwrap_or(Duration::from_millis(500 << attempt))).await;
-                    attempt += 1;
+            Err(e) => match retry.wait(&e) {
+                Some(wait) => {
+                    observer.retrying(info, &error_line(&e), retry.attempt());
+                    tokio::time::sleep(wait).await;
+                    retry.next();
                 }
-                _ => return Err(e),
+                None => return Err(e),
             },
         }
     };
@@ -565,7 +566,7 @@ async fn push_one(
         "sigs": sigs,
         "upstream": upstream_refs,
     });
-    let mut attempt = 1;
+    let mut retry = Retry::new(opts.attempts);
     loop {
         let r = client
             .send(
@@ -584,14 +585,13 @@ async fn push_one(
             }
             Err(e) => {
                 let e = PushError::Client(e);
-                match transient(&e) {
-                    Some(wait) if attempt < opts.attempts => {
-                        observer.retrying(info, &error_line(&e), attempt);
-                        tokio::time::sleep(wait.unwrap_or(Duration::from_millis(500 << attempt)))
-                            .await;
-                        attempt += 1;
+                match retry.wait(&e) {
+                    Some(wait) => {
+                        observer.retrying(info, &error_line(&e), retry.attempt());
+                        tokio::time::sleep(wait).await;
+                        retry.next();
                     }
-                    _ => return Err(e),
+                    None => return Err(e),
                 }
             }
         }
