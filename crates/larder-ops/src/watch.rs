@@ -1,4 +1,4 @@
-//! `larder watch-store` and `larder watch-exec`: push every path that becomes valid in the
+//! What `larder watch-store` and `larder watch-exec` do: push every path that becomes valid in the
 //! local store (watch-exec: every path its command builds).
 //!
 //! The Nix database is polled read-only for `ValidPaths` rows newer than the last one seen
@@ -14,118 +14,84 @@
 //! `NIX_CONFIG` adding a hook that appends each build's outputs to a spool file, which is read
 //! like the database. That pushes exactly what the command built (not what other processes
 //! added to the store meanwhile); `--mode store` watches the store instead.
+//!
+//! While the server is unreachable a round waits 1 s, 2 s, 4 s, … up to a minute between tries
+//! (`backon`'s exponential backoff). Progress lines go to stderr.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::Context;
-use larder_client::local_store::{default_db_path, DbStore, NewPath};
+use backon::{BackoffBuilder, ExponentialBuilder};
+use larder_client::local_store::{default_db_path, DbStore, LocalStoreError, NewPath};
 use larder_nix::store_path::StorePath;
-use tokio::sync::watch;
 
-use crate::nixconf::Trust;
-use crate::output::{count, fail_with_hint, human_size};
 use crate::pusher::{LineObserver, Pusher};
+use crate::shell::{find_nix_store, shell_quote};
 
 /// New paths read and pushed per round.
 const CHUNK: usize = 500;
+/// First wait before trying again while the server is unreachable; it doubles each time.
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 /// Longest wait between retries while the server is unreachable.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
-/// SIGINT and SIGTERM, remembered: a signal that arrives during a push is seen afterwards.
-pub struct Signals {
-    rx: watch::Receiver<bool>,
+/// What stopped a watch.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error("cannot watch the store: {0}")]
+    OpenDb(#[source] LocalStoreError),
+    #[error("cannot read the Nix database")]
+    ReadDb(#[source] LocalStoreError),
+    #[error("cannot read the hook's spool {}", .path.display())]
+    Spool {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {}", .path.display())]
+    WriteHook {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
-impl Signals {
-    pub fn new() -> anyhow::Result<Self> {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-        let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-        let (tx, rx) = watch::channel(false);
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
-            }
-            let _ = tx.send(true);
-            // Keep the handlers installed: a second signal must not kill us mid-drain.
-            loop {
-                tokio::select! {
-                    _ = int.recv() => {}
-                    _ = term.recv() => {}
-                }
-            }
-        });
-        Ok(Self { rx })
-    }
-
-    /// Wait for a signal (returns at once if one came already).
-    pub async fn recv(&mut self) {
-        if self.rx.wait_for(|v| *v).await.is_err() {
-            std::future::pending::<()>().await;
+impl WatchError {
+    /// The fix to try.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            WatchError::OpenDb(_) => Some(
+                "watching reads the Nix database; run as a user who can read it (root on a \
+                 single-user install), or use the post-build hook instead (`larder daemon hook`)"
+                    .into(),
+            ),
+            _ => None,
         }
     }
-
-    pub fn received(&self) -> bool {
-        *self.rx.borrow()
-    }
 }
 
-#[derive(clap::Args)]
-pub struct WatchArgs {
-    /// CACHE, SERVER:CACHE or the cache's URL (http://HOST:PORT/CACHE)
-    cache: String,
-    /// Also push new .drv files and sources added to the store (by default only build and
-    /// substitution outputs are pushed, with their closures).
-    #[arg(long)]
-    include_drv: bool,
-    /// How often to look at the Nix database, in milliseconds.
-    #[arg(long, default_value_t = 1000, value_name = "MS")]
-    interval_ms: u64,
+/// What a watch pushed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Totals {
+    pub pushed: usize,
+    pub bytes: u64,
+    pub failed: usize,
 }
 
-/// How watch-exec learns what the command builds.
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ExecMode {
-    /// `hook` when Nix runs a post-build-hook set by this user, `store` otherwise.
-    Auto,
-    /// Run the command with a post-build-hook (needs a trusted user): only its builds.
-    Hook,
-    /// Watch the store for new valid paths: builds and substitutions, of any process.
-    Store,
+/// What a watch reads and how often.
+#[derive(Debug, Clone, Copy)]
+pub struct WatchOptions {
+    /// Also push new .drv files and sources (by default only outputs).
+    pub include_drv: bool,
+    /// How often to look for new paths.
+    pub interval: Duration,
 }
 
-#[derive(clap::Args)]
-pub struct WatchExecArgs {
-    #[command(flatten)]
-    watch: WatchArgs,
-    /// How to see what the command builds.
-    #[arg(long, value_enum, default_value_t = ExecMode::Auto)]
-    mode: ExecMode,
-    /// The command to run, after `--`.
-    #[arg(last = true, required = true, value_name = "CMD")]
-    command: Vec<String>,
-}
-
-#[derive(Default)]
-struct Totals {
-    pushed: usize,
-    bytes: u64,
-    failed: usize,
-}
-
-fn open_db() -> anyhow::Result<DbStore> {
-    let path = default_db_path();
-    DbStore::open(&path).map_err(|e| {
-        fail_with_hint(
-            format!("cannot watch the store: {e}"),
-            "watching reads the Nix database; run as a user who can read it (root on a \
-             single-user install), or use the post-build hook instead (`larder daemon hook`)",
-        )
-    })
+/// The Nix database, opened read-only to watch it.
+pub fn open_db() -> Result<DbStore, WatchError> {
+    DbStore::open(&default_db_path()).map_err(WatchError::OpenDb)
 }
 
 fn wanted(p: &NewPath, include_drv: bool) -> bool {
@@ -133,7 +99,7 @@ fn wanted(p: &NewPath, include_drv: bool) -> bool {
 }
 
 /// Where new paths come from, read in rounds of at most [`CHUNK`].
-enum Source {
+pub enum Source {
     /// `ValidPaths` rows after the cursor (a row id).
     Db(DbStore),
     /// Lines appended by the post-build-hook after the cursor (a byte offset).
@@ -148,17 +114,18 @@ struct Round {
 }
 
 impl Source {
-    fn start(&self) -> anyhow::Result<i64> {
+    /// The cursor now: what becomes valid after this point is pushed.
+    pub fn start(&self) -> Result<i64, WatchError> {
         match self {
-            Source::Db(db) => Ok(db.last_valid_id()?),
+            Source::Db(db) => db.last_valid_id().map_err(WatchError::ReadDb),
             Source::Spool(_) => Ok(0),
         }
     }
 
-    fn read(&self, cursor: i64, include_drv: bool) -> anyhow::Result<Round> {
+    fn read(&self, cursor: i64, include_drv: bool) -> Result<Round, WatchError> {
         match self {
             Source::Db(db) => {
-                let rows = db.valid_since(cursor, CHUNK)?;
+                let rows = db.valid_since(cursor, CHUNK).map_err(WatchError::ReadDb)?;
                 Ok(Round {
                     full: rows.len() == CHUNK,
                     next: rows.last().map_or(cursor, |r| r.id),
@@ -176,13 +143,18 @@ impl Source {
 
 /// Complete lines of the spool after byte `from` (a line still being written is left for
 /// the next round), at most [`CHUNK`] of them.
-fn read_spool(file: &Path, from: i64) -> anyhow::Result<Round> {
+fn read_spool(file: &Path, from: i64) -> Result<Round, WatchError> {
     use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(file)
-        .with_context(|| format!("cannot read the hook's spool {}", file.display()))?;
-    f.seek(SeekFrom::Start(from as u64))?;
+    let fail = |source| WatchError::Spool {
+        path: file.to_path_buf(),
+        source,
+    };
+    let mut f = std::fs::File::open(file).map_err(fail)?;
+    f.seek(SeekFrom::Start(from as u64)).map_err(fail)?;
     let mut buf = Vec::new();
-    f.take(CHUNK as u64 * 256).read_to_end(&mut buf)?;
+    f.take(CHUNK as u64 * 256)
+        .read_to_end(&mut buf)
+        .map_err(fail)?;
     let Some(end) = buf.iter().rposition(|&b| b == b'\n') else {
         return Ok(Round {
             roots: Vec::new(),
@@ -214,19 +186,28 @@ fn read_spool(file: &Path, from: i64) -> anyhow::Result<Round> {
     })
 }
 
+/// The waits between tries while the server is unreachable: 1 s, 2 s, 4 s, … 60 s, 60 s, …
+fn backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(FIRST_BACKOFF)
+        .with_max_delay(MAX_BACKOFF)
+        .with_factor(2.0)
+        .without_max_times()
+}
+
 /// Push new paths after `cursor` (from [`Source::start`]) until `stop` completes, then drain
 /// what is left.
-async fn watch_until(
+pub async fn watch_until(
     pusher: &mut Pusher,
     source: &Source,
     mut cursor: i64,
-    args: &WatchArgs,
+    opts: WatchOptions,
     stop: impl Future<Output = ()>,
-) -> anyhow::Result<Totals> {
-    let interval = Duration::from_millis(args.interval_ms.max(10));
+) -> Result<Totals, WatchError> {
+    let interval = opts.interval.max(Duration::from_millis(10));
     let observer = Arc::new(LineObserver { prefix: "" });
     let mut totals = Totals::default();
-    let mut backoff = Duration::from_secs(1);
+    let mut delays = backoff().build();
     tokio::pin!(stop);
     let mut stopping = false;
     loop {
@@ -234,7 +215,7 @@ async fn watch_until(
             roots,
             next: next_cursor,
             full,
-        } = source.read(cursor, args.include_drv)?;
+        } = source.read(cursor, opts.include_drv)?;
         if !roots.is_empty() {
             let n = roots.len();
             match pusher.push(roots, observer.clone()).await {
@@ -245,12 +226,14 @@ async fn watch_until(
                     for p in &batch.invalid {
                         eprintln!("note: skipped {p}: no longer valid (garbage-collected?)");
                     }
-                    backoff = Duration::from_secs(1);
+                    delays = backoff().build();
                 }
                 Err(e) => {
+                    let wait = delays.next().unwrap_or(MAX_BACKOFF);
                     eprintln!(
-                        "cannot push new paths, retrying in {}s: {e:#}",
-                        backoff.as_secs()
+                        "cannot push new paths, retrying in {}s: {}",
+                        wait.as_secs(),
+                        crate::error_chain(&e)
                     );
                     if stopping {
                         eprintln!("warning: stopping with new paths not pushed");
@@ -258,10 +241,9 @@ async fn watch_until(
                         return Ok(totals);
                     }
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(wait) => {}
                         _ = &mut stop => stopping = true,
                     }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
                     continue;
                 }
             }
@@ -281,140 +263,10 @@ async fn watch_until(
     }
 }
 
-fn report(totals: &Totals, secs: f64) {
-    eprintln!(
-        "pushed {} ({} NAR) in {secs:.1}s{}",
-        count(totals.pushed as u64, "path"),
-        human_size(totals.bytes as i64),
-        if totals.failed > 0 {
-            format!("; {} failed", totals.failed)
-        } else {
-            String::new()
-        }
-    );
-}
-
-pub async fn watch_store(args: WatchArgs) -> anyhow::Result<()> {
-    let mut pusher = Pusher::connect(&args.cache).await?;
-    let db = open_db()?;
-    let mut signals = Signals::new()?;
-    let source = Source::Db(db);
-    // Paths valid from now on are pushed; say so only once that point is fixed.
-    let cursor = source.start()?;
-    eprintln!(
-        "watching {} for new store paths, pushing to {}; Ctrl-C stops after pushing what is pending",
-        default_db_path().display(),
-        args.cache
-    );
-    let t0 = Instant::now();
-    let totals = watch_until(&mut pusher, &source, cursor, &args, async move {
-        signals.recv().await
-    })
-    .await?;
-    report(&totals, t0.elapsed().as_secs_f64());
-    if totals.failed > 0 {
-        anyhow::bail!("{} failed to push", count(totals.failed as u64, "path"));
-    }
-    Ok(())
-}
-
-/// Run the command, push what became valid meanwhile, exit with the command's status.
-pub async fn watch_exec(args: WatchExecArgs) -> anyhow::Result<()> {
-    let mut pusher = Pusher::connect(&args.watch.cache).await?;
-    let hook = match args.mode {
-        ExecMode::Hook => true,
-        ExecMode::Store => false,
-        ExecMode::Auto => {
-            let trust = crate::nixconf::decide_trust(&crate::nixconf::probe_trust(), "", None);
-            matches!(
-                trust,
-                Trust::SingleUser | Trust::Root | Trust::TrustedUser(_)
-            )
-        }
-    };
-    // Keeps the spool directory until we are done.
-    let mut spool_dir = None;
-    let mut cmd = tokio::process::Command::new(&args.command[0]);
-    cmd.args(&args.command[1..]);
-    let source = if hook {
-        let dir = tempfile::Builder::new()
-            .prefix("larder-watch-exec-")
-            .tempdir()
-            .context("cannot create a directory for the post-build-hook")?;
-        let spool = dir.path().join("built");
-        std::fs::write(&spool, b"").context("cannot create the hook's spool file")?;
-        let script = dir.path().join("post-build-hook");
-        write_exec_hook(&script, &spool)?;
-        let mut conf = crate::env::var("NIX_CONFIG").unwrap_or_default();
-        if !conf.is_empty() && !conf.ends_with('\n') {
-            conf.push('\n');
-        }
-        conf.push_str(&format!("post-build-hook = {}\n", script.display()));
-        cmd.env("NIX_CONFIG", conf);
-        eprintln!(
-            "pushing what the command builds to {} (post-build-hook; --mode store watches the \
-             whole store instead)",
-            args.watch.cache
-        );
-        spool_dir = Some(dir);
-        Source::Spool(spool)
-    } else {
-        let db = open_db()?;
-        eprintln!(
-            "pushing new valid store paths to {} while the command runs (store watch)",
-            args.watch.cache
-        );
-        Source::Db(db)
-    };
-    // Before the command starts: everything it makes is after this point.
-    let cursor = source.start()?;
-    // Our own SIGINT/SIGTERM go to the command (same process group on a terminal); we keep
-    // watching until it exits so nothing it built is left behind.
-    let _signals = Signals::new()?;
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        // Like a shell: 127 for a command that is not found, 126 for one that cannot run.
-        Err(e) => {
-            drop(spool_dir); // exit() runs no destructors
-            eprintln!("error: cannot run {:?}: {e}", args.command[0]);
-            std::process::exit(if e.kind() == std::io::ErrorKind::NotFound {
-                127
-            } else {
-                126
-            });
-        }
-    };
-    let t0 = Instant::now();
-    let (status_tx, status_rx) = tokio::sync::oneshot::channel();
-    let stop = async move {
-        let st = child.wait().await;
-        let _ = status_tx.send(st);
-    };
-    let totals = watch_until(&mut pusher, &source, cursor, &args.watch, stop).await?;
-    drop(spool_dir);
-    let status = status_rx
-        .await
-        .context("lost the command")?
-        .context("cannot wait for the command")?;
-    report(&totals, t0.elapsed().as_secs_f64());
-    let code = status.code().unwrap_or_else(|| {
-        use std::os::unix::process::ExitStatusExt;
-        128 + status.signal().unwrap_or(0)
-    });
-    if totals.failed > 0 && code == 0 {
-        anyhow::bail!("{} failed to push", count(totals.failed as u64, "path"));
-    }
-    if code != 0 {
-        std::process::exit(code);
-    }
-    Ok(())
-}
-
 /// watch-exec's hook: append the build's outputs to `spool`, one per line, and never fail the
 /// build. Nix 2.8.0 runs post-build hooks with an empty `$OUT_PATHS`; the outputs of
 /// `$DRV_PATH` are asked of `nix-store` then.
-fn write_exec_hook(script: &Path, spool: &Path) -> anyhow::Result<()> {
-    use crate::daemon::{find_nix_store, shell_quote};
+pub fn write_exec_hook(script: &Path, spool: &Path) -> Result<(), WatchError> {
     use std::os::unix::fs::PermissionsExt;
     let text = format!(
         "#!/bin/sh\n\
@@ -429,13 +281,18 @@ fn write_exec_hook(script: &Path, spool: &Path) -> anyhow::Result<()> {
         shell_quote(&find_nix_store()),
         shell_quote(&spool.display().to_string()),
     );
-    std::fs::write(script, text).with_context(|| format!("cannot write {}", script.display()))?;
-    std::fs::set_permissions(script, std::fs::Permissions::from_mode(0o755))?;
+    let fail = |source| WatchError::WriteHook {
+        path: script.to_path_buf(),
+        source,
+    };
+    std::fs::write(script, text).map_err(fail)?;
+    std::fs::set_permissions(script, std::fs::Permissions::from_mode(0o755)).map_err(fail)?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -456,5 +313,15 @@ mod tests {
         assert_eq!(r2.roots[0].to_string(), b);
         let r3 = read_spool(&f, r2.next).unwrap();
         assert!(r3.roots.is_empty() && r3.next == r2.next);
+    }
+
+    #[test]
+    fn exec_hook_appends_the_outputs_to_the_spool() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("hook");
+        write_exec_hook(&script, &dir.path().join("my spool")).unwrap();
+        let text = std::fs::read_to_string(&script).unwrap();
+        assert!(text.contains(&format!(">> '{}/my spool'", dir.path().display())));
+        assert!(text.ends_with("exit 0\n"));
     }
 }

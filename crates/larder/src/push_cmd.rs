@@ -11,6 +11,7 @@ use larder_client::local_store::{LocalStore, PathInfo};
 use larder_client::push::{self, Compression, Observer, Outcome, PushOptions};
 use larder_nix::signing::SigningKey;
 use larder_nix::store_path::StorePath;
+use larder_ops::pusher::Pusher;
 
 use crate::client_config::{split_cache_arg, target, ClientConfig};
 use crate::output::{count, fail_with_hint, human_size, print};
@@ -91,6 +92,13 @@ pub(crate) fn signing_key(cache_arg: &str, url: &str) -> anyhow::Result<Option<S
         )),
         None => Ok(None),
     }
+}
+
+/// A push session to the cache `cache_arg` names, for the automation verbs.
+pub(crate) async fn connect_pusher(cache_arg: &str) -> anyhow::Result<Pusher> {
+    let t = target(cache_arg)?;
+    let key = signing_key(cache_arg, t.client.base_url())?;
+    Ok(Pusher::connect(t.client, t.cache, cache_arg, key).await?)
 }
 
 /// Where a cache's client-held key is kept in the config: `URL/CACHE`.
@@ -300,7 +308,7 @@ pub(crate) async fn upload_settings(
         .cache_info(&t.cache)
         .await
         .with_context(|| format!("cannot use cache {:?}", t.cache))?;
-    crate::pusher::ensure_can_push(&t.client, &t.cache).await?;
+    larder_ops::pusher::ensure_can_push(&t.client, &t.cache).await?;
     let requested = compression.unwrap_or(&cache.compression);
     let compression = Compression::from_name(requested)
         .ok_or_else(|| anyhow::anyhow!("unknown compression {requested:?}"))?;

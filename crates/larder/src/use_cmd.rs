@@ -12,7 +12,7 @@
 //!
 //! A private cache also gets a netrc entry (`machine HOST login larder password TOKEN`, mode
 //! 0600) in the file nix.conf's `netrc-file` names, or in larder's own netrc which `netrc-file`
-//! is then pointed at. The edits themselves live in [`crate::nixconf`].
+//! is then pointed at. The edits themselves live in [`larder_ops::nixconf`].
 
 use std::path::{Path, PathBuf};
 
@@ -22,8 +22,8 @@ use larder_client::ApiClient;
 
 use crate::client_config::target;
 use crate::env;
-use crate::nixconf::{self, same_value, NixConf, Trust};
 use crate::output::{fail_with_hint, print};
+use larder_ops::nixconf::{self, same_value, NixConf, Trust};
 
 /// The login written into netrc entries (the server only looks at the password).
 const NETRC_LOGIN: &str = "larder";
@@ -88,7 +88,7 @@ pub struct RemoveArgs {
 }
 
 fn is_root() -> bool {
-    nixconf::current_uid() == Some(0)
+    nixconf::current_uid() == 0
 }
 
 /// The default mode: what works without sudo for a user, and what the daemon reads for root.
@@ -103,13 +103,7 @@ fn default_mode() -> Mode {
 }
 
 fn xdg_config_home() -> anyhow::Result<PathBuf> {
-    match env::var("XDG_CONFIG_HOME") {
-        Some(x) => Ok(PathBuf::from(x)),
-        None => Ok(PathBuf::from(
-            env::var("HOME").context("neither XDG_CONFIG_HOME nor HOME is set")?,
-        )
-        .join(".config")),
-    }
+    Ok(larder_ops::xdg::dir(larder_ops::xdg::Base::Config)?)
 }
 
 /// The nix.conf a mode edits.

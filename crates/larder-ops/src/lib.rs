@@ -1,0 +1,53 @@
+//! larder's client workflows: what the verbs of the `larder` binary do beyond parsing
+//! arguments and printing, each testable without spawning the binary.
+//!
+//! [`larder_client`] is the mechanism (the HTTP API, the local store reader, the push
+//! pipeline) that any program could use; this crate is the policy of larder's own verbs on
+//! the user's machine: it edits nix.conf and netrc files ([`nixconf`]), runs the push daemon
+//! and speaks its socket protocol ([`daemon`]), watches the store ([`watch`]), drives `nix
+//! build` ([`nix`]), and gathers doctor's checks ([`doctor`]). Errors are typed
+//! (`thiserror`); those that come with a fix say it through [`hint`], which the binary prints.
+
+pub mod daemon;
+pub mod doctor;
+pub mod nix;
+pub mod nixconf;
+pub mod pull;
+pub mod pusher;
+pub mod shell;
+pub mod signals;
+pub mod text;
+pub mod watch;
+pub mod xdg;
+
+/// The fix to try for `e`, when it is one of this crate's errors that knows one.
+pub fn hint(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    if let Some(e) = e.downcast_ref::<pusher::PusherError>() {
+        return e.hint();
+    }
+    if let Some(e) = e.downcast_ref::<daemon::DaemonError>() {
+        return e.hint();
+    }
+    if let Some(e) = e.downcast_ref::<watch::WatchError>() {
+        return e.hint();
+    }
+    if let Some(e) = e.downcast_ref::<pull::PullError>() {
+        return e.hint();
+    }
+    None
+}
+
+/// `e` and its causes on one line, `error: cause: cause` (for log lines).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = s.source();
+    }
+    line
+}
