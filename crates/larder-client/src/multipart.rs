@@ -27,7 +27,8 @@ use tokio::sync::mpsc;
 use crate::api::{ApiClient, ClientError};
 use crate::local_store::{LocalStoreError, PathInfo};
 use crate::push::{
-    error_line, write_nar, Compression, Observer, PushError, PushOptions, SourceRef, UploadResp,
+    error_line, transient, write_nar, Compression, Observer, PushError, PushOptions, SourceRef,
+    UploadResp,
 };
 use crate::retry::Retry;
 
@@ -368,7 +369,7 @@ async fn send_parts(
                 Ok(_) => break,
                 Err(e) => {
                     let e = PushError::Client(e);
-                    match retry.wait(&e) {
+                    match retry.wait(transient(&e)) {
                         Some(wait) => {
                             observer.retrying(
                                 info,

@@ -522,7 +522,7 @@ async fn push_one(
         };
         match r {
             Ok(u) => break u,
-            Err(e) => match retry.wait(&e) {
+            Err(e) => match retry.wait(transient(&e)) {
                 Some(wait) => {
                     observer.retrying(info, &error_line(&e), retry.attempt());
                     tokio::time::sleep(wait).await;
@@ -585,7 +585,7 @@ async fn push_one(
             }
             Err(e) => {
                 let e = PushError::Client(e);
-                match retry.wait(&e) {
+                match retry.wait(transient(&e)) {
                     Some(wait) => {
                         observer.retrying(info, &error_line(&e), retry.attempt());
                         tokio::time::sleep(wait).await;

@@ -1,16 +1,12 @@
 //! When to try a failed upload again: transient failures (connection trouble, 429, 5xx) are
 //! retried after an exponential backoff of 1 s, 2 s, 4 s … (from the maintained `backon`
-//! crate), or after the `Retry-After` the server sent, up to [`PushOptions::attempts`]
-//! attempts in all. Every upload request of the push pipeline (a whole NAR, a part, the
-//! publication) goes through one [`Retry`].
-//!
-//! [`PushOptions::attempts`]: crate::push::PushOptions::attempts
+//! crate), or after the `Retry-After` the server sent, up to `PushOptions::attempts` attempts
+//! in all. Every upload request of the push pipeline (a whole NAR, a part, the publication)
+//! goes through one [`Retry`]; which failures are transient is the pipeline's call.
 
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
-
-use crate::push::{transient, PushError};
 
 /// The first wait; each next one doubles.
 pub const FIRST_DELAY: Duration = Duration::from_secs(1);
@@ -31,10 +27,11 @@ impl Retry {
         }
     }
 
-    /// After attempt [`Retry::attempt`] failed with `e`: how long to wait before the next one,
-    /// or `None` when `e` is not transient or no attempt is left.
-    pub(crate) fn wait(&mut self, e: &PushError) -> Option<Duration> {
-        let asked = transient(e)?;
+    /// After attempt [`Retry::attempt`] failed: how long to wait before the next one, or
+    /// `None` when no attempt is left or the failure is not transient. `transient` is `None`
+    /// for a failure not worth retrying, else the wait the server asked for, if any.
+    pub(crate) fn wait(&mut self, transient: Option<Option<Duration>>) -> Option<Duration> {
+        let asked = transient?;
         let delay = self.delays.next()?;
         Some(asked.unwrap_or(delay))
     }
