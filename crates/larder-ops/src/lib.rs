@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod doctor;
 pub mod nix;
 pub mod nixconf;
+pub mod plan;
 pub mod pull;
 pub mod pusher;
 pub mod shell;
@@ -32,6 +33,9 @@ pub fn hint(e: &(dyn std::error::Error + 'static)) -> Option<String> {
         return e.hint();
     }
     if let Some(e) = e.downcast_ref::<pull::PullError>() {
+        return e.hint();
+    }
+    if let Some(e) = e.downcast_ref::<plan::PlanError>() {
         return e.hint();
     }
     None
