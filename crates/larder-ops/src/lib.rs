@@ -3,7 +3,7 @@
 //!
 //! [`larder_client`] is the mechanism (the HTTP API, the local store reader, the push
 //! pipeline) that any program could use; this crate is the policy of larder's own verbs on
-//! the user's machine: it edits nix.conf and netrc files ([`nixconf`]), runs the push daemon
+//! the user's machine: it edits nix.conf and netrc files ([`nixconf`], [`use_cache`]), runs the push daemon
 //! and speaks its socket protocol ([`daemon`]), watches the store ([`watch`]), drives `nix
 //! build` ([`nix`]), and gathers doctor's checks ([`doctor`]). Errors are typed
 //! (`thiserror`); those that come with a fix say it through [`hint`], which the binary prints.
@@ -18,6 +18,7 @@ pub mod pusher;
 pub mod shell;
 pub mod signals;
 pub mod text;
+pub mod use_cache;
 pub mod watch;
 pub mod xdg;
 
@@ -36,6 +37,9 @@ pub fn hint(e: &(dyn std::error::Error + 'static)) -> Option<String> {
         return e.hint();
     }
     if let Some(e) = e.downcast_ref::<plan::PlanError>() {
+        return e.hint();
+    }
+    if let Some(e) = e.downcast_ref::<use_cache::UseError>() {
         return e.hint();
     }
     None
