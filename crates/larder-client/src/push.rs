@@ -145,7 +145,7 @@ impl Default for PushOptions {
             closure: true,
             exclude: Vec::new(),
             include_upstream: false,
-            upstream_keys: vec!["cache.nixos.org-1".into()],
+            upstream_keys: vec![larder_nix::signing::CACHE_NIXOS_ORG_KEY_NAME.into()],
             omit_deriver: false,
             signing_key: None,
             attempts: 4,
@@ -454,8 +454,8 @@ pub fn replan_needed(summary: &Summary) -> bool {
     summary.failures.iter().any(gone) && summary.failures.iter().all(|f| gone(f) || dependent(f))
 }
 
-/// An error on one line: the error and its causes.
-pub(crate) fn error_line(e: &(dyn std::error::Error + 'static)) -> String {
+/// An error on one line: the error and its causes (each once), for progress and log lines.
+pub fn error_line(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

@@ -348,7 +348,10 @@ async fn read_settings(r: &mut Report) -> Option<NixSettings> {
         Err(e) => {
             r.fail(
                 "nix config",
-                format!("cannot read Nix's settings: {}", crate::error_chain(&e)),
+                format!(
+                    "cannot read Nix's settings: {}",
+                    larder_client::push::error_line(&e)
+                ),
                 "check nix.conf syntax with `nix show-config`",
             );
             None

@@ -44,18 +44,3 @@ pub fn hint(e: &(dyn std::error::Error + 'static)) -> Option<String> {
     }
     None
 }
-
-/// `e` and its causes on one line, `error: cause: cause` (for log lines).
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut line = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        source = s.source();
-    }
-    line
-}

@@ -4,6 +4,9 @@
 //! pushing verb makes before uploading.
 
 use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 
 use larder_client::local_store::{LocalStore, LocalStoreError, PathInfo};
 use larder_client::push::{self, Compression, Observer, Outcome, PushError, PushOptions, Summary};
@@ -12,6 +15,22 @@ use larder_nix::signing::SigningKey;
 use larder_nix::store_path::StorePath;
 
 use crate::text::{count, human_size};
+
+/// First wait before trying again while the server is unreachable; it doubles each time.
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+/// Longest wait between tries while the server is unreachable.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// The waits between tries of the long-running pushers (the daemon, the store watcher) while
+/// the server is unreachable: 1 s, 2 s, 4 s, … 60 s, 60 s, … (never giving up).
+pub fn server_backoff() -> ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(FIRST_BACKOFF)
+        .with_max_delay(MAX_BACKOFF)
+        .with_factor(2.0)
+        .without_max_times()
+        .build()
+}
 
 /// Why a push session could not start, or a batch pushed nothing.
 #[derive(Debug, thiserror::Error)]
@@ -278,5 +297,16 @@ impl Observer for LineObserver {
                 eprintln!("{}error: {}: {e}", self.prefix, path.path.to_absolute())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unreachable_server_waits_double_up_to_a_minute() {
+        let waits: Vec<u64> = server_backoff().take(8).map(|d| d.as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60]);
     }
 }

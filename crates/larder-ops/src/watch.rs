@@ -23,19 +23,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use larder_client::local_store::{default_db_path, DbStore, LocalStoreError, NewPath};
 use larder_nix::store_path::StorePath;
 
-use crate::pusher::{LineObserver, Pusher};
+use crate::pusher::{server_backoff, LineObserver, Pusher, MAX_BACKOFF};
 use crate::shell::{find_nix_store, shell_quote};
 
 /// New paths read and pushed per round.
 const CHUNK: usize = 500;
-/// First wait before trying again while the server is unreachable; it doubles each time.
-const FIRST_BACKOFF: Duration = Duration::from_secs(1);
-/// Longest wait between retries while the server is unreachable.
-const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 /// What stopped a watch.
 #[derive(Debug, thiserror::Error)]
@@ -186,15 +181,6 @@ fn read_spool(file: &Path, from: i64) -> Result<Round, WatchError> {
     })
 }
 
-/// The waits between tries while the server is unreachable: 1 s, 2 s, 4 s, … 60 s, 60 s, …
-fn backoff() -> ExponentialBuilder {
-    ExponentialBuilder::default()
-        .with_min_delay(FIRST_BACKOFF)
-        .with_max_delay(MAX_BACKOFF)
-        .with_factor(2.0)
-        .without_max_times()
-}
-
 /// Push new paths after `cursor` (from [`Source::start`]) until `stop` completes, then drain
 /// what is left.
 pub async fn watch_until(
@@ -207,7 +193,7 @@ pub async fn watch_until(
     let interval = opts.interval.max(Duration::from_millis(10));
     let observer = Arc::new(LineObserver { prefix: "" });
     let mut totals = Totals::default();
-    let mut delays = backoff().build();
+    let mut delays = server_backoff();
     tokio::pin!(stop);
     let mut stopping = false;
     loop {
@@ -226,14 +212,14 @@ pub async fn watch_until(
                     for p in &batch.invalid {
                         eprintln!("note: skipped {p}: no longer valid (garbage-collected?)");
                     }
-                    delays = backoff().build();
+                    delays = server_backoff();
                 }
                 Err(e) => {
                     let wait = delays.next().unwrap_or(MAX_BACKOFF);
                     eprintln!(
                         "cannot push new paths, retrying in {}s: {}",
                         wait.as_secs(),
-                        crate::error_chain(&e)
+                        larder_client::push::error_line(&e)
                     );
                     if stopping {
                         eprintln!("warning: stopping with new paths not pushed");

@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use larder_client::queue::{EntryState, Queue};
 use larder_nix::store_path::StorePath;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -20,7 +19,7 @@ use tokio::sync::{watch, Notify};
 
 use super::protocol::{encode, Counts, Failure, Progress, Reply, Request};
 use super::{create_dir, queue_path, DaemonError};
-use crate::pusher::{LineObserver, Pusher};
+use crate::pusher::{server_backoff, LineObserver, Pusher, MAX_BACKOFF};
 use crate::signals::Signals;
 use crate::text::count;
 
@@ -29,22 +28,9 @@ const BATCH: usize = 1000;
 /// How often the daemon looks at the queue without being woken (entries written directly by
 /// a `daemon push` that found no daemon).
 const POLL: Duration = Duration::from_secs(2);
-/// First wait before trying again while the server is unreachable; it doubles each time.
-const FIRST_BACKOFF: Duration = Duration::from_secs(1);
-/// Longest wait between retries while the server is unreachable.
-const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// Finished entries are kept this long for `--wait` and `status`.
 const KEEP_FINISHED: Duration = Duration::from_secs(24 * 3600);
 const LOG: &str = "larder daemon: ";
-
-/// The waits between tries while the server is unreachable: 1 s, 2 s, 4 s, … 60 s, 60 s, …
-fn backoff() -> ExponentialBuilder {
-    ExponentialBuilder::default()
-        .with_min_delay(FIRST_BACKOFF)
-        .with_max_delay(MAX_BACKOFF)
-        .with_factor(2.0)
-        .without_max_times()
-}
 
 /// Make way for a daemon on `socket`: its directory exists, and a socket left by a daemon
 /// that died is removed. Fails when a daemon answers there.
@@ -158,7 +144,7 @@ async fn push_until_stopped(
     pusher: &mut Pusher,
     mut signals: Signals,
 ) -> Result<(), DaemonError> {
-    let mut delays = backoff().build();
+    let mut delays = server_backoff();
     let observer = Arc::new(LineObserver { prefix: LOG });
     loop {
         let pending = shared.queue().pending(BATCH)?;
@@ -179,7 +165,7 @@ async fn push_until_stopped(
                 q.finish(&results)?;
                 let _ = q.prune(KEEP_FINISHED);
                 drop(q);
-                delays = backoff().build();
+                delays = server_backoff();
                 shared.progress.send_modify(|n| *n += 1);
             }
             Err(e) => {
@@ -189,7 +175,7 @@ async fn push_until_stopped(
                     "{LOG}cannot push {} queued paths, retrying in {}s: {}",
                     pending.len(),
                     wait.as_secs(),
-                    crate::error_chain(&e)
+                    larder_client::push::error_line(&e)
                 );
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
@@ -300,7 +286,7 @@ async fn push(
     let ids = shared.queue().enqueue(&paths);
     let ids = match ids {
         Ok(ids) => ids,
-        Err(e) => return send(w, &Reply::refused(crate::error_chain(&e))).await,
+        Err(e) => return send(w, &Reply::refused(larder_client::push::error_line(&e))).await,
     };
     send(
         w,
@@ -373,15 +359,4 @@ async fn wait_for(
 async fn send(w: &mut OwnedWriteHalf, reply: &Reply) -> Result<(), DaemonError> {
     w.write_all(encode(reply).as_bytes()).await?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unreachable_server_waits_double_up_to_a_minute() {
-        let waits: Vec<u64> = backoff().build().take(8).map(|d| d.as_secs()).collect();
-        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60]);
-    }
 }
