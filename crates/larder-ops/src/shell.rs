@@ -29,7 +29,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn quoting_keeps_plain_words_and_quotes_the_rest() {
+    fn logged_commands_can_be_pasted_into_a_shell() {
         assert_eq!(
             shell_quote(".#homeConfigurations.host"),
             ".#homeConfigurations.host"
