@@ -287,6 +287,22 @@ impl ApiClient {
         .await
     }
 
+    /// Switch `cache` to client-side signing with this public key (`name:base64`).
+    pub async fn register_public_key(&self, cache: &str, public_key: &str) -> Result<()> {
+        let body = larder_api::RegisterKey {
+            public_key: public_key.to_owned(),
+        };
+        self.send(
+            self.request(
+                reqwest::Method::POST,
+                &format!("/api/v1/caches/{cache}/public-key"),
+            )
+            .json(&body),
+        )
+        .await?;
+        Ok(())
+    }
+
     pub async fn delete_cache(&self, name: &str) -> Result<()> {
         self.send(self.request(reqwest::Method::DELETE, &format!("/api/v1/caches/{name}")))
             .await?;

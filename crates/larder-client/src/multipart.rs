@@ -18,7 +18,6 @@
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::Bytes;
 use larder_api::{MultipartOpened, Upload};
@@ -31,6 +30,7 @@ use crate::push::{
     error_line, transient, write_nar, Compression, Observer, PushError, PushOptions, SourceRef,
     UploadResp,
 };
+use crate::retry::Retry;
 
 /// Compressed parts waiting to be sent, per upload (bounds memory to about two parts).
 const PARTS_IN_FLIGHT: usize = 1;
@@ -352,7 +352,7 @@ async fn send_parts(
     let mut failure = None;
     while let Some((part, nar_bytes)) = rx.recv().await {
         let url = format!("/api/v1/caches/{cache}/multipart/{id}/parts/{n}");
-        let mut attempt = 1;
+        let mut retry = Retry::new(opts.attempts);
         loop {
             let r = client
                 .send(
@@ -365,20 +365,17 @@ async fn send_parts(
                 Ok(_) => break,
                 Err(e) => {
                     let e = PushError::Client(e);
-                    match transient(&e) {
-                        Some(wait) if attempt < opts.attempts => {
+                    match retry.wait(transient(&e)) {
+                        Some(wait) => {
                             observer.retrying(
                                 info,
                                 &format!("part {n}: {}", error_line(&e)),
-                                attempt,
+                                retry.attempt(),
                             );
-                            tokio::time::sleep(
-                                wait.unwrap_or(Duration::from_millis(500 << attempt)),
-                            )
-                            .await;
-                            attempt += 1;
+                            tokio::time::sleep(wait).await;
+                            retry.next();
                         }
-                        _ => {
+                        None => {
                             failure = Some(e);
                             break;
                         }

@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::api::{ApiClient, ClientError};
 use crate::local_store::{dump_verified, LocalStore, LocalStoreError, PathInfo};
+use crate::retry::Retry;
 
 /// Blocks of compressed NAR in flight per upload.
 const CHANNEL_BLOCKS: usize = 8;
@@ -145,7 +146,7 @@ impl Default for PushOptions {
             closure: true,
             exclude: Vec::new(),
             include_upstream: false,
-            upstream_keys: vec!["cache.nixos.org-1".into()],
+            upstream_keys: vec![larder_nix::signing::CACHE_NIXOS_ORG_KEY_NAME.into()],
             omit_deriver: false,
             signing_key: None,
             attempts: 4,
@@ -436,8 +437,8 @@ pub fn replan_needed(summary: &Summary) -> bool {
     summary.failures.iter().any(gone) && summary.failures.iter().all(|f| gone(f) || dependent(f))
 }
 
-/// An error on one line: the error and its causes.
-pub(crate) fn error_line(e: &(dyn std::error::Error + 'static)) -> String {
+/// An error on one line: the error and its causes (each once), for progress and log lines.
+pub fn error_line(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -484,7 +485,7 @@ async fn push_one(
     deps: Vec<watch::Receiver<Option<bool>>>,
     upstream: &HashMap<String, UpstreamRef>,
 ) -> Result<Option<UploadResp>, PushError> {
-    let mut attempt = 1;
+    let mut retry = Retry::new(opts.attempts);
     let upload = loop {
         let r = if info.nar_size > opts.part_size {
             crate::multipart::upload(client, cache, info, opts, observer).await
@@ -493,13 +494,13 @@ async fn push_one(
         };
         match r {
             Ok(u) => break u,
-            Err(e) => match transient(&e) {
-                Some(wait) if attempt < opts.attempts => {
-                    observer.retrying(info, &error_line(&e), attempt);
-                    tokio::time::sleep(wait.unwrap_or(Duration::from_millis(500 << attempt))).await;
-                    attempt += 1;
+            Err(e) => match retry.wait(transient(&e)) {
+                Some(wait) => {
+                    observer.retrying(info, &error_line(&e), retry.attempt());
+                    tokio::time::sleep(wait).await;
+                    retry.next();
                 }
-                _ => return Err(e),
+                None => return Err(e),
             },
         }
     };
@@ -544,7 +545,7 @@ async fn push_one(
             .collect(),
         references: refs,
     };
-    let mut attempt = 1;
+    let mut retry = Retry::new(opts.attempts);
     loop {
         let r = client.publish(cache, &body).await;
         match r {
@@ -554,14 +555,13 @@ async fn push_one(
             }
             Err(e) => {
                 let e = PushError::Client(e);
-                match transient(&e) {
-                    Some(wait) if attempt < opts.attempts => {
-                        observer.retrying(info, &error_line(&e), attempt);
-                        tokio::time::sleep(wait.unwrap_or(Duration::from_millis(500 << attempt)))
-                            .await;
-                        attempt += 1;
+                match retry.wait(transient(&e)) {
+                    Some(wait) => {
+                        observer.retrying(info, &error_line(&e), retry.attempt());
+                        tokio::time::sleep(wait).await;
+                        retry.next();
                     }
-                    _ => return Err(e),
+                    None => return Err(e),
                 }
             }
         }

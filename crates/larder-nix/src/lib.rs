@@ -12,6 +12,7 @@ pub mod nar;
 pub mod narinfo;
 pub mod nixbase32;
 pub mod signing;
+pub mod size;
 pub mod store_path;
 pub mod url;
 mod util;

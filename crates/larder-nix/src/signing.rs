@@ -29,6 +29,12 @@ const LENIENT_BASE64: GeneralPurpose = GeneralPurpose::new(
     GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
 );
 
+/// The name of cache.nixos.org's signing key: what marks a path as available upstream.
+pub const CACHE_NIXOS_ORG_KEY_NAME: &str = "cache.nixos.org-1";
+/// cache.nixos.org's public key, as Nix's default `trusted-public-keys` holds it.
+pub const CACHE_NIXOS_ORG_KEY: &str =
+    "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
+
 /// Why a key or signature was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {
@@ -342,6 +348,12 @@ mod tests {
 
     fn path(b: &str) -> StorePath {
         StorePath::from_basename(b).unwrap()
+    }
+
+    #[test]
+    fn cache_nixos_org_key_parses_and_has_its_name() {
+        let key = VerifyingKey::parse(CACHE_NIXOS_ORG_KEY).unwrap();
+        assert_eq!(key.name(), CACHE_NIXOS_ORG_KEY_NAME);
     }
 
     #[test]

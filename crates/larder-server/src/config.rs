@@ -70,8 +70,7 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: usize = 256;
 /// Keys whose signature marks a store path as available upstream: a pushed path may reference
 /// such a path without it being in the cache (Nix substitutes it from upstream).
-pub const DEFAULT_UPSTREAM_KEYS: &[&str] =
-    &["cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="];
+pub const DEFAULT_UPSTREAM_KEYS: &[&str] = &[larder_nix::signing::CACHE_NIXOS_ORG_KEY];
 /// Priority of new caches in `nix-cache-info` (cache.nixos.org is 40; lower wins).
 pub const DEFAULT_PRIORITY: i64 = 41;
 /// How long a presigned NAR URL (`nar_redirect = "presigned"`) stays valid: long enough for

@@ -407,21 +407,8 @@ fn list_href(cache: &str, q: Option<&str>, cursor: Option<&str>, limit: Option<i
     href
 }
 
-/// Bytes in binary units, as the CLI shows them.
-pub fn human_size(bytes: i64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = bytes as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < units.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", units[i])
-    }
-}
+/// Bytes in binary units, as the CLI shows them (one definition, in larder-nix).
+pub use larder_nix::size::human_size;
 
 /// Days since 1970-01-01 → (year, month, day) in the proleptic Gregorian calendar (Howard
 /// Hinnant's `civil_from_days`).

@@ -2,27 +2,25 @@
 //! `cachix-pull`): build installables and push their closures with a per-installable report,
 //! and realise installables from a cache with a report of what was fetched and what built.
 //!
-//! Both drive the `nix` command (`nix build --json`, which Nix 2.4+ prints with the outputs of
-//! each installable; `--dry-run --json` evaluates without building). Installables are flake
-//! references (`.#homeConfigurations.host.activationPackage`, `path:/dir#pkg`) or, with
-//! `-f FILE`, attributes of a Nix file.
+//! Installables are flake references (`.#homeConfigurations.host.activationPackage`,
+//! `path:/dir#pkg`) or, with `-f FILE`, attributes of a Nix file. Running Nix and reading what
+//! it says is [`larder_ops::nix`]; the cache lookups of `pull` are [`larder_ops::pull`]. This
+//! module strings the steps together and prints the report.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::Context;
 use larder_client::local_store::PathInfo;
 use larder_client::push::{Observer, Outcome};
-use larder_nix::narinfo::NarInfo;
 use larder_nix::store_path::StorePath;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use larder_ops::nix::{self, duration, Log, NixSettings};
+use larder_ops::pull::{self, Sizes};
+use larder_ops::pusher::Pusher;
 
+use crate::client_config::Target;
 use crate::output::{count, fail_with_hint, human_size, print};
-use crate::pusher::Pusher;
 
 /// Below this much free space in the store a build run warns.
 const MIN_FREE_BYTES: u64 = 1 << 30;
@@ -192,244 +190,25 @@ impl Report {
         }
     }
 
-    fn event(&self, v: serde_json::Value) -> anyhow::Result<()> {
+    fn event(&self, v: &impl serde::Serialize) -> anyhow::Result<()> {
         if self.json {
-            print(&format!("{v}\n"))
+            print(&format!("{}\n", serde_json::to_string(v)?))
         } else {
             Ok(())
         }
     }
 }
 
-/// A run's log file.
-#[derive(Clone)]
-struct Log(Arc<Mutex<std::fs::File>>);
-
-impl Log {
-    fn line(&self, s: &str) {
-        let mut f = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = writeln!(f, "{s}");
-    }
-}
-
-fn cache_home() -> anyhow::Result<PathBuf> {
-    Ok(match crate::env::var("XDG_CACHE_HOME") {
-        Some(x) => PathBuf::from(x),
-        None => PathBuf::from(
-            crate::env::var("HOME").context("neither XDG_CACHE_HOME nor HOME is set")?,
-        )
-        .join(".cache"),
-    })
-}
-
-/// Local time as `YYYYMMDD-HHMMSS` (from `date`, which knows the time zone).
-fn stamp() -> String {
-    std::process::Command::new("date")
-        .arg("+%Y%m%d-%H%M%S")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map(|s| s.trim().to_owned())
-        .filter(|s| s.len() == 15)
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs())
-                .to_string()
-        })
-}
-
-/// `arg` as a shell would need it typed (the log's commands can be pasted).
-fn shell_quote(arg: &str) -> String {
-    let plain = |c: char| c.is_ascii_alphanumeric() || "_./:#=@+,-".contains(c);
-    if !arg.is_empty() && arg.chars().all(plain) {
-        arg.to_owned()
-    } else {
-        format!("'{}'", arg.replace('\'', r"'\''"))
-    }
-}
-
-/// Create `dir/build-STAMP.log`, or `build-STAMP-2.log`, … when runs share a second.
-fn create_log(dir: &Path) -> anyhow::Result<(PathBuf, std::fs::File)> {
-    let stamp = stamp();
-    for n in 1u32..=1000 {
-        let name = match n {
-            1 => format!("build-{stamp}.log"),
-            _ => format!("build-{stamp}-{n}.log"),
-        };
-        let path = dir.join(name);
-        match std::fs::File::options()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-        {
-            Ok(f) => return Ok((path, f)),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e).with_context(|| format!("cannot write {}", path.display())),
-        }
-    }
-    anyhow::bail!("no free log file name in {}", dir.display())
-}
-
-fn duration(secs: f64) -> String {
-    // Tenths below ten seconds, so that 1.6 s is not "2s" next to a "0.1s".
-    if secs < 9.95 {
-        return format!("{secs:.1}s");
-    }
-    let s = secs.round() as u64;
-    match s {
-        0..=59 => format!("{s}s"),
-        60..=3599 => format!("{}m {}s", s / 60, s % 60),
-        _ => format!("{}h {}m {}s", s / 3600, (s / 60) % 60, s % 60),
-    }
-}
-
-/// Ask the cache for a narinfo with the credentials Nix will send (its `netrc-file` entry for
-/// the host, if any), before a plan that would otherwise report a private cache Nix cannot
-/// read as a cache miss: an absent path is 404 to whoever may read the cache, 401/403 to
-/// anyone else.
-async fn nix_can_read(
-    conf: &serde_json::Value,
-    url: &str,
-    cache: &str,
-    arg: &str,
-) -> anyhow::Result<()> {
-    let netrc = conf["netrc-file"]["value"]
-        .as_str()
-        .unwrap_or("/etc/nix/netrc")
-        .to_owned();
-    let host = crate::nixconf::url_host(url).unwrap_or_default();
-    let entry = crate::nixconf::read_optional(Path::new(&netrc))
-        .and_then(|text| crate::nixconf::netrc_lookup(&text, host));
-    let mut probe = larder_client::api::http_builder()?
-        .build()?
-        .get(format!("{url}/{}.narinfo", "0".repeat(32)))
-        .timeout(std::time::Duration::from_secs(10));
-    if let Some(e) = &entry {
-        probe = probe.basic_auth(e.login.clone().unwrap_or_default(), e.password.clone());
-    }
-    let Ok(answer) = probe.send().await else {
-        return Ok(()); // Reachability was checked just before; Nix will say what it sees.
-    };
-    let status = answer.status().as_u16();
-    if !matches!(status, 401 | 403) {
-        return Ok(());
-    }
-    let why = match &entry {
-        None => format!("Nix's netrc-file {netrc} has no entry for {host}"),
-        Some(_) => {
-            format!("the token in Nix's netrc-file {netrc} for {host} cannot read cache {cache}")
-        }
-    };
-    Err(fail_with_hint(
-        format!(
-            "Nix would be refused by {url} ({status}): {why}, so every path would look missing \
-             and be built locally"
-        ),
-        format!(
-            "run `larder use {arg}` with a token that can pull it (`larder login URL TOKEN` \
-             first, or LARDER_TOKEN); `larder doctor {arg}` checks the result"
-        ),
-    ))
-}
-
+/// `nix --version`, or why Nix cannot run, with the fix.
 async fn nix_version() -> anyhow::Result<String> {
-    let o = tokio::process::Command::new("nix")
-        .arg("--version")
-        .output()
-        .await
-        .map_err(|e| {
-            fail_with_hint(
-                format!("cannot run nix: {e}"),
-                "install Nix (https://nixos.org/download) and make sure `nix` is on PATH",
-            )
-        })?;
-    Ok(String::from_utf8_lossy(&o.stdout).trim().to_owned())
-}
-
-/// Free bytes in the filesystem of the Nix store (`df`), if known.
-fn free_bytes() -> Option<u64> {
-    let o = std::process::Command::new("df")
-        .args(["-Pk", "/nix/store"])
-        .output()
-        .ok()?;
-    let text = String::from_utf8(o.stdout).ok()?;
-    let kb: u64 = text
-        .lines()
-        .nth(1)?
-        .split_whitespace()
-        .nth(3)?
-        .parse()
-        .ok()?;
-    Some(kb * 1024)
-}
-
-/// `nix build ARGS --json` for one installable; stderr to the log (and the terminal when
-/// `echo`). Returns the outputs, or the last lines of Nix's error.
-async fn nix_build(
-    file: Option<&Path>,
-    installables: &[String],
-    extra: &[&str],
-    flags: &NixFlags,
-    log: &Log,
-    echo: bool,
-) -> anyhow::Result<(Vec<String>, Vec<String>)> {
-    let mut cmd = tokio::process::Command::new("nix");
-    cmd.args(["build", "--json", "--no-link", "-L"])
-        .args(extra)
-        .args(flags.args());
-    if let Some(f) = file {
-        cmd.arg("--file").arg(f);
-    }
-    cmd.args(installables)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let shown: Vec<String> = cmd
-        .as_std()
-        .get_args()
-        .map(|a| shell_quote(&a.to_string_lossy()))
-        .collect();
-    log.line(&format!("$ nix {}", shown.join(" ")));
-    let mut child = cmd.spawn().context("cannot run nix build")?;
-    let stderr = child.stderr.take().context("no stderr")?;
-    let (log2, echo2) = (log.clone(), echo);
-    let reader = tokio::spawn(async move {
-        let mut lines = BufReader::new(stderr).lines();
-        let mut all = Vec::new();
-        while let Ok(Some(l)) = lines.next_line().await {
-            log2.line(&l);
-            if echo2 {
-                eprintln!("{l}");
-            }
-            all.push(l);
-        }
-        all
-    });
-    let out = child.wait_with_output().await.context("nix build")?;
-    let err_lines = reader.await.unwrap_or_default();
-    if !out.status.success() {
-        let tail: Vec<&String> = err_lines
-            .iter()
-            .filter(|l| l.starts_with("error") || l.contains("error:"))
-            .collect();
-        anyhow::bail!(
-            "nix build failed: {}",
-            tail.last()
-                .map_or_else(|| "see the log".to_owned(), |l| l.to_string())
-        );
-    }
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("nix build --json printed something else")?;
-    let mut outs = Vec::new();
-    for item in v.as_array().into_iter().flatten() {
-        for (_, p) in item["outputs"].as_object().into_iter().flatten() {
-            if let Some(p) = p.as_str() {
-                outs.push(p.to_owned());
-            }
-        }
-    }
-    Ok((outs, err_lines))
+    nix::version().await.map_err(|e| match e {
+        nix::NixError::Run(e) => fail_with_hint(
+            format!("cannot run nix: {e}"),
+            "install Nix (https://nixos.org/download) and make sure `nix` is on PATH",
+        ),
+        // Nix runs: what it printed is its version, as far as the report cares.
+        other => anyhow::Error::new(other),
+    })
 }
 
 /// Failures only: the report has the numbers.
@@ -448,18 +227,96 @@ impl Observer for Quiet {
     }
 }
 
+/// One installable's line of `build --json` (fields in alphabetical order, as before).
+#[derive(serde::Serialize, Default)]
+struct InstallableEvent {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    build_secs: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failed: Option<usize>,
+    installable: String,
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outputs: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    present: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    push_secs: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pushed: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stage: Option<&'static str>,
+}
+
+/// The last line of `build --json`.
+#[derive(serde::Serialize)]
+struct BuildSummary<'a> {
+    bytes: u64,
+    dry_run: bool,
+    failed: usize,
+    installables: usize,
+    log: &'a Path,
+    pushed: usize,
+    secs: f64,
+    summary: bool,
+}
+
+/// A `larder build` run: its report, its log, the push session, and the totals so far.
+struct BuildRun {
+    rep: Report,
+    log: Log,
+    log_path: PathBuf,
+    pusher: Pusher,
+    failed: usize,
+    total_paths: usize,
+    total_bytes: u64,
+}
+
+/// The run's log file, in `--log-dir` or `$XDG_CACHE_HOME/larder/builds`.
+fn open_build_log(args: &BuildArgs) -> anyhow::Result<(PathBuf, Log)> {
+    let dir = match &args.log_dir {
+        Some(d) => d.clone(),
+        None => larder_ops::xdg::larder_dir(larder_ops::xdg::Base::Cache)?.join("builds"),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let (path, file) = nix::create_log(&dir)?;
+    Ok((path, Log::new(file)))
+}
+
+/// Prerequisites first, so that nothing is built if the push cannot happen: Nix, the cache
+/// and its token, free space in the store. Reported as the header.
+async fn build_prerequisites(cache: &str, rep: &Report) -> anyhow::Result<Pusher> {
+    let mut out = format!("{RULE}\nlarder build → {}\n{RULE}\n", cache);
+    let version = nix_version().await?;
+    out.push_str(&format!("✓ {version}\n"));
+    let pusher = crate::push_cmd::connect_pusher(cache).await?;
+    out.push_str(&format!(
+        "✓ server {} reachable, token can push to {}\n",
+        pusher.client.base_url(),
+        pusher.cache
+    ));
+    match nix::free_bytes() {
+        Some(b) if b < MIN_FREE_BYTES => out.push_str(&format!(
+            "! only {} free in /nix/store; builds may fail (nix-collect-garbage frees space)\n",
+            human_size(b as i64)
+        )),
+        Some(b) => out.push_str(&format!("✓ {} free in /nix/store\n", human_size(b as i64))),
+        None => {}
+    }
+    rep.text(&(out + "\n"))?;
+    Ok(pusher)
+}
+
 pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
     let (cache, chosen, file) =
         with_defaults(&args.cache, &args.installables, &args.file, "build")?;
     let t_all = Instant::now();
     let rep = Report { json: args.json };
-    let dir = match &args.log_dir {
-        Some(d) => d.clone(),
-        None => cache_home()?.join("larder/builds"),
-    };
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let (log_path, log_file) = create_log(&dir)?;
-    let log = Log(Arc::new(Mutex::new(log_file)));
+    let (log_path, log) = open_build_log(&args)?;
     let installables = if chosen.is_empty() {
         vec![if file.is_some() {
             String::new()
@@ -469,30 +326,17 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
     } else {
         chosen.clone()
     };
-
-    let mut out = format!("{RULE}\nlarder build → {}\n{RULE}\n", cache);
-    // Prerequisites first: nothing is built if the push cannot happen.
-    let version = nix_version().await?;
-    out.push_str(&format!("✓ {version}\n"));
-    let mut pusher = Pusher::connect(&cache).await?;
-    out.push_str(&format!(
-        "✓ server {} reachable, token can push to {}\n",
-        pusher.client.base_url(),
-        pusher.cache
-    ));
-    match free_bytes() {
-        Some(b) if b < MIN_FREE_BYTES => out.push_str(&format!(
-            "! only {} free in /nix/store; builds may fail (nix-collect-garbage frees space)\n",
-            human_size(b as i64)
-        )),
-        Some(b) => out.push_str(&format!("✓ {} free in /nix/store\n", human_size(b as i64))),
-        None => {}
-    }
-    rep.text(&(out + "\n"))?;
-
+    let pusher = build_prerequisites(&cache, &rep).await?;
+    let mut run = BuildRun {
+        rep,
+        log,
+        log_path,
+        pusher,
+        failed: 0,
+        total_paths: 0,
+        total_bytes: 0,
+    };
     let n = installables.len();
-    let mut failed = 0;
-    let (mut total_paths, mut total_bytes) = (0usize, 0u64);
     for (i, inst) in installables.iter().enumerate() {
         let shown = if inst.is_empty() {
             file.as_ref()
@@ -500,187 +344,378 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
         } else {
             inst.clone()
         };
+        run.installable(
+            &args,
+            file.as_deref(),
+            inst,
+            &format!("[{}/{n}]", i + 1),
+            shown,
+        )
+        .await?;
+    }
+    run.finish(&args, n, t_all)
+}
+
+impl BuildRun {
+    /// Build one installable and push its closure, reporting both.
+    async fn installable(
+        &mut self,
+        args: &BuildArgs,
+        file: Option<&Path>,
+        inst: &str,
+        counter: &str,
+        shown: String,
+    ) -> anyhow::Result<()> {
         let verb = if args.dry_run {
             "Would build"
         } else {
             "Building"
         };
-        rep.text(&format!("[{}/{n}] {verb}: {shown}\n", i + 1))?;
-        log.line(&format!("== [{}/{n}] {shown}", i + 1));
+        self.rep.text(&format!("{counter} {verb}: {shown}\n"))?;
+        self.log.line(&format!("== {counter} {shown}"));
         let t0 = Instant::now();
-        let extra: &[&str] = if args.dry_run { &["--dry-run"] } else { &[] };
-        let r = nix_build(
-            file.as_deref(),
-            std::slice::from_ref(inst),
-            extra,
-            &args.nix,
-            &log,
-            !args.json && (args.verbose || args.dry_run),
-        )
+        let mut extra = args.nix.args();
+        if args.dry_run {
+            extra.insert(0, "--dry-run".to_owned());
+        }
+        let installables = [inst.to_owned()];
+        let built = nix::Build {
+            file,
+            installables: &installables,
+            args: extra,
+            log: &self.log,
+            echo: !args.json && (args.verbose || args.dry_run),
+        }
+        .run()
         .await;
-        let outs = match r {
-            Ok((outs, _)) => outs,
+        let outs = match built {
+            Ok(b) => b.outputs,
             Err(e) => {
-                failed += 1;
-                log.line(&format!("failed: {e:#}"));
-                rep.text(&format!("  └─ ✗ {e:#}\n\n"))?;
-                rep.event(serde_json::json!({
-                    "installable": shown, "ok": false, "stage": "build",
-                    "error": format!("{e:#}"), "build_secs": t0.elapsed().as_secs_f64(),
-                }))?;
-                continue;
+                self.failed += 1;
+                let e = anyhow::Error::new(e);
+                self.log.line(&format!("failed: {e:#}"));
+                self.rep.text(&format!("  └─ ✗ {e:#}\n\n"))?;
+                return self.rep.event(&InstallableEvent {
+                    installable: shown,
+                    stage: Some("build"),
+                    error: Some(format!("{e:#}")),
+                    build_secs: Some(t0.elapsed().as_secs_f64()),
+                    ..InstallableEvent::default()
+                });
             }
         };
         if args.dry_run {
             for o in &outs {
-                rep.text(&format!("  └─ output: {o}\n"))?;
+                self.rep.text(&format!("  └─ output: {o}\n"))?;
             }
-            rep.text(
+            self.rep.text(
                 "  └─ would push their closures (paths already in the cache are skipped)\n\n",
             )?;
-            rep.event(serde_json::json!({"installable": shown, "ok": true, "outputs": outs}))?;
-            continue;
+            return self.rep.event(&InstallableEvent {
+                installable: shown,
+                ok: true,
+                outputs: Some(outs),
+                ..InstallableEvent::default()
+            });
         }
         let build_secs = t0.elapsed().as_secs_f64();
-        rep.text(&format!("  └─ Build time: {}\n", duration(build_secs)))?;
+        self.rep
+            .text(&format!("  └─ Build time: {}\n", duration(build_secs)))?;
+        self.push_outputs(shown, outs, build_secs).await
+    }
+
+    /// Push the closures of an installable's outputs and report it.
+    async fn push_outputs(
+        &mut self,
+        shown: String,
+        outs: Vec<String>,
+        build_secs: f64,
+    ) -> anyhow::Result<()> {
         let roots: Vec<StorePath> = outs
             .iter()
             .filter_map(|o| StorePath::from_absolute(o).ok())
             .collect();
         let t1 = Instant::now();
-        match pusher.push(roots, Arc::new(Quiet(log.clone()))).await {
-            Ok(batch) => {
-                let s = &batch.summary;
-                let push_secs = t1.elapsed().as_secs_f64();
-                rep.text(&format!(
-                    "  └─ Push time: {}\n  └─ Artifacts: {} pushed (~{}), {} already in the cache\n\n",
-                    duration(push_secs),
-                    count(s.pushed as u64, "path"),
-                    human_size(s.bytes as i64),
-                    batch.present
-                ))?;
-                log.line(&format!("pushed {} paths, {} bytes", s.pushed, s.bytes));
-                total_paths += s.pushed;
-                total_bytes += s.bytes;
-                let ok = s.failed == 0 && batch.invalid.is_empty();
-                if !ok {
-                    failed += 1;
-                    rep.text(&format!(
-                        "  └─ ✗ {} failed to push\n\n",
-                        count(s.failed as u64, "path")
-                    ))?;
-                }
-                rep.event(serde_json::json!({
-                    "installable": shown, "ok": ok, "outputs": outs,
-                    "build_secs": build_secs, "push_secs": push_secs,
-                    "pushed": s.pushed, "bytes": s.bytes, "present": batch.present,
-                    "failed": s.failed,
-                }))?;
-            }
+        let quiet = std::sync::Arc::new(Quiet(self.log.clone()));
+        let batch = match self.pusher.push(roots, quiet).await {
+            Ok(batch) => batch,
             Err(e) => {
-                failed += 1;
-                log.line(&format!("push failed: {e:#}"));
-                rep.text(&format!("  └─ ✗ push failed: {e:#}\n\n"))?;
-                rep.event(serde_json::json!({
-                    "installable": shown, "ok": false, "stage": "push", "outputs": outs,
-                    "build_secs": build_secs, "error": format!("{e:#}"),
-                }))?;
+                self.failed += 1;
+                let e = anyhow::Error::new(e);
+                self.log.line(&format!("push failed: {e:#}"));
+                self.rep.text(&format!("  └─ ✗ push failed: {e:#}\n\n"))?;
+                return self.rep.event(&InstallableEvent {
+                    installable: shown,
+                    stage: Some("push"),
+                    outputs: Some(outs),
+                    build_secs: Some(build_secs),
+                    error: Some(format!("{e:#}")),
+                    ..InstallableEvent::default()
+                });
             }
+        };
+        let s = &batch.summary;
+        let push_secs = t1.elapsed().as_secs_f64();
+        self.rep.text(&format!(
+            "  └─ Push time: {}\n  └─ Artifacts: {} pushed (~{}), {} already in the cache\n\n",
+            duration(push_secs),
+            count(s.pushed as u64, "path"),
+            human_size(s.bytes as i64),
+            batch.present
+        ))?;
+        self.log
+            .line(&format!("pushed {} paths, {} bytes", s.pushed, s.bytes));
+        self.total_paths += s.pushed;
+        self.total_bytes += s.bytes;
+        let ok = s.failed == 0 && batch.invalid.is_empty();
+        if !ok {
+            self.failed += 1;
+            self.rep.text(&format!(
+                "  └─ ✗ {} failed to push\n\n",
+                count(s.failed as u64, "path")
+            ))?;
+        }
+        self.rep.event(&InstallableEvent {
+            installable: shown,
+            ok,
+            outputs: Some(outs),
+            build_secs: Some(build_secs),
+            push_secs: Some(push_secs),
+            pushed: Some(s.pushed),
+            bytes: Some(s.bytes),
+            present: Some(batch.present),
+            failed: Some(s.failed),
+            ..InstallableEvent::default()
+        })
+    }
+
+    /// The closing report; an error when an installable failed.
+    fn finish(&self, args: &BuildArgs, n: usize, t_all: Instant) -> anyhow::Result<()> {
+        let failed = self.failed;
+        let head = if failed == 0 {
+            if args.dry_run {
+                "✅ Dry run: nothing built or pushed".to_owned()
+            } else {
+                format!("✅ All {n} builds completed and pushed")
+            }
+        } else {
+            format!("❌ {failed} of {n} installables failed")
+        };
+        let total_secs = t_all.elapsed().as_secs_f64();
+        self.rep.text(&format!(
+            "{RULE}\n{head}\nPushed: {} (~{})\nTotal time: {}\nLogs: {}\n{RULE}\n",
+            count(self.total_paths as u64, "path"),
+            human_size(self.total_bytes as i64),
+            duration(total_secs),
+            self.log_path.display()
+        ))?;
+        self.rep.event(&BuildSummary {
+            summary: true,
+            installables: n,
+            failed,
+            pushed: self.total_paths,
+            bytes: self.total_bytes,
+            secs: total_secs,
+            log: &self.log_path,
+            dry_run: args.dry_run,
+        })?;
+        if failed > 0 {
+            return Err(fail_with_hint(
+                format!("{failed} of {n} installables failed"),
+                format!("the log says why: {}", self.log_path.display()),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The plan line of `pull --json` (fields in alphabetical order, as before).
+#[derive(serde::Serialize)]
+struct PullPlan<'a> {
+    build: &'a [String],
+    cache_reachable: bool,
+    fetch: usize,
+    fetch_from_cache: usize,
+    fetch_from_cache_bytes: u64,
+    fetch_from_cache_nar_bytes: u64,
+    fetch_paths: &'a [String],
+    plan: bool,
+}
+
+/// The last line of `pull --json`.
+#[derive(serde::Serialize)]
+struct PullSummary<'a> {
+    built: &'a [String],
+    fetched: usize,
+    fetched_from_cache: usize,
+    fetched_from_cache_bytes: u64,
+    fetched_from_cache_nar_bytes: u64,
+    secs: f64,
+    summary: bool,
+}
+
+/// Fail unless the cache's `url` is among Nix's substituters (Nix would build everything).
+async fn check_configured(
+    t: &Target,
+    settings: &NixSettings,
+    url: &str,
+    cache: &str,
+) -> anyhow::Result<()> {
+    let subs = settings.list("substituters");
+    if subs.iter().any(|s| s.trim_end_matches('/') == url) {
+        return Ok(());
+    }
+    // Suggest `use` only for a cache that exists (a typo gets the closest name instead);
+    // a server that is down gets the suggestion anyway.
+    if let Err(e) = crate::client_config::require_cache(t).await {
+        if e.downcast_ref::<crate::output::Hinted>().is_some() {
+            return Err(e);
         }
     }
-    let head = if failed == 0 {
-        if args.dry_run {
-            "✅ Dry run: nothing built or pushed".to_owned()
-        } else {
-            format!("✅ All {n} builds completed and pushed")
+    Err(fail_with_hint(
+        format!("{url} is not among Nix's substituters, so Nix would build everything"),
+        format!("run `larder use {cache}` (then `larder doctor {cache}`)"),
+    ))
+}
+
+/// Whether the cache answers. The Cachix guide's promise: a cache that is down means building
+/// locally, not failing. A cache that answers but refuses (a token problem) is still an
+/// error: it needs fixing.
+async fn probe_cache(t: &Target, url: &str, out: &mut String) -> anyhow::Result<bool> {
+    match t.client.nix_cache_info(&t.cache).await {
+        Ok(_) => {
+            out.push_str("✓ Cache reachable\n");
+            Ok(true)
         }
+        Err(e) if e.is_transient() => {
+            out.push_str(&format!("! Cache unreachable ({e})\n"));
+            eprintln!(
+                "warning: {url} is unreachable: what no other substituter has will be built locally"
+            );
+            Ok(false)
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot use cache {url}")),
+    }
+}
+
+/// Nix itself would stop at an unreachable cache (with its default `fallback = false`, a
+/// substituter that cannot be reached is an error): the options that leave it out of this
+/// run and let Nix build what no substituter can give.
+fn without_cache(settings: &NixSettings, url: &str) -> Vec<String> {
+    let others: Vec<String> = settings
+        .list("substituters")
+        .into_iter()
+        .filter(|s| s.trim_end_matches('/') != url)
+        .collect();
+    [
+        "--option",
+        "substituters",
+        &others.join(" "),
+        "--option",
+        "fallback",
+        "true",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// What a pull will do: (to build, to fetch, the sizes of those the cache has).
+struct PullPlanned {
+    to_build: Vec<String>,
+    to_fetch: Vec<String>,
+    sizes: Sizes,
+}
+
+/// Ask Nix what it would build and fetch (a dry run), and the cache what it has of that.
+async fn plan_pull(
+    args: &PullArgs,
+    t: &Target,
+    file: Option<&Path>,
+    chosen: &[String],
+    skip: &[String],
+    reachable: bool,
+    url: &str,
+) -> anyhow::Result<PullPlanned> {
+    let null_log = Log::discard()?;
+    let mut dry_args = vec!["--dry-run".to_owned()];
+    dry_args.extend(skip.iter().cloned());
+    dry_args.extend(args.nix.args());
+    let dry = nix::Build {
+        file,
+        installables: chosen,
+        args: dry_args,
+        log: &null_log,
+        echo: false,
+    }
+    .run()
+    .await?;
+    let (to_build, to_fetch) = nix::parse_dry_run(&dry.log);
+    let sizes = if reachable {
+        pull::in_cache(&t.client, &t.cache, &to_fetch)
+            .await
+            .unwrap_or_else(|e| {
+                let e = anyhow::Error::new(e);
+                eprintln!("warning: cannot look paths up in {url} ({e:#}); Nix decides alone");
+                HashMap::new()
+            })
     } else {
-        format!("❌ {failed} of {n} installables failed")
+        HashMap::new()
     };
-    let total_secs = t_all.elapsed().as_secs_f64();
+    Ok(PullPlanned {
+        to_build,
+        to_fetch,
+        sizes,
+    })
+}
+
+/// Report the plan; with `--dry-run`, each path to fetch too.
+fn report_plan(
+    rep: &Report,
+    p: &PullPlanned,
+    cache: &str,
+    reachable: bool,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    let (ours, ours_file, ours_nar) = pull::sum_sizes(&p.sizes, p.to_fetch.iter());
     rep.text(&format!(
-        "{RULE}\n{head}\nPushed: {} (~{})\nTotal time: {}\nLogs: {}\n{RULE}\n",
-        count(total_paths as u64, "path"),
-        human_size(total_bytes as i64),
-        duration(total_secs),
-        log_path.display()
+        "Plan: {} to fetch, {ours} of them from {} ({} download, {} unpacked); \
+         {} to build locally\n",
+        count(p.to_fetch.len() as u64, "path"),
+        cache,
+        human_size(ours_file as i64),
+        human_size(ours_nar as i64),
+        count(p.to_build.len() as u64, "derivation"),
     ))?;
-    rep.event(serde_json::json!({
-        "summary": true, "installables": n, "failed": failed, "pushed": total_paths,
-        "bytes": total_bytes, "secs": total_secs, "log": log_path, "dry_run": args.dry_run,
-    }))?;
-    if failed > 0 {
-        return Err(fail_with_hint(
-            format!("{failed} of {n} installables failed"),
-            format!("the log says why: {}", log_path.display()),
-        ));
+    rep.event(&PullPlan {
+        plan: true,
+        cache_reachable: reachable,
+        fetch: p.to_fetch.len(),
+        fetch_from_cache: ours,
+        fetch_from_cache_bytes: ours_file,
+        fetch_from_cache_nar_bytes: ours_nar,
+        build: &p.to_build,
+        fetch_paths: &p.to_fetch,
+    })?;
+    if !p.to_build.is_empty() {
+        eprintln!(
+            "warning: {} derivations are not in any cache and will be built locally (cache miss):",
+            p.to_build.len()
+        );
+        for d in &p.to_build {
+            eprintln!("  {d}");
+        }
+    }
+    if dry_run {
+        for path in &p.to_fetch {
+            let from = if p.sizes.contains_key(path) {
+                "cache"
+            } else {
+                "elsewhere"
+            };
+            rep.text(&format!("  fetch ({from}) {path}\n"))?;
+        }
     }
     Ok(())
-}
-
-/// `these N paths will be fetched (X MiB download, …)` and `… will be built:` from Nix's
-/// dry-run output: (to build, to fetch).
-fn parse_dry_run(lines: &[String]) -> (Vec<String>, Vec<String>) {
-    let (mut build, mut fetch) = (Vec::new(), Vec::new());
-    let mut section = 0;
-    for l in lines {
-        if l.contains("will be built") {
-            section = 1;
-        } else if l.contains("will be fetched") {
-            section = 2;
-        } else if let Some(p) = l.strip_prefix("  ").filter(|p| p.starts_with('/')) {
-            match section {
-                1 => build.push(p.trim().to_owned()),
-                2 => fetch.push(p.trim().to_owned()),
-                _ => {}
-            }
-        } else {
-            section = 0;
-        }
-    }
-    (build, fetch)
-}
-
-/// Which of `paths` the cache has, with their (FileSize, NarSize): narinfo lookups, 16 at a time.
-async fn in_cache(
-    t: &crate::client_config::Target,
-    paths: &[String],
-) -> anyhow::Result<HashMap<String, (u64, u64)>> {
-    let mut found = HashMap::new();
-    let mut todo = paths.iter();
-    let mut set = tokio::task::JoinSet::new();
-    loop {
-        while set.len() < 16 {
-            let Some(p) = todo.next() else { break };
-            let Ok(sp) = StorePath::from_absolute(p) else {
-                continue;
-            };
-            let (client, cache, p) = (t.client.clone(), t.cache.clone(), p.clone());
-            set.spawn(async move {
-                let text = client.narinfo(&cache, &sp.hash_part()).await?;
-                anyhow::Ok((p, text))
-            });
-        }
-        let Some(r) = set.join_next().await else {
-            break;
-        };
-        let (p, text) = r.context("narinfo lookup")??;
-        if let Some(info) = text.and_then(|t| NarInfo::parse(&t).ok()) {
-            found.insert(p, (info.file_size.unwrap_or(info.nar_size), info.nar_size));
-        }
-    }
-    Ok(found)
-}
-
-fn sum_sizes<'a>(
-    sizes: &HashMap<String, (u64, u64)>,
-    paths: impl Iterator<Item = &'a String>,
-) -> (usize, u64, u64) {
-    paths
-        .filter_map(|p| sizes.get(p))
-        .fold((0, 0, 0), |(n, f, s), (file, nar)| {
-            (n + 1, f + file, s + nar)
-        })
 }
 
 pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
@@ -697,180 +732,79 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
     let url = format!("{}/{}", t.client.base_url().trim_end_matches('/'), t.cache);
     let mut out = format!("{RULE}\nlarder pull ← {url}\n{RULE}\n");
     nix_version().await?;
-    let conf = tokio::process::Command::new("nix")
-        .args(["show-config", "--json"])
-        .output()
-        .await
-        .context("cannot run nix show-config")?;
-    let conf: serde_json::Value = serde_json::from_slice(&conf.stdout)
-        .context("nix show-config --json printed something else")?;
-    let subs: Vec<&str> = conf["substituters"]["value"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|v| v.as_str())
-        .collect();
-    if !subs.iter().any(|s| s.trim_end_matches('/') == url) {
-        // Suggest `use` only for a cache that exists (a typo gets the closest name instead);
-        // a server that is down gets the suggestion anyway.
-        if let Err(e) = crate::client_config::require_cache(&t).await {
-            if e.downcast_ref::<crate::output::Hinted>().is_some() {
-                return Err(e);
-            }
-        }
-        return Err(fail_with_hint(
-            format!("{url} is not among Nix's substituters, so Nix would build everything"),
-            format!(
-                "run `larder use {}` (then `larder doctor {}`)",
-                cache, cache
-            ),
-        ));
-    }
+    let settings = NixSettings::read().await?;
+    check_configured(&t, &settings, &url, &cache).await?;
     out.push_str(&format!("✓ Cache configured: {url}\n"));
-    // The Cachix guide's promise: a cache that is down means building locally, not failing. A cache
-    // that answers but refuses (a token problem) is still an error: it needs fixing.
-    let reachable = match t.client.nix_cache_info(&t.cache).await {
-        Ok(_) => {
-            out.push_str("✓ Cache reachable\n");
-            true
-        }
-        Err(e) if e.is_transient() => {
-            out.push_str(&format!("! Cache unreachable ({e})\n"));
-            eprintln!(
-                "warning: {url} is unreachable: what no other substituter has will be built locally"
-            );
-            false
-        }
-        Err(e) => return Err(e).with_context(|| format!("cannot use cache {url}")),
-    };
+    let reachable = probe_cache(&t, &url, &mut out).await?;
     if reachable {
-        nix_can_read(&conf, &url, &t.cache, &cache).await?;
+        pull::nix_can_read(&settings, &url, &t.cache, &cache).await?;
     }
     rep.text(&out)?;
-    // Nix itself would stop at the unreachable cache (with its default `fallback = false`, a
-    // substituter that cannot be reached is an error): leave it out of this run, and let Nix
-    // build what no substituter can give.
-    let others: String = subs
-        .iter()
-        .filter(|s| s.trim_end_matches('/') != url)
-        .copied()
-        .collect::<Vec<_>>()
-        .join(" ");
-    let without_cache: Vec<&str> = if reachable {
+    let skip = if reachable {
         vec![]
     } else {
-        vec![
-            "--option",
-            "substituters",
-            &others,
-            "--option",
-            "fallback",
-            "true",
-        ]
+        without_cache(&settings, &url)
     };
-
-    let null_log = Log(Arc::new(Mutex::new(
-        std::fs::File::create("/dev/null").context("cannot open /dev/null")?,
-    )));
-    let dry_args: Vec<&str> = ["--dry-run"]
-        .into_iter()
-        .chain(without_cache.iter().copied())
-        .collect();
-    let (_, dry) = nix_build(
-        file.as_deref(),
-        &chosen,
-        &dry_args,
-        &args.nix,
-        &null_log,
-        false,
-    )
-    .await?;
-    let (to_build, to_fetch) = parse_dry_run(&dry);
-    let sizes = if reachable {
-        in_cache(&t, &to_fetch).await.unwrap_or_else(|e| {
-            eprintln!("warning: cannot look paths up in {url} ({e:#}); Nix decides alone");
-            HashMap::new()
-        })
-    } else {
-        HashMap::new()
-    };
-    let (ours, ours_file, ours_nar) = sum_sizes(&sizes, to_fetch.iter());
-    rep.text(&format!(
-        "Plan: {} to fetch, {ours} of them from {} ({} download, {} unpacked); \
-         {} to build locally\n",
-        count(to_fetch.len() as u64, "path"),
-        t.cache,
-        human_size(ours_file as i64),
-        human_size(ours_nar as i64),
-        count(to_build.len() as u64, "derivation"),
-    ))?;
-    rep.event(serde_json::json!({
-        "plan": true, "cache_reachable": reachable, "fetch": to_fetch.len(), "fetch_from_cache": ours,
-        "fetch_from_cache_bytes": ours_file, "fetch_from_cache_nar_bytes": ours_nar,
-        "build": to_build, "fetch_paths": to_fetch,
-    }))?;
-    if !to_build.is_empty() {
-        eprintln!(
-            "warning: {} derivations are not in any cache and will be built locally (cache miss):",
-            to_build.len()
-        );
-        for d in &to_build {
-            eprintln!("  {d}");
-        }
-    }
+    let planned = plan_pull(&args, &t, file.as_deref(), &chosen, &skip, reachable, &url).await?;
+    report_plan(&rep, &planned, &t.cache, reachable, args.dry_run)?;
     if args.dry_run {
-        for p in &to_fetch {
-            let from = if sizes.contains_key(p) {
-                "cache"
-            } else {
-                "elsewhere"
-            };
-            rep.text(&format!("  fetch ({from}) {p}\n"))?;
-        }
         return Ok(());
     }
     rep.text("✓ Starting pull...\n")?;
-    let (fetched_from, built): (Vec<(String, String)>, Vec<String>) = {
-        let (_, lines) = nix_build(
-            file.as_deref(),
-            &chosen,
-            &without_cache,
-            &args.nix,
-            &null_log,
-            !args.json,
-        )
-        .await
-        .map_err(|e| {
-            if args.verbose {
-                e
-            } else {
-                e.context("realising the installables")
-            }
-        })?;
-        let mut fetched = Vec::new();
-        let mut built = Vec::new();
-        for l in &lines {
-            if let Some(rest) = l.strip_prefix("copying path '") {
-                if let Some((p, from)) = rest.split_once("' from '") {
-                    fetched.push((
-                        p.to_owned(),
-                        from.trim_end_matches("'...")
-                            .trim_end_matches('/')
-                            .to_owned(),
-                    ));
-                }
-            } else if let Some(rest) = l.strip_prefix("building '") {
-                built.push(rest.trim_end_matches("'...").to_owned());
-            }
+    realise(
+        &args,
+        &rep,
+        file.as_deref(),
+        &chosen,
+        skip,
+        &planned.sizes,
+        &url,
+        t0,
+    )
+    .await?;
+    run_after(&args.command).await
+}
+
+/// Realise the installables and report what was fetched (and how much from the cache) and
+/// what was built.
+#[allow(clippy::too_many_arguments)]
+async fn realise(
+    args: &PullArgs,
+    rep: &Report,
+    file: Option<&Path>,
+    chosen: &[String],
+    skip: Vec<String>,
+    sizes: &Sizes,
+    url: &str,
+    t0: Instant,
+) -> anyhow::Result<()> {
+    let null_log = Log::discard()?;
+    let mut nix_args = skip;
+    nix_args.extend(args.nix.args());
+    let built = nix::Build {
+        file,
+        installables: chosen,
+        args: nix_args,
+        log: &null_log,
+        echo: !args.json,
+    }
+    .run()
+    .await
+    .map_err(|e| {
+        let e = anyhow::Error::new(e);
+        if args.verbose {
+            e
+        } else {
+            e.context("realising the installables")
         }
-        (fetched, built)
-    };
+    })?;
+    let (fetched_from, built) = nix::parse_realised(&built.log);
     let from_us: Vec<&String> = fetched_from
         .iter()
-        .filter(|(_, f)| *f == url)
+        .filter(|(_, f)| f == url)
         .map(|(p, _)| p)
         .collect();
-    let (_, got_file, got_nar) = sum_sizes(&sizes, from_us.iter().copied());
+    let (_, got_file, got_nar) = pull::sum_sizes(sizes, from_us.iter().copied());
     let secs = t0.elapsed().as_secs_f64();
     rep.text(&format!(
         "\n✅ Pull completed\nFetched: {} ({} from {url}: {} download, {} unpacked)\n\
@@ -882,18 +816,27 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
         built.len(),
         duration(secs)
     ))?;
-    rep.event(serde_json::json!({
-        "summary": true, "fetched": fetched_from.len(), "fetched_from_cache": from_us.len(),
-        "fetched_from_cache_bytes": got_file, "fetched_from_cache_nar_bytes": got_nar,
-        "built": built, "secs": secs,
-    }))?;
+    rep.event(&PullSummary {
+        summary: true,
+        fetched: fetched_from.len(),
+        fetched_from_cache: from_us.len(),
+        fetched_from_cache_bytes: got_file,
+        fetched_from_cache_nar_bytes: got_nar,
+        built: &built,
+        secs,
+    })?;
     if !built.is_empty() {
         eprintln!(
             "warning: {} derivations were built locally: the cache did not have them",
             built.len()
         );
     }
-    if let Some((cmd, rest)) = args.command.split_first() {
+    Ok(())
+}
+
+/// Run the command given after `--`; exit with its status when it fails.
+async fn run_after(command: &[String]) -> anyhow::Result<()> {
+    if let Some((cmd, rest)) = command.split_first() {
         let st = tokio::process::Command::new(cmd)
             .args(rest)
             .status()
@@ -904,60 +847,4 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)] // a panic is how a test fails
-mod tests {
-    use super::*;
-
-    #[test]
-    fn logged_commands_can_be_pasted_into_a_shell() {
-        assert_eq!(
-            shell_quote(".#homeConfigurations.host"),
-            ".#homeConfigurations.host"
-        );
-        assert_eq!(shell_quote("--file"), "--file");
-        assert_eq!(shell_quote("a b"), "'a b'");
-        assert_eq!(shell_quote("it's"), r"'it'\''s'");
-        assert_eq!(shell_quote(""), "''");
-        assert_eq!(shell_quote("$HOME"), "'$HOME'");
-    }
-
-    #[test]
-    fn runs_in_the_same_second_get_their_own_log() {
-        let dir = tempfile::tempdir().unwrap();
-        let names: Vec<PathBuf> = (0..3).map(|_| create_log(dir.path()).unwrap().0).collect();
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
-        assert!(names[0] != names[1] && names[1] != names[2]);
-    }
-
-    #[test]
-    fn dry_run_lists_are_parsed() {
-        let lines: Vec<String> = [
-            "these 2 derivations will be built:",
-            "  /nix/store/a.drv",
-            "  /nix/store/b.drv",
-            "these 3 paths will be fetched (0.01 MiB download, 0.02 MiB unpacked):",
-            "  /nix/store/x",
-            "  /nix/store/y",
-            "  /nix/store/z",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let (b, f) = parse_dry_run(&lines);
-        assert_eq!(b, ["/nix/store/a.drv", "/nix/store/b.drv"]);
-        assert_eq!(f, ["/nix/store/x", "/nix/store/y", "/nix/store/z"]);
-    }
-
-    #[test]
-    fn durations_read_like_the_seed() {
-        assert_eq!(duration(2723.0), "45m 23s");
-        assert_eq!(duration(6278.0), "1h 44m 38s");
-        assert_eq!(duration(5.2), "5.2s");
-        assert_eq!(duration(1.6), "1.6s");
-        assert_eq!(duration(0.1), "0.1s");
-        assert_eq!(duration(12.4), "12s");
-    }
 }

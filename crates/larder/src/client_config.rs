@@ -41,12 +41,7 @@ pub fn config_path() -> anyhow::Result<PathBuf> {
     if let Some(p) = env::var(env::CONFIG) {
         return Ok(PathBuf::from(p));
     }
-    let base = match env::var("XDG_CONFIG_HOME") {
-        Some(x) => PathBuf::from(x),
-        None => PathBuf::from(env::var("HOME").context("neither XDG_CONFIG_HOME nor HOME is set")?)
-            .join(".config"),
-    };
-    Ok(base.join("larder").join("config.toml"))
+    Ok(larder_ops::xdg::larder_dir(larder_ops::xdg::Base::Config)?.join("config.toml"))
 }
 
 impl ClientConfig {

@@ -10,12 +10,14 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use larder_client::import::Source;
-use larder_client::push::{self, Plan, PushOptions, SourceRef};
+use larder_client::push::{PushOptions, SourceRef};
 use larder_nix::store_path::StorePath;
 
 use crate::client_config::target;
 use crate::output::fail_with_hint;
-use crate::push_cmd::{run_rounds, upload_settings, Planner, Run, UploadSettings};
+use larder_ops::plan::{ImportPlanner, UploadSettings};
+
+use crate::push_cmd::{run_rounds, upload_settings, Run};
 
 #[derive(clap::Args)]
 pub struct ImportArgs {
@@ -98,7 +100,6 @@ pub async fn import(args: ImportArgs) -> anyhow::Result<()> {
         );
     }
     let infos = source.closure(&roots).await?;
-    let total = infos.len();
     let opts = PushOptions {
         jobs: args.jobs.max(1),
         compression,
@@ -110,9 +111,9 @@ pub async fn import(args: ImportArgs) -> anyhow::Result<()> {
         ..PushOptions::default()
     };
     let mut planner = ImportPlanner {
-        t: &t,
+        client: &t.client,
+        cache: &t.cache,
         infos,
-        total,
     };
     let how = Run {
         json: args.json,
@@ -120,36 +121,4 @@ pub async fn import(args: ImportArgs) -> anyhow::Result<()> {
         verb: "import",
     };
     run_rounds(&t, &opts, &how, &mut planner).await
-}
-
-struct ImportPlanner<'a> {
-    t: &'a crate::client_config::Target,
-    infos: Vec<larder_client::local_store::PathInfo>,
-    total: usize,
-}
-
-impl Planner for ImportPlanner<'_> {
-    async fn plan(&mut self) -> anyhow::Result<(Plan, String)> {
-        let missing = push::missing(
-            &self.t.client,
-            &self.t.cache,
-            self.infos.iter().map(|i| i.path.to_absolute()).collect(),
-        )
-        .await
-        .context("cannot ask the cache what it lacks")?;
-        let paths: Vec<_> = self
-            .infos
-            .iter()
-            .filter(|i| missing.contains(&i.path.to_absolute()))
-            .cloned()
-            .collect();
-        let plan = Plan {
-            present: self.total - paths.len(),
-            paths,
-            total: self.total,
-            ..Plan::default()
-        };
-        let skips = format!("{} already in the cache", plan.present);
-        Ok((plan, skips))
-    }
 }

@@ -19,14 +19,12 @@ mod import_cmd;
 mod manpages;
 mod migrate;
 mod migrate_cmd;
-mod nixconf;
 mod output;
 mod push_cmd;
-mod pusher;
 mod retention_cmd;
 mod serve;
 mod use_cmd;
-mod watch;
+mod watch_cmd;
 
 /// A self-hosted Nix binary cache: build once on a strong machine, push to a signed cache,
 /// substitute everywhere else.
@@ -99,11 +97,11 @@ enum Command {
     Daemon(daemon::DaemonCommand),
     /// Push every new valid store path until stopped (SIGINT/SIGTERM push what is pending
     /// first). Reads the Nix database.
-    WatchStore(watch::WatchArgs),
+    WatchStore(watch_cmd::WatchArgs),
     /// Run CMD and push what it builds (through a private post-build-hook when Nix trusts you,
     /// else by watching the store); exit with its status once everything is pushed. Example:
     /// `larder watch-exec CACHE -- nix build .#app`.
-    WatchExec(watch::WatchExecArgs),
+    WatchExec(watch_cmd::WatchExecArgs),
     /// Build and push, like a `cachix-build-all` script: check prerequisites, then build each
     /// installable in turn and push its closure, reporting build time, push time, paths and bytes; a log
     /// per run in $XDG_CACHE_HOME/larder/builds. Exit 1 if any installable failed.
@@ -169,8 +167,8 @@ fn main() -> ExitCode {
             Command::Gc(args) => retention_cmd::gc(args).await,
             Command::Pin(args) => retention_cmd::pin(args).await,
             Command::Daemon(cmd) => daemon::daemon(cmd).await,
-            Command::WatchStore(args) => watch::watch_store(args).await,
-            Command::WatchExec(args) => watch::watch_exec(args).await,
+            Command::WatchStore(args) => watch_cmd::watch_store(args).await,
+            Command::WatchExec(args) => watch_cmd::watch_exec(args).await,
             Command::Import(args) => import_cmd::import(args).await,
             Command::Build(args) => build_cmd::build(args).await,
             Command::Pull(args) => build_cmd::pull(args).await,

@@ -46,15 +46,7 @@ pub fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     print(&(serde_json::to_string_pretty(value)? + "\n"))
 }
 
-/// `1 path`, `2 paths`: a count and its noun, in the right number.
-pub fn count(n: impl Into<u64>, noun: &str) -> String {
-    let n = n.into();
-    if n == 1 {
-        format!("1 {noun}")
-    } else {
-        format!("{n} {noun}s")
-    }
-}
+pub use larder_ops::text::{count, human_size};
 
 /// Print an error chain and a hint; exit 1 (or the status a [`Hinted`] error asks for).
 pub fn report_error(e: &anyhow::Error) -> ExitCode {
@@ -148,6 +140,9 @@ fn hint_for(e: &anyhow::Error) -> Option<String> {
         if let Some(h) = cause.downcast_ref::<Hinted>() {
             return Some(h.hint.clone());
         }
+        if let Some(h) = larder_ops::hint(cause) {
+            return Some(h);
+        }
         if let Some(ce) = cause.downcast_ref::<larder_client::ClientError>() {
             return match ce {
                 larder_client::ClientError::Unreachable { url, .. }
@@ -215,11 +210,6 @@ pub fn interrupted_with_hint(
         hint: hint.into(),
         status: EXIT_INTERRUPTED,
     })
-}
-
-/// `1.5 GiB`-style sizes (the same text as the web UI).
-pub fn human_size(bytes: i64) -> String {
-    larder_server::ui::human_size(bytes)
 }
 
 #[cfg(test)]

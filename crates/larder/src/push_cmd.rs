@@ -8,11 +8,14 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use larder_client::local_store::{LocalStore, PathInfo};
-use larder_client::push::{self, Compression, Observer, Outcome, PushOptions};
+use larder_client::push::{self, Observer, Outcome, PushOptions};
 use larder_nix::signing::SigningKey;
+use larder_nix::signing::CACHE_NIXOS_ORG_KEY_NAME;
 use larder_nix::store_path::StorePath;
+use larder_ops::plan::{Planner, StorePlanner, UploadSettings};
+use larder_ops::pusher::Pusher;
 
-use crate::client_config::{split_cache_arg, target, ClientConfig};
+use crate::client_config::{split_cache_arg, target, ClientConfig, Target};
 use crate::output::{count, fail_with_hint, human_size, print};
 
 #[derive(clap::Args)]
@@ -93,6 +96,13 @@ pub(crate) fn signing_key(cache_arg: &str, url: &str) -> anyhow::Result<Option<S
     }
 }
 
+/// A push session to the cache `cache_arg` names, for the automation verbs.
+pub(crate) async fn connect_pusher(cache_arg: &str) -> anyhow::Result<Pusher> {
+    let t = target(cache_arg)?;
+    let key = signing_key(cache_arg, t.client.base_url())?;
+    Ok(Pusher::connect(t.client, t.cache, cache_arg, key).await?)
+}
+
 /// Where a cache's client-held key is kept in the config: `URL/CACHE`.
 fn key_slot(url: &str, cache: &str) -> String {
     format!("{}/{cache}", url.trim_end_matches('/'))
@@ -144,9 +154,9 @@ impl Display {
             None => eprintln!("{text}"),
         }
     }
-    fn json(&self, v: serde_json::Value) {
+    fn json(&self, e: &RoundEvent<'_>) {
         let _guard = self.lines.lock();
-        let _ = print(&(v.to_string() + "\n"));
+        let _ = print_event(e);
     }
 }
 
@@ -186,9 +196,12 @@ impl Observer for Display {
         }
         let p = path.path.to_absolute();
         if self.json {
-            self.json(serde_json::json!({
-                "event": "resumed", "path": p, "parts": parts, "nar_bytes": nar_bytes,
-                "nar_size": path.nar_size }));
+            self.json(&RoundEvent::Resumed {
+                path: p,
+                parts,
+                nar_bytes,
+                nar_size: path.nar_size,
+            });
         } else {
             self.line(format!(
                 "resuming {p}: the server has {} ({} of {} NAR) from an interrupted upload",
@@ -234,23 +247,32 @@ impl Observer for Display {
             }
         }
         if self.json {
-            let v = match outcome {
+            let e = match outcome {
                 Outcome::Pushed {
                     file_size,
                     uploaded,
                     secs,
-                } => serde_json::json!({
-                    "event": "pushed", "path": p, "nar_size": path.nar_size,
-                    "file_size": file_size, "uploaded": uploaded, "seconds": secs }),
-                Outcome::AlreadyPresent => {
-                    serde_json::json!({"event": "skipped", "path": p, "reason": "already in cache"})
-                }
-                Outcome::Vanished => {
-                    serde_json::json!({"event": "skipped", "path": p, "reason": "vanished from the local store"})
-                }
-                Outcome::Failed(e) => serde_json::json!({"event": "failed", "path": p, "error": e}),
+                } => RoundEvent::Pushed {
+                    path: p,
+                    nar_size: path.nar_size,
+                    file_size: *file_size,
+                    uploaded: *uploaded,
+                    seconds: *secs,
+                },
+                Outcome::AlreadyPresent => RoundEvent::Skipped {
+                    path: p,
+                    reason: "already in cache",
+                },
+                Outcome::Vanished => RoundEvent::Skipped {
+                    path: p,
+                    reason: "vanished from the local store",
+                },
+                Outcome::Failed(e) => RoundEvent::Failed {
+                    path: p,
+                    error: e.clone(),
+                },
             };
-            self.json(v);
+            self.json(&e);
         } else {
             match outcome {
                 Outcome::Pushed {
@@ -278,91 +300,19 @@ impl Observer for Display {
     }
 }
 
-/// What every upload to the cache uses: its compression (or the one asked for), the level,
-/// and the signing key (required when the cache has clients sign).
-pub(crate) struct UploadSettings {
-    pub compression: Compression,
-    pub level: i32,
-    pub signing_key: Option<SigningKey>,
-    /// Names of the keys the cache trusts as upstream beside cache.nixos.org's (declared in
-    /// the server's configuration): paths they signed need not be pushed.
-    pub upstream_key_names: Vec<String>,
-}
-
+/// The upload settings of the cache `t` names, with the signing key for it.
 pub(crate) async fn upload_settings(
-    t: &crate::client_config::Target,
+    t: &Target,
     cache_arg: &str,
     compression: Option<&str>,
     level: Option<i32>,
 ) -> anyhow::Result<UploadSettings> {
-    let cache = t
-        .client
-        .cache_info(&t.cache)
-        .await
-        .with_context(|| format!("cannot use cache {:?}", t.cache))?;
-    crate::pusher::ensure_can_push(&t.client, &t.cache).await?;
-    let requested = compression.unwrap_or(&cache.compression);
-    let compression = Compression::from_name(requested)
-        .ok_or_else(|| anyhow::anyhow!("unknown compression {requested:?}"))?;
-    let level = level.unwrap_or(match compression {
-        Compression::Xz => 6,
-        _ => 3,
-    });
-    let signing_key = signing_key(cache_arg, t.client.base_url())?;
-    if cache.signing_mode == "client" && signing_key.is_none() {
-        return Err(fail_with_hint(
-            format!("cache {:?} requires uploads signed by its key {}", cache.name,
-                    cache.public_key.clone().unwrap_or_default()),
-            format!("set LARDER_SIGNING_KEY, or run `larder generate-keypair {cache_arg}` on the machine that pushes"),
-        ));
-    }
-    let upstream_key_names = cache
-        .upstream_keys
-        .iter()
-        .filter_map(|k| k.split_once(':').map(|(name, _)| name.to_owned()))
-        .collect();
-    Ok(UploadSettings {
-        compression,
-        level,
-        signing_key,
-        upstream_key_names,
-    })
+    let key = signing_key(cache_arg, t.client.base_url())?;
+    Ok(UploadSettings::for_cache(&t.client, &t.cache, cache_arg, compression, level, key).await?)
 }
 
-pub async fn push(args: PushArgs) -> anyhow::Result<()> {
-    let t = target(&args.cache)?;
-    let UploadSettings {
-        compression,
-        level,
-        signing_key,
-        upstream_key_names,
-    } = upload_settings(&t, &args.cache, args.compression.as_deref(), args.level).await?;
-    let exclude = args
-        .exclude
-        .iter()
-        .map(|r| regex::Regex::new(r).with_context(|| format!("invalid --exclude regex {r:?}")))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let opts = PushOptions {
-        jobs: args.jobs.max(1),
-        compression,
-        level,
-        closure: !args.no_closure,
-        exclude,
-        include_upstream: args.include_upstream,
-        upstream_keys: if args.upstream_key.is_empty() {
-            std::iter::once("cache.nixos.org-1".to_owned())
-                .chain(upstream_key_names)
-                .collect()
-        } else {
-            args.upstream_key.clone()
-        },
-        omit_deriver: args.omit_deriver,
-        signing_key,
-        part_size: larder_server::config::parse_size(&args.part_size)
-            .context("invalid --part-size")?
-            .max(4096),
-        ..PushOptions::default()
-    };
+/// The store paths to push: the arguments, or standard input without any, each once.
+fn roots(args: &PushArgs) -> anyhow::Result<Vec<StorePath>> {
     let raw = if args.paths.is_empty() {
         read_stdin_paths()?
     } else {
@@ -381,15 +331,54 @@ pub async fn push(args: PushArgs) -> anyhow::Result<()> {
             roots.push(p);
         }
     }
+    Ok(roots)
+}
+
+/// The push options of `args` over the cache's upload settings.
+fn push_options(args: &PushArgs, settings: UploadSettings) -> anyhow::Result<PushOptions> {
+    let exclude = args
+        .exclude
+        .iter()
+        .map(|r| regex::Regex::new(r).with_context(|| format!("invalid --exclude regex {r:?}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(PushOptions {
+        jobs: args.jobs.max(1),
+        compression: settings.compression,
+        level: settings.level,
+        closure: !args.no_closure,
+        exclude,
+        include_upstream: args.include_upstream,
+        upstream_keys: if args.upstream_key.is_empty() {
+            std::iter::once(CACHE_NIXOS_ORG_KEY_NAME.to_owned())
+                .chain(settings.upstream_key_names)
+                .collect()
+        } else {
+            args.upstream_key.clone()
+        },
+        omit_deriver: args.omit_deriver,
+        signing_key: settings.signing_key,
+        part_size: larder_server::config::parse_size(&args.part_size)
+            .context("invalid --part-size")?
+            .max(4096),
+        ..PushOptions::default()
+    })
+}
+
+pub async fn push(args: PushArgs) -> anyhow::Result<()> {
+    let t = target(&args.cache)?;
+    let settings =
+        upload_settings(&t, &args.cache, args.compression.as_deref(), args.level).await?;
+    let opts = push_options(&args, settings)?;
+    let roots = roots(&args)?;
     let store = tokio::task::spawn_blocking(LocalStore::open_default)
         .await
         .context("cannot open the local store")??;
-    let mut planner = PushPlanner {
-        t: &t,
+    let mut planner = StorePlanner {
+        client: &t.client,
+        cache: &t.cache,
         store: Some(store),
         roots,
         opts: &opts,
-        include_upstream: args.include_upstream,
     };
     let how = Run {
         json: args.json,
@@ -397,48 +386,6 @@ pub async fn push(args: PushArgs) -> anyhow::Result<()> {
         verb: "push",
     };
     run_rounds(&t, &opts, &how, &mut planner).await
-}
-
-struct PushPlanner<'a> {
-    t: &'a crate::client_config::Target,
-    store: Option<LocalStore>,
-    roots: Vec<StorePath>,
-    opts: &'a PushOptions,
-    include_upstream: bool,
-}
-
-impl Planner for PushPlanner<'_> {
-    async fn plan(&mut self) -> anyhow::Result<(push::Plan, String)> {
-        let store = self.store.take().context("the local store was lost")?;
-        let (plan, store) = push::plan(
-            &self.t.client,
-            &self.t.cache,
-            store,
-            self.roots.clone(),
-            self.opts,
-        )
-        .await
-        .context("cannot plan the push")?;
-        self.store = Some(store);
-        let skips = format!(
-            "{} already in the cache, {} signed by an upstream key{}, {} excluded",
-            plan.present,
-            plan.upstream.len(),
-            if plan.upstream.is_empty() || self.include_upstream {
-                ""
-            } else {
-                " (--include-upstream pushes them)"
-            },
-            plan.excluded
-        );
-        Ok((plan, skips))
-    }
-}
-
-/// Makes the plan of each round of [`run_rounds`].
-pub(crate) trait Planner {
-    /// What to transfer now, and why the other paths are skipped (for the summary line).
-    fn plan(&mut self) -> impl std::future::Future<Output = anyhow::Result<(push::Plan, String)>>;
 }
 
 /// How [`run_rounds`] reports.
@@ -449,52 +396,184 @@ pub(crate) struct Run {
     pub verb: &'static str,
 }
 
+impl Run {
+    /// "pushed" or "imported".
+    fn done(&self) -> &'static str {
+        if self.verb == "push" {
+            "pushed"
+        } else {
+            "imported"
+        }
+    }
+}
+
+/// One line of `--json` output: an event named by its `event` field.
+#[derive(serde::Serialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+enum RoundEvent<'a> {
+    Plan {
+        paths: usize,
+        to_push: usize,
+        nar_bytes: u64,
+        present: usize,
+        upstream: usize,
+        excluded: usize,
+        dry_run: bool,
+    },
+    WouldPush {
+        path: String,
+        nar_size: u64,
+    },
+    WouldImport {
+        path: String,
+        nar_size: u64,
+    },
+    Summary {
+        pushed: usize,
+        skipped: usize,
+        failed: usize,
+        bytes: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        file_bytes: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        seconds: Option<f64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        dry_run: Option<bool>,
+    },
+    Resumed {
+        path: String,
+        parts: u32,
+        nar_bytes: u64,
+        nar_size: u64,
+    },
+    Pushed {
+        path: String,
+        nar_size: u64,
+        file_size: u64,
+        uploaded: u64,
+        seconds: f64,
+    },
+    Skipped {
+        path: String,
+        reason: &'static str,
+    },
+    Failed {
+        path: String,
+        error: String,
+    },
+    Interrupted {
+        pushed: usize,
+        bytes: u64,
+        kept: &'a [KeptJson<'a>],
+    },
+}
+
+/// A path of an interrupted run whose upload the server keeps parts of.
+#[derive(serde::Serialize)]
+struct KeptJson<'a> {
+    path: &'a str,
+    parts: u32,
+    nar_bytes: u64,
+    nar_size: u64,
+}
+
+fn print_event(e: &RoundEvent<'_>) -> anyhow::Result<()> {
+    print(&(serde_json::to_string(e)? + "\n"))
+}
+
 /// Plan, report the plan, then (unless a dry run) execute it with a progress bar or JSON
 /// events, and report the summary; an error when any path failed. When the only failures are
 /// references evicted from the cache while the push ran ([`push::replan_needed`]), plan and
 /// execute again (up to [`push::PUSH_ROUNDS`] rounds).
 pub(crate) async fn run_rounds(
-    t: &crate::client_config::Target,
+    t: &Target,
     opts: &PushOptions,
     how: &Run,
     planner: &mut impl Planner,
 ) -> anyhow::Result<()> {
     let (plan, skips) = planner.plan().await?;
-    if how.json {
-        print(
-            &(serde_json::json!({
-                "event": "plan", "paths": plan.total, "to_push": plan.paths.len(),
-                "nar_bytes": plan.nar_bytes(), "present": plan.present,
-                "upstream": plan.upstream.len(), "excluded": plan.excluded,
-                "dry_run": how.dry_run,
-            })
-            .to_string()
-                + "\n"),
-        )?;
-    } else {
-        eprintln!(
-            "{}: {} to {} ({} NAR), {skips}",
-            count(plan.total as u64, "path"),
-            plan.paths.len(),
-            how.verb,
-            human_size(plan.nar_bytes() as i64)
-        );
-    }
+    report_plan(&plan, &skips, how)?;
     if how.dry_run {
-        if how.json {
-            for p in &plan.paths {
-                print(&(serde_json::json!({"event": format!("would-{}", how.verb), "path": p.path.to_absolute(), "nar_size": p.nar_size}).to_string() + "\n"))?;
-            }
-            print(&(serde_json::json!({"event": "summary", "pushed": 0, "skipped": plan.total - plan.paths.len(), "failed": 0, "bytes": 0, "dry_run": true}).to_string() + "\n"))?;
-        } else {
-            let mut out = String::new();
-            for p in &plan.paths {
-                out.push_str(&format!("{}\t{}\n", p.path, human_size(p.nar_size as i64)));
-            }
-            print(&out)?;
-        }
-        return Ok(());
+        return report_dry_run(&plan, how);
     }
+    let to_transfer = plan.paths.len();
+    let summary = execute_rounds(t, plan, opts, how, planner).await?;
+    report_summary(&summary, &skips, how)?;
+    check_evictions(t, &summary, planner).await?;
+    if summary.failed > 0 {
+        return Err(fail_with_hint(
+            format!(
+                "{} of {to_transfer} paths failed to {}",
+                summary.failed, how.verb
+            ),
+            format!(
+                "the errors above say why; running `larder {}` again transfers only what is still missing",
+                how.verb
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn report_plan(plan: &push::Plan, skips: &str, how: &Run) -> anyhow::Result<()> {
+    if how.json {
+        return print_event(&RoundEvent::Plan {
+            paths: plan.total,
+            to_push: plan.paths.len(),
+            nar_bytes: plan.nar_bytes(),
+            present: plan.present,
+            upstream: plan.upstream.len(),
+            excluded: plan.excluded,
+            dry_run: how.dry_run,
+        });
+    }
+    eprintln!(
+        "{}: {} to {} ({} NAR), {skips}",
+        count(plan.total as u64, "path"),
+        plan.paths.len(),
+        how.verb,
+        human_size(plan.nar_bytes() as i64)
+    );
+    Ok(())
+}
+
+/// A dry run lists what would be transferred.
+fn report_dry_run(plan: &push::Plan, how: &Run) -> anyhow::Result<()> {
+    if !how.json {
+        let mut out = String::new();
+        for p in &plan.paths {
+            out.push_str(&format!("{}\t{}\n", p.path, human_size(p.nar_size as i64)));
+        }
+        return print(&out);
+    }
+    for p in &plan.paths {
+        let (path, nar_size) = (p.path.to_absolute(), p.nar_size);
+        print_event(&if how.verb == "push" {
+            RoundEvent::WouldPush { path, nar_size }
+        } else {
+            RoundEvent::WouldImport { path, nar_size }
+        })?;
+    }
+    print_event(&RoundEvent::Summary {
+        pushed: 0,
+        skipped: plan.total - plan.paths.len(),
+        failed: 0,
+        bytes: 0,
+        file_bytes: None,
+        seconds: None,
+        dry_run: Some(true),
+    })
+}
+
+/// Execute `plan`, then plan and execute again while the only failures are references the
+/// cache evicted meanwhile; Ctrl-C is an error saying what was done.
+async fn execute_rounds(
+    t: &Target,
+    plan: push::Plan,
+    opts: &PushOptions,
+    how: &Run,
+    planner: &mut impl Planner,
+) -> anyhow::Result<push::Summary> {
     let to_transfer = plan.paths.len();
     let mut summary = match execute_with_display(t, &plan, opts, how).await {
         Ok(s) => s,
@@ -521,41 +600,48 @@ pub(crate) async fn run_rounds(
             Err(stopped) => return Err(interrupted(how, &summary, to_transfer, stopped)),
         }
     }
+    Ok(summary)
+}
+
+fn report_summary(summary: &push::Summary, skips: &str, how: &Run) -> anyhow::Result<()> {
     if how.json {
-        print(
-            &(serde_json::json!({
-                "event": "summary", "pushed": summary.pushed, "skipped": summary.skipped,
-                "failed": summary.failed, "bytes": summary.bytes, "file_bytes": summary.file_bytes,
-                "seconds": summary.seconds,
-            })
-            .to_string()
-                + "\n"),
-        )?;
-    } else {
-        let rate = if summary.seconds > 0.0 {
-            summary.bytes as f64 / summary.seconds
-        } else {
-            0.0
-        };
-        eprintln!(
-            "{} {} ({} NAR, {} uploaded) in {:.1}s ({}/s); skipped {} ({skips}); failed {}",
-            if how.verb == "push" {
-                "pushed"
-            } else {
-                "imported"
-            },
-            count(summary.pushed as u64, "path"),
-            human_size(summary.bytes as i64),
-            human_size(summary.file_bytes as i64),
-            summary.seconds,
-            human_size(rate as i64),
-            summary.skipped,
-            summary.failed
-        );
+        return print_event(&RoundEvent::Summary {
+            pushed: summary.pushed,
+            skipped: summary.skipped,
+            failed: summary.failed,
+            bytes: summary.bytes,
+            file_bytes: Some(summary.file_bytes),
+            seconds: Some(summary.seconds),
+            dry_run: None,
+        });
     }
-    // A cache over its limit evicts least recently used paths, which can be those just sent:
-    // a push whose closure is not all in the cache at the end is no success, since a consumer
-    // would build what is missing. Asked once the evictions the push triggered are done.
+    let rate = if summary.seconds > 0.0 {
+        summary.bytes as f64 / summary.seconds
+    } else {
+        0.0
+    };
+    eprintln!(
+        "{} {} ({} NAR, {} uploaded) in {:.1}s ({}/s); skipped {} ({skips}); failed {}",
+        how.done(),
+        count(summary.pushed as u64, "path"),
+        human_size(summary.bytes as i64),
+        human_size(summary.file_bytes as i64),
+        summary.seconds,
+        human_size(rate as i64),
+        summary.skipped,
+        summary.failed
+    );
+    Ok(())
+}
+
+/// A cache over its limit evicts least recently used paths, which can be those just sent: a
+/// push whose closure is not all in the cache at the end is no success, since a consumer
+/// would build what is missing. Asked once the evictions the push triggered are done.
+async fn check_evictions(
+    t: &Target,
+    summary: &push::Summary,
+    planner: &mut impl Planner,
+) -> anyhow::Result<()> {
     let settled = if summary.pushed > 0 {
         t.client.cache_info_settled(&t.cache).await.ok()
     } else {
@@ -569,46 +655,34 @@ pub(crate) async fn run_rounds(
         }
     }
     let limited = settled.is_some_and(|c| c.max_size.is_some());
-    if summary.failed == 0 && limited {
-        let (after, _) = planner.plan().await?;
-        if !after.paths.is_empty() {
-            let names: Vec<String> = after
-                .paths
-                .iter()
-                .take(3)
-                .map(|p| p.path.to_absolute())
-                .collect();
-            return Err(fail_with_hint(
-                format!(
-                    "cache {:?} evicted {} of this closure to stay under its size limit ({}{})",
-                    t.cache,
-                    count(after.paths.len() as u64, "path"),
-                    names.join(", "),
-                    if after.paths.len() > 3 { ", …" } else { "" }
-                ),
-                format!(
-                    "the closure does not fit beside what the cache keeps (its pins and newer \
-                     paths): raise the limit (`larder cache configure {} --max-size …`), delete \
-                     pins it no longer needs (`larder pin list {}`), or push less; `larder cache \
-                     info {}` shows its size and limit",
-                    t.cache, t.cache, t.cache
-                ),
-            ));
-        }
+    if summary.failed > 0 || !limited {
+        return Ok(());
     }
-    if summary.failed > 0 {
-        return Err(fail_with_hint(
-            format!(
-                "{} of {to_transfer} paths failed to {}",
-                summary.failed, how.verb
-            ),
-            format!(
-                "the errors above say why; running `larder {}` again transfers only what is still missing",
-                how.verb
-            ),
-        ));
+    let (after, _) = planner.plan().await?;
+    if after.paths.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    let names: Vec<String> = after
+        .paths
+        .iter()
+        .take(3)
+        .map(|p| p.path.to_absolute())
+        .collect();
+    let c = &t.cache;
+    Err(fail_with_hint(
+        format!(
+            "cache {c:?} evicted {} of this closure to stay under its size limit ({}{})",
+            count(after.paths.len() as u64, "path"),
+            names.join(", "),
+            if after.paths.len() > 3 { ", …" } else { "" }
+        ),
+        format!(
+            "the closure does not fit beside what the cache keeps (its pins and newer \
+             paths): raise the limit (`larder cache configure {c} --max-size …`), delete \
+             pins it no longer needs (`larder pin list {c}`), or push less; `larder cache \
+             info {c}` shows its size and limit"
+        ),
+    ))
 }
 
 /// The report of a run Ctrl-C stopped (exit status 130): what was transferred (`before`, the
@@ -628,22 +702,25 @@ fn interrupted(
         ("importing", "imported")
     };
     if how.json {
-        let kept: Vec<serde_json::Value> = stopped
+        let kept: Vec<KeptJson> = stopped
             .uploading
             .iter()
             .filter_map(|(p, u)| {
-                u.kept.filter(|(parts, _)| *parts > 0).map(|(parts, nar_bytes)| {
-                    serde_json::json!({"path": p, "parts": parts, "nar_bytes": nar_bytes, "nar_size": u.nar_size})
-                })
+                u.kept
+                    .filter(|(parts, _)| *parts > 0)
+                    .map(|(parts, nar_bytes)| KeptJson {
+                        path: p,
+                        parts,
+                        nar_bytes,
+                        nar_size: u.nar_size,
+                    })
             })
             .collect();
-        let _ = print(
-            &(serde_json::json!({
-                "event": "interrupted", "pushed": done, "bytes": bytes, "kept": kept,
-            })
-            .to_string()
-                + "\n"),
-        );
+        let _ = print_event(&RoundEvent::Interrupted {
+            pushed: done,
+            bytes,
+            kept: &kept,
+        });
     }
     let mut msg = format!(
         "interrupted after {doing} {done} of {} ({} NAR)",
@@ -699,7 +776,7 @@ async fn ctrl_c() {
 /// it at once (uploads in flight are dropped; the server keeps the parts it stored, and the
 /// upload is not abandoned, so the next run resumes it): `Err` says what it had done.
 async fn execute_with_display(
-    t: &crate::client_config::Target,
+    t: &Target,
     plan: &push::Plan,
     opts: &PushOptions,
     how: &Run,
@@ -756,6 +833,54 @@ pub struct KeypairArgs {
 /// client signing), and keep the secret in the client config (mode 0600).
 pub async fn generate_keypair(args: KeypairArgs) -> anyhow::Result<()> {
     let t = target(&args.cache)?;
+    let cache = t
+        .client
+        .cache_info(&t.cache)
+        .await
+        .with_context(|| format!("cannot use cache {:?}", t.cache))?;
+    let old_key = cache.public_key.clone().unwrap_or_default();
+    check_rotation(&t, &cache, &old_key, &args)?;
+    let key = new_key(&t, &old_key)?;
+    let public = key.verifying_key().to_string();
+    let path = register_key(&t, &key, &public).await?;
+    report_keypair(&t, &args, &path, &public, &old_key, cache.paths)?;
+    if args.print_secret {
+        print(&format!(
+            "export LARDER_SIGNING_KEY={}\n",
+            key.to_secret_string()
+        ))
+    } else {
+        print(&format!("{public}\n"))
+    }
+}
+
+/// A new key strands what the old one signed: only on purpose (`--rotate`).
+fn check_rotation(
+    t: &Target,
+    cache: &larder_client::api::CacheInfo,
+    old_key: &str,
+    args: &KeypairArgs,
+) -> anyhow::Result<()> {
+    if !(cache.signing_mode == "client" || cache.paths > 0) || args.rotate {
+        return Ok(());
+    }
+    let what = if cache.signing_mode == "client" {
+        "already has a client-held key".to_owned()
+    } else {
+        format!("already holds {} paths signed by its key", cache.paths)
+    };
+    Err(fail_with_hint(
+        format!("cache {:?} {what} ({old_key}); a new key would leave those paths unverifiable for consumers that trust only the new one", t.cache),
+        format!(
+            "to push with the existing key from another machine, copy its LARDER_SIGNING_KEY; \
+             to replace it anyway, run `larder generate-keypair {} --rotate`",
+            args.cache
+        ),
+    ))
+}
+
+/// A fresh key named `CACHE.HOST-client-N`, N one more than the old key's.
+fn new_key(t: &Target, old_key: &str) -> anyhow::Result<SigningKey> {
     let host = t
         .client
         .base_url()
@@ -766,28 +891,6 @@ pub async fn generate_keypair(args: KeypairArgs) -> anyhow::Result<()> {
         .next()
         .unwrap_or("")
         .to_owned();
-    let cache = t
-        .client
-        .cache_info(&t.cache)
-        .await
-        .with_context(|| format!("cannot use cache {:?}", t.cache))?;
-    let old_key = cache.public_key.clone().unwrap_or_default();
-    // A new key strands what the old one signed: only on purpose.
-    if (cache.signing_mode == "client" || cache.paths > 0) && !args.rotate {
-        let what = if cache.signing_mode == "client" {
-            "already has a client-held key".to_owned()
-        } else {
-            format!("already holds {} paths signed by its key", cache.paths)
-        };
-        return Err(fail_with_hint(
-            format!("cache {:?} {what} ({old_key}); a new key would leave those paths unverifiable for consumers that trust only the new one", t.cache),
-            format!(
-                "to push with the existing key from another machine, copy its LARDER_SIGNING_KEY; \
-                 to replace it anyway, run `larder generate-keypair {} --rotate`",
-                args.cache
-            ),
-        ));
-    }
     // Each rotation gets a new name (`-client-2`, …): two keys never share one.
     let generation = old_key
         .split_once(':')
@@ -796,18 +899,19 @@ pub async fn generate_keypair(args: KeypairArgs) -> anyhow::Result<()> {
         .map_or(1, |n| n + 1);
     let mut seed = [0u8; 32];
     getrandom::getrandom(&mut seed).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
-    let key = SigningKey::from_seed(&format!("{}.{host}-client-{generation}", t.cache), seed)
-        .context("cannot make a key")?;
-    let public = key.verifying_key().to_string();
+    SigningKey::from_seed(&format!("{}.{host}-client-{generation}", t.cache), seed)
+        .context("cannot make a key")
+}
+
+/// Register the public half with the cache and keep the secret in the client config; the
+/// config file.
+async fn register_key(
+    t: &Target,
+    key: &SigningKey,
+    public: &str,
+) -> anyhow::Result<std::path::PathBuf> {
     t.client
-        .send(
-            t.client
-                .request(
-                    reqwest::Method::POST,
-                    &format!("/api/v1/caches/{}/public-key", t.cache),
-                )
-                .json(&serde_json::json!({ "public_key": public })),
-        )
+        .register_public_key(&t.cache, public)
         .await
         .with_context(|| format!("cannot register the public key with cache {:?}", t.cache))?;
     let mut cfg = ClientConfig::load()?;
@@ -816,6 +920,18 @@ pub async fn generate_keypair(args: KeypairArgs) -> anyhow::Result<()> {
         key.to_secret_string(),
     );
     let path = cfg.save()?;
+    Ok(path)
+}
+
+/// Say where the key is, what consumers must trust, and what to do on other machines.
+fn report_keypair(
+    t: &Target,
+    args: &KeypairArgs,
+    path: &std::path::Path,
+    public: &str,
+    old_key: &str,
+    paths: i64,
+) -> anyhow::Result<()> {
     eprintln!(
         "cache {:?} now requires uploads signed by {public}\nthe secret key is in {} (mode \
          0600, `signing_keys`), where `larder push` on this machine finds it; substituters \
@@ -830,21 +946,13 @@ pub async fn generate_keypair(args: KeypairArgs) -> anyhow::Result<()> {
              (`--print-secret` prints it when the key is made)"
         );
     }
-    if cache.paths > 0 {
+    if paths > 0 {
         eprintln!(
             "warning: the {} paths already in the cache are signed by {old_key} only; \
              consumers must trust both keys until they are pushed again:\n  \
              extra-trusted-public-keys = {old_key} {public}",
-            cache.paths
+            paths
         );
     }
-    // Standard output: the public key, for scripts; the secret only when asked for.
-    if args.print_secret {
-        print(&format!(
-            "export LARDER_SIGNING_KEY={}\n",
-            key.to_secret_string()
-        ))
-    } else {
-        print(&format!("{public}\n"))
-    }
+    Ok(())
 }

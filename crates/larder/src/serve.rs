@@ -27,12 +27,8 @@ pub struct ServeArgs {
 }
 
 fn default_data_dir() -> anyhow::Result<PathBuf> {
-    if let Some(x) = env::var("XDG_DATA_HOME") {
-        return Ok(PathBuf::from(x).join("larder"));
-    }
-    let home =
-        env::var("HOME").context("neither XDG_DATA_HOME nor HOME is set; pass --data DIR")?;
-    Ok(PathBuf::from(home).join(".local/share/larder"))
+    larder_ops::xdg::larder_dir(larder_ops::xdg::Base::Data)
+        .map_err(|e| anyhow::anyhow!("{e}; pass --data DIR"))
 }
 
 /// The settings of every layer ([`Settings::layered`]) and the data directory to default to.

@@ -534,7 +534,7 @@ pub fn decide_trust(t: &TrustInputs, url: &str, key: Option<&str>) -> Trust {
 
 /// `$NIX_CONF_DIR/nix.conf`, by default `/etc/nix/nix.conf`: what the daemon and root read.
 pub fn system_conf_path() -> PathBuf {
-    let dir = crate::env::var("NIX_CONF_DIR").unwrap_or_else(|| "/etc/nix".to_owned());
+    let dir = crate::xdg::var("NIX_CONF_DIR").unwrap_or_else(|| "/etc/nix".to_owned());
     PathBuf::from(dir).join("nix.conf")
 }
 
@@ -542,25 +542,44 @@ pub const DAEMON_SOCKET: &str = "/nix/var/nix/daemon-socket/socket";
 
 /// A multi-user install: Nix talks to a daemon that applies its own config, not the user's.
 pub fn multi_user() -> bool {
-    match crate::env::var("NIX_REMOTE") {
+    match crate::xdg::var("NIX_REMOTE") {
         Some(r) => r == "daemon" || r.starts_with("unix://"),
         None => Path::new(DAEMON_SOCKET).exists(),
     }
 }
 
-fn id(args: &[&str]) -> Option<String> {
-    let out = std::process::Command::new("id").args(args).output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
-
-pub fn current_uid() -> Option<u32> {
-    id(&["-u"]).and_then(|s| s.parse().ok())
+/// The real user id of this process (`getuid(2)`).
+pub fn current_uid() -> u32 {
+    rustix::process::getuid().as_raw()
 }
 
 pub fn read_optional(path: &Path) -> Option<String> {
     std::fs::read_to_string(path).ok()
+}
+
+/// The name `/etc/passwd`-format `text` gives to `id` (field 1 of the line whose field 3 is it).
+fn name_of_id(text: &str, id: u32) -> Option<String> {
+    text.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() > 2 && f[2].parse() == Ok(id) && !f[0].is_empty()).then(|| f[0].to_owned())
+    })
+}
+
+/// The names of this process's groups: its effective group and supplementary groups
+/// (`getegid(2)`, `getgroups(2)`), named by `/etc/group` like `id -Gn` does.
+fn group_names() -> Vec<String> {
+    let groups = read_optional(Path::new("/etc/group")).unwrap_or_default();
+    let mut ids = vec![rustix::process::getegid()];
+    ids.extend(rustix::process::getgroups().unwrap_or_default());
+    let mut names = Vec::new();
+    for gid in ids {
+        if let Some(n) = name_of_id(&groups, gid.as_raw()) {
+            if !names.contains(&n) {
+                names.push(n);
+            }
+        }
+    }
+    names
 }
 
 /// The list `key` of the system nix.conf (includes followed), starting from Nix's default.
@@ -577,20 +596,20 @@ pub fn system_list(key: &str, default: &[&str]) -> Vec<String> {
 }
 
 pub fn probe_trust() -> TrustInputs {
+    let uid = current_uid();
     TrustInputs {
         multi_user: multi_user(),
-        uid: current_uid(),
-        user: id(&["-un"])
-            .or_else(|| crate::env::var("USER"))
+        uid: Some(uid),
+        user: read_optional(Path::new("/etc/passwd"))
+            .and_then(|p| name_of_id(&p, uid))
+            .or_else(|| crate::xdg::var("USER"))
             .unwrap_or_default(),
-        groups: id(&["-Gn"])
-            .map(|g| g.split_whitespace().map(str::to_owned).collect())
-            .unwrap_or_default(),
+        groups: group_names(),
         trusted_users: system_list("trusted-users", &["root"]),
         trusted_substituters: system_list("trusted-substituters", &[]),
         trusted_public_keys: system_list(
             "trusted-public-keys",
-            &["cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="],
+            &[larder_nix::signing::CACHE_NIXOS_ORG_KEY],
         ),
     }
 }
@@ -856,6 +875,18 @@ mod tests {
         assert_eq!(
             netrc_upsert("machine x login y password z", "h", "l", "p").unwrap(),
             "machine x login y password z\nmachine h login l password p\n"
+        );
+    }
+
+    #[test]
+    fn ids_are_named_from_passwd_and_group_files() {
+        let passwd = "root:x:0:0:root:/root:/bin/sh\n\nalice:x:1000:100::/home/alice:/bin/sh\n";
+        assert_eq!(name_of_id(passwd, 1000).as_deref(), Some("alice"));
+        assert_eq!(name_of_id(passwd, 0).as_deref(), Some("root"));
+        assert_eq!(name_of_id(passwd, 7), None);
+        assert_eq!(
+            name_of_id("wheel:x:10:alice\n", 10).as_deref(),
+            Some("wheel")
         );
     }
 

@@ -1,16 +1,90 @@
 //! A push session shared by the automation verbs (`daemon run`, `watch-store`, `watch-exec`,
 //! `build`): one connection to the cache, the options `larder push` would use by default, and
-//! the local store kept open between batches.
+//! the local store kept open between batches. [`ensure_can_push`] is the one token check every
+//! pushing verb makes before uploading.
 
-use anyhow::Context;
-use larder_client::local_store::{LocalStore, PathInfo};
-use larder_client::push::{self, Compression, Observer, Outcome, PushOptions, Summary};
-use larder_client::ApiClient;
-use larder_nix::store_path::StorePath;
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::client_config::target;
-use crate::output::{fail_with_hint, human_size};
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+
+use larder_client::local_store::{LocalStore, LocalStoreError, PathInfo};
+use larder_client::push::{self, Compression, Observer, Outcome, PushError, PushOptions, Summary};
+use larder_client::{ApiClient, ClientError};
+use larder_nix::signing::SigningKey;
+use larder_nix::store_path::StorePath;
+
+use crate::text::{count, human_size};
+
+/// First wait before trying again while the server is unreachable; it doubles each time.
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+/// Longest wait between tries while the server is unreachable.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// The waits between tries of the long-running pushers (the daemon, the store watcher) while
+/// the server is unreachable: 1 s, 2 s, 4 s, … 60 s, 60 s, … (never giving up).
+pub fn server_backoff() -> ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(FIRST_BACKOFF)
+        .with_max_delay(MAX_BACKOFF)
+        .with_factor(2.0)
+        .without_max_times()
+        .build()
+}
+
+/// Why a push session could not start, or a batch pushed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum PusherError {
+    #[error("cannot use cache {cache:?}")]
+    Cache {
+        cache: String,
+        #[source]
+        source: ClientError,
+    },
+    #[error("the server refused the token ({error}); nothing was pushed")]
+    TokenRefused { cache: String, error: ClientError },
+    #[error("cannot check the token")]
+    Whoami(#[source] ClientError),
+    #[error("pushing to {cache:?} needs a token and none is set; nothing was pushed")]
+    NoToken { cache: String },
+    #[error(
+        "the token {label} cannot push to {cache:?} (it has {perms} on {scope}); nothing was pushed"
+    )]
+    CannotPush {
+        cache: String,
+        label: String,
+        perms: String,
+        scope: String,
+    },
+    #[error("cache {cache:?} requires uploads signed by its key")]
+    NeedsSigningKey { cache: String, cache_arg: String },
+    #[error("cannot open the local store")]
+    OpenStore(#[source] LocalStoreError),
+    #[error("cannot query the local store")]
+    QueryStore(#[source] LocalStoreError),
+    #[error("local store reader panicked")]
+    Panicked(#[source] tokio::task::JoinError),
+    #[error("cannot plan the push")]
+    Plan(#[source] PushError),
+}
+
+impl PusherError {
+    /// The fix to try.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            PusherError::TokenRefused { cache, .. }
+            | PusherError::NoToken { cache }
+            | PusherError::CannotPush { cache, .. } => Some(format!(
+                "an admin creates one with `larder token create --perm push --cache {cache}`; use it \
+                 with `larder login URL TOKEN` or LARDER_TOKEN"
+            )),
+            PusherError::NeedsSigningKey { cache_arg, .. } => Some(format!(
+                "set LARDER_SIGNING_KEY, or run `larder generate-keypair {cache_arg}`"
+            )),
+            _ => None,
+        }
+    }
+}
 
 pub struct Pusher {
     pub client: ApiClient,
@@ -34,26 +108,21 @@ pub struct Batch {
 /// Fail at once, with one fix, when the token cannot push to `cache` (none, invalid, expired,
 /// revoked, read-only, or for other caches), instead of a 401/403 for every path, or nothing
 /// at all when everything is already there (reads of a public cache need no token).
-pub(crate) async fn ensure_can_push(client: &ApiClient, cache: &str) -> anyhow::Result<()> {
-    let create = format!(
-        "an admin creates one with `larder token create --perm push --cache {cache}`; use it \
-         with `larder login URL TOKEN` or LARDER_TOKEN"
-    );
+pub async fn ensure_can_push(client: &ApiClient, cache: &str) -> Result<(), PusherError> {
     let who = match client.whoami().await {
         Ok(w) => w,
         Err(e) if e.status() == Some(401) => {
-            return Err(fail_with_hint(
-                format!("the server refused the token ({e}); nothing was pushed"),
-                create,
-            ))
+            return Err(PusherError::TokenRefused {
+                cache: cache.to_owned(),
+                error: e,
+            })
         }
-        Err(e) => return Err(e).context("cannot check the token"),
+        Err(e) => return Err(PusherError::Whoami(e)),
     };
     if !who.authenticated {
-        return Err(fail_with_hint(
-            format!("pushing to {cache:?} needs a token and none is set; nothing was pushed"),
-            create,
-        ));
+        return Err(PusherError::NoToken {
+            cache: cache.to_owned(),
+        });
     }
     if !who.grants(larder_client::api::Perm::Push, cache) {
         let label = match (who.label.as_deref(), who.token_id.as_deref()) {
@@ -65,38 +134,48 @@ pub(crate) async fn ensure_can_push(client: &ApiClient, cache: &str) -> anyhow::
             Some(c) => format!("caches {}", c.join(", ")),
             None => "all caches".to_owned(),
         };
-        return Err(fail_with_hint(
-            format!(
-                "the token {label} cannot push to {cache:?} (it has {} on {scope}); nothing was pushed",
-                if who.perms.is_empty() { "no permission".to_owned() } else { larder_client::api::Perm::join(&who.perms, ", ") },
-            ),
-            create,
-        ));
+        let perms = if who.perms.is_empty() {
+            "no permission".to_owned()
+        } else {
+            larder_client::api::Perm::join(&who.perms, ", ")
+        };
+        return Err(PusherError::CannotPush {
+            cache: cache.to_owned(),
+            label,
+            perms,
+            scope,
+        });
     }
     Ok(())
 }
 
 impl Pusher {
     /// Check the cache (reachable, token can push) and prepare `larder push`'s defaults.
-    pub async fn connect(cache_arg: &str) -> anyhow::Result<Self> {
-        let t = target(cache_arg)?;
-        let info = t
-            .client
-            .cache_info(&t.cache)
+    /// `cache_arg` is how the user named the cache, for the hint.
+    pub async fn connect(
+        client: ApiClient,
+        cache: String,
+        cache_arg: &str,
+        signing_key: Option<SigningKey>,
+    ) -> Result<Self, PusherError> {
+        let info = client
+            .cache_info(&cache)
             .await
-            .with_context(|| format!("cannot use cache {:?}", t.cache))?;
-        ensure_can_push(&t.client, &t.cache).await?;
+            .map_err(|source| PusherError::Cache {
+                cache: cache.clone(),
+                source,
+            })?;
+        ensure_can_push(&client, &cache).await?;
         let compression = Compression::from_name(&info.compression).unwrap_or(Compression::Zstd);
-        let signing_key = crate::push_cmd::signing_key(cache_arg, t.client.base_url())?;
         if info.signing_mode == "client" && signing_key.is_none() {
-            return Err(fail_with_hint(
-                format!("cache {:?} requires uploads signed by its key", info.name),
-                format!("set LARDER_SIGNING_KEY, or run `larder generate-keypair {cache_arg}`"),
-            ));
+            return Err(PusherError::NeedsSigningKey {
+                cache: info.name,
+                cache_arg: cache_arg.to_owned(),
+            });
         }
         Ok(Self {
-            client: t.client,
-            cache: t.cache,
+            client,
+            cache,
             opts: PushOptions {
                 compression,
                 level: if compression == Compression::Xz { 6 } else { 3 },
@@ -107,13 +186,13 @@ impl Pusher {
         })
     }
 
-    async fn take_store(&mut self) -> anyhow::Result<LocalStore> {
+    async fn take_store(&mut self) -> Result<LocalStore, PusherError> {
         match self.store.take() {
             Some(s) => Ok(s),
             None => tokio::task::spawn_blocking(LocalStore::open_default)
                 .await
-                .context("cannot open the local store")?
-                .context("cannot open the local store"),
+                .map_err(PusherError::Panicked)?
+                .map_err(PusherError::OpenStore),
         }
     }
 
@@ -123,7 +202,7 @@ impl Pusher {
         &mut self,
         roots: Vec<StorePath>,
         observer: Arc<dyn Observer>,
-    ) -> anyhow::Result<Batch> {
+    ) -> Result<Batch, PusherError> {
         let store = self.take_store().await?;
         let (found, store) = tokio::task::spawn_blocking(move || {
             let mut store = store;
@@ -131,9 +210,9 @@ impl Pusher {
             (r.map(|v| (roots, v)), store)
         })
         .await
-        .context("local store reader panicked")?;
+        .map_err(PusherError::Panicked)?;
         self.store = Some(store);
-        let (roots, found) = found.context("cannot query the local store")?;
+        let (roots, found) = found.map_err(PusherError::QueryStore)?;
         let mut batch = Batch::default();
         let mut valid = Vec::new();
         for (root, info) in roots.into_iter().zip(found) {
@@ -150,7 +229,7 @@ impl Pusher {
             let (plan, store) =
                 push::plan(&self.client, &self.cache, store, valid.clone(), &self.opts)
                     .await
-                    .context("cannot plan the push")?;
+                    .map_err(PusherError::Plan)?;
             self.store = Some(store);
             let summary = push::execute(
                 &self.client,
@@ -188,7 +267,7 @@ impl Observer for LineObserver {
             "{}resuming {}: the server has {} ({} of {} NAR) from an interrupted upload",
             self.prefix,
             path.path.to_absolute(),
-            crate::output::count(u64::from(parts), "part"),
+            count(u64::from(parts), "part"),
             human_size(nar_bytes as i64),
             human_size(path.nar_size as i64)
         );
@@ -218,5 +297,16 @@ impl Observer for LineObserver {
                 eprintln!("{}error: {}: {e}", self.prefix, path.path.to_absolute())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unreachable_server_waits_double_up_to_a_minute() {
+        let waits: Vec<u64> = server_backoff().take(8).map(|d| d.as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60]);
     }
 }
