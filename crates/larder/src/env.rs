@@ -231,7 +231,7 @@ mod tests {
         for name in [
             "LARDER_DAEMON_SOCKET", // clap `env =`
             "NIX_STATE_DIR",        // std::env::var_os
-            "XDG_CACHE_HOME",       // crate::env::var
+            "NIX_CONF_DIR",         // larder_ops::xdg::var
             "LARDER_TOKEN",         // a constant
             "LARDER_GC_INTERVAL",   // a server setting
         ] {
