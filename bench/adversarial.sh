@@ -15,8 +15,9 @@
 #   2. eviction: EVICT_ROUNDS rounds of 4 concurrent pushers of overlapping closures into a
 #      cache whose `max_size` is toggled between EVICT_LIMIT and none (plus `POST …/gc`) while
 #      they push and a reader fetches narinfos and then their NARs; invariants checked after
-#      each round. A push whose closure got evicted may fail by design (counted, not a
-#      violation); a narinfo served whose NAR then is not is a violation.
+#      each round. Failed pushes are counted by their error (an evicted closure, the bounds on
+#      unfinished multi-part uploads, …), not as violations; a narinfo served whose NAR then is
+#      not is a violation.
 #   3. load: READERS readers (wrk, keep-alive; narinfos and NARs up to 1 MiB of the kill
 #      cache; on PostgreSQL half on each replica) + PUSHERS pushers (each push into a new cache)
 #      for READ_SECS: errors, read p50/p99, server RSS at start and end.
@@ -614,7 +615,33 @@ exp_eviction() {
     check "evict round $r" "$cache"
   done
   check "after eviction (full download)" "$cache" full
-  put "$SETUP" "eviction: rounds × 4 overlapping pushers" "$EVICT_ROUNDS × 4, $fails pushes failed (evicted closure: by design)"
+  put "$SETUP" "eviction: rounds × 4 overlapping pushers" "$EVICT_ROUNDS × 4, $fails pushes failed"
+  # why they failed: the first error line of each kind in the pushes' output
+  local why; why=$(python3 - "$WORK/evict-push-$SETUP.log" <<'PYE'
+import re, sys
+kinds = [('413 multipart staging bound', r'answered 413: the unfinished multi-part'),
+         ('429 16 unfinished uploads', r'answered 429: cache .* unfinished multi-part'),
+         ('missing_references', r'missing.references|reference .* is not valid|path\(s\) not in cache'),
+         ('evicted (own closure)', r'evicted'),
+         ('nix: coroutine has finished', r'coroutine has finished')]
+c = {k: 0 for k, _ in kinds}; other = 0
+for line in open(sys.argv[1], errors='replace'):
+    if not line.startswith('error:') or 'paths failed to push' in line or 'not published: a path it references failed' in line: continue
+    for k, rx in kinds:
+        if re.search(rx, line): c[k] += 1; break
+    else: other += 1
+print(', '.join(f'{k} {v}' for k, v in c.items() if v) + (f', other {other}' if other else '') or 'none')
+PYE
+)
+  put "$SETUP" "eviction: push errors by kind" "$why"
+  # what the servers counted as rejected uploads so far (kills and eviction), by kind and reason
+  local rej; rej=$(for u in "$URL_A" ${REPL_B:+"${SURL[B]}"}; do curl -sf "$u/metrics"; done | python3 -c '
+import re, sys, collections
+c = collections.Counter()
+for m in re.finditer(r"larder_uploads_rejected_total\{kind=\"(\w+)\",reason=\"(\w+)\"\} (\d+)", sys.stdin.read()):
+    c[m.group(1) + " " + m.group(2)] += int(m.group(3))
+print(", ".join(f"{k} {v}" for k, v in sorted(c.items()) if v) or "none")')
+  put "$SETUP" "uploads rejected (metrics, since last restart)" "$rej"
   put "$SETUP" "eviction: reader narinfos → NARs" "$reads → $nars ok ($gone narinfos already evicted)"
   put "$SETUP" "eviction: invariant violations" "$(( $(wc -l < "$VIOLATIONS") - vb ))"
   put "$SETUP" "eviction: paths left, run time" "$CHECK_PATHS, $(( $(date +%s) - T0 )) s"
@@ -630,7 +657,7 @@ def ms(v):
 req = int(re.search(r'(\d+) requests in', t).group(1))
 err = sum(int(x) for x in re.findall(r'(?:connect|read|write|timeout) (\d+)', t))
 m = re.search(r'Non-2xx or 3xx responses: (\d+)', t); err += int(m.group(1)) if m else 0
-p50 = ms(re.search(r'50%\s+(\S+)', t).group(1)); p99 = ms(re.search(r'99%\s+(\S+)', t).group(1))
+p50 = ms(re.search(r'^\s+50%\s+(\S+)', t, re.M).group(1)); p99 = ms(re.search(r'^\s+99%\s+(\S+)', t, re.M).group(1))
 print(req, err, round(p50, 2), round(p99, 2))
 PYW
 }
