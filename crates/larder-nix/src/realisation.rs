@@ -235,9 +235,8 @@ impl Realisation {
                             expected: "an array of strings",
                         });
                     };
-                    realisation.add_signature(
-                        Signature::parse(sig).map_err(RealisationError::Signature)?,
-                    );
+                    realisation
+                        .add_signature(Signature::parse(sig).map_err(RealisationError::Signature)?);
                 }
             }
             Some(_) => {

@@ -26,6 +26,7 @@ use crate::now_unix;
 
 mod contents;
 mod lock;
+mod realisations;
 mod schema;
 mod stats;
 pub mod transfer;
@@ -33,6 +34,7 @@ pub mod transfer;
 pub use lock::{HeldLock, LockName};
 
 pub use contents::{PathCursor, PathEntry};
+pub use realisations::{PutRealisation, RealisationRow};
 pub use stats::{CacheDay, Downloads};
 
 #[derive(Debug, thiserror::Error)]
@@ -775,6 +777,8 @@ impl Metadata {
             "pins",
             "evicted_nars",
             "cache_days",
+            "realisations",
+            "realisation_deps",
         ] {
             sqlx::query(&format!("DELETE FROM {table} WHERE cache_id = $1"))
                 .bind(id)
@@ -1731,6 +1735,7 @@ impl Metadata {
                 q.execute(&mut *tx).await?;
             }
         }
+        realisations::forget_paths(&mut tx, cache_id, hashes).await?;
         for batch in hashes.chunks(IN_BATCH) {
             let ph = placeholders(2, batch.len());
             for sql in [
