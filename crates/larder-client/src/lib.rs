@@ -7,5 +7,6 @@ pub mod local_store;
 mod multipart;
 pub mod push;
 pub mod queue;
+pub mod realisations;
 
 pub use api::{ApiClient, ClientError};
