@@ -1119,6 +1119,22 @@ async fn populate(m: &Metadata) {
     .unwrap()
     .unwrap();
     m.put_log(a.id, "app.drv", "log/app", 10).await.unwrap();
+    let id = |n: &str| format!("sha256:{}!out", Sha256::digest(n.as_bytes()).to_hex());
+    for (n, p, deps) in [
+        ("lib", &lib, vec![]),
+        ("app", &app, vec![(id("lib"), lib.basename())]),
+    ] {
+        let r = RealisationRow {
+            drv_output: id(n),
+            out_path: p.basename(),
+            sigs: vec![format!("one-1:{n}")],
+            deps,
+        };
+        assert_eq!(
+            m.put_realisation(a.id, &r).await.unwrap(),
+            PutRealisation::Created
+        );
+    }
     m.record_usage(a.id, &[app.hash_part()], &[], 777)
         .await
         .unwrap();
