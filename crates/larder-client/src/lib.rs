@@ -7,6 +7,7 @@ pub mod local_store;
 mod multipart;
 pub mod push;
 pub mod queue;
+pub mod realisations;
 mod retry;
 
 pub use api::{ApiClient, ClientError};

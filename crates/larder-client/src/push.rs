@@ -169,6 +169,9 @@ pub struct Plan {
     pub upstream: Vec<PathInfo>,
     /// Skipped by `--exclude`.
     pub excluded: usize,
+    /// Realisations of content-addressed derivations to write once the paths are in, in
+    /// dependency order (`crate::realisations`).
+    pub realisations: Vec<larder_nix::realisation::Realisation>,
 }
 
 impl Plan {
@@ -217,11 +220,15 @@ pub async fn plan(
                     .collect()
             })
         };
+        let r = r.and_then(|infos| {
+            let paths: Vec<StorePath> = infos.iter().map(|i| i.path.clone()).collect();
+            store.realisations_of(&paths).map(|rs| (infos, rs))
+        });
         (r, store)
     })
     .await
     .map_err(|e| PushError::Internal(e.to_string()))?;
-    let infos = infos?;
+    let (infos, realisations) = infos?;
     let mut plan = Plan {
         total: infos.len(),
         ..Plan::default()
@@ -248,6 +255,8 @@ pub async fn plan(
         candidates.iter().map(|i| i.path.to_absolute()).collect(),
     )
     .await?;
+    let in_cache: HashSet<StorePath> = candidates.iter().map(|i| i.path.clone()).collect();
+    plan.realisations = crate::realisations::pushable(realisations, &in_cache);
     for info in candidates {
         if missing.contains(&info.path.to_absolute()) {
             plan.paths.push(info);
@@ -421,6 +430,17 @@ pub async fn execute(
             }
         }
     }
+    let failed: HashSet<String> = s.failures.iter().map(|f| f.path.clone()).collect();
+    let realisation_failures = crate::realisations::push(
+        client,
+        cache,
+        &plan.realisations,
+        opts.signing_key.as_ref(),
+        &failed,
+    )
+    .await;
+    s.failed += realisation_failures.len();
+    s.failures.extend(realisation_failures);
     s.seconds = start.elapsed().as_secs_f64();
     s
 }

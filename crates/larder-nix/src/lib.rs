@@ -11,6 +11,7 @@ pub mod hash;
 pub mod nar;
 pub mod narinfo;
 pub mod nixbase32;
+pub mod realisation;
 pub mod signing;
 pub mod size;
 pub mod store_path;

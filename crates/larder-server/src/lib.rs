@@ -27,6 +27,7 @@ pub mod hot;
 pub mod ingest;
 pub mod metrics;
 pub mod publish;
+pub mod realisations;
 pub mod retention;
 pub mod routes;
 pub mod staging;
@@ -76,6 +77,7 @@ fn routes() -> routes::Routes {
         .nest("/api/v1", api::routes())
         .merge(ui::routes())
         .merge(binary_cache::routes())
+        .merge(realisations::routes())
 }
 
 /// Every route the server answers (method and pattern).

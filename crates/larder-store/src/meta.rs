@@ -38,6 +38,7 @@ mod contents;
 mod gc;
 mod lock;
 mod paths;
+mod realisations;
 mod retention;
 mod schema;
 mod stats;
@@ -56,6 +57,7 @@ pub use paths::{
     chunk_hash_of_key, chunk_object_key, listing_object_key, ChunkRow, NarRow, NewPath, PathRow,
     Publish,
 };
+pub use realisations::{PutRealisation, RealisationRow};
 pub use retention::{Evicted, Keep, LruPath, PinRow};
 pub use stats::{CacheDay, Downloads};
 pub use tokens::TokenRow;

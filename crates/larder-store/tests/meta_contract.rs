@@ -19,8 +19,8 @@ use larder_nix::store_path::StorePath;
 use larder_store::meta::transfer::{self, TransferError};
 use larder_store::meta::{
     chunk_object_key, CacheDay, CacheRow, CacheScope, CacheUpdate, ChunkRow, Downloads, Engine,
-    Evicted, Keep, LockName, MetaError, NarRow, NewCache, NewPath, Publish, SecretKey, SigningMode,
-    TokenRow,
+    Evicted, Keep, LockName, MetaError, NarRow, NewCache, NewPath, Publish, PutRealisation,
+    RealisationRow, SecretKey, SigningMode, TokenRow,
 };
 use larder_store::{now_unix, Metadata, ObjectStore, OpenOptions};
 use larder_testkit::postgres::PgCluster;
@@ -950,14 +950,14 @@ async fn replicas_starting_together_migrate_once(db: Db) {
     let opened = futures::future::join_all((0..4).map(|_| Metadata::connect(&url))).await;
     for m in opened {
         let m = m.unwrap();
-        assert_eq!(m.schema_version().await.unwrap(), 6);
+        assert_eq!(m.schema_version().await.unwrap(), 7);
     }
     if let Some(pg) = &db.pg {
         let versions = pg.psql(
             PgCluster::db_of(&url),
             "SELECT string_agg(version::text, ',' ORDER BY version) FROM larder_schema",
         );
-        assert_eq!(versions, "1,2,3,4,5,6");
+        assert_eq!(versions, "1,2,3,4,5,6,7");
     }
 }
 
@@ -979,6 +979,95 @@ async fn a_newer_schema_is_refused(db: Db) {
         matches!(err, MetaError::SchemaTooNew { found: 99, .. }),
         "{err:?}"
     );
+}
+
+/// Realisations name a published path and existing dependencies, are never changed to
+/// another path, and go with their path (and their dependents) on eviction and cache deletion.
+async fn realisations_follow_their_paths(db: Db) {
+    let m = &db.meta;
+    let c = cache(m, "ca").await;
+    let dep = sp("dep");
+    let top = sp("top");
+    let id = |n: &str| format!("sha256:{}!out", Sha256::digest(n.as_bytes()).to_hex());
+    let row = |n: &str, p: &StorePath, deps: Vec<(String, String)>| RealisationRow {
+        drv_output: id(n),
+        out_path: p.basename(),
+        sigs: vec![format!("ca-1:{n}")],
+        deps,
+    };
+    let dep_row = row("dep", &dep, vec![]);
+    let top_row = row("top", &top, vec![(id("dep"), dep.basename())]);
+    // The path first.
+    assert_eq!(
+        m.put_realisation(c.id, &dep_row).await.unwrap(),
+        PutRealisation::MissingPath
+    );
+    publish(m, c.id, &dep, &[]).await;
+    publish(m, c.id, &top, &[&dep]).await;
+    // The dependency first.
+    assert_eq!(
+        m.put_realisation(c.id, &top_row).await.unwrap(),
+        PutRealisation::MissingDependencies(vec![id("dep")])
+    );
+    assert_eq!(
+        m.put_realisation(c.id, &dep_row).await.unwrap(),
+        PutRealisation::Created
+    );
+    // A dependency named with another out path is missing too.
+    let wrong_dep = row("top", &top, vec![(id("dep"), top.basename())]);
+    assert_eq!(
+        m.put_realisation(c.id, &wrong_dep).await.unwrap(),
+        PutRealisation::MissingDependencies(vec![id("dep")])
+    );
+    assert_eq!(
+        m.put_realisation(c.id, &top_row).await.unwrap(),
+        PutRealisation::Created
+    );
+    assert_eq!(
+        m.put_realisation(c.id, &top_row).await.unwrap(),
+        PutRealisation::AlreadyPresent
+    );
+    assert_eq!(
+        m.put_realisation(c.id, &row("top", &dep, vec![]))
+            .await
+            .unwrap(),
+        PutRealisation::Conflict {
+            existing_out_path: top.basename()
+        }
+    );
+    assert_eq!(
+        m.get_realisation(c.id, &id("top")).await.unwrap(),
+        Some(top_row.clone())
+    );
+    assert_eq!(
+        m.realisations_of_path(c.id, &dep.hash_part())
+            .await
+            .unwrap(),
+        vec![id("dep")]
+    );
+    // Another cache sees none of them.
+    let other = cache(m, "other").await;
+    assert_eq!(m.get_realisation(other.id, &id("top")).await.unwrap(), None);
+    // Evicting both paths deletes both realisations and the dependency rows.
+    let both = [top.hash_part(), dep.hash_part()];
+    assert_eq!(m.evict_paths(c.id, &both).await.unwrap(), Evicted::Done);
+    assert_eq!(m.get_realisation(c.id, &id("top")).await.unwrap(), None);
+    assert_eq!(db.rows("realisations").await, 0);
+    assert_eq!(db.rows("realisation_deps").await, 0);
+    // Deleting a cache deletes its realisations.
+    publish(m, other.id, &dep, &[]).await;
+    let mut in_other = dep_row.clone();
+    in_other.sigs.clear();
+    assert_eq!(
+        m.put_realisation(other.id, &in_other).await.unwrap(),
+        PutRealisation::Created
+    );
+    assert_eq!(
+        m.get_realisation(other.id, &id("dep")).await.unwrap(),
+        Some(in_other)
+    );
+    assert!(m.delete_cache("other").await.unwrap());
+    assert_eq!(db.rows("realisations").await, 0);
 }
 
 /// Every contract test, once per backend.
@@ -1018,6 +1107,7 @@ contract!(
     locks_have_one_holder_and_die_with_it,
     replicas_starting_together_migrate_once,
     a_newer_schema_is_refused,
+    realisations_follow_their_paths,
 );
 
 // ---- PostgreSQL only: an unreachable server --------------------------------------------
@@ -1109,6 +1199,22 @@ async fn populate(m: &Metadata) {
     .unwrap()
     .unwrap();
     m.put_log(a.id, "app.drv", "log/app", 10).await.unwrap();
+    let id = |n: &str| format!("sha256:{}!out", Sha256::digest(n.as_bytes()).to_hex());
+    for (n, p, deps) in [
+        ("lib", &lib, vec![]),
+        ("app", &app, vec![(id("lib"), lib.basename())]),
+    ] {
+        let r = RealisationRow {
+            drv_output: id(n),
+            out_path: p.basename(),
+            sigs: vec![format!("one-1:{n}")],
+            deps,
+        };
+        assert_eq!(
+            m.put_realisation(a.id, &r).await.unwrap(),
+            PutRealisation::Created
+        );
+    }
     m.record_usage(a.id, &[app.hash_part()], &[], 777)
         .await
         .unwrap();

@@ -19,6 +19,7 @@
 pub mod daemon;
 pub mod db;
 mod nar;
+mod realisations;
 mod watch;
 
 use std::collections::{BTreeSet, HashMap};

@@ -220,6 +220,8 @@ impl Metadata {
             "pins",
             "evicted_nars",
             "cache_days",
+            "realisations",
+            "realisation_deps",
         ] {
             sqlx::query(&format!("DELETE FROM {table} WHERE cache_id = $1"))
                 .bind(id)

@@ -150,6 +150,7 @@ impl Metadata {
                 q.execute(&mut *tx).await?;
             }
         }
+        super::realisations::forget_paths(&mut tx, cache_id, hashes).await?;
         for batch in hashes.chunks(IN_BATCH) {
             let ph = placeholders(2, batch.len());
             for sql in [

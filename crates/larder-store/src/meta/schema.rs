@@ -13,6 +13,9 @@
 //! cache's stored size as last sampled that day (`size_at`: when, in milliseconds, so that an
 //! older sample written late never replaces a newer one). No foreign key: rows are written
 //! from in-memory counters after the fact, and deleting a cache deletes its rows.
+//! Version 7 adds `realisations` (content-addressed derivation outputs and the path each was
+//! built to) and `realisation_deps` (the realisations each depends on); see
+//! `meta/realisations.rs`.
 //!
 //! On PostgreSQL the migrations run in one transaction under an advisory lock, so replicas
 //! starting together apply them once; a database migrated by a newer larder is refused.
@@ -156,6 +159,26 @@ CREATE TABLE cache_days (
     size_at BIGINT,
     PRIMARY KEY (cache_id, day)
 )
+"#,
+    r#"
+CREATE TABLE realisations (
+    cache_id BIGINT NOT NULL,
+    drv_output TEXT NOT NULL,
+    out_hash TEXT NOT NULL,
+    out_path TEXT NOT NULL,
+    sigs TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    PRIMARY KEY (cache_id, drv_output)
+);
+CREATE INDEX realisations_out ON realisations (cache_id, out_hash);
+CREATE TABLE realisation_deps (
+    cache_id BIGINT NOT NULL,
+    referrer TEXT NOT NULL,
+    dep TEXT NOT NULL,
+    dep_out_path TEXT NOT NULL,
+    PRIMARY KEY (cache_id, referrer, dep)
+);
+CREATE INDEX realisation_deps_dep ON realisation_deps (cache_id, dep)
 "#,
 ];
 

@@ -207,6 +207,28 @@ const TABLES: &[Table] = &[
         ],
         serial: false,
     },
+    Table {
+        name: "realisations",
+        columns: &[
+            ("cache_id", Int),
+            ("drv_output", Text),
+            ("out_hash", Text),
+            ("out_path", Text),
+            ("sigs", Text),
+            ("created_at", Int),
+        ],
+        serial: false,
+    },
+    Table {
+        name: "realisation_deps",
+        columns: &[
+            ("cache_id", Int),
+            ("referrer", Text),
+            ("dep", Text),
+            ("dep_out_path", Text),
+        ],
+        serial: false,
+    },
 ];
 
 /// The bookkeeping table of migrations: not copied (both sides are migrated to the same
