@@ -23,8 +23,6 @@ use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use larder_nix::realisation::{DrvOutput, Realisation};
-use larder_nix::signing::Signature;
-use larder_nix::store_path::StorePath;
 use larder_store::meta::{PutRealisation, RealisationRow};
 
 use crate::access::{CacheAccess, Pull, Push};
@@ -59,10 +57,10 @@ async fn get_realisation(
     let id = doi_id(&file)?;
     let row = state
         .meta
-        .get_realisation(cache.id, id.as_str())
+        .get_realisation(cache.id, &id)
         .await?
         .ok_or_else(|| ApiError::not_found("no such realisation in this cache"))?;
-    let json = render(&row)?;
+    let json = render(&row);
     Ok((
         [(header::CONTENT_TYPE, "application/json")],
         Body::from(json),
@@ -71,29 +69,17 @@ async fn get_realisation(
 }
 
 /// A stored realisation as served: what Nix's uploader would have written.
-pub fn render(row: &RealisationRow) -> Result<String, ApiError> {
-    let corrupt = |what: &str| {
-        ApiError::internal(std::io::Error::other(format!(
-            "stored {what} of realisation {} is invalid",
-            truncate(&row.drv_output)
-        )))
-    };
+pub fn render(row: &RealisationRow) -> String {
     let mut r = Realisation {
-        id: DrvOutput::parse(&row.drv_output).map_err(|_| corrupt("id"))?,
-        out_path: StorePath::from_basename(&row.out_path).map_err(|_| corrupt("out path"))?,
+        id: row.drv_output.clone(),
+        out_path: row.out_path.clone(),
         signatures: Vec::new(),
-        dependent_realisations: Default::default(),
+        dependent_realisations: row.deps.iter().cloned().collect(),
     };
     for sig in &row.sigs {
-        r.add_signature(Signature::parse(sig).map_err(|_| corrupt("signature"))?);
+        r.add_signature(sig.clone());
     }
-    for (dep, path) in &row.deps {
-        r.dependent_realisations.insert(
-            DrvOutput::parse(dep).map_err(|_| corrupt("dependency"))?,
-            StorePath::from_basename(path).map_err(|_| corrupt("dependency's out path"))?,
-        );
-    }
-    Ok(r.to_json())
+    r.to_json()
 }
 
 async fn put_realisation(
@@ -117,13 +103,13 @@ async fn put_realisation(
     }
     sign_or_check(&cache, &mut r)?;
     let row = RealisationRow {
-        drv_output: r.id.to_string(),
-        out_path: r.out_path.basename(),
-        sigs: r.signatures.iter().map(Signature::to_string).collect(),
+        drv_output: r.id.clone(),
+        out_path: r.out_path.clone(),
+        sigs: r.signatures.clone(),
         deps: r
             .dependent_realisations
             .iter()
-            .map(|(d, p)| (d.to_string(), p.basename()))
+            .map(|(d, p)| (d.clone(), p.clone()))
             .collect(),
     };
     match state.meta.put_realisation(cache.id, &row).await? {
@@ -153,7 +139,7 @@ async fn put_realisation(
                 missing
                     .iter()
                     .take(5)
-                    .map(String::as_str)
+                    .map(DrvOutput::as_str)
                     .collect::<Vec<_>>()
                     .join(" ")
             ),

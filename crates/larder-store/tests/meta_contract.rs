@@ -14,6 +14,7 @@ use futures::future::BoxFuture;
 use larder_api::Perm;
 use larder_nix::compression::Compression;
 use larder_nix::hash::Sha256;
+use larder_nix::realisation::DrvOutput;
 use larder_nix::signing::{Signature, SigningKey};
 use larder_nix::store_path::StorePath;
 use larder_store::meta::transfer::{self, TransferError};
@@ -988,15 +989,21 @@ async fn realisations_follow_their_paths(db: Db) {
     let c = cache(m, "ca").await;
     let dep = sp("dep");
     let top = sp("top");
-    let id = |n: &str| format!("sha256:{}!out", Sha256::digest(n.as_bytes()).to_hex());
-    let row = |n: &str, p: &StorePath, deps: Vec<(String, String)>| RealisationRow {
+    let id = |n: &str| {
+        DrvOutput::parse(&format!(
+            "sha256:{}!out",
+            Sha256::digest(n.as_bytes()).to_hex()
+        ))
+        .unwrap()
+    };
+    let row = |n: &str, p: &StorePath, deps: Vec<(DrvOutput, StorePath)>| RealisationRow {
         drv_output: id(n),
-        out_path: p.basename(),
-        sigs: vec![format!("ca-1:{n}")],
+        out_path: p.clone(),
+        sigs: vec![sig(n)],
         deps,
     };
     let dep_row = row("dep", &dep, vec![]);
-    let top_row = row("top", &top, vec![(id("dep"), dep.basename())]);
+    let top_row = row("top", &top, vec![(id("dep"), dep.clone())]);
     // The path first.
     assert_eq!(
         m.put_realisation(c.id, &dep_row).await.unwrap(),
@@ -1014,7 +1021,7 @@ async fn realisations_follow_their_paths(db: Db) {
         PutRealisation::Created
     );
     // A dependency named with another out path is missing too.
-    let wrong_dep = row("top", &top, vec![(id("dep"), top.basename())]);
+    let wrong_dep = row("top", &top, vec![(id("dep"), top.clone())]);
     assert_eq!(
         m.put_realisation(c.id, &wrong_dep).await.unwrap(),
         PutRealisation::MissingDependencies(vec![id("dep")])
@@ -1043,7 +1050,7 @@ async fn realisations_follow_their_paths(db: Db) {
         m.realisations_of_path(c.id, &dep.hash_part())
             .await
             .unwrap(),
-        vec![id("dep")]
+        vec![id("dep").to_string()]
     );
     // Another cache sees none of them.
     let other = cache(m, "other").await;
@@ -1199,15 +1206,21 @@ async fn populate(m: &Metadata) {
     .unwrap()
     .unwrap();
     m.put_log(a.id, "app.drv", "log/app", 10).await.unwrap();
-    let id = |n: &str| format!("sha256:{}!out", Sha256::digest(n.as_bytes()).to_hex());
+    let id = |n: &str| {
+        DrvOutput::parse(&format!(
+            "sha256:{}!out",
+            Sha256::digest(n.as_bytes()).to_hex()
+        ))
+        .unwrap()
+    };
     for (n, p, deps) in [
         ("lib", &lib, vec![]),
-        ("app", &app, vec![(id("lib"), lib.basename())]),
+        ("app", &app, vec![(id("lib"), lib.clone())]),
     ] {
         let r = RealisationRow {
             drv_output: id(n),
-            out_path: p.basename(),
-            sigs: vec![format!("one-1:{n}")],
+            out_path: p.clone(),
+            sigs: vec![sig(n)],
             deps,
         };
         assert_eq!(

@@ -16,6 +16,7 @@ use std::collections::BTreeSet;
 use larder_api::Perm;
 use larder_nix::compression::Compression;
 use larder_nix::hash::Sha256;
+use larder_nix::realisation::DrvOutput;
 use larder_nix::signing::{Signature, SigningKey, VerifyingKey};
 use larder_nix::store_path::StorePath;
 use sqlx::any::{Any, AnyTypeInfo, AnyValueRef};
@@ -149,6 +150,7 @@ unwrap_stored!(
     Option<StorePath>,
     Vec<StorePath>,
     Vec<Signature>,
+    DrvOutput,
     BTreeSet<Perm>,
     Option<Vec<CacheScope>>,
 );
@@ -184,6 +186,13 @@ impl Column for StorePath {
     const WHAT: &'static str = "a store path basename";
     fn from_text(text: &str) -> Option<Self> {
         StorePath::from_basename(text).ok()
+    }
+}
+
+impl Column for DrvOutput {
+    const WHAT: &'static str = "a derivation output id (sha256:<base16>!<output>)";
+    fn from_text(text: &str) -> Option<Self> {
+        DrvOutput::parse(text).ok()
     }
 }
 

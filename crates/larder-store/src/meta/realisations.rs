@@ -13,21 +13,41 @@
 //! - an existing realisation is never changed to another out path
 //!   ([`PutRealisation::Conflict`]).
 
-use sqlx::Row;
+use larder_nix::realisation::DrvOutput;
+use larder_nix::signing::Signature;
+use larder_nix::store_path::StorePath;
+use sqlx::FromRow;
 
-use super::{placeholders, retry, Engine, Metadata, Result, IN_BATCH, TX_ATTEMPTS};
+use super::columns::{sigs_text, Stored};
+use super::{decoding, placeholders, retry, Engine, Metadata, Result, IN_BATCH, TX_ATTEMPTS};
 use crate::now_unix;
 
 /// A stored realisation, as the server renders it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RealisationRow {
-    /// `sha256:<base16>!<output>`.
-    pub drv_output: String,
-    /// The out path's base name.
-    pub out_path: String,
-    pub sigs: Vec<String>,
-    /// `(output id, out path base name)` of the realisations it depends on.
-    pub deps: Vec<(String, String)>,
+    pub drv_output: DrvOutput,
+    pub out_path: StorePath,
+    pub sigs: Vec<Signature>,
+    /// The realisations it depends on, with the out path each names.
+    pub deps: Vec<(DrvOutput, StorePath)>,
+}
+
+/// The `realisations` columns of one row.
+#[derive(FromRow)]
+struct Realised {
+    #[sqlx(try_from = "Stored<StorePath>")]
+    out_path: StorePath,
+    #[sqlx(try_from = "Stored<Vec<Signature>>")]
+    sigs: Vec<Signature>,
+}
+
+/// One `realisation_deps` row.
+#[derive(FromRow)]
+struct Dependency {
+    #[sqlx(try_from = "Stored<DrvOutput>")]
+    dep: DrvOutput,
+    #[sqlx(try_from = "Stored<StorePath>")]
+    dep_out_path: StorePath,
 }
 
 /// What storing a realisation did.
@@ -44,7 +64,7 @@ pub enum PutRealisation {
     MissingPath,
     /// These dependencies (output ids) are not realisations of the cache with the out path
     /// named.
-    MissingDependencies(Vec<String>),
+    MissingDependencies(Vec<DrvOutput>),
 }
 
 impl Metadata {
@@ -78,7 +98,9 @@ impl Metadata {
         cache_id: i64,
         row: &RealisationRow,
     ) -> Result<PutRealisation> {
-        let out_hash = row.out_path.get(..32).unwrap_or(&row.out_path);
+        let out_hash = row.out_path.hash_part();
+        let out_path = row.out_path.basename();
+        let drv_output = row.drv_output.as_str();
         let mut tx = self.pool.begin().await?;
         // The write first, so that SQLite takes its write lock at once.
         let inserted: Option<i64> = sqlx::query_scalar(
@@ -87,10 +109,10 @@ impl Metadata {
              ON CONFLICT (cache_id, drv_output) DO NOTHING RETURNING cache_id",
         )
         .bind(cache_id)
-        .bind(&row.drv_output)
-        .bind(out_hash)
-        .bind(&row.out_path)
-        .bind(row.sigs.join("\n"))
+        .bind(drv_output)
+        .bind(&out_hash)
+        .bind(&out_path)
+        .bind(sigs_text(&row.sigs))
         .bind(now_unix())
         .fetch_optional(&mut *tx)
         .await?;
@@ -99,12 +121,12 @@ impl Metadata {
                 "SELECT out_path FROM realisations WHERE cache_id = $1 AND drv_output = $2",
             )
             .bind(cache_id)
-            .bind(&row.drv_output)
+            .bind(drv_output)
             .fetch_optional(&mut *tx)
             .await?;
             tx.rollback().await?;
             return Ok(match existing {
-                Some(p) if p == row.out_path => PutRealisation::AlreadyPresent,
+                Some(p) if p == out_path => PutRealisation::AlreadyPresent,
                 Some(p) => PutRealisation::Conflict {
                     existing_out_path: p,
                 },
@@ -124,10 +146,10 @@ impl Metadata {
             "SELECT hash || '-' || name FROM paths WHERE cache_id = $1 AND hash = $2{lock}"
         ))
         .bind(cache_id)
-        .bind(out_hash)
+        .bind(&out_hash)
         .fetch_optional(&mut *tx)
         .await?;
-        if path.as_deref() != Some(&row.out_path) {
+        if path.as_deref() != Some(out_path.as_str()) {
             tx.rollback().await?;
             return Ok(PutRealisation::MissingPath);
         }
@@ -137,10 +159,10 @@ impl Metadata {
                 "SELECT out_path FROM realisations WHERE cache_id = $1 AND drv_output = $2{lock}"
             ))
             .bind(cache_id)
-            .bind(dep)
+            .bind(dep.as_str())
             .fetch_optional(&mut *tx)
             .await?;
-            if found.as_ref() != Some(dep_path) {
+            if found != Some(dep_path.basename()) {
                 missing.push(dep.clone());
             }
         }
@@ -154,9 +176,9 @@ impl Metadata {
                  VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
             )
             .bind(cache_id)
-            .bind(&row.drv_output)
-            .bind(dep)
-            .bind(dep_path)
+            .bind(drv_output)
+            .bind(dep.as_str())
+            .bind(dep_path.basename())
             .execute(&mut *tx)
             .await?;
         }
@@ -168,41 +190,35 @@ impl Metadata {
     pub async fn get_realisation(
         &self,
         cache_id: i64,
-        drv_output: &str,
+        drv_output: &DrvOutput,
     ) -> Result<Option<RealisationRow>> {
         let mut tx = self.pool.begin().await?;
-        let row = sqlx::query(
+        let row: Option<Realised> = sqlx::query_as(
             "SELECT out_path, sigs FROM realisations WHERE cache_id = $1 AND drv_output = $2",
         )
         .bind(cache_id)
-        .bind(drv_output)
+        .bind(drv_output.as_str())
         .fetch_optional(&mut *tx)
-        .await?;
+        .await
+        .map_err(decoding("realisations"))?;
         let Some(row) = row else {
             return Ok(None);
         };
-        let deps = sqlx::query(
+        let deps: Vec<Dependency> = sqlx::query_as(
             "SELECT dep, dep_out_path FROM realisation_deps \
              WHERE cache_id = $1 AND referrer = $2 ORDER BY dep",
         )
         .bind(cache_id)
-        .bind(drv_output)
+        .bind(drv_output.as_str())
         .fetch_all(&mut *tx)
-        .await?
-        .iter()
-        .map(|r| Ok((r.try_get("dep")?, r.try_get("dep_out_path")?)))
-        .collect::<Result<Vec<(String, String)>>>()?;
+        .await
+        .map_err(decoding("realisation_deps"))?;
         tx.commit().await?;
-        let sigs: String = row.try_get("sigs")?;
         Ok(Some(RealisationRow {
-            drv_output: drv_output.to_owned(),
-            out_path: row.try_get("out_path")?,
-            sigs: sigs
-                .lines()
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-                .collect(),
-            deps,
+            drv_output: drv_output.clone(),
+            out_path: row.out_path,
+            sigs: row.sigs,
+            deps: deps.into_iter().map(|d| (d.dep, d.dep_out_path)).collect(),
         }))
     }
 
