@@ -192,7 +192,7 @@ in
           orphan_scan_interval = nullOr (types.either (types.enum [ "off" ]) larderLib.duration) "How often the orphan scan runs (\"off\": never).";
           orphan_grace = nullOr (larderLib.durationAtLeast 3600 "1h") "How old an orphaned object must be before the scan deletes it.";
           backend_timeout = nullOr (larderLib.durationAtLeast 1 "1s") "How long a GET or HEAD waits for the backends before a 503.";
-          header_timeout = nullOr (larderLib.durationAtLeast 1 "1s") "How long a connection may take to send a request head.";
+          header_timeout = nullOr (larderLib.durationAtLeast 1 "1s") "How long a connection may take to send a request head, or stay silent in a request body.";
           max_connections = nullOr types.ints.positive "Most connections open at once.";
           max_connections_per_client = nullOr types.ints.positive "Most connections open at once from one client address.";
           upstream_keys = nullOr (types.listOf larderLib.publicKey) "Keys of upstream caches (server default: cache.nixos.org's).";

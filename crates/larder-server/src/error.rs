@@ -50,6 +50,9 @@ pub enum ApiError {
     DatabaseUnavailable(#[source] larder_store::MetaError),
     #[error("object store unavailable, try again later")]
     ObjectStoreUnavailable(#[source] larder_store::ObjectError),
+    /// A request body that sent nothing for `header_timeout` (see `stall.rs`).
+    #[error("the request body stalled: no data for {}s; nothing of it was kept (send it again)", .0.as_secs())]
+    BodyStalled(std::time::Duration),
     /// A read that waited longer than `backend_timeout` for a backend (one that accepts
     /// connections but no longer answers).
     #[error("the metadata database or the object store did not answer within {}s; retry later", .0.as_secs())]
@@ -74,6 +77,7 @@ impl ApiError {
     pub fn rejection(&self) -> Rejection {
         match self {
             ApiError::Rejected(r, _) => *r,
+            ApiError::BodyStalled(_) => Rejection::Interrupted,
             other => Rejection::from_status(other.status()),
         }
     }
@@ -93,6 +97,7 @@ impl ApiError {
             ApiError::UnsupportedMedia(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Rejected(Rejection::BadSignature, _) => StatusCode::FORBIDDEN,
             ApiError::Rejected(_, _) => StatusCode::BAD_REQUEST,
+            ApiError::BodyStalled(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unavailable(_)
             | ApiError::DatabaseUnavailable(_)

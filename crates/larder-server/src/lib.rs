@@ -31,6 +31,7 @@ pub mod realisations;
 pub mod retention;
 pub mod routes;
 pub mod staging;
+pub mod stall;
 pub mod stats;
 pub mod tls;
 pub mod ui;
@@ -89,6 +90,10 @@ pub fn route_table() -> Vec<routes::Route> {
 pub fn router(state: AppState) -> Router {
     routes()
         .into_router()
+        .layer(axum::middleware::from_fn_with_state(
+            state.config.header_timeout,
+            stall::bound_body_silence,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.config.backend_timeout,
             read_deadline,

@@ -880,3 +880,98 @@ fn print_config_shows_every_layer_resolved_with_secrets_masked_and_starts_nothin
         "{stderr}"
     );
 }
+
+/// An upload whose body stops arriving is answered 408 and its connection closed after
+/// `header_timeout` of silence (half a body, or nothing after `Expect: 100-continue`, which is
+/// how Nix 2.8 re-sends a PUT after a failure), and nothing of it is kept; an upload that keeps
+/// sending, however slowly, is not cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_body_that_stops_arriving_is_dropped() {
+    use std::time::Instant;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(config.path(), "header_timeout = \"1s\"\n").unwrap();
+    let server = Server::start_with(&["--config", config.path().to_str().unwrap()]);
+    server.cli_ok(&server.admin_token, &["cache", "create", "stall"]);
+    let nar = "/stall/nar/1ylvfcrs4j8dzfwaiazj4j9bw557qzxp8d78v9inpcw9whfb7yg3.nar.zst";
+    let head = |extra: &str| {
+        format!(
+            "PUT {nar} HTTP/1.1\r\nHost: larder\r\nAuthorization: Bearer {}\r\n\
+             Content-Length: 1048576\r\n{extra}\r\n",
+            server.admin_token
+        )
+    };
+    for (what, request) in [
+        ("half a body", format!("{}\u{28}\u{b5}\u{2f}", head(""))),
+        (
+            "nothing after 100-continue",
+            head("Expect: 100-continue\r\n"),
+        ),
+    ] {
+        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", server.port))
+            .await
+            .unwrap();
+        conn.write_all(request.as_bytes()).await.unwrap();
+        let started = Instant::now();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut answer))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: still open after 10 s"));
+        let _ = read; // a reset after the answer is fine
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.contains("408 Request Timeout") && answer.contains("stalled"),
+            "{what}: {answer}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5), "{what}");
+    }
+    // A slow upload that keeps sending (a byte every 400 ms, over more than the timeout) is
+    // not cut: it reaches the server's own verdict on its bytes.
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", server.port))
+        .await
+        .unwrap();
+    // A valid uncompressed NAR (one file) under a name that is not its hash: refused at the
+    // end, once the server has every byte.
+    let mut body = Vec::new();
+    for word in [
+        "nix-archive-1",
+        "(",
+        "type",
+        "regular",
+        "contents",
+        "hello",
+        ")",
+    ] {
+        body.extend((word.len() as u64).to_le_bytes());
+        body.extend(word.as_bytes());
+        body.resize(body.len().div_ceil(8) * 8, 0);
+    }
+    let plain = nar.trim_end_matches(".zst");
+    let slow_head = format!(
+        "PUT {plain} HTTP/1.1\r\nHost: larder\r\nAuthorization: Bearer {}\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        server.admin_token,
+        body.len()
+    );
+    conn.write_all(slow_head.as_bytes()).await.unwrap();
+    for chunk in body.chunks(body.len() / 4 + 1) {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        conn.write_all(chunk).await.unwrap();
+    }
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).await.unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 400") && answer.contains("does not match its content"),
+        "{answer}"
+    );
+    // Nothing was stored; the server counted the stalls as interrupted uploads.
+    let (_, narinfo) = server.http("GET", "/stall/nix-cache-info", None);
+    assert!(narinfo.contains("StoreDir"));
+    let (_, metrics) = server.http("GET", "/metrics", Some(&server.admin_token));
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.contains("interrupted") && l.trim_end().ends_with(" 2")),
+        "{metrics}"
+    );
+}

@@ -111,8 +111,9 @@ settings! {
         /// before it is answered 503 with Retry-After, e.g. 30s; at least 1s. [default: 30s]
         #[arg(long, env = "LARDER_BACKEND_TIMEOUT")]
         pub backend_timeout: Option<String>,
-        /// How long a connection may take to send a request head, and stay idle between
-        /// requests, before the server closes it, e.g. 30s; at least 1s. [default: 30s]
+        /// How long a connection may take to send a request head, stay idle between requests,
+        /// or send nothing in the middle of a request body (answered 408), before the server
+        /// closes it, e.g. 30s; at least 1s. [default: 30s]
         #[arg(long, env = "LARDER_HEADER_TIMEOUT")]
         pub header_timeout: Option<String>,
         /// Most connections open at once; more are closed at once. [default: as many as the
