@@ -9,5 +9,6 @@ pub mod push;
 pub mod queue;
 pub mod realisations;
 mod retry;
+mod upload;
 
 pub use api::{ApiClient, ClientError};

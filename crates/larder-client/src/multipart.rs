@@ -26,11 +26,11 @@ use tokio::sync::mpsc;
 
 use crate::api::{ApiClient, ClientError};
 use crate::local_store::{LocalStoreError, PathInfo};
-use crate::push::{
+use crate::retry::Retry;
+use crate::upload::{
     error_line, transient, write_nar, Compression, Observer, PushError, PushOptions, SourceRef,
     UploadResp,
 };
-use crate::retry::Retry;
 
 /// Compressed parts waiting to be sent, per upload (bounds memory to about two parts).
 const PARTS_IN_FLIGHT: usize = 1;

@@ -17,19 +17,22 @@
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Write};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use larder_api::{PublishRequest, PublishStatus, Upload, UpstreamRef};
-use larder_nix::signing::SigningKey;
 use larder_nix::store_path::StorePath;
-use regex::Regex;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use crate::api::{ApiClient, ClientError};
-use crate::local_store::{dump_verified, LocalStore, LocalStoreError, PathInfo};
+use crate::api::ApiClient;
+use crate::local_store::{LocalStore, LocalStoreError, PathInfo};
 use crate::retry::Retry;
+pub use crate::upload::{
+    error_line, Compression, Failure, NarSource, Observer, Outcome, PushError, PushOptions,
+    SourceRef, DEFAULT_PART_SIZE,
+};
+use crate::upload::{transient, write_nar, UploadResp};
 
 /// Blocks of compressed NAR in flight per upload.
 const CHANNEL_BLOCKS: usize = 8;
@@ -37,124 +40,8 @@ const CHANNEL_BLOCKS: usize = 8;
 const BLOCK: usize = 256 * 1024;
 /// Paths per bulk `missing` query.
 const MISSING_BATCH: usize = 5000;
-/// Default part size of multi-part uploads (NAR bytes per part).
-pub const DEFAULT_PART_SIZE: u64 = 32 << 20;
 /// NARs larger than this are compressed with zstd's worker threads.
 const MT_THRESHOLD: u64 = 8 << 20;
-
-pub use larder_nix::compression::Compression;
-
-#[derive(Debug, thiserror::Error)]
-pub enum PushError {
-    #[error(transparent)]
-    Store(#[from] LocalStoreError),
-    #[error(transparent)]
-    Client(#[from] ClientError),
-    #[error("not published: a path it references failed to push")]
-    DependencyFailed,
-    #[error("internal error: {0}")]
-    Internal(String),
-}
-
-/// Where the NARs of a push come from when not from the local store: another binary cache
-/// for `larder import`.
-pub trait NarSource: Send + Sync {
-    /// Stream the NAR of `info` into `out`, checked against `info.nar_hash` and
-    /// `info.nar_size` (an error at the end means: discard what was written). Blocking; called
-    /// on a blocking thread. Failures of `out` are [`LocalStoreError::Write`].
-    fn write_nar(&self, info: &PathInfo, out: &mut dyn Write) -> Result<(), LocalStoreError>;
-}
-
-/// A shared [`NarSource`].
-#[derive(Clone)]
-pub struct SourceRef(pub Arc<dyn NarSource>);
-
-impl std::fmt::Debug for SourceRef {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("SourceRef(..)")
-    }
-}
-
-/// Stream `info`'s NAR from `source` (the local store when `None`) into `out`, telling
-/// `observer` how many NAR bytes went through ([`Observer::nar_bytes`]).
-pub(crate) fn write_nar<W: Write>(
-    source: &Option<SourceRef>,
-    info: &PathInfo,
-    out: W,
-    observer: &Arc<dyn Observer>,
-) -> Result<W, LocalStoreError> {
-    let out = CountedNar {
-        inner: out,
-        observer: observer.clone(),
-    };
-    let out = match source {
-        None => dump_verified(info, out)?,
-        Some(s) => {
-            let mut out = out;
-            s.0.write_nar(info, &mut out)?;
-            out
-        }
-    };
-    Ok(out.inner)
-}
-
-/// Counts the (uncompressed) NAR bytes written through it for the observer.
-struct CountedNar<W> {
-    inner: W,
-    observer: Arc<dyn Observer>,
-}
-
-impl<W: Write> Write for CountedNar<W> {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(data)?;
-        self.observer.nar_bytes(n as u64);
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct PushOptions {
-    pub jobs: usize,
-    pub compression: Compression,
-    pub level: i32,
-    /// Push the closures of the given paths (default) or just the paths.
-    pub closure: bool,
-    pub exclude: Vec<Regex>,
-    pub include_upstream: bool,
-    /// Key names whose signature marks a path as available upstream.
-    pub upstream_keys: Vec<String>,
-    pub omit_deriver: bool,
-    pub signing_key: Option<SigningKey>,
-    /// Attempts per path (or part) on network errors, 5xx and 429.
-    pub attempts: u32,
-    /// NARs larger than this are uploaded in parts of this many NAR bytes, each retried on its
-    /// own, so a dropped connection or a proxy's body limit costs one part.
-    pub part_size: u64,
-    /// Where NARs come from; `None`: the local store.
-    pub source: Option<SourceRef>,
-}
-
-impl Default for PushOptions {
-    fn default() -> Self {
-        PushOptions {
-            jobs: 8,
-            compression: Compression::Zstd,
-            level: 3,
-            closure: true,
-            exclude: Vec::new(),
-            include_upstream: false,
-            upstream_keys: vec![larder_nix::signing::CACHE_NIXOS_ORG_KEY_NAME.into()],
-            omit_deriver: false,
-            signing_key: None,
-            attempts: 4,
-            part_size: DEFAULT_PART_SIZE,
-            source: None,
-        }
-    }
-}
 
 /// What a push will do, decided before any byte is uploaded.
 #[derive(Debug, Default)]
@@ -267,43 +154,6 @@ pub async fn plan(
     Ok((plan, store))
 }
 
-/// How one path ended.
-#[derive(Debug, Clone)]
-pub enum Outcome {
-    Pushed {
-        /// The stored (compressed) size of its NAR.
-        file_size: u64,
-        /// What this run sent of it: less than `file_size` when an interrupted upload resumed.
-        uploaded: u64,
-        secs: f64,
-    },
-    /// The server already had it (pushed concurrently by someone else).
-    AlreadyPresent,
-    /// Deleted from the local store after planning (e.g. by garbage collection).
-    Vanished,
-    Failed(String),
-}
-
-/// Receives progress as the push runs (called from several tasks).
-pub trait Observer: Send + Sync {
-    fn started(&self, _path: &PathInfo) {}
-    /// Compressed bytes handed to the network.
-    fn bytes(&self, _n: u64) {}
-    /// NAR bytes read and compressed (the unit of the plan's total size, so a progress bar in
-    /// it is true whatever the compression ratio).
-    fn nar_bytes(&self, _n: u64) {}
-    /// A multi-part upload of `path` resumes: the server already holds `parts` parts with its
-    /// first `nar_bytes` NAR bytes, which count as processed (a progress bar starts there).
-    fn resumed(&self, _path: &PathInfo, _parts: u32, _nar_bytes: u64) {}
-    /// The server now holds `parts` parts of `path`'s multi-part upload, with its first
-    /// `nar_bytes` NAR bytes: what an interrupted push leaves for the next run to resume
-    /// (`0, 0` once the upload is complete: nothing is left to resume).
-    fn parts_kept(&self, _path: &PathInfo, _parts: u32, _nar_bytes: u64) {}
-    fn finished(&self, _path: &PathInfo, _outcome: &Outcome) {}
-    /// A retry after a transient error.
-    fn retrying(&self, _path: &PathInfo, _error: &str, _attempt: u32) {}
-}
-
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Summary {
     pub pushed: usize,
@@ -329,12 +179,6 @@ impl Summary {
         self.failed = later.failed;
         self.failures = later.failures;
     }
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Failure {
-    pub path: String,
-    pub error: String,
 }
 
 /// Upload `plan.paths` with up to `opts.jobs` in parallel, publishing each after its
@@ -457,21 +301,6 @@ pub fn replan_needed(summary: &Summary) -> bool {
     summary.failures.iter().any(gone) && summary.failures.iter().all(|f| gone(f) || dependent(f))
 }
 
-/// An error on one line: the error and its causes (each once), for progress and log lines.
-pub fn error_line(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s.replace('\n', " ")
-}
-
 /// Metadata of an upstream path a pushed path refers to, with its upstream signatures.
 fn upstream_ref(i: &PathInfo) -> UpstreamRef {
     UpstreamRef {
@@ -480,17 +309,6 @@ fn upstream_ref(i: &PathInfo) -> UpstreamRef {
         nar_size: i.nar_size,
         references: i.references.iter().map(StorePath::to_absolute).collect(),
         sigs: i.sigs.clone(),
-    }
-}
-
-/// For a transient failure, how long the server asked to wait (if it did).
-pub(crate) fn transient(e: &PushError) -> Option<Option<Duration>> {
-    match e {
-        PushError::Client(c) if c.is_transient() => Some(match c {
-            ClientError::Status { retry_after, .. } => *retry_after,
-            _ => None,
-        }),
-        _ => None,
     }
 }
 
@@ -584,25 +402,6 @@ async fn push_one(
                     None => return Err(e),
                 }
             }
-        }
-    }
-}
-
-/// What the server measured of an uploaded NAR (the fields the push needs).
-pub(crate) struct UploadResp {
-    upload_id: String,
-    file_size: u64,
-    /// Stored bytes the server had before this run (the parts a resumed upload kept).
-    pub(crate) kept: u64,
-}
-
-impl From<Upload> for UploadResp {
-    fn from(u: Upload) -> Self {
-        UploadResp {
-            upload_id: u.upload_id,
-            // A size is never negative; were it, nothing of it was sent.
-            file_size: u64::try_from(u.file_size).unwrap_or(0),
-            kept: 0,
         }
     }
 }

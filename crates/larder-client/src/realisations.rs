@@ -14,7 +14,7 @@ use larder_nix::signing::SigningKey;
 use larder_nix::store_path::StorePath;
 
 use crate::api::ApiClient;
-use crate::push::{error_line, Failure, PushError};
+use crate::upload::{error_line, Failure, PushError};
 
 /// The realisations (dependencies first) that can be in the cache once `in_cache` is: those
 /// whose out path is there and whose dependencies are kept too.

@@ -104,7 +104,7 @@ pub(crate) async fn authorized_cache(
     name: &str,
     perm: Perm,
 ) -> Result<Arc<CacheRow>, ApiError> {
-    let Some(cache) = crate::binary_cache::find_cache(state, name).await? else {
+    let Some(cache) = crate::cache_lookup::find_cache(state, name).await? else {
         principal(state, headers).await?.require(perm, name)?;
         return Err(ApiError::not_found(format!("no cache named {name:?}")));
     };

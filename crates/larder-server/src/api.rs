@@ -8,18 +8,15 @@
 //! the same two-step shape as Nix's own uploader (NAR first, then narinfo), so both go through
 //! one publishing path.
 
-use tokio::io::AsyncWriteExt;
-
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
-use futures::StreamExt;
 use larder_api::{
     Cache, ConfigureCache, CreateCache, CreateToken, MissingRequest, MissingResponse,
     PublishRequest, PublishStatus, Published, RegisterKey, Size, Token, Upload, WhoAmI,
 };
-use larder_nix::hash::{Sha256, Sha256Hasher};
+use larder_nix::hash::Sha256;
 use larder_nix::signing::{Signature, SigningKey, VerifyingKey};
 use larder_nix::store_path::StorePath;
 use larder_store::meta::{
@@ -877,34 +874,4 @@ async fn revoke_token(
             truncate(&id)
         )))
     }
-}
-
-/// Stream a body into a staging file in `dir` (at most `limit` bytes), returning its path, SHA-256
-/// and size.
-pub async fn spool_body(
-    body: Body,
-    limit: u64,
-    staging: &crate::staging::Staging,
-    dir: &std::path::Path,
-) -> Result<(tempfile::TempPath, Sha256, u64), ApiError> {
-    let tmp = staging.tempfile("spool", dir).map_err(ApiError::internal)?;
-    let (file, path) = tmp.into_parts();
-    // Async writes: a serving thread runs many connections and must never block on the disk.
-    let mut out = tokio::io::BufWriter::with_capacity(256 * 1024, tokio::fs::File::from_std(file));
-    let mut hasher = Sha256Hasher::new();
-    let mut size = 0u64;
-    let mut stream = body.into_data_stream();
-    while let Some(block) = stream.next().await {
-        let block = block.map_err(|e| ApiError::bad(format!("upload interrupted: {e}")))?;
-        size += block.len() as u64;
-        if size > limit {
-            return Err(ApiError::PayloadTooLarge(limit));
-        }
-        hasher.update(&block);
-        out.write_all(&block).await.map_err(ApiError::internal)?;
-    }
-    out.flush().await.map_err(ApiError::internal)?;
-    let file = out.into_inner();
-    file.sync_all().await.map_err(ApiError::internal)?;
-    Ok((path, hasher.finalize(), size))
 }

@@ -19,14 +19,15 @@ use futures::{StreamExt, TryStreamExt};
 use larder_nix::cache_info::CacheInfo;
 use larder_nix::narinfo::NarInfo;
 use larder_nix::store_path::{validate_hash_part, StorePath};
-use larder_store::meta::{CacheRow, ChunkRow, NarRow};
+use larder_store::meta::{ChunkRow, NarRow};
 
 use crate::access::{CacheAccess, Pull, Push};
 use crate::auth::{principal, Perm};
+use crate::cache_lookup::find_cache;
 use crate::config::NarRedirect;
 use crate::error::ApiError;
 use crate::ingest::{ingest, parse_nar_file_name, truncate};
-use crate::publish::{load_cache, publish, render_narinfo, store_upload, PathInfo};
+use crate::publish::{publish, render_narinfo, store_upload, PathInfo};
 use crate::routes::Routes;
 use crate::AppState;
 
@@ -45,18 +46,6 @@ pub fn routes() -> Routes {
         .put("/{cache}/nar/{file}", put_nar)
         .get("/{cache}/log/{drv}", get_log)
         .put("/{cache}/log/{drv}", put_log)
-}
-
-/// The cache named `name`, or `None` when there is none.
-pub(crate) async fn find_cache(
-    state: &AppState,
-    name: &str,
-) -> Result<Option<std::sync::Arc<CacheRow>>, ApiError> {
-    match load_cache(state, name).await {
-        Ok(cache) => Ok(Some(cache)),
-        Err(ApiError::NotFound(_)) => Ok(None),
-        Err(e) => Err(e),
-    }
 }
 
 /// `nix-cache-info` stays readable to everyone, as Nix needs it before it sends a request that
@@ -618,7 +607,7 @@ async fn put_log(
     let drv = drv_name(&drv)?;
     state.objects.check_available().await?;
     let (path, hash, size) =
-        crate::api::spool_body(body, MAX_LOG_BYTES, &state.staging, state.staging.dir()).await?;
+        crate::ingest::spool_body(body, MAX_LOG_BYTES, &state.staging, state.staging.dir()).await?;
     let key = format!("log/{}", hash.to_nix32());
     state.objects.put_file(&key, &path).await?;
     state

@@ -14,6 +14,7 @@ use futures::StreamExt;
 use larder_nix::hash::{Sha256, Sha256Hasher};
 use larder_nix::nar::parse::{NarError, NarParser};
 use tempfile::TempPath;
+use tokio::io::AsyncWriteExt;
 
 use crate::error::{ApiError, Rejection};
 
@@ -482,4 +483,34 @@ pub fn measure_part(
         file_size,
         nar: Some((nar_hasher.finalize(), nar_size)),
     })
+}
+
+/// Stream a body into a staging file in `dir` (at most `limit` bytes), returning its path, SHA-256
+/// and size.
+pub async fn spool_body(
+    body: Body,
+    limit: u64,
+    staging: &crate::staging::Staging,
+    dir: &std::path::Path,
+) -> Result<(tempfile::TempPath, Sha256, u64), ApiError> {
+    let tmp = staging.tempfile("spool", dir).map_err(ApiError::internal)?;
+    let (file, path) = tmp.into_parts();
+    // Async writes: a serving thread runs many connections and must never block on the disk.
+    let mut out = tokio::io::BufWriter::with_capacity(256 * 1024, tokio::fs::File::from_std(file));
+    let mut hasher = Sha256Hasher::new();
+    let mut size = 0u64;
+    let mut stream = body.into_data_stream();
+    while let Some(block) = stream.next().await {
+        let block = block.map_err(|e| ApiError::bad(format!("upload interrupted: {e}")))?;
+        size += block.len() as u64;
+        if size > limit {
+            return Err(ApiError::PayloadTooLarge(limit));
+        }
+        hasher.update(&block);
+        out.write_all(&block).await.map_err(ApiError::internal)?;
+    }
+    out.flush().await.map_err(ApiError::internal)?;
+    let file = out.into_inner();
+    file.sync_all().await.map_err(ApiError::internal)?;
+    Ok((path, hasher.finalize(), size))
 }

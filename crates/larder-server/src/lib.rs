@@ -18,6 +18,7 @@ pub mod access;
 pub mod api;
 pub mod auth;
 pub mod binary_cache;
+pub mod cache_lookup;
 pub mod config;
 pub mod conn;
 pub mod data_lock;

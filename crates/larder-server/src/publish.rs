@@ -9,8 +9,6 @@
 //!
 //! The server never trusts a client's NarHash, NarSize, FileHash or FileSize.
 
-use std::sync::Arc;
-
 use larder_nix::hash::Sha256;
 use larder_nix::narinfo::NarInfo;
 use larder_nix::signing::{Signature, SigningKey, VerifyingKey};
@@ -21,28 +19,7 @@ use larder_store::meta::{
 
 use crate::error::{ApiError, Rejection};
 use crate::ingest::{truncate, Ingested};
-use crate::{valid_cache_name, AppState};
-
-/// Look a cache up by name: 400 for a malformed name, 404 for an unknown one.
-pub async fn load_cache(state: &AppState, name: &str) -> Result<Arc<CacheRow>, ApiError> {
-    if !valid_cache_name(name) {
-        return Err(ApiError::bad(format!(
-            "invalid cache name {:?}",
-            truncate(name)
-        )));
-    }
-    if let Some(c) = state.hot.cache(name) {
-        return Ok(c);
-    }
-    let row = state
-        .meta
-        .get_cache(name)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no cache named {name:?}")))?;
-    let row = Arc::new(row);
-    state.hot.put_cache(row.clone());
-    Ok(row)
-}
+use crate::AppState;
 
 pub(crate) fn random_id() -> Result<String, ApiError> {
     let mut b = [0u8; 16];

@@ -46,8 +46,8 @@ use crate::access::can_see;
 use crate::api::cache_json;
 use crate::api::contents::{list_page, path_detail, PageRequest};
 use crate::auth::{principal, principal_for_token, Grant, Principal};
+use crate::cache_lookup::load_cache;
 use crate::error::ApiError;
-use crate::publish::load_cache;
 use crate::routes::Routes;
 use crate::{valid_cache_name, AppState};
 use larder_api::PathList;
@@ -410,23 +410,9 @@ fn list_href(cache: &str, q: Option<&str>, cursor: Option<&str>, limit: Option<i
 /// Bytes in binary units, as the CLI shows them (one definition, in larder-nix).
 pub use larder_nix::size::human_size;
 
-/// Days since 1970-01-01 → (year, month, day) in the proleptic Gregorian calendar (Howard
-/// Hinnant's `civil_from_days`).
-pub(crate) fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
-
 /// A Unix time as `YYYY-MM-DD HH:MM UTC` and as an RFC 3339 `datetime`.
 fn utc(ts: i64) -> (String, String) {
-    let (y, m, d) = civil_from_days(ts.div_euclid(86_400));
+    let (y, m, d) = crate::stats::civil_from_days(ts.div_euclid(86_400));
     let s = ts.rem_euclid(86_400);
     let (hh, mm, ss) = (s / 3600, s % 3600 / 60, s % 60);
     (

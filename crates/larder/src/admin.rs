@@ -314,65 +314,18 @@ pub async fn cache(cmd: CacheCommand) -> anyhow::Result<()> {
             compression,
             json,
         } => {
-            let t = target(&name)?;
-            let c = t
-                .client
-                .create_cache(&CreateCache {
-                    name: t.cache.clone(),
-                    private,
-                    max_size: max_size.as_deref().map(max_size_arg).transpose()?.flatten(),
-                    priority,
-                    compression,
-                })
-                .await
-                .with_context(|| format!("cannot create cache {:?}", t.cache))?;
-            if json {
-                print_json(&c)?;
-            } else {
-                eprintln!("created cache {:?}", c.name);
-                print_cache(&c)?;
-            }
+            create_cache(
+                &name,
+                private,
+                max_size.as_deref(),
+                priority,
+                compression,
+                json,
+            )
+            .await
         }
-        CacheCommand::List { json } => {
-            let caches = connect(None)?
-                .list_caches()
-                .await
-                .context("cannot list caches")?;
-            if json {
-                print_json(&caches)?;
-            } else if caches.is_empty() {
-                eprintln!("no caches (create one with `larder cache create NAME`)");
-            } else {
-                let mut out = format!(
-                    "{:<24} {:<8} {:>8} {:>12}  {}\n",
-                    "NAME", "ACCESS", "PATHS", "SIZE", "URL"
-                );
-                for c in &caches {
-                    out.push_str(&format!(
-                        "{:<24} {:<8} {:>8} {:>12}  {}\n",
-                        c.name,
-                        if c.private { "private" } else { "public" },
-                        c.paths,
-                        human_size(c.size),
-                        c.url
-                    ));
-                }
-                print(&out)?;
-            }
-        }
-        CacheCommand::Info { cache, json } => {
-            let t = target(&cache)?;
-            let c = t
-                .client
-                .cache_info(&t.cache)
-                .await
-                .with_context(|| format!("cannot get cache {:?}", t.cache))?;
-            if json {
-                print_json(&c)?;
-            } else {
-                print_cache(&c)?;
-            }
-        }
+        CacheCommand::List { json } => list_caches(json).await,
+        CacheCommand::Info { cache, json } => cache_info(&cache, json).await,
         CacheCommand::Configure {
             cache,
             private,
@@ -382,47 +335,146 @@ pub async fn cache(cmd: CacheCommand) -> anyhow::Result<()> {
             compression,
             json,
         } => {
-            let t = target(&cache)?;
-            let body = ConfigureCache {
-                private: (private || public).then_some(private),
-                max_size: max_size.as_deref().map(max_size_arg).transpose()?,
+            let private = (private || public).then_some(private);
+            configure_cache(
+                &cache,
+                private,
+                max_size.as_deref(),
                 priority,
                 compression,
-            };
-            if body.is_empty() {
-                return Err(fail_with_hint(
-                    "nothing to change",
-                    "pass --private/--public, --max-size, --priority or --compression",
-                ));
-            }
-            let c = t
-                .client
-                .configure_cache(&t.cache, &body)
-                .await
-                .with_context(|| format!("cannot configure cache {:?}", t.cache))?;
-            if json {
-                print_json(&c)?;
-            } else {
-                print_cache(&c)?;
-            }
+                json,
+            )
+            .await
         }
-        CacheCommand::Delete { cache, yes } => {
-            let t = target(&cache)?;
-            if !yes {
-                return Err(fail_with_hint(
-                    format!("not deleting cache {:?} without confirmation", t.cache),
-                    format!(
-                        "this deletes every path in it; run `larder cache delete {cache} --yes`"
-                    ),
-                ));
-            }
-            t.client
-                .delete_cache(&t.cache)
-                .await
-                .with_context(|| format!("cannot delete cache {:?}", t.cache))?;
-            eprintln!("deleted cache {:?}", t.cache);
-        }
+        CacheCommand::Delete { cache, yes } => delete_cache(&cache, yes).await,
     }
+}
+
+/// `larder cache create`.
+async fn create_cache(
+    name: &str,
+    private: bool,
+    max_size: Option<&str>,
+    priority: Option<i64>,
+    compression: Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let t = target(name)?;
+    let c = t
+        .client
+        .create_cache(&CreateCache {
+            name: t.cache.clone(),
+            private,
+            max_size: max_size.map(max_size_arg).transpose()?.flatten(),
+            priority,
+            compression,
+        })
+        .await
+        .with_context(|| format!("cannot create cache {:?}", t.cache))?;
+    if json {
+        print_json(&c)?;
+    } else {
+        eprintln!("created cache {:?}", c.name);
+        print_cache(&c)?;
+    }
+    Ok(())
+}
+
+/// `larder cache list`: a table, or JSON.
+async fn list_caches(json: bool) -> anyhow::Result<()> {
+    let caches = connect(None)?
+        .list_caches()
+        .await
+        .context("cannot list caches")?;
+    if json {
+        print_json(&caches)?;
+    } else if caches.is_empty() {
+        eprintln!("no caches (create one with `larder cache create NAME`)");
+    } else {
+        let mut out = format!(
+            "{:<24} {:<8} {:>8} {:>12}  {}\n",
+            "NAME", "ACCESS", "PATHS", "SIZE", "URL"
+        );
+        for c in &caches {
+            out.push_str(&format!(
+                "{:<24} {:<8} {:>8} {:>12}  {}\n",
+                c.name,
+                if c.private { "private" } else { "public" },
+                c.paths,
+                human_size(c.size),
+                c.url
+            ));
+        }
+        print(&out)?;
+    }
+    Ok(())
+}
+
+/// `larder cache info`.
+async fn cache_info(cache: &str, json: bool) -> anyhow::Result<()> {
+    let t = target(cache)?;
+    let c = t
+        .client
+        .cache_info(&t.cache)
+        .await
+        .with_context(|| format!("cannot get cache {:?}", t.cache))?;
+    if json {
+        print_json(&c)?;
+    } else {
+        print_cache(&c)?;
+    }
+    Ok(())
+}
+
+/// `larder cache configure`: `private` is `None` when neither --private nor --public was given.
+async fn configure_cache(
+    cache: &str,
+    private: Option<bool>,
+    max_size: Option<&str>,
+    priority: Option<i64>,
+    compression: Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let t = target(cache)?;
+    let body = ConfigureCache {
+        private,
+        max_size: max_size.map(max_size_arg).transpose()?,
+        priority,
+        compression,
+    };
+    if body.is_empty() {
+        return Err(fail_with_hint(
+            "nothing to change",
+            "pass --private/--public, --max-size, --priority or --compression",
+        ));
+    }
+    let c = t
+        .client
+        .configure_cache(&t.cache, &body)
+        .await
+        .with_context(|| format!("cannot configure cache {:?}", t.cache))?;
+    if json {
+        print_json(&c)?;
+    } else {
+        print_cache(&c)?;
+    }
+    Ok(())
+}
+
+/// `larder cache delete`: only with --yes.
+async fn delete_cache(cache: &str, yes: bool) -> anyhow::Result<()> {
+    let t = target(cache)?;
+    if !yes {
+        return Err(fail_with_hint(
+            format!("not deleting cache {:?} without confirmation", t.cache),
+            format!("this deletes every path in it; run `larder cache delete {cache} --yes`"),
+        ));
+    }
+    t.client
+        .delete_cache(&t.cache)
+        .await
+        .with_context(|| format!("cannot delete cache {:?}", t.cache))?;
+    eprintln!("deleted cache {:?}", t.cache);
     Ok(())
 }
 

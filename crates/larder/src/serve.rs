@@ -60,23 +60,65 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     larder_server::conn::raise_fd_limit();
     larder_server::create_private_files();
     // Held until this function returns (the server has stopped) or the process dies.
-    let _data_lock = match larder_server::data_lock::lock_data_dir(&config) {
-        Err(e @ larder_server::data_lock::LockError::Busy { .. }) => {
-            return Err(crate::output::fail_with_hint(
-                e,
-                "stop it first, or give this server another --data DIR; several servers on \
-                 one deployment need PostgreSQL (see \"Scaling out\" in the README)",
-            ))
-        }
-        other => other?,
-    };
+    let _data_lock = lock_data_dir(&config)?;
     // Checked before anything is bound: a bad pair stops the server here, naming both files.
     let tls = config
         .tls
         .as_ref()
         .map(larder_server::tls::Tls::load)
         .transpose()?;
-    let tls_on = tls.is_some();
+    let bound = bind(&mut config, tls.is_some(), listen_given, public_url_given).await?;
+    let state = larder_server::open_state(config)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    prepare_state(&state, &bound.login_url).await?;
+    warn_about_addresses(&state, &bound);
+    say(&format!("listening on {}://{}", bound.scheme, bound.addr));
+    // Under systemd (Type=notify): the sockets are listening and every start-up step (the
+    // database, declared caches) is done, so requests are answered from now on.
+    notify_systemd(sd_notify::NotifyState::Ready);
+    larder_server::serve_on(state, bound.listeners, tls, shutdown_signal())
+        .await
+        .context("server failed")?;
+    say("stopped");
+    Ok(())
+}
+
+/// The data directory's lock (SQLite only), or the error naming the server holding it.
+fn lock_data_dir(config: &Config) -> anyhow::Result<Option<larder_server::data_lock::DataDirLock>> {
+    match larder_server::data_lock::lock_data_dir(config) {
+        Err(e @ larder_server::data_lock::LockError::Busy { .. }) => {
+            Err(crate::output::fail_with_hint(
+                e,
+                "stop it first, or give this server another --data DIR; several servers on \
+                 one deployment need PostgreSQL (see \"Scaling out\" in the README)",
+            ))
+        }
+        other => Ok(other?),
+    }
+}
+
+/// The listening sockets and the addresses the server tells about.
+struct Bound {
+    listeners: Vec<std::net::TcpListener>,
+    addr: std::net::SocketAddr,
+    scheme: &'static str,
+    tls_on: bool,
+    /// Listening on an unspecified address without a public URL: no client can use the URL
+    /// caches are announced with.
+    unreachable_default: bool,
+    /// The URL to give `larder login`.
+    login_url: String,
+}
+
+/// Bind `config.listen` (or take the sockets systemd passed), and set `config.listen` and,
+/// when none was given, `config.public_url` to the address actually bound.
+async fn bind(
+    config: &mut Config,
+    tls_on: bool,
+    listen_given: bool,
+    public_url_given: bool,
+) -> anyhow::Result<Bound> {
     let scheme = if tls_on { "https" } else { "http" };
     let (listeners, passed) = listening_sockets(&config.listen).await?;
     if passed && listen_given {
@@ -98,10 +140,19 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         config.public_url.clone()
     };
-    let state = larder_server::open_state(config)
-        .await
-        .map_err(|e| anyhow::anyhow!(e))?;
-    if let Some(path) = larder_server::bootstrap_admin_token(&state)
+    Ok(Bound {
+        listeners,
+        addr,
+        scheme,
+        tls_on,
+        unreachable_default,
+        login_url,
+    })
+}
+
+/// Start-up steps on the opened backends: the bootstrap admin token, the declared caches.
+async fn prepare_state(state: &larder_server::AppState, login_url: &str) -> anyhow::Result<()> {
+    if let Some(path) = larder_server::bootstrap_admin_token(state)
         .await
         .map_err(|e| anyhow::anyhow!(e))
         .context("cannot create the bootstrap admin token")?
@@ -113,14 +164,25 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             path.display()
         ));
     }
-    for change in larder_server::declared::apply(&state)
+    for change in larder_server::declared::apply(state)
         .await
         .map_err(|e| anyhow::anyhow!(e))
         .context("cannot apply the caches declared in the config file")?
     {
         say(&change);
     }
-    if tls_on && state.config.public_url.starts_with("http://") {
+    Ok(())
+}
+
+/// Warn about addresses no client can use, and a data directory that will not last.
+fn warn_about_addresses(state: &larder_server::AppState, bound: &Bound) {
+    let Bound {
+        addr,
+        scheme,
+        login_url,
+        ..
+    } = bound;
+    if bound.tls_on && state.config.public_url.starts_with("http://") {
         warn(&format!(
             "public_url is {} but this server speaks HTTPS only (tls_cert and tls_key are set): \
              clients told this URL cannot connect; use https://",
@@ -130,7 +192,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(warning) = larder_server::data_dir_warning(&state.config.data_dir) {
         warn(&warning);
     }
-    if unreachable_default {
+    if bound.unreachable_default {
         warn(&format!(
             "listening on {addr} without --public-url: caches are announced \
              as {scheme}://{addr}/CACHE and new caches' keys are named after {ip}, which no \
@@ -139,15 +201,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             ip = addr.ip()
         ));
     }
-    say(&format!("listening on {scheme}://{addr}"));
-    // Under systemd (Type=notify): the sockets are listening and every start-up step (the
-    // database, declared caches) is done, so requests are answered from now on.
-    notify_systemd(sd_notify::NotifyState::Ready);
-    larder_server::serve_on(state, listeners, tls, shutdown_signal())
-        .await
-        .context("server failed")?;
-    say("stopped");
-    Ok(())
 }
 
 /// A start-up or shutdown message: `larder: MESSAGE` on stderr, or a JSON log record when

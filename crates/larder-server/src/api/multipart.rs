@@ -563,7 +563,7 @@ pub async fn put_part(
     }
     let limit = room.min(state.config.max_upload_size);
     let compression = parse_compression(&read_manifest(&dir).await?.compression)?;
-    let (tmp, _hash, _size) = super::spool_body(body, limit, &state.staging, &dir)
+    let (tmp, _hash, _size) = crate::ingest::spool_body(body, limit, &state.staging, &dir)
         .await
         .map_err(|e| match e {
             ApiError::PayloadTooLarge(_) if limit < state.config.max_upload_size => full(),
