@@ -329,15 +329,12 @@ struct CacheInfoQuery {
     tag = "caches",
     operation_id = "cacheInfo",
     params(
-        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        crate::api::openapi::CachePath,
         ("settled" = Option<bool>, Query, description = "Answer once the evictions that uploads to the cache triggered on this server are done (at most backend_timeout): what a pusher asks before it checks that its closure is still all there. Default: false."),
     ),
     responses(
         (status = 200, description = "The cache.", body = larder_api::Cache),
-        (status = 400, response = crate::api::openapi::BadRequest),
-        (status = 401, response = crate::api::openapi::Unauthorized),
-        (status = 403, response = crate::api::openapi::Forbidden),
-        (status = 404, response = crate::api::openapi::NotFound),
+        crate::api::openapi::CacheRefusals,
     ),
 )]
 async fn cache_info(
@@ -366,15 +363,12 @@ async fn cache_info(
     tag = "caches",
     operation_id = "configureCache",
     params(
-        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        crate::api::openapi::CachePath,
     ),
     request_body = larder_api::ConfigureCache,
     responses(
         (status = 200, description = "The cache.", body = larder_api::Cache),
-        (status = 400, response = crate::api::openapi::BadRequest),
-        (status = 401, response = crate::api::openapi::Unauthorized),
-        (status = 403, response = crate::api::openapi::Forbidden),
-        (status = 404, response = crate::api::openapi::NotFound),
+        crate::api::openapi::CacheRefusals,
     ),
 )]
 async fn configure_cache(
@@ -421,14 +415,11 @@ async fn configure_cache(
     tag = "caches",
     operation_id = "deleteCache",
     params(
-        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        crate::api::openapi::CachePath,
     ),
     responses(
         (status = 204, description = "Done."),
-        (status = 400, response = crate::api::openapi::BadRequest),
-        (status = 401, response = crate::api::openapi::Unauthorized),
-        (status = 403, response = crate::api::openapi::Forbidden),
-        (status = 404, response = crate::api::openapi::NotFound),
+        crate::api::openapi::CacheRefusals,
     ),
 )]
 async fn delete_cache(
@@ -453,15 +444,12 @@ async fn delete_cache(
     tag = "caches",
     operation_id = "registerPublicKey",
     params(
-        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        crate::api::openapi::CachePath,
     ),
     request_body = larder_api::RegisterKey,
     responses(
         (status = 200, description = "The cache.", body = larder_api::Cache),
-        (status = 400, response = crate::api::openapi::BadRequest),
-        (status = 401, response = crate::api::openapi::Unauthorized),
-        (status = 403, response = crate::api::openapi::Forbidden),
-        (status = 404, response = crate::api::openapi::NotFound),
+        crate::api::openapi::CacheRefusals,
     ),
 )]
 // Switch a cache to client-side signing with this public key (`larder generate-keypair`).
@@ -495,15 +483,12 @@ async fn register_public_key(
     tag = "caches",
     operation_id = "missing",
     params(
-        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        crate::api::openapi::CachePath,
     ),
     request_body = larder_api::MissingRequest,
     responses(
         (status = 200, description = "The missing ones.", body = larder_api::MissingResponse),
-        (status = 400, response = crate::api::openapi::BadRequest),
-        (status = 401, response = crate::api::openapi::Unauthorized),
-        (status = 403, response = crate::api::openapi::Forbidden),
-        (status = 404, response = crate::api::openapi::NotFound),
+        crate::api::openapi::CacheRefusals,
     ),
 )]
 async fn missing(
@@ -588,16 +573,13 @@ pub(crate) fn upload_json(upload_id: String, nar: larder_store::meta::NarRow) ->
     tag = "caches",
     operation_id = "uploadNar",
     params(
-        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        crate::api::openapi::CachePath,
         ("compression" = String, Query, pattern = "^(zstd|xz|none)$"),
     ),
     request_body(content = inline(crate::api::openapi::Bytes), content_type = "application/octet-stream"),
     responses(
         (status = 201, description = "What the server measured.", body = larder_api::Upload),
-        (status = 400, response = crate::api::openapi::BadRequest),
-        (status = 401, response = crate::api::openapi::Unauthorized),
-        (status = 403, response = crate::api::openapi::Forbidden),
-        (status = 404, response = crate::api::openapi::NotFound),
+        crate::api::openapi::CacheRefusals,
         (status = 413, response = crate::api::openapi::TooLarge),
         (status = 415, response = crate::api::openapi::UnsupportedMedia),
     ),
@@ -629,16 +611,13 @@ async fn upload_nar(
     tag = "caches",
     operation_id = "publishPath",
     params(
-        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        crate::api::openapi::CachePath,
     ),
     request_body = larder_api::PublishRequest,
     responses(
         (status = 201, description = "Published.", body = larder_api::Published),
         (status = 200, description = "Already there with the same content.", body = larder_api::Published),
-        (status = 400, response = crate::api::openapi::BadRequest),
-        (status = 401, response = crate::api::openapi::Unauthorized),
-        (status = 403, response = crate::api::openapi::Forbidden),
-        (status = 404, response = crate::api::openapi::NotFound),
+        crate::api::openapi::CacheRefusals,
         (status = 409, response = crate::api::openapi::Conflict),
     ),
 )]

@@ -67,17 +67,14 @@ pub(super) struct ListQuery {
     tag = "caches",
     operation_id = "listPaths",
     params(
-        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        crate::api::openapi::CachePath,
         ("query" = Option<String>, Query, description = "Substring of `<hash>-<name>` (case-insensitive).", max_length = 200),
         ("limit" = Option<u64>, Query, description = "Default: 100.", minimum = 1, maximum = 1000),
         ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page."),
     ),
     responses(
         (status = 200, description = "One page.", body = larder_api::PathList),
-        (status = 400, response = crate::api::openapi::BadRequest),
-        (status = 401, response = crate::api::openapi::Unauthorized),
-        (status = 403, response = crate::api::openapi::Forbidden),
-        (status = 404, response = crate::api::openapi::NotFound),
+        crate::api::openapi::CacheRefusals,
     ),
 )]
 pub(super) async fn list_paths(
@@ -193,15 +190,12 @@ fn path_arg(arg: &str) -> Result<(String, Option<String>), ApiError> {
     tag = "caches",
     operation_id = "pathInfo",
     params(
-        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        crate::api::openapi::CachePath,
         ("path" = String, Path, description = "Hash part, basename `<hash>-<name>`, or the whole store path (percent-encoded)."),
     ),
     responses(
         (status = 200, description = "The path.", body = larder_api::PathDetail),
-        (status = 400, response = crate::api::openapi::BadRequest),
-        (status = 401, response = crate::api::openapi::Unauthorized),
-        (status = 403, response = crate::api::openapi::Forbidden),
-        (status = 404, response = crate::api::openapi::NotFound),
+        crate::api::openapi::CacheRefusals,
     ),
 )]
 pub(super) async fn path_info(
@@ -321,16 +315,13 @@ pub(super) struct DeleteQuery {
     tag = "caches",
     operation_id = "deletePath",
     params(
-        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        crate::api::openapi::CachePath,
         ("path" = String, Path, description = "Hash part, basename `<hash>-<name>`, or the whole store path (percent-encoded)."),
         ("with_referrers" = Option<bool>, Query, description = "Also delete every path that (transitively) references it. Default: false."),
     ),
     responses(
         (status = 200, description = "What was deleted.", body = larder_api::DeleteReport),
-        (status = 400, response = crate::api::openapi::BadRequest),
-        (status = 401, response = crate::api::openapi::Unauthorized),
-        (status = 403, response = crate::api::openapi::Forbidden),
-        (status = 404, response = crate::api::openapi::NotFound),
+        crate::api::openapi::CacheRefusals,
         (status = 409, response = crate::api::openapi::Conflict),
     ),
 )]

@@ -284,17 +284,14 @@ fn staging_allowance(state: &AppState, c: &larder_store::meta::CacheRow) -> u64 
     tag = "caches",
     operation_id = "openMultipart",
     params(
-        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        crate::api::openapi::CachePath,
         ("compression" = String, Query, pattern = "^(zstd|xz|none)$"),
         ("nar_hash" = Option<String>, Query, description = "SHA-256 of the NAR (`sha256:<nix32>`, or any spelling Nix accepts). Optional."),
         ("nar_size" = Option<u64>, Query, description = "Size of the NAR in bytes. Optional.", minimum = 0),
     ),
     responses(
         (status = 201, description = "The upload's id.", body = larder_api::MultipartOpened),
-        (status = 400, response = crate::api::openapi::BadRequest),
-        (status = 401, response = crate::api::openapi::Unauthorized),
-        (status = 403, response = crate::api::openapi::Forbidden),
-        (status = 404, response = crate::api::openapi::NotFound),
+        crate::api::openapi::CacheRefusals,
         (status = 415, response = crate::api::openapi::UnsupportedMedia),
         (status = 429, description = "The cache has as many unfinished multi-part uploads as it may (16).", body = larder_api::ErrorBody),
     ),
@@ -356,16 +353,13 @@ pub async fn open(
     tag = "caches",
     operation_id = "listMultipart",
     params(
-        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        crate::api::openapi::CachePath,
         ("nar_hash" = Option<String>, Query, description = "SHA-256 of the NAR (`sha256:<nix32>`, or any spelling Nix accepts). Only uploads opened for it."),
         ("nar_size" = Option<u64>, Query, description = "Size of the NAR in bytes. Only uploads opened for it.", minimum = 0),
     ),
     responses(
         (status = 200, description = "The uploads.", body = larder_api::MultipartList),
-        (status = 400, response = crate::api::openapi::BadRequest),
-        (status = 401, response = crate::api::openapi::Unauthorized),
-        (status = 403, response = crate::api::openapi::Forbidden),
-        (status = 404, response = crate::api::openapi::NotFound),
+        crate::api::openapi::CacheRefusals,
     ),
 )]
 // The cache's unfinished uploads on this server, most recently written first; with
@@ -426,15 +420,12 @@ pub async fn list(
     tag = "caches",
     operation_id = "showMultipart",
     params(
-        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        crate::api::openapi::CachePath,
         ("id" = String, Path),
     ),
     responses(
         (status = 200, description = "The upload and its parts.", body = larder_api::MultipartDetail),
-        (status = 400, response = crate::api::openapi::BadRequest),
-        (status = 401, response = crate::api::openapi::Unauthorized),
-        (status = 403, response = crate::api::openapi::Forbidden),
-        (status = 404, response = crate::api::openapi::NotFound),
+        crate::api::openapi::CacheRefusals,
     ),
 )]
 // One upload with every stored part measured (see [`measure_part`]). Asking holds the
@@ -484,15 +475,12 @@ pub async fn show(
     tag = "caches",
     operation_id = "abortMultipart",
     params(
-        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        crate::api::openapi::CachePath,
         ("id" = String, Path),
     ),
     responses(
         (status = 204, description = "Deleted."),
-        (status = 400, response = crate::api::openapi::BadRequest),
-        (status = 401, response = crate::api::openapi::Unauthorized),
-        (status = 403, response = crate::api::openapi::Forbidden),
-        (status = 404, response = crate::api::openapi::NotFound),
+        crate::api::openapi::CacheRefusals,
     ),
 )]
 // Abandon an upload: its parts are deleted at once.
@@ -517,17 +505,14 @@ pub async fn abort(
     tag = "caches",
     operation_id = "putPart",
     params(
-        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        crate::api::openapi::CachePath,
         ("id" = String, Path),
         ("n" = u64, Path, minimum = 0),
     ),
     request_body(content = inline(crate::api::openapi::Bytes), content_type = "application/octet-stream"),
     responses(
         (status = 204, description = "Done."),
-        (status = 400, response = crate::api::openapi::BadRequest),
-        (status = 401, response = crate::api::openapi::Unauthorized),
-        (status = 403, response = crate::api::openapi::Forbidden),
-        (status = 404, response = crate::api::openapi::NotFound),
+        crate::api::openapi::CacheRefusals,
         (status = 413, response = crate::api::openapi::TooLarge),
     ),
 )]
@@ -608,16 +593,13 @@ pub struct CompleteQuery {
     tag = "caches",
     operation_id = "completeMultipart",
     params(
-        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        crate::api::openapi::CachePath,
         ("id" = String, Path),
         ("parts" = Option<u64>, Query, description = "How many parts make the NAR.", minimum = 1),
     ),
     responses(
         (status = 201, description = "What the server measured.", body = larder_api::Upload),
-        (status = 400, response = crate::api::openapi::BadRequest),
-        (status = 401, response = crate::api::openapi::Unauthorized),
-        (status = 403, response = crate::api::openapi::Forbidden),
-        (status = 404, response = crate::api::openapi::NotFound),
+        crate::api::openapi::CacheRefusals,
         (status = 413, response = crate::api::openapi::TooLarge),
     ),
 )]

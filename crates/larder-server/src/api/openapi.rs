@@ -192,3 +192,24 @@ mod tests {
         );
     }
 }
+
+/// The `{cache}` segment of a cache's operations.
+#[derive(utoipa::IntoParams)]
+#[into_params(names("cache"), parameter_in = Path)]
+#[allow(dead_code)] // only its documentation is used
+pub(crate) struct CachePath(#[param(pattern = "^[a-z0-9][a-z0-9-]{0,62}$")] String);
+
+/// How an operation on a cache is refused: malformed input, no or a bad token, a token
+/// without the permission, no such cache (or a private one the caller may not see).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // only its documentation is used
+pub(crate) enum CacheRefusals {
+    #[response(status = 400)]
+    BadRequest(#[ref_response] BadRequest),
+    #[response(status = 401)]
+    Unauthorized(#[ref_response] Unauthorized),
+    #[response(status = 403)]
+    Forbidden(#[ref_response] Forbidden),
+    #[response(status = 404)]
+    NotFound(#[ref_response] NotFound),
+}

@@ -30,15 +30,12 @@ pub(super) struct GcQuery {
     tag = "caches",
     operation_id = "gc",
     params(
-        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        crate::api::openapi::CachePath,
         ("dry_run" = Option<bool>, Query, description = "Default: false."),
     ),
     responses(
         (status = 200, description = "What was (or would be) evicted.", body = larder_api::GcReport),
-        (status = 400, response = crate::api::openapi::BadRequest),
-        (status = 401, response = crate::api::openapi::Unauthorized),
-        (status = 403, response = crate::api::openapi::Forbidden),
-        (status = 404, response = crate::api::openapi::NotFound),
+        crate::api::openapi::CacheRefusals,
     ),
 )]
 pub(super) async fn gc(
@@ -85,15 +82,12 @@ fn valid_pin_name(n: &str) -> bool {
     tag = "caches",
     operation_id = "createPin",
     params(
-        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        crate::api::openapi::CachePath,
     ),
     request_body = larder_api::PinRequest,
     responses(
         (status = 201, description = "The new revision.", body = larder_api::Pin),
-        (status = 400, response = crate::api::openapi::BadRequest),
-        (status = 401, response = crate::api::openapi::Unauthorized),
-        (status = 403, response = crate::api::openapi::Forbidden),
-        (status = 404, response = crate::api::openapi::NotFound),
+        crate::api::openapi::CacheRefusals,
     ),
 )]
 pub(super) async fn create_pin(
@@ -154,14 +148,11 @@ pub(super) async fn create_pin(
     tag = "caches",
     operation_id = "listPins",
     params(
-        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        crate::api::openapi::CachePath,
     ),
     responses(
         (status = 200, description = "Pins by name, newest revision first.", body = Vec<larder_api::Pin>),
-        (status = 400, response = crate::api::openapi::BadRequest),
-        (status = 401, response = crate::api::openapi::Unauthorized),
-        (status = 403, response = crate::api::openapi::Forbidden),
-        (status = 404, response = crate::api::openapi::NotFound),
+        crate::api::openapi::CacheRefusals,
     ),
 )]
 pub(super) async fn list_pins(
@@ -180,15 +171,12 @@ pub(super) async fn list_pins(
     tag = "caches",
     operation_id = "deletePin",
     params(
-        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        crate::api::openapi::CachePath,
         ("pin" = String, Path),
     ),
     responses(
         (status = 204, description = "Done."),
-        (status = 400, response = crate::api::openapi::BadRequest),
-        (status = 401, response = crate::api::openapi::Unauthorized),
-        (status = 403, response = crate::api::openapi::Forbidden),
-        (status = 404, response = crate::api::openapi::NotFound),
+        crate::api::openapi::CacheRefusals,
     ),
 )]
 pub(super) async fn delete_pin(

@@ -30,15 +30,12 @@ pub(crate) struct StatsQuery {
     tag = "caches",
     operation_id = "cacheStats",
     params(
-        ("cache" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        crate::api::openapi::CachePath,
         ("days" = Option<u64>, Query, description = "How many days, up to today. Default: 30.", minimum = 1, maximum = 90),
     ),
     responses(
         (status = 200, description = "One entry per day, oldest first.", body = larder_api::CacheStats),
-        (status = 400, response = crate::api::openapi::BadRequest),
-        (status = 401, response = crate::api::openapi::Unauthorized),
-        (status = 403, response = crate::api::openapi::Forbidden),
-        (status = 404, response = crate::api::openapi::NotFound),
+        crate::api::openapi::CacheRefusals,
     ),
 )]
 pub(crate) async fn cache_stats(
