@@ -33,6 +33,12 @@ pub enum ClientError {
         /// The server's `Retry-After`, when it sent one.
         retry_after: Option<std::time::Duration>,
     },
+    /// An upload request that made no progress for the push's stall timeout (`stall`).
+    #[error(
+        "the server stalled: no progress for {secs}s on {url} (the stall timeout, \
+         LARDER_STALL_TIMEOUT)"
+    )]
+    Stalled { url: String, secs: u64 },
     #[error("cannot use the CA certificates of {var}={path}: {reason}")]
     CaFile {
         var: &'static str,
@@ -55,14 +61,18 @@ impl ClientError {
         }
     }
 
-    /// The server is away or overloaded (unreachable, 429, or a 5xx other than 501 Not
-    /// Implemented and 507 Insufficient Storage), as opposed to refusing the request: worth
-    /// retrying, after `Retry-After` when it sent one.
+    /// The server is away, stalled or overloaded (unreachable, no progress, 408, 429, or a 5xx
+    /// other than 501 Not Implemented and 507 Insufficient Storage), as opposed to refusing the
+    /// request (every other 4xx, a definitive answer): worth retrying, after `Retry-After` when
+    /// it sent one.
     pub fn is_transient(&self) -> bool {
         match self {
-            ClientError::Unreachable { .. } => true,
+            ClientError::Unreachable { .. } | ClientError::Stalled { .. } => true,
+            // 408: the server gave up waiting for the request (its body stalled on the way).
             ClientError::Status { status, .. } => {
-                *status == 429 || (*status >= 500 && *status != 507 && *status != 501)
+                *status == 408
+                    || *status == 429
+                    || (*status >= 500 && *status != 507 && *status != 501)
             }
             _ => false,
         }
@@ -521,10 +531,15 @@ mod tests {
             message: String::new(),
             retry_after: None,
         };
-        for s in [429, 500, 502, 503] {
+        for s in [408, 429, 500, 502, 503] {
             assert!(status(s).is_transient(), "{s}");
         }
-        for s in [400, 401, 403, 404, 409, 501, 507] {
+        let stalled = ClientError::Stalled {
+            url: "u".into(),
+            secs: 1,
+        };
+        assert!(stalled.is_transient());
+        for s in [400, 401, 403, 404, 409, 413, 501, 507] {
             assert!(!status(s).is_transient(), "{s}");
         }
     }

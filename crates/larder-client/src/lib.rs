@@ -9,6 +9,7 @@ pub mod push;
 pub mod queue;
 pub mod realisations;
 mod retry;
+mod stall;
 mod upload;
 
 pub use api::{ApiClient, ClientError};

@@ -18,6 +18,7 @@
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use larder_api::{MultipartOpened, Upload};
@@ -27,9 +28,10 @@ use tokio::sync::mpsc;
 use crate::api::{ApiClient, ClientError};
 use crate::local_store::{LocalStoreError, PathInfo};
 use crate::retry::Retry;
+use crate::stall::{self, Progress};
 use crate::upload::{
-    error_line, transient, write_nar, Compression, Observer, PushError, PushOptions, SourceRef,
-    UploadResp,
+    error_line, refused, transient, write_nar, Compression, Observer, PushError, PushOptions,
+    SourceRef, UploadResp,
 };
 
 /// Compressed parts waiting to be sent, per upload (bounds memory to about two parts).
@@ -63,13 +65,48 @@ pub(crate) async fn upload(
                     ),
                     1,
                 );
-                let _ = client.abort_multipart(cache, &id).await;
+                abort(client, cache, opts, &id).await;
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(abandon_if_refused(client, cache, opts, &id, e).await),
         }
     }
     let id = open(client, cache, info, opts).await?;
-    send(client, cache, info, opts, observer, &id, &[]).await
+    match send(client, cache, info, opts, observer, &id, &[]).await {
+        Ok(done) => Ok(done),
+        Err(e) => Err(abandon_if_refused(client, cache, opts, &id, e).await),
+    }
+}
+
+/// After upload `id` failed with `e`: when the server refused it for good (a part over the
+/// cache's staging bound, 413; a NAR that does not verify, 400), abandon the upload so that its
+/// parts stop counting against the cache's bounds at once, instead of holding them until they
+/// expire and locking the cache's next uploads out meanwhile. A transient failure keeps it, for
+/// the retry (or the next run) to resume.
+async fn abandon_if_refused(
+    client: &ApiClient,
+    cache: &str,
+    opts: &PushOptions,
+    id: &str,
+    e: PushError,
+) -> PushError {
+    if refused(&e) {
+        abort(client, cache, opts, id).await;
+    }
+    e
+}
+
+/// Abandon upload `id`, best effort: one that cannot be deleted now expires.
+async fn abort(client: &ApiClient, cache: &str, opts: &PushOptions, id: &str) {
+    let url = format!("/api/v1/caches/{cache}/multipart/{id}");
+    let progress = Progress::new(false);
+    let _ = stall::watch(
+        client.abort_multipart(cache, id),
+        &progress,
+        opts.stall_timeout,
+        Duration::ZERO,
+        &url,
+    )
+    .await;
 }
 
 async fn open(
@@ -78,23 +115,22 @@ async fn open(
     info: &PathInfo,
     opts: &PushOptions,
 ) -> Result<String, PushError> {
-    let opened: MultipartOpened = client
-        .send(
-            client
-                .request(
-                    reqwest::Method::POST,
-                    &format!("/api/v1/caches/{cache}/multipart"),
-                )
-                .query(&[
-                    ("compression", opts.compression.as_str().to_owned()),
-                    ("nar_hash", info.nar_hash.to_typed_nix32()),
-                    ("nar_size", info.nar_size.to_string()),
-                ]),
-        )
-        .await?
-        .json()
-        .await
-        .map_err(|e| PushError::Internal(format!("bad answer opening an upload: {e}")))?;
+    let url = format!("/api/v1/caches/{cache}/multipart");
+    let request = client.request(reqwest::Method::POST, &url).query(&[
+        ("compression", opts.compression.as_str().to_owned()),
+        ("nar_hash", info.nar_hash.to_typed_nix32()),
+        ("nar_size", info.nar_size.to_string()),
+    ]);
+    let opening = async {
+        client
+            .send(request)
+            .await?
+            .json::<MultipartOpened>()
+            .await
+            .map_err(|e| PushError::Internal(format!("bad answer opening an upload: {e}")))
+    };
+    let progress = Progress::new(false);
+    let opened = stall::watch(opening, &progress, opts.stall_timeout, Duration::ZERO, &url).await?;
     Ok(opened.upload_id)
 }
 
@@ -116,9 +152,17 @@ async fn find(
     info: &PathInfo,
     opts: &PushOptions,
 ) -> Result<Option<(String, Vec<KeptPart>)>, PushError> {
-    let uploads = match client
-        .multipart_uploads(cache, &info.nar_hash.to_typed_nix32(), info.nar_size)
-        .await
+    let url = format!("/api/v1/caches/{cache}/multipart");
+    let nar_hash = info.nar_hash.to_typed_nix32();
+    let listing = client.multipart_uploads(cache, &nar_hash, info.nar_size);
+    let uploads = match stall::watch(
+        listing,
+        &Progress::new(false),
+        opts.stall_timeout,
+        Duration::ZERO,
+        &url,
+    )
+    .await
     {
         Ok(u) => u,
         // A server that cannot list uploads (older than resumable uploads).
@@ -133,7 +177,15 @@ async fn find(
     else {
         return Ok(None);
     };
-    let detail = match client.multipart_upload(cache, &upload.upload_id).await {
+    let detail = match stall::watch(
+        client.multipart_upload(cache, &upload.upload_id),
+        &Progress::new(false),
+        opts.stall_timeout,
+        Duration::ZERO,
+        &url,
+    )
+    .await
+    {
         Ok(d) => d,
         // Completed or expired since it was listed.
         Err(ClientError::Status { status: 404, .. }) => return Ok(None),
@@ -294,16 +346,25 @@ async fn send(
     } else {
         send_parts(client, cache, info, opts, observer, id, first, skip).await?
     };
-    let mut done: UploadResp = client
-        .send(client.request(
-            reqwest::Method::POST,
-            &format!("/api/v1/caches/{cache}/multipart/{id}/complete?parts={parts}"),
-        ))
-        .await?
-        .json::<Upload>()
-        .await
-        .map(UploadResp::from)
-        .map_err(|e| PushError::Internal(format!("bad answer completing an upload: {e}")))?;
+    let url = format!("/api/v1/caches/{cache}/multipart/{id}/complete?parts={parts}");
+    let completing = async {
+        client
+            .send(client.request(reqwest::Method::POST, &url))
+            .await?
+            .json::<Upload>()
+            .await
+            .map(UploadResp::from)
+            .map_err(|e| PushError::Internal(format!("bad answer completing an upload: {e}")))
+    };
+    // The server reads and verifies every part before it answers.
+    let mut done = stall::watch(
+        completing,
+        &Progress::new(false),
+        opts.stall_timeout,
+        stall::work_allowance(info.nar_size),
+        &url,
+    )
+    .await?;
     // The parts became the stored NAR: no unfinished upload is left to resume.
     observer.parts_kept(info, 0, 0);
     done.kept = kept.iter().take(first as usize).map(|k| k.file_size).sum();
@@ -354,13 +415,19 @@ async fn send_parts(
         let url = format!("/api/v1/caches/{cache}/multipart/{id}/parts/{n}");
         let mut retry = Retry::new(opts.attempts);
         loop {
-            let r = client
-                .send(
-                    client
-                        .request(reqwest::Method::PUT, &url)
-                        .body(part.clone()),
-                )
-                .await;
+            let progress = Progress::new(true);
+            let request = client
+                .request(reqwest::Method::PUT, &url)
+                .header(reqwest::header::CONTENT_LENGTH, part.len())
+                .body(progress.bytes_body(part.clone()));
+            let r = stall::watch(
+                client.send(request),
+                &progress,
+                opts.stall_timeout,
+                stall::work_allowance(nar_bytes),
+                &url,
+            )
+            .await;
             match r {
                 Ok(_) => break,
                 Err(e) => {

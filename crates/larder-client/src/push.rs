@@ -17,7 +17,7 @@
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Write};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use larder_api::{PublishRequest, PublishStatus, Upload, UpstreamRef};
@@ -28,6 +28,8 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use crate::api::ApiClient;
 use crate::local_store::{LocalStore, LocalStoreError, PathInfo};
 use crate::retry::Retry;
+pub use crate::stall::DEFAULT_STALL_TIMEOUT;
+use crate::stall::{self, Progress};
 pub use crate::upload::{
     error_line, Compression, Failure, NarSource, Observer, Outcome, PushError, PushOptions,
     SourceRef, DEFAULT_PART_SIZE,
@@ -136,10 +138,19 @@ pub async fn plan(
             candidates.push(info);
         }
     }
-    let missing = missing(
-        client,
-        cache,
-        candidates.iter().map(|i| i.path.to_absolute()).collect(),
+    // A frozen server must not hang the plan either: a second per bulk query on top of the
+    // stall timeout.
+    let batches = candidates.len().div_ceil(MISSING_BATCH) as u64;
+    let missing = stall::watch(
+        missing(
+            client,
+            cache,
+            candidates.iter().map(|i| i.path.to_absolute()).collect(),
+        ),
+        &Progress::new(false),
+        opts.stall_timeout,
+        Duration::from_secs(batches),
+        &format!("/api/v1/caches/{cache}/missing"),
     )
     .await?;
     let in_cache: HashSet<StorePath> = candidates.iter().map(|i| i.path.clone()).collect();
@@ -384,8 +395,16 @@ async fn push_one(
         references: refs,
     };
     let mut retry = Retry::new(opts.attempts);
+    let url = format!("/api/v1/caches/{cache}/paths");
     loop {
-        let r = client.publish(cache, &body).await;
+        let r = stall::watch(
+            client.publish(cache, &body),
+            &Progress::new(false),
+            opts.stall_timeout,
+            Duration::ZERO,
+            &url,
+        )
+        .await;
         match r {
             Ok(published) => {
                 let created = published.status == PublishStatus::Created;
@@ -448,16 +467,13 @@ async fn upload_nar(
     observer: &Arc<dyn Observer>,
 ) -> Result<UploadResp, PushError> {
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(CHANNEL_BLOCKS);
-    let body = reqwest::Body::wrap_stream(receiver_stream(rx));
-    let request = client
-        .request(
-            reqwest::Method::POST,
-            &format!(
-                "/api/v1/caches/{cache}/nars?compression={}",
-                opts.compression.as_str()
-            ),
-        )
-        .body(body);
+    let progress = Progress::new(true);
+    let body = reqwest::Body::wrap_stream(progress.body(receiver_stream(rx)));
+    let url = format!(
+        "/api/v1/caches/{cache}/nars?compression={}",
+        opts.compression.as_str()
+    );
+    let request = client.request(reqwest::Method::POST, &url).body(body);
     let (compression, level, info2) = (opts.compression, opts.level, info.clone());
     let source = opts.source.clone();
     let observer = observer.clone();
@@ -505,7 +521,15 @@ async fn upload_nar(
         }
         r
     });
-    let sent = client.send(request).await;
+    // The server hashes the NAR as it arrives; once it is in, it stores it.
+    let sent = stall::watch(
+        client.send(request),
+        &progress,
+        opts.stall_timeout,
+        stall::work_allowance(info.nar_size),
+        &url,
+    )
+    .await;
     let produced = producer
         .await
         .map_err(|e| PushError::Internal(e.to_string()))?;

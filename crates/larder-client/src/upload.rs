@@ -106,13 +106,16 @@ pub struct PushOptions {
     pub upstream_keys: Vec<String>,
     pub omit_deriver: bool,
     pub signing_key: Option<SigningKey>,
-    /// Attempts per path (or part) on network errors, 5xx and 429.
+    /// Attempts per path (or part) on network errors, stalls, 408, 429 and 5xx.
     pub attempts: u32,
     /// NARs larger than this are uploaded in parts of this many NAR bytes, each retried on its
     /// own, so a dropped connection or a proxy's body limit costs one part.
     pub part_size: u64,
     /// Where NARs come from; `None`: the local store.
     pub source: Option<SourceRef>,
+    /// An upload request that makes no progress this long fails (and is retried like a
+    /// dropped connection): see `crate::stall`. `None`: wait forever.
+    pub stall_timeout: Option<Duration>,
 }
 
 impl Default for PushOptions {
@@ -130,6 +133,7 @@ impl Default for PushOptions {
             attempts: 4,
             part_size: DEFAULT_PART_SIZE,
             source: None,
+            stall_timeout: Some(crate::stall::DEFAULT_STALL_TIMEOUT),
         }
     }
 }
@@ -190,6 +194,12 @@ pub fn error_line(e: &(dyn std::error::Error + 'static)) -> String {
         cur = c.source();
     }
     s.replace('\n', " ")
+}
+
+/// A definitive refusal by the server (a 4xx other than 408 and 429): sending the same request
+/// again cannot succeed.
+pub(crate) fn refused(e: &PushError) -> bool {
+    matches!(e, PushError::Client(c @ ClientError::Status { status: 400..=499, .. }) if !c.is_transient())
 }
 
 /// For a transient failure, how long the server asked to wait (if it did).

@@ -186,6 +186,12 @@ impl Pusher {
         })
     }
 
+    /// How long an upload may make no progress before it is retried (`None`: forever); see
+    /// [`PushOptions::stall_timeout`].
+    pub fn set_stall_timeout(&mut self, stall: Option<std::time::Duration>) {
+        self.opts.stall_timeout = stall;
+    }
+
     async fn take_store(&mut self) -> Result<LocalStore, PusherError> {
         match self.store.take() {
             Some(s) => Ok(s),

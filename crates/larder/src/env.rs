@@ -40,6 +40,10 @@ pub const VARS: &[Var] = &[
         "part size of multi-part uploads (`push --part-size`)",
     ),
     var_(
+        "LARDER_STALL_TIMEOUT",
+        "how long an upload may make no progress (`push --stall-timeout`, the push daemon)",
+    ),
+    var_(
         "LARDER_SOURCE_TOKEN",
         "token of a private source cache (`import --source-token`)",
     ),

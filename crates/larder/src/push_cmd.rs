@@ -61,6 +61,21 @@ pub struct PushArgs {
     /// NARs larger than this are uploaded in parts of this size (each retried on its own).
     #[arg(long, env = "LARDER_PUSH_PART_SIZE", default_value = "32MiB")]
     part_size: String,
+    /// An upload request that makes no progress this long (the server takes no bytes and does
+    /// not answer: frozen, or a partition) fails, and is retried like a dropped connection;
+    /// `0` waits forever. The push daemon reads LARDER_STALL_TIMEOUT too.
+    #[arg(long, env = STALL_TIMEOUT_VAR, default_value = "60s", value_name = "DURATION")]
+    stall_timeout: String,
+}
+
+const STALL_TIMEOUT_VAR: &str = "LARDER_STALL_TIMEOUT";
+
+/// `--stall-timeout` (or LARDER_STALL_TIMEOUT): `None` for 0, waiting forever.
+fn stall_timeout(s: &str) -> anyhow::Result<Option<std::time::Duration>> {
+    let d = larder_server::config::parse_duration(s).with_context(|| {
+        format!("invalid stall timeout {s:?} (--stall-timeout or {STALL_TIMEOUT_VAR})")
+    })?;
+    Ok((!d.is_zero()).then_some(d))
 }
 
 pub(crate) fn read_stdin_paths() -> anyhow::Result<Vec<String>> {
@@ -100,7 +115,13 @@ pub(crate) fn signing_key(cache_arg: &str, url: &str) -> anyhow::Result<Option<S
 pub(crate) async fn connect_pusher(cache_arg: &str) -> anyhow::Result<Pusher> {
     let t = target(cache_arg)?;
     let key = signing_key(cache_arg, t.client.base_url())?;
-    Ok(Pusher::connect(t.client, t.cache, cache_arg, key).await?)
+    let stall = match crate::env::var(STALL_TIMEOUT_VAR) {
+        Some(s) => stall_timeout(&s)?,
+        None => Some(push::DEFAULT_STALL_TIMEOUT),
+    };
+    let mut pusher = Pusher::connect(t.client, t.cache, cache_arg, key).await?;
+    pusher.set_stall_timeout(stall);
+    Ok(pusher)
 }
 
 /// Where a cache's client-held key is kept in the config: `URL/CACHE`.
@@ -360,6 +381,7 @@ fn push_options(args: &PushArgs, settings: UploadSettings) -> anyhow::Result<Pus
         part_size: larder_server::config::parse_size(&args.part_size)
             .context("invalid --part-size")?
             .max(4096),
+        stall_timeout: stall_timeout(&args.stall_timeout)?,
         ..PushOptions::default()
     })
 }
