@@ -162,6 +162,10 @@ pub const PG_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 const PG_CHECK_IDLE_AFTER: Duration = Duration::from_secs(1);
 /// Idle pooled connections are closed after this long.
 const PG_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a connection handed back to the pool may take to show it still works (one round
+/// trip, after the rest of a query dropped midway, by `backend_timeout` say) before it is
+/// closed instead of pooled: see [`release_check`].
+pub const PG_RELEASE_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {
@@ -291,6 +295,31 @@ where
     }
 }
 
+/// Whether a PostgreSQL connection handed back to the pool still answers within
+/// [`PG_RELEASE_CHECK_TIMEOUT`]; an error closes it.
+///
+/// The pool checks every connection it takes back with a round trip, without a time limit. A
+/// request dropped midway (its `backend_timeout` passed) leaves its connection waiting for the
+/// rest of the query's answer first; in a network partition the round trip then waits for TCP
+/// to give up on the unacknowledged bytes, about 15 minutes (Linux's `tcp_retries2`), with the
+/// connection still counted against the pool's size, so a partition of seconds exhausts the
+/// pool for a quarter of an hour. Bounded here, such a connection is closed after a few
+/// seconds and the pool opens a fresh one once the database is back. The pool's own round
+/// trip still follows (answered at once by a connection that just answered this one).
+async fn release_check(conn: &mut sqlx::AnyConnection) -> Result<bool, sqlx::Error> {
+    match tokio::time::timeout(PG_RELEASE_CHECK_TIMEOUT, sqlx::Connection::ping(conn)).await {
+        Ok(Ok(())) => Ok(true),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "a pooled connection did not answer within {}s: closed",
+                PG_RELEASE_CHECK_TIMEOUT.as_secs()
+            ),
+        ))),
+    }
+}
+
 impl Metadata {
     /// Connect and apply migrations. `sqlite://PATH` (created if missing) or `postgres://…`.
     pub async fn connect(url: &str) -> Result<Self> {
@@ -340,6 +369,7 @@ impl Metadata {
                 .acquire_timeout(PG_ACQUIRE_TIMEOUT)
                 .idle_timeout(Some(PG_IDLE_TIMEOUT))
                 .test_before_acquire(false)
+                .after_release(|conn, _meta| Box::pin(release_check(conn)))
                 .before_acquire(|conn, meta| {
                     Box::pin(async move {
                         if meta.idle_for < PG_CHECK_IDLE_AFTER {
