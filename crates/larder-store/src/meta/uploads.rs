@@ -185,7 +185,6 @@ impl Metadata {
             .bind(upload_id)
             .execute(&mut *tx)
             .await?;
-        tx.commit().await?;
         if linked.rows_affected() == 0 {
             // Only possible if a file hash collided with a different NAR's; treat as corrupt.
             return Err(MetaError::Corrupt {
@@ -193,13 +192,24 @@ impl Metadata {
                 value: nar.file_hash.to_nix32(),
             });
         }
-        let row =
-            self.upload_nar(cache_id, upload_id)
-                .await?
-                .ok_or_else(|| MetaError::Corrupt {
-                    field: "uploads.id",
-                    value: upload_id.to_owned(),
-                })?;
+        // Read back in the transaction: once it commits, a concurrent upload of the same
+        // `nar/<key>` replaces this one (`drop_upload_key`), and a read after the commit would
+        // find nothing (that was a 500 for one of several `nix copy` racing on one path).
+        let sql = format!(
+            "SELECT {NAR_COLS} FROM uploads u JOIN nars n ON n.id = u.nar_id \
+             WHERE u.cache_id = $1 AND u.id = $2"
+        );
+        let row: Option<NarRow> = sqlx::query_as(&sql)
+            .bind(cache_id)
+            .bind(upload_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(decoding("nars"))?;
+        tx.commit().await?;
+        let row = row.ok_or_else(|| MetaError::Corrupt {
+            field: "uploads.id",
+            value: upload_id.to_owned(),
+        })?;
         Ok((row, inserted))
     }
 
