@@ -588,6 +588,29 @@ mod tests {
     }
 
     #[test]
+    fn a_push_plans_again_only_when_a_reference_was_evicted_meanwhile() {
+        let failure = |error: &str| Failure {
+            path: "/nix/store/x".into(),
+            error: error.into(),
+        };
+        let summary = |errors: &[&str]| Summary {
+            failures: errors.iter().map(|e| failure(e)).collect(),
+            ..Summary::default()
+        };
+        let gone = "the server answered 400: 1 referenced path(s) not in cache: /nix/store/r";
+        let dependent = "not published: a path it references failed to push";
+        assert!(replan_needed(&summary(&[gone])));
+        assert!(replan_needed(&summary(&[gone, dependent, dependent])));
+        // Nothing evicted, or another failure beside it: planning again would not help.
+        assert!(!replan_needed(&summary(&[])));
+        assert!(!replan_needed(&summary(&[dependent])));
+        assert!(!replan_needed(&summary(&[
+            gone,
+            "the server answered 413: too large"
+        ])));
+    }
+
+    #[test]
     fn progress_counts_nar_bytes_whatever_the_compression() {
         let nar = vec![b'a'; 300_000];
         let info = PathInfo {
