@@ -122,7 +122,7 @@ fn a_ci_job_pushes_with_its_oidc_id_token_only() {
             ),
         )),
     );
-    assert_eq!(issuer.audiences(), [server.url.clone()]);
+    assert_eq!(issuer.audiences(), vec![server.url.clone()]);
 
     // Both tokens are listed, labelled with the job's claims, and expire within 10 minutes.
     let list = server.cli_ok(&server.admin_token, &["token", "list", "--json"]);
