@@ -44,6 +44,9 @@ let
   # server's defaults), the declared caches, and delete_undeclared_caches when asked.
   settingsFile = format.generate "larder.toml" (
     filterAttrs (_: v: v != null) cfg.settings
+    // optionalAttrs (cfg.settings.oidc != null) {
+      oidc = filterAttrs (_: v: v != null) cfg.settings.oidc;
+    }
     // optionalAttrs (cfg.caches != { }) { caches = mapAttrs cacheToml cfg.caches; }
     // optionalAttrs cfg.deleteUndeclaredCaches { delete_undeclared_caches = true; }
   );
@@ -198,6 +201,32 @@ in
           upstream_keys = nullOr (types.listOf larderLib.publicKey) "Keys of upstream caches (server default: cache.nixos.org's).";
           tls_cert = nullOr larderLib.secretFile "PEM certificate chain; with tls_key, larder serves HTTPS. Reloaded on `systemctl reload larder`.";
           tls_key = nullOr larderLib.secretFile "PEM private key, readable by user larder (e.g. security.acme.certs.NAME.group = \"larder\").";
+          oidc = nullOr (types.submodule {
+            options = {
+              max_lifetime = nullOr (larderLib.durationAtLeast 1 "1s") "Lifetime of the tokens the exchange makes; at most 1h (the default).";
+              issuers = mkOption {
+                default = [ ];
+                description = "OIDC issuers whose ID tokens CI jobs trade for short-lived tokens.";
+                type = types.listOf (types.submodule {
+                  options = {
+                    issuer = mkOption { type = larderLib.httpUrl; description = "The issuer's URL, as its tokens' iss claim says it."; };
+                    audience = mkOption { type = types.str; description = "The aud its tokens must carry (what the CI job asks for; e.g. public_url)."; };
+                    rules = mkOption {
+                      default = [ ];
+                      description = "Claims that, all matching (exactly, or `*` for any run of characters), grant perm on caches.";
+                      type = types.listOf (types.submodule {
+                        options = {
+                          claims = mkOption { type = types.attrsOf types.str; example = { repository = "mitsio/dotfiles"; ref = "refs/heads/main"; }; description = "Claim name = pattern."; };
+                          perm = mkOption { type = types.enum [ "pull" "push" ]; description = "The permission granted."; };
+                          caches = mkOption { type = types.listOf larderLib.cacheName; description = "The caches it is granted on."; };
+                        };
+                      });
+                    };
+                  };
+                });
+              };
+            };
+          }) "CI identity: trusted OIDC issuers and the rules mapping their claims to permissions (`[oidc]` in the README).";
         };
       };
     };

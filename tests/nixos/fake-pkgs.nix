@@ -26,7 +26,7 @@ let
     };
 
   # A small TOML writer for what larder's settings hold: strings, numbers, booleans, lists
-  # of those, and tables (rendered as [a.b] sections after the plain keys).
+  # of those (tables in lists as inline tables), and tables (rendered as [a.b] sections after the plain keys).
   toTOML =
     let
       key = k: if builtins.match "[A-Za-z0-9_-]+" k != null then k else builtins.toJSON k;
@@ -34,6 +34,9 @@ let
         if builtins.isList v then "[" + lib.concatMapStringsSep ", " value v + "]"
         else if builtins.isBool v then (if v then "true" else "false")
         else if builtins.isInt v || builtins.isFloat v then toString v
+        # A table inside a list (`[[oidc.issuers]]`): an inline table, as valid TOML.
+        else if isTable v then
+          "{ " + lib.concatStringsSep ", " (lib.mapAttrsToList (k: x: "${key k} = ${value x}") v) + " }"
         else builtins.toJSON (toString v); # a TOML basic string is a JSON string
       isTable = v: builtins.isAttrs v && !(lib.isDerivation v);
       section = path: attrs:

@@ -11,6 +11,7 @@
 mod caches;
 mod contents;
 mod error;
+mod oidc;
 mod retention;
 mod stats;
 mod tokens;
@@ -22,6 +23,7 @@ pub use caches::{
 };
 pub use contents::{DeleteReport, DeletedPath, PathDetail, PathEntry, PathList, PinRef, Reference};
 pub use error::ErrorBody;
+pub use oidc::OidcExchange;
 pub use retention::{GcReport, Keep, Pin, PinRequest, Reason, Victim};
 pub use stats::{CacheStats, DayStats};
 pub use tokens::{CreateToken, Token};
@@ -151,6 +153,7 @@ impl FromStr for Perm {
     DayStats,
     CreateToken,
     Token,
+    OidcExchange,
 )))]
 pub struct Schemas;
 

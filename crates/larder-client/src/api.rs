@@ -152,6 +152,11 @@ impl ApiClient {
         self.token.as_deref()
     }
 
+    /// Send `token` from now on (one made by [`ApiClient::oidc_exchange`]).
+    pub fn set_token(&mut self, token: String) {
+        self.token = Some(token);
+    }
+
     pub fn http(&self) -> &reqwest::Client {
         &self.http
     }

@@ -5,6 +5,7 @@ pub mod api;
 pub mod import;
 pub mod local_store;
 mod multipart;
+pub mod oidc;
 pub mod push;
 pub mod queue;
 pub mod realisations;

@@ -36,6 +36,7 @@ use crate::{valid_cache_name, AppState};
 
 pub(crate) mod contents;
 mod multipart;
+mod oidc;
 mod openapi;
 mod retention;
 mod stats;
@@ -79,6 +80,7 @@ pub fn routes() -> Routes {
         .get("/tokens", list_tokens)
         .post("/tokens", create_token)
         .delete("/tokens/{id}", revoke_token)
+        .post("/oidc/exchange", oidc::exchange)
         .fallback(|| async { ApiError::not_found("no such API endpoint") })
 }
 

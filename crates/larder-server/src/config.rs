@@ -10,9 +10,14 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod oidc;
 mod print;
 mod settings;
 mod units;
+pub use oidc::{
+    issuer_url_allowed, ClaimPattern, IssuerFile, OidcConfig, OidcFile, Rule, RuleFile,
+    TrustedIssuer, MAX_OIDC_TOKEN_LIFETIME,
+};
 pub use print::mask_url;
 pub use settings::{
     ConfigFile, SettingVar, Settings, MASK, S3_ACCESS_KEY_ID_ENV, S3_SECRET_ACCESS_KEY_ENV,
@@ -245,6 +250,8 @@ pub struct Config {
     pub upstream_keys: Vec<larder_nix::signing::VerifyingKey>,
     /// HTTPS instead of plain HTTP.
     pub tls: Option<TlsFiles>,
+    /// Trusted OIDC issuers and their rules (`[oidc]`); none by default.
+    pub oidc: OidcConfig,
     pub declared_caches: Vec<DeclaredCache>,
     pub delete_undeclared_caches: bool,
 }
@@ -409,6 +416,10 @@ impl Config {
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
+        let oidc = match file.oidc {
+            Some(o) => o.resolve()?,
+            None => OidcConfig::default(),
+        };
         let declared_caches = file
             .caches
             .into_iter()
@@ -425,6 +436,7 @@ impl Config {
         Ok(Config {
             upstream_keys,
             tls,
+            oidc,
             declared_caches,
             delete_undeclared_caches,
             listen,

@@ -16,6 +16,12 @@ pub enum ApiError {
     Unauthorized,
     #[error("{0}")]
     InvalidToken(&'static str),
+    /// An OIDC ID token refused by the exchange (401), with the reason.
+    #[error("{0}")]
+    OidcRefused(String),
+    /// An OIDC issuer whose keys cannot be fetched (and none are known): 503, the reason said.
+    #[error("{0}")]
+    OidcIssuerUnavailable(String),
     #[error("{0}")]
     Forbidden(String),
     #[error("{0}")]
@@ -85,7 +91,9 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::Unauthorized | ApiError::InvalidToken(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthorized | ApiError::InvalidToken(_) | ApiError::OidcRefused(_) => {
+                StatusCode::UNAUTHORIZED
+            }
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) | ApiError::Referenced(..) => StatusCode::CONFLICT,
@@ -100,6 +108,7 @@ impl ApiError {
             ApiError::BodyStalled(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unavailable(_)
+            | ApiError::OidcIssuerUnavailable(_)
             | ApiError::DatabaseUnavailable(_)
             | ApiError::ObjectStoreUnavailable(_)
             | ApiError::BackendTimeout(_) => StatusCode::SERVICE_UNAVAILABLE,

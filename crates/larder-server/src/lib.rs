@@ -27,6 +27,7 @@ pub mod error;
 pub mod hot;
 pub mod ingest;
 pub mod metrics;
+pub mod oidc;
 pub mod publish;
 pub mod realisations;
 pub mod retention;
@@ -56,6 +57,8 @@ pub struct AppState {
     pub metrics: Arc<metrics::Metrics>,
     /// Whether this replica holds the background-work lock (see `publish::gc_loop`).
     pub background: Arc<std::sync::atomic::AtomicBool>,
+    /// The OIDC issuers' keys, fetched on demand ([`oidc`]).
+    pub oidc: Arc<oidc::Oidc>,
 }
 
 /// Names a cache may not take: they are top-level routes.
@@ -324,6 +327,7 @@ pub async fn open_state(
         retention: Arc::default(),
         metrics: Arc::new(metrics::Metrics::new(&route_table())),
         background: Arc::default(),
+        oidc: Arc::default(),
     })
 }
 

@@ -919,6 +919,26 @@ async fn real_answers_match_the_documented_schemas() {
     c.ok("DELETE", "/caches/{cache}", "/caches/client", a, None, 404)
         .await;
 
+    // A server that trusts no issuer refuses every ID token (tests/oidc.rs trades real ones).
+    c.ok(
+        "POST",
+        "/oidc/exchange",
+        "/oidc/exchange",
+        None,
+        j(json!({ "token": "not.a.jwt" })),
+        401,
+    )
+    .await;
+    c.ok(
+        "POST",
+        "/oidc/exchange",
+        "/oidc/exchange",
+        None,
+        j(json!({ "jwt": "x" })),
+        400,
+    )
+    .await;
+
     // Every documented operation was called.
     let covered: BTreeSet<(String, String)> = c.covered.keys().cloned().collect();
     let all = documented(&c.doc);

@@ -4,6 +4,8 @@
 //! - [`postgres::PgCluster`]: a PostgreSQL cluster (`initdb` + `pg_ctl`, as the `postgres`
 //!   user when the tests run as root) in a temporary directory, on a free port.
 //! - [`garage`]: a single-node Garage (S3-compatible object store) with a bucket and a key.
+//! - [`oidc::Issuer`]: an OIDC issuer (discovery document, JWKS, GitHub Actions' token
+//!   endpoint) with keys it generates, signing ID tokens with `jsonwebtoken`.
 //!
 //! A missing server binary fails the test with a message naming `.ci/run`, which installs it:
 //! a required component is never silently skipped.
@@ -11,6 +13,7 @@
 
 pub mod garage;
 pub mod nix;
+pub mod oidc;
 pub mod postgres;
 
 use std::path::Path;

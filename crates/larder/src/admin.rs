@@ -29,6 +29,14 @@ pub struct LoginArgs {
     /// token is needed for private caches and for pushing).
     #[arg(long, conflicts_with_all = ["token", "stdin"])]
     anonymous: bool,
+    /// In a CI job: trade the job's OIDC ID token (LARDER_OIDC_TOKEN, or GitHub Actions'
+    /// ACTIONS_ID_TOKEN_REQUEST_URL/_TOKEN with audience LARDER_OIDC_AUDIENCE, default URL)
+    /// for a token that expires within an hour, and save that.
+    #[arg(long, conflicts_with_all = ["token", "stdin", "anonymous"])]
+    oidc: bool,
+    /// With --oidc: only this cache of those the server's rules grant (repeat for more).
+    #[arg(long = "cache", value_name = "CACHE", requires = "oidc")]
+    caches: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -68,7 +76,15 @@ fn read_token(arg: Option<String>, stdin: bool) -> anyhow::Result<String> {
 }
 
 pub async fn login(args: LoginArgs) -> anyhow::Result<()> {
-    let token = if args.anonymous {
+    let token = if args.oidc {
+        let anonymous = ApiClient::new(&args.url, None)?;
+        let caches = (!args.caches.is_empty()).then(|| args.caches.clone());
+        let t = crate::oidc_login::login_token(&anonymous, caches).await?;
+        Some(
+            t.token
+                .context("the server's answer to the OIDC exchange holds no token")?,
+        )
+    } else if args.anonymous {
         None
     } else if args.token.is_none() && !args.stdin {
         // Asked for (or piped in); nothing at all means no token.

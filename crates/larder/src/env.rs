@@ -14,6 +14,8 @@ pub const LOG: &str = "LARDER_LOG";
 pub const LOG_FORMAT: &str = "LARDER_LOG_FORMAT";
 pub const NIX_CONF: &str = "LARDER_NIX_CONF";
 pub const NETRC: &str = "LARDER_NETRC";
+pub const OIDC_TOKEN: &str = "LARDER_OIDC_TOKEN";
+pub const OIDC_AUDIENCE: &str = "LARDER_OIDC_AUDIENCE";
 
 /// One environment variable and what it does.
 pub struct Var {
@@ -31,6 +33,22 @@ pub const VARS: &[Var] = &[
     var_(SERVER, "server URL of client commands"),
     var_(TOKEN, "API token of client commands"),
     var_(CONFIG, "client config file"),
+    var_(
+        OIDC_TOKEN,
+        "a CI job's OIDC ID token, traded for a short-lived token when no token is set (`push`, `login --oidc`)",
+    ),
+    var_(
+        OIDC_AUDIENCE,
+        "audience of the ID token asked of GitHub Actions (default: the server's URL)",
+    ),
+    var_(
+        "ACTIONS_ID_TOKEN_REQUEST_URL",
+        "GitHub Actions' ID token endpoint (jobs with `permissions: id-token: write`)",
+    ),
+    var_(
+        "ACTIONS_ID_TOKEN_REQUEST_TOKEN",
+        "GitHub Actions' bearer token for ACTIONS_ID_TOKEN_REQUEST_URL",
+    ),
     var_(
         "LARDER_SIGNING_KEY",
         "Nix secret key (name:base64) `push` signs with",

@@ -19,6 +19,7 @@ mod import_cmd;
 mod manpages;
 mod migrate;
 mod migrate_cmd;
+mod oidc_login;
 mod output;
 mod push_cmd;
 mod retention_cmd;
@@ -48,6 +49,10 @@ enum Command {
     /// Run the server (zero-config: SQLite + a local directory under the data dir).
     Serve(serve::ServeArgs),
     /// Save a server and a token in the client config, checking the token against the server.
+    ///
+    /// With --oidc (in a CI job) the token is the one the server trades for the job's OIDC ID
+    /// token (LARDER_OIDC_TOKEN, or GitHub Actions' with `permissions: id-token: write`): it
+    /// lives at most an hour, and may do what the server's `[oidc]` rules grant this job.
     Login(admin::LoginArgs),
     /// Set the token of the default server (the Cachix habit).
     Authtoken(admin::AuthtokenArgs),
@@ -58,6 +63,13 @@ enum Command {
     #[command(subcommand)]
     Token(admin::TokenCommand),
     /// Push store paths and their closures to a cache (reads the local Nix store directly).
+    ///
+    /// In CI, no stored secret is needed: when no token is configured (LARDER_TOKEN, `larder
+    /// login`), the job's OIDC ID token is traded for a token that lives at most an hour and
+    /// may push only where the server's `[oidc]` rules let this job (repository, branch, …).
+    /// The ID token is LARDER_OIDC_TOKEN (GitLab CI: `id_tokens: LARDER_OIDC_TOKEN: aud:
+    /// https://cache.example.org`), or GitHub Actions' own (a job with `permissions: id-token:
+    /// write`; audience LARDER_OIDC_AUDIENCE, default the server's URL).
     Push(push_cmd::PushArgs),
     /// Make a signing key locally and make CACHE accept only uploads signed by it.
     GenerateKeypair(push_cmd::KeypairArgs),

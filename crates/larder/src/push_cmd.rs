@@ -387,7 +387,9 @@ fn push_options(args: &PushArgs, settings: UploadSettings) -> anyhow::Result<Pus
 }
 
 pub async fn push(args: PushArgs) -> anyhow::Result<()> {
-    let t = target(&args.cache)?;
+    let mut t = target(&args.cache)?;
+    // No token configured: in a CI job, its OIDC ID token is traded for one.
+    t.client = crate::oidc_login::unless_token(t.client, &t.cache).await?;
     let settings =
         upload_settings(&t, &args.cache, args.compression.as_deref(), args.level).await?;
     let opts = push_options(&args, settings)?;

@@ -1226,3 +1226,41 @@ fn the_nixos_module_declares_every_server_setting() {
         assert!(module.contains(option), "{name}");
     }
 }
+
+/// `settings.oidc` is typed like the server's `[oidc]` table, and what the module renders is
+/// a file the server accepts with the same issuers and rules (`max_lifetime` left out when
+/// unset: the server's default applies).
+#[test]
+fn the_nixos_module_renders_the_oidc_table_the_server_reads() {
+    let files = render(
+        "nixos",
+        r#"{ services.larder = { enable = true; settings.oidc.issuers = [ {
+             issuer = "https://token.actions.githubusercontent.com";
+             audience = "https://cache.example.org";
+             rules = [ { claims = { repository = "mitsio/dotfiles"; ref = "refs/heads/main"; };
+                         perm = "push"; caches = [ "modular-workspace" ]; } ]; } ]; }; }"#,
+    );
+    let toml_path = store_path_ending(&read(&files.join("larder.service")), "-larder.toml");
+    let file = larder_server::config::ConfigFile::load(&toml_path).unwrap();
+    let resolved = larder_server::config::Config::resolve(file, "/unused".into()).unwrap();
+    let oidc = &resolved.oidc;
+    assert_eq!(
+        oidc.max_lifetime,
+        larder_server::config::MAX_OIDC_TOKEN_LIFETIME
+    );
+    assert_eq!(oidc.issuers.len(), 1);
+    assert_eq!(oidc.issuers[0].audience, "https://cache.example.org");
+    let rule = &oidc.issuers[0].rules[0];
+    assert_eq!(rule.perm, larder_server::auth::Perm::Push);
+    assert_eq!(rule.caches, ["modular-workspace"]);
+    assert_eq!(rule.claims.len(), 2);
+    // A permission the server would refuse fails evaluation.
+    let error = evaluation_error(
+        "nixos",
+        r#"{ services.larder = { enable = true; settings.oidc.issuers = [ {
+             issuer = "https://gitlab.com"; audience = "x";
+             rules = [ { claims = { project_path = "a/b"; }; perm = "admin"; caches = [ "c" ]; } ];
+             } ]; }; }"#,
+    );
+    assert!(error.contains("perm"), "{error}");
+}

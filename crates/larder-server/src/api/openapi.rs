@@ -36,7 +36,7 @@ pub fn openapi_json() -> &'static str {
     tags(
         (name = "api", description = "Who is asking, and this document."),
         (name = "caches", description = "Caches, their contents, uploads and retention."),
-        (name = "tokens", description = "Tokens (server admins only)."),
+        (name = "tokens", description = "Tokens (server admins only), and the exchange of a CI job's OIDC ID token for a short-lived one."),
     ),
     paths(
         super::openapi,
@@ -67,6 +67,7 @@ pub fn openapi_json() -> &'static str {
         super::list_tokens,
         super::create_token,
         super::revoke_token,
+        super::oidc::exchange,
     ),
     components(
         schemas(OpenApiSchema),

@@ -73,6 +73,9 @@ impl Config {
             upstream_keys: Some(self.upstream_keys.iter().map(|k| k.to_string()).collect()),
             tls_cert: self.tls.as_ref().map(|t| t.cert.clone()),
             tls_key: self.tls.as_ref().map(|t| t.key.clone()),
+            oidc: (!self.oidc.issuers.is_empty()
+                || self.oidc.max_lifetime != super::MAX_OIDC_TOKEN_LIFETIME)
+                .then(|| self.oidc.to_file()),
             caches,
             delete_undeclared_caches: Some(self.delete_undeclared_caches),
         }

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{ConfigError, DeclaredCacheFile, SizeValue};
+use super::{ConfigError, DeclaredCacheFile, OidcFile, SizeValue};
 
 /// Defines the settings struct and, from the same field list, [`Settings::KEYS`] and
 /// [`Settings::overlay`], so a new key needs no second spelling.
@@ -134,6 +134,11 @@ settings! {
         /// PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1); re-read on SIGHUP.
         #[arg(long, env = "LARDER_TLS_KEY")]
         pub tls_key: Option<PathBuf>,
+        /// CI identity (`[oidc]`, file only): the OIDC issuers whose ID tokens
+        /// `POST /api/v1/oidc/exchange` trades for short-lived tokens, and the rules that map
+        /// their claims to permissions. Default: none (the exchange refuses every token).
+        #[arg(skip)]
+        pub oidc: Option<OidcFile>,
         /// Caches declared here (`[caches.NAME]`, file only): created at start when missing,
         /// and their declared settings applied when they exist. Undeclared caches are left alone
         /// unless `delete_undeclared_caches` is set.

@@ -82,8 +82,20 @@ impl Server {
         admin_token: Option<&str>,
         env: &[(&str, String)],
     ) -> Server {
+        Self::start_listening(data, "127.0.0.1:0", extra, admin_token, env)
+    }
+
+    /// [`Server::start_full`] listening on `listen` (a port chosen before, for a URL the
+    /// configuration must name).
+    pub fn start_listening(
+        data: tempfile::TempDir,
+        listen: &str,
+        extra: &[&str],
+        admin_token: Option<&str>,
+        env: &[(&str, String)],
+    ) -> Server {
         let mut cmd = larder_testkit::nix::command(larder_bin());
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        cmd.args(["serve", "--listen", listen, "--data"])
             .arg(data.path())
             .args(extra)
             .env_remove("LARDER_SERVE_CONFIG")
