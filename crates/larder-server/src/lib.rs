@@ -36,6 +36,7 @@ pub mod stall;
 pub mod stats;
 pub mod tls;
 pub mod ui;
+pub mod upstream;
 
 pub use config::Config;
 pub use error::ApiError;
@@ -56,6 +57,8 @@ pub struct AppState {
     pub metrics: Arc<metrics::Metrics>,
     /// Whether this replica holds the background-work lock (see `publish::gc_loop`).
     pub background: Arc<std::sync::atomic::AtomicBool>,
+    /// Pull-through caching's client and memory ([`upstream`]).
+    pub upstream: Arc<upstream::Upstreams>,
 }
 
 /// Names a cache may not take: they are top-level routes.
@@ -324,6 +327,7 @@ pub async fn open_state(
         retention: Arc::default(),
         metrics: Arc::new(metrics::Metrics::new(&route_table())),
         background: Arc::default(),
+        upstream: Arc::default(),
     })
 }
 

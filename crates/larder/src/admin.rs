@@ -172,6 +172,8 @@ pub enum CacheCommand {
         /// Preferred compression of pushed NARs. [default: the server's, zstd]
         #[arg(long, value_parser = ["zstd", "xz", "none"])]
         compression: Option<String>,
+        #[command(flatten)]
+        upstream: UpstreamArgs,
         /// Print the new cache as JSON.
         #[arg(long)]
         json: bool,
@@ -210,6 +212,8 @@ pub enum CacheCommand {
         /// Preferred compression of NARs pushed from now on (stored NARs are kept as they are).
         #[arg(long, value_parser = ["zstd", "xz", "none"])]
         compression: Option<String>,
+        #[command(flatten)]
+        upstream: UpstreamArgs,
         /// Print the changed cache as JSON.
         #[arg(long)]
         json: bool,
@@ -222,6 +226,33 @@ pub enum CacheCommand {
         #[arg(long)]
         yes: bool,
     },
+}
+
+/// Pull-through settings of `cache create` and `cache configure`.
+#[derive(clap::Args, Debug, Default)]
+pub struct UpstreamArgs {
+    /// Upstream cache asked for the paths this cache lacks (pull-through), e.g.
+    /// https://cache.nixos.org: what it serves, signed by a trusted upstream key, is fetched
+    /// once and kept. Repeat for more, tried in order; replaces the list; `none` removes
+    /// them.
+    #[arg(long = "upstream", value_name = "URL")]
+    upstreams: Vec<String>,
+    /// Public key (name:base64) trusted for upstream paths, beside the server's
+    /// upstream_keys (cache.nixos.org's by default). Repeat for more; replaces the list;
+    /// `none` removes them.
+    #[arg(long = "upstream-key", value_name = "KEY")]
+    upstream_keys: Vec<String>,
+}
+
+impl UpstreamArgs {
+    /// A list flag as the API takes it: `None` when not given, empty for `none`.
+    fn list(values: &[String]) -> Option<Vec<String>> {
+        match values {
+            [] => None,
+            [none] if none == "none" => Some(Vec::new()),
+            v => Some(v.to_vec()),
+        }
+    }
 }
 
 /// What to tell about a cache near or over its limit (`cache info`, after a push).
@@ -268,6 +299,16 @@ fn print_cache(c: &CacheInfo) -> anyhow::Result<()> {
             c.name
         ));
     }
+    let upstreams: String = c
+        .upstreams
+        .iter()
+        .map(|u| format!("upstream:    {u}\n"))
+        .chain(
+            c.upstream_keys
+                .iter()
+                .map(|k| format!("upstream key: {k}\n")),
+        )
+        .collect();
     let flake: String = c
         .flake_nix_config
         .lines()
@@ -275,7 +316,7 @@ fn print_cache(c: &CacheInfo) -> anyhow::Result<()> {
         .collect();
     print(&format!(
         "cache:       {}\nurl:         {}\nvisibility:  {}\npriority:    {}\ncompression: {}\n\
-         size:        {}{limit}\npaths:       {}\nsigning:     {}\npublic key:  {}\nnix.conf:\n{conf}\
+         size:        {}{limit}\npaths:       {}\nsigning:     {}\npublic key:  {}\n{upstreams}nix.conf:\n{conf}\
          flake.nix:\n{flake}",
         c.name,
         c.url,
@@ -312,6 +353,7 @@ pub async fn cache(cmd: CacheCommand) -> anyhow::Result<()> {
             max_size,
             priority,
             compression,
+            upstream,
             json,
         } => {
             create_cache(
@@ -320,6 +362,7 @@ pub async fn cache(cmd: CacheCommand) -> anyhow::Result<()> {
                 max_size.as_deref(),
                 priority,
                 compression,
+                upstream,
                 json,
             )
             .await
@@ -333,6 +376,7 @@ pub async fn cache(cmd: CacheCommand) -> anyhow::Result<()> {
             max_size,
             priority,
             compression,
+            upstream,
             json,
         } => {
             let private = (private || public).then_some(private);
@@ -342,6 +386,7 @@ pub async fn cache(cmd: CacheCommand) -> anyhow::Result<()> {
                 max_size.as_deref(),
                 priority,
                 compression,
+                upstream,
                 json,
             )
             .await
@@ -357,6 +402,7 @@ async fn create_cache(
     max_size: Option<&str>,
     priority: Option<i64>,
     compression: Option<String>,
+    upstream: UpstreamArgs,
     json: bool,
 ) -> anyhow::Result<()> {
     let t = target(name)?;
@@ -368,6 +414,8 @@ async fn create_cache(
             max_size: max_size.map(max_size_arg).transpose()?.flatten(),
             priority,
             compression,
+            upstreams: UpstreamArgs::list(&upstream.upstreams).unwrap_or_default(),
+            upstream_keys: UpstreamArgs::list(&upstream.upstream_keys).unwrap_or_default(),
         })
         .await
         .with_context(|| format!("cannot create cache {:?}", t.cache))?;
@@ -433,6 +481,7 @@ async fn configure_cache(
     max_size: Option<&str>,
     priority: Option<i64>,
     compression: Option<String>,
+    upstream: UpstreamArgs,
     json: bool,
 ) -> anyhow::Result<()> {
     let t = target(cache)?;
@@ -441,11 +490,14 @@ async fn configure_cache(
         max_size: max_size.map(max_size_arg).transpose()?,
         priority,
         compression,
+        upstreams: UpstreamArgs::list(&upstream.upstreams),
+        upstream_keys: UpstreamArgs::list(&upstream.upstream_keys),
     };
     if body.is_empty() {
         return Err(fail_with_hint(
             "nothing to change",
-            "pass --private/--public, --max-size, --priority or --compression",
+            "pass --private/--public, --max-size, --priority, --compression, --upstream or \
+             --upstream-key",
         ));
     }
     let c = t
