@@ -381,12 +381,14 @@ async fn get_upstream_nar(
     validate_hash_part(&hash)
         .map_err(|_| ApiError::bad(format!("invalid store path hash {:?}", truncate(&hash))))?;
     let (file_hash, compression) = parse_nar_file_name(&file)?;
-    let local = |state: AppState, cache| async move {
-        let nar = state
-            .meta
-            .servable_nar_by_file_hash(cache, &file_hash, evicted_since(&state))
-            .await?;
-        Ok::<_, ApiError>(nar.is_some())
+    // Served locally once the path is published here with this very file (a NAR kept only
+    // for an evicted path's grace period is fetched again, so the path is kept again).
+    let local = |state: AppState, cache| {
+        let hash = hash.clone();
+        async move {
+            let path = state.meta.get_path(cache, &hash).await?;
+            Ok::<_, ApiError>(path.is_some_and(|p| p.nar.file_hash == file_hash))
+        }
     };
     if local(state.clone(), cache.id).await? {
         return serve_nar(&state, &method, &headers, &cache, &file_hash, compression).await;
