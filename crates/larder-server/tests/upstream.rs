@@ -131,6 +131,21 @@ async fn fetched_paths_are_verified_kept_marked_and_evicted_with_their_referrers
         .json();
     assert_eq!(list["paths"][0]["upstream"], json!(up.url));
     assert!(srv.cache_info("c").await["size"].as_i64().unwrap() > 0);
+    // The web UI marks it, and names the upstream on its page.
+    let page = srv.get("/ui/caches/c", Auth::Anon).await.expect(200).text();
+    assert!(page.contains("(from upstream)"), "{page}");
+    let detail = srv
+        .get(
+            &format!("/ui/caches/c/paths/{}", b.path.basename()),
+            Auth::Anon,
+        )
+        .await
+        .expect(200)
+        .text();
+    assert!(
+        detail.contains("From upstream") && detail.contains(&up.url),
+        "{detail}"
+    );
     // Asked again: served locally, the upstream is not asked.
     let before = up.asked.lock().unwrap().len();
     srv.get(&format!("/c/{}", ni.url), Auth::Anon)

@@ -998,14 +998,14 @@ async fn replicas_starting_together_migrate_once(db: Db) {
     let opened = futures::future::join_all((0..4).map(|_| Metadata::connect(&url))).await;
     for m in opened {
         let m = m.unwrap();
-        assert_eq!(m.schema_version().await.unwrap(), 7);
+        assert_eq!(m.schema_version().await.unwrap(), 8);
     }
     if let Some(pg) = &db.pg {
         let versions = pg.psql(
             PgCluster::db_of(&url),
             "SELECT string_agg(version::text, ',' ORDER BY version) FROM larder_schema",
         );
-        assert_eq!(versions, "1,2,3,4,5,6,7");
+        assert_eq!(versions, "1,2,3,4,5,6,7,8");
     }
 }
 
