@@ -206,16 +206,29 @@ async fn fetched_paths_are_verified_kept_marked_and_evicted_with_their_referrers
 
 #[tokio::test]
 async fn a_tampered_nar_is_refused_and_its_download_fails() {
+    // Flipped bytes (not even valid xz), and another path's NAR (valid xz, valid NAR: only
+    // the hashes tell).
+    for (i, swapped) in [false, true].into_iter().enumerate() {
+        tampered_nar_is_refused(swapped, &format!("pull-tampered-{i}")).await;
+    }
+}
+
+async fn tampered_nar_is_refused(swapped: bool, seed: &str) {
     let srv = Server::new().await;
     let up = Upstream::start().await;
     let key = signing_key("upstream-1", 3);
-    let t = TestPath::new("t", "pull-tampered");
+    let t = TestPath::new("t", seed);
     up.add(&t, &key);
     let file = t.compressed(Comp::Xz);
     let name = format!("/{}", common::nar_url(&file, Comp::Xz));
-    let mut tampered = file.clone();
-    let middle = tampered.len() / 2;
-    tampered[middle] ^= 0x55;
+    let tampered = if swapped {
+        TestPath::new("other", &format!("{seed}-other")).compressed(Comp::Xz)
+    } else {
+        let mut bytes = file.clone();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x55;
+        bytes
+    };
     up.files.lock().unwrap().insert(name, tampered);
     cache(&srv, "c", false, &up, &key).await;
     let ni = narinfo(&srv, "c", &t, 200).await.unwrap();
