@@ -296,6 +296,34 @@ async fn untrusted_narinfos_are_not_served_and_misses_do_not_hide_pushes() {
         .await
         .expect(200);
 
+    // The upstream NAR route: bad names are a 400, a path no upstream has a 404, and a cache
+    // without upstreams asks nobody.
+    let zeros = "0".repeat(52);
+    srv.get("/c/upstream-nar/not-a-hash/x.nar.xz", Auth::Anon)
+        .await
+        .expect(400);
+    srv.get(&format!("/c/upstream-nar/{}/garbage", p.hash()), Auth::Anon)
+        .await
+        .expect(400);
+    srv.get(
+        &format!("/c/upstream-nar/{}/{zeros}.nar.xz", "1".repeat(32)),
+        Auth::Anon,
+    )
+    .await
+    .expect(404);
+    srv.create_cache("plain", false).await;
+    let before = up.asked.lock().unwrap().len();
+    srv.get(&format!("/plain/{}.narinfo", p.hash()), Auth::Anon)
+        .await
+        .expect(404);
+    srv.get(
+        &format!("/plain/upstream-nar/{}/{zeros}.nar.xz", p.hash()),
+        Auth::Anon,
+    )
+    .await
+    .expect(404);
+    assert_eq!(up.asked.lock().unwrap().len(), before);
+
     // Bad upstream settings are a 400.
     for body in [
         json!({"upstreams": ["file:///nix/cache"]}),
