@@ -120,11 +120,14 @@ async fn get_file(
                     // Pull-through: asked only after the local lookup, so a path pushed
                     // since an upstream miss was remembered is found.
                     return match crate::upstream::narinfo(&state, &cache, hash).await {
-                        Some(found) => Ok((
-                            [(header::CONTENT_TYPE, "text/x-nix-narinfo")],
-                            found.render(&cache),
-                        )
-                            .into_response()),
+                        Some(found) => {
+                            let text = found.render(&cache);
+                            // Counted in the cache's downloads like any narinfo served.
+                            let served = (method != Method::HEAD).then_some(text.len());
+                            state.retention.usage.narinfo(cache.id, hash, served);
+                            Ok(([(header::CONTENT_TYPE, "text/x-nix-narinfo")], text)
+                                .into_response())
+                        }
                         None => Err(ApiError::not_found("no such path in this cache")),
                     };
                 };

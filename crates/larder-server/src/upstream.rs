@@ -509,9 +509,14 @@ async fn keep(
         sigs: info.sigs.clone(),
         upstream: Vec::new(),
     };
+    let file_size = up.file_size;
     let stored = async {
         let (upload_id, nar) = crate::publish::store_upload(state, cache, None, up).await?;
-        crate::publish::publish_fetched(state, cache, path, &nar, &upload_id, &found.upstream).await
+        crate::publish::publish_fetched(state, cache, path, &nar, &upload_id, &found.upstream)
+            .await?;
+        // The client's download: a use of the path, counted in the cache's downloads.
+        state.retention.usage.nar(cache.id, nar.id, Some(file_size));
+        Ok::<_, ApiError>(())
     };
     if let Err(e) = stored.await {
         tracing::warn!(path = %info.store_path, error = %crate::error::error_chain(&e), "a verified upstream NAR could not be kept");
