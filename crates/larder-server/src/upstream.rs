@@ -3,7 +3,7 @@
 //! streams it to the client, so the next consumer gets it locally.
 //!
 //! - Narinfo ([`narinfo`]): on a local miss, `GET <upstream>/<hash>.narinfo` with bounded time
-//!   ([`CONNECT_TIMEOUT`], [`NARINFO_TIMEOUT`]). Served only when the upstream's narinfo is
+//!   ([`CONNECT_TIMEOUT`], [`NARINFO_TIMEOUT`], [`NARINFO_BUDGET`] for all of them). Served only when the upstream's narinfo is
 //!   signed by a key trusted for the cache (the server's `upstream_keys` and the cache's own)
 //!   and names a NAR larder can store (xz, zstd or none, with a FileHash). The answer keeps the
 //!   upstream's signatures, gets the cache's own when the server signs for it, and points at
@@ -48,6 +48,10 @@ pub use crate::config::{check_upstream_url as check_url, MAX_UPSTREAMS};
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Time for a whole narinfo request to an upstream, and for a NAR response's head.
 pub const NARINFO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time for all of a cache's upstreams to answer one narinfo miss: upstreams not asked by then
+/// are skipped (and the miss is not remembered), so a miss is answered well within the
+/// server's `backend_timeout` however many upstreams hang.
+pub const NARINFO_BUDGET: Duration = Duration::from_secs(10);
 /// A NAR download from an upstream that sends nothing for this long is abandoned.
 pub const NAR_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long "no upstream has it" and a verified upstream narinfo are remembered.
@@ -206,11 +210,17 @@ pub async fn narinfo(state: &AppState, cache: &CacheRow, hash: &str) -> Option<A
         return None;
     }
     let keys = crate::publish::upstream_keys(state, cache);
+    let deadline = now + NARINFO_BUDGET;
+    let mut complete = true;
     for base in &cache.upstreams {
         if up.is_down(base) {
             continue;
         }
-        match ask(state, base, hash, &keys).await {
+        let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+            complete = false;
+            break;
+        };
+        match ask(state, base, hash, &keys, left.min(NARINFO_TIMEOUT)).await {
             Answer::Found(found) => {
                 up.came_back(base);
                 let found: Arc<Found> = Arc::from(found);
@@ -234,23 +244,25 @@ pub async fn narinfo(state: &AppState, cache: &CacheRow, hash: &str) -> Option<A
             }
         }
     }
-    remember(&up.misses, key, Instant::now(), |at| {
-        at.elapsed() < MISS_TTL
-    });
+    if complete {
+        remember(&up.misses, key, Instant::now(), |at| {
+            at.elapsed() < MISS_TTL
+        });
+    }
     state.metrics.upstream_miss(cache.id);
     None
 }
 
 /// Ask one upstream for `hash`'s narinfo and check it.
-async fn ask(state: &AppState, base: &str, hash: &str, keys: &[VerifyingKey]) -> Answer {
+async fn ask(
+    state: &AppState,
+    base: &str,
+    hash: &str,
+    keys: &[VerifyingKey],
+    timeout: Duration,
+) -> Answer {
     let url = format!("{base}/{hash}.narinfo");
-    let resp = state
-        .upstream
-        .http
-        .get(&url)
-        .timeout(NARINFO_TIMEOUT)
-        .send()
-        .await;
+    let resp = state.upstream.http.get(&url).timeout(timeout).send().await;
     let resp = match resp {
         Ok(r) => r,
         Err(e) => {
