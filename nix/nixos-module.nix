@@ -38,6 +38,7 @@ let
     inherit (c) priority compression;
     max_size = if c.maxSize == null then "none" else toString c.maxSize;
     upstream_keys = c.upstreamKeys;
+    inherit (c) upstreams;
   };
 
   # The file `larder serve --config` reads: every setting given (unset ones are left to the
@@ -135,7 +136,18 @@ let
         description = ''
           Public keys of upstream caches for this cache, added to the server-wide
           `settings.upstream_keys`: a pushed path may reference paths they sign without them
-          being in the cache.
+          being in the cache, and a path fetched from `upstreams` is served only when one of
+          them signed it.
+        '';
+      };
+      upstreams = mkOption {
+        type = types.listOf larderLib.httpUrl;
+        default = [ ];
+        example = [ "https://cache.nixos.org" ];
+        description = ''
+          Upstream caches asked, in order, for the paths this cache lacks (pull-through): what
+          one serves, signed by a trusted upstream key, is fetched once and kept, so clients
+          need this cache as their only substituter. At most 8.
         '';
       };
     };

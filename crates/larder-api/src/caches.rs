@@ -36,9 +36,14 @@ pub struct Cache {
     #[serde(default)]
     pub near_limit: bool,
     /// Public keys trusted as upstream for this cache, beside the server's upstream_keys
-    /// (declared in the server's config file; older servers: absent, none).
+    /// (older servers: absent, none): pushed paths may reference what they sign, and what
+    /// `upstreams` serve is kept only when one of them signed it.
     #[serde(default)]
     pub upstream_keys: Vec<String>,
+    /// Upstream caches asked, in order, for paths the cache lacks (pull-through); fetched
+    /// paths are kept (older servers: absent, none).
+    #[serde(default)]
+    pub upstreams: Vec<String>,
     /// nix.conf lines (extra-substituters, extra-trusted-public-keys).
     pub nix_conf: String,
     /// The same as a flake `nixConfig` block (older servers: absent, empty).
@@ -66,6 +71,12 @@ pub struct CreateCache {
     /// `zstd`, `xz` or `none`.
     pub compression: Option<String>,
     pub max_size: Option<Size>,
+    /// Upstream cache URLs (`http://`, `https://`), asked in order on a miss.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upstreams: Vec<String>,
+    /// Nix `name:base64` keys trusted for upstream paths, beside the server's upstream_keys.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upstream_keys: Vec<String>,
 }
 
 /// `PATCH /caches/{cache}`: only the settings given change.
@@ -89,6 +100,12 @@ pub struct ConfigureCache {
     )]
     #[schema(value_type = Option<Size>)]
     pub max_size: Option<Option<Size>>,
+    /// Replaces the upstream cache URLs (an empty list: no pull-through).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstreams: Option<Vec<String>>,
+    /// Replaces the cache's own upstream keys.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_keys: Option<Vec<String>>,
 }
 
 impl ConfigureCache {

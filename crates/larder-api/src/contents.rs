@@ -18,6 +18,10 @@ pub struct PathEntry {
     pub uploaded_at: i64,
     /// Unix time of the last narinfo or NAR fetch; null: never fetched.
     pub last_used_at: Option<i64>,
+    /// The upstream cache the path was fetched from (pull-through); null: pushed (older
+    /// servers: absent).
+    #[serde(default)]
+    pub upstream: Option<String>,
 }
 
 /// One page of a cache's contents.
@@ -70,6 +74,9 @@ pub struct PathDetail {
     pub pins: Vec<PinRef>,
     pub uploaded_at: i64,
     pub last_used_at: Option<i64>,
+    /// The upstream cache the path was fetched from; null: pushed (older servers: absent).
+    #[serde(default)]
+    pub upstream: Option<String>,
     /// The narinfo as served.
     pub narinfo: String,
 }

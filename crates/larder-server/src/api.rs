@@ -184,6 +184,7 @@ pub(crate) async fn cache_json(state: &AppState, c: &CacheRow) -> Result<Cache, 
             .iter()
             .map(VerifyingKey::to_string)
             .collect(),
+        upstreams: c.upstreams.clone(),
     })
 }
 
@@ -226,6 +227,38 @@ fn size_bytes(size: &Size) -> Result<i64, ApiError> {
     i64::try_from(b).map_err(|_| ApiError::bad("size too large"))
 }
 
+/// Upstream keys as the API takes them: Nix `name:base64` public keys.
+fn parse_upstream_keys(keys: &[String]) -> Result<Vec<VerifyingKey>, ApiError> {
+    keys.iter()
+        .map(|k| {
+            VerifyingKey::parse(k).map_err(|_| {
+                ApiError::bad(format!(
+                    "invalid upstream key {:?} (a Nix public key name:base64)",
+                    truncate(k)
+                ))
+            })
+        })
+        .collect()
+}
+
+/// Upstream cache URLs as the API takes them (see [`crate::config::check_upstream_url`]), at most
+/// [`crate::config::MAX_UPSTREAMS`].
+fn parse_upstreams(urls: &[String]) -> Result<Vec<String>, ApiError> {
+    if urls.len() > crate::config::MAX_UPSTREAMS {
+        return Err(ApiError::bad(format!(
+            "at most {} upstreams",
+            crate::config::MAX_UPSTREAMS
+        )));
+    }
+    urls.iter()
+        .map(|u| {
+            crate::config::check_upstream_url(u).map_err(|why| {
+                ApiError::bad(format!("invalid upstream URL {:?}: {why}", truncate(u)))
+            })
+        })
+        .collect()
+}
+
 fn check_priority(p: i64) -> Result<i64, ApiError> {
     if (0..=1_000_000).contains(&p) {
         Ok(p)
@@ -249,7 +282,6 @@ pub(crate) fn managed_cache(
     priority: Option<i64>,
     compression: Option<&str>,
     max_size: Option<i64>,
-    upstream_keys: Vec<VerifyingKey>,
 ) -> Result<NewCache, ApiError> {
     let compression = parse_compression(compression.unwrap_or(&state.config.compression))?;
     let key_name = format!("{name}.{}-1", state.config.public_host());
@@ -263,7 +295,8 @@ pub(crate) fn managed_cache(
         signing_mode: SigningMode::Managed,
         public_key: Some(key.verifying_key()),
         secret_key: Some(SecretKey(key)),
-        upstream_keys,
+        upstream_keys: Vec::new(),
+        upstreams: Vec::new(),
     })
 }
 
@@ -296,15 +329,18 @@ async fn create_cache(
             crate::RESERVED_NAMES.join(", ")
         )));
     }
-    let new = managed_cache(
-        &state,
-        &req.name,
-        req.private,
-        req.priority,
-        req.compression.as_deref(),
-        req.max_size.as_ref().map(size_bytes).transpose()?,
-        Vec::new(),
-    )?;
+    let new = NewCache {
+        upstream_keys: parse_upstream_keys(&req.upstream_keys)?,
+        upstreams: parse_upstreams(&req.upstreams)?,
+        ..managed_cache(
+            &state,
+            &req.name,
+            req.private,
+            req.priority,
+            req.compression.as_deref(),
+            req.max_size.as_ref().map(size_bytes).transpose()?,
+        )?
+    };
     let row = state
         .meta
         .create_cache(&new)
@@ -393,7 +429,12 @@ async fn configure_cache(
             .map(|m| m.as_ref().map(size_bytes).transpose())
             .transpose()?,
         client_public_key: None,
-        upstream_keys: None,
+        upstream_keys: req
+            .upstream_keys
+            .as_deref()
+            .map(parse_upstream_keys)
+            .transpose()?,
+        upstreams: req.upstreams.as_deref().map(parse_upstreams).transpose()?,
     };
     let row = state
         .meta
@@ -401,6 +442,10 @@ async fn configure_cache(
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no cache named {name:?}")))?;
     state.hot.forget_cache(&name);
+    if update.upstreams.is_some() || update.upstream_keys.is_some() {
+        // Misses and narinfos remembered under the old upstreams or keys no longer hold.
+        state.upstream.forget_cache(row.id);
+    }
     // A new limit holds at once, not at the next upload or collection: `cache info` must not
     // show a cache over its limit.
     if update.max_size.is_some_and(|m| m.is_some()) {

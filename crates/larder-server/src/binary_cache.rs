@@ -43,6 +43,7 @@ pub fn routes() -> Routes {
         .get("/{cache}/{file}", get_file)
         .put("/{cache}/{file}", put_narinfo)
         .get("/{cache}/nar/{file}", get_nar)
+        .get("/{cache}/upstream-nar/{hash}/{file}", get_upstream_nar)
         .put("/{cache}/nar/{file}", put_nar)
         .get("/{cache}/log/{drv}", get_log)
         .put("/{cache}/log/{drv}", put_log)
@@ -115,11 +116,21 @@ async fn get_file(
             Some(t) => t,
             None => {
                 let generation = state.hot.narinfo_generation();
-                let path = state
-                    .meta
-                    .get_path(cache.id, hash)
-                    .await?
-                    .ok_or_else(|| ApiError::not_found("no such path in this cache"))?;
+                let Some(path) = state.meta.get_path(cache.id, hash).await? else {
+                    // Pull-through: asked only after the local lookup, so a path pushed
+                    // since an upstream miss was remembered is found.
+                    return match crate::upstream::narinfo(&state, &cache, hash).await {
+                        Some(found) => {
+                            let text = found.render(&cache);
+                            // Counted in the cache's downloads like any narinfo served.
+                            let served = (method != Method::HEAD).then_some(text.len());
+                            state.retention.usage.narinfo(cache.id, hash, served);
+                            Ok(([(header::CONTENT_TYPE, "text/x-nix-narinfo")], text)
+                                .into_response())
+                        }
+                        None => Err(ApiError::not_found("no such path in this cache")),
+                    };
+                };
                 let text: std::sync::Arc<str> = render_narinfo(&path).into();
                 state
                     .hot
@@ -357,6 +368,72 @@ async fn get_nar(
     CacheAccess { cache, .. }: CacheAccess<Pull>,
 ) -> Result<Response, ApiError> {
     let (file_hash, compression) = parse_nar_file_name(&file)?;
+    serve_nar(&state, &method, &headers, &cache, &file_hash, compression).await
+}
+
+/// `GET /<cache>/upstream-nar/<hash>/<file>`: the NAR of a path served from an upstream
+/// (pull-through, [`crate::upstream`]): from the cache once it was fetched, else fetched,
+/// verified and kept while it streams. Ranges are not offered for a NAR being fetched.
+async fn get_upstream_nar(
+    State(state): State<AppState>,
+    method: Method,
+    headers: HeaderMap,
+    Path((_name, hash, file)): Path<(String, String, String)>,
+    CacheAccess { cache, .. }: CacheAccess<Pull>,
+) -> Result<Response, ApiError> {
+    validate_hash_part(&hash)
+        .map_err(|_| ApiError::bad(format!("invalid store path hash {:?}", truncate(&hash))))?;
+    let (file_hash, compression) = parse_nar_file_name(&file)?;
+    // Served locally once the path is published here with this very file (a NAR kept only
+    // for an evicted path's grace period is fetched again, so the path is kept again).
+    let local = |state: AppState, cache| {
+        let hash = hash.clone();
+        async move {
+            let path = state.meta.get_path(cache, &hash).await?;
+            Ok::<_, ApiError>(path.is_some_and(|p| p.nar.file_hash == file_hash))
+        }
+    };
+    if local(state.clone(), cache.id).await? {
+        return serve_nar(&state, &method, &headers, &cache, &file_hash, compression).await;
+    }
+    let not_found = || ApiError::not_found("no such NAR in this cache or its upstreams");
+    let found = crate::upstream::narinfo(&state, &cache, &hash)
+        .await
+        .filter(|f| f.file_hash == file_hash && f.compression == compression)
+        .ok_or_else(not_found)?;
+    let mut resp = if method == Method::HEAD {
+        Response::new(Body::empty())
+    } else {
+        let turn = crate::upstream::fetch_turn(&state, &cache, &hash).await;
+        // A fetch that held the turn before this request has kept the NAR by now.
+        if local(state.clone(), cache.id).await? {
+            drop(turn);
+            return serve_nar(&state, &method, &headers, &cache, &file_hash, compression).await;
+        }
+        Response::new(crate::upstream::fetch_nar(&state, &cache, found.clone(), turn).await?)
+    };
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-nix-nar"),
+    );
+    if let Some(size) = found.info.file_size {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    }
+    Ok(resp)
+}
+
+/// Answer a request for the NAR file `file_hash` of `cache`: 404 unless the cache may serve
+/// it (a published path's, or an evicted one's within the grace period).
+async fn serve_nar(
+    state: &AppState,
+    method: &Method,
+    headers: &HeaderMap,
+    cache: &larder_store::meta::CacheRow,
+    file_hash: &larder_nix::hash::Sha256,
+    compression: larder_nix::compression::Compression,
+) -> Result<Response, ApiError> {
+    let (state, file_hash) = (state.clone(), *file_hash);
     let served = match state.hot.nar(cache.id, &file_hash) {
         Some(served) => served,
         None => {
@@ -376,7 +453,7 @@ async fn get_nar(
         return Err(ApiError::not_found("no such NAR in this cache"));
     }
     let len = nar.file_size as u64;
-    let range = match parse_range(&headers, len) {
+    let range = match parse_range(headers, len) {
         Ok(r) => r,
         Err(()) => {
             return Ok((
@@ -395,7 +472,7 @@ async fn get_nar(
     // (a redirect counts the bytes it sends the client to fetch).
     let used = |bytes| state.retention.usage.nar(cache.id, nar.id, bytes);
     // HEAD (Nix's uploader asks whether a NAR exists) is answered from the metadata alone.
-    let body = if method == Method::HEAD {
+    let body = if *method == Method::HEAD {
         used(None);
         Body::empty()
     } else {

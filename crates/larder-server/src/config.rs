@@ -76,6 +76,28 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: usize = 256;
 /// Keys whose signature marks a store path as available upstream: a pushed path may reference
 /// such a path without it being in the cache (Nix substitutes it from upstream).
 pub const DEFAULT_UPSTREAM_KEYS: &[&str] = &[larder_nix::signing::CACHE_NIXOS_ORG_KEY];
+/// Most upstreams (pull-through, `[caches.NAME] upstreams`) a cache may have.
+pub const MAX_UPSTREAMS: usize = 8;
+
+/// Check and normalise an upstream URL: `http://` or `https://` with a host, no credentials,
+/// query or fragment; a trailing `/` is dropped.
+pub fn check_upstream_url(url: &str) -> Result<String, &'static str> {
+    let parsed = url::Url::parse(url).map_err(|_| "not a URL")?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err("only http:// and https:// upstreams are supported");
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err("no host");
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err("credentials are not allowed in the URL");
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err("no query or fragment allowed");
+    }
+    Ok(url.trim_end_matches('/').to_owned())
+}
+
 /// Priority of new caches in `nix-cache-info` (cache.nixos.org is 40; lower wins).
 pub const DEFAULT_PRIORITY: i64 = 41;
 /// How long a presigned NAR URL (`nar_redirect = "presigned"`) stays valid: long enough for
@@ -122,8 +144,13 @@ pub struct DeclaredCacheFile {
     pub max_size: Option<SizeValue>,
     /// `zstd`, `xz` or `none`. Default: the server's `compression`.
     pub compression: Option<String>,
-    /// Keys trusted as upstream for this cache, beside the server's `upstream_keys`.
+    /// Keys trusted as upstream for this cache, beside the server's `upstream_keys`: a pushed
+    /// path may reference paths they sign, and a path fetched from `upstreams` is served only
+    /// when one of them (or a server-wide one) signed it.
     pub upstream_keys: Option<Vec<String>>,
+    /// Upstream caches (`http://` or `https://` URLs) asked, in order, for a path the cache
+    /// lacks (pull-through); what they serve is kept. Default: none.
+    pub upstreams: Option<Vec<String>>,
 }
 
 /// A declared cache, checked: what [`crate::declared::apply`] makes true at start.
@@ -136,6 +163,8 @@ pub struct DeclaredCache {
     pub max_size: Option<Option<u64>>,
     pub compression: Option<String>,
     pub upstream_keys: Option<Vec<String>>,
+    /// Checked and normalised (no trailing `/`).
+    pub upstreams: Option<Vec<String>>,
 }
 
 /// The TLS certificate and key files the server serves with.
@@ -537,6 +566,26 @@ fn declared_cache(name: String, c: DeclaredCacheFile) -> Result<DeclaredCache, C
                 .map_err(|_| bad("upstream_keys (name:base64 public keys)", k.clone()))?;
         }
     }
+    if c.upstreams
+        .as_ref()
+        .is_some_and(|u| u.len() > MAX_UPSTREAMS)
+    {
+        return Err(bad(
+            "upstreams (at most 8)",
+            format!("{} URLs", c.upstreams.as_ref().map_or(0, Vec::len)),
+        ));
+    }
+    let upstreams = c
+        .upstreams
+        .map(|urls| {
+            urls.iter()
+                .map(|u| {
+                    check_upstream_url(u)
+                        .map_err(|_| bad("upstreams (http:// or https:// URLs)", u.clone()))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()?;
     Ok(DeclaredCache {
         name: name.clone(),
         private: c.private,
@@ -544,6 +593,7 @@ fn declared_cache(name: String, c: DeclaredCacheFile) -> Result<DeclaredCache, C
         max_size,
         compression: c.compression,
         upstream_keys: c.upstream_keys,
+        upstreams,
     })
 }
 

@@ -49,15 +49,18 @@ pub async fn apply(state: &AppState) -> Result<Vec<String>, ApiError> {
 async fn apply_one(state: &AppState, d: &DeclaredCache) -> Result<Option<String>, ApiError> {
     let max_size = |m: Option<u64>| m.map(|b| b as i64);
     if state.meta.get_cache(&d.name).await?.is_none() {
-        let new = crate::api::managed_cache(
-            state,
-            &d.name,
-            d.private.unwrap_or(false),
-            d.priority,
-            d.compression.as_deref(),
-            d.max_size.flatten().map(|b| b as i64),
-            upstream_keys(d)?.unwrap_or_default(),
-        )?;
+        let new = larder_store::meta::NewCache {
+            upstream_keys: upstream_keys(d)?.unwrap_or_default(),
+            upstreams: d.upstreams.clone().unwrap_or_default(),
+            ..crate::api::managed_cache(
+                state,
+                &d.name,
+                d.private.unwrap_or(false),
+                d.priority,
+                d.compression.as_deref(),
+                d.max_size.flatten().map(|b| b as i64),
+            )?
+        };
         // `None`: another replica created it just now; fall through to the update.
         if state.meta.create_cache(&new).await?.is_some() {
             return Ok(Some(format!("created declared cache {:?}", d.name)));
@@ -79,6 +82,7 @@ async fn apply_one(state: &AppState, d: &DeclaredCache) -> Result<Option<String>
         max_size: differs(d.max_size.map(max_size), current.max_size),
         client_public_key: None,
         upstream_keys: differs(upstream_keys(d)?, current.upstream_keys.clone()),
+        upstreams: differs(d.upstreams.clone(), current.upstreams.clone()),
     };
     let mut changed = Vec::new();
     for (name, set) in [
@@ -87,6 +91,7 @@ async fn apply_one(state: &AppState, d: &DeclaredCache) -> Result<Option<String>
         ("compression", update.compression.is_some()),
         ("max_size", update.max_size.is_some()),
         ("upstream_keys", update.upstream_keys.is_some()),
+        ("upstreams", update.upstreams.is_some()),
     ] {
         if set {
             changed.push(name);

@@ -37,6 +37,7 @@ pub mod stall;
 pub mod stats;
 pub mod tls;
 pub mod ui;
+pub mod upstream;
 
 pub use config::Config;
 pub use error::ApiError;
@@ -59,6 +60,8 @@ pub struct AppState {
     pub background: Arc<std::sync::atomic::AtomicBool>,
     /// The OIDC issuers' keys, fetched on demand ([`oidc`]).
     pub oidc: Arc<oidc::Oidc>,
+    /// Pull-through caching's client and memory ([`upstream`]).
+    pub upstream: Arc<upstream::Upstreams>,
 }
 
 /// Names a cache may not take: they are top-level routes.
@@ -328,6 +331,7 @@ pub async fn open_state(
         metrics: Arc::new(metrics::Metrics::new(&route_table())),
         background: Arc::default(),
         oidc: Arc::default(),
+        upstream: Arc::default(),
     })
 }
 

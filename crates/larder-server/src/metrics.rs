@@ -120,6 +120,10 @@ struct CacheCounts {
     evicted_bytes: u64,
     deleted_paths: u64,
     deleted_bytes: u64,
+    upstream_hits: u64,
+    upstream_misses: u64,
+    upstream_errors: u64,
+    upstream_bytes: u64,
 }
 
 pub struct Metrics {
@@ -233,6 +237,33 @@ impl Metrics {
             e.deleted_paths += paths as u64;
             e.deleted_bytes += bytes.max(0) as u64;
         }
+    }
+
+    fn count(&self, cache_id: i64, f: impl FnOnce(&mut CacheCounts)) {
+        if let Ok(mut c) = self.caches.lock() {
+            f(c.entry(cache_id).or_default());
+        }
+    }
+
+    /// A narinfo the cache lacked was served from one of its upstreams.
+    pub fn upstream_hit(&self, cache_id: i64) {
+        self.count(cache_id, |c| c.upstream_hits += 1);
+    }
+
+    /// A narinfo the cache lacked was in none of its upstreams (asked now or remembered).
+    pub fn upstream_miss(&self, cache_id: i64) {
+        self.count(cache_id, |c| c.upstream_misses += 1);
+    }
+
+    /// An upstream failed (unreachable, timed out, an error status), served a narinfo not
+    /// signed by a trusted key, or a NAR that failed verification.
+    pub fn upstream_error(&self, cache_id: i64) {
+        self.count(cache_id, |c| c.upstream_errors += 1);
+    }
+
+    /// NAR bytes received from an upstream.
+    pub fn upstream_bytes(&self, cache_id: i64, bytes: u64) {
+        self.count(cache_id, |c| c.upstream_bytes += bytes);
     }
 
     /// The orphan scan deleted `objects` objects that no metadata named.
@@ -382,7 +413,7 @@ impl Metrics {
         );
         // Per cache.
         let counts = self.caches.lock().map(|c| c.clone()).unwrap_or_default();
-        let mut fams: [(&str, &str, &str, String); 9] = [
+        let mut fams: [(&str, &str, &str, String); 13] = [
             (
                 "larder_cache_paths",
                 "gauge",
@@ -437,6 +468,30 @@ impl Metrics {
                 "Stored bytes deleted with `larder path delete` (this process).",
                 String::new(),
             ),
+            (
+                "larder_upstream_hits_total",
+                "counter",
+                "Narinfos the cache lacked, served from an upstream (this process).",
+                String::new(),
+            ),
+            (
+                "larder_upstream_misses_total",
+                "counter",
+                "Narinfos the cache lacked that no upstream had (this process).",
+                String::new(),
+            ),
+            (
+                "larder_upstream_errors_total",
+                "counter",
+                "Upstream failures: unreachable, timed out, untrusted signature, NAR refused (this process).",
+                String::new(),
+            ),
+            (
+                "larder_upstream_bytes_total",
+                "counter",
+                "NAR bytes fetched from upstreams (this process).",
+                String::new(),
+            ),
         ];
         for (id, name, max, stats) in caches {
             let c = counts.get(id).copied().unwrap_or_default();
@@ -450,6 +505,10 @@ impl Metrics {
                 Some(c.evicted_bytes),
                 Some(c.deleted_paths),
                 Some(c.deleted_bytes),
+                Some(c.upstream_hits),
+                Some(c.upstream_misses),
+                Some(c.upstream_errors),
+                Some(c.upstream_bytes),
             ];
             for (f, v) in fams.iter_mut().zip(values) {
                 if let Some(v) = v {

@@ -116,8 +116,9 @@ pub struct UpstreamRef {
 }
 
 /// The keys whose signature marks a path as available upstream for `cache`: the server's
-/// `upstream_keys` and the cache's own (a declared cache's `upstream_keys`).
-fn upstream_keys(state: &AppState, cache: &CacheRow) -> Vec<VerifyingKey> {
+/// `upstream_keys` and the cache's own. The same keys decide what a pull-through fetch from
+/// the cache's `upstreams` may serve ([`crate::upstream`]).
+pub(crate) fn upstream_keys(state: &AppState, cache: &CacheRow) -> Vec<VerifyingKey> {
     let mut keys = state.config.upstream_keys.clone();
     keys.extend(cache.upstream_keys.iter().cloned());
     keys
@@ -157,6 +158,36 @@ pub async fn publish(
     info: PathInfo,
     nar: &NarRow,
     upload_id: &str,
+) -> Result<Publish, ApiError> {
+    publish_from(state, cache, info, nar, upload_id, None).await
+}
+
+/// Publish a path fetched from the upstream `upstream` (pull-through, see
+/// [`crate::upstream`]): `info` is the upstream's narinfo, whose signature by a trusted
+/// upstream key was checked before it was served. Checked against the measured `nar` like
+/// any upload; its signatures are kept, the cache's own added when the server signs for it
+/// (a client-signed cache cannot sign it, and needs none: consumers trust the upstream key);
+/// its references may all be missing from the cache (the upstream has them, and they are
+/// fetched when asked for); it is marked as from upstream.
+pub async fn publish_fetched(
+    state: &AppState,
+    cache: &CacheRow,
+    info: PathInfo,
+    nar: &NarRow,
+    upload_id: &str,
+    upstream: &str,
+) -> Result<Publish, ApiError> {
+    publish_from(state, cache, info, nar, upload_id, Some(upstream)).await
+}
+
+/// [`publish`], or [`publish_fetched`] from `upstream`.
+async fn publish_from(
+    state: &AppState,
+    cache: &CacheRow,
+    info: PathInfo,
+    nar: &NarRow,
+    upload_id: &str,
+    upstream: Option<&str>,
 ) -> Result<Publish, ApiError> {
     if info.nar_hash != nar.nar_hash {
         return Err(ApiError::rejected(
@@ -199,6 +230,13 @@ pub async fn publish(
             }
             sigs.push(key.sign(&fingerprint));
         }
+        None if upstream.is_some() => {
+            for s in &info.sigs {
+                if !sigs.contains(s) {
+                    sigs.push(s.clone());
+                }
+            }
+        }
         None => {
             let pk = cache.public_key.as_ref().ok_or_else(|| {
                 ApiError::Conflict(format!(
@@ -231,7 +269,11 @@ pub async fn publish(
         ca: info.ca.clone(),
         sigs,
         nar_id: nar.id,
-        upstream_refs: verified_upstream(&info, &upstream_keys(state, cache)),
+        upstream_refs: match upstream {
+            Some(_) => info.references.clone(),
+            None => verified_upstream(&info, &upstream_keys(state, cache)),
+        },
+        upstream: upstream.map(str::to_owned),
     };
     match state.meta.publish_path(&new, upload_id).await? {
         Publish::Conflict { existing_nar_hash } => Err(ApiError::Conflict(format!(

@@ -710,7 +710,10 @@ fn path_list(
                 tbody {
                     @for p in &page.paths {
                         tr {
-                            td.path { a href=(path_href(cache, &p.store_path)) { (p.store_path) } }
+                            td.path {
+                                a href=(path_href(cache, &p.store_path)) { (p.store_path) }
+                                @if let Some(u) = &p.upstream { " " span.muted.upstream title=(u) { "(from upstream)" } }
+                            }
                             td.num data-label="NAR size" { (human_size(p.nar_size)) }
                             td.num data-label="Stored" { (human_size(p.file_size)) }
                             td data-label="Uploaded" { (time(p.uploaded_at)) }
@@ -775,6 +778,7 @@ async fn path_content(
                     @if d.sigs.is_empty() { span.muted { "none" } }
                 }
                 dt { "Uploaded" } dd { (time(d.uploaded_at)) }
+                @if let Some(u) = &d.upstream { dt { "From upstream" } dd.mono { (u) } }
                 dt { "Last use" } dd { (last_use(d.last_used_at)) }
             }
             details {

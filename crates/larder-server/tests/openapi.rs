@@ -994,6 +994,8 @@ fn what_the_client_sends_matches_the_documented_request_schemas() {
             priority: Some(30),
             compression: Some("xz".into()),
             max_size: Some(Size::Text("5GiB".into())),
+            upstreams: vec!["https://cache.nixos.org".into()],
+            upstream_keys: vec![larder_nix::signing::CACHE_NIXOS_ORG_KEY.into()],
         }),
     );
     check(
@@ -1013,6 +1015,8 @@ fn what_the_client_sends_matches_the_documented_request_schemas() {
             priority: Some(1),
             compression: Some("none".into()),
             max_size: Some(None),
+            upstreams: Some(vec!["http://10.0.0.2:8080/c".into()]),
+            upstream_keys: Some(Vec::new()),
         }),
     );
     check(

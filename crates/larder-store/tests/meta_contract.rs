@@ -176,6 +176,7 @@ fn new_path(cache_id: i64, p: &StorePath, nar_id: i64, refs: &[&StorePath]) -> N
         sigs: vec![sig(p.name())],
         nar_id,
         upstream_refs: Vec::new(),
+        upstream: None,
     }
 }
 
@@ -293,6 +294,52 @@ async fn caches_are_created_updated_and_deleted(db: Db) {
         .unwrap()
         .unwrap();
     assert_eq!(u.max_size, None);
+    // Pull-through upstreams: kept in order, replaced whole, removed with an empty list.
+    let urls = vec![
+        "https://cache.nixos.org".to_owned(),
+        "http://10.0.0.2/c".to_owned(),
+    ];
+    let u = m
+        .update_cache(
+            "alpha",
+            &CacheUpdate {
+                upstreams: Some(urls.clone()),
+                ..CacheUpdate::default()
+            },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(u.upstreams, urls);
+    assert_eq!(m.get_cache("alpha").await.unwrap().unwrap().upstreams, urls);
+    let u = m
+        .update_cache(
+            "alpha",
+            &CacheUpdate {
+                upstreams: Some(Vec::new()),
+                ..CacheUpdate::default()
+            },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(u.upstreams.is_empty());
+    // A path fetched from an upstream says so in its row and in the contents list.
+    let fetched = sp("fetched");
+    let (id, n) = upload(m, a.id, fetched.name(), "").await;
+    let mut new = new_path(a.id, &fetched, n.id, &[&sp("only-upstream")]);
+    new.upstream_refs = new.refs.clone();
+    new.upstream = Some(urls[0].clone());
+    assert_eq!(m.publish_path(&new, &id).await.unwrap(), Publish::Created);
+    let row = m
+        .get_path(a.id, &fetched.hash_part())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.upstream.as_deref(), Some(urls[0].as_str()));
+    let listed = m.list_paths(a.id, Some("fetched"), None, 10).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].upstream.as_deref(), Some(urls[0].as_str()));
     assert!(m
         .update_cache("nope", &CacheUpdate::default())
         .await
@@ -951,14 +998,14 @@ async fn replicas_starting_together_migrate_once(db: Db) {
     let opened = futures::future::join_all((0..4).map(|_| Metadata::connect(&url))).await;
     for m in opened {
         let m = m.unwrap();
-        assert_eq!(m.schema_version().await.unwrap(), 7);
+        assert_eq!(m.schema_version().await.unwrap(), 8);
     }
     if let Some(pg) = &db.pg {
         let versions = pg.psql(
             PgCluster::db_of(&url),
             "SELECT string_agg(version::text, ',' ORDER BY version) FROM larder_schema",
         );
-        assert_eq!(versions, "1,2,3,4,5,6,7");
+        assert_eq!(versions, "1,2,3,4,5,6,7,8");
     }
 }
 

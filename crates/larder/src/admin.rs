@@ -188,6 +188,8 @@ pub enum CacheCommand {
         /// Preferred compression of pushed NARs. [default: the server's, zstd]
         #[arg(long, value_parser = ["zstd", "xz", "none"])]
         compression: Option<String>,
+        #[command(flatten)]
+        upstream: UpstreamArgs,
         /// Print the new cache as JSON.
         #[arg(long)]
         json: bool,
@@ -226,6 +228,8 @@ pub enum CacheCommand {
         /// Preferred compression of NARs pushed from now on (stored NARs are kept as they are).
         #[arg(long, value_parser = ["zstd", "xz", "none"])]
         compression: Option<String>,
+        #[command(flatten)]
+        upstream: UpstreamArgs,
         /// Print the changed cache as JSON.
         #[arg(long)]
         json: bool,
@@ -238,6 +242,33 @@ pub enum CacheCommand {
         #[arg(long)]
         yes: bool,
     },
+}
+
+/// Pull-through settings of `cache create` and `cache configure`.
+#[derive(clap::Args, Debug, Default)]
+pub struct UpstreamArgs {
+    /// Upstream cache asked for the paths this cache lacks (pull-through), e.g.
+    /// https://cache.nixos.org: what it serves, signed by a trusted upstream key, is fetched
+    /// once and kept. Repeat for more, tried in order; replaces the list; `none` removes
+    /// them.
+    #[arg(long = "upstream", value_name = "URL")]
+    upstreams: Vec<String>,
+    /// Public key (name:base64) trusted for upstream paths, beside the server's
+    /// upstream_keys (cache.nixos.org's by default). Repeat for more; replaces the list;
+    /// `none` removes them.
+    #[arg(long = "upstream-key", value_name = "KEY")]
+    upstream_keys: Vec<String>,
+}
+
+impl UpstreamArgs {
+    /// A list flag as the API takes it: `None` when not given, empty for `none`.
+    fn list(values: &[String]) -> Option<Vec<String>> {
+        match values {
+            [] => None,
+            [none] if none == "none" => Some(Vec::new()),
+            v => Some(v.to_vec()),
+        }
+    }
 }
 
 /// What to tell about a cache near or over its limit (`cache info`, after a push).
@@ -284,6 +315,16 @@ fn print_cache(c: &CacheInfo) -> anyhow::Result<()> {
             c.name
         ));
     }
+    let upstreams: String = c
+        .upstreams
+        .iter()
+        .map(|u| format!("upstream:    {u}\n"))
+        .chain(
+            c.upstream_keys
+                .iter()
+                .map(|k| format!("upstream key: {k}\n")),
+        )
+        .collect();
     let flake: String = c
         .flake_nix_config
         .lines()
@@ -291,7 +332,7 @@ fn print_cache(c: &CacheInfo) -> anyhow::Result<()> {
         .collect();
     print(&format!(
         "cache:       {}\nurl:         {}\nvisibility:  {}\npriority:    {}\ncompression: {}\n\
-         size:        {}{limit}\npaths:       {}\nsigning:     {}\npublic key:  {}\nnix.conf:\n{conf}\
+         size:        {}{limit}\npaths:       {}\nsigning:     {}\npublic key:  {}\n{upstreams}nix.conf:\n{conf}\
          flake.nix:\n{flake}",
         c.name,
         c.url,
@@ -328,6 +369,7 @@ pub async fn cache(cmd: CacheCommand) -> anyhow::Result<()> {
             max_size,
             priority,
             compression,
+            upstream,
             json,
         } => {
             create_cache(
@@ -336,6 +378,7 @@ pub async fn cache(cmd: CacheCommand) -> anyhow::Result<()> {
                 max_size.as_deref(),
                 priority,
                 compression,
+                upstream,
                 json,
             )
             .await
@@ -349,6 +392,7 @@ pub async fn cache(cmd: CacheCommand) -> anyhow::Result<()> {
             max_size,
             priority,
             compression,
+            upstream,
             json,
         } => {
             let private = (private || public).then_some(private);
@@ -358,6 +402,7 @@ pub async fn cache(cmd: CacheCommand) -> anyhow::Result<()> {
                 max_size.as_deref(),
                 priority,
                 compression,
+                upstream,
                 json,
             )
             .await
@@ -373,6 +418,7 @@ async fn create_cache(
     max_size: Option<&str>,
     priority: Option<i64>,
     compression: Option<String>,
+    upstream: UpstreamArgs,
     json: bool,
 ) -> anyhow::Result<()> {
     let t = target(name)?;
@@ -384,6 +430,8 @@ async fn create_cache(
             max_size: max_size.map(max_size_arg).transpose()?.flatten(),
             priority,
             compression,
+            upstreams: UpstreamArgs::list(&upstream.upstreams).unwrap_or_default(),
+            upstream_keys: UpstreamArgs::list(&upstream.upstream_keys).unwrap_or_default(),
         })
         .await
         .with_context(|| format!("cannot create cache {:?}", t.cache))?;
@@ -449,6 +497,7 @@ async fn configure_cache(
     max_size: Option<&str>,
     priority: Option<i64>,
     compression: Option<String>,
+    upstream: UpstreamArgs,
     json: bool,
 ) -> anyhow::Result<()> {
     let t = target(cache)?;
@@ -457,11 +506,14 @@ async fn configure_cache(
         max_size: max_size.map(max_size_arg).transpose()?,
         priority,
         compression,
+        upstreams: UpstreamArgs::list(&upstream.upstreams),
+        upstream_keys: UpstreamArgs::list(&upstream.upstream_keys),
     };
     if body.is_empty() {
         return Err(fail_with_hint(
             "nothing to change",
-            "pass --private/--public, --max-size, --priority or --compression",
+            "pass --private/--public, --max-size, --priority, --compression, --upstream or \
+             --upstream-key",
         ));
     }
     let c = t

@@ -96,6 +96,10 @@ fn table(paths: &[PathEntry]) -> String {
             last_use(p.last_used_at),
             p.store_path
         ));
+        if p.upstream.is_some() {
+            // Fetched from an upstream (pull-through), not pushed.
+            out.insert_str(out.len() - 1, "  [upstream]");
+        }
     }
     out
 }
@@ -192,6 +196,9 @@ fn print_detail(d: &PathDetail) -> anyhow::Result<()> {
         when(d.uploaded_at),
         last_use(d.last_used_at)
     ));
+    if let Some(u) = &d.upstream {
+        out.push_str(&format!("upstream:    {u} (fetched, not pushed)\n"));
+    }
     out.push_str(&format!("signatures ({}):\n", d.sigs.len()));
     for s in &d.sigs {
         out.push_str(&format!("  {s}\n"));

@@ -187,6 +187,7 @@ const BUILDER: &str = r#"{
       priority = 30;
       compression = "xz";
       upstreamKeys = [ "nix-community.cachix.org-1:mB9FSh9qf2dCimDSUo8Zy7bkq5CX+/rkCWyvRCYg3Fs=" ];
+      upstreams = [ "https://cache.nixos.org" "https://nix-community.cachix.org/" ];
     };
     pushDaemon = { enable = true; cache = "modular-workspace"; };
   };
@@ -293,6 +294,15 @@ fn the_nixos_module_makes_a_hardened_notify_service_a_user_a_firewall_port_and_a
     assert_eq!(declared, ["modular-workspace", "secret"]);
     assert_eq!(resolved.declared_caches[0].max_size, Some(Some(200 << 30)));
     assert_eq!(resolved.declared_caches[1].max_size, Some(None));
+    assert_eq!(
+        resolved.declared_caches[1].upstreams.as_deref(),
+        Some(
+            &[
+                "https://cache.nixos.org".to_owned(),
+                "https://nix-community.cachix.org".to_owned()
+            ][..]
+        )
+    );
     assert!(!resolved.delete_undeclared_caches);
     let settings: toml::Value = toml::from_str(&read(&toml_path)).unwrap();
     let expected: toml::Value = toml::from_str(
@@ -308,12 +318,14 @@ fn the_nixos_module_makes_a_hardened_notify_service_a_user_a_firewall_port_and_a
         max_size = "200GiB"
         compression = "zstd"
         upstream_keys = []
+        upstreams = []
         [caches.secret]
         private = true
         priority = 30
         max_size = "none"
         compression = "xz"
         upstream_keys = ["nix-community.cachix.org-1:mB9FSh9qf2dCimDSUo8Zy7bkq5CX+/rkCWyvRCYg3Fs="]
+        upstreams = ["https://cache.nixos.org", "https://nix-community.cachix.org/"]
         "#,
     )
     .unwrap();

@@ -557,7 +557,8 @@ fn caches_declared_in_the_config_file_are_created_then_updated_and_deleted_only_
         &conf,
         format!(
             "[caches.declared]\nprivate = true\npriority = 30\nmax_size = \"1GiB\"\n\
-             compression = \"xz\"\nupstream_keys = [\"{UPSTREAM_KEY}\"]\n\n[caches.plain]\n"
+             compression = \"xz\"\nupstream_keys = [\"{UPSTREAM_KEY}\"]\n\
+             upstreams = [\"https://cache.nixos.org/\"]\n\n[caches.plain]\n"
         ),
     )
     .unwrap();
@@ -573,6 +574,10 @@ fn caches_declared_in_the_config_file_are_created_then_updated_and_deleted_only_
     assert_eq!(c["max_size"], 1u64 << 30);
     assert_eq!(c["compression"], "xz");
     assert_eq!(c["upstream_keys"], serde_json::json!([UPSTREAM_KEY]));
+    assert_eq!(
+        c["upstreams"],
+        serde_json::json!(["https://cache.nixos.org"])
+    );
     let key = c["public_key"].as_str().unwrap().to_owned();
     // Keys left out take the defaults a new cache gets.
     let plain = cache_settings(&server, "plain").expect("plain cache created");
@@ -659,6 +664,10 @@ fn a_bad_declared_cache_stops_the_server_naming_the_cache_and_the_key() {
         (
             "[caches.ok]\nupstream_keys = [\"nonsense\"]\n",
             "invalid upstream_keys (name:base64 public keys) of declared cache \"ok\"",
+        ),
+        (
+            "[caches.ok]\nupstreams = [\"file:///srv/cache\"]\n",
+            "invalid upstreams (http:// or https:// URLs) of declared cache \"ok\"",
         ),
         ("[caches.ok]\nprivat = true\n", "unknown field `privat`"),
         (

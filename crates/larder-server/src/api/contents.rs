@@ -47,6 +47,7 @@ fn path_json(e: PathEntry) -> PathJson {
         compression: e.compression.as_str().to_owned(),
         uploaded_at: e.created_at,
         last_used_at: e.last_used_at,
+        upstream: e.upstream,
     }
 }
 
@@ -293,6 +294,7 @@ pub(crate) async fn path_detail(
             .collect(),
         uploaded_at: entry.created_at,
         last_used_at: entry.last_used_at,
+        upstream: entry.upstream.clone(),
         narinfo,
         compression: nar.compression.as_str().to_owned(),
         hash: entry.hash,

@@ -35,6 +35,7 @@ impl Config {
                     max_size,
                     compression: c.compression.clone(),
                     upstream_keys: c.upstream_keys.clone(),
+                    upstreams: c.upstreams.clone(),
                 };
                 (c.name.clone(), declared)
             })

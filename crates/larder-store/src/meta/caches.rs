@@ -1,11 +1,13 @@
-//! Caches: their settings (compression, signing, size limit, upstream keys), creating,
+//! Caches: their settings (compression, signing, size limit, upstream keys and URLs), creating,
 //! changing and deleting one (with everything published in it), and their size.
 
 use larder_nix::compression::Compression;
 use larder_nix::signing::VerifyingKey;
 use sqlx::FromRow;
 
-use super::columns::{keys_text, scopes_text, CacheScope, Flag, SecretKey, SigningMode, Stored};
+use super::columns::{
+    keys_text, scopes_text, urls_text, CacheScope, Flag, SecretKey, SigningMode, Stored,
+};
 use super::tokens::end_scope;
 use super::{decoding, now_unix, retry, Metadata, Result, FOREIGN_KEY};
 
@@ -31,6 +33,10 @@ pub struct CacheRow {
     /// Public keys trusted as upstream for this cache, beside the server's.
     #[sqlx(try_from = "Stored<Vec<VerifyingKey>>")]
     pub upstream_keys: Vec<VerifyingKey>,
+    /// Upstream caches asked on a narinfo miss, in order (pull-through; empty: none). What
+    /// they serve is trusted only when signed by one of the upstream keys.
+    #[sqlx(try_from = "Stored<Vec<String>>")]
+    pub upstreams: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -44,6 +50,7 @@ pub struct NewCache {
     pub public_key: Option<VerifyingKey>,
     pub secret_key: Option<SecretKey>,
     pub upstream_keys: Vec<VerifyingKey>,
+    pub upstreams: Vec<String>,
 }
 
 impl Default for NewCache {
@@ -59,6 +66,7 @@ impl Default for NewCache {
             public_key: None,
             secret_key: None,
             upstream_keys: Vec::new(),
+            upstreams: Vec::new(),
         }
     }
 }
@@ -75,6 +83,8 @@ pub struct CacheUpdate {
     pub client_public_key: Option<VerifyingKey>,
     /// Replace the cache's own upstream keys.
     pub upstream_keys: Option<Vec<VerifyingKey>>,
+    /// Replace the cache's upstream URLs.
+    pub upstreams: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, FromRow)]
@@ -88,15 +98,15 @@ pub struct CacheStats {
 
 /// The columns a [`CacheRow`] reads.
 const CACHE_COLS: &str = "id, name, private, priority, compression, max_size, signing_mode, \
-                          public_key, secret_key, created_at, upstream_keys";
+                          public_key, secret_key, created_at, upstream_keys, upstreams";
 
 impl Metadata {
     /// Create a cache; `Ok(None)` if the name is taken.
     pub async fn create_cache(&self, c: &NewCache) -> Result<Option<CacheRow>> {
         let sql = format!(
             "INSERT INTO caches (name, private, priority, compression, max_size, signing_mode, \
-             public_key, secret_key, created_at, upstream_keys) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+             public_key, secret_key, created_at, upstream_keys, upstreams) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
              ON CONFLICT (name) DO NOTHING RETURNING {CACHE_COLS}"
         );
         let row = sqlx::query(&sql)
@@ -110,6 +120,7 @@ impl Metadata {
             .bind(c.secret_key.as_ref().map(|k| k.0.to_secret_string()))
             .bind(now_unix())
             .bind(keys_text(&c.upstream_keys))
+            .bind(urls_text(&c.upstreams))
             .fetch_optional(&self.pool)
             .await?;
         row.as_ref()
@@ -171,6 +182,13 @@ impl Metadata {
         if let Some(keys) = &u.upstream_keys {
             sqlx::query("UPDATE caches SET upstream_keys = $1 WHERE name = $2")
                 .bind(keys_text(keys))
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if let Some(urls) = &u.upstreams {
+            sqlx::query("UPDATE caches SET upstreams = $1 WHERE name = $2")
+                .bind(urls_text(urls))
                 .bind(name)
                 .execute(&mut *tx)
                 .await?;

@@ -153,6 +153,7 @@ unwrap_stored!(
     DrvOutput,
     BTreeSet<Perm>,
     Option<Vec<CacheScope>>,
+    Vec<String>,
 );
 
 impl<T: Column> Column for Option<T> {
@@ -243,6 +244,28 @@ impl Column for Vec<VerifyingKey> {
     fn from_null() -> Option<Self> {
         Some(Vec::new())
     }
+}
+
+/// Upstream cache URLs (`caches.upstreams`), one per line, in the order they are tried;
+/// NULL: none. The server checks each is an `http(s)://` URL before storing it.
+impl Column for Vec<String> {
+    const WHAT: &'static str = "upstream URLs, one per line";
+    fn from_text(text: &str) -> Option<Self> {
+        Some(
+            text.lines()
+                .filter(|l| !l.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        )
+    }
+    fn from_null() -> Option<Self> {
+        Some(Vec::new())
+    }
+}
+
+/// Upstream URLs as stored (see `Column for Vec<String>`).
+pub fn urls_text(urls: &[String]) -> Option<String> {
+    (!urls.is_empty()).then(|| urls.join("\n"))
 }
 
 impl Column for SigningMode {

@@ -28,6 +28,8 @@ pub struct PathEntry {
     pub created_at: i64,
     /// Last narinfo or NAR fetch, as recorded by the last usage flush.
     pub last_used_at: Option<i64>,
+    /// The upstream cache it was fetched from (pull-through); `None`: pushed.
+    pub upstream: Option<String>,
 }
 
 impl PathEntry {
@@ -53,7 +55,7 @@ pub struct PathCursor {
 }
 
 const ENTRY_COLS: &str = "p.hash, p.name, n.nar_size, n.file_size, n.compression, \
-                          p.created_at, p.last_used_at";
+                          p.created_at, p.last_used_at, p.upstream";
 
 /// A `LIKE` pattern matching `text` anywhere, case-insensitively once both sides are lowered;
 /// `\` escapes the pattern's own wildcards (`_` is common in store path names).

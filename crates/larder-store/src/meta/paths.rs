@@ -90,6 +90,8 @@ pub struct PathRow {
     #[sqlx(try_from = "Stored<Vec<Signature>>")]
     pub sigs: Vec<Signature>,
     pub created_at: i64,
+    /// The upstream cache it was fetched from (pull-through); `None`: pushed.
+    pub upstream: Option<String>,
     #[sqlx(flatten)]
     pub nar: NarRow,
 }
@@ -106,6 +108,8 @@ pub struct NewPath {
     /// References accepted without being in the cache: their metadata carried a valid
     /// signature by a trusted upstream key, so Nix gets them from upstream.
     pub upstream_refs: Vec<StorePath>,
+    /// The upstream cache URL it was fetched from (pull-through); `None`: pushed.
+    pub upstream: Option<String>,
 }
 
 /// What happened when publishing a path.
@@ -179,7 +183,7 @@ impl Metadata {
     pub async fn get_path(&self, cache_id: i64, hash: &str) -> Result<Option<PathRow>> {
         let sql = format!(
             "SELECT p.id, p.cache_id, p.hash || '-' || p.name AS basename, p.refs, p.deriver, \
-             p.ca, p.sigs, p.created_at, {NAR_COLS} FROM paths p JOIN nars n ON n.id = p.nar_id \
+             p.ca, p.sigs, p.created_at, p.upstream, {NAR_COLS} FROM paths p JOIN nars n ON n.id = p.nar_id \
              WHERE p.cache_id = $1 AND p.hash = $2"
         );
         sqlx::query_as(&sql)
@@ -236,7 +240,7 @@ impl Metadata {
         // transaction that reads first can fail to upgrade under concurrency).
         let new_id: Option<i64> = sqlx::query_scalar(
             "INSERT INTO paths (cache_id, hash, name, nar_id, refs, deriver, ca, sigs, \
-             created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             created_at, upstream) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
              ON CONFLICT (cache_id, hash) DO NOTHING RETURNING id",
         )
         .bind(p.cache_id)
@@ -248,6 +252,7 @@ impl Metadata {
         .bind(&p.ca)
         .bind(sigs_text(&p.sigs))
         .bind(now_unix())
+        .bind(&p.upstream)
         .fetch_optional(&mut *tx)
         .await?;
         if new_id.is_none() {

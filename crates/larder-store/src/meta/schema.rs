@@ -16,6 +16,9 @@
 //! Version 7 adds `realisations` (content-addressed derivation outputs and the path each was
 //! built to) and `realisation_deps` (the realisations each depends on); see
 //! `meta/realisations.rs`.
+//! Version 8 adds pull-through caching: `caches.upstreams` (the upstream cache URLs a narinfo
+//! miss is asked of, newline-joined, in order) and `paths.upstream` (the upstream a path was
+//! fetched from; NULL for a pushed path).
 //!
 //! On PostgreSQL the migrations run in one transaction under an advisory lock, so replicas
 //! starting together apply them once; a database migrated by a newer larder is refused.
@@ -179,6 +182,10 @@ CREATE TABLE realisation_deps (
     PRIMARY KEY (cache_id, referrer, dep)
 );
 CREATE INDEX realisation_deps_dep ON realisation_deps (cache_id, dep)
+"#,
+    r#"
+ALTER TABLE caches ADD COLUMN upstreams TEXT;
+ALTER TABLE paths ADD COLUMN upstream TEXT
 "#,
 ];
 
