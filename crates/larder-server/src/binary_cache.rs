@@ -424,7 +424,13 @@ async fn get_nar(
                 }
             }
         }
-        match chunk_body(&state, chunks, r.clone()).await {
+        // A file of several chunks (content-defined chunking) is served by its own module.
+        let body = if chunks.len() > 1 {
+            crate::chunked_nar::body(&state.objects, chunks, r.clone()).await
+        } else {
+            chunk_body(&state, chunks, r.clone()).await
+        };
+        match body {
             Ok(body) => {
                 used(Some(r.end - r.start));
                 body

@@ -140,6 +140,28 @@ impl ObjectStore {
         }
     }
 
+    /// Store `bytes` under `key`, like [`Self::put_file`] (through a staging file, so the
+    /// object is durable and complete before it is visible; an existing key is kept as is).
+    pub async fn put_bytes(&self, key: &str, bytes: &[u8]) -> Result<(), ObjectError> {
+        check_key(key)?;
+        let io = |source| ObjectError::Io {
+            key: key.to_owned(),
+            source,
+        };
+        let tmp = tempfile::Builder::new()
+            .prefix("object-")
+            .tempfile_in(self.staging_dir())
+            .map_err(io)?;
+        let (file, path) = tmp.into_parts();
+        let mut file = tokio::fs::File::from_std(file);
+        tokio::io::AsyncWriteExt::write_all(&mut file, bytes)
+            .await
+            .map_err(io)?;
+        drop(file);
+        // `put_file` consumes the file; the TempPath deletes it if storing failed.
+        self.put_file(key, &path).await
+    }
+
     /// Stream an object, or `range` of it. A range reaching past the end is cut at the end;
     /// callers pass ranges that start inside the object (they know its length).
     pub async fn get(
