@@ -308,3 +308,100 @@ async fn garbage_collection_keeps_chunks_other_nars_use() {
     );
     served(&srv, "c", &b, Auth::Anon).await;
 }
+
+/// Pushes of NARs sharing most of their chunks, several at once, while eviction and garbage
+/// collection (with no grace period at all) run in a loop: every path published at the end
+/// serves its whole NAR, every chunk of it present. Several rounds, each a fresh race.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_pushes_sharing_chunks_with_eviction_never_lose_a_chunk() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let srv = Arc::new(Server::new().await);
+    srv.create_cache("c", false).await;
+    let base = Arc::new(big_contents(1 << 20, "shared base"));
+    let (mut kept, mut evicted) = (0, 0);
+    for round in 0..4 {
+        // Small enough that eviction keeps running into what is being pushed.
+        srv.set_limit_quietly("c", 1_500_000).await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let evictor = {
+            let (srv, stop) = (srv.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let cache = srv.state.meta.get_cache("c").await.unwrap().unwrap();
+                    larder_server::retention::evict(&srv.state, &cache, false)
+                        .await
+                        .unwrap();
+                    let delete = |key| srv.state.objects.delete_boxed(key);
+                    srv.state
+                        .meta
+                        .collect_garbage(3600, -1, 3600, &delete)
+                        .await
+                        .unwrap();
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        let mut pushers = Vec::new();
+        for p in 0..4 {
+            let (srv, base) = (srv.clone(), base.clone());
+            pushers.push(tokio::spawn(async move {
+                let mut pushed = Vec::new();
+                for k in 0..3 {
+                    let seed = format!("r{round}-p{p}-k{k}");
+                    let at = 100_000 * (p + 1) + 7 * k;
+                    let nar = common::file_nar(&inserted(&base, at, seed.as_bytes()));
+                    let tp = TestPath::with_nar("shares", &seed, nar);
+                    let comp = [Comp::Zstd, Comp::None, Comp::Xz][k % 3];
+                    let r = srv.push_api("c", srv.admin(), &tp, comp).await;
+                    assert_eq!(r.status, 201, "push: {}", r.text());
+                    pushed.push(tp);
+                }
+                pushed
+            }));
+        }
+        let mut all = Vec::new();
+        for p in pushers {
+            all.extend(p.await.unwrap());
+        }
+        stop.store(true, Ordering::Relaxed);
+        evictor.await.unwrap();
+        // What the database says is published (the in-memory narinfos may be a moment
+        // behind an eviction) must be served whole.
+        let cache = srv.state.meta.get_cache("c").await.unwrap().unwrap();
+        for tp in &all {
+            let found = srv.state.meta.get_path(cache.id, &tp.hash()).await.unwrap();
+            match found {
+                Some(_) => kept += 1,
+                None => evicted += 1,
+            }
+            if let Some(path) = found {
+                for chunk in srv.state.meta.nar_chunks(path.nar.id).await.unwrap() {
+                    assert!(
+                        srv.state.objects.exists(&chunk.object_key()).await.unwrap(),
+                        "round {round}: {} lost chunk {}",
+                        tp.path,
+                        chunk.chunk_hash
+                    );
+                }
+                let url = larder_server::publish::render_narinfo(&path);
+                let ni = NarInfo::parse(&url).unwrap();
+                let nar = srv
+                    .get(&format!("/c/{}", ni.url), Auth::Anon)
+                    .await
+                    .expect(200);
+                assert_eq!(zstd::decode_all(&nar.body[..]).unwrap(), tp.nar);
+            }
+        }
+    }
+    assert!(
+        kept > 0 && evicted > 0,
+        "kept {kept}, evicted {evicted}: no race was run"
+    );
+    // Without eviction, everything pushed now is served whole.
+    let tp = TestPath::with_nar("after", "after", common::file_nar(&base));
+    srv.push_api("c", srv.admin(), &tp, Comp::Zstd)
+        .await
+        .expect(201);
+    served(&srv, "c", &tp, Auth::Anon).await;
+}
