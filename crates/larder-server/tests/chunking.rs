@@ -405,3 +405,65 @@ async fn concurrent_pushes_sharing_chunks_with_eviction_never_lose_a_chunk() {
         .expect(201);
     served(&srv, "c", &tp, Auth::Anon).await;
 }
+
+/// The figures a user reads: per cache the size its limit counts and what it occupies after
+/// deduplication (`cache info`, the web UI, `/metrics`), server-wide the dedup ratio (only to
+/// who may see every cache).
+#[tokio::test]
+async fn accounting_shows_logical_and_deduplicated_sizes() {
+    let srv = Server::new().await;
+    srv.create_cache("c", false).await;
+    srv.create_cache("d", false).await;
+    let base = big_contents(3 << 20, "acct");
+    let a = TestPath::with_nar("a", "a", common::file_nar(&base));
+    let b = TestPath::with_nar(
+        "b",
+        "b",
+        common::file_nar(&inserted(&base, 1_000_000, b"b's change")),
+    );
+    srv.push_api("c", srv.admin(), &a, Comp::Zstd)
+        .await
+        .expect(201);
+    srv.push_api("c", srv.admin(), &b, Comp::Zstd)
+        .await
+        .expect(201);
+    srv.push_api("d", srv.admin(), &a, Comp::Xz)
+        .await
+        .expect(201);
+    let (sa, sb) = (a.stored().len() as i64, b.stored().len() as i64);
+    let info = srv.cache_info("c").await;
+    assert_eq!(info["size"], json!(sa + sb), "{info}");
+    let stored = info["stored_size"].as_i64().expect("stored_size");
+    assert!(
+        stored < sa + sb / 2 && stored >= sa,
+        "two NARs sharing most chunks occupy little more than one: {stored} of {}",
+        sa + sb
+    );
+    let d = srv.cache_info("d").await;
+    assert_eq!(d["stored_size"], json!(sa), "{d}");
+    let page = srv.get("/ui/caches/c", Auth::Anon).await.expect(200).text();
+    assert!(page.contains("After deduplication"), "{page}");
+
+    let text = srv.get("/metrics", srv.admin()).await.expect(200).text();
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in {text}"))
+    };
+    assert_eq!(
+        value("larder_cache_stored_bytes{cache=\"c\"}") as i64,
+        stored
+    );
+    assert_eq!(value("larder_store_logical_bytes") as i64, 2 * sa + sb);
+    let physical = value("larder_store_stored_bytes");
+    assert_eq!(physical as i64, stored, "d's NAR is c's");
+    let ratio = value("larder_store_dedup_ratio");
+    assert!(
+        (ratio - (2 * sa + sb) as f64 / physical).abs() < 0.01,
+        "{ratio}"
+    );
+    // A private cache hidden from the scraper: no server-wide figures.
+    srv.create_cache("hidden", true).await;
+    let anon = srv.get("/metrics", Auth::Anon).await.expect(200).text();
+    assert!(!anon.contains("larder_store_stored_bytes"), "{anon}");
+}

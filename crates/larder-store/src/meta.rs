@@ -49,6 +49,7 @@ mod uploads;
 mod usage;
 
 pub use caches::{CacheRow, CacheStats, CacheUpdate, NewCache};
+pub use chunks::StoreTotals;
 pub use columns::{CacheScope, InvalidValue, SecretKey, SigningMode};
 pub use contents::{PathCursor, PathEntry};
 pub use gc::{DeleteObject, ORPHAN_BATCH};

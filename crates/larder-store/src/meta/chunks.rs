@@ -65,3 +65,55 @@ impl Metadata {
         Ok(sizes)
     }
 }
+
+/// Bytes stored, server-wide: what the caches' limits count, and what their chunks occupy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoreTotals {
+    /// The NAR files of every published path, each counted in every cache that has it.
+    pub logical: i64,
+    /// Every chunk object once, whatever uses it (including chunks awaiting collection).
+    pub stored: i64,
+}
+
+impl Metadata {
+    /// The bytes a cache's published paths occupy in the store: each chunk their NAR files
+    /// use counted once (a NAR in two paths, or chunks shared by NARs, once).
+    pub async fn cache_stored_size(&self, cache_id: i64) -> Result<i64> {
+        let size: i64 = sqlx::query_scalar(
+            "SELECT CAST(COALESCE(SUM(c.file_size), 0) AS BIGINT) FROM chunks c WHERE \
+             c.chunk_hash IN (SELECT nc.chunk_hash FROM nar_chunks nc JOIN paths p \
+             ON p.nar_id = nc.nar_id WHERE p.cache_id = $1)",
+        )
+        .bind(cache_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(size)
+    }
+
+    /// [`Metadata::cache_stored_size`] of every cache with paths, by cache id.
+    pub async fn all_cache_stored_sizes(&self) -> Result<HashMap<i64, i64>> {
+        let rows: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT x.cache_id, CAST(SUM(c.file_size) AS BIGINT) FROM (SELECT DISTINCT \
+             p.cache_id, nc.chunk_hash FROM paths p JOIN nar_chunks nc ON nc.nar_id = p.nar_id) x \
+             JOIN chunks c ON c.chunk_hash = x.chunk_hash GROUP BY x.cache_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    /// Server-wide [`StoreTotals`].
+    pub async fn store_totals(&self) -> Result<StoreTotals> {
+        let logical: i64 = sqlx::query_scalar(
+            "SELECT CAST(COALESCE(SUM(n.file_size), 0) AS BIGINT) FROM paths p \
+             JOIN nars n ON n.id = p.nar_id",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let stored: i64 =
+            sqlx::query_scalar("SELECT CAST(COALESCE(SUM(file_size), 0) AS BIGINT) FROM chunks")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(StoreTotals { logical, stored })
+    }
+}
