@@ -426,7 +426,7 @@ async fn get_nar(
         }
         // A file of several chunks (content-defined chunking) is served by its own module.
         let body = if chunks.len() > 1 {
-            crate::chunked_nar::body(&state.objects, chunks, r.clone()).await
+            crate::chunked_nar::body(&state.objects, nar.id, chunks, r.clone()).await
         } else {
             chunk_body(&state, chunks, r.clone()).await
         };

@@ -3,14 +3,19 @@
 //!
 //! Every chunk is checked to exist before the response starts, so a NAR missing one is an
 //! error status (the caller answers 404, as for a missing single-object NAR), never a `200`
-//! cut short. A chunk that then fails to read, or ends before its recorded length, ends the
+//! cut short. A NAR found whole is not checked again for [`CHECKED_FOR`] (a NAR fetched by
+//! many clients, or by ranges, costs one check per chunk, not one per download: on S3 each is
+//! a request); a failure while streaming forgets that, so the next download is checked. A chunk that then fails to read, or ends before its recorded length, ends the
 //! body with an error: the connection is aborted, the client sees fewer bytes than the
 //! Content-Length announced and its download fails (Nix then tries its next substituter or
 //! builds), rather than a clean short body that a client could take for the whole file.
 //!
 //! The single-object path (most NARs) stays in `binary_cache::chunk_body`.
 
+use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use bytes::Bytes;
@@ -23,16 +28,67 @@ use crate::error::ApiError;
 
 /// Chunk objects checked for existence at once.
 const CHECK_CONCURRENCY: usize = 16;
-/// Chunk objects opened ahead of the one being sent.
-const OPEN_AHEAD: usize = 2;
+/// Chunk objects opened ahead of the one being sent (on S3 each is a request: opening a few
+/// ahead hides their latency).
+const OPEN_AHEAD: usize = 4;
+/// How long a NAR whose chunks were all found stays checked: a NAR downloaded again and
+/// again (many clients, or ranges) is not checked chunk by chunk each time. A chunk lost
+/// meanwhile still fails the download, by aborting it mid-body.
+const CHECKED_FOR: Duration = Duration::from_secs(5);
+/// NARs remembered as checked, at most (then all are forgotten at once).
+const CHECKED_MAX: usize = 4096;
+
+/// NAR ids whose chunks were all found, and when.
+static CHECKED: Mutex<Option<HashMap<i64, Instant>>> = Mutex::new(None);
+
+fn recently_checked(nar_id: i64) -> bool {
+    let checked = CHECKED.lock().unwrap_or_else(|p| p.into_inner());
+    checked
+        .as_ref()
+        .and_then(|m| m.get(&nar_id))
+        .is_some_and(|t| t.elapsed() < CHECKED_FOR)
+}
+
+/// Forget that a NAR was checked: one of its chunks failed, so the next download checks
+/// them all again (and is refused with a status rather than aborted).
+fn forget_checked(nar_id: i64) {
+    let mut checked = CHECKED.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(m) = checked.as_mut() {
+        m.remove(&nar_id);
+    }
+}
+
+fn mark_checked(nar_id: i64) {
+    let mut checked = CHECKED.lock().unwrap_or_else(|p| p.into_inner());
+    let m = checked.get_or_insert_with(HashMap::new);
+    if m.len() >= CHECKED_MAX {
+        m.clear();
+    }
+    m.insert(nar_id, Instant::now());
+}
 
 /// The body of `range` of the file made of `chunks`, after checking every chunk exists
 /// (`ApiError::NotFound` if one does not).
 pub async fn body(
     objects: &ObjectStore,
+    nar_id: i64,
     chunks: &[ChunkRow],
     range: Range<u64>,
 ) -> Result<Body, ApiError> {
+    if !recently_checked(nar_id) {
+        check_all(objects, chunks).await?;
+        mark_checked(nar_id);
+    }
+    Ok(Body::from_stream(stream(
+        objects.clone(),
+        nar_id,
+        chunks,
+        range,
+    )))
+}
+
+/// `ApiError::NotFound` unless every chunk's object exists.
+async fn check_all(objects: &ObjectStore, chunks: &[ChunkRow]) -> Result<(), ApiError> {
     let missing = futures::stream::iter(chunks.iter().map(ChunkRow::object_key))
         .map(|key| async move {
             match objects.exists(&key).await {
@@ -50,7 +106,7 @@ pub async fn body(
         tracing::error!(%key, "a chunk of a published NAR is missing from the object store (hint: larder fsck)");
         return Err(ApiError::NotFound(key));
     }
-    Ok(Body::from_stream(stream(objects.clone(), chunks, range)))
+    Ok(())
 }
 
 /// The pieces of `chunks` that `range` covers: object key and range within the object.
@@ -73,10 +129,11 @@ pub fn pieces(chunks: &[ChunkRow], range: Range<u64>) -> Vec<(String, Range<u64>
 
 fn stream(
     objects: ObjectStore,
+    nar_id: i64,
     chunks: &[ChunkRow],
     range: Range<u64>,
 ) -> BoxStream<'static, std::io::Result<Bytes>> {
-    futures::stream::iter(pieces(chunks, range))
+    let body = futures::stream::iter(pieces(chunks, range))
         .map(move |(key, r)| {
             let objects = objects.clone();
             async move {
@@ -89,8 +146,8 @@ fn stream(
             }
         })
         .buffered(OPEN_AHEAD)
-        .try_flatten()
-        .boxed()
+        .try_flatten();
+    body.inspect_err(move |_| forget_checked(nar_id)).boxed()
 }
 
 /// `inner`, failing if it ends before `want` bytes.
