@@ -8,8 +8,8 @@
 # counts) and the bytes it occupies after deduplication, next to one generation's compressed
 # size; then the last generation downloaded with `nix copy --from`.
 # The series: NPATHS paths (`nix-store --add` of directories of binary-like and text files,
-# TOTAL_MIB in all), then GENS-1 generations each changing ~5 % of the bytes (edits in place
-# and insertions that shift what follows) and renaming one path (a new store path).
+# TOTAL_MIB in all), then GENS-1 generations each changing ~5 % of the bytes (16-256 KiB edits
+# in place and insertions that shift what follows) and renaming one path (a new store path).
 # Not measured here yet: paths with references between them (`nix-store --add` makes none);
 # push-side chunking (so `larder push` uploads whole NARs: only storage is deduplicated).
 # Needs (as root): nix-bin, python3, curl. Knobs: NPATHS (24), TOTAL_MIB (200), GENS (5).
@@ -87,7 +87,9 @@ for g in range(1, gens + 1):
             files = rng.choice(paths)
             name = rng.choice(sorted(files))
             data = bytearray(files[name])
-            size = rng.randint(1, 4096)
+            # Edits of 16-256 KiB: ~5 % of the bytes in a few dozen places (a rebuild
+            # changes some files, not every 40 KiB of every file).
+            size = rng.randint(16 << 10, 256 << 10)
             at = rng.randrange(0, max(1, len(data)))
             if rng.random() < 0.5:
                 data[at:at + size] = rng.randbytes(min(size, len(data) - at))
