@@ -31,6 +31,11 @@ pub struct Cache {
     pub size: i64,
     /// Uncompressed NAR bytes.
     pub nar_size: i64,
+    /// Bytes the cache's NAR files occupy in the store after deduplication: each chunk they
+    /// use counted once, however many of its NARs (or other caches) share it. `size` is what
+    /// the limit counts (older servers: absent, 0).
+    #[serde(default)]
+    pub stored_size: i64,
     pub paths: i64,
     /// size is past 85 % of max_size (older servers: absent, false).
     #[serde(default)]

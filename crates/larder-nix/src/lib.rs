@@ -6,6 +6,7 @@
 //! was wrong. Each module documents the Nix source file whose format it follows (Nix 2.8).
 
 pub mod cache_info;
+pub mod chunking;
 pub mod compression;
 pub mod hash;
 pub mod nar;

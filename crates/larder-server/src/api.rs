@@ -155,6 +155,7 @@ async fn whoami(Caller(p): Caller) -> Result<Json<WhoAmI>, ApiError> {
 
 pub(crate) async fn cache_json(state: &AppState, c: &CacheRow) -> Result<Cache, ApiError> {
     let stats = state.meta.cache_stats(c.id).await?;
+    let stored_size = state.meta.cache_stored_size(c.id).await?;
     let url = format!("{}/{}", state.config.public_url, c.name);
     let key = c
         .public_key
@@ -177,6 +178,7 @@ pub(crate) async fn cache_json(state: &AppState, c: &CacheRow) -> Result<Cache, 
         signing_mode: c.signing_mode.as_str().to_owned(),
         size: stats.size,
         nar_size: stats.nar_size,
+        stored_size,
         paths: stats.paths,
         near_limit: crate::retention::over_warning(c, stats.size),
         upstream_keys: c

@@ -501,7 +501,13 @@ async fn serve_nar(
                 }
             }
         }
-        match chunk_body(&state, chunks, r.clone()).await {
+        // A file of several chunks (content-defined chunking) is served by its own module.
+        let body = if chunks.len() > 1 {
+            crate::chunked_nar::body(&state.objects, nar.id, chunks, r.clone()).await
+        } else {
+            chunk_body(&state, chunks, r.clone()).await
+        };
+        match body {
             Ok(body) => {
                 used(Some(r.end - r.start));
                 body

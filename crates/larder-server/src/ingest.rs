@@ -3,8 +3,13 @@
 //! On a blocking thread, each received block is written to the staging file, hashed into the
 //! FileHash, decompressed, and fed to the NAR validator, which computes NarHash and NarSize.
 //! Nothing the client claims is trusted: the caller compares these figures with the narinfo.
-//! Memory is bounded by the channel (a few blocks) and the decoders' windows, whatever the NAR
-//! size. A rejected or interrupted upload leaves only the staging file, which is deleted.
+//! Memory is bounded by the channel (a few blocks), the decoders' windows and the chunker's
+//! buffer, whatever the NAR size. A rejected or interrupted upload leaves only staging files,
+//! which are deleted.
+//!
+//! What is kept is not the file received but the NAR cut into content-defined chunks, each
+//! compressed the server's way ([`crate::chunked`]): what is stored and served does not depend
+//! on how the client compressed it.
 
 use std::io::{self, Write};
 
@@ -16,6 +21,7 @@ use larder_nix::nar::parse::{NarError, NarParser};
 use tempfile::TempPath;
 use tokio::io::AsyncWriteExt;
 
+use crate::chunked::{ChunkWriter, ChunkedFile, NewChunk};
 use crate::error::{ApiError, Rejection};
 
 /// Blocks in flight between the network task and the hashing thread.
@@ -73,10 +79,12 @@ pub fn truncate(s: &str) -> String {
 pub struct Ingested {
     pub nar_hash: Sha256,
     pub nar_size: u64,
+    /// SHA-256 and size of the body as received (what Nix's uploader names the file by).
     pub file_hash: Sha256,
     pub file_size: u64,
     pub compression: Compression,
-    pub file: TempPath,
+    /// The NAR cut into chunks, each compressed as it is stored.
+    pub chunked: ChunkedFile,
     /// The NAR's `.ls` listing (JSON), written while it was verified.
     pub listing: TempPath,
 }
@@ -92,6 +100,8 @@ struct NarSink {
     /// can claim terabytes).
     max_nar_size: u64,
     too_large: bool,
+    /// Cuts and compresses the NAR as it is stored, when it is to be stored.
+    chunks: Option<ChunkWriter>,
 }
 
 impl Write for NarSink {
@@ -106,6 +116,9 @@ impl Write for NarSink {
         }
         self.listing
             .write_all(self.parser.take_listing().as_bytes())?;
+        if let Some(chunks) = &mut self.chunks {
+            chunks.write(buf)?;
+        }
         Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -130,8 +143,6 @@ impl Decoder {
 }
 
 struct Pipeline {
-    /// Where the received bytes are kept; `None` when they are already on disk (parts).
-    out: Option<io::BufWriter<std::fs::File>>,
     file_hasher: Sha256Hasher,
     file_size: u64,
     decoder: Decoder,
@@ -140,8 +151,8 @@ struct Pipeline {
 
 impl Pipeline {
     fn new(
-        file: Option<std::fs::File>,
         listing: std::fs::File,
+        chunks: Option<std::fs::File>,
         compression: Compression,
         max_nar_size: u64,
     ) -> io::Result<Self> {
@@ -151,6 +162,7 @@ impl Pipeline {
             listing: io::BufWriter::with_capacity(64 * 1024, listing),
             max_nar_size,
             too_large: false,
+            chunks: chunks.map(ChunkWriter::new).transpose()?,
         };
         let decoder = match compression {
             Compression::None => Decoder::None(sink),
@@ -158,7 +170,6 @@ impl Pipeline {
             Compression::Zstd => Decoder::Zstd(zstd::stream::write::Decoder::new(sink)?),
         };
         Ok(Pipeline {
-            out: file.map(|f| io::BufWriter::with_capacity(256 * 1024, f)),
             file_hasher: Sha256Hasher::new(),
             file_size: 0,
             decoder,
@@ -167,9 +178,6 @@ impl Pipeline {
     }
 
     fn write(&mut self, block: &[u8]) -> Result<(), ApiError> {
-        if let Some(out) = &mut self.out {
-            out.write_all(block).map_err(ApiError::internal)?;
-        }
         self.file_hasher.update(block);
         self.file_size += block.len() as u64;
         let res = match &mut self.decoder {
@@ -200,7 +208,7 @@ impl Pipeline {
         }
     }
 
-    fn finish(mut self) -> Result<(Sha256, u64, Sha256, u64), ApiError> {
+    fn finish(mut self) -> Result<Finished, ApiError> {
         let flushed = match &mut self.decoder {
             Decoder::None(_) => Ok(()),
             Decoder::Xz(_) => Ok(()), // finished below
@@ -220,7 +228,10 @@ impl Pipeline {
             Decoder::Zstd(d) => d.into_inner(),
         };
         let NarSink {
-            parser, listing, ..
+            parser,
+            listing,
+            chunks,
+            ..
         } = sink;
         let summary = parser.finish().map_err(|e| {
             ApiError::rejected(
@@ -232,18 +243,42 @@ impl Pipeline {
             .into_inner()
             .map_err(|e| ApiError::internal(e.into_error()))?;
         listing.sync_all().map_err(ApiError::internal)?;
-        if let Some(out) = self.out {
-            let file = out
-                .into_inner()
-                .map_err(|e| ApiError::internal(e.into_error()))?;
-            file.sync_all().map_err(ApiError::internal)?;
-        }
-        Ok((
-            summary.nar_hash,
-            summary.nar_size,
-            self.file_hasher.finalize(),
-            self.file_size,
-        ))
+        let chunks = chunks
+            .map(ChunkWriter::finish)
+            .transpose()
+            .map_err(ApiError::internal)?;
+        Ok(Finished {
+            nar_hash: summary.nar_hash,
+            nar_size: summary.nar_size,
+            file_hash: self.file_hasher.finalize(),
+            file_size: self.file_size,
+            chunks,
+        })
+    }
+}
+
+/// What a [`Pipeline`] measured.
+struct Finished {
+    nar_hash: Sha256,
+    nar_size: u64,
+    file_hash: Sha256,
+    file_size: u64,
+    /// The stored form's figures and chunks, when it was cut.
+    chunks: Option<(Sha256, u64, Vec<NewChunk>)>,
+}
+
+impl Finished {
+    fn chunked(&mut self, path: TempPath) -> Result<ChunkedFile, ApiError> {
+        let (file_hash, file_size, chunks) = self
+            .chunks
+            .take()
+            .ok_or_else(|| ApiError::internal(io::Error::other("the NAR was not chunked")))?;
+        Ok(ChunkedFile {
+            path,
+            file_hash,
+            file_size,
+            chunks,
+        })
     }
 }
 
@@ -256,17 +291,17 @@ pub async fn ingest(
     max_nar_size: u64,
     staging: &crate::staging::Staging,
 ) -> Result<Ingested, ApiError> {
-    let tmp = staging
+    let (file, path) = staging
         .tempfile("upload", staging.dir())
-        .map_err(ApiError::internal)?;
-    let (file, path) = tmp.into_parts();
+        .map_err(ApiError::internal)?
+        .into_parts();
     let (listing_file, listing) = staging
         .tempfile("upload", staging.dir())
         .map_err(ApiError::internal)?
         .into_parts();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(CHANNEL_BLOCKS);
     let worker = tokio::task::spawn_blocking(move || {
-        let mut pipeline = Pipeline::new(Some(file), listing_file, compression, max_nar_size)
+        let mut pipeline = Pipeline::new(listing_file, Some(file), compression, max_nar_size)
             .map_err(ApiError::internal)?;
         while let Some(block) = rx.blocking_recv() {
             pipeline.write(&block)?;
@@ -304,14 +339,14 @@ pub async fn ingest(
     if let Some(f) = failure {
         return Err(f);
     }
-    let (nar_hash, nar_size, file_hash, file_size) = result?;
+    let mut done = result?;
     Ok(Ingested {
-        nar_hash,
-        nar_size,
-        file_hash,
-        file_size,
+        nar_hash: done.nar_hash,
+        nar_size: done.nar_size,
+        file_hash: done.file_hash,
+        file_size: done.file_size,
         compression,
-        file: path,
+        chunked: done.chunked(path)?,
         listing,
     })
 }
@@ -326,7 +361,7 @@ pub fn list_stored(
     listing: std::fs::File,
 ) -> Result<(), ApiError> {
     let mut pipeline =
-        Pipeline::new(None, listing, compression, u64::MAX).map_err(ApiError::internal)?;
+        Pipeline::new(listing, None, compression, u64::MAX).map_err(ApiError::internal)?;
     while let Some(block) = blocks.blocking_recv() {
         pipeline.write(&block)?;
     }
@@ -340,8 +375,8 @@ pub struct VerifiedParts {
     pub nar_size: u64,
     pub file_hash: Sha256,
     pub file_size: u64,
-    /// SHA-256 and size of each part, in order: each part becomes one stored chunk.
-    pub parts: Vec<(Sha256, u64)>,
+    /// The NAR cut into chunks, each compressed as it is stored.
+    pub chunked: ChunkedFile,
     /// The NAR's `.ls` listing (JSON).
     pub listing: TempPath,
 }
@@ -359,33 +394,30 @@ pub fn verify_parts(
         .tempfile("upload", staging.dir())
         .map_err(ApiError::internal)?
         .into_parts();
-    let mut pipeline =
-        Pipeline::new(None, listing_file, compression, max_nar_size).map_err(ApiError::internal)?;
-    let mut hashes = Vec::with_capacity(parts.len());
+    let (chunk_file, chunk_path) = staging
+        .tempfile("upload", staging.dir())
+        .map_err(ApiError::internal)?
+        .into_parts();
+    let mut pipeline = Pipeline::new(listing_file, Some(chunk_file), compression, max_nar_size)
+        .map_err(ApiError::internal)?;
     let mut buf = vec![0u8; 256 * 1024];
     for part in parts {
         let mut f = std::fs::File::open(part).map_err(ApiError::internal)?;
-        let mut h = Sha256Hasher::new();
-        let mut size = 0u64;
         loop {
             let n = f.read(&mut buf).map_err(ApiError::internal)?;
             if n == 0 {
                 break;
             }
-            let block = buf.get(..n).unwrap_or_default();
-            h.update(block);
-            size += n as u64;
-            pipeline.write(block)?;
+            pipeline.write(buf.get(..n).unwrap_or_default())?;
         }
-        hashes.push((h.finalize(), size));
     }
-    let (nar_hash, nar_size, file_hash, file_size) = pipeline.finish()?;
+    let mut done = pipeline.finish()?;
     Ok(VerifiedParts {
-        nar_hash,
-        nar_size,
-        file_hash,
-        file_size,
-        parts: hashes,
+        nar_hash: done.nar_hash,
+        nar_size: done.nar_size,
+        file_hash: done.file_hash,
+        file_size: done.file_size,
+        chunked: done.chunked(chunk_path)?,
         listing,
     })
 }

@@ -19,6 +19,8 @@ pub mod api;
 pub mod auth;
 pub mod binary_cache;
 pub mod cache_lookup;
+pub mod chunked;
+pub mod chunked_nar;
 pub mod config;
 pub mod conn;
 pub mod data_lock;

@@ -33,7 +33,7 @@ use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
-use larder_store::meta::CacheStats;
+use larder_store::meta::{CacheStats, StoreTotals};
 
 use crate::error::{ApiError, Rejection};
 use crate::routes::Route;
@@ -273,7 +273,12 @@ impl Metrics {
 
     /// The exposition text. `caches` are the caches the requester may see, with their
     /// statistics (`None`: no paths).
-    fn render(&self, caches: &[(i64, String, Option<i64>, CacheStats)]) -> String {
+    fn render(
+        &self,
+        caches: &[(i64, String, Option<i64>, CacheStats)],
+        stored: &HashMap<i64, i64>,
+        totals: Option<StoreTotals>,
+    ) -> String {
         let mut out = String::with_capacity(16 * 1024);
         let _ = writeln!(
             out,
@@ -411,6 +416,34 @@ impl Metrics {
                 self.orphans_deleted.load(Relaxed)
             ),
         );
+        if let Some(t) = totals {
+            family(
+                &mut out,
+                "larder_store_logical_bytes",
+                "gauge",
+                "NAR file bytes of every published path, counted in each cache that has it (what the limits count).",
+                &format!("larder_store_logical_bytes {}\n", t.logical.max(0)),
+            );
+            family(
+                &mut out,
+                "larder_store_stored_bytes",
+                "gauge",
+                "Bytes of every chunk in the object store, each once.",
+                &format!("larder_store_stored_bytes {}\n", t.stored.max(0)),
+            );
+            let ratio = if t.stored > 0 {
+                t.logical as f64 / t.stored as f64
+            } else {
+                1.0
+            };
+            family(
+                &mut out,
+                "larder_store_dedup_ratio",
+                "gauge",
+                "Logical bytes per stored byte (deduplication across NARs and caches).",
+                &format!("larder_store_dedup_ratio {ratio:.4}\n"),
+            );
+        }
         // Per cache.
         let counts = self.caches.lock().map(|c| c.clone()).unwrap_or_default();
         let mut fams: [(&str, &str, &str, String); 13] = [
@@ -424,6 +457,12 @@ impl Metrics {
                 "larder_cache_size_bytes",
                 "gauge",
                 "Stored (compressed) NAR bytes of the cache's paths.",
+                String::new(),
+            ),
+            (
+                "larder_cache_stored_bytes",
+                "gauge",
+                "Bytes the cache's NAR files occupy after deduplication (each chunk once).",
                 String::new(),
             ),
             (
@@ -498,6 +537,7 @@ impl Metrics {
             let values = [
                 Some(stats.paths as u64),
                 Some(stats.size.max(0) as u64),
+                Some(stored.get(id).copied().unwrap_or(0).max(0) as u64),
                 Some(stats.nar_size.max(0) as u64),
                 max.map(|m| m.max(0) as u64),
                 Some(c.evictions),
@@ -636,10 +676,9 @@ pub async fn observe(State(obs): State<Observer>, req: Request, next: Next) -> R
 /// `GET /metrics`.
 pub async fn serve(State(state): State<AppState>, Caller(p): Caller) -> Result<Response, ApiError> {
     let stats: HashMap<i64, CacheStats> = state.meta.all_cache_stats().await?.into_iter().collect();
-    let visible: Vec<(i64, String, Option<i64>, CacheStats)> = state
-        .meta
-        .list_caches()
-        .await?
+    let all = state.meta.list_caches().await?;
+    let count = all.len();
+    let visible: Vec<(i64, String, Option<i64>, CacheStats)> = all
         .into_iter()
         .filter(|c| crate::access::can_see(&p, c))
         .map(|c| {
@@ -651,12 +690,19 @@ pub async fn serve(State(state): State<AppState>, Caller(p): Caller) -> Result<R
             (c.id, c.name, c.max_size, s)
         })
         .collect();
+    let stored = state.meta.all_cache_stored_sizes().await?;
+    // The server-wide figures add up every cache: only for who may see them all.
+    let totals = if visible.len() == count {
+        Some(state.meta.store_totals().await?)
+    } else {
+        None
+    };
     Ok((
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(&visible),
+        state.metrics.render(&visible, &stored, totals),
     )
         .into_response())
 }
@@ -687,7 +733,7 @@ mod tests {
             .observe(StatusCode::OK, Duration::from_micros(1));
         row.observe(StatusCode::OK, Duration::from_micros(300));
         row.observe(StatusCode::IM_A_TEAPOT, Duration::from_secs(60));
-        let text = m.render(&[]);
+        let text = m.render(&[], &HashMap::new(), None);
         assert!(text.contains(
             "larder_http_requests_total{route=\"/{cache}/{file}\",method=\"GET\",status=\"200\"} 2"
         ));

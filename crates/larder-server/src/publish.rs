@@ -1,8 +1,8 @@
 //! Storing uploads and publishing store paths: the integrity rules of every upload path.
 //!
-//! 1. [`store_upload`]: a verified [`Ingested`] NAR becomes a pending upload of a cache. An
-//!    identical NAR (same NarHash) already stored anywhere is reused and the new bytes dropped,
-//!    so identical NARs are stored once across caches.
+//! 1. [`store_upload`]: a verified [`Ingested`] NAR becomes a pending upload of a cache, its
+//!    chunks stored once across caches ([`crate::chunked`]); an identical NAR (same NarHash)
+//!    already in the cache is reused as it is.
 //! 2. [`publish`]: a path's metadata is checked against the NAR the *server* measured
 //!    (NarHash, NarSize), its signature checked (client-signed caches) or made (managed
 //!    caches), and the path published atomically with its references checked present.
@@ -14,7 +14,7 @@ use larder_nix::narinfo::NarInfo;
 use larder_nix::signing::{Signature, SigningKey, VerifyingKey};
 use larder_nix::store_path::StorePath;
 use larder_store::meta::{
-    CacheRow, ChunkRow, Engine, HeldLock, LockName, NarRow, NewPath, PathRow, Publish, SigningMode,
+    CacheRow, Engine, HeldLock, LockName, NarRow, NewPath, PathRow, Publish, SigningMode,
 };
 
 use crate::error::{ApiError, Rejection};
@@ -28,7 +28,8 @@ pub(crate) fn random_id() -> Result<String, ApiError> {
 }
 
 /// Make a verified NAR a pending upload of `cache`, under `key` (the file name Nix's uploader
-/// used) if given. Returns the upload id and the stored NAR.
+/// used) if given, storing its chunks ([`crate::chunked::store_nar`]). Returns the upload id
+/// and the stored NAR.
 pub async fn store_upload(
     state: &AppState,
     cache: &CacheRow,
@@ -36,48 +37,12 @@ pub async fn store_upload(
     up: Ingested,
 ) -> Result<(String, NarRow), ApiError> {
     let upload_id = random_id()?;
-    if let Some(nar) = state
-        .meta
-        .reuse_nar_for_upload(&upload_id, cache.id, key, &up.nar_hash)
-        .await?
-    {
-        return Ok((upload_id, nar)); // `up.file` is deleted on drop
-    }
-    let chunk = ChunkRow {
-        chunk_hash: up.file_hash.to_nix32(),
-        file_size: up.file_size as i64,
-    };
-    // Claimed before it is written, so a garbage collection running now cannot delete the
-    // object under us (see `Metadata::claim_chunks`).
-    state
-        .meta
-        .claim_chunks(&upload_id, std::slice::from_ref(&chunk))
-        .await?;
-    state
-        .objects
-        .put_file(&chunk.object_key(), &up.file)
-        .await?;
-    let row = NarRow {
-        id: 0,
+    let measured = crate::chunked::Measured {
         nar_hash: up.nar_hash,
-        nar_size: up.nar_size as i64,
-        compression: up.compression,
-        file_hash: up.file_hash,
-        file_size: up.file_size as i64,
+        nar_size: up.nar_size,
     };
-    // If the same NAR was stored concurrently in another form, ours is redundant: its chunk
-    // is left to garbage collection (deleting it here could race an upload of the same bytes
-    // that found the object present).
-    let (nar, _inserted) = state
-        .meta
-        .insert_nar_for_upload(
-            &upload_id,
-            cache.id,
-            key,
-            &row,
-            std::slice::from_ref(&chunk),
-        )
-        .await?;
+    let nar =
+        crate::chunked::store_nar(state, cache, &upload_id, key, measured, up.chunked).await?;
     store_listing(state, &nar.nar_hash, &up.listing).await;
     Ok((upload_id, nar))
 }

@@ -610,6 +610,7 @@ async fn cache_content(
                 dl.facts {
                     dt { "Paths" } dd { (info.paths) }
                     dt { "Stored" } dd { (human_size(info.size)) " (" (human_size(info.nar_size)) " uncompressed)" }
+                    dt { "After deduplication" } dd { (human_size(info.stored_size)) " (chunks shared between NARs and caches counted once)" }
                     dt { "Limit" } dd { @match info.max_size { Some(m) => { (human_size(m)) }, None => { "none" } } }
                     dt { "Priority" } dd { (info.priority) }
                     dt { "Compression" } dd { (info.compression) }

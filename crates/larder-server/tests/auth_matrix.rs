@@ -239,8 +239,8 @@ impl Failures {
 
 /// Read endpoints of one path: (label, URI for the path that exists, URI for one that does not).
 fn read_uris(w: &World, cache: &str) -> Vec<(&'static str, String, String)> {
-    let nar_file = common::nar_url(&w.present.compressed(Comp::Zstd), Comp::Zstd);
-    let absent_file = common::nar_url(&w.absent.compressed(Comp::Zstd), Comp::Zstd);
+    let nar_file = w.present.stored_url();
+    let absent_file = w.absent.stored_url();
     vec![
         (
             "narinfo",

@@ -92,7 +92,7 @@ async fn listing_is_paginated_by_name_searchable_and_stable_under_inserts() {
         .find(|t| t.path.to_absolute() == entry["store_path"])
         .unwrap();
     assert_eq!(entry["nar_size"], tp.nar_size());
-    assert_eq!(entry["file_size"], tp.compressed(Comp::Zstd).len());
+    assert_eq!(entry["file_size"], tp.stored().len());
     assert_eq!(entry["compression"], "zstd");
     assert_eq!(entry["hash"], tp.hash());
     assert!(entry["uploaded_at"].as_i64().unwrap() > 1_700_000_000);
@@ -412,7 +412,7 @@ async fn delete_refuses_referenced_paths_or_takes_every_referrer_along() {
         .json();
     assert_eq!(
         report["deleted"],
-        json!([{ "store_path": c.app2.path.to_absolute(), "file_size": c.app2.compressed(Comp::Zstd).len() }])
+        json!([{ "store_path": c.app2.path.to_absolute(), "file_size": c.app2.stored().len() }])
     );
     srv.assert_absent("c", &c.app2).await;
 
@@ -465,10 +465,7 @@ async fn delete_refuses_referenced_paths_or_takes_every_referrer_along() {
     let mid_abs = c.mid.path.to_absolute();
     let app_abs = c.app.path.to_absolute();
     assert_eq!(deleted, vec![mid_abs.as_str(), app_abs.as_str()]);
-    assert_eq!(
-        report["freed"],
-        c.mid.compressed(Comp::Zstd).len() + c.app.compressed(Comp::Zstd).len()
-    );
+    assert_eq!(report["freed"], c.mid.stored().len() + c.app.stored().len());
     // The in-memory narinfo is gone at once ...
     srv.assert_absent("c", &c.mid).await;
     srv.assert_absent("c", &c.app).await;

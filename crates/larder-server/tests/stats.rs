@@ -106,14 +106,8 @@ async fn downloads_and_size_are_recorded_and_drawn() {
     )
     .await
     .expect(404);
-    let a_nar = format!(
-        "/pub/{}",
-        common::nar_url(&a.compressed(Comp::Zstd), Comp::Zstd)
-    );
-    let b_nar = format!(
-        "/pub/{}",
-        common::nar_url(&b.compressed(Comp::None), Comp::None)
-    );
+    let a_nar = format!("/pub/{}", a.stored_url());
+    let b_nar = format!("/pub/{}", b.stored_url());
     let full = srv.get(&a_nar, Auth::Anon).await.expect(200);
     let ranged = |range: &str| {
         let mut req = request(Method::GET, &b_nar, Auth::Anon, Body::empty());

@@ -33,6 +33,7 @@ use sqlx::AnyPool;
 use crate::now_unix;
 
 mod caches;
+mod chunks;
 mod columns;
 mod contents;
 mod gc;
@@ -48,14 +49,15 @@ mod uploads;
 mod usage;
 
 pub use caches::{CacheRow, CacheStats, CacheUpdate, NewCache};
+pub use chunks::StoreTotals;
 pub use columns::{CacheScope, InvalidValue, SecretKey, SigningMode};
 pub use contents::{PathCursor, PathEntry};
 pub use gc::{DeleteObject, ORPHAN_BATCH};
 pub use lock::{HeldLock, LockName};
 pub(crate) use paths::ref_hashes;
 pub use paths::{
-    chunk_hash_of_key, chunk_object_key, listing_object_key, ChunkRow, NarRow, NewPath, PathRow,
-    Publish,
+    cdc_chunk_id, chunk_hash_of_key, chunk_object_key, listing_object_key, ChunkName, ChunkRow,
+    NarRow, NewPath, PathRow, Publish,
 };
 pub use realisations::{PutRealisation, RealisationRow};
 pub use retention::{Evicted, Keep, LruPath, PinRow};
@@ -443,6 +445,18 @@ mod tests {
         let h = larder_nix::hash::Sha256::digest(b"chunk").to_nix32();
         let key = chunk_object_key(&h);
         assert_eq!(chunk_hash_of_key(&key), Some(h.as_str()));
+        let raw = larder_nix::hash::Sha256::digest(b"raw");
+        let cdc = cdc_chunk_id(&raw);
+        assert_eq!(
+            chunk_hash_of_key(&chunk_object_key(&cdc)),
+            Some(cdc.as_str())
+        );
+        assert_eq!(ChunkName::parse(&cdc), Some(ChunkName::Zstd(raw)));
+        assert_eq!(
+            ChunkName::parse(&raw.to_nix32()),
+            Some(ChunkName::Stored(raw))
+        );
+        assert_eq!(ChunkName::parse(&format!("{h}.xz")), None);
         let other_prefix = if h.starts_with("00") { "11" } else { "00" };
         for odd in [
             format!("{key}.part"),

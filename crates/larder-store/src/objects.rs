@@ -140,6 +140,28 @@ impl ObjectStore {
         }
     }
 
+    /// Store `bytes` under `key`, like [`Self::put_file`] (through a staging file, so the
+    /// object is durable and complete before it is visible; an existing key is kept as is).
+    pub async fn put_bytes(&self, key: &str, bytes: &[u8]) -> Result<(), ObjectError> {
+        check_key(key)?;
+        let io = |source| ObjectError::Io {
+            key: key.to_owned(),
+            source,
+        };
+        let tmp = tempfile::Builder::new()
+            .prefix("object-")
+            .tempfile_in(self.staging_dir())
+            .map_err(io)?;
+        let (file, path) = tmp.into_parts();
+        let mut file = tokio::fs::File::from_std(file);
+        tokio::io::AsyncWriteExt::write_all(&mut file, bytes)
+            .await
+            .map_err(io)?;
+        drop(file);
+        // `put_file` consumes the file; the TempPath deletes it if storing failed.
+        self.put_file(key, &path).await
+    }
+
     /// Stream an object, or `range` of it. A range reaching past the end is cut at the end;
     /// callers pass ranges that start inside the object (they know its length).
     pub async fn get(
@@ -152,6 +174,39 @@ impl ObjectStore {
             ObjectStore::Fs(fs) => fs.get(key, range).await,
             ObjectStore::S3(s3) => s3.note(s3.get(key, range).await),
         }
+    }
+
+    /// `range` of an object in memory, exactly (an object shorter than the range is an
+    /// error): for callers that hold a few such pieces at a time, such as the chunks of a NAR
+    /// being served. On a local directory, one thread hop for the whole range.
+    pub async fn read_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, ObjectError> {
+        check_key(key)?;
+        let want = range.end.saturating_sub(range.start);
+        let bytes = match self {
+            ObjectStore::Fs(fs) => fs.read_range(key, range).await?,
+            ObjectStore::S3(_) => {
+                let body = self.get(key, Some(range)).await?;
+                let mut out = bytes::BytesMut::with_capacity(body.len as usize);
+                let mut stream = body.stream;
+                while let Some(piece) = stream.next().await {
+                    out.extend_from_slice(&piece.map_err(|source| ObjectError::Io {
+                        key: key.to_owned(),
+                        source,
+                    })?);
+                }
+                out.freeze()
+            }
+        };
+        if bytes.len() as u64 != want {
+            return Err(ObjectError::Io {
+                key: key.to_owned(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("read {} of {want} bytes", bytes.len()),
+                ),
+            });
+        }
+        Ok(bytes)
     }
 
     /// A whole small object in memory: `Ok(None)` when it is larger than `max` bytes (stream it

@@ -296,6 +296,19 @@ pub(crate) fn limit_warning(c: &CacheInfo) -> Option<String> {
     }
 }
 
+/// What the cache occupies after deduplication, next to what its limit counts.
+fn stored_line(c: &CacheInfo) -> String {
+    if c.size > 0 && c.stored_size > 0 {
+        format!(
+            "{} after deduplication ({:.0}% of its size)",
+            human_size(c.stored_size),
+            c.stored_size as f64 * 100.0 / c.size as f64
+        )
+    } else {
+        human_size(c.stored_size)
+    }
+}
+
 fn print_cache(c: &CacheInfo) -> anyhow::Result<()> {
     let limit = match c.max_size {
         Some(m) if m > 0 => format!(
@@ -332,14 +345,15 @@ fn print_cache(c: &CacheInfo) -> anyhow::Result<()> {
         .collect();
     print(&format!(
         "cache:       {}\nurl:         {}\nvisibility:  {}\npriority:    {}\ncompression: {}\n\
-         size:        {}{limit}\npaths:       {}\nsigning:     {}\npublic key:  {}\n{upstreams}nix.conf:\n{conf}\
-         flake.nix:\n{flake}",
+         size:        {}{limit}\nstored:      {}\npaths:       {}\nsigning:     {}\n\
+         public key:  {}\n{upstreams}nix.conf:\n{conf}flake.nix:\n{flake}",
         c.name,
         c.url,
         if c.private { "private" } else { "public" },
         c.priority,
         c.compression,
         human_size(c.size),
+        stored_line(c),
         c.paths,
         c.signing_mode,
         c.public_key.as_deref().unwrap_or("(none registered)"),

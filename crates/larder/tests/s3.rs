@@ -118,33 +118,53 @@ async fn presigned_redirects_work_with_nix_and_keep_range() {
     .await
     .unwrap();
 
-    // The big path's NAR: a redirect to Garage, a HEAD answered here, Range through the redirect.
+    // A NAR of one object (the top path's, a few KiB): a redirect to Garage, a HEAD answered
+    // here, Range through the redirect. The big path's NAR is many chunks: streamed by larder.
     let top = std::fs::read_to_string(work.path().join("oracle/top")).unwrap();
     let refs = std::fs::read_to_string(format!("{}/refs", top.trim())).unwrap();
     let big = refs
         .split_whitespace()
         .find(|p| p.contains("-big-"))
         .unwrap();
-    let hash = big
-        .trim_start_matches("/nix/store/")
-        .split('-')
-        .next()
-        .unwrap();
-    let narinfo = reqwest::get(format!("{}/direct/{hash}.narinfo", server.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let field = |k: &str| {
-        narinfo
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{k}: ")))
+    let hash_of = |p: &str| {
+        p.trim_start_matches("/nix/store/")
+            .split('-')
+            .next()
             .unwrap()
             .to_owned()
     };
-    let nar_url = format!("{}/direct/{}", server.url, field("URL"));
-    let file_size: u64 = field("FileSize").parse().unwrap();
+    let nar_of = |hash: String| {
+        let server_url = server.url.clone();
+        async move {
+            let narinfo = reqwest::get(format!("{server_url}/direct/{hash}.narinfo"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let field = |k: &str| {
+                narinfo
+                    .lines()
+                    .find_map(|l| l.strip_prefix(&format!("{k}: ")))
+                    .unwrap()
+                    .to_owned()
+            };
+            let file_size: u64 = field("FileSize").parse().unwrap();
+            (format!("{server_url}/direct/{}", field("URL")), file_size)
+        }
+    };
+    let (big_url, big_size) = nar_of(hash_of(big)).await;
+    let r = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .get(&big_url)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "a NAR of several chunks is streamed");
+    assert_eq!(r.bytes().await.unwrap().len() as u64, big_size);
+    let (nar_url, file_size) = nar_of(hash_of(top.trim())).await;
 
     let no_follow = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
@@ -171,12 +191,15 @@ async fn presigned_redirects_work_with_nix_and_keep_range() {
     assert_eq!(whole.len() as u64, file_size);
     let r = follow
         .get(&nar_url)
-        .header("Range", "bytes=1000-1999")
+        .header("Range", format!("bytes=10-{}", file_size / 2))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 206);
-    assert_eq!(r.bytes().await.unwrap(), whole.slice(1000..2000));
+    assert_eq!(
+        r.bytes().await.unwrap(),
+        whole.slice(10..(file_size / 2 + 1) as usize)
+    );
 
     // A private cache: anonymous gets 401 (no redirect), Nix with a pull token in its netrc
     // follows the redirect (curl sends the netrc's credentials to Garage too, which ignores

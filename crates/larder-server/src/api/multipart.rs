@@ -35,7 +35,6 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use larder_nix::hash::Sha256;
-use larder_store::meta::{ChunkRow, NarRow};
 // A part's measurement is kept beside it (`part-NNNNNN.json`) as the API shows it.
 use larder_api::{
     MultipartDetail, MultipartList, MultipartOpened, MultipartPart, MultipartUpload, Upload,
@@ -691,48 +690,13 @@ pub async fn complete(
         }
     }
     let upload_id = id.clone();
-    let nar = match state
-        .meta
-        .reuse_nar_for_upload(&upload_id, c.id, None, &verified.nar_hash)
-        .await?
-    {
-        Some(nar) => nar,
-        None => {
-            let chunks: Vec<ChunkRow> = verified
-                .parts
-                .iter()
-                .map(|(hash, size)| ChunkRow {
-                    chunk_hash: hash.to_nix32(),
-                    file_size: *size as i64,
-                })
-                .collect();
-            // Claimed before they are written (see `Metadata::claim_chunks`).
-            state.meta.claim_chunks(&upload_id, &chunks).await?;
-            for (path, chunk) in parts.iter().zip(&chunks) {
-                if let Err(e) = state.objects.put_file(&chunk.object_key(), path).await {
-                    // Storing consumed the parts before this one: the upload cannot complete
-                    // any more. The client starts a new one (a 503 is retried).
-                    let _ = tokio::fs::remove_dir_all(&dir).await;
-                    return Err(e.into());
-                }
-            }
-            let row = NarRow {
-                id: 0,
-                nar_hash: verified.nar_hash,
-                nar_size: verified.nar_size as i64,
-                compression,
-                file_hash: verified.file_hash,
-                file_size: verified.file_size as i64,
-            };
-            let nar = state
-                .meta
-                .insert_nar_for_upload(&upload_id, c.id, None, &row, &chunks)
-                .await?
-                .0;
-            crate::publish::store_listing(&state, &nar.nar_hash, &verified.listing).await;
-            nar
-        }
+    let measured = crate::chunked::Measured {
+        nar_hash: verified.nar_hash,
+        nar_size: verified.nar_size,
     };
+    let nar =
+        crate::chunked::store_nar(&state, &c, &upload_id, None, measured, verified.chunked).await?;
+    crate::publish::store_listing(&state, &nar.nar_hash, &verified.listing).await;
     let _ = tokio::fs::remove_dir_all(&dir).await;
     Ok((StatusCode::CREATED, Json(upload_json(upload_id, nar))))
 }

@@ -642,6 +642,20 @@ impl TestPath {
     pub fn compressed(&self, comp: Comp) -> Vec<u8> {
         comp.compress(&self.nar)
     }
+    /// The NAR file the server stores and serves for this path, whatever it was uploaded as:
+    /// its content-defined chunks, each a zstd frame (`larder_server::chunked`).
+    pub fn stored(&self) -> Vec<u8> {
+        let tmp = tempfile::NamedTempFile::new().expect("temp file");
+        let mut w = larder_server::chunked::ChunkWriter::new(tmp.reopen().expect("reopen"))
+            .expect("chunk writer");
+        w.write(&self.nar).expect("chunk");
+        w.finish().expect("chunk");
+        std::fs::read(tmp.path()).expect("read chunks")
+    }
+    /// `nar/<filehash>.nar.zst`: where the server serves [`Self::stored`].
+    pub fn stored_url(&self) -> String {
+        nar_url(&self.stored(), Comp::Zstd)
+    }
     pub fn fingerprint(&self) -> String {
         larder_nix::signing::fingerprint(
             &self.path,

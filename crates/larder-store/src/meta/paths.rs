@@ -35,7 +35,10 @@ pub struct NarRow {
 /// One stored chunk of a NAR file: an independently decompressible frame.
 #[derive(Debug, Clone, PartialEq, Eq, FromRow)]
 pub struct ChunkRow {
-    /// nix32 SHA-256 of the chunk's stored bytes; also names its object.
+    /// The chunk's id, which also names its object (see [`ChunkName`]): the nix32 SHA-256 of
+    /// its stored bytes (a NAR file stored whole or a multi-part upload's part, before
+    /// content-defined chunking), or `<nix32>.zst`, the SHA-256 of its uncompressed bytes (a
+    /// content-defined chunk, stored as one canonical zstd frame).
     pub chunk_hash: String,
     /// Stored (compressed) size in bytes.
     pub file_size: i64,
@@ -61,16 +64,53 @@ pub(super) fn listing_key(nar_hash: &str) -> String {
     format!("ls/{prefix}/{nar_hash}")
 }
 
+/// What a chunk id says its object's bytes hash to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkName {
+    /// The SHA-256 of the object's bytes as stored.
+    Stored(Sha256),
+    /// The SHA-256 of the bytes the object (one zstd frame) decompresses to.
+    Zstd(Sha256),
+}
+
+impl ChunkName {
+    /// Parse a chunk id; `None` if it is of neither form.
+    pub fn parse(id: &str) -> Option<Self> {
+        let (hash, zstd) = match id.strip_suffix(CDC_SUFFIX) {
+            Some(h) => (h, true),
+            None => (id, false),
+        };
+        if hash.len() != 52 {
+            return None;
+        }
+        let h = Sha256::from_bytes(larder_nix::nixbase32::decode_fixed::<32>(hash).ok()?);
+        Some(if zstd {
+            ChunkName::Zstd(h)
+        } else {
+            ChunkName::Stored(h)
+        })
+    }
+}
+
+/// The suffix of content-defined chunks' ids (and object keys).
+const CDC_SUFFIX: &str = ".zst";
+
+/// The id of the content-defined chunk whose uncompressed bytes hash to `raw_hash`.
+pub fn cdc_chunk_id(raw_hash: &Sha256) -> String {
+    format!("{}{CDC_SUFFIX}", raw_hash.to_nix32())
+}
+
 pub fn chunk_object_key(chunk_hash: &str) -> String {
     let prefix = chunk_hash.get(..2).unwrap_or("00");
     format!("chunk/{prefix}/{chunk_hash}")
 }
 
-/// The chunk hash that `key` names, if `key` is exactly the object key of a chunk
-/// (`chunk/<first two characters>/<52 nix32 characters>`): the inverse of [`chunk_object_key`].
+/// The chunk id that `key` names, if `key` is exactly the object key of a chunk
+/// (`chunk/<first two characters>/<id>`, the id of either form of [`ChunkName`]): the inverse
+/// of [`chunk_object_key`].
 pub fn chunk_hash_of_key(key: &str) -> Option<&str> {
     let hash = key.strip_prefix("chunk/")?.get(3..)?;
-    let valid = larder_nix::nixbase32::decode_fixed::<32>(hash).is_ok();
+    let valid = ChunkName::parse(hash).is_some();
     (valid && chunk_object_key(hash) == key).then_some(hash)
 }
 

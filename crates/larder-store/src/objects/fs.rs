@@ -86,6 +86,34 @@ impl FsObjects {
         Ok(ObjectBody { len, stream })
     }
 
+    /// `range` of an object, read in one blocking call (one thread hop for the whole range);
+    /// fewer bytes than asked are an error.
+    pub(super) async fn read_range(
+        &self,
+        key: &str,
+        range: Range<u64>,
+    ) -> Result<bytes::Bytes, ObjectError> {
+        use std::os::unix::fs::FileExt;
+        let path = self.root.join(key);
+        let owned = key.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let not_found = |source: io::Error| {
+                if source.kind() == io::ErrorKind::NotFound {
+                    ObjectError::NotFound(owned.clone())
+                } else {
+                    io_err(&owned)(source)
+                }
+            };
+            let file = std::fs::File::open(&path).map_err(not_found)?;
+            let mut buf = vec![0u8; range.end.saturating_sub(range.start) as usize];
+            file.read_exact_at(&mut buf, range.start)
+                .map_err(not_found)?;
+            Ok(bytes::Bytes::from(buf))
+        })
+        .await
+        .map_err(|e| io_err(key)(io::Error::other(e)))?
+    }
+
     /// The whole object if it is at most `max` bytes, read synchronously (see
     /// [`super::ObjectStore::get_small`]).
     pub(super) fn get_small(

@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# Deduplication benchmark (issue 13, "Measure"), server-side chunking: a version series of a
+# closure-sized set of store paths, pushed generation after generation
+#   - with `larder push` into one `larder serve`, and
+#   - with `nix copy --to http://…` (Nix's own uploader) into another,
+# reporting per generation the NAR bytes, the bytes the client uploaded (the server's request
+# body counter) and the time; after all generations, each cache's logical size (what its limit
+# counts) and the bytes it occupies after deduplication, next to one generation's compressed
+# size; then the last generation downloaded with `nix copy --from`.
+# The series: NPATHS paths (`nix-store --add` of directories of binary-like and text files,
+# TOTAL_MIB in all), then GENS-1 generations each changing ~5 % of the bytes (16-256 KiB edits
+# in place and insertions that shift what follows) and renaming one path (a new store path).
+# Not measured here yet: paths with references between them (`nix-store --add` makes none);
+# push-side chunking (so `larder push` uploads whole NARs: only storage is deduplicated).
+# Needs (as root): nix-bin, python3, curl. Knobs: NPATHS (24), TOTAL_MIB (200), GENS (5).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+NPATHS=${NPATHS:-24}
+TOTAL_MIB=${TOTAL_MIB:-200}
+GENS=${GENS:-5}
+. "$ROOT/tests/lib/nix-env.sh"
+WORK=$(mktemp -d /tmp/larder-dedup.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+log() { printf '[dedup] %s\n' "$*" >&2; }
+
+(cd "$ROOT" && cargo build --release -q -p larder)
+BIN=$ROOT/target/release/larder
+
+start_server() { # $1 = name; sets URL_$1, ADMIN_$1, PUSH_$1
+  local d=$WORK/$1; mkdir -p "$d"
+  "$BIN" serve --listen 127.0.0.1:0 --data "$d/data" 2>"$d/serve.log" &
+  PIDS+=($!)
+  for _ in $(seq 100); do grep -q 'listening on' "$d/serve.log" 2>/dev/null && break; sleep 0.1; done
+  local url admin push
+  url=$(sed -n 's/^larder: listening on //p' "$d/serve.log")
+  admin=$(cat "$d/data/admin-token")
+  LARDER_SERVER=$url LARDER_TOKEN=$admin "$BIN" cache create bench >/dev/null 2>&1
+  push=$(LARDER_SERVER=$url LARDER_TOKEN=$admin "$BIN" token create --perm push --cache bench 2>/dev/null)
+  printf 'machine 127.0.0.1 login x password %s\n' "$push" > "$d/netrc"
+  printf -v "URL_$1" %s "$url"; printf -v "ADMIN_$1" %s "$admin"; printf -v "PUSH_$1" %s "$push"
+}
+uploaded() { # $1 = url, $2 = admin token: request body bytes received so far
+  curl -sf -H "Authorization: Bearer $2" "$1/metrics" |
+    awk '/^larder_http_request_body_bytes_total/ {s += $2} END {printf "%d", s}'
+}
+info() { # $1 = url $2 = admin: "size stored_size"
+  curl -sf -H "Authorization: Bearer $2" "$1/api/v1/caches/bench" |
+    python3 -c 'import json,sys; c=json.load(sys.stdin); print(c["size"], c["stored_size"])'
+}
+now() { date +%s.%N; }
+
+log "generating $GENS generations of $NPATHS paths, $TOTAL_MIB MiB"
+python3 - "$WORK/src" "$NPATHS" "$TOTAL_MIB" "$GENS" <<'PY'
+import os, random, sys
+root, n, total, gens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) << 20, int(sys.argv[4])
+rng = random.Random(13)
+words = [bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(4000)]
+def text(size):
+    out = bytearray()
+    while len(out) < size:
+        out += b" ".join(rng.choice(words) for _ in range(12)) + b"\n"
+    return bytes(out[:size])
+def binary(size):
+    # Machine code-like: random, with runs of zeros and repeated tables.
+    out = bytearray(rng.randbytes(size))
+    for i in range(0, size, 8192):
+        out[i:i + 512] = bytes(512)
+    return bytes(out)
+paths = []
+for p in range(n):
+    files = {}
+    budget = total // n
+    k = 0
+    while budget > 0:
+        size = min(budget, rng.choice([4 << 10, 64 << 10, 512 << 10, 3 << 20]))
+        files[f"f{k}"] = text(size) if k % 3 == 0 else binary(size)
+        budget -= size
+        k += 1
+    paths.append(files)
+for g in range(1, gens + 1):
+    if g > 1:
+        changed = 0
+        target = total // 20
+        while changed < target:
+            files = rng.choice(paths)
+            name = rng.choice(sorted(files))
+            data = bytearray(files[name])
+            # Edits of 16-256 KiB: ~5 % of the bytes in a few dozen places (a rebuild
+            # changes some files, not every 40 KiB of every file).
+            size = rng.randint(16 << 10, 256 << 10)
+            at = rng.randrange(0, max(1, len(data)))
+            if rng.random() < 0.5:
+                data[at:at + size] = rng.randbytes(min(size, len(data) - at))
+            else:
+                data[at:at] = rng.randbytes(size)
+            files[name] = bytes(data)
+            changed += size
+    for p, files in enumerate(paths):
+        # One path per generation is "bumped": renamed, so its store path changes.
+        d = os.path.join(root, f"g{g}", f"pkg{p}" + (f"-v{g}" if p == 0 else ""))
+        os.makedirs(d)
+        for name, data in files.items():
+            with open(os.path.join(d, name), "wb") as f:
+                f.write(data)
+PY
+
+start_server push; start_server nixcopy
+printf '%-4s %12s | %12s %8s %8s | %12s %8s %8s\n' gen "NAR MiB" "push up MiB" "%" "s" "copy up MiB" "%" "s"
+for g in $(seq "$GENS"); do
+  mapfile -t P < <(for d in "$WORK/src/g$g"/*; do nix-store --add "$d"; done)
+  NAR=$(nix path-info -S "${P[@]}" | awk '{s += $2} END {printf "%d", s}')
+  b0=$(uploaded "$URL_push" "$ADMIN_push"); t0=$(now)
+  LARDER_SERVER=$URL_push LARDER_TOKEN=$PUSH_push "$BIN" push bench "${P[@]}" >/dev/null 2>"$WORK/push.err" || { cat "$WORK/push.err" >&2; exit 1; }
+  t1=$(now); b1=$(uploaded "$URL_push" "$ADMIN_push")
+  c0=$(uploaded "$URL_nixcopy" "$ADMIN_nixcopy"); t2=$(now)
+  XDG_CACHE_HOME=$WORK/xdg-$g nix copy --option netrc-file "$WORK/nixcopy/netrc" --to "$URL_nixcopy/bench?compression=zstd" "${P[@]}" 2>"$WORK/copy.err" || { cat "$WORK/copy.err" >&2; exit 1; }
+  t3=$(now); c1=$(uploaded "$URL_nixcopy" "$ADMIN_nixcopy")
+  python3 -c "
+nar, up, cp = $NAR, $b1 - $b0, $c1 - $c0
+print(f'{$g:<4} {nar/2**20:12.1f} | {up/2**20:12.1f} {100*up/nar:7.1f}% {$t1-$t0:8.2f} | {cp/2**20:12.1f} {100*cp/nar:7.1f}% {$t3-$t2:8.2f}')"
+  [ "$g" = 1 ] && read -r GEN1_SIZE _ < <(info "$URL_push" "$ADMIN_push")
+done
+for s in push nixcopy; do
+  u=URL_$s a=ADMIN_$s
+  read -r size stored < <(info "${!u}" "${!a}")
+  python3 -c "print(f'$s: logical {$size/2**20:.1f} MiB, stored after dedup {$stored/2**20:.1f} MiB = {$stored/$GEN1_SIZE:.2f}x one generation ({$GEN1_SIZE/2**20:.1f} MiB)')"
+done
+KEY=$(curl -sf "$URL_push/api/v1/caches/bench" | python3 -c 'import json,sys; print(json.load(sys.stdin)["public_key"])')
+t0=$(now)
+NIX_CONFIG="$NIX_CONFIG
+trusted-public-keys = $KEY" XDG_CACHE_HOME=$WORK/xdg-dl nix copy --from "$URL_push/bench" --to "$WORK/dl-store" "${P[@]}"
+t1=$(now)
+python3 -c "print(f'download of the last generation ({$NAR/2**20:.0f} MiB of NAR) with nix copy --from: {$t1-$t0:.2f} s')"

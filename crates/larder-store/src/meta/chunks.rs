@@ -1,0 +1,119 @@
+//! What a cache can see of the chunk store: the questions whose answers must depend only on a
+//! cache's own content, never on another cache's (see ARCHITECTURE.md, "No cross-cache
+//! oracle"). A chunk or a NAR is *visible in a cache* when a NAR of one of its published
+//! paths, of its pending uploads or of its paths evicted within the grace period uses it.
+
+use std::collections::{HashMap, HashSet};
+
+use larder_nix::hash::Sha256;
+
+use super::{placeholders, Metadata, Result, IN_BATCH};
+
+/// The NARs of a cache, as a sub-select over `$1` (the cache id).
+const CACHE_NARS: &str = "SELECT nar_id FROM paths WHERE cache_id = $1 \
+     UNION SELECT nar_id FROM uploads WHERE cache_id = $1 \
+     UNION SELECT nar_id FROM evicted_nars WHERE cache_id = $1";
+
+impl Metadata {
+    /// Whether the NAR with `nar_hash` is visible in the cache.
+    pub async fn nar_visible_in_cache(&self, cache_id: i64, nar_hash: &Sha256) -> Result<bool> {
+        let sql = format!("SELECT COUNT(*) FROM nars WHERE nar_hash = $2 AND id IN ({CACHE_NARS})");
+        let n: i64 = sqlx::query_scalar(&sql)
+            .bind(cache_id)
+            .bind(nar_hash.to_nix32())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n > 0)
+    }
+
+    /// Which of the chunks `ids` are visible in the cache.
+    pub async fn chunks_visible_in_cache(
+        &self,
+        cache_id: i64,
+        ids: &[String],
+    ) -> Result<HashSet<String>> {
+        let mut visible = HashSet::new();
+        for batch in ids.chunks(IN_BATCH) {
+            let sql = format!(
+                "SELECT DISTINCT nc.chunk_hash FROM nar_chunks nc WHERE nc.chunk_hash IN ({}) \
+                 AND nc.nar_id IN ({CACHE_NARS})",
+                placeholders(2, batch.len())
+            );
+            let mut q = sqlx::query_scalar::<_, String>(&sql).bind(cache_id);
+            for id in batch {
+                q = q.bind(id);
+            }
+            visible.extend(q.fetch_all(&self.pool).await?);
+        }
+        Ok(visible)
+    }
+
+    /// The stored sizes of those of the chunks `ids` that have a row.
+    pub async fn chunk_sizes(&self, ids: &[String]) -> Result<HashMap<String, i64>> {
+        let mut sizes = HashMap::new();
+        for batch in ids.chunks(IN_BATCH) {
+            let sql = format!(
+                "SELECT chunk_hash, file_size FROM chunks WHERE chunk_hash IN ({})",
+                placeholders(1, batch.len())
+            );
+            let mut q = sqlx::query_as::<_, (String, i64)>(&sql);
+            for id in batch {
+                q = q.bind(id);
+            }
+            sizes.extend(q.fetch_all(&self.pool).await?);
+        }
+        Ok(sizes)
+    }
+}
+
+/// Bytes stored, server-wide: what the caches' limits count, and what their chunks occupy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoreTotals {
+    /// The NAR files of every published path, each counted in every cache that has it.
+    pub logical: i64,
+    /// Every chunk object once, whatever uses it (including chunks awaiting collection).
+    pub stored: i64,
+}
+
+impl Metadata {
+    /// The bytes a cache's published paths occupy in the store: each chunk their NAR files
+    /// use counted once (a NAR in two paths, or chunks shared by NARs, once).
+    pub async fn cache_stored_size(&self, cache_id: i64) -> Result<i64> {
+        let size: i64 = sqlx::query_scalar(
+            "SELECT CAST(COALESCE(SUM(c.file_size), 0) AS BIGINT) FROM chunks c WHERE \
+             c.chunk_hash IN (SELECT nc.chunk_hash FROM nar_chunks nc JOIN paths p \
+             ON p.nar_id = nc.nar_id WHERE p.cache_id = $1)",
+        )
+        .bind(cache_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(size)
+    }
+
+    /// [`Metadata::cache_stored_size`] of every cache with paths, by cache id.
+    pub async fn all_cache_stored_sizes(&self) -> Result<HashMap<i64, i64>> {
+        let rows: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT x.cache_id, CAST(SUM(c.file_size) AS BIGINT) FROM (SELECT DISTINCT \
+             p.cache_id, nc.chunk_hash FROM paths p JOIN nar_chunks nc ON nc.nar_id = p.nar_id) x \
+             JOIN chunks c ON c.chunk_hash = x.chunk_hash GROUP BY x.cache_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    /// Server-wide [`StoreTotals`].
+    pub async fn store_totals(&self) -> Result<StoreTotals> {
+        let logical: i64 = sqlx::query_scalar(
+            "SELECT CAST(COALESCE(SUM(n.file_size), 0) AS BIGINT) FROM paths p \
+             JOIN nars n ON n.id = p.nar_id",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let stored: i64 =
+            sqlx::query_scalar("SELECT CAST(COALESCE(SUM(file_size), 0) AS BIGINT) FROM chunks")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(StoreTotals { logical, stored })
+    }
+}
