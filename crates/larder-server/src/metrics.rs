@@ -446,7 +446,7 @@ impl Metrics {
         }
         // Per cache.
         let counts = self.caches.lock().map(|c| c.clone()).unwrap_or_default();
-        let mut fams: [(&str, &str, &str, String); 13] = [
+        let mut fams: [(&str, &str, &str, String); 14] = [
             (
                 "larder_cache_paths",
                 "gauge",
