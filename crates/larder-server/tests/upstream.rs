@@ -146,11 +146,15 @@ async fn fetched_paths_are_verified_kept_marked_and_evicted_with_their_referrers
         detail.contains("From upstream") && detail.contains(&up.url),
         "{detail}"
     );
-    // Asked again: served locally, the upstream is not asked.
+    // Asked again: served locally, the upstream is not asked. (The server stores the NAR
+    // as its own chunks, so the kept file is the local narinfo's, not the upstream's: a
+    // consumer still holding the upstream narinfo gets its NAR from the upstream again.)
     let before = up.asked.lock().unwrap().len();
-    srv.get(&format!("/c/{}", ni.url), Auth::Anon)
+    let again = srv
+        .get(&format!("/c/{}", local.url), Auth::Anon)
         .await
         .expect(200);
+    assert_eq!(Some(again.body.len() as u64), local.file_size);
     narinfo(&srv, "c", &b, 200).await;
     assert_eq!(up.asked.lock().unwrap().len(), before);
 
@@ -160,7 +164,13 @@ async fn fetched_paths_are_verified_kept_marked_and_evicted_with_their_referrers
     let (r1, r2) = tokio::join!(srv.get(&url, Auth::Anon), srv.get(&url, Auth::Anon));
     assert_eq!(r1.expect(200).body, a.compressed(Comp::Xz));
     assert_eq!(r2.expect(200).body, a.compressed(Comp::Xz));
-    assert_eq!(up.times_asked("/nar/"), 2, "one download each for b and a");
+    // The second waits for the first and, as the kept NAR is the cache's own chunked file
+    // and not the upstream's, downloads it once more (verified again; README, pull-through).
+    let downloads = up.times_asked("/nar/");
+    assert!(
+        (2..=3).contains(&downloads),
+        "b once, a at most twice: {downloads}"
+    );
 
     // A pushed path referencing a fetched one; deleting the fetched leaf takes its referrers
     // along (or nothing).
