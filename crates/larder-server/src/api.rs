@@ -35,7 +35,7 @@ use crate::routes::Routes;
 use crate::{valid_cache_name, AppState};
 
 pub(crate) mod contents;
-mod multipart;
+pub(crate) mod multipart;
 mod oidc;
 mod openapi;
 mod retention;

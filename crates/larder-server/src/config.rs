@@ -38,9 +38,13 @@ pub const DEFAULT_GC_INTERVAL: Duration = Duration::from_secs(3600);
 pub const PENDING_UPLOAD_TTL: Duration = Duration::from_secs(6 * 3600);
 /// How long an unfinished multi-part upload is kept without a new part: long enough to resume
 /// after an interruption, short enough that abandoned parts do not pile up.
-pub const MULTIPART_IDLE_TTL: Duration = Duration::from_secs(3600);
-/// Most unfinished multi-part uploads one cache may have at once.
-pub const MAX_OPEN_MULTIPART_PER_CACHE: usize = 16;
+pub const DEFAULT_MULTIPART_IDLE_TTL: Duration = Duration::from_secs(3600);
+/// The shortest multi-part idle time accepted: a part takes longer than this to arrive only
+/// on a link too slow for parts of this size.
+pub const MIN_MULTIPART_IDLE_TTL: Duration = Duration::from_secs(60);
+/// Most unfinished multi-part uploads one cache, and one token, may have at once on a server:
+/// two `larder push` at once (8 jobs each) of nothing but large paths.
+pub const DEFAULT_MULTIPART_MAX_OPEN: usize = 16;
 /// How long the NAR of an evicted path stays servable (and safe from garbage collection):
 /// a narinfo served just before the eviction, by this server or a proxy, must not name a
 /// deleted NAR. Longer than the narinfo TTL of the hot cache by far.
@@ -276,6 +280,12 @@ pub struct Config {
     /// `None`: as many as the open-file limit allows ([`crate::conn::connections_for_fd_limit`]).
     pub max_connections: Option<usize>,
     pub max_connections_per_client: usize,
+    /// Most unfinished multi-part uploads per cache and per token, on this server.
+    pub multipart_max_open: usize,
+    /// Most bytes of unfinished multi-part uploads per cache (further bounded by its size
+    /// limit) and per token, on this server.
+    pub multipart_max_staged: u64,
+    pub multipart_idle_ttl: Duration,
     pub upstream_keys: Vec<larder_nix::signing::VerifyingKey>,
     /// HTTPS instead of plain HTTP.
     pub tls: Option<TlsFiles>,
@@ -416,12 +426,27 @@ impl Config {
                 value: format!("{}s", header_timeout.as_secs()),
             });
         }
+        let multipart_max_staged = match file.multipart_max_staged {
+            Some(s) => s.bytes().map_err(setting("multipart_max_staged"))?,
+            None => max_upload_size,
+        };
+        let multipart_idle_ttl = match file.multipart_idle_ttl {
+            Some(s) => parse_duration(&s).map_err(setting("multipart_idle_ttl"))?,
+            None => DEFAULT_MULTIPART_IDLE_TTL,
+        };
+        if multipart_idle_ttl < MIN_MULTIPART_IDLE_TTL {
+            return Err(ConfigError::Value {
+                key: "multipart_idle_ttl (at least 1m)",
+                value: format!("{}s", multipart_idle_ttl.as_secs()),
+            });
+        }
         for (key, value) in [
             ("max_connections (at least 1)", file.max_connections),
             (
                 "max_connections_per_client (at least 1)",
                 file.max_connections_per_client,
             ),
+            ("multipart_max_open (at least 1)", file.multipart_max_open),
         ] {
             if value == Some(0) {
                 return Err(ConfigError::Value {
@@ -490,6 +515,11 @@ impl Config {
             max_connections_per_client: file
                 .max_connections_per_client
                 .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_CLIENT),
+            multipart_max_open: file
+                .multipart_max_open
+                .unwrap_or(DEFAULT_MULTIPART_MAX_OPEN),
+            multipart_max_staged,
+            multipart_idle_ttl,
         })
     }
 

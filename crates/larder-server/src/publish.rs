@@ -431,29 +431,12 @@ async fn hold_background_lock(state: &AppState, lease: &mut Option<HeldLock>) ->
     }
 }
 
-/// Delete multi-part uploads that got no part for [`crate::config::MULTIPART_IDLE_TTL`] (a
-/// part stored touches its directory).
+/// Delete multi-part uploads idle for `multipart_idle_ttl` (nothing written in them): those
+/// counted against the bounds are deleted as they are counted (`api::multipart::scan`); this
+/// removes those of caches nobody uploads to any more.
 async fn remove_stale_multipart(state: &AppState) {
-    let Ok(mut dir) = tokio::fs::read_dir(state.objects.staging_dir()).await else {
-        return;
-    };
-    while let Ok(Some(entry)) = dir.next_entry().await {
-        if !entry
-            .file_name()
-            .to_string_lossy()
-            .starts_with("multipart-")
-        {
-            continue;
-        }
-        let stale = entry
-            .metadata()
-            .await
-            .ok()
-            .and_then(|m| m.modified().ok())
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age > crate::config::MULTIPART_IDLE_TTL);
-        if stale {
-            let _ = tokio::fs::remove_dir_all(entry.path()).await;
-        }
-    }
+    let root = state.staging.dir().to_owned();
+    let ttl = state.config.multipart_idle_ttl;
+    let _ =
+        tokio::task::spawn_blocking(move || crate::api::multipart::scan(&root, ttl, None)).await;
 }

@@ -983,6 +983,146 @@ async fn unfinished_multipart_uploads_are_bounded_per_cache() {
     );
 }
 
+/// Open a multi-part upload in `cache` as `auth`.
+async fn open_multipart(srv: &Server, cache: &str, auth: Auth<'_>) -> common::Resp {
+    srv.post_json(
+        &format!("/api/v1/caches/{cache}/multipart?compression=none"),
+        auth,
+        &json!({}),
+    )
+    .await
+}
+
+/// `PUT` part `n` of upload `id` in `cache`: `len` zero bytes.
+async fn put_part(
+    srv: &Server,
+    cache: &str,
+    auth: Auth<'_>,
+    id: &str,
+    n: u32,
+    len: usize,
+) -> common::Resp {
+    srv.put(
+        &format!("/api/v1/caches/{cache}/multipart/{id}/parts/{n}"),
+        auth,
+        vec![0u8; len],
+    )
+    .await
+}
+
+/// The token bounds (issue 14 item 6): a token holds at most `multipart_max_open` unfinished
+/// uploads and `multipart_max_staged` bytes of them on a server, across every cache it may
+/// push to, whatever each cache's own bounds leave; another token is not held back by it,
+/// and what a refusal says names the bound and how to make room.
+#[tokio::test]
+async fn unfinished_multipart_uploads_are_bounded_per_token() {
+    let srv = Server::with_config(larder_server::config::ConfigFile {
+        multipart_max_open: Some(3),
+        multipart_max_staged: Some(larder_server::config::SizeValue::Text("1MiB".into())),
+        ..Default::default()
+    })
+    .await;
+    for name in ["a", "b", "c"] {
+        srv.create_cache(name, false).await;
+    }
+    let t = srv.token(&["push"], Some(&["a", "b", "c"])).await;
+    let other = srv.token(&["push"], Some(&["a", "b", "c"])).await;
+    let id = |r: common::Resp| {
+        r.expect(201).json()["upload_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    // Three uploads in three caches: each cache is far below its bound, the token at its own.
+    let a = id(open_multipart(&srv, "a", t.bearer()).await);
+    let b = id(open_multipart(&srv, "b", t.bearer()).await);
+    id(open_multipart(&srv, "c", t.bearer()).await);
+    let r = open_multipart(&srv, "c", t.bearer()).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.text());
+    for said in [
+        "this token has 3",
+        "multipart_max_open = 3",
+        "DELETE",
+        "expire",
+    ] {
+        assert!(r.text().contains(said), "{said:?} in {}", r.text());
+    }
+    // Another token opens in the same cache.
+    let o = id(open_multipart(&srv, "c", other.bearer()).await);
+    // Bytes: 700 KiB in "a", then 400 KiB more in "b" is past the token's 1 MiB.
+    put_part(&srv, "a", t.bearer(), &a, 0, 700 << 10)
+        .await
+        .expect(204);
+    let before = srv.staging_files();
+    let r = put_part(&srv, "b", t.bearer(), &b, 0, 400 << 10).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.text());
+    for said in ["of this token", "multipart_max_staged", "DELETE"] {
+        assert!(r.text().contains(said), "{said:?} in {}", r.text());
+    }
+    assert_eq!(
+        srv.staging_files(),
+        before,
+        "nothing of the refused part kept"
+    );
+    // Parts count against the token that opened the upload, whoever sends them.
+    let r = put_part(&srv, "b", other.bearer(), &b, 0, 400 << 10).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.text());
+    // The other token's own uploads are not held back.
+    put_part(&srv, "c", other.bearer(), &o, 0, 700 << 10)
+        .await
+        .expect(204);
+    // Abandoning makes room at once.
+    srv.delete(&format!("/api/v1/caches/a/multipart/{a}"), t.bearer())
+        .await
+        .expect(204);
+    put_part(&srv, "b", t.bearer(), &b, 0, 400 << 10)
+        .await
+        .expect(204);
+    id(open_multipart(&srv, "a", t.bearer()).await);
+}
+
+/// An upload idle past `multipart_idle_ttl` stops counting against the bounds as soon as they
+/// are next counted (not at the next garbage collection, an hour later), and is deleted then.
+#[tokio::test]
+async fn an_expired_multipart_upload_frees_its_place_at_once() {
+    let srv = Server::with_config(larder_server::config::ConfigFile {
+        multipart_max_open: Some(2),
+        multipart_idle_ttl: Some("10m".into()),
+        ..Default::default()
+    })
+    .await;
+    srv.create_cache("c", false).await;
+    for _ in 0..2 {
+        open_multipart(&srv, "c", srv.admin()).await.expect(201);
+    }
+    let r = open_multipart(&srv, "c", srv.admin()).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.text());
+    // Both left alone for 11 minutes (their clocks set back).
+    let staging = srv.data_dir().join("store/tmp");
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(11 * 60);
+    let uploads: Vec<_> = std::fs::read_dir(&staging)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("multipart-"))
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(uploads.len(), 2);
+    for dir in &uploads {
+        for f in std::fs::read_dir(dir).unwrap().flatten() {
+            std::fs::File::open(f.path())
+                .unwrap()
+                .set_modified(old)
+                .unwrap();
+        }
+        std::fs::File::open(dir).unwrap().set_modified(old).unwrap();
+    }
+    open_multipart(&srv, "c", srv.admin()).await.expect(201);
+    assert!(
+        uploads.iter().all(|d| !d.exists()),
+        "expired uploads deleted"
+    );
+}
+
 /// A NAR download looked up moments ago (its metadata kept in memory) whose object has since
 /// gone (garbage collection after its grace, on another replica) is answered 404, as Nix
 /// expects of a vanished substitute, never 500; small NARs (read whole, kept in memory) and

@@ -783,8 +783,8 @@ fn interrupted(
         msg,
         format!(
             "run the same command again to resume: it skips what was {done_verb} and sends only the \
-             parts the server does not have (it keeps them for {} min after the last one)",
-            larder_server::config::MULTIPART_IDLE_TTL.as_secs() / 60
+             parts the server does not have (by default it keeps them for {} min after the last one)",
+            larder_server::config::DEFAULT_MULTIPART_IDLE_TTL.as_secs() / 60
         ),
     )
 }

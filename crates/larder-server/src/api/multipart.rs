@@ -22,17 +22,23 @@
 //! another cache's uploads.
 //!
 //! Parts wait in the staging directory of the replica that received them, across restarts
-//! (`staging` sweeps only partial files), until completion or [`MULTIPART_IDLE_TTL`] without a
+//! (`staging` sweeps only partial files), until completion or `multipart_idle_ttl` without a
 //! new part.
 //!
-//! [`MULTIPART_IDLE_TTL`]: crate::config::MULTIPART_IDLE_TTL
+//! Bounds, on each server (the staging directory is its own): a cache, and a token, may have
+//! at most `multipart_max_open` unfinished uploads (more are refused with 429 until some
+//! complete, are abandoned or expire) holding at most `multipart_max_staged` bytes, and a
+//! cache with a size limit at most that (a part beyond is refused with 413, nothing of it
+//! kept). An upload records the token that opened it; its parts count against that token
+//! whoever sends them. An upload idle past `multipart_idle_ttl` is deleted when it is next
+//! counted, so it stops holding its place at once rather than at the next garbage collection.
 
 use std::path::{Path as FsPath, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use larder_nix::hash::Sha256;
 // A part's measurement is kept beside it (`part-NNNNNN.json`) as the API shows it.
@@ -65,6 +71,10 @@ struct Manifest {
     nar_hash: Option<String>,
     #[serde(default)]
     nar_size: Option<u64>,
+    /// The id of the token that opened the upload (its parts count against that token's
+    /// bounds); none for uploads opened by an older larder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    token: Option<String>,
 }
 
 /// The NAR identity in a query: `nar_hash` (any SHA-256 spelling Nix accepts) and `nar_size`.
@@ -188,6 +198,7 @@ async fn read_manifest(dir: &FsPath) -> Result<Manifest, ApiError> {
                 compression: compression.trim().to_owned(),
                 nar_hash: None,
                 nar_size: None,
+                token: None,
             })
         }
         Err(e) => Err(ApiError::internal(e)),
@@ -216,7 +227,12 @@ fn unix(t: SystemTime) -> i64 {
 }
 
 /// The upload in `dir` as the API shows it (its parts counted, not measured).
-fn upload_info(id: String, dir: &FsPath, manifest: Manifest) -> std::io::Result<MultipartUpload> {
+fn upload_info(
+    id: String,
+    dir: &FsPath,
+    manifest: Manifest,
+    ttl: Duration,
+) -> std::io::Result<MultipartUpload> {
     let parts = stored_parts(dir)?;
     let updated = std::fs::metadata(dir)?.modified()?;
     Ok(MultipartUpload {
@@ -227,49 +243,109 @@ fn upload_info(id: String, dir: &FsPath, manifest: Manifest) -> std::io::Result<
         part_count: parts.len(),
         part_bytes: parts.iter().map(|p| p.2).sum(),
         updated_at: unix(updated),
-        expires_at: unix(updated + crate::config::MULTIPART_IDLE_TTL),
+        expires_at: unix(updated + ttl),
     })
 }
 
-/// A cache's unfinished multi-part uploads on this server: how many, and the bytes of their
-/// parts (`except`: the part a re-send replaces, in the upload being written).
-async fn staged(
-    state: &AppState,
-    cache_id: i64,
-    except: Option<PathBuf>,
-) -> Result<(usize, u64), ApiError> {
-    let root = state.staging.dir().to_owned();
-    let prefix = format!("multipart-{cache_id}-");
-    tokio::task::spawn_blocking(move || {
-        let (mut uploads, mut bytes) = (0, 0);
-        for dir in std::fs::read_dir(&root).into_iter().flatten().flatten() {
-            if !dir.file_name().to_string_lossy().starts_with(&prefix) {
-                continue;
-            }
-            uploads += 1;
-            for f in std::fs::read_dir(dir.path())
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
-                if Some(f.path()) != except {
-                    bytes += f.metadata().map_or(0, |m| m.len());
-                }
+/// One unfinished multi-part upload on this server, as its bounds count it.
+pub(crate) struct Staged {
+    pub cache_id: i64,
+    /// The token that opened it.
+    pub token: Option<String>,
+    /// The bytes of its files.
+    pub bytes: u64,
+}
+
+/// Every unfinished multi-part upload in the staging directory `root`, except that one idle
+/// (nothing in it written) for longer than `ttl` is deleted instead of counted, and the file
+/// `except` (a part about to be replaced) is not counted.
+pub(crate) fn scan(root: &FsPath, ttl: Duration, except: Option<&FsPath>) -> Vec<Staged> {
+    let mut found = Vec::new();
+    for dir in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let name = dir.file_name().to_string_lossy().into_owned();
+        let Some(cache_id) = name
+            .strip_prefix("multipart-")
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(id, _)| id.parse::<i64>().ok())
+        else {
+            continue;
+        };
+        let path = dir.path();
+        // The newest write in it: a part being received (its spool file grows) keeps it.
+        let mut newest = dir.metadata().and_then(|m| m.modified()).ok();
+        let mut bytes = 0;
+        for f in std::fs::read_dir(&path).into_iter().flatten().flatten() {
+            let Ok(meta) = f.metadata() else { continue };
+            newest = newest.max(meta.modified().ok());
+            if except != Some(f.path().as_path()) {
+                bytes += meta.len();
             }
         }
-        (uploads, bytes)
-    })
-    .await
-    .map_err(|e| ApiError::internal(std::io::Error::other(e)))
+        if newest
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > ttl)
+        {
+            let _ = std::fs::remove_dir_all(&path);
+            continue;
+        }
+        let token = std::fs::read(path.join(MANIFEST))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Manifest>(&b).ok())
+            .and_then(|m| m.token);
+        found.push(Staged {
+            cache_id,
+            token,
+            bytes,
+        });
+    }
+    found
 }
 
-/// How many bytes of unfinished parts a cache may hold: its size limit (what does not fit in
-/// the cache need not be staged for it), at most `max_upload_size`.
-fn staging_allowance(state: &AppState, c: &larder_store::meta::CacheRow) -> u64 {
-    let limit = state.config.max_upload_size;
-    c.max_size
-        .and_then(|m| u64::try_from(m).ok())
-        .map_or(limit, |m| m.min(limit))
+/// Every unfinished multi-part upload on this server, as [`scan`] counts them (`except`: the
+/// part a re-send replaces).
+async fn staged(state: &AppState, except: Option<PathBuf>) -> Result<Vec<Staged>, ApiError> {
+    let root = state.staging.dir().to_owned();
+    let ttl = state.config.multipart_idle_ttl;
+    tokio::task::spawn_blocking(move || scan(&root, ttl, except.as_deref()))
+        .await
+        .map_err(|e| ApiError::internal(std::io::Error::other(e)))
+}
+
+/// `(uploads, bytes)` of those of `staged` that `pick` selects.
+fn tally(staged: &[Staged], pick: impl Fn(&Staged) -> bool) -> (usize, u64) {
+    staged
+        .iter()
+        .filter(|s| pick(s))
+        .fold((0, 0), |(n, b), s| (n + 1, b + s.bytes))
+}
+
+/// The id of the token a request carries (every multi-part request needs push, so one).
+async fn token_id(state: &AppState, headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    Ok(match crate::auth::principal(state, headers).await? {
+        crate::auth::Principal::Token(g) => Some(g.id),
+        crate::auth::Principal::Anonymous => None,
+    })
+}
+
+/// How many bytes of unfinished parts a cache may hold, and the setting that says so: its
+/// size limit (what does not fit in the cache need not be staged for it) when it is below
+/// `multipart_max_staged`.
+fn staging_allowance(state: &AppState, c: &larder_store::meta::CacheRow) -> (u64, &'static str) {
+    let limit = state.config.multipart_max_staged;
+    match c.max_size.and_then(|m| u64::try_from(m).ok()) {
+        Some(m) if m < limit => (m, "its size limit"),
+        _ => (limit, "multipart_max_staged"),
+    }
+}
+
+/// How to make room, for a refusal's message.
+fn make_room(state: &AppState) -> String {
+    format!(
+        "complete or abandon some (`GET /api/v1/caches/CACHE/multipart` lists them, `DELETE \
+         …/multipart/ID` abandons one), or wait for abandoned ones to expire ({} min without a \
+         new part)",
+        state.config.multipart_idle_ttl.as_secs() / 60
+    )
 }
 
 /// Open a multi-part NAR upload (push).
@@ -292,7 +368,7 @@ fn staging_allowance(state: &AppState, c: &larder_store::meta::CacheRow) -> u64 
         (status = 201, description = "The upload's id.", body = larder_api::MultipartOpened),
         crate::api::openapi::CacheRefusals,
         (status = 415, response = crate::api::openapi::UnsupportedMedia),
-        (status = 429, description = "The cache has as many unfinished multi-part uploads as it may (16).", body = larder_api::ErrorBody),
+        (status = 429, description = "The cache, or the token, has as many unfinished multi-part uploads on this server as it may (`multipart_max_open`, 16 by default).", body = larder_api::ErrorBody),
     ),
 )]
 pub async fn open(
@@ -300,17 +376,30 @@ pub async fn open(
     Path(_name): Path<String>,
     UploadCompression(compression): UploadCompression,
     CacheAccess { cache: c, .. }: CacheAccess<Push>,
+    headers: HeaderMap,
     identity: Result<Query<IdentityQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<(StatusCode, Json<MultipartOpened>), ApiError> {
     let (nar_hash, nar_size) = query(identity)?.parse()?;
-    let (open, _) = staged(&state, c.id, None).await?;
-    if open >= crate::config::MAX_OPEN_MULTIPART_PER_CACHE {
-        return Err(ApiError::TooManyUploads(format!(
-            "cache {:?} has {open} unfinished multi-part uploads, the most it may have: complete \
-             them, or wait for abandoned ones to expire ({} min without a new part)",
-            c.name,
-            crate::config::MULTIPART_IDLE_TTL.as_secs() / 60
-        )));
+    let token = token_id(&state, &headers).await?;
+    let all = staged(&state, None).await?;
+    let most = state.config.multipart_max_open;
+    for (whose, (open, _)) in [
+        (
+            format!("cache {:?}", c.name),
+            tally(&all, |s| s.cache_id == c.id),
+        ),
+        (
+            "this token".to_owned(),
+            tally(&all, |s| token.is_some() && s.token == token),
+        ),
+    ] {
+        if open >= most {
+            return Err(ApiError::TooManyUploads(format!(
+                "{whose} has {open} unfinished multi-part uploads on this server, the most it \
+                 may have (multipart_max_open = {most}): {}",
+                make_room(&state)
+            )));
+        }
     }
     let mut id = [0u8; 16];
     getrandom::getrandom(&mut id).map_err(|e| ApiError::internal(std::io::Error::other(e)))?;
@@ -323,6 +412,7 @@ pub async fn open(
         compression: compression.as_str().to_owned(),
         nar_hash,
         nar_size,
+        token,
     })
     .map_err(ApiError::internal)?;
     // Atomic: a listing sees the whole manifest or none (an upload without one is skipped).
@@ -395,7 +485,8 @@ pub async fn list(
             continue;
         }
         let id = id.to_owned();
-        let info = tokio::task::spawn_blocking(move || upload_info(id, &dir, manifest))
+        let ttl = state.config.multipart_idle_ttl;
+        let info = tokio::task::spawn_blocking(move || upload_info(id, &dir, manifest, ttl))
             .await
             .map_err(|e| ApiError::internal(std::io::Error::other(e)))?;
         // Completed or expired while listed.
@@ -429,7 +520,7 @@ pub async fn list(
 )]
 // One upload with every stored part measured (see [`measure_part`]). Asking holds the
 
-// upload for another [`crate::config::MULTIPART_IDLE_TTL`], as a new part would: the client
+// upload for another `multipart_idle_ttl`, as a new part would: the client
 
 // asks to resume it.
 
@@ -441,7 +532,7 @@ pub async fn show(
     let dir = upload_dir(&state, c.id, &id)?;
     let manifest = read_manifest(&dir).await?;
     let compression = parse_compression(&manifest.compression)?;
-    let max_nar_size = state.config.max_nar_size;
+    let (max_nar_size, ttl) = (state.config.max_nar_size, state.config.multipart_idle_ttl);
     let detail = tokio::task::spawn_blocking(move || -> std::io::Result<MultipartDetail> {
         std::fs::File::open(&dir)?.set_modified(SystemTime::now())?;
         let mut parts = Vec::new();
@@ -454,7 +545,7 @@ pub async fn show(
             }
         }
         Ok(MultipartDetail {
-            upload: upload_info(id, &dir, manifest)?,
+            upload: upload_info(id, &dir, manifest, ttl)?,
             parts,
         })
     })
@@ -497,6 +588,101 @@ pub async fn abort(
     }
 }
 
+/// Every this many bytes of a part received, its bounds are checked again against the staging
+/// directory as it is then (parts being received at once included, at their size so far), so
+/// parts sent at once cannot each take the same room: each overshoots by at most this.
+const RECHECK_BYTES: u64 = 4 << 20;
+
+/// The bounds a part counts against: its cache's and its tokens'.
+struct PartBounds<'a> {
+    cache_id: i64,
+    cache: &'a str,
+    /// The cache's allowance, and the setting it comes from.
+    allowance: u64,
+    bound: &'static str,
+    tokens: Vec<String>,
+    /// The part this one replaces (not counted).
+    replaced: PathBuf,
+}
+
+impl PartBounds<'_> {
+    /// Refuse (413) when the uploads counted hold more than a bound allows, or (`before`: no
+    /// byte of the part received yet) as much.
+    async fn check(&self, state: &AppState, before: bool) -> Result<(), ApiError> {
+        let all = staged(state, Some(self.replaced.clone())).await?;
+        let over = |held: u64, most: u64| if before { held >= most } else { held > most };
+        let refuse = |what: String, most: u64, bound: &str| {
+            ApiError::StagingFull(format!(
+                "the unfinished multi-part uploads of {what} would hold more than {most} bytes \
+                 ({bound}) on this server: {}",
+                make_room(state)
+            ))
+        };
+        if over(
+            tally(&all, |s| s.cache_id == self.cache_id).1,
+            self.allowance,
+        ) {
+            return Err(refuse(
+                format!("cache {:?}", self.cache),
+                self.allowance,
+                self.bound,
+            ));
+        }
+        let most = state.config.multipart_max_staged;
+        for token in &self.tokens {
+            if over(tally(&all, |s| s.token.as_ref() == Some(token)).1, most) {
+                return Err(refuse(
+                    "this token".to_owned(),
+                    most,
+                    "multipart_max_staged",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Receive a part's body into a staging file in `dir`, within `max_upload_size` and its
+/// bounds (checked every [`RECHECK_BYTES`] and at the end).
+async fn spool_part(
+    state: &AppState,
+    body: Body,
+    dir: &FsPath,
+    bounds: &PartBounds<'_>,
+) -> Result<tempfile::TempPath, ApiError> {
+    use futures::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    let limit = state.config.max_upload_size;
+    let tmp = state
+        .staging
+        .tempfile("spool", dir)
+        .map_err(ApiError::internal)?;
+    let (file, path) = tmp.into_parts();
+    let mut out = tokio::io::BufWriter::with_capacity(256 * 1024, tokio::fs::File::from_std(file));
+    let (mut size, mut checked) = (0u64, 0u64);
+    let mut stream = body.into_data_stream();
+    while let Some(block) = stream.next().await {
+        let block = block.map_err(|e| ApiError::bad(format!("upload interrupted: {e}")))?;
+        size += block.len() as u64;
+        if size > limit {
+            return Err(ApiError::PayloadTooLarge(limit));
+        }
+        out.write_all(&block).await.map_err(ApiError::internal)?;
+        if size - checked >= RECHECK_BYTES {
+            out.flush().await.map_err(ApiError::internal)?;
+            bounds.check(state, false).await?;
+            checked = size;
+        }
+    }
+    out.flush().await.map_err(ApiError::internal)?;
+    bounds.check(state, false).await?;
+    out.into_inner()
+        .sync_all()
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(path)
+}
+
 /// Store part n (from 0) of a multi-part upload; re-sending replaces it.
 #[utoipa::path(
     put,
@@ -519,6 +705,7 @@ pub async fn put_part(
     State(state): State<AppState>,
     Path((_name, id, n)): Path<(String, String, u32)>,
     CacheAccess { cache: c, .. }: CacheAccess<Push>,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<StatusCode, ApiError> {
     if n >= MAX_PARTS {
@@ -532,27 +719,26 @@ pub async fn put_part(
         return Err(no_such_upload());
     }
     let part = dir.join(part_name(n));
-    let (_, held) = staged(&state, c.id, Some(part.clone())).await?;
-    let allowance = staging_allowance(&state, &c);
-    let room = allowance.saturating_sub(held);
-    let full = || {
-        ApiError::StagingFull(format!(
-            "the unfinished multi-part uploads of cache {:?} would hold more than {allowance} \
-             bytes (its size limit) on this server: complete or abandon some first",
-            c.name
-        ))
-    };
-    if room == 0 {
-        return Err(full());
+    let manifest = read_manifest(&dir).await?;
+    // The parts count against the token that opened the upload (and against the one
+    // sending, when another sends them).
+    let sender = token_id(&state, &headers).await?;
+    let mut tokens: Vec<String> = manifest.token.iter().cloned().collect();
+    if let Some(sender) = sender.filter(|s| manifest.token.as_ref() != Some(s)) {
+        tokens.push(sender);
     }
-    let limit = room.min(state.config.max_upload_size);
-    let compression = parse_compression(&read_manifest(&dir).await?.compression)?;
-    let (tmp, _hash, _size) = crate::ingest::spool_body(body, limit, &state.staging, &dir)
-        .await
-        .map_err(|e| match e {
-            ApiError::PayloadTooLarge(_) if limit < state.config.max_upload_size => full(),
-            e => e,
-        })?;
+    let (allowance, bound) = staging_allowance(&state, &c);
+    let bounds = PartBounds {
+        cache_id: c.id,
+        cache: &c.name,
+        allowance,
+        bound,
+        tokens,
+        replaced: part.clone(),
+    };
+    bounds.check(&state, true).await?;
+    let compression = parse_compression(&manifest.compression)?;
+    let tmp = spool_part(&state, body, &dir, &bounds).await?;
     // Measured now, while the part is fresh in memory, so that a client asking to resume is
     // answered at once however large the upload. The measurement is written first: one
     // whose size is not its part's is not used.

@@ -123,6 +123,20 @@ settings! {
         /// Most connections open at once from one client address. [default: 256]
         #[arg(long, env = "LARDER_MAX_CONNECTIONS_PER_CLIENT")]
         pub max_connections_per_client: Option<usize>,
+        /// Most unfinished multi-part uploads one cache, and one token, may have at once on
+        /// this server; more are refused (429) until some complete, are abandoned or expire.
+        /// [default: 16]
+        #[arg(long, env = "LARDER_MULTIPART_MAX_OPEN")]
+        pub multipart_max_open: Option<usize>,
+        /// Most bytes the unfinished multi-part uploads of one cache (at most its size limit),
+        /// and of one token, may hold on this server, e.g. 20GiB; a part beyond is refused
+        /// (413). [default: 64GiB (max_upload_size)]
+        #[arg(long, env = "LARDER_MULTIPART_MAX_STAGED")]
+        pub multipart_max_staged: Option<SizeValue>,
+        /// How long an unfinished multi-part upload is kept without a new part (a resumed push
+        /// continues it), e.g. 1h; at least 1m. [default: 1h]
+        #[arg(long, env = "LARDER_MULTIPART_IDLE_TTL")]
+        pub multipart_idle_ttl: Option<String>,
         /// Public keys (`name:base64`) of upstream caches: a pushed path may reference a path
         /// one of them signed without it being in the cache. File only. Default: cache.nixos.org's
         /// key.

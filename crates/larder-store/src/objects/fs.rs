@@ -40,12 +40,25 @@ impl FsObjects {
     pub(super) async fn put_file(&self, key: &str, src: &Path) -> Result<(), ObjectError> {
         let dst = self.root.join(key);
         let src = src.to_owned();
+        let root = self.root.clone();
         tokio::task::spawn_blocking(move || -> io::Result<()> {
             std::fs::File::open(&src)?.sync_all()?;
             let parent = dst.parent().unwrap_or(Path::new("/"));
-            std::fs::create_dir_all(parent)?;
+            if !parent.exists() {
+                std::fs::create_dir_all(parent)?;
+                // The new directories' entries are durable too (`chunk/ab` in `chunk`, …):
+                // otherwise a power loss could lose the object after its row committed.
+                for dir in parent.ancestors().skip(1) {
+                    std::fs::File::open(dir)?.sync_all()?;
+                    if dir == root {
+                        break;
+                    }
+                }
+            }
             if dst.exists() {
                 std::fs::remove_file(&src)?;
+                // Stored by a concurrent upload that may not have made it durable yet.
+                std::fs::File::open(parent)?.sync_all()?;
                 return Ok(());
             }
             std::fs::rename(&src, &dst)?;
