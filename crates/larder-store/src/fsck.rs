@@ -362,7 +362,9 @@ pub async fn run(
             state.after = nar.id;
             state.checked += 1;
             state.bytes += bytes;
-            if damage.is_empty() {
+            // A NAR that stopped being used while it was read may have lost its objects to
+            // garbage collection: not damage, it is gone.
+            if damage.is_empty() || !meta.nar_in_use(nar.id, scope).await? {
                 after_each(state, None)?;
                 continue;
             }

@@ -87,6 +87,20 @@ impl Metadata {
         q.fetch_all(&self.pool).await.map_err(decoding("nars"))
     }
 
+    /// Whether the NAR `nar_id` is still in use in `scope`: garbage collection may have
+    /// deleted the objects of one that stopped being used while it was read.
+    pub async fn nar_in_use(&self, nar_id: i64, scope: Option<i64>) -> Result<bool> {
+        let sql = format!(
+            "SELECT COUNT(*) FROM nars n WHERE n.id = $1 AND {}",
+            in_use(scope, 2)
+        );
+        let mut q = sqlx::query_scalar::<_, i64>(&sql).bind(nar_id);
+        if let Some(c) = scope {
+            q = q.bind(c);
+        }
+        Ok(q.fetch_one(&self.pool).await? > 0)
+    }
+
     /// The paths of `scope` (a cache id, or every cache) published with the NAR `nar_id`.
     pub async fn nar_paths(&self, nar_id: i64, scope: Option<i64>) -> Result<Vec<PathUse>> {
         let sql = format!(
