@@ -5,11 +5,13 @@
 //! - [`meta`]: the metadata database (caches, tokens, NARs and their chunks, store paths,
 //!   pending uploads), behind one query layer (`sqlx`'s `Any` driver) so SQLite and PostgreSQL
 //!   share every query.
+//! - [`fsck`]: reading every stored NAR back against its metadata (`larder fsck`).
 //! - [`orphans`]: the scan that deletes objects no metadata names (left by a restored backup
 //!   or an interrupted copy), guarded against a database that is not the store's.
 //!
 //! Nothing here knows about HTTP: the server maps these errors to status codes.
 
+pub mod fsck;
 pub mod meta;
 pub mod objects;
 pub mod orphans;

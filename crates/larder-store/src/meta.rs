@@ -4,7 +4,8 @@
 //! This file holds what every concept shares: connecting, the engine, errors, and the retry of
 //! a transaction that lost a race. Each concept has its file: `caches`, `tokens`, `paths`
 //! (NARs, chunks, publishing, logs), `uploads` (pending uploads and chunk claims), `gc`,
-//! `usage`, `retention` (eviction and pins), `contents` (browsing), `stats`, `lock`,
+//! `usage`, `retention` (eviction and pins), `contents` (browsing), `fsck` (what
+//! `larder fsck` checks and repairs), `stats`, `lock`,
 //! `schema`, `transfer`. Rows are decoded once, into domain types, by `FromRow` derives over
 //! the column encodings of `columns`: what leaves this module is never a stored string to be
 //! parsed again.
@@ -36,6 +37,7 @@ mod caches;
 mod chunks;
 mod columns;
 mod contents;
+mod fsck;
 mod gc;
 mod lock;
 mod paths;
@@ -52,6 +54,7 @@ pub use caches::{CacheRow, CacheStats, CacheUpdate, NewCache};
 pub use chunks::StoreTotals;
 pub use columns::{CacheScope, InvalidValue, SecretKey, SigningMode};
 pub use contents::{PathCursor, PathEntry};
+pub use fsck::{PathUse, Unpublished};
 pub use gc::{DeleteObject, ORPHAN_BATCH};
 pub use lock::{HeldLock, LockName};
 pub(crate) use paths::ref_hashes;

@@ -15,6 +15,7 @@ mod contents_cmd;
 mod daemon;
 mod doctor;
 mod env;
+mod fsck_cmd;
 mod import_cmd;
 mod manpages;
 mod migrate;
@@ -129,6 +130,31 @@ enum Command {
     /// file://DATA/store --to s3://BUCKET?endpoint=…&region=…` (each verified by its SHA-256,
     /// resumable: objects already there are skipped).
     Migrate(migrate_cmd::MigrateArgs),
+    /// Check every stored NAR against its metadata; --repair unpublishes what cannot be served.
+    ///
+    /// Runs on the server machine against the server's own database and object store (the
+    /// configuration `larder serve` would use: --config, LARDER_* variables, --data), directory
+    /// or S3, SQLite or PostgreSQL, and may run while the server serves.
+    ///
+    /// For every NAR that a path, a pending upload or a recently evicted path uses, each chunk
+    /// object is read: it must exist, have its recorded size and hash to its name (a `.zst`
+    /// chunk decompressed); the chunks together must have the narinfo's FileHash and FileSize
+    /// and decompress to its NarHash and NarSize, as Nix checks after a download. Damaged NARs
+    /// are printed on stdout with the paths that use them; progress goes to stderr.
+    ///
+    /// Exit status: 0 when everything is sound, 1 when something is damaged (even once
+    /// repaired, so a scheduled run alerts), 2 on a usage error.
+    ///
+    /// The run is resumable: a checkpoint in DATA/fsck-checkpoint.json records the NARs checked
+    /// so far (and the damage found), so running the same command again after an interruption
+    /// continues where it stopped. It is removed when a run finishes; --restart starts over.
+    ///
+    /// Examples:
+    ///   larder fsck                      # every cache; report only
+    ///   larder fsck --cache main         # one cache
+    ///   larder fsck --repair             # and unpublish every path that cannot be served
+    #[command(verbatim_doc_comment)]
+    Fsck(fsck_cmd::FsckArgs),
     /// Print shell completions, e.g. `larder completions bash > /etc/bash_completion.d/larder`.
     Completions {
         /// bash, zsh, fish, elvish or powershell
@@ -185,6 +211,7 @@ fn main() -> ExitCode {
             Command::Build(args) => build_cmd::build(args).await,
             Command::Pull(args) => build_cmd::pull(args).await,
             Command::Migrate(args) => migrate_cmd::migrate(args).await,
+            Command::Fsck(args) => fsck_cmd::fsck(args).await,
             Command::Completions { shell } => {
                 let mut cmd = Cli::command();
                 clap_complete::generate(shell, &mut cmd, "larder", &mut std::io::stdout());
