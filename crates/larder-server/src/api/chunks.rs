@@ -53,6 +53,9 @@ const MAX_UPLOAD_BODY: usize = 16 << 20;
 const MAX_UPLOAD_RAW: usize = 64 << 20;
 /// Most bytes of an assemble request (a chunk id is ~57 bytes of JSON: a 64 GiB NAR).
 const MAX_ASSEMBLE_BODY: usize = 64 << 20;
+/// The largest chunk any larder stored (chunks were up to 1 MiB before the sizes were
+/// tuned): one larger than [`MAX_SIZE`] is then refused as cut elsewhere, not as damage.
+const LARGEST_STORED_CHUNK: usize = 1 << 20;
 /// Chunk objects read ahead while assembling, and written at once while uploading.
 const READ_AHEAD: usize = 8;
 const PUT_CONCURRENCY: usize = 4;
@@ -479,7 +482,7 @@ impl Assembler {
             listing: io::BufWriter::with_capacity(64 * 1024, listing),
             max_nar_size,
             decompressor: zstd::bulk::Decompressor::new().map_err(ApiError::internal)?,
-            raw: Vec::with_capacity(MAX_SIZE),
+            raw: Vec::with_capacity(LARGEST_STORED_CHUNK.max(MAX_SIZE)),
             file_hasher: Sha256Hasher::new(),
             file_size: 0,
             chunker: Chunker::new(),
