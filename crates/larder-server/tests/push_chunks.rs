@@ -269,7 +269,7 @@ async fn bad_chunks_and_bad_assemblies_are_refused_and_publish_nothing() {
     assemble(&srv, "c", auth, "s", &[]).await.expect(400);
 
     // Chunks the server would not cut: two halves of a NAR.
-    let tp = TestPath::with_nar("halves", "halves", big_nar(300_000, "halves"));
+    let tp = TestPath::with_nar("halves", "halves", big_nar(200_000, "halves"));
     let half = tp.nar.len() / 2;
     let halves: Vec<(String, Vec<u8>)> = [&tp.nar[..half], &tp.nar[half..]]
         .iter()
