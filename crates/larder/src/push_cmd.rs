@@ -63,7 +63,11 @@ pub struct PushArgs {
     part_size: String,
     /// Upload every NAR whole (or in parts, see --part-size) instead of cutting NARs of
     /// 256 KiB and more into chunks and sending only those the cache lacks.
-    #[arg(long, env = "LARDER_PUSH_NO_CHUNKING")]
+    #[arg(
+        long,
+        env = "LARDER_PUSH_NO_CHUNKING",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     no_chunking: bool,
     /// An upload request that makes no progress this long (the server takes no bytes and does
     /// not answer: frozen, or a partition) fails, and is retried like a dropped connection;
