@@ -59,7 +59,7 @@ pub const VARS: &[Var] = &[
     ),
     var_(
         "LARDER_PUSH_NO_CHUNKING",
-        "upload whole NARs, not only the chunks the cache lacks (`push --no-chunking`)",
+        "upload whole NARs, not only the chunks the cache lacks (`push --no-chunking`; the push daemon reads it too)",
     ),
     var_(
         "LARDER_STALL_TIMEOUT",

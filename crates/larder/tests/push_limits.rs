@@ -294,8 +294,11 @@ fn the_push_daemon_fails_a_stalled_upload_and_keeps_going() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("d.sock");
     let socket_s = socket.display().to_string();
-    // Below the default part size: one whole-NAR upload.
-    let stall = [("LARDER_STALL_TIMEOUT", "2s")];
+    // Below the default part size and not chunked: one whole-NAR upload.
+    let stall = [
+        ("LARDER_STALL_TIMEOUT", "2s"),
+        ("LARDER_PUSH_NO_CHUNKING", "1"),
+    ];
     let log = dir.path().join("daemon.log");
     let mut daemon = spawn_logged(
         &server,
