@@ -10,8 +10,9 @@
 # The series: NPATHS paths (`nix-store --add` of directories of binary-like and text files,
 # TOTAL_MIB in all), then GENS-1 generations each changing ~5 % of the bytes (16-256 KiB edits
 # in place and insertions that shift what follows) and renaming one path (a new store path).
-# Not measured here yet: paths with references between them (`nix-store --add` makes none);
-# push-side chunking (so `larder push` uploads whole NARs: only storage is deduplicated).
+# `larder push` chunks on the client (only the chunks the cache lacks are uploaded); `nix copy`
+# uploads whole NARs, which the server chunks. Not measured here yet: paths with references
+# between them (`nix-store --add` makes none).
 # Needs (as root): nix-bin, python3, curl. Knobs: NPATHS (24), TOTAL_MIB (200), GENS (5).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)

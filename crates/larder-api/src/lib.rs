@@ -28,8 +28,9 @@ pub use retention::{GcReport, Keep, Pin, PinRequest, Reason, Victim};
 pub use stats::{CacheStats, DayStats};
 pub use tokens::{CreateToken, Token};
 pub use uploads::{
-    MultipartDetail, MultipartList, MultipartOpened, MultipartPart, MultipartUpload,
-    PublishRequest, PublishStatus, Published, Upload, UpstreamRef,
+    AssembleRequest, ChunksMissingRequest, ChunksMissingResponse, ChunksStored, MultipartDetail,
+    MultipartList, MultipartOpened, MultipartPart, MultipartUpload, PublishRequest, PublishStatus,
+    Published, StoredChunk, Upload, UpstreamRef,
 };
 
 use std::fmt;
@@ -127,6 +128,11 @@ impl FromStr for Perm {
     MissingRequest,
     MissingResponse,
     Upload,
+    ChunksMissingRequest,
+    ChunksMissingResponse,
+    StoredChunk,
+    ChunksStored,
+    AssembleRequest,
     MultipartOpened,
     MultipartUpload,
     MultipartList,

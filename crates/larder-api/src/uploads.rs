@@ -118,3 +118,53 @@ pub struct MultipartDetail {
     /// Every stored part, by number.
     pub parts: Vec<MultipartPart>,
 }
+
+/// `POST /caches/{cache}/chunks/missing`: which content-defined chunks of a NAR being pushed
+/// the cache lacks. A chunk counts as present only when the cache can see it (a NAR of its
+/// paths, pending uploads or recently evicted paths uses it) or it was uploaded under the same
+/// `session`; never because another cache holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChunksMissingRequest {
+    /// The push session: what `POST …/chunks` and `POST …/chunks/assemble` name too (larder
+    /// uses the NAR's hash in nix32, so a rerun of an interrupted push finds its chunks).
+    #[schema(pattern = "^[0-9a-z]{1,64}$")]
+    pub session: String,
+    /// Chunk ids: `<nix32 of the SHA-256 of the chunk's uncompressed bytes>.zst`.
+    pub chunks: Vec<String>,
+}
+
+/// The answer to [`ChunksMissingRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ChunksMissingResponse {
+    /// The given chunks to upload, in input order (each once).
+    pub missing: Vec<String>,
+}
+
+/// One chunk stored by `POST /caches/{cache}/chunks`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct StoredChunk {
+    /// Its id, computed by the server from the bytes the frame decompresses to.
+    pub id: String,
+    /// Its uncompressed size.
+    pub size: u64,
+}
+
+/// The answer to `POST /caches/{cache}/chunks`: the frames of the body, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ChunksStored {
+    pub chunks: Vec<StoredChunk>,
+}
+
+/// `POST /caches/{cache}/chunks/assemble`: make a pending upload of the NAR that is the
+/// concatenation of these chunks. The server reads every chunk, recomputes NarHash, NarSize,
+/// FileHash and FileSize and checks the cut points are its own; the answer is an [`Upload`]
+/// to publish like any other.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AssembleRequest {
+    #[schema(pattern = "^[0-9a-z]{1,64}$")]
+    pub session: String,
+    /// The NAR's chunk ids, in order.
+    pub chunks: Vec<String>,
+}

@@ -5,7 +5,10 @@
 //! Errors keep what the server said (`{"error": "…"}`) and the HTTP status, so the CLI can
 //! print the server's reason and a hint that fits the status.
 
-use larder_api::{ErrorBody, MissingRequest, MissingResponse, MultipartList};
+use larder_api::{
+    AssembleRequest, ChunksMissingRequest, ChunksMissingResponse, ChunksStored, ErrorBody,
+    MissingRequest, MissingResponse, MultipartList, Upload,
+};
 use serde::de::DeserializeOwned;
 
 /// The API's types (a cache and a token under the names this client has always given them).
@@ -459,6 +462,62 @@ impl ApiClient {
             )
             .await?;
         Ok(answer.missing)
+    }
+
+    /// Which of the chunks `ids` of a NAR being pushed (push session `session`) the cache
+    /// lacks, in their order.
+    pub async fn missing_chunks(
+        &self,
+        cache: &str,
+        session: &str,
+        ids: Vec<String>,
+    ) -> Result<Vec<String>> {
+        let answer: ChunksMissingResponse = self
+            .json(
+                self.request(
+                    reqwest::Method::POST,
+                    &format!("/api/v1/caches/{cache}/chunks/missing"),
+                )
+                .json(&ChunksMissingRequest {
+                    session: session.to_owned(),
+                    chunks: ids,
+                }),
+                "missing chunks",
+            )
+            .await?;
+        Ok(answer.missing)
+    }
+
+    /// Upload chunks: `frames` is one zstd frame per chunk, back to back.
+    pub async fn upload_chunks(
+        &self,
+        cache: &str,
+        session: &str,
+        frames: Vec<u8>,
+    ) -> Result<ChunksStored> {
+        self.json(
+            self.request(
+                reqwest::Method::POST,
+                &format!("/api/v1/caches/{cache}/chunks?session={session}"),
+            )
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(frames),
+            "chunk upload",
+        )
+        .await
+    }
+
+    /// Have the server assemble, verify and hold a NAR made of chunks it has.
+    pub async fn assemble(&self, cache: &str, body: &AssembleRequest) -> Result<Upload> {
+        self.json(
+            self.request(
+                reqwest::Method::POST,
+                &format!("/api/v1/caches/{cache}/chunks/assemble"),
+            )
+            .json(body),
+            "NAR assembly",
+        )
+        .await
     }
 
     /// Publish a store path whose NAR was uploaded; the answer says whether it was created.

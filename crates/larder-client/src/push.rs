@@ -25,7 +25,8 @@ use larder_nix::store_path::StorePath;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use crate::api::ApiClient;
+use crate::api::{ApiClient, ClientError};
+pub use crate::chunked::MIN_CHUNKED_NAR;
 use crate::local_store::{LocalStore, LocalStoreError, PathInfo};
 use crate::retry::Retry;
 pub use crate::stall::DEFAULT_STALL_TIMEOUT;
@@ -335,8 +336,22 @@ async fn push_one(
     upstream: &HashMap<String, UpstreamRef>,
 ) -> Result<Option<UploadResp>, PushError> {
     let mut retry = Retry::new(opts.attempts);
+    let mut chunked = opts.chunking && info.nar_size >= MIN_CHUNKED_NAR;
     let upload = loop {
-        let r = if info.nar_size > opts.part_size {
+        let r = if chunked {
+            match crate::chunked::upload(client, cache, info, opts, observer).await {
+                // A server without push-side chunking (older than this client): whole NARs.
+                Err(PushError::Client(ClientError::Status {
+                    status: 404,
+                    message,
+                    ..
+                })) if message.contains("no such API endpoint") => {
+                    chunked = false;
+                    continue;
+                }
+                r => r,
+            }
+        } else if info.nar_size > opts.part_size {
             crate::multipart::upload(client, cache, info, opts, observer).await
         } else {
             upload_nar(client, cache, info, opts, observer).await

@@ -116,6 +116,10 @@ pub struct PushOptions {
     /// An upload request that makes no progress this long fails (and is retried like a
     /// dropped connection): see `crate::stall`. `None`: wait forever.
     pub stall_timeout: Option<Duration>,
+    /// Cut NARs of at least `push::MIN_CHUNKED_NAR` bytes into content-defined chunks and
+    /// upload only those the cache lacks (`crate::chunked`); otherwise upload every NAR whole
+    /// (or in parts) and let the server chunk it.
+    pub chunking: bool,
 }
 
 impl Default for PushOptions {
@@ -134,6 +138,7 @@ impl Default for PushOptions {
             part_size: DEFAULT_PART_SIZE,
             source: None,
             stall_timeout: Some(crate::stall::DEFAULT_STALL_TIMEOUT),
+            chunking: true,
         }
     }
 }

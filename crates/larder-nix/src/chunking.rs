@@ -19,11 +19,11 @@ use fastcdc::v2020::{cut, select_masks, Normalization};
 use crate::hash::Sha256;
 
 /// Smallest chunk (except a NAR's last).
-pub const MIN_SIZE: usize = 64 << 10;
+pub const MIN_SIZE: usize = 8 << 10;
 /// Average chunk size aimed at.
-pub const AVG_SIZE: usize = 256 << 10;
+pub const AVG_SIZE: usize = 32 << 10;
 /// Largest chunk.
-pub const MAX_SIZE: usize = 1 << 20;
+pub const MAX_SIZE: usize = 128 << 10;
 
 /// The name of a chunk: the SHA-256 of its (uncompressed) bytes.
 pub type ChunkId = Sha256;

@@ -180,6 +180,10 @@ impl Pusher {
                 compression,
                 level: if compression == Compression::Xz { 6 } else { 3 },
                 signing_key,
+                // The push daemon honours `larder push --no-chunking`'s variable too.
+                chunking: !std::env::var("LARDER_PUSH_NO_CHUNKING").is_ok_and(|v| {
+                    matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
+                }),
                 ..PushOptions::default()
             },
             store: None,

@@ -34,6 +34,7 @@ use crate::publish::{publish, store_upload, PathInfo, UpstreamRef};
 use crate::routes::Routes;
 use crate::{valid_cache_name, AppState};
 
+mod chunks;
 pub(crate) mod contents;
 pub(crate) mod multipart;
 mod oidc;
@@ -55,6 +56,9 @@ pub fn routes() -> Routes {
         .delete("/caches/{cache}", delete_cache)
         .post("/caches/{cache}/missing", missing)
         .post("/caches/{cache}/nars", upload_nar)
+        .post("/caches/{cache}/chunks/missing", chunks::missing)
+        .post("/caches/{cache}/chunks", chunks::upload)
+        .post("/caches/{cache}/chunks/assemble", chunks::assemble)
         .get("/caches/{cache}/paths", contents::list_paths)
         .post("/caches/{cache}/paths", publish_path)
         .get("/caches/{cache}/paths/{path}", contents::path_info)

@@ -71,11 +71,29 @@ pub struct ChunkWriter {
     frame: Vec<u8>,
 }
 
+/// The compressor of canonical frames: [`ZSTD_LEVEL`], no checksum, the content size recorded.
+pub fn canonical_compressor() -> io::Result<zstd::bulk::Compressor<'static>> {
+    let mut compressor = zstd::bulk::Compressor::new(ZSTD_LEVEL)?;
+    compressor.include_checksum(false)?;
+    compressor.include_contentsize(true)?;
+    Ok(compressor)
+}
+
+/// `chunk`'s canonical frame, into `frame` (cleared first).
+pub fn canonical_frame(
+    compressor: &mut zstd::bulk::Compressor<'static>,
+    chunk: &[u8],
+    frame: &mut Vec<u8>,
+) -> io::Result<()> {
+    frame.clear();
+    frame.reserve(zstd::zstd_safe::compress_bound(chunk.len()));
+    compressor.compress_to_buffer(chunk, frame)?;
+    Ok(())
+}
+
 impl ChunkWriter {
     pub fn new(file: std::fs::File) -> io::Result<Self> {
-        let mut compressor = zstd::bulk::Compressor::new(ZSTD_LEVEL)?;
-        compressor.include_checksum(false)?;
-        compressor.include_contentsize(true)?;
+        let compressor = canonical_compressor()?;
         Ok(ChunkWriter {
             chunker: Chunker::new(),
             compressor,
@@ -140,9 +158,7 @@ fn emit(
     frame: &mut Vec<u8>,
     chunk: &[u8],
 ) -> io::Result<()> {
-    frame.clear();
-    frame.reserve(zstd::zstd_safe::compress_bound(chunk.len()));
-    compressor.compress_to_buffer(chunk, frame)?;
+    canonical_frame(compressor, chunk, frame)?;
     out.write_all(frame)?;
     hasher.update(frame);
     chunks.push(NewChunk {

@@ -487,6 +487,63 @@ async fn real_answers_match_the_documented_schemas() {
         415,
     )
     .await;
+    // Push-side chunking: a NAR of one chunk.
+    let chunk = format!("{}.zst", Sha256::digest(&app.nar).to_nix32());
+    let chunk_req = json!({ "session": "s1", "chunks": [chunk] });
+    c.ok(
+        "POST",
+        "/caches/{cache}/chunks/missing",
+        "/caches/pub/chunks/missing",
+        a,
+        j(chunk_req.clone()),
+        200,
+    )
+    .await;
+    c.ok(
+        "POST",
+        "/caches/{cache}/chunks/missing",
+        "/caches/pub/chunks/missing",
+        a,
+        j(json!({ "session": "s1", "chunks": ["x"] })),
+        400,
+    )
+    .await;
+    c.ok(
+        "POST",
+        "/caches/{cache}/chunks/assemble",
+        "/caches/pub/chunks/assemble",
+        a,
+        j(chunk_req.clone()),
+        409,
+    )
+    .await;
+    c.ok(
+        "POST",
+        "/caches/{cache}/chunks",
+        "/caches/pub/chunks?session=s1",
+        a,
+        Some(Body::Bytes(b"not zstd".to_vec())),
+        400,
+    )
+    .await;
+    c.ok(
+        "POST",
+        "/caches/{cache}/chunks",
+        "/caches/pub/chunks?session=s1",
+        a,
+        Some(Body::Bytes(zstd::bulk::compress(&app.nar, 3).unwrap())),
+        201,
+    )
+    .await;
+    c.ok(
+        "POST",
+        "/caches/{cache}/chunks/assemble",
+        "/caches/pub/chunks/assemble",
+        a,
+        j(chunk_req),
+        201,
+    )
+    .await;
     c.ok(
         "PUT",
         "/caches/{cache}/multipart/{id}/parts/{n}",

@@ -58,6 +58,10 @@ pub const VARS: &[Var] = &[
         "part size of multi-part uploads (`push --part-size`)",
     ),
     var_(
+        "LARDER_PUSH_NO_CHUNKING",
+        "upload whole NARs, not only the chunks the cache lacks (`push --no-chunking`; the push daemon reads it too)",
+    ),
+    var_(
         "LARDER_STALL_TIMEOUT",
         "how long an upload may make no progress (`push --stall-timeout`, the push daemon)",
     ),

@@ -61,6 +61,14 @@ pub struct PushArgs {
     /// NARs larger than this are uploaded in parts of this size (each retried on its own).
     #[arg(long, env = "LARDER_PUSH_PART_SIZE", default_value = "32MiB")]
     part_size: String,
+    /// Upload every NAR whole (or in parts, see --part-size) instead of cutting NARs of
+    /// 256 KiB and more into chunks and sending only those the cache lacks.
+    #[arg(
+        long,
+        env = "LARDER_PUSH_NO_CHUNKING",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    no_chunking: bool,
     /// An upload request that makes no progress this long (the server takes no bytes and does
     /// not answer: frozen, or a partition) fails, and is retried like a dropped connection;
     /// `0` waits forever. The push daemon reads LARDER_STALL_TIMEOUT too.
@@ -382,6 +390,7 @@ fn push_options(args: &PushArgs, settings: UploadSettings) -> anyhow::Result<Pus
             .context("invalid --part-size")?
             .max(4096),
         stall_timeout: stall_timeout(&args.stall_timeout)?,
+        chunking: !args.no_chunking,
         ..PushOptions::default()
     })
 }

@@ -408,7 +408,12 @@ fn large_nars_are_pushed_in_parts() {
     let key = info["public_key"].as_str().unwrap();
     // 64 KiB parts: the oracle's 1 MiB path goes up in 16+ parts, stored as as many chunks,
     // and real Nix must still substitute it byte for byte.
-    let work = run_oracle_with_push(&server, "parts", key, "LARDER_PUSH_PART_SIZE=64KiB");
+    let work = run_oracle_with_push(
+        &server,
+        "parts",
+        key,
+        "LARDER_PUSH_PART_SIZE=64KiB LARDER_PUSH_NO_CHUNKING=1",
+    );
     let chunks = walk_files(&server.data.path().join("store/objects"));
     assert!(
         chunks > 30,
@@ -566,7 +571,15 @@ fn push_measured(
     let before = part_bytes_received(server);
     let out = server.cli_ok(
         token,
-        &["push", cache, path, "--part-size", "4MiB", "--json"],
+        &[
+            "push",
+            cache,
+            path,
+            "--part-size",
+            "4MiB",
+            "--no-chunking",
+            "--json",
+        ],
     );
     let events = events(&out);
     assert_eq!(summary(&out)["pushed"], 1, "{out}");
@@ -633,7 +646,7 @@ fn ctrl_c_keeps_the_parts_and_a_rerun_sends_only_the_rest() {
     let mut child = spawn_push(
         &server,
         &push,
-        &["push", "resume", &p, "--part-size", "4MiB"],
+        &["push", "resume", &p, "--part-size", "4MiB", "--no-chunking"],
     );
     wait_for_parts(server.data.path(), &mut child, 4);
     // Frozen there, so that Ctrl-C lands mid-upload however fast the machine.
@@ -701,7 +714,15 @@ fn resume_after_server_stop(sig: &str) {
     let mut child = spawn_push(
         &server,
         &push,
-        &["push", "resume", &p, "--part-size", "4MiB", "--json"],
+        &[
+            "push",
+            "resume",
+            &p,
+            "--part-size",
+            "4MiB",
+            "--no-chunking",
+            "--json",
+        ],
     );
     wait_for_parts(server.data.path(), &mut child, 4);
     let data = if sig == "TERM" {

@@ -119,7 +119,7 @@ fn a_refused_multipart_upload_is_abandoned_and_leaves_the_cache_usable() {
             spawn_cli(
                 &server,
                 &push,
-                &["push", "small", p, "--part-size", "128KiB"],
+                &["push", "small", p, "--part-size", "128KiB", "--no-chunking"],
                 &[],
             )
         })
@@ -141,7 +141,17 @@ fn a_refused_multipart_upload_is_abandoned_and_leaves_the_cache_usable() {
     // So the cache takes its next multi-part upload at once (the refused ones held its whole
     // staging allowance, and enough of them its count of open uploads, until they expired).
     let fits = random_path("fits", 600);
-    let out = server.cli_ok(&push, &["push", "small", &fits, "--part-size", "128KiB"]);
+    let out = server.cli_ok(
+        &push,
+        &[
+            "push",
+            "small",
+            &fits,
+            "--part-size",
+            "128KiB",
+            "--no-chunking",
+        ],
+    );
     assert!(out.is_empty() || !out.contains("failed"), "{out}");
     let (code, body) = server.http(
         "GET",
@@ -226,6 +236,7 @@ fn a_push_to_a_frozen_server_fails_naming_the_stall_and_survives_a_short_freeze(
             p.into(),
             "--part-size".into(),
             "1MiB".into(),
+            "--no-chunking".into(),
         ]
     };
     let path: &'static str = Box::leak(random_path("frozen", 24 << 10).into_boxed_str());
@@ -283,8 +294,11 @@ fn the_push_daemon_fails_a_stalled_upload_and_keeps_going() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("d.sock");
     let socket_s = socket.display().to_string();
-    // Below the default part size: one whole-NAR upload.
-    let stall = [("LARDER_STALL_TIMEOUT", "2s")];
+    // Below the default part size and not chunked: one whole-NAR upload.
+    let stall = [
+        ("LARDER_STALL_TIMEOUT", "2s"),
+        ("LARDER_PUSH_NO_CHUNKING", "1"),
+    ];
     let log = dir.path().join("daemon.log");
     let mut daemon = spawn_logged(
         &server,

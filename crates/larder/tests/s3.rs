@@ -81,7 +81,7 @@ fn garage_storage_passes_the_oracle() {
             &server,
             "parts",
             scratch.path(),
-            "LARDER_PUSH_PART_SIZE=64KiB",
+            "LARDER_PUSH_PART_SIZE=64KiB LARDER_PUSH_NO_CHUNKING=1",
         ),
     );
     let after_second = garage_keys(&garage).len();

@@ -7,7 +7,8 @@ use sqlx::FromRow;
 
 use super::paths::NAR_COLS;
 use super::{
-    decoding, now_unix, retry, ChunkRow, MetaError, Metadata, NarRow, Result, FOREIGN_KEY,
+    decoding, now_unix, placeholders, retry, ChunkRow, MetaError, Metadata, NarRow, Result,
+    FOREIGN_KEY, IN_BATCH,
 };
 
 /// A pending upload found by its key.
@@ -103,6 +104,76 @@ impl Metadata {
             Ok::<_, MetaError>(())
         })
         .await
+    }
+
+    /// Claim, for `claim_id`, those of the chunks `ids` that have a row, without creating any
+    /// (a chunk a NAR of the cache uses, say, that an upload is about to rely on). Returns the
+    /// ids claimed. Like [`Metadata::claim_chunks`], committed at once and in hash order.
+    pub async fn claim_existing_chunks(
+        &self,
+        claim_id: &str,
+        ids: &[String],
+    ) -> Result<std::collections::HashSet<String>> {
+        let mut sorted: Vec<&String> = ids.iter().collect();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut claimed = std::collections::HashSet::new();
+        for batch in sorted.chunks(IN_BATCH) {
+            let got: Vec<String> = retry(&[], || async {
+                let now = now_unix();
+                let mut tx = self.pool.begin().await?;
+                let mut got = Vec::new();
+                for id in batch {
+                    let row: Option<String> = sqlx::query_scalar(
+                        "INSERT INTO chunk_claims (claim_id, chunk_hash, claimed_at) \
+                         SELECT $1, chunk_hash, $3 FROM chunks WHERE chunk_hash = $2 \
+                         ON CONFLICT (claim_id, chunk_hash) DO UPDATE \
+                         SET claimed_at = excluded.claimed_at RETURNING chunk_hash",
+                    )
+                    .bind(claim_id)
+                    .bind(*id)
+                    .bind(now)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    got.extend(row);
+                }
+                tx.commit().await?;
+                Ok::<_, MetaError>(got)
+            })
+            .await?;
+            claimed.extend(got);
+        }
+        Ok(claimed)
+    }
+
+    /// Which of the chunks `ids` `claim_id` holds claims on.
+    pub async fn claimed_chunks(
+        &self,
+        claim_id: &str,
+        ids: &[String],
+    ) -> Result<std::collections::HashSet<String>> {
+        let mut claimed = std::collections::HashSet::new();
+        for batch in ids.chunks(IN_BATCH) {
+            let sql = format!(
+                "SELECT chunk_hash FROM chunk_claims WHERE claim_id = $1 AND chunk_hash IN ({})",
+                placeholders(2, batch.len())
+            );
+            let mut q = sqlx::query_scalar::<_, String>(&sql).bind(claim_id);
+            for id in batch {
+                q = q.bind(id);
+            }
+            claimed.extend(q.fetch_all(&self.pool).await?);
+        }
+        Ok(claimed)
+    }
+
+    /// Drop every claim of `claim_id` (an upload that gave up).
+    pub async fn release_claims(&self, claim_id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM chunk_claims WHERE claim_id = $1")
+            .bind(claim_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Record a newly stored NAR (its chunks claimed by `upload_id` with

@@ -1,0 +1,310 @@
+//! Push-side chunking: a NAR cut into content-defined chunks on the client (the server's own
+//! cut, [`larder_nix::chunking`]), and only the chunks the cache lacks uploaded.
+//!
+//! The NAR is read once, on a blocking thread, and handed over in windows of [`WINDOW`] NAR
+//! bytes (memory stays bounded whatever the NAR's size). For each window one bulk request asks
+//! which of its chunks the cache lacks (`POST …/chunks/missing`); those are compressed, each
+//! into a zstd frame of its own, and sent in bodies of a few frames (`POST …/chunks`); the
+//! server answers with the ids it computed, which must be ours. Then `POST …/chunks/assemble`
+//! with the NAR's chunk list has the server verify the whole NAR and hold it as a pending
+//! upload, published like any other.
+//!
+//! The push session is the NAR's hash: chunks sent by an interrupted push stay claimed on the
+//! server under it, so a rerun (or a retry) asks again and sends only the rest.
+
+use std::collections::HashSet;
+use std::io::{self, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use larder_api::AssembleRequest;
+use larder_nix::chunking::Chunker;
+use larder_nix::hash::Sha256;
+use tokio::sync::mpsc;
+
+use crate::api::ApiClient;
+use crate::local_store::{LocalStoreError, PathInfo};
+use crate::stall::{self, Progress};
+use crate::upload::{write_nar, Observer, PushError, PushOptions, UploadResp};
+
+/// NARs at least this large are pushed in chunks; smaller ones (a chunk or two) whole, which
+/// costs one request instead of three.
+pub const MIN_CHUNKED_NAR: u64 = 256 << 10;
+/// NAR bytes per window: one `missing` query each.
+const WINDOW: usize = 4 << 20;
+/// Frame bytes per upload request.
+const BODY: usize = 2 << 20;
+/// Upload requests of one NAR at once.
+const UPLOADS: usize = 2;
+/// The zstd level of the frames sent: the server's (`larder_server::chunked::ZSTD_LEVEL`), so
+/// that its canonical frame of a chunk is the frame it received.
+const LEVEL: i32 = 3;
+
+/// One chunk of a window: its id and bytes.
+struct Chunk {
+    id: String,
+    bytes: Vec<u8>,
+}
+
+/// The chunk id of `bytes` (what the server names it: `<nix32 sha256>.zst`).
+fn chunk_id(bytes: &[u8]) -> String {
+    format!("{}.zst", Sha256::digest(bytes).to_nix32())
+}
+
+/// Cuts the NAR written through it into chunks and sends them on in windows.
+struct ChunkSink {
+    chunker: Chunker,
+    window: Window,
+}
+
+/// The chunks not yet sent on.
+struct Window {
+    chunks: Vec<Chunk>,
+    bytes: usize,
+    tx: mpsc::Sender<Vec<Chunk>>,
+}
+
+impl Window {
+    fn take(&mut self, chunk: &[u8]) -> io::Result<()> {
+        self.chunks.push(Chunk {
+            id: chunk_id(chunk),
+            bytes: chunk.to_vec(),
+        });
+        self.bytes += chunk.len();
+        if self.bytes >= WINDOW {
+            self.send()?;
+        }
+        Ok(())
+    }
+
+    fn send(&mut self) -> io::Result<()> {
+        if self.chunks.is_empty() {
+            return Ok(());
+        }
+        self.bytes = 0;
+        self.tx
+            .blocking_send(std::mem::take(&mut self.chunks))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "chunk upload stopped"))
+    }
+}
+
+impl ChunkSink {
+    fn new(tx: mpsc::Sender<Vec<Chunk>>) -> Self {
+        ChunkSink {
+            chunker: Chunker::new(),
+            window: Window {
+                chunks: Vec::new(),
+                bytes: 0,
+                tx,
+            },
+        }
+    }
+
+    fn finish(self) -> io::Result<()> {
+        let ChunkSink {
+            chunker,
+            mut window,
+        } = self;
+        chunker.finish(&mut |c: &[u8]| window.take(c))?;
+        window.send()
+    }
+}
+
+impl Write for ChunkSink {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let ChunkSink { chunker, window } = self;
+        chunker.feed(data, &mut |c: &[u8]| window.take(c))?;
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Compress `chunks` into frames and pack them into request bodies of about [`BODY`] bytes,
+/// each with the ids it holds. Blocking.
+fn pack(chunks: Vec<Chunk>) -> io::Result<Vec<(Vec<String>, Vec<u8>)>> {
+    let mut c = zstd::bulk::Compressor::new(LEVEL)?;
+    c.include_checksum(false)?;
+    c.include_contentsize(true)?;
+    let mut bodies = Vec::new();
+    let (mut ids, mut body) = (Vec::new(), Vec::new());
+    for chunk in chunks {
+        body.extend_from_slice(&c.compress(&chunk.bytes)?);
+        ids.push(chunk.id);
+        if body.len() >= BODY {
+            bodies.push((std::mem::take(&mut ids), std::mem::take(&mut body)));
+        }
+    }
+    if !ids.is_empty() {
+        bodies.push((ids, body));
+    }
+    Ok(bodies)
+}
+
+/// Push `info`'s NAR in chunks: what the server measured of it once assembled. `uploaded` in
+/// the answer's terms: `file_size - kept` is what this run sent.
+pub(crate) async fn upload(
+    client: &ApiClient,
+    cache: &str,
+    info: &PathInfo,
+    opts: &PushOptions,
+    observer: &Arc<dyn Observer>,
+) -> Result<UploadResp, PushError> {
+    let session = info.nar_hash.to_nix32();
+    let (tx, mut rx) = mpsc::channel::<Vec<Chunk>>(1);
+    let (source, info2, obs) = (opts.source.clone(), info.clone(), observer.clone());
+    let producer = tokio::task::spawn_blocking(move || -> Result<(), PushError> {
+        let sink = write_nar(&source, &info2, ChunkSink::new(tx), &obs)?;
+        sink.finish().map_err(|source| {
+            PushError::Store(LocalStoreError::Write {
+                path: info2.path.clone(),
+                source,
+            })
+        })
+    });
+    let sent = send_windows(client, cache, &session, opts, observer, &mut rx).await;
+    drop(rx);
+    let produced = producer
+        .await
+        .map_err(|e| PushError::Internal(e.to_string()))?;
+    let (ids, sent) = match (produced, sent) {
+        (Ok(()), sent) => sent?,
+        // We stopped reading the NAR (a request failed): that failure says why.
+        (Err(PushError::Store(LocalStoreError::Write { .. })), Err(e)) => return Err(e),
+        // A local error (corrupt or vanished path) explains a failed request best.
+        (Err(e), _) => return Err(e),
+    };
+    let url = format!("/api/v1/caches/{cache}/chunks/assemble");
+    let upload = stall::watch(
+        client.assemble(
+            cache,
+            &AssembleRequest {
+                session,
+                chunks: ids,
+            },
+        ),
+        &Progress::new(false),
+        opts.stall_timeout,
+        stall::work_allowance(info.nar_size),
+        &url,
+    )
+    .await?;
+    let mut resp = UploadResp::from(upload);
+    resp.kept = resp.file_size.saturating_sub(sent);
+    Ok(resp)
+}
+
+/// Ask, compress and upload window after window: the NAR's chunk ids and the bytes sent.
+async fn send_windows(
+    client: &ApiClient,
+    cache: &str,
+    session: &str,
+    opts: &PushOptions,
+    observer: &Arc<dyn Observer>,
+    rx: &mut mpsc::Receiver<Vec<Chunk>>,
+) -> Result<(Vec<String>, u64), PushError> {
+    let mut ids = Vec::new();
+    let mut sent = 0u64;
+    let missing_url = format!("/api/v1/caches/{cache}/chunks/missing");
+    let upload_url = format!("/api/v1/caches/{cache}/chunks");
+    while let Some(window) = rx.recv().await {
+        let mut asked = HashSet::new();
+        let query: Vec<String> = window
+            .iter()
+            .filter(|c| asked.insert(c.id.clone()))
+            .map(|c| c.id.clone())
+            .collect();
+        ids.extend(window.iter().map(|c| c.id.clone()));
+        let missing: HashSet<String> = stall::watch(
+            client.missing_chunks(cache, session, query),
+            &Progress::new(false),
+            opts.stall_timeout,
+            Duration::from_secs(1),
+            &missing_url,
+        )
+        .await?
+        .into_iter()
+        .collect();
+        let mut once = HashSet::new();
+        let todo: Vec<Chunk> = window
+            .into_iter()
+            .filter(|c| missing.contains(&c.id) && once.insert(c.id.clone()))
+            .collect();
+        if todo.is_empty() {
+            continue;
+        }
+        let bodies = tokio::task::spawn_blocking(move || pack(todo))
+            .await
+            .map_err(|e| PushError::Internal(e.to_string()))?
+            .map_err(|e| PushError::Internal(format!("cannot compress a chunk: {e}")))?;
+        let requests: Vec<_> = bodies
+            .into_iter()
+            .map(|(want, body)| {
+                let (len, url) = (body.len() as u64, &upload_url);
+                async move {
+                    let stored = stall::watch(
+                        client.upload_chunks(cache, session, body),
+                        &Progress::new(false),
+                        opts.stall_timeout,
+                        stall::work_allowance(WINDOW as u64),
+                        url,
+                    )
+                    .await?;
+                    let got: Vec<String> = stored.chunks.into_iter().map(|c| c.id).collect();
+                    if got != want {
+                        return Err(PushError::Internal(
+                            "the server named the uploaded chunks otherwise".into(),
+                        ));
+                    }
+                    observer.bytes(len);
+                    Ok::<u64, PushError>(len)
+                }
+            })
+            .collect();
+        let lens: Vec<u64> = futures::stream::iter(requests)
+            .buffer_unordered(UPLOADS)
+            .try_collect()
+            .await?;
+        sent += lens.iter().sum::<u64>();
+    }
+    Ok((ids, sent))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_hold_the_servers_chunks_in_order() {
+        let nar: Vec<u8> = (0..(9u32 << 20))
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let (tx, mut rx) = mpsc::channel(1000);
+        let mut sink = ChunkSink::new(tx);
+        for piece in nar.chunks(100_000) {
+            sink.write_all(piece).unwrap();
+        }
+        sink.finish().unwrap();
+        let mut got = Vec::new();
+        let mut windows = 0;
+        while let Ok(w) = rx.try_recv() {
+            windows += 1;
+            got.extend(w);
+        }
+        assert!(windows >= 2, "{windows}");
+        let lens: Vec<usize> = got.iter().map(|c| c.bytes.len()).collect();
+        assert_eq!(lens, larder_nix::chunking::chunk_lengths(&nar));
+        let joined: Vec<u8> = got.iter().flat_map(|c| c.bytes.clone()).collect();
+        assert_eq!(joined, nar);
+        assert!(got.iter().all(|c| c.id == chunk_id(&c.bytes)));
+        // Frames packed into bodies decompress to the chunks, in order.
+        let bodies = pack(got).unwrap();
+        let mut back = Vec::new();
+        for (_, body) in &bodies {
+            back.extend(zstd::stream::decode_all(&body[..]).unwrap());
+        }
+        assert_eq!(back, nar);
+    }
+}
