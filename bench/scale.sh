@@ -11,18 +11,18 @@
 #   - the bulk "missing" query of 10 000 hashes (half present), `ls` first page, a search
 #   - `gc --dry-run`, then an eviction of 10 % (PATCH max_size + POST gc)
 #   - restart time to a healthy /healthz, the server's RSS, the database's size
-# With PG=1 (the default) the same database is moved to PostgreSQL (`larder migrate`; started
+# With PG=1 (not yet run end to end; default 0) the same database is moved to PostgreSQL (`larder migrate`; started
 # on loopback by larder-testkit's `larder-backends`) and measured again as one more column,
 # with the NARs in the same local directory.
 # Needs (as root): nginx (nginx-light), wrk, python3 with cryptography, curl, sqlite3.
-# Knobs: LARDER_BIN (the larder to measure, instead of building this tree), N (paths, default 1000000), DUR (seconds per wrk run, default 10), PG (1/0),
+# Knobs: LARDER_BIN (the larder to measure, instead of building this tree), N (paths, default 1000000), DUR (seconds per wrk run, default 10), PG (0/1),
 # BASELINE_BIN (another build of larder, measured as one more embedded column on a copy of the
 # same data directory), KEEP (a directory: seed once into it and reuse it on later runs).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 N=${N:-1000000}
 DUR=${DUR:-10}
-PG=${PG:-1}
+PG=${PG:-0}
 BASELINE_BIN=${BASELINE_BIN:-}
 for tool in nginx wrk python3 curl sqlite3; do
   command -v $tool >/dev/null || { echo "bench: $tool is required (apt-get install -y nginx-light wrk python3-cryptography curl sqlite3)" >&2; exit 1; }
