@@ -37,6 +37,7 @@ mod caches;
 mod chunks;
 mod columns;
 mod contents;
+mod fast;
 mod fsck;
 mod gc;
 mod lock;
@@ -93,6 +94,9 @@ pub enum MetaError {
     Cleanup(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("connecting to the database timed out")]
     ConnectTimeout,
+    /// A query of the SQLite read path (`meta/fast.rs`) failed.
+    #[error("database error")]
+    FastRead(#[source] rusqlite::Error),
 }
 
 impl MetaError {
@@ -235,6 +239,8 @@ pub struct Metadata {
     /// PostgreSQL: the URL, for the dedicated connections that hold advisory locks. A secret
     /// (it may carry a password): never printed, see the `Debug` impl.
     url: std::sync::Arc<str>,
+    /// SQLite on a file: the direct read connections of the hot read path (`meta/fast.rs`).
+    fast: Option<std::sync::Arc<fast::FastReads>>,
 }
 
 impl std::fmt::Debug for Metadata {
@@ -325,6 +331,17 @@ async fn release_check(conn: &mut sqlx::AnyConnection) -> Result<bool, sqlx::Err
     }
 }
 
+/// The database file a `sqlite:` URL names; `None` for an in-memory database (which another
+/// connection cannot open).
+fn sqlite_file(url: &str) -> Option<&std::path::Path> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or(url.strip_prefix("sqlite:"))?;
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let memory = path.is_empty() || path == ":memory:" || query.contains("mode=memory");
+    (!memory).then_some(std::path::Path::new(path))
+}
+
 impl Metadata {
     /// Connect and apply migrations. `sqlite://PATH` (created if missing) or `postgres://…`.
     pub async fn connect(url: &str) -> Result<Self> {
@@ -385,12 +402,18 @@ impl Metadata {
                 }),
         };
         let pool = opts.connect(&full_url).await?;
-        let meta = Metadata {
+        let mut meta = Metadata {
             pool,
             engine,
             url: url.into(),
+            fast: None,
         };
         schema::migrate(&meta.pool, engine).await?;
+        if let Some(file) = sqlite_file(url) {
+            meta.fast = Some(std::sync::Arc::new(
+                fast::FastReads::open(file).map_err(MetaError::FastRead)?,
+            ));
+        }
         Ok(meta)
     }
 

@@ -782,6 +782,48 @@ async fn eviction_is_closure_safe_and_keeps_nars_for_a_grace(db: Db) {
     assert_eq!(db.rows("nars").await, 0);
 }
 
+/// A read sees every commit made before it, through any handle on the database, at once: a
+/// path published through another handle (another replica or process) is found by the very
+/// next lookup, and an evicted one is gone by the next. On SQLite lookups run on the direct
+/// read connections of `meta/fast.rs` (or the pool when those are all taken), which must see
+/// what other connections committed.
+async fn lookups_see_every_commit_at_once(db: Db) {
+    let m = &db.meta;
+    let other = db.replica().await;
+    let c = cache(m, "fresh").await;
+    let lib = sp("lib");
+    // A miss first: it must not be remembered by anything.
+    assert_eq!(m.get_path(c.id, &lib.hash_part()).await.unwrap(), None);
+    let nar = publish(&other, c.id, &lib, &[]).await;
+    let row = m
+        .get_path(c.id, &lib.hash_part())
+        .await
+        .unwrap()
+        .expect("a path published through another handle is found at once");
+    assert_eq!(
+        (row.store_path.clone(), row.nar.clone()),
+        (lib.clone(), nar)
+    );
+    // Many lookups at once, more than there are read connections: whichever way each goes,
+    // all read the same row.
+    let reads = (0..64).map(|_| {
+        let (m, h) = (m.clone(), lib.hash_part());
+        tokio::spawn(async move { m.get_path(c.id, &h).await.unwrap() })
+    });
+    for r in futures::future::join_all(reads).await {
+        assert_eq!(r.unwrap().as_ref(), Some(&row));
+    }
+    assert_eq!(
+        other.evict_paths(c.id, &[lib.hash_part()]).await.unwrap(),
+        Evicted::Done
+    );
+    assert_eq!(
+        m.get_path(c.id, &lib.hash_part()).await.unwrap(),
+        None,
+        "a path evicted through another handle is gone at once"
+    );
+}
+
 async fn pins_keep_revisions_by_policy(db: Db) {
     let m = &db.meta;
     let c = cache(m, "pins").await;
@@ -1155,6 +1197,7 @@ contract!(
     garbage_collection_spares_what_is_referenced_or_claimed,
     orphaned_chunks_are_deleted_under_lock,
     eviction_is_closure_safe_and_keeps_nars_for_a_grace,
+    lookups_see_every_commit_at_once,
     pins_keep_revisions_by_policy,
     usage_and_logs_are_recorded,
     daily_stats_add_up_across_replicas,

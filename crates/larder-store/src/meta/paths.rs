@@ -221,6 +221,10 @@ impl Metadata {
     }
 
     pub async fn get_path(&self, cache_id: i64, hash: &str) -> Result<Option<PathRow>> {
+        // SQLite: a direct read when a read connection is free (see `meta/fast.rs`).
+        if let Some(found) = self.fast.as_ref().and_then(|f| f.get_path(cache_id, hash)) {
+            return found;
+        }
         let sql = format!(
             "SELECT p.id, p.cache_id, p.hash || '-' || p.name AS basename, p.refs, p.deriver, \
              p.ca, p.sigs, p.created_at, p.upstream, {NAR_COLS} FROM paths p JOIN nars n ON n.id = p.nar_id \
