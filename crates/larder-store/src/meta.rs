@@ -262,6 +262,27 @@ fn placeholders(from: usize, n: usize) -> String {
         .join(", ")
 }
 
+/// Delete the `paths` rows of `hashes` (at most [`IN_BATCH`]) in `cache_id`, and the
+/// reference rows they hold: what unpublishing a path removes (eviction, fsck's repair).
+async fn delete_path_rows(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    cache_id: i64,
+    hashes: &[String],
+) -> Result<()> {
+    let ph = placeholders(2, hashes.len());
+    for sql in [
+        format!("DELETE FROM path_refs WHERE cache_id = $1 AND referrer IN ({ph})"),
+        format!("DELETE FROM paths WHERE cache_id = $1 AND hash IN ({ph})"),
+    ] {
+        let mut q = sqlx::query(&sql).bind(cache_id);
+        for h in hashes {
+            q = q.bind(h);
+        }
+        q.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
 /// Error codes of a constraint that a concurrent transaction made fail (PostgreSQL SQLSTATE,
 /// SQLite extended result code): a foreign key whose target was deleted meanwhile.
 const FOREIGN_KEY: &[&str] = &["23503", "787"];

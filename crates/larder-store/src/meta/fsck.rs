@@ -9,7 +9,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use sqlx::FromRow;
 
 use super::paths::NAR_COLS;
-use super::{decoding, decoding_with_nar, placeholders, retry, Metadata, NarRow, Result, IN_BATCH};
+use super::{
+    decoding, decoding_with_nar, delete_path_rows, placeholders, retry, Metadata, NarRow, Result,
+    IN_BATCH,
+};
 
 /// A NAR counts when something could still serve or publish it: a path, a pending upload or
 /// an evicted path in its grace period (of the cache `$at`, when the check is limited to
@@ -239,17 +242,7 @@ impl Metadata {
             }
             let hashes: Vec<String> = found.iter().map(|(h, _)| h.clone()).collect();
             for batch in hashes.chunks(IN_BATCH) {
-                let ph = placeholders(2, batch.len());
-                for sql in [
-                    format!("DELETE FROM path_refs WHERE cache_id = $1 AND referrer IN ({ph})"),
-                    format!("DELETE FROM paths WHERE cache_id = $1 AND hash IN ({ph})"),
-                ] {
-                    let mut q = sqlx::query(&sql).bind(cache_id);
-                    for h in batch {
-                        q = q.bind(h);
-                    }
-                    q.execute(&mut *tx).await?;
-                }
+                delete_path_rows(&mut tx, cache_id, batch).await?;
             }
             super::realisations::forget_paths(&mut tx, cache_id, &hashes).await?;
             out.extend(found.into_iter().map(|(_, u)| u));

@@ -6,8 +6,8 @@ use sqlx::FromRow;
 
 use super::columns::InvalidValue;
 use super::{
-    decoding, decoding_with_nar, now_unix, placeholders, retry, Engine, MetaError, Metadata,
-    Result, IN_BATCH, UNIQUE,
+    decoding, decoding_with_nar, delete_path_rows, now_unix, placeholders, retry, Engine,
+    MetaError, Metadata, Result, IN_BATCH, UNIQUE,
 };
 
 /// A path as eviction sees it.
@@ -138,17 +138,7 @@ impl Metadata {
                 q = q.bind(h);
             }
             q.execute(&mut *tx).await?;
-            let ph = placeholders(2, batch.len());
-            for sql in [
-                format!("DELETE FROM path_refs WHERE cache_id = $1 AND referrer IN ({ph})"),
-                format!("DELETE FROM paths WHERE cache_id = $1 AND hash IN ({ph})"),
-            ] {
-                let mut q = sqlx::query(&sql).bind(cache_id);
-                for h in batch {
-                    q = q.bind(h);
-                }
-                q.execute(&mut *tx).await?;
-            }
+            delete_path_rows(&mut tx, cache_id, batch).await?;
         }
         super::realisations::forget_paths(&mut tx, cache_id, hashes).await?;
         for batch in hashes.chunks(IN_BATCH) {
