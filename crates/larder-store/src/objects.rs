@@ -148,24 +148,7 @@ impl ObjectStore {
             key: key.to_owned(),
             source,
         };
-        let tmp = tempfile::Builder::new()
-            .prefix("object-")
-            .tempfile_in(self.staging_dir())
-            .map_err(io)?;
-        let (file, path) = tmp.into_parts();
-        let mut file = tokio::fs::File::from_std(file);
-        tokio::io::AsyncWriteExt::write_all(&mut file, bytes)
-            .await
-            .map_err(io)?;
-        // A tokio file's `write_all` returns with its last block still being written on a
-        // blocking thread: without waiting for it, `put_file` fsynced and renamed the object
-        // before its end was written, and a `kill -9` (or a power loss) then left a truncated
-        // chunk object under a committed row (found by bench/adversarial.sh: 512 KiB of an
-        // 844 KiB chunk).
-        tokio::io::AsyncWriteExt::flush(&mut file)
-            .await
-            .map_err(io)?;
-        drop(file);
+        let path = stage_bytes(self.staging_dir(), bytes).await.map_err(io)?;
         // `put_file` consumes the file; the TempPath deletes it if storing failed.
         self.put_file(key, &path).await
     }
@@ -343,6 +326,24 @@ pub(crate) fn check_key(key: &str) -> Result<(), ObjectError> {
     }
 }
 
+/// Write `bytes` to a new staging file in `dir`: complete on disk when this returns (the
+/// object stores fsync, rename or upload it next), deleted when the returned path is dropped.
+async fn stage_bytes(dir: &Path, bytes: &[u8]) -> std::io::Result<tempfile::TempPath> {
+    let (file, path) = tempfile::Builder::new()
+        .prefix("object-")
+        .tempfile_in(dir)?
+        .into_parts();
+    let mut file = tokio::fs::File::from_std(file);
+    tokio::io::AsyncWriteExt::write_all(&mut file, bytes).await?;
+    // A tokio file's `write_all` returns with its last block still being written on a
+    // blocking thread: without waiting for it, `put_file` fsynced and renamed the object
+    // before its end was written, and a `kill -9` (or a power loss) then left a truncated
+    // chunk object under a committed row (found by bench/adversarial.sh: 512 KiB of an
+    // 844 KiB chunk). Test: `tests::staged_bytes_are_written_when_staging_returns`.
+    tokio::io::AsyncWriteExt::flush(&mut file).await?;
+    Ok(path)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a panic is how a test fails
 mod tests {
@@ -354,5 +355,45 @@ mod tests {
             assert!(check_key(bad).is_err(), "{bad:?} accepted");
         }
         assert!(check_key("chunk/ab/0123.zst").is_ok());
+    }
+
+    /// `stage_bytes` returns only once the bytes are in the file. The runtime has one blocking
+    /// thread, held by a gate for 300 ms: the file's write waits behind it, so a `stage_bytes`
+    /// that returned with the write still queued (no flush) finds an empty file here.
+    #[test]
+    fn staged_bytes_are_written_when_staging_returns() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .max_blocking_threads(1)
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let bytes: Vec<u8> = (0..300 * 1024u32).map(|i| (i % 251) as u8).collect();
+        rt.block_on(async {
+            let (held, release) = std::sync::mpsc::channel::<()>();
+            let (started, gate_up) = tokio::sync::oneshot::channel();
+            let gate = tokio::task::spawn_blocking(move || {
+                started.send(()).unwrap();
+                release.recv().unwrap();
+            });
+            gate_up.await.unwrap();
+            // The file is read the moment staging returns, on this thread.
+            let stage = async {
+                let path = stage_bytes(dir.path(), &bytes).await.unwrap();
+                std::fs::read(&path).unwrap()
+            };
+            let open = async {
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                held.send(()).unwrap();
+            };
+            let (staged, ()) = tokio::join!(stage, open);
+            gate.await.unwrap();
+            assert_eq!(
+                staged.len(),
+                bytes.len(),
+                "staging returned before its write"
+            );
+            assert!(staged == bytes);
+        });
     }
 }
