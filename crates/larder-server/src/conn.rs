@@ -7,6 +7,7 @@
 //! retry), so the listening queue never fills with connections nobody will read; everyone else
 //! is served as before. A connection that sends nothing, or half a request head, is closed
 //! after `header_timeout`, so a cap held by silent connections is given back within that time.
+//! `/metrics` shows the open connections, the caps, and how many were refused at each.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -54,6 +55,21 @@ pub struct Admission {
     max_per_client: usize,
     open: Mutex<Open>,
     last_warning: AtomicU64,
+    /// Connections refused at the server's cap, and at a client's.
+    refused_total: AtomicU64,
+    refused_per_client: AtomicU64,
+}
+
+/// What `/metrics` shows of the connections ([`Admission::counts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionCounts {
+    pub open: usize,
+    pub max_total: usize,
+    pub max_per_client: usize,
+    /// Refused since start because the server had `max_total` open.
+    pub refused_total: u64,
+    /// Refused since start because their client had `max_per_client` open.
+    pub refused_per_client: u64,
 }
 
 #[derive(Default)]
@@ -75,7 +91,21 @@ impl Admission {
             max_per_client,
             open: Mutex::default(),
             last_warning: AtomicU64::new(0),
+            refused_total: AtomicU64::new(0),
+            refused_per_client: AtomicU64::new(0),
         })
+    }
+
+    /// Open connections, the caps, and how many were refused at each.
+    pub fn counts(&self) -> ConnectionCounts {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner()).total;
+        ConnectionCounts {
+            open,
+            max_total: self.max_total,
+            max_per_client: self.max_per_client,
+            refused_total: self.refused_total.load(Ordering::Relaxed),
+            refused_per_client: self.refused_per_client.load(Ordering::Relaxed),
+        }
     }
 
     /// Admit a connection from `client`, or `None` when a cap is reached.
@@ -84,8 +114,10 @@ impl Admission {
             let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
             let mine = open.per_client.get(&client).copied().unwrap_or(0);
             if open.total >= self.max_total {
+                self.refused_total.fetch_add(1, Ordering::Relaxed);
                 Some("the server's max_connections")
             } else if mine >= self.max_per_client {
+                self.refused_per_client.fetch_add(1, Ordering::Relaxed);
                 Some("max_connections_per_client")
             } else {
                 open.total += 1;
@@ -286,7 +318,16 @@ mod tests {
         drop(t1);
         let _t4 = a.admit(two).unwrap();
         drop((t2, t3));
-        assert_eq!(a.open.lock().unwrap().total, 1);
+        assert_eq!(
+            a.counts(),
+            ConnectionCounts {
+                open: 1,
+                max_total: 3,
+                max_per_client: 2,
+                refused_total: 1,
+                refused_per_client: 1,
+            }
+        );
         assert!(!a.open.lock().unwrap().per_client.contains_key(&one));
     }
 

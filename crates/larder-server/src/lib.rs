@@ -431,6 +431,7 @@ pub async fn serve_on(
         .max_connections
         .unwrap_or_else(|| conn::connections_for_fd_limit(fd_limit));
     let admission = conn::Admission::new(max_connections, state.config.max_connections_per_client);
+    state.metrics.watch_connections(admission.clone());
     let header_timeout = state.config.header_timeout;
     for listener in &listeners {
         listener.set_nonblocking(true)?;

@@ -13,6 +13,10 @@
 //!   wrapped to count their bytes as they pass.
 //! - **Uploads** (a NAR, or a path's narinfo) are counted as accepted or rejected, by reason
 //!   ([`Rejection`]).
+//! - **Connections**: open now, the caps in force, refused at each cap ([`crate::conn`]).
+//! - **Unfinished multi-part uploads** on this server and the bytes their parts hold (what
+//!   `multipart_max_open` and `multipart_max_staged` bound), counted from the staging
+//!   directory at scrape time.
 //! - **Background work**: orphaned objects deleted by the orphan scan.
 //! - **Per cache**: evictions and deletions (counted here), sizes and path counts (read from
 //!   the database at scrape time).
@@ -27,6 +31,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::access::Caller;
+use crate::conn::Admission;
 use axum::body::{Body, HttpBody};
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, Method, StatusCode};
@@ -139,6 +144,17 @@ pub struct Metrics {
     uploads_rejected: [[AtomicU64; Rejection::ALL.len()]; 2],
     caches: Mutex<HashMap<i64, CacheCounts>>,
     orphans_deleted: AtomicU64,
+    /// The connections of the server serving this router ([`Metrics::watch_connections`]);
+    /// none in-process, where nothing accepts connections.
+    connections: Mutex<Option<Arc<Admission>>>,
+}
+
+/// Unfinished multi-part uploads at scrape time: `(uploads, bytes)` by cache id, and in all
+/// (`None` unless the requester may see every cache).
+#[derive(Debug, Default)]
+pub struct MultipartFigures {
+    pub per_cache: HashMap<i64, (usize, u64)>,
+    pub total: Option<(usize, u64)>,
 }
 
 fn method_index(m: &Method) -> usize {
@@ -200,6 +216,7 @@ impl Metrics {
             uploads_rejected: Default::default(),
             caches: Mutex::default(),
             orphans_deleted: AtomicU64::new(0),
+            connections: Mutex::default(),
         }
     }
 
@@ -266,6 +283,13 @@ impl Metrics {
         self.count(cache_id, |c| c.upstream_bytes += bytes);
     }
 
+    /// Report `admission`'s connections (the server now accepting them).
+    pub fn watch_connections(&self, admission: Arc<Admission>) {
+        if let Ok(mut c) = self.connections.lock() {
+            *c = Some(admission);
+        }
+    }
+
     /// The orphan scan deleted `objects` objects that no metadata named.
     pub fn orphans_deleted(&self, objects: u64) {
         self.orphans_deleted.fetch_add(objects, Relaxed);
@@ -278,6 +302,7 @@ impl Metrics {
         caches: &[(i64, String, Option<i64>, CacheStats)],
         stored: &HashMap<i64, i64>,
         totals: Option<StoreTotals>,
+        multipart: &MultipartFigures,
     ) -> String {
         let mut out = String::with_capacity(16 * 1024);
         let _ = writeln!(
@@ -416,6 +441,54 @@ impl Metrics {
                 self.orphans_deleted.load(Relaxed)
             ),
         );
+        let admission = self.connections.lock().ok().and_then(|c| c.clone());
+        if let Some(c) = admission.map(|a| a.counts()) {
+            family(
+                &mut out,
+                "larder_connections_open",
+                "gauge",
+                "Client connections open now.",
+                &format!("larder_connections_open {}\n", c.open),
+            );
+            family(
+                &mut out,
+                "larder_connections_max",
+                "gauge",
+                "The caps on open connections: in all (max_connections) and per client address (max_connections_per_client).",
+                &format!(
+                    "larder_connections_max{{cap=\"max_connections\"}} {}\n\
+                     larder_connections_max{{cap=\"max_connections_per_client\"}} {}\n",
+                    c.max_total, c.max_per_client
+                ),
+            );
+            family(
+                &mut out,
+                "larder_connections_refused_total",
+                "counter",
+                "Connections closed at once because a cap was reached, by cap (this process).",
+                &format!(
+                    "larder_connections_refused_total{{cap=\"max_connections\"}} {}\n\
+                     larder_connections_refused_total{{cap=\"max_connections_per_client\"}} {}\n",
+                    c.refused_total, c.refused_per_client
+                ),
+            );
+        }
+        if let Some((uploads, bytes)) = multipart.total {
+            family(
+                &mut out,
+                "larder_multipart_uploads",
+                "gauge",
+                "Unfinished multi-part uploads staged on this server, every cache.",
+                &format!("larder_multipart_uploads {uploads}\n"),
+            );
+            family(
+                &mut out,
+                "larder_multipart_staged_bytes",
+                "gauge",
+                "Bytes the parts of unfinished multi-part uploads hold on this server, every cache.",
+                &format!("larder_multipart_staged_bytes {bytes}\n"),
+            );
+        }
         if let Some(t) = totals {
             family(
                 &mut out,
@@ -446,7 +519,7 @@ impl Metrics {
         }
         // Per cache.
         let counts = self.caches.lock().map(|c| c.clone()).unwrap_or_default();
-        let mut fams: [(&str, &str, &str, String); 14] = [
+        let mut fams: [(&str, &str, &str, String); 16] = [
             (
                 "larder_cache_paths",
                 "gauge",
@@ -531,9 +604,22 @@ impl Metrics {
                 "NAR bytes fetched from upstreams (this process).",
                 String::new(),
             ),
+            (
+                "larder_cache_multipart_uploads",
+                "gauge",
+                "Unfinished multi-part uploads of the cache staged on this server (multipart_max_open bounds them).",
+                String::new(),
+            ),
+            (
+                "larder_cache_multipart_staged_bytes",
+                "gauge",
+                "Bytes the parts of the cache's unfinished multi-part uploads hold on this server (multipart_max_staged bounds them).",
+                String::new(),
+            ),
         ];
         for (id, name, max, stats) in caches {
             let c = counts.get(id).copied().unwrap_or_default();
+            let (mp_uploads, mp_bytes) = multipart.per_cache.get(id).copied().unwrap_or((0, 0));
             let values = [
                 Some(stats.paths as u64),
                 Some(stats.size.max(0) as u64),
@@ -549,6 +635,8 @@ impl Metrics {
                 Some(c.upstream_misses),
                 Some(c.upstream_errors),
                 Some(c.upstream_bytes),
+                Some(mp_uploads as u64),
+                Some(mp_bytes),
             ];
             for (f, v) in fams.iter_mut().zip(values) {
                 if let Some(v) = v {
@@ -692,17 +780,32 @@ pub async fn serve(State(state): State<AppState>, Caller(p): Caller) -> Result<R
         .collect();
     let stored = state.meta.all_cache_stored_sizes().await?;
     // The server-wide figures add up every cache: only for who may see them all.
-    let totals = if visible.len() == count {
+    let all_visible = visible.len() == count;
+    let totals = if all_visible {
         Some(state.meta.store_totals().await?)
     } else {
         None
     };
+    let mut multipart = MultipartFigures::default();
+    for s in crate::api::multipart::staged(&state, None).await? {
+        let e = multipart.per_cache.entry(s.cache_id).or_default();
+        e.0 += 1;
+        e.1 += s.bytes;
+    }
+    if all_visible {
+        multipart.total = Some(
+            multipart
+                .per_cache
+                .values()
+                .fold((0, 0), |(n, b), (n2, b2)| (n + n2, b + b2)),
+        );
+    }
     Ok((
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(&visible, &stored, totals),
+        state.metrics.render(&visible, &stored, totals, &multipart),
     )
         .into_response())
 }
@@ -733,7 +836,7 @@ mod tests {
             .observe(StatusCode::OK, Duration::from_micros(1));
         row.observe(StatusCode::OK, Duration::from_micros(300));
         row.observe(StatusCode::IM_A_TEAPOT, Duration::from_secs(60));
-        let text = m.render(&[], &HashMap::new(), None);
+        let text = m.render(&[], &HashMap::new(), None, &MultipartFigures::default());
         assert!(text.contains(
             "larder_http_requests_total{route=\"/{cache}/{file}\",method=\"GET\",status=\"200\"} 2"
         ));

@@ -1,6 +1,7 @@
 //! `GET /metrics`: counters move with real requests, labels are route patterns (never raw
 //! paths), uploads are counted by outcome and reason, evictions and cache sizes are reported,
-//! and private caches are named only to tokens that may pull them.
+//! unfinished multi-part uploads and their bytes are counted, and private caches are named only
+//! to tokens that may pull them.
 #![allow(clippy::unwrap_used)] // a panic is how a test fails
 
 mod common;
@@ -238,4 +239,79 @@ async fn private_caches_are_named_only_to_who_may_pull_them() {
     srv.get("/metrics", Auth::Bearer("larder_wrong"))
         .await
         .expect(401);
+}
+
+/// Open a multi-part upload in `cache` and store a part of `len` bytes in it: its id.
+async fn staged_upload(srv: &Server, cache: &str, len: usize) -> String {
+    let opened = srv
+        .post_json(
+            &format!("/api/v1/caches/{cache}/multipart?compression=none"),
+            srv.admin(),
+            &json!({}),
+        )
+        .await
+        .expect(201);
+    let id = opened.json()["upload_id"].as_str().unwrap().to_owned();
+    srv.put(
+        &format!("/api/v1/caches/{cache}/multipart/{id}/parts/0"),
+        srv.admin(),
+        vec![7u8; len],
+    )
+    .await
+    .expect(204);
+    id
+}
+
+/// What an operator under a staging flood (issue 14 item 6) watches: the unfinished
+/// multi-part uploads of each cache and the bytes they hold, and in all for who may see every
+/// cache; a private cache's are shown only to who may pull it.
+#[tokio::test]
+async fn unfinished_multipart_uploads_and_their_bytes_are_reported() {
+    let srv = Server::new().await;
+    srv.create_cache("pubc", false).await;
+    srv.create_cache("hushhush", true).await;
+    let a = staged_upload(&srv, "pubc", 100_000).await;
+    staged_upload(&srv, "pubc", 30_000).await;
+    staged_upload(&srv, "hushhush", 50_000).await;
+    // A part's bytes, plus the small manifest and measurement files beside them.
+    let about = |v: f64, bytes: f64| v >= bytes && v < bytes + 8192.0;
+
+    let anon = scrape(&srv, Auth::Anon).await;
+    assert_eq!(
+        value(&anon, "larder_cache_multipart_uploads{cache=\"pubc\"}"),
+        2.0,
+        "{anon}"
+    );
+    let pubc = value(&anon, "larder_cache_multipart_staged_bytes{cache=\"pubc\"}");
+    assert!(about(pubc, 130_000.0), "{pubc}");
+    assert!(!anon.contains("hushhush"), "{anon}");
+    assert!(
+        !anon.contains("larder_multipart_uploads "),
+        "the totals include a private cache: {anon}"
+    );
+
+    let admin = scrape(&srv, srv.admin()).await;
+    assert_eq!(value(&admin, "larder_multipart_uploads"), 3.0, "{admin}");
+    let total = value(&admin, "larder_multipart_staged_bytes");
+    assert!(about(total, 180_000.0), "{total}");
+    assert_eq!(
+        value(&admin, "larder_cache_multipart_uploads{cache=\"hushhush\"}"),
+        1.0
+    );
+
+    // Abandoned, an upload stops counting at once.
+    srv.delete(&format!("/api/v1/caches/pubc/multipart/{a}"), srv.admin())
+        .await
+        .expect(204);
+    let admin = scrape(&srv, srv.admin()).await;
+    assert_eq!(value(&admin, "larder_multipart_uploads"), 2.0, "{admin}");
+    assert_eq!(
+        value(&admin, "larder_cache_multipart_uploads{cache=\"pubc\"}"),
+        1.0
+    );
+    let pubc = value(
+        &admin,
+        "larder_cache_multipart_staged_bytes{cache=\"pubc\"}",
+    );
+    assert!(about(pubc, 30_000.0), "{pubc}");
 }

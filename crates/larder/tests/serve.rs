@@ -205,6 +205,40 @@ async fn silent_connections_are_closed_and_cannot_crowd_out_other_clients() {
         200,
         "the kernel queues what the server has not accepted"
     );
+    // What an operator sees meanwhile: the connections held, and those refused at the cap.
+    let url = server.url.clone();
+    let metrics = tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new("curl")
+            .args(["-sf", "-m", "5"])
+            .arg(format!("{url}/metrics"))
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    })
+    .await
+    .unwrap();
+    let series = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+            .parse()
+            .unwrap()
+    };
+    assert!(
+        series("larder_connections_open") >= 51.0,
+        "50 silent and this scrape: {metrics}"
+    );
+    assert!(
+        (140.0..=150.0).contains(&series(
+            "larder_connections_refused_total{cap=\"max_connections_per_client\"}"
+        )),
+        "{metrics}"
+    );
+    assert_eq!(
+        series("larder_connections_max{cap=\"max_connections_per_client\"}"),
+        50.0
+    );
     // A kept-alive connection that went idle after a request, from a third address.
     let mut idle = connect_from("127.0.0.3", server.port).await.unwrap();
     idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: larder\r\n\r\n")

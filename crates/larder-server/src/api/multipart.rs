@@ -303,7 +303,10 @@ pub(crate) fn scan(root: &FsPath, ttl: Duration, except: Option<&FsPath>) -> Vec
 
 /// Every unfinished multi-part upload on this server, as [`scan`] counts them (`except`: the
 /// part a re-send replaces).
-async fn staged(state: &AppState, except: Option<PathBuf>) -> Result<Vec<Staged>, ApiError> {
+pub(crate) async fn staged(
+    state: &AppState,
+    except: Option<PathBuf>,
+) -> Result<Vec<Staged>, ApiError> {
     let root = state.staging.dir().to_owned();
     let ttl = state.config.multipart_idle_ttl;
     tokio::task::spawn_blocking(move || scan(&root, ttl, except.as_deref()))
