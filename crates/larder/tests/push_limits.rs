@@ -5,7 +5,9 @@
 //!   concurrent refused pushes leave nothing staged that would lock the cache's next uploads out;
 //! - a server frozen mid-upload (SIGSTOP) costs the push its stall timeout per attempt: the
 //!   push fails naming the stall instead of hanging, and succeeds when the server comes back
-//!   within its retries; the push daemon does the same.
+//!   within its retries; the push daemon does the same;
+//! - a reference the push found in the cache and then saw evicted before its referrer was
+//!   published is sent again (the push plans again), not reported as a failure.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on any unexpected error
 
@@ -348,4 +350,71 @@ fn the_push_daemon_fails_a_stalled_upload_and_keeps_going() {
     assert!(daemon.try_wait().unwrap().is_none(), "the daemon exited");
     signal(daemon.id(), "TERM");
     let _ = daemon.wait();
+}
+
+/// Issue 14 item 12: a push racing an eviction of what it references. The leaf is in the
+/// cache when `larder push top` plans (so only top is sent); while top's NAR is uploading, the
+/// push is paused and the leaf deleted; resumed, publishing top is refused (a reference the
+/// cache lacks), and the push plans again, sends the leaf and publishes top: exit 0.
+#[test]
+fn a_reference_evicted_while_a_push_runs_is_sent_again() {
+    require_nix();
+    let server = Server::start();
+    // xz: slow enough to compress that the test pauses the push mid-upload.
+    server.create_cache("c", &["--compression", "xz"]);
+    let push = server.token("push", "c");
+    let tag = unique_tag();
+    let built = build_expr(&format!(
+        "let leaf = derivation {{ name = \"leaf-{tag}\"; system = builtins.currentSystem; \
+         builder = \"/bin/sh\"; args = [\"-c\" \"echo leaf > $out\"]; }}; in \
+         derivation {{ name = \"top-{tag}\"; system = builtins.currentSystem; builder = \"/bin/sh\"; \
+         args = [\"-c\" \"export PATH=/bin:/usr/bin; head -c 24M /dev/urandom > $out; echo ${{leaf}} >> $out\"]; }}"
+    ));
+    let top = built[0].clone();
+    let refs = larder_testkit::nix::command("nix-store")
+        .args(["--query", "--references", &top])
+        .output()
+        .unwrap();
+    let leaf = String::from_utf8(refs.stdout)
+        .unwrap()
+        .lines()
+        .find(|l| l.contains(&format!("leaf-{tag}")))
+        .expect("top references the leaf")
+        .to_owned();
+    let narinfo = |p: &str| {
+        server
+            .http(
+                "GET",
+                &format!("/c/{}.narinfo", &p["/nix/store/".len()..][..32]),
+                None,
+            )
+            .0
+    };
+    server.cli_ok(&push, &["push", "c", &leaf]);
+    assert_eq!(narinfo(&leaf), 200);
+
+    let mut child = spawn_cli(
+        &server,
+        &push,
+        &["push", "c", &top, "--part-size", "1MiB", "--no-chunking"],
+        &[],
+    );
+    wait_mid_upload(&server, &mut child);
+    signal(child.id(), "STOP");
+    let deleted = server.cli(&server.admin_token, &["path", "delete", "c", &leaf]);
+    signal(child.id(), "CONT");
+    assert!(
+        deleted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&deleted.stderr)
+    );
+    assert_eq!(narinfo(&leaf), 404, "the leaf is gone while top uploads");
+    let (code, err, _) = finish(child, Instant::now(), Duration::from_secs(180));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("references were evicted from the cache while this ran"),
+        "{err}"
+    );
+    assert_eq!(narinfo(&leaf), 200);
+    assert_eq!(narinfo(&top), 200);
 }
