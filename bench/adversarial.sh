@@ -511,10 +511,15 @@ db_check() {
   local nochunk dangling missing=0 h sz f
   nochunk=$(sql "$DB_SQL_NOCHUNK") && dangling=$(sql "$DB_SQL_DANGLING") || return 1
   if [ "$SETUP" = embedded ]; then
-    while read -r h sz; do
-      f=${SDATA[A]}/store/objects/chunk/${h:0:2}/$h
-      [ -f "$f" ] && [ "$(stat -c %s "$f")" = "$sz" ] || missing=$((missing + 1))
-    done < <(sql "$DB_SQL_CHUNKS")
+    # one process for every chunk (a stat per chunk from bash took a minute at 40 000 chunks)
+    missing=$(sql "$DB_SQL_CHUNKS" | python3 -c '
+import os, sys
+root, n = sys.argv[1], 0
+for line in sys.stdin:
+    h, size = line.split()
+    try: n += os.stat(f"{root}/{h[:2]}/{h}").st_size != int(size)
+    except OSError: n += 1
+print(n)' "${SDATA[A]}/store/objects/chunk") || return 1
   fi
   echo "$nochunk $dangling $missing"
 }
