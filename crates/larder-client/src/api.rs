@@ -80,6 +80,16 @@ impl ClientError {
             _ => false,
         }
     }
+
+    /// For a transient failure, `Some` of how long the server asked to wait (if it did);
+    /// `None` for a failure not worth retrying.
+    pub fn retry_wait(&self) -> Option<Option<std::time::Duration>> {
+        match self {
+            ClientError::Status { retry_after, .. } if self.is_transient() => Some(*retry_after),
+            _ if self.is_transient() => Some(None),
+            _ => None,
+        }
+    }
 }
 
 type Result<T, E = ClientError> = std::result::Result<T, E>;

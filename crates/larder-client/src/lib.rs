@@ -10,7 +10,7 @@ pub mod oidc;
 pub mod push;
 pub mod queue;
 pub mod realisations;
-mod retry;
+pub mod retry;
 mod stall;
 mod upload;
 

@@ -140,18 +140,25 @@ pub async fn plan(
         }
     }
     // A frozen server must not hang the plan either: a second per bulk query on top of the
-    // stall timeout.
+    // stall timeout. The query only reads: a server away for a moment (restarting) is asked
+    // again, as an upload would be.
     let batches = candidates.len().div_ceil(MISSING_BATCH) as u64;
-    let missing = stall::watch(
-        missing(
-            client,
-            cache,
-            candidates.iter().map(|i| i.path.to_absolute()).collect(),
-        ),
-        &Progress::new(false),
-        opts.stall_timeout,
-        Duration::from_secs(batches),
-        &format!("/api/v1/caches/{cache}/missing"),
+    let asked: Vec<String> = candidates.iter().map(|i| i.path.to_absolute()).collect();
+    let url = &format!("/api/v1/caches/{cache}/missing");
+    let missing = crate::retry::repeat(
+        opts.attempts,
+        transient,
+        |_, _, _| {},
+        || {
+            let asked = asked.clone();
+            async move {
+                // Each attempt's watchdog starts afresh.
+                let progress = Progress::new(false);
+                let query = missing(client, cache, asked);
+                let after_body = Duration::from_secs(batches);
+                stall::watch(query, &progress, opts.stall_timeout, after_body, url).await
+            }
+        },
     )
     .await?;
     let in_cache: HashSet<StorePath> = candidates.iter().map(|i| i.path.clone()).collect();

@@ -46,6 +46,35 @@ impl Retry {
     }
 }
 
+/// Make a request that only reads (the cache's settings, the bulk missing query), so is safe
+/// to repeat, up to `attempts` times: again after the same waits as an upload when it failed
+/// transiently (`transient` as for [`Retry::wait`]). `retrying` hears of each failure retried,
+/// with the attempt that failed and the wait, so the user sees why nothing happens meanwhile.
+pub async fn repeat<T, E, Fut>(
+    attempts: u32,
+    transient: impl Fn(&E) -> Option<Option<Duration>>,
+    mut retrying: impl FnMut(&E, u32, Duration),
+    mut request: impl FnMut() -> Fut,
+) -> Result<T, E>
+where
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut retry = Retry::new(attempts);
+    loop {
+        match request().await {
+            Ok(v) => return Ok(v),
+            Err(e) => match retry.wait(transient(&e)) {
+                Some(wait) => {
+                    retrying(&e, retry.attempt(), wait);
+                    tokio::time::sleep(wait).await;
+                    retry.next();
+                }
+                None => return Err(e),
+            },
+        }
+    }
+}
+
 /// 1 s, 2 s, 4 s, … for `attempts - 1` retries.
 fn policy(attempts: u32) -> ExponentialBuilder {
     ExponentialBuilder::default()

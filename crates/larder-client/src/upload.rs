@@ -210,10 +210,7 @@ pub(crate) fn refused(e: &PushError) -> bool {
 /// For a transient failure, how long the server asked to wait (if it did).
 pub(crate) fn transient(e: &PushError) -> Option<Option<Duration>> {
     match e {
-        PushError::Client(c) if c.is_transient() => Some(match c {
-            ClientError::Status { retry_after, .. } => *retry_after,
-            _ => None,
-        }),
+        PushError::Client(c) => c.retry_wait(),
         _ => None,
     }
 }

@@ -71,13 +71,7 @@ impl UploadSettings {
         level: Option<i32>,
         signing_key: Option<SigningKey>,
     ) -> Result<Self, PlanError> {
-        let info = client
-            .cache_info(cache)
-            .await
-            .map_err(|source| PusherError::Cache {
-                cache: cache.to_owned(),
-                source,
-            })?;
+        let info = crate::pusher::cache_info(client, cache).await?;
         ensure_can_push(client, cache).await?;
         let requested = compression.unwrap_or(&info.compression);
         let compression = Compression::from_name(requested)

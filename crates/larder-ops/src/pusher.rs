@@ -149,6 +149,30 @@ pub async fn ensure_can_push(client: &ApiClient, cache: &str) -> Result<(), Push
     Ok(())
 }
 
+/// A push's first request, the cache's settings: a server away for a moment (restarting) is
+/// asked again after the usual waits, saying so on standard error.
+pub(crate) async fn cache_info(
+    client: &ApiClient,
+    cache: &str,
+) -> Result<larder_client::api::CacheInfo, PusherError> {
+    larder_client::retry::repeat(
+        PushOptions::default().attempts,
+        ClientError::retry_wait,
+        |e, attempt, wait| {
+            eprintln!(
+                "retrying cache {cache:?} (attempt {attempt}, again in {} s): {e}",
+                wait.as_secs()
+            )
+        },
+        || client.cache_info(cache),
+    )
+    .await
+    .map_err(|source| PusherError::Cache {
+        cache: cache.to_owned(),
+        source,
+    })
+}
+
 impl Pusher {
     /// Check the cache (reachable, token can push) and prepare `larder push`'s defaults.
     /// `cache_arg` is how the user named the cache, for the hint.
@@ -158,13 +182,7 @@ impl Pusher {
         cache_arg: &str,
         signing_key: Option<SigningKey>,
     ) -> Result<Self, PusherError> {
-        let info = client
-            .cache_info(&cache)
-            .await
-            .map_err(|source| PusherError::Cache {
-                cache: cache.clone(),
-                source,
-            })?;
+        let info = cache_info(&client, &cache).await?;
         ensure_can_push(&client, &cache).await?;
         let compression = Compression::from_name(&info.compression).unwrap_or(Compression::Zstd);
         if info.signing_mode == "client" && signing_key.is_none() {

@@ -418,3 +418,49 @@ fn a_reference_evicted_while_a_push_runs_is_sent_again() {
     assert_eq!(narinfo(&leaf), 200);
     assert_eq!(narinfo(&top), 200);
 }
+
+/// A server restarting when the push starts (issue 14's kill runs: a `kill -9` landing during
+/// the push's first request made it give up at once): the first requests (the cache's
+/// settings, the missing query) are asked again after the usual waits, saying so, and the
+/// push completes once the server is back.
+#[test]
+fn a_push_started_while_the_server_restarts_waits_for_it() {
+    require_nix();
+    let server = Server::start();
+    server.create_cache("c", &[]);
+    let push = server.token("push", "c");
+    let path = random_path("restart", 64);
+    let url = server.url.clone();
+    let listen = url.trim_start_matches("http://").to_owned();
+    let data = server.stop_keeping_data();
+
+    let home = data.path().join("client-home");
+    std::fs::create_dir_all(&home).unwrap();
+    let child = larder_testkit::nix::command(larder_bin())
+        .args(["push", "c", &path])
+        .env("LARDER_SERVER", &url)
+        .env("LARDER_TOKEN", &push)
+        .env("HOME", &home)
+        .env("XDG_CONFIG_HOME", home.join(".config"))
+        .env_remove("LARDER_CONFIG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let since = Instant::now();
+    std::thread::sleep(Duration::from_millis(1500));
+    let server = Server::start_listening(data, &listen, &[], None, &[]);
+    let (code, err, took) = finish(child, since, Duration::from_secs(60));
+    assert_eq!(code, Some(0), "the push waited for the server: {err}");
+    assert!(
+        err.contains("retrying cache \"c\" (attempt 1, again in 1 s)"),
+        "the user is told why nothing happens: {err}"
+    );
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    let (status, body) = server.http(
+        "GET",
+        &format!("/c/{}.narinfo", &path["/nix/store/".len()..][..32]),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+}
