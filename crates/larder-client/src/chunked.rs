@@ -11,6 +11,15 @@
 //!
 //! The push session is the NAR's hash: chunks sent by an interrupted push stay claimed on the
 //! server under it, so a rerun (or a retry) asks again and sends only the rest.
+//!
+//! When the cache lacks every chunk of the NAR's first window (a path new to it, the usual
+//! first push) and the NAR fits in one request (`part_size`; a larger one keeps the chunked
+//! path, which resumes chunk by chunk), the NAR is sent whole instead ([`upload`] answers
+//! `None`): the server cuts
+//! and stores it the same way, into the same chunks and the same file, but verifies it in one
+//! pass as it arrives, where the chunked path verifies each chunk on upload and then reads
+//! all of them back to assemble the NAR (bench/dedup.sh's first push of 100 MiB: 1.83-1.98 s
+//! chunked, 1.33 s whole). Only the first window's chunking is spent.
 
 use std::collections::HashSet;
 use std::io::{self, Write};
@@ -144,14 +153,15 @@ fn pack(chunks: Vec<Chunk>) -> io::Result<Vec<(Vec<String>, Vec<u8>)>> {
 }
 
 /// Push `info`'s NAR in chunks: what the server measured of it once assembled. `uploaded` in
-/// the answer's terms: `file_size - kept` is what this run sent.
+/// the answer's terms: `file_size - kept` is what this run sent. `None`, with nothing sent,
+/// when the NAR is better sent whole (see the module's documentation).
 pub(crate) async fn upload(
     client: &ApiClient,
     cache: &str,
     info: &PathInfo,
     opts: &PushOptions,
     observer: &Arc<dyn Observer>,
-) -> Result<UploadResp, PushError> {
+) -> Result<Option<UploadResp>, PushError> {
     let session = info.nar_hash.to_nix32();
     let (tx, mut rx) = mpsc::channel::<Vec<Chunk>>(1);
     let (source, info2, obs) = (opts.source.clone(), info.clone(), observer.clone());
@@ -164,13 +174,25 @@ pub(crate) async fn upload(
             })
         })
     });
-    let sent = send_windows(client, cache, &session, opts, observer, &mut rx).await;
+    let whole_if_new = info.nar_size <= opts.part_size;
+    let sent = send_windows(
+        client,
+        cache,
+        &session,
+        opts,
+        observer,
+        whole_if_new,
+        &mut rx,
+    )
+    .await;
     drop(rx);
     let produced = producer
         .await
         .map_err(|e| PushError::Internal(e.to_string()))?;
     let (ids, sent) = match (produced, sent) {
-        (Ok(()), sent) => sent?,
+        // We stopped reading the NAR on purpose.
+        (_, Ok(None)) => return Ok(None),
+        (Ok(()), sent) => sent?.ok_or_else(|| PushError::Internal("unreachable".into()))?,
         // We stopped reading the NAR (a request failed): that failure says why.
         (Err(PushError::Store(LocalStoreError::Write { .. })), Err(e)) => return Err(e),
         // A local error (corrupt or vanished path) explains a failed request best.
@@ -193,18 +215,22 @@ pub(crate) async fn upload(
     .await?;
     let mut resp = UploadResp::from(upload);
     resp.kept = resp.file_size.saturating_sub(sent);
-    Ok(resp)
+    Ok(Some(resp))
 }
 
-/// Ask, compress and upload window after window: the NAR's chunk ids and the bytes sent.
+/// Ask, compress and upload window after window: the NAR's chunk ids and the bytes sent, or
+/// `None` (nothing sent) when `whole_if_new` and the cache lacks every chunk of the first
+/// window.
 async fn send_windows(
     client: &ApiClient,
     cache: &str,
     session: &str,
     opts: &PushOptions,
     observer: &Arc<dyn Observer>,
+    whole_if_new: bool,
     rx: &mut mpsc::Receiver<Vec<Chunk>>,
-) -> Result<(Vec<String>, u64), PushError> {
+) -> Result<Option<(Vec<String>, u64)>, PushError> {
+    let mut first = whole_if_new;
     let mut ids = Vec::new();
     let mut sent = 0u64;
     let missing_url = format!("/api/v1/caches/{cache}/chunks/missing");
@@ -227,6 +253,9 @@ async fn send_windows(
         .await?
         .into_iter()
         .collect();
+        if std::mem::take(&mut first) && missing.len() == asked.len() {
+            return Ok(None);
+        }
         let mut once = HashSet::new();
         let todo: Vec<Chunk> = window
             .into_iter()
@@ -269,7 +298,7 @@ async fn send_windows(
             .await?;
         sent += lens.iter().sum::<u64>();
     }
-    Ok((ids, sent))
+    Ok(Some((ids, sent)))
 }
 
 #[cfg(test)]
