@@ -252,6 +252,7 @@ pub async fn upload(
             file_size: c.frame.len() as i64,
         })
         .collect();
+    check_staging(&state, &c, &rows).await?;
     // Claimed by this request while the objects are written, and for the session only once
     // they are: a session never holds a claim on a chunk whose object was not written.
     let writing = format!("{claim}-{}", crate::publish::random_id()?);
@@ -282,6 +283,34 @@ pub async fn upload(
                 .collect(),
         }),
     ))
+}
+
+/// Refuse chunks that would make the cache's unassembled push sessions hold more than its
+/// staging allowance (the multi-part bound: `multipart_max_staged`, or the cache's size
+/// limit when smaller): uploaded chunks no NAR uses yet are kept for their session until
+/// their claim expires, and are not counted against the cache's size otherwise. Checked
+/// before anything is stored; requests racing each other may overshoot by their bodies.
+async fn check_staging(
+    state: &AppState,
+    c: &larder_store::meta::CacheRow,
+    rows: &[ChunkRow],
+) -> Result<(), ApiError> {
+    let (allowance, bound) = super::multipart::staging_allowance(state, c);
+    let held = state
+        .meta
+        .claimed_unused_bytes(&format!("push-{}-", c.id))
+        .await?;
+    let new: i64 = rows.iter().map(|r| r.file_size).sum();
+    if u64::try_from(held.saturating_add(new)).unwrap_or(u64::MAX) > allowance {
+        return Err(ApiError::StagingFull(format!(
+            "the chunks of unassembled pushes to cache {:?} would hold more than {allowance} \
+             bytes ({bound}) on this server ({held} held): let those pushes finish (a rerun of \
+             `larder push` assembles what an interrupted one sent), or wait for abandoned \
+             chunks to expire",
+            c.name
+        )));
+    }
+    Ok(())
 }
 
 /// Assemble a NAR from chunks the cache has or the session uploaded, verify it and make it a
