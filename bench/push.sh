@@ -5,7 +5,10 @@
 #   3. by `nix copy --to http://…larder…?compression=zstd`
 #   4. by `nix copy --to file://DIR?compression=zstd`   (no network, no server at all)
 # each into a fresh `larder serve`, in one run. Needs (as root): nix-bin, python3, curl.
-# Knobs: NCHAIN (default 200), BIG_MIB (default 500), SKIP_XZ=1 to skip the slow xz run.
+# Then issue 12's push rows (see below: small paths and one LARGE_MIB half-random path, larder
+# push vs a local nix copy --to file://).
+# Knobs: NCHAIN (default 200), BIG_MIB (default 500), LARGE_MIB (256; 0 skips the rows),
+# SKIP_XZ=1 to skip the slow xz run.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 NCHAIN=${NCHAIN:-200}
@@ -58,6 +61,52 @@ else T_NIXXZ=nan; fi
 start_server nixzstd; T_NIXZSTD=$(timed env XDG_CACHE_HOME=$WORK/x2 nix copy --option netrc-file "$WORK/nixzstd/netrc" --to "$URL/bench?compression=zstd" "$TOP")
 [ "$(check "$URL/bench")" = "$N" ] || { echo "nix copy (zstd): incomplete" >&2; exit 1; }
 T_FILE=$(timed env XDG_CACHE_HOME=$WORK/x3 nix copy --to "file://$WORK/filecache?compression=zstd" "$TOP")
+
+# Issue 12's push rows: the closure's small paths, then one LARGE_MIB path (half random, half
+# text), each pushed on its own by `larder push` into a fresh server and by a local `nix copy
+# --to file://…?compression=zstd`, in MiB/s of NAR. LARGE_MIB=0 skips it.
+LARGE_MIB=${LARGE_MIB:-256}
+if [ "$LARGE_MIB" != 0 ]; then
+  python3 - "$WORK/large" "$LARGE_MIB" <<'PY'
+import os, random, sys
+d, mib = sys.argv[1], int(sys.argv[2])
+os.makedirs(d)
+rng = random.Random(12)
+with open(os.path.join(d, "random"), "wb") as f:
+    for _ in range(mib // 2):
+        f.write(rng.randbytes(1 << 20))
+words = [bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(4000)]
+with open(os.path.join(d, "text"), "wb") as f:
+    left = (mib - mib // 2) << 20
+    while left > 0:
+        block = bytearray()
+        while len(block) < 1 << 20:
+            block += b" ".join(rng.choice(words) for _ in range(12)) + b"\n"
+        block = bytes(block[:min(left, 1 << 20)])
+        f.write(block)
+        left -= len(block)
+PY
+  LARGE=$(nix-store --add "$WORK/large")
+  LARGE_NAR_MIB=$(nix path-info -S "$LARGE" | awk '{printf "%.1f", $2/1048576}')
+  # Without the oracle's big path and the top path that refers to it.
+  mapfile -t SMALL < <(grep -v -e '-big-' -e "$TOP" "$WORK/oracle/closure")
+  SMALL_NAR_MIB=$(nix path-info -S "${SMALL[@]}" | awk '{s += $2} END {printf "%.1f", s/1048576}')
+  start_server rows
+  T_L_SMALL=$(timed env LARDER_SERVER=$URL LARDER_TOKEN=$PUSH "$BIN" push bench "${SMALL[@]}")
+  T_L_LARGE=$(timed env LARDER_SERVER=$URL LARDER_TOKEN=$PUSH "$BIN" push bench "$LARGE")
+  T_F_SMALL=$(timed env XDG_CACHE_HOME=$WORK/x4 nix copy --to "file://$WORK/rowscache?compression=zstd" "${SMALL[@]}")
+  T_F_LARGE=$(timed env XDG_CACHE_HOME=$WORK/x4 nix copy --to "file://$WORK/rowscache?compression=zstd" "$LARGE")
+  python3 - "${#SMALL[@]}" "$SMALL_NAR_MIB" "$LARGE_NAR_MIB" "$T_L_SMALL" "$T_L_LARGE" "$T_F_SMALL" "$T_F_LARGE" <<'PY'
+import sys
+n = sys.argv[1]
+sm, lm, ls, ll, fs, fl = map(float, sys.argv[2:])
+print(f"issue 12 push rows ({n} small paths, {sm:.1f} MiB of NAR; one large path, {lm:.1f} MiB):")
+print("| part        | larder push s | MiB/s | nix copy file:// s | MiB/s | larder / nix copy |")
+print("|-------------|---------------|-------|--------------------|-------|-------------------|")
+for name, m, l, f in [("small paths", sm, ls, fs), ("large path", lm, ll, fl), ("overall", sm + lm, ls + ll, fs + fl)]:
+    print(f"| {name:<11} | {l:13.2f} | {m/l:5.1f} | {f:18.2f} | {m/f:5.1f} | {f/l:16.2f}x |")
+PY
+fi
 
 echo "peak RSS during larder push: client $CLIENT_RSS_MIB MiB, server $SERVER_RSS_MIB MiB"
 python3 - "$N" "$NAR_MIB" "$T_LARDER" "$T_NIXXZ" "$T_NIXZSTD" "$T_FILE" <<'PY'
