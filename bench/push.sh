@@ -20,8 +20,11 @@ cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 log() { printf '[bench] %s\n' "$*" >&2; }
 
-(cd "$ROOT" && cargo build --release -q -p larder)
-BIN=$ROOT/target/release/larder
+# BIN=… measures another build (e.g. main's, for a before/after in one session).
+if [ -z "${BIN:-}" ]; then
+  (cd "$ROOT" && cargo build --release -q -p larder)
+  BIN=$ROOT/target/release/larder
+fi
 
 log "building a closure: $NCHAIN chained paths + one $BIG_MIB MiB path"
 WORKDIR=$WORK/oracle BIG_MIB=$BIG_MIB NCHAIN=$NCHAIN NSMALL=50 bash "$ROOT/tests/oracle/nix-oracle.sh" build >/dev/null
@@ -90,10 +93,13 @@ PY
   LARGE_NAR_MIB=$(nix path-info -S "$LARGE" | awk '{printf "%.1f", $2/1048576}')
   # Without the oracle's big path and the top path that refers to it.
   mapfile -t SMALL < <(grep -v -e '-big-' -e "$TOP" "$WORK/oracle/closure")
-  SMALL_NAR_MIB=$(nix path-info -S "${SMALL[@]}" | awk '{s += $2} END {printf "%.1f", s/1048576}')
+  SMALL_NAR_MIB=$(nix path-info --json "${SMALL[@]}" | python3 -c 'import json,sys; print("%.1f" % (sum(p["narSize"] for p in json.load(sys.stdin)) / 2**20))')
   start_server rows
   T_L_SMALL=$(timed env LARDER_SERVER=$URL LARDER_TOKEN=$PUSH "$BIN" push bench "${SMALL[@]}")
   T_L_LARGE=$(timed env LARDER_SERVER=$URL LARDER_TOKEN=$PUSH "$BIN" push bench "$LARGE")
+  # The large path again, whole (multi-part), into another fresh server.
+  start_server rowswhole
+  T_L_WHOLE=$(timed env LARDER_SERVER=$URL LARDER_TOKEN=$PUSH LARDER_PUSH_NO_CHUNKING=1 "$BIN" push bench "$LARGE")
   T_F_SMALL=$(timed env XDG_CACHE_HOME=$WORK/x4 nix copy --to "file://$WORK/rowscache?compression=zstd" "${SMALL[@]}")
   T_F_LARGE=$(timed env XDG_CACHE_HOME=$WORK/x4 nix copy --to "file://$WORK/rowscache?compression=zstd" "$LARGE")
   python3 - "${#SMALL[@]}" "$SMALL_NAR_MIB" "$LARGE_NAR_MIB" "$T_L_SMALL" "$T_L_LARGE" "$T_F_SMALL" "$T_F_LARGE" <<'PY'
@@ -106,6 +112,7 @@ print("|-------------|---------------|-------|--------------------|-------|-----
 for name, m, l, f in [("small paths", sm, ls, fs), ("large path", lm, ll, fl), ("overall", sm + lm, ls + ll, fs + fl)]:
     print(f"| {name:<11} | {l:13.2f} | {m/l:5.1f} | {f:18.2f} | {m/f:5.1f} | {f/l:16.2f}x |")
 PY
+  python3 -c "print(f'large path pushed whole (LARDER_PUSH_NO_CHUNKING=1): {$T_L_WHOLE:.2f} s, {$LARGE_NAR_MIB/$T_L_WHOLE:.1f} MiB/s, {$T_F_LARGE/$T_L_WHOLE:.2f}x nix copy')"
 fi
 
 echo "peak RSS during larder push: client $CLIENT_RSS_MIB MiB, server $SERVER_RSS_MIB MiB"

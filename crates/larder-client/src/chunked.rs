@@ -13,13 +13,14 @@
 //! server under it, so a rerun (or a retry) asks again and sends only the rest.
 //!
 //! When the cache lacks every chunk of the NAR's first window (a path new to it, the usual
-//! first push) and the NAR fits in one request (`part_size`; a larger one keeps the chunked
-//! path, which resumes chunk by chunk), the NAR is sent whole instead ([`upload`] answers
-//! `None`): the server cuts
+//! first push), the NAR is sent whole instead ([`upload`] answers `None`; single-shot, or in
+//! parts above `part_size`, resumable part by part): the server cuts
 //! and stores it the same way, into the same chunks and the same file, but verifies it in one
 //! pass as it arrives, where the chunked path verifies each chunk on upload and then reads
 //! all of them back to assemble the NAR (bench/dedup.sh's first push of 100 MiB: 1.83-1.98 s
-//! chunked, 1.33 s whole). Only the first window's chunking is spent.
+//! chunked, 1.33 s whole; bench/push.sh's new 256 MiB path: 6.30 s chunked, 4.42 s in
+//! parts). Only the first window's chunking is spent; a NAR whose first 4 MiB are all new
+//! but whose rest the cache has is then sent in full, the price of deciding early.
 
 use std::collections::HashSet;
 use std::io::{self, Write};
@@ -174,17 +175,7 @@ pub(crate) async fn upload(
             })
         })
     });
-    let whole_if_new = info.nar_size <= opts.part_size;
-    let sent = send_windows(
-        client,
-        cache,
-        &session,
-        opts,
-        observer,
-        whole_if_new,
-        &mut rx,
-    )
-    .await;
+    let sent = send_windows(client, cache, &session, opts, observer, &mut rx).await;
     drop(rx);
     let produced = producer
         .await
@@ -219,18 +210,16 @@ pub(crate) async fn upload(
 }
 
 /// Ask, compress and upload window after window: the NAR's chunk ids and the bytes sent, or
-/// `None` (nothing sent) when `whole_if_new` and the cache lacks every chunk of the first
-/// window.
+/// `None` (nothing sent) when the cache lacks every chunk of the first window.
 async fn send_windows(
     client: &ApiClient,
     cache: &str,
     session: &str,
     opts: &PushOptions,
     observer: &Arc<dyn Observer>,
-    whole_if_new: bool,
     rx: &mut mpsc::Receiver<Vec<Chunk>>,
 ) -> Result<Option<(Vec<String>, u64)>, PushError> {
-    let mut first = whole_if_new;
+    let mut first = true;
     let mut ids = Vec::new();
     let mut sent = 0u64;
     let missing_url = format!("/api/v1/caches/{cache}/chunks/missing");
