@@ -8,6 +8,7 @@
 # Then issue 12's push rows (see below: small paths and one LARGE_MIB half-random path, larder
 # push vs a local nix copy --to file://).
 # Knobs: NCHAIN (default 200), BIG_MIB (default 500), LARGE_MIB (256; 0 skips the rows),
+# TINY (0: how many tiny paths to ingest; issue 12 asks for 10000),
 # SKIP_XZ=1 to skip the slow xz run.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -113,6 +114,30 @@ for name, m, l, f in [("small paths", sm, ls, fs), ("large path", lm, ll, fl), (
     print(f"| {name:<11} | {l:13.2f} | {m/l:5.1f} | {f:18.2f} | {m/f:5.1f} | {f/l:16.2f}x |")
 PY
   python3 -c "print(f'large path pushed whole (LARDER_PUSH_NO_CHUNKING=1): {$T_L_WHOLE:.2f} s, {$LARGE_NAR_MIB/$T_L_WHOLE:.1f} MiB/s, {$T_F_LARGE/$T_L_WHOLE:.2f}x nix copy')"
+fi
+
+# Issue 12's ingest row: TINY tiny paths (a few bytes each, no references) pushed by `larder
+# push` and by Nix's own uploader into fresh servers, and by a local `nix copy --to file://`,
+# in paths/s. TINY=0 (the default) skips it.
+TINY=${TINY:-0}
+if [ "$TINY" != 0 ]; then
+  mkdir -p "$WORK/tiny"
+  python3 - "$WORK/tiny" "$TINY" "$RANDOM" <<'PY'
+import os, sys
+d, n, salt = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+for i in range(n):
+    with open(os.path.join(d, f"tiny-{salt}-{i}"), "w") as f:
+        f.write(f"tiny path {salt} {i}\n")
+PY
+  mapfile -t TP < <(cd "$WORK/tiny" && find . -type f | sed "s|^\./|$WORK/tiny/|" | xargs nix-store --add)
+  start_server tinyl
+  T_T_L=$(timed env LARDER_SERVER=$URL LARDER_TOKEN=$PUSH "$BIN" push bench "${TP[@]}")
+  start_server tinyn
+  T_T_N=$(timed env XDG_CACHE_HOME=$WORK/x5 nix copy --option netrc-file "$WORK/tinyn/netrc" --to "$URL/bench?compression=zstd" "${TP[@]}")
+  T_T_F=$(timed env XDG_CACHE_HOME=$WORK/x6 nix copy --to "file://$WORK/tinycache?compression=zstd" "${TP[@]}")
+  python3 -c "
+n, l, nx, f = ${#TP[@]}, $T_T_L, $T_T_N, $T_T_F
+print(f'ingest of {n} tiny paths, paths/s: larder push {n/l:.0f} ({f/l:.2f}x), nix copy --to http://larder {n/nx:.0f} ({f/nx:.2f}x), nix copy --to file:// {n/f:.0f}')"
 fi
 
 echo "peak RSS during larder push: client $CLIENT_RSS_MIB MiB, server $SERVER_RSS_MIB MiB"
