@@ -26,8 +26,11 @@ cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 log() { printf '[dedup] %s\n' "$*" >&2; }
 
-(cd "$ROOT" && cargo build --release -q -p larder)
-BIN=$ROOT/target/release/larder
+# BIN=… measures another build (e.g. main's, for a before/after in one session).
+if [ -z "${BIN:-}" ]; then
+  (cd "$ROOT" && cargo build --release -q -p larder)
+  BIN=$ROOT/target/release/larder
+fi
 
 start_server() { # $1 = name; sets URL_$1, ADMIN_$1, PUSH_$1
   local d=$WORK/$1; mkdir -p "$d"

@@ -5,7 +5,11 @@
 #   3. by `nix copy --to http://…larder…?compression=zstd`
 #   4. by `nix copy --to file://DIR?compression=zstd`   (no network, no server at all)
 # each into a fresh `larder serve`, in one run. Needs (as root): nix-bin, python3, curl.
-# Knobs: NCHAIN (default 200), BIG_MIB (default 500), SKIP_XZ=1 to skip the slow xz run.
+# Then issue 12's push rows (see below: small paths and one LARGE_MIB half-random path, larder
+# push vs a local nix copy --to file://).
+# Knobs: NCHAIN (default 200), BIG_MIB (default 500), LARGE_MIB (256; 0 skips the rows),
+# TINY (0: how many tiny paths to ingest; issue 12 asks for 10000),
+# SKIP_XZ=1 to skip the slow xz run.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 NCHAIN=${NCHAIN:-200}
@@ -17,8 +21,11 @@ cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 log() { printf '[bench] %s\n' "$*" >&2; }
 
-(cd "$ROOT" && cargo build --release -q -p larder)
-BIN=$ROOT/target/release/larder
+# BIN=… measures another build (e.g. main's, for a before/after in one session).
+if [ -z "${BIN:-}" ]; then
+  (cd "$ROOT" && cargo build --release -q -p larder)
+  BIN=$ROOT/target/release/larder
+fi
 
 log "building a closure: $NCHAIN chained paths + one $BIG_MIB MiB path"
 WORKDIR=$WORK/oracle BIG_MIB=$BIG_MIB NCHAIN=$NCHAIN NSMALL=50 bash "$ROOT/tests/oracle/nix-oracle.sh" build >/dev/null
@@ -58,6 +65,80 @@ else T_NIXXZ=nan; fi
 start_server nixzstd; T_NIXZSTD=$(timed env XDG_CACHE_HOME=$WORK/x2 nix copy --option netrc-file "$WORK/nixzstd/netrc" --to "$URL/bench?compression=zstd" "$TOP")
 [ "$(check "$URL/bench")" = "$N" ] || { echo "nix copy (zstd): incomplete" >&2; exit 1; }
 T_FILE=$(timed env XDG_CACHE_HOME=$WORK/x3 nix copy --to "file://$WORK/filecache?compression=zstd" "$TOP")
+
+# Issue 12's push rows: the closure's small paths, then one LARGE_MIB path (half random, half
+# text), each pushed on its own by `larder push` into a fresh server and by a local `nix copy
+# --to file://…?compression=zstd`, in MiB/s of NAR. LARGE_MIB=0 skips it.
+LARGE_MIB=${LARGE_MIB:-256}
+if [ "$LARGE_MIB" != 0 ]; then
+  python3 - "$WORK/large" "$LARGE_MIB" <<'PY'
+import os, random, sys
+d, mib = sys.argv[1], int(sys.argv[2])
+os.makedirs(d)
+rng = random.Random(12)
+with open(os.path.join(d, "random"), "wb") as f:
+    for _ in range(mib // 2):
+        f.write(rng.randbytes(1 << 20))
+words = [bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(4000)]
+with open(os.path.join(d, "text"), "wb") as f:
+    left = (mib - mib // 2) << 20
+    while left > 0:
+        block = bytearray()
+        while len(block) < 1 << 20:
+            block += b" ".join(rng.choice(words) for _ in range(12)) + b"\n"
+        block = bytes(block[:min(left, 1 << 20)])
+        f.write(block)
+        left -= len(block)
+PY
+  LARGE=$(nix-store --add "$WORK/large")
+  LARGE_NAR_MIB=$(nix path-info -S "$LARGE" | awk '{printf "%.1f", $2/1048576}')
+  # Without the oracle's big path and the top path that refers to it.
+  mapfile -t SMALL < <(grep -v -e '-big-' -e "$TOP" "$WORK/oracle/closure")
+  SMALL_NAR_MIB=$(nix path-info --json "${SMALL[@]}" | python3 -c 'import json,sys; print("%.1f" % (sum(p["narSize"] for p in json.load(sys.stdin)) / 2**20))')
+  start_server rows
+  T_L_SMALL=$(timed env LARDER_SERVER=$URL LARDER_TOKEN=$PUSH "$BIN" push bench "${SMALL[@]}")
+  T_L_LARGE=$(timed env LARDER_SERVER=$URL LARDER_TOKEN=$PUSH "$BIN" push bench "$LARGE")
+  # The large path again, whole (multi-part), into another fresh server.
+  start_server rowswhole
+  T_L_WHOLE=$(timed env LARDER_SERVER=$URL LARDER_TOKEN=$PUSH LARDER_PUSH_NO_CHUNKING=1 "$BIN" push bench "$LARGE")
+  T_F_SMALL=$(timed env XDG_CACHE_HOME=$WORK/x4 nix copy --to "file://$WORK/rowscache?compression=zstd" "${SMALL[@]}")
+  T_F_LARGE=$(timed env XDG_CACHE_HOME=$WORK/x4 nix copy --to "file://$WORK/rowscache?compression=zstd" "$LARGE")
+  python3 - "${#SMALL[@]}" "$SMALL_NAR_MIB" "$LARGE_NAR_MIB" "$T_L_SMALL" "$T_L_LARGE" "$T_F_SMALL" "$T_F_LARGE" <<'PY'
+import sys
+n = sys.argv[1]
+sm, lm, ls, ll, fs, fl = map(float, sys.argv[2:])
+print(f"issue 12 push rows ({n} small paths, {sm:.1f} MiB of NAR; one large path, {lm:.1f} MiB):")
+print("| part        | larder push s | MiB/s | nix copy file:// s | MiB/s | larder / nix copy |")
+print("|-------------|---------------|-------|--------------------|-------|-------------------|")
+for name, m, l, f in [("small paths", sm, ls, fs), ("large path", lm, ll, fl), ("overall", sm + lm, ls + ll, fs + fl)]:
+    print(f"| {name:<11} | {l:13.2f} | {m/l:5.1f} | {f:18.2f} | {m/f:5.1f} | {f/l:16.2f}x |")
+PY
+  python3 -c "print(f'large path pushed whole (LARDER_PUSH_NO_CHUNKING=1): {$T_L_WHOLE:.2f} s, {$LARGE_NAR_MIB/$T_L_WHOLE:.1f} MiB/s, {$T_F_LARGE/$T_L_WHOLE:.2f}x nix copy')"
+fi
+
+# Issue 12's ingest row: TINY tiny paths (a few bytes each, no references) pushed by `larder
+# push` and by Nix's own uploader into fresh servers, and by a local `nix copy --to file://`,
+# in paths/s. TINY=0 (the default) skips it.
+TINY=${TINY:-0}
+if [ "$TINY" != 0 ]; then
+  mkdir -p "$WORK/tiny"
+  python3 - "$WORK/tiny" "$TINY" "$RANDOM" <<'PY'
+import os, sys
+d, n, salt = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+for i in range(n):
+    with open(os.path.join(d, f"tiny-{salt}-{i}"), "w") as f:
+        f.write(f"tiny path {salt} {i}\n")
+PY
+  mapfile -t TP < <(cd "$WORK/tiny" && find . -type f | sed "s|^\./|$WORK/tiny/|" | xargs nix-store --add)
+  start_server tinyl
+  T_T_L=$(timed env LARDER_SERVER=$URL LARDER_TOKEN=$PUSH "$BIN" push bench "${TP[@]}")
+  start_server tinyn
+  T_T_N=$(timed env XDG_CACHE_HOME=$WORK/x5 nix copy --option netrc-file "$WORK/tinyn/netrc" --to "$URL/bench?compression=zstd" "${TP[@]}")
+  T_T_F=$(timed env XDG_CACHE_HOME=$WORK/x6 nix copy --to "file://$WORK/tinycache?compression=zstd" "${TP[@]}")
+  python3 -c "
+n, l, nx, f = ${#TP[@]}, $T_T_L, $T_T_N, $T_T_F
+print(f'ingest of {n} tiny paths, paths/s: larder push {n/l:.0f} ({f/l:.2f}x), nix copy --to http://larder {n/nx:.0f} ({f/nx:.2f}x), nix copy --to file:// {n/f:.0f}')"
+fi
 
 echo "peak RSS during larder push: client $CLIENT_RSS_MIB MiB, server $SERVER_RSS_MIB MiB"
 python3 - "$N" "$NAR_MIB" "$T_LARDER" "$T_NIXXZ" "$T_NIXZSTD" "$T_FILE" <<'PY'

@@ -211,7 +211,7 @@ in
           max_connections = nullOr types.ints.positive "Most connections open at once.";
           max_connections_per_client = nullOr types.ints.positive "Most connections open at once from one client address.";
           multipart_max_open = nullOr types.ints.positive "Most unfinished multi-part uploads per cache and per token on a server.";
-          multipart_max_staged = nullOr larderLib.size "Most bytes of unfinished multi-part uploads per cache and per token on a server (server default: max_upload_size).";
+          multipart_max_staged = nullOr larderLib.size "Most bytes of unfinished multi-part uploads per cache and per token on a server, and of unassembled larder push chunks per cache (server default: max_upload_size).";
           multipart_idle_ttl = nullOr (larderLib.durationAtLeast 60 "1m") "How long an unfinished multi-part upload is kept without a new part.";
           upstream_keys = nullOr (types.listOf larderLib.publicKey) "Keys of upstream caches (server default: cache.nixos.org's).";
           tls_cert = nullOr larderLib.secretFile "PEM certificate chain; with tls_key, larder serves HTTPS. Reloaded on `systemctl reload larder`.";

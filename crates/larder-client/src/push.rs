@@ -356,7 +356,13 @@ async fn push_one(
                     chunked = false;
                     continue;
                 }
-                r => r,
+                // New to the cache: sent whole (see `chunked`).
+                Ok(None) => {
+                    chunked = false;
+                    continue;
+                }
+                Ok(Some(u)) => Ok(u),
+                Err(e) => Err(e),
             }
         } else if info.nar_size > opts.part_size {
             crate::multipart::upload(client, cache, info, opts, observer).await

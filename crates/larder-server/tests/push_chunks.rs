@@ -378,3 +378,64 @@ async fn claims_keep_a_sessions_chunks_through_garbage_collection() {
     .expect(201);
     srv.assert_present("c", &tp).await;
 }
+
+/// Chunks uploaded under a session that never assembles count against the cache's staging
+/// allowance (`multipart_max_staged`, or its size limit when smaller): beyond it an upload is
+/// refused with 413 and a message naming the bound, nothing of it stored; another cache is
+/// not held back, and once the session assembles its NAR its chunks stop counting.
+#[tokio::test]
+async fn unassembled_push_sessions_are_bounded_by_the_staging_allowance() {
+    let srv = Server::with_config(larder_server::config::ConfigFile {
+        multipart_max_staged: Some(larder_server::config::SizeValue::Text("1MiB".into())),
+        ..Default::default()
+    })
+    .await;
+    srv.create_cache("c", false).await;
+    srv.create_cache("d", false).await;
+    // Noise compresses to about its size: ~700 KiB of frames per NAR.
+    let nar_of = |seed: &str| {
+        TestPath::with_nar(
+            seed,
+            seed,
+            common::file_nar(&common::noise(700 << 10, seed)),
+        )
+    };
+    let first = nar_of("staged-1");
+    let second = nar_of("staged-2");
+    let send = |tp: &TestPath, cache: &'static str| {
+        let session = tp.nar_hash().to_nix32();
+        let chunks = chunks_of(&tp.nar);
+        let body = frames(&chunks.iter().collect::<Vec<_>>(), 3);
+        let srv = &srv;
+        async move { upload(srv, cache, srv.admin(), &session, body).await }
+    };
+    send(&first, "c").await.expect(201);
+    let files = srv.chunk_files();
+    let said = send(&second, "c").await.expect(413).text();
+    for word in ["unassembled", "multipart_max_staged", r#"cache \"c\""#] {
+        assert!(said.contains(word), "{word:?} not in {said}");
+    }
+    assert_eq!(srv.chunk_files(), files, "a refused upload stored chunks");
+    // Another cache has its own allowance.
+    send(&second, "d").await.expect(201);
+    // Assembled and published, the first session's chunks are a NAR's: room again.
+    let session = first.nar_hash().to_nix32();
+    let up = assemble(
+        &srv,
+        "c",
+        srv.admin(),
+        &session,
+        &ids(&chunks_of(&first.nar)),
+    )
+    .await
+    .expect(201)
+    .json();
+    srv.publish_api(
+        "c",
+        srv.admin(),
+        &first.publish_body(up["upload_id"].as_str().unwrap(), None),
+    )
+    .await
+    .expect(201);
+    send(&second, "c").await.expect(201);
+}

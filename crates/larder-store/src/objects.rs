@@ -29,6 +29,8 @@ pub use s3::{S3Credentials, S3Objects, Secret};
 
 /// Read size when streaming an object: large reads keep syscall and task overhead low.
 const READ_CHUNK: usize = 256 * 1024;
+/// Objects of one [`ObjectStore::put_many`] sent to S3 at once.
+const S3_PUT_CONCURRENCY: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ObjectError {
@@ -151,6 +153,27 @@ impl ObjectStore {
         let path = stage_bytes(self.staging_dir(), bytes).await.map_err(io)?;
         // `put_file` consumes the file; the TempPath deletes it if storing failed.
         self.put_file(key, &path).await
+    }
+
+    /// Store many small objects (the chunks of one upload), like [`Self::put_bytes`] each:
+    /// every object is complete and durable before it is visible, an existing key is kept.
+    /// On a local directory, one blocking task whose threads `fsync` at once (see [`fs`]);
+    /// on S3, a few `PUT`s at once.
+    pub async fn put_many(&self, items: Vec<(String, bytes::Bytes)>) -> Result<(), ObjectError> {
+        for (key, _) in &items {
+            check_key(key)?;
+        }
+        match self {
+            ObjectStore::Fs(fs) => fs.put_many(items).await,
+            ObjectStore::S3(_) => {
+                futures::stream::iter(items)
+                    .map(|(key, bytes)| async move { self.put_bytes(&key, &bytes).await })
+                    .buffer_unordered(S3_PUT_CONCURRENCY)
+                    .try_collect::<Vec<()>>()
+                    .await?;
+                Ok(())
+            }
+        }
     }
 
     /// Stream an object, or `range` of it. A range reaching past the end is cut at the end;

@@ -171,6 +171,10 @@ fn an_interrupted_chunked_push_sends_only_the_rest_when_run_again() {
     let tag = unique_tag();
     let data = contents(64 << 20, tag.len() as u64 * 31 + 5);
     let path = add_to_store(work.path(), &format!("big-{tag}"), &data);
+    // A path the cache has that shares most of the first 4 MiB: the push goes in chunks (a
+    // NAR whose first window is all new would be sent whole, in parts).
+    let head = add_to_store(work.path(), &format!("head-{tag}"), &data[..6 << 20]);
+    push(&server, &push_token, "resume", &[&head]);
     // Killed (SIGKILL: no goodbye) once the server holds some of its chunks.
     let mut child = spawn_push(
         &server,

@@ -333,7 +333,10 @@ async fn token_id(state: &AppState, headers: &HeaderMap) -> Result<Option<String
 /// How many bytes of unfinished parts a cache may hold, and the setting that says so: its
 /// size limit (what does not fit in the cache need not be staged for it) when it is below
 /// `multipart_max_staged`.
-fn staging_allowance(state: &AppState, c: &larder_store::meta::CacheRow) -> (u64, &'static str) {
+pub(crate) fn staging_allowance(
+    state: &AppState,
+    c: &larder_store::meta::CacheRow,
+) -> (u64, &'static str) {
     let limit = state.config.multipart_max_staged;
     match c.max_size.and_then(|m| u64::try_from(m).ok()) {
         Some(m) if m < limit => (m, "its size limit"),

@@ -106,6 +106,20 @@ impl Metadata {
         .await
     }
 
+    /// The stored bytes of the chunks that claims named `<claim_prefix>…` hold and no NAR
+    /// uses: what unassembled push sessions keep (counted against the staging bounds).
+    pub async fn claimed_unused_bytes(&self, claim_prefix: &str) -> Result<i64> {
+        let bytes: i64 = sqlx::query_scalar(
+            "SELECT CAST(COALESCE(SUM(c.file_size), 0) AS BIGINT) FROM chunks c WHERE \
+             c.chunk_hash IN (SELECT chunk_hash FROM chunk_claims WHERE claim_id LIKE $1) \
+             AND NOT EXISTS (SELECT 1 FROM nar_chunks nc WHERE nc.chunk_hash = c.chunk_hash)",
+        )
+        .bind(format!("{claim_prefix}%"))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(bytes)
+    }
+
     /// Claim, for `claim_id`, those of the chunks `ids` that have a row, without creating any
     /// (a chunk a NAR of the cache uses, say, that an upload is about to rely on). Returns the
     /// ids claimed. Like [`Metadata::claim_chunks`], committed at once and in hash order.

@@ -3,6 +3,15 @@
 //!
 //! Durable before visible: an object's data is `fsync`ed, then renamed into place (atomic on
 //! POSIX filesystems), then its directory is `fsync`ed.
+//!
+//!
+//! A batch of small objects ([`FsObjects::put_many`], the chunks of one upload) is written in
+//! one blocking task by [`PUT_MANY_THREADS`] threads, each `fsync`ing its files, and each
+//! directory is `fsync`ed once after all of them: concurrent `fsync`s share the disk's cache
+//! flushes. Measured on this machine's ext4 (virtio disk), 60 objects of 40 KiB: 40-240 ms
+//! one after another, 13-28 ms from 4-16 threads. (`syncfs` per batch cost 12-16 ms too,
+//! but it writes whatever else is dirty on the filesystem: 1.5 GB of another process's
+//! writes here, which made it the slower choice on a shared disk.)
 
 use std::io;
 use std::ops::Range;
@@ -13,6 +22,9 @@ use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::{ListedObject, ObjectBody, ObjectError, READ_CHUNK};
+
+/// Threads writing one [`FsObjects::put_many`] batch.
+const PUT_MANY_THREADS: usize = 8;
 
 #[derive(Debug, Clone)]
 pub struct FsObjects {
@@ -68,6 +80,21 @@ impl FsObjects {
         .await
         .map_err(|e| io_err(key)(io::Error::other(e)))?
         .map_err(io_err(key))
+    }
+
+    /// Store a batch of objects; see the module's documentation.
+    pub(super) async fn put_many(
+        &self,
+        items: Vec<(String, bytes::Bytes)>,
+    ) -> Result<(), ObjectError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let root = self.root.clone();
+        let tmp = self.tmp.clone();
+        tokio::task::spawn_blocking(move || put_many_blocking(&root, &tmp, items))
+            .await
+            .map_err(|e| io_err("")(io::Error::other(e)))?
     }
 
     pub(super) async fn get(
@@ -234,4 +261,100 @@ fn tokio_stream_from<T: Send + 'static>(
     mut rx: tokio::sync::mpsc::Receiver<T>,
 ) -> BoxStream<'static, T> {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
+}
+
+/// [`FsObjects::put_many`], on a blocking thread.
+fn put_many_blocking(
+    root: &Path,
+    tmp: &Path,
+    items: Vec<(String, bytes::Bytes)>,
+) -> Result<(), ObjectError> {
+    let workers = PUT_MANY_THREADS.min(items.len()).max(1);
+    let per = items.len().div_ceil(workers);
+    // Each worker writes and syncs its share of the objects; the directories they went into
+    // are synced once each, after all of them (concurrent `fsync`s share the disk's flushes).
+    let dirs: Vec<std::collections::BTreeSet<PathBuf>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = items
+            .chunks(per)
+            .map(|share| scope.spawn(move || put_share(root, tmp, share)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(io_err("")(io::Error::other("panicked"))))
+            })
+            .collect::<Result<_, _>>()
+    })?;
+    let dirs: Vec<PathBuf> = dirs
+        .into_iter()
+        .flatten()
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let per = dirs.len().div_ceil(workers).max(1);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = dirs
+            .chunks(per)
+            .map(|share| {
+                scope.spawn(move || {
+                    share
+                        .iter()
+                        .try_for_each(|d| std::fs::File::open(d)?.sync_all())
+                })
+            })
+            .collect();
+        handles.into_iter().try_for_each(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(io::Error::other("panicked")))
+        })
+    })
+    .map_err(io_err(""))
+}
+
+/// One worker's share of [`put_many_blocking`]: each object written into a staging file,
+/// `fsync`ed and renamed into place (an existing one kept). The directories to sync.
+fn put_share(
+    root: &Path,
+    tmp: &Path,
+    share: &[(String, bytes::Bytes)],
+) -> Result<std::collections::BTreeSet<PathBuf>, ObjectError> {
+    use std::io::Write;
+    let mut dirs = std::collections::BTreeSet::new();
+    for (key, bytes) in share {
+        let dst = root.join(key);
+        let parent = dst.parent().unwrap_or(Path::new("/")).to_owned();
+        if !parent.exists() {
+            std::fs::create_dir_all(&parent).map_err(io_err(key))?;
+            // The new directories' entries are durable too (`chunk/ab` in `chunk`, …).
+            for dir in parent.ancestors().skip(1) {
+                dirs.insert(dir.to_owned());
+                if dir == root {
+                    break;
+                }
+            }
+        }
+        // Stored by a concurrent upload that may not have made it durable yet: its
+        // directory is synced below.
+        if !dst.exists() {
+            let mut file = tempfile::Builder::new()
+                .prefix("object-")
+                .tempfile_in(tmp)
+                .map_err(io_err(key))?;
+            file.write_all(bytes).map_err(io_err(key))?;
+            file.as_file().sync_all().map_err(io_err(key))?;
+            file.into_temp_path()
+                .persist_noclobber(&dst)
+                .or_else(|e| {
+                    if dst.exists() {
+                        Ok(()) // stored meanwhile; the staging file is deleted on drop
+                    } else {
+                        Err(e.error)
+                    }
+                })
+                .map_err(io_err(key))?;
+        }
+        dirs.insert(parent);
+    }
+    Ok(dirs)
 }
