@@ -17,7 +17,8 @@
 # Needs (as root): nginx (nginx-light), wrk, python3 with cryptography, curl, sqlite3.
 # Knobs: LARDER_BIN (the larder to measure, instead of building this tree), N (paths, default 1000000), DUR (seconds per wrk run, default 10), PG (0/1),
 # BASELINE_BIN (another build of larder, measured as one more embedded column on a copy of the
-# same data directory), KEEP (a directory: seed once into it and reuse it on later runs).
+# same data directory), KEEP (a directory: seed once into it and reuse it on later runs),
+# SEED_ONLY=1 (seed into KEEP and exit: seed outside a benchmark lock, measure under it).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 N=${N:-1000000}
@@ -76,6 +77,8 @@ if [ ! -f "$SEED/seeded-$N" ]; then
   log "seeded in $(( $(date +%s) - t0 )) s"
   touch "$SEED/seeded-$N"
 fi
+# SEED_ONLY=1 (with KEEP): stop here, so seeding can run outside the lock that measurements hold.
+[ "${SEED_ONLY:-0}" = 1 ] && { log "seeded into $SEED"; exit 0; }
 # Every server runs on a copy of the seeded database (the eviction changes it; KEEP reuses the
 # seed), all sharing the seeded objects (GC keeps evicted NARs for their grace period).
 copy_data() {
