@@ -173,13 +173,6 @@ enum Command {
     },
 }
 
-/// mimalloc rather than glibc's malloc: a served narinfo allocates a few dozen small blocks
-/// (request, headers, boxed futures, the body) on one thread and frees them on the same one,
-/// which mimalloc's per-thread free lists do without locks or consolidation; glibc's malloc
-/// was ~14 % of the server's CPU under wrk (bench/scale.sh, perf).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let is_serve = matches!(cli.command, Command::Serve(_));
