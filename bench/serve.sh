@@ -14,7 +14,8 @@
 #     the time over nginx's, lower is better)
 # Needs (as root): nix-bin, nginx (nginx-light), wrk, python3, curl; for SCALED=1 also
 # postgresql and garage (what .ci/run installs).
-# Knobs: DUR (seconds per measurement, default 10), BIG_MIB (default 256), NSMALL (default 200),
+# Knobs: LARDER_BIN (the larder to measure, instead of building this tree), DUR (seconds per
+# measurement, default 10), BIG_MIB (default 256), NSMALL (default 200),
 # SCALED (1 = also measure the PostgreSQL+Garage setup, 0 = embedded vs nginx only),
 # BASELINE_BIN (another build of larder, e.g. the commit before a change: measured in the same
 # run as one more embedded column, so a change is compared with what it replaced).
@@ -42,8 +43,8 @@ cleanup() {
 trap cleanup EXIT
 log() { printf '[bench] %s\n' "$*" >&2; }
 
-(cd "$ROOT" && cargo build --release -q -p larder)
-BIN=$ROOT/target/release/larder
+if [ -n "${LARDER_BIN:-}" ]; then BIN=$LARDER_BIN # a build made elsewhere
+else (cd "$ROOT" && cargo build --release -q -p larder); BIN=$ROOT/target/release/larder; fi
 
 log "building a test closure (BIG_MIB=$BIG_MIB NSMALL=$NSMALL)"
 WORKDIR=$WORK/oracle BIG_MIB=$BIG_MIB NSMALL=$NSMALL bash "$ROOT/tests/oracle/nix-oracle.sh" build >/dev/null
@@ -168,7 +169,7 @@ row "NAR MiB/s, 4 connections" $(each mbps -t2 -c4 "@NAR@")
 KEY=$(for u in "$L" $B $S; do curl -sf "$u/api/v1/caches/bench"; echo; done |
   python3 -c 'import json,sys; print(" ".join(json.loads(l)["public_key"] for l in sys.stdin if l.strip()))')
 copy_from() { # copy_from BASE: seconds to substitute the closure from BASE into a fresh store
-  local store; store=$(mktemp -d "$WORK/dl.XXXXXX") t0 t1
+  local store t0 t1; store=$(mktemp -d "$WORK/dl.XXXXXX")
   t0=$(date +%s%N)
   NIX_CONFIG="$NIX_CONFIG
 trusted-public-keys = $KEY" XDG_CACHE_HOME=$(mktemp -d "$WORK/xdg.XXXXXX") \
