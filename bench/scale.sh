@@ -226,7 +226,10 @@ for i in "${!COLS[@]}"; do
   c=${COLS[$i]}; u=${URLS[$i]}
   auth=(-H "Authorization: Bearer $ADMIN")
   R[$c,missing]=$(ms curl -sf "${auth[@]}" -H 'Content-Type: application/json' --data-binary @"$WORK/missing.json" "$u/api/v1/caches/bench/missing")
-  n_missing=$(curl -sf "${auth[@]}" -H 'Content-Type: application/json' --data-binary @"$WORK/missing.json" "$u/api/v1/caches/bench/missing" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["missing"]))')
+  curl -sS -o "$WORK/missing.out" -w '%{http_code}' "${auth[@]}" -H 'Content-Type: application/json' \
+    --data-binary @"$WORK/missing.json" "$u/api/v1/caches/bench/missing" >"$WORK/missing.status" || true
+  [ "$(cat "$WORK/missing.status")" = 200 ] || { echo "bench: missing query answered $(cat "$WORK/missing.status"): $(head -c 500 "$WORK/missing.out")" >&2; tail -20 "$WORK/serve-$c.log" >&2; exit 1; }
+  n_missing=$(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))["missing"]))' "$WORK/missing.out")
   [ "$n_missing" = 5000 ] || { echo "bench: missing query said $n_missing of 10000 missing, not 5000" >&2; exit 1; }
   R[$c,ls]=$(ms curl -sf "${auth[@]}" "$u/api/v1/caches/bench/paths")
   R[$c,search]=$(ms curl -sf "${auth[@]}" "$u/api/v1/caches/bench/paths?query=firefox-3.")

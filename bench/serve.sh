@@ -173,8 +173,13 @@ copy_from() { # copy_from BASE: seconds to substitute the closure from BASE into
   t0=$(date +%s%N)
   NIX_CONFIG="$NIX_CONFIG
 trusted-public-keys = $KEY" XDG_CACHE_HOME=$(mktemp -d "$WORK/xdg.XXXXXX") \
-    nix copy --from "$1" --to "$store" "$TOP" >/dev/null 2>&1
+    nix copy --from "$1" --to "$store" "$TOP" >/dev/null 2>"$WORK/copy.log" ||
+    { cat "$WORK/copy.log" >&2; echo "bench: nix copy --from $1 failed" >&2; exit 1; }
   t1=$(date +%s%N)
+  # Timed only if the whole closure arrived.
+  local got; got=$(nix path-info --store "$store" -r "$TOP" 2>/dev/null | wc -l)
+  [ "$got" = "$(wc -l <"$WORK/oracle/closure")" ] ||
+    { echo "bench: nix copy --from $1 gave $got paths of the closure" >&2; exit 1; }
   rm -rf "$store" 2>/dev/null || { chmod -R u+w "$store"; rm -rf "$store"; }
   python3 -c "print(f'{($t1 - $t0) / 1e9:.3f}')"
 }
