@@ -17,7 +17,8 @@
 # Needs (as root): nginx (nginx-light), wrk, python3 with cryptography, curl, sqlite3.
 # Knobs: LARDER_BIN (the larder to measure, instead of building this tree), N (paths, default 1000000), DUR (seconds per wrk run, default 10), PG (0/1),
 # BASELINE_BIN (another build of larder, measured as one more embedded column on a copy of the
-# same data directory), KEEP (a directory: seed once into it and reuse it on later runs).
+# same data directory), KEEP (a directory: seed once into it and reuse it on later runs),
+# SEED_ONLY=1 (seed into KEEP and exit: seed outside a benchmark lock, measure under it).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 N=${N:-1000000}
@@ -76,6 +77,8 @@ if [ ! -f "$SEED/seeded-$N" ]; then
   log "seeded in $(( $(date +%s) - t0 )) s"
   touch "$SEED/seeded-$N"
 fi
+# SEED_ONLY=1 (with KEEP): stop here, so seeding can run outside the lock that measurements hold.
+[ "${SEED_ONLY:-0}" = 1 ] && { log "seeded into $SEED"; exit 0; }
 # Every server runs on a copy of the seeded database (the eviction changes it; KEEP reuses the
 # seed), all sharing the seeded objects (GC keeps evicted NARs for their grace period).
 copy_data() {
@@ -223,7 +226,10 @@ for i in "${!COLS[@]}"; do
   c=${COLS[$i]}; u=${URLS[$i]}
   auth=(-H "Authorization: Bearer $ADMIN")
   R[$c,missing]=$(ms curl -sf "${auth[@]}" -H 'Content-Type: application/json' --data-binary @"$WORK/missing.json" "$u/api/v1/caches/bench/missing")
-  n_missing=$(curl -sf "${auth[@]}" -H 'Content-Type: application/json' --data-binary @"$WORK/missing.json" "$u/api/v1/caches/bench/missing" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["missing"]))')
+  curl -sS -o "$WORK/missing.out" -w '%{http_code}' "${auth[@]}" -H 'Content-Type: application/json' \
+    --data-binary @"$WORK/missing.json" "$u/api/v1/caches/bench/missing" >"$WORK/missing.status" || true
+  [ "$(cat "$WORK/missing.status")" = 200 ] || { echo "bench: missing query answered $(cat "$WORK/missing.status"): $(head -c 500 "$WORK/missing.out")" >&2; tail -20 "$WORK/serve-$c.log" >&2; exit 1; }
+  n_missing=$(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))["missing"]))' "$WORK/missing.out")
   [ "$n_missing" = 5000 ] || { echo "bench: missing query said $n_missing of 10000 missing, not 5000" >&2; exit 1; }
   R[$c,ls]=$(ms curl -sf "${auth[@]}" "$u/api/v1/caches/bench/paths")
   R[$c,search]=$(ms curl -sf "${auth[@]}" "$u/api/v1/caches/bench/paths?query=firefox-3.")

@@ -10,9 +10,12 @@
 #   - small NARs requests/s (every NAR of the closure but the big one, 2-20 KiB), 1 and 16
 #     connections
 #   - NAR download throughput of one BIG_MIB NAR, 1 and 4 connections
+#   - end to end: `nix copy --from` of the closure into an empty store (seconds; the ratio is
+#     the time over nginx's, lower is better)
 # Needs (as root): nix-bin, nginx (nginx-light), wrk, python3, curl; for SCALED=1 also
 # postgresql and garage (what .ci/run installs).
-# Knobs: DUR (seconds per measurement, default 10), BIG_MIB (default 256), NSMALL (default 200),
+# Knobs: LARDER_BIN (the larder to measure, instead of building this tree), DUR (seconds per
+# measurement, default 10), BIG_MIB (default 256), NSMALL (default 200),
 # SCALED (1 = also measure the PostgreSQL+Garage setup, 0 = embedded vs nginx only),
 # BASELINE_BIN (another build of larder, e.g. the commit before a change: measured in the same
 # run as one more embedded column, so a change is compared with what it replaced).
@@ -40,8 +43,8 @@ cleanup() {
 trap cleanup EXIT
 log() { printf '[bench] %s\n' "$*" >&2; }
 
-(cd "$ROOT" && cargo build --release -q -p larder)
-BIN=$ROOT/target/release/larder
+if [ -n "${LARDER_BIN:-}" ]; then BIN=$LARDER_BIN # a build made elsewhere
+else (cd "$ROOT" && cargo build --release -q -p larder); BIN=$ROOT/target/release/larder; fi
 
 log "building a test closure (BIG_MIB=$BIG_MIB NSMALL=$NSMALL)"
 WORKDIR=$WORK/oracle BIG_MIB=$BIG_MIB NSMALL=$NSMALL bash "$ROOT/tests/oracle/nix-oracle.sh" build >/dev/null
@@ -160,6 +163,38 @@ row "small NARs req/s, 1 connection" $(each rps -t1 -c1 -s "$WORK/smallnar.lua" 
 row "small NARs req/s, 16 connections" $(each rps -t2 -c16 -s "$WORK/smallnar.lua" "")
 row "NAR MiB/s, 1 connection" $(each mbps -t1 -c1 "@NAR@")
 row "NAR MiB/s, 4 connections" $(each mbps -t2 -c4 "@NAR@")
+# End to end: `nix copy --from` of the whole closure into an empty store, from larder and from
+# nginx (the same narinfos, signed by larder's key, and NARs), alternated, the better of two
+# runs each (seconds; the ratio is larder's time over nginx's: lower is better).
+KEY=$(for u in "$L" $B $S; do curl -sf "$u/api/v1/caches/bench"; echo; done |
+  python3 -c 'import json,sys; print(" ".join(json.loads(l)["public_key"] for l in sys.stdin if l.strip()))')
+copy_from() { # copy_from BASE: seconds to substitute the closure from BASE into a fresh store
+  local store t0 t1; store=$(mktemp -d "$WORK/dl.XXXXXX")
+  t0=$(date +%s%N)
+  NIX_CONFIG="$NIX_CONFIG
+trusted-public-keys = $KEY" XDG_CACHE_HOME=$(mktemp -d "$WORK/xdg.XXXXXX") \
+    nix copy --from "$1" --to "$store" "$TOP" >/dev/null 2>"$WORK/copy.log" ||
+    { cat "$WORK/copy.log" >&2; echo "bench: nix copy --from $1 failed" >&2; exit 1; }
+  t1=$(date +%s%N)
+  # Timed only if the whole closure arrived.
+  local got; got=$(nix path-info --store "$store" -r "$TOP" 2>/dev/null | wc -l)
+  [ "$got" = "$(wc -l <"$WORK/oracle/closure")" ] ||
+    { echo "bench: nix copy --from $1 gave $got paths of the closure" >&2; exit 1; }
+  rm -rf "$store" 2>/dev/null || { chmod -R u+w "$store"; rm -rf "$store"; }
+  python3 -c "print(f'{($t1 - $t0) / 1e9:.3f}')"
+}
+E2E_BASES=("$L/bench"); [ -z "$B" ] || E2E_BASES+=("$B/bench"); [ -z "$S" ] || E2E_BASES+=("$S/bench")
+E2E_BASES+=("$N/bench")
+E2E=()
+for _ in 1 2; do for base in "${E2E_BASES[@]}"; do E2E+=("$(copy_from "$base")"); done; done
+python3 - "${#E2E_BASES[@]}" "${E2E[@]}" <<'PY'
+import sys
+n, v = int(sys.argv[1]), [float(x) for x in sys.argv[2:]]
+best = [min(v[i], v[i + n]) for i in range(n)]
+cells = "".join(f" {b:>12.2f} |" for b in best)
+ratios = "".join(f" {b / best[-1]:>6.2f}x |" for b in best[:-1])
+print(f"| {'nix copy --from, s (lower wins)':<30} |{cells}{ratios}")
+PY
 if [ -n "$S" ]; then
   DIRECT=$(curl -s -o /dev/null -w '%{redirect_url}' "$URL_presigned$BIGNAR_S")
   [ -n "$DIRECT" ] || { echo "bench: no presigned redirect for $BIGNAR_S" >&2; exit 1; }

@@ -44,9 +44,39 @@ pub mod upstream;
 pub use config::Config;
 pub use error::ApiError;
 
-/// Shared state of every handler (cheap to clone).
+/// Shared state of every handler: one reference count to clone, however many backends and
+/// caches it holds ([`Shared`] through `Deref`).
+///
+/// Every request clones it (axum's `State` extractor does), so a clone must be cheap and must
+/// not touch memory other threads touch: cloning the fields themselves cost two path
+/// allocations and a dozen atomic increments on cache lines shared by every serving thread
+/// (~8 % of a narinfo miss, perf under wrk). Each serving thread gets its own `AppState`
+/// ([`AppState::for_thread`]) over the same backends.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> AppState {
+        AppState(Arc::new(shared))
+    }
+    /// The same backends and in-memory state under a reference count of its own, for one
+    /// serving thread.
+    pub fn for_thread(&self) -> AppState {
+        AppState::new((*self.0).clone())
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What [`AppState`] holds. Every field is a handle: clones share the backend, cache or
+/// counter behind it.
+#[derive(Clone)]
+pub struct Shared {
     pub meta: Metadata,
     pub objects: ObjectStore,
     /// This process's staging files ([`staging`]).
@@ -96,23 +126,47 @@ pub fn route_table() -> Vec<routes::Route> {
 }
 
 /// The whole HTTP surface.
+///
+/// Two middleware layers, not one per concern: each layer boxes every request's future and
+/// clones the service below it, which a narinfo (answered in microseconds) pays in full.
 pub fn router(state: AppState) -> Router {
+    let bounds = Bounds {
+        header_timeout: state.config.header_timeout,
+        backend_timeout: state.config.backend_timeout,
+    };
     routes()
         .into_router()
-        .layer(axum::middleware::from_fn_with_state(
-            state.config.header_timeout,
-            stall::bound_body_silence,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.config.backend_timeout,
-            read_deadline,
-        ))
+        .layer(axum::middleware::from_fn_with_state(bounds, bound))
         .layer(axum::middleware::from_fn_with_state(
             metrics::Observer::new(state.metrics.clone()),
             metrics::observe,
         ))
-        .layer(axum::middleware::map_response(harden))
         .with_state(state)
+}
+
+/// The time limits [`bound`] applies.
+#[derive(Clone, Copy)]
+struct Bounds {
+    header_timeout: std::time::Duration,
+    backend_timeout: std::time::Duration,
+}
+
+/// Middleware: a read's response head is due within `backend_timeout` ([`read_deadline`]); a
+/// body that carries data may not fall silent for `header_timeout`
+/// ([`stall::bound_body_silence`]); and every response is [`harden`]ed.
+async fn bound(
+    State(bounds): State<Bounds>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use axum::http::Method;
+    let resp = match *req.method() {
+        Method::GET | Method::HEAD => read_deadline(bounds.backend_timeout, req, next).await,
+        // Reads carry no body: leave the hot path alone.
+        Method::OPTIONS => next.run(req).await,
+        _ => stall::bound_body_silence(bounds.header_timeout, req, next).await,
+    };
+    harden(resp)
 }
 
 /// Every response is data, never a page a browser may run, unless it says otherwise: logs,
@@ -121,7 +175,7 @@ pub fn router(state: AppState) -> Router {
 /// `Content-Security-Policy: sandbox; default-src 'none'` (no script, no same-origin access,
 /// even if a browser renders it), and every response `X-Content-Type-Options: nosniff` (its
 /// declared type is the one used).
-async fn harden(mut resp: Response) -> Response {
+fn harden(mut resp: Response) -> Response {
     use axum::http::{header, HeaderValue};
     let h = resp.headers_mut();
     if !h.contains_key(header::CONTENT_SECURITY_POLICY) {
@@ -137,18 +191,18 @@ async fn harden(mut resp: Response) -> Response {
     resp
 }
 
-/// A GET or HEAD whose response head is not ready within `backend_timeout` is answered 503
-/// (with Retry-After): a backend that accepts connections but stopped answering must not
-/// hold Nix and every other client forever. Only the head is timed: a NAR then streams for
-/// as long as it takes. Uploads are not timed here; their bodies take as long as the network.
-/// `/healthz` bounds its own checks ([`HEALTH_TIMEOUT`]) to report which backend is away.
+/// A GET or HEAD whose response head is not ready within `limit` (`backend_timeout`) is
+/// answered 503 (with Retry-After): a backend that accepts connections but stopped answering
+/// must not hold Nix and every other client forever. Only the head is timed: a NAR then
+/// streams for as long as it takes. Uploads are not timed here; their bodies take as long as
+/// the network. `/healthz` bounds its own checks ([`HEALTH_TIMEOUT`]) to report which backend
+/// is away.
 async fn read_deadline(
-    State(limit): State<std::time::Duration>,
+    limit: std::time::Duration,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    use axum::http::Method;
-    if !matches!(*req.method(), Method::GET | Method::HEAD) || req.uri().path() == "/healthz" {
+    if req.uri().path() == "/healthz" {
         return next.run(req).await;
     }
     match tokio::time::timeout(limit, next.run(req)).await {
@@ -323,7 +377,7 @@ pub async fn open_state(
     }
     let staging = staging::Staging::open(objects.staging_dir())
         .map_err(|e| OpenError::DataDir(objects.staging_dir().to_owned(), e))?;
-    Ok(AppState {
+    Ok(AppState::new(Shared {
         meta,
         objects,
         staging: Arc::new(staging),
@@ -334,7 +388,7 @@ pub async fn open_state(
         background: Arc::default(),
         oidc: Arc::default(),
         upstream: Arc::default(),
-    })
+    }))
 }
 
 /// On an empty database, create a server admin token and write it to `DATA/admin-token`
@@ -443,7 +497,7 @@ pub async fn serve_on(
             .iter()
             .map(std::net::TcpListener::try_clone)
             .collect::<std::io::Result<Vec<_>>>()?;
-        let app = router(state.clone());
+        let app = router(state.for_thread());
         let stop = stop_rx.clone();
         let admission = admission.clone();
         let tls = tls.clone();

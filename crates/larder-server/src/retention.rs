@@ -3,7 +3,8 @@
 //!
 //! - **Usage.** A narinfo or NAR fetch marks the path used. The request only inserts into an
 //!   in-memory set under a mutex; [`Usage::flush`] writes each batch with one `UPDATE` per
-//!   cache (every [`USAGE_FLUSH_INTERVAL`], and before every eviction). Never-used paths age
+//!   cache (every [`USAGE_FLUSH_INTERVAL`], and before every eviction), which leaves alone
+//!   the paths whose recorded use is within [`USAGE_RESOLUTION`]. Never-used paths age
 //!   from their upload (`created_at`). Under the same lock the request counts the download
 //!   for the cache's daily statistics, which the same flush writes ([`crate::stats`]).
 //! - **Order.** A path's *closure recency* is the latest use of the path or of any path in the
@@ -32,6 +33,11 @@ use crate::AppState;
 
 /// How often recorded uses are written to the database.
 pub const USAGE_FLUSH_INTERVAL: Duration = Duration::from_secs(2);
+/// A path's recorded last use is rewritten only when it is at least this much older than the
+/// new one. Eviction cannot tell apart uses ten minutes apart, which no cache limit needs;
+/// writing every use was a row write per distinct path every flush, and a quarter of the
+/// CPU of a server answering random narinfos of 100 000 paths (bench/scale.sh, perf).
+pub const USAGE_RESOLUTION: Duration = Duration::from_secs(600);
 /// Share of `max_size` past which a cache is reported as nearly full.
 pub const WARN_FRACTION: f64 = 0.85;
 /// Attempts of one eviction when concurrent publishing invalidates its plan.
@@ -108,7 +114,10 @@ impl Usage {
         }
         let mut result = Ok(());
         for (cache, (hashes, nars)) in by_cache {
-            if let Err(e) = meta.record_usage(cache, &hashes, &nars, at).await {
+            if let Err(e) = meta
+                .record_usage(cache, &hashes, &nars, at, USAGE_RESOLUTION.as_secs() as i64)
+                .await
+            {
                 result = Err(e.into());
                 break;
             }

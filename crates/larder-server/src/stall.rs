@@ -15,8 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::http::Method;
+use axum::extract::Request;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
@@ -28,16 +27,9 @@ use crate::error::ApiError;
 #[error("the request body stalled: no data for {}s", .0.as_secs())]
 pub struct Stalled(pub Duration);
 
-/// Middleware: bound the silence inside request bodies (methods that carry one) to `limit`.
-pub async fn bound_body_silence(
-    State(limit): State<Duration>,
-    req: Request,
-    next: Next,
-) -> Response {
-    // Reads carry no body: leave the hot path alone.
-    if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
-        return next.run(req).await;
-    }
+/// Bound the silence inside a request's body (methods that carry one) to `limit`; part of
+/// the server's middleware (`crate::bound`), which leaves reads alone.
+pub async fn bound_body_silence(limit: Duration, req: Request, next: Next) -> Response {
     let stalled = Arc::new(AtomicBool::new(false));
     let req = req.map(|body| guard(body, limit, stalled.clone()));
     let resp = next.run(req).await;

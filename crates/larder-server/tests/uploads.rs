@@ -888,10 +888,10 @@ async fn listings_are_made_once_stored_and_collected_with_their_nar() {
     // Past the grace period in which an evicted NAR stays servable.
     let mut config = (*srv.state.config).clone();
     config.evicted_nar_grace = std::time::Duration::ZERO;
-    let state = larder_server::AppState {
+    let state = larder_server::AppState::new(larder_server::Shared {
         config: std::sync::Arc::new(config),
-        ..srv.state.clone()
-    };
+        ..(*srv.state).clone()
+    });
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     larder_server::publish::collect_garbage(&state)
         .await

@@ -869,15 +869,27 @@ async fn usage_and_logs_are_recorded(db: Db) {
     let b = sp("used-by-nar");
     publish(m, c.id, &a, &[]).await;
     let bn = publish(m, c.id, &b, &[]).await;
-    m.record_usage(c.id, &[a.hash_part()], &[bn.id], 12345)
+    m.record_usage(c.id, &[a.hash_part()], &[bn.id], 12345, 600)
         .await
         .unwrap();
-    let mut lru = m.lru_paths(c.id).await.unwrap();
-    lru.sort_by_key(|p| p.id);
-    assert_eq!(
-        lru.iter().map(|p| p.last_used_at).collect::<Vec<_>>(),
-        [Some(12345), Some(12345)]
-    );
+    let used = || async {
+        let mut lru = m.lru_paths(c.id).await.unwrap();
+        lru.sort_by_key(|p| p.id);
+        lru.iter().map(|p| p.last_used_at).collect::<Vec<_>>()
+    };
+    assert_eq!(used().await, [Some(12345), Some(12345)]);
+    // Used again within the resolution: nothing is written; past it, the new time is.
+    m.record_usage(c.id, &[a.hash_part()], &[bn.id], 12345 + 599, 600)
+        .await
+        .unwrap();
+    assert_eq!(used().await, [Some(12345), Some(12345)]);
+    m.record_usage(c.id, &[a.hash_part()], &[], 12345 + 600, 600)
+        .await
+        .unwrap();
+    assert_eq!(used().await, [Some(12945), Some(12345)]);
+    // An older use never moves a recorded one back.
+    m.record_usage(c.id, &[], &[bn.id], 100, 0).await.unwrap();
+    assert_eq!(used().await, [Some(12945), Some(12345)]);
     m.put_log(c.id, "x.drv", "log/one", 3).await.unwrap();
     m.put_log(c.id, "x.drv", "log/two", 4).await.unwrap();
     assert_eq!(
@@ -1318,7 +1330,7 @@ async fn populate(m: &Metadata) {
             PutRealisation::Created
         );
     }
-    m.record_usage(a.id, &[app.hash_part()], &[], 777)
+    m.record_usage(a.id, &[app.hash_part()], &[], 777, 0)
         .await
         .unwrap();
     let served = Downloads {
