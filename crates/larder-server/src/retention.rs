@@ -4,7 +4,8 @@
 //! - **Usage.** A narinfo or NAR fetch marks the path used. The request only inserts into an
 //!   in-memory set under a mutex; [`Usage::flush`] writes each batch with one `UPDATE` per
 //!   cache (every [`USAGE_FLUSH_INTERVAL`], and before every eviction), which leaves alone
-//!   the paths whose recorded use is within [`USAGE_RESOLUTION`]. Never-used paths age
+//!   the paths whose recorded use is within [`USAGE_RESOLUTION`] (a second in a cache with a
+//!   size limit, whose eviction order needs it). Never-used paths age
 //!   from their upload (`created_at`). Under the same lock the request counts the download
 //!   for the cache's daily statistics, which the same flush writes ([`crate::stats`]).
 //! - **Order.** A path's *closure recency* is the latest use of the path or of any path in the
@@ -33,11 +34,15 @@ use crate::AppState;
 
 /// How often recorded uses are written to the database.
 pub const USAGE_FLUSH_INTERVAL: Duration = Duration::from_secs(2);
-/// A path's recorded last use is rewritten only when it is at least this much older than the
-/// new one. Eviction cannot tell apart uses ten minutes apart, which no cache limit needs;
-/// writing every use was a row write per distinct path every flush, and a quarter of the
-/// CPU of a server answering random narinfos of 100 000 paths (bench/scale.sh, perf).
+/// In a cache without a size limit, a path's recorded last use is rewritten only when it is
+/// at least this much older than the new one: nothing evicts by it there (it is shown, and
+/// read if a limit is set later), and writing every use was a row write per distinct path
+/// every flush, a quarter of the CPU of a server answering random narinfos of 100 000 paths
+/// (bench/scale.sh, perf). A cache with `max_size` records every use to the second
+/// ([`LIMITED_USAGE_RESOLUTION`]): its eviction order depends on it.
 pub const USAGE_RESOLUTION: Duration = Duration::from_secs(600);
+/// The resolution of recorded uses in a cache with a size limit.
+pub const LIMITED_USAGE_RESOLUTION: Duration = Duration::from_secs(1);
 /// Share of `max_size` past which a cache is reported as nearly full.
 pub const WARN_FRACTION: f64 = 0.85;
 /// Attempts of one eviction when concurrent publishing invalidates its plan.
@@ -112,10 +117,29 @@ impl Usage {
         for (cache, nar) in batch.nars {
             by_cache.entry(cache).or_default().1.push(nar);
         }
+        // The caches that evict by recency; when they cannot be listed, every use is exact.
+        let unlimited: HashSet<i64> = if by_cache.is_empty() {
+            HashSet::new()
+        } else {
+            meta.list_caches()
+                .await
+                .map(|cs| {
+                    cs.into_iter()
+                        .filter(|c| c.max_size.is_none())
+                        .map(|c| c.id)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
         let mut result = Ok(());
         for (cache, (hashes, nars)) in by_cache {
+            let resolution = if unlimited.contains(&cache) {
+                USAGE_RESOLUTION
+            } else {
+                LIMITED_USAGE_RESOLUTION
+            };
             if let Err(e) = meta
-                .record_usage(cache, &hashes, &nars, at, USAGE_RESOLUTION.as_secs() as i64)
+                .record_usage(cache, &hashes, &nars, at, resolution.as_secs() as i64)
                 .await
             {
                 result = Err(e.into());
