@@ -130,7 +130,8 @@ settings! {
         pub multipart_max_open: Option<usize>,
         /// Most bytes the unfinished multi-part uploads of one cache (at most its size limit),
         /// and of one token, may hold on this server, e.g. 20GiB; a part beyond is refused
-        /// (413). [default: 64GiB (max_upload_size)]
+        /// (413). Per cache it also bounds the chunks of `larder push` sessions not yet
+        /// assembled into a NAR. [default: 64GiB (max_upload_size)]
         #[arg(long, env = "LARDER_MULTIPART_MAX_STAGED")]
         pub multipart_max_staged: Option<SizeValue>,
         /// How long an unfinished multi-part upload is kept without a new part (a resumed push
