@@ -357,17 +357,7 @@ fn a_flipped_bit_on_garage_with_postgres_is_found_and_repaired() {
     assert!(o.status.success(), "{:?}", text(&o));
 
     // Flip one bit of the chunk's frame, in place.
-    let store = larder_store::ObjectStore::open(
-        &storage,
-        larder_store::OpenOptions {
-            staging_dir: work.path().to_owned(),
-            s3_credentials: Some(larder_store::S3Credentials {
-                access_key_id: garage.access_key_id.clone(),
-                secret_access_key: larder_store::Secret::new(garage.secret_access_key.clone()),
-            }),
-        },
-    )
-    .unwrap();
+    let store = garage_store(&garage, work.path());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

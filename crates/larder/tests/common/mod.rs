@@ -390,21 +390,29 @@ pub fn build_file(name: &str, content: &str) -> String {
     build_expr(&expr).remove(0)
 }
 
-/// The objects in Garage's bucket, listed through larder's own S3 backend.
-pub fn garage_keys(garage: &larder_testkit::garage::Garage) -> Vec<String> {
-    use futures::StreamExt;
-    let staging = tempfile::tempdir().unwrap();
-    let store = larder_store::ObjectStore::open(
+/// Garage's bucket through larder's own S3 backend, staging in `staging`.
+pub fn garage_store(
+    garage: &larder_testkit::garage::Garage,
+    staging: &Path,
+) -> larder_store::ObjectStore {
+    larder_store::ObjectStore::open(
         &garage.storage_url(),
         larder_store::OpenOptions {
-            staging_dir: staging.path().to_owned(),
+            staging_dir: staging.to_owned(),
             s3_credentials: Some(larder_store::S3Credentials {
                 access_key_id: garage.access_key_id.clone(),
                 secret_access_key: larder_store::Secret::new(garage.secret_access_key.clone()),
             }),
         },
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// The objects in Garage's bucket, listed through larder's own S3 backend.
+pub fn garage_keys(garage: &larder_testkit::garage::Garage) -> Vec<String> {
+    use futures::StreamExt;
+    let staging = tempfile::tempdir().unwrap();
+    let store = garage_store(garage, staging.path());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
