@@ -31,6 +31,10 @@ pub use s3::{S3Credentials, S3Objects, Secret};
 const READ_CHUNK: usize = 256 * 1024;
 /// Objects of one [`ObjectStore::put_many`] sent to S3 at once.
 const S3_PUT_CONCURRENCY: usize = 8;
+/// Object reads (or existence checks) of one [`ObjectStore::read_pieces`] (or
+/// [`ObjectStore::first_missing`]) sent to S3 at once: each is a request, a few at once hide
+/// their latency.
+const S3_READ_CONCURRENCY: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ObjectError {
@@ -191,36 +195,83 @@ impl ObjectStore {
     }
 
     /// `range` of an object in memory, exactly (an object shorter than the range is an
-    /// error): for callers that hold a few such pieces at a time, such as the chunks of a NAR
-    /// being served. On a local directory, one thread hop for the whole range.
+    /// error).
     pub async fn read_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, ObjectError> {
-        check_key(key)?;
-        let want = range.end.saturating_sub(range.start);
-        let bytes = match self {
-            ObjectStore::Fs(fs) => fs.read_range(key, range).await?,
-            ObjectStore::S3(_) => {
-                let body = self.get(key, Some(range)).await?;
-                let mut out = bytes::BytesMut::with_capacity(body.len as usize);
-                let mut stream = body.stream;
-                while let Some(piece) = stream.next().await {
-                    out.extend_from_slice(&piece.map_err(|source| ObjectError::Io {
-                        key: key.to_owned(),
-                        source,
-                    })?);
-                }
-                out.freeze()
-            }
-        };
-        if bytes.len() as u64 != want {
-            return Err(ObjectError::Io {
-                key: key.to_owned(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    format!("read {} of {want} bytes", bytes.len()),
-                ),
-            });
+        self.read_pieces(vec![(key.to_owned(), range)]).await
+    }
+
+    /// `pieces` (each a key and a range of that object) in memory, one after another in one
+    /// buffer, exactly (an object shorter than its range is an error naming it): for callers
+    /// that hold a few such batches at a time, such as a NAR's chunks being served. On a local
+    /// directory one thread hop for the whole batch; on S3 [`S3_READ_CONCURRENCY`] requests at
+    /// once.
+    pub async fn read_pieces(
+        &self,
+        pieces: Vec<(String, Range<u64>)>,
+    ) -> Result<Bytes, ObjectError> {
+        for (key, _) in &pieces {
+            check_key(key)?;
         }
-        Ok(bytes)
+        match self {
+            ObjectStore::Fs(fs) => fs.read_pieces(pieces).await,
+            ObjectStore::S3(_) => {
+                let total: u64 = pieces
+                    .iter()
+                    .map(|(_, r)| r.end.saturating_sub(r.start))
+                    .sum();
+                let mut out = bytes::BytesMut::with_capacity(total as usize);
+                let mut reads = futures::stream::iter(pieces)
+                    .map(|(key, range)| async move {
+                        let want = range.end.saturating_sub(range.start);
+                        let body = self.get(&key, Some(range)).await?;
+                        let mut piece = bytes::BytesMut::with_capacity(want as usize);
+                        let mut stream = body.stream;
+                        while let Some(part) = stream.next().await {
+                            piece.extend_from_slice(&part.map_err(|source| ObjectError::Io {
+                                key: key.clone(),
+                                source,
+                            })?);
+                        }
+                        if piece.len() as u64 != want {
+                            return Err(ObjectError::Io {
+                                key,
+                                source: std::io::Error::new(
+                                    std::io::ErrorKind::UnexpectedEof,
+                                    format!("read {} of {want} bytes", piece.len()),
+                                ),
+                            });
+                        }
+                        Ok(piece)
+                    })
+                    .buffered(S3_READ_CONCURRENCY);
+                while let Some(piece) = reads.next().await {
+                    out.extend_from_slice(&piece?);
+                }
+                Ok(out.freeze())
+            }
+        }
+    }
+
+    /// The first of `keys` that is not stored (`None`: all are). On a local directory one
+    /// thread hop for them all; on S3 [`S3_READ_CONCURRENCY`] `HEAD`s at once.
+    pub async fn first_missing(&self, keys: Vec<String>) -> Result<Option<String>, ObjectError> {
+        for key in &keys {
+            check_key(key)?;
+        }
+        match self {
+            ObjectStore::Fs(fs) => fs.first_missing(keys).await,
+            ObjectStore::S3(_) => {
+                futures::stream::iter(keys)
+                    .map(|key| async move {
+                        Ok::<_, ObjectError>((!self.exists(&key).await?).then_some(key))
+                    })
+                    .buffer_unordered(S3_READ_CONCURRENCY)
+                    .try_filter_map(|m| std::future::ready(Ok(m)))
+                    .boxed()
+                    .try_next()
+                    .await
+            }
+        }
     }
 
     /// A whole small object in memory: `Ok(None)` when it is larger than `max` bytes (stream it
