@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,6 +20,10 @@ use axum::Router;
 /// How long a connection that has sent no request yet is given to send its first one when the
 /// server shuts down.
 const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
+
+/// How long a serving thread with more open connections than another waits before it accepts
+/// one more, so that an idle thread takes it instead.
+const SPREAD_WAIT: Duration = Duration::from_millis(1);
 
 /// File descriptors kept for everything but client sockets (the database, staged uploads,
 /// object files, the object store's connections).
@@ -175,6 +179,58 @@ impl Drop for Ticket {
     }
 }
 
+/// Open connections per serving thread. Every thread accepts on the same sockets, and a thread
+/// that wakes to several waiting connections would take them all (wrk's 16 connections all
+/// landed on one of two threads, leaving the other core idle); a thread holding more than one
+/// connection over the least busy one therefore waits [`SPREAD_WAIT`] before accepting, once,
+/// so the other thread takes the connection if it can (and it is accepted anyway if not).
+pub struct Spread {
+    open: Vec<AtomicUsize>,
+}
+
+impl Spread {
+    pub fn new(threads: usize) -> Arc<Spread> {
+        Arc::new(Spread {
+            open: (0..threads.max(1)).map(|_| AtomicUsize::new(0)).collect(),
+        })
+    }
+
+    /// Whether thread `me` holds more than one connection over the least busy thread.
+    fn ahead(&self, me: usize) -> bool {
+        let mine = self.open[me].load(Ordering::Relaxed);
+        let least = self
+            .open
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(0);
+        mine > least + 1
+    }
+}
+
+/// A serving thread's place in [`Spread`].
+#[derive(Clone)]
+pub struct Worker {
+    pub spread: Arc<Spread>,
+    pub index: usize,
+}
+
+/// Counts a connection as open on its thread until dropped.
+struct Held(Worker);
+
+impl Held {
+    fn new(worker: &Worker) -> Held {
+        worker.spread.open[worker.index].fetch_add(1, Ordering::Relaxed);
+        Held(worker.clone())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.spread.open[self.0.index].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Accept on `listener` and serve each admitted connection with `app` (over TLS when `tls` is
 /// given) until `stop` turns true, then let the open connections finish their requests and
 /// return.
@@ -184,11 +240,18 @@ pub async fn accept_loop(
     admission: Arc<Admission>,
     tls: Option<Arc<crate::tls::Tls>>,
     header_timeout: Duration,
+    worker: Worker,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     // Each connection holds a receiver: when all are dropped, every connection has ended.
     let (closed_tx, closed_rx) = tokio::sync::watch::channel(());
     loop {
+        if worker.spread.ahead(worker.index) {
+            tokio::select! {
+                _ = tokio::time::sleep(SPREAD_WAIT) => {}
+                _ = stop.wait_for(|stopped| *stopped) => break,
+            }
+        }
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = stop.wait_for(|stopped| *stopped) => break,
@@ -213,6 +276,7 @@ pub async fn accept_loop(
         let stop = stop.clone();
         let closed = closed_rx.clone();
         let acceptor = tls.as_ref().map(|t| t.acceptor());
+        let held = Held::new(&worker);
         tokio::spawn(async move {
             match acceptor {
                 None => serve_connection(tcp, app, header_timeout, stop).await,
@@ -227,6 +291,7 @@ pub async fn accept_loop(
                 }
             }
             drop(ticket);
+            drop(held);
             drop(closed);
         });
     }
@@ -301,6 +366,30 @@ async fn serve_connection<S>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_thread_two_connections_ahead_lets_the_others_accept() {
+        let spread = Spread::new(2);
+        let zero = Worker {
+            spread: spread.clone(),
+            index: 0,
+        };
+        let one = Worker {
+            spread: spread.clone(),
+            index: 1,
+        };
+        let first = Held::new(&zero);
+        assert!(!spread.ahead(0), "one connection ahead still accepts");
+        let second = Held::new(&zero);
+        assert!(spread.ahead(0) && !spread.ahead(1));
+        let _other = Held::new(&one);
+        assert!(!spread.ahead(0));
+        drop((first, second));
+        assert!(
+            !spread.ahead(0) && !spread.ahead(1),
+            "closed connections no longer count"
+        );
+    }
 
     #[test]
     fn caps_count_per_client_and_in_total() {

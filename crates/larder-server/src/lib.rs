@@ -492,6 +492,7 @@ pub async fn serve_on(
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut threads = Vec::with_capacity(workers);
+    let spread = conn::Spread::new(workers);
     for i in 0..workers {
         let listeners = listeners
             .iter()
@@ -501,6 +502,10 @@ pub async fn serve_on(
         let stop = stop_rx.clone();
         let admission = admission.clone();
         let tls = tls.clone();
+        let worker = conn::Worker {
+            spread: spread.clone(),
+            index: i,
+        };
         let thread = std::thread::Builder::new()
             .name(format!("larder-http-{i}"))
             .spawn(move || -> std::io::Result<()> {
@@ -517,6 +522,7 @@ pub async fn serve_on(
                             admission.clone(),
                             tls.clone(),
                             header_timeout,
+                            worker.clone(),
                             stop.clone(),
                         ));
                     }
