@@ -7,7 +7,7 @@ Usage: scale-seed.py DATA STATIC N [CACHE]
 DATA is a `larder serve --data` directory whose server has been stopped, with the cache CACHE
 (default "bench") created and managed signing (the default). The script writes, in batches of
 one transaction each, the rows publishing a path writes (`nars`, `chunks`, `nar_chunks`,
-`paths`, `path_refs`) straight into DATA/larder.db and each NAR as one chunk object under
+`paths`, `path_refs`, and the size counters `cache_chunks`, `cache_sizes`, `store_sizes`) straight into DATA/larder.db and each NAR as one chunk object under
 DATA/store/objects: `larder import` of the same paths goes through HTTP at 70-340 paths/s,
 which makes a million paths a matter of hours; this writes thousands a second. Measurements
 then go through HTTP only.
@@ -121,6 +121,20 @@ def main():
                        "VALUES (?, ?, ?, ?, ?, ?, ?)", paths)
         db.executemany("INSERT OR IGNORE INTO path_refs (cache_id, referrer, ref_hash) "
                        "VALUES (?, ?, ?)", refs_rows)
+        # The size counters publishing keeps (crates/larder-store/src/meta/sizes.rs): every
+        # NAR here is one chunk of distinct content, so each chunk is new to the cache and
+        # to the store.
+        db.executemany("INSERT INTO cache_chunks (cache_id, chunk_hash, uses) VALUES (?, ?, 1)",
+                       [(cache_id, c[0]) for c in chunks])
+        nbytes = sum(c[1] for c in chunks)
+        db.execute("INSERT INTO cache_sizes (cache_id, shard, paths, size, nar_size, stored) "
+                   "VALUES (?, 0, ?, ?, ?, ?) ON CONFLICT (cache_id, shard) DO UPDATE SET "
+                   "paths = paths + excluded.paths, size = size + excluded.size, "
+                   "nar_size = nar_size + excluded.nar_size, stored = stored + excluded.stored",
+                   (cache_id, len(paths), nbytes, nbytes, nbytes))
+        db.execute("INSERT INTO store_sizes (shard, chunk_bytes) VALUES (0, ?) ON CONFLICT "
+                   "(shard) DO UPDATE SET chunk_bytes = chunk_bytes + excluded.chunk_bytes",
+                   (nbytes,))
         db.execute("COMMIT")
         done = min(n, b0 + BATCH)
         print(f"seed: {done} of {n} paths ({done / (time.time() - t0):.0f} paths/s)",

@@ -10,7 +10,8 @@
 #     wrk with 1 and 16 keep-alive connections: requests/s, p50 and p99 latency
 #   - the bulk "missing" query of 10 000 hashes (half present), `ls` first page, a search
 #   - `gc --dry-run`, then an eviction of 10 % (PATCH max_size + POST gc)
-#   - restart time to a healthy /healthz, the server's RSS, the database's size
+#   - restart time to a healthy /healthz, the cache's info after it, the server's RSS, the
+#     database's size
 # With PG=1 (not yet run end to end; default 0) the same database is moved to PostgreSQL (`larder migrate`; started
 # on loopback by larder-testkit's `larder-backends`) and measured again as one more column,
 # with the NARs in the same local directory.
@@ -257,6 +258,9 @@ for i in "${!COLS[@]}"; do
   c=${COLS[$i]}; u=${URLS[$i]}
   auth=(-H "Authorization: Bearer $ADMIN")
   info() { curl -sf "${auth[@]}" "$u/api/v1/caches/bench" | python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
+  # The cache's info, the first after the restart (what `larder cache info`, the web UI and
+  # /metrics read): counters, not scans of the paths and chunks.
+  R[$c,info]=$(ms curl -sf "${auth[@]}" "$u/api/v1/caches/bench")
   size=$(info size); before=$(info paths)
   # Lowering max_size evicts at once (the PATCH answers after it); the POST runs GC.
   t0=$(date +%s%N)
@@ -277,6 +281,7 @@ line "bulk missing query, 10 000 hashes (ms)" missing
 line "ls, first page (ms)" ls
 line "search \"firefox-3.\" (ms)" search
 line "gc --dry-run (ms)" dry
+line "cache info, first after restart (ms)" info
 line "evict 10 % + GC (ms)" evict
 line "paths evicted" evicted
 line "restart to healthy /healthz (ms)" restart

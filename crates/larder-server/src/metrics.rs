@@ -770,11 +770,7 @@ pub async fn serve(State(state): State<AppState>, Caller(p): Caller) -> Result<R
         .into_iter()
         .filter(|c| crate::access::can_see(&p, c))
         .map(|c| {
-            let s = stats.get(&c.id).copied().unwrap_or(CacheStats {
-                paths: 0,
-                size: 0,
-                nar_size: 0,
-            });
+            let s = stats.get(&c.id).copied().unwrap_or_default();
             (c.id, c.name, c.max_size, s)
         })
         .collect();

@@ -521,11 +521,7 @@ async fn cache_list_content(
         .into_iter()
         .filter(|c| can_see(&v.principal, c))
         .collect();
-    let empty = CacheStats {
-        paths: 0,
-        size: 0,
-        nar_size: 0,
-    };
+    let empty = CacheStats::default();
     let anonymous = v.grant().is_none();
     let content = html! {
         h1 { "Caches" }

@@ -5,7 +5,8 @@
 //! a transaction that lost a race. Each concept has its file: `caches`, `tokens`, `paths`
 //! (NARs, chunks, publishing, logs), `uploads` (pending uploads and chunk claims), `gc`,
 //! `usage`, `retention` (eviction and pins), `contents` (browsing), `fsck` (what
-//! `larder fsck` checks and repairs), `stats`, `lock`,
+//! `larder fsck` checks and repairs), `sizes` (the counters of what caches and the store
+//! hold), `stats`, `lock`,
 //! `schema`, `transfer`. Rows are decoded once, into domain types, by `FromRow` derives over
 //! the column encodings of `columns`: what leaves this module is never a stored string to be
 //! parsed again.
@@ -45,6 +46,7 @@ mod paths;
 mod realisations;
 mod retention;
 mod schema;
+mod sizes;
 mod stats;
 mod tokens;
 pub mod transfer;
@@ -264,22 +266,27 @@ fn placeholders(from: usize, n: usize) -> String {
 
 /// Delete the `paths` rows of `hashes` (at most [`IN_BATCH`]) in `cache_id`, and the
 /// reference rows they hold: what unpublishing a path removes (eviction, fsck's repair).
+/// Appends the NAR of each path this transaction deleted to `nar_ids`, for
+/// [`sizes::count_paths`] (a path a concurrent transaction deleted first is not there).
 async fn delete_path_rows(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     cache_id: i64,
     hashes: &[String],
+    nar_ids: &mut Vec<i64>,
 ) -> Result<()> {
     let ph = placeholders(2, hashes.len());
-    for sql in [
-        format!("DELETE FROM path_refs WHERE cache_id = $1 AND referrer IN ({ph})"),
-        format!("DELETE FROM paths WHERE cache_id = $1 AND hash IN ({ph})"),
-    ] {
-        let mut q = sqlx::query(&sql).bind(cache_id);
-        for h in hashes {
-            q = q.bind(h);
-        }
-        q.execute(&mut **tx).await?;
+    let sql = format!("DELETE FROM path_refs WHERE cache_id = $1 AND referrer IN ({ph})");
+    let mut q = sqlx::query(&sql).bind(cache_id);
+    for h in hashes {
+        q = q.bind(h);
     }
+    q.execute(&mut **tx).await?;
+    let sql = format!("DELETE FROM paths WHERE cache_id = $1 AND hash IN ({ph}) RETURNING nar_id");
+    let mut q = sqlx::query_scalar::<_, i64>(&sql).bind(cache_id);
+    for h in hashes {
+        q = q.bind(h);
+    }
+    nar_ids.extend(q.fetch_all(&mut **tx).await?);
     Ok(())
 }
 

@@ -19,8 +19,8 @@ use larder_nix::signing::{Signature, SigningKey};
 use larder_nix::store_path::StorePath;
 use larder_store::meta::transfer::{self, TransferError};
 use larder_store::meta::{
-    chunk_object_key, CacheDay, CacheRow, CacheScope, CacheUpdate, ChunkRow, Downloads, Engine,
-    Evicted, Keep, LockName, MetaError, NarRow, NewCache, NewPath, Publish, PutRealisation,
+    chunk_object_key, CacheDay, CacheRow, CacheScope, CacheStats, CacheUpdate, ChunkRow, Downloads,
+    Engine, Evicted, Keep, LockName, MetaError, NarRow, NewCache, NewPath, Publish, PutRealisation,
     RealisationRow, SecretKey, SigningMode, TokenRow,
 };
 use larder_store::{now_unix, Metadata, ObjectStore, OpenOptions};
@@ -782,6 +782,181 @@ async fn eviction_is_closure_safe_and_keeps_nars_for_a_grace(db: Db) {
     assert_eq!(db.rows("nars").await, 0);
 }
 
+/// Upload (or reuse) a NAR made of the chunks `chunks` (id seed, stored size; a seed may come
+/// twice) and publish `p` with it in a cache; returns the NAR.
+async fn publish_chunked(
+    meta: &Metadata,
+    cache_id: i64,
+    p: &StorePath,
+    nar_seed: &str,
+    chunks: &[(&str, i64)],
+) -> NarRow {
+    let id = upload_id();
+    let chunks: Vec<ChunkRow> = chunks
+        .iter()
+        .map(|(seed, size)| ChunkRow {
+            chunk_hash: h52(&format!("chunk/{seed}")),
+            file_size: *size,
+        })
+        .collect();
+    let row = NarRow {
+        id: 0,
+        nar_hash: Sha256::digest(format!("nar/{nar_seed}").as_bytes()),
+        nar_size: 10_000 + nar_seed.len() as i64,
+        compression: Compression::Zstd,
+        file_hash: Sha256::digest(format!("file/{nar_seed}").as_bytes()),
+        file_size: chunks.iter().map(|c| c.file_size).sum(),
+    };
+    let n = match meta
+        .reuse_nar_for_upload(&id, cache_id, None, &row.nar_hash)
+        .await
+        .unwrap()
+    {
+        Some(n) => n,
+        None => {
+            meta.claim_chunks(&id, &chunks).await.unwrap();
+            meta.insert_nar_for_upload(&id, cache_id, None, &row, &chunks)
+                .await
+                .unwrap()
+                .0
+        }
+    };
+    let done = meta
+        .publish_path(&new_path(cache_id, p, n.id, &[]), &id)
+        .await
+        .unwrap();
+    assert_eq!(done, Publish::Created, "{p}");
+    n
+}
+
+/// Every cache's counters and the store's totals equal a full recount of the tables; returns
+/// the caches' stats.
+async fn sizes_match_a_recount(m: &Metadata, caches: &[i64], when: &str) -> Vec<CacheStats> {
+    let mut out = Vec::new();
+    for &id in caches {
+        let kept = m.cache_stats(id).await.unwrap();
+        assert_eq!(
+            kept,
+            m.recount_cache_stats(id).await.unwrap(),
+            "{when}: cache {id}"
+        );
+        assert_eq!(kept.stored_size, m.cache_stored_size(id).await.unwrap());
+        out.push(kept);
+    }
+    assert_eq!(
+        m.store_totals().await.unwrap(),
+        m.recount_store_totals().await.unwrap(),
+        "{when}: store totals"
+    );
+    let listed: std::collections::HashMap<i64, CacheStats> =
+        m.all_cache_stats().await.unwrap().into_iter().collect();
+    for (&id, s) in caches.iter().zip(&out) {
+        assert_eq!(listed.get(&id).copied().unwrap_or_default(), *s, "{when}");
+    }
+    out
+}
+
+/// A cache's path count, sizes and deduplicated size, and the store's totals, are counters
+/// kept by every change (publication, eviction, deletion, fsck's repair, collection, cache
+/// deletion, concurrent replicas, migration 9), always equal to a full recount.
+async fn sizes_are_counted_exactly(db: Db) {
+    let m = &db.meta;
+    let a = cache(m, "sa").await;
+    let b = cache(m, "sb").await;
+    let ids = [a.id, b.id];
+    let empty = sizes_match_a_recount(m, &ids, "empty").await;
+    assert_eq!(empty[0], CacheStats::default());
+    // x twice in one NAR, y shared by two NARs, one NAR used by two paths, x in both caches.
+    let (p1, p2, p3, p4) = (sp("p1"), sp("p2"), sp("p3"), sp("p4"));
+    let n1 = publish_chunked(m, a.id, &p1, "n1", &[("x", 100), ("y", 20), ("x", 100)]).await;
+    let n2 = publish_chunked(m, a.id, &p2, "n2", &[("y", 20), ("z", 3)]).await;
+    assert_eq!(publish_chunked(m, a.id, &p3, "n1", &[]).await.id, n1.id);
+    publish_chunked(m, b.id, &p4, "n4", &[("x", 100), ("w", 7)]).await;
+    let s = sizes_match_a_recount(m, &ids, "published").await;
+    assert_eq!(
+        s[0],
+        CacheStats {
+            paths: 3,
+            size: 220 + 23 + 220,
+            nar_size: 3 * 10_002,
+            stored_size: 123,
+        }
+    );
+    assert_eq!(s[1].stored_size, 107);
+    let totals = m.store_totals().await.unwrap();
+    assert_eq!((totals.logical, totals.stored), (220 + 23 + 220 + 107, 130));
+
+    // Replicas publishing at once, chunks shared among them and with what is there.
+    let other = db.replica().await;
+    let handles = [m.clone(), other.clone()];
+    let racers = (0..12).map(|i| {
+        let h = handles[i % 2].clone();
+        let cache_id = ids[i % 2];
+        async move {
+            let p = sp(&format!("race{i}"));
+            let seed = format!("race{i}");
+            publish_chunked(&h, cache_id, &p, &seed, &[("x", 100), ("r", 9), (&seed, 1)]).await;
+        }
+    });
+    futures::future::join_all(racers).await;
+    sizes_match_a_recount(m, &ids, "concurrent publications").await;
+
+    // p1 goes, p3 keeps its NAR (and x, y): only a path and its bytes leave.
+    assert_eq!(
+        m.evict_paths(a.id, &[p1.hash_part()]).await.unwrap(),
+        Evicted::Done
+    );
+    let s = sizes_match_a_recount(m, &ids, "evicted one of two paths of a NAR").await;
+    assert_eq!(s[0].paths, 3 + 6 - 1);
+    // Two replicas evicting the same paths at once count them once.
+    let both = [p3.hash_part(), p2.hash_part()];
+    let (r1, r2) = futures::join!(m.evict_paths(a.id, &both), other.evict_paths(a.id, &both));
+    assert_eq!((r1.unwrap(), r2.unwrap()), (Evicted::Done, Evicted::Done));
+    sizes_match_a_recount(m, &ids, "evicted twice at once").await;
+
+    // fsck's repair unpublishes a damaged NAR's paths.
+    let p5 = sp("p5");
+    let n5 = publish_chunked(m, b.id, &p5, "n5", &[("w", 7), ("v", 50)]).await;
+    sizes_match_a_recount(m, &ids, "published again").await;
+    let gone = m.unpublish_damaged(None, &[n5.id, n2.id]).await.unwrap();
+    assert_eq!(gone.len(), 1);
+    sizes_match_a_recount(m, &ids, "unpublished by fsck").await;
+
+    // Collection deletes chunk rows: the store's stored bytes follow.
+    let before = m.store_totals().await.unwrap().stored;
+    m.collect_garbage(3600, -1, -1, &ok_deleter).await.unwrap();
+    let after = sizes_match_a_recount(m, &ids, "collected").await;
+    assert!(m.store_totals().await.unwrap().stored < before);
+    assert!(after[0].paths > 0);
+
+    // A deleted cache leaves the totals.
+    assert!(m.delete_cache("sb").await.unwrap());
+    sizes_match_a_recount(m, &[a.id, b.id], "cache deleted").await;
+    assert_eq!(m.cache_stats(b.id).await.unwrap(), CacheStats::default());
+
+    // Migration 9 computes the counters of an existing database.
+    let expected = m.cache_stats(a.id).await.unwrap();
+    assert!(expected.paths > 0);
+    sqlx::any::install_default_drivers();
+    let url = match db.engine() {
+        Engine::Sqlite => format!("{}?mode=rw", db.url),
+        Engine::Postgres => db.url.clone(),
+    };
+    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+    for sql in [
+        "DROP TABLE cache_chunks",
+        "DROP TABLE cache_sizes",
+        "DROP TABLE store_sizes",
+        "DELETE FROM larder_schema WHERE version = 9",
+    ] {
+        sqlx::query(sql).execute(&pool).await.unwrap();
+    }
+    pool.close().await;
+    let migrated = db.replica().await;
+    assert_eq!(migrated.cache_stats(a.id).await.unwrap(), expected);
+    sizes_match_a_recount(&migrated, &[a.id, b.id], "migrated").await;
+}
+
 /// A read sees every commit made before it, through any handle on the database, at once: a
 /// path published through another handle (another replica or process) is found by the very
 /// next lookup, and an evicted one is gone by the next. On SQLite lookups run on the direct
@@ -1052,14 +1227,14 @@ async fn replicas_starting_together_migrate_once(db: Db) {
     let opened = futures::future::join_all((0..4).map(|_| Metadata::connect(&url))).await;
     for m in opened {
         let m = m.unwrap();
-        assert_eq!(m.schema_version().await.unwrap(), 8);
+        assert_eq!(m.schema_version().await.unwrap(), 9);
     }
     if let Some(pg) = &db.pg {
         let versions = pg.psql(
             PgCluster::db_of(&url),
             "SELECT string_agg(version::text, ',' ORDER BY version) FROM larder_schema",
         );
-        assert_eq!(versions, "1,2,3,4,5,6,7,8");
+        assert_eq!(versions, "1,2,3,4,5,6,7,8,9");
     }
 }
 
@@ -1217,6 +1392,7 @@ contract!(
     replicas_starting_together_migrate_once,
     a_newer_schema_is_refused,
     realisations_follow_their_paths,
+    sizes_are_counted_exactly,
 );
 
 // ---- PostgreSQL only: an unreachable server --------------------------------------------

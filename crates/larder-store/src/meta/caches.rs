@@ -87,13 +87,17 @@ pub struct CacheUpdate {
     pub upstreams: Option<Vec<String>>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, FromRow)]
+/// What a cache's published paths hold (kept as counters, see `meta/sizes.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, FromRow)]
 pub struct CacheStats {
     pub paths: i64,
-    /// Bytes stored for the cache (compressed NAR files).
+    /// Bytes of the paths' NAR files (compressed), each path counted: what the size limit
+    /// counts.
     pub size: i64,
     /// Uncompressed NAR bytes.
     pub nar_size: i64,
+    /// What the NAR files occupy after deduplication: each chunk they use counted once.
+    pub stored_size: i64,
 }
 
 /// The columns a [`CacheRow`] reads.
@@ -233,6 +237,8 @@ impl Metadata {
         for table in [
             "paths",
             "path_refs",
+            "cache_sizes",
+            "cache_chunks",
             "uploads",
             "logs",
             "pins",
@@ -268,17 +274,5 @@ impl Metadata {
         }
         tx.commit().await?;
         Ok(true)
-    }
-
-    pub async fn cache_stats(&self, cache_id: i64) -> Result<CacheStats> {
-        sqlx::query_as(
-            "SELECT COUNT(*) AS paths, CAST(COALESCE(SUM(n.file_size), 0) AS BIGINT) AS size, \
-             CAST(COALESCE(SUM(n.nar_size), 0) AS BIGINT) AS nar_size \
-             FROM paths p JOIN nars n ON n.id = p.nar_id WHERE p.cache_id = $1",
-        )
-        .bind(cache_id)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(decoding("paths"))
     }
 }

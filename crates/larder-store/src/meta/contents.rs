@@ -1,6 +1,6 @@
 //! Browsing a cache's contents: the paginated, searchable path list, one path's usage times,
-//! its referrers (direct and transitive, through `path_refs`), the pins whose closures hold
-//! it, and per-cache statistics in one query.
+//! its referrers (direct and transitive, through `path_refs`) and the pins whose closures hold
+//! it.
 //!
 //! Pagination is by keyset, not offset: a page is "the next `limit` paths after (name, hash)",
 //! so paths published or deleted between two page requests never shift a page: no path that
@@ -12,7 +12,7 @@ use larder_nix::compression::Compression;
 use sqlx::FromRow;
 
 use super::columns::Stored;
-use super::{decoding_with_nar, placeholders, CacheStats, Metadata, Result, IN_BATCH};
+use super::{decoding_with_nar, placeholders, Metadata, Result, IN_BATCH};
 
 /// A path as the contents list shows it.
 #[derive(Debug, Clone, PartialEq, Eq, FromRow)]
@@ -37,14 +37,6 @@ impl PathEntry {
     pub fn basename(&self) -> String {
         format!("{}-{}", self.hash, self.name)
     }
-}
-
-/// A cache's [`CacheStats`], by cache id.
-#[derive(FromRow)]
-struct CacheIdStats {
-    cache_id: i64,
-    #[sqlx(flatten)]
-    stats: CacheStats,
 }
 
 /// The position after which a page starts: the last entry of the previous page.
@@ -224,20 +216,6 @@ impl Metadata {
             out.extend(q.fetch_all(&self.pool).await?);
         }
         Ok(out)
-    }
-
-    /// Path count and sizes of every cache that has paths, by cache id, in one query.
-    pub async fn all_cache_stats(&self) -> Result<Vec<(i64, CacheStats)>> {
-        let rows: Vec<CacheIdStats> = sqlx::query_as(
-            "SELECT p.cache_id, COUNT(*) AS paths, \
-             CAST(COALESCE(SUM(n.file_size), 0) AS BIGINT) AS size, \
-             CAST(COALESCE(SUM(n.nar_size), 0) AS BIGINT) AS nar_size \
-             FROM paths p JOIN nars n ON n.id = p.nar_id GROUP BY p.cache_id",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(decoding_with_nar("paths"))?;
-        Ok(rows.into_iter().map(|r| (r.cache_id, r.stats)).collect())
     }
 }
 

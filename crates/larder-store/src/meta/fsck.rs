@@ -241,10 +241,12 @@ impl Metadata {
                 frontier = next;
             }
             let hashes: Vec<String> = found.iter().map(|(h, _)| h.clone()).collect();
+            let mut gone = Vec::new();
             for batch in hashes.chunks(IN_BATCH) {
-                delete_path_rows(&mut tx, cache_id, batch).await?;
+                delete_path_rows(&mut tx, cache_id, batch, &mut gone).await?;
             }
             super::realisations::forget_paths(&mut tx, cache_id, &hashes).await?;
+            super::sizes::count_paths(&mut tx, cache_id, &gone, -1).await?;
             out.extend(found.into_iter().map(|(_, u)| u));
         }
         tx.commit().await?;

@@ -152,15 +152,15 @@ impl Metadata {
         }
         // Chunks used by a NAR or claimed by an upload committed meanwhile fail the foreign
         // keys of `nar_chunks`/`chunk_claims`, like NARs above.
-        let chunks: Vec<String> = sqlx::query_scalar(&format!(
+        let chunks: Vec<(String, i64)> = sqlx::query_as(&format!(
             "DELETE FROM chunks WHERE chunk_hash IN (SELECT c.chunk_hash FROM chunks c WHERE \
              NOT EXISTS (SELECT 1 FROM nar_chunks nc WHERE nc.chunk_hash = c.chunk_hash) AND \
              NOT EXISTS (SELECT 1 FROM chunk_claims cc WHERE cc.chunk_hash = c.chunk_hash) \
-             LIMIT {GC_BATCH}) RETURNING chunk_hash"
+             LIMIT {GC_BATCH}) RETURNING chunk_hash, file_size"
         ))
         .fetch_all(&mut *tx)
         .await?;
-        for hash in &chunks {
+        for (hash, _) in &chunks {
             if let Err(e) = delete_object(chunk_object_key(hash)).await {
                 tx.rollback().await?;
                 return Err(MetaError::Cleanup(e));
@@ -174,6 +174,8 @@ impl Metadata {
                 return Err(MetaError::Cleanup(e));
             }
         }
+        let freed: i64 = chunks.iter().map(|(_, size)| size).sum();
+        super::sizes::count_chunk_bytes(&mut tx, -freed).await?;
         tx.commit().await?;
         Ok((nars.len(), chunks.len()))
     }

@@ -383,6 +383,7 @@ impl Metadata {
             .bind(upload_id)
             .execute(&mut *tx)
             .await?;
+        super::sizes::count_paths(&mut tx, p.cache_id, &[p.nar_id], 1).await?;
         tx.commit().await?;
         Ok(Some(Publish::Created))
     }

@@ -6,7 +6,7 @@ use sqlx::FromRow;
 
 use super::columns::InvalidValue;
 use super::{
-    decoding, decoding_with_nar, delete_path_rows, now_unix, placeholders, retry, Engine,
+    decoding, decoding_with_nar, delete_path_rows, now_unix, placeholders, retry, sizes, Engine,
     MetaError, Metadata, Result, IN_BATCH, UNIQUE,
 };
 
@@ -125,6 +125,7 @@ impl Metadata {
     async fn evict_paths_once(&self, cache_id: i64, hashes: &[String]) -> Result<Evicted> {
         let now = now_unix();
         let mut tx = self.pool.begin().await?;
+        let mut nar_ids = Vec::new();
         // Writes first, so SQLite takes its write lock at once.
         for batch in hashes.chunks(IN_BATCH) {
             let sql = format!(
@@ -138,7 +139,7 @@ impl Metadata {
                 q = q.bind(h);
             }
             q.execute(&mut *tx).await?;
-            delete_path_rows(&mut tx, cache_id, batch).await?;
+            delete_path_rows(&mut tx, cache_id, batch, &mut nar_ids).await?;
         }
         super::realisations::forget_paths(&mut tx, cache_id, hashes).await?;
         for batch in hashes.chunks(IN_BATCH) {
@@ -159,6 +160,7 @@ impl Metadata {
                 }
             }
         }
+        sizes::count_paths(&mut tx, cache_id, &nar_ids, -1).await?;
         tx.commit().await?;
         Ok(Evicted::Done)
     }

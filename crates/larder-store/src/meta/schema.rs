@@ -19,6 +19,9 @@
 //! Version 8 adds pull-through caching: `caches.upstreams` (the upstream cache URLs a narinfo
 //! miss is asked of, newline-joined, in order) and `paths.upstream` (the upstream a path was
 //! fetched from; NULL for a pushed path).
+//! Version 9 adds the size counters of `meta/sizes.rs` (`cache_chunks`, `cache_sizes`,
+//! `store_sizes`), computed here once from the tables (a few seconds per 100 000 paths) and
+//! kept by every transaction since: a cache's info no longer sums its paths and chunks.
 //!
 //! On PostgreSQL the migrations run in one transaction under an advisory lock, so replicas
 //! starting together apply them once; a database migrated by a newer larder is refused.
@@ -186,6 +189,37 @@ CREATE INDEX realisation_deps_dep ON realisation_deps (cache_id, dep)
     r#"
 ALTER TABLE caches ADD COLUMN upstreams TEXT;
 ALTER TABLE paths ADD COLUMN upstream TEXT
+"#,
+    r#"
+CREATE TABLE cache_chunks (
+    cache_id BIGINT NOT NULL,
+    chunk_hash TEXT NOT NULL,
+    uses BIGINT NOT NULL,
+    PRIMARY KEY (cache_id, chunk_hash)
+);
+CREATE TABLE cache_sizes (
+    cache_id BIGINT NOT NULL,
+    shard BIGINT NOT NULL,
+    paths BIGINT NOT NULL,
+    size BIGINT NOT NULL,
+    nar_size BIGINT NOT NULL,
+    stored BIGINT NOT NULL,
+    PRIMARY KEY (cache_id, shard)
+);
+CREATE TABLE store_sizes (
+    shard BIGINT PRIMARY KEY,
+    chunk_bytes BIGINT NOT NULL
+);
+INSERT INTO cache_chunks (cache_id, chunk_hash, uses)
+SELECT p.cache_id, nc.chunk_hash, COUNT(*) FROM paths p JOIN nar_chunks nc ON nc.nar_id = p.nar_id
+GROUP BY p.cache_id, nc.chunk_hash;
+INSERT INTO cache_sizes (cache_id, shard, paths, size, nar_size, stored)
+SELECT p.cache_id, 0, COUNT(*), COALESCE(SUM(n.file_size), 0), COALESCE(SUM(n.nar_size), 0), 0
+FROM paths p JOIN nars n ON n.id = p.nar_id GROUP BY p.cache_id;
+UPDATE cache_sizes SET stored = (SELECT COALESCE(SUM(c.file_size), 0) FROM cache_chunks cc
+JOIN chunks c ON c.chunk_hash = cc.chunk_hash WHERE cc.cache_id = cache_sizes.cache_id);
+INSERT INTO store_sizes (shard, chunk_bytes)
+SELECT 0, t.bytes FROM (SELECT SUM(file_size) AS bytes FROM chunks) t WHERE t.bytes IS NOT NULL
 "#,
 ];
 

@@ -231,6 +231,28 @@ const TABLES: &[Table] = &[
         ],
         serial: false,
     },
+    Table {
+        name: "cache_chunks",
+        columns: &[("cache_id", Int), ("chunk_hash", Text), ("uses", Int)],
+        serial: false,
+    },
+    Table {
+        name: "cache_sizes",
+        columns: &[
+            ("cache_id", Int),
+            ("shard", Int),
+            ("paths", Int),
+            ("size", Int),
+            ("nar_size", Int),
+            ("stored", Int),
+        ],
+        serial: false,
+    },
+    Table {
+        name: "store_sizes",
+        columns: &[("shard", Int), ("chunk_bytes", Int)],
+        serial: false,
+    },
 ];
 
 /// The bookkeeping table of migrations: not copied (both sides are migrated to the same

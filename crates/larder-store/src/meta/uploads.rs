@@ -79,16 +79,18 @@ impl Metadata {
         retry(FOREIGN_KEY, || async {
             let now = now_unix();
             let mut tx = self.pool.begin().await?;
+            let mut added = 0;
             for chunk in &sorted {
-                sqlx::query(
+                added += sqlx::query_scalar::<_, i64>(
                     "INSERT INTO chunks (chunk_hash, file_size, created_at) VALUES ($1, $2, $3) \
-                     ON CONFLICT (chunk_hash) DO NOTHING",
+                     ON CONFLICT (chunk_hash) DO NOTHING RETURNING file_size",
                 )
                 .bind(&chunk.chunk_hash)
                 .bind(chunk.file_size)
                 .bind(now)
-                .execute(&mut *tx)
-                .await?;
+                .fetch_optional(&mut *tx)
+                .await?
+                .unwrap_or(0);
                 sqlx::query(
                     "INSERT INTO chunk_claims (claim_id, chunk_hash, claimed_at) \
                      VALUES ($1, $2, $3) ON CONFLICT (claim_id, chunk_hash) DO UPDATE \
@@ -100,6 +102,7 @@ impl Metadata {
                 .execute(&mut *tx)
                 .await?;
             }
+            super::sizes::count_chunk_bytes(&mut tx, added).await?;
             tx.commit().await?;
             Ok::<_, MetaError>(())
         })
@@ -235,17 +238,19 @@ impl Metadata {
         .fetch_optional(&mut *tx)
         .await?;
         let inserted = new_id.is_some();
+        let mut added = 0;
         if let Some(nar_id) = new_id {
             for (seq, chunk) in chunks.iter().enumerate() {
-                sqlx::query(
+                added += sqlx::query_scalar::<_, i64>(
                     "INSERT INTO chunks (chunk_hash, file_size, created_at) VALUES ($1, $2, $3) \
-                     ON CONFLICT (chunk_hash) DO NOTHING",
+                     ON CONFLICT (chunk_hash) DO NOTHING RETURNING file_size",
                 )
                 .bind(&chunk.chunk_hash)
                 .bind(chunk.file_size)
                 .bind(now)
-                .execute(&mut *tx)
-                .await?;
+                .fetch_optional(&mut *tx)
+                .await?
+                .unwrap_or(0);
                 sqlx::query("INSERT INTO nar_chunks (nar_id, seq, chunk_hash) VALUES ($1, $2, $3)")
                     .bind(nar_id)
                     .bind(seq as i64)
@@ -290,6 +295,7 @@ impl Metadata {
             .fetch_optional(&mut *tx)
             .await
             .map_err(decoding("nars"))?;
+        super::sizes::count_chunk_bytes(&mut tx, added).await?;
         tx.commit().await?;
         let row = row.ok_or_else(|| MetaError::Corrupt {
             field: "uploads.id",
