@@ -498,10 +498,15 @@ mod tests {
         assert!(chunks.len() > 1);
         let whole = zstd::stream::decode_all(&file[..]).unwrap();
         assert_eq!(whole, nar);
+        // Each frame, whichever pool thread made it, is the one a lone compressor makes.
+        let mut alone = canonical_compressor().unwrap();
+        let mut want = Vec::new();
         for c in &chunks {
             let frame = &file[c.offset as usize..(c.offset + c.len) as usize];
             let raw = zstd::bulk::decompress(frame, 1 << 21).unwrap();
             assert_eq!(Sha256::digest(&raw), c.raw_hash);
+            canonical_frame(&mut alone, &raw, &mut want).unwrap();
+            assert_eq!(frame, &want[..]);
         }
         // Whatever blocks the NAR arrives in, the same file.
         let (hash2, _, _, _) = cut(1000);
