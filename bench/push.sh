@@ -10,6 +10,9 @@
 # Knobs: NCHAIN (default 200), BIG_MIB (default 500), LARGE_MIB (256; 0 skips the rows),
 # TINY (0: how many tiny paths to ingest; issue 12 asks for 10000),
 # SKIP_XZ=1 to skip the slow xz run.
+# LARGE_ONLY=1 measures only the LARGE_MIB path: `larder push` into a fresh server and a local
+# `nix copy --to file://`, ROUNDS times (default 2), each round also with BASELINE_BIN (another
+# build, e.g. the commit before a change) when given, alternated: a before/after in one run.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 NCHAIN=${NCHAIN:-200}
@@ -27,51 +30,9 @@ if [ -z "${BIN:-}" ]; then
   BIN=$ROOT/target/release/larder
 fi
 
-log "building a closure: $NCHAIN chained paths + one $BIG_MIB MiB path"
-WORKDIR=$WORK/oracle BIG_MIB=$BIG_MIB NCHAIN=$NCHAIN NSMALL=50 bash "$ROOT/tests/oracle/nix-oracle.sh" build >/dev/null
-TOP=$(cat "$WORK/oracle/top")
-N=$(wc -l < "$WORK/oracle/closure")
-NAR_MIB=$(nix path-info -S "$TOP" | awk '{printf "%.0f", $2/1048576}')
-log "closure: $N paths, $NAR_MIB MiB of NAR"
-
-start_server() { # $1 = name; sets URL, ADMIN
-  local d=$WORK/$1; mkdir -p "$d"
-  "$BIN" serve --listen 127.0.0.1:0 --data "$d/data" 2>"$d/serve.log" &
-  PIDS+=($!)
-  for _ in $(seq 100); do grep -q 'listening on' "$d/serve.log" 2>/dev/null && break; sleep 0.1; done
-  URL=$(sed -n 's/^larder: listening on //p' "$d/serve.log")
-  ADMIN=$(cat "$d/data/admin-token")
-  LARDER_SERVER=$URL LARDER_TOKEN=$ADMIN "$BIN" cache create bench >/dev/null 2>&1
-  PUSH=$(LARDER_SERVER=$URL LARDER_TOKEN=$ADMIN "$BIN" token create --perm push --cache bench 2>/dev/null)
-  printf 'machine 127.0.0.1 login x password %s\n' "$PUSH" > "$d/netrc"
-}
-timed() { # prints seconds of "$@"
-  local t0 t1; t0=$(date +%s.%N); "$@" >/dev/null 2>"$WORK/last.err" || { cat "$WORK/last.err" >&2; exit 1; }; t1=$(date +%s.%N)
-  python3 -c "print(f'{$t1 - $t0:.2f}')"
-}
-check() { # the pushed closure is complete on the server
-  XDG_CACHE_HOME=$(mktemp -d "$WORK/xdg.XXXX") nix path-info --store "$1" -r "$TOP" | wc -l
-}
-
-start_server larder; SERVER_PID=${PIDS[-1]}
-T_LARDER=$(timed /usr/bin/time -f %M -o "$WORK/client-rss" env LARDER_SERVER=$URL LARDER_TOKEN=$PUSH "$BIN" push bench "$TOP")
-CLIENT_RSS_MIB=$(( $(cat "$WORK/client-rss") / 1024 ))
-SERVER_RSS_MIB=$(( $(awk '/VmHWM/ {print $2}' /proc/$SERVER_PID/status) / 1024 ))
-[ "$(check "$URL/bench")" = "$N" ] || { echo "larder push: incomplete" >&2; exit 1; }
-if [ "${SKIP_XZ:-0}" != 1 ]; then
-  start_server nixxz; T_NIXXZ=$(timed env XDG_CACHE_HOME=$WORK/x1 nix copy --option netrc-file "$WORK/nixxz/netrc" --to "$URL/bench" "$TOP")
-  [ "$(check "$URL/bench")" = "$N" ] || { echo "nix copy (xz): incomplete" >&2; exit 1; }
-else T_NIXXZ=nan; fi
-start_server nixzstd; T_NIXZSTD=$(timed env XDG_CACHE_HOME=$WORK/x2 nix copy --option netrc-file "$WORK/nixzstd/netrc" --to "$URL/bench?compression=zstd" "$TOP")
-[ "$(check "$URL/bench")" = "$N" ] || { echo "nix copy (zstd): incomplete" >&2; exit 1; }
-T_FILE=$(timed env XDG_CACHE_HOME=$WORK/x3 nix copy --to "file://$WORK/filecache?compression=zstd" "$TOP")
-
-# Issue 12's push rows: the closure's small paths, then one LARGE_MIB path (half random, half
-# text), each pushed on its own by `larder push` into a fresh server and by a local `nix copy
-# --to file://…?compression=zstd`, in MiB/s of NAR. LARGE_MIB=0 skips it.
-LARGE_MIB=${LARGE_MIB:-256}
-if [ "$LARGE_MIB" != 0 ]; then
-  python3 - "$WORK/large" "$LARGE_MIB" <<'PY'
+# The LARGE_MIB path of issue 12's rows: half random, half text.
+make_large() { # $1 = directory to create
+  python3 - "$1" "${LARGE_MIB:-256}" <<'PY'
 import os, random, sys
 d, mib = sys.argv[1], int(sys.argv[2])
 os.makedirs(d)
@@ -90,6 +51,75 @@ with open(os.path.join(d, "text"), "wb") as f:
         f.write(block)
         left -= len(block)
 PY
+}
+
+start_server() { # $1 = name, $2 = binary (default $BIN); sets URL, ADMIN, PUSH, SERVER_PID
+  local d=$WORK/$1 bin=${2:-$BIN}; mkdir -p "$d"
+  "$bin" serve --listen 127.0.0.1:0 --data "$d/data" 2>"$d/serve.log" &
+  SERVER_PID=$!; PIDS+=($SERVER_PID)
+  for _ in $(seq 100); do grep -q 'listening on' "$d/serve.log" 2>/dev/null && break; sleep 0.1; done
+  URL=$(sed -n 's/^larder: listening on //p' "$d/serve.log")
+  ADMIN=$(cat "$d/data/admin-token")
+  LARDER_SERVER=$URL LARDER_TOKEN=$ADMIN "$bin" cache create bench >/dev/null 2>&1
+  PUSH=$(LARDER_SERVER=$URL LARDER_TOKEN=$ADMIN "$bin" token create --perm push --cache bench 2>/dev/null)
+  printf 'machine 127.0.0.1 login x password %s\n' "$PUSH" > "$d/netrc"
+}
+timed() { # prints seconds of "$@"
+  local t0 t1; t0=$(date +%s.%N); "$@" >/dev/null 2>"$WORK/last.err" || { cat "$WORK/last.err" >&2; exit 1; }; t1=$(date +%s.%N)
+  python3 -c "print(f'{$t1 - $t0:.2f}')"
+}
+
+if [ "${LARGE_ONLY:-0}" = 1 ]; then
+  make_large "$WORK/large"
+  LARGE=$(nix-store --add "$WORK/large")
+  log "large path: $LARGE, $(nix path-info -S "$LARGE" | awk '{printf "%.1f", $2/1048576}') MiB of NAR"
+  n=0
+  for r in $(seq "${ROUNDS:-2}"); do
+    for bin in ${BASELINE_BIN:+"$BASELINE_BIN"} "$BIN"; do
+      n=$((n + 1))
+      start_server "large$n" "$bin"
+      T=$(timed env LARDER_SERVER=$URL LARDER_TOKEN=$PUSH "$bin" push bench "$LARGE")
+      [ "$(XDG_CACHE_HOME=$(mktemp -d "$WORK/xdg.XXXX") nix path-info --store "$URL/bench" "$LARGE" | wc -l)" = 1 ] \
+        || { echo "larder push: incomplete" >&2; exit 1; }
+      kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
+      F=$(timed env XDG_CACHE_HOME=$WORK/xl$n nix copy --to "file://$WORK/largecache$n?compression=zstd" "$LARGE")
+      rm -rf "$WORK/large$n" "$WORK/largecache$n"
+      echo "round $r, $bin: larder push $T s, nix copy --to file:// $F s"
+    done
+  done
+  exit 0
+fi
+
+log "building a closure: $NCHAIN chained paths + one $BIG_MIB MiB path"
+WORKDIR=$WORK/oracle BIG_MIB=$BIG_MIB NCHAIN=$NCHAIN NSMALL=50 bash "$ROOT/tests/oracle/nix-oracle.sh" build >/dev/null
+TOP=$(cat "$WORK/oracle/top")
+N=$(wc -l < "$WORK/oracle/closure")
+NAR_MIB=$(nix path-info -S "$TOP" | awk '{printf "%.0f", $2/1048576}')
+log "closure: $N paths, $NAR_MIB MiB of NAR"
+
+check() { # the pushed closure is complete on the server
+  XDG_CACHE_HOME=$(mktemp -d "$WORK/xdg.XXXX") nix path-info --store "$1" -r "$TOP" | wc -l
+}
+
+start_server larder
+T_LARDER=$(timed /usr/bin/time -f %M -o "$WORK/client-rss" env LARDER_SERVER=$URL LARDER_TOKEN=$PUSH "$BIN" push bench "$TOP")
+CLIENT_RSS_MIB=$(( $(cat "$WORK/client-rss") / 1024 ))
+SERVER_RSS_MIB=$(( $(awk '/VmHWM/ {print $2}' /proc/$SERVER_PID/status) / 1024 ))
+[ "$(check "$URL/bench")" = "$N" ] || { echo "larder push: incomplete" >&2; exit 1; }
+if [ "${SKIP_XZ:-0}" != 1 ]; then
+  start_server nixxz; T_NIXXZ=$(timed env XDG_CACHE_HOME=$WORK/x1 nix copy --option netrc-file "$WORK/nixxz/netrc" --to "$URL/bench" "$TOP")
+  [ "$(check "$URL/bench")" = "$N" ] || { echo "nix copy (xz): incomplete" >&2; exit 1; }
+else T_NIXXZ=nan; fi
+start_server nixzstd; T_NIXZSTD=$(timed env XDG_CACHE_HOME=$WORK/x2 nix copy --option netrc-file "$WORK/nixzstd/netrc" --to "$URL/bench?compression=zstd" "$TOP")
+[ "$(check "$URL/bench")" = "$N" ] || { echo "nix copy (zstd): incomplete" >&2; exit 1; }
+T_FILE=$(timed env XDG_CACHE_HOME=$WORK/x3 nix copy --to "file://$WORK/filecache?compression=zstd" "$TOP")
+
+# Issue 12's push rows: the closure's small paths, then one LARGE_MIB path (half random, half
+# text), each pushed on its own by `larder push` into a fresh server and by a local `nix copy
+# --to file://…?compression=zstd`, in MiB/s of NAR. LARGE_MIB=0 skips it.
+LARGE_MIB=${LARGE_MIB:-256}
+if [ "$LARGE_MIB" != 0 ]; then
+  make_large "$WORK/large"
   LARGE=$(nix-store --add "$WORK/large")
   LARGE_NAR_MIB=$(nix path-info -S "$LARGE" | awk '{printf "%.1f", $2/1048576}')
   # Without the oracle's big path and the top path that refers to it.

@@ -12,13 +12,15 @@
 //! cache being uploaded to* (`Metadata::chunks_visible_in_cache`), not merely present in the
 //! store; writing a chunk that exists keeps the stored object, which has the same bytes.
 //!
-//! [`ChunkWriter`] runs on the upload's blocking thread, fed the NAR as it is verified; it
-//! appends each frame to one staging file and remembers where it is. [`store_nar`] then
-//! claims the chunks, writes the missing ones, and records the NAR.
+//! [`ChunkWriter`] runs on the upload's blocking thread, fed the NAR as it is verified; the
+//! chunks it cuts are named and compressed on a pool of threads, one per core, and it appends
+//! each frame, in the NAR's order, to one staging file and remembers where it is.
+//! [`store_nar`] then claims the chunks, writes the missing ones, and records the NAR.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 
 use futures::StreamExt;
 use larder_nix::chunking::Chunker;
@@ -60,17 +62,6 @@ pub struct ChunkedFile {
     pub chunks: Vec<NewChunk>,
 }
 
-/// Cuts a NAR fed in blocks into chunks and writes each one's frame to a file.
-pub struct ChunkWriter {
-    chunker: Chunker,
-    compressor: zstd::bulk::Compressor<'static>,
-    out: io::BufWriter<std::fs::File>,
-    hasher: Sha256Hasher,
-    size: u64,
-    chunks: Vec<NewChunk>,
-    frame: Vec<u8>,
-}
-
 /// The compressor of canonical frames: [`ZSTD_LEVEL`], no checksum, the content size recorded.
 pub fn canonical_compressor() -> io::Result<zstd::bulk::Compressor<'static>> {
     let mut compressor = zstd::bulk::Compressor::new(ZSTD_LEVEL)?;
@@ -91,83 +82,233 @@ pub fn canonical_frame(
     Ok(())
 }
 
+/// Chunks of one [`ChunkWriter`] being hashed and compressed at once, per pool thread: enough
+/// to keep every thread busy while the writer waits for the oldest one, few enough that an
+/// upload holds little memory (a chunk is at most 128 KiB, its frame about as much).
+const IN_FLIGHT_PER_THREAD: usize = 4;
+
+/// The threads that name and compress chunks ([`ChunkWriter`]), one per core, shared by every
+/// upload: each has its own compressor, and the frame of a chunk does not depend on which
+/// thread made it (a frame is compressed on its own, single-threaded, with the same settings).
+struct Pool {
+    jobs: mpsc::Sender<Job>,
+    threads: usize,
+}
+
+/// A chunk to name and compress: the `seq`-th of a writer, which waits on `done`.
+struct Job {
+    seq: u64,
+    chunk: Vec<u8>,
+    done: mpsc::Sender<Done>,
+}
+
+/// A chunk's name and canonical frame.
+struct Done {
+    seq: u64,
+    raw_hash: Sha256,
+    frame: io::Result<Vec<u8>>,
+}
+
+/// The pool, started on first use (a server that never receives a NAR of more than one chunk
+/// never starts it). Threads that fail to start are left out; with none, writers compress on
+/// their own thread.
+fn pool() -> &'static Pool {
+    static POOL: OnceLock<Pool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut threads = 0;
+        for i in 0..cores {
+            let rx = rx.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("larder-chunk-{i}"))
+                .spawn(move || pool_thread(&rx));
+            threads += usize::from(thread.is_ok());
+        }
+        Pool { jobs: tx, threads }
+    })
+}
+
+/// One thread of [`pool`]: takes jobs until the server exits.
+fn pool_thread(jobs: &Mutex<mpsc::Receiver<Job>>) {
+    let mut compressor = None;
+    loop {
+        let job = match jobs.lock() {
+            Ok(rx) => rx.recv(),
+            Err(_) => return,
+        };
+        let Ok(job) = job else { return };
+        // A panic (none is known) fails this chunk's upload, not the thread: the writer
+        // waiting on it gets an error rather than waiting for ever.
+        let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let raw_hash = Sha256::digest(&job.chunk);
+            let frame = compress(&mut compressor, &job.chunk);
+            (raw_hash, frame)
+        }));
+        let (raw_hash, frame) = done.unwrap_or_else(|_| {
+            compressor = None;
+            let failed = io::Error::other("compressing a chunk panicked");
+            (Sha256::from_bytes([0; 32]), Err(failed))
+        });
+        // The writer is gone (its upload failed): nothing waits for this chunk.
+        let _ = job.done.send(Done {
+            seq: job.seq,
+            raw_hash,
+            frame,
+        });
+    }
+}
+
+/// `chunk`'s canonical frame, with `compressor` (made on first use).
+fn compress(
+    compressor: &mut Option<zstd::bulk::Compressor<'static>>,
+    chunk: &[u8],
+) -> io::Result<Vec<u8>> {
+    let compressor = match compressor {
+        Some(c) => c,
+        None => compressor.insert(canonical_compressor()?),
+    };
+    let mut frame = Vec::new();
+    canonical_frame(compressor, chunk, &mut frame)?;
+    Ok(frame)
+}
+
+/// Cuts a NAR fed in blocks into chunks and writes each one's frame to a file.
+///
+/// Naming (SHA-256) and compressing the chunks is most of the CPU an upload costs, so it is
+/// done on [`pool`]'s threads, a bounded number of chunks of this writer at a time
+/// ([`IN_FLIGHT_PER_THREAD`] per thread); the frames are written in the NAR's order, so the
+/// file is the same as one thread would make. The last chunks (those [`ChunkWriter::finish`]
+/// cuts, less than 128 KiB: all of a small NAR) are compressed on the calling thread, which
+/// spares the many small NARs two thread hand-offs.
+///
+/// The file is not `fsync`ed: it is a staging file, read back to store each chunk as an
+/// object that is made durable itself before any row names it.
+pub struct ChunkWriter {
+    chunker: Chunker,
+    frames: Frames,
+}
+
+/// What [`ChunkWriter`] does with the chunks its chunker cuts.
+struct Frames {
+    out: io::BufWriter<std::fs::File>,
+    hasher: Sha256Hasher,
+    size: u64,
+    chunks: Vec<NewChunk>,
+    /// The pool's queue and its size (`None`: compress here).
+    pool: Option<(mpsc::Sender<Job>, usize)>,
+    done_tx: mpsc::Sender<Done>,
+    done_rx: mpsc::Receiver<Done>,
+    /// Chunks sent to the pool so far; `chunks.len()` of them are written.
+    sent: u64,
+    /// Chunks back from the pool before an earlier one, by number.
+    early: BTreeMap<u64, (Sha256, Vec<u8>)>,
+    /// For the chunks compressed on this thread.
+    compressor: Option<zstd::bulk::Compressor<'static>>,
+}
+
 impl ChunkWriter {
     pub fn new(file: std::fs::File) -> io::Result<Self> {
-        let compressor = canonical_compressor()?;
+        let (done_tx, done_rx) = mpsc::channel();
         Ok(ChunkWriter {
             chunker: Chunker::new(),
-            compressor,
-            out: io::BufWriter::with_capacity(256 * 1024, file),
-            hasher: Sha256Hasher::new(),
-            size: 0,
-            chunks: Vec::new(),
-            frame: Vec::new(),
+            frames: Frames {
+                out: io::BufWriter::with_capacity(256 * 1024, file),
+                hasher: Sha256Hasher::new(),
+                size: 0,
+                chunks: Vec::new(),
+                pool: None,
+                done_tx,
+                done_rx,
+                sent: 0,
+                early: BTreeMap::new(),
+                compressor: None,
+            },
         })
     }
 
     pub fn write(&mut self, nar: &[u8]) -> io::Result<()> {
-        let ChunkWriter {
-            chunker,
-            compressor,
-            out,
-            hasher,
-            size,
-            chunks,
-            frame,
-        } = self;
-        let mut emit = |chunk: &[u8]| emit(compressor, out, hasher, size, chunks, frame, chunk);
-        chunker.feed(nar, &mut emit)
+        let frames = &mut self.frames;
+        self.chunker
+            .feed(nar, &mut |chunk: &[u8]| frames.send(chunk))
     }
 
     /// The file's SHA-256, its size and the chunks.
     pub fn finish(self) -> io::Result<(Sha256, u64, Vec<NewChunk>)> {
         let ChunkWriter {
             chunker,
-            mut compressor,
-            mut out,
-            mut hasher,
-            mut size,
-            mut chunks,
-            mut frame,
+            mut frames,
         } = self;
-        let mut emit = |chunk: &[u8]| {
-            emit(
-                &mut compressor,
-                &mut out,
-                &mut hasher,
-                &mut size,
-                &mut chunks,
-                &mut frame,
-                chunk,
-            )
-        };
-        chunker.finish(&mut emit)?;
-        let file = out.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        Ok((hasher.finalize(), size, chunks))
+        while frames.in_flight() > 0 {
+            frames.receive()?;
+        }
+        chunker.finish(&mut |chunk: &[u8]| {
+            let frame = compress(&mut frames.compressor, chunk)?;
+            frames.append(Sha256::digest(chunk), &frame)
+        })?;
+        frames.out.flush()?;
+        Ok((frames.hasher.finalize(), frames.size, frames.chunks))
     }
 }
 
-/// Compress one chunk into its canonical frame and append it.
-fn emit(
-    compressor: &mut zstd::bulk::Compressor<'static>,
-    out: &mut io::BufWriter<std::fs::File>,
-    hasher: &mut Sha256Hasher,
-    size: &mut u64,
-    chunks: &mut Vec<NewChunk>,
-    frame: &mut Vec<u8>,
-    chunk: &[u8],
-) -> io::Result<()> {
-    canonical_frame(compressor, chunk, frame)?;
-    out.write_all(frame)?;
-    hasher.update(frame);
-    chunks.push(NewChunk {
-        raw_hash: Sha256::digest(chunk),
-        offset: *size,
-        len: frame.len() as u64,
-    });
-    *size += frame.len() as u64;
-    Ok(())
+impl Frames {
+    fn in_flight(&self) -> u64 {
+        self.sent - self.chunks.len() as u64
+    }
+
+    /// Hand `chunk` to the pool, once fewer than the bound are in flight.
+    fn send(&mut self, chunk: &[u8]) -> io::Result<()> {
+        let (jobs, threads) = match &self.pool {
+            Some(pool) => pool.clone(),
+            None if pool().threads > 0 => {
+                let pool = pool();
+                self.pool.insert((pool.jobs.clone(), pool.threads)).clone()
+            }
+            None => {
+                let frame = compress(&mut self.compressor, chunk)?;
+                return self.append(Sha256::digest(chunk), &frame);
+            }
+        };
+        while self.in_flight() >= (threads * IN_FLIGHT_PER_THREAD) as u64 {
+            self.receive()?;
+        }
+        let job = Job {
+            seq: self.sent,
+            chunk: chunk.to_vec(),
+            done: self.done_tx.clone(),
+        };
+        jobs.send(job)
+            .map_err(|_| io::Error::other("the chunk compression threads are gone"))?;
+        self.sent += 1;
+        Ok(())
+    }
+
+    /// Wait for the next chunk back from the pool, and write every chunk that is then next.
+    fn receive(&mut self) -> io::Result<()> {
+        let done = self
+            .done_rx
+            .recv()
+            .map_err(|_| io::Error::other("the chunk compression threads are gone"))?;
+        self.early.insert(done.seq, (done.raw_hash, done.frame?));
+        while let Some((raw_hash, frame)) = self.early.remove(&(self.chunks.len() as u64)) {
+            self.append(raw_hash, &frame)?;
+        }
+        Ok(())
+    }
+
+    /// Append the next chunk's frame.
+    fn append(&mut self, raw_hash: Sha256, frame: &[u8]) -> io::Result<()> {
+        self.out.write_all(frame)?;
+        self.hasher.update(frame);
+        self.chunks.push(NewChunk {
+            raw_hash,
+            offset: self.size,
+            len: frame.len() as u64,
+        });
+        self.size += frame.len() as u64;
+        Ok(())
+    }
 }
 
 /// The NAR a client sent, as the server measured it.
@@ -357,10 +498,15 @@ mod tests {
         assert!(chunks.len() > 1);
         let whole = zstd::stream::decode_all(&file[..]).unwrap();
         assert_eq!(whole, nar);
+        // Each frame, whichever pool thread made it, is the one a lone compressor makes.
+        let mut alone = canonical_compressor().unwrap();
+        let mut want = Vec::new();
         for c in &chunks {
             let frame = &file[c.offset as usize..(c.offset + c.len) as usize];
             let raw = zstd::bulk::decompress(frame, 1 << 21).unwrap();
             assert_eq!(Sha256::digest(&raw), c.raw_hash);
+            canonical_frame(&mut alone, &raw, &mut want).unwrap();
+            assert_eq!(frame, &want[..]);
         }
         // Whatever blocks the NAR arrives in, the same file.
         let (hash2, _, _, _) = cut(1000);

@@ -264,6 +264,20 @@ fn placeholders(from: usize, n: usize) -> String {
         .join(", ")
 }
 
+/// Rows written by one multi-row `INSERT`: an upload of a 256 MiB NAR lists ~8 000 chunks,
+/// and a statement per row was a round trip (and on SQLite a statement preparation) each.
+/// Well below both engines' limits on bound parameters.
+const INSERT_BATCH: usize = 100;
+
+/// `VALUES` rows for a multi-row `INSERT`: `rows` tuples of `cols` placeholders, numbered
+/// from `$1`.
+fn value_rows(rows: usize, cols: usize) -> String {
+    (0..rows)
+        .map(|r| format!("({})", placeholders(r * cols + 1, cols)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Delete the `paths` rows of `hashes` (at most [`IN_BATCH`]) in `cache_id`, and the
 /// reference rows they hold: what unpublishing a path removes (eviction, fsck's repair).
 /// Appends the NAR of each path this transaction deleted to `nar_ids`, for

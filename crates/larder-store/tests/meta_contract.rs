@@ -19,9 +19,9 @@ use larder_nix::signing::{Signature, SigningKey};
 use larder_nix::store_path::StorePath;
 use larder_store::meta::transfer::{self, TransferError};
 use larder_store::meta::{
-    chunk_object_key, CacheDay, CacheRow, CacheScope, CacheStats, CacheUpdate, ChunkRow, Downloads,
-    Engine, Evicted, Keep, LockName, MetaError, NarRow, NewCache, NewPath, Publish, PutRealisation,
-    RealisationRow, SecretKey, SigningMode, TokenRow,
+    cdc_chunk_id, chunk_object_key, CacheDay, CacheRow, CacheScope, CacheStats, CacheUpdate,
+    ChunkRow, Downloads, Engine, Evicted, Keep, LockName, MetaError, NarRow, NewCache, NewPath,
+    Publish, PutRealisation, RealisationRow, SecretKey, SigningMode, TokenRow,
 };
 use larder_store::{now_unix, Metadata, ObjectStore, OpenOptions};
 use larder_testkit::postgres::PgCluster;
@@ -1353,6 +1353,51 @@ async fn realisations_follow_their_paths(db: Db) {
     assert_eq!(db.rows("realisations").await, 0);
 }
 
+/// An upload of many chunks, written a hundred rows per statement: every chunk row, claim and
+/// list entry is there, in order, across the statements' edges and with repeats; a chunk
+/// stored before keeps its row; claiming existing chunks finds exactly those, once each.
+async fn uploads_of_many_chunks_are_recorded_whole(db: Db) {
+    let m = &db.meta;
+    let c = cache(m, "many").await;
+    let chunk = |i: i64| ChunkRow {
+        chunk_hash: cdc_chunk_id(&Sha256::digest(format!("chunk/{i}").as_bytes())),
+        file_size: 1000 + i,
+    };
+    m.claim_chunks("earlier", &[chunk(7)]).await.unwrap();
+    // 250 distinct chunks (statements of 100, 100, 50 rows), the first 51 listed again.
+    let list: Vec<ChunkRow> = (0..250).chain(0..51).map(chunk).collect();
+    let id = upload_id();
+    m.claim_chunks(&id, &list).await.unwrap();
+    assert_eq!(db.rows("chunks").await, 250);
+    assert_eq!(db.rows("chunk_claims").await, 251);
+    let ids: Vec<String> = list.iter().map(|c| c.chunk_hash.clone()).collect();
+    assert_eq!(m.claimed_chunks(&id, &ids).await.unwrap().len(), 250);
+    let (row, _) = nar("many", "");
+    let (stored, inserted) = m
+        .insert_nar_for_upload(&id, c.id, None, &row, &list)
+        .await
+        .unwrap();
+    assert!(inserted);
+    assert_eq!(m.nar_chunks(stored.id).await.unwrap(), list);
+    assert_eq!(db.rows("nar_chunks").await, 301);
+    assert_eq!(db.rows("chunks").await, 250);
+    assert_eq!(
+        db.rows("chunk_claims").await,
+        1,
+        "the upload's claims are released"
+    );
+    // 300 ids, 50 of them of no chunk: only the 250 are claimed, and claiming again renews.
+    let asked: Vec<String> = (0..300).map(|i| chunk(i).chunk_hash).collect();
+    for _ in 0..2 {
+        let claimed = m.claim_existing_chunks("session", &asked).await.unwrap();
+        let want: std::collections::HashSet<String> =
+            (0..250).map(|i| chunk(i).chunk_hash).collect();
+        assert_eq!(claimed, want);
+        assert_eq!(db.rows("chunk_claims").await, 251);
+    }
+    assert_eq!(db.rows("chunks").await, 250);
+}
+
 /// Every contract test, once per backend.
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
@@ -1393,6 +1438,7 @@ contract!(
     a_newer_schema_is_refused,
     realisations_follow_their_paths,
     sizes_are_counted_exactly,
+    uploads_of_many_chunks_are_recorded_whole,
 );
 
 // ---- PostgreSQL only: an unreachable server --------------------------------------------

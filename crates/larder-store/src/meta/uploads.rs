@@ -7,8 +7,8 @@ use sqlx::FromRow;
 
 use super::paths::NAR_COLS;
 use super::{
-    decoding, now_unix, placeholders, retry, ChunkRow, MetaError, Metadata, NarRow, Result,
-    FOREIGN_KEY, IN_BATCH,
+    decoding, now_unix, placeholders, retry, value_rows, ChunkRow, MetaError, Metadata, NarRow,
+    Result, FOREIGN_KEY, INSERT_BATCH, IN_BATCH,
 };
 
 /// A pending upload found by its key.
@@ -17,6 +17,25 @@ struct KeyedUpload {
     upload_id: String,
     #[sqlx(flatten)]
     nar: NarRow,
+}
+
+/// Insert the rows of `chunks` (at most [`INSERT_BATCH`]) that do not exist yet, in one
+/// statement.
+async fn insert_chunks(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    chunks: impl ExactSizeIterator<Item = &ChunkRow>,
+    now: i64,
+) -> Result<i64> {
+    let sql = format!(
+        "INSERT INTO chunks (chunk_hash, file_size, created_at) VALUES {} \
+         ON CONFLICT (chunk_hash) DO NOTHING RETURNING file_size",
+        value_rows(chunks.len(), 3)
+    );
+    let mut q = sqlx::query_scalar::<_, i64>(&sql);
+    for chunk in chunks {
+        q = q.bind(&chunk.chunk_hash).bind(chunk.file_size).bind(now);
+    }
+    Ok(q.fetch_all(&mut **tx).await?.into_iter().sum())
 }
 
 impl Metadata {
@@ -80,27 +99,19 @@ impl Metadata {
             let now = now_unix();
             let mut tx = self.pool.begin().await?;
             let mut added = 0;
-            for chunk in &sorted {
-                added += sqlx::query_scalar::<_, i64>(
-                    "INSERT INTO chunks (chunk_hash, file_size, created_at) VALUES ($1, $2, $3) \
-                     ON CONFLICT (chunk_hash) DO NOTHING RETURNING file_size",
-                )
-                .bind(&chunk.chunk_hash)
-                .bind(chunk.file_size)
-                .bind(now)
-                .fetch_optional(&mut *tx)
-                .await?
-                .unwrap_or(0);
-                sqlx::query(
-                    "INSERT INTO chunk_claims (claim_id, chunk_hash, claimed_at) \
-                     VALUES ($1, $2, $3) ON CONFLICT (claim_id, chunk_hash) DO UPDATE \
+            for batch in sorted.chunks(INSERT_BATCH) {
+                added += insert_chunks(&mut tx, batch.iter().copied(), now).await?;
+                let sql = format!(
+                    "INSERT INTO chunk_claims (claim_id, chunk_hash, claimed_at) VALUES {} \
+                     ON CONFLICT (claim_id, chunk_hash) DO UPDATE \
                      SET claimed_at = excluded.claimed_at",
-                )
-                .bind(claim_id)
-                .bind(&chunk.chunk_hash)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
+                    value_rows(batch.len(), 3)
+                );
+                let mut q = sqlx::query(&sql);
+                for chunk in batch {
+                    q = q.bind(claim_id).bind(&chunk.chunk_hash).bind(now);
+                }
+                q.execute(&mut *tx).await?;
             }
             super::sizes::count_chunk_bytes(&mut tx, added).await?;
             tx.commit().await?;
@@ -140,19 +151,24 @@ impl Metadata {
                 let now = now_unix();
                 let mut tx = self.pool.begin().await?;
                 let mut got = Vec::new();
-                for id in batch {
-                    let row: Option<String> = sqlx::query_scalar(
+                for ids in batch.chunks(INSERT_BATCH) {
+                    // In hash order, as every claim is taken. (`WHERE` also keeps SQLite from
+                    // reading `ON CONFLICT` as a join's constraint.)
+                    let sql = format!(
                         "INSERT INTO chunk_claims (claim_id, chunk_hash, claimed_at) \
-                         SELECT $1, chunk_hash, $3 FROM chunks WHERE chunk_hash = $2 \
+                         SELECT $1, chunk_hash, $2 FROM chunks WHERE chunk_hash IN ({}) \
+                         ORDER BY chunk_hash \
                          ON CONFLICT (claim_id, chunk_hash) DO UPDATE \
                          SET claimed_at = excluded.claimed_at RETURNING chunk_hash",
-                    )
-                    .bind(claim_id)
-                    .bind(*id)
-                    .bind(now)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                    got.extend(row);
+                        placeholders(3, ids.len())
+                    );
+                    let mut q = sqlx::query_scalar::<_, String>(&sql)
+                        .bind(claim_id)
+                        .bind(now);
+                    for id in ids {
+                        q = q.bind(*id);
+                    }
+                    got.extend(q.fetch_all(&mut *tx).await?);
                 }
                 tx.commit().await?;
                 Ok::<_, MetaError>(got)
@@ -240,23 +256,24 @@ impl Metadata {
         let inserted = new_id.is_some();
         let mut added = 0;
         if let Some(nar_id) = new_id {
-            for (seq, chunk) in chunks.iter().enumerate() {
-                added += sqlx::query_scalar::<_, i64>(
-                    "INSERT INTO chunks (chunk_hash, file_size, created_at) VALUES ($1, $2, $3) \
-                     ON CONFLICT (chunk_hash) DO NOTHING RETURNING file_size",
-                )
-                .bind(&chunk.chunk_hash)
-                .bind(chunk.file_size)
-                .bind(now)
-                .fetch_optional(&mut *tx)
-                .await?
-                .unwrap_or(0);
-                sqlx::query("INSERT INTO nar_chunks (nar_id, seq, chunk_hash) VALUES ($1, $2, $3)")
-                    .bind(nar_id)
-                    .bind(seq as i64)
-                    .bind(&chunk.chunk_hash)
-                    .execute(&mut *tx)
-                    .await?;
+            // The chunk rows first (in hash order, as claims take them), then the list.
+            let mut sorted: Vec<&ChunkRow> = chunks.iter().collect();
+            sorted.sort_by(|a, b| a.chunk_hash.cmp(&b.chunk_hash));
+            sorted.dedup_by(|a, b| a.chunk_hash == b.chunk_hash);
+            for batch in sorted.chunks(INSERT_BATCH) {
+                added += insert_chunks(&mut tx, batch.iter().copied(), now).await?;
+            }
+            for (n, batch) in chunks.chunks(INSERT_BATCH).enumerate() {
+                let sql = format!(
+                    "INSERT INTO nar_chunks (nar_id, seq, chunk_hash) VALUES {}",
+                    value_rows(batch.len(), 3)
+                );
+                let mut q = sqlx::query(&sql);
+                for (i, chunk) in batch.iter().enumerate() {
+                    let seq = (n * INSERT_BATCH + i) as i64;
+                    q = q.bind(nar_id).bind(seq).bind(&chunk.chunk_hash);
+                }
+                q.execute(&mut *tx).await?;
             }
         }
         let linked = sqlx::query(
