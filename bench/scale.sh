@@ -19,12 +19,15 @@
 # Knobs: LARDER_BIN (the larder to measure, instead of building this tree), N (paths, default 1000000), DUR (seconds per wrk run, default 10), PG (0/1),
 # BASELINE_BIN (another build of larder, measured as one more embedded column on a copy of the
 # same data directory), KEEP (a directory: seed once into it and reuse it on later runs),
-# SEED_ONLY=1 (seed into KEEP and exit: seed outside a benchmark lock, measure under it).
+# SEED_ONLY=1 (seed into KEEP and exit: seed outside a benchmark lock, measure under it),
+# LIMITED=1 (the cache gets a max_size of 1 PiB before the narinfo runs, far above its size:
+# nothing is evicted, but uses are recorded as in a cache with a size limit).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 N=${N:-1000000}
 DUR=${DUR:-10}
 PG=${PG:-0}
+LIMITED=${LIMITED:-0}
 BASELINE_BIN=${BASELINE_BIN:-}
 for tool in nginx wrk python3 curl sqlite3; do
   command -v $tool >/dev/null || { echo "bench: $tool is required (apt-get install -y nginx-light wrk python3-cryptography curl sqlite3)" >&2; exit 1; }
@@ -177,7 +180,13 @@ rss() { awk '/VmRSS/ {print int($2 / 1024)}' "/proc/$1/status"; }
 COLS=(embedded); URLS=("$L")
 [ -z "$B" ] || { COLS+=(baseline); URLS+=("$B"); }
 [ -z "$P" ] || { COLS+=(pg); URLS+=("$P"); }
-log "N=$N, load: $(uptime | sed 's/.*load average: //'), $DUR s per run"
+if [ "$LIMITED" = 1 ]; then
+  for u in "${URLS[@]}"; do
+    curl -sf -X PATCH -H "Authorization: Bearer $ADMIN" -H 'Content-Type: application/json' \
+      --data '{"max_size": 1125899906842624}' "$u/api/v1/caches/bench" >/dev/null
+  done
+fi
+log "N=$N, LIMITED=$LIMITED, load: $(uptime | sed 's/.*load average: //'), $DUR s per run"
 head="| narinfo, N=$N |"; sep="|---|"
 for c in "${COLS[@]}"; do head+=" $c req/s | p50 ms | p99 ms |"; sep+="---:|---:|---:|"; done
 head+=" nginx req/s | p50 ms | p99 ms |"; sep+="---:|---:|---:|"

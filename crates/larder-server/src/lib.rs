@@ -553,7 +553,7 @@ pub async fn serve_on(
     // What the last moments served: path uses and download statistics.
     match tokio::time::timeout(
         std::time::Duration::from_secs(5),
-        state.retention.usage.flush(&state.meta),
+        state.retention.usage.flush_all(&state.meta),
     )
     .await
     {

@@ -2,12 +2,16 @@
 //! `max_size`, and the pins that protect closures from it (SPEC §2.6).
 //!
 //! - **Usage.** A narinfo or NAR fetch marks the path used. The request only inserts into an
-//!   in-memory set under a mutex; [`Usage::flush`] writes each batch with one `UPDATE` per
-//!   cache (every [`USAGE_FLUSH_INTERVAL`], and before every eviction), which leaves alone
-//!   the paths whose recorded use is within [`USAGE_RESOLUTION`] (a second in a cache with a
-//!   size limit, whose eviction order needs it). Never-used paths age
-//!   from their upload (`created_at`). Under the same lock the request counts the download
-//!   for the cache's daily statistics, which the same flush writes ([`crate::stats`]).
+//!   in-memory set under a mutex; [`Usage::flush`] (every [`USAGE_FLUSH_INTERVAL`], and before
+//!   every eviction) stamps those uses with its time into the latest uses it holds in memory
+//!   and writes a path's use to the database at most once per resolution:
+//!   [`LIMITED_USAGE_RESOLUTION`] (a minute) in a cache with a size limit,
+//!   [`USAGE_RESOLUTION`] without. Whatever orders or shows recency (eviction, the path list,
+//!   path info) merges the uses held with the database's ([`Usage::last_used`]), so eviction
+//!   on a replica sees every use it served. At most [`MAX_HELD_USES`] are held; evicted and
+//!   deleted paths are forgotten. Never-used paths age from their upload (`created_at`).
+//!   Under the same lock the request counts the download for the cache's daily statistics,
+//!   which the same flush writes ([`crate::stats`]).
 //! - **Order.** A path's *closure recency* is the latest use of the path or of any path in the
 //!   cache that (transitively) references it: a library stays as long as something that needs
 //!   it is used. Paths are evicted oldest closure recency first, each together with every path
@@ -34,61 +38,113 @@ use crate::AppState;
 
 /// How often recorded uses are written to the database.
 pub const USAGE_FLUSH_INTERVAL: Duration = Duration::from_secs(2);
-/// In a cache without a size limit, a path's recorded last use is rewritten only when it is
-/// at least this much older than the new one: nothing evicts by it there (it is shown, and
-/// read if a limit is set later), and writing every use was a row write per distinct path
-/// every flush, a quarter of the CPU of a server answering random narinfos of 100 000 paths
-/// (bench/scale.sh, perf). A cache with `max_size` records every use to the second
-/// ([`LIMITED_USAGE_RESOLUTION`]): its eviction order depends on it.
+/// In a cache without a size limit, a path's use is written to the database at most once per
+/// this much time (and not when the database's is less than this much older): nothing evicts
+/// by it there (it is shown, and read if a limit is set later), and writing every use was a
+/// row write per distinct path every flush, a quarter of the CPU of a server answering random
+/// narinfos of 100 000 paths (bench/scale.sh, perf).
 pub const USAGE_RESOLUTION: Duration = Duration::from_secs(600);
-/// The resolution of recorded uses in a cache with a size limit.
-pub const LIMITED_USAGE_RESOLUTION: Duration = Duration::from_secs(1);
+/// In a cache with a size limit, a path's use is written to the database at most once per
+/// this much time; the uses in between are held in memory ([`Usage`]) and merged by everything
+/// that reads recency (eviction, the path list, path info), so eviction on a replica orders
+/// by its own uses as exactly as the flush ([`USAGE_FLUSH_INTERVAL`]) stamps them. Writing every
+/// use to the second was a row write per served path and flush, ~24 % of the server's CPU
+/// under random narinfos over 100 000 paths (bench/scale.sh). Other replicas see a use
+/// through the database, at most this (and a flush) late.
+pub const LIMITED_USAGE_RESOLUTION: Duration = Duration::from_secs(60);
+/// The most uses (paths, or NARs) a replica holds in memory. A flush that ends with more
+/// drops uses already written to the database (writing those that are not first), so memory
+/// stays bounded whatever the size of the caches; a request that finds this many uses waiting
+/// for the next flush starts it at once. 262 144 uses take about 40 MiB.
+pub const MAX_HELD_USES: usize = 262_144;
 /// Share of `max_size` past which a cache is reported as nearly full.
 pub const WARN_FRACTION: f64 = 0.85;
 /// Attempts of one eviction when concurrent publishing invalidates its plan.
 const EVICT_ATTEMPTS: usize = 5;
 
+/// What a use names: a path by its hash part (a narinfo), or the paths of a NAR.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Used {
+    Path([u8; 32]),
+    Nar(i64),
+}
+
+fn hash_key(hash: &str) -> Used {
+    let mut k = [0u8; 32];
+    for (d, s) in k.iter_mut().zip(hash.bytes()) {
+        *d = s;
+    }
+    Used::Path(k)
+}
+
+/// A use held in memory.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    /// The latest use: the time of the flush that took it.
+    used: i64,
+    /// When this replica last wrote a use of it to the database (a flush's time), if ever.
+    written_at: Option<i64>,
+    /// `used` is not written yet.
+    dirty: bool,
+}
+
 #[derive(Default)]
 struct Batch {
-    narinfos: HashSet<(i64, [u8; 32])>,
-    nars: HashSet<(i64, i64)>,
+    uses: HashSet<(i64, Used)>,
     stats: crate::stats::Pending,
 }
 
-/// Uses (and download statistics) recorded since the last flush.
+/// Uses of paths: those served since the last flush, and the latest use of every path served
+/// lately, which the database may not have yet (see [`LIMITED_USAGE_RESOLUTION`]).
+///
+/// Readers of recency merge [`Usage::last_used`] with the database's `last_used_at` (never
+/// older). An evicted or deleted path is forgotten ([`Usage::forget`]), so a path pushed
+/// again starts unused.
 #[derive(Default)]
 pub struct Usage {
+    /// Taken by every served narinfo and NAR: a set insert and a counter.
     batch: Mutex<Batch>,
+    /// The latest uses, at most [`MAX_HELD_USES`] after each flush.
+    held: Mutex<HashMap<(i64, Used), Held>>,
+    /// One flush (or forgetting) at a time: a use marked written stays held until its row is
+    /// written, so readers never miss it.
+    flushing: tokio::sync::Mutex<()>,
+    /// Woken when [`MAX_HELD_USES`] uses wait for the next flush ([`usage_loop`]).
+    wake: tokio::sync::Notify,
     stats: crate::stats::Recorder,
 }
 
 impl Usage {
+    fn used(&self, cache_id: i64, key: Used, stats: impl FnOnce(&mut crate::stats::Pending)) {
+        if let Ok(mut b) = self.batch.lock() {
+            b.uses.insert((cache_id, key));
+            stats(&mut b.stats);
+            if b.uses.len() == MAX_HELD_USES {
+                self.wake.notify_one();
+            }
+        }
+    }
+
     /// A narinfo of `cache_id` was served: `bytes` long, or `None` for a `HEAD`, which is no
     /// download. Hot path: one lock, a set insert and a counter.
     pub fn narinfo(&self, cache_id: i64, hash: &str, bytes: Option<usize>) {
-        let mut k = [0u8; 32];
-        for (d, s) in k.iter_mut().zip(hash.bytes()) {
-            *d = s;
-        }
         let day = bytes.map(|_| crate::stats::today());
-        if let Ok(mut b) = self.batch.lock() {
-            b.narinfos.insert((cache_id, k));
+        self.used(cache_id, hash_key(hash), |s| {
             if let (Some(day), Some(n)) = (day, bytes) {
-                b.stats.narinfo(cache_id, day, n as u64);
+                s.narinfo(cache_id, day, n as u64);
             }
-        }
+        });
     }
 
     /// A NAR of `cache_id` was served: `bytes` of its file (the range asked for), or `None`
     /// for a `HEAD`, which is no download.
     pub fn nar(&self, cache_id: i64, nar_id: i64, bytes: Option<u64>) {
         let day = bytes.map(|_| crate::stats::today());
-        if let Ok(mut b) = self.batch.lock() {
-            b.nars.insert((cache_id, nar_id));
+        self.used(cache_id, Used::Nar(nar_id), |s| {
             if let (Some(day), Some(n)) = (day, bytes) {
-                b.stats.nar(cache_id, day, n);
+                s.nar(cache_id, day, n);
             }
-        }
+        });
     }
 
     /// The paths of `cache_id` changed (published, evicted, deleted; a new cache): the next
@@ -99,28 +155,96 @@ impl Usage {
         }
     }
 
-    /// Write the recorded uses, stamped `at`, and the statistics gathered since the last
-    /// flush (statistics that could not be written are kept for the next one).
-    pub async fn flush_at(&self, meta: &larder_store::Metadata, at: i64) -> Result<(), ApiError> {
+    /// The latest use of the path `hash` (whose NAR is `nar_id`) of `cache_id`: `recorded`
+    /// (the database's) or a later one held in memory.
+    pub fn last_used(
+        &self,
+        cache_id: i64,
+        hash: &str,
+        nar_id: i64,
+        recorded: Option<i64>,
+    ) -> Option<i64> {
+        let Ok(held) = self.held.lock() else {
+            return recorded;
+        };
+        latest(&held, cache_id, hash, nar_id, recorded)
+    }
+
+    /// [`Usage::last_used`] for every path eviction looks at, under one lock.
+    pub fn merge_lru(&self, cache_id: i64, paths: &mut [LruPath]) {
+        let Ok(held) = self.held.lock() else {
+            return;
+        };
+        if held.is_empty() {
+            return;
+        }
+        for p in paths {
+            p.last_used_at = latest(&held, cache_id, &p.hash, p.nar_id, p.last_used_at);
+        }
+    }
+
+    /// How many uses are held in memory (at most [`MAX_HELD_USES`] after a flush).
+    pub fn held(&self) -> usize {
+        self.held.lock().map_or(0, |h| h.len())
+    }
+
+    /// Whether a use of the path `hash` or of the NAR `nar_id` of `cache_id` is held in memory
+    /// or waits for the next flush.
+    pub fn holds(&self, cache_id: i64, hash: &str, nar_id: i64) -> bool {
+        let keys = [(cache_id, hash_key(hash)), (cache_id, Used::Nar(nar_id))];
+        let waiting = self
+            .batch
+            .lock()
+            .is_ok_and(|b| keys.iter().any(|k| b.uses.contains(k)));
+        let held = self
+            .held
+            .lock()
+            .is_ok_and(|h| keys.iter().any(|k| h.contains_key(k)));
+        waiting || held
+    }
+
+    /// Paths of `cache_id` are gone (evicted, deleted): drop their uses, waiting or held, and
+    /// those of these NARs, so that nothing of them stays in memory and a path pushed again
+    /// starts unused.
+    pub async fn forget(&self, cache_id: i64, hashes: &[String], nar_ids: &[i64]) {
+        let _one_at_a_time = self.flushing.lock().await;
+        let keys: Vec<(i64, Used)> = hashes
+            .iter()
+            .map(|h| (cache_id, hash_key(h)))
+            .chain(nar_ids.iter().map(|&n| (cache_id, Used::Nar(n))))
+            .collect();
+        if let Ok(mut b) = self.batch.lock() {
+            for k in &keys {
+                b.uses.remove(k);
+            }
+        }
+        if let Ok(mut h) = self.held.lock() {
+            for k in &keys {
+                h.remove(k);
+            }
+        }
+    }
+
+    /// Take the uses served since the last flush, stamped `at`, into memory; write those due
+    /// (never written by this replica, or last written at least the cache's resolution ago),
+    /// every one with `everything`; keep the held uses within [`MAX_HELD_USES`]; and write the
+    /// statistics gathered since the last flush (those that could not be written are kept for
+    /// the next one).
+    async fn flush_with(
+        &self,
+        meta: &larder_store::Metadata,
+        at: i64,
+        everything: bool,
+    ) -> Result<(), ApiError> {
+        let _one_at_a_time = self.flushing.lock().await;
         let batch = match self.batch.lock() {
             Ok(mut b) => std::mem::take(&mut *b),
             Err(_) => return Ok(()),
         };
-        let mut by_cache: HashMap<i64, (Vec<String>, Vec<i64>)> = HashMap::new();
-        for (cache, hash) in batch.narinfos {
-            by_cache
-                .entry(cache)
-                .or_default()
-                .0
-                .push(String::from_utf8_lossy(&hash).into_owned());
-        }
-        for (cache, nar) in batch.nars {
-            by_cache.entry(cache).or_default().1.push(nar);
-        }
-        // The caches that evict by recency; when they cannot be listed, every use is exact.
-        let unlimited: HashSet<i64> = if by_cache.is_empty() {
-            HashSet::new()
-        } else {
+        let held_any = !batch.uses.is_empty() || self.held() > 0;
+        // The caches without a size limit; when they cannot be listed, every cache is limited
+        // (its uses written more often, never less).
+        let unlimited: HashSet<i64> = if held_any {
             meta.list_caches()
                 .await
                 .map(|cs| {
@@ -130,20 +254,50 @@ impl Usage {
                         .collect()
                 })
                 .unwrap_or_default()
+        } else {
+            HashSet::new()
         };
-        let mut result = Ok(());
-        for (cache, (hashes, nars)) in by_cache {
-            let resolution = if unlimited.contains(&cache) {
+        let resolution = |cache: i64| {
+            if unlimited.contains(&cache) {
                 USAGE_RESOLUTION
             } else {
                 LIMITED_USAGE_RESOLUTION
-            };
-            if let Err(e) = meta
-                .record_usage(cache, &hashes, &nars, at, resolution.as_secs() as i64)
-                .await
-            {
-                result = Err(e.into());
-                break;
+            }
+            .as_secs() as i64
+        };
+        let due = match self.held.lock() {
+            Ok(mut held) => {
+                for key in batch.uses {
+                    let h = held.entry(key).or_insert(Held {
+                        used: at,
+                        written_at: None,
+                        dirty: true,
+                    });
+                    if at > h.used {
+                        h.used = at;
+                        h.dirty = true;
+                    }
+                }
+                take_due(&mut held, at, everything, &resolution)
+            }
+            Err(_) => Vec::new(),
+        };
+        let mut result = self.write(meta, &due, &unlimited).await;
+        if result.is_ok() && self.held() > MAX_HELD_USES {
+            // Over the bound: drop uses the database has; if that is not enough, write the
+            // rest first (a flush keeps at most the uses of one interval unwritten, so this is
+            // rare: the previous flush left at most MAX_HELD_USES, all new ones are written).
+            if !trim(&self.held, MAX_HELD_USES, false) {
+                let rest = match self.held.lock() {
+                    Ok(mut held) => take_due(&mut held, at, true, &resolution),
+                    Err(_) => Vec::new(),
+                };
+                result = self.write(meta, &rest, &unlimited).await;
+                if !trim(&self.held, MAX_HELD_USES, false) {
+                    // The database refuses them: memory stays bounded, at their expense.
+                    tracing::warn!("dropping path uses the database did not take");
+                    trim(&self.held, MAX_HELD_USES, true);
+                }
             }
         }
         if let Err((e, unsent)) = self.stats.flush(meta, batch.stats).await {
@@ -155,9 +309,117 @@ impl Usage {
         result
     }
 
+    /// Write `uses` (cache, key, time), grouped by cache and time. What could not be written
+    /// is marked unwritten again.
+    async fn write(
+        &self,
+        meta: &larder_store::Metadata,
+        uses: &[(i64, Used, i64)],
+        unlimited: &HashSet<i64>,
+    ) -> Result<(), ApiError> {
+        let mut groups: HashMap<(i64, i64), (Vec<String>, Vec<i64>)> = HashMap::new();
+        for &(cache, key, used) in uses {
+            let g = groups.entry((cache, used)).or_default();
+            match key {
+                Used::Path(h) => g.0.push(String::from_utf8_lossy(&h).into_owned()),
+                Used::Nar(n) => g.1.push(n),
+            }
+        }
+        let mut groups: Vec<_> = groups.into_iter().collect();
+        groups.sort_by_key(|&((cache, used), _)| (used, cache));
+        for ((cache, used), (hashes, nars)) in groups {
+            // A limited cache's use is written whatever the database has (unless later: another
+            // replica's), so that a use dropped from memory is still there, exactly.
+            let below = if unlimited.contains(&cache) {
+                USAGE_RESOLUTION.as_secs() as i64
+            } else {
+                0
+            };
+            if let Err(e) = meta.record_usage(cache, &hashes, &nars, used, below).await {
+                if let Ok(mut held) = self.held.lock() {
+                    for &(c, key, u) in uses {
+                        if let Some(h) = held.get_mut(&(c, key)) {
+                            if h.used == u {
+                                // Due again at the next flush.
+                                h.dirty = true;
+                                h.written_at = None;
+                            }
+                        }
+                    }
+                }
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Write the uses served since the last flush, stamped `at`, and the statistics.
+    pub async fn flush_at(&self, meta: &larder_store::Metadata, at: i64) -> Result<(), ApiError> {
+        self.flush_with(meta, at, false).await
+    }
+
     pub async fn flush(&self, meta: &larder_store::Metadata) -> Result<(), ApiError> {
         self.flush_at(meta, now_unix()).await
     }
+
+    /// Write every use held, due or not: at shutdown.
+    pub async fn flush_all(&self, meta: &larder_store::Metadata) -> Result<(), ApiError> {
+        self.flush_with(meta, now_unix(), true).await
+    }
+}
+
+/// The latest of `recorded` and the uses held of the path `hash` and of its NAR.
+fn latest(
+    held: &HashMap<(i64, Used), Held>,
+    cache_id: i64,
+    hash: &str,
+    nar_id: i64,
+    recorded: Option<i64>,
+) -> Option<i64> {
+    [(cache_id, hash_key(hash)), (cache_id, Used::Nar(nar_id))]
+        .iter()
+        .filter_map(|k| held.get(k).map(|h| h.used))
+        .chain(recorded)
+        .max()
+}
+
+/// The held uses to write now, marked written (at `at`): the unwritten ones never written or
+/// last written at least their cache's resolution ago; every unwritten one with `everything`.
+fn take_due(
+    held: &mut HashMap<(i64, Used), Held>,
+    at: i64,
+    everything: bool,
+    resolution: &impl Fn(i64) -> i64,
+) -> Vec<(i64, Used, i64)> {
+    let mut due = Vec::new();
+    for (&(cache, key), h) in held.iter_mut() {
+        if !h.dirty {
+            continue;
+        }
+        if everything || h.written_at.is_none_or(|w| at - w >= resolution(cache)) {
+            h.dirty = false;
+            h.written_at = Some(at);
+            due.push((cache, key, h.used));
+        }
+    }
+    due
+}
+
+/// Drop written uses (any, with `unwritten_too`) until at most `max` are held; whether that
+/// was enough.
+fn trim(held: &Mutex<HashMap<(i64, Used), Held>>, max: usize, unwritten_too: bool) -> bool {
+    let Ok(mut held) = held.lock() else {
+        return true;
+    };
+    let mut over = held.len().saturating_sub(max);
+    held.retain(|_, h| {
+        if over > 0 && (unwritten_too || !h.dirty) {
+            over -= 1;
+            return false;
+        }
+        true
+    });
+    over == 0
 }
 
 /// Retention state shared by the handlers and the background loops.
@@ -320,7 +582,9 @@ pub async fn evict(
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let paths = state.meta.lru_paths(cache.id).await?;
+        let mut paths = state.meta.lru_paths(cache.id).await?;
+        // The uses the database has not been told yet (at most a resolution old).
+        state.retention.usage.merge_lru(cache.id, &mut paths);
         let refs = state.meta.cache_refs(cache.id).await?;
         let pins = state.meta.list_pins(cache.id).await?;
         let size_before: i64 = paths.iter().map(|p| p.file_size).sum();
@@ -362,6 +626,19 @@ pub async fn evict(
                 for h in &hashes {
                     state.hot.forget_narinfo(cache.id, h);
                 }
+                // Their NARs' uses too, unless a path that stays has the same NAR.
+                let gone: HashSet<&str> = hashes.iter().map(String::as_str).collect();
+                let kept_nars: HashSet<i64> = paths
+                    .iter()
+                    .filter(|p| !gone.contains(p.hash.as_str()))
+                    .map(|p| p.nar_id)
+                    .collect();
+                let nars: Vec<i64> = paths
+                    .iter()
+                    .filter(|p| gone.contains(p.hash.as_str()) && !kept_nars.contains(&p.nar_id))
+                    .map(|p| p.nar_id)
+                    .collect();
+                state.retention.usage.forget(cache.id, &hashes, &nars).await;
                 state.metrics.evicted(cache.id, hashes.len(), freed);
                 state.retention.usage.resized(cache.id);
                 tracing::info!(
@@ -459,6 +736,8 @@ pub async fn delete_path(
                 for h in &hashes {
                     state.hot.forget_narinfo(cache.id, h);
                 }
+                let nars: Vec<i64> = victims.iter().map(|v| v.nar_id).collect();
+                state.retention.usage.forget(cache.id, &hashes, &nars).await;
                 let freed = victims.iter().map(|v| v.file_size).sum();
                 state.metrics.deleted(cache.id, victims.len(), freed);
                 state.retention.usage.resized(cache.id);
@@ -588,12 +867,15 @@ pub async fn evict_all(state: &AppState) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Write recorded uses every [`USAGE_FLUSH_INTERVAL`].
+/// Write recorded uses every [`USAGE_FLUSH_INTERVAL`], or at once when [`MAX_HELD_USES`] wait.
 pub(crate) async fn usage_loop(state: AppState) {
     let mut interval = tokio::time::interval(USAGE_FLUSH_INTERVAL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        interval.tick().await;
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = state.retention.usage.wake.notified() => {}
+        }
         if let Err(e) = state.retention.usage.flush(&state.meta).await {
             tracing::warn!(error = %e, "recording path usage failed");
         }

@@ -498,3 +498,128 @@ async fn eviction_racing_uploads_and_downloads_never_breaks_a_served_narinfo() {
         "the newest closure was evicted"
     );
 }
+
+/// A limited cache whose limit stays far off while its paths are used.
+async fn limited_cache(srv: &Server, name: &str) -> i64 {
+    srv.post_json(
+        "/api/v1/caches",
+        srv.admin(),
+        &json!({ "name": name, "max_size": 1_000_000_000 }),
+    )
+    .await
+    .expect(201);
+    srv.state.meta.get_cache(name).await.unwrap().unwrap().id
+}
+
+/// Each path's use as the database has it, and its NAR's row.
+async fn recorded(srv: &Server, cache_id: i64, tp: &TestPath) -> (Option<i64>, i64) {
+    let lru = srv.state.meta.lru_paths(cache_id).await.unwrap();
+    let p = lru.iter().find(|p| p.hash == tp.hash()).unwrap();
+    (p.last_used_at, p.nar_id)
+}
+
+/// What path info says of a path's last use.
+async fn last_use(srv: &Server, cache: &str, tp: &TestPath) -> Value {
+    srv.get(
+        &format!("/api/v1/caches/{cache}/paths/{}", tp.hash()),
+        srv.admin(),
+    )
+    .await
+    .expect(200)
+    .json()["last_used_at"]
+        .clone()
+}
+
+/// A use within a minute of the path's last written one stays in memory only; eviction, the
+/// path list and path info see it all the same, and a path evicted leaves no use behind.
+#[tokio::test]
+async fn a_use_not_yet_written_still_orders_eviction() {
+    let srv = Server::new().await;
+    let c = limited_cache(&srv, "c").await;
+    let early = sized("early", "early", 10_000);
+    let late = sized("late", "late", 10_000);
+    push(&srv, "c", &early).await;
+    push(&srv, "c", &late).await;
+    let t0 = larder_store::now_unix();
+    let usage = &srv.state.retention.usage;
+    for (tp, at) in [(&early, t0), (&late, t0 + 5), (&early, t0 + 10)] {
+        fetch(&srv, "c", tp).await;
+        usage.flush_at(&srv.state.meta, at).await.unwrap();
+    }
+    // The database was told of early's first use only: its second came 10 s later.
+    assert_eq!(recorded(&srv, c, &early).await.0, Some(t0));
+    assert_eq!(recorded(&srv, c, &late).await.0, Some(t0 + 5));
+    assert_eq!(last_use(&srv, "c", &early).await, json!(t0 + 10));
+    let list = srv
+        .get("/api/v1/caches/c/paths?query=early", srv.admin())
+        .await
+        .expect(200)
+        .json();
+    assert_eq!(list["paths"][0]["last_used_at"], json!(t0 + 10), "{list}");
+
+    // Room for one of them: the one used last stays.
+    let total = srv.cache_info("c").await["size"].as_i64().unwrap();
+    srv.set_limit_quietly("c", total - 1).await;
+    let dry = gc(&srv, "c", true).await;
+    assert_eq!(evicted_paths(&dry), [late.path.to_absolute()], "{dry:#}");
+    assert_eq!(dry["evicted"][0]["last_used_at"], json!(t0 + 5));
+
+    // A minute after its last write, the held use reaches the database.
+    usage.flush_at(&srv.state.meta, t0 + 5 + 60).await.unwrap();
+    assert_eq!(recorded(&srv, c, &early).await.0, Some(t0 + 10));
+
+    let late_nar = recorded(&srv, c, &late).await.1;
+    assert!(usage.holds(c, &late.hash(), late_nar));
+    let done = gc(&srv, "c", false).await;
+    assert_eq!(evicted_paths(&done), [late.path.to_absolute()], "{done:#}");
+    assert!(
+        !usage.holds(c, &late.hash(), late_nar),
+        "an evicted path's use stays in memory"
+    );
+    // Pushed again, it is a new, unused path.
+    srv.set_limit_quietly("c", 1_000_000_000).await;
+    push(&srv, "c", &late).await;
+    assert_eq!(last_use(&srv, "c", &late).await, Value::Null);
+    assert_eq!(last_use(&srv, "c", &early).await, json!(t0 + 10));
+}
+
+/// However many paths are served, at most `MAX_HELD_USES` uses stay in memory, and a use the
+/// database does not have yet is never the one dropped; a deleted path leaves none behind.
+#[tokio::test]
+async fn held_uses_stay_within_their_bound() {
+    use larder_server::retention::MAX_HELD_USES;
+    let srv = Server::new().await;
+    let c = limited_cache(&srv, "c").await;
+    let kept = sized("kept", "kept", 1000);
+    push(&srv, "c", &kept).await;
+    let t0 = larder_store::now_unix();
+    let usage = &srv.state.retention.usage;
+    for at in [t0, t0 + 10] {
+        fetch(&srv, "c", &kept).await;
+        usage.flush_at(&srv.state.meta, at).await.unwrap();
+    }
+    assert_eq!(recorded(&srv, c, &kept).await.0, Some(t0));
+
+    // More distinct paths served than may be held (they need not exist to be counted).
+    for i in 0..MAX_HELD_USES + 1000 {
+        usage.narinfo(c, &format!("{i:032}"), None);
+    }
+    usage.flush_at(&srv.state.meta, t0 + 11).await.unwrap();
+    let held = usage.held();
+    assert!(held <= MAX_HELD_USES, "{held} uses held");
+    assert!(held >= MAX_HELD_USES / 2, "only {held} uses held");
+    assert_eq!(last_use(&srv, "c", &kept).await, json!(t0 + 10));
+
+    let nar = recorded(&srv, c, &kept).await.1;
+    fetch(&srv, "c", &kept).await;
+    srv.delete(
+        &format!("/api/v1/caches/c/paths/{}", kept.hash()),
+        srv.admin(),
+    )
+    .await
+    .expect(200);
+    assert!(
+        !usage.holds(c, &kept.hash(), nar),
+        "a deleted path's use stays in memory"
+    );
+}

@@ -154,6 +154,12 @@ pub(crate) async fn list_page(
         .await?;
     let more = page.len() as i64 > req.limit;
     page.truncate(req.limit as usize);
+    for e in &mut page {
+        e.last_used_at = state
+            .retention
+            .usage
+            .last_used(c.id, &e.hash, e.nar_id, e.last_used_at);
+    }
     let next_cursor = if more {
         page.last().map(PathEntry::basename)
     } else {
@@ -293,7 +299,12 @@ pub(crate) async fn path_detail(
             })
             .collect(),
         uploaded_at: entry.created_at,
-        last_used_at: entry.last_used_at,
+        last_used_at: state.retention.usage.last_used(
+            c.id,
+            &entry.hash,
+            entry.nar_id,
+            entry.last_used_at,
+        ),
         upstream: entry.upstream.clone(),
         narinfo,
         compression: nar.compression.as_str().to_owned(),

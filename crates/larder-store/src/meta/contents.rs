@@ -19,6 +19,8 @@ use super::{decoding_with_nar, placeholders, Metadata, Result, IN_BATCH};
 pub struct PathEntry {
     pub hash: String,
     pub name: String,
+    /// Its NAR's row: a NAR fetch is a use of the paths that have it.
+    pub nar_id: i64,
     pub nar_size: i64,
     /// Stored (compressed) bytes.
     pub file_size: i64,
@@ -26,7 +28,9 @@ pub struct PathEntry {
     pub compression: Compression,
     /// Upload (publication) time.
     pub created_at: i64,
-    /// Last narinfo or NAR fetch, as recorded by the last usage flush.
+    /// Last narinfo or NAR fetch as the database has it, which may be behind the uses a server
+    /// holds in memory (a minute in a cache with a size limit; larder-server's
+    /// `retention::Usage` merges them).
     pub last_used_at: Option<i64>,
     /// The upstream cache it was fetched from (pull-through); `None`: pushed.
     pub upstream: Option<String>,
@@ -46,7 +50,7 @@ pub struct PathCursor {
     pub hash: String,
 }
 
-const ENTRY_COLS: &str = "p.hash, p.name, n.nar_size, n.file_size, n.compression, \
+const ENTRY_COLS: &str = "p.hash, p.name, p.nar_id, n.nar_size, n.file_size, n.compression, \
                           p.created_at, p.last_used_at, p.upstream";
 
 /// A `LIKE` pattern matching `text` anywhere, case-insensitively once both sides are lowered;
