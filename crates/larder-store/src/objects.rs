@@ -36,6 +36,23 @@ const S3_PUT_CONCURRENCY: usize = 8;
 /// their latency.
 const S3_READ_CONCURRENCY: usize = 16;
 
+/// `body` (of object `key`) read whole into memory, `capacity` bytes reserved.
+async fn collect(
+    key: &str,
+    body: ObjectBody,
+    capacity: usize,
+) -> Result<bytes::BytesMut, ObjectError> {
+    let mut out = bytes::BytesMut::with_capacity(capacity);
+    let mut stream = body.stream;
+    while let Some(piece) = stream.next().await {
+        out.extend_from_slice(&piece.map_err(|source| ObjectError::Io {
+            key: key.to_owned(),
+            source,
+        })?);
+    }
+    Ok(out)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ObjectError {
     #[error("invalid object key {0:?}")]
@@ -224,14 +241,7 @@ impl ObjectStore {
                     .map(|(key, range)| async move {
                         let want = range.end.saturating_sub(range.start);
                         let body = self.get(&key, Some(range)).await?;
-                        let mut piece = bytes::BytesMut::with_capacity(want as usize);
-                        let mut stream = body.stream;
-                        while let Some(part) = stream.next().await {
-                            piece.extend_from_slice(&part.map_err(|source| ObjectError::Io {
-                                key: key.clone(),
-                                source,
-                            })?);
-                        }
+                        let piece = collect(&key, body, want as usize).await?;
                         if piece.len() as u64 != want {
                             return Err(ObjectError::Io {
                                 key,
@@ -291,15 +301,8 @@ impl ObjectStore {
                 if body.len > max {
                     return Ok(None);
                 }
-                let mut out = bytes::BytesMut::with_capacity(body.len as usize);
-                let mut stream = body.stream;
-                while let Some(piece) = stream.next().await {
-                    out.extend_from_slice(&piece.map_err(|source| ObjectError::Io {
-                        key: key.to_owned(),
-                        source,
-                    })?);
-                }
-                Ok(Some(out.freeze()))
+                let len = body.len as usize;
+                Ok(Some(collect(key, body, len).await?.freeze()))
             }
         }
     }
