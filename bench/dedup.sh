@@ -20,7 +20,8 @@
 # BASELINE_BIN=<a build of larder from before chunking> adds the first push (generation 1 into
 # an empty cache), alternated between the two builds, ROUNDS times each.
 # Needs (as root): nix-bin, python3, curl, wrk, nginx. Knobs: NPATHS (24), TOTAL_MIB (200),
-# GENS (5), DUR (wrk seconds, 5), ROUNDS (2).
+# GENS (5), DUR (wrk seconds, 5), ROUNDS (2), FIRST_ONLY=1 (only the first push, with
+# BASELINE_BIN), TMPDIR (where the servers' data and the sources go; /tmp).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 NPATHS=${NPATHS:-24}
@@ -32,7 +33,7 @@ BASELINE_BIN=${BASELINE_BIN:-}
 BUMP=$((NPATHS * 2 / 3))
 . "$ROOT/tests/lib/nix-env.sh"
 . "$ROOT/bench/lib.sh"
-WORK=$(mktemp -d /tmp/larder-dedup.XXXXXX)
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/larder-dedup.XXXXXX")
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
@@ -164,6 +165,7 @@ v = [float(x) for x in sys.argv[1:]]
 new, old = v[0::2], v[1::2]
 print(f"first push, s: this build {' '.join(f'{x:.2f}' for x in new)}; baseline {' '.join(f'{x:.2f}' for x in old)}; best {min(new):.2f} vs {min(old):.2f} = {min(new) / min(old):.2f}x")
 PY
+  [ "${FIRST_ONLY:-0}" = 1 ] && exit 0
 fi
 
 start_server push; start_server nixcopy

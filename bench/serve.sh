@@ -166,13 +166,15 @@ row "NAR MiB/s, 4 connections" $(each mbps -t2 -c4 "@NAR@")
 # End to end: `nix copy --from` of the whole closure into an empty store, from larder and from
 # nginx (the same narinfos, signed by larder's key, and NARs), alternated, the better of two
 # runs each (seconds; the ratio is larder's time over nginx's: lower is better).
-KEY=$(for u in "$L" $B $S; do curl -sf "$u/api/v1/caches/bench"; echo; done |
-  python3 -c 'import json,sys; print(" ".join(json.loads(l)["public_key"] for l in sys.stdin if l.strip()))')
-copy_from() { # copy_from BASE: seconds to substitute the closure from BASE into a fresh store
+# Each server signs with its own key, and the keys of servers on one host share a name (Nix keeps
+# one key per name), so each copy trusts only the key of the server it reads from; nginx serves
+# larder's narinfos, signed with larder's key.
+key_of() { curl -sf "$1/api/v1/caches/bench" | python3 -c 'import json,sys; print(json.load(sys.stdin)["public_key"])'; }
+copy_from() { # copy_from BASE KEY: seconds to substitute the closure from BASE into a fresh store
   local store t0 t1; store=$(mktemp -d "$WORK/dl.XXXXXX")
   t0=$(date +%s%N)
   NIX_CONFIG="$NIX_CONFIG
-trusted-public-keys = $KEY" XDG_CACHE_HOME=$(mktemp -d "$WORK/xdg.XXXXXX") \
+trusted-public-keys = $2" XDG_CACHE_HOME=$(mktemp -d "$WORK/xdg.XXXXXX") \
     nix copy --from "$1" --to "$store" "$TOP" >/dev/null 2>"$WORK/copy.log" ||
     { cat "$WORK/copy.log" >&2; echo "bench: nix copy --from $1 failed" >&2; exit 1; }
   t1=$(date +%s%N)
@@ -183,10 +185,13 @@ trusted-public-keys = $KEY" XDG_CACHE_HOME=$(mktemp -d "$WORK/xdg.XXXXXX") \
   rm -rf "$store" 2>/dev/null || { chmod -R u+w "$store"; rm -rf "$store"; }
   python3 -c "print(f'{($t1 - $t0) / 1e9:.3f}')"
 }
-E2E_BASES=("$L/bench"); [ -z "$B" ] || E2E_BASES+=("$B/bench"); [ -z "$S" ] || E2E_BASES+=("$S/bench")
-E2E_BASES+=("$N/bench")
+E2E_BASES=("$L/bench"); E2E_KEYS=("$(key_of "$L")")
+[ -z "$B" ] || { E2E_BASES+=("$B/bench"); E2E_KEYS+=("$(key_of "$B")"); }
+[ -z "$S" ] || { E2E_BASES+=("$S/bench"); E2E_KEYS+=("$(key_of "$S")"); }
+E2E_BASES+=("$N/bench"); E2E_KEYS+=("${E2E_KEYS[0]}")
 E2E=()
-for _ in 1 2; do for base in "${E2E_BASES[@]}"; do E2E+=("$(copy_from "$base")"); done; done
+for _ in 1 2; do for i in "${!E2E_BASES[@]}"; do
+  E2E+=("$(copy_from "${E2E_BASES[$i]}" "${E2E_KEYS[$i]}")"); done; done
 python3 - "${#E2E_BASES[@]}" "${E2E[@]}" <<'PY'
 import sys
 n, v = int(sys.argv[1]), [float(x) for x in sys.argv[2:]]
