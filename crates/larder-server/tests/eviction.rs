@@ -326,6 +326,36 @@ async fn gc_needs_admin_on_the_cache() {
         .expect(200);
 }
 
+/// A cache without a limit loses nothing to gc, and the report still says what it holds (read
+/// from its counters, not from its paths).
+#[tokio::test]
+async fn gc_of_a_cache_without_a_limit_reports_its_size_and_evicts_nothing() {
+    let srv = Server::new().await;
+    srv.create_cache("c", false).await;
+    let lib = sized("lib", "lib", 3_000);
+    let app = sized("app", "app", 5_000).referencing(&[&lib]);
+    for tp in [&lib, &app] {
+        push(&srv, "c", tp).await;
+    }
+    let info: Value = srv
+        .get("/api/v1/caches/c", srv.admin())
+        .await
+        .expect(200)
+        .json();
+    for dry_run in [true, false] {
+        let report = gc(&srv, "c", dry_run).await;
+        assert_eq!(report["dry_run"], json!(dry_run));
+        assert_eq!(report["max_size"], Value::Null);
+        assert_eq!(report["paths_before"], json!(2));
+        assert_eq!(report["paths_after"], json!(2));
+        assert_eq!(report["size_before"], info["size"]);
+        assert_eq!(report["size_after"], info["size"]);
+        assert!(info["size"].as_i64().unwrap() > 8_000, "{info}");
+        assert_eq!(evicted_paths(&report), Vec::<String>::new());
+    }
+    assert_eq!(walk(&srv, "c", &[&lib, &app]).await.len(), 2);
+}
+
 #[tokio::test]
 async fn a_lower_limit_holds_at_once() {
     let srv = Server::new().await;

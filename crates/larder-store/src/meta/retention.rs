@@ -95,10 +95,17 @@ impl TryFrom<StoredKeep> for Keep {
 impl Metadata {
     /// Every path of a cache with what eviction needs to order it.
     pub async fn lru_paths(&self, cache_id: i64) -> Result<Vec<LruPath>> {
-        sqlx::query_as(
+        // SQLite would walk the `(cache_id, hash)` index and fetch every path's row from
+        // wherever it lies in the table, a random read each: 7.5 s at a million paths, against
+        // 1.1 s for reading the table (and `nars`, filled in the same order) front to back.
+        let paths = match self.engine {
+            Engine::Sqlite => "paths p NOT INDEXED",
+            Engine::Postgres => "paths p",
+        };
+        sqlx::query_as(&format!(
             "SELECT p.id, p.hash, p.name, p.nar_id, n.file_size, p.created_at, p.last_used_at \
-             FROM paths p JOIN nars n ON n.id = p.nar_id WHERE p.cache_id = $1",
-        )
+             FROM {paths} JOIN nars n ON n.id = p.nar_id WHERE p.cache_id = $1"
+        ))
         .bind(cache_id)
         .fetch_all(&self.pool)
         .await
