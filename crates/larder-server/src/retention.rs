@@ -600,13 +600,16 @@ pub async fn evict(
     let mut attempt = 0;
     loop {
         attempt += 1;
+        let started = std::time::Instant::now();
         let mut paths = state.meta.lru_paths(cache.id).await?;
         // The uses the database has not been told yet (at most a resolution old).
         state.retention.usage.merge_lru(cache.id, &mut paths);
         let refs = state.meta.cache_refs(cache.id).await?;
         let pins = state.meta.list_pins(cache.id).await?;
         let size_before: i64 = paths.iter().map(|p| p.file_size).sum();
+        let read = started.elapsed();
         let (victims, hashes, pinned_paths) = plan(&paths, &refs, &pins, max);
+        let planned = started.elapsed();
         let freed: i64 = victims.iter().map(|v| v.file_size).sum();
         let size_after = size_before - freed;
         let mut report = GcReport {
@@ -659,6 +662,9 @@ pub async fn evict(
                     paths = hashes.len(),
                     bytes = freed,
                     size = size_after,
+                    read_ms = read.as_millis(),
+                    plan_ms = (planned - read).as_millis(),
+                    total_ms = started.elapsed().as_millis(),
                     "evicted least recently used paths"
                 );
                 return Ok(report);
