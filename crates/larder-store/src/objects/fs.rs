@@ -11,7 +11,11 @@
 //! flushes. Measured on this machine's ext4 (virtio disk), 60 objects of 40 KiB: 40-240 ms
 //! one after another, 13-28 ms from 4-16 threads. (`syncfs` per batch cost 12-16 ms too,
 //! but it writes whatever else is dirty on the filesystem: 1.5 GB of another process's
-//! writes here, which made it the slower choice on a shared disk.)
+//! writes here, which made it the slower choice on a shared disk.) Each worker stages its
+//! files in a directory of its own, `DIR/tmp/objects-<n>`: creating a file locks its
+//! directory, and so does renaming one out of it, and with one shared staging directory the
+//! workers spent a tenth of a large upload's server CPU spinning on that lock (`perf`, the
+//! 8 000 chunk objects of a 256 MiB NAR; their writing took 2.6 s instead of 3.5 s).
 
 use std::io;
 use std::ops::Range;
@@ -316,7 +320,8 @@ fn put_many_blocking(
     let dirs: Vec<std::collections::BTreeSet<PathBuf>> = std::thread::scope(|scope| {
         let handles: Vec<_> = items
             .chunks(per)
-            .map(|share| scope.spawn(move || put_share(root, tmp, share)))
+            .enumerate()
+            .map(|(i, share)| scope.spawn(move || put_share(root, tmp, i, share)))
             .collect();
         handles
             .into_iter()
@@ -357,9 +362,13 @@ fn put_many_blocking(
 fn put_share(
     root: &Path,
     tmp: &Path,
+    worker: usize,
     share: &[(String, bytes::Bytes)],
 ) -> Result<std::collections::BTreeSet<PathBuf>, ObjectError> {
     use std::io::Write;
+    // A staging directory of the worker's own (see the module's documentation).
+    let tmp = tmp.join(format!("objects-{worker}"));
+    std::fs::create_dir_all(&tmp).map_err(io_err(""))?;
     let mut dirs = std::collections::BTreeSet::new();
     for (key, bytes) in share {
         let dst = root.join(key);
@@ -379,7 +388,7 @@ fn put_share(
         if !dst.exists() {
             let mut file = tempfile::Builder::new()
                 .prefix("object-")
-                .tempfile_in(tmp)
+                .tempfile_in(&tmp)
                 .map_err(io_err(key))?;
             file.write_all(bytes).map_err(io_err(key))?;
             file.as_file().sync_all().map_err(io_err(key))?;
