@@ -874,8 +874,22 @@ pub async fn settle(state: &AppState, cache: &CacheRow, limit: std::time::Durati
 /// The periodic part: prune pins and evict in every cache with a limit.
 pub async fn evict_all(state: &AppState) -> Result<(), ApiError> {
     for cache in state.meta.list_caches().await? {
-        if cache.max_size.is_none() {
+        let Some(max) = cache.max_size else {
             state.meta.prune_pins(cache.id).await?;
+            continue;
+        };
+        // Within its limit (its counters say so exactly) a cache has nothing to evict: no need
+        // to read every path of it (seconds at a million) at every tick.
+        let size = state.meta.cache_stats(cache.id).await?.size;
+        if size <= max {
+            state.meta.prune_pins(cache.id).await?;
+            if near_limit(size, max) {
+                tracing::warn!(
+                    cache = %cache.name,
+                    "cache uses {size} of {max} bytes (over {:.0} %)",
+                    WARN_FRACTION * 100.0
+                );
+            }
             continue;
         }
         let report = evict(state, &cache, false).await?;

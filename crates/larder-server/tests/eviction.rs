@@ -356,6 +356,37 @@ async fn gc_of_a_cache_without_a_limit_reports_its_size_and_evicts_nothing() {
     assert_eq!(walk(&srv, "c", &[&lib, &app]).await.len(), 2);
 }
 
+/// The periodic pass evicts from a cache over its limit and leaves a cache within its limit
+/// (exactly at it) untouched; it decides from the caches' counters.
+#[tokio::test]
+async fn the_background_pass_evicts_only_from_caches_over_their_limit() {
+    let srv = Server::new().await;
+    let old = sized("old", "old", 5_000);
+    let new = sized("new", "new", 5_000);
+    for cache in ["over", "within"] {
+        srv.create_cache(cache, false).await;
+        for tp in [&old, &new] {
+            push(&srv, cache, tp).await;
+        }
+    }
+    let size = |info: Value| info["size"].as_i64().unwrap();
+    let full = size(
+        srv.get("/api/v1/caches/within", srv.admin())
+            .await
+            .expect(200)
+            .json(),
+    );
+    srv.set_limit_quietly("within", full).await;
+    srv.set_limit_quietly("over", full - 1).await;
+    larder_server::retention::evict_all(&srv.state)
+        .await
+        .unwrap();
+    srv.assert_present("within", &old).await;
+    srv.assert_present("within", &new).await;
+    srv.assert_absent("over", &old).await;
+    srv.assert_present("over", &new).await;
+}
+
 #[tokio::test]
 async fn a_lower_limit_holds_at_once() {
     let srv = Server::new().await;
