@@ -12,7 +12,7 @@
 #   - `gc --dry-run`, then an eviction of 10 % (PATCH max_size + POST gc)
 #   - restart time to a healthy /healthz, the cache's info after it, the server's RSS, the
 #     database's size
-# With PG=1 (not yet run end to end; default 0) the same database is moved to PostgreSQL (`larder migrate`; started
+# With PG=1 (default 0) the same database is moved to PostgreSQL (`larder migrate`; started
 # on loopback by larder-testkit's `larder-backends`) and measured again as one more column,
 # with the NARs in the same local directory.
 # Needs (as root): nginx (nginx-light), wrk, python3 with cryptography, curl, sqlite3.
