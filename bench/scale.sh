@@ -39,7 +39,8 @@ SEED=${KEEP:-$WORK/seed}
 PIDS=()
 cleanup() {
   exec 9>&- 2>/dev/null || true # EOF on larder-backends' stdin: it stops PostgreSQL and Garage
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  # Not larder-backends itself: killed, it would leave PostgreSQL and Garage running.
+  for p in "${PIDS[@]}"; do [ "$p" = "${BACKENDS_PID:-}" ] || kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -rf "$WORK"
 }
@@ -112,6 +113,7 @@ if [ "$PG" = 1 ]; then
   (cd "$ROOT" && cargo build --release -q -p larder-testkit --bin larder-backends)
   mkfifo "$WORK/backends.stdin"
   "$ROOT/target/release/larder-backends" <"$WORK/backends.stdin" >"$WORK/backends.env" 2>"$WORK/backends.log" &
+  BACKENDS_PID=$!
   PIDS+=($!)
   exec 9>"$WORK/backends.stdin" # held open: the backends live until this script exits
   for _ in $(seq 600); do grep -q LARDER_DATABASE "$WORK/backends.env" 2>/dev/null && break; sleep 0.1; done
