@@ -552,6 +552,14 @@ pub fn plan(
     (victims, hashes, pinned.iter().filter(|p| **p).count())
 }
 
+/// What an eviction report (and the periodic pass) says of a cache past [`WARN_FRACTION`].
+fn near_limit_warning(size: i64, max: i64) -> String {
+    format!(
+        "cache uses {size} of {max} bytes (over {:.0} %)",
+        WARN_FRACTION * 100.0
+    )
+}
+
 fn near_limit(size: i64, max: i64) -> bool {
     max > 0 && size as f64 >= max as f64 * WARN_FRACTION
 }
@@ -629,10 +637,7 @@ pub async fn evict(
                 "cache stays over its limit: {size_after} of {max} bytes are pinned"
             ));
         } else if near_limit(size_after, max) {
-            report.warning = Some(format!(
-                "cache uses {size_after} of {max} bytes (over {:.0} %)",
-                WARN_FRACTION * 100.0
-            ));
+            report.warning = Some(near_limit_warning(size_after, max));
         }
         if dry_run || report.evicted.is_empty() {
             return Ok(report);
@@ -884,11 +889,7 @@ pub async fn evict_all(state: &AppState) -> Result<(), ApiError> {
         if size <= max {
             state.meta.prune_pins(cache.id).await?;
             if near_limit(size, max) {
-                tracing::warn!(
-                    cache = %cache.name,
-                    "cache uses {size} of {max} bytes (over {:.0} %)",
-                    WARN_FRACTION * 100.0
-                );
+                tracing::warn!(cache = %cache.name, "{}", near_limit_warning(size, max));
             }
             continue;
         }
