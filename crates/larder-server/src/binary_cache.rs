@@ -231,68 +231,74 @@ async fn make_listing(state: &AppState, nar: &NarRow) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Stream `range` of the concatenation of `chunks`' objects. The first object is opened
-/// before this returns, so an unreachable object store is an error (503) while the response
-/// can still say so, not a body cut short after `200`.
-/// The body of `range` of a NAR file made of `chunks`. A small file of one chunk is read whole
-/// (one read, no stream: most NARs are a few KiB) and kept in the hot cache's small files;
-/// larger ones are streamed. A missing object is `ApiError::NotFound`, decided before any byte
-/// is sent.
-async fn chunk_body(
+/// The body of `range` of a NAR file stored as one range of one object (`span`: an object of
+/// its own, or a run of chunks stored together in a pack). A small file is read whole (one
+/// read, no stream: most NARs are a few KiB) and kept in the hot cache's small files; larger
+/// ones are streamed. A missing object is `ApiError::NotFound`, decided before any byte is
+/// sent; the object is opened before this returns, so an unreachable store is a 503 while the
+/// response can still say so, not a body cut short after `200`.
+async fn span_body(
     state: &AppState,
-    chunks: &[ChunkRow],
+    (key, span): (&str, Range<u64>),
     range: Range<u64>,
 ) -> Result<Body, ApiError> {
-    if let [chunk] = chunks {
-        if (chunk.file_size as u64) <= SMALL_NAR {
-            let key = chunk.object_key();
-            let bytes = match state.hot.small_file(&chunk.chunk_hash) {
-                Some(bytes) => Ok(Some(bytes)),
-                None => state.objects.get_small(&key, SMALL_NAR).await.inspect(|b| {
-                    if let Some(bytes) = b {
-                        state.hot.put_small_file(&chunk.chunk_hash, bytes.clone());
-                    }
-                }),
-            };
-            let bytes = match bytes {
-                Ok(Some(bytes)) => bytes,
-                Ok(None) => {
-                    return Ok(Body::from_stream(chunk_stream(state, chunks, range).await?))
-                }
-                Err(larder_store::ObjectError::NotFound(k)) => return Err(ApiError::NotFound(k)),
-                Err(e) => return Err(e.into()),
-            };
-            let end = (range.end as usize).min(bytes.len());
-            let start = (range.start as usize).min(end);
-            return Ok(Body::from(bytes.slice(start..end)));
-        }
+    let not_found = |e| match e {
+        larder_store::ObjectError::NotFound(k) => ApiError::NotFound(k),
+        e => e.into(),
+    };
+    let len = span.end - span.start;
+    if len <= SMALL_NAR {
+        let cached = format!("{key}@{}", span.start);
+        let bytes = match state.hot.small_file(&cached) {
+            Some(bytes) => bytes,
+            None => {
+                // An object that is exactly the file (a NAR's own pack, a chunk of its own)
+                // is read on this thread; a piece of a larger one in a read.
+                let whole = match span.start {
+                    0 => state
+                        .objects
+                        .get_small(key, SMALL_NAR)
+                        .await
+                        .map_err(not_found)?,
+                    _ => None,
+                };
+                let bytes = match whole {
+                    Some(b) if b.len() as u64 == len => b,
+                    Some(b) if b.len() as u64 > len => b.slice(..len as usize),
+                    _ => state
+                        .objects
+                        .read_range(key, span.clone())
+                        .await
+                        .map_err(not_found)?,
+                };
+                state.hot.put_small_file(&cached, bytes.clone());
+                bytes
+            }
+        };
+        let end = (range.end as usize).min(bytes.len());
+        let start = (range.start as usize).min(end);
+        return Ok(Body::from(bytes.slice(start..end)));
     }
-    Ok(Body::from_stream(chunk_stream(state, chunks, range).await?))
+    let r = span.start + range.start..span.start + range.end;
+    let body = state.objects.get(key, Some(r)).await.map_err(not_found)?;
+    Ok(Body::from_stream(crate::chunked_nar::exactly(
+        body.stream,
+        range.end - range.start,
+    )))
 }
 
 /// NAR files up to this size are read whole rather than streamed.
 const SMALL_NAR: u64 = 64 << 10;
 
+/// Stream `range` of the file made of `chunks`, object range after object range. The first
+/// object is opened before this returns.
 async fn chunk_stream(
     state: &AppState,
     chunks: &[ChunkRow],
     range: Range<u64>,
 ) -> Result<futures::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>, ApiError> {
-    let mut parts = Vec::new();
-    let mut offset = 0u64;
-    for c in chunks {
-        let len = c.file_size as u64;
-        let (start, end) = (offset, offset + len);
-        offset = end;
-        if end <= range.start || start >= range.end {
-            continue;
-        }
-        let from = range.start.max(start) - start;
-        let to = range.end.min(end) - start;
-        parts.push((c.object_key(), from..to));
-    }
-    let mut parts = parts.into_iter();
-    let Some((key, r)) = parts.next() else {
+    let mut spans = crate::chunked_nar::spans(chunks, range).into_iter();
+    let Some((key, r)) = spans.next() else {
         return Ok(futures::stream::empty().boxed());
     };
     let first = match state.objects.get(&key, Some(r)).await {
@@ -301,7 +307,7 @@ async fn chunk_stream(
         Err(e) => return Err(e.into()),
     };
     let objects = state.objects.clone();
-    let rest = futures::stream::iter(parts)
+    let rest = futures::stream::iter(spans)
         .then(move |(key, r)| {
             let objects = objects.clone();
             async move {
@@ -476,36 +482,39 @@ async fn serve_nar(
         used(None);
         Body::empty()
     } else {
+        // Where the whole file is: one range of one object for most NARs (a NAR stored
+        // whole, or whose chunks were stored together), several for a NAR sharing chunks.
+        let whole = crate::chunked_nar::spans(chunks, 0..len);
         if state.config.nar_redirect == NarRedirect::Presigned {
-            if let [chunk] = chunks.as_slice() {
-                // Signing needs no request: check the store is not known to be down, so the
-                // client gets a 503 here rather than a redirect to a dead endpoint.
-                state.objects.check_available().await?;
-                // The client follows the redirect and re-sends its Range header, if any.
-                let ttl = crate::config::PRESIGNED_URL_TTL;
-                if let Some(url) = state
-                    .objects
-                    .presigned_get(&chunk.object_key(), ttl)
-                    .await?
-                {
-                    used(Some(r.end - r.start));
-                    return Ok((
-                        StatusCode::TEMPORARY_REDIRECT,
-                        [
-                            (header::LOCATION, url),
-                            // The URL expires: no cache may keep the redirect.
-                            (header::CACHE_CONTROL, "no-store".to_owned()),
-                        ],
-                    )
-                        .into_response());
+            // An object that is exactly the file: named by its FileHash, from its start.
+            let file = nar.file_hash.to_nix32();
+            if let [(key, span)] = whole.as_slice() {
+                if span.start == 0 && key.rsplit('/').next() == Some(file.as_str()) {
+                    // Signing needs no request: check the store is not known to be down, so
+                    // the client gets a 503 here rather than a redirect to a dead endpoint.
+                    state.objects.check_available().await?;
+                    // The client follows the redirect and re-sends its Range header, if any.
+                    let ttl = crate::config::PRESIGNED_URL_TTL;
+                    if let Some(url) = state.objects.presigned_get(key, ttl).await? {
+                        used(Some(r.end - r.start));
+                        return Ok((
+                            StatusCode::TEMPORARY_REDIRECT,
+                            [
+                                (header::LOCATION, url),
+                                // The URL expires: no cache may keep the redirect.
+                                (header::CACHE_CONTROL, "no-store".to_owned()),
+                            ],
+                        )
+                            .into_response());
+                    }
                 }
             }
         }
-        // A file of several chunks (content-defined chunking) is served by its own module.
-        let body = if chunks.len() > 1 {
-            crate::chunked_nar::body(&state.objects, nar.id, chunks, r.clone()).await
-        } else {
-            chunk_body(&state, chunks, r.clone()).await
+        // A file in several objects (or several ranges of one) is served by its own module.
+        let body = match whole.as_slice() {
+            [(key, span)] => span_body(&state, (key, span.clone()), r.clone()).await,
+            [] => Err(ApiError::NotFound("a NAR without chunks".to_owned())),
+            _ => crate::chunked_nar::body(&state.objects, nar.id, chunks, r.clone()).await,
         };
         match body {
             Ok(body) => {

@@ -26,7 +26,7 @@ use futures::StreamExt;
 use larder_nix::chunking::Chunker;
 use larder_nix::compression::Compression;
 use larder_nix::hash::{Sha256, Sha256Hasher};
-use larder_store::meta::{cdc_chunk_id, CacheRow, ChunkRow, NarRow};
+use larder_store::meta::{cdc_chunk_id, pack_object_key, CacheRow, ChunkRow, NarRow, Pack};
 use tempfile::TempPath;
 
 use crate::error::ApiError;
@@ -38,9 +38,6 @@ use crate::AppState;
 /// server ahead of one client's upload; higher levels cost more CPU than they save bytes on
 /// NARs.
 pub const ZSTD_LEVEL: i32 = 3;
-
-/// Frame bytes of chunk objects stored in one batch while storing a NAR.
-const PUT_BATCH: u64 = 8 << 20;
 
 /// One chunk of a NAR cut by [`ChunkWriter`]: its name and where its frame is in the file.
 #[derive(Debug, Clone)]
@@ -346,72 +343,52 @@ pub async fn store_nar(
     let mut rows: Vec<ChunkRow> = file
         .chunks
         .iter()
-        .map(|c| ChunkRow {
-            chunk_hash: cdc_chunk_id(&c.raw_hash),
-            file_size: c.len as i64,
-        })
+        .map(|c| ChunkRow::new(cdc_chunk_id(&c.raw_hash), c.len as i64))
         .collect();
     state.meta.claim_chunks(upload_id, &rows).await?;
     let mut ids: Vec<String> = rows.iter().map(|r| r.chunk_hash.clone()).collect();
     ids.sort_unstable();
     ids.dedup();
     let visible = state.meta.chunks_visible_in_cache(cache.id, &ids).await?;
-    let stored = state.meta.chunk_sizes(&ids).await?;
+    let stored = state.meta.located_chunks(&ids).await?;
     // A chunk stored earlier with another frame (another zstd version) keeps it: the file is
     // made of the frames as stored.
     let mut foreign = HashSet::new();
+    // The chunks to store, by position in the NAR: each one not visible in the cache, once.
     let mut todo = Vec::new();
     let mut seen = HashSet::new();
-    for (row, chunk) in rows.iter().zip(&file.chunks) {
-        if !seen.insert(row.chunk_hash.as_str()) || visible.contains(&row.chunk_hash) {
+    for (i, row) in rows.iter().enumerate() {
+        if !seen.insert(row.chunk_hash.as_str()) {
             continue;
         }
+        // `stored` holds located chunks only: one whose bytes were lost (fsck's repair
+        // forgets where it was) is stored again, even if visible.
         match stored.get(&row.chunk_hash) {
-            Some(size) if *size != row.file_size => {
+            Some(s) if s.file_size != row.file_size => {
                 foreign.insert(row.chunk_hash.clone());
             }
-            _ => todo.push((row.object_key(), chunk.offset, chunk.len)),
+            Some(_) if visible.contains(&row.chunk_hash) => {}
+            _ => todo.push(i),
         }
     }
     let frames = std::sync::Arc::new(std::fs::File::open(&file.path).map_err(ApiError::internal)?);
-    // In batches of about [`PUT_BATCH`] bytes: a few syncs per NAR rather than two `fsync`s
-    // per chunk (`ObjectStore::put_many`), in bounded memory.
-    let mut todo = todo.into_iter().peekable();
-    while todo.peek().is_some() {
-        let mut batch = Vec::new();
-        let mut batch_bytes = 0u64;
-        while let Some(item) = todo.next_if(|_| batch_bytes < PUT_BATCH) {
-            batch_bytes += item.2;
-            batch.push(item);
-        }
-        let frames = frames.clone();
-        let items = tokio::task::spawn_blocking(move || {
-            batch
-                .into_iter()
-                .map(|(key, offset, len)| {
-                    let mut buf = vec![0u8; len as usize];
-                    frames.read_exact_at(&mut buf, offset)?;
-                    Ok((key, bytes::Bytes::from(buf)))
-                })
-                .collect::<io::Result<Vec<_>>>()
-        })
-        .await
-        .map_err(|e| ApiError::internal(io::Error::other(e)))?
-        .map_err(ApiError::internal)?;
-        state.objects.put_many(items).await?;
-    }
     let (file_hash, file_size) = if foreign.is_empty() {
         (file.file_hash, file.file_size)
     } else {
         for row in &mut rows {
-            if let Some(size) = stored
+            if let Some(s) = stored
                 .get(&row.chunk_hash)
                 .filter(|_| foreign.contains(&row.chunk_hash))
             {
-                row.file_size = *size;
+                row.file_size = s.file_size;
             }
         }
         hash_stored(state, &rows, &foreign, &frames, &file.chunks).await?
+    };
+    let pack = if todo.is_empty() {
+        None
+    } else {
+        Some(write_pack(state, &file, frames, &rows, &todo).await?)
     };
     let row = NarRow {
         id: 0,
@@ -423,11 +400,175 @@ pub async fn store_nar(
     };
     // A NAR recorded concurrently (or earlier, in another cache) is used instead: for a NAR
     // stored by this version it is the same file.
-    let (nar, _inserted) = state
-        .meta
-        .insert_nar_for_upload(upload_id, cache.id, key, &row, &rows)
-        .await?;
+    let (nar, _inserted) = match &pack {
+        Some(pack) => {
+            state
+                .meta
+                .insert_nar_for_pack(upload_id, cache.id, key, &row, &rows, pack)
+                .await?
+        }
+        None => {
+            state
+                .meta
+                .insert_nar_for_upload(upload_id, cache.id, key, &row, &rows)
+                .await?
+        }
+    };
     Ok(nar)
+}
+
+/// Store the frames of the chunks at positions `todo` of `file` as one pack, claimed first
+/// (see `larder_store::meta::Pack`). When they are the whole file, in order, the staging file
+/// itself is the pack (named by the file's hash, moved into place); otherwise their frames are
+/// copied, in the NAR's order, into a new staging file.
+async fn write_pack(
+    state: &AppState,
+    file: &ChunkedFile,
+    frames: std::sync::Arc<std::fs::File>,
+    rows: &[ChunkRow],
+    todo: &[usize],
+) -> Result<Pack, ApiError> {
+    let whole = todo.len() == file.chunks.len();
+    let (path, hash, size, offsets) = if whole {
+        let offsets = file.chunks.iter().map(|c| c.offset as i64).collect();
+        (None, file.file_hash, file.file_size, offsets)
+    } else {
+        let pieces: Vec<(u64, u64)> = todo
+            .iter()
+            .map(|&i| (file.chunks[i].offset, file.chunks[i].len))
+            .collect();
+        let (out, path) = state
+            .staging
+            .tempfile("upload", state.staging.dir())
+            .map_err(ApiError::internal)?
+            .into_parts();
+        let (hash, size, offsets) =
+            tokio::task::spawn_blocking(move || copy_frames(&frames, &pieces, out))
+                .await
+                .map_err(|e| ApiError::internal(io::Error::other(e)))?
+                .map_err(ApiError::internal)?;
+        (Some(path), hash, size, offsets)
+    };
+    let pack = Pack {
+        hash: hash.to_nix32(),
+        size: size as i64,
+        chunks: todo
+            .iter()
+            .zip(offsets)
+            .map(|(&i, offset)| (rows[i].chunk_hash.clone(), offset, rows[i].file_size))
+            .collect(),
+    };
+    state.meta.claim_pack(&pack.hash, pack.size).await?;
+    let key = pack_object_key(&pack.hash);
+    match &path {
+        Some(path) => state.objects.replace_file(&key, path).await?,
+        None => state.objects.replace_file(&key, &file.path).await?,
+    }
+    Ok(pack)
+}
+
+/// Copy `pieces` (offset and length in `frames`) one after another into `out`: the pack's
+/// SHA-256, its size, and each piece's offset in it.
+fn copy_frames(
+    frames: &std::fs::File,
+    pieces: &[(u64, u64)],
+    out: std::fs::File,
+) -> io::Result<(Sha256, u64, Vec<i64>)> {
+    let mut out = io::BufWriter::with_capacity(256 * 1024, out);
+    let mut hasher = Sha256Hasher::new();
+    let mut size = 0u64;
+    let mut offsets = Vec::with_capacity(pieces.len());
+    let mut buf = Vec::new();
+    for &(offset, len) in pieces {
+        buf.resize(len as usize, 0);
+        frames.read_exact_at(&mut buf, offset)?;
+        out.write_all(&buf)?;
+        hasher.update(&buf);
+        offsets.push(size as i64);
+        size += len;
+    }
+    out.flush()?;
+    Ok((hasher.finalize(), size, offsets))
+}
+
+/// Packs compacted per garbage collection at most (each a few reads and one write).
+const COMPACT_PER_RUN: i64 = 16;
+/// Bytes of live chunks read in one request while compacting.
+const COMPACT_READ: u64 = 8 << 20;
+
+/// Copy the live chunks of packs that garbage collection found less than half used into new
+/// packs (see `larder_store::meta::Pack`), so that the store occupies about what the NARs
+/// use. Returns the packs compacted; a pack that fails is logged and tried again next time.
+pub async fn compact_packs(state: &AppState) -> Result<usize, ApiError> {
+    let mut done = 0;
+    for (old, size) in state.meta.packs_to_compact(COMPACT_PER_RUN).await? {
+        match compact_pack(state, &old).await {
+            Ok(Some(new)) => {
+                done += 1;
+                tracing::info!(
+                    pack = %old,
+                    size,
+                    live = new.size,
+                    "compacted a pack less than half used"
+                );
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(pack = %old, error = %e, "compacting a pack failed"),
+        }
+    }
+    Ok(done)
+}
+
+async fn compact_pack(state: &AppState, old: &str) -> Result<Option<Pack>, ApiError> {
+    let live = state.meta.pack_chunks(old).await?;
+    if live.is_empty() {
+        return Ok(None); // collected as unused
+    }
+    let key = pack_object_key(old);
+    let (out, path) = state
+        .staging
+        .tempfile("upload", state.staging.dir())
+        .map_err(ApiError::internal)?
+        .into_parts();
+    let mut out = tokio::io::BufWriter::new(tokio::fs::File::from_std(out));
+    let mut hasher = Sha256Hasher::new();
+    let mut chunks = Vec::with_capacity(live.len());
+    let mut size = 0i64;
+    let mut batch: Vec<(String, std::ops::Range<u64>)> = Vec::new();
+    let mut batch_bytes = 0u64;
+    for (i, row) in live.iter().enumerate() {
+        let (_, range) = row.location();
+        batch_bytes += range.end - range.start;
+        batch.push((key.clone(), range));
+        chunks.push((row.chunk_hash.clone(), size, row.file_size));
+        size += row.file_size;
+        if batch_bytes >= COMPACT_READ || i + 1 == live.len() {
+            let bytes = state
+                .objects
+                .read_pieces(std::mem::take(&mut batch))
+                .await?;
+            hasher.update(&bytes);
+            tokio::io::AsyncWriteExt::write_all(&mut out, &bytes)
+                .await
+                .map_err(ApiError::internal)?;
+            batch_bytes = 0;
+        }
+    }
+    tokio::io::AsyncWriteExt::flush(&mut out)
+        .await
+        .map_err(ApiError::internal)?;
+    let new = Pack {
+        hash: hasher.finalize().to_nix32(),
+        size,
+        chunks,
+    };
+    state.meta.claim_pack(&new.hash, new.size).await?;
+    state
+        .objects
+        .replace_file(&pack_object_key(&new.hash), &path)
+        .await?;
+    state.meta.relocate_chunks(old, &new).await?;
+    Ok(Some(new))
 }
 
 /// Read the frame at `offset` of the chunked file.
@@ -458,7 +599,8 @@ async fn hash_stored(
     let mut size = 0u64;
     for (row, chunk) in rows.iter().zip(chunks) {
         if foreign.contains(&row.chunk_hash) {
-            let mut body = state.objects.get(&row.object_key(), None).await?;
+            let (key, range) = row.location();
+            let mut body = state.objects.get(&key, Some(range)).await?;
             while let Some(block) = body.stream.next().await {
                 let block = block.map_err(ApiError::internal)?;
                 hasher.update(&block);

@@ -69,8 +69,8 @@ fn mark_checked(nar_id: i64) {
     m.insert(nar_id, Instant::now());
 }
 
-/// The body of `range` of the file made of `chunks`, after checking every chunk exists
-/// (`ApiError::NotFound` if one does not).
+/// The body of `range` of the file made of `chunks`, after checking every object holding one
+/// of them exists (`ApiError::NotFound` if one does not).
 pub async fn body(
     objects: &ObjectStore,
     nar_id: i64,
@@ -84,14 +84,21 @@ pub async fn body(
     Ok(Body::from_stream(stream(
         objects.clone(),
         nar_id,
-        chunks,
-        range,
+        spans(chunks, range),
     )))
 }
 
-/// `ApiError::NotFound` unless every chunk's object exists.
+/// `ApiError::NotFound` unless every object holding one of the chunks exists.
 async fn check_all(objects: &ObjectStore, chunks: &[ChunkRow]) -> Result<(), ApiError> {
-    let keys = chunks.iter().map(ChunkRow::object_key).collect();
+    let mut keys: Vec<String> = Vec::new();
+    for c in chunks {
+        let (key, _) = c.location();
+        if keys.last() != Some(&key) {
+            keys.push(key);
+        }
+    }
+    keys.sort_unstable();
+    keys.dedup();
     if let Some(key) = objects.first_missing(keys).await? {
         tracing::error!(%key, "a chunk of a published NAR is missing from the object store (hint: larder fsck)");
         return Err(ApiError::NotFound(key));
@@ -99,9 +106,10 @@ async fn check_all(objects: &ObjectStore, chunks: &[ChunkRow]) -> Result<(), Api
     Ok(())
 }
 
-/// The pieces of `chunks` that `range` covers: object key and range within the object.
-pub fn pieces(chunks: &[ChunkRow], range: Range<u64>) -> Vec<(String, Range<u64>)> {
-    let mut parts = Vec::new();
+/// The object ranges that `range` of the file made of `chunks` covers, in order: a run of
+/// chunks stored one after another in one object (a pack) is one range.
+pub fn spans(chunks: &[ChunkRow], range: Range<u64>) -> Vec<(String, Range<u64>)> {
+    let mut spans: Vec<(String, Range<u64>)> = Vec::new();
     let mut offset = 0u64;
     for c in chunks {
         let len = c.file_size as u64;
@@ -110,11 +118,29 @@ pub fn pieces(chunks: &[ChunkRow], range: Range<u64>) -> Vec<(String, Range<u64>
         if end <= range.start || start >= range.end {
             continue;
         }
-        let from = range.start.max(start) - start;
-        let to = range.end.min(end) - start;
-        parts.push((c.object_key(), from..to));
+        let (key, at) = c.location();
+        let from = at.start + (range.start.max(start) - start);
+        let to = at.start + (range.end.min(end) - start);
+        match spans.last_mut() {
+            Some((k, r)) if *k == key && r.end == from => r.end = to,
+            _ => spans.push((key, from..to)),
+        }
     }
-    parts
+    spans
+}
+
+/// `spans` cut into pieces of at most [`BATCH_BYTES`].
+fn pieces(spans: Vec<(String, Range<u64>)>) -> Vec<(String, Range<u64>)> {
+    let mut out = Vec::with_capacity(spans.len());
+    for (key, r) in spans {
+        let mut at = r.start;
+        while at < r.end {
+            let to = r.end.min(at + BATCH_BYTES);
+            out.push((key.clone(), at..to));
+            at = to;
+        }
+    }
+    out
 }
 
 /// `pieces` grouped into consecutive batches of about [`BATCH_BYTES`] (a piece is never split).
@@ -136,10 +162,9 @@ fn batches(pieces: Vec<(String, Range<u64>)>) -> Vec<Vec<(String, Range<u64>)>> 
 fn stream(
     objects: ObjectStore,
     nar_id: i64,
-    chunks: &[ChunkRow],
-    range: Range<u64>,
+    spans: Vec<(String, Range<u64>)>,
 ) -> BoxStream<'static, std::io::Result<Bytes>> {
-    let body = futures::stream::iter(batches(pieces(chunks, range)))
+    let body = futures::stream::iter(batches(pieces(spans)))
         .map(move |batch| {
             let objects = objects.clone();
             // A batch of pieces read in one go: one thread hop per batch on a local store.
@@ -147,6 +172,35 @@ fn stream(
         })
         .buffered(READ_AHEAD);
     body.inspect_err(move |_| forget_checked(nar_id)).boxed()
+}
+
+/// `body` failing if it ends before `len` bytes: an object cut short behind the server's
+/// back aborts the response rather than ending it cleanly (a client could take a clean short
+/// body for the whole file).
+pub fn exactly(
+    body: BoxStream<'static, std::io::Result<Bytes>>,
+    len: u64,
+) -> BoxStream<'static, std::io::Result<Bytes>> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let sent = std::sync::Arc::new(AtomicU64::new(0));
+    let counter = sent.clone();
+    let counted = body.inspect_ok(move |b| {
+        counter.fetch_add(b.len() as u64, Ordering::Relaxed);
+    });
+    // Checked once the body has ended; yields nothing when it is whole.
+    let end = futures::stream::once(async move {
+        if sent.load(Ordering::Relaxed) < len {
+            tracing::error!("a NAR object ended before its recorded length; aborting the response (hint: larder fsck)");
+            Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "stored object shorter than recorded",
+            ))
+        } else {
+            Ok(Bytes::new())
+        }
+    })
+    .try_filter(|b| std::future::ready(!b.is_empty()));
+    counted.chain(end).boxed()
 }
 
 fn broken(e: ObjectError) -> std::io::Error {
@@ -159,22 +213,53 @@ mod tests {
     use super::*;
 
     fn chunk(n: u8, size: i64) -> ChunkRow {
+        ChunkRow::new(format!("{}{}", n, "0".repeat(51)), size)
+    }
+
+    fn packed(n: u8, size: i64, pack: &str, at: i64) -> ChunkRow {
         ChunkRow {
-            chunk_hash: format!("{}{}", n, "0".repeat(51)),
-            file_size: size,
+            pack: Some(pack.to_owned()),
+            pack_offset: Some(at),
+            ..chunk(n, size)
         }
     }
 
     #[test]
     fn ranges_map_onto_chunks() {
         let chunks = [chunk(1, 10), chunk(2, 5), chunk(3, 20)];
-        let r: Vec<_> = pieces(&chunks, 0..35).into_iter().map(|p| p.1).collect();
+        let r: Vec<_> = spans(&chunks, 0..35).into_iter().map(|p| p.1).collect();
         assert_eq!(r, vec![0..10, 0..5, 0..20]);
-        let r: Vec<_> = pieces(&chunks, 12..16).into_iter().map(|p| p.1).collect();
+        let r: Vec<_> = spans(&chunks, 12..16).into_iter().map(|p| p.1).collect();
         assert_eq!(r, vec![2..5, 0..1]);
-        let r: Vec<_> = pieces(&chunks, 34..35).into_iter().map(|p| p.1).collect();
+        let r: Vec<_> = spans(&chunks, 34..35).into_iter().map(|p| p.1).collect();
         assert_eq!(r, vec![19..20]);
-        assert!(pieces(&chunks, 35..35).is_empty());
+        assert!(spans(&chunks, 35..35).is_empty());
+    }
+
+    #[test]
+    fn chunks_stored_together_are_one_span() {
+        let (a, b) = ("a".repeat(52), "b".repeat(52));
+        // Two runs of pack a (a gap between them: a chunk stored elsewhere), one of pack b.
+        let chunks = [
+            packed(1, 10, &a, 0),
+            packed(2, 5, &a, 10),
+            chunk(3, 7),
+            packed(4, 20, &a, 15),
+            packed(5, 3, &b, 100),
+        ];
+        let got = spans(&chunks, 0..45);
+        let pack_a = larder_store::meta::pack_object_key(&a);
+        assert_eq!(got.len(), 4);
+        assert_eq!(got[0], (pack_a.clone(), 0..15));
+        assert_eq!(got[1].1, 0..7);
+        assert_eq!(got[2], (pack_a.clone(), 15..35));
+        assert_eq!(got[3].1, 100..103);
+        // A range inside: offsets within the pack.
+        assert_eq!(spans(&chunks, 3..12), vec![(pack_a.clone(), 3..12)]);
+        // Long spans are read in pieces of a batch at most.
+        let big = pieces(vec![(pack_a.clone(), 5..5 + 2 * BATCH_BYTES + 1)]);
+        assert_eq!(big.len(), 3);
+        assert_eq!(big[2].1.end - big[2].1.start, 1);
     }
 
     #[test]

@@ -304,7 +304,9 @@ pub async fn collect_garbage(state: &AppState) -> Result<usize, ApiError> {
     let delete = |key| state.objects.delete_boxed(key);
     // A chunk's claim lives as long as a pending upload: what is claimed is recorded within
     // that time or is garbage.
-    Ok(state.meta.collect_garbage(ttl, grace, ttl, &delete).await?)
+    let deleted = state.meta.collect_garbage(ttl, grace, ttl, &delete).await?;
+    crate::chunked::compact_packs(state).await?;
+    Ok(deleted)
 }
 
 /// Delete the objects that no metadata names, last modified longer than `orphan_grace` ago

@@ -4,6 +4,8 @@
 //! (never a short `200`); garbage collection keeps a chunk while any NAR uses it; and nothing
 //! an uploader sees depends on what another cache holds.
 
+#![allow(clippy::unwrap_used)] // a panic is how a test fails
+
 mod common;
 
 use axum::body::Body;
@@ -12,6 +14,7 @@ use common::{request, Auth, Comp, Server, TestPath};
 use http_body_util::BodyExt;
 use larder_nix::hash::Sha256;
 use larder_nix::NarInfo;
+use larder_store::meta::ChunkRow;
 use serde_json::json;
 use tower::ServiceExt;
 
@@ -31,18 +34,37 @@ fn inserted(data: &[u8], at: usize, insert: &[u8]) -> Vec<u8> {
     [&data[..at], insert, &data[at..]].concat()
 }
 
-/// The chunk objects (content-defined form) in the store.
-fn cdc_objects(srv: &Server) -> Vec<std::path::PathBuf> {
-    let root = srv.data_dir().join("store/objects/chunk");
+/// The objects holding chunks (packs, and chunks stored on their own) in the store.
+fn chunk_objects(srv: &Server) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
-    for d in std::fs::read_dir(&root).into_iter().flatten().flatten() {
-        for f in std::fs::read_dir(d.path()).into_iter().flatten().flatten() {
-            if f.file_name().to_string_lossy().ends_with(".zst") {
+    for kind in ["chunk", "pack"] {
+        let root = srv.data_dir().join("store/objects").join(kind);
+        for d in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            for f in std::fs::read_dir(d.path()).into_iter().flatten().flatten() {
                 out.push(f.path());
             }
         }
     }
+    out.sort();
     out
+}
+
+/// The chunks of the NAR `tp` is published with in `cache`, in order.
+async fn nar_chunks(srv: &Server, cache: &str, tp: &TestPath) -> Vec<ChunkRow> {
+    let c = srv.state.meta.get_cache(cache).await.unwrap().unwrap();
+    let path = srv
+        .state
+        .meta
+        .get_path(c.id, &tp.hash())
+        .await
+        .unwrap()
+        .unwrap();
+    srv.state.meta.nar_chunks(path.nar.id).await.unwrap()
+}
+
+/// Bytes the store occupies (every pack and chunk object once).
+async fn stored_bytes(srv: &Server) -> i64 {
+    srv.state.meta.store_totals().await.unwrap().stored
 }
 
 /// The narinfo a cache serves for `tp`, and the NAR file it points to, checked: FileHash and
@@ -86,20 +108,36 @@ async fn nars_sharing_bytes_share_chunks_whatever_the_upload_path() {
         .await
         .1
         .expect(204);
-    let after_first = cdc_objects(&srv).len();
+    let first = nar_chunks(&srv, "c", &gen1).await;
     assert!(
-        after_first >= 8,
-        "a 6 MiB NAR makes many chunks: {after_first}"
+        first.len() >= 8,
+        "a 6 MiB NAR makes many chunks: {}",
+        first.len()
     );
+    // Stored together: one object, which is exactly the NAR's file.
+    assert_eq!(chunk_objects(&srv).len(), 1);
+    let before = stored_bytes(&srv).await;
     srv.push_api("c", srv.admin(), &gen2, Comp::None)
         .await
         .expect(201);
-    let added = cdc_objects(&srv).len() - after_first;
+    let second = nar_chunks(&srv, "c", &gen2).await;
+    let old: std::collections::HashSet<&str> =
+        first.iter().map(|c| c.chunk_hash.as_str()).collect();
+    let new: Vec<&ChunkRow> = second
+        .iter()
+        .filter(|c| !old.contains(c.chunk_hash.as_str()))
+        .collect();
     // Each change rewrites the chunk it falls in and maybe its neighbour.
     assert!(
-        added <= 6,
-        "an insertion and an edit add a few chunks, not a NAR's worth: {added} of {after_first}"
+        new.len() <= 6,
+        "an insertion and an edit add a few chunks, not a NAR's worth: {} of {}",
+        new.len(),
+        first.len()
     );
+    // Only those are stored, in one new object.
+    assert_eq!(chunk_objects(&srv).len(), 2);
+    let added: i64 = new.iter().map(|c| c.file_size).sum();
+    assert_eq!(stored_bytes(&srv).await - before, added);
     let (ni1, _) = served(&srv, "c", &gen1, Auth::Anon).await;
     let (ni2, _) = served(&srv, "c", &gen2, Auth::Anon).await;
     assert_ne!(ni1.file_hash, ni2.file_hash);
@@ -234,11 +272,12 @@ async fn a_damaged_chunk_fails_the_download() {
         .await
         .expect(201);
     let (ni, _) = served(&srv, "c", &tp, Auth::Anon).await;
-    let objects = cdc_objects(&srv);
-    assert!(objects.len() > 3);
+    assert!(nar_chunks(&srv, "c", &tp).await.len() > 3);
+    let objects = chunk_objects(&srv);
+    assert_eq!(objects.len(), 1, "its chunks are stored together");
 
-    // Cut one short: the response starts (the object exists) but the body fails.
-    let victim = &objects[objects.len() / 2];
+    // Cut it short: the response starts (the object exists) but the body fails.
+    let victim = &objects[0];
     let bytes = std::fs::read(victim).expect("chunk");
     std::fs::write(victim, &bytes[..bytes.len() / 2]).expect("truncate");
     let resp = larder_server::router(srv.state.clone())
@@ -287,7 +326,11 @@ async fn garbage_collection_keeps_chunks_other_nars_use() {
     srv.push_api("c", srv.admin(), &b, Comp::Zstd)
         .await
         .expect(201);
-    let both = cdc_objects(&srv).len();
+    let a_chunks = nar_chunks(&srv, "c", &a).await;
+    let b_chunks = nar_chunks(&srv, "c", &b).await;
+    let ids =
+        |rows: &[ChunkRow]| -> Vec<String> { rows.iter().map(|r| r.chunk_hash.clone()).collect() };
+    let both = stored_bytes(&srv).await;
     srv.delete(&format!("/api/v1/caches/c/paths/{}", a.hash()), srv.admin())
         .await
         .expect(200);
@@ -298,14 +341,103 @@ async fn garbage_collection_keeps_chunks_other_nars_use() {
         .collect_garbage(3600, -1, 3600, &delete)
         .await
         .expect("gc");
-    let after = cdc_objects(&srv).len();
+    let left = srv
+        .state
+        .meta
+        .located_chunks(&ids(&a_chunks))
+        .await
+        .unwrap();
+    let shared: std::collections::HashSet<String> = ids(&b_chunks).into_iter().collect();
     assert!(
-        after < both,
-        "a's own chunks are collected: {after} of {both}"
+        left.keys().all(|id| shared.contains(id)),
+        "a's own chunks are collected"
     );
     assert!(
-        after > both / 2,
-        "the chunks b shares are kept: {after} of {both}"
+        left.len() > a_chunks.len() / 2,
+        "the chunks b shares are kept: {} of {}",
+        left.len(),
+        a_chunks.len()
+    );
+    // a's pack is mostly b's now: kept whole (compacting it would save little).
+    assert_eq!(stored_bytes(&srv).await, both);
+    served(&srv, "c", &b, Auth::Anon).await;
+}
+
+/// A pack left less than half used (the NAR it was written for is gone, a newer one uses a
+/// little of it) is compacted: its live chunks are copied into a new pack, the old one is
+/// deleted once no download can still be reading it, and what the store occupies follows
+/// what the NARs use. The NAR using the moved chunks is served whole throughout.
+#[tokio::test]
+async fn packs_mostly_dead_are_compacted() {
+    let srv = Server::new().await;
+    srv.create_cache("c", false).await;
+    let base = big_contents(3 << 20, "compact");
+    let a = TestPath::with_nar("a", "a", common::file_nar(&base));
+    // b keeps a's first quarter, and has its own bytes after it.
+    let own = big_contents(2 << 20, "b's own");
+    let b = TestPath::with_nar(
+        "b",
+        "b",
+        common::file_nar(&[&base[..base.len() / 4], &own[..]].concat()),
+    );
+    srv.push_api("c", srv.admin(), &a, Comp::Zstd)
+        .await
+        .expect(201);
+    srv.push_api("c", srv.admin(), &b, Comp::Zstd)
+        .await
+        .expect(201);
+    assert_eq!(chunk_objects(&srv).len(), 2);
+    let a_size = a.stored().len() as i64;
+    srv.delete(&format!("/api/v1/caches/c/paths/{}", a.hash()), srv.admin())
+        .await
+        .expect(200);
+    let delete = |key| srv.state.objects.delete_boxed(key);
+    srv.state
+        .meta
+        .collect_garbage(3600, -1, 3600, &delete)
+        .await
+        .expect("gc");
+    let live: i64 = {
+        let b_rows = nar_chunks(&srv, "c", &b).await;
+        // The first chunk holds the NAR's header (b's own), the second is a's.
+        let a_pack = b_rows[1].pack.clone().expect("packed");
+        let mut seen = std::collections::HashSet::new();
+        b_rows
+            .iter()
+            .filter(|r| r.pack.as_deref() == Some(a_pack.as_str()))
+            .filter(|r| seen.insert(r.chunk_hash.clone()))
+            .map(|r| r.file_size)
+            .sum()
+    };
+    assert!(live > 0 && 2 * live < a_size, "{live} of {a_size}");
+    let before = stored_bytes(&srv).await;
+    assert_eq!(
+        larder_server::chunked::compact_packs(&srv.state)
+            .await
+            .unwrap(),
+        1
+    );
+    served(&srv, "c", &b, Auth::Anon).await;
+    // The old pack stays while a download may still read it (the claim lifetime)...
+    assert_eq!(chunk_objects(&srv).len(), 3);
+    assert_eq!(stored_bytes(&srv).await, before + live);
+    srv.state
+        .meta
+        .collect_garbage(3600, -1, 3600, &delete)
+        .await
+        .expect("gc");
+    assert_eq!(chunk_objects(&srv).len(), 3);
+    // ... and goes after it.
+    srv.state
+        .meta
+        .collect_garbage(3600, -1, -1, &delete)
+        .await
+        .expect("gc");
+    assert_eq!(chunk_objects(&srv).len(), 2);
+    assert_eq!(stored_bytes(&srv).await, before + live - a_size);
+    assert_eq!(
+        srv.state.meta.store_totals().await.unwrap(),
+        srv.state.meta.recount_store_totals().await.unwrap()
     );
     served(&srv, "c", &b, Auth::Anon).await;
 }
@@ -379,7 +511,7 @@ async fn concurrent_pushes_sharing_chunks_with_eviction_never_lose_a_chunk() {
             if let Some(path) = found {
                 for chunk in srv.state.meta.nar_chunks(path.nar.id).await.unwrap() {
                     assert!(
-                        srv.state.objects.exists(&chunk.object_key()).await.unwrap(),
+                        srv.state.objects.exists(&chunk.location().0).await.unwrap(),
                         "round {round}: {} lost chunk {}",
                         tp.path,
                         chunk.chunk_hash

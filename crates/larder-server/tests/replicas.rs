@@ -116,7 +116,11 @@ async fn replicas_receiving_the_same_paths_at_once_store_each_once() {
         .await
         .unwrap();
     assert_eq!(pg.psql(dbname, "SELECT count(*) FROM chunks"), "13");
-    assert_eq!(count_files(&shared.path().join("objects/chunk")), 13);
+    assert_eq!(
+        count_files(&shared.path().join("objects/chunk"))
+            + count_files(&shared.path().join("objects/pack")),
+        13
+    );
     for tp in std::iter::once(&lib).chain(&apps) {
         served(&b, tp).await;
     }

@@ -1176,7 +1176,7 @@ async fn a_nar_whose_object_vanished_after_lookup_is_a_404() {
         srv.head(&url, Auth::Anon).await.expect(200);
         urls.push(url);
     }
-    std::fs::remove_dir_all(srv.data_dir().join("store/objects/chunk")).unwrap();
+    std::fs::remove_dir_all(srv.data_dir().join("store/objects/pack")).unwrap();
     for url in &urls {
         srv.get(url, Auth::Anon).await.expect(404);
     }

@@ -22,7 +22,7 @@ use futures::StreamExt;
 use larder_nix::compression::Compression;
 use larder_nix::hash::{Sha256, Sha256Hasher};
 
-use crate::meta::{MetaError, NarRow, PathUse};
+use crate::meta::{ChunkRow, MetaError, NarRow, PathUse};
 use crate::objects::migrate::ContentHasher;
 use crate::objects::{ObjectError, ObjectStore};
 use crate::Metadata;
@@ -38,6 +38,12 @@ pub enum Damage {
     MissingChunk { chunk: String },
     /// A chunk's object holds other bytes than its name says.
     CorruptChunk { chunk: String, problem: String },
+    /// An object holding several of the NAR's chunks (a pack) is missing or cut short.
+    BadObject {
+        object: String,
+        problem: String,
+        chunks: Vec<String>,
+    },
     /// The NAR's chunks are all sound, but together they are not the NAR its row describes
     /// (`field`: FileHash, FileSize, NarHash or NarSize).
     Mismatch {
@@ -54,6 +60,11 @@ impl std::fmt::Display for Damage {
             Damage::CorruptChunk { chunk, problem } => {
                 write!(f, "chunk {chunk} is corrupt: {problem}")
             }
+            Damage::BadObject {
+                object,
+                problem,
+                chunks,
+            } => write!(f, "{object} {problem} ({} of its chunks)", chunks.len()),
             Damage::Mismatch {
                 field,
                 expected,
@@ -70,6 +81,15 @@ impl Damage {
         match self {
             Damage::CorruptChunk { chunk, .. } => Some(chunk),
             _ => None,
+        }
+    }
+
+    /// The chunks whose bytes are missing (or cut short in a pack), if that is the damage.
+    pub fn missing_chunks(&self) -> Vec<&str> {
+        match self {
+            Damage::MissingChunk { chunk } => vec![chunk],
+            Damage::BadObject { chunks, .. } => chunks.iter().map(String::as_str).collect(),
+            _ => Vec::new(),
         }
     }
 }
@@ -188,56 +208,58 @@ pub async fn check_nar(
     let mut file = Sha256Hasher::new();
     let mut file_size = 0u64;
     let mut decoder = NarDecoder::new(nar.compression);
-    for chunk in &chunks {
-        let key = chunk.object_key();
-        let body = match objects.get(&key, None).await {
-            Ok(b) => b,
+    // Chunks stored together (a pack, read in ranges of at most [`GROUP_BYTES`]) are read
+    // in one request; each chunk's bytes are then checked on their own.
+    for group in groups(&chunks) {
+        let (key, range) = group_range(group);
+        let packed = group[0].pack.is_some();
+        let bad_object = |problem: &str| Damage::BadObject {
+            object: key.clone(),
+            problem: problem.to_owned(),
+            chunks: group.iter().map(|c| c.chunk_hash.clone()).collect(),
+        };
+        let bytes = match objects.read_range(&key, range).await {
+            Ok(b) => Some(b),
+            Err(ObjectError::NotFound(_)) if packed => {
+                damage.push(bad_object("is missing"));
+                None
+            }
             Err(ObjectError::NotFound(_)) => {
-                damage.push(Damage::MissingChunk {
-                    chunk: chunk.chunk_hash.clone(),
-                });
-                continue;
+                damage.extend(group.iter().map(|c| Damage::MissingChunk {
+                    chunk: c.chunk_hash.clone(),
+                }));
+                None
+            }
+            Err(ObjectError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::UnexpectedEof =>
+            {
+                if packed {
+                    damage.push(bad_object("is cut short"));
+                } else {
+                    damage.extend(group.iter().map(|c| Damage::CorruptChunk {
+                        chunk: c.chunk_hash.clone(),
+                        problem: format!("its object {key} is cut short ({source})"),
+                    }));
+                }
+                None
             }
             Err(e) => return Err(e.into()),
         };
-        let mut content = ContentHasher::for_key(&key);
-        let mut problem: Option<String> = match &content {
-            Some(_) => None,
-            None => Some("its name is not a content hash".to_owned()),
-        };
-        let mut len = 0u64;
-        let mut stream = body.stream;
-        while let Some(block) = stream.next().await {
-            let block = block.map_err(|source| FsckError::Read {
-                key: key.clone(),
-                source,
-            })?;
-            len += block.len() as u64;
-            if let (Some(c), None) = (&mut content, &problem) {
-                if let Err(e) = c.update(&block) {
-                    problem = Some(format!("its zstd frame does not decompress ({e})"));
-                }
+        let Some(bytes) = bytes else { continue };
+        let mut at = 0usize;
+        for chunk in group {
+            let len = chunk.file_size as usize;
+            let block = &bytes[at..at + len];
+            at += len;
+            file_size += len as u64;
+            file.update(block);
+            decoder.write(block);
+            if let Some(problem) = check_chunk(&chunk.chunk_hash, block) {
+                damage.push(Damage::CorruptChunk {
+                    chunk: chunk.chunk_hash.clone(),
+                    problem,
+                });
             }
-            file.update(&block);
-            decoder.write(&block);
-        }
-        file_size += len;
-        if let (Some(c), None) = (content, &problem) {
-            let expected = *c.expected();
-            match c.finish() {
-                Ok(actual) if actual == expected => {}
-                Ok(actual) => problem = Some(format!("its content hashes to {actual}")),
-                Err(e) => problem = Some(format!("its zstd frame is cut short ({e})")),
-            }
-        }
-        if problem.is_none() && len != chunk.file_size as u64 {
-            problem = Some(format!("{len} bytes stored, {} recorded", chunk.file_size));
-        }
-        if let Some(problem) = problem {
-            damage.push(Damage::CorruptChunk {
-                chunk: chunk.chunk_hash.clone(),
-                problem,
-            });
         }
     }
     if chunks.is_empty() {
@@ -277,6 +299,52 @@ pub async fn check_nar(
         }
     }
     Ok((file_size, damage))
+}
+
+/// Bytes of chunks stored together read in one request.
+const GROUP_BYTES: u64 = 8 << 20;
+
+/// `chunks` in runs stored one after another in one object, each of at most [`GROUP_BYTES`]
+/// (a chunk larger than that is a run of its own).
+fn groups(chunks: &[ChunkRow]) -> Vec<&[ChunkRow]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for i in 1..=chunks.len() {
+        let split = i == chunks.len() || {
+            let (key, range) = group_range(&chunks[start..i]);
+            let (next_key, next) = chunks[i].location();
+            next_key != key || next.start != range.end || next.end - range.start > GROUP_BYTES
+        };
+        if split {
+            out.push(&chunks[start..i]);
+            start = i;
+        }
+    }
+    out
+}
+
+/// The object and byte range a run of [`groups`] occupies.
+fn group_range(group: &[ChunkRow]) -> (String, std::ops::Range<u64>) {
+    let (key, first) = group[0].location();
+    let end = group[group.len() - 1].location().1.end;
+    (key, first.start..end)
+}
+
+/// What is wrong with the stored bytes of the chunk `id`, if anything: they must hash to its
+/// name (a content-defined chunk's once its one zstd frame is decompressed).
+fn check_chunk(id: &str, bytes: &[u8]) -> Option<String> {
+    let Some(mut content) = ContentHasher::for_key(&crate::meta::chunk_object_key(id)) else {
+        return Some("its name is not a content hash".to_owned());
+    };
+    let expected = *content.expected();
+    if let Err(e) = content.update(bytes) {
+        return Some(format!("its zstd frame does not decompress ({e})"));
+    }
+    match content.finish() {
+        Ok(actual) if actual == expected => None,
+        Ok(actual) => Some(format!("its content hashes to {actual}")),
+        Err(e) => Some(format!("its zstd frame is cut short ({e})")),
+    }
 }
 
 /// Where an fsck run is, saved after every few NARs so that an interrupted run continues

@@ -42,6 +42,7 @@ mod fast;
 mod fsck;
 mod gc;
 mod lock;
+mod packs;
 mod paths;
 mod realisations;
 mod retention;
@@ -60,10 +61,11 @@ pub use contents::{PathCursor, PathEntry};
 pub use fsck::{PathUse, Unpublished};
 pub use gc::{DeleteObject, ORPHAN_BATCH};
 pub use lock::{HeldLock, LockName};
+pub use packs::Pack;
 pub(crate) use paths::ref_hashes;
 pub use paths::{
-    cdc_chunk_id, chunk_hash_of_key, chunk_object_key, listing_object_key, ChunkName, ChunkRow,
-    NarRow, NewPath, PathRow, Publish,
+    cdc_chunk_id, chunk_hash_of_key, chunk_object_key, listing_object_key, pack_hash_of_key,
+    pack_object_key, ChunkName, ChunkRow, NarRow, NewPath, PathRow, Publish,
 };
 pub use realisations::{PutRealisation, RealisationRow};
 pub use retention::{Evicted, Keep, LruPath, PinRow};

@@ -163,6 +163,29 @@ impl ObjectStore {
         }
     }
 
+    /// Store the complete file at `src` under `key` like [`Self::put_file`], but write it even
+    /// when `key` exists, replacing the object atomically (a reader sees the old bytes or the
+    /// new ones): for objects whose name a damaged copy may hold (packs, see
+    /// `meta/packs.rs`), so that storing the content again heals them.
+    pub async fn replace_file(&self, key: &str, src: &Path) -> Result<(), ObjectError> {
+        check_key(key)?;
+        match self {
+            ObjectStore::Fs(fs) => fs.replace_file(key, src).await,
+            ObjectStore::S3(s3) => s3.note(s3.replace_file(key, src).await),
+        }
+    }
+
+    /// [`Self::replace_file`] of `bytes`.
+    pub async fn replace_bytes(&self, key: &str, bytes: &[u8]) -> Result<(), ObjectError> {
+        check_key(key)?;
+        let io = |source| ObjectError::Io {
+            key: key.to_owned(),
+            source,
+        };
+        let path = stage_bytes(self.staging_dir(), bytes).await.map_err(io)?;
+        self.replace_file(key, &path).await
+    }
+
     /// Store `bytes` under `key`, like [`Self::put_file`] (through a staging file, so the
     /// object is durable and complete before it is visible; an existing key is kept as is).
     pub async fn put_bytes(&self, key: &str, bytes: &[u8]) -> Result<(), ObjectError> {

@@ -1,4 +1,5 @@
-//! Orphaned objects: chunk objects in the object store that no `chunks` row names. Garbage
+//! Orphaned objects: chunk objects in the object store that no `chunks` row names, and pack
+//! objects that no `packs` row names. Garbage
 //! collection never sees them (it starts from rows); they are left behind by a database
 //! restored from an older backup, an interrupted copy of objects, or a hand-made change.
 //!
@@ -13,14 +14,15 @@
 //!    which decides under lock (an upload claiming the same chunk meanwhile wins).
 //!
 //! Only keys exactly of a chunk's form (`chunk/<2>/<nix32 hash>`, see
-//! [`crate::meta::chunk_hash_of_key`]) are looked at: nothing else in the store is touched.
+//! [`crate::meta::chunk_hash_of_key`]) or a pack's (`pack/<2>/<nix32 hash>`) are looked at:
+//! nothing else in the store is touched. (Packs are counted with chunks below.)
 
 use std::collections::HashMap;
 use std::time::SystemTime;
 
 use futures::StreamExt;
 
-use crate::meta::{chunk_hash_of_key, DeleteObject, MetaError, ORPHAN_BATCH};
+use crate::meta::{chunk_hash_of_key, pack_hash_of_key, DeleteObject, MetaError, ORPHAN_BATCH};
 use crate::objects::{ListedObject, ObjectError, ObjectStore};
 use crate::Metadata;
 
@@ -33,9 +35,9 @@ pub const GUARD_MIN_UNKNOWN: u64 = 10;
 pub struct OrphanReport {
     /// Objects listed, of any kind.
     pub objects: u64,
-    /// Of those, chunk objects.
+    /// Of those, chunk and pack objects.
     pub chunks: u64,
-    /// Chunk objects without a row when the census looked.
+    /// Chunk and pack objects without a row when the census looked.
     pub unknown: u64,
     /// Orphans deleted.
     pub deleted: u64,
@@ -68,15 +70,19 @@ pub async fn remove_orphans(
     let mut old_unknown = 0;
     let mut listing = objects.list_detailed().chunks(ORPHAN_BATCH);
     while let Some(batch) = listing.next().await {
-        let batch = chunk_objects(batch, &mut report)?;
-        let hashes: Vec<String> = batch.keys().cloned().collect();
-        for hash in meta.unknown_chunks(&hashes).await? {
-            report.unknown += 1;
-            if batch
-                .get(&hash)
-                .is_some_and(|o| o.modified < modified_before)
-            {
-                old_unknown += 1;
+        let (batch, packs) = chunk_objects(batch, &mut report)?;
+        for (batch, unknown) in [
+            (&batch, meta.unknown_chunks(&keys(&batch)).await?),
+            (&packs, meta.unknown_packs(&keys(&packs)).await?),
+        ] {
+            for hash in unknown {
+                report.unknown += 1;
+                if batch
+                    .get(&hash)
+                    .is_some_and(|o| o.modified < modified_before)
+                {
+                    old_unknown += 1;
+                }
             }
         }
     }
@@ -93,34 +99,51 @@ pub async fn remove_orphans(
     let mut listing = objects.list_detailed().chunks(ORPHAN_BATCH);
     let mut ignored = OrphanReport::default();
     while let Some(batch) = listing.next().await {
-        let mut batch = chunk_objects(batch, &mut ignored)?;
+        let (mut batch, mut packs) = chunk_objects(batch, &mut ignored)?;
         batch.retain(|_, o| o.modified < modified_before);
-        let hashes: Vec<String> = batch.keys().cloned().collect();
-        let candidates = meta.unknown_chunks(&hashes).await?;
-        if candidates.is_empty() {
-            continue;
+        packs.retain(|_, o| o.modified < modified_before);
+        let candidates = meta.unknown_chunks(&keys(&batch)).await?;
+        if !candidates.is_empty() {
+            for hash in meta.delete_orphan_chunks(&candidates, delete).await? {
+                report.deleted += 1;
+                report.deleted_bytes += batch.get(&hash).map_or(0, |o| o.size);
+            }
         }
-        for hash in meta.delete_orphan_chunks(&candidates, delete).await? {
-            report.deleted += 1;
-            report.deleted_bytes += batch.get(&hash).map_or(0, |o| o.size);
+        let candidates = meta.unknown_packs(&keys(&packs)).await?;
+        if !candidates.is_empty() {
+            for hash in meta.delete_orphan_packs(&candidates, delete).await? {
+                report.deleted += 1;
+                report.deleted_bytes += packs.get(&hash).map_or(0, |o| o.size);
+            }
         }
     }
     Ok(report)
 }
 
-/// The chunk objects of one batch of the listing, by chunk hash, counting what was listed.
+type Listed = HashMap<String, ListedObject>;
+
+fn keys(listed: &Listed) -> Vec<String> {
+    listed.keys().cloned().collect()
+}
+
+/// The chunk objects and the pack objects of one batch of the listing, by hash, counting
+/// what was listed.
 fn chunk_objects(
     batch: Vec<Result<ListedObject, ObjectError>>,
     report: &mut OrphanReport,
-) -> Result<HashMap<String, ListedObject>, OrphanError> {
+) -> Result<(Listed, Listed), OrphanError> {
     let mut chunks = HashMap::new();
+    let mut packs = HashMap::new();
     for listed in batch {
         let listed = listed.map_err(OrphanError::List)?;
         report.objects += 1;
         if let Some(hash) = chunk_hash_of_key(&listed.key) {
             report.chunks += 1;
             chunks.insert(hash.to_owned(), listed);
+        } else if let Some(hash) = pack_hash_of_key(&listed.key) {
+            report.chunks += 1;
+            packs.insert(hash.to_owned(), listed);
         }
     }
-    Ok(chunks)
+    Ok((chunks, packs))
 }

@@ -149,10 +149,7 @@ async fn store_and_publish(
 ) -> NarRow {
     let rows: Vec<ChunkRow> = chunks
         .iter()
-        .map(|(id, bytes)| ChunkRow {
-            chunk_hash: id.clone(),
-            file_size: bytes.len() as i64,
-        })
+        .map(|(id, bytes)| ChunkRow::new(id.clone(), bytes.len() as i64))
         .collect();
     let upload = format!("up-{}", COUNTER.fetch_add(1, Ordering::SeqCst));
     s.meta.claim_chunks(&upload, &rows).await.unwrap();

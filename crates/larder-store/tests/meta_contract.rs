@@ -115,10 +115,7 @@ fn nar(seed: &str, variant: &str) -> (NarRow, Vec<ChunkRow>) {
         file_hash: file_hash.parse().unwrap(),
         file_size: 100 + variant.len() as i64,
     };
-    let chunk = ChunkRow {
-        chunk_hash: file_hash,
-        file_size: row.file_size,
-    };
+    let chunk = ChunkRow::new(file_hash, row.file_size);
     (row, vec![chunk])
 }
 
@@ -671,11 +668,8 @@ async fn orphaned_chunks_are_deleted_under_lock(db: Db) {
 
     // An upload of the orphan's bytes on another replica, while its object is being deleted:
     // its claim waits for the deletion to commit, then it writes the object again.
-    let racer = ChunkRow {
-        chunk_hash: h52("racer"),
-        file_size: 5,
-    };
-    let key = racer.object_key();
+    let racer = ChunkRow::new(h52("racer"), 5);
+    let key = larder_store::meta::chunk_object_key(&racer.chunk_hash);
     let stage = |name: &str| {
         let p = objects.staging_dir().join(name);
         std::fs::write(&p, b"racer").unwrap();
@@ -694,7 +688,13 @@ async fn orphaned_chunks_are_deleted_under_lock(db: Db) {
                 replica
                     .claim_chunks("racing-upload", std::slice::from_ref(&chunk))
                     .await?;
-                store.put_file(&chunk.object_key(), &src).await.unwrap();
+                store
+                    .put_file(
+                        &larder_store::meta::chunk_object_key(&chunk.chunk_hash),
+                        &src,
+                    )
+                    .await
+                    .unwrap();
                 Ok::<_, MetaError>(())
             });
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -794,10 +794,7 @@ async fn publish_chunked(
     let id = upload_id();
     let chunks: Vec<ChunkRow> = chunks
         .iter()
-        .map(|(seed, size)| ChunkRow {
-            chunk_hash: h52(&format!("chunk/{seed}")),
-            file_size: *size,
-        })
+        .map(|(seed, size)| ChunkRow::new(h52(&format!("chunk/{seed}")), *size))
         .collect();
     let row = NarRow {
         id: 0,
@@ -947,7 +944,12 @@ async fn sizes_are_counted_exactly(db: Db) {
         "DROP TABLE cache_chunks",
         "DROP TABLE cache_sizes",
         "DROP TABLE store_sizes",
-        "DELETE FROM larder_schema WHERE version = 9",
+        // And migration 10 (packs), which comes after.
+        "DROP TABLE packs",
+        "DROP INDEX chunks_pack",
+        "ALTER TABLE chunks DROP COLUMN pack",
+        "ALTER TABLE chunks DROP COLUMN pack_offset",
+        "DELETE FROM larder_schema WHERE version >= 9",
     ] {
         sqlx::query(sql).execute(&pool).await.unwrap();
     }
@@ -1227,14 +1229,14 @@ async fn replicas_starting_together_migrate_once(db: Db) {
     let opened = futures::future::join_all((0..4).map(|_| Metadata::connect(&url))).await;
     for m in opened {
         let m = m.unwrap();
-        assert_eq!(m.schema_version().await.unwrap(), 9);
+        assert_eq!(m.schema_version().await.unwrap(), 10);
     }
     if let Some(pg) = &db.pg {
         let versions = pg.psql(
             PgCluster::db_of(&url),
             "SELECT string_agg(version::text, ',' ORDER BY version) FROM larder_schema",
         );
-        assert_eq!(versions, "1,2,3,4,5,6,7,8,9");
+        assert_eq!(versions, "1,2,3,4,5,6,7,8,9,10");
     }
 }
 
@@ -1359,9 +1361,11 @@ async fn realisations_follow_their_paths(db: Db) {
 async fn uploads_of_many_chunks_are_recorded_whole(db: Db) {
     let m = &db.meta;
     let c = cache(m, "many").await;
-    let chunk = |i: i64| ChunkRow {
-        chunk_hash: cdc_chunk_id(&Sha256::digest(format!("chunk/{i}").as_bytes())),
-        file_size: 1000 + i,
+    let chunk = |i: i64| {
+        ChunkRow::new(
+            cdc_chunk_id(&Sha256::digest(format!("chunk/{i}").as_bytes())),
+            1000 + i,
+        )
     };
     m.claim_chunks("earlier", &[chunk(7)]).await.unwrap();
     // 250 distinct chunks (statements of 100, 100, 50 rows), the first 51 listed again.
@@ -1371,14 +1375,37 @@ async fn uploads_of_many_chunks_are_recorded_whole(db: Db) {
     assert_eq!(db.rows("chunks").await, 250);
     assert_eq!(db.rows("chunk_claims").await, 251);
     let ids: Vec<String> = list.iter().map(|c| c.chunk_hash.clone()).collect();
-    assert_eq!(m.claimed_chunks(&id, &ids).await.unwrap().len(), 250);
+    // Claimed, but not located yet (stored nowhere): not held for a push session.
+    assert!(m.claimed_chunks(&id, &ids).await.unwrap().is_empty());
+    let pack = larder_store::meta::Pack {
+        hash: h52("pack/many"),
+        size: 1,
+        chunks: vec![(list[3].chunk_hash.clone(), 0, list[3].file_size)],
+    };
+    m.claim_pack(&pack.hash, pack.size).await.unwrap();
+    m.locate_chunks(&pack).await.unwrap();
+    assert_eq!(
+        m.claimed_chunks(&id, &ids).await.unwrap(),
+        std::collections::HashSet::from([list[3].chunk_hash.clone()])
+    );
     let (row, _) = nar("many", "");
     let (stored, inserted) = m
         .insert_nar_for_upload(&id, c.id, None, &row, &list)
         .await
         .unwrap();
     assert!(inserted);
-    assert_eq!(m.nar_chunks(stored.id).await.unwrap(), list);
+    let names = |rows: &[ChunkRow]| -> Vec<(String, i64)> {
+        rows.iter()
+            .map(|r| (r.chunk_hash.clone(), r.file_size))
+            .collect()
+    };
+    let recorded = m.nar_chunks(stored.id).await.unwrap();
+    assert_eq!(names(&recorded), names(&list));
+    // The located chunk keeps its pack; the others are objects of their own.
+    assert_eq!(recorded[3].pack.as_deref(), Some(pack.hash.as_str()));
+    assert!(recorded
+        .iter()
+        .all(|r| r.chunk_hash == list[3].chunk_hash || r.pack.is_none()));
     assert_eq!(db.rows("nar_chunks").await, 301);
     assert_eq!(db.rows("chunks").await, 250);
     assert_eq!(
@@ -1516,9 +1543,15 @@ async fn populate(m: &Metadata) {
         Evicted::Done
     );
     upload(m, b.id, "pending", "xz").await;
-    m.claim_chunks("in-flight", &nar("in-flight", "").1)
-        .await
-        .unwrap();
+    let in_flight = nar("in-flight", "").1;
+    m.claim_chunks("in-flight", &in_flight).await.unwrap();
+    let pack = larder_store::meta::Pack {
+        hash: h52("pack/in-flight"),
+        size: 500,
+        chunks: vec![(in_flight[0].chunk_hash.clone(), 7, in_flight[0].file_size)],
+    };
+    m.claim_pack(&pack.hash, pack.size).await.unwrap();
+    m.locate_chunks(&pack).await.unwrap();
     m.add_pin(
         a.id,
         "rel",

@@ -371,10 +371,7 @@ async fn orphan_scan_deletes_only_old_unknown_chunks(b: &Backend) {
     let record = |keys: &[&String]| {
         let chunks: Vec<ChunkRow> = keys
             .iter()
-            .map(|k| ChunkRow {
-                chunk_hash: chunk_hash_of_key(k).unwrap().to_owned(),
-                file_size: 1,
-            })
+            .map(|k| ChunkRow::new(chunk_hash_of_key(k).unwrap().to_owned(), 1))
             .collect();
         let meta = meta.clone();
         async move { meta.claim_chunks("some-upload", &chunks).await.unwrap() }

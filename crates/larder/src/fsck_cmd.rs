@@ -277,12 +277,37 @@ async fn repair(
         .collect();
     corrupt.sort_unstable();
     corrupt.dedup();
+    let mut lost: Vec<String> = damaged
+        .iter()
+        .flat_map(|d| d.damage.iter().flat_map(|x| x.missing_chunks()))
+        .map(str::to_owned)
+        .collect();
+    lost.sort_unstable();
+    lost.dedup();
     for chunk in corrupt {
+        let packed = meta
+            .located_chunks(&[chunk.to_owned()])
+            .await?
+            .get(chunk)
+            .is_some_and(|r| r.pack.is_some());
+        // Forgotten: the next upload of the chunk stores it again.
+        meta.unlocate_chunk(chunk).await?;
+        if packed {
+            // Its pack holds other chunks, and stays.
+            text.push_str(&format!(
+                "forgot corrupt chunk {chunk} (stored in a pack)\n"
+            ));
+            continue;
+        }
         objects
             .delete(&chunk_object_key(chunk))
             .await
             .with_context(|| format!("cannot delete the corrupt chunk {chunk}"))?;
         text.push_str(&format!("deleted corrupt chunk {chunk}\n"));
+    }
+    // A missing chunk is forgotten too, so that its next upload stores it again.
+    for chunk in &lost {
+        meta.unlocate_chunk(chunk).await?;
     }
     output::print(&text)
 }

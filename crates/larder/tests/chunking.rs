@@ -29,17 +29,25 @@ fn contents(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// The objects holding NAR bytes (packs, and chunks stored on their own).
 fn chunk_objects(data: &Path) -> HashSet<PathBuf> {
     let mut out = HashSet::new();
-    let root = data.join("store/objects/chunk");
-    for d in std::fs::read_dir(root).into_iter().flatten().flatten() {
-        for f in std::fs::read_dir(d.path()).into_iter().flatten().flatten() {
-            if f.file_name().to_string_lossy().ends_with(".zst") {
+    for kind in ["chunk", "pack"] {
+        let root = data.join("store/objects").join(kind);
+        for d in std::fs::read_dir(root).into_iter().flatten().flatten() {
+            for f in std::fs::read_dir(d.path()).into_iter().flatten().flatten() {
                 out.insert(f.path());
             }
         }
     }
     out
+}
+
+fn bytes_of(objects: &[PathBuf]) -> u64 {
+    objects
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum()
 }
 
 /// `nix-store --add` a file holding `bytes`, named `name`.
@@ -120,21 +128,26 @@ fn real_nix_substitutes_every_generation_and_fails_on_a_lost_chunk() {
         before = now;
         paths.push(path);
     }
+    // Each generation's new chunks are stored together: one object each.
+    assert!(added.iter().all(|a| a.len() == 1), "{added:?}");
+    let first = bytes_of(&added[0]);
     assert!(
-        added[0].len() >= 8,
-        "a 4 MiB path is many chunks: {added:?}"
+        first > 3 << 20,
+        "the first generation is stored whole: {first}"
     );
     for later in &added[1..] {
+        // An insertion and an edit change the chunks they fall in, and maybe a neighbour:
+        // a few chunks of at most 128 KiB.
+        let bytes = bytes_of(later);
         assert!(
-            later.len() <= 6,
-            "a generation adds a few chunks, not {}",
-            later.len()
+            bytes <= 6 * (128 << 10),
+            "a generation adds a few chunks, not {bytes} bytes"
         );
     }
     for path in &paths {
         substitute(&url, &key, path).unwrap_or_else(|e| panic!("substituting {path}: {e}"));
     }
-    // A chunk only the last generation has, deleted behind the server's back.
+    // The chunks only the last generation has, deleted behind the server's back.
     std::fs::remove_file(&added[2][0]).unwrap();
     let err = substitute(&url, &key, &paths[2]).expect_err("a NAR missing a chunk was served");
     assert!(err.contains("nar/"), "{err}");

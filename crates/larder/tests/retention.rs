@@ -401,13 +401,14 @@ fn orphan_scan_deletes_a_stray_chunk_and_keeps_the_closure() {
         pushed.len() >= 2
             && pushed
                 .iter()
-                .all(|k| k.starts_with("chunk/") || k.starts_with("ls/")),
+                .all(|k| k.starts_with("pack/") || k.starts_with("ls/")),
         "{pushed:?}"
     );
     let hash = larder_nix::hash::Sha256::digest(b"stray").to_nix32();
     let stray = format!("chunk/{}/{hash}", &hash[..2]);
+    let stray_pack = format!("pack/{}/{hash}", &hash[..2]);
     let others = [format!("{stray}.part"), "notes/readme".to_owned()];
-    for k in others.iter().chain([&stray]) {
+    for k in others.iter().chain([&stray, &stray_pack]) {
         let p = objects.join(k);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(&p, b"stray").unwrap();
@@ -419,7 +420,7 @@ fn orphan_scan_deletes_a_stray_chunk_and_keeps_the_closure() {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !server
         .log()
-        .contains("orphan scan: deleted 1 orphaned objects")
+        .contains("orphan scan: deleted 2 orphaned objects")
     {
         assert!(
             Instant::now() < deadline,
@@ -432,13 +433,17 @@ fn orphan_scan_deletes_a_stray_chunk_and_keeps_the_closure() {
         !objects.join(&stray).exists(),
         "the stray chunk is still there"
     );
+    assert!(
+        !objects.join(&stray_pack).exists(),
+        "the stray pack is still there"
+    );
     let mut expected: Vec<String> = pushed.iter().chain(&others).cloned().collect();
     expected.sort();
     assert_eq!(files_under(&objects), expected);
     let (code, metrics) = server.http("GET", "/metrics", None);
     assert_eq!(code, 200);
     assert!(
-        metrics.contains("\nlarder_orphaned_objects_deleted_total 1\n"),
+        metrics.contains("\nlarder_orphaned_objects_deleted_total 2\n"),
         "{metrics}"
     );
 

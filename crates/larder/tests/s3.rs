@@ -119,7 +119,8 @@ async fn presigned_redirects_work_with_nix_and_keep_range() {
     .unwrap();
 
     // A NAR of one object (the top path's, a few KiB): a redirect to Garage, a HEAD answered
-    // here, Range through the redirect. The big path's NAR is many chunks: streamed by larder.
+    // here, Range through the redirect. The big path's NAR is many chunks, stored together in
+    // one pack that is exactly its file: redirected too.
     let top = std::fs::read_to_string(work.path().join("oracle/top")).unwrap();
     let refs = std::fs::read_to_string(format!("{}/refs", top.trim())).unwrap();
     let big = refs
@@ -162,8 +163,19 @@ async fn presigned_redirects_work_with_nix_and_keep_range() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 200, "a NAR of several chunks is streamed");
-    assert_eq!(r.bytes().await.unwrap().len() as u64, big_size);
+    assert_eq!(
+        r.status(),
+        307,
+        "a NAR whose chunks are stored together is one object"
+    );
+    let location = r.headers()["location"].to_str().unwrap().to_owned();
+    let body = reqwest::get(&location)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(body.len() as u64, big_size);
     let (nar_url, file_size) = nar_of(hash_of(top.trim())).await;
 
     let no_follow = reqwest::Client::builder()

@@ -36,7 +36,7 @@ use larder_nix::chunking::{Chunker, MAX_SIZE};
 use larder_nix::compression::Compression;
 use larder_nix::hash::{Sha256, Sha256Hasher};
 use larder_nix::nar::parse::NarParser;
-use larder_store::meta::{cdc_chunk_id, ChunkName, ChunkRow, NarRow};
+use larder_store::meta::{cdc_chunk_id, pack_object_key, ChunkName, ChunkRow, NarRow, Pack};
 use serde::Deserialize;
 
 use super::{upload_json, JsonBody};
@@ -247,27 +247,44 @@ pub async fn upload(
         .map_err(|e| ApiError::internal(io::Error::other(e)))??;
     let rows: Vec<ChunkRow> = checked
         .iter()
-        .map(|c| ChunkRow {
-            chunk_hash: c.id.clone(),
-            file_size: c.frame.len() as i64,
-        })
+        .map(|c| ChunkRow::new(c.id.clone(), c.frame.len() as i64))
         .collect();
     check_staging(&state, &c, &rows).await?;
     // Claimed by this request while the objects are written, and for the session only once
     // they are: a session never holds a claim on a chunk whose object was not written.
     let writing = format!("{claim}-{}", crate::publish::random_id()?);
     state.meta.claim_chunks(&writing, &rows).await?;
-    // One batch: on a local directory one blocking task for the whole body rather than
-    // several thread hops per chunk (see ARCHITECTURE.md, "Push speed").
-    let items: Vec<(String, Bytes)> = rows
-        .iter()
-        .zip(&checked)
-        .map(|(row, chunk)| (row.object_key(), Bytes::copy_from_slice(&chunk.frame)))
-        .collect();
-    let written = state.objects.put_many(items).await;
+    // The body's frames, each once, as one pack: one object written (see ARCHITECTURE.md,
+    // "Packs").
+    let mut bytes = Vec::new();
+    let mut pack = Pack {
+        hash: String::new(),
+        size: 0,
+        chunks: Vec::new(),
+    };
+    let mut seen = HashSet::new();
+    for (row, chunk) in rows.iter().zip(&checked) {
+        if seen.insert(row.chunk_hash.as_str()) {
+            pack.chunks
+                .push((row.chunk_hash.clone(), bytes.len() as i64, row.file_size));
+            bytes.extend_from_slice(&chunk.frame);
+        }
+    }
+    pack.hash = Sha256::digest(&bytes).to_nix32();
+    pack.size = bytes.len() as i64;
+    let written = async {
+        state.meta.claim_pack(&pack.hash, pack.size).await?;
+        state
+            .objects
+            .replace_bytes(&pack_object_key(&pack.hash), &bytes)
+            .await?;
+        state.meta.locate_chunks(&pack).await?;
+        Ok::<_, ApiError>(())
+    }
+    .await;
     if let Err(e) = written {
         let _ = state.meta.release_claims(&writing).await;
-        return Err(e.into());
+        return Err(e);
     }
     state.meta.claim_chunks(&claim, &rows).await?;
     state.meta.release_claims(&writing).await?;
@@ -378,16 +395,13 @@ async fn assemble_claimed(
             absent.len()
         )));
     }
-    let sizes = state.meta.chunk_sizes(ids).await?;
+    let located = state.meta.located_chunks(ids).await?;
     let mut rows = Vec::with_capacity(chunks.len());
     for id in &chunks {
-        let size = sizes.get(id).copied().ok_or_else(|| {
+        let row = located.get(id).cloned().ok_or_else(|| {
             ApiError::Conflict(format!("chunk {id} was collected meanwhile: push again"))
         })?;
-        rows.push(ChunkRow {
-            chunk_hash: id.clone(),
-            file_size: size,
-        });
+        rows.push(row);
     }
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(Sha256, Bytes)>(READ_AHEAD);
     let (listing_file, listing) = state
@@ -408,9 +422,9 @@ async fn assemble_claimed(
         let Some(ChunkName::Zstd(hash)) = ChunkName::parse(&row.chunk_hash) else {
             return Err(ApiError::bad("invalid chunk id"));
         };
-        let (key, len) = (row.object_key(), row.file_size as u64);
+        let (key, range) = row.location();
         reads.push(async move {
-            let frame = state.objects.read_range(&key, 0..len).await?;
+            let frame = state.objects.read_range(&key, range).await?;
             Ok::<_, ApiError>((hash, frame))
         });
     }

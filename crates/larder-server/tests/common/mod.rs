@@ -387,8 +387,10 @@ impl Server {
     // ---- the data directory -----------------------------------------------------------
 
     /// Files under the object store's `chunk/` tree: one per stored NAR file.
+    /// Objects holding NAR bytes: packs, and chunks stored on their own.
     pub fn chunk_files(&self) -> usize {
         count_files(&self.data_dir().join("store/objects/chunk"))
+            + count_files(&self.data_dir().join("store/objects/pack"))
     }
 
     /// Files left in the staging directory (must be none between requests).

@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 
 use larder_nix::hash::Sha256;
 
-use super::{placeholders, Metadata, Result, IN_BATCH};
+use super::{placeholders, ChunkRow, Metadata, Result, IN_BATCH};
 
 /// The NARs of a cache, as a sub-select over `$1` (the cache id).
 const CACHE_NARS: &str = "SELECT nar_id FROM paths WHERE cache_id = $1 \
@@ -48,21 +48,25 @@ impl Metadata {
         Ok(visible)
     }
 
-    /// The stored sizes of those of the chunks `ids` that have a row.
-    pub async fn chunk_sizes(&self, ids: &[String]) -> Result<HashMap<String, i64>> {
-        let mut sizes = HashMap::new();
+    /// The rows of those of the chunks `ids` that are located (stored somewhere: see
+    /// `meta/packs.rs`), by id.
+    pub async fn located_chunks(&self, ids: &[String]) -> Result<HashMap<String, ChunkRow>> {
+        let mut rows = HashMap::new();
         for batch in ids.chunks(IN_BATCH) {
             let sql = format!(
-                "SELECT chunk_hash, file_size FROM chunks WHERE chunk_hash IN ({})",
+                "SELECT chunk_hash, file_size, pack, pack_offset FROM chunks \
+                 WHERE (pack IS NULL OR pack <> '') AND chunk_hash IN ({})",
                 placeholders(1, batch.len())
             );
-            let mut q = sqlx::query_as::<_, (String, i64)>(&sql);
+            let mut q = sqlx::query_as::<_, ChunkRow>(&sql);
             for id in batch {
                 q = q.bind(id);
             }
-            sizes.extend(q.fetch_all(&self.pool).await?);
+            for row in q.fetch_all(&self.pool).await? {
+                rows.insert(row.chunk_hash.clone(), row);
+            }
         }
-        Ok(sizes)
+        Ok(rows)
     }
 }
 

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use super::paths::listing_key;
 use super::{
-    chunk_object_key, now_unix, placeholders, retry, retryable, Engine, MetaError, Metadata,
-    Result, FOREIGN_KEY, IN_BATCH, TX_ATTEMPTS,
+    chunk_object_key, now_unix, pack_object_key, placeholders, retry, retryable, Engine, MetaError,
+    Metadata, Result, FOREIGN_KEY, IN_BATCH, TX_ATTEMPTS,
 };
 
 /// Deletes one object (by key) for [`Metadata::collect_garbage`] and
@@ -66,7 +66,7 @@ impl Metadata {
         let mut deleted = 0;
         loop {
             let mut attempt = 1;
-            let (nars, objects) = loop {
+            let (nars, objects, rows) = loop {
                 match self.gc_round(cutoffs, delete_object).await {
                     Err(e) if attempt < TX_ATTEMPTS && retryable(&e, FOREIGN_KEY) => {
                         tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
@@ -76,7 +76,7 @@ impl Metadata {
                 }
             };
             deleted += objects;
-            if nars + objects == 0 {
+            if nars + objects + rows == 0 {
                 return Ok(deleted);
             }
         }
@@ -107,12 +107,12 @@ impl Metadata {
         }
     }
 
-    /// One round of [`Metadata::collect_garbage`]: `(NARs, objects)` deleted.
+    /// One round of [`Metadata::collect_garbage`]: `(NARs, objects, chunk rows)` deleted.
     async fn gc_round(
         &self,
         (upload_cutoff, grace_cutoff, claim_cutoff): (i64, i64, i64),
         delete_object: &DeleteObject<'_>,
-    ) -> Result<(usize, usize)> {
+    ) -> Result<(usize, usize, usize)> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("DELETE FROM uploads WHERE created_at < $1")
             .bind(upload_cutoff)
@@ -152,19 +152,84 @@ impl Metadata {
         }
         // Chunks used by a NAR or claimed by an upload committed meanwhile fail the foreign
         // keys of `nar_chunks`/`chunk_claims`, like NARs above.
-        let chunks: Vec<(String, i64)> = sqlx::query_as(&format!(
+        let chunks: Vec<(String, i64, Option<String>)> = sqlx::query_as(&format!(
             "DELETE FROM chunks WHERE chunk_hash IN (SELECT c.chunk_hash FROM chunks c WHERE \
              NOT EXISTS (SELECT 1 FROM nar_chunks nc WHERE nc.chunk_hash = c.chunk_hash) AND \
              NOT EXISTS (SELECT 1 FROM chunk_claims cc WHERE cc.chunk_hash = c.chunk_hash) \
-             LIMIT {GC_BATCH}) RETURNING chunk_hash, file_size"
+             LIMIT {GC_BATCH}) RETURNING chunk_hash, file_size, pack"
         ))
         .fetch_all(&mut *tx)
         .await?;
-        for (hash, _) in &chunks {
+        let mut freed = 0i64;
+        let mut deleted = 0;
+        let mut packs: Vec<&str> = Vec::new();
+        for (hash, size, pack) in &chunks {
+            match pack.as_deref() {
+                Some(pack) if !pack.is_empty() => {
+                    packs.push(pack);
+                    continue;
+                }
+                // Not located: no object of ours, but a database from before packs may have
+                // left one.
+                Some(_) => {}
+                None => freed += size,
+            }
             if let Err(e) = delete_object(chunk_object_key(hash)).await {
                 tx.rollback().await?;
                 return Err(MetaError::Cleanup(e));
             }
+            deleted += 1;
+        }
+        packs.sort_unstable();
+        packs.dedup();
+        for batch in packs.chunks(IN_BATCH) {
+            let sql = format!(
+                "UPDATE packs SET unused = 1 WHERE pack_hash IN ({}) AND NOT EXISTS \
+                 (SELECT 1 FROM chunks c WHERE c.pack = packs.pack_hash)",
+                placeholders(1, batch.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for p in batch {
+                q = q.bind(*p);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        // Packs mostly dead: their live chunks are copied into a new pack by compaction
+        // (`Metadata::packs_to_compact`), so what the store occupies follows what is used.
+        for batch in packs.chunks(IN_BATCH) {
+            let sql = format!(
+                "UPDATE packs SET unused = 2 WHERE pack_hash IN ({}) AND unused = 0 AND \
+                 2 * (SELECT COALESCE(SUM(c.file_size), 0) FROM chunks c \
+                 WHERE c.pack = packs.pack_hash) < file_size",
+                placeholders(1, batch.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for p in batch {
+                q = q.bind(*p);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        // Packs no chunk is located in that no upload is writing (one that claimed it longer
+        // than the claim lifetime ago gave up; see `meta/packs.rs`). The conditions on the row
+        // itself are repeated outside the sub-select so that PostgreSQL checks them again on a
+        // row an upload's claim changed meanwhile.
+        let dead: Vec<(String, i64)> = sqlx::query_as(&format!(
+            "DELETE FROM packs WHERE unused = 1 AND (writers = 0 OR created_at < $1) AND \
+             pack_hash IN (SELECT p.pack_hash FROM packs p WHERE p.unused = 1 AND \
+             (p.writers = 0 OR p.created_at < $1) AND \
+             NOT EXISTS (SELECT 1 FROM chunks c WHERE c.pack = p.pack_hash) LIMIT {GC_BATCH}) \
+             RETURNING pack_hash, file_size"
+        ))
+        .bind(claim_cutoff)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (hash, size) in &dead {
+            if let Err(e) = delete_object(pack_object_key(hash)).await {
+                tx.rollback().await?;
+                return Err(MetaError::Cleanup(e));
+            }
+            freed += size;
+            deleted += 1;
         }
         // The NARs' listings. A NAR stored again meanwhile under the same hash finds its
         // listing missing and writes it again when it is first asked for.
@@ -174,10 +239,9 @@ impl Metadata {
                 return Err(MetaError::Cleanup(e));
             }
         }
-        let freed: i64 = chunks.iter().map(|(_, size)| size).sum();
         super::sizes::count_chunk_bytes(&mut tx, -freed).await?;
         tx.commit().await?;
-        Ok((nars.len(), chunks.len()))
+        Ok((nars.len(), deleted, chunks.len()))
     }
 
     /// Which of `hashes` have no `chunks` row, in input order. Read only, and stale as soon as
@@ -276,6 +340,65 @@ impl Metadata {
             q = q.bind(h);
         }
         q.execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(orphans)
+    }
+
+    /// Delete the pack objects among `hashes` that have no `packs` row, like
+    /// [`Metadata::delete_orphan_chunks`] (a row inserted for each locks it against an
+    /// upload's [`Metadata::claim_pack`] while its object is deleted); returns those hashes.
+    pub async fn delete_orphan_packs(
+        &self,
+        hashes: &[String],
+        delete_object: &DeleteObject<'_>,
+    ) -> Result<Vec<String>> {
+        let mut sorted: Vec<&str> = hashes.iter().map(String::as_str).collect();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut deleted = Vec::new();
+        for batch in sorted.chunks(ORPHAN_BATCH) {
+            deleted
+                .extend(retry(&[], || self.delete_orphan_pack_batch(batch, delete_object)).await?);
+        }
+        Ok(deleted)
+    }
+
+    async fn delete_orphan_pack_batch(
+        &self,
+        batch: &[&str],
+        delete_object: &DeleteObject<'_>,
+    ) -> Result<Vec<String>> {
+        let mut tx = self.pool.begin().await?;
+        let sql = format!(
+            "INSERT INTO packs (pack_hash, file_size, created_at, writers, unused) VALUES {} \
+             ON CONFLICT (pack_hash) DO NOTHING RETURNING pack_hash",
+            (0..batch.len())
+                .map(|i| format!("(${}, 0, 0, 0, 1)", i + 1))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let mut q = sqlx::query_scalar::<_, String>(&sql);
+        for h in batch {
+            q = q.bind(*h);
+        }
+        let orphans = q.fetch_all(&mut *tx).await?;
+        for h in &orphans {
+            if let Err(e) = delete_object(pack_object_key(h)).await {
+                tx.rollback().await?;
+                return Err(MetaError::Cleanup(e));
+            }
+        }
+        for part in orphans.chunks(IN_BATCH) {
+            let sql = format!(
+                "DELETE FROM packs WHERE pack_hash IN ({})",
+                placeholders(1, part.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for h in part {
+                q = q.bind(h);
+            }
+            q.execute(&mut *tx).await?;
+        }
         tx.commit().await?;
         Ok(orphans)
     }

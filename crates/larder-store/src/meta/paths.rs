@@ -42,13 +42,58 @@ pub struct ChunkRow {
     pub chunk_hash: String,
     /// Stored (compressed) size in bytes.
     pub file_size: i64,
+    /// Where the chunk's bytes are: `None`, its own object ([`chunk_object_key`], as every
+    /// chunk was stored before packs); `Some("")`, nowhere yet (a row an upload created and
+    /// has not located: no NAR uses such a row); otherwise the pack (see [`pack_object_key`])
+    /// holding it at `pack_offset`.
+    pub pack: Option<String>,
+    pub pack_offset: Option<i64>,
 }
 
 impl ChunkRow {
-    /// The object key of a chunk.
-    pub fn object_key(&self) -> String {
-        chunk_object_key(&self.chunk_hash)
+    /// A chunk of `file_size` stored bytes, not located (how an upload names the chunks it
+    /// claims, and a caller that stores chunks as objects of their own describes them).
+    pub fn new(chunk_hash: String, file_size: i64) -> Self {
+        ChunkRow {
+            chunk_hash,
+            file_size,
+            pack: None,
+            pack_offset: None,
+        }
     }
+
+    /// The object holding the chunk, and the chunk's bytes in it.
+    pub fn location(&self) -> (String, std::ops::Range<u64>) {
+        let len = self.file_size as u64;
+        match self.pack.as_deref() {
+            Some(pack) if !pack.is_empty() => {
+                let at = self.pack_offset.unwrap_or(0) as u64;
+                (pack_object_key(pack), at..at + len)
+            }
+            _ => (chunk_object_key(&self.chunk_hash), 0..len),
+        }
+    }
+
+    /// Whether the row says where the chunk is (every row a NAR uses does).
+    pub fn is_located(&self) -> bool {
+        self.pack.as_deref() != Some("")
+    }
+}
+
+/// The object of a pack: the frames of chunks an upload stored together, named by the
+/// nix32 SHA-256 of its bytes (so a pack holding exactly a NAR's file is named by its
+/// FileHash).
+pub fn pack_object_key(pack_hash: &str) -> String {
+    let prefix = pack_hash.get(..2).unwrap_or("00");
+    format!("pack/{prefix}/{pack_hash}")
+}
+
+/// The pack hash that `key` names, if `key` is exactly a pack's object key: the inverse of
+/// [`pack_object_key`].
+pub fn pack_hash_of_key(key: &str) -> Option<&str> {
+    let hash = key.strip_prefix("pack/")?.get(3..)?;
+    let valid = matches!(ChunkName::parse(hash), Some(ChunkName::Stored(_)));
+    (valid && pack_object_key(hash) == key).then_some(hash)
 }
 
 /// The object holding the `.ls` listing (JSON) of the NAR with this NarHash, written when the
@@ -211,7 +256,7 @@ impl Metadata {
     /// The chunks of a NAR, in order.
     pub async fn nar_chunks(&self, nar_id: i64) -> Result<Vec<ChunkRow>> {
         sqlx::query_as(
-            "SELECT c.chunk_hash, c.file_size FROM nar_chunks nc \
+            "SELECT c.chunk_hash, c.file_size, c.pack, c.pack_offset FROM nar_chunks nc \
              JOIN chunks c ON c.chunk_hash = nc.chunk_hash WHERE nc.nar_id = $1 ORDER BY nc.seq",
         )
         .bind(nar_id)

@@ -22,6 +22,11 @@
 //! Version 9 adds the size counters of `meta/sizes.rs` (`cache_chunks`, `cache_sizes`,
 //! `store_sizes`), computed here once from the tables (a few seconds per 100 000 paths) and
 //! kept by every transaction since: a cache's info no longer sums its paths and chunks.
+//! Version 10 adds packs (`meta/packs.rs`): `chunks.pack`/`pack_offset` say where a chunk's
+//! frame is (NULL: its own object, as before), `packs` lists the pack objects. Chunks no NAR
+//! uses become "not located" (`pack = ''`), so an upload writes them again into its pack
+//! rather than trusting an object an interrupted upload may never have written; their bytes
+//! leave `store_sizes` (a row of its own, shard 1000, holds the difference).
 //!
 //! On PostgreSQL the migrations run in one transaction under an advisory lock, so replicas
 //! starting together apply them once; a database migrated by a newer larder is refused.
@@ -220,6 +225,24 @@ UPDATE cache_sizes SET stored = (SELECT COALESCE(SUM(c.file_size), 0) FROM cache
 JOIN chunks c ON c.chunk_hash = cc.chunk_hash WHERE cc.cache_id = cache_sizes.cache_id);
 INSERT INTO store_sizes (shard, chunk_bytes)
 SELECT 0, t.bytes FROM (SELECT SUM(file_size) AS bytes FROM chunks) t WHERE t.bytes IS NOT NULL
+"#,
+    r#"
+ALTER TABLE chunks ADD COLUMN pack TEXT;
+ALTER TABLE chunks ADD COLUMN pack_offset BIGINT;
+CREATE INDEX chunks_pack ON chunks (pack);
+CREATE TABLE packs (
+    pack_hash TEXT PRIMARY KEY,
+    file_size BIGINT NOT NULL,
+    created_at BIGINT NOT NULL,
+    writers BIGINT NOT NULL,
+    unused BIGINT NOT NULL
+);
+CREATE INDEX packs_unused ON packs (unused);
+INSERT INTO store_sizes (shard, chunk_bytes)
+SELECT 1000, -t.bytes FROM (SELECT SUM(c.file_size) AS bytes FROM chunks c WHERE NOT EXISTS
+(SELECT 1 FROM nar_chunks nc WHERE nc.chunk_hash = c.chunk_hash)) t WHERE t.bytes IS NOT NULL;
+UPDATE chunks SET pack = '' WHERE NOT EXISTS
+(SELECT 1 FROM nar_chunks nc WHERE nc.chunk_hash = chunks.chunk_hash)
 "#,
 ];
 

@@ -9,9 +9,10 @@
 //!   it (one per path and position in its NAR's chunk list); a row exists exactly while that
 //!   number is positive, so a chunk's size enters `stored` when its row is created and leaves
 //!   it when its row is deleted.
-//! - `store_sizes`: the bytes of every `chunks` row, server-wide (chunks awaiting collection
-//!   included), added where a chunk row is inserted and subtracted where garbage collection
-//!   deletes one.
+//! - `store_sizes`: the bytes of every object holding chunks, server-wide (awaiting collection
+//!   included): each pack (`meta/packs.rs`) from its row's insertion to its collection, and
+//!   each chunk stored as an object of its own (`pack` NULL), from when its row says so to its
+//!   collection.
 //!
 //! Every publication ([`count_paths`] with +1) and every unpublication (eviction, deletion,
 //! fsck's repair, through `delete_path_rows`: −1) updates them in its own transaction, from
@@ -274,10 +275,19 @@ impl Metadata {
         )
         .fetch_one(&self.pool)
         .await?;
-        let stored: i64 =
-            sqlx::query_scalar("SELECT CAST(COALESCE(SUM(file_size), 0) AS BIGINT) FROM chunks")
+        // Chunks of their own objects, and packs (see `meta/packs.rs`).
+        let own: i64 = sqlx::query_scalar(
+            "SELECT CAST(COALESCE(SUM(file_size), 0) AS BIGINT) FROM chunks WHERE pack IS NULL",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let packs: i64 =
+            sqlx::query_scalar("SELECT CAST(COALESCE(SUM(file_size), 0) AS BIGINT) FROM packs")
                 .fetch_one(&self.pool)
                 .await?;
-        Ok(StoreTotals { logical, stored })
+        Ok(StoreTotals {
+            logical,
+            stored: own + packs,
+        })
     }
 }

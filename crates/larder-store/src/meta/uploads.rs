@@ -5,6 +5,7 @@
 use larder_nix::hash::Sha256;
 use sqlx::FromRow;
 
+use super::packs::Pack;
 use super::paths::NAR_COLS;
 use super::{
     decoding, now_unix, placeholders, retry, value_rows, ChunkRow, MetaError, Metadata, NarRow,
@@ -20,22 +21,28 @@ struct KeyedUpload {
 }
 
 /// Insert the rows of `chunks` (at most [`INSERT_BATCH`]) that do not exist yet, in one
-/// statement.
+/// statement, not located (`pack = ''`, see `meta/packs.rs`): they count in no size until
+/// located.
 async fn insert_chunks(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     chunks: impl ExactSizeIterator<Item = &ChunkRow>,
     now: i64,
-) -> Result<i64> {
+) -> Result<()> {
     let sql = format!(
-        "INSERT INTO chunks (chunk_hash, file_size, created_at) VALUES {} \
-         ON CONFLICT (chunk_hash) DO NOTHING RETURNING file_size",
-        value_rows(chunks.len(), 3)
+        "INSERT INTO chunks (chunk_hash, file_size, created_at, pack) VALUES {} \
+         ON CONFLICT (chunk_hash) DO NOTHING",
+        value_rows(chunks.len(), 4)
     );
-    let mut q = sqlx::query_scalar::<_, i64>(&sql);
+    let mut q = sqlx::query(&sql);
     for chunk in chunks {
-        q = q.bind(&chunk.chunk_hash).bind(chunk.file_size).bind(now);
+        q = q
+            .bind(&chunk.chunk_hash)
+            .bind(chunk.file_size)
+            .bind(now)
+            .bind("");
     }
-    Ok(q.fetch_all(&mut **tx).await?.into_iter().sum())
+    q.execute(&mut **tx).await?;
+    Ok(())
 }
 
 impl Metadata {
@@ -98,9 +105,8 @@ impl Metadata {
         retry(FOREIGN_KEY, || async {
             let now = now_unix();
             let mut tx = self.pool.begin().await?;
-            let mut added = 0;
             for batch in sorted.chunks(INSERT_BATCH) {
-                added += insert_chunks(&mut tx, batch.iter().copied(), now).await?;
+                insert_chunks(&mut tx, batch.iter().copied(), now).await?;
                 let sql = format!(
                     "INSERT INTO chunk_claims (claim_id, chunk_hash, claimed_at) VALUES {} \
                      ON CONFLICT (claim_id, chunk_hash) DO UPDATE \
@@ -113,7 +119,6 @@ impl Metadata {
                 }
                 q.execute(&mut *tx).await?;
             }
-            super::sizes::count_chunk_bytes(&mut tx, added).await?;
             tx.commit().await?;
             Ok::<_, MetaError>(())
         })
@@ -187,8 +192,12 @@ impl Metadata {
     ) -> Result<std::collections::HashSet<String>> {
         let mut claimed = std::collections::HashSet::new();
         for batch in ids.chunks(IN_BATCH) {
+            // Only located chunks: a chunk whose row lost its location (fsck's repair, or a
+            // database from before packs) is uploaded again.
             let sql = format!(
-                "SELECT chunk_hash FROM chunk_claims WHERE claim_id = $1 AND chunk_hash IN ({})",
+                "SELECT cc.chunk_hash FROM chunk_claims cc JOIN chunks c \
+                 ON c.chunk_hash = cc.chunk_hash WHERE cc.claim_id = $1 \
+                 AND (c.pack IS NULL OR c.pack <> '') AND cc.chunk_hash IN ({})",
                 placeholders(2, batch.len())
             );
             let mut q = sqlx::query_scalar::<_, String>(&sql).bind(claim_id);
@@ -210,9 +219,10 @@ impl Metadata {
     }
 
     /// Record a newly stored NAR (its chunks claimed by `upload_id` with
-    /// [`Metadata::claim_chunks`] and their objects durably stored) and a pending upload
-    /// referencing it, releasing the claims. If the same NAR was recorded concurrently, the
-    /// upload references that one instead and `Ok((nar, false))` says ours is redundant.
+    /// [`Metadata::claim_chunks`] and each either located or durably stored as an object of
+    /// its own) and a pending upload referencing it, releasing the claims. If the same NAR was
+    /// recorded concurrently, the upload references that one instead and `Ok((nar, false))`
+    /// says ours is redundant.
     pub async fn insert_nar_for_upload(
         &self,
         upload_id: &str,
@@ -221,11 +231,40 @@ impl Metadata {
         nar: &NarRow,
         chunks: &[ChunkRow],
     ) -> Result<(NarRow, bool)> {
+        self.insert_nar(upload_id, cache_id, key, nar, chunks, None)
+            .await
+    }
+
+    /// [`Metadata::insert_nar_for_upload`] of a NAR whose chunks not yet located are in
+    /// `pack` (claimed with [`Metadata::claim_pack`] and durably written): they are located
+    /// there in the same transaction.
+    pub async fn insert_nar_for_pack(
+        &self,
+        upload_id: &str,
+        cache_id: i64,
+        key: Option<&str>,
+        nar: &NarRow,
+        chunks: &[ChunkRow],
+        pack: &Pack,
+    ) -> Result<(NarRow, bool)> {
+        self.insert_nar(upload_id, cache_id, key, nar, chunks, Some(pack))
+            .await
+    }
+
+    async fn insert_nar(
+        &self,
+        upload_id: &str,
+        cache_id: i64,
+        key: Option<&str>,
+        nar: &NarRow,
+        chunks: &[ChunkRow],
+        pack: Option<&Pack>,
+    ) -> Result<(NarRow, bool)> {
         if let Some(key) = key {
             self.drop_upload_key(cache_id, key).await?;
         }
         retry(FOREIGN_KEY, || {
-            self.insert_nar_for_upload_once(upload_id, cache_id, key, nar, chunks)
+            self.insert_nar_for_upload_once(upload_id, cache_id, key, nar, chunks, pack)
         })
         .await
     }
@@ -237,6 +276,7 @@ impl Metadata {
         key: Option<&str>,
         nar: &NarRow,
         chunks: &[ChunkRow],
+        pack: Option<&Pack>,
     ) -> Result<(NarRow, bool)> {
         let now = now_unix();
         let nar_hash = nar.nar_hash.to_nix32();
@@ -255,13 +295,26 @@ impl Metadata {
         .await?;
         let inserted = new_id.is_some();
         let mut added = 0;
+        if let (None, Some(pack)) = (new_id, pack) {
+            // Recorded before (concurrently, or earlier and not yet collected): its chunks not
+            // located (an fsck repair forgot them) are located in ours, which is collected if
+            // nothing uses it.
+            super::packs::locate(&mut tx, pack).await?;
+        }
         if let Some(nar_id) = new_id {
             // The chunk rows first (in hash order, as claims take them), then the list.
             let mut sorted: Vec<&ChunkRow> = chunks.iter().collect();
             sorted.sort_by(|a, b| a.chunk_hash.cmp(&b.chunk_hash));
             sorted.dedup_by(|a, b| a.chunk_hash == b.chunk_hash);
             for batch in sorted.chunks(INSERT_BATCH) {
-                added += insert_chunks(&mut tx, batch.iter().copied(), now).await?;
+                insert_chunks(&mut tx, batch.iter().copied(), now).await?;
+            }
+            match pack {
+                Some(pack) => super::packs::locate(&mut tx, pack).await?,
+                None => {
+                    let ids: Vec<&str> = sorted.iter().map(|c| c.chunk_hash.as_str()).collect();
+                    added += super::packs::settle_unlocated(&mut tx, &ids).await?;
+                }
             }
             for (n, batch) in chunks.chunks(INSERT_BATCH).enumerate() {
                 let sql = format!(

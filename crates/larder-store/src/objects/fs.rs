@@ -54,6 +54,15 @@ impl FsObjects {
     }
 
     pub(super) async fn put_file(&self, key: &str, src: &Path) -> Result<(), ObjectError> {
+        self.store_file(key, src, false).await
+    }
+
+    /// [`Self::put_file`] that replaces an existing object (a rename over it).
+    pub(super) async fn replace_file(&self, key: &str, src: &Path) -> Result<(), ObjectError> {
+        self.store_file(key, src, true).await
+    }
+
+    async fn store_file(&self, key: &str, src: &Path, replace: bool) -> Result<(), ObjectError> {
         let dst = self.root.join(key);
         let src = src.to_owned();
         let root = self.root.clone();
@@ -71,7 +80,7 @@ impl FsObjects {
                     }
                 }
             }
-            if dst.exists() {
+            if !replace && dst.exists() {
                 std::fs::remove_file(&src)?;
                 // Stored by a concurrent upload that may not have made it durable yet.
                 std::fs::File::open(parent)?.sync_all()?;

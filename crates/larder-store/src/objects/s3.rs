@@ -316,6 +316,22 @@ impl S3Objects {
         }
     }
 
+    /// [`Self::put_file`] that uploads even when the object exists (a `PUT` replaces an
+    /// object atomically).
+    pub(super) async fn replace_file(&self, key: &str, src: &Path) -> Result<(), ObjectError> {
+        let store = self.ops.clone();
+        let (path, k, file) = (self.path(key), key.to_owned(), src.to_owned());
+        tokio::spawn(async move {
+            upload(&store, &path, &k, &file).await?;
+            match tokio::fs::remove_file(&file).await {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(local_io("put", &k, e)),
+                _ => Ok(()),
+            }
+        })
+        .await
+        .map_err(|e| local_io("put", key, std::io::Error::other(e)))?
+    }
+
     pub(super) async fn put_file(&self, key: &str, src: &Path) -> Result<(), ObjectError> {
         // The whole put (the existence check, the upload, consuming `src`) is a task of its
         // own, started at the first poll: cancelling the caller (a client hanging up) must not
