@@ -239,6 +239,7 @@ async fn make_listing(state: &AppState, nar: &NarRow) -> Result<(), ApiError> {
 /// response can still say so, not a body cut short after `200`.
 async fn span_body(
     state: &AppState,
+    file_hash: &larder_nix::hash::Sha256,
     (key, span): (&str, Range<u64>),
     range: Range<u64>,
 ) -> Result<Body, ApiError> {
@@ -248,7 +249,8 @@ async fn span_body(
     };
     let len = span.end - span.start;
     if len <= SMALL_NAR {
-        let cached = format!("{key}@{}", span.start);
+        // By the file's hash: the bytes of a NAR file, wherever they are stored.
+        let cached = file_hash.to_nix32();
         let bytes = match state.hot.small_file(&cached) {
             Some(bytes) => bytes,
             None => {
@@ -512,7 +514,7 @@ async fn serve_nar(
         }
         // A file in several objects (or several ranges of one) is served by its own module.
         let body = match whole.as_slice() {
-            [(key, span)] => span_body(&state, (key, span.clone()), r.clone()).await,
+            [(key, span)] => span_body(&state, &file_hash, (key, span.clone()), r.clone()).await,
             [] => Err(ApiError::NotFound("a NAR without chunks".to_owned())),
             _ => crate::chunked_nar::body(&state.objects, nar.id, chunks, r.clone()).await,
         };

@@ -171,12 +171,12 @@ impl HotCache {
         self.nars.remove(&(cache_id, *file_hash.as_bytes()));
     }
 
-    /// The bytes of a small stored file, by its chunk hash (nix32).
-    pub fn small_file(&self, chunk_hash: &str) -> Option<bytes::Bytes> {
-        self.small_files.get(&nar_key(chunk_hash))
+    /// The bytes of a small NAR file, by its FileHash (nix32).
+    pub fn small_file(&self, file_hash: &str) -> Option<bytes::Bytes> {
+        self.small_files.get(&nar_key(file_hash))
     }
-    pub fn put_small_file(&self, chunk_hash: &str, bytes: bytes::Bytes) {
-        self.small_files.insert(nar_key(chunk_hash), bytes);
+    pub fn put_small_file(&self, file_hash: &str, bytes: bytes::Bytes) {
+        self.small_files.insert(nar_key(file_hash), bytes);
     }
     pub fn forget_small_file(&self, chunk_hash: &str) {
         self.small_files.remove(&nar_key(chunk_hash));

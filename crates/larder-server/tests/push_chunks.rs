@@ -439,3 +439,60 @@ async fn unassembled_push_sessions_are_bounded_by_the_staging_allowance() {
     .expect(201);
     send(&second, "c").await.expect(201);
 }
+
+/// Chunks uploaded in one request are stored together, in one pack: two small NARs sent so
+/// (their chunks in one body) are each one range of that pack, and each is served its own
+/// bytes, again and again (the second download comes from the in-memory small files), whole
+/// and by ranges.
+#[tokio::test]
+async fn nars_stored_in_one_pack_are_each_served_their_own_bytes() {
+    let srv = Server::new().await;
+    srv.create_cache("c", false).await;
+    let pusher = srv.token(&["push", "pull"], Some(&["c"])).await;
+    let (a, b) = (TestPath::new("a", "pack-a"), TestPath::new("b", "pack-b"));
+    let (ca, cb) = (chunks_of(&a.nar), chunks_of(&b.nar));
+    assert_eq!((ca.len(), cb.len()), (1, 1), "small NARs are one chunk");
+    let session = "onepack";
+    upload(
+        &srv,
+        "c",
+        pusher.bearer(),
+        session,
+        frames(&[&ca[0], &cb[0]], 3),
+    )
+    .await
+    .expect(201);
+    assert_eq!(srv.chunk_files(), 1, "one request, one object");
+    for (tp, chunks) in [(&a, &ca), (&b, &cb)] {
+        let up = assemble(&srv, "c", pusher.bearer(), session, &ids(chunks))
+            .await
+            .expect(201)
+            .json();
+        let id = up["upload_id"].as_str().unwrap().to_owned();
+        srv.publish_api("c", pusher.bearer(), &tp.publish_body(&id, None))
+            .await
+            .expect(201);
+    }
+    assert_eq!(srv.chunk_files(), 1);
+    for _ in 0..2 {
+        for tp in [&a, &b] {
+            let served = srv
+                .get(&format!("/c/{}", tp.stored_url()), Auth::Anon)
+                .await
+                .expect(200)
+                .body;
+            assert_eq!(&served[..], &tp.stored()[..], "{}", tp.path);
+        }
+    }
+    let stored = b.stored();
+    let resp = srv
+        .send(
+            axum::http::Request::get(format!("/c/{}", b.stored_url()))
+                .header("range", "bytes=3-9")
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
+        .await
+        .expect(206);
+    assert_eq!(&resp.body[..], &stored[3..10]);
+}
