@@ -73,6 +73,10 @@ struct Window {
     chunks: Vec<Chunk>,
     bytes: usize,
     tx: mpsc::Sender<Vec<Chunk>>,
+    /// Until the first window is answered: whether to go on (a message) or stop (closed).
+    /// Without it the NAR's next windows were read, cut and hashed while the first was asked
+    /// about, and then again to send the NAR whole: most of a NAR of a few windows twice.
+    gate: Option<std::sync::mpsc::Receiver<()>>,
 }
 
 impl Window {
@@ -93,20 +97,26 @@ impl Window {
             return Ok(());
         }
         self.bytes = 0;
+        let stopped = || io::Error::new(io::ErrorKind::BrokenPipe, "chunk upload stopped");
         self.tx
             .blocking_send(std::mem::take(&mut self.chunks))
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "chunk upload stopped"))
+            .map_err(|_| stopped())?;
+        match self.gate.take() {
+            Some(gate) => gate.recv().map_err(|_| stopped()),
+            None => Ok(()),
+        }
     }
 }
 
 impl ChunkSink {
-    fn new(tx: mpsc::Sender<Vec<Chunk>>) -> Self {
+    fn new(tx: mpsc::Sender<Vec<Chunk>>, gate: std::sync::mpsc::Receiver<()>) -> Self {
         ChunkSink {
             chunker: Chunker::new(),
             window: Window {
                 chunks: Vec::new(),
                 bytes: 0,
                 tx,
+                gate: Some(gate),
             },
         }
     }
@@ -165,9 +175,10 @@ pub(crate) async fn upload(
 ) -> Result<Option<UploadResp>, PushError> {
     let session = info.nar_hash.to_nix32();
     let (tx, mut rx) = mpsc::channel::<Vec<Chunk>>(1);
+    let (go, gate) = std::sync::mpsc::channel();
     let (source, info2, obs) = (opts.source.clone(), info.clone(), observer.clone());
     let producer = tokio::task::spawn_blocking(move || -> Result<(), PushError> {
-        let sink = write_nar(&source, &info2, ChunkSink::new(tx), &obs)?;
+        let sink = write_nar(&source, &info2, ChunkSink::new(tx, gate), &obs)?;
         sink.finish().map_err(|source| {
             PushError::Store(LocalStoreError::Write {
                 path: info2.path.clone(),
@@ -175,7 +186,7 @@ pub(crate) async fn upload(
             })
         })
     });
-    let sent = send_windows(client, cache, &session, opts, observer, &mut rx).await;
+    let sent = send_windows(client, cache, &session, opts, observer, &mut rx, go).await;
     drop(rx);
     let produced = producer
         .await
@@ -218,6 +229,7 @@ async fn send_windows(
     opts: &PushOptions,
     observer: &Arc<dyn Observer>,
     rx: &mut mpsc::Receiver<Vec<Chunk>>,
+    go: std::sync::mpsc::Sender<()>,
 ) -> Result<Option<(Vec<String>, u64)>, PushError> {
     let mut first = true;
     let mut ids = Vec::new();
@@ -242,8 +254,12 @@ async fn send_windows(
         .await?
         .into_iter()
         .collect();
-        if std::mem::take(&mut first) && missing.len() == asked.len() {
-            return Ok(None);
+        if std::mem::take(&mut first) {
+            if missing.len() == asked.len() {
+                return Ok(None);
+            }
+            // The reader waits for this after the first window (gone: it already ended).
+            let _ = go.send(());
         }
         let mut once = HashSet::new();
         let todo: Vec<Chunk> = window
@@ -300,7 +316,9 @@ mod tests {
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
             .collect();
         let (tx, mut rx) = mpsc::channel(1000);
-        let mut sink = ChunkSink::new(tx);
+        let (go, gate) = std::sync::mpsc::channel();
+        go.send(()).unwrap();
+        let mut sink = ChunkSink::new(tx, gate);
         for piece in nar.chunks(100_000) {
             sink.write_all(piece).unwrap();
         }
@@ -324,5 +342,37 @@ mod tests {
             back.extend(zstd::stream::decode_all(&body[..]).unwrap());
         }
         assert_eq!(back, nar);
+    }
+
+    /// The reader stops after the first window until told to go on, and stops for good when
+    /// the NAR is to be sent whole instead (nothing more read, cut or hashed).
+    #[test]
+    fn the_reader_waits_for_the_first_windows_answer() {
+        let nar: Vec<u8> = (0..(12u32 << 20))
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let (tx, mut rx) = mpsc::channel(1000);
+        let (go, gate) = std::sync::mpsc::channel::<()>();
+        let reader = std::thread::spawn(move || {
+            let mut sink = ChunkSink::new(tx, gate);
+            let mut written = 0;
+            for piece in nar.chunks(100_000) {
+                if sink.write_all(piece).is_err() {
+                    return written;
+                }
+                written += piece.len();
+            }
+            sink.finish().map(|()| written).unwrap_or(written)
+        });
+        let first = rx.blocking_recv().unwrap();
+        assert!(!first.is_empty());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(rx.try_recv().is_err(), "a second window before the answer");
+        drop(go);
+        let written = reader.join().unwrap();
+        assert!(
+            written < 5 << 20,
+            "read on after the first window: {written}"
+        );
     }
 }

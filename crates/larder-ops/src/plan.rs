@@ -60,7 +60,8 @@ pub struct UploadSettings {
 
 impl UploadSettings {
     /// Check the cache (it exists, the token can push to it) and settle the upload settings:
-    /// `compression` and `level` as asked (else the cache's and its default level), with
+    /// `compression` and `level` as asked (else none for a server on this machine, or the
+    /// cache's, and its default level), with
     /// `signing_key`, which a cache whose clients sign requires. `cache_arg` is how the user
     /// named the cache, for the hint.
     pub async fn for_cache(
@@ -73,7 +74,15 @@ impl UploadSettings {
     ) -> Result<Self, PlanError> {
         let info = crate::pusher::cache_info(client, cache).await?;
         ensure_can_push(client, cache).await?;
-        let requested = compression.unwrap_or(&info.compression);
+        // On a loopback connection bytes cost nothing and compressing only takes CPU from the
+        // server on the same machine (which stores its own zstd frames whatever it receives):
+        // NARs go uncompressed. Elsewhere, the cache's preferred compression.
+        let default = if is_loopback(client.base_url()) {
+            "none"
+        } else {
+            info.compression.as_str()
+        };
+        let requested = compression.unwrap_or(default);
         let compression = Compression::from_name(requested)
             .ok_or_else(|| PlanError::UnknownCompression(requested.to_owned()))?;
         let level = level.unwrap_or(match compression {
@@ -94,6 +103,22 @@ impl UploadSettings {
             upstream_key_names: upstream_key_names(&info),
         })
     }
+}
+
+/// Whether the server at `base` (an `http[s]://host[:port]/…` URL) is on this machine by a
+/// loopback address: `localhost`, `127.0.0.0/8` or `[::1]`.
+fn is_loopback(base: &str) -> bool {
+    let rest = base.split_once("://").map_or(base, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = match host_port.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host_port.split(':').next().unwrap_or(""),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The names of the upstream keys a cache declares (`name:key` → `name`).
@@ -180,6 +205,27 @@ impl Planner for ImportPlanner<'_> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn loopback_servers_are_recognised() {
+        for url in [
+            "http://localhost:8080",
+            "http://127.0.0.1:8080/",
+            "https://127.3.4.5",
+            "http://[::1]:8080/x",
+            "http://LOCALHOST",
+        ] {
+            assert!(super::is_loopback(url), "{url}");
+        }
+        for url in [
+            "http://cache.example:8080",
+            "http://10.0.0.1",
+            "http://[2001:db8::1]:80",
+            "https://localhost.example.com",
+        ] {
+            assert!(!super::is_loopback(url), "{url}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -143,7 +143,8 @@ impl Decoder {
 }
 
 struct Pipeline {
-    file_hasher: Sha256Hasher,
+    /// `None` for an uncompressed body: its SHA-256 is the NarHash, computed by the parser.
+    file_hasher: Option<Sha256Hasher>,
     file_size: u64,
     decoder: Decoder,
     compression: Compression,
@@ -170,7 +171,7 @@ impl Pipeline {
             Compression::Zstd => Decoder::Zstd(zstd::stream::write::Decoder::new(sink)?),
         };
         Ok(Pipeline {
-            file_hasher: Sha256Hasher::new(),
+            file_hasher: (compression != Compression::None).then(Sha256Hasher::new),
             file_size: 0,
             decoder,
             compression,
@@ -178,7 +179,9 @@ impl Pipeline {
     }
 
     fn write(&mut self, block: &[u8]) -> Result<(), ApiError> {
-        self.file_hasher.update(block);
+        if let Some(h) = &mut self.file_hasher {
+            h.update(block);
+        }
         self.file_size += block.len() as u64;
         let res = match &mut self.decoder {
             Decoder::None(s) => s.write_all(block),
@@ -250,7 +253,9 @@ impl Pipeline {
         Ok(Finished {
             nar_hash: summary.nar_hash,
             nar_size: summary.nar_size,
-            file_hash: self.file_hasher.finalize(),
+            file_hash: self
+                .file_hasher
+                .map_or(summary.nar_hash, Sha256Hasher::finalize),
             file_size: self.file_size,
             chunks,
         })

@@ -29,7 +29,10 @@ pub struct PushArgs {
     /// Uploads in parallel.
     #[arg(short = 'j', long, default_value_t = 8)]
     jobs: usize,
-    /// Compression of uploaded NARs. [default: the cache's preferred compression]
+    /// Compression of NARs on the wire (the server stores its own zstd frames whatever it
+    /// receives). [default: none for a server on this machine (localhost, 127.0.0.0/8,
+    /// [::1]), where compressing only takes CPU from it; elsewhere the cache's preferred
+    /// compression]
     #[arg(long, value_parser = ["zstd", "xz", "none"])]
     compression: Option<String>,
     /// Compression level. [default: 3 for zstd, 6 for xz]
