@@ -10,12 +10,14 @@
 //! into one cache learns nothing from what other caches hold (see ARCHITECTURE.md, "No
 //! cross-cache oracle"). For the same reason a chunk is written unless it is *visible in the
 //! cache being uploaded to* (`Metadata::chunks_visible_in_cache`), not merely present in the
-//! store; writing a chunk that exists keeps the stored object, which has the same bytes.
+//! store; a chunk stored elsewhere keeps its location, and the copy in this upload's pack is
+//! unused.
 //!
 //! [`ChunkWriter`] runs on the upload's blocking thread, fed the NAR as it is verified; the
 //! chunks it cuts are named and compressed on a pool of threads, one per core, and it appends
 //! each frame, in the NAR's order, to one staging file and remembers where it is.
-//! [`store_nar`] then claims the chunks, writes the missing ones, and records the NAR.
+//! [`store_nar`] then claims the chunks it uses as stored, writes the others as one pack, and
+//! records the NAR.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::{self, Write};
@@ -317,8 +319,9 @@ pub struct Measured {
 
 /// Store a verified, chunked NAR and make it the pending upload `upload_id` of `cache` (under
 /// `key`, the file name Nix's uploader used, if given). A NAR already visible in the cache is
-/// reused as it is; otherwise every chunk not visible in the cache is written (and claimed
-/// first, so garbage collection leaves it alone until the NAR's row holds it).
+/// reused as it is; otherwise every chunk not visible in the cache is written into one pack,
+/// and the chunks used as stored (visible ones) are claimed first, so that garbage collection
+/// leaves them alone until the NAR's row holds them.
 pub async fn store_nar(
     state: &AppState,
     cache: &CacheRow,
@@ -345,14 +348,27 @@ pub async fn store_nar(
         .iter()
         .map(|c| ChunkRow::new(cdc_chunk_id(&c.raw_hash), c.len as i64))
         .collect();
-    state.meta.claim_chunks(upload_id, &rows).await?;
     let mut ids: Vec<String> = rows.iter().map(|r| r.chunk_hash.clone()).collect();
     ids.sort_unstable();
     ids.dedup();
     let visible = state.meta.chunks_visible_in_cache(cache.id, &ids).await?;
-    let stored = state.meta.located_chunks(&ids).await?;
-    // A chunk stored earlier with another frame (another zstd version) keeps it: the file is
-    // made of the frames as stored.
+    let mut stored = state.meta.located_chunks(&ids).await?;
+    let ours: std::collections::HashMap<&str, i64> = rows
+        .iter()
+        .map(|r| (r.chunk_hash.as_str(), r.file_size))
+        .collect();
+    // The chunks this upload uses without storing them: visible in the cache, or stored with
+    // another frame (another zstd version: the file is made of the frames as stored). Claimed,
+    // so that collection keeps them until the NAR's row holds them; one collected meanwhile is
+    // stored by this upload instead. The others are stored by this upload, in its pack, and
+    // need no claim: their rows are created, or located, in the transaction recording the NAR.
+    let relied: Vec<String> = stored
+        .values()
+        .filter(|s| visible.contains(&s.chunk_hash) || s.file_size != ours[s.chunk_hash.as_str()])
+        .map(|s| s.chunk_hash.clone())
+        .collect();
+    let held = state.meta.claim_existing_chunks(upload_id, &relied).await?;
+    stored.retain(|id, _| held.contains(id));
     let mut foreign = HashSet::new();
     // The chunks to store, by position in the NAR: each one not visible in the cache, once.
     let mut todo = Vec::new();
@@ -367,8 +383,8 @@ pub async fn store_nar(
             Some(s) if s.file_size != row.file_size => {
                 foreign.insert(row.chunk_hash.clone());
             }
-            Some(_) if visible.contains(&row.chunk_hash) => {}
-            _ => todo.push(i),
+            Some(_) => {}
+            None => todo.push(i),
         }
     }
     let frames = std::sync::Arc::new(std::fs::File::open(&file.path).map_err(ApiError::internal)?);

@@ -56,8 +56,10 @@ const MAX_ASSEMBLE_BODY: usize = 64 << 20;
 /// The largest chunk any larder stored (chunks were up to 1 MiB before the sizes were
 /// tuned): one larger than [`MAX_SIZE`] is then refused as cut elsewhere, not as damage.
 const LARGEST_STORED_CHUNK: usize = 1 << 20;
-/// Chunk objects read ahead while assembling.
-const READ_AHEAD: usize = 8;
+/// Batches of chunks read ahead while assembling.
+const READ_AHEAD: usize = 2;
+/// Bytes of chunks read in one batch while assembling.
+const READ_BATCH: u64 = 1 << 20;
 
 /// The claim id of a push session of a cache: sessions of different caches never meet.
 fn session_claim(cache_id: i64, session: &str) -> Result<String, ApiError> {
@@ -403,7 +405,8 @@ async fn assemble_claimed(
         })?;
         rows.push(row);
     }
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Sha256, Bytes)>(READ_AHEAD);
+    // Batches of frames: each chunk's name and length, and their bytes one after another.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Vec<(Sha256, usize)>, Bytes)>(READ_AHEAD);
     let (listing_file, listing) = state
         .staging
         .tempfile("upload", state.staging.dir())
@@ -412,21 +415,40 @@ async fn assemble_claimed(
     let max_nar_size = state.config.max_nar_size;
     let worker = tokio::task::spawn_blocking(move || {
         let mut a = Assembler::new(listing_file, max_nar_size)?;
-        while let Some((hash, frame)) = rx.blocking_recv() {
-            a.frame(&hash, &frame)?;
+        while let Some((frames, bytes)) = rx.blocking_recv() {
+            let mut at = 0;
+            for (hash, len) in frames {
+                a.frame(&hash, &bytes[at..at + len])?;
+                at += len;
+            }
         }
         a.finish()
     });
-    let mut reads = Vec::with_capacity(rows.len());
-    for row in &rows {
+    // Read in batches of about [`READ_BATCH`] bytes, chunks stored one after another in a
+    // pack read as one range: a read per chunk (a thread hop and a file opened each) was
+    // most of an assembly's time once chunks were packed.
+    let mut reads = Vec::new();
+    let mut batch: (Vec<(String, std::ops::Range<u64>)>, Vec<(Sha256, usize)>) = Default::default();
+    let mut batch_bytes = 0u64;
+    for (i, row) in rows.iter().enumerate() {
         let Some(ChunkName::Zstd(hash)) = ChunkName::parse(&row.chunk_hash) else {
             return Err(ApiError::bad("invalid chunk id"));
         };
         let (key, range) = row.location();
-        reads.push(async move {
-            let frame = state.objects.read_range(&key, range).await?;
-            Ok::<_, ApiError>((hash, frame))
-        });
+        batch_bytes += range.end - range.start;
+        batch.1.push((hash, (range.end - range.start) as usize));
+        match batch.0.last_mut() {
+            Some((k, r)) if *k == key && r.end == range.start => r.end = range.end,
+            _ => batch.0.push((key, range)),
+        }
+        if batch_bytes >= READ_BATCH || i + 1 == rows.len() {
+            let (pieces, frames) = std::mem::take(&mut batch);
+            batch_bytes = 0;
+            reads.push(async move {
+                let bytes = state.objects.read_pieces(pieces).await?;
+                Ok::<_, ApiError>((frames, bytes))
+            });
+        }
     }
     let reads = futures::stream::iter(reads).buffered(READ_AHEAD);
     futures::pin_mut!(reads);
