@@ -428,7 +428,7 @@ async fn assemble_claimed(
     // pack read as one range: a read per chunk (a thread hop and a file opened each) was
     // most of an assembly's time once chunks were packed.
     let mut reads = Vec::new();
-    let mut batch: (Vec<(String, std::ops::Range<u64>)>, Vec<(Sha256, usize)>) = Default::default();
+    let mut batch: ReadBatch = Default::default();
     let mut batch_bytes = 0u64;
     for (i, row) in rows.iter().enumerate() {
         let Some(ChunkName::Zstd(hash)) = ChunkName::parse(&row.chunk_hash) else {
@@ -510,6 +510,9 @@ async fn assemble_claimed(
     crate::publish::store_listing(state, &nar.nar_hash, &listing).await;
     Ok(nar)
 }
+
+/// Object ranges to read, and the chunks (name, frame length) their bytes hold in order.
+type ReadBatch = (Vec<(String, std::ops::Range<u64>)>, Vec<(Sha256, usize)>);
 
 /// What assembling measured.
 struct Assembled {
