@@ -10,7 +10,8 @@
 //! Content-Length announced and its download fails (Nix then tries its next substituter or
 //! builds), rather than a clean short body that a client could take for the whole file.
 //!
-//! The single-object path (most NARs) stays in `binary_cache::chunk_body`.
+//! Small NAR files of one object range are read whole in `binary_cache::small_body`;
+//! everything else, a large file of one object included, is streamed here.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -172,35 +173,6 @@ fn stream(
         })
         .buffered(READ_AHEAD);
     body.inspect_err(move |_| forget_checked(nar_id)).boxed()
-}
-
-/// `body` failing if it ends before `len` bytes: an object cut short behind the server's
-/// back aborts the response rather than ending it cleanly (a client could take a clean short
-/// body for the whole file).
-pub fn exactly(
-    body: BoxStream<'static, std::io::Result<Bytes>>,
-    len: u64,
-) -> BoxStream<'static, std::io::Result<Bytes>> {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    let sent = std::sync::Arc::new(AtomicU64::new(0));
-    let counter = sent.clone();
-    let counted = body.inspect_ok(move |b| {
-        counter.fetch_add(b.len() as u64, Ordering::Relaxed);
-    });
-    // Checked once the body has ended; yields nothing when it is whole.
-    let end = futures::stream::once(async move {
-        if sent.load(Ordering::Relaxed) < len {
-            tracing::error!("a NAR object ended before its recorded length; aborting the response (hint: larder fsck)");
-            Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "stored object shorter than recorded",
-            ))
-        } else {
-            Ok(Bytes::new())
-        }
-    })
-    .try_filter(|b| std::future::ready(!b.is_empty()));
-    counted.chain(end).boxed()
 }
 
 fn broken(e: ObjectError) -> std::io::Error {
