@@ -163,8 +163,8 @@ fn pack(chunks: Vec<Chunk>) -> io::Result<Vec<(Vec<String>, Vec<u8>)>> {
     Ok(bodies)
 }
 
-/// Push `info`'s NAR in chunks: what the server measured of it once assembled. `uploaded` in
-/// the answer's terms: `file_size - kept` is what this run sent. `None`, with nothing sent,
+/// Push `info`'s NAR in chunks: what the server measured of it once assembled, and the bytes
+/// this run sent. `None`, with nothing sent,
 /// when the NAR is better sent whole (see the module's documentation).
 pub(crate) async fn upload(
     client: &ApiClient,
@@ -216,7 +216,7 @@ pub(crate) async fn upload(
     )
     .await?;
     let mut resp = UploadResp::from(upload);
-    resp.kept = resp.file_size.saturating_sub(sent);
+    resp.sent = sent;
     Ok(Some(resp))
 }
 

@@ -140,8 +140,6 @@ struct KeptPart {
     /// SHA-256 and size of the NAR bytes it holds.
     nar_hash: Sha256,
     nar_size: u64,
-    /// Its stored (compressed) size.
-    file_size: u64,
 }
 
 /// The cache's unfinished upload of this NAR in our compression, if any: its id and its
@@ -201,11 +199,7 @@ fn leading_parts(parts: &[crate::api::MultipartPart]) -> Vec<KeptPart> {
         let hash = p.nar_hash.as_deref().and_then(|h| Sha256::parse(h).ok());
         match (hash, p.nar_size) {
             (Some(nar_hash), Some(nar_size)) if p.n as usize == i && nar_size > 0 => {
-                kept.push(KeptPart {
-                    nar_hash,
-                    nar_size,
-                    file_size: p.file_size,
-                })
+                kept.push(KeptPart { nar_hash, nar_size })
             }
             _ => break,
         }
@@ -341,8 +335,8 @@ async fn send(
     if first > 0 {
         observer.resumed(info, first, skip);
     }
-    let parts = if skip >= info.nar_size && first > 0 {
-        first
+    let (parts, sent) = if skip >= info.nar_size && first > 0 {
+        (first, 0)
     } else {
         send_parts(client, cache, info, opts, observer, id, first, skip).await?
     };
@@ -367,12 +361,12 @@ async fn send(
     .await?;
     // The parts became the stored NAR: no unfinished upload is left to resume.
     observer.parts_kept(info, 0, 0);
-    done.kept = kept.iter().take(first as usize).map(|k| k.file_size).sum();
+    done.sent = sent;
     Ok(done)
 }
 
 /// Compress and send the NAR from byte `skip` on as parts `first`, `first + 1`, …: how many
-/// parts the upload has then.
+/// parts the upload has then, and the bytes sent.
 #[allow(clippy::too_many_arguments)]
 async fn send_parts(
     client: &ApiClient,
@@ -383,7 +377,7 @@ async fn send_parts(
     id: &str,
     first: u32,
     skip: u64,
-) -> Result<u32, PushError> {
+) -> Result<(u32, u64), PushError> {
     let (tx, mut rx) = mpsc::channel::<(Bytes, u64)>(PARTS_IN_FLIGHT);
     let splitter = PartSplitter {
         compression: opts.compression,
@@ -410,6 +404,7 @@ async fn send_parts(
     });
     let mut n = first;
     let mut on_server = skip;
+    let mut sent = 0u64;
     let mut failure = None;
     while let Some((part, nar_bytes)) = rx.recv().await {
         let url = format!("/api/v1/caches/{cache}/multipart/{id}/parts/{n}");
@@ -454,6 +449,7 @@ async fn send_parts(
             break;
         }
         observer.bytes(part.len() as u64);
+        sent += part.len() as u64;
         n += 1;
         on_server += nar_bytes;
         observer.parts_kept(info, n, on_server);
@@ -466,7 +462,7 @@ async fn send_parts(
         return Err(e);
     }
     produced?;
-    Ok(n)
+    Ok((n, sent))
 }
 
 /// Splits a NAR stream into parts of `part_size` NAR bytes, each compressed as an independent
@@ -620,7 +616,6 @@ mod tests {
                 .map(|&(a, b)| KeptPart {
                     nar_hash: Sha256::digest(&nar[a..b]),
                     nar_size: (b - a) as u64,
-                    file_size: (b - a) as u64,
                 })
                 .collect()
         };

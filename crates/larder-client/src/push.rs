@@ -250,7 +250,7 @@ pub async fn execute(
             let outcome = match outcome {
                 Ok(Some(upload)) => Outcome::Pushed {
                     file_size: upload.file_size,
-                    uploaded: upload.file_size.saturating_sub(upload.kept),
+                    uploaded: upload.sent,
                     secs: t0.elapsed().as_secs_f64(),
                 },
                 Ok(None) => Outcome::AlreadyPresent,
@@ -496,7 +496,14 @@ async fn upload_nar(
 ) -> Result<UploadResp, PushError> {
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(CHANNEL_BLOCKS);
     let progress = Progress::new(true);
-    let body = reqwest::Body::wrap_stream(progress.body(receiver_stream(rx)));
+    let counted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = counted.clone();
+    let body = futures::StreamExt::inspect(receiver_stream(rx), move |b| {
+        if let Ok(b) = b {
+            counter.fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    let body = reqwest::Body::wrap_stream(progress.body(body));
     let url = format!(
         "/api/v1/caches/{cache}/nars?compression={}",
         opts.compression.as_str()
@@ -568,10 +575,13 @@ async fn upload_nar(
         // A local error (corrupt or vanished path) explains a failed request best.
         (Err(e), _) => return Err(e),
     };
-    resp.json::<Upload>()
+    let mut resp = resp
+        .json::<Upload>()
         .await
         .map(UploadResp::from)
-        .map_err(|e| PushError::Internal(format!("bad answer to the NAR upload: {e}")))
+        .map_err(|e| PushError::Internal(format!("bad answer to the NAR upload: {e}")))?;
+    resp.sent = counted.load(std::sync::atomic::Ordering::Relaxed);
+    Ok(resp)
 }
 
 fn receiver_stream(

@@ -219,8 +219,9 @@ pub(crate) fn transient(e: &PushError) -> Option<Option<Duration>> {
 pub(crate) struct UploadResp {
     pub(crate) upload_id: String,
     pub(crate) file_size: u64,
-    /// Stored bytes the server had before this run (the parts a resumed upload kept).
-    pub(crate) kept: u64,
+    /// Bytes this run sent (request bodies: compressed NARs, parts, chunk frames), for the
+    /// summary's "uploaded": not the stored size, which the server's compression decides.
+    pub(crate) sent: u64,
 }
 
 impl From<Upload> for UploadResp {
@@ -229,7 +230,7 @@ impl From<Upload> for UploadResp {
             upload_id: u.upload_id,
             // A size is never negative; were it, nothing of it was sent.
             file_size: u64::try_from(u.file_size).unwrap_or(0),
-            kept: 0,
+            sent: 0,
         }
     }
 }

@@ -112,9 +112,11 @@ fn larder_push_sends_only_new_chunks_and_nix_substitutes_every_generation() {
         let (nar, sent) = push(&server, &push_token, "gens", &[&path]);
         eprintln!("generation {generation}: {nar} NAR bytes, {sent} uploaded");
         if generation == 1 {
+            // Sent whole, and uncompressed to a server on this machine: the summary counts
+            // the bytes sent, not what the server stored (its own compression).
             assert!(
-                sent > nar / 2,
-                "the first push sends it all: {sent} of {nar}"
+                sent >= nar,
+                "the first push sends it all, uncompressed: {sent} of {nar}"
             );
         } else {
             assert!(
