@@ -137,8 +137,10 @@ enum Command {
     /// or S3, SQLite or PostgreSQL, and may run while the server serves.
     ///
     /// For every NAR that a path, a pending upload or a recently evicted path uses, each chunk
-    /// object is read: it must exist, have its recorded size and hash to its name (a `.zst`
-    /// chunk decompressed); the chunks together must have the narinfo's FileHash and FileSize
+    /// is read where it is stored (its own object, or its range of a pack): the object must
+    /// exist and hold the chunk's recorded bytes, which must hash to its name (a `.zst` chunk
+    /// decompressed); bytes of a pack no chunk uses are not read. The chunks together must
+    /// have the narinfo's FileHash and FileSize
     /// and decompress to its NarHash and NarSize, as Nix checks after a download. Damaged NARs
     /// are printed on stdout with the paths that use them; progress goes to stderr.
     ///
