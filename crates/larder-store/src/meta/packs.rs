@@ -86,17 +86,6 @@ impl Metadata {
         Ok(())
     }
 
-    /// The packs no chunk is located in, and their sizes (for tests and checks; collection
-    /// deletes them once their claim lifetime has passed).
-    pub async fn unused_packs(&self) -> Result<Vec<(String, i64)>> {
-        Ok(sqlx::query_as(
-            "SELECT p.pack_hash, p.file_size FROM packs p WHERE NOT EXISTS \
-             (SELECT 1 FROM chunks c WHERE c.pack = p.pack_hash) ORDER BY p.pack_hash",
-        )
-        .fetch_all(&self.pool)
-        .await?)
-    }
-
     /// Which of `hashes` have no `packs` row, in input order (read only, stale at once: a
     /// filter before the orphan scan's deletion, which decides under lock).
     pub async fn unknown_packs(&self, hashes: &[String]) -> Result<Vec<String>> {

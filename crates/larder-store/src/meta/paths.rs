@@ -51,8 +51,9 @@ pub struct ChunkRow {
 }
 
 impl ChunkRow {
-    /// A chunk of `file_size` stored bytes, not located (how an upload names the chunks it
-    /// claims, and a caller that stores chunks as objects of their own describes them).
+    /// A chunk of `file_size` stored bytes, with no pack: how a caller names chunks to claim
+    /// and record (those take only the id and the size; where a chunk is comes from a
+    /// [`crate::meta::Pack`], or is its own object).
     pub fn new(chunk_hash: String, file_size: i64) -> Self {
         ChunkRow {
             chunk_hash,
@@ -72,11 +73,6 @@ impl ChunkRow {
             }
             _ => (chunk_object_key(&self.chunk_hash), 0..len),
         }
-    }
-
-    /// Whether the row says where the chunk is (every row a NAR uses does).
-    pub fn is_located(&self) -> bool {
-        self.pack.as_deref() != Some("")
     }
 }
 

@@ -152,7 +152,9 @@ impl Metadata {
         sorted.dedup();
         let mut claimed = std::collections::HashSet::new();
         for batch in sorted.chunks(IN_BATCH) {
-            let got: Vec<String> = retry(&[], || async {
+            // A chunk that a collection deletes between the select and the claim fails the
+            // claim's foreign key (PostgreSQL): run again, and it is not claimed.
+            let got: Vec<String> = retry(FOREIGN_KEY, || async {
                 let now = now_unix();
                 let mut tx = self.pool.begin().await?;
                 let mut got = Vec::new();
