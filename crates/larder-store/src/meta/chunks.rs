@@ -9,15 +9,34 @@ use larder_nix::hash::Sha256;
 
 use super::{placeholders, ChunkRow, Metadata, Result, IN_BATCH};
 
-/// The NARs of a cache, as a sub-select over `$1` (the cache id).
-const CACHE_NARS: &str = "SELECT nar_id FROM paths WHERE cache_id = $1 \
-     UNION SELECT nar_id FROM uploads WHERE cache_id = $1 \
-     UNION SELECT nar_id FROM evicted_nars WHERE cache_id = $1";
+/// Whether the NAR with id `{nar}` is visible in the cache `$1`: one indexed probe per table
+/// (`paths_nar`, `uploads_nar`, `evicted_nars_nar`). A sub-select of every NAR of the cache
+/// was materialised by both engines at each query: a million rows for a cache of a million
+/// paths, at every upload and every `missing` query.
+fn nar_in_cache(nar: &str) -> String {
+    format!(
+        "(EXISTS (SELECT 1 FROM paths p WHERE p.nar_id = {nar} AND p.cache_id = $1) \
+         OR EXISTS (SELECT 1 FROM uploads u WHERE u.nar_id = {nar} AND u.cache_id = $1) \
+         OR EXISTS (SELECT 1 FROM evicted_nars e WHERE e.nar_id = {nar} AND e.cache_id = $1))"
+    )
+}
+
+/// Whether the NAR with id `{nar}` is pending or evicted within its grace in the cache `$1`
+/// (the part of [`nar_in_cache`] that `cache_chunks` does not count).
+fn nar_pending_in_cache(nar: &str) -> String {
+    format!(
+        "(EXISTS (SELECT 1 FROM uploads u WHERE u.nar_id = {nar} AND u.cache_id = $1) \
+         OR EXISTS (SELECT 1 FROM evicted_nars e WHERE e.nar_id = {nar} AND e.cache_id = $1))"
+    )
+}
 
 impl Metadata {
     /// Whether the NAR with `nar_hash` is visible in the cache.
     pub async fn nar_visible_in_cache(&self, cache_id: i64, nar_hash: &Sha256) -> Result<bool> {
-        let sql = format!("SELECT COUNT(*) FROM nars WHERE nar_hash = $2 AND id IN ({CACHE_NARS})");
+        let sql = format!(
+            "SELECT COUNT(*) FROM nars n WHERE n.nar_hash = $2 AND {}",
+            nar_in_cache("n.id")
+        );
         let n: i64 = sqlx::query_scalar(&sql)
             .bind(cache_id)
             .bind(nar_hash.to_nix32())
@@ -26,7 +45,9 @@ impl Metadata {
         Ok(n > 0)
     }
 
-    /// Which of the chunks `ids` are visible in the cache.
+    /// Which of the chunks `ids` are visible in the cache: those its published paths use (the
+    /// `cache_chunks` counters, one key lookup each), and those of its pending uploads and of
+    /// its paths evicted within the grace period.
     pub async fn chunks_visible_in_cache(
         &self,
         cache_id: i64,
@@ -35,12 +56,26 @@ impl Metadata {
         let mut visible = HashSet::new();
         for batch in ids.chunks(IN_BATCH) {
             let sql = format!(
-                "SELECT DISTINCT nc.chunk_hash FROM nar_chunks nc WHERE nc.chunk_hash IN ({}) \
-                 AND nc.nar_id IN ({CACHE_NARS})",
+                "SELECT chunk_hash FROM cache_chunks WHERE cache_id = $1 AND chunk_hash IN ({})",
                 placeholders(2, batch.len())
             );
             let mut q = sqlx::query_scalar::<_, String>(&sql).bind(cache_id);
             for id in batch {
+                q = q.bind(id);
+            }
+            visible.extend(q.fetch_all(&self.pool).await?);
+            let rest: Vec<&String> = batch.iter().filter(|id| !visible.contains(*id)).collect();
+            if rest.is_empty() {
+                continue;
+            }
+            let sql = format!(
+                "SELECT DISTINCT nc.chunk_hash FROM nar_chunks nc WHERE nc.chunk_hash IN ({}) \
+                 AND {}",
+                placeholders(2, rest.len()),
+                nar_pending_in_cache("nc.nar_id")
+            );
+            let mut q = sqlx::query_scalar::<_, String>(&sql).bind(cache_id);
+            for id in rest {
                 q = q.bind(id);
             }
             visible.extend(q.fetch_all(&self.pool).await?);
