@@ -247,12 +247,22 @@ impl Metadata {
     /// Which of `hashes` have no `chunks` row, in input order. Read only, and stale as soon as
     /// it returns: a cheap filter before [`Metadata::delete_orphan_chunks`], which decides.
     pub async fn unknown_chunks(&self, hashes: &[String]) -> Result<Vec<String>> {
+        self.unknown("SELECT chunk_hash FROM chunks WHERE chunk_hash", hashes)
+            .await
+    }
+
+    /// Which of `hashes` have no `packs` row, in input order (like
+    /// [`Metadata::unknown_chunks`], before [`Metadata::delete_orphan_packs`]).
+    pub async fn unknown_packs(&self, hashes: &[String]) -> Result<Vec<String>> {
+        self.unknown("SELECT pack_hash FROM packs WHERE pack_hash", hashes)
+            .await
+    }
+
+    /// Those of `hashes` that `select … IN (…)` does not return, in input order.
+    async fn unknown(&self, select: &str, hashes: &[String]) -> Result<Vec<String>> {
         let mut known = std::collections::HashSet::new();
         for batch in hashes.chunks(IN_BATCH) {
-            let sql = format!(
-                "SELECT chunk_hash FROM chunks WHERE chunk_hash IN ({})",
-                placeholders(1, batch.len())
-            );
+            let sql = format!("{select} IN ({})", placeholders(1, batch.len()));
             let mut q = sqlx::query_scalar::<_, String>(&sql);
             for h in batch {
                 q = q.bind(h);

@@ -86,28 +86,6 @@ impl Metadata {
         Ok(())
     }
 
-    /// Which of `hashes` have no `packs` row, in input order (read only, stale at once: a
-    /// filter before the orphan scan's deletion, which decides under lock).
-    pub async fn unknown_packs(&self, hashes: &[String]) -> Result<Vec<String>> {
-        let mut known = std::collections::HashSet::new();
-        for batch in hashes.chunks(IN_BATCH) {
-            let sql = format!(
-                "SELECT pack_hash FROM packs WHERE pack_hash IN ({})",
-                placeholders(1, batch.len())
-            );
-            let mut q = sqlx::query_scalar::<_, String>(&sql);
-            for h in batch {
-                q = q.bind(h);
-            }
-            known.extend(q.fetch_all(&self.pool).await?);
-        }
-        Ok(hashes
-            .iter()
-            .filter(|h| !known.contains(*h))
-            .cloned()
-            .collect())
-    }
-
     /// Packs that garbage collection found less than half used, at most `limit`, with their
     /// sizes.
     pub async fn packs_to_compact(&self, limit: i64) -> Result<Vec<(String, i64)>> {

@@ -316,30 +316,24 @@ impl S3Objects {
         }
     }
 
+    pub(super) async fn put_file(&self, key: &str, src: &Path) -> Result<(), ObjectError> {
+        self.store_file(key, src, false).await
+    }
+
     /// [`Self::put_file`] that uploads even when the object exists (a `PUT` replaces an
     /// object atomically).
     pub(super) async fn replace_file(&self, key: &str, src: &Path) -> Result<(), ObjectError> {
-        let store = self.ops.clone();
-        let (path, k, file) = (self.path(key), key.to_owned(), src.to_owned());
-        tokio::spawn(async move {
-            upload(&store, &path, &k, &file).await?;
-            match tokio::fs::remove_file(&file).await {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(local_io("put", &k, e)),
-                _ => Ok(()),
-            }
-        })
-        .await
-        .map_err(|e| local_io("put", key, std::io::Error::other(e)))?
+        self.store_file(key, src, true).await
     }
 
-    pub(super) async fn put_file(&self, key: &str, src: &Path) -> Result<(), ObjectError> {
+    async fn store_file(&self, key: &str, src: &Path, replace: bool) -> Result<(), ObjectError> {
         // The whole put (the existence check, the upload, consuming `src`) is a task of its
         // own, started at the first poll: cancelling the caller (a client hanging up) must not
         // stop an upload half-way, nor leave the staged file behind; it completes or is aborted.
         let store = self.ops.clone();
         let (path, k, file) = (self.path(key), key.to_owned(), src.to_owned());
         tokio::spawn(async move {
-            if !exists(&store, &path, &k).await? {
+            if replace || !exists(&store, &path, &k).await? {
                 upload(&store, &path, &k, &file).await?;
             }
             match tokio::fs::remove_file(&file).await {
