@@ -540,7 +540,6 @@ async fn compact_pack(state: &AppState, old: &str) -> Result<Option<Pack>, ApiEr
     if live.is_empty() {
         return Ok(None); // collected as unused
     }
-    let key = pack_object_key(old);
     let (out, path) = state
         .staging
         .tempfile("upload", state.staging.dir())
@@ -550,25 +549,17 @@ async fn compact_pack(state: &AppState, old: &str) -> Result<Option<Pack>, ApiEr
     let mut hasher = Sha256Hasher::new();
     let mut chunks = Vec::with_capacity(live.len());
     let mut size = 0i64;
-    let mut batch: Vec<(String, std::ops::Range<u64>)> = Vec::new();
-    let mut batch_bytes = 0u64;
-    for (i, row) in live.iter().enumerate() {
-        let (_, range) = row.location();
-        batch_bytes += range.end - range.start;
-        batch.push((key.clone(), range));
+    for row in &live {
         chunks.push((row.chunk_hash.clone(), size, row.file_size));
         size += row.file_size;
-        if batch_bytes >= COMPACT_READ || i + 1 == live.len() {
-            let bytes = state
-                .objects
-                .read_pieces(std::mem::take(&mut batch))
-                .await?;
-            hasher.update(&bytes);
-            tokio::io::AsyncWriteExt::write_all(&mut out, &bytes)
-                .await
-                .map_err(ApiError::internal)?;
-            batch_bytes = 0;
-        }
+    }
+    // The live chunks in the pack's order, neighbours read together.
+    for run in larder_store::meta::runs(&live, COMPACT_READ) {
+        let bytes = state.objects.read_range(&run.key, run.range).await?;
+        hasher.update(&bytes);
+        tokio::io::AsyncWriteExt::write_all(&mut out, &bytes)
+            .await
+            .map_err(ApiError::internal)?;
     }
     tokio::io::AsyncWriteExt::flush(&mut out)
         .await

@@ -22,7 +22,7 @@ use futures::StreamExt;
 use larder_nix::compression::Compression;
 use larder_nix::hash::{Sha256, Sha256Hasher};
 
-use crate::meta::{ChunkRow, MetaError, NarRow, PathUse};
+use crate::meta::{MetaError, NarRow, PathUse};
 use crate::objects::migrate::ContentHasher;
 use crate::objects::{ObjectError, ObjectStore};
 use crate::Metadata;
@@ -210,8 +210,9 @@ pub async fn check_nar(
     let mut decoder = NarDecoder::new(nar.compression);
     // Chunks stored together (a pack, read in ranges of at most [`GROUP_BYTES`]) are read
     // in one request; each chunk's bytes are then checked on their own.
-    for group in groups(&chunks) {
-        let (key, range) = group_range(group);
+    for run in crate::meta::runs(&chunks, GROUP_BYTES) {
+        let (key, range) = (run.key, run.range);
+        let group = &chunks[run.chunks];
         let packed = group[0].pack.is_some();
         let bad_object = |problem: &str| Damage::BadObject {
             object: key.clone(),
@@ -303,32 +304,6 @@ pub async fn check_nar(
 
 /// Bytes of chunks stored together read in one request.
 const GROUP_BYTES: u64 = 8 << 20;
-
-/// `chunks` in runs stored one after another in one object, each of at most [`GROUP_BYTES`]
-/// (a chunk larger than that is a run of its own).
-fn groups(chunks: &[ChunkRow]) -> Vec<&[ChunkRow]> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    for i in 1..=chunks.len() {
-        let split = i == chunks.len() || {
-            let (key, range) = group_range(&chunks[start..i]);
-            let (next_key, next) = chunks[i].location();
-            next_key != key || next.start != range.end || next.end - range.start > GROUP_BYTES
-        };
-        if split {
-            out.push(&chunks[start..i]);
-            start = i;
-        }
-    }
-    out
-}
-
-/// The object and byte range a run of [`groups`] occupies.
-fn group_range(group: &[ChunkRow]) -> (String, std::ops::Range<u64>) {
-    let (key, first) = group[0].location();
-    let end = group[group.len() - 1].location().1.end;
-    (key, first.start..end)
-}
 
 /// What is wrong with the stored bytes of the chunk `id`, if anything: they must hash to its
 /// name (a content-defined chunk's once its one zstd frame is decompressed).

@@ -65,7 +65,7 @@ pub use packs::Pack;
 pub(crate) use paths::ref_hashes;
 pub use paths::{
     cdc_chunk_id, chunk_hash_of_key, chunk_object_key, listing_object_key, pack_hash_of_key,
-    pack_object_key, ChunkName, ChunkRow, NarRow, NewPath, PathRow, Publish,
+    pack_object_key, runs, ChunkName, ChunkRow, NarRow, NewPath, PathRow, Publish, Run,
 };
 pub use realisations::{PutRealisation, RealisationRow};
 pub use retention::{Evicted, Keep, LruPath, PinRow};
@@ -508,6 +508,35 @@ mod tests {
         assert_eq!(redact_url("/srv/objects"), "/srv/objects");
         assert_eq!(Engine::of_url("postgresql://x/y"), Some(Engine::Postgres));
         assert_eq!(Engine::of_url("mysql://x/y"), None);
+    }
+
+    #[test]
+    fn chunks_stored_one_after_another_are_read_as_runs() {
+        let row = |n: u8, size: i64, pack: Option<(&str, i64)>| ChunkRow {
+            pack: pack.map(|(p, _)| p.to_owned()),
+            pack_offset: pack.map(|(_, at)| at),
+            ..ChunkRow::new(format!("{n}{}", "0".repeat(51)), size)
+        };
+        let (a, b) = ("a".repeat(52), "b".repeat(52));
+        let chunks = [
+            row(1, 10, Some((&a, 0))),
+            row(2, 5, Some((&a, 10))),
+            row(3, 7, None),
+            row(4, 20, Some((&a, 15))),
+            row(5, 3, Some((&b, 0))),
+            row(6, 4, Some((&b, 3))),
+        ];
+        let got: Vec<_> = runs(&chunks, 100)
+            .into_iter()
+            .map(|r| (r.range, r.chunks))
+            .collect();
+        assert_eq!(
+            got,
+            vec![(0..15, 0..2), (0..7, 2..3), (15..35, 3..4), (0..7, 4..6)]
+        );
+        // At most `max` bytes a run, however many follow each other.
+        let got: Vec<_> = runs(&chunks, 12).into_iter().map(|r| r.chunks).collect();
+        assert_eq!(got, vec![0..1, 1..2, 2..3, 3..4, 4..6]);
     }
 
     #[test]

@@ -430,18 +430,18 @@ async fn assemble_claimed(
     let mut reads = Vec::new();
     let mut batch: ReadBatch = Default::default();
     let mut batch_bytes = 0u64;
-    for (i, row) in rows.iter().enumerate() {
-        let Some(ChunkName::Zstd(hash)) = ChunkName::parse(&row.chunk_hash) else {
-            return Err(ApiError::bad("invalid chunk id"));
-        };
-        let (key, range) = row.location();
-        batch_bytes += range.end - range.start;
-        batch.1.push((hash, (range.end - range.start) as usize));
-        match batch.0.last_mut() {
-            Some((k, r)) if *k == key && r.end == range.start => r.end = range.end,
-            _ => batch.0.push((key, range)),
+    let runs = larder_store::meta::runs(&rows, READ_BATCH);
+    let last = runs.len();
+    for (i, run) in runs.into_iter().enumerate() {
+        for row in &rows[run.chunks.clone()] {
+            let Some(ChunkName::Zstd(hash)) = ChunkName::parse(&row.chunk_hash) else {
+                return Err(ApiError::bad("invalid chunk id"));
+            };
+            batch.1.push((hash, row.file_size as usize));
         }
-        if batch_bytes >= READ_BATCH || i + 1 == rows.len() {
+        batch_bytes += run.range.end - run.range.start;
+        batch.0.push((run.key, run.range));
+        if batch_bytes >= READ_BATCH || i + 1 == last {
             let (pieces, frames) = std::mem::take(&mut batch);
             batch_bytes = 0;
             reads.push(async move {

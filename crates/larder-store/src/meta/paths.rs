@@ -76,6 +76,40 @@ impl ChunkRow {
     }
 }
 
+/// Chunks stored one after another in one object (a pack, or a chunk's own object): the
+/// object, the bytes they occupy in it, and their positions in the list they came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Run {
+    pub key: String,
+    pub range: std::ops::Range<u64>,
+    pub chunks: std::ops::Range<usize>,
+}
+
+/// `chunks`, in order, as runs of at most `max` bytes each (a chunk larger than `max` is a run
+/// of its own): what a reader of every chunk reads in one request per run.
+pub fn runs(chunks: &[ChunkRow], max: u64) -> Vec<Run> {
+    let mut out: Vec<Run> = Vec::new();
+    for (i, c) in chunks.iter().enumerate() {
+        let (key, range) = c.location();
+        match out.last_mut() {
+            Some(run)
+                if run.key == key
+                    && run.range.end == range.start
+                    && range.end - run.range.start <= max =>
+            {
+                run.range.end = range.end;
+                run.chunks.end = i + 1;
+            }
+            _ => out.push(Run {
+                key,
+                range,
+                chunks: i..i + 1,
+            }),
+        }
+    }
+    out
+}
+
 /// The object of a pack: the frames of chunks an upload stored together, named by the
 /// nix32 SHA-256 of its bytes (so a pack holding exactly a NAR's file is named by its
 /// FileHash).
