@@ -31,7 +31,7 @@ use crate::retry::Retry;
 use crate::stall::{self, Progress};
 use crate::upload::{
     error_line, refused, transient, write_nar, Compression, Observer, PushError, PushOptions,
-    SourceRef, UploadResp,
+    SourceRef, UploadResp, Verify,
 };
 
 /// Compressed parts waiting to be sent, per upload (bounds memory to about two parts).
@@ -297,7 +297,7 @@ async fn count_kept(
     let (source, info2) = (source.clone(), info.clone());
     let read = tokio::task::spawn_blocking(move || {
         let silent: Arc<dyn Observer> = Arc::new(Silent);
-        write_nar(&source, &info2, checker, &silent).map(drop)
+        write_nar(&source, &info2, checker, Verify::ByServer, &silent).map(drop)
     })
     .await
     .map_err(|e| PushError::Internal(e.to_string()))?;
@@ -393,7 +393,7 @@ async fn send_parts(
     let producer = tokio::task::spawn_blocking(move || -> Result<(), PushError> {
         // The splitter counts the NAR bytes it compresses; those it skips were counted as kept.
         let silent: Arc<dyn Observer> = Arc::new(Silent);
-        let mut splitter = write_nar(&source, &info2, splitter, &silent)?;
+        let mut splitter = write_nar(&source, &info2, splitter, Verify::Here, &silent)?;
         splitter
             .flush_part()
             .map_err(|source| LocalStoreError::Write {

@@ -35,7 +35,7 @@ pub use crate::upload::{
     error_line, Compression, Failure, NarSource, Observer, Outcome, PushError, PushOptions,
     SourceRef, DEFAULT_PART_SIZE,
 };
-use crate::upload::{transient, write_nar, UploadResp};
+use crate::upload::{transient, write_nar, UploadResp, Verify};
 
 /// Blocks of compressed NAR in flight per upload.
 const CHANNEL_BLOCKS: usize = 8;
@@ -381,6 +381,7 @@ async fn push_one(
             },
         }
     };
+    upload.check(info)?;
     for mut d in deps {
         let ok = match d.wait_for(|v| v.is_some()).await {
             Ok(v) => v.unwrap_or(false),
@@ -526,7 +527,7 @@ async fn upload_nar(
         let r = (|| -> Result<(), PushError> {
             match compression {
                 Compression::None => {
-                    let mut w = write_nar(&source, &info2, w, &observer)?;
+                    let mut w = write_nar(&source, &info2, w, Verify::ByServer, &observer)?;
                     w.flush().map_err(werr)?;
                 }
                 Compression::Zstd => {
@@ -537,13 +538,13 @@ async fn upload_nar(
                             .unwrap_or(1);
                         let _ = enc.multithread(n as u32);
                     }
-                    let enc = write_nar(&source, &info2, enc, &observer)?;
+                    let enc = write_nar(&source, &info2, enc, Verify::ByServer, &observer)?;
                     let mut w = enc.finish().map_err(werr)?;
                     w.flush().map_err(werr)?;
                 }
                 Compression::Xz => {
                     let enc = xz2::write::XzEncoder::new(w, level.clamp(0, 9) as u32);
-                    let enc = write_nar(&source, &info2, enc, &observer)?;
+                    let enc = write_nar(&source, &info2, enc, Verify::ByServer, &observer)?;
                     let mut w = enc.finish().map_err(werr)?;
                     w.flush().map_err(werr)?;
                 }
@@ -665,7 +666,7 @@ mod tests {
         let observer: Arc<dyn Observer> = counts.clone();
         let source = Some(SourceRef(Arc::new(Fixed(nar.clone()))));
         let enc = zstd::Encoder::new(Vec::new(), 3).unwrap();
-        let compressed = write_nar(&source, &info, enc, &observer)
+        let compressed = write_nar(&source, &info, enc, Verify::Here, &observer)
             .unwrap()
             .finish()
             .unwrap();

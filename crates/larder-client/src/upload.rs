@@ -15,7 +15,7 @@ use regex::Regex;
 use serde::Serialize;
 
 use crate::api::ClientError;
-use crate::local_store::{dump_verified, LocalStoreError, PathInfo};
+use crate::local_store::{dump_unverified, dump_verified, LocalStoreError, NarMismatch, PathInfo};
 
 /// Default part size of multi-part uploads (NAR bytes per part).
 pub const DEFAULT_PART_SIZE: u64 = 32 << 20;
@@ -55,10 +55,13 @@ impl std::fmt::Debug for SourceRef {
 
 /// Stream `info`'s NAR from `source` (the local store when `None`) into `out`, telling
 /// `observer` how many NAR bytes went through ([`Observer::nar_bytes`]).
+///
+/// From the local store it is hashed on the way only with [`Verify::Here`] (see [`Verify`]).
 pub(crate) fn write_nar<W: Write>(
     source: &Option<SourceRef>,
     info: &PathInfo,
     out: W,
+    verify: Verify,
     observer: &Arc<dyn Observer>,
 ) -> Result<W, LocalStoreError> {
     let out = CountedNar {
@@ -66,7 +69,10 @@ pub(crate) fn write_nar<W: Write>(
         observer: observer.clone(),
     };
     let out = match source {
-        None => dump_verified(info, out)?,
+        None => match verify {
+            Verify::Here => dump_verified(info, out)?,
+            Verify::ByServer => dump_unverified(info, out)?.0,
+        },
         Some(s) => {
             let mut out = out;
             s.0.write_nar(info, &mut out)?;
@@ -74,6 +80,21 @@ pub(crate) fn write_nar<W: Write>(
         }
     };
     Ok(out.inner)
+}
+
+/// Who checks that a NAR read from the local store is what the Nix database records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verify {
+    /// [`write_nar`] hashes it on the way and fails at the end if it differs.
+    Here,
+    /// The server that receives it: it measures every NAR, and the push compares its answer
+    /// with the record ([`UploadResp::check`]) before publishing, so a corrupt path is
+    /// refused with the same error. This spares a SHA-256 pass over every NAR the client
+    /// sends, which on a machine that also runs the server is CPU taken from the server's
+    /// own verification. Not for uploads in parts: their completion only says that the NAR
+    /// differs from the one the upload was opened for, which a resumed upload written with
+    /// other part sizes also causes.
+    ByServer,
 }
 
 /// Counts the (uncompressed) NAR bytes written through it for the observer.
@@ -222,6 +243,31 @@ pub(crate) struct UploadResp {
     /// Bytes this run sent (request bodies: compressed NARs, parts, chunk frames), for the
     /// summary's "uploaded": not the stored size, which the server's compression decides.
     pub(crate) sent: u64,
+    /// The NarHash (`sha256:<nix32>`) and NarSize the server measured.
+    pub(crate) nar_hash: String,
+    pub(crate) nar_size: u64,
+}
+
+impl UploadResp {
+    /// Whether the server received `info`'s NAR as the store records it: a
+    /// [`LocalStoreError::Corrupt`] naming the path otherwise (its contents on disk differ
+    /// from the Nix database's record; see [`Verify::ByServer`]).
+    pub(crate) fn check(&self, info: &PathInfo) -> Result<(), LocalStoreError> {
+        let measured = larder_nix::hash::Sha256::parse(&self.nar_hash).ok();
+        if measured == Some(info.nar_hash) && self.nar_size == info.nar_size {
+            return Ok(());
+        }
+        Err(LocalStoreError::Corrupt {
+            path: info.path.clone(),
+            mismatch: Box::new(NarMismatch {
+                expected_hash: info.nar_hash,
+                // Unreadable only from a broken server; the sizes then tell the story.
+                actual_hash: measured.unwrap_or(info.nar_hash),
+                expected_size: info.nar_size,
+                actual_size: self.nar_size,
+            }),
+        })
+    }
 }
 
 impl From<Upload> for UploadResp {
@@ -231,6 +277,8 @@ impl From<Upload> for UploadResp {
             // A size is never negative; were it, nothing of it was sent.
             file_size: u64::try_from(u.file_size).unwrap_or(0),
             sent: 0,
+            nar_size: u64::try_from(u.nar_size).unwrap_or(0),
+            nar_hash: u.nar_hash,
         }
     }
 }

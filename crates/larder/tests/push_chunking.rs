@@ -135,6 +135,62 @@ fn larder_push_sends_only_new_chunks_and_nix_substitutes_every_generation() {
     assert_eq!(push(&server, &push_token, "gens", &refs), (0, 0));
 }
 
+/// `larder push` reads NARs without hashing them and relies on the server's measurement: a
+/// store path whose contents differ from the Nix database's record is refused with the
+/// repair hint, and nothing of it becomes visible, whichever way its NAR is sent (whole, in
+/// chunks the cache mostly has, in parts).
+#[test]
+fn a_corrupt_store_path_is_refused_however_its_nar_is_sent() {
+    require_nix();
+    let server = Server::start();
+    server.create_cache("tamper", &[]);
+    let push_token = server.token("push", "tamper");
+    let work = tempfile::tempdir().unwrap();
+    let tag = unique_tag();
+    let seed = tag.len() as u64 * 104_729 + 11;
+    // Chunks the cache will have: a path pushed intact first.
+    let base = contents(2 << 20, seed);
+    let intact = add_to_store(work.path(), &format!("intact-{tag}"), &base);
+    push(&server, &push_token, "tamper", &[&intact]);
+    let mut shared = base.clone();
+    shared.extend_from_slice(&contents(300_000, seed + 1));
+    let cases: [(&str, Vec<u8>, &[&str]); 3] = [
+        ("whole", contents(1 << 20, seed + 2), &[]),
+        ("chunked", shared, &[]),
+        (
+            "parts",
+            contents(1 << 20, seed + 3),
+            &["--no-chunking", "--part-size", "256KiB"],
+        ),
+    ];
+    for (how, bytes, flags) in cases {
+        let path = add_to_store(work.path(), &format!("{how}-{tag}"), &bytes);
+        // Same size, different bytes near the end (the chunked case's new chunks).
+        let mut tampered = bytes.clone();
+        let n = tampered.len();
+        tampered[n - 1000..n - 900].fill(b'!');
+        std::fs::write(&path, &tampered).unwrap();
+        let mut args = vec!["push", "tamper", &path];
+        args.extend_from_slice(flags);
+        let o = server.cli(&push_token, &args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{how}: {err}");
+        assert!(
+            err.contains("is corrupt") && err.contains(&format!("--repair-path {path}")),
+            "{how}: {err}"
+        );
+        let hash = &path["/nix/store/".len()..][..32];
+        let url = format!("{}/tamper/{hash}.narinfo", server.url);
+        let code = std::process::Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &url])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&code.stdout), "404", "{how}");
+        // Put it back for whoever else reads the store.
+        std::fs::write(&path, &bytes).unwrap();
+    }
+}
+
 /// Bytes of the objects holding NAR bytes in the server's store (packs, and chunks stored on
 /// their own).
 fn chunk_bytes(data: &Path) -> u64 {

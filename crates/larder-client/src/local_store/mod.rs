@@ -31,7 +31,7 @@ use larder_nix::store_path::{StorePath, STORE_DIR};
 
 pub use daemon::DaemonStore;
 pub use db::DbStore;
-pub use nar::dump_verified;
+pub use nar::{dump_unverified, dump_verified};
 pub use watch::NewPath;
 
 /// Where Nix keeps its state when `NIX_STATE_DIR` is unset.

@@ -9,7 +9,7 @@
 use std::io::{self, Write};
 use std::path::Path;
 
-use larder_nix::hash::Sha256Hasher;
+use larder_nix::hash::{Sha256, Sha256Hasher};
 use larder_nix::nar::dump::dump_path;
 
 use super::{LocalStoreError, NarMismatch, PathInfo};
@@ -23,6 +23,40 @@ use super::{LocalStoreError, NarMismatch, PathInfo};
 /// [`LocalStoreError::Write`] when `out` fails; [`LocalStoreError::Read`] for other
 /// filesystem errors.
 pub fn dump_verified<W: Write>(info: &PathInfo, out: W) -> Result<W, LocalStoreError> {
+    let (out, actual_hash, actual_size) = dump(info, out, Some(Sha256Hasher::new()))?;
+    let actual_hash = actual_hash.unwrap_or(info.nar_hash);
+    if actual_hash != info.nar_hash || actual_size != info.nar_size {
+        return Err(LocalStoreError::Corrupt {
+            path: info.path.clone(),
+            mismatch: Box::new(NarMismatch {
+                expected_hash: info.nar_hash,
+                actual_hash,
+                expected_size: info.nar_size,
+                actual_size,
+            }),
+        });
+    }
+    Ok(out)
+}
+
+/// Stream the NAR of `info.path` into `out`, unchecked: for a receiver that measures the NAR
+/// itself and says what it found (a larder server answers every upload with the NarHash and
+/// NarSize it computed, which `crate::push` compares with the store's record). It spares the
+/// client a SHA-256 pass over every NAR it sends, which on a machine that also runs the
+/// server is CPU taken from the server's own verification. Returns `out` and the NAR's size.
+///
+/// Errors as [`dump_verified`]'s, but never [`LocalStoreError::Corrupt`].
+pub fn dump_unverified<W: Write>(info: &PathInfo, out: W) -> Result<(W, u64), LocalStoreError> {
+    dump(info, out, None).map(|(out, _, size)| (out, size))
+}
+
+/// Stream `info.path`'s NAR into `out`, hashing it with `hasher` if given: `out`, the hash
+/// and the size.
+fn dump<W: Write>(
+    info: &PathInfo,
+    out: W,
+    hasher: Option<Sha256Hasher>,
+) -> Result<(W, Option<Sha256>, u64), LocalStoreError> {
     let abs = info.path.to_absolute();
     let root = Path::new(&abs);
     let vanished = || LocalStoreError::Vanished(info.path.clone());
@@ -38,7 +72,7 @@ pub fn dump_verified<W: Write>(info: &PathInfo, out: W) -> Result<W, LocalStoreE
     }
     let mut writer = HashingWriter {
         inner: out,
-        hasher: Sha256Hasher::new(),
+        hasher,
         written: 0,
         write_failed: false,
     };
@@ -64,26 +98,15 @@ pub fn dump_verified<W: Write>(info: &PathInfo, out: W) -> Result<W, LocalStoreE
             });
         }
     }
-    let actual_hash = writer.hasher.finalize();
-    if actual_hash != info.nar_hash || writer.written != info.nar_size {
-        return Err(LocalStoreError::Corrupt {
-            path: info.path.clone(),
-            mismatch: Box::new(NarMismatch {
-                expected_hash: info.nar_hash,
-                actual_hash,
-                expected_size: info.nar_size,
-                actual_size: writer.written,
-            }),
-        });
-    }
-    Ok(writer.inner)
+    let hash = writer.hasher.map(Sha256Hasher::finalize);
+    Ok((writer.inner, hash, writer.written))
 }
 
-/// Passes bytes on to `inner`, hashing and counting what `inner` accepted, and remembers
+/// Passes bytes on to `inner`, hashing (if asked) and counting what `inner` accepted, and remembers
 /// whether `inner` failed (so a write error is not blamed on the store).
 struct HashingWriter<W> {
     inner: W,
-    hasher: Sha256Hasher,
+    hasher: Option<Sha256Hasher>,
     written: u64,
     write_failed: bool,
 }
@@ -93,7 +116,9 @@ impl<W: Write> Write for HashingWriter<W> {
         match self.inner.write(buf) {
             Ok(n) => {
                 let accepted = buf.get(..n).unwrap_or(buf);
-                self.hasher.update(accepted);
+                if let Some(h) = &mut self.hasher {
+                    h.update(accepted);
+                }
                 self.written += accepted.len() as u64;
                 Ok(n)
             }
