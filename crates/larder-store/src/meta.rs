@@ -271,6 +271,28 @@ fn placeholders(from: usize, n: usize) -> String {
 /// Well below both engines' limits on bound parameters.
 const INSERT_BATCH: usize = 100;
 
+/// `items` in slices of `max`, then what is left in slices of decreasing powers of two: the
+/// statements made for the slices' lengths are then few, each prepared once and kept by the
+/// connection's statement cache, where a length of its own per NAR (its chunk count) had
+/// SQLite prepare a statement of hundreds of parameters anew for each (a sixth of the
+/// database thread's time in bench/dedup.sh's first push).
+fn batches<T>(items: &[T], max: usize) -> impl Iterator<Item = &[T]> {
+    let mut rest = items;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let n = if rest.len() >= max {
+            max
+        } else {
+            1 << rest.len().ilog2()
+        };
+        let (head, tail) = rest.split_at(n);
+        rest = tail;
+        Some(head)
+    })
+}
+
 /// `VALUES` rows for a multi-row `INSERT`: `rows` tuples of `cols` placeholders, numbered
 /// from `$1`.
 fn value_rows(rows: usize, cols: usize) -> String {
@@ -488,6 +510,18 @@ impl Metadata {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batches_are_full_then_powers_of_two_and_keep_every_item_in_order() {
+        let items: Vec<usize> = (0..233).collect();
+        let lens: Vec<usize> = batches(&items, 100).map(<[usize]>::len).collect();
+        assert_eq!(lens, [100, 100, 32, 1]);
+        let again: Vec<usize> = batches(&items, 100).flatten().copied().collect();
+        assert_eq!(again, items);
+        assert_eq!(batches(&items[..0], 100).count(), 0);
+        let lens: Vec<usize> = batches(&items[..99], 100).map(<[usize]>::len).collect();
+        assert_eq!(lens, [64, 32, 2, 1]);
+    }
 
     #[test]
     fn urls_are_shown_without_secrets() {

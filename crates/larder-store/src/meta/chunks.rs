@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 
 use larder_nix::hash::Sha256;
 
-use super::{placeholders, ChunkRow, Metadata, Result, IN_BATCH};
+use super::{batches, placeholders, ChunkRow, Metadata, Result, IN_BATCH};
 
 /// Whether the NAR with id `{nar}` is visible in the cache `$1`: one indexed probe per table
 /// (`paths_nar`, `uploads_nar`, `evicted_nars_nar`). A sub-select of every NAR of the cache
@@ -54,7 +54,7 @@ impl Metadata {
         ids: &[String],
     ) -> Result<HashSet<String>> {
         let mut visible = HashSet::new();
-        for batch in ids.chunks(IN_BATCH) {
+        for batch in batches(ids, IN_BATCH) {
             let sql = format!(
                 "SELECT chunk_hash FROM cache_chunks WHERE cache_id = $1 AND chunk_hash IN ({})",
                 placeholders(2, batch.len())
@@ -65,20 +65,20 @@ impl Metadata {
             }
             visible.extend(q.fetch_all(&self.pool).await?);
             let rest: Vec<&String> = batch.iter().filter(|id| !visible.contains(*id)).collect();
-            if rest.is_empty() {
-                continue;
+            for rest in batches(&rest, IN_BATCH) {
+                let sql = format!(
+                    "SELECT DISTINCT nc.chunk_hash FROM nar_chunks nc \
+                     WHERE nc.chunk_hash IN ({}) AND {}",
+                    placeholders(2, rest.len()),
+                    nar_pending_in_cache("nc.nar_id")
+                );
+                let mut q = sqlx::query_scalar::<_, String>(&sql).bind(cache_id);
+                for id in rest {
+                    q = q.bind(id);
+                }
+                let found: Vec<String> = q.fetch_all(&self.pool).await?;
+                visible.extend(found);
             }
-            let sql = format!(
-                "SELECT DISTINCT nc.chunk_hash FROM nar_chunks nc WHERE nc.chunk_hash IN ({}) \
-                 AND {}",
-                placeholders(2, rest.len()),
-                nar_pending_in_cache("nc.nar_id")
-            );
-            let mut q = sqlx::query_scalar::<_, String>(&sql).bind(cache_id);
-            for id in rest {
-                q = q.bind(id);
-            }
-            visible.extend(q.fetch_all(&self.pool).await?);
         }
         Ok(visible)
     }
@@ -87,7 +87,7 @@ impl Metadata {
     /// `meta/packs.rs`), by id.
     pub async fn located_chunks(&self, ids: &[String]) -> Result<HashMap<String, ChunkRow>> {
         let mut rows = HashMap::new();
-        for batch in ids.chunks(IN_BATCH) {
+        for batch in batches(ids, IN_BATCH) {
             let sql = format!(
                 "SELECT chunk_hash, file_size, pack, pack_offset FROM chunks \
                  WHERE (pack IS NULL OR pack <> '') AND chunk_hash IN ({})",

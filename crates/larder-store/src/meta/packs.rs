@@ -25,7 +25,7 @@
 //!   once the claim lifetime has passed: a download that looked its chunks up before the move
 //!   still reads them.
 
-use super::{now_unix, placeholders, sizes, MetaError, Metadata, Result, IN_BATCH};
+use super::{batches, now_unix, placeholders, sizes, MetaError, Metadata, Result, IN_BATCH};
 
 type Tx<'a, 'c> = &'a mut sqlx::Transaction<'c, sqlx::Any>;
 
@@ -203,7 +203,7 @@ pub(super) async fn locate(tx: Tx<'_, '_>, pack: &Pack) -> Result<()> {
     let mut sorted: Vec<&(String, i64, i64)> = pack.chunks.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     sorted.dedup_by(|a, b| a.0 == b.0);
-    for batch in sorted.chunks(LOCATE_BATCH) {
+    for batch in batches(&sorted, LOCATE_BATCH) {
         let n = batch.len();
         // $1 the pack; then per row: id, offset, size.
         let case = |col: usize| {

@@ -34,7 +34,9 @@ use std::collections::{BTreeMap, HashMap};
 use sqlx::FromRow;
 
 use super::chunks::StoreTotals;
-use super::{decoding, placeholders, CacheStats, Metadata, Result, INSERT_BATCH, IN_BATCH};
+use super::{
+    batches, decoding, placeholders, CacheStats, Metadata, Result, INSERT_BATCH, IN_BATCH,
+};
 
 /// Counter rows per cache in `cache_sizes`, and of the store in `store_sizes`.
 pub(super) const SHARDS: u64 = 16;
@@ -73,7 +75,7 @@ pub(super) async fn count_paths(
     };
     // Chunk id → (change of its uses, its stored size).
     let mut uses: BTreeMap<String, (i64, i64)> = BTreeMap::new();
-    for batch in ids.chunks(IN_BATCH) {
+    for batch in batches(&ids, IN_BATCH) {
         let ph = placeholders(1, batch.len());
         let sql = format!("SELECT id, file_size, nar_size FROM nars WHERE id IN ({ph})");
         let mut q = sqlx::query_as::<_, (i64, i64, i64)>(&sql);
@@ -100,7 +102,7 @@ pub(super) async fn count_paths(
     let entries: Vec<(String, (i64, i64))> = uses.into_iter().collect();
     // INSERT_BATCH rows (201 parameters) rather than IN_BATCH (1 001): SQLite's binding costs
     // the square of a statement's parameters (a sixth of its thread's time in a first push).
-    for batch in entries.chunks(INSERT_BATCH) {
+    for batch in batches(&entries, INSERT_BATCH) {
         let values = (0..batch.len())
             .map(|i| format!("($1, ${}, ${})", 2 * i + 2, 2 * i + 3))
             .collect::<Vec<_>>()

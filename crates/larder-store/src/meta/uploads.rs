@@ -2,14 +2,16 @@
 //! by upload id (and by Nix's `nar/<key>` for uploads through the binary cache protocol), and
 //! the claims that keep chunks being written safe from garbage collection.
 
+use std::collections::{HashMap, HashSet};
+
 use larder_nix::hash::Sha256;
 use sqlx::FromRow;
 
 use super::packs::Pack;
 use super::paths::NAR_COLS;
 use super::{
-    decoding, now_unix, placeholders, retry, value_rows, ChunkRow, MetaError, Metadata, NarRow,
-    Result, FOREIGN_KEY, INSERT_BATCH, IN_BATCH,
+    batches, decoding, now_unix, placeholders, retry, value_rows, ChunkRow, MetaError, Metadata,
+    NarRow, Result, FOREIGN_KEY, INSERT_BATCH, IN_BATCH,
 };
 
 /// A pending upload found by its key.
@@ -20,29 +22,40 @@ struct KeyedUpload {
     nar: NarRow,
 }
 
-/// Insert the rows of `chunks` (at most [`INSERT_BATCH`]) that do not exist yet, in one
-/// statement, not located (`pack = ''`, see `meta/packs.rs`): they count in no size until
-/// located.
+/// Chunk rows per statement of [`insert_chunks`] (5 parameters each: SQLite's binding costs
+/// the square of a statement's parameters).
+const CHUNK_INSERT_BATCH: usize = 40;
+
+/// Insert the rows of `chunks` (at most [`CHUNK_INSERT_BATCH`]) that do not exist yet, in one
+/// statement: located in `pack` if it holds them (its hash and their offsets), otherwise not
+/// located (`pack = ''`, see `meta/packs.rs`: they count in no size until located). The ids
+/// inserted.
 async fn insert_chunks(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     chunks: impl ExactSizeIterator<Item = &ChunkRow>,
+    pack: Option<(&str, &HashMap<&str, i64>)>,
     now: i64,
-) -> Result<()> {
+) -> Result<Vec<String>> {
     let sql = format!(
-        "INSERT INTO chunks (chunk_hash, file_size, created_at, pack) VALUES {} \
-         ON CONFLICT (chunk_hash) DO NOTHING",
-        value_rows(chunks.len(), 4)
+        "INSERT INTO chunks (chunk_hash, file_size, created_at, pack, pack_offset) VALUES {} \
+         ON CONFLICT (chunk_hash) DO NOTHING RETURNING chunk_hash",
+        value_rows(chunks.len(), 5)
     );
-    let mut q = sqlx::query(&sql);
+    let mut q = sqlx::query_scalar::<_, String>(&sql);
     for chunk in chunks {
+        let at = pack.and_then(|(hash, offsets)| {
+            offsets
+                .get(chunk.chunk_hash.as_str())
+                .map(|&offset| (hash, offset))
+        });
         q = q
             .bind(&chunk.chunk_hash)
             .bind(chunk.file_size)
             .bind(now)
-            .bind("");
+            .bind(at.map_or("", |(hash, _)| hash))
+            .bind(at.map(|(_, offset)| offset));
     }
-    q.execute(&mut **tx).await?;
-    Ok(())
+    Ok(q.fetch_all(&mut **tx).await?)
 }
 
 impl Metadata {
@@ -106,7 +119,7 @@ impl Metadata {
             let now = now_unix();
             let mut tx = self.pool.begin().await?;
             for batch in sorted.chunks(INSERT_BATCH) {
-                insert_chunks(&mut tx, batch.iter().copied(), now).await?;
+                insert_chunks(&mut tx, batch.iter().copied(), None, now).await?;
                 let sql = format!(
                     "INSERT INTO chunk_claims (claim_id, chunk_hash, claimed_at) VALUES {} \
                      ON CONFLICT (claim_id, chunk_hash) DO UPDATE \
@@ -308,25 +321,47 @@ impl Metadata {
             let mut sorted: Vec<&ChunkRow> = chunks.iter().collect();
             sorted.sort_by(|a, b| a.chunk_hash.cmp(&b.chunk_hash));
             sorted.dedup_by(|a, b| a.chunk_hash == b.chunk_hash);
-            for batch in sorted.chunks(INSERT_BATCH) {
-                insert_chunks(&mut tx, batch.iter().copied(), now).await?;
+            // Those in the pack are created located there; rows that existed, not located
+            // (collected meanwhile, or forgotten by fsck's repair), are located after.
+            let offsets: HashMap<&str, i64> = pack
+                .iter()
+                .flat_map(|p| {
+                    p.chunks
+                        .iter()
+                        .map(|(id, offset, _)| (id.as_str(), *offset))
+                })
+                .collect();
+            let mut created = HashSet::new();
+            for batch in batches(&sorted, CHUNK_INSERT_BATCH) {
+                let into = pack.map(|p| (p.hash.as_str(), &offsets));
+                created.extend(insert_chunks(&mut tx, batch.iter().copied(), into, now).await?);
             }
             match pack {
-                Some(pack) => super::packs::locate(&mut tx, pack).await?,
+                Some(pack) => {
+                    let rest = Pack {
+                        chunks: (pack.chunks.iter())
+                            .filter(|(id, _, _)| !created.contains(id))
+                            .cloned()
+                            .collect(),
+                        ..pack.clone()
+                    };
+                    super::packs::locate(&mut tx, &rest).await?
+                }
                 None => {
                     let ids: Vec<&str> = sorted.iter().map(|c| c.chunk_hash.as_str()).collect();
                     added += super::packs::settle_unlocated(&mut tx, &ids).await?;
                 }
             }
-            for (n, batch) in chunks.chunks(INSERT_BATCH).enumerate() {
+            let mut seq = 0i64;
+            for batch in batches(chunks, INSERT_BATCH) {
                 let sql = format!(
                     "INSERT INTO nar_chunks (nar_id, seq, chunk_hash) VALUES {}",
                     value_rows(batch.len(), 3)
                 );
                 let mut q = sqlx::query(&sql);
-                for (i, chunk) in batch.iter().enumerate() {
-                    let seq = (n * INSERT_BATCH + i) as i64;
+                for chunk in batch {
                     q = q.bind(nar_id).bind(seq).bind(&chunk.chunk_hash);
+                    seq += 1;
                 }
                 q.execute(&mut *tx).await?;
             }
