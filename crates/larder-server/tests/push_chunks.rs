@@ -430,6 +430,13 @@ async fn unassembled_push_sessions_are_bounded_by_the_staging_allowance() {
     .await
     .expect(201)
     .json();
+    // Its claims went with the assembly: the NAR's row holds the chunks now (kept until they
+    // expired, a cache's sessions of the last hours made each chunk upload slower).
+    let c = srv.state.meta.get_cache("c").await.unwrap().unwrap();
+    let claim = format!("push-{}-{session}", c.id);
+    let sent = ids(&chunks_of(&first.nar));
+    let held = srv.state.meta.claimed_chunks(&claim, &sent).await.unwrap();
+    assert_eq!(held.len(), 0, "claims left after the assembly");
     srv.publish_api(
         "c",
         srv.admin(),

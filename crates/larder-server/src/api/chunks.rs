@@ -368,7 +368,16 @@ pub async fn assemble(
     // Kept alive from here until the NAR's row holds them (or this fails).
     state.meta.claim_existing_chunks(&upload_id, &ids).await?;
     match assemble_claimed(&state, c.id, &claim, &upload_id, &ids, req.chunks).await {
-        Ok(nar) => Ok((StatusCode::CREATED, Json(upload_json(upload_id, nar)))),
+        Ok(nar) => {
+            // The NAR's row now holds the chunks the session sent for it: their claims only
+            // cost (each upload of chunks counts the session's claims against the staging
+            // bound; kept until they expired, a cache's sessions of the last 6 hours made
+            // every push slower than the one before). Others stay, for another NAR.
+            if let Err(e) = state.meta.release_claimed_chunks(&claim, &ids).await {
+                tracing::warn!("releasing the claims of push session {claim}: {e}");
+            }
+            Ok((StatusCode::CREATED, Json(upload_json(upload_id, nar))))
+        }
         Err(e) => {
             let _ = state.meta.release_claims(&upload_id).await;
             Err(e)

@@ -224,6 +224,23 @@ impl Metadata {
         Ok(claimed)
     }
 
+    /// Drop the claims of `claim_id` on the chunks `ids` (a push session's chunks that an
+    /// assembled NAR now holds; the session may still hold others, for another NAR).
+    pub async fn release_claimed_chunks(&self, claim_id: &str, ids: &[String]) -> Result<()> {
+        for batch in batches(ids, IN_BATCH) {
+            let sql = format!(
+                "DELETE FROM chunk_claims WHERE claim_id = $1 AND chunk_hash IN ({})",
+                placeholders(2, batch.len())
+            );
+            let mut q = sqlx::query(&sql).bind(claim_id);
+            for id in batch {
+                q = q.bind(id);
+            }
+            q.execute(&self.pool).await?;
+        }
+        Ok(())
+    }
+
     /// Drop every claim of `claim_id` (an upload that gave up).
     pub async fn release_claims(&self, claim_id: &str) -> Result<()> {
         sqlx::query("DELETE FROM chunk_claims WHERE claim_id = $1")
