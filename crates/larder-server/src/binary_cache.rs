@@ -441,7 +441,8 @@ async fn serve_nar(
                 .await?
                 .ok_or_else(|| ApiError::not_found("no such NAR in this cache"))?;
             let chunks = state.meta.nar_chunks(nar.id).await?;
-            let served = Arc::new(crate::hot::ServedNar { nar, chunks });
+            let spans = crate::chunked_nar::spans(&chunks, 0..nar.file_size as u64);
+            let served = Arc::new(crate::hot::ServedNar { nar, spans });
             state.hot.put_nar(cache.id, served.clone());
             served
         }
@@ -461,7 +462,6 @@ async fn serve_nar(
                 .into_response())
         }
     };
-    let chunks = &served.chunks;
     let (status, r) = match range {
         Some(r) => (StatusCode::PARTIAL_CONTENT, r),
         None => (StatusCode::OK, 0..len),
@@ -476,7 +476,7 @@ async fn serve_nar(
     } else {
         // Where the whole file is: one range of one object for most NARs (a NAR stored
         // whole, or whose chunks were stored together), several for a NAR sharing chunks.
-        let whole = crate::chunked_nar::spans(chunks, 0..len);
+        let whole = &served.spans;
         if state.config.nar_redirect == NarRedirect::Presigned {
             // An object that is exactly the file: named by its FileHash, from its start.
             let file = nar.file_hash.to_nix32();
@@ -512,7 +512,7 @@ async fn serve_nar(
                 small_body(&state, &file_hash, (key, span.clone()), r.clone()).await
             }
             [] => Err(ApiError::NotFound("a NAR without chunks".to_owned())),
-            _ => crate::chunked_nar::body(&state.objects, nar.id, chunks, r.clone()).await,
+            _ => crate::chunked_nar::body(&state.objects, nar.id, whole, r.clone()).await,
         };
         match body {
             Ok(body) => {

@@ -70,34 +70,29 @@ fn mark_checked(nar_id: i64) {
     m.insert(nar_id, Instant::now());
 }
 
-/// The body of `range` of the file made of `chunks`, after checking every object holding one
-/// of them exists (`ApiError::NotFound` if one does not).
+/// The body of `range` of the file whose object ranges are `whole` (in order, [`spans`] of
+/// its chunks over the whole file), after checking every object holding one of them exists
+/// (`ApiError::NotFound` if one does not).
 pub async fn body(
     objects: &ObjectStore,
     nar_id: i64,
-    chunks: &[ChunkRow],
+    whole: &[(String, Range<u64>)],
     range: Range<u64>,
 ) -> Result<Body, ApiError> {
     if !recently_checked(nar_id) {
-        check_all(objects, chunks).await?;
+        check_all(objects, whole).await?;
         mark_checked(nar_id);
     }
     Ok(Body::from_stream(stream(
         objects.clone(),
         nar_id,
-        spans(chunks, range),
+        within(whole, range),
     )))
 }
 
-/// `ApiError::NotFound` unless every object holding one of the chunks exists.
-async fn check_all(objects: &ObjectStore, chunks: &[ChunkRow]) -> Result<(), ApiError> {
-    let mut keys: Vec<String> = Vec::new();
-    for c in chunks {
-        let (key, _) = c.location();
-        if keys.last() != Some(&key) {
-            keys.push(key);
-        }
-    }
+/// `ApiError::NotFound` unless every object of `spans` exists.
+async fn check_all(objects: &ObjectStore, spans: &[(String, Range<u64>)]) -> Result<(), ApiError> {
+    let mut keys: Vec<String> = spans.iter().map(|(key, _)| key.clone()).collect();
     keys.sort_unstable();
     keys.dedup();
     if let Some(key) = objects.first_missing(keys).await? {
@@ -128,6 +123,28 @@ pub fn spans(chunks: &[ChunkRow], range: Range<u64>) -> Vec<(String, Range<u64>)
         }
     }
     spans
+}
+
+/// The object ranges that `range` of a file covers, given the object ranges of the whole file
+/// (`whole`, in order: [`spans`] over all of it): what [`spans`] gives for `range`, without the
+/// chunk list.
+pub fn within(whole: &[(String, Range<u64>)], range: Range<u64>) -> Vec<(String, Range<u64>)> {
+    let mut out = Vec::new();
+    if range.is_empty() {
+        return out;
+    }
+    let mut offset = 0u64;
+    for (key, r) in whole {
+        let (start, end) = (offset, offset + (r.end - r.start));
+        offset = end;
+        if end <= range.start || start >= range.end {
+            continue;
+        }
+        let from = r.start + (range.start.max(start) - start);
+        let to = r.start + (range.end.min(end) - start);
+        out.push((key.clone(), from..to));
+    }
+    out
 }
 
 /// `spans` cut into pieces of at most [`BATCH_BYTES`].
@@ -232,6 +249,30 @@ mod tests {
         let big = pieces(vec![(pack_a.clone(), 5..5 + 2 * BATCH_BYTES + 1)]);
         assert_eq!(big.len(), 3);
         assert_eq!(big[2].1.end - big[2].1.start, 1);
+    }
+
+    #[test]
+    fn a_range_of_the_whole_files_spans_is_the_ranges_spans() {
+        let (a, b) = ("a".repeat(52), "b".repeat(52));
+        let chunks = [
+            packed(1, 10, &a, 0),
+            packed(2, 5, &a, 10),
+            chunk(3, 7),
+            packed(4, 20, &a, 15),
+            packed(5, 3, &b, 100),
+        ];
+        let whole = spans(&chunks, 0..45);
+        // Every non-empty range (an empty one is never asked for: a request's range has a
+        // byte at least).
+        for start in 0..45 {
+            for end in start + 1..=45 {
+                assert_eq!(
+                    within(&whole, start..end),
+                    spans(&chunks, start..end),
+                    "{start}..{end}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use larder_nix::hash::Sha256;
-use larder_store::meta::{CacheRow, ChunkRow, NarRow};
+use larder_store::meta::{CacheRow, NarRow};
 use quick_cache::sync::Cache;
 
 use crate::auth::Grant;
@@ -27,8 +27,10 @@ const NARINFO_CAPACITY: usize = 100_000;
 /// the shortest `evicted_nar_grace` (10 s): a NAR found servable stays servable about that
 /// long, and one whose objects are gone meanwhile is answered 404.
 pub const NAR_TTL: Duration = Duration::from_secs(5);
-/// Most NARs' metadata kept (about 300 bytes each).
+/// Most NARs' metadata kept (about 300 bytes each), and their object ranges (about 100 bytes
+/// each) with them: [`BySpans`].
 const NAR_CAPACITY: usize = 100_000;
+const NAR_WEIGHT: u64 = 300_000;
 
 /// Bytes of small NAR files kept in memory: what a static file server's open-file cache and
 /// the page cache give it, without a file opened and read per download.
@@ -44,10 +46,23 @@ impl quick_cache::Weighter<[u8; 52], bytes::Bytes> for ByLength {
     }
 }
 
-/// What a NAR download needs from the database: the NAR and the chunks its file is made of.
+/// What a NAR download needs from the database: the NAR, and where its file's bytes are (the
+/// object ranges it is made of, in order: `chunked_nar::spans` of its chunks over the whole
+/// file; one for most NARs, a few for a NAR sharing chunks with others).
 pub struct ServedNar {
     pub nar: NarRow,
-    pub chunks: Vec<ChunkRow>,
+    pub spans: Vec<(String, std::ops::Range<u64>)>,
+}
+
+/// Weighs a NAR's entry by its object ranges, so that NARs made of many keep the cache's
+/// memory bounded (an entry per chunk list was up to ~1.6 MB for a NAR of 256 MiB).
+#[derive(Clone)]
+struct BySpans;
+
+impl quick_cache::Weighter<(i64, [u8; 32]), Timed<Arc<ServedNar>>> for BySpans {
+    fn weight(&self, _key: &(i64, [u8; 32]), val: &Timed<Arc<ServedNar>>) -> u64 {
+        1 + val.value.spans.len() as u64
+    }
 }
 
 /// A chunk key without allocating: the 52-character nix32 chunk hash as bytes.
@@ -85,7 +100,7 @@ pub struct HotCache {
     /// Bumped by every forget, so that a read racing it does not cache a stale narinfo.
     narinfo_generation: AtomicU64,
     tokens: Cache<String, Timed<Grant>>,
-    nars: Cache<(i64, [u8; 32]), Timed<Arc<ServedNar>>>,
+    nars: Cache<(i64, [u8; 32]), Timed<Arc<ServedNar>>, BySpans>,
     /// Small NAR files by chunk hash. Content-addressed, so never stale; whether a cache may
     /// serve one is decided by `nars` and the database, never by this.
     small_files: Cache<[u8; 52], bytes::Bytes, ByLength>,
@@ -98,7 +113,7 @@ impl Default for HotCache {
             narinfos: Cache::new(NARINFO_CAPACITY),
             narinfo_generation: AtomicU64::new(0),
             tokens: Cache::new(SETTINGS_CAPACITY),
-            nars: Cache::new(NAR_CAPACITY),
+            nars: Cache::with_weighter(NAR_CAPACITY, NAR_WEIGHT, BySpans),
             small_files: Cache::with_weighter(4096, SMALL_FILES_BYTES, ByLength),
         }
     }
@@ -197,5 +212,51 @@ impl HotCache {
     /// Forget every resolved token (after a revocation here; revocations are rare).
     pub fn forget_tokens(&self) {
         self.tokens.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A NAR of `spans` object ranges, distinct by `n`.
+    fn served(n: u32, spans: usize) -> Arc<ServedNar> {
+        let hash = Sha256::digest(&n.to_le_bytes());
+        Arc::new(ServedNar {
+            nar: NarRow {
+                id: i64::from(n),
+                nar_hash: hash,
+                nar_size: 1,
+                compression: larder_nix::compression::Compression::Zstd,
+                file_hash: hash,
+                file_size: spans as i64,
+            },
+            spans: (0..spans as u64)
+                .map(|i| (format!("pack/{n}"), i * 2..i * 2 + 1))
+                .collect(),
+        })
+    }
+
+    #[test]
+    fn nars_made_of_many_ranges_keep_the_cache_bounded() {
+        let hot = HotCache::default();
+        // A thousand NARs of a thousand ranges each: ten times what the cache may hold.
+        for n in 0..1000 {
+            hot.put_nar(1, served(n, 1000));
+        }
+        assert!(hot.nars.weight() <= NAR_WEIGHT, "{}", hot.nars.weight());
+        // The latest is served from memory, whole.
+        let last = served(999, 1000);
+        let got = hot.nar(1, &last.nar.file_hash).expect("the latest NAR is kept");
+        assert_eq!(got.spans, last.spans);
+        // NARs of one range each: as many as the count allows.
+        let hot = HotCache::default();
+        for n in 0..10_000 {
+            hot.put_nar(1, served(n, 1));
+        }
+        let kept = (0..10_000)
+            .filter(|&n| hot.nar(1, &served(n, 1).nar.file_hash).is_some())
+            .count();
+        assert!(kept > 9_000, "{kept} of 10 000 kept");
     }
 }

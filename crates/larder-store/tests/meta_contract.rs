@@ -990,6 +990,12 @@ async fn lookups_see_every_commit_at_once(db: Db) {
     for r in futures::future::join_all(reads).await {
         assert_eq!(r.unwrap().as_ref(), Some(&row));
     }
+    // Its NAR is servable by FileHash, with its chunks, at once too.
+    let file_hash = row.nar.file_hash;
+    let served = m.servable_nar_by_file_hash(c.id, &file_hash, 0).await;
+    assert_eq!(served.unwrap().as_ref(), Some(&row.nar));
+    let chunks = m.nar_chunks(row.nar.id).await.unwrap();
+    assert_eq!(chunks.len(), 1, "{chunks:?}");
     assert_eq!(
         other.evict_paths(c.id, &[lib.hash_part()]).await.unwrap(),
         Evicted::Done
@@ -999,6 +1005,10 @@ async fn lookups_see_every_commit_at_once(db: Db) {
         None,
         "a path evicted through another handle is gone at once"
     );
+    // Beyond any grace (evicted before now + 60 s: none counts), its NAR is not servable.
+    let since = now_unix() + 60;
+    let served = m.servable_nar_by_file_hash(c.id, &file_hash, since).await;
+    assert_eq!(served.unwrap(), None, "an evicted path's NAR is not served");
 }
 
 async fn pins_keep_revisions_by_policy(db: Db) {

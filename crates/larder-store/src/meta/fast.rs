@@ -1,5 +1,6 @@
-//! The hot read path on SQLite: a narinfo lookup (hit or miss) answered by a direct, synchronous
-//! `rusqlite` query on the calling thread instead of through `sqlx`.
+//! The hot read path on SQLite: a narinfo lookup (hit or miss), and a NAR's row and chunk list
+//! by FileHash (what a NAR download looks up), answered by direct, synchronous `rusqlite`
+//! queries on the calling thread instead of through `sqlx`.
 //!
 //! Why: profiling `larder serve` under wrk with 100 000 paths (random hashes, bench/scale.sh)
 //! showed most of a narinfo request's time in `sqlx`'s SQLite driver rather than in SQLite:
@@ -14,6 +15,10 @@
 //! its publishing transaction commits and is gone the moment an eviction's does. Nothing here
 //! is cached across statements.
 //!
+//! For a NAR the `sqlx` path was the time to the first byte of a download not in the hot
+//! cache: its chunk list (a row per 32 KiB or so) crossed threads row by row (bench/dedup.sh's
+//! NARs, ~270 chunks: 4-13 ms where nginx starts in 0.3).
+//!
 //! Bounded: a fixed number of connections, each with a bounded page cache; a request finding
 //! them all busy takes the `sqlx` path, so requests never wait here. A statement holds its
 //! connection for one indexed lookup (no `.await` in between), which blocks the calling
@@ -26,7 +31,7 @@ use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row};
 
 use super::columns::{Column, InvalidValue};
-use super::paths::{NarRow, PathRow};
+use super::paths::{ChunkRow, NarRow, PathRow};
 use super::retention::LruPath;
 use super::MetaError;
 
@@ -41,6 +46,18 @@ const GET_PATH: &str = "SELECT p.id, p.cache_id, p.hash || '-' || p.name, p.refs
      p.ca, p.sigs, p.created_at, p.upstream, n.id, n.nar_hash, n.nar_size, n.compression, \
      n.file_hash, n.file_size FROM paths p JOIN nars n ON n.id = p.nar_id \
      WHERE p.cache_id = ?1 AND p.hash = ?2";
+
+/// A NAR by FileHash if a path of the cache uses it or used it until `?3` (evicted since), as
+/// [`super::Metadata::servable_nar_by_file_hash`] reads it.
+const SERVABLE_NAR: &str = "SELECT n.id, n.nar_hash, n.nar_size, n.compression, n.file_hash, \
+     n.file_size FROM nars n WHERE n.file_hash = ?1 AND (EXISTS \
+     (SELECT 1 FROM paths p WHERE p.cache_id = ?2 AND p.nar_id = n.id) OR EXISTS \
+     (SELECT 1 FROM evicted_nars e WHERE e.cache_id = ?2 AND e.nar_id = n.id \
+     AND e.evicted_at >= ?3))";
+/// A NAR's chunks in order, as [`super::Metadata::nar_chunks`] reads them.
+const NAR_CHUNKS: &str = "SELECT c.chunk_hash, c.file_size, c.pack, c.pack_offset \
+     FROM nar_chunks nc JOIN chunks c ON c.chunk_hash = nc.chunk_hash WHERE nc.nar_id = ?1 \
+     ORDER BY nc.seq";
 
 /// Read-only connections to the SQLite database, used by whoever finds one free.
 pub(super) struct FastReads {
@@ -112,6 +129,55 @@ impl FastReads {
         })
         .and_then(|r| match r {
             Ok(row) => Some(row.transpose()),
+            Err(e) if busy(&e) => None,
+            Err(e) => Some(Err(MetaError::FastRead(e))),
+        })
+    }
+}
+
+impl FastReads {
+    /// [`super::Metadata::servable_nar_by_file_hash`]; `None` when no connection is free or
+    /// the database is busy.
+    pub(super) fn servable_nar(
+        &self,
+        cache_id: i64,
+        file_hash: &str,
+        evicted_since: i64,
+    ) -> Option<Result<Option<NarRow>, MetaError>> {
+        self.with(|conn| {
+            let mut stmt = conn.prepare_cached(SERVABLE_NAR)?;
+            stmt.query_row((file_hash, cache_id, evicted_since), |row| {
+                Ok(nar_row(row, 0))
+            })
+            .optional()
+        })
+        .and_then(|r| match r {
+            Ok(row) => Some(row.transpose()),
+            Err(e) if busy(&e) => None,
+            Err(e) => Some(Err(MetaError::FastRead(e))),
+        })
+    }
+
+    /// [`super::Metadata::nar_chunks`]; `None` when no connection is free or the database is
+    /// busy. A row per chunk (a NAR of 256 MiB has ~8 000): a millisecond or two on the
+    /// calling thread for the largest, where the `sqlx` path sent each row across threads.
+    pub(super) fn nar_chunks(&self, nar_id: i64) -> Option<Result<Vec<ChunkRow>, MetaError>> {
+        self.with(
+            |conn| -> rusqlite::Result<Result<Vec<ChunkRow>, MetaError>> {
+                let mut stmt = conn.prepare_cached(NAR_CHUNKS)?;
+                let rows = stmt.query_map([nar_id], |row| Ok(chunk_row(row)))?;
+                let mut out = Vec::new();
+                for row in rows {
+                    match row? {
+                        Ok(c) => out.push(c),
+                        Err(e) => return Ok(Err(e)),
+                    }
+                }
+                Ok(Ok(out))
+            },
+        )
+        .and_then(|r| match r {
+            Ok(rows) => Some(rows),
             Err(e) if busy(&e) => None,
             Err(e) => Some(Err(MetaError::FastRead(e))),
         })
@@ -213,14 +279,49 @@ fn path_row(row: &Row<'_>) -> Result<PathRow, MetaError> {
         upstream: text(8, "paths", "upstream")
             .get::<Option<Raw>>()?
             .map(|r| r.0),
-        nar: NarRow {
-            id: int(9, "nars", "nar_id")?,
-            nar_hash: text(10, "nars", "nar_hash").get()?,
-            nar_size: int(11, "nars", "nar_size")?,
-            compression: text(12, "nars", "compression").get()?,
-            file_hash: text(13, "nars", "file_hash").get()?,
-            file_size: int(14, "nars", "file_size")?,
-        },
+        nar: nar_row(row, 9)?,
+    })
+}
+
+/// Decode the NAR columns (`id, nar_hash, nar_size, compression, file_hash, file_size`) of a
+/// row, from column `at`.
+fn nar_row(row: &Row<'_>, at: usize) -> Result<NarRow, MetaError> {
+    let int = |i: usize, column: &'static str| {
+        row.get::<_, i64>(at + i)
+            .map_err(|e| MetaError::Undecodable {
+                table: "nars",
+                column: column.to_owned(),
+                source: Box::new(e),
+            })
+    };
+    let text = |i: usize, column| Decoded {
+        row,
+        i: at + i,
+        table: "nars",
+        column,
+    };
+    Ok(NarRow {
+        id: int(0, "nar_id")?,
+        nar_hash: text(1, "nar_hash").get()?,
+        nar_size: int(2, "nar_size")?,
+        compression: text(3, "compression").get()?,
+        file_hash: text(4, "file_hash").get()?,
+        file_size: int(5, "file_size")?,
+    })
+}
+
+/// A row of [`NAR_CHUNKS`].
+fn chunk_row(row: &Row<'_>) -> Result<ChunkRow, MetaError> {
+    let bad = |column: &str, e: rusqlite::Error| MetaError::Undecodable {
+        table: "chunks",
+        column: column.to_owned(),
+        source: Box::new(e),
+    };
+    Ok(ChunkRow {
+        chunk_hash: row.get(0).map_err(|e| bad("chunk_hash", e))?,
+        file_size: row.get(1).map_err(|e| bad("file_size", e))?,
+        pack: row.get(2).map_err(|e| bad("pack", e))?,
+        pack_offset: row.get(3).map_err(|e| bad("pack_offset", e))?,
     })
 }
 

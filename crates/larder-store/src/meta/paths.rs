@@ -285,6 +285,10 @@ impl Metadata {
 
     /// The chunks of a NAR, in order.
     pub async fn nar_chunks(&self, nar_id: i64) -> Result<Vec<ChunkRow>> {
+        // SQLite: a direct read when a read connection is free (see `meta/fast.rs`).
+        if let Some(found) = self.fast.as_ref().and_then(|f| f.nar_chunks(nar_id)) {
+            return found;
+        }
         sqlx::query_as(
             "SELECT c.chunk_hash, c.file_size, c.pack, c.pack_offset FROM nar_chunks nc \
              JOIN chunks c ON c.chunk_hash = nc.chunk_hash WHERE nc.nar_id = $1 ORDER BY nc.seq",
@@ -503,6 +507,12 @@ impl Metadata {
         file_hash: &Sha256,
         evicted_since: i64,
     ) -> Result<Option<NarRow>> {
+        // SQLite: a direct read when a read connection is free (see `meta/fast.rs`).
+        let fast = self.fast.as_ref();
+        let hash = file_hash.to_nix32();
+        if let Some(found) = fast.and_then(|f| f.servable_nar(cache_id, &hash, evicted_since)) {
+            return found;
+        }
         let sql = format!(
             "SELECT {NAR_COLS} FROM nars n WHERE n.file_hash = $1 AND (EXISTS \
              (SELECT 1 FROM paths p WHERE p.cache_id = $2 AND p.nar_id = n.id) OR EXISTS \
@@ -510,7 +520,7 @@ impl Metadata {
              AND e.evicted_at >= $3))"
         );
         sqlx::query_as(&sql)
-            .bind(file_hash.to_nix32())
+            .bind(hash)
             .bind(cache_id)
             .bind(evicted_since)
             .fetch_optional(&self.pool)
