@@ -431,8 +431,47 @@ async fn serve_nar(
     file_hash: &larder_nix::hash::Sha256,
     compression: larder_nix::compression::Compression,
 ) -> Result<Response, ApiError> {
+    let attempt = |reread| {
+        serve_nar_attempt(
+            state,
+            method,
+            headers,
+            cache,
+            file_hash,
+            compression,
+            reread,
+        )
+    };
+    match attempt(false).await? {
+        Attempt::Done(resp) => Ok(resp),
+        // Object ranges remembered (`HotCache::spans`) named an object that is gone: read
+        // from the database, once.
+        Attempt::Reread => match attempt(true).await? {
+            Attempt::Done(resp) => Ok(resp),
+            Attempt::Reread => Err(ApiError::not_found("no such NAR in this cache")),
+        },
+    }
+}
+
+/// What one attempt at serving a NAR gave.
+enum Attempt {
+    Done(Response),
+    /// The object ranges came from memory and an object they name is gone.
+    Reread,
+}
+
+/// [`serve_nar`], with the NAR's object ranges from memory unless `reread`.
+async fn serve_nar_attempt(
+    state: &AppState,
+    method: &Method,
+    headers: &HeaderMap,
+    cache: &larder_store::meta::CacheRow,
+    file_hash: &larder_nix::hash::Sha256,
+    compression: larder_nix::compression::Compression,
+    reread: bool,
+) -> Result<Attempt, ApiError> {
     let (state, file_hash) = (state.clone(), *file_hash);
-    let served = match state.hot.nar(cache.id, &file_hash) {
+    let served = match state.hot.nar(cache.id, &file_hash).filter(|_| !reread) {
         Some(served) => served,
         None => {
             let nar = state
@@ -440,9 +479,25 @@ async fn serve_nar(
                 .servable_nar_by_file_hash(cache.id, &file_hash, evicted_since(&state))
                 .await?
                 .ok_or_else(|| ApiError::not_found("no such NAR in this cache"))?;
-            let chunks = state.meta.nar_chunks(nar.id).await?;
-            let spans = crate::chunked_nar::spans(&chunks, 0..nar.file_size as u64);
-            let served = Arc::new(crate::hot::ServedNar { nar, spans });
+            // A file's object ranges change only when compaction moves its chunks, whose old
+            // pack stays readable for hours after: remembered longer than the NAR's row
+            // (`hot::SPANS_TTL`), keyed by the file's hash.
+            let remembered = state.hot.spans(&file_hash).filter(|_| !reread);
+            let (spans, spans_remembered) = match remembered {
+                Some(spans) => (spans, true),
+                None => {
+                    let chunks = state.meta.nar_chunks(nar.id).await?;
+                    let spans = crate::chunked_nar::spans(&chunks, 0..nar.file_size as u64);
+                    let spans = Arc::new(spans);
+                    state.hot.put_spans(&file_hash, spans.clone());
+                    (spans, false)
+                }
+            };
+            let served = Arc::new(crate::hot::ServedNar {
+                nar,
+                spans,
+                spans_remembered,
+            });
             state.hot.put_nar(cache.id, served.clone());
             served
         }
@@ -455,11 +510,13 @@ async fn serve_nar(
     let range = match parse_range(headers, len) {
         Ok(r) => r,
         Err(()) => {
-            return Ok((
-                StatusCode::RANGE_NOT_SATISFIABLE,
-                [(header::CONTENT_RANGE, format!("bytes */{len}"))],
-            )
-                .into_response())
+            return Ok(Attempt::Done(
+                (
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    [(header::CONTENT_RANGE, format!("bytes */{len}"))],
+                )
+                    .into_response(),
+            ))
         }
     };
     let (status, r) = match range {
@@ -489,15 +546,17 @@ async fn serve_nar(
                     let ttl = crate::config::PRESIGNED_URL_TTL;
                     if let Some(url) = state.objects.presigned_get(key, ttl).await? {
                         used(Some(r.end - r.start));
-                        return Ok((
-                            StatusCode::TEMPORARY_REDIRECT,
-                            [
-                                (header::LOCATION, url),
-                                // The URL expires: no cache may keep the redirect.
-                                (header::CACHE_CONTROL, "no-store".to_owned()),
-                            ],
-                        )
-                            .into_response());
+                        return Ok(Attempt::Done(
+                            (
+                                StatusCode::TEMPORARY_REDIRECT,
+                                [
+                                    (header::LOCATION, url),
+                                    // The URL expires: no cache may keep the redirect.
+                                    (header::CACHE_CONTROL, "no-store".to_owned()),
+                                ],
+                            )
+                                .into_response(),
+                        ));
                     }
                 }
             }
@@ -522,6 +581,10 @@ async fn serve_nar(
             // Collected since this replica looked it up (its grace ended): gone, as Nix expects.
             Err(ApiError::NotFound(_)) => {
                 state.hot.forget_nar(cache.id, &file_hash);
+                if served.spans_remembered {
+                    state.hot.forget_spans(&file_hash);
+                    return Ok(Attempt::Reread);
+                }
                 return Err(ApiError::not_found("no such NAR in this cache"));
             }
             Err(e) => return Err(e),
@@ -548,7 +611,7 @@ async fn serve_nar(
                 .map_err(ApiError::internal)?,
         );
     }
-    Ok(resp)
+    Ok(Attempt::Done(resp))
 }
 
 /// `PUT /<cache>/nar/<filehash>.nar[.xz|.zst]` from Nix's uploader: verified and staged until

@@ -31,6 +31,13 @@ pub const NAR_TTL: Duration = Duration::from_secs(5);
 /// each) with them: [`BySpans`].
 const NAR_CAPACITY: usize = 100_000;
 const NAR_WEIGHT: u64 = 300_000;
+/// How long a NAR file's object ranges stay in memory. They change only when compaction moves
+/// the file's chunks into a new pack, and the old pack stays readable for the claim lifetime
+/// (hours) after: a download reading the old ranges within this is served whole. One that
+/// finds an object gone reads them again (`binary_cache::serve_nar`).
+pub const SPANS_TTL: Duration = Duration::from_secs(600);
+/// Object ranges kept, in all (about 100 bytes each).
+const SPANS_WEIGHT: u64 = 300_000;
 
 /// Bytes of small NAR files kept in memory: what a static file server's open-file cache and
 /// the page cache give it, without a file opened and read per download.
@@ -51,7 +58,22 @@ impl quick_cache::Weighter<[u8; 52], bytes::Bytes> for ByLength {
 /// file; one for most NARs, a few for a NAR sharing chunks with others).
 pub struct ServedNar {
     pub nar: NarRow,
-    pub spans: Vec<(String, std::ops::Range<u64>)>,
+    pub spans: Arc<Spans>,
+    /// The spans came from [`HotCache::spans`], not from the database just now.
+    pub spans_remembered: bool,
+}
+
+/// A NAR file's object ranges, in order (`chunked_nar::spans` over the whole file).
+pub type Spans = Vec<(String, std::ops::Range<u64>)>;
+
+/// Weighs a file's object ranges by their number.
+#[derive(Clone)]
+struct ByRanges;
+
+impl quick_cache::Weighter<[u8; 32], Timed<Arc<Spans>>> for ByRanges {
+    fn weight(&self, _key: &[u8; 32], val: &Timed<Arc<Spans>>) -> u64 {
+        1 + val.value.len() as u64
+    }
 }
 
 /// Weighs a NAR's entry by its object ranges, so that NARs made of many keep the cache's
@@ -101,6 +123,9 @@ pub struct HotCache {
     narinfo_generation: AtomicU64,
     tokens: Cache<String, Timed<Grant>>,
     nars: Cache<(i64, [u8; 32]), Timed<Arc<ServedNar>>, BySpans>,
+    /// NAR files' object ranges by FileHash: whether a cache may serve the file is decided by
+    /// `nars` and the database, never by this.
+    spans: Cache<[u8; 32], Timed<Arc<Spans>>, ByRanges>,
     /// Small NAR files by chunk hash. Content-addressed, so never stale; whether a cache may
     /// serve one is decided by `nars` and the database, never by this.
     small_files: Cache<[u8; 52], bytes::Bytes, ByLength>,
@@ -114,6 +139,7 @@ impl Default for HotCache {
             narinfo_generation: AtomicU64::new(0),
             tokens: Cache::new(SETTINGS_CAPACITY),
             nars: Cache::with_weighter(NAR_CAPACITY, NAR_WEIGHT, BySpans),
+            spans: Cache::with_weighter(NAR_CAPACITY, SPANS_WEIGHT, ByRanges),
             small_files: Cache::with_weighter(4096, SMALL_FILES_BYTES, ByLength),
         }
     }
@@ -186,6 +212,23 @@ impl HotCache {
         self.nars.remove(&(cache_id, *file_hash.as_bytes()));
     }
 
+    /// A NAR file's object ranges, by its hash, as a download read them lately.
+    pub fn spans(&self, file_hash: &Sha256) -> Option<Arc<Spans>> {
+        fresh(self.spans.get(file_hash.as_bytes()), SPANS_TTL)
+    }
+    pub fn put_spans(&self, file_hash: &Sha256, spans: Arc<Spans>) {
+        self.spans.insert(
+            *file_hash.as_bytes(),
+            Timed {
+                at: Instant::now(),
+                value: spans,
+            },
+        );
+    }
+    pub fn forget_spans(&self, file_hash: &Sha256) {
+        self.spans.remove(file_hash.as_bytes());
+    }
+
     /// The bytes of a small NAR file, by its FileHash (nix32).
     pub fn small_file(&self, file_hash: &str) -> Option<bytes::Bytes> {
         self.small_files.get(&nar_key(file_hash))
@@ -231,9 +274,12 @@ mod tests {
                 file_hash: hash,
                 file_size: spans as i64,
             },
-            spans: (0..spans as u64)
-                .map(|i| (format!("pack/{n}"), i * 2..i * 2 + 1))
-                .collect(),
+            spans: Arc::new(
+                (0..spans as u64)
+                    .map(|i| (format!("pack/{n}"), i * 2..i * 2 + 1))
+                    .collect(),
+            ),
+            spans_remembered: false,
         })
     }
 
@@ -245,9 +291,18 @@ mod tests {
             hot.put_nar(1, served(n, 1000));
         }
         assert!(hot.nars.weight() <= NAR_WEIGHT, "{}", hot.nars.weight());
+        for n in 0..1000 {
+            let s = served(n, 1000);
+            hot.put_spans(&s.nar.file_hash, s.spans.clone());
+        }
+        assert!(hot.spans.weight() <= SPANS_WEIGHT, "{}", hot.spans.weight());
+        let last = served(999, 1000);
+        assert_eq!(hot.spans(&last.nar.file_hash), Some(last.spans.clone()));
         // The latest is served from memory, whole.
         let last = served(999, 1000);
-        let got = hot.nar(1, &last.nar.file_hash).expect("the latest NAR is kept");
+        let got = hot
+            .nar(1, &last.nar.file_hash)
+            .expect("the latest NAR is kept");
         assert_eq!(got.spans, last.spans);
         // NARs of one range each: as many as the count allows.
         let hot = HotCache::default();
