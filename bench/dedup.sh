@@ -20,7 +20,8 @@
 # BASELINE_BIN=<a build of larder from before chunking> adds the first push (generation 1 into
 # an empty cache), alternated between the two builds, ROUNDS times each.
 # Needs (as root): nix-bin, python3, curl, wrk, nginx. Knobs: NPATHS (24), TOTAL_MIB (200),
-# GENS (5), DUR (wrk seconds, 5), ROUNDS (2), FIRST_ONLY=1 (only the first push, with
+# GENS (5), DUR (wrk seconds, 5), ROUNDS (2), COPY_ROUNDS (alternated `nix copy --from` of
+# each, the best counts: 3), FIRST_ONLY=1 (only the first push, with
 # BASELINE_BIN), TMPDIR (where the servers' data and the sources go; /tmp).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -214,8 +215,11 @@ trusted-public-keys = $KEY" XDG_CACHE_HOME=$(mktemp -d "$WORK/xdg.XXXXXX") \
   rm -rf "$store" 2>/dev/null || { chmod -R u+w "$store"; rm -rf "$store"; }
   python3 -c "print(f'{$t1 - $t0:.3f}')"
 }
+# The pushes leave about a GiB of dirty pages (both servers' stores, the mirror): written out
+# now, not in the middle of whichever download comes first (that one took 1.5x as long).
+sync
 D=()
-for _ in 1 2; do D+=("$(copy_from "$URL_push/bench")" "$(copy_from "$N/bench")"); done
+for _ in $(seq "${COPY_ROUNDS:-3}"); do D+=("$(copy_from "$URL_push/bench")" "$(copy_from "$N/bench")"); done
 { echo 'local paths = {'; sed 's/.*/"&",/' "$WORK/smallnars"; echo '}'
   echo 'local i = 0'
   echo 'request = function() i = i % #paths + 1; return wrk.format("GET", paths[i]) end'; } > "$WORK/smallnar.lua"
