@@ -225,10 +225,10 @@ mod tests {
         assert!(spans(&chunks, 35..35).is_empty());
     }
 
-    #[test]
-    fn chunks_stored_together_are_one_span() {
+    /// 45 bytes of file: two runs of pack `a` (the first returned) with a gap between them (a
+    /// chunk stored elsewhere), then one of pack `b`.
+    fn two_packs() -> (String, [ChunkRow; 5]) {
         let (a, b) = ("a".repeat(52), "b".repeat(52));
-        // Two runs of pack a (a gap between them: a chunk stored elsewhere), one of pack b.
         let chunks = [
             packed(1, 10, &a, 0),
             packed(2, 5, &a, 10),
@@ -236,6 +236,12 @@ mod tests {
             packed(4, 20, &a, 15),
             packed(5, 3, &b, 100),
         ];
+        (a, chunks)
+    }
+
+    #[test]
+    fn chunks_stored_together_are_one_span() {
+        let (a, chunks) = two_packs();
         let got = spans(&chunks, 0..45);
         let pack_a = larder_store::meta::pack_object_key(&a);
         assert_eq!(got.len(), 4);
@@ -253,14 +259,7 @@ mod tests {
 
     #[test]
     fn a_range_of_the_whole_files_spans_is_the_ranges_spans() {
-        let (a, b) = ("a".repeat(52), "b".repeat(52));
-        let chunks = [
-            packed(1, 10, &a, 0),
-            packed(2, 5, &a, 10),
-            chunk(3, 7),
-            packed(4, 20, &a, 15),
-            packed(5, 3, &b, 100),
-        ];
+        let (_, chunks) = two_packs();
         let whole = spans(&chunks, 0..45);
         // Every non-empty range (an empty one is never asked for: a request's range has a
         // byte at least).
