@@ -135,6 +135,9 @@ async fn get_file(
                 state
                     .hot
                     .put_narinfo(cache.id, hash, text.clone(), generation);
+                if method != Method::HEAD {
+                    warm_spans(&state, &path.nar);
+                }
                 text
             }
         };
@@ -277,6 +280,40 @@ async fn small_body(
     let end = (range.end as usize).min(bytes.len());
     let start = (range.start as usize).min(end);
     Ok(Body::from(bytes.slice(start..end)))
+}
+
+/// Read the object ranges of the NAR file a narinfo just named into memory, in the background:
+/// Nix fetches a closure's narinfos before its NARs, so the downloads then find them there
+/// rather than each reading its chunk list (serially, as far as Nix's copy follows
+/// references). Only for files larger than [`SMALL_NAR`] (a small file is one range, read
+/// whole and kept by its hash), and not when they are in memory already.
+fn warm_spans(state: &AppState, nar: &larder_store::meta::NarRow) {
+    if nar.file_size as u64 <= SMALL_NAR || state.hot.spans(&nar.file_hash).is_some() {
+        return;
+    }
+    let (state, nar) = (state.clone(), nar.clone());
+    tokio::spawn(async move {
+        // A failure is the download's to report, when it reads them itself.
+        if let Ok(chunks) = state.meta.nar_chunks(nar.id).await {
+            file_spans(&state, &nar, &chunks);
+        }
+    });
+}
+
+/// The object ranges of `nar`'s file, from its chunks; remembered by its FileHash when they
+/// cover the whole file (a NAR collected meanwhile has no chunks left).
+fn file_spans(
+    state: &AppState,
+    nar: &larder_store::meta::NarRow,
+    chunks: &[larder_store::meta::ChunkRow],
+) -> Arc<crate::hot::Spans> {
+    let len = nar.file_size as u64;
+    let spans = Arc::new(crate::chunked_nar::spans(chunks, 0..len));
+    let covered: u64 = spans.iter().map(|(_, r)| r.end - r.start).sum();
+    if covered == len {
+        state.hot.put_spans(&nar.file_hash, spans.clone());
+    }
+    spans
 }
 
 /// NAR files up to this size are read whole rather than streamed.
@@ -487,10 +524,7 @@ async fn serve_nar_attempt(
                 Some(spans) => (spans, true),
                 None => {
                     let chunks = state.meta.nar_chunks(nar.id).await?;
-                    let spans = crate::chunked_nar::spans(&chunks, 0..nar.file_size as u64);
-                    let spans = Arc::new(spans);
-                    state.hot.put_spans(&file_hash, spans.clone());
-                    (spans, false)
+                    (file_spans(&state, &nar, &chunks), false)
                 }
             };
             let served = Arc::new(crate::hot::ServedNar {

@@ -451,6 +451,37 @@ async fn packs_mostly_dead_are_compacted() {
     served(&srv, "c", &b, Auth::Anon).await;
 }
 
+/// Nix reads a closure's narinfos before its NARs: a narinfo served has the server read where
+/// its (large) NAR file's bytes are, in the background, so the download does not.
+#[tokio::test]
+async fn a_narinfo_served_readies_its_nars_ranges() {
+    let srv = Server::new().await;
+    srv.create_cache("c", false).await;
+    let a = TestPath::with_nar(
+        "a",
+        "warm",
+        common::file_nar(&big_contents(1 << 20, "warm")),
+    );
+    srv.push_api("c", srv.admin(), &a, Comp::Zstd)
+        .await
+        .expect(201);
+    let text = srv
+        .get(&format!("/c/{}.narinfo", a.hash()), Auth::Anon)
+        .await
+        .expect(200)
+        .text();
+    let file_hash = NarInfo::parse(&text).unwrap().file_hash.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while srv.state.hot.spans(&file_hash).is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ranges not read after the narinfo"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    served(&srv, "c", &a, Auth::Anon).await;
+}
+
 /// Pushes of NARs sharing most of their chunks, several at once, while eviction and garbage
 /// collection (with no grace period at all) run in a loop: every path published at the end
 /// serves its whole NAR, every chunk of it present. Several rounds, each a fresh race.
