@@ -61,7 +61,9 @@ pub struct PushArgs {
     /// One JSON object per line (events), the last one the summary.
     #[arg(long)]
     json: bool,
-    /// NARs larger than this are uploaded in parts of this size (each retried on its own).
+    /// NARs larger than this that go up whole are uploaded in parts of this size (each
+    /// retried on its own): with --no-chunking, and a path new to the cache (whose first
+    /// MiB the cache lacks entirely), which is sent whole rather than in chunks.
     #[arg(long, env = "LARDER_PUSH_PART_SIZE", default_value = "32MiB")]
     part_size: String,
     /// Upload every NAR whole (or in parts, see --part-size) instead of cutting NARs of
@@ -543,7 +545,8 @@ pub(crate) async fn run_rounds(
                 summary.failed, how.verb
             ),
             format!(
-                "the errors above say why; running `larder {}` again transfers only what is still missing",
+                "the errors above say why; once they are dealt with (a corrupt store path \
+                 repaired, say), running `larder {}` again transfers only what is still missing",
                 how.verb
             ),
         ));
