@@ -71,7 +71,7 @@ pub(crate) fn write_nar<W: Write>(
     let out = match source {
         None => match verify {
             Verify::Here => dump_verified(info, out)?,
-            Verify::ByServer => dump_unverified(info, out)?.0,
+            Verify::ByServer => dump_unverified(info, out)?,
         },
         Some(s) => {
             let mut out = out;

@@ -468,8 +468,10 @@ async fn serve_nar(
     file_hash: &larder_nix::hash::Sha256,
     compression: larder_nix::compression::Compression,
 ) -> Result<Response, ApiError> {
-    let attempt = |reread| {
-        serve_nar_attempt(
+    // Object ranges remembered (`HotCache::spans`) that name an object gone are read from
+    // the database, once.
+    for reread in [false, true] {
+        let attempt = serve_nar_attempt(
             state,
             method,
             headers,
@@ -477,17 +479,12 @@ async fn serve_nar(
             file_hash,
             compression,
             reread,
-        )
-    };
-    match attempt(false).await? {
-        Attempt::Done(resp) => Ok(resp),
-        // Object ranges remembered (`HotCache::spans`) named an object that is gone: read
-        // from the database, once.
-        Attempt::Reread => match attempt(true).await? {
-            Attempt::Done(resp) => Ok(resp),
-            Attempt::Reread => Err(ApiError::not_found("no such NAR in this cache")),
-        },
+        );
+        if let Attempt::Done(resp) = attempt.await? {
+            return Ok(resp);
+        }
     }
+    Err(ApiError::not_found("no such NAR in this cache"))
 }
 
 /// What one attempt at serving a NAR gave.

@@ -43,11 +43,11 @@ pub fn dump_verified<W: Write>(info: &PathInfo, out: W) -> Result<W, LocalStoreE
 /// itself and says what it found (a larder server answers every upload with the NarHash and
 /// NarSize it computed, which `crate::push` compares with the store's record). It spares the
 /// client a SHA-256 pass over every NAR it sends, which on a machine that also runs the
-/// server is CPU taken from the server's own verification. Returns `out` and the NAR's size.
+/// server is CPU taken from the server's own verification.
 ///
 /// Errors as [`dump_verified`]'s, but never [`LocalStoreError::Corrupt`].
-pub fn dump_unverified<W: Write>(info: &PathInfo, out: W) -> Result<(W, u64), LocalStoreError> {
-    dump(info, out, None).map(|(out, _, size)| (out, size))
+pub fn dump_unverified<W: Write>(info: &PathInfo, out: W) -> Result<W, LocalStoreError> {
+    dump(info, out, None).map(|(out, _, _)| out)
 }
 
 /// Stream `info.path`'s NAR into `out`, hashing it with `hasher` if given: `out`, the hash

@@ -115,6 +115,19 @@ impl FastReads {
         None
     }
 
+    /// Run the query `f` on a free connection: its answer, or `None` when every connection is
+    /// in use or the database is busy (the caller then takes the `sqlx` path).
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<Result<T, MetaError>>,
+    ) -> Option<Result<T, MetaError>> {
+        match self.with(f)? {
+            Ok(answer) => Some(answer),
+            Err(e) if busy(&e) => None,
+            Err(e) => Some(Err(MetaError::FastRead(e))),
+        }
+    }
+
     /// [`super::Metadata::get_path`]; `None` when no connection is free or the database is
     /// busy.
     pub(super) fn get_path(
@@ -122,15 +135,10 @@ impl FastReads {
         cache_id: i64,
         hash: &str,
     ) -> Option<Result<Option<PathRow>, MetaError>> {
-        self.with(|conn| {
+        self.read(|conn| {
             let mut stmt = conn.prepare_cached(GET_PATH)?;
-            stmt.query_row((cache_id, hash), |row| Ok(path_row(row)))
-                .optional()
-        })
-        .and_then(|r| match r {
-            Ok(row) => Some(row.transpose()),
-            Err(e) if busy(&e) => None,
-            Err(e) => Some(Err(MetaError::FastRead(e))),
+            let row = stmt.query_row((cache_id, hash), |row| Ok(path_row(row)));
+            row.optional().map(Option::transpose)
         })
     }
 }
@@ -144,17 +152,12 @@ impl FastReads {
         file_hash: &str,
         evicted_since: i64,
     ) -> Option<Result<Option<NarRow>, MetaError>> {
-        self.with(|conn| {
+        self.read(|conn| {
             let mut stmt = conn.prepare_cached(SERVABLE_NAR)?;
-            stmt.query_row((file_hash, cache_id, evicted_since), |row| {
+            let row = stmt.query_row((file_hash, cache_id, evicted_since), |row| {
                 Ok(nar_row(row, 0))
-            })
-            .optional()
-        })
-        .and_then(|r| match r {
-            Ok(row) => Some(row.transpose()),
-            Err(e) if busy(&e) => None,
-            Err(e) => Some(Err(MetaError::FastRead(e))),
+            });
+            row.optional().map(Option::transpose)
         })
     }
 
@@ -162,24 +165,10 @@ impl FastReads {
     /// busy. A row per chunk (a NAR of 256 MiB has ~8 000): a millisecond or two on the
     /// calling thread for the largest, where the `sqlx` path sent each row across threads.
     pub(super) fn nar_chunks(&self, nar_id: i64) -> Option<Result<Vec<ChunkRow>, MetaError>> {
-        self.with(
-            |conn| -> rusqlite::Result<Result<Vec<ChunkRow>, MetaError>> {
-                let mut stmt = conn.prepare_cached(NAR_CHUNKS)?;
-                let rows = stmt.query_map([nar_id], |row| Ok(chunk_row(row)))?;
-                let mut out = Vec::new();
-                for row in rows {
-                    match row? {
-                        Ok(c) => out.push(c),
-                        Err(e) => return Ok(Err(e)),
-                    }
-                }
-                Ok(Ok(out))
-            },
-        )
-        .and_then(|r| match r {
-            Ok(rows) => Some(rows),
-            Err(e) if busy(&e) => None,
-            Err(e) => Some(Err(MetaError::FastRead(e))),
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(NAR_CHUNKS)?;
+            let rows = stmt.query_map([nar_id], |row| Ok(chunk_row(row)))?;
+            rows.collect::<rusqlite::Result<Result<Vec<ChunkRow>, MetaError>>>()
         })
     }
 }
