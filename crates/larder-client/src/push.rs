@@ -32,8 +32,8 @@ use crate::retry::Retry;
 pub use crate::stall::DEFAULT_STALL_TIMEOUT;
 use crate::stall::{self, Progress};
 pub use crate::upload::{
-    error_line, Compression, Failure, NarSource, Observer, Outcome, PushError, PushOptions,
-    SourceRef, DEFAULT_PART_SIZE,
+    error_line, failure_line, Compression, Failure, NarSource, Observer, Outcome, PushError,
+    PushOptions, SourceRef, DEFAULT_PART_SIZE,
 };
 use crate::upload::{transient, write_nar, UploadResp, Verify};
 
@@ -180,8 +180,9 @@ pub struct Summary {
     pub failed: usize,
     /// NAR bytes of the pushed paths.
     pub bytes: u64,
-    /// Compressed bytes uploaded.
-    pub file_bytes: u64,
+    /// Bytes uploaded (request bodies: compressed NARs, parts, chunk frames), of failed paths
+    /// too.
+    pub uploaded: u64,
     pub seconds: f64,
     pub failures: Vec<Failure>,
 }
@@ -192,7 +193,7 @@ impl Summary {
     pub fn absorb(&mut self, later: Summary) {
         self.pushed += later.pushed;
         self.bytes += later.bytes;
-        self.file_bytes += later.file_bytes;
+        self.uploaded += later.uploaded;
         self.seconds += later.seconds;
         self.skipped = self.skipped.saturating_sub(later.pushed);
         self.failed = later.failed;
@@ -246,7 +247,11 @@ pub async fn execute(
             let _permit = permit;
             observer.started(&info);
             let t0 = Instant::now();
-            let outcome = push_one(&client, &cache, &info, &opts, &observer, deps, &upstream).await;
+            let mut sent = 0;
+            let outcome = push_one(
+                &client, &cache, &info, &opts, &observer, deps, &upstream, &mut sent,
+            )
+            .await;
             let outcome = match outcome {
                 Ok(Some(upload)) => Outcome::Pushed {
                     file_size: upload.file_size,
@@ -255,7 +260,10 @@ pub async fn execute(
                 },
                 Ok(None) => Outcome::AlreadyPresent,
                 Err(PushError::Store(LocalStoreError::Vanished(_))) => Outcome::Vanished,
-                Err(e) => Outcome::Failed(error_line(&e)),
+                Err(e) => Outcome::Failed {
+                    error: error_line(&e),
+                    uploaded: sent,
+                },
             };
             let _ = tx.send(Some(matches!(
                 outcome,
@@ -274,11 +282,12 @@ pub async fn execute(
             Ok((info, Outcome::Pushed { uploaded, .. })) => {
                 s.pushed += 1;
                 s.bytes += info.nar_size;
-                s.file_bytes += uploaded;
+                s.uploaded += uploaded;
             }
             Ok((_, Outcome::AlreadyPresent | Outcome::Vanished)) => s.skipped += 1,
-            Ok((info, Outcome::Failed(e))) => {
+            Ok((info, Outcome::Failed { error: e, uploaded })) => {
                 s.failed += 1;
+                s.uploaded += uploaded;
                 s.failures.push(Failure {
                     path: info.path.to_absolute(),
                     error: e,
@@ -332,7 +341,9 @@ fn upstream_ref(i: &PathInfo) -> UpstreamRef {
 }
 
 /// Upload and publish one path, retrying transient failures: what the server measured of its
-/// NAR, or `None` when the cache had the path already.
+/// NAR, or `None` when the cache had the path already. `sent` is what the upload sent once
+/// it is done, for the summary of a path that then fails.
+#[allow(clippy::too_many_arguments)]
 async fn push_one(
     client: &ApiClient,
     cache: &str,
@@ -341,6 +352,7 @@ async fn push_one(
     observer: &Arc<dyn Observer>,
     deps: Vec<watch::Receiver<Option<bool>>>,
     upstream: &HashMap<String, UpstreamRef>,
+    sent: &mut u64,
 ) -> Result<Option<UploadResp>, PushError> {
     let mut retry = Retry::new(opts.attempts);
     let mut chunked = opts.chunking && info.nar_size >= MIN_CHUNKED_NAR;
@@ -381,6 +393,7 @@ async fn push_one(
             },
         }
     };
+    *sent = upload.sent;
     upload.check(info)?;
     for mut d in deps {
         let ok = match d.wait_for(|v| v.is_some()).await {

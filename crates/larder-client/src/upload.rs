@@ -178,7 +178,23 @@ pub enum Outcome {
     AlreadyPresent,
     /// Deleted from the local store after planning (e.g. by garbage collection).
     Vanished,
-    Failed(String),
+    Failed {
+        /// The error, on one line ([`error_line`]).
+        error: String,
+        /// What this run sent of it before it failed (a NAR the server received and measured
+        /// as not the one the store records, say; 0 when the upload itself failed).
+        uploaded: u64,
+    },
+}
+
+/// The line that reports a path's failure: `PATH: ERROR`, or the error alone when it names
+/// the path already (`store path PATH is corrupt …`).
+pub fn failure_line(path: &str, error: &str) -> String {
+    if error.contains(path) {
+        error.to_owned()
+    } else {
+        format!("{path}: {error}")
+    }
 }
 
 /// Receives progress as the push runs (called from several tasks).

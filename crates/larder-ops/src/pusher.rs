@@ -9,7 +9,9 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 
 use larder_client::local_store::{LocalStore, LocalStoreError, PathInfo};
-use larder_client::push::{self, Compression, Observer, Outcome, PushError, PushOptions, Summary};
+use larder_client::push::{
+    self, failure_line, Compression, Observer, Outcome, PushError, PushOptions, Summary,
+};
 use larder_client::{ApiClient, ClientError};
 use larder_nix::signing::SigningKey;
 use larder_nix::store_path::StorePath;
@@ -321,9 +323,11 @@ impl Observer for LineObserver {
                 self.prefix,
                 path.path.to_absolute()
             ),
-            Outcome::Failed(e) => {
-                eprintln!("{}error: {}: {e}", self.prefix, path.path.to_absolute())
-            }
+            Outcome::Failed { error, .. } => eprintln!(
+                "{}error: {}",
+                self.prefix,
+                failure_line(&path.path.to_absolute(), error)
+            ),
         }
     }
 }

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use larder_client::local_store::PathInfo;
-use larder_client::push::{Observer, Outcome};
+use larder_client::push::{failure_line, Observer, Outcome};
 use larder_nix::store_path::StorePath;
 use larder_ops::nix::{self, duration, Log, NixSettings};
 use larder_ops::pull::{self, Sizes};
@@ -217,9 +217,10 @@ struct Quiet(Log);
 impl Observer for Quiet {
     fn finished(&self, path: &PathInfo, outcome: &Outcome) {
         match outcome {
-            Outcome::Failed(e) => {
-                self.0.line(&format!("push failed: {}: {e}", path.path));
-                eprintln!("  error: {}: {e}", path.path);
+            Outcome::Failed { error, .. } => {
+                let line = failure_line(&path.path.to_absolute(), error);
+                self.0.line(&format!("push failed: {line}"));
+                eprintln!("  error: {line}");
             }
             Outcome::Pushed { .. } => self.0.line(&format!("pushed {}", path.path)),
             _ => {}

@@ -58,7 +58,10 @@ pub struct PushArgs {
     /// Show what would be uploaded and its size, without uploading.
     #[arg(long)]
     dry_run: bool,
-    /// One JSON object per line (events), the last one the summary.
+    /// One JSON object per line, named by its `event` (plan, pushed, skipped, failed,
+    /// resumed, interrupted; would-push with --dry-run), the last one the summary. Sizes:
+    /// `nar_size`, `nar_bytes` and `bytes` count NAR bytes, `file_size` a path's stored
+    /// (compressed) size, `uploaded` the bytes this run sent.
     #[arg(long)]
     json: bool,
     /// NARs larger than this that go up whole are uploaded in parts of this size (each
@@ -301,9 +304,10 @@ impl Observer for Display {
                     path: p,
                     reason: "vanished from the local store",
                 },
-                Outcome::Failed(e) => RoundEvent::Failed {
+                Outcome::Failed { error, uploaded } => RoundEvent::Failed {
                     path: p,
-                    error: e.clone(),
+                    error: error.clone(),
+                    uploaded: *uploaded,
                 },
             };
             self.json(&e);
@@ -328,7 +332,9 @@ impl Observer for Display {
                 Outcome::Vanished => self.line(format!(
                     "warning: skipped {p}: it vanished from the local store (garbage-collected?)"
                 )),
-                Outcome::Failed(e) => self.line(format!("error: {p}: {e}")),
+                Outcome::Failed { error, .. } => {
+                    self.line(format!("error: {}", push::failure_line(&p, error)))
+                }
             }
         }
     }
@@ -471,8 +477,9 @@ enum RoundEvent<'a> {
         skipped: usize,
         failed: usize,
         bytes: u64,
+        /// Bytes sent (compressed NARs, parts, chunk frames), of failed paths too.
         #[serde(skip_serializing_if = "Option::is_none")]
-        file_bytes: Option<u64>,
+        uploaded: Option<u64>,
         #[serde(skip_serializing_if = "Option::is_none")]
         seconds: Option<f64>,
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -498,6 +505,7 @@ enum RoundEvent<'a> {
     Failed {
         path: String,
         error: String,
+        uploaded: u64,
     },
     Interrupted {
         pushed: usize,
@@ -598,7 +606,7 @@ fn report_dry_run(plan: &push::Plan, how: &Run) -> anyhow::Result<()> {
         skipped: plan.total - plan.paths.len(),
         failed: 0,
         bytes: 0,
-        file_bytes: None,
+        uploaded: None,
         seconds: None,
         dry_run: Some(true),
     })
@@ -649,7 +657,7 @@ fn report_summary(summary: &push::Summary, skips: &str, how: &Run) -> anyhow::Re
             skipped: summary.skipped,
             failed: summary.failed,
             bytes: summary.bytes,
-            file_bytes: Some(summary.file_bytes),
+            uploaded: Some(summary.uploaded),
             seconds: Some(summary.seconds),
             dry_run: None,
         });
@@ -664,7 +672,7 @@ fn report_summary(summary: &push::Summary, skips: &str, how: &Run) -> anyhow::Re
         how.done(),
         count(summary.pushed as u64, "path"),
         human_size(summary.bytes as i64),
-        human_size(summary.file_bytes as i64),
+        human_size(summary.uploaded as i64),
         summary.seconds,
         human_size(rate as i64),
         summary.skipped,

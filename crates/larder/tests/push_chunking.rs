@@ -83,7 +83,7 @@ fn push(server: &Server, token: &str, cache: &str, paths: &[&str]) -> (u64, u64)
     let s = summary(&server.cli_ok(token, &args));
     (
         s["bytes"].as_u64().unwrap(),
-        s["file_bytes"].as_u64().unwrap(),
+        s["uploaded"].as_u64().unwrap(),
     )
 }
 
@@ -179,6 +179,17 @@ fn a_corrupt_store_path_is_refused_however_its_nar_is_sent() {
             err.contains("is corrupt") && err.contains(&format!("--repair-path {path}")),
             "{how}: {err}"
         );
+        // The error names the path once, not as a prefix of an error naming it again.
+        assert!(
+            err.lines()
+                .any(|l| l.starts_with(&format!("error: store path {path} is corrupt"))),
+            "{how}: {err}"
+        );
+        // What the server received and measured counts as uploaded, refused or not (a NAR
+        // sent in parts is checked on this side, before its upload completes).
+        if how != "parts" {
+            assert!(!err.contains(", 0 B uploaded)"), "{how}: {err}");
+        }
         let hash = &path["/nix/store/".len()..][..32];
         let url = format!("{}/tamper/{hash}.narinfo", server.url);
         let code = std::process::Command::new("curl")
