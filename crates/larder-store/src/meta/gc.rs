@@ -24,6 +24,16 @@ pub type DeleteObject<'a> = dyn Fn(
 /// NARs and chunks deleted per garbage collection round (one transaction).
 const GC_BATCH: usize = 256;
 
+/// A NAR `n` no path, pending upload or path evicted within its grace uses.
+const NAR_UNUSED: &str = "NOT EXISTS (SELECT 1 FROM paths p WHERE p.nar_id = n.id) AND \
+     NOT EXISTS (SELECT 1 FROM uploads u WHERE u.nar_id = n.id) AND \
+     NOT EXISTS (SELECT 1 FROM evicted_nars e WHERE e.nar_id = n.id)";
+
+/// A chunk `c` no NAR uses and no upload claims.
+const CHUNK_UNUSED: &str =
+    "NOT EXISTS (SELECT 1 FROM nar_chunks nc WHERE nc.chunk_hash = c.chunk_hash) AND \
+     NOT EXISTS (SELECT 1 FROM chunk_claims cc WHERE cc.chunk_hash = c.chunk_hash)";
+
 /// Chunk hashes looked at per transaction of [`Metadata::delete_orphan_chunks`].
 pub const ORPHAN_BATCH: usize = 256;
 /// Objects one transaction of [`Metadata::delete_orphan_chunks`] deletes at once.
@@ -76,6 +86,8 @@ impl Metadata {
                 }
             };
             deleted += objects;
+            // Rows forgotten (expired uploads, say) may have left NARs unused: another round
+            // looks for them.
             if nars + objects + rows == 0 {
                 return Ok(deleted);
             }
@@ -107,35 +119,60 @@ impl Metadata {
         }
     }
 
-    /// One round of [`Metadata::collect_garbage`]: `(NARs, objects, chunk rows)` deleted.
+    /// One round of [`Metadata::collect_garbage`]: `(NARs, objects, rows)` deleted (rows:
+    /// chunks, and expired uploads, evicted NARs and claims).
+    ///
+    /// The candidates are found first, outside the round's transaction: finding them reads
+    /// every NAR and chunk (seconds at a million paths), and inside the transaction, whose
+    /// first statement takes SQLite's write lock, every push waited for that read. The
+    /// transaction checks again, by key, only the candidates, so what it deletes is unused
+    /// as of its own snapshot, as before; one used since then fails the foreign keys.
     async fn gc_round(
         &self,
         (upload_cutoff, grace_cutoff, claim_cutoff): (i64, i64, i64),
         delete_object: &DeleteObject<'_>,
     ) -> Result<(usize, usize, usize)> {
+        let nar_candidates: Vec<i64> = sqlx::query_scalar(&format!(
+            "SELECT id FROM nars n WHERE {NAR_UNUSED} LIMIT {GC_BATCH}"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        let chunk_candidates: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT chunk_hash FROM chunks c WHERE {CHUNK_UNUSED} LIMIT {GC_BATCH}"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
         let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM uploads WHERE created_at < $1")
-            .bind(upload_cutoff)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM evicted_nars WHERE evicted_at < $1")
-            .bind(grace_cutoff)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM chunk_claims WHERE claimed_at < $1")
-            .bind(claim_cutoff)
-            .execute(&mut *tx)
-            .await?;
+        let mut expired = 0;
+        for (sql, cutoff) in [
+            ("DELETE FROM uploads WHERE created_at < $1", upload_cutoff),
+            (
+                "DELETE FROM evicted_nars WHERE evicted_at < $1",
+                grace_cutoff,
+            ),
+            (
+                "DELETE FROM chunk_claims WHERE claimed_at < $1",
+                claim_cutoff,
+            ),
+        ] {
+            let done = sqlx::query(sql).bind(cutoff).execute(&mut *tx).await?;
+            expired += done.rows_affected() as usize;
+        }
         // Decided once: the NARs deleted are exactly these, whatever commits meanwhile; one
         // referenced meanwhile fails the foreign keys of `paths`/`uploads` below.
-        let doomed: Vec<(i64, String)> = sqlx::query_as(&format!(
-            "SELECT id, nar_hash FROM nars n WHERE \
-             NOT EXISTS (SELECT 1 FROM paths p WHERE p.nar_id = n.id) AND \
-             NOT EXISTS (SELECT 1 FROM uploads u WHERE u.nar_id = n.id) AND \
-             NOT EXISTS (SELECT 1 FROM evicted_nars e WHERE e.nar_id = n.id) LIMIT {GC_BATCH}"
-        ))
-        .fetch_all(&mut *tx)
-        .await?;
+        let doomed: Vec<(i64, String)> = if nar_candidates.is_empty() {
+            Vec::new()
+        } else {
+            let sql = format!(
+                "SELECT id, nar_hash FROM nars n WHERE id IN ({}) AND {NAR_UNUSED}",
+                placeholders(1, nar_candidates.len())
+            );
+            let mut q = sqlx::query_as(&sql);
+            for id in &nar_candidates {
+                q = q.bind(id);
+            }
+            q.fetch_all(&mut *tx).await?
+        };
         let nars: Vec<i64> = doomed.iter().map(|(id, _)| *id).collect();
         if !nars.is_empty() {
             let ph = placeholders(1, nars.len());
@@ -151,15 +188,23 @@ impl Metadata {
             }
         }
         // Chunks used by a NAR or claimed by an upload committed meanwhile fail the foreign
-        // keys of `nar_chunks`/`chunk_claims`, like NARs above.
-        let chunks: Vec<(String, i64, Option<String>)> = sqlx::query_as(&format!(
-            "DELETE FROM chunks WHERE chunk_hash IN (SELECT c.chunk_hash FROM chunks c WHERE \
-             NOT EXISTS (SELECT 1 FROM nar_chunks nc WHERE nc.chunk_hash = c.chunk_hash) AND \
-             NOT EXISTS (SELECT 1 FROM chunk_claims cc WHERE cc.chunk_hash = c.chunk_hash) \
-             LIMIT {GC_BATCH}) RETURNING chunk_hash, file_size, pack"
-        ))
-        .fetch_all(&mut *tx)
-        .await?;
+        // keys of `nar_chunks`/`chunk_claims`, like NARs above. Those the NARs above used are
+        // candidates of the next round.
+        let chunks: Vec<(String, i64, Option<String>)> = if chunk_candidates.is_empty() {
+            Vec::new()
+        } else {
+            let sql = format!(
+                "DELETE FROM chunks WHERE chunk_hash IN (SELECT c.chunk_hash FROM chunks c \
+                 WHERE c.chunk_hash IN ({}) AND {CHUNK_UNUSED}) \
+                 RETURNING chunk_hash, file_size, pack",
+                placeholders(1, chunk_candidates.len())
+            );
+            let mut q = sqlx::query_as(&sql);
+            for hash in &chunk_candidates {
+                q = q.bind(hash);
+            }
+            q.fetch_all(&mut *tx).await?
+        };
         let mut freed = 0i64;
         let mut deleted = 0;
         let mut packs: Vec<&str> = Vec::new();
@@ -241,7 +286,7 @@ impl Metadata {
         }
         super::sizes::count_chunk_bytes(&mut tx, -freed).await?;
         tx.commit().await?;
-        Ok((nars.len(), deleted, chunks.len()))
+        Ok((nars.len(), deleted, chunks.len() + expired))
     }
 
     /// Which of `hashes` have no `chunks` row, in input order. Read only, and stale as soon as
