@@ -33,7 +33,7 @@ use larder_nix::chunking::Chunker;
 use larder_nix::hash::Sha256;
 use tokio::sync::mpsc;
 
-use crate::api::ApiClient;
+use crate::api::{ApiClient, ClientError};
 use crate::local_store::{LocalStoreError, PathInfo};
 use crate::stall::{self, Progress};
 use crate::upload::{write_nar, Observer, PushError, PushOptions, UploadResp, Verify};
@@ -173,10 +173,41 @@ fn pack(chunks: Vec<Chunk>) -> io::Result<Vec<(Vec<String>, Vec<u8>)>> {
     Ok(bodies)
 }
 
-/// Push `info`'s NAR in chunks: what the server measured of it once assembled, and the bytes
-/// this run sent. `None`, with nothing sent,
-/// when the NAR is better sent whole (see the module's documentation).
+/// Passes over the NAR one push makes at most when its assembly is refused for chunks gone
+/// from the cache (see [`upload`]).
+const PASSES: u32 = 3;
+
+/// Push `info`'s NAR in chunks: what the server measured of it once assembled. `None`, with
+/// nothing sent, when the NAR is better sent whole (see the module's documentation).
+///
+/// The chunks a push relies on are held for its session from the query that found them to
+/// the assembly; two pushes of the same NAR at once (two CI jobs that built the same path)
+/// share that session, and the first to assemble releases them. If the cache meanwhile lost
+/// the path whose NAR held them (evicted, say), the second's assembly is refused (409: chunks
+/// not in the cache): it asks again, sends what is now missing, and assembles again.
 pub(crate) async fn upload(
+    client: &ApiClient,
+    cache: &str,
+    info: &PathInfo,
+    opts: &PushOptions,
+    observer: &Arc<dyn Observer>,
+) -> Result<Option<UploadResp>, PushError> {
+    let mut pass = 1;
+    loop {
+        match upload_pass(client, cache, info, opts, observer).await {
+            Err(PushError::Client(e @ ClientError::Status { status: 409, .. }))
+                if pass < PASSES =>
+            {
+                observer.retrying(info, &e.to_string(), pass + 1);
+                pass += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
+/// One pass of [`upload`]: the NAR read, its missing chunks sent, and the NAR assembled.
+async fn upload_pass(
     client: &ApiClient,
     cache: &str,
     info: &PathInfo,
@@ -207,7 +238,7 @@ pub(crate) async fn upload(
     let produced = producer
         .await
         .map_err(|e| PushError::Internal(e.to_string()))?;
-    let (ids, sent) = match (produced, sent) {
+    let ids = match (produced, sent) {
         // We stopped reading the NAR on purpose.
         (_, Ok(None)) => return Ok(None),
         (Ok(()), sent) => sent?.ok_or_else(|| PushError::Internal("unreachable".into()))?,
@@ -231,12 +262,10 @@ pub(crate) async fn upload(
         &url,
     )
     .await?;
-    let mut resp = UploadResp::from(upload);
-    resp.sent = sent;
-    Ok(Some(resp))
+    Ok(Some(UploadResp::from(upload)))
 }
 
-/// Ask, compress and upload window after window: the NAR's chunk ids and the bytes sent, or
+/// Ask, compress and upload window after window: the NAR's chunk ids, or
 /// `None` (nothing sent) when the cache lacks every chunk of the first window.
 async fn send_windows(
     client: &ApiClient,
@@ -246,10 +275,9 @@ async fn send_windows(
     observer: &Arc<dyn Observer>,
     rx: &mut mpsc::Receiver<Vec<Chunk>>,
     go: std::sync::mpsc::Sender<()>,
-) -> Result<Option<(Vec<String>, u64)>, PushError> {
+) -> Result<Option<Vec<String>>, PushError> {
     let mut first = true;
     let mut ids = Vec::new();
-    let mut sent = 0u64;
     let missing_url = format!("/api/v1/caches/{cache}/chunks/missing");
     let upload_url = format!("/api/v1/caches/{cache}/chunks");
     while let Some(window) = rx.recv().await {
@@ -309,17 +337,16 @@ async fn send_windows(
                         ));
                     }
                     observer.bytes(len);
-                    Ok::<u64, PushError>(len)
+                    Ok::<(), PushError>(())
                 }
             })
             .collect();
-        let lens: Vec<u64> = futures::stream::iter(requests)
+        futures::stream::iter(requests)
             .buffer_unordered(UPLOADS)
-            .try_collect()
+            .try_collect::<Vec<()>>()
             .await?;
-        sent += lens.iter().sum::<u64>();
     }
-    Ok(Some((ids, sent)))
+    Ok(Some(ids))
 }
 
 #[cfg(test)]

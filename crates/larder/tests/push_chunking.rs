@@ -298,11 +298,15 @@ fn concurrent_pushes_sharing_chunks_under_eviction_never_publish_a_broken_nar() 
     let mut earlier: Vec<String> = Vec::new();
     let start = Instant::now();
     for round in 0..8 {
-        // Three paths sharing the base (and so most chunks) with each other and every round.
+        // Three paths sharing the base (and so most chunks) with each other and every round;
+        // the last two are the same NAR (two CI jobs that built the same path), pushed at
+        // once under one push session: the first to assemble releases the chunks the other
+        // relies on.
         let paths: Vec<String> = (0..3)
             .map(|i| {
                 let mut d = base.clone();
-                d.extend(contents(300_000, (round * 3 + i + 1) as u64));
+                let tail = 2 * round + i.min(1);
+                d.extend(contents(300_000, (2 * tail + 1) as u64));
                 add_to_store(work.path(), &format!("share-{tag}-{round}-{i}"), &d)
             })
             .collect();
@@ -314,8 +318,9 @@ fn concurrent_pushes_sharing_chunks_under_eviction_never_publish_a_broken_nar() 
             let out = child.wait_with_output().unwrap();
             assert!(
                 out.status.success(),
-                "round {round}: {}",
-                String::from_utf8_lossy(&out.stderr)
+                "round {round}: {}\nSERVERLOG\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                server.log()
             );
         }
         // Every path of this and the last rounds the cache still publishes is served whole.
