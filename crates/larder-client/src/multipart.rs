@@ -335,8 +335,8 @@ async fn send(
     if first > 0 {
         observer.resumed(info, first, skip);
     }
-    let (parts, sent) = if skip >= info.nar_size && first > 0 {
-        (first, 0)
+    let parts = if skip >= info.nar_size && first > 0 {
+        first
     } else {
         send_parts(client, cache, info, opts, observer, id, first, skip).await?
     };
@@ -351,7 +351,7 @@ async fn send(
             .map_err(|e| PushError::Internal(format!("bad answer completing an upload: {e}")))
     };
     // The server reads and verifies every part before it answers.
-    let mut done = stall::watch(
+    let done = stall::watch(
         completing,
         &Progress::new(false),
         opts.stall_timeout,
@@ -361,12 +361,11 @@ async fn send(
     .await?;
     // The parts became the stored NAR: no unfinished upload is left to resume.
     observer.parts_kept(info, 0, 0);
-    done.sent = sent;
     Ok(done)
 }
 
 /// Compress and send the NAR from byte `skip` on as parts `first`, `first + 1`, …: how many
-/// parts the upload has then, and the bytes sent.
+/// parts the upload has then.
 #[allow(clippy::too_many_arguments)]
 async fn send_parts(
     client: &ApiClient,
@@ -377,7 +376,7 @@ async fn send_parts(
     id: &str,
     first: u32,
     skip: u64,
-) -> Result<(u32, u64), PushError> {
+) -> Result<u32, PushError> {
     let (tx, mut rx) = mpsc::channel::<(Bytes, u64)>(PARTS_IN_FLIGHT);
     let splitter = PartSplitter {
         compression: opts.compression,
@@ -404,7 +403,6 @@ async fn send_parts(
     });
     let mut n = first;
     let mut on_server = skip;
-    let mut sent = 0u64;
     let mut failure = None;
     while let Some((part, nar_bytes)) = rx.recv().await {
         let url = format!("/api/v1/caches/{cache}/multipart/{id}/parts/{n}");
@@ -449,7 +447,6 @@ async fn send_parts(
             break;
         }
         observer.bytes(part.len() as u64);
-        sent += part.len() as u64;
         n += 1;
         on_server += nar_bytes;
         observer.parts_kept(info, n, on_server);
@@ -462,7 +459,7 @@ async fn send_parts(
         return Err(e);
     }
     produced?;
-    Ok((n, sent))
+    Ok(n)
 }
 
 /// Splits a NAR stream into parts of `part_size` NAR bytes, each compressed as an independent

@@ -16,6 +16,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -247,22 +248,23 @@ pub async fn execute(
             let _permit = permit;
             observer.started(&info);
             let t0 = Instant::now();
-            let mut sent = 0;
-            let outcome = push_one(
-                &client, &cache, &info, &opts, &observer, deps, &upstream, &mut sent,
-            )
-            .await;
+            let counted = Arc::new(CountSent {
+                inner: observer.clone(),
+                sent: AtomicU64::new(0),
+            });
+            let watched: Arc<dyn Observer> = counted.clone();
+            let outcome = push_one(&client, &cache, &info, &opts, &watched, deps, &upstream).await;
             let outcome = match outcome {
                 Ok(Some(upload)) => Outcome::Pushed {
                     file_size: upload.file_size,
-                    uploaded: upload.sent,
+                    uploaded: counted.sent.load(Ordering::Relaxed),
                     secs: t0.elapsed().as_secs_f64(),
                 },
                 Ok(None) => Outcome::AlreadyPresent,
                 Err(PushError::Store(LocalStoreError::Vanished(_))) => Outcome::Vanished,
                 Err(e) => Outcome::Failed {
                     error: error_line(&e),
-                    uploaded: sent,
+                    uploaded: counted.sent.load(Ordering::Relaxed),
                 },
             };
             let _ = tx.send(Some(matches!(
@@ -340,10 +342,41 @@ fn upstream_ref(i: &PathInfo) -> UpstreamRef {
     }
 }
 
+/// An observer of one path that counts the bytes its uploads hand to the network, for the
+/// summary of a path that fails (a corrupt NAR the server received, or sent in parts before
+/// the local check found it).
+struct CountSent {
+    inner: Arc<dyn Observer>,
+    sent: AtomicU64,
+}
+
+impl Observer for CountSent {
+    fn started(&self, path: &PathInfo) {
+        self.inner.started(path)
+    }
+    fn bytes(&self, n: u64) {
+        self.sent.fetch_add(n, Ordering::Relaxed);
+        self.inner.bytes(n)
+    }
+    fn nar_bytes(&self, n: u64) {
+        self.inner.nar_bytes(n)
+    }
+    fn resumed(&self, path: &PathInfo, parts: u32, nar_bytes: u64) {
+        self.inner.resumed(path, parts, nar_bytes)
+    }
+    fn parts_kept(&self, path: &PathInfo, parts: u32, nar_bytes: u64) {
+        self.inner.parts_kept(path, parts, nar_bytes)
+    }
+    fn finished(&self, path: &PathInfo, outcome: &Outcome) {
+        self.inner.finished(path, outcome)
+    }
+    fn retrying(&self, path: &PathInfo, error: &str, attempt: u32) {
+        self.inner.retrying(path, error, attempt)
+    }
+}
+
 /// Upload and publish one path, retrying transient failures: what the server measured of its
-/// NAR, or `None` when the cache had the path already. `sent` is what the upload sent once
-/// it is done, for the summary of a path that then fails.
-#[allow(clippy::too_many_arguments)]
+/// NAR, or `None` when the cache had the path already.
 async fn push_one(
     client: &ApiClient,
     cache: &str,
@@ -352,7 +385,6 @@ async fn push_one(
     observer: &Arc<dyn Observer>,
     deps: Vec<watch::Receiver<Option<bool>>>,
     upstream: &HashMap<String, UpstreamRef>,
-    sent: &mut u64,
 ) -> Result<Option<UploadResp>, PushError> {
     let mut retry = Retry::new(opts.attempts);
     let mut chunked = opts.chunking && info.nar_size >= MIN_CHUNKED_NAR;
@@ -393,7 +425,6 @@ async fn push_one(
             },
         }
     };
-    *sent = upload.sent;
     upload.check(info)?;
     for mut d in deps {
         let ok = match d.wait_for(|v| v.is_some()).await {
@@ -510,14 +541,7 @@ async fn upload_nar(
 ) -> Result<UploadResp, PushError> {
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(CHANNEL_BLOCKS);
     let progress = Progress::new(true);
-    let counted = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let counter = counted.clone();
-    let body = futures::StreamExt::inspect(receiver_stream(rx), move |b| {
-        if let Ok(b) = b {
-            counter.fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        }
-    });
-    let body = reqwest::Body::wrap_stream(progress.body(body));
+    let body = reqwest::Body::wrap_stream(progress.body(receiver_stream(rx)));
     let url = format!(
         "/api/v1/caches/{cache}/nars?compression={}",
         opts.compression.as_str()
@@ -589,13 +613,10 @@ async fn upload_nar(
         // A local error (corrupt or vanished path) explains a failed request best.
         (Err(e), _) => return Err(e),
     };
-    let mut resp = resp
-        .json::<Upload>()
+    resp.json::<Upload>()
         .await
         .map(UploadResp::from)
-        .map_err(|e| PushError::Internal(format!("bad answer to the NAR upload: {e}")))?;
-    resp.sent = counted.load(std::sync::atomic::Ordering::Relaxed);
-    Ok(resp)
+        .map_err(|e| PushError::Internal(format!("bad answer to the NAR upload: {e}")))
 }
 
 fn receiver_stream(
@@ -607,7 +628,6 @@ fn receiver_stream(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU64, Ordering};
 
     /// A NAR source of fixed bytes (an import's, say).
     struct Fixed(Vec<u8>);

@@ -235,7 +235,8 @@ pub fn error_line(e: &(dyn std::error::Error + 'static)) -> String {
         }
         cur = c.source();
     }
-    s.replace('\n', " ")
+    // A hint stays apart from the error it follows.
+    s.replace("\nhint: ", "; hint: ").replace('\n', " ")
 }
 
 /// A definitive refusal by the server (a 4xx other than 408 and 429): sending the same request
@@ -256,9 +257,6 @@ pub(crate) fn transient(e: &PushError) -> Option<Option<Duration>> {
 pub(crate) struct UploadResp {
     pub(crate) upload_id: String,
     pub(crate) file_size: u64,
-    /// Bytes this run sent (request bodies: compressed NARs, parts, chunk frames), for the
-    /// summary's "uploaded": not the stored size, which the server's compression decides.
-    pub(crate) sent: u64,
     /// The NarHash (`sha256:<nix32>`) and NarSize the server measured.
     pub(crate) nar_hash: String,
     pub(crate) nar_size: u64,
@@ -292,7 +290,6 @@ impl From<Upload> for UploadResp {
             upload_id: u.upload_id,
             // A size is never negative; were it, nothing of it was sent.
             file_size: u64::try_from(u.file_size).unwrap_or(0),
-            sent: 0,
             nar_size: u64::try_from(u.nar_size).unwrap_or(0),
             nar_hash: u.nar_hash,
         }

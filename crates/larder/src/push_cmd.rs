@@ -60,8 +60,8 @@ pub struct PushArgs {
     dry_run: bool,
     /// One JSON object per line, named by its `event` (plan, pushed, skipped, failed,
     /// resumed, interrupted; would-push with --dry-run), the last one the summary. Sizes:
-    /// `nar_size`, `nar_bytes` and `bytes` count NAR bytes, `file_size` a path's stored
-    /// (compressed) size, `uploaded` the bytes this run sent.
+    /// `nar_size`, `nar_bytes` (planned) and `bytes` (pushed) count NAR bytes, `file_size` a
+    /// path's stored (compressed) size, `uploaded` the bytes this run sent.
     #[arg(long)]
     json: bool,
     /// NARs larger than this that go up whole are uploaded in parts of this size (each
@@ -294,7 +294,7 @@ impl Observer for Display {
                     nar_size: path.nar_size,
                     file_size: *file_size,
                     uploaded: *uploaded,
-                    seconds: *secs,
+                    seconds: millis(*secs),
                 },
                 Outcome::AlreadyPresent => RoundEvent::Skipped {
                     path: p,
@@ -313,20 +313,13 @@ impl Observer for Display {
             self.json(&e);
         } else {
             match outcome {
-                Outcome::Pushed {
-                    file_size,
-                    uploaded,
-                    secs,
-                } if self.bar.is_none() => self.line(format!(
-                    "{} {p} ({} NAR, {} uploaded{}, {secs:.1}s)",
+                // What was sent only: the stored size (`--json`'s `file_size`) is the whole
+                // NAR's compressed size, which a resumed or deduplicated upload does not send.
+                Outcome::Pushed { uploaded, secs, .. } if self.bar.is_none() => self.line(format!(
+                    "{} {p} ({} NAR, {} uploaded, {secs:.1}s)",
                     self.done,
                     human_size(path.nar_size as i64),
                     human_size(*uploaded as i64),
-                    if uploaded < file_size {
-                        format!(" of {}", human_size(*file_size as i64))
-                    } else {
-                        String::new()
-                    }
                 )),
                 Outcome::Pushed { .. } | Outcome::AlreadyPresent => {}
                 Outcome::Vanished => self.line(format!(
@@ -523,6 +516,11 @@ struct KeptJson<'a> {
     nar_size: u64,
 }
 
+/// Seconds to the millisecond: `--json` says `0.0`, not `4.2e-6`, for a push with nothing to do.
+fn millis(secs: f64) -> f64 {
+    (secs * 1000.0).round() / 1000.0
+}
+
 fn print_event(e: &RoundEvent<'_>) -> anyhow::Result<()> {
     print(&(serde_json::to_string(e)? + "\n"))
 }
@@ -658,7 +656,7 @@ fn report_summary(summary: &push::Summary, skips: &str, how: &Run) -> anyhow::Re
             failed: summary.failed,
             bytes: summary.bytes,
             uploaded: Some(summary.uploaded),
-            seconds: Some(summary.seconds),
+            seconds: Some(millis(summary.seconds)),
             dry_run: None,
         });
     }

@@ -199,8 +199,8 @@ pub enum LocalStoreError {
     #[error(
         "store path {path} is corrupt: its contents hash to {} ({} bytes) but the Nix database \
          records {} ({} bytes)\nhint: check it with `nix-store --verify-path {path}` and repair it \
-         with `nix-store --repair-path {path}` (or `nix-store --verify --check-contents --repair` \
-         for the whole store)",
+         with `nix-store --repair-path {path}`, which fetches it again from a substituter or \
+         rebuilds it (or `nix-store --verify --check-contents --repair` for the whole store)",
         mismatch.actual_hash, mismatch.actual_size, mismatch.expected_hash, mismatch.expected_size
     )]
     Corrupt {
