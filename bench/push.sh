@@ -13,6 +13,7 @@
 # LARGE_ONLY=1 measures only the LARGE_MIB path: `larder push` into a fresh server and a local
 # `nix copy --to file://`, ROUNDS times (default 2), each round also with BASELINE_BIN (another
 # build, e.g. the commit before a change) when given, alternated: a before/after in one run.
+# PUSH_ARGS: more arguments for those pushes (e.g. `--part-size 32MiB`: in parts, as to a remote server).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 NCHAIN=${NCHAIN:-200}
@@ -78,7 +79,7 @@ if [ "${LARGE_ONLY:-0}" = 1 ]; then
     for bin in ${BASELINE_BIN:+"$BASELINE_BIN"} "$BIN"; do
       n=$((n + 1))
       start_server "large$n" "$bin"
-      T=$(timed env LARDER_SERVER=$URL LARDER_TOKEN=$PUSH "$bin" push bench "$LARGE")
+      T=$(timed env LARDER_SERVER=$URL LARDER_TOKEN=$PUSH "$bin" push bench "$LARGE" ${PUSH_ARGS:-})
       [ "$(XDG_CACHE_HOME=$(mktemp -d "$WORK/xdg.XXXX") nix path-info --store "$URL/bench" "$LARGE" | wc -l)" = 1 ] \
         || { echo "larder push: incomplete" >&2; exit 1; }
       kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true

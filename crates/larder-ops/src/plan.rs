@@ -56,6 +56,8 @@ pub struct UploadSettings {
     /// Names of the keys the cache trusts as upstream beside cache.nixos.org's (declared in
     /// the server's configuration): paths they signed need not be pushed.
     pub upstream_key_names: Vec<String>,
+    /// Whether the server is on this machine (a loopback address): bytes cost nothing there.
+    pub loopback: bool,
 }
 
 impl UploadSettings {
@@ -77,7 +79,8 @@ impl UploadSettings {
         // On a loopback connection bytes cost nothing and compressing only takes CPU from the
         // server on the same machine (which stores its own zstd frames whatever it receives):
         // NARs go uncompressed. Elsewhere, the cache's preferred compression.
-        let default = if is_loopback(client.base_url()) {
+        let loopback = is_loopback(client.base_url());
+        let default = if loopback {
             "none"
         } else {
             info.compression.as_str()
@@ -101,6 +104,7 @@ impl UploadSettings {
             level,
             signing_key,
             upstream_key_names: upstream_key_names(&info),
+            loopback,
         })
     }
 }

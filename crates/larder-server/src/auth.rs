@@ -82,6 +82,19 @@ impl Principal {
         match self {
             Principal::Anonymous => Err(ApiError::Unauthorized),
             Principal::Token(g) if g.allows(perm, cache) => Ok(g),
+            // Its own caches are the token's to know (and nothing about other caches, not
+            // even whether `cache` exists, is said): a misspelt name shows at once.
+            Principal::Token(Grant {
+                caches: Some(list), ..
+            }) if !list.iter().any(|c| c == cache) => Err(ApiError::Forbidden(format!(
+                "this token is not valid for cache {cache:?} (only for {}{})",
+                list.iter()
+                    .take(5)
+                    .map(|c| format!("{c:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if list.len() > 5 { ", …" } else { "" }
+            ))),
             Principal::Token(_) => Err(ApiError::Forbidden(format!(
                 "this token has no {} permission on cache {cache:?}",
                 perm.as_str()

@@ -160,6 +160,15 @@ fn hint_for(e: &anyhow::Error) -> Option<String> {
                 larder_client::ClientError::Status { status: 401, .. } => Some(
                     "set a valid token: `larder login URL TOKEN`, `larder authtoken TOKEN` or LARDER_TOKEN".into(),
                 ),
+                larder_client::ClientError::Status { status: 403, message, .. }
+                    if message.contains("is not valid for cache") =>
+                {
+                    Some(
+                        "check the cache's name, or ask a server admin for a token for that \
+                         cache (`larder token create --cache NAME`)"
+                            .into(),
+                    )
+                }
                 larder_client::ClientError::Status { status: 403, .. } => Some(
                     "ask a server admin for a token with this permission (`larder token create`)".into(),
                 ),

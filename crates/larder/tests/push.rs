@@ -356,6 +356,15 @@ fn a_token_that_cannot_push_fails_once_even_with_nothing_to_push() {
             "{err}"
         );
     }
+    // A misspelt cache name says so, with the names the token is for (its own to know).
+    let o = server.cli(&server.token("push", "gate"), &["push", "gaet", &p]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(r#"not valid for cache "gaet" (only for "gate")"#)
+            && err.contains("hint: check the cache's name"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -373,6 +382,12 @@ fn corrupted_store_path_is_refused_and_nothing_is_visible() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(
         err.contains("corrupt") && err.contains("--repair-path"),
+        "{err}"
+    );
+    // The repair hint on a line of its own, after the error naming the path.
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("hint: check it with `nix-store --verify-path")),
         "{err}"
     );
     let info: serde_json::Value = serde_json::from_str(
