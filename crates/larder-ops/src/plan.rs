@@ -111,7 +111,7 @@ impl UploadSettings {
 
 /// Whether the server at `base` (an `http[s]://host[:port]/…` URL) is on this machine by a
 /// loopback address: `localhost`, `127.0.0.0/8` or `[::1]`.
-fn is_loopback(base: &str) -> bool {
+pub(crate) fn is_loopback(base: &str) -> bool {
     let rest = base.split_once("://").map_or(base, |(_, r)| r);
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
     let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
