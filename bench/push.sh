@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Push benchmark: the same closure (NCHAIN small paths plus one BIG_MIB random path) pushed
-#   1. by `larder push`                                 (zstd, client-side compression)
+#   1. by `larder push`                                 (its defaults: uncompressed, one request per NAR to this machine)
 #   2. by `nix copy --to http://…larder…` (Nix's uploader, its default xz compression)
 #   3. by `nix copy --to http://…larder…?compression=zstd`
 #   4. by `nix copy --to file://DIR?compression=zstd`   (no network, no server at all)
@@ -178,7 +178,7 @@ n, mib, l, xz, zs, f = sys.argv[1], float(sys.argv[2]), *map(float, sys.argv[3:]
 print(f"closure: {n} paths, {mib:.0f} MiB NAR")
 print("| push method                                   | seconds |   MiB/s | larder speed-up |")
 print("|-----------------------------------------------|---------|---------|-----------------|")
-for name, t in [("larder push (zstd)", l), ("nix copy --to http://larder (xz, default)", xz),
+for name, t in [("larder push (its defaults)", l), ("nix copy --to http://larder (xz, default)", xz),
                 ("nix copy --to http://larder?compression=zstd", zs), ("nix copy --to file://…?compression=zstd", f)]:
     if math.isnan(t): continue
     print(f"| {name:<45} | {t:7.2f} | {mib/t:7.1f} | {t/l:14.2f}x |")
