@@ -491,11 +491,8 @@ async fn list_caches(json: bool) -> anyhow::Result<()> {
 /// `larder cache info`.
 async fn cache_info(cache: &str, json: bool) -> anyhow::Result<()> {
     let t = target(cache)?;
-    let c = t
-        .client
-        .cache_info(&t.cache)
-        .await
-        .with_context(|| format!("cannot get cache {:?}", t.cache))?;
+    // A cache the server does not show: the error names the closest one that exists.
+    let c = crate::client_config::require_cache(&t).await?;
     if json {
         print_json(&c)?;
     } else {

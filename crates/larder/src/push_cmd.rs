@@ -346,7 +346,27 @@ pub(crate) async fn upload_settings(
     level: Option<i32>,
 ) -> anyhow::Result<UploadSettings> {
     let key = signing_key(cache_arg, t.client.base_url())?;
-    Ok(UploadSettings::for_cache(&t.client, &t.cache, cache_arg, compression, level, key).await?)
+    match UploadSettings::for_cache(&t.client, &t.cache, cache_arg, compression, level, key).await {
+        Ok(settings) => Ok(settings),
+        // No such cache: the error names the closest one that exists (a misspelt name).
+        Err(e) if client_status(&e) == Some(404) => {
+            crate::client_config::require_cache(t).await?;
+            Err(e.into())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The HTTP status of the server's answer an error comes from, if it does.
+fn client_status(e: &(dyn std::error::Error + 'static)) -> Option<u16> {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if let Some(ce) = c.downcast_ref::<larder_client::ClientError>() {
+            return ce.status();
+        }
+        cur = c.source();
+    }
+    None
 }
 
 /// The store paths to push: the arguments, or standard input without any, each once.

@@ -365,6 +365,16 @@ fn a_token_that_cannot_push_fails_once_even_with_nothing_to_push() {
             && err.contains("hint: check the cache's name"),
         "{err}"
     );
+    // An admin token, which would see the cache, is told the closest name there is.
+    for args in [vec!["push", "gatr", &p], vec!["cache", "info", "gatr"]] {
+        let o = server.cli(&server.admin_token, &args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains(r#"no cache named "gatr""#) && err.contains(r#"did you mean "gate"?"#),
+            "{args:?}: {err}"
+        );
+    }
 }
 
 #[test]
