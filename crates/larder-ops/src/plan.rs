@@ -76,16 +76,8 @@ impl UploadSettings {
     ) -> Result<Self, PlanError> {
         let info = crate::pusher::cache_info(client, cache).await?;
         ensure_can_push(client, cache).await?;
-        // On a loopback connection bytes cost nothing and compressing only takes CPU from the
-        // server on the same machine (which stores its own zstd frames whatever it receives):
-        // NARs go uncompressed. Elsewhere, the cache's preferred compression.
         let loopback = is_loopback(client.base_url());
-        let default = if loopback {
-            "none"
-        } else {
-            info.compression.as_str()
-        };
-        let requested = compression.unwrap_or(default);
+        let requested = compression.unwrap_or(default_compression(loopback, &info.compression));
         let compression = Compression::from_name(requested)
             .ok_or_else(|| PlanError::UnknownCompression(requested.to_owned()))?;
         let level = level.unwrap_or(match compression {
@@ -106,6 +98,29 @@ impl UploadSettings {
             upstream_key_names: upstream_key_names(&info),
             loopback,
         })
+    }
+}
+
+/// The compression of a push that asks for none in particular. To a server on this machine
+/// (`loopback`) bytes cost nothing and compressing only takes CPU from the server (which
+/// stores its own zstd frames whatever it receives): none. Elsewhere, the cache's.
+pub(crate) fn default_compression(loopback: bool, cache_compression: &str) -> &str {
+    if loopback {
+        "none"
+    } else {
+        cache_compression
+    }
+}
+
+/// The part size of a push that asks for none in particular. Parts are for networks that drop
+/// connections and proxies that limit bodies; to a server on this machine (`loopback`) a NAR
+/// goes in one request, which the server verifies and stores as it arrives (parts wait for
+/// the last).
+pub fn default_part_size(loopback: bool) -> u64 {
+    if loopback {
+        u64::MAX
+    } else {
+        push::DEFAULT_PART_SIZE
     }
 }
 

@@ -186,14 +186,13 @@ impl Pusher {
     ) -> Result<Self, PusherError> {
         let info = cache_info(&client, &cache).await?;
         ensure_can_push(&client, &cache).await?;
-        // `larder push`'s defaults for a server on this machine (`plan.rs`): NARs uncompressed
-        // and in one request, which the server verifies and stores as it arrives.
+        // `larder push`'s defaults (`plan.rs`).
         let loopback = crate::plan::is_loopback(client.base_url());
-        let compression = if loopback {
-            Compression::None
-        } else {
-            Compression::from_name(&info.compression).unwrap_or(Compression::Zstd)
-        };
+        let compression = Compression::from_name(crate::plan::default_compression(
+            loopback,
+            &info.compression,
+        ))
+        .unwrap_or(Compression::Zstd);
         if info.signing_mode == "client" && signing_key.is_none() {
             return Err(PusherError::NeedsSigningKey {
                 cache: info.name,
@@ -207,11 +206,7 @@ impl Pusher {
                 compression,
                 level: if compression == Compression::Xz { 6 } else { 3 },
                 signing_key,
-                part_size: if loopback {
-                    u64::MAX
-                } else {
-                    push::DEFAULT_PART_SIZE
-                },
+                part_size: crate::plan::default_part_size(loopback),
                 // The push daemon honours `larder push --no-chunking`'s variable too.
                 chunking: !std::env::var("LARDER_PUSH_NO_CHUNKING").is_ok_and(|v| {
                     matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")

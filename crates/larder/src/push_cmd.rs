@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use larder_client::local_store::{LocalStore, PathInfo};
-use larder_client::push::{self, Observer, Outcome, PushOptions, DEFAULT_PART_SIZE};
+use larder_client::push::{self, Observer, Outcome, PushOptions};
 use larder_nix::signing::SigningKey;
 use larder_nix::signing::CACHE_NIXOS_ORG_KEY_NAME;
 use larder_nix::store_path::StorePath;
@@ -419,10 +419,7 @@ fn push_options(args: &PushArgs, settings: UploadSettings) -> anyhow::Result<Pus
             Some(size) => larder_server::config::parse_size(size)
                 .context("invalid --part-size")?
                 .max(4096),
-            // Parts are for networks that drop connections; on this machine a NAR sent in one
-            // request is verified and stored as it arrives (see --part-size's help).
-            None if settings.loopback => u64::MAX,
-            None => DEFAULT_PART_SIZE,
+            None => larder_ops::plan::default_part_size(settings.loopback),
         },
         stall_timeout: stall_timeout(&args.stall_timeout)?,
         chunking: !args.no_chunking,
