@@ -9,7 +9,7 @@
 # push vs a local nix copy --to file://).
 # Knobs: NCHAIN (default 200), BIG_MIB (default 500), LARGE_MIB (256; 0 skips the rows),
 # TINY (0: how many tiny paths to ingest; issue 12 asks for 10000),
-# SKIP_XZ=1 to skip the slow xz run.
+# SKIP_XZ=1 to skip the slow xz run. TINY_ONLY=1: only the tiny-path ingest (below).
 # LARGE_ONLY=1 measures only the LARGE_MIB path: `larder push` into a fresh server and a local
 # `nix copy --to file://`, ROUNDS times (default 2), each round also with BASELINE_BIN (another
 # build, e.g. the commit before a change) when given, alternated: a before/after in one run.
@@ -69,6 +69,39 @@ timed() { # prints seconds of "$@"
   local t0 t1; t0=$(date +%s.%N); "$@" >/dev/null 2>"$WORK/last.err" || { cat "$WORK/last.err" >&2; exit 1; }; t1=$(date +%s.%N)
   python3 -c "print(f'{$t1 - $t0:.2f}')"
 }
+
+# TINY_ONLY=1 measures only the ingest of TINY (default 3000) tiny paths: `larder push` into a
+# fresh server and a local `nix copy --to file://`, ROUNDS times, with BASELINE_BIN alternated
+# as for LARGE_ONLY.
+make_tiny() { # $1 = directory, $2 = how many; prints the store paths
+  mkdir -p "$1"
+  python3 - "$1" "$2" "$RANDOM" <<'PY'
+import os, sys
+d, n, salt = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+for i in range(n):
+    with open(os.path.join(d, f"tiny-{salt}-{i}"), "w") as f:
+        f.write(f"tiny path {salt} {i}\n")
+PY
+  (cd "$1" && find . -type f | sed "s|^\./|$1/|" | xargs nix-store --add)
+}
+if [ "${TINY_ONLY:-0}" = 1 ]; then
+  mapfile -t TP < <(make_tiny "$WORK/tiny" "${TINY:-3000}")
+  n=0
+  for r in $(seq "${ROUNDS:-2}"); do
+    for bin in ${BASELINE_BIN:+"$BASELINE_BIN"} "$BIN"; do
+      n=$((n + 1))
+      start_server "tiny$n" "$bin"
+      T=$(timed env LARDER_SERVER=$URL LARDER_TOKEN=$PUSH "$bin" push bench "${TP[@]}" ${PUSH_ARGS:-})
+      [ "$(LARDER_SERVER=$URL LARDER_TOKEN=$PUSH "$bin" cache info bench --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["paths"])')" = "${#TP[@]}" ] \
+        || { echo "larder push: incomplete" >&2; exit 1; }
+      kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
+      F=$(timed env XDG_CACHE_HOME=$WORK/xt$n nix copy --to "file://$WORK/tinycache$n?compression=zstd" "${TP[@]}")
+      rm -rf "$WORK/tiny$n" "$WORK/tinycache$n"
+      python3 -c "n, l, f = ${#TP[@]}, $T, $F; print(f'round $r, $bin: larder push {n/l:.0f} paths/s ({l} s), nix copy --to file:// {n/f:.0f} paths/s ({f} s): {f/l:.2f}x')"
+    done
+  done
+  exit 0
+fi
 
 if [ "${LARGE_ONLY:-0}" = 1 ]; then
   make_large "$WORK/large"
@@ -152,15 +185,7 @@ fi
 # in paths/s. TINY=0 (the default) skips it.
 TINY=${TINY:-0}
 if [ "$TINY" != 0 ]; then
-  mkdir -p "$WORK/tiny"
-  python3 - "$WORK/tiny" "$TINY" "$RANDOM" <<'PY'
-import os, sys
-d, n, salt = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-for i in range(n):
-    with open(os.path.join(d, f"tiny-{salt}-{i}"), "w") as f:
-        f.write(f"tiny path {salt} {i}\n")
-PY
-  mapfile -t TP < <(cd "$WORK/tiny" && find . -type f | sed "s|^\./|$WORK/tiny/|" | xargs nix-store --add)
+  mapfile -t TP < <(make_tiny "$WORK/tiny" "$TINY")
   start_server tinyl
   T_T_L=$(timed env LARDER_SERVER=$URL LARDER_TOKEN=$PUSH "$BIN" push bench "${TP[@]}")
   start_server tinyn

@@ -28,9 +28,10 @@ pub use retention::{GcReport, Keep, Pin, PinRequest, Reason, Victim};
 pub use stats::{CacheStats, DayStats};
 pub use tokens::{CreateToken, Token};
 pub use uploads::{
-    AssembleRequest, ChunksMissingRequest, ChunksMissingResponse, ChunksStored, MultipartDetail,
-    MultipartList, MultipartOpened, MultipartPart, MultipartUpload, PublishRequest, PublishStatus,
-    Published, StoredChunk, Upload, UpstreamRef,
+    AssembleRequest, BatchOutcome, BatchPublished, BatchStatus, ChunksMissingRequest,
+    ChunksMissingResponse, ChunksStored, MultipartDetail, MultipartList, MultipartOpened,
+    MultipartPart, MultipartUpload, PathMetadata, PublishRequest, PublishStatus, Published,
+    StoredChunk, Upload, UpstreamRef,
 };
 
 use std::fmt;

@@ -1,6 +1,7 @@
 //! Uploads: a NAR sent whole (`POST /caches/{c}/nars`) or in parts (`/caches/{c}/multipart…`),
 //! what the server measured of it ([`Upload`]), and the store path published with it
-//! ([`PublishRequest`] to `POST /caches/{c}/paths`).
+//! ([`PublishRequest`] to `POST /caches/{c}/paths`); or small paths sent with their NARs, many
+//! in one request (`POST /caches/{c}/paths/batch`: [`PathMetadata`], [`BatchPublished`]).
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -49,6 +50,93 @@ pub struct PublishRequest {
     /// Signed metadata of references available upstream (not pushed).
     #[serde(default)]
     pub upstream: Vec<UpstreamRef>,
+}
+
+/// A store path's metadata as a client declares it: what [`PublishRequest`] publishes with an
+/// uploaded NAR, and what each path of a batch carries (`POST /caches/{cache}/paths/batch`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PathMetadata {
+    pub store_path: String,
+    pub nar_hash: String,
+    pub nar_size: u64,
+    #[serde(default)]
+    pub references: Vec<String>,
+    pub deriver: Option<String>,
+    pub ca: Option<String>,
+    #[serde(default)]
+    pub sigs: Vec<String>,
+    /// Signed metadata of references available upstream (not pushed).
+    #[serde(default)]
+    pub upstream: Vec<UpstreamRef>,
+}
+
+impl PublishRequest {
+    pub fn new(upload_id: String, m: PathMetadata) -> Self {
+        PublishRequest {
+            upload_id,
+            store_path: m.store_path,
+            nar_hash: m.nar_hash,
+            nar_size: m.nar_size,
+            references: m.references,
+            deriver: m.deriver,
+            ca: m.ca,
+            sigs: m.sigs,
+            upstream: m.upstream,
+        }
+    }
+
+    /// The upload id and the path's metadata.
+    pub fn into_parts(self) -> (String, PathMetadata) {
+        let m = PathMetadata {
+            store_path: self.store_path,
+            nar_hash: self.nar_hash,
+            nar_size: self.nar_size,
+            references: self.references,
+            deriver: self.deriver,
+            ca: self.ca,
+            sigs: self.sigs,
+            upstream: self.upstream,
+        };
+        (self.upload_id, m)
+    }
+}
+
+/// What became of each path of a batch (`POST /caches/{cache}/paths/batch`), in the order
+/// they were sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BatchPublished {
+    pub paths: Vec<BatchOutcome>,
+}
+
+/// One path of a batch and what became of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BatchOutcome {
+    pub store_path: String,
+    #[serde(flatten)]
+    pub status: BatchStatus,
+    /// sha256:<nix32> of the NAR sent for this path, measured by the server (absent when what
+    /// was sent is not a NAR).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nar_hash: Option<String>,
+    /// Its size, likewise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nar_size: Option<u64>,
+}
+
+/// What became of one path of a batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum BatchStatus {
+    /// Published, its NAR stored as a file of `file_size` bytes.
+    Created { file_size: i64 },
+    /// The cache had the path with the same NAR.
+    AlreadyPresent,
+    /// Not published: the HTTP status and message a single upload would have been answered.
+    Failed { code: u16, error: String },
+    /// Not published: the server cannot take this one in a batch (its NAR shares chunks
+    /// stored in another form); send it on its own (`POST …/nars`, then `POST …/paths`).
+    SendAlone,
 }
 
 /// Whether a publication made the path or found it there.

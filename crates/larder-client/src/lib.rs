@@ -2,6 +2,7 @@
 //! store reader and the push pipeline live here too as they arrive.
 
 pub mod api;
+mod batch;
 mod chunked;
 pub mod import;
 pub mod local_store;

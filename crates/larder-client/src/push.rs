@@ -16,12 +16,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use larder_api::{PublishRequest, PublishStatus, Upload, UpstreamRef};
+use larder_api::{PathMetadata, PublishRequest, PublishStatus, Upload, UpstreamRef};
 use larder_nix::store_path::StorePath;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -39,7 +39,7 @@ pub use crate::upload::{
 use crate::upload::{transient, write_nar, UploadResp, Verify};
 
 /// Blocks of compressed NAR in flight per upload.
-const CHANNEL_BLOCKS: usize = 8;
+pub(crate) const CHANNEL_BLOCKS: usize = 8;
 /// Size of one block sent to the network.
 const BLOCK: usize = 256 * 1024;
 /// Paths per bulk `missing` query.
@@ -218,62 +218,63 @@ pub async fn execute(
             .map(|i| (i.path.to_absolute(), upstream_ref(i)))
             .collect(),
     );
+    let shared = Arc::new(crate::batch::Shared {
+        client: client.clone(),
+        cache: cache.to_owned(),
+        opts: opts.clone(),
+        observer: observer.clone(),
+        upstream,
+        unsupported: AtomicBool::new(false),
+    });
     let mut done: HashMap<String, watch::Receiver<Option<bool>>> = HashMap::new();
     let sem = Arc::new(Semaphore::new(opts.jobs.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
-    for info in &plan.paths {
+    for unit in units(&plan.paths, opts.batching) {
         // Spawned in dependency order: a task only ever waits for earlier tasks, which hold
         // permits or are finished, so the semaphore cannot deadlock.
         let permit = match sem.clone().acquire_owned().await {
             Ok(p) => p,
             Err(_) => break,
         };
-        let deps: Vec<watch::Receiver<Option<bool>>> = info
-            .references
-            .iter()
-            .filter(|r| **r != info.path)
-            .filter_map(|r| done.get(&r.to_absolute()).cloned())
-            .collect();
-        let (tx, rx) = watch::channel(None);
-        done.insert(info.path.to_absolute(), rx);
-        let (client, cache, info, opts, observer, upstream) = (
-            client.clone(),
-            cache.to_owned(),
-            info.clone(),
-            opts.clone(),
-            observer.clone(),
-            upstream.clone(),
-        );
-        tasks.spawn(async move {
-            let _permit = permit;
-            observer.started(&info);
-            let t0 = Instant::now();
-            let counted = Arc::new(CountSent {
-                inner: observer.clone(),
-                sent: AtomicU64::new(0),
-            });
-            let watched: Arc<dyn Observer> = counted.clone();
-            let outcome = push_one(&client, &cache, &info, &opts, &watched, deps, &upstream).await;
-            let outcome = match outcome {
-                Ok(Some(upload)) => Outcome::Pushed {
-                    file_size: upload.file_size,
-                    uploaded: counted.sent.load(Ordering::Relaxed),
-                    secs: t0.elapsed().as_secs_f64(),
-                },
-                Ok(None) => Outcome::AlreadyPresent,
-                Err(PushError::Store(LocalStoreError::Vanished(_))) => Outcome::Vanished,
-                Err(e) => Outcome::Failed {
-                    error: error_line(&e),
-                    uploaded: counted.sent.load(Ordering::Relaxed),
-                },
-            };
-            let _ = tx.send(Some(matches!(
-                outcome,
-                Outcome::Pushed { .. } | Outcome::AlreadyPresent
-            )));
-            observer.finished(&info, &outcome);
-            (info, outcome)
-        });
+        let shared = shared.clone();
+        match unit {
+            Unit::One(info) => {
+                let deps = waits(&done, &info, &HashSet::new());
+                let (tx, rx) = watch::channel(None);
+                done.insert(info.path.to_absolute(), rx);
+                tasks.spawn(async move {
+                    let _permit = permit;
+                    shared.observer.started(&info);
+                    let outcome = push_counted(&shared, &info, deps).await;
+                    let _ = tx.send(Some(matches!(
+                        outcome,
+                        Outcome::Pushed { .. } | Outcome::AlreadyPresent
+                    )));
+                    shared.observer.finished(&info, &outcome);
+                    vec![(info, outcome)]
+                });
+            }
+            Unit::Batch(infos) => {
+                let inside: HashSet<StorePath> = infos.iter().map(|i| i.path.clone()).collect();
+                let members: Vec<crate::batch::Member> = infos
+                    .into_iter()
+                    .map(|info| {
+                        let deps = waits(&done, &info, &inside);
+                        let (tx, rx) = watch::channel(None);
+                        done.insert(info.path.to_absolute(), rx);
+                        crate::batch::Member {
+                            info,
+                            deps,
+                            done: tx,
+                        }
+                    })
+                    .collect();
+                tasks.spawn(async move {
+                    let _permit = permit;
+                    crate::batch::push(&shared, members).await
+                });
+            }
+        }
     }
     let mut s = Summary {
         skipped: plan.present + plan.upstream.len() + plan.excluded,
@@ -281,19 +282,25 @@ pub async fn execute(
     };
     while let Some(res) = tasks.join_next().await {
         match res {
-            Ok((info, Outcome::Pushed { uploaded, .. })) => {
-                s.pushed += 1;
-                s.bytes += info.nar_size;
-                s.uploaded += uploaded;
-            }
-            Ok((_, Outcome::AlreadyPresent | Outcome::Vanished)) => s.skipped += 1,
-            Ok((info, Outcome::Failed { error: e, uploaded })) => {
-                s.failed += 1;
-                s.uploaded += uploaded;
-                s.failures.push(Failure {
-                    path: info.path.to_absolute(),
-                    error: e,
-                });
+            Ok(outcomes) => {
+                for (info, outcome) in outcomes {
+                    match outcome {
+                        Outcome::Pushed { uploaded, .. } => {
+                            s.pushed += 1;
+                            s.bytes += info.nar_size;
+                            s.uploaded += uploaded;
+                        }
+                        Outcome::AlreadyPresent | Outcome::Vanished => s.skipped += 1,
+                        Outcome::Failed { error: e, uploaded } => {
+                            s.failed += 1;
+                            s.uploaded += uploaded;
+                            s.failures.push(Failure {
+                                path: info.path.to_absolute(),
+                                error: e,
+                            });
+                        }
+                    }
+                }
             }
             Err(e) => {
                 s.failed += 1;
@@ -331,6 +338,126 @@ pub fn replan_needed(summary: &Summary) -> bool {
     summary.failures.iter().any(gone) && summary.failures.iter().all(|f| gone(f) || dependent(f))
 }
 
+/// What one task of a push uploads: a path on its own, or a batch of small ones.
+enum Unit {
+    One(PathInfo),
+    Batch(Vec<PathInfo>),
+}
+
+/// `paths` (in dependency order) as the tasks that upload them, in the same order: small paths
+/// in batches (when `batching`), the others on their own. A path on its own that refers to a
+/// path of the batch being filled closes it first, so that the batch is spawned, and waited
+/// for, before it.
+fn units(paths: &[PathInfo], batching: bool) -> Vec<Unit> {
+    let mut units = Vec::new();
+    let mut open: Vec<PathInfo> = Vec::new();
+    let mut open_bytes = 0u64;
+    let close = |open: &mut Vec<PathInfo>, units: &mut Vec<Unit>| {
+        if !open.is_empty() {
+            units.push(Unit::Batch(std::mem::take(open)));
+        }
+    };
+    for info in paths {
+        if batching && crate::batch::batchable(info) {
+            open_bytes += info.nar_size;
+            open.push(info.clone());
+            if open.len() >= crate::batch::MAX_PATHS || open_bytes >= crate::batch::MAX_NAR_BYTES {
+                close(&mut open, &mut units);
+                open_bytes = 0;
+            }
+        } else {
+            if (info.references.iter()).any(|r| open.iter().any(|o| o.path == *r)) {
+                close(&mut open, &mut units);
+                open_bytes = 0;
+            }
+            units.push(Unit::One(info.clone()));
+        }
+    }
+    close(&mut open, &mut units);
+    units
+}
+
+/// What `info` waits for before it is published: its references being pushed by this run,
+/// but those in `inside` (its own batch, which the server publishes in order).
+fn waits(
+    done: &HashMap<String, watch::Receiver<Option<bool>>>,
+    info: &PathInfo,
+    inside: &HashSet<StorePath>,
+) -> Vec<watch::Receiver<Option<bool>>> {
+    info.references
+        .iter()
+        .filter(|r| **r != info.path && !inside.contains(*r))
+        .filter_map(|r| done.get(&r.to_absolute()).cloned())
+        .collect()
+}
+
+/// Upload and publish `info` on its own once `deps` are published: its outcome, with the
+/// bytes it sent.
+pub(crate) async fn push_counted(
+    shared: &crate::batch::Shared,
+    info: &PathInfo,
+    deps: Vec<watch::Receiver<Option<bool>>>,
+) -> Outcome {
+    let t0 = Instant::now();
+    let counted = Arc::new(Counted::new(shared.observer.clone()));
+    let watched: Arc<dyn Observer> = counted.clone();
+    let (client, cache, opts) = (&shared.client, &shared.cache, &shared.opts);
+    match push_one(client, cache, info, opts, &watched, deps, &shared.upstream).await {
+        Ok(Some(upload)) => Outcome::Pushed {
+            file_size: upload.file_size,
+            uploaded: counted.sent(),
+            secs: t0.elapsed().as_secs_f64(),
+        },
+        Ok(None) => Outcome::AlreadyPresent,
+        Err(PushError::Store(LocalStoreError::Vanished(_))) => Outcome::Vanished,
+        Err(e) => Outcome::Failed {
+            error: error_line(&e),
+            uploaded: counted.sent(),
+        },
+    }
+}
+
+/// The metadata `info` is published with: its references, deriver (unless omitted), CA,
+/// signatures (ours added when we sign), and the upstream metadata of those of its references
+/// that are upstream's.
+pub(crate) fn path_metadata(
+    info: &PathInfo,
+    opts: &PushOptions,
+    upstream: &HashMap<String, UpstreamRef>,
+) -> PathMetadata {
+    let refs: Vec<String> = info.references.iter().map(StorePath::to_absolute).collect();
+    let mut sigs = info.sigs.clone();
+    if let Some(key) = &opts.signing_key {
+        let fp = larder_nix::signing::fingerprint(
+            &info.path,
+            &info.nar_hash,
+            info.nar_size,
+            &info.references,
+        );
+        let sig = key.sign(&fp).to_string();
+        sigs.retain(|s| !s.starts_with(&format!("{}:", key.name())));
+        sigs.push(sig);
+    }
+    PathMetadata {
+        store_path: info.path.to_absolute(),
+        nar_hash: info.nar_hash.to_typed_nix32(),
+        nar_size: info.nar_size,
+        deriver: if opts.omit_deriver {
+            None
+        } else {
+            info.deriver.as_ref().map(StorePath::to_absolute)
+        },
+        ca: info.ca.clone(),
+        sigs,
+        upstream: refs
+            .iter()
+            .filter_map(|r| upstream.get(r))
+            .cloned()
+            .collect(),
+        references: refs,
+    }
+}
+
 /// Metadata of an upstream path a pushed path refers to, with its upstream signatures.
 fn upstream_ref(i: &PathInfo) -> UpstreamRef {
     UpstreamRef {
@@ -345,12 +472,26 @@ fn upstream_ref(i: &PathInfo) -> UpstreamRef {
 /// An observer of one path that counts the bytes its uploads hand to the network, for the
 /// summary of a path that fails (a corrupt NAR the server received, or sent in parts before
 /// the local check found it).
-struct CountSent {
+pub(crate) struct Counted {
     inner: Arc<dyn Observer>,
     sent: AtomicU64,
 }
 
-impl Observer for CountSent {
+impl Counted {
+    pub(crate) fn new(inner: Arc<dyn Observer>) -> Self {
+        Counted {
+            inner,
+            sent: AtomicU64::new(0),
+        }
+    }
+
+    /// Bytes handed to the network so far.
+    pub(crate) fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+}
+
+impl Observer for Counted {
     fn started(&self, path: &PathInfo) {
         self.inner.started(path)
     }
@@ -435,38 +576,10 @@ async fn push_one(
             return Err(PushError::DependencyFailed);
         }
     }
-    let refs: Vec<String> = info.references.iter().map(StorePath::to_absolute).collect();
-    let mut sigs = info.sigs.clone();
-    if let Some(key) = &opts.signing_key {
-        let fp = larder_nix::signing::fingerprint(
-            &info.path,
-            &info.nar_hash,
-            info.nar_size,
-            &info.references,
-        );
-        let sig = key.sign(&fp).to_string();
-        sigs.retain(|s| !s.starts_with(&format!("{}:", key.name())));
-        sigs.push(sig);
-    }
-    let body = PublishRequest {
-        upload_id: upload.upload_id.clone(),
-        store_path: info.path.to_absolute(),
-        nar_hash: info.nar_hash.to_typed_nix32(),
-        nar_size: info.nar_size,
-        deriver: if opts.omit_deriver {
-            None
-        } else {
-            info.deriver.as_ref().map(StorePath::to_absolute)
-        },
-        ca: info.ca.clone(),
-        sigs,
-        upstream: refs
-            .iter()
-            .filter_map(|r| upstream.get(r))
-            .cloned()
-            .collect(),
-        references: refs,
-    };
+    let body = PublishRequest::new(
+        upload.upload_id.clone(),
+        path_metadata(info, opts, upstream),
+    );
     let mut retry = Retry::new(opts.attempts);
     let url = format!("/api/v1/caches/{cache}/paths");
     loop {
@@ -499,13 +612,21 @@ async fn push_one(
 }
 
 /// Sends compressed NAR bytes to the network in blocks, counting them.
-struct ChannelWriter {
+pub(crate) struct ChannelWriter {
     tx: mpsc::Sender<io::Result<Bytes>>,
     buf: Vec<u8>,
     observer: Arc<dyn Observer>,
 }
 
 impl ChannelWriter {
+    pub(crate) fn new(tx: mpsc::Sender<io::Result<Bytes>>, observer: Arc<dyn Observer>) -> Self {
+        ChannelWriter {
+            tx,
+            buf: Vec::with_capacity(BLOCK),
+            observer,
+        }
+    }
+
     fn send(&mut self) -> io::Result<()> {
         if self.buf.is_empty() {
             return Ok(());
@@ -595,28 +716,44 @@ async fn upload_nar(
         r
     });
     // The server hashes the NAR as it arrives; once it is in, it stores it.
+    let allowance = stall::work_allowance(info.nar_size);
+    let resp = send_produced(client, request, &progress, opts, allowance, &url, producer).await?;
+    resp.json::<Upload>()
+        .await
+        .map(UploadResp::from)
+        .map_err(|e| PushError::Internal(format!("bad answer to the NAR upload: {e}")))
+}
+
+/// Send `request`, whose body `producer` writes, under the stall watchdog: the answer, or
+/// what explains a failure best (the server's refusal when it stopped reading, a local error
+/// such as a corrupt or vanished path otherwise).
+pub(crate) async fn send_produced(
+    client: &ApiClient,
+    request: reqwest::RequestBuilder,
+    progress: &Progress,
+    opts: &PushOptions,
+    allowance: Duration,
+    url: &str,
+    producer: tokio::task::JoinHandle<Result<(), PushError>>,
+) -> Result<reqwest::Response, PushError> {
     let sent = stall::watch(
         client.send(request),
-        &progress,
+        progress,
         opts.stall_timeout,
-        stall::work_allowance(info.nar_size),
-        &url,
+        allowance,
+        url,
     )
     .await;
     let produced = producer
         .await
         .map_err(|e| PushError::Internal(e.to_string()))?;
-    let resp = match (produced, sent) {
-        (Ok(()), sent) => sent?,
+    match (produced, sent) {
+        (Ok(()), sent) => Ok(sent?),
         // The server stopped reading (it refused the upload): its answer says why.
-        (Err(PushError::Store(LocalStoreError::Write { .. })), Err(e)) => return Err(e.into()),
+        (Err(PushError::Store(LocalStoreError::Write { .. })), Err(e)) => Err(e.into()),
         // A local error (corrupt or vanished path) explains a failed request best.
-        (Err(e), _) => return Err(e),
-    };
-    resp.json::<Upload>()
-        .await
-        .map(UploadResp::from)
-        .map_err(|e| PushError::Internal(format!("bad answer to the NAR upload: {e}")))
+        (Err(e), _) => Err(e),
+    }
 }
 
 fn receiver_stream(
@@ -680,6 +817,58 @@ mod tests {
             gone,
             "the server answered 413: too large"
         ])));
+    }
+
+    #[test]
+    fn small_paths_go_in_batches_closed_before_a_path_that_refers_to_one() {
+        let path = |name: &str, nar_size: u64, refs: &[&PathInfo]| PathInfo {
+            path: StorePath::from_basename(&format!("{:0>32}-{name}", name.len())).unwrap(),
+            nar_hash: larder_nix::hash::Sha256::digest(name.as_bytes()),
+            nar_size,
+            references: refs.iter().map(|r| r.path.clone()).collect(),
+            deriver: None,
+            sigs: vec![],
+            ca: None,
+            registration_time: 0,
+        };
+        let names = |units: &[Unit]| -> Vec<String> {
+            units
+                .iter()
+                .map(|u| match u {
+                    Unit::One(i) => i.path.name().to_owned(),
+                    Unit::Batch(b) => b
+                        .iter()
+                        .map(|i| i.path.name())
+                        .collect::<Vec<_>>()
+                        .join("+"),
+                })
+                .collect()
+        };
+        let a = path("a", 100, &[]);
+        let b = path("bb", 100, &[&a]);
+        let big = path("big", MIN_CHUNKED_NAR, &[]);
+        let large = path("large", 1 << 30, &[&b]);
+        let c = path("ccc", 100, &[&large]);
+        let d = path("dddd", 100, &[]);
+        let plan = [a, b, big, large, c, d];
+        // `big` refers to nothing in the batch: the batch stays open across it.
+        assert_eq!(
+            names(&units(&plan, true)),
+            ["big", "a+bb", "large", "ccc+dddd"]
+        );
+        assert_eq!(
+            names(&units(&plan, false)),
+            ["a", "bb", "big", "large", "ccc", "dddd"]
+        );
+        let many: Vec<PathInfo> = (0..201).map(|i| path(&format!("p{i}"), 10, &[])).collect();
+        let sizes: Vec<usize> = units(&many, true)
+            .iter()
+            .map(|u| match u {
+                Unit::Batch(b) => b.len(),
+                Unit::One(_) => 0,
+            })
+            .collect();
+        assert_eq!(sizes, [crate::batch::MAX_PATHS, 1]);
     }
 
     #[test]

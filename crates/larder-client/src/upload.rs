@@ -141,6 +141,9 @@ pub struct PushOptions {
     /// upload only those the cache lacks (`crate::chunked`); otherwise upload every NAR whole
     /// (or in parts) and let the server chunk it.
     pub chunking: bool,
+    /// Send NARs under `push::MIN_CHUNKED_NAR` many to a request with their metadata
+    /// (`crate::batch`); otherwise each path with two requests of its own.
+    pub batching: bool,
 }
 
 impl Default for PushOptions {
@@ -160,6 +163,7 @@ impl Default for PushOptions {
             source: None,
             stall_timeout: Some(crate::stall::DEFAULT_STALL_TIMEOUT),
             chunking: true,
+            batching: true,
         }
     }
 }

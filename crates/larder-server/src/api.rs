@@ -13,7 +13,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use larder_api::{
-    Cache, ConfigureCache, CreateCache, CreateToken, MissingRequest, MissingResponse,
+    Cache, ConfigureCache, CreateCache, CreateToken, MissingRequest, MissingResponse, PathMetadata,
     PublishRequest, PublishStatus, Published, RegisterKey, Size, Token, Upload, WhoAmI,
 };
 use larder_nix::hash::Sha256;
@@ -34,6 +34,7 @@ use crate::publish::{publish, store_upload, PathInfo, UpstreamRef};
 use crate::routes::Routes;
 use crate::{valid_cache_name, AppState};
 
+mod batch;
 mod chunks;
 pub(crate) mod contents;
 pub(crate) mod multipart;
@@ -61,6 +62,7 @@ pub fn routes() -> Routes {
         .post("/caches/{cache}/chunks/assemble", chunks::assemble)
         .get("/caches/{cache}/paths", contents::list_paths)
         .post("/caches/{cache}/paths", publish_path)
+        .post("/caches/{cache}/paths/batch", batch::publish_batch)
         .get("/caches/{cache}/paths/{path}", contents::path_info)
         .delete("/caches/{cache}/paths/{path}", contents::delete_path)
         .get("/caches/{cache}/multipart", multipart::list)
@@ -681,6 +683,31 @@ async fn publish_path(
     JsonBody(req): JsonBody<PublishRequest>,
 ) -> Result<(StatusCode, Json<Published>), ApiError> {
     let c = access?.cache;
+    let (upload_id, meta) = req.into_parts();
+    let info = path_info(meta)?;
+    let nar = state
+        .meta
+        .upload_nar(c.id, &upload_id)
+        .await?
+        .ok_or_else(|| {
+            ApiError::bad(format!(
+                "unknown upload id {:?} (uploads expire after {} hours)",
+                truncate(&upload_id),
+                crate::config::PENDING_UPLOAD_TTL.as_secs() / 3600
+            ))
+        })?;
+    let store_path = info.store_path.to_absolute();
+    let outcome = publish(&state, &c, info, &nar, &upload_id).await?;
+    let (code, status) = match outcome {
+        Publish::Created => (StatusCode::CREATED, PublishStatus::Created),
+        _ => (StatusCode::OK, PublishStatus::AlreadyPresent),
+    };
+    Ok((code, Json(Published { store_path, status })))
+}
+
+/// A path's metadata as a client declared it, parsed: every store path, hash and signature
+/// checked for form (an unparsable upstream signature simply does not count).
+pub(crate) fn path_info(m: PathMetadata) -> Result<PathInfo, ApiError> {
     let path = |s: &str| {
         StorePath::from_absolute(s)
             .or_else(|_| StorePath::from_basename(s))
@@ -689,7 +716,7 @@ async fn publish_path(
     let sig = |s: &String| {
         Signature::parse(s).map_err(|e| ApiError::bad(format!("invalid signature: {e}")))
     };
-    let upstream = req
+    let upstream = m
         .upstream
         .iter()
         .take(10_000)
@@ -709,45 +736,21 @@ async fn publish_path(
             })
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
-    let info = PathInfo {
+    Ok(PathInfo {
         upstream,
-        store_path: path(&req.store_path)?,
-        nar_hash: Sha256::parse(&req.nar_hash)
+        store_path: path(&m.store_path)?,
+        nar_hash: Sha256::parse(&m.nar_hash)
             .map_err(|e| ApiError::bad(format!("invalid nar_hash: {e}")))?,
-        nar_size: req.nar_size,
-        references: req
+        nar_size: m.nar_size,
+        references: m
             .references
             .iter()
             .map(|r| path(r))
             .collect::<Result<_, _>>()?,
-        deriver: req.deriver.as_deref().map(path).transpose()?,
-        ca: req.ca,
-        sigs: req
-            .sigs
-            .iter()
-            .map(|s| {
-                Signature::parse(s).map_err(|e| ApiError::bad(format!("invalid signature: {e}")))
-            })
-            .collect::<Result<_, _>>()?,
-    };
-    let nar = state
-        .meta
-        .upload_nar(c.id, &req.upload_id)
-        .await?
-        .ok_or_else(|| {
-            ApiError::bad(format!(
-                "unknown upload id {:?} (uploads expire after {} hours)",
-                truncate(&req.upload_id),
-                crate::config::PENDING_UPLOAD_TTL.as_secs() / 3600
-            ))
-        })?;
-    let store_path = info.store_path.to_absolute();
-    let outcome = publish(&state, &c, info, &nar, &req.upload_id).await?;
-    let (code, status) = match outcome {
-        Publish::Created => (StatusCode::CREATED, PublishStatus::Created),
-        _ => (StatusCode::OK, PublishStatus::AlreadyPresent),
-    };
-    Ok((code, Json(Published { store_path, status })))
+        deriver: m.deriver.as_deref().map(path).transpose()?,
+        ca: m.ca,
+        sigs: m.sigs.iter().map(sig).collect::<Result<_, _>>()?,
+    })
 }
 
 fn token_json(t: &TokenRow, secret: Option<String>) -> Token {

@@ -184,14 +184,24 @@ fn compress(
 ///
 /// The file is not `fsync`ed: it is a staging file, read back to store each chunk as an
 /// object that is made durable itself before any row names it.
-pub struct ChunkWriter {
+pub struct ChunkWriter<W: Write = io::BufWriter<std::fs::File>> {
     chunker: Chunker,
-    frames: Frames,
+    frames: Frames<W>,
+}
+
+/// What [`ChunkWriter::finish_output`] gives back: the frames' SHA-256 and size, the chunks,
+/// the output, and the compressor of the last chunks (for the next writer to reuse).
+pub struct Cut<W> {
+    pub file_hash: Sha256,
+    pub file_size: u64,
+    pub chunks: Vec<NewChunk>,
+    pub out: W,
+    pub compressor: Option<zstd::bulk::Compressor<'static>>,
 }
 
 /// What [`ChunkWriter`] does with the chunks its chunker cuts.
-struct Frames {
-    out: io::BufWriter<std::fs::File>,
+struct Frames<W> {
+    out: W,
     hasher: Sha256Hasher,
     size: u64,
     chunks: Vec<NewChunk>,
@@ -209,11 +219,30 @@ struct Frames {
 
 impl ChunkWriter {
     pub fn new(file: std::fs::File) -> io::Result<Self> {
+        Ok(Self::with_output(
+            io::BufWriter::with_capacity(256 * 1024, file),
+            None,
+        ))
+    }
+
+    /// The file's SHA-256, its size and the chunks.
+    pub fn finish(self) -> io::Result<(Sha256, u64, Vec<NewChunk>)> {
+        let mut cut = self.finish_output()?;
+        cut.out.flush()?;
+        Ok((cut.file_hash, cut.file_size, cut.chunks))
+    }
+}
+
+impl<W: Write> ChunkWriter<W> {
+    /// A writer of frames to `out` (a buffer, for the small NARs of a batch), compressing the
+    /// last chunks with `compressor` if given (making one costs more than compressing a
+    /// chunk of a few bytes).
+    pub fn with_output(out: W, compressor: Option<zstd::bulk::Compressor<'static>>) -> Self {
         let (done_tx, done_rx) = mpsc::channel();
-        Ok(ChunkWriter {
+        ChunkWriter {
             chunker: Chunker::new(),
             frames: Frames {
-                out: io::BufWriter::with_capacity(256 * 1024, file),
+                out,
                 hasher: Sha256Hasher::new(),
                 size: 0,
                 chunks: Vec::new(),
@@ -222,9 +251,9 @@ impl ChunkWriter {
                 done_rx,
                 sent: 0,
                 early: BTreeMap::new(),
-                compressor: None,
+                compressor,
             },
-        })
+        }
     }
 
     pub fn write(&mut self, nar: &[u8]) -> io::Result<()> {
@@ -233,8 +262,8 @@ impl ChunkWriter {
             .feed(nar, &mut |chunk: &[u8]| frames.send(chunk))
     }
 
-    /// The file's SHA-256, its size and the chunks.
-    pub fn finish(self) -> io::Result<(Sha256, u64, Vec<NewChunk>)> {
+    /// Cut and compress what is left; the output is not flushed.
+    pub fn finish_output(self) -> io::Result<Cut<W>> {
         let ChunkWriter {
             chunker,
             mut frames,
@@ -246,12 +275,17 @@ impl ChunkWriter {
             let frame = compress(&mut frames.compressor, chunk)?;
             frames.append(Sha256::digest(chunk), &frame)
         })?;
-        frames.out.flush()?;
-        Ok((frames.hasher.finalize(), frames.size, frames.chunks))
+        Ok(Cut {
+            file_hash: frames.hasher.finalize(),
+            file_size: frames.size,
+            chunks: frames.chunks,
+            out: frames.out,
+            compressor: frames.compressor,
+        })
     }
 }
 
-impl Frames {
+impl<W: Write> Frames<W> {
     fn in_flight(&self) -> u64 {
         self.sent - self.chunks.len() as u64
     }

@@ -314,30 +314,7 @@ pub async fn ingest(
         pipeline.finish()
     });
 
-    let mut stream = body.into_data_stream();
-    let mut received: u64 = 0;
-    let mut failure = None;
-    while let Some(block) = stream.next().await {
-        let block = match block {
-            Ok(b) => b,
-            Err(e) => {
-                failure = Some(ApiError::rejected(
-                    Rejection::Interrupted,
-                    format!("upload interrupted: {e}"),
-                ));
-                break;
-            }
-        };
-        received += block.len() as u64;
-        if received > limit {
-            failure = Some(ApiError::PayloadTooLarge(limit));
-            break;
-        }
-        if tx.send(block).await.is_err() {
-            break; // the worker stopped on an error, reported below
-        }
-    }
-    drop(tx);
+    let failure = forward_body(body, limit, tx).await;
     let result = worker
         .await
         .map_err(|e| ApiError::internal(io::Error::other(e)))?;
@@ -354,6 +331,37 @@ pub async fn ingest(
         chunked: done.chunked(path)?,
         listing,
     })
+}
+
+/// Hand `body`'s blocks to `tx` (a blocking worker's) until the body ends, the worker stops
+/// taking them (it failed, and says why), or more than `limit` bytes arrived: the body's own
+/// failure, if any (interrupted, or too large), which explains a worker's failure best.
+pub async fn forward_body(
+    body: Body,
+    limit: u64,
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+) -> Option<ApiError> {
+    let mut stream = body.into_data_stream();
+    let mut received: u64 = 0;
+    while let Some(block) = stream.next().await {
+        let block = match block {
+            Ok(b) => b,
+            Err(e) => {
+                return Some(ApiError::rejected(
+                    Rejection::Interrupted,
+                    format!("upload interrupted: {e}"),
+                ))
+            }
+        };
+        received += block.len() as u64;
+        if received > limit {
+            return Some(ApiError::PayloadTooLarge(limit));
+        }
+        if tx.send(block).await.is_err() {
+            break;
+        }
+    }
+    None
 }
 
 /// Write the `.ls` listing of a stored `compression`-compressed NAR file, whose blocks arrive

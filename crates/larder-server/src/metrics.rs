@@ -86,7 +86,7 @@ impl UploadKind {
 }
 
 /// The routes that receive uploads: a unit test checks each is in the router.
-pub const UPLOAD_ROUTES: [(Method, &str, UploadKind); 5] = [
+pub const UPLOAD_ROUTES: [(Method, &str, UploadKind); 6] = [
     (Method::PUT, "/{cache}/nar/{file}", UploadKind::Nar),
     (Method::POST, "/api/v1/caches/{cache}/nars", UploadKind::Nar),
     (
@@ -98,6 +98,12 @@ pub const UPLOAD_ROUTES: [(Method, &str, UploadKind); 5] = [
     (
         Method::POST,
         "/api/v1/caches/{cache}/paths",
+        UploadKind::Path,
+    ),
+    // A batch of small paths with their NARs (one request counted, however many paths).
+    (
+        Method::POST,
+        "/api/v1/caches/{cache}/paths/batch",
         UploadKind::Path,
     ),
 ];

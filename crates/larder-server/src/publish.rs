@@ -154,6 +154,20 @@ async fn publish_from(
     upload_id: &str,
     upstream: Option<&str>,
 ) -> Result<Publish, ApiError> {
+    let new = checked_path(state, cache, &info, nar, upstream)?;
+    let outcome = state.meta.publish_path(&new, upload_id).await?;
+    answer(state, cache, &info.store_path, nar, outcome)
+}
+
+/// Check `info` against the measured `nar` and sign it (or check its signature) for `cache`:
+/// the path to record, from `upstream` if given (pull-through).
+pub(crate) fn checked_path(
+    state: &AppState,
+    cache: &CacheRow,
+    info: &PathInfo,
+    nar: &NarRow,
+    upstream: Option<&str>,
+) -> Result<NewPath, ApiError> {
     if info.nar_hash != nar.nar_hash {
         return Err(ApiError::rejected(
             Rejection::NarHashMismatch,
@@ -226,7 +240,7 @@ async fn publish_from(
             }
         }
     }
-    let new = NewPath {
+    Ok(NewPath {
         cache_id: cache.id,
         store_path: info.store_path.clone(),
         refs: info.references.clone(),
@@ -236,21 +250,32 @@ async fn publish_from(
         nar_id: nar.id,
         upstream_refs: match upstream {
             Some(_) => info.references.clone(),
-            None => verified_upstream(&info, &upstream_keys(state, cache)),
+            None => verified_upstream(info, &upstream_keys(state, cache)),
         },
         upstream: upstream.map(str::to_owned),
-    };
-    match state.meta.publish_path(&new, upload_id).await? {
+    })
+}
+
+/// What the publication of `store_path` with `nar` in `cache` answers: a conflict or missing
+/// references are errors; a path created counts towards the cache's limit.
+pub(crate) fn answer(
+    state: &AppState,
+    cache: &CacheRow,
+    store_path: &StorePath,
+    nar: &NarRow,
+    outcome: Publish,
+) -> Result<Publish, ApiError> {
+    match outcome {
         Publish::Conflict { existing_nar_hash } => Err(ApiError::Conflict(format!(
             "{} is already in cache {:?} with different content (NarHash {}); \
              an existing path is never overwritten",
-            info.store_path, cache.name, existing_nar_hash
+            store_path, cache.name, existing_nar_hash
         ))),
         Publish::MissingReferences(missing) => Err(ApiError::rejected(
             Rejection::MissingReferences,
             format!(
                 "{} references {} path(s) not in cache {:?} (push references first): {}",
-                info.store_path,
+                store_path,
                 missing.len(),
                 cache.name,
                 missing

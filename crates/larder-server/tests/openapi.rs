@@ -442,6 +442,32 @@ async fn real_answers_match_the_documented_schemas() {
         400,
     )
     .await;
+    // A batch, into another cache (whose contents nothing below counts).
+    let fresh = TestPath::new("batched", "openapi");
+    let mut meta = fresh.publish_body("", None);
+    meta.as_object_mut().unwrap().remove("upload_id");
+    let meta = serde_json::to_vec(&meta).unwrap();
+    let batch = [&(meta.len() as u32).to_be_bytes()[..], &meta, &fresh.nar].concat();
+    let answer = c
+        .ok(
+            "POST",
+            "/caches/{cache}/paths/batch",
+            "/caches/priv/paths/batch?compression=none",
+            a,
+            Some(Body::Bytes(batch)),
+            200,
+        )
+        .await;
+    assert_eq!(answer["paths"][0]["status"], json!("created"), "{answer}");
+    c.ok(
+        "POST",
+        "/caches/{cache}/paths/batch",
+        "/caches/priv/paths/batch?compression=none",
+        a,
+        Some(Body::Bytes(vec![0, 0, 0, 9, b'{'])),
+        400,
+    )
+    .await;
     let identity = format!(
         "nar_hash={}&nar_size={}",
         Sha256::digest(&app.nar).to_typed_nix32(),

@@ -34,6 +34,7 @@ use sqlx::AnyPool;
 
 use crate::now_unix;
 
+mod batch;
 mod caches;
 mod chunks;
 mod columns;
@@ -54,6 +55,7 @@ pub mod transfer;
 mod uploads;
 mod usage;
 
+pub use batch::BatchItem;
 pub use caches::{CacheRow, CacheStats, CacheUpdate, NewCache};
 pub use chunks::StoreTotals;
 pub use columns::{CacheScope, InvalidValue, SecretKey, SigningMode};

@@ -728,7 +728,10 @@ async fn check_evictions(
         }
     }
     let limited = settled.is_some_and(|c| c.max_size.is_some());
-    if summary.failed > 0 || !limited {
+    // Failures that are all references evicted while the push ran (in every round) are
+    // this same story, told better by what is missing than by the last failure.
+    let only_evictions = summary.failed == 0 || push::replan_needed(summary);
+    if !only_evictions || !limited {
         return Ok(());
     }
     let (after, _) = planner.plan().await?;

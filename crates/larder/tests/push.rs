@@ -439,25 +439,23 @@ fn large_nars_are_pushed_in_parts() {
         key,
         "LARDER_PUSH_PART_SIZE=64KiB LARDER_PUSH_NO_CHUNKING=1",
     );
-    let chunks = walk_files(&server.data.path().join("store/objects"));
+    // The 1 MiB path went up in 16 parts or more (and its small paths in a batch).
+    let (code, metrics) = server.http("GET", "/metrics", None);
+    assert_eq!(code, 200);
+    let requests = |route: &str| -> u64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("larder_http_requests_total{") && l.contains(route))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let parts = requests("/multipart/{id}/parts/{n}");
     assert!(
-        chunks > 30,
-        "expected the big NAR split into many chunks, found {chunks} objects"
+        parts >= 16,
+        "expected the big NAR in 16+ parts, found {parts}:\n{metrics}"
     );
+    assert!(requests("/paths/batch") >= 1, "{metrics}");
     let _ = std::fs::remove_dir_all(work);
-}
-
-fn walk_files(dir: &std::path::Path) -> usize {
-    let mut n = 0;
-    for e in std::fs::read_dir(dir).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_dir() {
-            n += walk_files(&e.path());
-        } else {
-            n += 1;
-        }
-    }
-    n
 }
 
 /// A cache whose pins alone exceed its limit evicts every other path right after its upload:

@@ -50,6 +50,7 @@ pub fn openapi_json() -> &'static str {
         super::upload_nar,
         super::contents::list_paths,
         super::publish_path,
+        super::batch::publish_batch,
         super::contents::path_info,
         super::contents::delete_path,
         super::chunks::missing,

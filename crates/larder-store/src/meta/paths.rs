@@ -227,6 +227,21 @@ pub struct NewPath {
     pub upstream: Option<String>,
 }
 
+impl NewPath {
+    /// Its references, other than itself, that are neither in `present` (basenames of
+    /// published paths) nor vouched for upstream.
+    pub(super) fn missing_refs(&self, present: &HashSet<String>) -> Vec<StorePath> {
+        (self.refs.iter())
+            .filter(|r| {
+                **r != self.store_path
+                    && !present.contains(&r.basename())
+                    && !self.upstream_refs.contains(r)
+            })
+            .cloned()
+            .collect()
+    }
+}
+
 /// What happened when publishing a path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Publish {
@@ -263,6 +278,36 @@ pub(super) const NAR_COLUMNS: &[&str] = &[
     "file_hash",
     "file_size",
 ];
+
+/// Which of the paths `hashes` (hash parts) `cache_id` publishes, as basenames, in a
+/// transaction publishing paths that refer to them. On PostgreSQL they are share-locked, so a
+/// concurrent eviction deleting one either waits for this transaction (and then sees the new
+/// referrer and gives up) or has already deleted it (and the reference counts as missing).
+/// SQLite serialises writers, which gives the same guarantee.
+pub(super) async fn published_refs(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    engine: Engine,
+    cache_id: i64,
+    hashes: &[String],
+) -> Result<HashSet<String>> {
+    let lock = match engine {
+        Engine::Postgres => " FOR SHARE",
+        Engine::Sqlite => "",
+    };
+    let mut present = HashSet::new();
+    for batch in hashes.chunks(IN_BATCH) {
+        let sql = format!(
+            "SELECT hash || '-' || name FROM paths WHERE cache_id = $1 AND hash IN ({}){lock}",
+            placeholders(2, batch.len())
+        );
+        let mut q = sqlx::query_scalar::<_, String>(&sql).bind(cache_id);
+        for h in batch {
+            q = q.bind(h);
+        }
+        present.extend(q.fetch_all(&mut **tx).await?);
+    }
+    Ok(present)
+}
 
 impl Metadata {
     /// The NAR whose stored file has `file_hash`, if `cache_id` publishes a path using it.
@@ -411,36 +456,8 @@ impl Metadata {
             .filter(|r| **r != p.store_path)
             .map(StorePath::hash_part)
             .collect();
-        // On PostgreSQL the references are share-locked, so a concurrent eviction deleting one
-        // either waits for this transaction (and then sees the new referrer and gives up) or
-        // has already deleted it (and the reference counts as missing). SQLite serialises
-        // writers, which gives the same guarantee.
-        let lock = match self.engine {
-            Engine::Postgres => " FOR SHARE",
-            Engine::Sqlite => "",
-        };
-        let mut present = HashSet::new();
-        for batch in wanted.chunks(IN_BATCH) {
-            let sql = format!(
-                "SELECT hash || '-' || name FROM paths WHERE cache_id = $1 AND hash IN ({}){lock}",
-                placeholders(2, batch.len())
-            );
-            let mut q = sqlx::query_scalar::<_, String>(&sql).bind(p.cache_id);
-            for h in batch {
-                q = q.bind(h);
-            }
-            present.extend(q.fetch_all(&mut *tx).await?);
-        }
-        let missing: Vec<StorePath> = p
-            .refs
-            .iter()
-            .filter(|r| {
-                **r != p.store_path
-                    && !present.contains(&r.basename())
-                    && !p.upstream_refs.contains(r)
-            })
-            .cloned()
-            .collect();
+        let present = published_refs(&mut tx, self.engine, p.cache_id, &wanted).await?;
+        let missing = p.missing_refs(&present);
         if !missing.is_empty() {
             tx.rollback().await?;
             return Ok(Some(Publish::MissingReferences(missing)));

@@ -58,6 +58,52 @@ async fn insert_chunks(
     Ok(q.fetch_all(&mut **tx).await?)
 }
 
+/// Create the rows of `chunks` that do not exist (in hash order, as claims take them), those
+/// in `pack` located there; then locate in `pack` the rows that existed, not located
+/// (collected meanwhile, or forgotten by fsck's repair), marking the pack used or not; or,
+/// without a pack, make the unlocated rows chunks of their own objects. Returns the bytes that
+/// now count in `store_sizes` ([`super::sizes::count_chunk_bytes`]).
+pub(super) async fn record_chunks(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    chunks: impl Iterator<Item = &ChunkRow>,
+    pack: Option<&Pack>,
+    now: i64,
+) -> Result<i64> {
+    let mut sorted: Vec<&ChunkRow> = chunks.collect();
+    sorted.sort_by(|a, b| a.chunk_hash.cmp(&b.chunk_hash));
+    sorted.dedup_by(|a, b| a.chunk_hash == b.chunk_hash);
+    let offsets: HashMap<&str, i64> = pack
+        .iter()
+        .flat_map(|p| {
+            p.chunks
+                .iter()
+                .map(|(id, offset, _)| (id.as_str(), *offset))
+        })
+        .collect();
+    let mut created = HashSet::new();
+    for batch in batches(&sorted, CHUNK_INSERT_BATCH) {
+        let into = pack.map(|p| (p.hash.as_str(), &offsets));
+        created.extend(insert_chunks(tx, batch.iter().copied(), into, now).await?);
+    }
+    match pack {
+        Some(pack) => {
+            let rest = Pack {
+                chunks: (pack.chunks.iter())
+                    .filter(|(id, _, _)| !created.contains(id))
+                    .cloned()
+                    .collect(),
+                ..pack.clone()
+            };
+            super::packs::locate(tx, &rest).await?;
+            Ok(0)
+        }
+        None => {
+            let ids: Vec<&str> = sorted.iter().map(|c| c.chunk_hash.as_str()).collect();
+            super::packs::settle_unlocated(tx, &ids).await
+        }
+    }
+}
+
 impl Metadata {
     /// Record a pending upload in `cache_id` that reuses the stored NAR with `nar_hash`, if
     /// one exists. One statement, so garbage collection cannot slip in between the lookup
@@ -334,41 +380,8 @@ impl Metadata {
             super::packs::locate(&mut tx, pack).await?;
         }
         if let Some(nar_id) = new_id {
-            // The chunk rows first (in hash order, as claims take them), then the list.
-            let mut sorted: Vec<&ChunkRow> = chunks.iter().collect();
-            sorted.sort_by(|a, b| a.chunk_hash.cmp(&b.chunk_hash));
-            sorted.dedup_by(|a, b| a.chunk_hash == b.chunk_hash);
-            // Those in the pack are created located there; rows that existed, not located
-            // (collected meanwhile, or forgotten by fsck's repair), are located after.
-            let offsets: HashMap<&str, i64> = pack
-                .iter()
-                .flat_map(|p| {
-                    p.chunks
-                        .iter()
-                        .map(|(id, offset, _)| (id.as_str(), *offset))
-                })
-                .collect();
-            let mut created = HashSet::new();
-            for batch in batches(&sorted, CHUNK_INSERT_BATCH) {
-                let into = pack.map(|p| (p.hash.as_str(), &offsets));
-                created.extend(insert_chunks(&mut tx, batch.iter().copied(), into, now).await?);
-            }
-            match pack {
-                Some(pack) => {
-                    let rest = Pack {
-                        chunks: (pack.chunks.iter())
-                            .filter(|(id, _, _)| !created.contains(id))
-                            .cloned()
-                            .collect(),
-                        ..pack.clone()
-                    };
-                    super::packs::locate(&mut tx, &rest).await?
-                }
-                None => {
-                    let ids: Vec<&str> = sorted.iter().map(|c| c.chunk_hash.as_str()).collect();
-                    added += super::packs::settle_unlocated(&mut tx, &ids).await?;
-                }
-            }
+            // The chunk rows first, then the list.
+            added += record_chunks(&mut tx, chunks.iter(), pack, now).await?;
             let mut seq = 0i64;
             for batch in batches(chunks, INSERT_BATCH) {
                 let sql = format!(
