@@ -165,8 +165,8 @@ pub(crate) async fn push(shared: &Shared, members: Vec<Member>) -> Vec<(PathInfo
                     });
                 }
             }
-            // A server without batches, or a path that could not be read here (vanished,
-            // corrupt): one by one, each with its own outcome.
+            // A server without batches, or a path that could not be read here (vanished, say):
+            // one by one, each with its own outcome.
             Err(PushError::Client(ClientError::Status {
                 status: 404,
                 message,
@@ -175,6 +175,9 @@ pub(crate) async fn push(shared: &Shared, members: Vec<Member>) -> Vec<(PathInfo
                 shared.unsupported.store(true, Ordering::Relaxed);
                 alone = sending;
             }
+            // A server whose upload size limit is below a batch: one by one, each within it
+            // or refused on its own.
+            Err(PushError::Client(ClientError::Status { status: 413, .. })) => alone = sending,
             Err(PushError::Store(_)) => alone = sending,
             Err(e) => {
                 for &i in &sending {

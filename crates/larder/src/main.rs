@@ -65,6 +65,13 @@ enum Command {
     Token(admin::TokenCommand),
     /// Push store paths and their closures to a cache (reads the local Nix store directly).
     ///
+    /// The server and token come from LARDER_SERVER and LARDER_TOKEN, or `larder login`. Only
+    /// what the cache lacks goes up, in dependency order: small paths (NARs under 256 KiB) many
+    /// to a request, larger ones cut into content-defined chunks of which only those the cache
+    /// lacks are sent (a path new to the cache goes whole, in parts above --part-size). A
+    /// damaged store path fails alone, with the paths that refer to it; running the same
+    /// command again sends only what is still missing.
+    ///
     /// In CI, no stored secret is needed: when no token is configured (LARDER_TOKEN, `larder
     /// login`), the job's OIDC ID token is traded for a token that lives at most an hour and
     /// may push only where the server's `[oidc]` rules let this job (repository, branch, …).
