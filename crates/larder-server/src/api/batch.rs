@@ -25,8 +25,7 @@ use larder_nix::compression::Compression;
 use larder_nix::hash::Sha256;
 use larder_nix::nar::parse::{NarError, NarParser};
 use larder_store::meta::{
-    cdc_chunk_id, listing_object_key, pack_object_key, BatchItem, CacheRow, ChunkRow, NarRow,
-    NewPath, Pack, Publish,
+    cdc_chunk_id, pack_object_key, BatchItem, CacheRow, ChunkRow, NarRow, NewPath, Pack, Publish,
 };
 
 use super::UploadCompression;
@@ -43,7 +42,7 @@ pub const MAX_NAR: u64 = 1 << 20;
 /// Most NAR bytes in one batch.
 pub const MAX_NAR_BYTES: u64 = 16 << 20;
 /// Batches held in memory at once, server-wide (each up to [`MAX_NAR_BYTES`] of NAR, about as
-/// much again of frames and listings); others wait their turn before their body is read.
+/// much again of frames); others wait their turn before their body is read.
 static IN_MEMORY: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
 /// Largest metadata entry (a path with thousands of references and signatures fits).
 const MAX_HEADER: usize = 1 << 20;
@@ -54,15 +53,18 @@ struct Entry {
     nar: Result<Measured, ApiError>,
 }
 
-/// A NAR of a batch, verified and cut: its figures, its chunks' frames one after another (the
-/// file to serve), and its `.ls` listing.
+/// A NAR of a batch, verified and cut: its figures, and its chunks' frames one after another
+/// (the file to serve).
+///
+/// Its `.ls` listing is not stored: a small NAR's is made when first asked for
+/// (`binary_cache::make_listing`), where storing one per path was an object and an `fsync`
+/// each, a third of what a batch of tiny paths cost the server.
 struct Measured {
     nar_hash: Sha256,
     nar_size: u64,
     file_hash: Sha256,
     frames: Vec<u8>,
     chunks: Vec<NewChunk>,
-    listing: Vec<u8>,
 }
 
 /// Publish many small paths, each with its NAR, in one request.
@@ -272,26 +274,15 @@ async fn store_and_publish(
         .meta
         .publish_batch(claim_id, pack.as_ref(), &items)
         .await?;
-    let mut listings = Vec::new();
     for (r, (outcome, nar)) in ready.into_iter().zip(results) {
         let status = match answer(state, cache, &r.info.store_path, &nar, outcome) {
-            Ok(Publish::Created) => {
-                listings.push((
-                    listing_object_key(&nar.nar_hash),
-                    Bytes::from(r.nar.listing),
-                ));
-                BatchStatus::Created {
-                    file_size: nar.file_size,
-                }
-            }
+            Ok(Publish::Created) => BatchStatus::Created {
+                file_size: nar.file_size,
+            },
             Ok(_) => BatchStatus::AlreadyPresent,
             Err(e) => failed(e)?,
         };
         answers[r.index] = Some(status);
-    }
-    // A listing found missing is made again when first asked for.
-    if let Err(e) = state.objects.put_many(listings).await {
-        tracing::warn!(error = %crate::error::error_chain(&e), "cannot store NAR listings; they are made again when asked for");
     }
     Ok(())
 }
@@ -433,7 +424,6 @@ fn verify(
     if let Err(e) = parser.feed(nar) {
         return Ok((Err(invalid(e)), compressor));
     }
-    let listing = parser.take_listing().into_bytes();
     let summary = match parser.finish() {
         Ok(s) => s,
         Err(e) => return Ok((Err(invalid(e)), compressor)),
@@ -447,7 +437,6 @@ fn verify(
         file_hash: cut.file_hash,
         frames: cut.out,
         chunks: cut.chunks,
-        listing,
     };
     Ok((Ok(measured), cut.compressor))
 }
