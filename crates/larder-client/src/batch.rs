@@ -309,39 +309,28 @@ async fn send_once(
     let producer = tokio::task::spawn_blocking(move || -> Result<(), PushError> {
         let err_tx = tx.clone();
         let w = ChannelWriter::new(tx, observer.clone());
+        let first = entries[0].0.path.clone();
         let werr = |source| crate::local_store::LocalStoreError::Write {
-            path: entries[0].0.path.clone(),
+            path: first.clone(),
             source,
         };
-        let write_all = |mut w: Box<dyn Write>| -> Result<Box<dyn Write>, PushError> {
-            for (info, json) in &entries {
-                let len = u32::try_from(json.len())
-                    .map_err(|_| PushError::Internal("path metadata too large".into()))?;
-                w.write_all(&len.to_be_bytes()).map_err(werr)?;
-                w.write_all(json).map_err(werr)?;
-                w = write_nar(&source, info, w, Verify::ByServer, &observer)?;
-            }
-            Ok(w)
-        };
+        // Each encoder finished, its end written to the channel writer, and that flushed: a
+        // compressed stream cut short is refused whole by the server.
         let r = (|| -> Result<(), PushError> {
-            match compression {
-                Compression::None => {
-                    let mut w = write_all(Box::new(w))?;
-                    w.flush().map_err(werr)?;
-                }
+            let mut w = match compression {
+                Compression::None => write_entries(&entries, &source, &observer, w)?,
                 Compression::Zstd => {
                     let enc = zstd::Encoder::new(w, level).map_err(werr)?;
-                    let enc = Box::new(enc.auto_finish());
-                    let mut w = write_all(enc)?;
-                    w.flush().map_err(werr)?;
+                    let enc = write_entries(&entries, &source, &observer, enc)?;
+                    enc.finish().map_err(werr)?
                 }
                 Compression::Xz => {
                     let enc = xz2::write::XzEncoder::new(w, level.clamp(0, 9) as u32);
-                    let mut w = write_all(Box::new(enc))?;
-                    w.flush().map_err(werr)?;
+                    let enc = write_entries(&entries, &source, &observer, enc)?;
+                    enc.finish().map_err(werr)?
                 }
-            }
-            Ok(())
+            };
+            Ok(w.flush().map_err(werr)?)
         })();
         if let Err(e) = &r {
             // Abort the HTTP body so that the server discards the batch.
@@ -372,4 +361,26 @@ async fn send_once(
         )));
     }
     Ok(published)
+}
+
+/// Write each entry of a batch into `w`: its metadata's length (4 bytes, big-endian), the
+/// metadata, then its NAR.
+fn write_entries<W: Write>(
+    entries: &[(PathInfo, Vec<u8>)],
+    source: &Option<crate::upload::SourceRef>,
+    observer: &Arc<dyn Observer>,
+    mut w: W,
+) -> Result<W, PushError> {
+    for (info, json) in entries {
+        let werr = |source| crate::local_store::LocalStoreError::Write {
+            path: info.path.clone(),
+            source,
+        };
+        let len = u32::try_from(json.len())
+            .map_err(|_| PushError::Internal("path metadata too large".into()))?;
+        w.write_all(&len.to_be_bytes()).map_err(werr)?;
+        w.write_all(json).map_err(werr)?;
+        w = write_nar(source, info, w, Verify::ByServer, observer)?;
+    }
+    Ok(w)
 }

@@ -458,6 +458,41 @@ fn large_nars_are_pushed_in_parts() {
     let _ = std::fs::remove_dir_all(work);
 }
 
+/// Compressed, as to a server on another machine (zstd, or xz when asked), small paths go up
+/// in batches whose body is one compressed stream, ended properly: real Nix substitutes every
+/// path of the closure.
+#[test]
+fn compressed_batches_pass_the_oracle() {
+    require_nix();
+    let server = Server::start();
+    for comp in ["zstd", "xz"] {
+        let cache = format!("batch-{comp}");
+        let info = server.create_cache(&cache, &[]);
+        let key = info["public_key"].as_str().unwrap();
+        let work = tempfile::tempdir().unwrap();
+        let push = format!(
+            "env -u LARDER_CONFIG HOME={home} LARDER_SERVER={url} LARDER_TOKEN={token} {bin} \
+             push --compression {comp} {cache} \"$TOP\"",
+            home = work.path().display(),
+            url = server.url,
+            token = server.token("push", &cache),
+            bin = larder_bin(),
+        );
+        let cache_url = format!("{}/{cache}", server.url);
+        oracle_pass(&work.path().join("oracle"), &cache_url, key, Some(push));
+    }
+    let (code, metrics) = server.http("GET", "/metrics", None);
+    assert_eq!(code, 200);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("larder_http_requests_total{")
+                && l.contains("/paths/batch")
+                && l.contains("status=\"200\"")),
+        "{metrics}"
+    );
+}
+
 /// A cache whose pins alone exceed its limit evicts every other path right after its upload:
 /// the push fails and says so instead of leaving the user to find the path gone.
 #[test]
