@@ -664,6 +664,17 @@ async fn execute_rounds(
             break;
         }
         let (plan, _) = planner.plan().await?;
+        // Planning again helps only if it sends a reference again (not with --no-closure, or
+        // when the references were never pushed): otherwise the same failures would repeat.
+        let failed: std::collections::HashSet<&str> =
+            summary.failures.iter().map(|f| f.path.as_str()).collect();
+        if plan
+            .paths
+            .iter()
+            .all(|p| failed.contains(p.path.to_absolute().as_str()))
+        {
+            break;
+        }
         eprintln!(
             "note: {} references were evicted from the cache while this ran; sending them again",
             plan.paths.len()

@@ -493,6 +493,30 @@ fn compressed_batches_pass_the_oracle() {
     );
 }
 
+/// `--no-closure` with a reference the cache lacks fails once, saying which, without a round
+/// of "references were evicted … sending them again" that sends nothing.
+#[test]
+fn no_closure_with_a_missing_reference_fails_once_and_names_it() {
+    require_nix();
+    let server = Server::start();
+    server.create_cache("nc", &[]);
+    let push = server.token("push", "nc");
+    let unique = unique_tag();
+    let app = build_expr(&format!(
+        "let lib = derivation {{ name = \"nc-lib-{unique}\"; system = builtins.currentSystem; \
+         builder = \"/bin/sh\"; args = [\"-c\" \"echo lib > $out\"]; }}; in \
+         derivation {{ name = \"nc-app-{unique}\"; system = builtins.currentSystem; \
+         builder = \"/bin/sh\"; args = [\"-c\" \"echo ${{lib}} > $out\"]; }}"
+    ))
+    .remove(0);
+    let o = server.cli(&push, &["push", "--no-closure", "nc", &app]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!("nc-lib-{unique}")), "{err}");
+    assert!(!err.contains("evicted"), "{err}");
+    assert_eq!(err.matches("not in cache").count(), 1, "{err}");
+}
+
 /// A cache whose pins alone exceed its limit evicts every other path right after its upload:
 /// the push fails and says so instead of leaving the user to find the path gone.
 #[test]
