@@ -835,19 +835,31 @@ fn interrupted(
         ));
     }
     if !lost.is_empty() {
+        // Small paths go up many to a request: the server may have published some of them
+        // after the answer stopped being awaited.
         let names: Vec<&str> = lost.iter().take(3).map(|(p, ..)| p.as_str()).collect();
         msg.push_str(&format!(
-            "\n  sent again from the start by the next run: {}{}",
+            "\n  in flight, {}: the next run skips those the server published and sends the \
+             rest again: {}{}",
+            count(lost.len() as u64, "path"),
             names.join(", "),
             if lost.len() > 3 { ", …" } else { "" }
         ));
     }
+    let parts = if kept.is_empty() {
+        String::new()
+    } else {
+        format!(
+            ", and of a path sent in parts only the parts the server does not have (by default \
+             it keeps them for {} min after the last one)",
+            larder_server::config::DEFAULT_MULTIPART_IDLE_TTL.as_secs() / 60
+        )
+    };
     crate::output::interrupted_with_hint(
         msg,
         format!(
-            "run the same command again to resume: it skips what was {done_verb} and sends only the \
-             parts the server does not have (by default it keeps them for {} min after the last one)",
-            larder_server::config::DEFAULT_MULTIPART_IDLE_TTL.as_secs() / 60
+            "run the same command again to resume: it skips what the cache has (what was \
+             {done_verb}, and more){parts}"
         ),
     )
 }
