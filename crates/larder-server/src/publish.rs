@@ -43,13 +43,24 @@ pub async fn store_upload(
     };
     let nar =
         crate::chunked::store_nar(state, cache, &upload_id, key, measured, up.chunked).await?;
-    store_listing(state, &nar.nar_hash, &up.listing).await;
+    store_listing(state, &nar, &up.listing).await;
     Ok((upload_id, nar))
 }
 
-/// Store a NAR's `.ls` listing (written while the NAR was verified) next to it. A failure
-/// only costs time later: a listing found missing is made again when first asked for.
-pub async fn store_listing(state: &AppState, nar_hash: &Sha256, listing: &std::path::Path) {
+/// NARs smaller than this (and those of a batch, at most this) do not have their `.ls` listing stored when they arrive: it is made
+/// from the NAR when first asked for (`binary_cache::make_listing`), a read of at most this
+/// much. Storing it was an object and an `fsync` per path, a third of the server's time for
+/// pushes of many small paths, for a file few clients ever ask for.
+pub const UNLISTED_NAR: u64 = 256 << 10;
+
+/// Store a NAR's `.ls` listing (written while the NAR was verified) next to it, unless the NAR
+/// is smaller than [`UNLISTED_NAR`]. A failure only costs time later: a listing found missing
+/// is made again when first asked for.
+pub async fn store_listing(state: &AppState, nar: &NarRow, listing: &std::path::Path) {
+    if (nar.nar_size as u64) < UNLISTED_NAR {
+        return;
+    }
+    let nar_hash = &nar.nar_hash;
     let key = larder_store::meta::listing_object_key(nar_hash);
     if let Err(e) = state.objects.put_file(&key, listing).await {
         tracing::warn!(error = %crate::error::error_chain(&e), "cannot store a NAR listing; it is made again when asked for");

@@ -37,8 +37,9 @@ use crate::AppState;
 
 /// Most paths in one batch.
 pub const MAX_PATHS: usize = 1000;
-/// Largest NAR a batch may carry (bigger ones are uploaded on their own).
-pub const MAX_NAR: u64 = 1 << 20;
+/// Largest NAR a batch may carry (bigger ones are uploaded on their own): those whose listing
+/// is made when first asked for.
+pub const MAX_NAR: u64 = crate::publish::UNLISTED_NAR;
 /// Most NAR bytes in one batch.
 pub const MAX_NAR_BYTES: u64 = 16 << 20;
 /// Batches held in memory at once, server-wide (each up to [`MAX_NAR_BYTES`] of NAR, about as
@@ -57,8 +58,7 @@ struct Entry {
 /// (the file to serve).
 ///
 /// Its `.ls` listing is not stored: a small NAR's is made when first asked for
-/// (`binary_cache::make_listing`), where storing one per path was an object and an `fsync`
-/// each, a third of what a batch of tiny paths cost the server.
+/// ([`crate::publish::UNLISTED_NAR`]).
 struct Measured {
     nar_hash: Sha256,
     nar_size: u64,

@@ -516,7 +516,7 @@ async fn assemble_claimed(
                 .0
         }
     };
-    crate::publish::store_listing(state, &nar.nar_hash, &listing).await;
+    crate::publish::store_listing(state, &nar, &listing).await;
     Ok(nar)
 }
 

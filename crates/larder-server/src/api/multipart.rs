@@ -888,7 +888,7 @@ pub async fn complete(
     };
     let nar =
         crate::chunked::store_nar(&state, &c, &upload_id, None, measured, verified.chunked).await?;
-    crate::publish::store_listing(&state, &nar.nar_hash, &verified.listing).await;
+    crate::publish::store_listing(&state, &nar, &verified.listing).await;
     let _ = tokio::fs::remove_dir_all(&dir).await;
     Ok((StatusCode::CREATED, Json(upload_json(upload_id, nar))))
 }

@@ -181,6 +181,19 @@ impl Server {
         (code.trim().parse().unwrap_or(0), body.to_owned())
     }
 
+    /// Requests this server answered with a success (2xx) on a route whose pattern contains
+    /// `route` (its `/metrics`).
+    pub fn requests_to(&self, route: &str) -> u64 {
+        let (code, metrics) = self.http("GET", "/metrics", None);
+        assert_eq!(code, 200, "{metrics}");
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("larder_http_requests_total{"))
+            .filter(|l| l.contains(route) && l.contains("status=\"2"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
     /// Stop the server (SIGTERM) and hand back its data directory.
     pub fn stop_keeping_data(mut self) -> tempfile::TempDir {
         let _ = Command::new("kill")
