@@ -24,7 +24,8 @@ use crate::api::{ApiClient, ClientError};
 use crate::chunked::MIN_CHUNKED_NAR;
 use crate::local_store::PathInfo;
 use crate::push::{
-    path_metadata, push_counted, send_produced, ChannelWriter, Counted, CHANNEL_BLOCKS,
+    first_failed, path_metadata, push_counted, send_produced, ChannelWriter, Counted,
+    CHANNEL_BLOCKS,
 };
 use crate::retry::Retry;
 use crate::stall::{self, Progress};
@@ -47,7 +48,7 @@ pub(crate) fn batchable(info: &PathInfo) -> bool {
 /// whether it was published (for the paths that wait for it).
 pub(crate) struct Member {
     pub info: PathInfo,
-    pub deps: Vec<watch::Receiver<Option<bool>>>,
+    pub deps: crate::push::Waits,
     pub done: watch::Sender<Option<bool>>,
 }
 
@@ -73,21 +74,19 @@ pub(crate) async fn push(shared: &Shared, members: Vec<Member>) -> Vec<(PathInfo
     let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(members.len());
     let mut dropped: HashSet<String> = HashSet::new();
     for m in &members {
-        let mut ok = true;
-        for d in &m.deps {
-            let mut d = d.clone();
-            ok &= matches!(d.wait_for(|v| v.is_some()).await.as_deref(), Ok(Some(true)));
-        }
-        ok &= !m
-            .info
-            .references
-            .iter()
-            .any(|r| dropped.contains(&r.to_absolute()));
-        if ok {
-            outcomes.push(None);
-        } else {
-            dropped.insert(m.info.path.to_absolute());
-            outcomes.push(Some(failure(&PushError::DependencyFailed, 0)));
+        let inside = (m.info.references.iter())
+            .map(|r| r.to_absolute())
+            .find(|r| dropped.contains(r));
+        let failed = match inside {
+            Some(r) => Some(r),
+            None => first_failed(m.deps.clone()).await,
+        };
+        match failed {
+            None => outcomes.push(None),
+            Some(r) => {
+                dropped.insert(m.info.path.to_absolute());
+                outcomes.push(Some(failure(&PushError::DependencyFailed(r), 0)));
+            }
         }
     }
     let sending: Vec<usize> = (0..members.len())
@@ -107,10 +106,12 @@ pub(crate) async fn push(shared: &Shared, members: Vec<Member>) -> Vec<(PathInfo
                 let mut failed: HashSet<String> = HashSet::new();
                 for (&i, p) in sending.iter().zip(published.paths) {
                     let info = &members[i].info;
+                    // The first reference of this path in `set`.
                     let lacks = |set: &HashSet<String>| {
-                        info.references
-                            .iter()
-                            .any(|r| *r != info.path && set.contains(&r.to_absolute()))
+                        (info.references.iter())
+                            .filter(|r| **r != info.path)
+                            .map(|r| r.to_absolute())
+                            .find(|r| set.contains(r))
                     };
                     let redo: HashSet<String> = alone
                         .iter()
@@ -141,13 +142,14 @@ pub(crate) async fn push(shared: &Shared, members: Vec<Member>) -> Vec<(PathInfo
                         BatchStatus::AlreadyPresent => Outcome::AlreadyPresent,
                         // Refused because a path it refers to is sent again on its own: so
                         // is it, after.
-                        BatchStatus::Failed { .. } if lacks(&redo) => {
+                        BatchStatus::Failed { .. } if lacks(&redo).is_some() => {
                             alone.push(i);
                             continue;
                         }
-                        BatchStatus::Failed { .. } if lacks(&failed) => {
+                        BatchStatus::Failed { .. } if lacks(&failed).is_some() => {
+                            let r = lacks(&failed).unwrap_or_default();
                             failed.insert(info.path.to_absolute());
-                            failure(&PushError::DependencyFailed, share(info))
+                            failure(&PushError::DependencyFailed(r), share(info))
                         }
                         BatchStatus::Failed { code, error } => {
                             failed.insert(info.path.to_absolute());
@@ -210,13 +212,13 @@ pub(crate) async fn push(shared: &Shared, members: Vec<Member>) -> Vec<(PathInfo
         .copied()
         .map(|i| {
             let info = &members[i].info;
-            let deps: Vec<watch::Receiver<Option<bool>>> = members
+            let deps: crate::push::Waits = members
                 .iter()
                 .filter(|m| {
                     m.info.path != info.path && alone_set.contains(&m.info.path.to_absolute())
                 })
                 .filter(|m| info.references.contains(&m.info.path))
-                .map(|m| m.done.subscribe())
+                .map(|m| (m.info.path.to_absolute(), m.done.subscribe()))
                 .collect();
             async move {
                 let outcome = push_counted(shared, info, deps).await;

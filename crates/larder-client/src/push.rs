@@ -338,6 +338,20 @@ pub fn replan_needed(summary: &Summary) -> bool {
     summary.failures.iter().any(gone) && summary.failures.iter().all(|f| gone(f) || dependent(f))
 }
 
+/// The references a path waits for before it is published (pushed by this run): each one's
+/// store path, and where its push says whether it was published.
+pub(crate) type Waits = Vec<(String, watch::Receiver<Option<bool>>)>;
+
+/// Wait for `deps`: the first one that was not published, if any.
+pub(crate) async fn first_failed(deps: Waits) -> Option<String> {
+    for (path, mut d) in deps {
+        if !matches!(d.wait_for(|v| v.is_some()).await.as_deref(), Ok(Some(true))) {
+            return Some(path);
+        }
+    }
+    None
+}
+
 /// What one task of a push uploads: a path on its own, or a batch of small ones.
 enum Unit {
     One(PathInfo),
@@ -383,11 +397,14 @@ fn waits(
     done: &HashMap<String, watch::Receiver<Option<bool>>>,
     info: &PathInfo,
     inside: &HashSet<StorePath>,
-) -> Vec<watch::Receiver<Option<bool>>> {
+) -> Waits {
     info.references
         .iter()
         .filter(|r| **r != info.path && !inside.contains(*r))
-        .filter_map(|r| done.get(&r.to_absolute()).cloned())
+        .filter_map(|r| {
+            let abs = r.to_absolute();
+            done.get(&abs).map(|rx| (abs, rx.clone()))
+        })
         .collect()
 }
 
@@ -396,7 +413,7 @@ fn waits(
 pub(crate) async fn push_counted(
     shared: &crate::batch::Shared,
     info: &PathInfo,
-    deps: Vec<watch::Receiver<Option<bool>>>,
+    deps: Waits,
 ) -> Outcome {
     let t0 = Instant::now();
     let counted = Arc::new(Counted::new(shared.observer.clone()));
@@ -524,7 +541,7 @@ async fn push_one(
     info: &PathInfo,
     opts: &PushOptions,
     observer: &Arc<dyn Observer>,
-    deps: Vec<watch::Receiver<Option<bool>>>,
+    deps: Waits,
     upstream: &HashMap<String, UpstreamRef>,
 ) -> Result<Option<UploadResp>, PushError> {
     let mut retry = Retry::new(opts.attempts);
@@ -567,14 +584,8 @@ async fn push_one(
         }
     };
     upload.check(info)?;
-    for mut d in deps {
-        let ok = match d.wait_for(|v| v.is_some()).await {
-            Ok(v) => v.unwrap_or(false),
-            Err(_) => false,
-        };
-        if !ok {
-            return Err(PushError::DependencyFailed);
-        }
+    if let Some(failed) = first_failed(deps).await {
+        return Err(PushError::DependencyFailed(failed));
     }
     let body = PublishRequest::new(
         upload.upload_id.clone(),
@@ -807,7 +818,7 @@ mod tests {
             ..Summary::default()
         };
         let gone = "the server answered 400: 1 referenced path(s) not in cache: /nix/store/r";
-        let dependent = "not published: a path it references failed to push";
+        let dependent = "not published: a path it references failed to push (/nix/store/r)";
         assert!(replan_needed(&summary(&[gone])));
         assert!(replan_needed(&summary(&[gone, dependent, dependent])));
         // Nothing evicted, or another failure beside it: planning again would not help.

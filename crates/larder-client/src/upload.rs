@@ -28,8 +28,9 @@ pub enum PushError {
     Store(#[from] LocalStoreError),
     #[error(transparent)]
     Client(#[from] ClientError),
-    #[error("not published: a path it references failed to push")]
-    DependencyFailed,
+    /// A reference (named) that this run was to push failed.
+    #[error("not published: a path it references failed to push ({0})")]
+    DependencyFailed(String),
     #[error("internal error: {0}")]
     Internal(String),
 }

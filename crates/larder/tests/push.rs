@@ -425,6 +425,50 @@ fn corrupted_store_path_is_refused_and_nothing_is_visible() {
         .output();
 }
 
+/// A damaged path fails alone with the paths that refer to it, each of which names it; the
+/// rest of the closure is published.
+#[test]
+fn a_damaged_path_fails_with_its_referrers_which_name_it() {
+    require_nix();
+    let server = Server::start();
+    server.create_cache("dmg", &[]);
+    let push = server.token("push", "dmg");
+    let unique = unique_tag();
+    let drv = |name: &str, body: &str| {
+        format!(
+            "derivation {{ name = \"{name}-{unique}\"; system = builtins.currentSystem; \
+             builder = \"/bin/sh\"; args = [\"-c\" \"echo {body} > $out\"]; }}"
+        )
+    };
+    let (lib, other) = (drv("dmg-lib", "lib"), drv("dmg-other", "other"));
+    let app = build_expr(&format!(
+        "let lib = {lib}; other = {other}; in {}",
+        drv("dmg-app", "${lib} ${other}")
+    ))
+    .remove(0);
+    let lib_path = build_expr(&lib).remove(0);
+    let _ = Command::new("chmod").args(["u+w", &lib_path]).status();
+    std::fs::write(&lib_path, "LIB\n").unwrap();
+    let o = server.cli(&push, &["push", "dmg", &app]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("is corrupt"), "{err}");
+    assert!(
+        err.contains(&format!("a path it references failed to push ({lib_path})")),
+        "{err}"
+    );
+    assert!(err.contains("2 of 3 paths failed"), "{err}");
+    let info: serde_json::Value = serde_json::from_str(
+        &server.cli_ok(&server.admin_token, &["cache", "info", "dmg", "--json"]),
+    )
+    .unwrap();
+    assert_eq!(info["paths"], 1, "the undamaged reference is published");
+    let _ = larder_testkit::nix::command("nix-store")
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .args(["--delete", &app, &lib_path])
+        .output();
+}
+
 #[test]
 fn large_nars_are_pushed_in_parts() {
     require_nix();
