@@ -104,6 +104,8 @@ pub(crate) async fn push(shared: &Shared, members: Vec<Member>) -> Vec<(PathInfo
             Ok(published) => {
                 let secs = t0.elapsed().as_secs_f64();
                 let mut failed: HashSet<String> = HashSet::new();
+                // The paths to send on their own, after (those in `alone`).
+                let mut redo: HashSet<String> = HashSet::new();
                 for (&i, p) in sending.iter().zip(published.paths) {
                     let info = &members[i].info;
                     // The first reference of this path in `set`.
@@ -113,10 +115,6 @@ pub(crate) async fn push(shared: &Shared, members: Vec<Member>) -> Vec<(PathInfo
                             .map(|r| r.to_absolute())
                             .find(|r| set.contains(r))
                     };
-                    let redo: HashSet<String> = alone
-                        .iter()
-                        .map(|&j| members[j].info.path.to_absolute())
-                        .collect();
                     // What the server measured is not what the store records: the path
                     // is damaged on disk, whatever else the server answered.
                     let received = crate::upload::UploadResp {
@@ -143,6 +141,7 @@ pub(crate) async fn push(shared: &Shared, members: Vec<Member>) -> Vec<(PathInfo
                         // Refused because a path it refers to is sent again on its own: so
                         // is it, after.
                         BatchStatus::Failed { .. } if lacks(&redo).is_some() => {
+                            redo.insert(info.path.to_absolute());
                             alone.push(i);
                             continue;
                         }
@@ -161,6 +160,7 @@ pub(crate) async fn push(shared: &Shared, members: Vec<Member>) -> Vec<(PathInfo
                             failure(&e, share(info))
                         }
                         BatchStatus::SendAlone => {
+                            redo.insert(info.path.to_absolute());
                             alone.push(i);
                             continue;
                         }

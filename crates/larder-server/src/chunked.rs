@@ -19,7 +19,7 @@
 //! [`store_nar`] then claims the chunks it uses as stored, writes the others as one pack, and
 //! records the NAR.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
@@ -382,27 +382,11 @@ pub async fn store_nar(
         .iter()
         .map(|c| ChunkRow::new(cdc_chunk_id(&c.raw_hash), c.len as i64))
         .collect();
-    let mut ids: Vec<String> = rows.iter().map(|r| r.chunk_hash.clone()).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    let visible = state.meta.chunks_visible_in_cache(cache.id, &ids).await?;
-    let mut stored = state.meta.located_chunks(&ids).await?;
-    let ours: std::collections::HashMap<&str, i64> = rows
+    let ours: HashMap<&str, i64> = rows
         .iter()
         .map(|r| (r.chunk_hash.as_str(), r.file_size))
         .collect();
-    // The chunks this upload uses without storing them: visible in the cache, or stored with
-    // another frame (another zstd version: the file is made of the frames as stored). Claimed,
-    // so that collection keeps them until the NAR's row holds them; one collected meanwhile is
-    // stored by this upload instead. The others are stored by this upload, in its pack, and
-    // need no claim: their rows are created, or located, in the transaction recording the NAR.
-    let relied: Vec<String> = stored
-        .values()
-        .filter(|s| visible.contains(&s.chunk_hash) || s.file_size != ours[s.chunk_hash.as_str()])
-        .map(|s| s.chunk_hash.clone())
-        .collect();
-    let held = state.meta.claim_existing_chunks(upload_id, &relied).await?;
-    stored.retain(|id, _| held.contains(id));
+    let stored = hold_stored(state, cache.id, upload_id, &ours).await?;
     let mut foreign = HashSet::new();
     // The chunks to store, by position in the NAR: each one not visible in the cache, once.
     let mut todo = Vec::new();
@@ -465,6 +449,33 @@ pub async fn store_nar(
         }
     };
     Ok(nar)
+}
+
+/// The chunks of `ours` (id -> the size of this upload's frame) that an upload into `cache_id`
+/// uses without storing them, by id: those located and visible in the cache, or stored with
+/// another frame (another zstd version: a NAR's file is made of the frames as stored). Claimed
+/// for `claim_id`, so that collection keeps them until the NAR's row holds them; one collected
+/// meanwhile is left out, and stored by the upload instead. The others are stored by the
+/// upload, in its pack, and need no claim: their rows are created, or located, in the
+/// transaction recording the NAR.
+pub async fn hold_stored(
+    state: &AppState,
+    cache_id: i64,
+    claim_id: &str,
+    ours: &HashMap<&str, i64>,
+) -> Result<HashMap<String, ChunkRow>, ApiError> {
+    let mut ids: Vec<String> = ours.keys().map(|id| (*id).to_owned()).collect();
+    ids.sort_unstable();
+    let visible = state.meta.chunks_visible_in_cache(cache_id, &ids).await?;
+    let mut stored = state.meta.located_chunks(&ids).await?;
+    let relied: Vec<String> = stored
+        .values()
+        .filter(|s| visible.contains(&s.chunk_hash) || s.file_size != ours[s.chunk_hash.as_str()])
+        .map(|s| s.chunk_hash.clone())
+        .collect();
+    let held = state.meta.claim_existing_chunks(claim_id, &relied).await?;
+    stored.retain(|id, _| held.contains(id));
+    Ok(stored)
 }
 
 /// Store the frames of the chunks at positions `todo` of `file` as one pack, claimed first

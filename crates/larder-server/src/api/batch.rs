@@ -141,17 +141,7 @@ pub(super) async fn publish_batch(
     let ours: HashMap<&str, i64> = (ready.iter().flat_map(|r| &r.rows))
         .map(|r| (r.chunk_hash.as_str(), r.file_size))
         .collect();
-    let mut ids: Vec<String> = ours.keys().map(|id| (*id).to_owned()).collect();
-    ids.sort_unstable();
-    let visible = state.meta.chunks_visible_in_cache(cache.id, &ids).await?;
-    let mut stored = state.meta.located_chunks(&ids).await?;
-    let relied: Vec<String> = stored
-        .values()
-        .filter(|s| visible.contains(&s.chunk_hash) || s.file_size != ours[s.chunk_hash.as_str()])
-        .map(|s| s.chunk_hash.clone())
-        .collect();
-    let held = state.meta.claim_existing_chunks(&claim_id, &relied).await?;
-    stored.retain(|id, _| held.contains(id));
+    let stored = crate::chunked::hold_stored(&state, cache.id, &claim_id, &ours).await?;
     // A NAR sharing a chunk stored with another frame (another zstd) would be served as the
     // frames stored, whose hash this batch did not measure: it goes up on its own instead.
     ready.retain(|r| {
