@@ -9,7 +9,8 @@
 # push vs a local nix copy --to file://).
 # Knobs: NCHAIN (default 200), BIG_MIB (default 500), LARGE_MIB (256; 0 skips the rows),
 # TINY (0: how many tiny paths to ingest; issue 12 asks for 10000),
-# SKIP_XZ=1 to skip the slow xz run. TINY_ONLY=1: only the tiny-path ingest (below).
+# SKIP_XZ=1 to skip the slow xz run. TINY_ONLY=1: only the tiny-path ingest (below); with
+# NIX_UPLOADER=1 it also times Nix's own uploader into larder and into nginx accepting PUTs.
 # LARGE_ONLY=1 measures only the LARGE_MIB path: `larder push` into a fresh server and a local
 # `nix copy --to file://`, ROUNDS times (default 2), each round also with BASELINE_BIN (another
 # build, e.g. the commit before a change) when given, alternated: a before/after in one run.
@@ -70,6 +71,33 @@ timed() { # prints seconds of "$@"
   python3 -c "print(f'{$t1 - $t0:.2f}')"
 }
 
+# Nix's own uploader into nginx accepting PUTs (WebDAV) on loopback: what that protocol costs
+# Nix itself, with a server that verifies, indexes and signs nothing (the ceiling for any server
+# Nix uploads to). nix_into_nginx NAME PATHS… prints seconds.
+nix_into_nginx() {
+  local d=$WORK/$1; shift; mkdir -p "$d/root/bench" "$d/tmp"
+  local port; port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  cat > "$d/nginx.conf" <<NGINX
+user root;
+worker_processes auto;
+daemon off;
+pid $d/nginx.pid;
+error_log $d/error.log;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path $d/tmp;
+  client_max_body_size 0;
+  server { listen 127.0.0.1:$port; root $d/root; dav_methods PUT; create_full_put_path on; }
+}
+NGINX
+  nginx -c "$d/nginx.conf" -p "$d" & local pid=$!; PIDS+=($pid)
+  for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.1; done
+  timed env XDG_CACHE_HOME=$d/xdg nix copy --to "http://127.0.0.1:$port/bench?compression=zstd" "$@"
+  [ "$(find "$d/root/bench" -maxdepth 1 -name '*.narinfo' | wc -l)" = "$#" ] || { echo "nix copy into nginx: incomplete" >&2; exit 1; }
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+}
+
 # TINY_ONLY=1 measures only the ingest of TINY (default 3000) tiny paths: `larder push` into a
 # fresh server and a local `nix copy --to file://`, ROUNDS times, with BASELINE_BIN alternated
 # as for LARGE_ONLY.
@@ -98,6 +126,13 @@ if [ "${TINY_ONLY:-0}" = 1 ]; then
       F=$(timed env XDG_CACHE_HOME=$WORK/xt$n nix copy --to "file://$WORK/tinycache$n?compression=zstd" "${TP[@]}")
       rm -rf "$WORK/tiny$n" "$WORK/tinycache$n"
       python3 -c "n, l, f = ${#TP[@]}, $T, $F; print(f'round $r, $bin: larder push {n/l:.0f} paths/s ({l} s), nix copy --to file:// {n/f:.0f} paths/s ({f} s): {f/l:.2f}x')"
+      if [ "${NIX_UPLOADER:-0}" = 1 ]; then # Nix's own uploader into this build, and into nginx
+        start_server "tinynix$n" "$bin"
+        X=$(timed env XDG_CACHE_HOME=$WORK/xn$n nix copy --option netrc-file "$WORK/tinynix$n/netrc" --to "$URL/bench?compression=zstd" "${TP[@]}")
+        kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
+        G=$(nix_into_nginx "tinynginx$n" "${TP[@]}")
+        python3 -c "n, x, g, f = ${#TP[@]}, $X, $G, $F; print(f'round $r, $bin: nix copy --to http://larder {n/x:.0f} paths/s ({f/x:.2f}x file://), --to http://nginx (WebDAV) {n/g:.0f} paths/s ({f/g:.2f}x file://): larder {g/x:.2f}x nginx')"
+      fi
     done
   done
   exit 0
@@ -191,9 +226,10 @@ if [ "$TINY" != 0 ]; then
   start_server tinyn
   T_T_N=$(timed env XDG_CACHE_HOME=$WORK/x5 nix copy --option netrc-file "$WORK/tinyn/netrc" --to "$URL/bench?compression=zstd" "${TP[@]}")
   T_T_F=$(timed env XDG_CACHE_HOME=$WORK/x6 nix copy --to "file://$WORK/tinycache?compression=zstd" "${TP[@]}")
+  T_T_G=$(nix_into_nginx tinyg "${TP[@]}")
   python3 -c "
-n, l, nx, f = ${#TP[@]}, $T_T_L, $T_T_N, $T_T_F
-print(f'ingest of {n} tiny paths, paths/s: larder push {n/l:.0f} ({f/l:.2f}x), nix copy --to http://larder {n/nx:.0f} ({f/nx:.2f}x), nix copy --to file:// {n/f:.0f}')"
+n, l, nx, f, g = ${#TP[@]}, $T_T_L, $T_T_N, $T_T_F, $T_T_G
+print(f'ingest of {n} tiny paths, paths/s: larder push {n/l:.0f} ({f/l:.2f}x), nix copy --to http://larder {n/nx:.0f} ({f/nx:.2f}x), nix copy --to file:// {n/f:.0f}, nix copy --to http://nginx (WebDAV, the ceiling of Nix uploading over HTTP) {n/g:.0f} ({f/g:.2f}x; larder {g/nx:.2f}x nginx)')"
 fi
 
 echo "peak RSS during larder push: client $CLIENT_RSS_MIB MiB, server $SERVER_RSS_MIB MiB"

@@ -197,7 +197,7 @@ async fn serve_listing(state: &AppState, nar: &NarRow) -> Result<Response, ApiEr
 static LISTING_BUILDS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
 
 /// Make a stored NAR's `.ls` listing by streaming, decompressing and parsing its stored file
-/// into a staging file (memory does not grow with the NAR), and store it.
+/// (a long listing goes to a staging file: memory does not grow with the NAR), and store it.
 async fn make_listing(state: &AppState, nar: &NarRow) -> Result<(), ApiError> {
     let key = larder_store::meta::listing_object_key(&nar.nar_hash);
     let _turn = LISTING_BUILDS
@@ -211,14 +211,11 @@ async fn make_listing(state: &AppState, nar: &NarRow) -> Result<(), ApiError> {
     let compression = nar.compression;
     let chunks = state.meta.nar_chunks(nar.id).await?;
     let body = chunk_stream(state, &chunks, 0..nar.file_size as u64).await?;
-    let (file, listing) = state
-        .staging
-        .tempfile("upload", state.staging.dir())
-        .map_err(ApiError::internal)?
-        .into_parts();
+    let later = state.staging.later("upload", state.staging.dir());
     let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
-    let worker =
-        tokio::task::spawn_blocking(move || crate::ingest::list_stored(&mut rx, compression, file));
+    let worker = tokio::task::spawn_blocking(move || {
+        crate::ingest::list_stored(&mut rx, compression, later)
+    });
     let mut body = body;
     while let Some(block) = body.next().await {
         let block = block.map_err(ApiError::internal)?;
@@ -227,10 +224,10 @@ async fn make_listing(state: &AppState, nar: &NarRow) -> Result<(), ApiError> {
         }
     }
     drop(tx);
-    worker
+    let listing = worker
         .await
         .map_err(|e| ApiError::internal(std::io::Error::other(e)))??;
-    state.objects.put_file(&key, &listing).await?;
+    crate::publish::put_listing(state, &nar.nar_hash, &listing).await?;
     Ok(())
 }
 

@@ -217,11 +217,19 @@ struct Frames<W> {
     compressor: Option<zstd::bulk::Compressor<'static>>,
 }
 
+thread_local! {
+    /// The compressor of the last chunks of the uploads this thread verified, kept for the
+    /// next one: making a compressor costs more than compressing the few bytes of a small NAR,
+    /// which Nix's uploader sends one to a request.
+    static LAST_CHUNKS: std::cell::Cell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::Cell::new(None) };
+}
+
 impl ChunkWriter {
     pub fn new(file: std::fs::File) -> io::Result<Self> {
         Ok(Self::with_output(
             io::BufWriter::with_capacity(256 * 1024, file),
-            None,
+            LAST_CHUNKS.take(),
         ))
     }
 
@@ -229,6 +237,7 @@ impl ChunkWriter {
     pub fn finish(self) -> io::Result<(Sha256, u64, Vec<NewChunk>)> {
         let mut cut = self.finish_output()?;
         cut.out.flush()?;
+        LAST_CHUNKS.set(cut.compressor);
         Ok((cut.file_hash, cut.file_size, cut.chunks))
     }
 }

@@ -74,6 +74,66 @@ pub fn truncate(s: &str) -> String {
     t
 }
 
+/// Listings up to this size are kept in memory while the NAR is verified; a longer one goes to
+/// a staging file as it grows. A small NAR's listing is a few hundred bytes and is not even
+/// stored ([`crate::publish::UNLISTED_NAR`]): making a file for it, and syncing it, was a
+/// third of the time Nix's uploader waited for each small NAR.
+const LISTING_IN_MEMORY: usize = 64 << 10;
+
+/// A NAR's `.ls` listing (JSON), as written while the NAR was verified.
+#[derive(Debug)]
+pub enum Listing {
+    Memory(Vec<u8>),
+    /// A staging file, deleted when dropped.
+    File(TempPath),
+}
+
+/// Writes a listing: to memory until it passes [`LISTING_IN_MEMORY`], then to a staging
+/// file (memory never grows with the number of entries).
+pub struct ListingWriter {
+    memory: Vec<u8>,
+    file: Option<(io::BufWriter<std::fs::File>, TempPath)>,
+    later: crate::staging::Later,
+}
+
+impl ListingWriter {
+    pub fn new(later: crate::staging::Later) -> Self {
+        ListingWriter {
+            memory: Vec::new(),
+            file: None,
+            later,
+        }
+    }
+
+    pub fn write_all(&mut self, text: &[u8]) -> io::Result<()> {
+        if let Some((file, _)) = &mut self.file {
+            return file.write_all(text);
+        }
+        if self.memory.len() + text.len() <= LISTING_IN_MEMORY {
+            self.memory.extend_from_slice(text);
+            return Ok(());
+        }
+        let (file, path) = self.later.make()?.into_parts();
+        let mut file = io::BufWriter::with_capacity(64 * 1024, file);
+        file.write_all(&self.memory)?;
+        file.write_all(text)?;
+        self.memory = Vec::new();
+        self.file = Some((file, path));
+        Ok(())
+    }
+
+    /// The listing written. A file is not synced: whoever stores it makes its copy durable.
+    pub fn finish(self) -> io::Result<Listing> {
+        match self.file {
+            None => Ok(Listing::Memory(self.memory)),
+            Some((file, path)) => {
+                file.into_inner().map_err(|e| e.into_error())?;
+                Ok(Listing::File(path))
+            }
+        }
+    }
+}
+
 /// A verified upload waiting in the staging directory.
 #[derive(Debug)]
 pub struct Ingested {
@@ -85,17 +145,16 @@ pub struct Ingested {
     pub compression: Compression,
     /// The NAR cut into chunks, each compressed as it is stored.
     pub chunked: ChunkedFile,
-    /// The NAR's `.ls` listing (JSON), written while it was verified.
-    pub listing: TempPath,
+    /// The NAR's `.ls` listing, written while it was verified.
+    pub listing: Listing,
 }
 
 /// Feeds decompressed bytes to the NAR validator, remembering its error for reporting, and
-/// writes the listing it produces to a file as it goes (memory never grows with the number
-/// of entries).
+/// writes the listing it produces as it goes.
 struct NarSink {
     parser: NarParser,
     error: Option<NarError>,
-    listing: io::BufWriter<std::fs::File>,
+    listing: ListingWriter,
     /// `max_nar_size`: a NAR expanding past it is refused at once (a small compressed stream
     /// can claim terabytes).
     max_nar_size: u64,
@@ -152,7 +211,7 @@ struct Pipeline {
 
 impl Pipeline {
     fn new(
-        listing: std::fs::File,
+        listing: ListingWriter,
         chunks: Option<std::fs::File>,
         compression: Compression,
         max_nar_size: u64,
@@ -160,7 +219,7 @@ impl Pipeline {
         let sink = NarSink {
             parser: NarParser::streaming_listing(),
             error: None,
-            listing: io::BufWriter::with_capacity(64 * 1024, listing),
+            listing,
             max_nar_size,
             too_large: false,
             chunks: chunks.map(ChunkWriter::new).transpose()?,
@@ -242,10 +301,7 @@ impl Pipeline {
                 format!("upload is not a valid NAR: {e}"),
             )
         })?;
-        let listing = listing
-            .into_inner()
-            .map_err(|e| ApiError::internal(e.into_error()))?;
-        listing.sync_all().map_err(ApiError::internal)?;
+        let listing = listing.finish().map_err(ApiError::internal)?;
         let chunks = chunks
             .map(ChunkWriter::finish)
             .transpose()
@@ -258,6 +314,7 @@ impl Pipeline {
                 .map_or(summary.nar_hash, Sha256Hasher::finalize),
             file_size: self.file_size,
             chunks,
+            listing,
         })
     }
 }
@@ -268,6 +325,7 @@ struct Finished {
     nar_size: u64,
     file_hash: Sha256,
     file_size: u64,
+    listing: Listing,
     /// The stored form's figures and chunks, when it was cut.
     chunks: Option<(Sha256, u64, Vec<NewChunk>)>,
 }
@@ -300,13 +358,10 @@ pub async fn ingest(
         .tempfile("upload", staging.dir())
         .map_err(ApiError::internal)?
         .into_parts();
-    let (listing_file, listing) = staging
-        .tempfile("upload", staging.dir())
-        .map_err(ApiError::internal)?
-        .into_parts();
+    let listing = ListingWriter::new(staging.later("upload", staging.dir()));
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(CHANNEL_BLOCKS);
     let worker = tokio::task::spawn_blocking(move || {
-        let mut pipeline = Pipeline::new(listing_file, Some(file), compression, max_nar_size)
+        let mut pipeline = Pipeline::new(listing, Some(file), compression, max_nar_size)
             .map_err(ApiError::internal)?;
         while let Some(block) = rx.blocking_recv() {
             pipeline.write(&block)?;
@@ -329,7 +384,7 @@ pub async fn ingest(
         file_size: done.file_size,
         compression,
         chunked: done.chunked(path)?,
-        listing,
+        listing: done.listing,
     })
 }
 
@@ -364,21 +419,21 @@ pub async fn forward_body(
     None
 }
 
-/// Write the `.ls` listing of a stored `compression`-compressed NAR file, whose blocks arrive
-/// on `blocks`, to `listing`, with the same pipeline that verifies uploads (the file was
-/// verified when it was stored, so no size limit applies). Blocking: call from a blocking
-/// thread.
+/// The `.ls` listing of a stored `compression`-compressed NAR file, whose blocks arrive on
+/// `blocks`, made with the same pipeline that verifies uploads (the file was verified when it
+/// was stored, so no size limit applies); a long one is written to a staging file made with
+/// `later`. Blocking: call from a blocking thread.
 pub fn list_stored(
     blocks: &mut tokio::sync::mpsc::Receiver<Bytes>,
     compression: Compression,
-    listing: std::fs::File,
-) -> Result<(), ApiError> {
-    let mut pipeline =
-        Pipeline::new(listing, None, compression, u64::MAX).map_err(ApiError::internal)?;
+    later: crate::staging::Later,
+) -> Result<Listing, ApiError> {
+    let mut pipeline = Pipeline::new(ListingWriter::new(later), None, compression, u64::MAX)
+        .map_err(ApiError::internal)?;
     while let Some(block) = blocks.blocking_recv() {
         pipeline.write(&block)?;
     }
-    pipeline.finish().map(drop)
+    pipeline.finish().map(|done| done.listing)
 }
 
 /// What verifying a multi-part upload measured: the whole file's figures and each part's hash.
@@ -390,8 +445,8 @@ pub struct VerifiedParts {
     pub file_size: u64,
     /// The NAR cut into chunks, each compressed as it is stored.
     pub chunked: ChunkedFile,
-    /// The NAR's `.ls` listing (JSON).
-    pub listing: TempPath,
+    /// The NAR's `.ls` listing.
+    pub listing: Listing,
 }
 
 /// Verify the concatenation of `parts` (files, in order) as one `compression`-compressed NAR,
@@ -403,15 +458,12 @@ pub fn verify_parts(
     staging: &crate::staging::Staging,
 ) -> Result<VerifiedParts, ApiError> {
     use std::io::Read;
-    let (listing_file, listing) = staging
-        .tempfile("upload", staging.dir())
-        .map_err(ApiError::internal)?
-        .into_parts();
+    let listing = ListingWriter::new(staging.later("upload", staging.dir()));
     let (chunk_file, chunk_path) = staging
         .tempfile("upload", staging.dir())
         .map_err(ApiError::internal)?
         .into_parts();
-    let mut pipeline = Pipeline::new(listing_file, Some(chunk_file), compression, max_nar_size)
+    let mut pipeline = Pipeline::new(listing, Some(chunk_file), compression, max_nar_size)
         .map_err(ApiError::internal)?;
     let mut buf = vec![0u8; 256 * 1024];
     for part in parts {
@@ -431,7 +483,7 @@ pub fn verify_parts(
         file_hash: done.file_hash,
         file_size: done.file_size,
         chunked: done.chunked(chunk_path)?,
-        listing,
+        listing: done.listing,
     })
 }
 
@@ -558,4 +610,61 @@ pub async fn spool_body(
     let file = out.into_inner();
     file.sync_all().await.map_err(ApiError::internal)?;
     Ok((path, hasher.finalize(), size))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files_in(dir: &std::path::Path) -> usize {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                name.to_string_lossy().starts_with("upload-")
+            })
+            .count()
+    }
+
+    #[test]
+    fn a_short_listing_stays_in_memory_and_a_long_one_goes_to_a_staging_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = crate::staging::Staging::open(dir.path()).unwrap();
+        let mut short = ListingWriter::new(staging.later("upload", dir.path()));
+        short.write_all(b"{\"version\":1,").unwrap();
+        short.write_all(b"\"root\":{}}").unwrap();
+        match short.finish().unwrap() {
+            Listing::Memory(bytes) => assert_eq!(bytes, b"{\"version\":1,\"root\":{}}"),
+            other => panic!("a short listing was written to {other:?}"),
+        }
+        assert_eq!(
+            files_in(dir.path()),
+            0,
+            "no file is made for a short listing"
+        );
+
+        let mut long = ListingWriter::new(staging.later("upload", dir.path()));
+        let mut expected = Vec::new();
+        for i in 0..10_000 {
+            let entry = format!("\"f{i}\":{{\"type\":\"regular\",\"size\":{i}}},");
+            long.write_all(entry.as_bytes()).unwrap();
+            expected.extend_from_slice(entry.as_bytes());
+        }
+        assert!(expected.len() > LISTING_IN_MEMORY);
+        let Listing::File(path) = long.finish().unwrap() else {
+            panic!("a listing of {} bytes was kept in memory", expected.len());
+        };
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            expected,
+            "every byte, in order"
+        );
+        assert_eq!(files_in(dir.path()), 1);
+        drop(path);
+        assert_eq!(
+            files_in(dir.path()),
+            0,
+            "the staging file goes with the listing"
+        );
+    }
 }

@@ -56,14 +56,25 @@ pub const UNLISTED_NAR: u64 = 256 << 10;
 /// Store a NAR's `.ls` listing (written while the NAR was verified) next to it, unless the NAR
 /// is smaller than [`UNLISTED_NAR`]. A failure only costs time later: a listing found missing
 /// is made again when first asked for.
-pub async fn store_listing(state: &AppState, nar: &NarRow, listing: &std::path::Path) {
+pub async fn store_listing(state: &AppState, nar: &NarRow, listing: &crate::ingest::Listing) {
     if (nar.nar_size as u64) < UNLISTED_NAR {
         return;
     }
-    let nar_hash = &nar.nar_hash;
-    let key = larder_store::meta::listing_object_key(nar_hash);
-    if let Err(e) = state.objects.put_file(&key, listing).await {
+    if let Err(e) = put_listing(state, &nar.nar_hash, listing).await {
         tracing::warn!(error = %crate::error::error_chain(&e), "cannot store a NAR listing; it is made again when asked for");
+    }
+}
+
+/// Store `listing` as the listing of the NAR `nar_hash` (made durable, as every object).
+pub async fn put_listing(
+    state: &AppState,
+    nar_hash: &larder_nix::hash::Sha256,
+    listing: &crate::ingest::Listing,
+) -> Result<(), larder_store::objects::ObjectError> {
+    let key = larder_store::meta::listing_object_key(nar_hash);
+    match listing {
+        crate::ingest::Listing::Memory(bytes) => state.objects.put_bytes(&key, bytes).await,
+        crate::ingest::Listing::File(path) => state.objects.put_file(&key, path).await,
     }
 }
 

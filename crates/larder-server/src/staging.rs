@@ -60,6 +60,16 @@ impl Staging {
             .tempfile_in(dir)
     }
 
+    /// What [`Staging::tempfile`] would make, to make later (on another thread, and only
+    /// if it turns out to be needed).
+    pub fn later(&self, kind: &str, dir: &Path) -> Later {
+        debug_assert!(KINDS.contains(&kind));
+        Later {
+            dir: dir.to_owned(),
+            prefix: format!("{kind}-{}-", self.id),
+        }
+    }
+
     /// Delete the staging files of owners that are gone (their lock is free), with their lock
     /// files, in the staging directory and in its multi-part directories. Returns how many
     /// files were deleted; failures are skipped (the next sweep tries again).
@@ -140,6 +150,22 @@ fn staged_owner(name: &str) -> Option<Option<String>> {
         }
         _ => None,
     })
+}
+
+/// A staging file not made yet ([`Staging::later`]).
+#[derive(Debug, Clone)]
+pub struct Later {
+    dir: PathBuf,
+    prefix: String,
+}
+
+impl Later {
+    /// Make the file; deleted when dropped.
+    pub fn make(&self) -> std::io::Result<tempfile::NamedTempFile> {
+        tempfile::Builder::new()
+            .prefix(&self.prefix)
+            .tempfile_in(&self.dir)
+    }
 }
 
 #[cfg(test)]

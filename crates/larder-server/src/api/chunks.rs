@@ -21,7 +21,7 @@
 //!   upload, published with `POST …/paths` like one sent whole. A failure stores nothing.
 
 use std::collections::HashSet;
-use std::io::{self, Write};
+use std::io;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -42,7 +42,7 @@ use serde::Deserialize;
 use super::{upload_json, JsonBody};
 use crate::access::{CacheAccess, Push};
 use crate::error::{ApiError, Rejection};
-use crate::ingest::truncate;
+use crate::ingest::{truncate, Listing, ListingWriter};
 use crate::AppState;
 
 /// Most chunk ids one `missing` query may ask about.
@@ -416,14 +416,10 @@ async fn assemble_claimed(
     }
     // Batches of frames: each chunk's name and length, and their bytes one after another.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(Vec<(Sha256, usize)>, Bytes)>(READ_AHEAD);
-    let (listing_file, listing) = state
-        .staging
-        .tempfile("upload", state.staging.dir())
-        .map_err(ApiError::internal)?
-        .into_parts();
+    let listing = ListingWriter::new(state.staging.later("upload", state.staging.dir()));
     let max_nar_size = state.config.max_nar_size;
     let worker = tokio::task::spawn_blocking(move || {
-        let mut a = Assembler::new(listing_file, max_nar_size)?;
+        let mut a = Assembler::new(listing, max_nar_size)?;
         while let Some((frames, bytes)) = rx.blocking_recv() {
             let mut at = 0;
             for (hash, len) in frames {
@@ -516,7 +512,7 @@ async fn assemble_claimed(
                 .0
         }
     };
-    crate::publish::store_listing(state, &nar, &listing).await;
+    crate::publish::store_listing(state, &nar, &done.listing).await;
     Ok(nar)
 }
 
@@ -529,13 +525,14 @@ struct Assembled {
     nar_size: u64,
     file_hash: Sha256,
     file_size: u64,
+    listing: Listing,
 }
 
 /// Verifies the frames of a NAR as they are read back: each against its name, the NAR they
 /// make (structure, NarHash, NarSize, listing), and the cut points against the server's.
 struct Assembler {
     parser: NarParser,
-    listing: io::BufWriter<std::fs::File>,
+    listing: ListingWriter,
     max_nar_size: u64,
     decompressor: zstd::bulk::Decompressor<'static>,
     raw: Vec<u8>,
@@ -548,10 +545,10 @@ struct Assembler {
 }
 
 impl Assembler {
-    fn new(listing: std::fs::File, max_nar_size: u64) -> Result<Self, ApiError> {
+    fn new(listing: ListingWriter, max_nar_size: u64) -> Result<Self, ApiError> {
         Ok(Assembler {
             parser: NarParser::streaming_listing(),
-            listing: io::BufWriter::with_capacity(64 * 1024, listing),
+            listing,
             max_nar_size,
             decompressor: zstd::bulk::Decompressor::new().map_err(ApiError::internal)?,
             raw: Vec::with_capacity(LARGEST_STORED_CHUNK.max(MAX_SIZE)),
@@ -625,11 +622,9 @@ impl Assembler {
                  other parameters?): push it whole",
             ));
         }
-        let listing = listing
-            .into_inner()
-            .map_err(|e| ApiError::internal(e.into_error()))?;
-        listing.sync_all().map_err(ApiError::internal)?;
+        let listing = listing.finish().map_err(ApiError::internal)?;
         Ok(Assembled {
+            listing,
             nar_hash: summary.nar_hash,
             nar_size: summary.nar_size,
             file_hash: file_hasher.finalize(),
