@@ -85,6 +85,7 @@ contract!(
     list_names_every_object,
     presigned_urls_serve_the_object,
     orphan_scan_deletes_only_old_unknown_chunks,
+    pieces_are_read_exactly_or_name_what_is_wrong,
 );
 
 /// A staging file with `data`, as the server leaves a verified upload.
@@ -142,6 +143,53 @@ async fn put_get_range_exists_delete(b: &Backend) {
         s.get("chunk/aa/x", Some(0..3)).await,
         Err(ObjectError::NotFound(_))
     ));
+}
+
+/// What serving a NAR of several chunks reads: ranges of several objects, one after another,
+/// exactly; read again (from the page cache on a local directory, where the first read may
+/// have waited for the disk) the same. A missing object is `NotFound`, a short one an error.
+async fn pieces_are_read_exactly_or_name_what_is_wrong(b: &Backend) {
+    let s = &b.store;
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    s.put_file("pack/aa/big", &staged(b, "big", &big))
+        .await
+        .unwrap();
+    s.put_file("pack/bb/small", &staged(b, "small", b"0123456789"))
+        .await
+        .unwrap();
+    let pieces = vec![
+        ("pack/aa/big".to_owned(), 5..1_200_005),
+        ("pack/bb/small".to_owned(), 2..7),
+        ("pack/aa/big".to_owned(), 2_999_990..3_000_000),
+        ("pack/bb/small".to_owned(), 0..0),
+    ];
+    let mut expected = big[5..1_200_005].to_vec();
+    expected.extend_from_slice(b"23456");
+    expected.extend_from_slice(&big[2_999_990..]);
+    for _ in 0..2 {
+        let got = s.read_pieces(pieces.clone()).await.unwrap();
+        assert!(
+            got == expected,
+            "{} bytes read, {} expected",
+            got.len(),
+            expected.len()
+        );
+    }
+    let missing = vec![
+        ("pack/bb/small".to_owned(), 0..4),
+        ("pack/cc/gone".to_owned(), 0..4),
+    ];
+    match s.read_pieces(missing).await {
+        Err(ObjectError::NotFound(key)) => assert_eq!(key, "pack/cc/gone"),
+        other => panic!("a missing object read as {other:?}"),
+    }
+    let short = vec![("pack/bb/small".to_owned(), 4..12)];
+    match s.read_pieces(short).await {
+        Err(e) if !matches!(e, ObjectError::NotFound(_)) => {
+            assert!(e.to_string().contains("pack/bb/small"), "{e}")
+        }
+        other => panic!("a short object read as {other:?}"),
+    }
 }
 
 async fn storing_an_existing_key_keeps_it(b: &Backend) {
