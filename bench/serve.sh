@@ -15,7 +15,8 @@
 # Needs (as root): nix-bin, nginx (nginx-light), wrk, python3, curl; for SCALED=1 also
 # postgresql and garage (what .ci/run installs).
 # Knobs: LARDER_BIN (the larder to measure, instead of building this tree), DUR (seconds per
-# measurement, default 10), BIG_MIB (default 256), NSMALL (default 200),
+# measurement, default 10), BIG_MIB (default 256), NSMALL (default 200), NCHAIN (small chained
+# paths, default 296: with the oracle's six others, the 302-path closure of issue 12's table),
 # SCALED (1 = also measure the PostgreSQL+Garage setup, 0 = embedded vs nginx only),
 # BASELINE_BIN (another build of larder, e.g. the commit before a change: measured in the same
 # run as one more embedded column, so a change is compared with what it replaced).
@@ -26,6 +27,7 @@ SCALED=${SCALED:-1}
 BASELINE_BIN=${BASELINE_BIN:-}
 BIG_MIB=${BIG_MIB:-256}
 NSMALL=${NSMALL:-200}
+NCHAIN=${NCHAIN:-296}
 for tool in nix nginx wrk python3 curl; do
   command -v $tool >/dev/null || { echo "bench: $tool is required (apt-get install -y nix-bin nginx-light wrk python3 curl)" >&2; exit 1; }
 done
@@ -46,8 +48,8 @@ log() { printf '[bench] %s\n' "$*" >&2; }
 if [ -n "${LARDER_BIN:-}" ]; then BIN=$LARDER_BIN # a build made elsewhere
 else (cd "$ROOT" && cargo build --release -q -p larder); BIN=$ROOT/target/release/larder; fi
 
-log "building a test closure (BIG_MIB=$BIG_MIB NSMALL=$NSMALL)"
-WORKDIR=$WORK/oracle BIG_MIB=$BIG_MIB NSMALL=$NSMALL bash "$ROOT/tests/oracle/nix-oracle.sh" build >/dev/null
+log "building a test closure (BIG_MIB=$BIG_MIB NSMALL=$NSMALL NCHAIN=$NCHAIN)"
+WORKDIR=$WORK/oracle BIG_MIB=$BIG_MIB NSMALL=$NSMALL NCHAIN=$NCHAIN bash "$ROOT/tests/oracle/nix-oracle.sh" build >/dev/null
 TOP=$(cat "$WORK/oracle/top")
 
 # start_larder NAME [ENVFILE]: a `larder serve` with its own data directory (and the settings
