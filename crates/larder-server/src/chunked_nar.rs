@@ -185,7 +185,8 @@ fn stream(
     let body = futures::stream::iter(batches(pieces(spans)))
         .map(move |batch| {
             let objects = objects.clone();
-            // A batch of pieces read in one go: one thread hop per batch on a local store.
+            // A batch of pieces read in one go: on a local store, on this thread as far as
+            // the page cache holds it, and at most one thread hop for the rest.
             async move { objects.read_pieces(batch).await.map_err(broken) }
         })
         .buffered(READ_AHEAD);
