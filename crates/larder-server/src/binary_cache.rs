@@ -211,10 +211,10 @@ async fn make_listing(state: &AppState, nar: &NarRow) -> Result<(), ApiError> {
     let compression = nar.compression;
     let chunks = state.meta.nar_chunks(nar.id).await?;
     let body = chunk_stream(state, &chunks, 0..nar.file_size as u64).await?;
-    let later = state.staging.later("upload", state.staging.dir());
+    let listing = crate::ingest::ListingWriter::new(&state.staging);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
     let worker = tokio::task::spawn_blocking(move || {
-        crate::ingest::list_stored(&mut rx, compression, later)
+        crate::ingest::list_stored(&mut rx, compression, listing)
     });
     let mut body = body;
     while let Some(block) = body.next().await {

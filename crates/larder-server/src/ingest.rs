@@ -97,11 +97,12 @@ pub struct ListingWriter {
 }
 
 impl ListingWriter {
-    pub fn new(later: crate::staging::Later) -> Self {
+    /// A writer whose staging file, if the listing needs one, is an `upload` file of `staging`.
+    pub fn new(staging: &crate::staging::Staging) -> Self {
         ListingWriter {
             memory: Vec::new(),
             file: None,
-            later,
+            later: staging.later("upload", staging.dir()),
         }
     }
 
@@ -358,7 +359,7 @@ pub async fn ingest(
         .tempfile("upload", staging.dir())
         .map_err(ApiError::internal)?
         .into_parts();
-    let listing = ListingWriter::new(staging.later("upload", staging.dir()));
+    let listing = ListingWriter::new(staging);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(CHANNEL_BLOCKS);
     let worker = tokio::task::spawn_blocking(move || {
         let mut pipeline = Pipeline::new(listing, Some(file), compression, max_nar_size)
@@ -421,15 +422,15 @@ pub async fn forward_body(
 
 /// The `.ls` listing of a stored `compression`-compressed NAR file, whose blocks arrive on
 /// `blocks`, made with the same pipeline that verifies uploads (the file was verified when it
-/// was stored, so no size limit applies); a long one is written to a staging file made with
-/// `later`. Blocking: call from a blocking thread.
+/// was stored, so no size limit applies), written with `listing`. Blocking: call from a
+/// blocking thread.
 pub fn list_stored(
     blocks: &mut tokio::sync::mpsc::Receiver<Bytes>,
     compression: Compression,
-    later: crate::staging::Later,
+    listing: ListingWriter,
 ) -> Result<Listing, ApiError> {
-    let mut pipeline = Pipeline::new(ListingWriter::new(later), None, compression, u64::MAX)
-        .map_err(ApiError::internal)?;
+    let mut pipeline =
+        Pipeline::new(listing, None, compression, u64::MAX).map_err(ApiError::internal)?;
     while let Some(block) = blocks.blocking_recv() {
         pipeline.write(&block)?;
     }
@@ -458,7 +459,7 @@ pub fn verify_parts(
     staging: &crate::staging::Staging,
 ) -> Result<VerifiedParts, ApiError> {
     use std::io::Read;
-    let listing = ListingWriter::new(staging.later("upload", staging.dir()));
+    let listing = ListingWriter::new(staging);
     let (chunk_file, chunk_path) = staging
         .tempfile("upload", staging.dir())
         .map_err(ApiError::internal)?
@@ -630,7 +631,7 @@ mod tests {
     fn a_short_listing_stays_in_memory_and_a_long_one_goes_to_a_staging_file() {
         let dir = tempfile::tempdir().unwrap();
         let staging = crate::staging::Staging::open(dir.path()).unwrap();
-        let mut short = ListingWriter::new(staging.later("upload", dir.path()));
+        let mut short = ListingWriter::new(&staging);
         short.write_all(b"{\"version\":1,").unwrap();
         short.write_all(b"\"root\":{}}").unwrap();
         match short.finish().unwrap() {
@@ -643,7 +644,7 @@ mod tests {
             "no file is made for a short listing"
         );
 
-        let mut long = ListingWriter::new(staging.later("upload", dir.path()));
+        let mut long = ListingWriter::new(&staging);
         let mut expected = Vec::new();
         for i in 0..10_000 {
             let entry = format!("\"f{i}\":{{\"type\":\"regular\",\"size\":{i}}},");

@@ -47,9 +47,9 @@ pub async fn store_upload(
     Ok((upload_id, nar))
 }
 
-/// NARs smaller than this (and those of a batch, at most this) do not have their `.ls` listing stored when they arrive: it is made
-/// from the NAR when first asked for (`binary_cache::make_listing`), a read of at most this
-/// much. Storing it was an object and an `fsync` per path, a third of the server's time for
+/// NARs smaller than this (and those of a batch, at most this) do not have their `.ls`
+/// listing stored when they arrive: it is made from the NAR when first asked for
+/// (`binary_cache::make_listing`), a read of at most this much. Storing it was an object and an `fsync` per path, a third of the server's time for
 /// pushes of many small paths, for a file few clients ever ask for.
 pub const UNLISTED_NAR: u64 = 256 << 10;
 

@@ -54,10 +54,7 @@ impl Staging {
     /// A new staging file of `kind` (`upload` or `spool`) in `dir` (the staging directory or
     /// one of its multi-part directories), named for this owner; deleted when dropped.
     pub fn tempfile(&self, kind: &str, dir: &Path) -> std::io::Result<tempfile::NamedTempFile> {
-        debug_assert!(KINDS.contains(&kind));
-        tempfile::Builder::new()
-            .prefix(&format!("{kind}-{}-", self.id))
-            .tempfile_in(dir)
+        self.later(kind, dir).make()
     }
 
     /// What [`Staging::tempfile`] would make, to make later (on another thread, and only

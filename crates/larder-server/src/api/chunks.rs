@@ -416,7 +416,7 @@ async fn assemble_claimed(
     }
     // Batches of frames: each chunk's name and length, and their bytes one after another.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(Vec<(Sha256, usize)>, Bytes)>(READ_AHEAD);
-    let listing = ListingWriter::new(state.staging.later("upload", state.staging.dir()));
+    let listing = ListingWriter::new(&state.staging);
     let max_nar_size = state.config.max_nar_size;
     let worker = tokio::task::spawn_blocking(move || {
         let mut a = Assembler::new(listing, max_nar_size)?;
