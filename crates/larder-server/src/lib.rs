@@ -445,6 +445,26 @@ pub fn write_secret_file(path: &std::path::Path, contents: &str) -> std::io::Res
     f.sync_all()
 }
 
+/// Build the metadata's in-memory filter of published paths (the embedded default's), after
+/// which lookups of absent paths no longer read the database; until then they do.
+async fn remember_paths(state: AppState) {
+    let started = std::time::Instant::now();
+    match state.meta.remember_paths().await {
+        Ok(Some(built)) => tracing::info!(
+            paths = built.paths,
+            bytes = built.bytes,
+            ms = started.elapsed().as_millis() as u64,
+            "misses answered from memory"
+        ),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(
+            error = %e,
+            "cannot read the published paths for the filter of misses: every lookup reads \
+             the database"
+        ),
+    }
+}
+
 /// Serve until `shutdown` resolves, then finish in-flight requests.
 ///
 /// Connections are served by one single-threaded runtime per core, all accepting on the same
@@ -473,6 +493,7 @@ pub async fn serve_on(
     let gc_state = state.clone();
     let gc = tokio::spawn(async move { publish::gc_loop(gc_state).await });
     let usage = tokio::spawn(retention::usage_loop(state.clone()));
+    tokio::spawn(remember_paths(state.clone()));
     let workers = std::env::var("LARDER_WORKERS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())

@@ -45,6 +45,7 @@ mod gc;
 mod lock;
 mod packs;
 mod paths;
+mod present;
 mod realisations;
 mod retention;
 mod schema;
@@ -69,6 +70,7 @@ pub use paths::{
     cdc_chunk_id, chunk_hash_of_key, chunk_object_key, listing_object_key, pack_hash_of_key,
     pack_object_key, runs, ChunkName, ChunkRow, NarRow, NewPath, PathRow, Publish, Run,
 };
+pub use present::PresenceBuilt;
 pub use realisations::{PutRealisation, RealisationRow};
 pub use retention::{Evicted, Keep, LruPath, PinRow};
 pub use stats::{CacheDay, Downloads};
@@ -247,6 +249,8 @@ pub struct Metadata {
     url: std::sync::Arc<str>,
     /// SQLite on a file: the direct read connections of the hot read path (`meta/fast.rs`).
     fast: Option<std::sync::Arc<fast::FastReads>>,
+    /// SQLite on a file: the filter of the paths it may hold (`meta/present.rs`).
+    present: Option<std::sync::Arc<present::Presence>>,
 }
 
 impl std::fmt::Debug for Metadata {
@@ -475,12 +479,14 @@ impl Metadata {
             engine,
             url: url.into(),
             fast: None,
+            present: None,
         };
         schema::migrate(&meta.pool, engine).await?;
         if let Some(file) = sqlite_file(url) {
             meta.fast = Some(std::sync::Arc::new(
                 fast::FastReads::open(file).map_err(MetaError::FastRead)?,
             ));
+            meta.present = Some(Default::default());
         }
         Ok(meta)
     }

@@ -147,6 +147,9 @@ impl Server {
         };
         let config = Config::resolve(file, dir.path().join("data")).expect("valid config");
         let state = larder_server::open_state(config).await.expect("open state");
+        // As `larder serve` does at start (in the background there): on the embedded default,
+        // misses are then answered from memory, so every test runs with that filter.
+        state.meta.remember_paths().await.expect("filter of paths");
         Server {
             state,
             admin: String::new(),

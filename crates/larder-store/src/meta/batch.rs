@@ -49,6 +49,17 @@ impl Metadata {
         pack: Option<&super::Pack>,
         items: &[BatchItem],
     ) -> Result<Vec<(Publish, NarRow)>> {
+        let hashes: Vec<String> = items
+            .iter()
+            .map(|i| i.path.store_path.hash_part())
+            .collect();
+        let _publishing = match items.first() {
+            Some(first) => {
+                let hashes = hashes.iter().map(String::as_str);
+                self.publishing(first.path.cache_id, hashes).await
+            }
+            None => None,
+        };
         let mut attempt = 1;
         loop {
             let once = || self.publish_batch_once(claim_id, pack, items);

@@ -233,6 +233,41 @@ impl FastReads {
     }
 }
 
+impl FastReads {
+    /// The filter of every path of every cache (`meta/present.rs`), sized for twice the paths
+    /// the counters of `meta/sizes.rs` say there are, filled by a scan of the `(cache_id,
+    /// hash)` index (about a second at a million paths). Nothing is held per path on the way:
+    /// the filter is the only memory it takes. Blocking.
+    pub(super) fn path_filter(&self) -> Result<super::present::Bloom, MetaError> {
+        let conn = self.scan()?;
+        let fail = MetaError::FastRead;
+        let paths: i64 = conn
+            .query_row("SELECT COALESCE(SUM(paths), 0) FROM cache_sizes", [], |r| {
+                r.get(0)
+            })
+            .map_err(fail)?;
+        let mut filter = super::present::Bloom::with_capacity(2 * paths.max(0) as usize);
+        let mut stmt = conn
+            .prepare("SELECT cache_id, hash FROM paths")
+            .map_err(fail)?;
+        let mut rows = stmt.query([]).map_err(fail)?;
+        while let Some(row) = rows.next().map_err(fail)? {
+            let cache_id: i64 = row.get(0).map_err(fail)?;
+            let hash = match row.get_ref(1).map_err(fail)? {
+                ValueRef::Text(t) => t,
+                _ => {
+                    return Err(MetaError::Corrupt {
+                        field: "paths.hash",
+                        value: "not text".to_owned(),
+                    })
+                }
+            };
+            filter.insert(super::present::key_of_bytes(cache_id, hash));
+        }
+        Ok(filter)
+    }
+}
+
 /// Whether a query failed only because another connection held a lock.
 fn busy(e: &rusqlite::Error) -> bool {
     matches!(

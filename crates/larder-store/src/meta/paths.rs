@@ -345,6 +345,11 @@ impl Metadata {
     }
 
     pub async fn get_path(&self, cache_id: i64, hash: &str) -> Result<Option<PathRow>> {
+        // The embedded default knows without a read that most absent paths are absent
+        // (`meta/present.rs`).
+        if !self.may_hold(cache_id, hash) {
+            return Ok(None);
+        }
         // SQLite: a direct read when a read connection is free (see `meta/fast.rs`).
         if let Some(found) = self.fast.as_ref().and_then(|f| f.get_path(cache_id, hash)) {
             return found;
@@ -365,7 +370,12 @@ impl Metadata {
     /// Which of `hashes` (32-character hash parts) the cache does not publish, in input order.
     pub async fn missing_hashes(&self, cache_id: i64, hashes: &[String]) -> Result<Vec<String>> {
         let mut present = std::collections::HashSet::new();
-        for batch in hashes.chunks(IN_BATCH) {
+        // Those the filter of published paths rules out are not asked for (`meta/present.rs`).
+        let maybe: Vec<&String> = hashes
+            .iter()
+            .filter(|h| self.may_hold(cache_id, h))
+            .collect();
+        for batch in maybe.chunks(IN_BATCH) {
             let sql = format!(
                 "SELECT hash FROM paths WHERE cache_id = $1 AND hash IN ({})",
                 placeholders(2, batch.len())
@@ -387,6 +397,10 @@ impl Metadata {
     /// references are checked to be published in the same cache, and the upload is consumed,
     /// or nothing changes.
     pub async fn publish_path(&self, p: &NewPath, upload_id: &str) -> Result<Publish> {
+        let hash = p.store_path.hash_part();
+        let _publishing = self
+            .publishing(p.cache_id, std::iter::once(hash.as_str()))
+            .await;
         let mut attempt = 1;
         loop {
             match retry(FOREIGN_KEY, || self.publish_path_once(p, upload_id)).await? {
