@@ -952,6 +952,9 @@ async fn sizes_are_counted_exactly(db: Db) {
         "DROP INDEX chunks_pack",
         "ALTER TABLE chunks DROP COLUMN pack",
         "ALTER TABLE chunks DROP COLUMN pack_offset",
+        // And migration 11 (path_uses).
+        "DROP TABLE path_uses",
+        "ALTER TABLE paths ADD COLUMN last_used_at BIGINT",
         "DELETE FROM larder_schema WHERE version >= 9",
     ] {
         sqlx::query(sql).execute(&pool).await.unwrap();
@@ -1080,6 +1083,38 @@ async fn usage_and_logs_are_recorded(db: Db) {
     // An older use never moves a recorded one back.
     m.record_usage(c.id, &[], &[bn.id], 100, 0).await.unwrap();
     assert_eq!(used().await, [Some(12945), Some(12345)]);
+    // A use leaves with its path: published again, the path starts unused.
+    assert_eq!(
+        m.evict_paths(c.id, &[a.hash_part()]).await.unwrap(),
+        Evicted::Done
+    );
+    publish(m, c.id, &a, &[]).await;
+    assert_eq!(used().await, [Some(12345), None]);
+    m.record_usage(c.id, &[a.hash_part()], &[], 5000, 600)
+        .await
+        .unwrap();
+    // Version 11 moves the uses a database recorded in `paths` into `path_uses`.
+    sqlx::any::install_default_drivers();
+    let url = match db.engine() {
+        Engine::Sqlite => format!("{}?mode=rw", db.url),
+        Engine::Postgres => db.url.clone(),
+    };
+    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+    for sql in [
+        "ALTER TABLE paths ADD COLUMN last_used_at BIGINT",
+        "UPDATE paths SET last_used_at = \
+         (SELECT u.last_used_at FROM path_uses u WHERE u.path_id = paths.id)",
+        "DROP TABLE path_uses",
+        "DELETE FROM larder_schema WHERE version >= 11",
+    ] {
+        sqlx::query(sql).execute(&pool).await.unwrap();
+    }
+    pool.close().await;
+    let migrated = db.replica().await;
+    let mut lru = migrated.lru_paths(c.id).await.unwrap();
+    lru.sort_by_key(|p| p.id);
+    let uses: Vec<_> = lru.iter().map(|p| p.last_used_at).collect();
+    assert_eq!(uses, [Some(12345), Some(5000)]);
     m.put_log(c.id, "x.drv", "log/one", 3).await.unwrap();
     m.put_log(c.id, "x.drv", "log/two", 4).await.unwrap();
     assert_eq!(
@@ -1242,14 +1277,14 @@ async fn replicas_starting_together_migrate_once(db: Db) {
     let opened = futures::future::join_all((0..4).map(|_| Metadata::connect(&url))).await;
     for m in opened {
         let m = m.unwrap();
-        assert_eq!(m.schema_version().await.unwrap(), 10);
+        assert_eq!(m.schema_version().await.unwrap(), 11);
     }
     if let Some(pg) = &db.pg {
         let versions = pg.psql(
             PgCluster::db_of(&url),
             "SELECT string_agg(version::text, ',' ORDER BY version) FROM larder_schema",
         );
-        assert_eq!(versions, "1,2,3,4,5,6,7,8,9,10");
+        assert_eq!(versions, "1,2,3,4,5,6,7,8,9,10,11");
     }
 }
 

@@ -51,7 +51,8 @@ pub struct PathCursor {
 }
 
 const ENTRY_COLS: &str = "p.hash, p.name, p.nar_id, n.nar_size, n.file_size, n.compression, \
-                          p.created_at, p.last_used_at, p.upstream";
+                          p.created_at, (SELECT u.last_used_at FROM path_uses u \
+                          WHERE u.path_id = p.id) AS last_used_at, p.upstream";
 
 /// A `LIKE` pattern matching `text` anywhere, case-insensitively once both sides are lowered;
 /// `\` escapes the pattern's own wildcards (`_` is common in store path names).

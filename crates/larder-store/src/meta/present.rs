@@ -241,6 +241,10 @@ impl super::Metadata {
     /// that lookups of absent paths stop reading the database (see `meta/present.rs`). Only
     /// the embedded default on a file has one: `Ok(None)` elsewhere, and when a build is
     /// already running. Reads every path's key on a connection of its own.
+    ///
+    /// Only for the handle (and its clones) through which everything is published: another
+    /// handle opened on the same file publishes without telling this one's filter. `larder
+    /// serve` holds the data directory's lock, so no other server writes to its database.
     pub async fn remember_paths(&self) -> super::Result<Option<PresenceBuilt>> {
         let (Some(present), Some(fast)) = (&self.present, &self.fast) else {
             return Ok(None);

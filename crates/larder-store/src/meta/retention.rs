@@ -109,7 +109,8 @@ impl Metadata {
             return blocking(move || fast.lru_paths(cache_id)).await;
         }
         sqlx::query_as(
-            "SELECT p.id, p.hash, p.name, p.nar_id, n.file_size, p.created_at, p.last_used_at \
+            "SELECT p.id, p.hash, p.name, p.nar_id, n.file_size, p.created_at, \
+             (SELECT u.last_used_at FROM path_uses u WHERE u.path_id = p.id) AS last_used_at \
              FROM paths p JOIN nars n ON n.id = p.nar_id WHERE p.cache_id = $1",
         )
         .bind(cache_id)

@@ -156,10 +156,14 @@ const TABLES: &[Table] = &[
             ("ca", Text),
             ("sigs", Text),
             ("created_at", Int),
-            ("last_used_at", Int),
             ("upstream", Text),
         ],
         serial: true,
+    },
+    Table {
+        name: "path_uses",
+        columns: &[("path_id", Int), ("last_used_at", Int)],
+        serial: false,
     },
     Table {
         name: "uploads",
