@@ -282,7 +282,7 @@ impl Usage {
             }
             Err(_) => Vec::new(),
         };
-        let mut result = self.write(meta, &due, &unlimited).await;
+        let mut result = self.write(meta, &due, &unlimited, everything).await;
         if result.is_ok() && self.held() > MAX_HELD_USES {
             // Over the bound: drop uses the database has; if that is not enough, write the
             // rest first (a flush keeps at most the uses of one interval unwritten, so this is
@@ -292,7 +292,7 @@ impl Usage {
                     Ok(mut held) => take_due(&mut held, at, true, &resolution),
                     Err(_) => Vec::new(),
                 };
-                result = self.write(meta, &rest, &unlimited).await;
+                result = self.write(meta, &rest, &unlimited, true).await;
                 if !trim(&self.held, MAX_HELD_USES, false) {
                     // The database refuses them: memory stays bounded, at their expense.
                     tracing::warn!("dropping path uses the database did not take");
@@ -310,12 +310,14 @@ impl Usage {
     }
 
     /// Write `uses` (cache, key, time), grouped by cache and time. What could not be written
-    /// is marked unwritten again.
+    /// is marked unwritten again. `exact`: for uses about to leave memory (shutdown, the
+    /// bound), written whatever the database has unless it is later, in every cache.
     async fn write(
         &self,
         meta: &larder_store::Metadata,
         uses: &[(i64, Used, i64)],
         unlimited: &HashSet<i64>,
+        exact: bool,
     ) -> Result<(), ApiError> {
         let mut groups: HashMap<(i64, i64), (Vec<String>, Vec<i64>)> = HashMap::new();
         for &(cache, key, used) in uses {
@@ -329,8 +331,10 @@ impl Usage {
         groups.sort_by_key(|&((cache, used), _)| (used, cache));
         for ((cache, used), (hashes, nars)) in groups {
             // A limited cache's use is written whatever the database has (unless later: another
-            // replica's), so that a use dropped from memory is still there, exactly.
-            let below = if unlimited.contains(&cache) {
+            // replica's), so that a use dropped from memory is still there, exactly; so is
+            // every use leaving memory. An unlimited cache's use otherwise only when the
+            // database's is older than the resolution.
+            let below = if unlimited.contains(&cache) && !exact {
                 USAGE_RESOLUTION.as_secs() as i64
             } else {
                 0

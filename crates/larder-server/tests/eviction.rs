@@ -593,6 +593,28 @@ async fn last_use(srv: &Server, cache: &str, tp: &TestPath) -> Value {
 
 /// A use within a minute of the path's last written one stays in memory only; eviction, the
 /// path list and path info see it all the same, and a path evicted leaves no use behind.
+/// Shutdown writes the latest use of every path exactly, in a cache without a limit too
+/// (whose uses are otherwise written once per 10 minutes): a restart shows the same last use.
+#[tokio::test]
+async fn shutdown_writes_the_latest_use_of_every_path() {
+    let srv = Server::new().await;
+    srv.create_cache("c", false).await;
+    let c = srv.state.meta.get_cache("c").await.unwrap().unwrap().id;
+    let tp = sized("used-twice", "used-twice", 1_000);
+    push(&srv, "c", &tp).await;
+    let t0 = larder_store::now_unix();
+    let usage = &srv.state.retention.usage;
+    for at in [t0, t0 + 5] {
+        fetch(&srv, "c", &tp).await;
+        usage.flush_at(&srv.state.meta, at).await.unwrap();
+    }
+    // The second use is held in memory: the database has the first.
+    assert_eq!(recorded(&srv, c, &tp).await.0, Some(t0));
+    assert_eq!(last_use(&srv, "c", &tp).await, json!(t0 + 5));
+    usage.flush_all(&srv.state.meta).await.unwrap();
+    assert_eq!(recorded(&srv, c, &tp).await.0, Some(t0 + 5));
+}
+
 #[tokio::test]
 async fn a_use_not_yet_written_still_orders_eviction() {
     let srv = Server::new().await;
