@@ -14,14 +14,8 @@ DUR=${DUR:-8}
 W=$(mktemp -d /tmp/larder-first-uses.XXXXXX)
 PID=
 trap '[ -z "$PID" ] || kill $PID 2>/dev/null; rm -rf "$W"' EXIT
-cat >"$W/hit.lua" <<LUA
-local hashes = {}
-for l in io.lines("$SEED/static/bench/hashes") do hashes[#hashes + 1] = l end
-math.randomseed(os.time() + tonumber(tostring({}):sub(8), 16))
-request = function()
-  return wrk.format("GET", "/bench/" .. hashes[math.random(#hashes)] .. ".narinfo")
-end
-LUA
+. "$(dirname "$0")/lib.sh" # random_hits_lua
+random_hits_lua "$SEED" "$W/hit.lua"
 cpu() { awk '{print $14 + $15}' "/proc/$PID/stat"; } # clock ticks (100/s)
 written() { awk '/^write_bytes/ {print $2}' "/proc/$PID/io"; }
 echo "| build | pass | req/s | server CPU ms | written MiB |"

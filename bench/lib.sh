@@ -87,3 +87,16 @@ cells = "".join(f" {v:>12.1f} |" for v in vals)
 ratios = "".join(f" {v / g:>6.2f}x |" for v in vals[:-1])
 print(f"| {name:<30} |{cells}{ratios}")' "$@"
 }
+
+# random_hits_lua SEED OUT: OUT is a wrk script asking narinfos of random existing hashes of a
+# cache seeded by bench/scale.sh in SEED (the hash list read by every wrk thread).
+random_hits_lua() {
+  cat >"$2" <<LUA
+local hashes = {}
+for l in io.lines("$1/static/bench/hashes") do hashes[#hashes + 1] = l end
+math.randomseed(os.time() + tonumber(tostring({}):sub(8), 16))
+request = function()
+  return wrk.format("GET", "/bench/" .. hashes[math.random(#hashes)] .. ".narinfo")
+end
+LUA
+}

@@ -143,14 +143,7 @@ cmp <(curl -sf "$L/bench/$h.narinfo") <(curl -sf "$NG/bench/$h.narinfo")
 
 # wrk scripts: random existing hashes (read from the seeded list by every thread) and random
 # missing ones (random nix32 strings: a hit among N of 32^32 is impossible).
-cat >"$WORK/hit.lua" <<LUA
-local hashes = {}
-for l in io.lines("$SEED/static/bench/hashes") do hashes[#hashes + 1] = l end
-math.randomseed(os.time() + tonumber(tostring({}):sub(8), 16))
-request = function()
-  return wrk.format("GET", "/bench/" .. hashes[math.random(#hashes)] .. ".narinfo")
-end
-LUA
+random_hits_lua "$SEED" "$WORK/hit.lua"
 cat >"$WORK/miss.lua" <<'LUA'
 local a = "0123456789abcdfghijklmnpqrsvwxyz"
 math.randomseed(os.time() + tonumber(tostring({}):sub(8), 16))

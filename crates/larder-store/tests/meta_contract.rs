@@ -937,12 +937,7 @@ async fn sizes_are_counted_exactly(db: Db) {
     // Migration 9 computes the counters of an existing database.
     let expected = m.cache_stats(a.id).await.unwrap();
     assert!(expected.paths > 0);
-    sqlx::any::install_default_drivers();
-    let url = match db.engine() {
-        Engine::Sqlite => format!("{}?mode=rw", db.url),
-        Engine::Postgres => db.url.clone(),
-    };
-    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+    let pool = raw_pool(&db).await;
     for sql in [
         "DROP TABLE cache_chunks",
         "DROP TABLE cache_sizes",
@@ -1055,6 +1050,17 @@ async fn pins_keep_revisions_by_policy(db: Db) {
     assert!(m.list_pins(c.id).await.unwrap().is_empty());
 }
 
+/// A connection pool of its own on the database, for changing it behind the metadata's back
+/// (undoing migrations, faking a newer schema).
+async fn raw_pool(db: &Db) -> sqlx::AnyPool {
+    sqlx::any::install_default_drivers();
+    let url = match db.engine() {
+        Engine::Sqlite => format!("{}?mode=rw", db.url),
+        Engine::Postgres => db.url.clone(),
+    };
+    sqlx::AnyPool::connect(&url).await.unwrap()
+}
+
 async fn usage_and_logs_are_recorded(db: Db) {
     let m = &db.meta;
     let c = cache(m, "use").await;
@@ -1094,12 +1100,7 @@ async fn usage_and_logs_are_recorded(db: Db) {
         .await
         .unwrap();
     // Version 11 moves the uses a database recorded in `paths` into `path_uses`.
-    sqlx::any::install_default_drivers();
-    let url = match db.engine() {
-        Engine::Sqlite => format!("{}?mode=rw", db.url),
-        Engine::Postgres => db.url.clone(),
-    };
-    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+    let pool = raw_pool(&db).await;
     for sql in [
         "ALTER TABLE paths ADD COLUMN last_used_at BIGINT",
         "UPDATE paths SET last_used_at = \
@@ -1290,12 +1291,7 @@ async fn replicas_starting_together_migrate_once(db: Db) {
 
 /// A database migrated by a newer larder is refused, not written to.
 async fn a_newer_schema_is_refused(db: Db) {
-    sqlx::any::install_default_drivers();
-    let url = match db.engine() {
-        Engine::Sqlite => format!("{}?mode=rw", db.url),
-        Engine::Postgres => db.url.clone(),
-    };
-    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+    let pool = raw_pool(&db).await;
     sqlx::query("INSERT INTO larder_schema (version) VALUES (99)")
         .execute(&pool)
         .await
