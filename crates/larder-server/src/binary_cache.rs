@@ -112,34 +112,26 @@ async fn get_file(
     CacheAccess { cache, .. }: CacheAccess<Pull>,
 ) -> Result<Response, ApiError> {
     if let Some(hash) = hash_file(&file, ".narinfo")? {
-        let text = match state.hot.narinfo(cache.id, hash) {
-            Some(t) => t,
-            None => {
+        use crate::hot::Remembered;
+        let remembered = match state.hot.narinfo(cache.id, hash) {
+            Remembered::Fresh(text) => Some(text),
+            Remembered::Stale(hot) => {
                 let generation = state.hot.narinfo_generation();
-                let Some(path) = state.meta.get_path(cache.id, hash).await? else {
-                    // Pull-through: asked only after the local lookup, so a path pushed
-                    // since an upstream miss was remembered is found.
-                    return match crate::upstream::narinfo(&state, &cache, hash).await {
-                        Some(found) => {
-                            let text = found.render(&cache);
-                            // Counted in the cache's downloads like any narinfo served.
-                            let served = (method != Method::HEAD).then_some(text.len());
-                            state.retention.usage.narinfo(cache.id, hash, served);
-                            Ok(([(header::CONTENT_TYPE, "text/x-nix-narinfo")], text)
-                                .into_response())
-                        }
-                        None => Err(ApiError::not_found("no such path in this cache")),
-                    };
-                };
-                let text: std::sync::Arc<str> = render_narinfo(&path).into();
-                state
-                    .hot
-                    .put_narinfo(cache.id, hash, text.clone(), generation);
-                if method != Method::HEAD {
-                    warm_spans(&state, &path.nar);
-                }
-                text
+                let same = state.meta.path_id(cache.id, hash).await? == Some(hot.path_id);
+                same.then(|| {
+                    let text = hot.text.clone();
+                    state.hot.put_narinfo(cache.id, hash, hot, generation);
+                    text
+                })
             }
+            Remembered::Absent => None,
+        };
+        let text = match remembered {
+            Some(text) => text,
+            None => match read_narinfo(&state, &method, &cache, hash).await? {
+                Ok(text) => text,
+                Err(pulled) => return Ok(pulled),
+            },
         };
         let served = (method != Method::HEAD).then_some(text.len());
         state.retention.usage.narinfo(cache.id, hash, served);
@@ -158,6 +150,44 @@ async fn get_file(
         "no such file {:?}",
         truncate(&file)
     )))
+}
+
+/// A narinfo read from the database and rendered, remembered in the hot cache; or, for a path
+/// the cache does not publish, the whole answer (`Err`): what an upstream serves (pull-through)
+/// or a 404.
+async fn read_narinfo(
+    state: &AppState,
+    method: &Method,
+    cache: &larder_store::meta::CacheRow,
+    hash: &str,
+) -> Result<Result<std::sync::Arc<str>, Response>, ApiError> {
+    let generation = state.hot.narinfo_generation();
+    let Some(path) = state.meta.get_path(cache.id, hash).await? else {
+        // Pull-through: asked only after the local lookup, so a path pushed since an
+        // upstream miss was remembered is found.
+        return match crate::upstream::narinfo(state, cache, hash).await {
+            Some(found) => {
+                let text = found.render(cache);
+                // Counted in the cache's downloads like any narinfo served.
+                let served = (method != Method::HEAD).then_some(text.len());
+                state.retention.usage.narinfo(cache.id, hash, served);
+                Ok(Err(
+                    ([(header::CONTENT_TYPE, "text/x-nix-narinfo")], text).into_response()
+                ))
+            }
+            None => Err(ApiError::not_found("no such path in this cache")),
+        };
+    };
+    let text: std::sync::Arc<str> = render_narinfo(&path).into();
+    let hot = crate::hot::HotNarinfo {
+        path_id: path.id,
+        text: text.clone(),
+    };
+    state.hot.put_narinfo(cache.id, hash, hot, generation);
+    if method != Method::HEAD {
+        warm_spans(state, &path.nar);
+    }
+    Ok(Ok(text))
 }
 
 /// Shares a cached narinfo with the response body without copying it.

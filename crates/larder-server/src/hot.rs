@@ -106,6 +106,24 @@ fn key(hash: &str) -> [u8; 32] {
     k
 }
 
+/// A narinfo as rendered from its path's row, and that row's id.
+#[derive(Clone)]
+pub struct HotNarinfo {
+    pub path_id: i64,
+    pub text: Arc<str>,
+}
+
+/// What memory holds of a narinfo ([`HotCache::narinfo`]).
+pub enum Remembered {
+    /// Read within [`NARINFO_TTL`]: served as it is.
+    Fresh(Arc<str>),
+    /// Read longer ago: served again once the database confirms the path still has this row
+    /// (an index-only read, where reading it whole also reads the path's and its NAR's rows
+    /// and renders them), since a path's row never changes while it is published.
+    Stale(HotNarinfo),
+    Absent,
+}
+
 #[derive(Clone)]
 struct Timed<T> {
     at: Instant,
@@ -118,7 +136,7 @@ fn fresh<T: Clone>(t: Option<Timed<T>>, ttl: Duration) -> Option<T> {
 
 pub struct HotCache {
     caches: Cache<String, Timed<Arc<CacheRow>>>,
-    narinfos: Cache<(i64, [u8; 32]), Timed<Arc<str>>>,
+    narinfos: Cache<(i64, [u8; 32]), Timed<HotNarinfo>>,
     /// Bumped by every forget, so that a read racing it does not cache a stale narinfo.
     narinfo_generation: AtomicU64,
     tokens: Cache<String, Timed<Grant>>,
@@ -163,17 +181,22 @@ impl HotCache {
         self.caches.remove(name);
     }
 
-    pub fn narinfo(&self, cache_id: i64, hash: &str) -> Option<Arc<str>> {
-        fresh(self.narinfos.get(&(cache_id, key(hash))), NARINFO_TTL)
+    pub fn narinfo(&self, cache_id: i64, hash: &str) -> Remembered {
+        match self.narinfos.get(&(cache_id, key(hash))) {
+            Some(t) if t.at.elapsed() < NARINFO_TTL => Remembered::Fresh(t.value.text),
+            Some(t) => Remembered::Stale(t.value),
+            None => Remembered::Absent,
+        }
     }
     /// The narinfo generation, read before looking a narinfo up in the database.
     pub fn narinfo_generation(&self) -> u64 {
         self.narinfo_generation.load(Ordering::SeqCst)
     }
-    /// Cache a narinfo read from the database at `generation`. If any narinfo was forgotten
-    /// since (an eviction or deletion raced the read), the entry is not kept: a stale narinfo
-    /// must never outlive the forgetting of its path.
-    pub fn put_narinfo(&self, cache_id: i64, hash: &str, text: Arc<str>, generation: u64) {
+    /// Cache a narinfo read (or confirmed) from the database at `generation`, for
+    /// [`NARINFO_TTL`] from now. If any narinfo was forgotten since (an eviction or deletion
+    /// raced the read), the entry is not kept: a stale narinfo must never outlive the
+    /// forgetting of its path.
+    pub fn put_narinfo(&self, cache_id: i64, hash: &str, narinfo: HotNarinfo, generation: u64) {
         let k = (cache_id, key(hash));
         if self.narinfo_generation() != generation {
             return;
@@ -182,7 +205,7 @@ impl HotCache {
             k,
             Timed {
                 at: Instant::now(),
-                value: text,
+                value: narinfo,
             },
         );
         // A forget between the check and the insert bumped the generation first: undo.

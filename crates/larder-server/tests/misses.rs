@@ -19,6 +19,11 @@ async fn status(srv: &Server, cache: &str, tp: &TestPath) -> u16 {
         .as_u16()
 }
 
+async fn narinfo(srv: &Server, tp: &TestPath) -> common::Resp {
+    srv.get(&format!("/c/{}.narinfo", tp.hash()), srv.admin())
+        .await
+}
+
 #[tokio::test]
 async fn a_path_is_found_the_moment_it_is_published_and_gone_once_deleted() {
     let srv = Server::new().await;
@@ -91,4 +96,59 @@ async fn a_path_is_found_the_moment_it_is_published_and_gone_once_deleted() {
     for tp in [&by_nix, &never] {
         assert_eq!(status(&srv, "c", tp).await, 404);
     }
+}
+
+/// A narinfo kept in memory past its time to live is served again only while its path has the
+/// same row: one unpublished behind this server's back (`larder fsck --repair` is another
+/// process, as is another replica on PostgreSQL) is a miss after that time, and one published
+/// again meanwhile (a new row) is served as it is now, not as remembered.
+#[tokio::test]
+async fn a_remembered_narinfo_outlives_its_time_only_while_its_path_is_unchanged() {
+    let srv = Server::new().await;
+    srv.create_cache("c", false).await;
+    let kept = TestPath::new("kept", "r1");
+    let renewed = TestPath::new("renewed", "r2");
+    let removed = TestPath::new("removed", "r3");
+    for tp in [&kept, &renewed, &removed] {
+        srv.push_api("c", srv.admin(), tp, Comp::Zstd)
+            .await
+            .expect(201);
+    }
+    let mut before = Vec::new();
+    for tp in [&kept, &renewed, &removed] {
+        before.push(narinfo(&srv, tp).await.expect(200).text());
+    }
+    assert!(before[1].contains("\nDeriver: "), "{}", before[1]);
+
+    // Unpublished directly in the database, as fsck's repair does.
+    let meta = &srv.state.meta;
+    let cache = meta.get_cache("c").await.unwrap().unwrap();
+    let mut nars = Vec::new();
+    for tp in [&renewed, &removed] {
+        nars.push(
+            meta.get_path(cache.id, &tp.hash())
+                .await
+                .unwrap()
+                .unwrap()
+                .nar
+                .id,
+        );
+    }
+    meta.unpublish_damaged(Some(cache.id), &nars).await.unwrap();
+    // Published again, with other metadata (no deriver).
+    let mut again = TestPath::new("renewed", "r2");
+    again.deriver = None;
+    srv.push_api("c", srv.admin(), &again, Comp::Zstd)
+        .await
+        .expect(201);
+
+    // Past the narinfo's time to live in memory.
+    tokio::time::sleep(larder_server::hot::NARINFO_TTL + std::time::Duration::from_secs(1)).await;
+    assert_eq!(narinfo(&srv, &kept).await.expect(200).text(), before[0]);
+    let now = narinfo(&srv, &renewed).await.expect(200).text();
+    assert!(
+        !now.contains("\nDeriver: ") && now != before[1],
+        "the narinfo of the path published again is read again: {now}"
+    );
+    assert_eq!(narinfo(&srv, &removed).await.status.as_u16(), 404);
 }

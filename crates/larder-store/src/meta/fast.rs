@@ -47,6 +47,10 @@ const GET_PATH: &str = "SELECT p.id, p.cache_id, p.hash || '-' || p.name, p.refs
      n.file_hash, n.file_size FROM paths p JOIN nars n ON n.id = p.nar_id \
      WHERE p.cache_id = ?1 AND p.hash = ?2";
 
+/// A path's row id by cache and hash part (the unique index alone), as
+/// [`super::Metadata::path_id`] reads it.
+const PATH_ID: &str = "SELECT id FROM paths WHERE cache_id = ?1 AND hash = ?2";
+
 /// A NAR by FileHash if a path of the cache uses it or used it until `?3` (evicted since), as
 /// [`super::Metadata::servable_nar_by_file_hash`] reads it.
 const SERVABLE_NAR: &str = "SELECT n.id, n.nar_hash, n.nar_size, n.compression, n.file_hash, \
@@ -139,6 +143,21 @@ impl FastReads {
             let mut stmt = conn.prepare_cached(GET_PATH)?;
             let row = stmt.query_row((cache_id, hash), |row| Ok(path_row(row)));
             row.optional().map(Option::transpose)
+        })
+    }
+
+    /// [`super::Metadata::path_id`]; `None` when no connection is free or the database is
+    /// busy.
+    pub(super) fn path_id(
+        &self,
+        cache_id: i64,
+        hash: &str,
+    ) -> Option<Result<Option<i64>, MetaError>> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(PATH_ID)?;
+            Ok(Ok(stmt
+                .query_row((cache_id, hash), |row| row.get(0))
+                .optional()?))
         })
     }
 }

@@ -367,6 +367,26 @@ impl Metadata {
             .map_err(decoding_with_nar("paths"))
     }
 
+    /// The row id of the path `hash` of `cache_id`, if published: an index-only read, for
+    /// confirming that a narinfo remembered from an earlier read is still the published one.
+    /// Ids are never reused (an `AUTOINCREMENT` key, a PostgreSQL sequence), so a path
+    /// deleted and published again has another.
+    pub async fn path_id(&self, cache_id: i64, hash: &str) -> Result<Option<i64>> {
+        if !self.may_hold(cache_id, hash) {
+            return Ok(None);
+        }
+        if let Some(found) = self.fast.as_ref().and_then(|f| f.path_id(cache_id, hash)) {
+            return found;
+        }
+        Ok(
+            sqlx::query_scalar("SELECT id FROM paths WHERE cache_id = $1 AND hash = $2")
+                .bind(cache_id)
+                .bind(hash)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
     /// Which of `hashes` (32-character hash parts) the cache does not publish, in input order.
     pub async fn missing_hashes(&self, cache_id: i64, hashes: &[String]) -> Result<Vec<String>> {
         let mut present = std::collections::HashSet::new();
