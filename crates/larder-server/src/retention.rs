@@ -489,6 +489,8 @@ pub fn plan(
         .map(|p| p.last_used_at.unwrap_or(p.created_at).max(p.created_at))
         .collect();
     let mut recency = own.clone();
+    // How far below the top each path is (the longest chain of referrers above it).
+    let mut depth = vec![0usize; n];
     let mut pending: Vec<usize> = referrers.iter().map(Vec::len).collect();
     let mut ready: VecDeque<usize> = (0..n).filter(|&i| pending[i] == 0).collect();
     let mut ordered = vec![false; n];
@@ -496,6 +498,7 @@ pub fn plan(
         ordered[i] = true;
         for &r in &references[i] {
             recency[r] = recency[r].max(recency[i]);
+            depth[r] = depth[r].max(depth[i] + 1);
             pending[r] -= 1;
             if pending[r] == 0 {
                 ready.push_back(r);
@@ -507,8 +510,12 @@ pub fn plan(
         *p |= !*o;
     }
     let mut order: Vec<usize> = (0..n).collect();
-    // Ties (one-second timestamps) go to the older upload.
-    order.sort_by_key(|&i| (recency[i], own[i], paths[i].id));
+    // Among closures used as lately, referrers go before what they reference: a path takes its
+    // referrers with it, so a dependency of thousands taken first (the uses of a cache without
+    // a limit are recorded to the 10 minutes, so whole caches tie) evicted 61 % of a cache of
+    // 100 000 paths asked to shed 10 % (bench/scale.sh). Then the older use, then the older
+    // upload.
+    order.sort_by_key(|&i| (recency[i], depth[i], own[i], paths[i].id));
     let mut size: i64 = paths.iter().map(|p| p.file_size).sum();
     let mut gone = vec![false; n];
     let mut victims = Vec::new();
@@ -917,5 +924,48 @@ pub(crate) async fn usage_loop(state: AppState) {
         if let Err(e) = state.retention.usage.flush(&state.meta).await {
             tracing::warn!(error = %e, "recording path usage failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn path(id: i64, used: Option<i64>) -> LruPath {
+        LruPath {
+            id,
+            hash: format!("{id:0>32}"),
+            name: format!("p{id}"),
+            nar_id: id,
+            file_size: 10,
+            created_at: 100,
+            last_used_at: used,
+        }
+    }
+
+    #[test]
+    fn among_closures_used_as_lately_referrers_go_first() {
+        // One dependency (uploaded first) under nine paths, all used in the same 10 minutes.
+        let mut paths = vec![path(1, Some(500))];
+        let mut refs = Vec::new();
+        for id in 2..=10 {
+            paths.push(path(id, Some(500)));
+            refs.push((format!("{id:0>32}"), format!("{:0>32}", 1)));
+        }
+        // Shed one path's worth: one referrer goes, not the dependency with all nine.
+        let (victims, hashes, _) = plan(&paths, &refs, &[], 90);
+        assert_eq!(hashes, vec![format!("{:0>32}", 2)], "{victims:?}");
+        // A referrer used later keeps the dependency it uses: the unused-since ones go first.
+        paths[5].last_used_at = Some(900);
+        let (_, hashes, _) = plan(&paths, &refs, &[], 20);
+        assert_eq!(hashes.len(), 8);
+        assert!(!hashes.contains(&format!("{:0>32}", 1)));
+        assert!(!hashes.contains(&format!("{:0>32}", 6)));
+        // Older use still comes first, whatever the depth.
+        paths[0].last_used_at = Some(500);
+        let lone = path(11, Some(400));
+        paths.push(lone);
+        let (_, hashes, _) = plan(&paths, &refs, &[], 100);
+        assert_eq!(hashes, vec![format!("{:0>32}", 11)]);
     }
 }

@@ -140,8 +140,9 @@ async fn least_recently_used_closures_go_first_and_pins_stay() {
     let info = srv.cache_info("c").await;
     assert_eq!(info["near_limit"], true, "{info}");
 
+    // Each app goes before the library it references (as recent as the app, through it).
     let expected: Vec<String> = [
-        &stale, &libs[3], &apps[3], &libs[0], &apps[0], &libs[5], &apps[5],
+        &stale, &apps[3], &libs[3], &apps[0], &libs[0], &apps[5], &libs[5],
     ]
     .iter()
     .map(|t| t.path.to_absolute())
@@ -152,9 +153,9 @@ async fn least_recently_used_closures_go_first_and_pins_stay() {
     let dry = gc(&srv, "c", true).await;
     assert_eq!(dry["dry_run"], true);
     assert_eq!(evicted_paths(&dry), expected, "{dry:#}");
-    assert_eq!(dry["evicted"][0]["reason"], "least-recently-used");
-    assert_eq!(dry["evicted"][2]["reason"], "references-evicted");
-    assert_eq!(dry["evicted"][2]["because_of"], libs[3].path.to_absolute());
+    for victim in dry["evicted"].as_array().unwrap() {
+        assert_eq!(victim["reason"], "least-recently-used", "{victim}");
+    }
     assert_eq!(
         srv.path_count("c").await,
         paths,
