@@ -309,6 +309,10 @@ pub(crate) fn answer(
             ),
         )),
         Publish::Created => {
+            // A narinfo this server remembers for the path is of an earlier row, unpublished
+            // meanwhile by another process (`larder fsck --repair`) or replica: the new one is
+            // served from now on, not after the remembered one's 5 s.
+            state.hot.forget_narinfo(cache.id, &store_path.hash_part());
             crate::retention::after_publish(state, cache, nar.file_size);
             Ok(Publish::Created)
         }

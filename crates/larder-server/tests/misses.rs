@@ -100,8 +100,9 @@ async fn a_path_is_found_the_moment_it_is_published_and_gone_once_deleted() {
 
 /// A narinfo kept in memory past its time to live is served again only while its path has the
 /// same row: one unpublished behind this server's back (`larder fsck --repair` is another
-/// process, as is another replica on PostgreSQL) is a miss after that time, and one published
-/// again meanwhile (a new row) is served as it is now, not as remembered.
+/// process, as is another replica) is a miss after that time, and one published again
+/// elsewhere meanwhile (a new row) is served as it is now, not as remembered. One published
+/// again through this server is served anew at once.
 #[tokio::test]
 async fn a_remembered_narinfo_outlives_its_time_only_while_its_path_is_unchanged() {
     let srv = Server::new().await;
@@ -109,13 +110,15 @@ async fn a_remembered_narinfo_outlives_its_time_only_while_its_path_is_unchanged
     let kept = TestPath::new("kept", "r1");
     let renewed = TestPath::new("renewed", "r2");
     let removed = TestPath::new("removed", "r3");
-    for tp in [&kept, &renewed, &removed] {
+    let repushed = TestPath::new("repushed", "r4");
+    let all = [&kept, &renewed, &removed, &repushed];
+    for tp in all {
         srv.push_api("c", srv.admin(), tp, Comp::Zstd)
             .await
             .expect(201);
     }
     let mut before = Vec::new();
-    for tp in [&kept, &renewed, &removed] {
+    for tp in all {
         before.push(narinfo(&srv, tp).await.expect(200).text());
     }
     assert!(before[1].contains("\nDeriver: "), "{}", before[1]);
@@ -124,7 +127,7 @@ async fn a_remembered_narinfo_outlives_its_time_only_while_its_path_is_unchanged
     let meta = &srv.state.meta;
     let cache = meta.get_cache("c").await.unwrap().unwrap();
     let mut nars = Vec::new();
-    for tp in [&renewed, &removed] {
+    for tp in [&renewed, &removed, &repushed] {
         nars.push(
             meta.get_path(cache.id, &tp.hash())
                 .await
@@ -135,12 +138,33 @@ async fn a_remembered_narinfo_outlives_its_time_only_while_its_path_is_unchanged
         );
     }
     meta.unpublish_damaged(Some(cache.id), &nars).await.unwrap();
-    // Published again, with other metadata (no deriver).
-    let mut again = TestPath::new("renewed", "r2");
-    again.deriver = None;
-    srv.push_api("c", srv.admin(), &again, Comp::Zstd)
+    // Published again with other metadata (no deriver): through another replica, which this
+    // server's memory does not hear of, and through this server, which serves it at once.
+    let without_deriver = |name, seed| {
+        let mut tp = TestPath::new(name, seed);
+        tp.deriver = None;
+        tp
+    };
+    srv.replica()
+        .await
+        .push_api(
+            "c",
+            srv.admin(),
+            &without_deriver("renewed", "r2"),
+            Comp::Zstd,
+        )
         .await
         .expect(201);
+    srv.push_api(
+        "c",
+        srv.admin(),
+        &without_deriver("repushed", "r4"),
+        Comp::Zstd,
+    )
+    .await
+    .expect(201);
+    let now = narinfo(&srv, &repushed).await.expect(200).text();
+    assert!(!now.contains("\nDeriver: "), "served anew at once: {now}");
 
     // Past the narinfo's time to live in memory.
     tokio::time::sleep(larder_server::hot::NARINFO_TTL + std::time::Duration::from_secs(1)).await;

@@ -309,5 +309,16 @@ async fn repair(
     for chunk in &lost {
         meta.unlocate_chunk(chunk).await?;
     }
-    output::print(&text)
+    output::print(&text)?;
+    if !unpublished.is_empty() {
+        // A running server keeps serving a narinfo it read for up to this long; until then Nix
+        // would still find the paths, and `nix copy --to` skip them as present.
+        let ttl = larder_server::hot::NARINFO_TTL;
+        eprintln!(
+            "waiting {} s for running servers to forget the unpublished paths",
+            ttl.as_secs()
+        );
+        tokio::time::sleep(ttl).await;
+    }
+    Ok(())
 }
