@@ -182,16 +182,6 @@ enum Command {
     },
 }
 
-/// mimalloc (built without transparent huge pages) rather than glibc's allocator: a narinfo
-/// request allocates and frees a few dozen small blocks on its serving thread, where glibc's
-/// `_int_malloc` and `malloc_consolidate` were ~10 % of the server's time. Random narinfo hits
-/// over 100 000 paths (bench/scale.sh's seed, 16 connections, alternated): 59-67 k req/s
-/// against 53-65 k with glibc, and 168 MiB resident against 188 MiB. Large NARs stream as fast
-/// as with glibc (3-4 GiB/s from the page cache, chunked NARs too); an earlier mimalloc had
-/// them fall erratically when buffers filled on a blocking thread were freed on a serving one.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let is_serve = matches!(cli.command, Command::Serve(_));
