@@ -248,6 +248,11 @@ impl Settings {
             ..Settings::default()
         });
         settings.overlay(given);
+        // `--data data` (or `data_dir = "data"`) means ./data: the default database and
+        // storage URLs are made from it, and `file://data/store` would name a host.
+        if let Some(dir) = settings.data_dir.take() {
+            settings.data_dir = Some(std::path::absolute(&dir).unwrap_or(dir));
+        }
         settings
     }
 
@@ -318,6 +323,23 @@ mod tests {
         assert_eq!(
             Config::resolve(s, "/d".into()).unwrap().listen,
             DEFAULT_LISTEN
+        );
+    }
+
+    #[test]
+    fn a_relative_data_directory_is_taken_from_the_working_directory() {
+        let given = Settings {
+            data_dir: Some("rel/data".into()),
+            ..Settings::default()
+        };
+        let s = Settings::layered(given, None, |_| None);
+        let abs = std::env::current_dir().unwrap().join("rel/data");
+        let c = Config::resolve(s, "/d".into()).unwrap();
+        assert_eq!(c.data_dir, abs);
+        assert_eq!(c.storage, format!("file://{}", abs.join("store").display()));
+        assert_eq!(
+            c.database,
+            format!("sqlite://{}", abs.join("larder.db").display())
         );
     }
 
