@@ -49,13 +49,9 @@ impl Metadata {
         pack: Option<&super::Pack>,
         items: &[BatchItem],
     ) -> Result<Vec<(Publish, NarRow)>> {
-        let hashes: Vec<String> = items
-            .iter()
-            .map(|i| i.path.store_path.hash_part())
-            .collect();
         let _publishing = match items.first() {
             Some(first) => {
-                let hashes = hashes.iter().map(String::as_str);
+                let hashes = items.iter().map(|i| i.path.store_path.hash_part());
                 self.publishing(first.path.cache_id, hashes).await
             }
             None => None,

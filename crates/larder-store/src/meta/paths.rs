@@ -417,10 +417,8 @@ impl Metadata {
     /// references are checked to be published in the same cache, and the upload is consumed,
     /// or nothing changes.
     pub async fn publish_path(&self, p: &NewPath, upload_id: &str) -> Result<Publish> {
-        let hash = p.store_path.hash_part();
-        let _publishing = self
-            .publishing(p.cache_id, std::iter::once(hash.as_str()))
-            .await;
+        let hash = std::iter::once_with(|| p.store_path.hash_part());
+        let _publishing = self.publishing(p.cache_id, hash).await;
         let mut attempt = 1;
         loop {
             match retry(FOREIGN_KEY, || self.publish_path_once(p, upload_id)).await? {

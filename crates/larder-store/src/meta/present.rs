@@ -171,9 +171,9 @@ impl Presence {
     /// Insert the keys of paths about to be published; hold the returned guard until the
     /// publishing transaction has ended. Returns whether the filter is now past its capacity
     /// (time to build it again).
-    pub(super) async fn publishing<'a>(
+    pub(super) async fn publishing(
         &self,
-        keys: impl Iterator<Item = (i64, &'a str)>,
+        keys: impl Iterator<Item = (i64, impl AsRef<str>)>,
     ) -> (tokio::sync::RwLockReadGuard<'_, ()>, bool) {
         let guard = self.gate.read().await;
         let mut full = false;
@@ -182,7 +182,7 @@ impl Presence {
         let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
         let State { filter, queued } = &mut *state;
         for (cache_id, hash) in keys {
-            let k = key(cache_id, hash);
+            let k = key(cache_id, hash.as_ref());
             if let Some(f) = filter.as_mut() {
                 f.insert(k);
             }
@@ -264,11 +264,13 @@ impl super::Metadata {
     /// Before a transaction that may publish the paths `hashes` of `cache_id`: insert their
     /// keys into the filter, and hold the returned guard until the transaction has ended. A
     /// filter past its capacity is built again in the background.
-    pub(super) async fn publishing<'a>(
-        &'a self,
+    ///
+    /// `hashes` is not iterated at all without a filter (PostgreSQL).
+    pub(super) async fn publishing(
+        &self,
         cache_id: i64,
-        hashes: impl Iterator<Item = &'a str>,
-    ) -> Option<tokio::sync::RwLockReadGuard<'a, ()>> {
+        hashes: impl Iterator<Item = impl AsRef<str>>,
+    ) -> Option<tokio::sync::RwLockReadGuard<'_, ()>> {
         let present = self.present.as_ref()?;
         let (guard, full) = present.publishing(hashes.map(|h| (cache_id, h))).await;
         if full {
